@@ -1,0 +1,99 @@
+"""Turn a local path or a Hugging Face hub id into a local model directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+_PART = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+_HUB_ID = re.compile(rf"({_PART})/({_PART})(?:@([A-Za-z0-9._/-]+))?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model is neither a local directory nor available from the Hugging Face hub."""
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _parse_hub_id(s: str) -> tuple[str, str | None] | None:
+    m = _HUB_ID.fullmatch(s)
+    if m is None or ".." in s:
+        return None
+    return f"{m.group(1)}/{m.group(2)}", m.group(3)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / (revision or "main")
+    if revision and _COMMIT.fullmatch(revision):
+        snap = snapshots / revision
+    elif ref.is_file():
+        commit = ref.read_text().strip()
+        snap = snapshots / commit if commit and Path(commit).name == commit else None
+    elif revision is None and snapshots.is_dir():
+        snaps = [p for p in snapshots.iterdir() if p.is_dir()]
+        if len(snaps) != 1:
+            snaps = sorted((p for p in snaps if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+        snap = snaps[-1] if snaps else None
+    else:
+        snap = None
+    return snap if snap is not None and (snap / "config.json").is_file() else None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local model directory for a path, a path to its config.json, or a hub id (`owner/name[@revision]`)."""
+    s = os.fspath(name_or_path)
+    path = Path(s).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_file():
+        if path.name == "config.json":
+            return path.parent.resolve()
+        raise ModelNotFoundError(f"model path {s!r} is a file; expected a model directory (or its config.json)")
+
+    parsed = _parse_hub_id(s)
+    if parsed is None:
+        raise ModelNotFoundError(f"model path {s!r} does not exist")
+    repo_id, revision = parsed
+    cache = hf_cache_dir()
+    snap = _cached_snapshot(repo_id, revision, cache)
+    if snap is not None:
+        return snap
+
+    reason = None
+    if _offline():
+        reason = "offline mode is set (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so no download was tried"
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            reason = "huggingface_hub is not installed, so no download was tried"
+        else:
+            try:
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache),
+                                              allow_patterns=DOWNLOAD_PATTERNS))
+            except Exception as e:
+                lines = str(e).strip().splitlines()
+                reason = f"download failed: {type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    cmd = f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
+    raise ModelNotFoundError(
+        f"model {s!r} is not a local directory and is not in the Hugging Face cache ({cache}); "
+        f"{reason}; download it with `{cmd}` or pass a local path")

@@ -1,0 +1,384 @@
+"""Safetensors checkpoints: validated reading and atomic sharded writing. Pickle is never used."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _name, _attr in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")]:
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+_MAX_HEADER = 100_000_000  # same limit as the safetensors library
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unsupported, truncated or corrupt."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def read_header(path: Path) -> dict:
+    """Parse and validate a safetensors header without touching tensor data.
+
+    Returns {name: (dtype, shape)} plus "__metadata__" if present.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: corrupt header: file is only {size} bytes")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt header: header length {n} does not fit in a {size}-byte file "
+                    "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt header: not valid UTF-8 JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header: expected a JSON object")
+
+    data_size = size - 8 - n
+    out: dict = {}
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError(f"{path}: corrupt header: __metadata__ must map strings to strings")
+        out["__metadata__"] = meta
+
+    def offsets(item):
+        info = item[1]
+        off = info.get("data_offsets") if isinstance(info, dict) else None
+        return off[0] if isinstance(off, list) and off and isinstance(off[0], int) else -1
+
+    # Check in file order so a truncated file reports the first tensor that is cut short.
+    for name, info in sorted(header.items(), key=offsets):
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: corrupt header: entry is not an object")
+        dtype, shape, off = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{where}: unsupported or corrupt dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: corrupt header: bad shape {shape!r}")
+        if not (isinstance(off, list) and len(off) == 2 and all(type(o) is int for o in off)
+                and 0 <= off[0] <= off[1]):
+            raise CheckpointError(f"{where}: corrupt header: bad data_offsets {off!r}")
+        itemsize = _DTYPES[dtype].itemsize
+        if off[1] - off[0] != math.prod(shape) * itemsize:
+            raise CheckpointError(
+                f"{where}: corrupt header: data_offsets {off} hold {off[1] - off[0]} bytes, "
+                f"but {dtype}{shape} needs {math.prod(shape) * itemsize}")
+        if off[1] > data_size:
+            raise CheckpointError(
+                f"{where}: file is truncated: tensor data ends at byte {8 + n + off[1]} "
+                f"but the file has {size} bytes")
+        out[name] = (_DTYPES[dtype], tuple(shape))
+    return out
+
+
+class SafetensorsCheckpoint:
+    """Read-only view of a directory of safetensors files (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        d = self.directory
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: checkpoint directory does not exist")
+        index_path = d / INDEX_NAME
+        weight_map: dict[str, str] | None = None
+        if index_path.is_file():
+            weight_map = self._read_index(index_path)
+            self.files = [d / f for f in sorted(set(weight_map.values()))]
+            for f in self.files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: shard is missing (referenced by {index_path})")
+        elif (d / SINGLE_NAME).is_file():
+            self.files = [d / SINGLE_NAME]
+        else:
+            self.files = sorted(p for p in d.glob("*.safetensors") if p.is_file())
+        if not self.files:
+            pickled = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickled:
+                raise CheckpointError(
+                    f"{d}: no *.safetensors files, only {', '.join(pickled)}; only safetensors "
+                    "checkpoints are supported (pickle-based weights are never loaded). Convert them, "
+                    "e.g. load with torch.load(..., weights_only=True) in a trusted environment and "
+                    "save with safetensors.torch.save_file, or use a safetensors revision of the model")
+            raise CheckpointError(f"{d}: no safetensors checkpoint found ({SINGLE_NAME}, {INDEX_NAME})")
+
+        self._headers = {f: read_header(f) for f in self.files}
+        self._where: dict[str, Path] = {}
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                f = d / fname
+                if name not in self._headers[f]:
+                    raise CheckpointError(f"{f}: tensor {name!r} is listed in {index_path} but not in this file")
+                self._where[name] = f
+        else:
+            for f, header in self._headers.items():
+                for name in header:
+                    if name == "__metadata__":
+                        continue
+                    if name in self._where:
+                        raise CheckpointError(f"{f}: tensor {name!r} also appears in {self._where[name]}")
+                    self._where[name] = f
+        self._keys = sorted(self._where)
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _read_index(path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt index: {e}") from e
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{path}: corrupt index: 'weight_map' must map tensor names to file names")
+        for v in set(wm.values()):
+            if Path(v).name != v:
+                raise CheckpointError(f"{path}: corrupt index: shard name {v!r} is not a plain file name")
+        return wm
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def file_of(self, name: str) -> Path:
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} is not in checkpoint {self.directory}")
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._headers[self.file_of(name)][name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._headers[self.file_of(name)][name][0]
+
+    def metadata(self, file: str | os.PathLike) -> dict[str, str]:
+        f = Path(file)
+        if f not in self._headers:
+            f = self.directory / f.name
+        if f not in self._headers:
+            raise KeyError(f"{file} is not one of this checkpoint's files")
+        return dict(self._headers[f].get("__metadata__", {}))
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.file_of(name)
+        try:
+            handle = self._handles.get(f)
+            if handle is None:
+                handle = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r}: {e}") from e
+
+    def close(self) -> None:
+        handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsCheckpoint({str(self.directory)!r}, files={len(self.files)}, tensors={len(self._keys)})"
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(s: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (1000-based), "2GiB" (1024-based) or "100"."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        if s <= 0:
+            raise ValueError(f"size must be positive, got {s!r}")
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", s) if isinstance(s, str) else None
+    if m is None or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"invalid size {s!r}; expected e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {s!r}")
+    return n
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _cpu_contiguous(name: str, t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """A CPU tensor that owns its whole storage and shares it with no other tensor in the shard."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    if t.is_meta:
+        raise ValueError(f"tensor {name!r} is on the meta device and has no data")
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    storage = t.untyped_storage()
+    if (t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0
+            or storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen):
+        t = t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+    if t.data_ptr():
+        seen.add(t.data_ptr())
+    return t
+
+
+def _is_ours(name: str) -> bool:
+    return name in (SINGLE_NAME, INDEX_NAME) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
+
+
+def save_sharded(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as model.safetensors or numbered shards plus an index, atomically.
+
+    Only one shard's worth of tensors is held in memory at a time. Returns the written file paths.
+    """
+    limit = parse_size(max_shard_size)
+    meta = {"format": "pt", **(metadata or {})}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=directory))
+    try:
+        shards: list[list[str]] = []
+        names: set[str] = set()
+        total = 0
+        shard: dict[str, torch.Tensor] = {}
+        shard_bytes = 0
+        seen: set[int] = set()
+
+        def flush() -> None:
+            save_file(shard, str(tmp / f"part-{len(shards)}"), metadata=meta)
+            shards.append(list(shard))
+
+        for name, t in items:
+            if not isinstance(name, str):
+                raise ValueError(f"tensor names must be strings, got {name!r}")
+            if name in names:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            names.add(name)
+            nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+            if shard and shard_bytes + nbytes > limit:
+                flush()
+                shard, shard_bytes, seen = {}, 0, set()
+            shard[name] = _cpu_contiguous(name, t, seen)
+            shard_bytes += nbytes
+            total += nbytes
+        if shard or not shards:
+            flush()
+        shard = {}
+
+        n = len(shards)
+        final = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, fname in enumerate(final):
+            os.replace(tmp / f"part-{i}", tmp / fname)
+            _fsync_file(tmp / fname)
+        if n > 1:
+            weight_map = {name: fname for fname, shard_names in zip(final, shards) for name in shard_names}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            _fsync_file(tmp / INDEX_NAME)
+            final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
+        _fsync_dir(tmp)
+
+        for fname in final:
+            os.replace(tmp / fname, directory / fname)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # Stale files from an earlier save; the old index goes first so it never points at deleted shards.
+    keep = set(final)
+    stale = sorted((p for p in directory.iterdir() if _is_ours(p.name) and p.name not in keep),
+                   key=lambda p: p.name != INDEX_NAME)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        _fsync_dir(directory)
+    return [directory / f for f in final]
