@@ -1,0 +1,16 @@
+"""moelm: ERNIE 4.5, ERNIE 4.5 MoE and PhiMoE in plain PyTorch, speaking the Hugging Face API."""
+from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
+from .layers import DynamicCache
+from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
+from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
+from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
+from .weights import CheckpointError
+
+__version__ = "0.1.0"
+__all__ = [
+    "AutoConfig", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "CheckpointError", "DynamicCache",
+    "Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+    "Ernie4_5_MoeModel", "PhimoeConfig", "PhimoeForCausalLM", "PhimoeForSequenceClassification", "PhimoeModel",
+    "named_config",
+]

@@ -1,0 +1,45 @@
+"""AutoModelForCausalLM: the class named by config.json's model_type / architectures."""
+from __future__ import annotations
+
+from .configs import AutoConfig, PretrainedConfig, config_class_for, read_config_json
+from .models.ernie4_5 import Ernie4_5ForCausalLM
+from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
+
+CAUSAL_LM = {"ernie4_5": Ernie4_5ForCausalLM, "ernie4_5_moe": Ernie4_5_MoeForCausalLM, "phimoe": PhimoeForCausalLM}
+SEQUENCE_CLASSIFICATION = {"phimoe": PhimoeForSequenceClassification}
+
+
+class _Auto:
+    mapping: dict = {}
+
+    @classmethod
+    def _class_for(cls, config: PretrainedConfig):
+        if config.model_type not in cls.mapping:
+            raise ValueError(f"{cls.__name__} has no model for model_type {config.model_type!r}; "
+                             f"supported: {sorted(cls.mapping)}")
+        return cls.mapping[config.model_type]
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, **kwargs):
+        return cls._class_for(config).from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from .hub import resolve_model_dir
+
+        directory = resolve_model_dir(path)
+        data = read_config_json(directory)
+        config = config_class_for(data).from_dict(data)
+        return cls._class_for(config).from_pretrained(path, config=config, **kwargs)
+
+
+class AutoModelForCausalLM(_Auto):
+    mapping = CAUSAL_LM
+
+
+class AutoModelForSequenceClassification(_Auto):
+    mapping = SEQUENCE_CLASSIFICATION
+
+
+__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]

@@ -1,0 +1,149 @@
+"""Hub checkpoint names <-> moelm parameters, in one table; loading into a meta-built model and saving back.
+
+The only renames are the stacked experts: the hub stores one tensor per expert and projection, moelm stacks them:
+    {prefix}.experts.{e}.{gate}.weight [I, H] -> {prefix}.experts.gate_up_proj[e, :I]
+    {prefix}.experts.{e}.{up}.weight   [I, H] -> {prefix}.experts.gate_up_proj[e, I:]
+    {prefix}.experts.{e}.{down}.weight [H, I] -> {prefix}.experts.down_proj[e]
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .weights import CheckpointError, SafetensorsCheckpoint, save_sharded
+
+# model_type -> {stacked parameter: hub projection names stacked along dim 1, in order}
+EXPERT_PARTS = {
+    "ernie4_5_moe": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
+    "phimoe": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
+}
+# Hub tensors moelm does not compute with but keeps, to write them back on save (ERNIE multi-token prediction).
+KEPT_ASIDE = re.compile(r"^model\.mtp_")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)\.weight$")
+
+
+def hub_to_ours(model_type: str, key: str) -> tuple[str, int | None, int | None]:
+    """Hub key -> (our key, expert index, part index) — expert/part None for keys that map one to one."""
+    m = _EXPERT_KEY.match(key)
+    if m and model_type in EXPERT_PARTS:
+        for ours, parts in EXPERT_PARTS[model_type].items():
+            if m["part"] in parts:
+                return f"{m['prefix']}.{ours}", int(m["e"]), parts.index(m["part"])
+    return key, None, None
+
+
+def ours_to_hub(model_type: str, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our (key, tensor) -> hub (key, tensor view) pairs; stacked experts are split per expert and part."""
+    prefix, _, name = key.rpartition(".")
+    parts = EXPERT_PARTS.get(model_type, {}).get(name)
+    if parts is None or not prefix.endswith(".experts"):
+        yield key, tensor
+        return
+    for e in range(tensor.shape[0]):
+        for p, chunk in zip(parts, tensor[e].chunk(len(parts), dim=0)):
+            yield f"{prefix}.{e}.{p}.weight", chunk
+
+
+def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_parts: int) -> torch.Tensor:
+    if expert is None:
+        return param
+    return param[expert].chunk(num_parts, dim=0)[part]
+
+
+def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time.
+
+    Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
+    model_type = model.config.model_type
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
+    filled: dict[str, set] = {k: set() for k in params}
+    kept: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    keys = ckpt.keys()
+    total = sum(_nbytes(ckpt, k) for k in keys)
+    show = progress if progress is not None else total > 2**30
+    done, start = 0, time.time()
+    for n, key in enumerate(keys):
+        if KEPT_ASIDE.match(key):
+            kept[key] = ckpt.get(key)
+        else:
+            ours, expert, part = hub_to_ours(model_type, key)
+            if ours not in params or (tied and ours == "lm_head.weight"):
+                if not (tied and ours == "lm_head.weight"):
+                    unexpected.append(key)
+            else:
+                num_parts = len(EXPERT_PARTS[model_type][ours.rpartition(".")[2]]) if expert is not None else 1
+                param = params[ours]
+                if expert is not None and expert >= param.shape[0]:
+                    unexpected.append(key)
+                else:
+                    target = _part_view(param.data, expert, part, num_parts)
+                    shape = ckpt.shape(key)
+                    if tuple(target.shape) != tuple(shape):
+                        mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(target.shape)} "
+                                          f"(in {ckpt.file_of(key).name})")
+                    else:
+                        with torch.no_grad():
+                            target.copy_(ckpt.get(key))
+                        filled[ours].add((expert, part))
+        done += _nbytes(ckpt, key)
+        if show and (n == len(keys) - 1 or n % 16 == 0):
+            rate = done / max(time.time() - start, 1e-6) / 2**20
+            print(f"\rLoading weights: {100 * done / max(total, 1):5.1f}% ({n + 1}/{len(keys)} tensors, "
+                  f"{rate:.0f} MiB/s)", end="\n" if n == len(keys) - 1 else "", file=sys.stderr, flush=True)
+    missing = []
+    for name, got in filled.items():
+        if tied and name == "lm_head.weight":
+            continue
+        prefix, _, last = name.rpartition(".")
+        parts = EXPERT_PARTS.get(model_type, {}).get(last) if prefix.endswith(".experts") else None
+        if parts is None:
+            if not got:
+                missing.append(name)
+        else:
+            for e in range(params[name].shape[0]):
+                missing += [f"{prefix}.{e}.{p}.weight" for i, p in enumerate(parts) if (e, i) not in got]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) with the wrong shape: {_listing(mismatched)}")
+    if problems:
+        where = ckpt.files[0].parent
+        raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "
+                              f"({model_type}): " + "; ".join(problems))
+    return kept
+
+
+def _nbytes(ckpt: SafetensorsCheckpoint, key: str) -> int:
+    n = 1
+    for d in ckpt.shape(key):
+        n *= d
+    return n * ckpt.dtype(key).itemsize
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... (+{len(names) - most} more)" if len(names) > most else "")
+
+
+def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included)."""
+    model_type = model.config.model_type
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        yield from ours_to_hub(model_type, key, tensor.detach())
+    yield from getattr(model, "kept_aside", {}).items()
+
+
+def save_checkpoint(model, directory, max_shard_size="5GB"):
+    return save_sharded(hub_state_dict(model), directory, max_shard_size=max_shard_size)

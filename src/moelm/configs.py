@@ -1,0 +1,461 @@
+"""Config dataclasses whose fields are the config.json keys, plus a registry of named configs."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float": torch.float32,
+          "half": torch.float16}
+
+
+def dtype_from_str(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; expected one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+@dataclass(init=False)
+class PretrainedConfig:
+    """Common fields and the config.json reading/writing shared by all families."""
+
+    model_type: ClassVar[str] = ""
+    default_theta: ClassVar[float] = 10000.0
+    default_architecture: ClassVar[str] = ""
+    attribute_map: ClassVar[dict[str, str]] = {}
+
+    architectures: list[str] | None = None
+    dtype: str | None = None
+    id2label: dict[int, str] | None = None
+    problem_type: str | None = None
+    attn_implementation: str = "sdpa"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __init__(self, **kwargs):
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            object.__setattr__(self, f.name, copy.deepcopy(default))
+        kwargs = _normalise_keys(self, kwargs)
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in kwargs.items():
+            key = self.attribute_map.get(key, key)
+            if key in names:
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+        self.__post_init__()
+
+    def __getattr__(self, name):  # attribute_map aliases (num_experts, ...) and extra keys
+        if name.startswith("__") or name in ("extra", "attribute_map"):
+            raise AttributeError(name)
+        amap = type(self).attribute_map
+        if name in amap:
+            return getattr(self, amap[name])
+        if name in self.__dict__.get("extra", {}):
+            return self.extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __post_init__(self):
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+        else:
+            self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.dtype is not None:
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        self.rope_parameters = _standardise_rope(self)
+        self.validate()
+
+    # --- derived ---
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {v: k for k, v in self.id2label.items()}
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope_parameters["rope_theta"]
+
+    @property
+    def head_size(self) -> int:
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    # --- validation ---
+    def validate(self):
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "intermediate_size"]
+        positive += [k for k in ("moe_intermediate_size", "moe_num_experts", "moe_k", "num_local_experts",
+                                 "num_experts_per_tok", "head_dim") if hasattr(self, k)]
+        for key in positive:
+            value = getattr(self, key)
+            if value is None and key == "head_dim":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{key} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_size}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        _validate_rope(self)
+
+    # --- dict / json ---
+    @classmethod
+    def from_dict(cls, data: dict) -> "PretrainedConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", cls.model_type)
+        if cls is not PretrainedConfig and model_type not in (cls.model_type, None):
+            raise ValueError(f"config model_type {model_type!r} does not match {cls.__name__} ({cls.model_type!r})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        out = {"model_type": self.model_type, "architectures": self.architectures or [self.default_architecture]}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "architectures", "attn_implementation"):
+                continue
+            out[f.name] = copy.deepcopy(getattr(self, f.name))
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = self.label2id
+        rope = out["rope_parameters"]
+        # Written for both transformers 5.x (rope_parameters, dtype) and 4.x (rope_theta, rope_scaling, torch_dtype).
+        out["rope_theta"] = rope["rope_theta"]
+        out["rope_scaling"] = None if rope["rope_type"] == "default" else {
+            k: v for k, v in rope.items() if k != "rope_theta"} | {"type": rope["rope_type"]}
+        out["torch_dtype"] = out["dtype"]
+        out.update(copy.deepcopy(self.extra))
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "PretrainedConfig":
+        """Read config.json from a directory, a config.json path, or a hub id in the local HF cache."""
+        data = read_config_json(path)
+        if cls is PretrainedConfig or cls is AutoConfig:
+            return config_class_for(data).from_dict(data)
+        return cls.from_dict(data)
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        from .weights import atomic_write_text
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(directory) / "config.json", self.to_json_string())
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return dtype_from_str(self.dtype) if self.dtype else None
+
+
+@dataclass(init=False, repr=False)
+class Ernie4_5Config(PretrainedConfig):
+    model_type: ClassVar[str] = "ernie4_5"
+    default_theta: ClassVar[float] = 500000.0
+    default_architecture: ClassVar[str] = "Ernie4_5ForCausalLM"
+
+    vocab_size: int = 103424
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 2
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-05
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    use_bias: bool = False
+    head_dim: int | None = 128
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
+
+
+@dataclass(init=False, repr=False)
+class Ernie4_5_MoeConfig(PretrainedConfig):
+    model_type: ClassVar[str] = "ernie4_5_moe"
+    default_theta: ClassVar[float] = 500000.0
+    default_architecture: ClassVar[str] = "Ernie4_5_MoeForCausalLM"
+    attribute_map: ClassVar[dict[str, str]] = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
+
+    vocab_size: int = 103424
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    hidden_size: int = 2560
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 20
+    num_key_value_heads: int | None = 4
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    use_bias: bool = False
+    moe_intermediate_size: int = 1536
+    moe_k: int = 6
+    moe_num_experts: int = 64
+    moe_num_shared_experts: int = 2
+    moe_layer_start_index: int = 1
+    moe_layer_end_index: int = -1
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    head_dim: int | None = None
+
+    def __post_init__(self):
+        # Real hub configs may give per-modality lists; the text layers span their min..max.
+        if isinstance(self.moe_layer_start_index, (list, tuple)):
+            self.moe_layer_start_index = min(self.moe_layer_start_index)
+        if isinstance(self.moe_layer_end_index, (list, tuple)):
+            self.moe_layer_end_index = max(self.moe_layer_end_index)
+        if self.moe_layer_end_index == -1:
+            self.moe_layer_end_index = self.num_hidden_layers - 1
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
+
+    def validate(self):
+        super().validate()
+        if self.moe_k > self.moe_num_experts:
+            raise ValueError(f"moe_k ({self.moe_k}) must not exceed moe_num_experts ({self.moe_num_experts})")
+        if self.moe_num_shared_experts < 0:
+            raise ValueError(f"moe_num_shared_experts must be >= 0, got {self.moe_num_shared_experts}")
+        if self.moe_layer_interval <= 0:
+            raise ValueError(f"moe_layer_interval must be positive, got {self.moe_layer_interval}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return ((i + 1) % self.moe_layer_interval == 0
+                and self.moe_layer_start_index <= i <= self.moe_layer_end_index)
+
+
+@dataclass(init=False, repr=False)
+class PhimoeConfig(PretrainedConfig):
+    model_type: ClassVar[str] = "phimoe"
+    default_theta: ClassVar[float] = 1000000.0
+    default_architecture: ClassVar[str] = "PhimoeForCausalLM"
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 6400
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096 * 32
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
+    num_experts_per_tok: int = 2
+    num_local_experts: int = 16
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.01
+    input_jitter_noise: float = 0.0
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.num_experts_per_tok != 2:
+            raise ValueError(f"PhiMoE's sparsemixer routes exactly 2 experts per token, "
+                             f"got num_experts_per_tok={self.num_experts_per_tok}")
+        if self.num_local_experts < 2:
+            raise ValueError(f"num_local_experts must be >= 2, got {self.num_local_experts}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        rope = self.rope_parameters
+        if rope["rope_type"] != "default":
+            for key in ("short_mscale", "long_mscale"):
+                if not isinstance(rope.get(key), (int, float)):
+                    raise ValueError(f"rope_parameters.{key} must be a number for PhiMoE's "
+                                     f"{rope['rope_type']!r} rope, got {rope.get(key)!r}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_local_experts
+
+
+def _normalise_keys(config: PretrainedConfig, kwargs: dict) -> dict:
+    """Fold config.json spellings of transformers 4.x and 5.x into our fields."""
+    kwargs = copy.deepcopy(kwargs)
+    kwargs.pop("model_type", None)
+    kwargs.pop("label2id", None)
+    for key in ("transformers_version", "_name_or_path", "_attn_implementation_autoset"):
+        kwargs.pop(key, None)
+    if "_attn_implementation" in kwargs:
+        kwargs["attn_implementation"] = kwargs.pop("_attn_implementation") or "sdpa"
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if kwargs.get("dtype") is None and torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    num_labels = kwargs.pop("num_labels", None)
+    if num_labels is not None and kwargs.get("id2label") is None:
+        kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+    rope = kwargs.pop("rope_scaling", None) or kwargs.get("rope_parameters") or {}
+    rope = dict(rope)
+    theta = kwargs.pop("rope_theta", None)
+    if theta is not None:
+        rope.setdefault("rope_theta", theta)
+    kwargs["rope_parameters"] = rope
+    return kwargs
+
+
+def _standardise_rope(config: PretrainedConfig) -> dict:
+    rope = dict(config.rope_parameters or {})
+    rope_type = rope.pop("type", None)
+    rope["rope_type"] = rope.get("rope_type") or rope_type or "default"
+    rope.setdefault("rope_theta", config.default_theta)
+    if rope["rope_type"] in ("llama3", "yarn", "longrope"):
+        top = config.extra.get("original_max_position_embeddings")
+        if top is not None:  # Phi-3 style configs give it at the top level too; that one wins, as in transformers
+            rope["original_max_position_embeddings"] = top
+        rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    return rope
+
+
+def _validate_rope(config: PretrainedConfig):
+    rope = config.rope_parameters
+    kind = rope["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unknown rope type {kind!r} in rope_parameters; expected one of {', '.join(ROPE_TYPES)}")
+    required = {"linear": ["factor"], "dynamic": ["factor"], "yarn": ["factor"],
+                "longrope": ["short_factor", "long_factor"],
+                "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(kind, [])
+    for key in required:
+        if rope.get(key) is None:
+            raise ValueError(f"rope_parameters.{key} is required for rope type {kind!r}")
+    if kind == "longrope":
+        half = config.head_size // 2
+        for key in ("short_factor", "long_factor"):
+            value = rope[key]
+            if not isinstance(value, (list, tuple)) or len(value) != half:
+                n = len(value) if isinstance(value, (list, tuple)) else value
+                raise ValueError(f"rope_parameters.{key} must be a list of head_dim/2 = {half} numbers, got {n}")
+
+
+# ---------------------------------------------------------------- auto / registry
+
+CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
+    c.model_type: c for c in (Ernie4_5Config, Ernie4_5_MoeConfig, PhimoeConfig)}
+ARCHITECTURES = {
+    "Ernie4_5ForCausalLM": "ernie4_5", "Ernie4_5_ForCausalLM": "ernie4_5", "Ernie4_5Model": "ernie4_5",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "Ernie4_5_MoeModel": "ernie4_5_moe",
+    "PhimoeForCausalLM": "phimoe", "PhiMoEForCausalLM": "phimoe", "PhimoeModel": "phimoe",
+    "PhimoeForSequenceClassification": "phimoe",
+}
+
+
+def config_class_for(data: dict) -> type[PretrainedConfig]:
+    model_type = data.get("model_type")
+    if model_type in CONFIG_CLASSES:
+        return CONFIG_CLASSES[model_type]
+    for arch in data.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return CONFIG_CLASSES[ARCHITECTURES[arch]]
+    raise ValueError(f"unknown model_type {model_type!r} / architectures {data.get('architectures')!r}; "
+                     f"moelm supports model_type {sorted(CONFIG_CLASSES)}")
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    from .hub import resolve_model_dir
+
+    p = Path(path)
+    file = p if p.is_file() else resolve_model_dir(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {file.parent}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return data
+
+
+class AutoConfig:
+    @staticmethod
+    def from_pretrained(path) -> PretrainedConfig:
+        data = read_config_json(path)
+        return config_class_for(data).from_dict(data)
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs) -> PretrainedConfig:
+        if model_type not in CONFIG_CLASSES:
+            raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(CONFIG_CLASSES)}")
+        return CONFIG_CLASSES[model_type](**kwargs)
+
+    @staticmethod
+    def from_dict(data: dict) -> PretrainedConfig:
+        return config_class_for(data).from_dict(data)
+
+
+_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=2048)
+NAMED_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    "ernie-4.5-0.3b": (Ernie4_5Config, dict(rope_theta=500000.0, max_position_embeddings=131072)),
+    "ernie-4.5-21b-a3b": (Ernie4_5_MoeConfig, dict(
+        moe_layer_start_index=1, moe_layer_end_index=27, num_nextn_predict_layers=1)),
+    "ernie-4.5-300b-a47b": (Ernie4_5_MoeConfig, dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=54, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, moe_intermediate_size=3584, moe_k=8, moe_num_shared_experts=0,
+        moe_layer_start_index=3, moe_layer_end_index=53, num_nextn_predict_layers=1)),
+    "phi-3.5-moe": (PhimoeConfig, dict(
+        rope_theta=10000.0, max_position_embeddings=131072, sliding_window=131072, attention_bias=True,
+        lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.01, bos_token_id=1, eos_token_id=32000,
+        rms_norm_eps=1e-5, original_max_position_embeddings=4096,
+        rope_scaling=dict(type="longrope", short_mscale=1.243163121016122, long_mscale=1.243163121016122,
+                          original_max_position_embeddings=4096, short_factor=[1.0] * 64,
+                          long_factor=[1.0] * 64))),
+    "ernie4_5-tiny": (Ernie4_5Config, dict(_TINY, vocab_size=512, intermediate_size=128, head_dim=16)),
+    "ernie4_5_moe-tiny": (Ernie4_5_MoeConfig, dict(
+        _TINY, vocab_size=512, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32,
+        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1)),
+    "phimoe-tiny": (PhimoeConfig, dict(
+        _TINY, vocab_size=512, intermediate_size=64, num_local_experts=4, rope_theta=10000.0)),
+}
+
+
+def named_config(name: str) -> PretrainedConfig:
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown config name {name!r}; known: {', '.join(NAMED_CONFIGS)}")
+    cls, kwargs = NAMED_CONFIGS[name]
+    return cls(**copy.deepcopy(kwargs))

@@ -1,0 +1,394 @@
+"""What every family shares: output dataclasses, the decoder stack, the causal-LM and classification heads,
+and from_config / from_pretrained / save_pretrained."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import PretrainedConfig, dtype_from_str
+from .layers import Attention, DynamicCache, attention_mask_4d
+from .moe import Experts, load_balancing_loss
+
+
+@dataclass
+class ModelOutput:
+    """Fields by attribute or by name; integer indexing and to_tuple skip None fields, like transformers."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+
+@dataclass
+class MoeModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: DynamicCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+BaseModelOutputWithPast = MoeModelOutputWithPast
+
+
+@dataclass
+class MoeCausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: DynamicCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+CausalLMOutputWithPast = MoeCausalLMOutputWithPast
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: DynamicCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class Router(nn.Module):
+    """Holds a router's weight [E, H]; the routing itself is a function of the family."""
+
+    def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP/MoE with residuals. The MoE block returns (out, router_logits)."""
+
+    def __init__(self, config, layer_idx: int, norm, mlp: nn.Module, mlp_name: str, attn_bias: bool, rotate):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, attn_bias, rotate)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+
+    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
+        h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
+        x = x + h
+        out = getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+        out, router_logits = out if isinstance(out, tuple) else (out, None)
+        return x + out, weights, router_logits
+
+
+class PreTrainedModel(nn.Module):
+    config_class: type[PretrainedConfig] = PretrainedConfig
+    base_model_prefix = "model"
+    keep_in_fp32: tuple[str, ...] = ()  # parameter name suffixes kept in fp32 whatever the dtype
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.config = config
+        self.kept_aside: dict[str, torch.Tensor] = {}
+
+    # --- properties ---
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for n, p in self.named_parameters() if not n.endswith(self.keep_in_fp32 or ("\0",))).dtype
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for n, p in self.named_parameters() if not (exclude_embeddings and "embed" in n)}
+        return sum(p.numel() for p in params.values())
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        base = getattr(self, self.base_model_prefix, self)
+        return base.embed_tokens
+
+    def tie_weights(self):
+        if getattr(self.config, "tie_word_embeddings", False) and hasattr(self, "lm_head"):
+            self.lm_head.weight = self.get_input_embeddings().weight
+
+    # --- construction ---
+    @torch.no_grad()
+    def init_weights(self):
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, (Experts, Router)):
+                for p in module.parameters():
+                    p.normal_(0.0, std)
+            elif isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        for name, p in self.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.zero_()
+        self.tie_weights()
+
+    def _cast(self, dtype: torch.dtype):
+        for name, p in self.named_parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if name.endswith(self.keep_in_fp32 or ("\0",)) else dtype)
+        return self
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None):
+        """A randomly initialised model (normal(0, initializer_range) like the reference)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config)
+        model.init_weights()
+        model._cast(dtype_from_str(dtype) if dtype else torch.float32)
+        return model.to(device) if device else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
+                        config: PretrainedConfig | None = None, attn_implementation: str | None = None,
+                        torch_dtype=None, **config_overrides):
+        """Load a hub-format checkpoint directory (or a hub id in the local cache).
+
+        The model is built on the meta device and each tensor is read straight into place, so the peak memory
+        is about the model's size plus one tensor."""
+        from .configs import read_config_json
+        from .hub import resolve_model_dir
+        from .weights import SafetensorsCheckpoint
+        from .checkpoint import load_checkpoint
+
+        directory = resolve_model_dir(path)
+        if config is None:
+            data = read_config_json(directory)
+            config = cls.config_class.from_dict(data) if cls.config_class is not PretrainedConfig else \
+                _auto_config(data)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        if attn_implementation:
+            config.attn_implementation = attn_implementation
+        config.validate()
+        ckpt = SafetensorsCheckpoint(directory)
+        try:
+            dtype = torch_dtype if torch_dtype is not None and dtype == "auto" else dtype
+            if dtype == "auto" or dtype is None:
+                dtype = config.torch_dtype or _checkpoint_dtype(ckpt)
+            dtype = dtype_from_str(dtype)
+            device = torch.device(device) if device is not None else torch.device("cpu")
+            with torch.device("meta"):
+                model = cls(config)
+            model._cast(dtype)
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
+        finally:
+            ckpt.close()
+        model.name_or_path = str(path)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size="5GB", safe_serialization: bool = True):
+        """Write config.json and hub-layout safetensors (per-expert keys), atomically."""
+        from .checkpoint import save_checkpoint
+
+        if not safe_serialization:
+            raise ValueError("moelm only writes safetensors (safe_serialization=True)")
+        directory = Path(directory)
+        save_checkpoint(self, directory, max_shard_size=max_shard_size)
+        config = self.config
+        config.architectures = [type(self).__name__]
+        config.dtype = str(self.dtype).removeprefix("torch.")
+        config.save_pretrained(directory)
+
+
+def _auto_config(data: dict) -> PretrainedConfig:
+    from .configs import AutoConfig
+
+    return AutoConfig.from_dict(data)
+
+
+def _checkpoint_dtype(ckpt) -> torch.dtype:
+    for key in ckpt.keys():
+        dt = ckpt.dtype(key)
+        if dt.is_floating_point and not key.endswith("e_score_correction_bias"):
+            return dt
+    return torch.float32
+
+
+class DecoderModel(PreTrainedModel):
+    """Embeddings, decoder layers, final norm. Families give the layers, the norm and the rotary cos/sin."""
+
+    sliding_window: int | None = None
+
+    def __init__(self, config, make_layer, make_norm):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size \
+            else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm()
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=False,
+                output_hidden_states=False, output_router_logits=False, **kwargs) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        batch, seq = inputs_embeds.shape[:2]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + seq, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position[None]
+        mask = attention_mask_4d(attention_mask, batch, seq, int(cache_position[0]), self.sliding_window,
+                                 inputs_embeds.device)
+        cos_sin = self.rotary(inputs_embeds, position_ids)
+        h = inputs_embeds
+        hidden_states, attentions, router_logits = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(h)
+            h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions)
+            attentions.append(weights)
+            if logits is not None:
+                router_logits.append(logits)
+        h = self.norm(h)
+        if output_hidden_states:
+            hidden_states.append(h)
+        return MoeModelOutputWithPast(
+            last_hidden_state=h, past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            router_logits=tuple(router_logits) if output_router_logits and router_logits else None)
+
+
+class CausalLM(PreTrainedModel):
+    """A DecoderModel under `model` plus `lm_head`; loss, aux loss and logits_to_keep like the reference."""
+
+    base_class: type[DecoderModel]
+    lm_head_bias = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.base_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=self.lm_head_bias)
+        self.tie_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=False,
+                output_hidden_states=False, output_router_logits=None, logits_to_keep=0, return_dict=True,
+                num_items_in_batch=None, **kwargs):
+        moe = hasattr(self.config, "router_aux_loss_coef")
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache_position=cache_position, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states,
+                         output_router_logits=moe and output_router_logits)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        aux_loss = None
+        if moe and output_router_logits:
+            aux_loss = load_balancing_loss(out.router_logits, self.config.num_experts,
+                                           self.config.num_experts_per_tok, attention_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        result = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits)
+        return result if return_dict else result.to_tuple()
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; labels are shifted here, -100 ignored."""
+    labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(logits.device)
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+class SequenceClassification(PreTrainedModel):
+    """A DecoderModel under `model` plus `score`; pools the last non-pad token of each row."""
+
+    base_class: type[DecoderModel]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_class(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, return_dict=True, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        logits = self.score(out.last_hidden_state)  # [B, S, L]
+        batch = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad is None or input_ids is None:
+            last = torch.full((batch,), -1, device=logits.device)
+        else:
+            idx = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last = (idx * (input_ids != pad).to(logits.device, torch.int32)).argmax(-1)
+        pooled = logits[torch.arange(batch, device=logits.device), last]  # [B, L]
+        loss = None if labels is None else classification_loss(pooled, labels, self.config)
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                  hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    n = config.num_labels
+    kind = config.problem_type
+    if kind is None:
+        kind = "regression" if n == 1 else ("single_label_classification"
+                                            if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+        config.problem_type = kind
+    labels = labels.to(pooled.device)
+    if kind == "regression":
+        return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
+    if kind == "single_label_classification":
+        return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
+    if kind == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(pooled, labels)
+    raise ValueError(f"invalid problem_type {kind!r}")

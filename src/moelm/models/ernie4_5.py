@@ -1,0 +1,39 @@
+"""ERNIE 4.5 dense (0.3B): Llama-style decoder with interleaved fp32 RoPE and optional biases."""
+from __future__ import annotations
+
+import torch
+
+from ..configs import Ernie4_5Config
+from ..layers import MLP, RMSNorm
+from ..modeling import CausalLM, DecoderLayer, DecoderModel
+from ..rope import cos_sin, inv_freq_and_scale, rotate_interleaved
+
+
+def ernie_cos_sin(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [B, S, D/2]; dynamic and longrope frequencies follow the batch's max position."""
+    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    inv_freq, scale = inv_freq_and_scale(config.rope_parameters, config.head_size, config.max_position_embeddings,
+                                         seq_len)
+    return cos_sin(inv_freq, position_ids, scale)
+
+
+class Ernie4_5Model(DecoderModel):
+    config_class = Ernie4_5Config
+
+    def __init__(self, config: Ernie4_5Config):
+        def norm():
+            return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+        def layer(cfg, i):
+            mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+            return DecoderLayer(cfg, i, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)
+
+        super().__init__(config, layer, norm)
+
+    def rotary(self, x, position_ids):
+        return ernie_cos_sin(self.config, position_ids)
+
+
+class Ernie4_5ForCausalLM(CausalLM):
+    config_class = Ernie4_5Config
+    base_class = Ernie4_5Model

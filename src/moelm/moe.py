@@ -1,0 +1,155 @@
+"""Mixture of experts: stacked experts computed grouped, the ERNIE and PhiMoE routers, the load-balancing loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm forward works on CPU (fp32/bf16) and Hopper CUDA (bf16); its CPU backward does not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and x.device.type == "cpu":
+        return False
+    key = (x.device.type, x.dtype, w.dtype)
+    if key not in _GROUPED_MM_OK:
+        try:
+            probe_w = torch.zeros(2, 16, 16, dtype=w.dtype, device=w.device)
+            probe_x = torch.zeros(16, 16, dtype=x.dtype, device=x.device)
+            offs = torch.tensor([8, 16], dtype=torch.int32, device=x.device)
+            torch._grouped_mm(probe_x, probe_w.transpose(1, 2), offs=offs)
+            _GROUPED_MM_OK[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out]."""
+    if _grouped_mm_works(x, w):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    # Autograd-friendly equivalent: pad each expert's rows to the largest group and run one bmm.
+    n, num_experts = x.shape[0], w.shape[0]
+    starts = counts.cumsum(0) - counts  # [E]
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=n)  # [N]
+    slot = torch.arange(n, device=x.device) - starts[expert]  # [N]
+    width = int(counts.max()) if n else 0
+    padded = x.new_zeros(num_experts, width, x.shape[1]).index_put((expert, slot), x)  # [E, C, in]
+    return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [N, out]
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], index/weights [T, K] -> [T, H] = sum_k weights[:, k] * expert_{index[:, k]}(x)."""
+        k = index.shape[1]
+        flat = index.reshape(-1)  # [T*K]
+        order = flat.argsort(stable=True)
+        token = order // k  # [T*K] token of each sorted (token, choice) pair
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        h = grouped_linear(x[token], self.gate_up_proj, counts)  # [T*K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*K, H]
+        h = h * weights.reshape(-1)[order, None].to(h.dtype)
+        return torch.zeros_like(x).index_add_(0, token, h.to(x.dtype))
+
+
+def ernie_route(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, k: int,
+                norm_min: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 softmax gate; the correction bias only chooses; chosen probabilities renormalised.
+
+    x [T, H] -> logits [T, E] fp32, weights [T, K] in x's dtype, index [T, K]."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.linear(x.float(), gate_weight.float())
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        _, index = torch.topk(probs + correction_bias.reshape(-1).float(), k, dim=-1)
+        weights = probs.gather(-1, index)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min)
+    return logits, weights.to(x.dtype), index
+
+
+class _SparseMixerGrad(torch.autograd.Function):
+    """Forward: multiplier * mask_for_one. Backward: the sparsemixer's gradient estimate w.r.t. the scores."""
+
+    @staticmethod
+    def forward(ctx, scores, multiplier, selected, masked_gates, mask_for_one):
+        ctx.save_for_backward(multiplier, selected, masked_gates)
+        return multiplier * mask_for_one
+
+    @staticmethod
+    def backward(ctx, grad):
+        multiplier, selected, masked_gates = ctx.saved_tensors
+        grad = grad * multiplier
+        grad_scores = masked_gates * grad.mul(-1)
+        grad_scores.scatter_add_(dim=-1, index=selected, src=grad)
+        return grad_scores, None, None, None, None
+
+
+def _sparsemixer_pick(scores, masked_scores, jitter_eps: float, training: bool, second: bool):
+    """One pick: mask scores far below the max, then argmax (inference) or Gumbel-sample (training)."""
+    with torch.no_grad():
+        top, top_index = masked_scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=top)
+        far = ((top - scores) / factor) > (2 * jitter_eps)
+    gates = masked_scores.masked_fill(far, float("-inf"))
+    if training:
+        noise = torch.empty_like(gates, memory_format=torch.legacy_contiguous_format).exponential_().log()
+        selected = (gates - noise).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        selected = top_index
+    gates = torch.softmax(gates, dim=-1)
+    multiplier = gates.gather(dim=-1, index=selected)
+    if training:
+        _, max_index = gates.max(dim=-1, keepdim=True)
+        coin = torch.rand_like(multiplier)
+        if second:
+            coin = coin.uniform_()
+        mask_for_one = torch.logical_or(selected == max_index, coin > 0.75)  # Heun's third-order method
+        mask_for_one = torch.add(0.3333, mask_for_one, alpha=0.6667).type_as(gates)
+        multiplier = _SparseMixerGrad.apply(scores, multiplier, selected, gates, mask_for_one)
+    return multiplier, selected
+
+
+def sparsemixer(scores: torch.Tensor, jitter_eps: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE top-2 routing. scores [T, E] -> weights [T, 2] (not renormalised), index [T, 2]."""
+    w1, e1 = _sparsemixer_pick(scores, scores, jitter_eps, training, second=False)
+    masked = torch.scatter(scores, -1, e1, float("-inf"))
+    w2, e2 = _sparsemixer_pick(scores, masked, jitter_eps, training, second=True)
+    return torch.cat((w1, w2), dim=-1), torch.cat((e1, e2), dim=-1)
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | None, num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor | int:
+    """Switch-Transformer auxiliary loss over all MoE layers' logits [T, E]; padding excluded by the 2D mask."""
+    if not router_logits:
+        return 0
+    device = router_logits[0].device
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = 0.0
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)
+    for logits in router_logits:
+        probs = F.softmax(logits.to(device), dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        if mask is None:
+            tokens_per_expert = tokens_per_expert + torch.histc(
+                chosen.reshape(-1).float(), bins=num_experts, min=0, max=num_experts)
+            prob_per_expert = prob_per_expert + probs.float().sum(dim=0)
+            rows = rows + probs.shape[0]
+        else:
+            tokens_per_expert = tokens_per_expert + torch.zeros_like(tokens_per_expert).scatter_add_(
+                0, chosen.reshape(-1), mask.repeat_interleave(top_k))
+            prob_per_expert = prob_per_expert + (probs.float() * mask[:, None]).sum(dim=0)
+            rows = rows + mask.sum()
+    return torch.sum((tokens_per_expert / rows) * (prob_per_expert / rows)) * num_experts
