@@ -88,8 +88,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(target.shape)} "
                                           f"(in {ckpt.file_of(key).name})")
                     else:
-                        with torch.no_grad():
-                            target.copy_(ckpt.get(key))
+                        ckpt.read_into(key, target)
                         filled[ours].add((expert, part))
         done += _nbytes(ckpt, key)
         if show and (n == len(keys) - 1 or n % 16 == 0):

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,6 +36,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unsupported, truncated or corrupt."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A model directory, hub id or config.json does not exist (both a CheckpointError and a FileNotFoundError)."""
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     out = {}
     for k, v in pairs:
@@ -49,7 +52,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def read_header(path: Path) -> dict:
     """Parse and validate a safetensors header without touching tensor data.
 
-    Returns {name: (dtype, shape)} plus "__metadata__" if present.
+    Returns {name: (dtype, shape, byte offset of the data in the file)} plus "__metadata__" if present.
     """
     try:
         size = path.stat().st_size
@@ -107,7 +110,7 @@ def read_header(path: Path) -> dict:
             raise CheckpointError(
                 f"{where}: file is truncated: tensor data ends at byte {8 + n + off[1]} "
                 f"but the file has {size} bytes")
-        out[name] = (_DTYPES[dtype], tuple(shape))
+        out[name] = (_DTYPES[dtype], tuple(shape), 8 + n + off[0])
     return out
 
 
@@ -203,19 +206,44 @@ class SafetensorsCheckpoint:
         return dict(self._headers[f].get("__metadata__", {}))
 
     def get(self, name: str) -> torch.Tensor:
+        dtype, shape, _ = self._headers[self.file_of(name)][name]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor `name` into `out` (same shape; any dtype and device).
+
+        The bytes are read with plain file reads, straight into `out` when it is a contiguous CPU tensor of the
+        stored dtype: no memory map stays resident and no second copy of the model is ever held."""
         f = self.file_of(name)
+        dtype, shape, start = self._headers[f][name]
+        if tuple(out.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {list(shape)}, the target {list(out.shape)}")
+        direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(shape, dtype=dtype)
+        view = memoryview(buf.detach().reshape(-1).view(torch.uint8).numpy())
         try:
             handle = self._handles.get(f)
             if handle is None:
-                handle = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            return handle.get_tensor(name)
-        except Exception as e:
+                handle = self._handles[f] = open(f, "rb", buffering=0)
+            handle.seek(start)
+            done = 0
+            while done < len(view):
+                n = handle.readinto(view[done:])
+                if not n:
+                    raise EOFError(f"file ends after {start + done} bytes")
+                done += n
+        except (OSError, EOFError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {name!r}: {e}") from e
+        if not direct:
+            with torch.no_grad():
+                out.copy_(buf)
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
         for h in handles.values():
-            h.__exit__(None, None, None)
+            h.close()
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
@@ -356,6 +384,7 @@ def save_sharded(
         final = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, fname in enumerate(final):
             os.replace(tmp / f"part-{i}", tmp / fname)
+            os.chmod(tmp / fname, 0o644)  # safetensors creates files 0600; make them readable like config.json
             _fsync_file(tmp / fname)
         if n > 1:
             weight_map = {name: fname for fname, shard_names in zip(final, shards) for name in shard_names}
