@@ -56,6 +56,13 @@ class PretrainedConfig:
                 self.extra[key] = value
         self.__post_init__()
 
+    def __setattr__(self, name, value):  # aliases (num_experts, ...) write their field; extra keys stay extra
+        name = type(self).attribute_map.get(name, name)
+        if name in self.__dict__.get("extra", {}):
+            self.extra[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def __getattr__(self, name):  # attribute_map aliases (num_experts, ...) and extra keys
         if name.startswith("__") or name in ("extra", "attribute_map"):
             raise AttributeError(name)
@@ -73,6 +80,8 @@ class PretrainedConfig:
             self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self._check_sizes()  # before deriving anything from them (head_dim = hidden_size // heads, ...)
+        self._derive()
         if self.dtype is not None:
             self.dtype = str(self.dtype).removeprefix("torch.")
         self.rope_parameters = _standardise_rope(self)
@@ -95,8 +104,11 @@ class PretrainedConfig:
     def head_size(self) -> int:
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
+    def _derive(self):
+        """Fill fields computed from others (subclasses)."""
+
     # --- validation ---
-    def validate(self):
+    def _check_sizes(self):
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", "intermediate_size"]
         positive += [k for k in ("moe_intermediate_size", "moe_num_experts", "moe_k", "num_local_experts",
@@ -107,6 +119,9 @@ class PretrainedConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{type(self).__name__}.{key} must be a positive integer, got {value!r}")
+
+    def validate(self):
+        self._check_sizes()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -130,18 +145,20 @@ class PretrainedConfig:
         return cls(**data)
 
     def to_dict(self) -> dict:
-        out = {"model_type": self.model_type, "architectures": self.architectures or [self.default_architecture]}
+        out = {"model_type": self.model_type}  # architectures as set: None until a model is saved, as transformers
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "architectures", "attn_implementation"):
+            if f.name in ("extra", "attn_implementation"):
                 continue
             out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = self.label2id
         rope = out["rope_parameters"]
         # Written for both transformers 5.x (rope_parameters, dtype) and 4.x (rope_theta, rope_scaling, torch_dtype).
+        # rope_scaling says "rope_type", which 4.x reads too: a v4 "type" key would be copied by 5.x (which
+        # prefers rope_scaling) into rope_parameters as an extra key.
         out["rope_theta"] = rope["rope_theta"]
         out["rope_scaling"] = None if rope["rope_type"] == "default" else {
-            k: v for k, v in rope.items() if k != "rope_theta"} | {"type": rope["rope_type"]}
+            k: v for k, v in rope.items() if k != "rope_theta"}
         out["torch_dtype"] = out["dtype"]
         out.update(copy.deepcopy(self.extra))
         return dict(sorted(out.items()))
@@ -193,10 +210,9 @@ class Ernie4_5Config(PretrainedConfig):
     use_bias: bool = False
     head_dim: int | None = 128
 
-    def __post_init__(self):
+    def _derive(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        super().__post_init__()
 
 
 @dataclass(init=False, repr=False)
@@ -235,7 +251,7 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
     router_aux_loss_coef: float = 0.001
     head_dim: int | None = None
 
-    def __post_init__(self):
+    def _derive(self):
         # Real hub configs may give per-modality lists; the text layers span their min..max.
         if isinstance(self.moe_layer_start_index, (list, tuple)):
             self.moe_layer_start_index = min(self.moe_layer_start_index)
@@ -245,7 +261,6 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
             self.moe_layer_end_index = self.num_hidden_layers - 1
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        super().__post_init__()
 
     def validate(self):
         super().validate()
@@ -345,9 +360,8 @@ def _standardise_rope(config: PretrainedConfig) -> dict:
     rope["rope_type"] = rope.get("rope_type") or rope_type or "default"
     rope.setdefault("rope_theta", config.default_theta)
     if rope["rope_type"] in ("llama3", "yarn", "longrope"):
-        top = config.extra.get("original_max_position_embeddings")
-        if top is not None:  # Phi-3 style configs give it at the top level too; that one wins, as in transformers
-            rope["original_max_position_embeddings"] = top
+        # Phi-3 style configs also carry original_max_position_embeddings at the top level (kept in `extra`).
+        # transformers 5.23 reads only the rope dict's value, else max_position_embeddings; so do we.
         rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return rope
 
@@ -396,18 +410,21 @@ def config_class_for(data: dict) -> type[PretrainedConfig]:
 
 
 def read_config_json(path: str | os.PathLike) -> dict:
+    """config.json's contents. A missing file raises CheckpointNotFoundError (a FileNotFoundError and a
+    CheckpointError); invalid JSON raises CheckpointError (a ValueError)."""
     from .hub import resolve_model_dir
+    from .weights import CheckpointError, CheckpointNotFoundError
 
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {file.parent}")
+        raise CheckpointNotFoundError(f"no config.json in {file.parent}")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
+        raise CheckpointError(f"{file} must hold a JSON object")
     return data
 
 
@@ -438,6 +455,8 @@ NAMED_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=54, num_attention_heads=64,
         num_key_value_heads=8, head_dim=128, moe_intermediate_size=3584, moe_k=8, moe_num_shared_experts=0,
         moe_layer_start_index=3, moe_layer_end_index=53, num_nextn_predict_layers=1)),
+    # short_factor/long_factor below are placeholders (all 1.0): the real microsoft/Phi-3.5-MoE-instruct config.json
+    # carries its own 64+64 longrope factors, and loading that checkpoint reads them from config.json.
     "phi-3.5-moe": (PhimoeConfig, dict(
         rope_theta=10000.0, max_position_embeddings=131072, sliding_window=131072, attention_bias=True,
         lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.01, bos_token_id=1, eos_token_id=32000,

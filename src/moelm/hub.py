@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+from .weights import CheckpointNotFoundError
+
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 _PART = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
@@ -13,7 +15,7 @@ _HUB_ID = re.compile(rf"({_PART})/({_PART})(?:@([A-Za-z0-9._/-]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(CheckpointNotFoundError):
     """A model is neither a local directory nor available from the Hugging Face hub."""
 
 
