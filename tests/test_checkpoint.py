@@ -450,3 +450,22 @@ def test_progress(tmp_path, capfd, moe_ckpt):
     AutoModelForCausalLM.from_pretrained(moe_ckpt, progress=False)
     AutoModelForCausalLM.from_pretrained(moe_ckpt)  # small checkpoints are quiet by default
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_base_model_and_classifier_load_a_causal_lm_checkpoint(tmp_path, capfd):
+    """Ernie4_5_MoeModel reads a causal-LM checkpoint without its `model.` prefix; a classifier keeps the
+    decoder weights, ignores lm_head and starts `score` from random weights, saying so."""
+    import moelm
+
+    cfg = moelm.named_config("phimoe-tiny")
+    cfg.pad_token_id = 0
+    lm = moelm.PhimoeForCausalLM.from_config(cfg, seed=0).eval()
+    lm.save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = moelm.PhimoeModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, lm.model(ids).last_hidden_state)
+    clf = moelm.PhimoeForSequenceClassification.from_pretrained(tmp_path)
+    assert "score.weight" in capfd.readouterr().err
+    torch.testing.assert_close(clf.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert clf(ids).logits.shape == (1, 2)

@@ -65,14 +65,19 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     kept: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     keys = ckpt.keys()
+    # A base model (no `model.` attribute) reads a causal-LM checkpoint without the prefix; a model with another
+    # head ignores the checkpoint's lm_head, and its own new head (score) starts from random weights.
+    strip_prefix = not hasattr(model, "model") and any(k.startswith("model.") for k in keys)
+    skip_heads = tuple(h for h in ("lm_head.",) if not any(n.startswith(h) for n in params))
+    new_heads = tuple(getattr(model, "new_heads", ()))
     total = sum(_nbytes(ckpt, k) for k in keys)
     show = progress if progress is not None else total > 2**30
     done, start = 0, time.time()
     for n, key in enumerate(keys):
         if KEPT_ASIDE.match(key):
             kept[key] = ckpt.get(key)
-        else:
-            ours, expert, part = hub_to_ours(model_type, key)
+        elif (hub := _adapt_key(key, strip_prefix, skip_heads)) is not None:
+            ours, expert, part = hub_to_ours(model_type, hub)
             if ours not in params or (tied and ours == "lm_head.weight"):
                 if not (tied and ours == "lm_head.weight"):
                     unexpected.append(key)
@@ -99,6 +104,12 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     for name, got in filled.items():
         if tied and name == "lm_head.weight":
             continue
+        if not got and name.startswith(new_heads):
+            print(f"moelm: {name} is not in the checkpoint; it starts from random weights and needs training",
+                  file=sys.stderr)
+            with torch.no_grad():
+                params[name].normal_(0.0, model.config.initializer_range)
+            continue
         prefix, _, last = name.rpartition(".")
         parts = EXPERT_PARTS.get(model_type, {}).get(last) if prefix.endswith(".experts") else None
         if parts is None:
@@ -119,6 +130,14 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
         raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "
                               f"({model_type}): " + "; ".join(problems))
     return kept
+
+
+def _adapt_key(key: str, strip_prefix: bool, skip_heads: tuple[str, ...]) -> str | None:
+    if key.startswith(skip_heads):
+        return None
+    if strip_prefix:
+        return key.removeprefix("model.") if key.startswith("model.") else None
+    return key
 
 
 def _nbytes(ckpt: SafetensorsCheckpoint, key: str) -> int:
@@ -144,5 +163,5 @@ def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
     yield from getattr(model, "kept_aside", {}).items()
 
 
-def save_checkpoint(model, directory, max_shard_size="5GB"):
-    return save_sharded(hub_state_dict(model), directory, max_shard_size=max_shard_size)
+def save_checkpoint(model, directory, max_shard_size="5GB", extra_files=None):
+    return save_sharded(hub_state_dict(model), directory, max_shard_size=max_shard_size, extra_files=extra_files)

@@ -212,12 +212,10 @@ class PreTrainedModel(nn.Module):
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")
-        directory = Path(directory)
-        save_checkpoint(self, directory, max_shard_size=max_shard_size)
-        config = self.config
-        config.architectures = [type(self).__name__]
-        config.dtype = str(self.dtype).removeprefix("torch.")
-        config.save_pretrained(directory)
+        self.config.architectures = [type(self).__name__]
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size,
+                               extra_files={"config.json": self.config.to_json_string()})
 
 
 def _auto_config(data: dict) -> PretrainedConfig:
@@ -347,6 +345,7 @@ class SequenceClassification(PreTrainedModel):
     """A DecoderModel under `model` plus `score`; pools the last non-pad token of each row."""
 
     base_class: type[DecoderModel]
+    new_heads = ("score.",)
 
     def __init__(self, config):
         super().__init__(config)

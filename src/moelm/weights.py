@@ -338,8 +338,11 @@ def save_sharded(
     directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     metadata: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write tensors as model.safetensors or numbered shards plus an index, atomically.
+
+    `extra_files` (name -> text, e.g. config.json) are written in the same swap, after the weights.
 
     Only one shard's worth of tensors is held in memory at a time. Returns the written file paths.
     """
@@ -392,6 +395,11 @@ def save_sharded(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _fsync_file(tmp / INDEX_NAME)
             final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+            os.chmod(tmp / fname, 0o644)
+            _fsync_file(tmp / fname)
+            final.append(fname)
         _fsync_dir(tmp)
 
         for fname in final:
