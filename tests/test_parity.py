@@ -556,17 +556,12 @@ TOP_LEVEL_CASES = [
 ]
 
 
-_TOP_LEVEL_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "moelm.configs._standardise_rope keeps the rope dict's original_max_position_embeddings (else "
-    "max_position_embeddings) for every family; transformers 5.23.0 ERNIE lets a top-level one win (its rope init "
-    "calls config.standardize_rope_params() again once the attribute exists). configs.py is not ours to fix."))
 TOP_LEVEL_IDS = ["ernie4_5-yarn", "ernie4_5-yarn-only-top", "ernie4_5-longrope", "ernie4_5_moe-llama3",
                  "phimoe-longrope", "phimoe-longrope-only-top"]
 
 
 @pytest.mark.parametrize("family,rope,expected", [
-    pytest.param(*case, id=name, marks=[_TOP_LEVEL_XFAIL] if case[0] != "phimoe" else [])
-    for case, name in zip(TOP_LEVEL_CASES, TOP_LEVEL_IDS)])
+    pytest.param(*case, id=name) for case, name in zip(TOP_LEVEL_CASES, TOP_LEVEL_IDS)])
 def test_config_top_level_original_max_position_embeddings(family, rope, expected):
     """Phi-3 style 4.x configs give original_max_position_embeddings at the top level (here 8) besides, or instead
     of, the one in rope_scaling. Which one counts is the reference's, family by family."""

@@ -34,6 +34,7 @@ class PretrainedConfig:
     default_theta: ClassVar[float] = 10000.0
     default_architecture: ClassVar[str] = ""
     attribute_map: ClassVar[dict[str, str]] = {}
+    top_level_original_max_wins: ClassVar[bool] = True
 
     architectures: list[str] | None = None
     dtype: str | None = None
@@ -281,6 +282,7 @@ class PhimoeConfig(PretrainedConfig):
     model_type: ClassVar[str] = "phimoe"
     default_theta: ClassVar[float] = 1000000.0
     default_architecture: ClassVar[str] = "PhimoeForCausalLM"
+    top_level_original_max_wins: ClassVar[bool] = False
 
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -360,8 +362,11 @@ def _standardise_rope(config: PretrainedConfig) -> dict:
     rope["rope_type"] = rope.get("rope_type") or rope_type or "default"
     rope.setdefault("rope_theta", config.default_theta)
     if rope["rope_type"] in ("llama3", "yarn", "longrope"):
-        # Phi-3 style configs also carry original_max_position_embeddings at the top level (kept in `extra`).
-        # transformers 5.23 reads only the rope dict's value, else max_position_embeddings; so do we.
+        # A top-level original_max_position_embeddings (kept in `extra`) overrides the rope dict's for ERNIE and is
+        # ignored for PhiMoE: that is what transformers 5.23 ends up doing for each family.
+        top = config.extra.get("original_max_position_embeddings")
+        if top is not None and config.top_level_original_max_wins:
+            rope["original_max_position_embeddings"] = top
         rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return rope
 
