@@ -25,10 +25,13 @@ class Ernie4_5Model(DecoderModel):
             return RMSNorm(config.hidden_size, config.rms_norm_eps)
 
         def layer(cfg, i):
-            mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
-            return DecoderLayer(cfg, i, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)
+            return DecoderLayer(cfg, i, norm, self.make_mlp(cfg, i), "mlp", cfg.use_bias, rotate_interleaved)
 
         super().__init__(config, layer, norm)
+
+    @staticmethod
+    def make_mlp(config, layer_idx: int):
+        return MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
 
     def rotary(self, x, position_ids):
         return ernie_cos_sin(self.config, position_ids)

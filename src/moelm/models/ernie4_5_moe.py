@@ -5,11 +5,10 @@ import torch
 from torch import nn
 
 from ..configs import Ernie4_5_MoeConfig
-from ..layers import MLP, RMSNorm
-from ..modeling import CausalLM, DecoderLayer, DecoderModel, Router
+from ..layers import MLP
+from ..modeling import CausalLM, Router
 from ..moe import Experts, ernie_route
-from ..rope import rotate_interleaved
-from .ernie4_5 import ernie_cos_sin
+from .ernie4_5 import Ernie4_5Model
 
 
 class MoeStatics(nn.Module):
@@ -41,25 +40,15 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         return out.reshape(b, s, h).to(x.dtype), logits
 
 
-class Ernie4_5_MoeModel(DecoderModel):
+class Ernie4_5_MoeModel(Ernie4_5Model):
     config_class = Ernie4_5_MoeConfig
     keep_in_fp32 = ("gate.weight", "e_score_correction_bias")
 
-    def __init__(self, config: Ernie4_5_MoeConfig):
-        def norm():
-            return RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-        def layer(cfg, i):
-            if cfg.is_moe_layer(i):
-                mlp = Ernie4_5_MoeSparseMoeBlock(cfg)
-            else:
-                mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
-            return DecoderLayer(cfg, i, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)
-
-        super().__init__(config, layer, norm)
-
-    def rotary(self, x, position_ids):
-        return ernie_cos_sin(self.config, position_ids)
+    @staticmethod
+    def make_mlp(config, layer_idx: int):
+        if config.is_moe_layer(layer_idx):
+            return Ernie4_5_MoeSparseMoeBlock(config)
+        return MLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
 
 
 class Ernie4_5_MoeForCausalLM(CausalLM):
