@@ -1,0 +1,298 @@
+"""The `moelm` command: generate, chat, info, new. Errors print one line and exit non-zero, no traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (CliError, OSError, ValueError, RuntimeError, ImportError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moelm: error: {message}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moelm", description="ERNIE 4.5 / ERNIE 4.5 MoE / PhiMoE in PyTorch")
+    sub = parser.add_subparsers(dest="command")
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
+        p.add_argument("--dtype", default="auto", choices=DTYPES)
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    def sampling_args(p):
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--system", default=None, help="system message (chat template)")
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt; '-' reads standard input")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /system TEXT, /exit)")
+    model_args(p)
+    sampling_args(p)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("info", help="family, sizes, parameters, MoE layout, memory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template")
+    p.add_argument("config_name")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_new)
+    return parser
+
+
+# ---------------------------------------------------------------- loading
+
+def check_device(device: str):
+    import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device} requested but no CUDA GPU is available")
+        d = torch.device(device)
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return d
+    raise CliError(f"unknown --device {device!r}; expected cpu, cuda or cuda:N")
+
+
+def load(args):
+    device = check_device(args.device)
+    from .auto import AutoModelForCausalLM
+    from .tokenizer import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device)
+    return model, tokenizer
+
+
+def generation_kwargs(args) -> dict:
+    if args.max_new_tokens <= 0:
+        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    kwargs = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None and args.temperature < 0:
+        raise CliError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.temperature == 0:
+        kwargs["do_sample"] = False
+    elif args.temperature is not None or args.top_p is not None or args.top_k is not None:
+        kwargs["do_sample"] = True
+        for key in ("temperature", "top_p", "top_k"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
+    return kwargs
+
+
+def encode(tokenizer, model, messages_or_text, chat: bool, max_new_tokens: int):
+    if chat:
+        enc = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    else:
+        enc = tokenizer(messages_or_text, return_tensors="pt")
+    ids = enc["input_ids"]
+    context = model.config.max_position_embeddings
+    if ids.shape[1] + max_new_tokens > context:
+        raise CliError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it exceeds the "
+                       f"model's context of {context} tokens")
+    return ids.to(model.device), enc["attention_mask"].to(model.device)
+
+
+def make_streamer(tokenizer, echo: bool = True):
+    from .streamers import TextStreamer
+
+    class Recording(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.text = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.text.append(text)
+            if echo:
+                print(text, end="" if not stream_end else "\n", flush=True)
+
+    return Recording()
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_generate(args):
+    import torch
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise CliError("the prompt is empty")
+    kwargs = generation_kwargs(args)
+    model, tokenizer = load(args)
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        ids, mask = encode(tokenizer, model, messages, True, args.max_new_tokens)
+    else:
+        ids, mask = encode(tokenizer, model, prompt, False, args.max_new_tokens)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, streamer=make_streamer(tokenizer), tokenizer=tokenizer, **kwargs)
+
+
+def cmd_chat(args):
+    import torch
+
+    kwargs = generation_kwargs(args)
+    model, tokenizer = load(args)
+    if tokenizer.chat_template is None:
+        raise CliError(f"{args.model} has no chat template; use `moelm generate` instead")
+    system = args.system
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("moelm chat — /reset clears the conversation, /system TEXT sets the system message, /exit quits; "
+              "Ctrl-C stops a reply.", file=sys.stderr)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            print(f"(system message {'set' if system else 'cleared'}; conversation cleared)", file=sys.stderr)
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        try:
+            ids, mask = encode(tokenizer, model, messages, True, args.max_new_tokens)
+        except CliError as e:
+            print(f"moelm: {e}; /reset to start over", file=sys.stderr)
+            continue
+        streamer = make_streamer(tokenizer)
+        try:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, streamer=streamer, tokenizer=tokenizer, **kwargs)
+        except KeyboardInterrupt:
+            print("\n(reply interrupted)", file=sys.stderr)
+            continue
+        history = messages[len(messages) - len(history) - 1:] + [
+            {"role": "assistant", "content": "".join(streamer.text).strip()}]
+
+
+def cmd_info(args):
+    import torch
+
+    from .auto import CAUSAL_LM
+    from .configs import AutoConfig, dtype_from_str
+    from .hub import resolve_model_dir
+
+    directory = resolve_model_dir(args.model)
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = CAUSAL_LM[config.model_type](config)
+    total = model.num_parameters()
+    inactive = 0
+    for module in model.modules():
+        if type(module).__name__ == "Experts":
+            per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
+            inactive += per_expert * (module.num_experts - config.num_experts_per_tok)
+    dtype = dtype_from_str(config.dtype or "float32") if args.dtype == "auto" else dtype_from_str(args.dtype)
+    files = sorted(directory.glob("*.safetensors"))
+    on_disk = sum(f.stat().st_size for f in files)
+    lines = [
+        ("model", str(directory)),
+        ("family", f"{config.model_type} ({(config.architectures or [config.default_architecture])[0]})"),
+        ("layers", f"{config.num_hidden_layers}, hidden {config.hidden_size}, vocab {config.vocab_size}"),
+        ("attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} kv heads, "
+                      f"head_dim {config.head_size}"),
+        ("context", f"{config.max_position_embeddings} positions, rope {config.rope_parameters['rope_type']} "
+                    f"(theta {config.rope_theta:g})"),
+    ]
+    if config.model_type == "ernie4_5_moe":
+        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        lines.append(("moe", f"{len(moe_layers)} MoE layers ({_ranges(moe_layers)}), {config.moe_num_experts} "
+                             f"experts, top-{config.moe_k}, {config.moe_num_shared_experts} shared, "
+                             f"expert width {config.moe_intermediate_size}"))
+    elif config.model_type == "phimoe":
+        lines.append(("moe", f"all {config.num_hidden_layers} layers, {config.num_local_experts} experts, "
+                             f"top-2 sparsemixer, expert width {config.intermediate_size}"))
+    lines += [
+        ("parameters", f"{_human(total)} total, {_human(total - inactive)} active per token"),
+        ("dtype", f"{str(dtype).removeprefix('torch.')} (config: {config.dtype or 'unset'})"),
+        ("memory", f"{_human(total * dtype.itemsize, 'B')} of weights"
+                   + (f"; {_human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else "")),
+    ]
+    for key, value in lines:
+        print(f"{key:>11}: {value}")
+
+
+def cmd_new(args):
+    from .scaffold import new_checkpoint
+
+    out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
+    print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
