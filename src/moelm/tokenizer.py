@@ -1,0 +1,802 @@
+"""Tokenizers that load, encode, decode, render chat templates and save as transformers 5.23's TokenizersBackend does.
+
+Encoding and decoding run in the `tokenizers` library. A directory with only `tokenizer.model` is converted the way
+transformers converts it for ERNIE 4.5 / PhiMoE checkpoints: the SentencePiece vocabulary into a `tokenizers` Unigram
+(or BPE) model with a `" " -> "▁"` normalizer, no pre-tokenizer and no dummy prefix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, normalizers, processors
+from tokenizers import Tokenizer as _Backend
+
+from .hub import resolve_model_dir
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+VERY_LARGE_INTEGER = int(1e30)
+LARGE_INTEGER = int(1e20)
+_LOADER_KWARGS = ("use_fast", "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "_from_auto")
+
+
+class TokenizerFilesNotFoundError(FileNotFoundError):
+    """A model directory has neither tokenizer.json nor tokenizer.model."""
+
+
+class TemplateError(jinja2.exceptions.TemplateError, ValueError):
+    """Raised by a chat template's `raise_exception(message)`."""
+
+
+class BatchEncoding(dict):
+    """`input_ids` / `attention_mask` as a dict with attribute access."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device, non_blocking: bool = False) -> BatchEncoding:
+        for k, v in self.items():
+            if hasattr(v, "to"):
+                self[k] = v.to(device=device, non_blocking=non_blocking)
+        return self
+
+
+def _as_list(ids):
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _added_tokens(obj):
+    """{"__type": "AddedToken", ...} dicts (at any depth) -> AddedToken, as transformers reads them."""
+    if isinstance(obj, dict) and obj.get("__type") == "AddedToken":
+        return AddedToken(**{k: v for k, v in obj.items() if k != "__type"})
+    if isinstance(obj, (list, tuple)):
+        return [_added_tokens(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _added_tokens(v) for k, v in obj.items()}
+    return obj
+
+
+# ---- tokenizer.model (SentencePiece ModelProto) -> tokenizers backend --------------------------------------------
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of one protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        kind = key & 7
+        if kind == 0:
+            val, i = _varint(buf, i)
+        elif kind == 1:
+            val, i = buf[i:i + 8], i + 8
+        elif kind == 2:
+            n, i = _varint(buf, i)
+            val, i = buf[i:i + n], i + n
+        elif kind == 5:
+            val, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {kind}")
+        yield key >> 3, val
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    val = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        val |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return (val - (1 << 64) if val >= 1 << 63 else val), i
+
+
+def read_sentencepiece_model(path) -> dict:
+    """The fields of a SentencePiece `tokenizer.model` that transformers' conversion reads."""
+    spec = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
+            "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "precompiled_charsmap": b""}
+    trainer = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
+               45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
+    for num, val in _proto_fields(Path(path).read_bytes()):
+        if num == 1:  # SentencePiece {piece = 1, score = 2, type = 3}
+            piece = {1: b"", 2: b"\0\0\0\0", 3: 1} | dict(_proto_fields(val))
+            spec["pieces"].append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
+        elif num == 2:  # TrainerSpec
+            for k, v in _proto_fields(val):
+                if k in trainer:
+                    spec[trainer[k]] = v.decode("utf-8") if isinstance(v, bytes) else v
+        elif num == 3:  # NormalizerSpec
+            spec["precompiled_charsmap"] = dict(_proto_fields(val)).get(2, b"")
+    spec["byte_fallback"] = bool(spec["byte_fallback"])
+    if not spec["pieces"]:
+        raise ValueError(f"{path} is not a SentencePiece model (no pieces)")
+    return spec
+
+
+def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    merges = []
+    for merge, rank in vocab.items():
+        local = [(merge[:i], merge[i:], rank) for i in range(1, len(merge))
+                 if merge[:i] in vocab and merge[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(a, b) for a, b, _ in merges]
+
+
+def _sentencepiece_backend(path: Path, cfg: dict) -> _Backend:
+    """Build the backend as TokenizersBackend._convert_from_sentencepiece does; fills cfg's token defaults."""
+    spec = read_sentencepiece_model(path)
+    pieces = spec["pieces"]
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    merges = _generate_merges(vocab) if spec["model_type"] != 1 else None
+    extras = [AddedToken(p, normalized=False, special=t == 3) for p, _, t in pieces if t in (3, 4)]
+    names = set(vocab)
+    for token_id, token in sorted((cfg.get("added_tokens_decoder") or {}).items()):  # placeholders renamed
+        new = str(token)
+        if 0 <= token_id < len(pieces) and pieces[token_id][0] != new and new not in names:
+            names.discard(pieces[token_id][0])
+            names.add(new)
+            pieces[token_id] = (new,) + pieces[token_id][1:]
+    if merges is None:
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"],
+                               byte_fallback=spec["byte_fallback"])
+    else:
+        model = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=merges,
+                           unk_token=spec["unk_piece"], fuse_unk=True, byte_fallback=spec["byte_fallback"],
+                           dropout=None)
+    backend = _Backend(model)
+    norms = [normalizers.Replace(" ", "▁")]
+    if spec["precompiled_charsmap"]:
+        norms.insert(0, normalizers.Precompiled(spec["precompiled_charsmap"]))
+    backend.normalizer = normalizers.Sequence(norms)
+    steps = [decoders.Replace("▁", " ")]
+    if spec["byte_fallback"]:
+        steps += [decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps)
+    # control (3) and user-defined (4) pieces become extra special tokens unless the config lists its own
+    cfg.pop("additional_special_tokens", None)
+    if "extra_special_tokens" not in cfg:
+        cfg["extra_special_tokens"] = extras
+    for name in ("bos", "eos", "unk"):
+        if spec[f"{name}_id"] >= 0 and f"{name}_token" not in cfg:
+            cfg[f"{name}_token"] = spec[f"{name}_piece"] or {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}[name]
+    return backend
+
+
+# ---- chat templates ---------------------------------------------------------------------------------------------
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's namespace without underscore-prefixed attributes."""
+
+    def __init__(*args, **kwargs):
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for assistant masks)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@lru_cache(maxsize=32)
+def compile_chat_template(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
+                       namespace=_Namespace)
+    return env.from_string(template)
+
+
+def _plain(value):
+    """Plain JSON-like data for the sandbox; other objects become "<TypeName>" placeholders."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # subclasses (enums, ...) lose their extra methods
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
+def render_chat_template(template: str, conversations: list, tools=None, documents=None,
+                         add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+                         **kwargs) -> list[str]:
+    """Render each conversation as transformers' `render_jinja_template` does."""
+    compiled = compile_chat_template(template)
+    if tools is not None:
+        if not all(isinstance(t, dict) for t in tools):
+            raise ValueError("tools must be JSON schema dicts")
+        tools = _plain(tools)
+    if documents is not None and not all(isinstance(d, dict) for d in documents):
+        raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
+    documents, kwargs = _plain(documents), _plain(kwargs)
+    tag = "CONTINUE_FINAL_MESSAGE_TAG "
+    rendered = []
+    for chat in conversations:
+        chat = _plain(getattr(chat, "messages", chat))
+        for i, m in enumerate(chat):
+            if not isinstance(m, dict):
+                raise TypeError(f"Chat messages should be dicts, but got {m!r}.")
+            reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+            if reasoning is not None:
+                chat[i] = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        if continue_final_message:
+            field = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = chat[-1].get(field) if chat else None
+            if final is None:
+                raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
+            fields = [f for f in _REASONING if chat[-1].get(f) == final] if field in _REASONING else [field]
+            if not any(f in template for f in fields):
+                raise ValueError(f'continue_final_message is set to "{field}" but the chat template does not use it')
+            if isinstance(final, (list, tuple)):
+                block = next((b for b in reversed(final) if "text" in b), None)
+                if block is None:
+                    raise ValueError("continue_final_message is set but the final message has no text to continue!")
+                final, block["text"] = block["text"], block["text"] + tag
+            else:
+                for f in fields:
+                    chat[-1][f] = chat[-1][f] + tag
+        text = compiled.render(messages=chat, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **kwargs)
+        if continue_final_message:
+            if final.strip() not in text or tag.strip() not in text:
+                raise ValueError("continue_final_message is set but the final message does not appear in the "
+                                 "rendered chat")
+            loc = text.rindex(tag.strip())
+            text = text[:loc] if text[loc:loc + len(tag)] == tag else text[:loc].rstrip()
+        rendered.append(text)
+    return rendered
+
+
+# ---- the tokenizer ----------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens, padding and chat template of a Hugging Face directory."""
+
+    def __init__(self, backend: _Backend, config: dict | None = None, name_or_path: str = "",
+                 vocab_file: str | None = None):
+        cfg = dict(config or {})
+        self._backend = backend
+        self.name_or_path = str(name_or_path)
+        self.vocab_file = vocab_file
+        explicit_bos_eos = "add_bos_token" in cfg or "add_eos_token" in cfg
+        self._add_bos = bool(cfg.pop("add_bos_token", False))
+        self._add_eos = bool(cfg.pop("add_eos_token", False))
+        padding, truncation = backend.padding, backend.truncation
+        if padding is not None:
+            cfg.setdefault("pad_token", padding["pad_token"])
+            cfg.setdefault("padding_side", padding["direction"])
+        if truncation is not None:
+            cfg.setdefault("truncation_side", truncation["direction"])
+        backend.no_padding()
+        backend.no_truncation()
+
+        if "additional_special_tokens" in cfg and "extra_special_tokens" not in cfg:
+            cfg["extra_special_tokens"] = cfg.pop("additional_special_tokens")
+        named, auto = {}, {}
+        self._extra: list[str | AddedToken] = []
+        for key, value in cfg.items():
+            if key in SPECIAL_TOKENS:
+                if isinstance(value, dict) and "content" in value:  # transformers wants "__type" here
+                    value = AddedToken(**{k: v for k, v in value.items() if k != "__type"})
+                if value is not None and not isinstance(value, (str, AddedToken)):
+                    raise TypeError(f"special token {key} must be a string or an AddedToken, got {type(value)}")
+                if value is not None:
+                    named[key] = value
+            elif key == "extra_special_tokens":
+                if isinstance(value, dict):
+                    auto.update(value)
+                elif value is not None:
+                    self._extra = list(value)
+            elif key.endswith("_token") and isinstance(value, (str, AddedToken)):
+                auto[key] = value
+        # named tokens, then model-specific ones (`sys_start_token`, ...) in transformers' order
+        self._special: dict[str, str | AddedToken] = {k: named[k] for k in SPECIAL_TOKENS if k in named}
+        self._special.update({**auto, **(cfg.get("model_specific_special_tokens") or {})})
+
+        max_len = cfg.get("model_max_length", cfg.get("max_len"))
+        self.model_max_length = int(max_len) if max_len is not None else VERY_LARGE_INTEGER
+        self.padding_side = cfg.get("padding_side", "right")
+        self.truncation_side = cfg.get("truncation_side", "right")
+        for side in (self.padding_side, self.truncation_side):
+            if side not in ("left", "right"):
+                raise ValueError(f"padding/truncation side must be 'left' or 'right', got {side!r}")
+        self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+        self._clean_up_bpe = bool(cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+        self.split_special_tokens = bool(cfg.get("split_special_tokens", False))
+        template = cfg.get("chat_template")
+        if isinstance(template, (list, tuple)):
+            template = {t["name"]: t["template"] for t in template}
+        self.chat_template = template
+
+        # register added / special tokens in the backend exactly as TokenizersBackend.__init__ does
+        existing = set(backend.get_added_tokens_decoder().values())
+        decoder = cfg.get("added_tokens_decoder") or {}
+        to_add = [t for _, t in sorted(decoder.items()) if t not in existing]
+        encoder = [t.content for t in backend.get_added_tokens_decoder().values()] + [str(t) for t in to_add]
+        for token in [*self._special.values(), *self._extra]:
+            if str(token) not in encoder and token not in to_add:
+                to_add.append(token)
+        named_strs = [str(t) for t in self._special.values()]
+        tokens = []
+        for token in to_add:
+            if isinstance(token, str):
+                token = AddedToken(token, special=True)
+            elif not token.special and str(token) in named_strs:
+                token.special = True
+            tokens.append(token)
+        if tokens:
+            backend.add_tokens(tokens)
+        backend.encode_special_tokens = self.split_special_tokens
+        if explicit_bos_eos or backend.post_processor is None:
+            self._update_post_processor()
+
+    # -- special tokens --
+    def _token_id(self, name: str) -> int | None:
+        token = self._special.get(name)
+        return None if token is None else self.convert_tokens_to_ids(str(token))
+
+    def __getattr__(self, name: str):
+        special = self.__dict__.get("_special", {})
+        if name.endswith("_token_id") and name[:-3] in special:
+            return self._token_id(name[:-3])
+        if name.endswith("_token") and name in special:
+            return str(special[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self._special.items() if v is not None}
+
+    @property
+    def extra_special_tokens(self) -> list[str]:
+        return [str(t) for t in self._extra]
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(str(t) for t in [*self._special.values(), *self._extra] if t is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos
+
+    def _update_post_processor(self):
+        bos, eos = self.bos_token, self.eos_token
+        self._add_bos = self._add_bos and bos is not None
+        self._add_eos = self._add_eos and eos is not None
+        single = f"{(bos + ':0 ') if self._add_bos else ''}$A:0{(' ' + eos + ':0') if self._add_eos else ''}"
+        pair = (f"{single}{(' ' + bos + ':1') if self._add_bos else ''} $B:1"
+                f"{(' ' + eos + ':1') if self._add_eos else ''}")
+        specials = [(bos, self.bos_token_id)] * self._add_bos + [(eos, self.eos_token_id)] * self._add_eos
+        self._backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                                     special_tokens=specials)
+
+    # -- vocabulary --
+    @property
+    def backend_tokenizer(self) -> _Backend:
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, AddedToken]:
+        return self._backend.get_added_tokens_decoder()
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]):
+        if isinstance(tokens, str):
+            index = self._backend.token_to_id(tokens)
+            if index is None and self._special.get("unk_token") is not None:
+                index = self._backend.token_to_id(str(self._special["unk_token"]))
+            return index
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        ids = _as_list(ids)
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    # -- encoding --
+    def _configure(self, padding, truncation, max_length, padding_side, pad_to_multiple_of, stride=0):
+        """Padding / truncation strategies as transformers resolves them, set on the backend."""
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"
+        padding = {True: "longest", False: "do_not_pad"}.get(padding, padding)
+        truncation = {True: "longest_first", False: "do_not_truncate", None: "do_not_truncate"}.get(truncation,
+                                                                                                     truncation)
+        if padding not in ("longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if truncation not in ("longest_first", "only_first", "only_second", "do_not_truncate"):
+            raise ValueError(f"unknown truncation strategy {truncation!r}")
+        if max_length is None:
+            if padding == "max_length":
+                padding = "do_not_pad" if self.model_max_length > LARGE_INTEGER else padding
+                max_length = None if padding == "do_not_pad" else self.model_max_length
+            if truncation != "do_not_truncate":
+                if self.model_max_length > LARGE_INTEGER:
+                    truncation = "do_not_truncate"
+                else:
+                    max_length = self.model_max_length
+        if padding != "do_not_pad" and (self.pad_token is None or self.pad_token_id is None or self.pad_token_id < 0):
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token; set "
+                             "`tokenizer.pad_token = tokenizer.eos_token` (for example)")
+        if truncation == "do_not_truncate":
+            self._backend.no_truncation()
+        else:
+            self._backend.enable_truncation(max_length, stride=stride, strategy=truncation,
+                                            direction=self.truncation_side)
+        if padding == "do_not_pad":
+            self._backend.no_padding()
+        else:
+            self._backend.enable_padding(direction=padding_side or self.padding_side, pad_id=self.pad_token_id,
+                                         pad_token=self.pad_token, pad_type_id=0, pad_to_multiple_of=pad_to_multiple_of,
+                                         length=max_length if padding == "max_length" else None)
+
+    def __call__(self, text: str | list[str], text_pair: str | list[str] | None = None,
+                 add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool = True, padding_side: str | None = None,
+                 pad_to_multiple_of: int | None = None, split_special_tokens: bool | None = None,
+                 stride: int = 0) -> BatchEncoding:
+        batched = isinstance(text, (list, tuple))
+        if batched:
+            if isinstance(text_pair, str) or (text_pair is not None and len(text_pair) != len(text)):
+                raise ValueError("text_pair must be a list as long as text when text is a batch")
+            inputs = list(zip(text, text_pair)) if text_pair is not None else list(text)
+        elif not isinstance(text, str):
+            raise ValueError("text must be a string or a list of strings")
+        else:
+            inputs = [(text, text_pair)] if text_pair else [text]
+        self._configure(padding, truncation, max_length, padding_side, pad_to_multiple_of, stride)
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        self._backend.encode_special_tokens = split
+        encodings = self._backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        data = {"input_ids": [e.ids for e in encodings]}
+        if return_attention_mask:
+            data["attention_mask"] = [e.attention_mask for e in encodings]
+        if not batched and return_tensors is None:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(_to_tensors(data, return_tensors))
+
+    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs):
+        return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
+        self._configure(False, False, None, None, None)
+        self._backend.encode_special_tokens = self.split_special_tokens
+        return self._backend.encode(text, pair, add_special_tokens=add_special_tokens).tokens
+
+    # -- decoding --
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None):
+        ids = _as_list(ids)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in ids]
+        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
+        if clean and (type(self._backend.model).__name__ != "BPE" or self._clean_up_bpe):
+            text = clean_up_tokenization(text)
+        return text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        out = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
+        return [out] if isinstance(out, str) else out
+
+    # -- chat --
+    def get_chat_template(self, chat_template: str | None = None, tools=None) -> str:
+        if isinstance(self.chat_template, dict):
+            templates = self.chat_template
+            if chat_template is not None and chat_template in templates:
+                return templates[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in templates:
+                    return templates["tool_use"]
+                if "default" not in templates:
+                    raise ValueError("this tokenizer has several chat templates and none is 'default'; pass "
+                                     f"chat_template= one of {sorted(templates)}")
+                return templates["default"]
+        if chat_template is None:
+            if self.chat_template is None:
+                raise ValueError("this tokenizer has no chat template (tokenizer.chat_template is not set and no "
+                                 "chat_template argument was passed)")
+            return self.chat_template
+        return chat_template
+
+    def apply_chat_template(self, conversation, tools=None, documents=None, add_generation_prompt: bool = False,
+                            continue_final_message: bool | str = False, tokenize: bool = True,
+                            padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
+                            return_tensors: str | None = None, return_dict: bool = False,
+                            chat_template: str | None = None, **template_kwargs):
+        """Render (and by default tokenize) chats; a list of conversations gives a list."""
+        template = self.get_chat_template(chat_template, tools)
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        chats = conversation if batched else [conversation]
+        chats = [[{k: v for k, v in m.items() if v is not None} for m in getattr(c, "messages", c)] for c in chats]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        rendered = render_chat_template(template, chats, tools=tools, documents=documents,
+                                        add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message,
+                                        **{**self.special_tokens_map, **template_kwargs})
+        if not batched:
+            rendered = rendered[0]
+        if not tokenize:
+            return rendered
+        out = self(rendered, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
+                   return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
+
+    # -- saving --
+    def save_pretrained(self, directory) -> tuple[str, ...]:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = self.special_tokens_map
+        config = {"tokenizer_class": "TokenizersBackend", **special,
+                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+                  "split_special_tokens": self.split_special_tokens, "model_max_length": self.model_max_length,
+                  "padding_side": self.padding_side, "truncation_side": self.truncation_side}
+        if self._extra:
+            config["extra_special_tokens"] = self.extra_special_tokens
+        template = self.chat_template
+        if isinstance(template, dict):
+            config["chat_template"] = [{"name": k, "template": v} for k, v in template.items()]
+        elif template is not None:
+            config["chat_template"] = template
+            if (directory / "chat_template.jinja").is_file():  # it would take priority over the config's
+                (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+        smap = {**special, **({"extra_special_tokens": self.extra_special_tokens} if self._extra else {})}
+        files = [directory / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+        self._backend.no_padding()  # calls set these; the saved file carries none
+        self._backend.no_truncation()
+        self._backend.save(str(files[0]))
+        for path, obj in zip(files[1:], (config, smap)):
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        if self.vocab_file and Path(self.vocab_file).is_file():
+            target = directory / "tokenizer.model"
+            if not target.exists() or not target.samefile(self.vocab_file):
+                shutil.copyfile(self.vocab_file, target)
+            files.append(target)
+        return tuple(str(f) for f in files)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+                f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})")
+
+
+def _special_property(name: str) -> property:
+    def get(self):
+        token = self._special.get(name)
+        return None if token is None else str(token)
+
+    def set_(self, value):
+        if value is not None and not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"cannot set a non-string value as the {name}")
+        self._special[name] = value
+
+    return property(get, set_)
+
+
+def _special_id_property(name: str) -> property:
+    def get(self):
+        return self._token_id(name)
+
+    def set_(self, value):
+        setattr(self, name, None if value is None else self.convert_ids_to_tokens(int(value)))
+
+    return property(get, set_)
+
+
+for _name in SPECIAL_TOKENS:
+    setattr(Tokenizer, _name, _special_property(_name))
+    setattr(Tokenizer, _name + "_id", _special_id_property(_name))
+
+
+def clean_up_tokenization(text: str) -> str:
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def _to_tensors(data: dict, return_tensors: str | None) -> dict:
+    if return_tensors is None:
+        return data
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+    try:
+        if return_tensors == "pt":
+            import torch
+            return {k: torch.tensor(v, dtype=torch.int64) for k, v in data.items()}
+        import numpy as np
+        return {k: np.asarray(v, dtype=np.int64) for k, v in data.items()}
+    except ValueError as e:
+        raise ValueError("Unable to create tensor: sequences have different lengths; use padding=True") from e
+
+
+class AutoTokenizer:
+    """`AutoTokenizer.from_pretrained(path_or_hub_id)` -> `Tokenizer`."""
+
+    def __init__(self):
+        raise OSError("use AutoTokenizer.from_pretrained(path_or_hub_id)")
+
+    @staticmethod
+    def from_pretrained(path_or_hub_id, **kwargs) -> Tokenizer:
+        directory = resolve_model_dir(path_or_hub_id)
+        return load_tokenizer(directory, name_or_path=os.fspath(path_or_hub_id), **kwargs)
+
+
+def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Tokenizer:
+    """Read a tokenizer directory as transformers' `TokenizersBackend.from_pretrained` reads it."""
+    directory = Path(directory)
+    for k in _LOADER_KWARGS:
+        kwargs.pop(k, None)
+    json_file, spm_file = directory / "tokenizer.json", directory / "tokenizer.model"
+    if not json_file.is_file() and not spm_file.is_file():
+        raise TokenizerFilesNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}")
+    cfg_file = directory / "tokenizer_config.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    cfg.pop("tokenizer_class", None)
+    if json_file.is_file():  # the post-processor in tokenizer.json decides about bos/eos
+        cfg.pop("add_bos_token", None)
+        cfg.pop("add_eos_token", None)
+    templates = {}
+    if (directory / "chat_template.jinja").is_file():
+        templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    extra_dir = directory / "additional_chat_templates"
+    if extra_dir.is_dir():
+        for f in sorted(extra_dir.glob("*.jinja")):
+            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if templates:
+        cfg["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
+    cfg.update(kwargs)
+    if "additional_special_tokens" in cfg and not cfg.get("extra_special_tokens"):
+        cfg["extra_special_tokens"] = cfg.pop("additional_special_tokens")
+    specific = {k: cfg.pop(k) for k in list(cfg)
+                if k not in SPECIAL_TOKENS and k.endswith("_token") and isinstance(cfg[k], str)}
+    if isinstance(cfg.get("extra_special_tokens"), dict):
+        specific.update(cfg.pop("extra_special_tokens"))
+
+    decoder: dict[int, AddedToken] = {}
+    if "added_tokens_decoder" in cfg:
+        for idx, token in cfg["added_tokens_decoder"].items():
+            token = AddedToken(**{k: v for k, v in token.items() if k != "__type"}) if isinstance(token, dict) \
+                else token
+            if not isinstance(token, AddedToken):
+                raise TypeError(f"added_tokens_decoder entries must be dicts, got {type(token)}")
+            decoder[int(idx)] = token
+    else:  # legacy: special_tokens_map.json and tokenizer.json's added tokens
+        smap_file = directory / "special_tokens_map.json"
+        for key, value in (_read_json(smap_file) if smap_file.is_file() else {}).items():
+            if kwargs.get(key):
+                continue
+            if isinstance(value, dict) and key != "extra_special_tokens":
+                value = AddedToken(**{k: v for k, v in value.items() if k not in ("special", "__type")}, special=True)
+            elif key == "extra_special_tokens" and isinstance(value, list):
+                existing = list(cfg.get("extra_special_tokens") or [])
+                for tok in value:
+                    tok = AddedToken(**tok, special=True) if isinstance(tok, dict) else tok
+                    if tok not in existing:
+                        existing.append(tok)
+                value = existing
+            cfg[key] = value
+        if isinstance(cfg.get("extra_special_tokens"), dict):
+            specific.update(cfg.pop("extra_special_tokens"))
+        if json_file.is_file():
+            for tok in _read_json(json_file).get("added_tokens", []):
+                tok = dict(tok)
+                idx = tok.pop("id")
+                decoder[idx] = AddedToken(**tok)
+    cfg = _added_tokens(cfg)
+    cfg["model_specific_special_tokens"], cfg["added_tokens_decoder"] = _added_tokens(specific), decoder
+    by_content = {str(t): t for t in decoder.values()}
+    for key in SPECIAL_TOKENS:
+        if cfg.get(key) is not None and by_content:
+            cfg[key] = by_content.get(str(cfg[key]), cfg[key])
+
+    if json_file.is_file():
+        backend = _Backend.from_file(str(json_file))
+    else:
+        backend = _sentencepiece_backend(spm_file, cfg)
+    return Tokenizer(backend, cfg, name_or_path=name_or_path or str(directory),
+                     vocab_file=str(spm_file) if spm_file.is_file() else None)
