@@ -171,18 +171,21 @@ def test_chat_template_like_transformers(pairs, kind):
         for gen in (False, True):
             text = ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
             assert text == ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
-            ids = ours.apply_chat_template(chat, add_generation_prompt=gen)
+            assert dict(ours.apply_chat_template(chat, add_generation_prompt=gen)) == dict(
+                ref.apply_chat_template(chat, add_generation_prompt=gen))  # a dict by default, as transformers 5
+            ids = ours.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False)
             assert ids == ref.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False)
             assert ids == ours(text, add_special_tokens=False).input_ids
     chat = CHATS[2]
-    assert torch.equal(ours.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt"),
+    assert torch.equal(ours.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=False),
                        ref.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=False))
     _same(ours.apply_chat_template(chat, return_dict=True, return_tensors="pt"),
           ref.apply_chat_template(chat, return_dict=True, return_tensors="pt"))
     assert (ours.apply_chat_template(CHATS, tokenize=False, add_generation_prompt=True)
             == ref.apply_chat_template(CHATS, tokenize=False, add_generation_prompt=True))
-    assert ours.apply_chat_template(CHATS) == ref.apply_chat_template(CHATS, return_dict=False)
+    assert ours.apply_chat_template(CHATS, return_dict=False) == ref.apply_chat_template(CHATS, return_dict=False)
     if ours.pad_token is not None:
         _same(ours.apply_chat_template(CHATS, padding=True, return_tensors="pt", return_dict=True),
               ref.apply_chat_template(CHATS, padding=True, return_tensors="pt", return_dict=True))

@@ -603,7 +603,7 @@ class Tokenizer:
     def apply_chat_template(self, conversation, tools=None, documents=None, add_generation_prompt: bool = False,
                             continue_final_message: bool | str = False, tokenize: bool = True,
                             padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
-                            return_tensors: str | None = None, return_dict: bool = False,
+                            return_tensors: str | None = None, return_dict: bool = True,
                             chat_template: str | None = None, **template_kwargs):
         """Render (and by default tokenize) chats; a list of conversations gives a list."""
         template = self.get_chat_template(chat_template, tools)
