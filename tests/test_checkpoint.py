@@ -87,7 +87,8 @@ def test_save_writes_hub_layout(tmp_path, family):
 
     model = ours(family)
     model.save_pretrained(tmp_path / "ours")
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
     reference_model(family, **TINY_KW[family]).save_pretrained(tmp_path / "ref")
     with SafetensorsCheckpoint(tmp_path / "ours") as a, SafetensorsCheckpoint(tmp_path / "ref") as b:
         assert a.keys() == b.keys()
@@ -123,7 +124,7 @@ def test_sharded_save_and_load(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(shards + ["config.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(shards + ["config.json", "generation_config.json",
                                                                           "model.safetensors.index.json"])
     assert set(index["weight_map"]) == {k for k, _ in hub_state_dict(model)}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device="cpu")
@@ -395,7 +396,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights, "save_file", real)
     new.save_pretrained(tmp_path)  # now unsharded: the old shards and index go
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors"]
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), logits(new))
 
 

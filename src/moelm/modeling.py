@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import PretrainedConfig, dtype_from_str
+from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
 from .layers import Attention, DynamicCache, attention_mask_4d
 from .moe import Experts, load_balancing_loss
 
@@ -203,19 +204,23 @@ class PreTrainedModel(nn.Module):
             model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
         finally:
             ckpt.close()
+        if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
         model.name_or_path = str(path)
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size="5GB", safe_serialization: bool = True):
-        """Write config.json and hub-layout safetensors (per-expert keys), atomically."""
+        """Write config.json (and generation_config.json) and hub-layout safetensors (per-expert keys), atomically."""
         from .checkpoint import save_checkpoint
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
-        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size,
-                               extra_files={"config.json": self.config.to_json_string()})
+        extra_files = {"config.json": self.config.to_json_string()}
+        if isinstance(self, GenerationMixin):
+            extra_files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
+        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=extra_files)
 
 
 def _auto_config(data: dict) -> PretrainedConfig:
@@ -287,8 +292,9 @@ class DecoderModel(PreTrainedModel):
             router_logits=tuple(router_logits) if output_router_logits and router_logits else None)
 
 
-class CausalLM(PreTrainedModel):
-    """A DecoderModel under `model` plus `lm_head`; loss, aux loss and logits_to_keep like the reference."""
+class CausalLM(PreTrainedModel, GenerationMixin):
+    """A DecoderModel under `model` plus `lm_head`; loss, aux loss and logits_to_keep like the reference;
+    `generate` (generation.py) with `generation_config`."""
 
     base_class: type[DecoderModel]
     lm_head_bias = False
@@ -298,6 +304,7 @@ class CausalLM(PreTrainedModel):
         self.model = self.base_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=self.lm_head_bias)
         self.tie_weights()
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=False,

@@ -65,6 +65,15 @@ class PhimoeForCausalLM(CausalLM):
         self.lm_head_bias = config.lm_head_bias
         super().__init__(config)
 
+    def needs_cache_reset(self, past_length: int, total_length: int) -> bool:
+        """As the reference's prepare_inputs_for_generation: when the (padded) length first passes
+        original_max_position_embeddings, the cached keys (rotated with the short mscale) are dropped and the whole
+        sequence is run again."""
+        rope = self.config.rope_parameters
+        original = rope.get("original_max_position_embeddings") if rope["rope_type"] != "default" else None
+        original = original or self.config.extra.get("original_max_position_embeddings")
+        return original is not None and total_length >= original + 1 and past_length <= original
+
 
 class PhimoeForSequenceClassification(SequenceClassification):
     config_class = PhimoeConfig

@@ -1,0 +1,607 @@
+"""Text generation as transformers 5.23's `generate` does it, token for token.
+
+Small pieces: GenerationConfig; logits processors and token selection; `prefill` and `decode_step` (a step is
+`step(model, state) -> next-token logits`, so a static cache or a compiled step can replace `decode_step`);
+`decode_tokens`, an iterator of new tokens (greedy and sampling) that `generate`, the CLI and a server stream from;
+`beam_search`; and `GenerationMixin.generate` on top.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new_tokens set, 20 new tokens
+
+
+# ------------------------------------------------------------------ config
+
+@dataclass
+class GenerationConfig:
+    """transformers' field names with their effective defaults (the subset moelm implements).
+
+    `max_length=None` means 20 new tokens capped at max_position_embeddings, which is what transformers 5.x does when
+    neither max_length nor max_new_tokens is set. Other generation_config.json keys are kept in `extra`."""
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
+    use_cache: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        def count(name: str, low: int, value=None):
+            value = getattr(self, name) if value is None else value
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                  f"{name} must be an integer >= {low}, got {value!r}")
+
+        for name, low in (("max_length", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+            if getattr(self, name) is not None:
+                count(name, low)
+        count("min_length", 0)
+        count("num_beams", 1)
+        count("num_return_sequences", 1)
+        check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+              f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams == 1:
+            check(self.do_sample or self.num_return_sequences == 1,
+                  f"num_return_sequences={self.num_return_sequences} needs do_sample=True or num_beams > 1 "
+                  "(greedy decoding returns one sequence per prompt)")
+        else:
+            check(self.num_return_sequences <= self.num_beams,
+                  f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        if self.do_sample:
+            check(self.temperature > 0, f"temperature must be > 0 when sampling, got {self.temperature} "
+                                        "(for greedy decoding set do_sample=False)")
+            if self.top_k is not None:
+                count("top_k", 0)
+            check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+            check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # negative ids are allowed, as transformers
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            check(value is None or (len(ids) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)),
+                  f"{name} must be an integer{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+        stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+        check(stops is None or (isinstance(stops, (list, tuple)) and len(stops) > 0
+                                and all(isinstance(s, str) and s for s in stops)),
+              f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
+
+    # --- dict / json ---
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names and v is not None}
+        extra = {k: v for k, v in data.items() if k not in names and k != "transformers_version"}
+        return cls(**known, extra=copy.deepcopy(extra))
+
+    def to_dict(self) -> dict:
+        """The fields that differ from the defaults, the special tokens that are set, and the extra keys."""
+        out = copy.deepcopy(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and (value != f.default or f.name.endswith("_token_id") and value is not None):
+                out[f.name] = copy.deepcopy(value)
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def update(self, **kwargs) -> dict:
+        """Set the fields named in kwargs; returns the kwargs that are not fields."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        for key in names & kwargs.keys():
+            setattr(self, key, kwargs[key])
+        return {k: v for k, v in kwargs.items() if k not in names}
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        """Defaults with the model config's (an object or a config.json dict) bos/eos/pad tokens."""
+        get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+        return cls(bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+                   pad_token_id=get("pad_token_id"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
+        """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
+        defaults with config.json's special tokens."""
+        from .configs import read_config_json
+        from .hub import resolve_model_dir
+        from .weights import CheckpointError
+
+        directory = resolve_model_dir(path)
+        file = directory / GENERATION_CONFIG_NAME
+        if not file.is_file():
+            return cls.from_model_config(read_config_json(directory))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{file} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        from .weights import atomic_write_text
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
+
+
+@dataclass
+class GenerateOutput:
+    """generate(..., return_dict_in_generate=True): transformers' GenerateDecoderOnlyOutput and, with
+    sequences_scores and beam_indices, GenerateBeamDecoderOnlyOutput."""
+
+    sequences: torch.Tensor                              # [B * num_return_sequences, L]
+    sequences_scores: torch.Tensor | None = None         # [B * num_return_sequences] beam search, with output_scores
+    scores: tuple[torch.Tensor, ...] | None = None       # processed scores per step, each [B * n, V]
+    logits: tuple[torch.Tensor, ...] | None = None       # raw logits per step, each [B * n, V]
+    beam_indices: torch.Tensor | None = None             # [B * num_return_sequences, new tokens]
+    past_key_values: Any = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+# ------------------------------------------------------------------ logits processors and token selection
+
+def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float,
+                       ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [N, V] of tokens present in input_ids [N, L] divided by `penalty` (multiplied where negative). The first
+    ignore[n] positions of row n (its left padding) do not count."""
+    vocab = scores.shape[-1]
+    if ignore is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        input_ids = input_ids.masked_fill(positions[None] < ignore[:, None], vocab)
+    ids = input_ids.clamp(max=vocab)
+    padded = F.pad(scores, (0, 1))  # column V absorbs the ignored positions
+    seen = padded.gather(1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return padded.scatter(1, ids, seen)[:, :vocab]
+
+
+def suppress(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """-inf for token_ids in every row."""
+    banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
+    return torch.where(banned, -torch.inf, scores)
+
+
+def top_k_filter(scores: torch.Tensor, k: int, keep: int = 1) -> torch.Tensor:
+    """Keep the k best scores per row (ties with the k-th included)."""
+    k = min(max(k, keep), scores.shape[-1])
+    kth = torch.topk(scores, k).values[..., -1:]
+    return scores.masked_fill(scores < kth, -torch.inf)
+
+
+def top_p_filter(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
+    """Keep the smallest set of best tokens whose probability reaches p (at least `keep` of them)."""
+    ordered, order = torch.sort(scores, descending=False)
+    cumulative = ordered.softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - p
+    drop[..., -keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+
+
+def min_p_filter(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
+    """Drop tokens whose probability is below p times the best token's (keeping at least `keep`)."""
+    probs = scores.softmax(-1)
+    drop = probs < p * probs.amax(-1, keepdim=True)
+    drop.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
+    return scores.masked_fill(drop, -torch.inf)
+
+
+def warp(scores: torch.Tensor, cfg: GenerationConfig, keep: int = 1) -> torch.Tensor:
+    """Sampling's temperature, top-k, top-p and min-p, in transformers' order."""
+    if cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    if cfg.top_k:
+        scores = top_k_filter(scores, cfg.top_k, keep)
+    if cfg.top_p < 1.0:
+        scores = top_p_filter(scores, cfg.top_p, keep)
+    if cfg.min_p is not None:
+        scores = min_p_filter(scores, cfg.min_p, keep)
+    return scores
+
+
+def select(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [N]: argmax, or a draw from softmax(scores)."""
+    if not do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# ------------------------------------------------------------------ state and model steps
+
+@dataclass
+class DecodeState:
+    """What a generation run carries from step to step, and its constants."""
+
+    input_ids: torch.Tensor                     # [N, L] prompt (left padded) + new tokens; [N, 0] for an embeds prompt
+    attention_mask: torch.Tensor | None         # [N, T] over all fed positions, None when nothing is padded
+    position_ids: torch.Tensor                  # [N, T]
+    max_length: int
+    min_length: int
+    prompt_length: int                          # input_ids columns that are prompt
+    eos: torch.Tensor | None = None             # [E]
+    pad: int | None = None
+    pad_lengths: torch.Tensor | None = None     # [N] left padding, which the repetition penalty ignores
+    inputs_embeds: torch.Tensor | None = None   # [N, T, H] the prompt when given as embeddings
+    cache: Any = None
+    use_cache: bool = True
+    stop_strings: list[str] | None = None
+    tokenizer: Any = None                       # decodes rows for stop_strings
+    unfinished: torch.Tensor | None = None      # [N] bool
+    scores: list | None = None                  # filled when return_dict_in_generate and output_scores
+    logits: list | None = None                  # filled when return_dict_in_generate and output_logits
+
+
+def prefill(model, state: DecodeState) -> torch.Tensor:
+    """The prompt's forward pass; returns the next-token logits [N, V] in fp32."""
+    if state.inputs_embeds is not None:
+        return _forward(model, state, inputs_embeds=state.inputs_embeds)
+    return _forward(model, state, input_ids=state.input_ids)
+
+
+def decode_step(model, state: DecodeState) -> torch.Tensor:
+    """Feed the last token of each row through the cache; returns the next-token logits [N, V] in fp32.
+
+    Without a cache, or when the model asks for a fresh one (PhiMoE reaching long RoPE), the whole sequence is run."""
+    if state.cache is not None and model.needs_cache_reset(state.cache.get_seq_length(), state.input_ids.shape[1]):
+        state.cache = None
+    if state.cache is None:
+        return _forward(model, state, input_ids=state.input_ids)
+    return _forward(model, state, input_ids=state.input_ids[:, -1:])
+
+
+def _forward(model, state: DecodeState, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    fed = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=state.attention_mask,
+                position_ids=state.position_ids[:, -fed:], past_key_values=state.cache, use_cache=state.use_cache,
+                logits_to_keep=1)
+    state.cache = out.past_key_values
+    return out.logits[:, -1].float()
+
+
+def advance(state: DecodeState, input_ids: torch.Tensor):
+    """The sequences [N, L+1] after a step: the attention mask and positions grow by one."""
+    state.input_ids = input_ids
+    state.position_ids = torch.cat([state.position_ids, state.position_ids[:, -1:] + 1], dim=-1)
+    if state.attention_mask is not None:
+        state.attention_mask = F.pad(state.attention_mask, (0, 1), value=1)
+
+
+def process(logits: torch.Tensor, state: DecodeState, cfg: GenerationConfig) -> torch.Tensor:
+    """transformers' logits processors in its order: repetition penalty, min length / min new tokens (EOS masked),
+    then, when sampling, temperature, top-k, top-p, min-p."""
+    ids = state.input_ids
+    if cfg.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, ids, cfg.repetition_penalty, state.pad_lengths)
+    if state.eos is not None and ids.shape[1] < state.min_length:  # min_length counts min_new_tokens in
+        logits = suppress(logits, state.eos)
+    if cfg.do_sample:
+        # beam sampling keeps one more token than there are EOS tokens
+        keep = 1 if cfg.num_beams == 1 else (len(state.eos) + 1 if state.eos is not None else 2)
+        logits = warp(logits, cfg, keep)
+    return logits
+
+
+def stopped(state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+    """Rows [N] that the last token of input_ids [N, L] ends: max length, EOS, or a stop string."""
+    done = torch.full((input_ids.shape[0],), input_ids.shape[1] >= state.max_length, device=input_ids.device)
+    if state.eos is not None:
+        done |= torch.isin(input_ids[:, -1], state.eos)
+    if state.stop_strings:
+        done |= stop_string_hits(input_ids, state.stop_strings, state.tokenizer).to(done.device)
+    return done
+
+
+def stop_string_hits(input_ids: torch.Tensor, stop_strings: list[str], tokenizer) -> torch.Tensor:
+    """Rows [N] whose last token completes a stop string: it occurs in the decoded tail and ends inside the last
+    token's text (like transformers' StopStringCriteria, it may run on into the rest of that token)."""
+    longest = max(len(s) for s in stop_strings)
+    hits = []
+    for row in input_ids.tolist():
+        tail = row[-(longest + 1):]
+        text, before = tokenizer.decode(tail), tokenizer.decode(tail[:-1])
+        hits.append(any(s in text[max(0, len(before) - len(s) + 1):] for s in stop_strings))
+    return torch.tensor(hits, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------ preparing a run
+
+def prepare(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+            inputs_embeds=None, tokenizer=None, **kwargs) -> tuple[GenerationConfig, DecodeState]:
+    """The run's config (model defaults < generation_config < kwargs) and its starting state: special tokens, the
+    default attention mask and positions, rows repeated for beams / return sequences, and the length limits."""
+    cfg = merge_config(model, generation_config, kwargs)
+    device = model.device
+    eos = None if cfg.eos_token_id is None else torch.tensor(cfg.eos_token_id, device=device).reshape(-1)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None or eos is None else int(eos[0])
+    if inputs_embeds is not None:
+        inputs_embeds = inputs_embeds.to(device)
+        if input_ids is None:
+            input_ids = torch.ones(inputs_embeds.shape[0], 0, dtype=torch.long, device=device)
+    elif input_ids is None:
+        if cfg.bos_token_id is None:
+            raise ValueError("generate() needs input_ids, inputs_embeds or a bos_token_id to start from")
+        input_ids = torch.full((1, 1), cfg.bos_token_id, dtype=torch.long, device=device)
+    input_ids = input_ids.to(device)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if cfg.stop_strings is not None and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer: pass generate(..., tokenizer=...)")
+    if attention_mask is None and input_ids.shape[1] == 0:
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+    elif attention_mask is None:
+        attention_mask = default_attention_mask(input_ids, pad, eos)
+    attention_mask = attention_mask.to(device)
+    if attention_mask.dim() != 2:
+        raise ValueError("the attention_mask passed to generate() must be 2D [batch, length]")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if bool((attention_mask == 1).all()):
+        attention_mask = None
+    pad_lengths = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
+
+    n = max(cfg.num_beams, cfg.num_return_sequences)  # rows per prompt
+    input_ids, attention_mask, position_ids, pad_lengths, inputs_embeds = (
+        t if t is None or n == 1 else t.repeat_interleave(n, dim=0)
+        for t in (input_ids, attention_mask, position_ids, pad_lengths, inputs_embeds))
+
+    length, embeds_length = input_ids.shape[1], 0 if inputs_embeds is None else inputs_embeds.shape[1]
+    from_embeds = inputs_embeds is not None and length != embeds_length
+    if cfg.max_new_tokens is not None:
+        max_length = cfg.max_new_tokens + length
+    elif cfg.max_length is None:
+        max_length = min(DEFAULT_NEW_TOKENS + length, model.config.max_position_embeddings)
+    else:
+        max_length = cfg.max_length - embeds_length if from_embeds else cfg.max_length
+    if cfg.min_new_tokens is not None:
+        min_length = cfg.min_new_tokens + length
+    else:
+        min_length = max(cfg.min_length - embeds_length, 0) if from_embeds else cfg.min_length
+    if length >= max_length:
+        raise ValueError(f"the input is {length} tokens long but max_length is {max_length}: "
+                         "set max_new_tokens (or a larger max_length)")
+    record = cfg.return_dict_in_generate
+    state = DecodeState(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, max_length=max_length,
+        min_length=min_length, prompt_length=length, eos=eos, pad=pad, pad_lengths=pad_lengths,
+        inputs_embeds=inputs_embeds, use_cache=cfg.use_cache or inputs_embeds is not None,
+        stop_strings=[cfg.stop_strings] if isinstance(cfg.stop_strings, str) else cfg.stop_strings, tokenizer=tokenizer,
+        unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
+        scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
+    return cfg, state
+
+
+def merge_config(model, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    """A validated copy: generation_config (its unset None fields filled from the model's) or the model's own,
+    updated with kwargs. Unknown kwargs are an error."""
+    base = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    cfg = copy.deepcopy(generation_config if generation_config is not None else base)
+    for f in dataclasses.fields(cfg):
+        if f.default is None and getattr(cfg, f.name) is None:
+            setattr(cfg, f.name, copy.deepcopy(getattr(base, f.name)))
+    unused = cfg.update(**kwargs)
+    if unused:
+        raise ValueError(f"generate() does not use the arguments {sorted(unused)} (typos show up here too)")
+    cfg.validate()
+    return cfg
+
+
+def default_attention_mask(input_ids: torch.Tensor, pad: int | None, eos: torch.Tensor | None) -> torch.Tensor:
+    """As transformers: `input_ids != pad` when pad occurs in the ids and is not an EOS token, else all ones."""
+    ones = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+    if pad is None or input_ids.is_floating_point() or not bool((input_ids == pad).any()):
+        return ones
+    if eos is not None and bool((eos == pad).any()):
+        return ones
+    return (input_ids != pad).long()
+
+
+# ------------------------------------------------------------------ decoding loops
+
+@torch.no_grad()
+def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callable = decode_step,
+                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding: yields the next tokens [N] each step (pad_token_id for rows already finished)
+    until every row is finished; state.input_ids holds the sequences so far."""
+    if cfg.num_beams > 1:
+        raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
+    logits = prefill(model, state)
+    while True:
+        scores = process(logits, state, cfg)
+        if state.scores is not None:
+            state.scores.append(scores)
+        if state.logits is not None:
+            state.logits.append(logits)
+        tokens = select(scores, cfg.do_sample, generator)
+        if state.eos is not None:
+            tokens = torch.where(state.unfinished, tokens, state.pad)
+        advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))
+        state.unfinished &= ~stopped(state, state.input_ids)
+        yield tokens
+        if not bool(state.unfinished.any()):
+            return
+        logits = step(model, state)
+
+
+def generate_tokens(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                    tokenizer=None, step: Callable = decode_step, generator: torch.Generator | None = None,
+                    **kwargs) -> Iterator[torch.Tensor]:
+    """prepare + decode_tokens: the next tokens [B * num_return_sequences] of each step, for streaming."""
+    cfg, state = prepare(model, input_ids, attention_mask, generation_config, tokenizer=tokenizer, **kwargs)
+    return decode_tokens(model, state, cfg, step=step, generator=generator)
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, K, ...] at beams index [B, J] -> [B, J, ...]."""
+    return torch.take_along_dim(t, index.reshape(*index.shape, *[1] * (t.dim() - 2)), dim=1)
+
+
+@torch.no_grad()
+def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable = decode_step
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers 5.23's beam search (and beam sampling with do_sample). state holds batch * num_beams rows.
+    Returns (sequences [B * num_return_sequences, L], their scores, beam_indices)."""
+    beams, device = cfg.num_beams, state.input_ids.device
+    rows, cur_len = state.input_ids.shape
+    batch, prompt_len, max_len, lp = rows // beams, cur_len, state.max_length, cfg.length_penalty
+    eos = state.eos
+    keep = max(2, 1 + (len(eos) if eos is not None else 0)) * beams  # candidates kept per step
+    top_beams = torch.arange(keep, device=device) < beams
+    fill = -1 if eos is None else (state.pad if state.pad else int(eos[0]))  # transformers' `pad or eos[0]`
+
+    running = torch.full((batch, beams, max_len), fill, dtype=torch.long, device=device)
+    running[:, :, :cur_len] = state.input_ids.view(batch, beams, cur_len)
+    sequences = running.clone()
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9  # only the first beam's continuations at the first step
+    beam_scores = torch.full((batch, beams), -1e9, device=device)
+    finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    running_indices = torch.full((batch, beams, max_len - cur_len), -1, dtype=torch.int32, device=device)
+    beam_indices = running_indices.clone()
+
+    logits = prefill(model, state)
+    while True:
+        log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
+        if state.scores is not None:
+            state.scores.append(log_probs.clone())
+        if state.logits is not None:
+            state.logits.append(logits.clone())
+        vocab = log_probs.shape[-1]
+        total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
+
+        # the best `keep` continuations over all beams
+        if cfg.do_sample:
+            top = torch.multinomial(total.softmax(-1), num_samples=keep)
+            top_scores = torch.gather(total, 1, top)
+        else:
+            top_scores, top = torch.topk(total, k=keep)
+        source = top // vocab  # [B, K] beam each continuation extends
+        top_indices = _gather(running_indices, source)
+        top_sequences = _gather(running, source)
+        top_sequences[:, :, cur_len] = top % vocab
+        top_indices[:, :, cur_len - prompt_len] = (source + torch.arange(batch, device=device)[:, None] * beams).int()
+        hits = stopped(state, top_sequences[:, :, :cur_len + 1].reshape(batch * keep, -1)).view(batch, keep)
+
+        # the best unfinished continuations run on
+        open_scores = top_scores + hits.float() * -1.0e9
+        best = torch.topk(open_scores, k=beams).indices
+        running, running_scores = _gather(top_sequences, best), _gather(open_scores, best)
+        running_indices = _gather(top_indices, best)
+
+        # finished continuations among the top `beams` join the finished hypotheses if they score better
+        just_finished = hits & top_beams[None]
+        done_scores = top_scores / ((cur_len + 1 - prompt_len) ** lp)
+        done_scores += (finished.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * -1.0e9
+        done_scores += (~improvable).float() * -1.0e9
+        done_scores += (~just_finished) * -1.0e9
+        merged = torch.topk(torch.cat((beam_scores, done_scores), dim=1), k=beams).indices
+        sequences = _gather(torch.cat((sequences, top_sequences), dim=1), merged)
+        beam_scores = _gather(torch.cat((beam_scores, done_scores), dim=1), merged)
+        beam_indices = _gather(torch.cat((beam_indices, top_indices), dim=1), merged)
+        finished = _gather(torch.cat((finished, just_finished), dim=1), merged)
+
+        if state.cache is not None:
+            state.cache.reorder_cache(running_indices[..., cur_len - prompt_len].reshape(-1))
+        cur_len += 1
+
+        # can a running beam still beat the worst finished one? (early_stopping=False guesses from the current
+        # length, "never" from max_length when the length penalty favours long sequences)
+        hypothetical = max_len - prompt_len if cfg.early_stopping == "never" and lp > 0.0 else cur_len - prompt_len
+        best_running = running_scores[:, :1] / (hypothetical ** lp)
+        worst_done = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, -1.0e9)
+        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
+        all_done = bool(finished.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or all_done or bool(hits.all()):
+            break
+        advance(state, running[:, :, :cur_len].reshape(rows, cur_len))
+        logits = step(model, state)
+
+    n = cfg.num_return_sequences
+    sequences, beam_scores = sequences[:, :n].reshape(batch * n, -1), beam_scores[:, :n].reshape(-1)
+    beam_indices = beam_indices[:, :n].reshape(batch * n, -1)
+    generated = int((beam_indices + 1).bool().sum(dim=1).max())
+    return sequences[:, :prompt_len + generated], beam_scores, beam_indices[:, :generated]
+
+
+# ------------------------------------------------------------------ the mixin
+
+class GenerationMixin:
+    """`generate` for causal LMs (mixed into modeling.CausalLM, which sets `generation_config`)."""
+
+    generation_config: GenerationConfig
+
+    def needs_cache_reset(self, past_length: int, total_length: int) -> bool:
+        """Whether the next decode step must drop the KV cache and re-run the whole sequence (total_length tokens,
+        past_length of them cached). No by default; PhiMoE's LongRoPE overrides it."""
+        return False
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 streamer=None, tokenizer=None, inputs_embeds=None, **kwargs):
+        """Prompt + new tokens [B * num_return_sequences, L] like transformers' generate (greedy, sampling, beam
+        search), or a GenerateOutput with return_dict_in_generate. kwargs override generation_config fields.
+
+        Finished rows are filled with pad_token_id (default: the first EOS). `streamer.put` gets the prompt, then
+        each new token [1, 1]; `streamer.end()` closes (batch 1, no beams). stop_strings need `tokenizer`."""
+        cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
+        if streamer is not None:
+            if cfg.num_beams > 1:
+                raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
+            if state.input_ids.shape[0] != 1:
+                raise ValueError("a streamer supports one sequence (batch 1, num_return_sequences 1)")
+            streamer.put(state.input_ids.cpu())
+        sequences_scores = beam_indices = None
+        if cfg.num_beams > 1:
+            sequences, sequences_scores, beam_indices = beam_search(self, state, cfg)
+        else:
+            for tokens in decode_tokens(self, state, cfg):
+                if streamer is not None:
+                    streamer.put(tokens[:, None].cpu())
+            sequences = state.input_ids
+        if streamer is not None:
+            streamer.end()
+        if not cfg.return_dict_in_generate:
+            return sequences
+        return GenerateOutput(
+            sequences=sequences, sequences_scores=sequences_scores if cfg.output_scores else None,
+            scores=None if state.scores is None else tuple(state.scores),
+            logits=None if state.logits is None else tuple(state.logits), beam_indices=beam_indices,
+            past_key_values=state.cache)
