@@ -1,10 +1,14 @@
 """moelm: ERNIE 4.5, ERNIE 4.5 MoE and PhiMoE in plain PyTorch, speaking the Hugging Face API."""
 from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
+from .generation import GenerationConfig
 from .layers import DynamicCache
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
+from .pipelines import pipeline
+from .streamers import TextIteratorStreamer, TextStreamer
+from .tokenizer import AutoTokenizer
 from .weights import CheckpointError
 
 __version__ = "0.1.0"
@@ -12,5 +16,5 @@ __all__ = [
     "AutoConfig", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "CheckpointError", "DynamicCache",
     "Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
     "Ernie4_5_MoeModel", "PhimoeConfig", "PhimoeForCausalLM", "PhimoeForSequenceClassification", "PhimoeModel",
-    "named_config",
+    "named_config", "pipeline", "GenerationConfig", "AutoTokenizer", "TextStreamer", "TextIteratorStreamer",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import chat_templates
 from .configs import named_config
+from .weights import atomic_write_text
 
 # Special tokens per family: ids 0.. in this order; the config's pad/bos/eos ids point into it.
 SPECIALS = {
@@ -49,7 +50,7 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = [config.eos_token_id, stop]
     model.save_pretrained(out)
     tok = train_tokenizer(config.vocab_size, specials)
-    tok.save(str(out / "tokenizer.json"))
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     template = chat_templates.ERNIE if family == "ernie" else chat_templates.PHI
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings,
@@ -59,5 +60,5 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     }
     if family == "ernie":
         tok_config |= {"cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>"}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     return out

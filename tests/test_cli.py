@@ -1,0 +1,117 @@
+"""The `moelm` command through subprocess calls, as a user runs it; and pipeline("text-generation")."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def moelm(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "moelm.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env=env or ENV)
+
+
+@pytest.fixture(scope="module", params=["ernie4_5_moe-tiny", "phimoe-tiny", "ernie4_5-tiny"])
+def tiny(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    r = moelm("new", request.param, str(out), "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (out / name).is_file(), name
+    return out
+
+
+def test_generate_streams_the_same_text_as_the_python_api(tiny):
+    from moelm import AutoModelForCausalLM
+    from moelm.tokenizer import AutoTokenizer
+
+    r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
+    enc = tok("Hello", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert r.stdout.rstrip("\n") == expected.rstrip("\n")
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_chat_stdin_and_seed(tiny):
+    a = moelm("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.",
+              "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3",
+              stdin="What is 2+2?")
+    b = moelm("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.",
+              "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3",
+              stdin="What is 2+2?")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+
+
+def test_chat_repl_commands(tiny):
+    script = "Hi there\n/system You are terse.\nAnd again\n/reset\nOne more\n/exit\n"
+    r = moelm("chat", "--model", str(tiny), "--max-new-tokens", "6", "--temperature", "0", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "conversation cleared" in r.stderr
+    assert "system message set" in r.stderr
+
+
+def test_info(tiny):
+    r = moelm("info", "--model", str(tiny))
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout and "active per token" in r.stdout
+    if "moe" in tiny.name:
+        assert "experts" in r.stdout
+
+
+def test_info_on_a_real_size_config_needs_no_weights(tmp_path):
+    import moelm as m
+
+    m.named_config("ernie-4.5-21b-a3b").save_pretrained(tmp_path)
+    r = moelm("info", "--model", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "21.8G total" in r.stdout, r.stdout
+    assert "64 experts, top-6, 2 shared" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
+    (["generate", "--model", "someorg/not-cached-model", "--prompt", "x"], "someorg/not-cached-model"),
+    (["info", "--model", "/no/such/dir"], "does not exist"),
+    (["new", "no-such-config", "/tmp/x"], "unknown config name"),
+])
+def test_errors_are_one_line_without_traceback(args, needle, tmp_path):
+    env = dict(ENV, HF_HUB_CACHE=str(tmp_path))
+    r = moelm(*args, env=env)
+    assert r.returncode != 0
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_errors_with_a_model(tiny):
+    r = moelm("generate", "--model", str(tiny), "--prompt", "word " * 3000, "--max-new-tokens", "4")
+    assert r.returncode == 1 and "exceeds the model's context" in r.stderr and "Traceback" not in r.stderr
+    r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--dtype", "int3")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    if not torch.cuda.is_available():
+        r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "cuda")
+        assert r.returncode == 1 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+    r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "tpu")
+    assert r.returncode == 1 and "unknown --device" in r.stderr
+
+
+def test_pipeline_matches_transformers(tiny):
+    """pipeline("text-generation") on text and on chat messages gives what transformers' pipeline gives."""
+    import transformers
+
+    import moelm
+
+    ours = moelm.pipeline("text-generation", model=str(tiny))
+    ref = transformers.pipeline("text-generation", model=str(tiny), dtype=torch.float32)
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello!"}]
+    for prompt in ("Once upon a time", messages):
+        for full in (True, False):
+            kw = dict(max_new_tokens=10, do_sample=False, return_full_text=full)
+            assert ours(prompt, **kw) == ref(prompt, **kw)
