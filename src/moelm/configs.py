@@ -418,12 +418,19 @@ def read_config_json(path: str | os.PathLike) -> dict:
     """config.json's contents. A missing file raises CheckpointNotFoundError (a FileNotFoundError and a
     CheckpointError); invalid JSON raises CheckpointError (a ValueError)."""
     from .hub import resolve_model_dir
-    from .weights import CheckpointError, CheckpointNotFoundError
+    from .weights import CheckpointNotFoundError
 
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
     if not file.is_file():
         raise CheckpointNotFoundError(f"no config.json in {file.parent}")
+    return read_json_object(file)
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file holding an object; anything else raises CheckpointError naming the file."""
+    from .weights import CheckpointError
+
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -139,21 +139,14 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
         """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
         defaults with config.json's special tokens."""
-        from .configs import read_config_json
+        from .configs import read_config_json, read_json_object
         from .hub import resolve_model_dir
-        from .weights import CheckpointError
 
         directory = resolve_model_dir(path)
         file = directory / GENERATION_CONFIG_NAME
         if not file.is_file():
             return cls.from_model_config(read_config_json(directory))
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{file} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(file))
 
     def save_pretrained(self, directory: str | os.PathLike):
         from .weights import atomic_write_text
