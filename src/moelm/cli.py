@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_new)
+
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="speed of moelm vs transformers on a random model (prefill, decode, RSS)")
+    add_arguments(p)
+    p.set_defaults(run=cmd_bench)
     return parser
 
 
@@ -274,6 +280,12 @@ def cmd_new(args):
 
     out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
     print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
+
+
+def cmd_bench(args):
+    from .bench import main_from_args
+
+    return main_from_args(args)
 
 
 def _human(n: float, unit: str = "") -> str:

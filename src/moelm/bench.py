@@ -1,0 +1,331 @@
+"""Side-by-side speed benchmark of moelm and transformers on random-weight models built from named configs.
+
+Both libraries load the same random checkpoint (written once to a temporary directory) in the same dtype, live in
+the same process, and are measured alternately (moelm, transformers, moelm, ...); each figure is the median of the
+repeats, after one untimed warm-up per library. No downloads.
+
+    python benchmarks/run.py --model ernie-0.3b --dtype float32 --prompt-lens 256 --decode-tokens 16 --batches 1 8
+    moelm bench --model ernie-21b-2l --dtype float32 --batches 1 --markdown docs/benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+BENCH_MODELS = {
+    # name: (moelm named config, overrides)
+    "ernie-0.3b": ("ernie-4.5-0.3b", {}),
+    "ernie-21b-2l": ("ernie-4.5-21b-a3b", dict(num_hidden_layers=2, moe_layer_start_index=1, moe_layer_end_index=1)),
+    "ernie-tiny": ("ernie4_5-tiny", {}),
+    "ernie4_5_moe-tiny": ("ernie4_5_moe-tiny", {}),
+}
+LIBS = ("moelm", "transformers")
+
+
+# ---------------------------------------------------------------- machine
+
+def _meminfo(key: str, path: str = "/proc/meminfo") -> int | None:
+    """A `Key:   123 kB` line of /proc/meminfo or /proc/self/status, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    return _meminfo("VmRSS", "/proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    hwm = _meminfo("VmHWM", "/proc/self/status")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int, device: str) -> str:
+    try:
+        import transformers
+
+        tv = transformers.__version__
+    except ImportError:
+        tv = "not installed"
+    ram = _meminfo("MemTotal")
+    dev = cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
+    return (f"{dev}; {os.cpu_count()} cores, {threads} threads used; "
+            f"{ram / 2**30:.0f} GiB RAM; torch {torch.__version__}; transformers {tv}; "
+            f"{datetime.date.today().isoformat()}" if ram else
+            f"{dev}; {os.cpu_count()} cores, {threads} threads used; torch {torch.__version__}; transformers {tv}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth(nbytes: int = 2**30, repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Streaming-read bandwidth in bytes/s: median time of `x.sum()` over an fp32 tensor of `nbytes`."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    del x
+    return nbytes / statistics.median(times)
+
+
+# ---------------------------------------------------------------- models
+
+def bench_config(name: str):
+    import moelm
+
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown bench model {name!r}; known: {', '.join(BENCH_MODELS)}")
+    base, overrides = BENCH_MODELS[name]
+    data = moelm.named_config(base).to_dict()
+    data.update(overrides)
+    return moelm.AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def bytes_per_token(model, config, dtype: torch.dtype) -> dict:
+    """Weights read per decoded token (batch 1): every non-expert weight except the input embedding (a row
+    gather), the top-k of E routed experts in each MoE layer, and lm_head (the tied embedding counted once here)."""
+    experts_total = experts_active = 0
+    expert_params = set()
+    for module in model.modules():
+        if type(module).__name__ == "Experts":
+            n = sum(p.numel() for p in module.parameters())
+            expert_params.update(id(p) for p in module.parameters())
+            k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None)
+            experts_total += n
+            experts_active += n * k // module.num_experts
+    embed = model.get_input_embeddings().weight
+    head = model.lm_head.weight
+    dense = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen or id(p) in expert_params:
+            continue
+        seen.add(id(p))
+        if p is embed and p is not head:
+            continue
+        dense += p.numel()
+    itemsize = dtype.itemsize
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"params_total": total, "params_read_per_token": dense + experts_active,
+            "bytes_per_token": (dense + experts_active) * itemsize}
+
+
+def write_checkpoint(config, directory: str, seed: int = 0):
+    """Random weights (normal, std = initializer_range = 0.02) saved in hub layout; both libraries load it."""
+    import moelm
+
+    model = moelm.AutoModelForCausalLM.from_config(config, dtype=torch.float32, seed=seed)
+    model.save_pretrained(directory)
+    del model
+
+
+def load_models(directory: str, dtype: torch.dtype, device: torch.device, with_transformers: bool):
+    import moelm
+
+    models, rss = {}, {}
+    before = rss_bytes()
+    models["moelm"] = moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
+                                                                attn_implementation="sdpa").eval()
+    rss["moelm"] = (rss_bytes() - before, peak_rss_bytes()) if before is not None else (None, peak_rss_bytes())
+    if with_transformers:
+        import transformers
+
+        before = rss_bytes()
+        m = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+        models["transformers"] = m.to(device).eval()
+        rss["transformers"] = ((rss_bytes() - before, peak_rss_bytes()) if before is not None
+                               else (None, peak_rss_bytes()))
+    return models, rss
+
+
+# ---------------------------------------------------------------- measurements
+
+@torch.inference_mode()
+def time_prefill(model, ids: torch.Tensor) -> float:
+    _sync(ids.device)
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    _sync(ids.device)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def time_decode(model, ids: torch.Tensor, steps: int) -> float:
+    """Seconds per decode step: prefill `ids` into the KV cache (untimed), one untimed step, then `steps` greedy
+    single-token forwards with past_key_values, timed together."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    return (time.perf_counter() - t) / steps
+
+
+def _alternate(models: dict, fn, repeats: int) -> dict:
+    """One untimed warm-up per library, then `repeats` rounds alternating libraries; the median per library."""
+    for m in models.values():
+        fn(m)
+    times = {lib: [] for lib in models}
+    for _ in range(repeats):
+        for lib, m in models.items():
+            times[lib].append(fn(m))
+    return {lib: statistics.median(ts) for lib, ts in times.items()}
+
+
+def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), decode_tokens: int = 16,
+        batches=(1, 8), repeats: int = 3, threads: int | None = None, transformers: bool = True,
+        device: str = "cpu", decode_context: int = 64, bandwidth_bytes: int = 2**30, seed: int = 0,
+        log=print) -> dict:
+    """Benchmark one model/dtype; returns a dict with keys machine, model, dtype, threads, device, bandwidth,
+    weights, rss and rows (one per metric: name, unit, moelm, transformers)."""
+    from .configs import dtype_from_str
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch_dtype = dtype_from_str(dtype)
+    config = bench_config(model)
+    rows = []
+    log = log or (lambda *a, **k: None)
+
+    bw = bandwidth(bandwidth_bytes, device=dev)
+    log(f"streaming-read bandwidth: {bw / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory(prefix="moelm-bench-") as tmp:
+        t = time.perf_counter()
+        write_checkpoint(config, tmp, seed=seed)
+        log(f"wrote random {model} checkpoint in {time.perf_counter() - t:.1f} s")
+        models, rss = load_models(tmp, torch_dtype, dev, transformers)
+    weights = bytes_per_token(models["moelm"], config, torch_dtype)
+    log(f"loaded {', '.join(models)}: {weights['params_total'] / 1e6:.0f}M parameters, "
+        f"{weights['bytes_per_token'] / 1e6:.0f} MB of weights read per decoded token")
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.vocab_size
+    for p in prompt_lens:
+        ids = torch.randint(0, vocab, (1, p), generator=g).to(dev)
+        med = _alternate(models, lambda m: time_prefill(m, ids), repeats)
+        rows.append(dict(name=f"prefill {p} tok", unit="tok/s", **{lib: p / s for lib, s in med.items()}))
+        log(_fmt_row(rows[-1]))
+    for b in batches:
+        ids = torch.randint(0, vocab, (b, decode_context), generator=g).to(dev)
+        med = _alternate(models, lambda m: time_decode(m, ids, decode_tokens), repeats)
+        rows.append(dict(name=f"decode b{b}", unit="tok/s", **{lib: b / s for lib, s in med.items()}))
+        log(_fmt_row(rows[-1]))
+        if b == 1:
+            rows.append(dict(name="decode b1 / bandwidth", unit="%",
+                             **{lib: 100 * weights["bytes_per_token"] / s / bw for lib, s in med.items()}))
+    rows.append(dict(name="RSS added by load", unit="MB",
+                     **{lib: (d / 1e6 if d is not None else float("nan")) for lib, (d, _) in rss.items()}))
+    rows.append(dict(name="peak RSS after load", unit="MB", **{lib: pk / 1e6 for lib, (_, pk) in rss.items()}))
+    return dict(machine=machine_line(threads, device), model=model, dtype=dtype, threads=threads, device=device,
+                bandwidth=bw, weights=weights, rss=rss, rows=rows, decode_tokens=decode_tokens,
+                decode_context=decode_context, repeats=repeats)
+
+
+# ---------------------------------------------------------------- report
+
+def _num(v) -> str:
+    if v is None:
+        return "—"
+    if v != v:
+        return "n/a"
+    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _fmt_row(r: dict) -> str:
+    return f"  {r['name']} ({r['unit']}): moelm {_num(r.get('moelm'))}, transformers {_num(r.get('transformers'))}"
+
+
+def table(result: dict) -> str:
+    lines = ["| metric | moelm | transformers | ratio (moelm / transformers) |", "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        a, b = r.get("moelm"), r.get("transformers")
+        ratio = f"{a / b:.2f}×" if a is not None and b not in (None, 0) and a == a and b == b else "—"
+        lines.append(f"| {r['name']} ({r['unit']}) | {_num(a)} | {_num(b)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def markdown_section(result: dict) -> str:
+    w = result["weights"]
+    return (f"\n### {result['model']}, {result['dtype']}, {result['device']}\n\n"
+            f"Machine: {result['machine']}  \n"
+            f"Streaming-read bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s (1 GiB fp32 `x.sum()`, median of 5). "
+            f"{w['params_total'] / 1e6:.0f}M parameters, {w['bytes_per_token'] / 1e6:.0f} MB of weights read per "
+            f"decoded token. Decode: {result['decode_tokens']} steps after a {result['decode_context']}-token "
+            f"context; median of {result['repeats']} alternating repeats.\n\n{table(result)}\n")
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="ernie-0.3b", choices=list(BENCH_MODELS))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[256])
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-context", type=int, default=64, help="tokens in the KV cache before decoding")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-transformers", action="store_true", help="measure moelm only")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--markdown", default=None, help="append a section with the machine line and table to this file")
+
+
+def main_from_args(args) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device} requested but no CUDA GPU is available")
+    result = run(model=args.model, dtype=args.dtype, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
+                 batches=args.batches, repeats=args.repeats, threads=args.threads,
+                 transformers=not args.no_transformers, device=args.device, decode_context=args.decode_context)
+    print(f"\n{result['model']} {result['dtype']} — {result['machine']}\n")
+    print(table(result))
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(markdown_section(result))
+        print(f"\nappended to {args.markdown}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="moelm-bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return main_from_args(p.parse_args(argv))
