@@ -47,7 +47,8 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     model = AutoModelForCausalLM.from_config(config, seed=seed)
     stop = specials.index("<|end_of_sentence|>" if family == "ernie" else "<|end|>")
-    model.generation_config.eos_token_id = [config.eos_token_id, stop]
+    model.generation_config.update(eos_token_id=[config.eos_token_id, stop], do_sample=True, temperature=0.8,
+                                   top_p=0.8)  # sample by default, as the real ERNIE 4.5 generation configs do
     model.save_pretrained(out)
     tok = train_tokenizer(config.vocab_size, specials)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
