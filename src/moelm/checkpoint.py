@@ -58,8 +58,12 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time.
 
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
+    from .quantization import load_targets
+
     model_type = model.config.model_type
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = load_targets(model)  # name -> (module, stacked name, full shape): quantized as they are read
+    params.update({name: torch.empty(shape, device="meta") for name, (_, _, shape) in quantized.items()})
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
@@ -93,7 +97,10 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(target.shape)} "
                                           f"(in {ckpt.file_of(key).name})")
                     else:
-                        ckpt.read_into(key, target)
+                        if ours in quantized:
+                            _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
+                        else:
+                            ckpt.read_into(key, target)
                         filled[ours].add((expert, part))
         done += _nbytes(ckpt, key)
         if show and (n == len(keys) - 1 or n % 16 == 0):
@@ -130,6 +137,15 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
         raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "
                               f"({model_type}): " + "; ".join(problems))
     return kept
+
+
+def _load_quantized(target, tensor: torch.Tensor, expert: int | None, part: int | None, num_parts: int):
+    module, stacked, shape = target
+    if stacked is None:
+        module.load_weight(tensor)
+    else:
+        rows = shape[1] // num_parts
+        module.load_weight(stacked, tensor, expert, slice(part * rows, (part + 1) * rows))
 
 
 def _adapt_key(key: str, strip_prefix: bool, skip_heads: tuple[str, ...]) -> str | None:

@@ -53,6 +53,7 @@ class GenerationConfig:
     output_logits: bool = False
     return_dict_in_generate: bool = False
     use_cache: bool = True
+    cache_implementation: str | None = None  # moelm: "static" (the default here) or "dynamic"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -74,6 +75,8 @@ class GenerationConfig:
         count("min_length", 0)
         count("num_beams", 1)
         count("num_return_sequences", 1)
+        check(self.cache_implementation in (None, "static", "dynamic"),
+              f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}")
         check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
               f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
@@ -398,6 +401,11 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         stop_strings=[cfg.stop_strings] if isinstance(cfg.stop_strings, str) else cfg.stop_strings, tokenizer=tokenizer,
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
         scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
+    if state.use_cache and cfg.cache_implementation != "dynamic":
+        from .inference import StaticCache
+
+        dtype = model.get_input_embeddings().weight.dtype
+        state.cache = StaticCache(model.config, input_ids.shape[0], max_length + embeds_length, dtype, device)
     return cfg, state
 
 

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import fused_ready
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -28,8 +30,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
+    fused_gate_up = None  # inference.fuse_projections sets it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if fused_ready(self.fused_gate_up, x):
+            gate, up = self.fused_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DynamicCache:
@@ -87,6 +95,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: in
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings applied by `rotate(x, cos, sin)`."""
 
+    fused_qkv = None  # inference.fuse_projections sets it
+
     def __init__(self, config, layer_idx: int, bias: bool, rotate):
         super().__init__()
         self.layer_idx = layer_idx
@@ -106,9 +116,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache: DynamicCache | None,
                 output_attentions: bool = False):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if fused_ready(self.fused_qkv, x):
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:

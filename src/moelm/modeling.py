@@ -124,7 +124,8 @@ class PreTrainedModel(nn.Module):
         return base.embed_tokens
 
     def tie_weights(self):
-        if getattr(self.config, "tie_word_embeddings", False) and hasattr(self, "lm_head"):
+        if getattr(self.config, "tie_word_embeddings", False) and isinstance(getattr(self, "lm_head", None),
+                                                                              nn.Linear):
             self.lm_head.weight = self.get_input_embeddings().weight
 
     # --- construction ---
@@ -157,28 +158,39 @@ class PreTrainedModel(nn.Module):
         return self
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None):
-        """A randomly initialised model (normal(0, initializer_range) like the reference)."""
+    def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None,
+                    fast: bool = True):
+        """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
+        the inference fast paths (inference.optimize)."""
+        from .inference import optimize
+
         if seed is not None:
             torch.manual_seed(seed)
         model = cls(config)
         model.init_weights()
         model._cast(dtype_from_str(dtype) if dtype else torch.float32)
-        return model.to(device) if device else model
+        model = model.to(device) if device else model
+        return optimize(model) if fast else model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                         config: PretrainedConfig | None = None, attn_implementation: str | None = None,
-                        torch_dtype=None, **config_overrides):
+                        torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
+                        **config_overrides):
         """Load a hub-format checkpoint directory (or a hub id in the local cache).
 
         The model is built on the meta device and each tensor is read straight into place, so the peak memory
-        is about the model's size plus one tensor."""
+        is about the model's size plus one tensor. quantization="int8" | "int4" (or quantization_config=
+        BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves
+        out the inference fast paths (inference.optimize: decode kernels, fused projections)."""
         from .configs import read_config_json
         from .hub import resolve_model_dir
         from .weights import SafetensorsCheckpoint
         from .checkpoint import load_checkpoint
+        from .inference import optimize
+        from .quantization import fill_tied_head, quantize_modules, resolve
 
+        qconfig = resolve(quantization, quantization_config)
         directory = resolve_model_dir(path)
         if config is None:
             data = read_config_json(directory)
@@ -199,11 +211,16 @@ class PreTrainedModel(nn.Module):
             with torch.device("meta"):
                 model = cls(config)
             model._cast(dtype)
+            if qconfig is not None:
+                quantize_modules(model, qconfig)
             model.to_empty(device=device)
             model.tie_weights()
             model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
+            fill_tied_head(model)
         finally:
             ckpt.close()
+        if fast:
+            optimize(model)
         if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         model.name_or_path = str(path)
@@ -215,6 +232,9 @@ class PreTrainedModel(nn.Module):
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")
+        if getattr(self, "quantization", None) is not None:
+            raise ValueError(f"this model was loaded with {self.quantization.mode} weights, which moelm does not "
+                             "save; save the original checkpoint instead (load it without quantization)")
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         extra_files = {"config.json": self.config.to_json_string()}

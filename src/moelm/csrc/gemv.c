@@ -1,0 +1,177 @@
+/* Matrix-vector products for decoding (few rows of x against a weight read once from memory).
+ *
+ * y[m, o] = sum_i x[m, i] * W[o, i] (+ bias[o]) for m < M, with W [O, I] row-major in one of four formats:
+ *   f32, bf16 (raw uint16), int8 with one fp32 scale per output row, int4 with one fp32 scale per group of G
+ *   inputs (G/2 bytes per group: byte j holds input j in its low nibble and input j + G/2 in its high nibble,
+ *   value = (nibble - 8) * scale).
+ * `wsel` (may be NULL) picks a matrix per row of x out of E stacked [E, O, I] ones: the experts chosen per token.
+ * Written with GCC vector extensions so the compiler emits the machine's SIMD; threads via OpenMP (the same
+ * libgomp that PyTorch uses). x and y are fp32 and contiguous; I is a multiple of 32. */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+
+static inline v8f ld_f32(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
+static inline v8f ld_bf16(const uint16_t *p) {
+    v8u16 h; memcpy(&h, p, 16);
+    v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+    v8f v; memcpy(&v, &u, 32); return v;
+}
+#ifdef __AVX2__
+#include <immintrin.h>
+static inline v8f from_m256(__m256 a) { v8f v; memcpy(&v, &a, 32); return v; }
+static inline v8f ld_i8(const int8_t *p) {
+    return from_m256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))));
+}
+static inline v8f u8_to_f32(__m128i b) { return from_m256(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))); }
+/* 16 packed bytes -> the 32 nibbles as four v8f: low nibbles 0-7, 8-15, high nibbles 0-7, 8-15 */
+static inline void ld_i4(const uint8_t *p, v8f out[4]) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    out[0] = u8_to_f32(lo); out[1] = u8_to_f32(_mm_srli_si128(lo, 8));
+    out[2] = u8_to_f32(hi); out[3] = u8_to_f32(_mm_srli_si128(hi, 8));
+}
+#else
+static inline v8f ld_i8(const int8_t *p) {
+    v8f v; for (int k = 0; k < 8; k++) v[k] = p[k]; return v;
+}
+static inline void ld_i4(const uint8_t *p, v8f out[4]) {
+    for (int k = 0; k < 8; k++) {
+        out[0][k] = p[k] & 15; out[1][k] = p[k + 8] & 15; out[2][k] = p[k] >> 4; out[3][k] = p[k + 8] >> 4;
+    }
+}
+#endif
+static inline float hsum(v8f a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
+
+static inline float dot_f32(const float *x, const float *w, int64_t n) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t i = 0; i < n; i += 32) {
+        a0 += ld_f32(x + i) * ld_f32(w + i);
+        a1 += ld_f32(x + i + 8) * ld_f32(w + i + 8);
+        a2 += ld_f32(x + i + 16) * ld_f32(w + i + 16);
+        a3 += ld_f32(x + i + 24) * ld_f32(w + i + 24);
+    }
+    return hsum((a0 + a1) + (a2 + a3));
+}
+
+/* y[m * ystride] = dot(x[m], w) for M rows of x: four rows at a time share each load of w. */
+static inline void dots_f32(const float *x, int64_t M, const float *w, int64_t n, float *y, int64_t ystride) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *x0 = x + m * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t i = 0; i < n; i += 8) {
+            v8f wv = ld_f32(w + i);
+            a0 += ld_f32(x0 + i) * wv; a1 += ld_f32(x1 + i) * wv;
+            a2 += ld_f32(x2 + i) * wv; a3 += ld_f32(x3 + i) * wv;
+        }
+        y[m * ystride] = hsum(a0); y[(m + 1) * ystride] = hsum(a1);
+        y[(m + 2) * ystride] = hsum(a2); y[(m + 3) * ystride] = hsum(a3);
+    }
+    for (; m < M; m++) y[m * ystride] = dot_f32(x + m * n, w, n);
+}
+
+static inline float dot_bf16(const float *x, const uint16_t *w, int64_t n) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t i = 0; i < n; i += 32) {
+        a0 += ld_f32(x + i) * ld_bf16(w + i);
+        a1 += ld_f32(x + i + 8) * ld_bf16(w + i + 8);
+        a2 += ld_f32(x + i + 16) * ld_bf16(w + i + 16);
+        a3 += ld_f32(x + i + 24) * ld_bf16(w + i + 24);
+    }
+    return hsum((a0 + a1) + (a2 + a3));
+}
+
+static inline float dot_i8(const float *x, const int8_t *w, int64_t n) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t i = 0; i < n; i += 32) {
+        a0 += ld_f32(x + i) * ld_i8(w + i);
+        a1 += ld_f32(x + i + 8) * ld_i8(w + i + 8);
+        a2 += ld_f32(x + i + 16) * ld_i8(w + i + 16);
+        a3 += ld_f32(x + i + 24) * ld_i8(w + i + 24);
+    }
+    return hsum((a0 + a1) + (a2 + a3));
+}
+
+/* One group of G inputs at a time: 16 packed bytes cover 16 low-nibble inputs and 16 high-nibble inputs. */
+static inline float dot_i4(const float *x, const uint8_t *w, const float *scale, int64_t n, int64_t g) {
+    v8f total = {0};
+    for (int64_t s = 0; s < n / g; s++) {
+        const float *xs = x + s * g;
+        const uint8_t *ws = w + s * (g / 2);
+        v8f a0 = {0}, a1 = {0};
+        for (int64_t j = 0; j < g / 2; j += 16) {
+            v8f q[4];
+            ld_i4(ws + j, q);
+            a0 += ld_f32(xs + j) * (q[0] - 8.0f);
+            a1 += ld_f32(xs + j + 8) * (q[1] - 8.0f);
+            a0 += ld_f32(xs + j + g / 2) * (q[2] - 8.0f);
+            a1 += ld_f32(xs + j + g / 2 + 8) * (q[3] - 8.0f);
+        }
+        total += (a0 + a1) * scale[s];
+    }
+    return hsum(total);
+}
+
+/* One weight row to fp32 (int formats with their scales applied), for reuse across several rows of x. */
+static inline void row_f32(const float *w, const float *scale, int64_t n, int64_t g, float *out) {
+    (void)scale; (void)g; memcpy(out, w, n * sizeof(float));
+}
+static inline void row_bf16(const uint16_t *w, const float *scale, int64_t n, int64_t g, float *out) {
+    (void)scale; (void)g;
+    for (int64_t i = 0; i < n; i += 8) { v8f v = ld_bf16(w + i); memcpy(out + i, &v, 32); }
+}
+static inline void row_i8(const int8_t *w, const float *scale, int64_t n, int64_t g, float *out) {
+    (void)g;
+    for (int64_t i = 0; i < n; i += 8) { v8f v = ld_i8(w + i) * scale[0]; memcpy(out + i, &v, 32); }
+}
+static inline void row_i4(const uint8_t *w, const float *scale, int64_t n, int64_t g, float *out) {
+    for (int64_t s = 0; s < n / g; s++)
+        for (int64_t j = 0; j < g / 2; j += 16) {
+            v8f q[4];
+            ld_i4(w + s * (g / 2) + j, q);
+            float *o = out + s * g + j;
+            for (int k = 0; k < 2; k++) {
+                v8f lo = (q[k] - 8.0f) * scale[s], hi = (q[k + 2] - 8.0f) * scale[s];
+                memcpy(o + 8 * k, &lo, 32);
+                memcpy(o + g / 2 + 8 * k, &hi, 32);
+            }
+        }
+}
+
+/* With wsel NULL all M rows of x share W: a weight row is read once (converted to fp32 once when M > 1) and used
+ * for every row of x. With wsel, row m of x uses matrix wsel[m] of the stacked [E, O, I]. wrow = elements of WT per
+ * weight row, srow = scales per weight row (int8: 1, int4: I / G). Output rows go to threads in blocks of 8. */
+#define GEMV(NAME, WT, DOT, ROW)                                                                              \
+void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale, int64_t srow, \
+          int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {           \
+    int64_t mats = wsel ? M : 1;                                                                             \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
+    for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
+        for (int64_t ob = 0; ob < (O + 7) / 8; ob++) {                                                       \
+            float buf[wsel || M == 1 ? 1 : I];                                                               \
+            for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {                                         \
+                int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
+                const WT *wr = w + row * wrow;                                                               \
+                const float *sr = scale ? scale + row * srow : 0;                                            \
+                float b = bias ? bias[o] : 0.0f;                                                             \
+                if (wsel || M == 1) {                                                                        \
+                    const float *xm = x + m0 * I;                                                            \
+                    y[m0 * O + o] = (DOT) + b;                                                               \
+                } else {                                                                                     \
+                    const float *wf = (const float *)wr;                                                     \
+                    if (sizeof(WT) != 4) { ROW(wr, sr, I, G, buf); wf = buf; }                              \
+                    dots_f32(x, M, wf, I, y + o, O);                                                         \
+                    if (b != 0.0f) for (int64_t m = 0; m < M; m++) y[m * O + o] += b;                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+}
+
+GEMV(gemv_f32, float, dot_f32(xm, wr, I), row_f32)
+GEMV(gemv_bf16, uint16_t, dot_bf16(xm, wr, I), row_bf16)
+GEMV(gemv_i8, int8_t, dot_i8(xm, wr, I) * sr[0], row_i8)
+GEMV(gemv_i4, uint8_t, dot_i4(xm, wr, sr, I, G), row_i4)

@@ -1,0 +1,159 @@
+"""Inference fast paths, applied to a loaded model without changing its parameters or checkpoint format.
+
+- StaticCache: keys/values preallocated for the whole generation [B, Hkv, max_length, D], written by position.
+- FastLinear: nn.Linear (same parameters) whose forward reads the weight once with csrc/gemv.c for a few rows of
+  activations, and on CPU computes bf16/fp16 weights in fp32 one tile at a time for long inputs (CPUs without fast
+  bf16 matmul are ~5x slower in bf16), never holding an fp32 copy of the model.
+- fuse_projections: q/k/v and gate/up concatenated into one weight per layer (the original parameters become views
+  of it, so memory is not doubled and state_dict / save_pretrained are unchanged); used when no gradients are needed.
+
+`optimize(model)` applies FastLinear and the fusion; from_pretrained / from_config call it unless fast=False.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+TILE_ROWS = 8192  # weight rows converted to fp32 at a time for a long bf16 input
+
+
+class StaticCache:
+    """Per-layer keys/values [B, Hkv, max_length, D] allocated once; `update` writes the new positions and returns
+    views of the filled part, so attention sees exactly what a DynamicCache would."""
+
+    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_size)
+        n = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.lengths = [0] * n
+        self.max_length = max_length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, new = self.lengths[layer_idx], k.shape[-2]
+        end = start + new
+        if end > self.max_length:
+            raise ValueError(f"the static KV cache holds {self.max_length} positions; {end} were asked for")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def __len__(self) -> int:
+        return sum(1 for n in self.lengths if n)
+
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        for t in self.keys + self.values:
+            t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, length: int):
+        self.lengths = [min(n, length) for n in self.lengths]
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear with the decode kernel and tiled fp32 compute for half-precision weights on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), choosing the fastest exact-up-to-rounding way for the shapes and device."""
+    if weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x):
+        b = None if bias is None else bias.float().contiguous()
+        return kernels.gemv(x, weight, bias=b).to(x.dtype)
+    if x.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16) and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        xf = x.float()
+        tiles = [F.linear(xf, weight[r:r + TILE_ROWS].float(), None if bias is None else bias[r:r + TILE_ROWS].float())
+                 for r in range(0, weight.shape[0], TILE_ROWS)]
+        return torch.cat(tiles, dim=-1).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Fused:
+    """Several projections of the same input as one: `weight` [sum O, I] (or a quantized module's buffers),
+    `splits` the output sizes."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.splits = [m.out_features for m in modules]
+        self.quantized = not isinstance(modules[0], nn.Linear)
+        self.first = modules[0]
+        self.module = _fuse(modules)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.module(x).split(self.splits, dim=-1))
+
+
+def _fuse(modules: list[nn.Module]) -> nn.Module:
+    """One module computing all of `modules`; their tensors are re-pointed to views of the fused ones."""
+    first = modules[0]
+    with torch.no_grad():
+        if isinstance(first, nn.Linear):
+            fused = FastLinear(first.in_features, sum(m.out_features for m in modules), bias=first.bias is not None,
+                               device="meta")
+            fused.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
+            if first.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
+            names = ["weight"] + (["bias"] if first.bias is not None else [])
+        else:
+            import copy
+
+            fused = copy.copy(first)  # a QuantizedLinear sharing nothing after the buffers below are replaced
+            fused._buffers, fused._parameters = dict(first._buffers), dict(first._parameters)
+            fused.out_features = sum(m.out_features for m in modules)
+            fused.qweight = torch.cat([m.qweight for m in modules])
+            fused.scale = torch.cat([m.scale for m in modules])
+            if first.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
+            names = ["qweight", "scale"] + (["bias"] if first.bias is not None else [])
+        start = 0
+        for m in modules:
+            rows = slice(start, start + m.out_features)
+            for name in names:
+                view = getattr(fused, name)[rows]
+                old = getattr(m, name)
+                if isinstance(old, nn.Parameter):
+                    setattr(m, name, nn.Parameter(view, requires_grad=old.requires_grad))
+                else:
+                    setattr(m, name, view)
+            start += m.out_features
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Attention q/k/v and SwiGLU gate/up as one matmul each (inference only: see Attention / MLP forward)."""
+    from .layers import MLP, Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention) and getattr(module, "fused_qkv", None) is None:
+            module.fused_qkv = Fused([module.q_proj, module.k_proj, module.v_proj])
+        elif isinstance(module, MLP) and getattr(module, "fused_gate_up", None) is None:
+            module.fused_gate_up = Fused([module.gate_proj, module.up_proj])
+    return model
+
+
+def optimize(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """FastLinear for every nn.Linear (same parameters), then the fused projections."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                child.__class__ = FastLinear
+    if fuse:
+        fuse_projections(model)
+    return model
+
+
+def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
+    """Use the fused projection: it exists, no gradients are needed, and the projections still view its tensor
+    (moving or casting the model afterwards replaces them, and the separate projections are used)."""
+    if fused is None or torch.is_grad_enabled():
+        return False
+    name = "qweight" if fused.quantized else "weight"
+    return getattr(fused.first, name).data_ptr() == getattr(fused.module, name).data_ptr()

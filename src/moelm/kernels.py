@@ -1,0 +1,104 @@
+"""CPU matrix-vector kernels for decoding (csrc/gemv.c), compiled on first use with the system C compiler.
+
+PyTorch's CPU kernels for one row of activations read fp32/bf16 weights at ~60-70% of memory bandwidth and int8/int4
+weights far slower (`_weight_int8pack_mm` needs bf16 activations, `_weight_int4pack_mm_for_cpu` is compute-bound).
+gemv.c reads every format once, at close to the streaming bandwidth, for a few rows of fp32 activations. The shared
+library is built with `cc -O3 -march=native -fopenmp` into ~/.cache/moelm (or $MOELM_CACHE) and loaded with ctypes;
+without a compiler (or with MOELM_NO_KERNELS=1) `available()` is False and callers use PyTorch's kernels instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm") / "kernels"
+
+
+def _compile() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + os.uname().machine.encode()).hexdigest()
+    target = _cache_dir() / key[:16] / "gemv.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / "gemv.so"
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                warnings.warn(f"moelm: could not compile {SOURCE.name} with {compiler} (falling back to PyTorch "
+                              f"kernels): {result.stderr.strip()[:500]}")
+                return None
+            os.replace(built, target)  # atomic: concurrent processes see the whole library or none
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is False:
+        _lib = None if os.environ.get("MOELM_NO_KERNELS") else _compile()
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether gemv() can take these activations [..., I]: CPU, few rows, I a multiple of 32, kernels built."""
+    return (x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and x.shape[-1] % 32 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+
+
+_FORMATS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int = 0,
+         bias: torch.Tensor | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., I] (any float dtype; computed in fp32) times weight [O, I] (or [E, O, I] with `select` [rows] picking
+    a matrix per row of x) -> [..., O] fp32.
+
+    weight: fp32, bf16, int8 (scale [O] or [E, O]), or uint8 int4 pairs [.., O, I/2] (scale [.., O, I/group_size])."""
+    lib = library()
+    shape = x.shape
+    x = x.reshape(-1, shape[-1]).float().contiguous()
+    rows, features = x.shape
+    out_features = weight.shape[-2]
+    wrow = weight.shape[-1]
+    srow = scale.shape[-1] if scale is not None and group_size else 1
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    if select is not None:
+        select = select.reshape(-1).to(torch.int64).contiguous()
+    fn = getattr(lib, _FORMATS[weight.dtype])
+    fn(x.data_ptr(), rows, features, weight.data_ptr(), wrow, _ptr(scale), srow, group_size, _ptr(bias),
+       _ptr(select), out_features, y.data_ptr(), torch.get_num_threads())
+    return y.reshape(*shape[:-1], out_features)
+
+
+def _ptr(t: torch.Tensor | None):
+    if t is None:
+        return None
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return t.data_ptr()

@@ -1,0 +1,265 @@
+"""Weight-only int8 / int4 quantization, applied while a checkpoint loads (one tensor at a time).
+
+int8: symmetric, one fp32 scale per output row: w ≈ q * scale, q in [-127, 127].
+int4: symmetric, one fp32 scale per group of `group_size` inputs: w ≈ (n - 8) * scale, n in [0, 15]; a group's
+group_size/2 bytes hold input j in the low nibble and input j + group_size/2 in the high one (csrc/gemv.c).
+
+Decoding (a few rows of activations) runs csrc/gemv.c on the packed weights; longer inputs (prefill) dequantize one
+layer's weight (experts: a chunk of experts) to the activations' dtype and use PyTorch's matmul. Every Linear of the
+decoder, the stacked experts and the LM head are quantized; embeddings, norms and routers stay as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+MODES = ("int8", "int4")
+EXPERT_CHUNK = 8  # experts dequantized together during prefill
+
+
+@dataclass
+class QuantizationConfig:
+    mode: str = "int8"
+    group_size: int = 64  # int4 only
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "int4" and (self.group_size < 32 or self.group_size % 32):
+            raise ValueError(f"int4 group_size must be a multiple of 32, got {self.group_size}")
+
+
+@dataclass
+class BitsAndBytesConfig:
+    """transformers' BitsAndBytesConfig fields. moelm maps load_in_8bit to its int8 and load_in_4bit to its int4
+    (group size 64); bitsandbytes itself is not used."""
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: list[str] | None = None
+    bnb_4bit_compute_dtype: object = None
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_quant_storage: object = None
+
+    def __post_init__(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used")
+
+
+def resolve(quantization=None, quantization_config=None) -> QuantizationConfig | None:
+    """from_pretrained's `quantization="int8"|"int4"` or `quantization_config=` (a QuantizationConfig, a
+    BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None."""
+    if quantization is not None and quantization_config is not None:
+        raise ValueError("pass either quantization= or quantization_config=, not both")
+    spec = quantization if quantization is not None else quantization_config
+    if spec is None or isinstance(spec, QuantizationConfig):
+        return spec
+    if isinstance(spec, str):
+        return QuantizationConfig(spec)
+    if isinstance(spec, dict):
+        spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
+    if isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig":
+        skip = tuple(getattr(spec, "llm_int8_skip_modules", None) or ())
+        if getattr(spec, "load_in_4bit", False):
+            print("moelm: BitsAndBytesConfig(load_in_4bit=True) -> moelm int4 weights (group size 64); "
+                  "bitsandbytes is not used", file=sys.stderr)
+            return QuantizationConfig("int4", modules_to_not_convert=skip)
+        if getattr(spec, "load_in_8bit", False):
+            print("moelm: BitsAndBytesConfig(load_in_8bit=True) -> moelm int8 weights (per-row scales); "
+                  "bitsandbytes is not used", file=sys.stderr)
+            return QuantizationConfig("int8", modules_to_not_convert=skip)
+        raise ValueError("BitsAndBytesConfig needs load_in_8bit=True or load_in_4bit=True")
+    raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
+
+
+_BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}
+
+
+# ---------------------------------------------------------------- packing
+
+def quantize(w: torch.Tensor, mode: str, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., O, I] -> (q, scale). int8: q int8 [..., O, I], scale [..., O]. int4: q uint8 [..., O, I/2],
+    scale [..., O, I/group_size]."""
+    w = w.float()
+    if mode == "int8":
+        scale = w.abs().amax(-1) / 127
+        q = torch.round(w / scale.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
+        return q, scale
+    *lead, o, i = w.shape
+    g = w.reshape(*lead, o, i // group_size, group_size)
+    scale = g.abs().amax(-1) / 7.5
+    n = (torch.round(g / scale.clamp(min=1e-12)[..., None]) + 8).clamp(0, 15).to(torch.uint8)
+    half = group_size // 2
+    packed = n[..., :half] | (n[..., half:] << 4)
+    return packed.reshape(*lead, o, i // 2), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of quantize: [..., O, I] in dtype."""
+    if q.dtype == torch.int8:
+        return (q.to(dtype) * scale[..., None].to(dtype))
+    *lead, o, half_i = q.shape
+    g = q.reshape(*lead, o, half_i * 2 // group_size, group_size // 2)
+    n = torch.cat([g & 15, g >> 4], dim=-1).to(dtype) - 8  # [..., O, groups, group_size]
+    return (n * scale[..., None].to(dtype)).reshape(*lead, o, half_i * 2)
+
+
+def _group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
+    """The int4 group size for a weight with in_features inputs: the configured one, or 32 when it does not divide."""
+    if in_features % 32:
+        raise ValueError(f"cannot quantize {name}: its {in_features} input features are not a multiple of 32")
+    if config.mode == "int4" and in_features % config.group_size:
+        return 32
+    return config.group_size
+
+
+# ---------------------------------------------------------------- modules
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight [O, I] is stored quantized (buffers qweight, scale); bias kept in its dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.group_size = group_size if mode == "int4" else 0
+        cols = in_features if mode == "int8" else in_features // 2
+        qdtype = torch.int8 if mode == "int8" else torch.uint8
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
+        scale_shape = (out_features,) if mode == "int8" else (out_features, in_features // group_size)
+        self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
+        q, s = quantize(w, self.mode, self.group_size)
+        self.qweight[rows] = q
+        self.scale[rows] = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x):
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            return kernels.gemv(x, self.qweight, self.scale, self.group_size, bias).to(x.dtype)
+        w = dequantize(self.qweight, self.scale, self.group_size, x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.mode}, bias={self.bias is not None}"
+
+
+class QuantizedExperts(nn.Module):
+    """Stacked experts (gate_up [E, 2I, H], down [E, H, I]) stored quantized."""
+
+    def __init__(self, experts: nn.Module, mode: str, group_size: int):
+        super().__init__()
+        self.num_experts = experts.num_experts
+        e, two_i, h = experts.gate_up_proj.shape
+        self.mode, self.group_size = mode, group_size if mode == "int4" else 0
+        self.gate_up = QuantizedLinear(h, e * two_i, False, mode, group_size, device=experts.gate_up_proj.device)
+        self.down = QuantizedLinear(two_i // 2, e * h, False, mode, group_size, device=experts.down_proj.device)
+        self.shapes = {"gate_up_proj": (e, two_i, h), "down_proj": (e, h, two_i // 2)}
+
+    def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [E, O, I'], scale [E, O(, groups)]) views of one stacked projection."""
+        m = self.gate_up if name == "gate_up_proj" else self.down
+        e, o, _ = self.shapes[name]
+        return m.qweight.view(e, o, -1), m.scale.view(e, o, *m.scale.shape[1:])
+
+    def load_weight(self, name: str, w: torch.Tensor, expert: int, rows: slice):
+        """w: rows `rows` of expert `expert`'s [O, I] matrix of the stacked `name`."""
+        m = self.gate_up if name == "gate_up_proj" else self.down
+        o = self.shapes[name][1]
+        start, stop, _ = rows.indices(o)
+        m.load_weight(w, slice(expert * o + start, expert * o + stop))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], index/weights [T, K] -> [T, H]."""
+        t, k = index.shape
+        gq, gs = self.stacked("gate_up_proj")
+        dq, ds = self.stacked("down_proj")
+        if t * k <= 64 and kernels.usable(x[:1]):
+            pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
+            h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
+            gate, up = h.chunk(2, dim=-1)
+            h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
+            return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
+        from .moe import grouped_linear
+
+        flat = index.reshape(-1)
+        order = flat.argsort(stable=True)
+        token, expert = order // k, flat[order]
+        out = torch.zeros_like(x)
+        for first in range(0, self.num_experts, EXPERT_CHUNK):  # a chunk of experts dequantized at a time
+            last = min(first + EXPERT_CHUNK, self.num_experts)
+            rows = ((expert >= first) & (expert < last)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            counts = torch.bincount(expert[rows] - first, minlength=last - first)
+            gate_up = dequantize(gq[first:last], gs[first:last], self.group_size, x.dtype)
+            down = dequantize(dq[first:last], ds[first:last], self.group_size, x.dtype)
+            h = grouped_linear(x[token[rows]], gate_up, counts)
+            gate, up = h.chunk(2, dim=-1)
+            h = grouped_linear(F.silu(gate) * up, down, counts)
+            h = h * weights.reshape(-1)[order[rows], None].to(h.dtype)
+            out.index_add_(0, token[rows], h.to(x.dtype))
+        return out
+
+
+def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
+    """Replace every nn.Linear (LM head included; routers are not Linear) and every Experts module by its quantized
+    form, on whatever device the model is (the meta device while loading: nothing is allocated twice)."""
+    from .moe import Experts
+
+    device = next(model.parameters()).device
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
+            if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
+                continue
+            if isinstance(child, nn.Linear):
+                group = _group_for(full, child.in_features, config)
+                setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
+                                                            child.bias is not None, config.mode, group,
+                                                            dtype=child.weight.dtype, device=device))
+            elif isinstance(child, Experts):
+                _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
+                group = min(_group_for(full, hidden, config), _group_for(full, inter, config))
+                setattr(module, child_name, QuantizedExperts(child, config.mode, group))
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
+                                                                          QuantizedLinear):
+        model.quantized_tied_head = True  # lm_head is filled from the embedding after loading
+    model.quantization = config
+    return model
+
+
+def load_targets(model: nn.Module) -> dict[str, tuple]:
+    """Checkpoint names of quantized weights -> (module, stacked name or None, full [.., O, I] shape)."""
+    targets = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, QuantizedLinear) and not name.endswith((".gate_up", ".down")):
+            targets[f"{prefix}weight"] = (module, None, module.weight_shape)
+        elif isinstance(module, QuantizedExperts):
+            for stacked, shape in module.shapes.items():
+                targets[f"{prefix}{stacked}"] = (module, stacked, shape)
+    return targets
+
+
+def fill_tied_head(model: nn.Module):
+    """A quantized lm_head tied to the embedding gets the embedding's weight (which stays unquantized)."""
+    if getattr(model, "quantized_tied_head", False):
+        model.lm_head.load_weight(model.get_input_embeddings().weight.data)
