@@ -116,33 +116,36 @@ def bench_config(name: str):
     return moelm.AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def bytes_per_token(model, config, dtype: torch.dtype) -> dict:
-    """Weights read per decoded token (batch 1): every non-expert weight except the input embedding (a row
-    gather), the top-k of E routed experts in each MoE layer, and lm_head (the tied embedding counted once here)."""
-    experts_total = experts_active = 0
-    expert_params = set()
-    for module in model.modules():
-        if type(module).__name__ == "Experts":
-            n = sum(p.numel() for p in module.parameters())
-            expert_params.update(id(p) for p in module.parameters())
-            k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None)
-            experts_total += n
-            experts_active += n * k // module.num_experts
+def bytes_per_token(model, config) -> dict:
+    """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
+    scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
+    stacked-experts module counted for its top-k of E experts only."""
+    k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None) or 1
     embed = model.get_input_embeddings().weight
-    head = model.lm_head.weight
-    dense = 0
+    head = getattr(model.lm_head, "weight", None)
+    per_module = {}
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        per_module[name] = (module, own)
+    read = total = params = 0
     seen = set()
-    for p in model.parameters():
-        if id(p) in seen or id(p) in expert_params:
-            continue
-        seen.add(id(p))
-        if p is embed and p is not head:
-            continue
-        dense += p.numel()
-    itemsize = dtype.itemsize
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"params_total": total, "params_read_per_token": dense + experts_active,
-            "bytes_per_token": (dense + experts_active) * itemsize}
+    for name, (module, own) in per_module.items():
+        expert_share = None
+        for owner, (m, _) in per_module.items():
+            if type(m).__name__ in ("Experts", "QuantizedExperts") and (name == owner or
+                                                                         name.startswith(owner + ".")):
+                expert_share = k / m.num_experts
+        for _, t in own:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            total += nbytes
+            params += t.numel() if t.is_floating_point() or t.dtype == torch.int8 else 2 * t.numel()
+            if t is embed and t is not head:
+                continue
+            read += nbytes * (expert_share if expert_share is not None else 1)
+    return {"params_total": params, "bytes_total": total, "bytes_per_token": int(read)}
 
 
 def write_checkpoint(config, directory: str, seed: int = 0):
@@ -154,23 +157,48 @@ def write_checkpoint(config, directory: str, seed: int = 0):
     del model
 
 
-def load_models(directory: str, dtype: torch.dtype, device: torch.device, with_transformers: bool):
+QUANTIZED = ("int8", "int4")
+
+
+def load_models(directory: str, dtype: str, device: torch.device, with_transformers: bool):
+    """{label: model} and {label: (RSS added, peak RSS)}. Float dtypes: moelm and transformers in that dtype.
+    int8/int4: moelm quantized and moelm fp32 (transformers has no CPU int8/int4 path to compare with)."""
     import moelm
+    from .configs import dtype_from_str
 
     models, rss = {}, {}
-    before = rss_bytes()
-    models["moelm"] = moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
-                                                                attn_implementation="sdpa").eval()
-    rss["moelm"] = (rss_bytes() - before, peak_rss_bytes()) if before is not None else (None, peak_rss_bytes())
+
+    def load(label, fn):
+        before = rss_bytes()
+        models[label] = fn().eval()
+        rss[label] = (rss_bytes() - before if before is not None else None, peak_rss_bytes())
+
+    if dtype in QUANTIZED:
+        load(f"moelm {dtype}", lambda: moelm.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, device=device, quantization=dtype))
+        load("moelm float32", lambda: moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                                                 device=device))
+        return models, rss
+    torch_dtype = dtype_from_str(dtype)
+    load("moelm", lambda: moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=device,
+                                                                    attn_implementation="sdpa"))
     if with_transformers:
         import transformers
 
-        before = rss_bytes()
-        m = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
-        models["transformers"] = m.to(device).eval()
-        rss["transformers"] = ((rss_bytes() - before, peak_rss_bytes()) if before is not None
-                               else (None, peak_rss_bytes()))
+        load("transformers", lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, attn_implementation="sdpa").to(device))
     return models, rss
+
+
+@torch.inference_mode()
+def mean_kl(model, reference, vocab: int, device, prompts: int = 8, length: int = 32, seed: int = 1) -> float:
+    """Mean KL(reference || model) of the next-token distributions at every position of a fixed set of random
+    prompts (a fixed seed: the same set on every run)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (prompts, length), generator=g).to(device)
+    p = reference(input_ids=ids).logits.float().log_softmax(-1)
+    q = model(input_ids=ids).logits.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 # ---------------------------------------------------------------- measurements
@@ -187,8 +215,15 @@ def time_prefill(model, ids: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_decode(model, ids: torch.Tensor, steps: int) -> float:
     """Seconds per decode step: prefill `ids` into the KV cache (untimed), one untimed step, then `steps` greedy
-    single-token forwards with past_key_values, timed together."""
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    single-token forwards with past_key_values, timed together. moelm models decode through their StaticCache
+    (what moelm's generate uses), transformers through its DynamicCache (what its generate uses)."""
+    cache = None
+    if type(model).__module__.startswith("moelm"):
+        from .inference import StaticCache
+
+        cache = StaticCache(model.config, ids.shape[0], ids.shape[1] + steps + 2,
+                            model.get_input_embeddings().weight.dtype, ids.device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     nxt = out.logits[:, -1:].argmax(-1)
     out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
@@ -218,13 +253,10 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         device: str = "cpu", decode_context: int = 64, bandwidth_bytes: int = 2**30, seed: int = 0,
         log=print) -> dict:
     """Benchmark one model/dtype; returns a dict with keys machine, model, dtype, threads, device, bandwidth,
-    weights, rss and rows (one per metric: name, unit, moelm, transformers)."""
-    from .configs import dtype_from_str
-
+    weights, rss, labels (the two columns), kl (quantized runs) and rows (one per metric: name, unit, per label)."""
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    torch_dtype = dtype_from_str(dtype)
     config = bench_config(model)
     rows = []
     log = log or (lambda *a, **k: None)
@@ -235,10 +267,16 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         t = time.perf_counter()
         write_checkpoint(config, tmp, seed=seed)
         log(f"wrote random {model} checkpoint in {time.perf_counter() - t:.1f} s")
-        models, rss = load_models(tmp, torch_dtype, dev, transformers)
-    weights = bytes_per_token(models["moelm"], config, torch_dtype)
-    log(f"loaded {', '.join(models)}: {weights['params_total'] / 1e6:.0f}M parameters, "
-        f"{weights['bytes_per_token'] / 1e6:.0f} MB of weights read per decoded token")
+        models, rss = load_models(tmp, dtype, dev, transformers)
+    labels = list(models)
+    weights = {label: bytes_per_token(m, config) for label, m in models.items() if label.startswith("moelm")}
+    main = weights[labels[0]]
+    log(f"loaded {', '.join(labels)}: {main['params_total'] / 1e6:.0f}M parameters, "
+        f"{main['bytes_per_token'] / 1e6:.0f} MB of weights read per decoded token")
+    kl = None
+    if dtype in QUANTIZED:
+        kl = mean_kl(models[labels[0]], models[labels[1]], config.vocab_size, dev)
+        log(f"mean KL of next-token distributions vs fp32: {kl:.2e}")
 
     g = torch.Generator().manual_seed(seed)
     vocab = config.vocab_size
@@ -246,20 +284,21 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         ids = torch.randint(0, vocab, (1, p), generator=g).to(dev)
         med = _alternate(models, lambda m: time_prefill(m, ids), repeats)
         rows.append(dict(name=f"prefill {p} tok", unit="tok/s", **{lib: p / s for lib, s in med.items()}))
-        log(_fmt_row(rows[-1]))
+        log(_fmt_row(rows[-1], labels))
     for b in batches:
         ids = torch.randint(0, vocab, (b, decode_context), generator=g).to(dev)
         med = _alternate(models, lambda m: time_decode(m, ids, decode_tokens), repeats)
         rows.append(dict(name=f"decode b{b}", unit="tok/s", **{lib: b / s for lib, s in med.items()}))
-        log(_fmt_row(rows[-1]))
+        log(_fmt_row(rows[-1], labels))
         if b == 1:
+            per_token = {lib: weights.get(lib, weights[labels[0]])["bytes_per_token"] for lib in med}
             rows.append(dict(name="decode b1 / bandwidth", unit="%",
-                             **{lib: 100 * weights["bytes_per_token"] / s / bw for lib, s in med.items()}))
+                             **{lib: 100 * per_token[lib] / s / bw for lib, s in med.items()}))
     rows.append(dict(name="RSS added by load", unit="MB",
                      **{lib: (d / 1e6 if d is not None else float("nan")) for lib, (d, _) in rss.items()}))
     rows.append(dict(name="peak RSS after load", unit="MB", **{lib: pk / 1e6 for lib, (_, pk) in rss.items()}))
     return dict(machine=machine_line(threads, device), model=model, dtype=dtype, threads=threads, device=device,
-                bandwidth=bw, weights=weights, rss=rss, rows=rows, decode_tokens=decode_tokens,
+                bandwidth=bw, weights=main, rss=rss, rows=rows, labels=labels, kl=kl, decode_tokens=decode_tokens,
                 decode_context=decode_context, repeats=repeats)
 
 
@@ -273,14 +312,15 @@ def _num(v) -> str:
     return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def _fmt_row(r: dict) -> str:
-    return f"  {r['name']} ({r['unit']}): moelm {_num(r.get('moelm'))}, transformers {_num(r.get('transformers'))}"
+def _fmt_row(r: dict, labels) -> str:
+    return f"  {r['name']} ({r['unit']}): " + ", ".join(f"{lib} {_num(r.get(lib))}" for lib in labels)
 
 
 def table(result: dict) -> str:
-    lines = ["| metric | moelm | transformers | ratio (moelm / transformers) |", "|---|---:|---:|---:|"]
+    a_label, b_label = (result["labels"] + ["—"])[:2]
+    lines = [f"| metric | {a_label} | {b_label} | ratio |", "|---|---:|---:|---:|"]
     for r in result["rows"]:
-        a, b = r.get("moelm"), r.get("transformers")
+        a, b = r.get(a_label), r.get(b_label)
         ratio = f"{a / b:.2f}×" if a is not None and b not in (None, 0) and a == a and b == b else "—"
         lines.append(f"| {r['name']} ({r['unit']}) | {_num(a)} | {_num(b)} | {ratio} |")
     return "\n".join(lines)
@@ -288,17 +328,20 @@ def table(result: dict) -> str:
 
 def markdown_section(result: dict) -> str:
     w = result["weights"]
+    kl = "" if result["kl"] is None else (f" Mean KL divergence of next-token distributions vs fp32 (8 random "
+                                          f"32-token prompts, every position): {result['kl']:.2e}.")
     return (f"\n### {result['model']}, {result['dtype']}, {result['device']}\n\n"
             f"Machine: {result['machine']}  \n"
             f"Streaming-read bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s (1 GiB fp32 `x.sum()`, median of 5). "
             f"{w['params_total'] / 1e6:.0f}M parameters, {w['bytes_per_token'] / 1e6:.0f} MB of weights read per "
             f"decoded token. Decode: {result['decode_tokens']} steps after a {result['decode_context']}-token "
-            f"context; median of {result['repeats']} alternating repeats.\n\n{table(result)}\n")
+            f"context; median of {result['repeats']} alternating repeats.{kl}\n\n{table(result)}\n")
 
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", default="ernie-0.3b", choices=list(BENCH_MODELS))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "int8", "int4"),
+                   help="int8/int4: moelm's quantized weights against moelm float32 (and their mean KL)")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[256])
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--decode-context", type=int, default=64, help="tokens in the KV cache before decoding")

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
         p.add_argument("--dtype", default="auto", choices=DTYPES)
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                       help="quantize the weights while loading (weight-only int8 or int4)")
 
     def sampling_args(p):
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -101,7 +103,8 @@ def load(args):
     from .tokenizer import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
+                                                 quantization=args.quantization)
     return model, tokenizer
 
 

@@ -80,7 +80,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     """x [..., I] (any float dtype; computed in fp32) times weight [O, I] (or [E, O, I] with `select` [rows] picking
     a matrix per row of x) -> [..., O] fp32.
 
-    weight: fp32, bf16, int8 (scale [O] or [E, O]), or uint8 int4 pairs [.., O, I/2] (scale [.., O, I/group_size])."""
+    weight: fp32, bf16, int8 (scale [O] or [E, O]), or uint8 int4 pairs [.., O, I/2] (scale [.., O, I/group_size]).
+    Under torch.compile it is the custom op moelm::gemv, opaque to the compiler."""
+    if torch.compiler.is_compiling():
+        return _gemv_op(x, weight, scale, group_size, bias, select)
+    return _gemv(x, weight, scale, group_size, bias, select)
+
+
+def _gemv(x, weight, scale, group_size, bias, select):
     lib = library()
     shape = x.shape
     x = x.reshape(-1, shape[-1]).float().contiguous()
@@ -102,3 +109,14 @@ def _ptr(t: torch.Tensor | None):
         return None
     assert t.is_contiguous() and t.device.type == "cpu"
     return t.data_ptr()
+
+
+@torch.library.custom_op("moelm::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, group_size: int,
+             bias: torch.Tensor | None, select: torch.Tensor | None) -> torch.Tensor:
+    return _gemv(x, weight, scale, group_size, bias, select)
+
+
+@_gemv_op.register_fake
+def _(x, weight, scale, group_size, bias, select):
+    return x.new_empty(*x.shape[:-1], weight.shape[-2], dtype=torch.float32)
