@@ -1,0 +1,1093 @@
+"""The inference fast paths: csrc/gemv.c kernels, StaticCache, fused q/k/v and gate/up projections, int8/int4
+quantization while loading, the tiled fp32 compute of bf16 weights, and the memory of quantized loading.
+
+Each family's tiny named config (biases switched on where the family has them) is randomised like the reference
+models (reference.randomise), saved once, and loaded with fast=True (the default) and fast=False (plain PyTorch);
+the two must agree to fp32 rounding. Quantized models are compared with the fp32 one by the KL divergence of their
+next-token distributions, and their decode path (gemv kernels) with their prefill path (dequantize + matmul).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moelm
+from moelm import inference, kernels, quantization
+from moelm.inference import StaticCache
+from moelm.layers import MLP, Attention, DynamicCache
+from moelm.moe import Experts
+from moelm.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
+from reference import randomise
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# family -> (named config, overrides): biases on where the family has them, so fused / quantized biases are covered
+FAMILIES = {
+    "ernie4_5": ("ernie4_5-tiny", dict(use_bias=True)),
+    "ernie4_5_moe": ("ernie4_5_moe-tiny", {}),
+    "phimoe": ("phimoe-tiny", dict(attention_bias=True, lm_head_bias=True)),
+}
+FAMILY_NAMES = tuple(FAMILIES)
+VOCAB = 512
+PAD = 0
+
+_TMP = tempfile.TemporaryDirectory(prefix="moelm-fast-")
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="csrc/gemv.c kernels not available (no C compiler, "
+                                   "MOELM_NO_KERNELS set, or the build failed)")
+
+
+# ------------------------------------------------------------------ helpers
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread for the model tests: light on a shared machine, and OpenMP barriers (gemv.c's and PyTorch's) are
+    not slowed down by other processes. The gemv tests ask for two threads (`threads`), to split output blocks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def threads():
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+def tiny_config(family: str):
+    name, overrides = FAMILIES[family]
+    config = moelm.named_config(name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@functools.cache
+def checkpoint(family: str) -> Path:
+    """A randomised tiny model of the family saved in hub format (fp32)."""
+    model = moelm.AutoModelForCausalLM.from_config(tiny_config(family), seed=0, fast=False)
+    randomise(model, seed=0)
+    path = Path(_TMP.name) / family
+    model.save_pretrained(path)
+    return path
+
+
+_MODELS: dict = {}
+
+
+def load(family: str, fresh: bool = False, **kwargs):
+    """from_pretrained of the family's checkpoint; shared between tests unless fresh (tests that change a model)."""
+    key = (family, repr(sorted(kwargs.items())))
+    if fresh or key not in _MODELS:
+        model = moelm.AutoModelForCausalLM.from_pretrained(checkpoint(family), **kwargs)
+        if fresh:
+            return model
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def prompts(batch: int = 2, seq: int = 12, pads=(3, 0), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask): random tokens, row i left-padded with pads[i] PAD tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row, n in enumerate(pads[:batch]):
+        mask[row, :n] = 0
+        ids[row, :n] = PAD
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def prefill_then_decode(model, ids, mask, new, cache) -> torch.Tensor:
+    """Next-token logits [B, 1 + N, V]: after the prompt, then after each of the N tokens of `new` fed one at a
+    time through `cache` (what generate does)."""
+    out = model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for t in range(new.shape[1]):
+        mask = F.pad(mask, (0, 1), value=1)
+        pos = mask.sum(-1, keepdim=True) - 1
+        out = model(new[:, t:t + 1], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1).float()
+
+
+@torch.no_grad()
+def full_logits(model, ids, mask, new) -> torch.Tensor:
+    """The same next-token logits as prefill_then_decode, from one forward pass over prompt + new tokens."""
+    ids = torch.cat([ids, new], dim=1)
+    mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    logits = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return logits[:, -(new.shape[1] + 1):].float()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float, msg: str = ""):
+    """|a - b| <= rel * max|b| (+ the same relative tolerance elementwise)."""
+    a, b = a.float(), b.float()
+    scale = float(b.abs().max())
+    torch.testing.assert_close(a, b, rtol=rel, atol=rel * max(scale, 1e-6),
+                               msg=lambda m: f"{msg}: {m} (logit scale {scale:.3g})")
+
+
+@contextlib.contextmanager
+def count_gemv():
+    """Counts kernels.gemv calls inside the block: [n]."""
+    calls = [0]
+    real = kernels.gemv
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    kernels.gemv = counting
+    try:
+        yield calls
+    finally:
+        kernels.gemv = real
+
+
+def static_cache(model, batch: int, length: int) -> StaticCache:
+    return StaticCache(model.config, batch, length, model.get_input_embeddings().weight.dtype)
+
+
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean KL(p || q) over positions of next-token distributions [..., V]."""
+    p = F.log_softmax(p_logits.float(), dim=-1)
+    q = F.log_softmax(q_logits.float(), dim=-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------ 1. gemv kernels
+
+def test_kernels_built_when_a_compiler_exists():
+    """A broken build of csrc/gemv.c must not silently turn every kernel test into a skip."""
+    if os.environ.get("MOELM_NO_KERNELS"):
+        pytest.skip("MOELM_NO_KERNELS is set")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    assert kernels.available(), "a C compiler exists but csrc/gemv.c did not build (see the warning)"
+
+
+def test_kernels_build_from_scratch_in_a_fresh_cache(tmp_path):
+    """The library compiles into $MOELM_CACHE on first use (a subprocess, so the loaded library is not reused)."""
+    if os.environ.get("MOELM_NO_KERNELS") or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler / kernels disabled")
+    env = dict(os.environ, MOELM_CACHE=str(tmp_path))
+    code = ("import torch, moelm.kernels as k; assert k.available(); x = torch.ones(1, 32); w = torch.ones(3, 32); "
+            "print(k.gemv(x, w).tolist())")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[32.0, 32.0, 32.0]]"
+    assert list(tmp_path.glob("kernels/*/gemv.so")), "no compiled library in the fresh cache"
+
+
+FORMATS = ("fp32", "bf16", "int8", "int4-g32", "int4-g64")
+
+
+def make_weight(fmt: str, shape: tuple[int, ...], seed: int = 0):
+    """(weight as gemv takes it, scale, group_size, the fp32 matrix it stands for)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    if fmt == "fp32":
+        return w, None, 0, w
+    if fmt == "bf16":
+        wb = w.to(torch.bfloat16)
+        return wb, None, 0, wb.float()
+    if fmt == "int8":
+        q, s = quantize(w, "int8")
+        return q, s, 0, dequantize(q, s, 0)
+    group = int(fmt.rpartition("g")[2])
+    q, s = quantize(w, "int4", group)
+    return q, s, group, dequantize(q, s, group)
+
+
+def check_gemv(y, x, fmt, w, scale, group, dense, bias=None, select=None, msg=""):
+    """y == x @ dense.T (+ bias) to fp32 rounding (1e-5 relative). int4 within the bound of gemv.c's integer
+    kernel (few rows or `select`), which rounds each group of G activations to int16 steps of max|x_g| / 32767:
+    |error| <= sum over groups of scale * step / 2 * sum(nibbles), plus 1e-5 of sum |x| * (nibble + 8) * scale."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    y = y.reshape(x.shape[0], -1)
+    if select is None:
+        expected = F.linear(x, dense, bias)
+    else:
+        expected = torch.stack([F.linear(x[m], dense[int(select[m])], bias) for m in range(x.shape[0])])
+    if not fmt.startswith("int4"):
+        close(y, expected, 1e-5, msg)
+        return
+    rows, features = x.shape
+    nibbles = dequantize(w, torch.ones_like(scale), group) + 8  # [(E,) O, I] in 0..15
+    if select is None:
+        nibbles, scale = nibbles.expand(rows, *nibbles.shape), scale.expand(rows, *scale.shape)
+    else:
+        nibbles, scale = nibbles[select], scale[select]  # [rows, O, I], [rows, O, groups]
+    out_features, groups = scale.shape[1], features // group
+    nibbles = nibbles.reshape(rows, out_features, groups, group)
+    xg = x.reshape(rows, 1, groups, group)
+    step = xg.abs().amax(-1) / 32767  # [rows, 1, groups]
+    rounding = (scale * step / 2 * nibbles.sum(-1)).sum(-1)  # [rows, O]
+    magnitude = (xg.abs() * (nibbles + 8) * scale[..., None]).sum((-1, -2))
+    err = (y - expected).abs()
+    tol = rounding + 1e-5 * magnitude
+    assert bool((err <= tol).all()), f"{msg}: int4 error {float(err.max()):.3g}, worst excess " \
+                                    f"{float((err - tol).max()):.3g} (bound {float(tol.max()):.3g})"
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", (1, 3, 4, 5, 8, 16))
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+def test_gemv_matches_linear(fmt, rows, with_bias, threads):
+    out_features, in_features = 37, 256  # 37: not a multiple of the 8-row output blocks
+    w, scale, group, dense = make_weight(fmt, (out_features, in_features))
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    y = kernels.gemv(x, w, scale, group, bias)
+    assert y.dtype == torch.float32 and y.shape == (rows, out_features)
+    check_gemv(y, x, fmt, w, scale, group, dense, bias, msg=f"{fmt} rows={rows}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_shapes_and_input_dtypes(fmt, threads):
+    """Leading dims of x are kept; x in bf16 / fp64 is computed in fp32; larger I and O (several threads' blocks)."""
+    w, scale, group, dense = make_weight(fmt, (300, 512), seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 512, generator=g)
+    y = kernels.gemv(x, w, scale, group)
+    assert y.shape == (2, 3, 300)
+    check_gemv(y, x, fmt, w, scale, group, dense, msg="3d input")
+    for dtype in (torch.bfloat16, torch.float64):
+        xd = x[0, :1].to(dtype)
+        check_gemv(kernels.gemv(xd, w, scale, group), xd, fmt, w, scale, group, dense, msg=str(dtype))
+    # a narrow weight: fewer output rows than one block
+    w, scale, group, dense = make_weight(fmt, (3, 64), seed=5)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64, generator=g)
+        check_gemv(kernels.gemv(x, w, scale, group), x, fmt, w, scale, group, dense, msg=f"O=3 rows={rows}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", (1, 3, 5, 16))
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+def test_gemv_select_matches_per_row_linear(fmt, rows, with_bias, threads):
+    """Stacked [E, O, I] matrices, one chosen per row of x (the experts of each (token, choice) pair)."""
+    experts, out_features, in_features = 5, 37, 128
+    w, scale, group, dense = make_weight(fmt, (experts, out_features, in_features), seed=rows)
+    g = torch.Generator().manual_seed(100 + rows)
+    x = torch.randn(rows, in_features, generator=g)
+    select = torch.randint(0, experts, (rows,), generator=g)
+    select[0] = experts - 1  # the last matrix is always read
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    y = kernels.gemv(x, w, scale, group, bias, select=select)
+    check_gemv(y, x, fmt, w, scale, group, dense, bias, select, msg=f"{fmt} select rows={rows}")
+
+
+@needs_kernels
+def test_linear_routes_few_rows_to_the_kernel(monkeypatch):
+    """inference.linear uses gemv for <= MAX_ROWS rows without gradients, PyTorch otherwise; same results."""
+    calls = []
+    real = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 64, generator=g), torch.randn(40, generator=g)
+    x = torch.randn(kernels.MAX_ROWS, 64, generator=g)
+    with torch.no_grad():
+        close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, "kernel rows")
+        assert calls, "16 rows should go through the kernel"
+        calls.clear()
+        x = torch.randn(kernels.MAX_ROWS + 1, 64, generator=g)
+        close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, "matmul rows")
+        assert not calls, "17 rows should use the dense matmul"
+        x = torch.randn(2, 48, generator=g)  # I not a multiple of 32
+        w48 = torch.randn(40, 48, generator=g)
+        close(inference.linear(x, w48, b), F.linear(x, w48, b), 1e-5, "I=48")
+        assert not calls, "I=48 cannot use the kernel"
+
+
+# ------------------------------------------------------------------ 2. quantize / dequantize
+
+@pytest.mark.parametrize("shape", ((7, 64), (3, 5, 128)))
+def test_int8_round_trip_error_within_half_a_step(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, shape[-2])[:, None]
+    q, scale = quantize(w, "int8")
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == w.shape[:-1]
+    assert scale.dtype == torch.float32
+    assert int(q.abs().max()) <= 127
+    torch.testing.assert_close(scale, w.abs().amax(-1) / 127)
+    err = (w - dequantize(q, scale, 0)).abs()
+    assert bool((err <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7).all()), float((err / scale[..., None]).max())
+    # the largest entry of each row is exact (±127 steps)
+    assert bool((q.abs().amax(-1) == 127).all())
+
+
+@pytest.mark.parametrize("group", (32, 64, 128))
+@pytest.mark.parametrize("lead", ((), (3,)))
+def test_int4_round_trip_error_within_half_a_step(group, lead):
+    rows, cols = 6, 256
+    w = torch.randn(*lead, rows, cols, generator=torch.Generator().manual_seed(group))
+    w[..., 0, :group] *= 50  # groups of very different magnitudes in one row
+    q, scale = quantize(w, "int4", group)
+    assert q.dtype == torch.uint8 and q.shape == (*lead, rows, cols // 2)
+    assert scale.shape == (*lead, rows, cols // group) and scale.dtype == torch.float32
+    deq = dequantize(q, scale, group)
+    assert deq.shape == w.shape
+    per_elem_scale = scale.repeat_interleave(group, dim=-1)
+    err = (w - deq).abs()
+    assert bool((err <= per_elem_scale / 2 * (1 + 1e-5) + 1e-7).all()), float((err / per_elem_scale).max())
+    # dequantize in another dtype agrees
+    torch.testing.assert_close(dequantize(q, scale, group, torch.float64), deq.double())
+
+
+def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """Hand-written unpacking of one row: byte j of a group holds input j (low nibble) and j + group/2 (high)."""
+    values = []
+    half = group // 2
+    for g0 in range(0, packed.shape[-1], half):
+        chunk = [int(b) for b in packed[g0:g0 + half]]
+        values += [b & 15 for b in chunk] + [b >> 4 for b in chunk]
+    return torch.tensor(values)
+
+
+@pytest.mark.parametrize("group", (32, 64))
+def test_int4_packing_layout(group):
+    # a literal group with scale exactly 1: low half -7.5, -7, ..., 7 and high half 7, 6, ..., -7, 0
+    low = torch.tensor([-7.5] + [float(v) for v in range(-7, 8)])
+    high = torch.tensor([float(v) for v in range(7, -8, -1)] + [0.0])
+    row = torch.cat([low, high])
+    if group == 64:
+        row = torch.cat([row[:16], row[:16], row[16:], row[16:]])  # same values, group of 64
+    w = torch.cat([row, row])[None]  # two groups
+    q, scale = quantize(w, "int4", group)
+    torch.testing.assert_close(scale, torch.ones(1, 2))
+    half = group // 2
+    nibbles = (w[0] + 8).round().clamp(0, 15).to(torch.uint8)  # -7.5 -> 0.5 -> 0 (round half to even)
+    for start in (0, group):
+        for j in range(half):
+            expected = int(nibbles[start + j]) | (int(nibbles[start + j + half]) << 4)
+            assert int(q[0, start // 2 + j]) == expected, (start, j)
+    assert int(q[0, 0]) == 0xF0  # -7.5 -> nibble 0 low, 7 -> nibble 15 high
+
+    # random weights: the hand-written unpacking agrees with dequantize and with the quantization rule
+    w = torch.randn(4, 4 * group, generator=torch.Generator().manual_seed(1))
+    q, scale = quantize(w, "int4", group)
+    deq = dequantize(q, scale, group)
+    for r in range(4):
+        n = unpack_int4(q[r], group).float() - 8
+        torch.testing.assert_close(deq[r], n * scale[r].repeat_interleave(group))
+        s = scale[r].repeat_interleave(group)
+        torch.testing.assert_close(n, (w[r] / s).round().clamp(-8, 7))
+
+
+def test_quantize_zero_rows_and_groups():
+    w = torch.zeros(3, 64)
+    w[1, 40] = 2.0
+    for mode, group in (("int8", 0), ("int4", 32)):
+        q, s = quantize(w, mode, group or 64)
+        deq = dequantize(q, s, group)
+        assert torch.isfinite(deq).all()
+        assert bool((deq[0] == 0).all()) and bool((deq[2] == 0).all())
+        torch.testing.assert_close(deq[1, 40], torch.tensor(2.0), rtol=0.07, atol=0)
+
+
+# ------------------------------------------------------------------ 3. fast path == reference path
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fast_matches_reference_padded_prefill(family):
+    fast, ref = load(family), load(family, fast=False)
+    ids, mask = prompts(batch=2, seq=12, pads=(3, 0))
+    with torch.no_grad():
+        a = fast(ids, attention_mask=mask).logits
+        b = ref(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    close(a[valid], b[valid], 1e-5, f"{family} prefill")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fast_matches_reference_one_token_decode(family):
+    """Decode steps (2 rows: the gemv kernels) through a StaticCache on the fast model, a DynamicCache on the
+    reference path, and one forward pass over the whole sequence: all the same next-token logits."""
+    fast, ref = load(family), load(family, fast=False)
+    ids, mask = prompts(batch=2, seq=7, pads=(2, 0))
+    new = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    with count_gemv() as calls:
+        a = prefill_then_decode(fast, ids, mask, new, static_cache(fast, 2, 16))
+    if kernels.available():
+        assert calls[0] > 0, "the fast model's decode steps did not use the gemv kernels"
+    b = prefill_then_decode(ref, ids, mask, new, DynamicCache())
+    c = full_logits(ref, ids, mask, new)
+    close(a, b, 1e-5, f"{family} fast decode vs reference decode")
+    close(a, c, 1e-5, f"{family} fast decode vs reference prefill")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fast_generate_matches_reference(family):
+    fast, ref = load(family), load(family, fast=False)
+    ids, mask = prompts(batch=2, seq=8, pads=(3, 0))
+    kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    greedy = fast.generate(ids, do_sample=False, **kw)
+    assert greedy.shape[1] > ids.shape[1]
+    assert torch.equal(greedy, ref.generate(ids, do_sample=False, **kw)), f"{family} greedy"
+    assert len(set(greedy[0, ids.shape[1]:].tolist())) > 1, "greedy decoding repeats one token: weak test"
+
+    sampled = []
+    for model in (fast, ref):
+        torch.manual_seed(1234)
+        sampled.append(model.generate(ids, do_sample=True, top_k=50, temperature=1.0, top_p=1.0, **kw))
+    assert torch.equal(*sampled), f"{family} sampling"
+
+    beams = [m.generate(ids, num_beams=3, do_sample=False, **kw) for m in (fast, ref)]
+    assert torch.equal(*beams), f"{family} beam search"
+
+
+# ------------------------------------------------------------------ 4. StaticCache vs DynamicCache
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_static_cache_generate_matches_dynamic(family):
+    model = load(family)
+    ids, mask = prompts(batch=2, seq=8, pads=(2, 0), seed=7)
+    kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, return_dict_in_generate=True,
+              output_scores=True)
+    runs = {impl: model.generate(ids, cache_implementation=impl, do_sample=False, **kw)
+            for impl in ("static", "dynamic")}
+    assert isinstance(runs["static"].past_key_values, StaticCache)
+    assert isinstance(runs["dynamic"].past_key_values, DynamicCache)
+    assert torch.equal(runs["static"].sequences, runs["dynamic"].sequences)
+    for s, d in zip(runs["static"].scores, runs["dynamic"].scores, strict=True):
+        close(s, d, 1e-5, "scores")
+    default = model.generate(ids, do_sample=False, **kw)
+    assert isinstance(default.past_key_values, StaticCache), "generate's default cache should be the static one"
+
+    beams = {impl: model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, num_beams=3,
+                                  num_return_sequences=2, cache_implementation=impl) for impl in ("static", "dynamic")}
+    assert torch.equal(beams["static"], beams["dynamic"])
+
+    one = model.generate(ids[1:], max_new_tokens=10, cache_implementation="static", do_sample=False)
+    assert torch.equal(one, model.generate(ids[1:], max_new_tokens=10, cache_implementation="dynamic",
+                                           do_sample=False))
+
+    sampled = []
+    for impl in ("static", "dynamic"):
+        torch.manual_seed(99)
+        sampled.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, do_sample=True,
+                                      top_k=20, cache_implementation=impl))
+    assert torch.equal(*sampled)
+
+
+def test_invalid_cache_implementation_rejected():
+    model = load("ernie4_5")
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, cache_implementation="paged")
+
+
+def test_static_cache_update_beyond_max_length_raises():
+    config = tiny_config("ernie4_5")
+    cache = StaticCache(config, 2, 5, torch.float32)
+    shape = (2, config.num_key_value_heads, 3, config.head_size)
+    k, v = torch.randn(shape), torch.randn(shape)
+    for layer in range(config.num_hidden_layers):
+        cache.update(k, v, layer)
+    with pytest.raises(ValueError, match=r"holds 5 positions; 6 were asked for"):
+        cache.update(k, v, 0)
+    # a failed update changes nothing: 2 more positions still fit
+    assert cache.get_seq_length(0) == 3
+    k2, v2 = cache.update(k[:, :, :2], v[:, :, :2], 0)
+    assert k2.shape[-2] == 5 and torch.equal(k2[:, :, 3:], k[:, :, :2]) and torch.equal(v2[:, :, :3], v)
+
+
+def _filled_caches(config, batch: int, steps: list[int], seed: int = 0):
+    static, dynamic = StaticCache(config, batch, 32, torch.float32), DynamicCache()
+    g = torch.Generator().manual_seed(seed)
+    for n in steps:
+        for layer in range(config.num_hidden_layers):
+            shape = (batch, config.num_key_value_heads, n, config.head_size)
+            k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            ks, vs = static.update(k, v, layer)
+            kd, vd = dynamic.update(k, v, layer)
+            assert torch.equal(ks, kd) and torch.equal(vs, vd)
+    return static, dynamic
+
+
+def _assert_same_cache(static, dynamic, config, batch, seed=1):
+    """Both caches give the same keys/values after one more update."""
+    assert static.get_seq_length() == dynamic.get_seq_length()
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(config.num_hidden_layers):
+        shape = (batch, config.num_key_value_heads, 1, config.head_size)
+        k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        ks, vs = static.update(k, v, layer)
+        kd, vd = dynamic.update(k, v, layer)
+        assert torch.equal(ks, kd) and torch.equal(vs, vd), layer
+
+
+def test_static_cache_crop_and_reorder_match_dynamic():
+    config = tiny_config("ernie4_5")
+    static, dynamic = _filled_caches(config, 3, [4, 1, 1])
+    assert static.get_seq_length() == 6 and len(static) == config.num_hidden_layers
+    static.crop(4)
+    dynamic.crop(4)
+    assert static.get_seq_length() == 4
+    _assert_same_cache(static, dynamic, config, 3)
+    static.crop(10)  # longer than the cache: nothing changes
+    dynamic.crop(10)
+    assert static.get_seq_length() == 5
+
+    beam_idx = torch.tensor([2, 0, 0])
+    static.reorder_cache(beam_idx)
+    dynamic.reorder_cache(beam_idx)
+    _assert_same_cache(static, dynamic, config, 3, seed=2)
+    assert static.get_seq_length() == 6
+
+
+def test_static_cache_negative_crop_matches_dynamic():
+    """DynamicCache.crop(-n) drops the last n positions (as transformers' caches do, for assisted decoding); the
+    StaticCache, generate's default, must do the same rather than store a negative length."""
+    config = tiny_config("ernie4_5")
+    static, dynamic = _filled_caches(config, 2, [5])
+    dynamic.crop(-2)
+    assert dynamic.get_seq_length() == 3
+    static.crop(-2)
+    assert static.get_seq_length() == 3
+    _assert_same_cache(static, dynamic, config, 2)
+
+
+# ------------------------------------------------------------------ 5. fused projections
+
+def _fused_pairs(model):
+    """(module, Fused, [projections]) for every Attention and MLP."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            pairs.append((module, module.fused_qkv, [module.q_proj, module.k_proj, module.v_proj]))
+        elif isinstance(module, MLP):
+            pairs.append((module, module.fused_gate_up, [module.gate_proj, module.up_proj]))
+    return pairs
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_projections_view_one_weight(family):
+    model, ref = load(family), load(family, fast=False)
+    pairs = _fused_pairs(model)
+    assert pairs and all(fused is not None for _, fused, _ in pairs)
+    assert all(fused is None for _, fused, _ in _fused_pairs(ref))
+    has_bias = family != "ernie4_5_moe"
+    x = torch.randn(1, 2, model.config.hidden_size)
+    for module, fused, projections in pairs:
+        fw = fused.module.weight
+        with torch.no_grad():
+            assert inference.fused_ready(fused, x)
+        assert not inference.fused_ready(fused, x)  # gradients enabled: the separate projections
+        start = fw.data_ptr()
+        names = ["weight"] + (["bias"] if has_bias else [])
+        assert (projections[0].bias is not None) == has_bias
+        offset = {name: 0 for name in names}
+        for proj in projections:
+            for name in names:
+                whole, part = getattr(fused.module, name), getattr(proj, name)
+                assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr(), "not a view"
+                assert part.data_ptr() == whole.data_ptr() + offset[name] * part.element_size(), name
+                offset[name] += part.numel()
+            assert isinstance(proj.weight, nn.Parameter)
+        assert offset["weight"] == fw.numel() and fw.data_ptr() == start
+    # the same numbers as the unfused model: state_dict keys and tensors unchanged
+    sd, sd_ref = model.state_dict(), ref.state_dict()
+    assert list(sd) == list(sd_ref)
+    for key in sd:
+        assert torch.equal(sd[key], sd_ref[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_model_save_round_trip(family, tmp_path):
+    model, ref = load(family), load(family, fast=False)
+    model.save_pretrained(tmp_path)
+    back = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, fast=False)
+    ids, mask = prompts(seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits)
+    for (key, a), (key_b, b) in zip(back.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert key == key_b and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_load_state_dict_updates_the_fused_weight(family):
+    """The projections are views of the fused weight: loading new values into them reaches the fused matmul."""
+    model = load(family, fresh=True)
+    other = moelm.AutoModelForCausalLM.from_config(tiny_config(family), seed=1, fast=False)
+    randomise(other, seed=1)
+    model.load_state_dict(other.state_dict())
+    ids, mask = prompts(seed=4)
+    with torch.no_grad():
+        assert all(inference.fused_ready(f, ids) for _, f, _ in _fused_pairs(model))
+        close(model(ids, attention_mask=mask).logits[mask.bool()],
+              other(ids, attention_mask=mask).logits[mask.bool()], 1e-5, "after load_state_dict")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cast_model_stops_using_the_fused_weight(family):
+    ids, mask = prompts(seed=5)
+    valid = mask.bool()
+    model = load(family, fresh=True).to(torch.float64)
+    ref = load(family, fresh=True, fast=False).to(torch.float64)
+    with torch.no_grad():
+        x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float64)
+        assert not any(inference.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
+        a, b = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+        assert a.dtype == torch.float64
+        close(a[valid], b[valid], 1e-10, "float64")
+        new = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(0))
+        close(prefill_then_decode(model, ids, mask, new, DynamicCache()),
+              full_logits(ref, ids, mask, new), 1e-9, "float64 decode")
+
+    model, ref = model.half(), ref.half()
+    with torch.no_grad():
+        x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
+        assert not any(inference.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
+        a, b = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+        assert a.dtype == torch.float16 and torch.isfinite(a[valid]).all()
+        close(a[valid], b[valid], 2e-2, "float16")
+        if family == "ernie4_5":  # no routing that a float16 perturbation could flip
+            fp32 = load(family, fast=False)(ids, attention_mask=mask).logits
+            close(a[valid], fp32[valid], 5e-2, "float16 vs float32")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_model_trains(family):
+    """Fusion is inference-only: with gradients the separate projections run and their weights get gradients,
+    the same as without the fast paths."""
+    ids, mask = prompts(batch=2, seq=6, pads=(0, 0), seed=6)  # 12 rows: few enough for the decode kernel
+    grads = []
+    for fast in (True, False):
+        model = load(family, fresh=True, fast=fast)
+        with torch.enable_grad():
+            out = model(ids, attention_mask=mask, labels=ids)
+            out.loss.backward()
+        layer = model.model.layers[0]
+        attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+        assert attn.q_proj.weight.grad is not None and bool(attn.q_proj.weight.grad.abs().sum() > 0)
+        assert attn.v_proj.weight.grad is not None
+        named = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if isinstance(mlp, MLP):
+            assert mlp.up_proj.weight.grad is not None
+        grads.append(named)
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        close(grads[0][name], grads[1][name], 1e-4, name)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fast_model_gradients_reach_trainable_weights_behind_frozen_layers(family):
+    """Fine-tuning only some weights (here the LM head and the last layer's q_proj) with a short batch: the hidden
+    states do not require grad, the weights do. The decode kernel (no autograd) must not be used then."""
+    ids = prompts(batch=1, seq=8, pads=(0,), seed=8)[0]  # 8 rows: within the kernel's row limit
+    trainable = ("lm_head.weight", f"model.layers.{tiny_config(family).num_hidden_layers - 1}.self_attn.q_proj.weight")
+    grads = []
+    for fast in (True, False):
+        model = load(family, fresh=True, fast=fast)
+        if getattr(model.config, "tie_word_embeddings", False):
+            trainable_here = trainable[1:]
+        else:
+            trainable_here = trainable
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable_here)
+        with torch.enable_grad():
+            loss = model(ids, labels=ids).loss
+            assert loss.requires_grad, f"fast={fast}: the loss has no grad_fn"
+            loss.backward()
+        got = {n: p.grad for n, p in model.named_parameters() if n in trainable_here}
+        assert all(g is not None for g in got.values()), f"fast={fast}: {got}"
+        grads.append(got)
+    for name in grads[0]:
+        close(grads[0][name], grads[1][name], 1e-4, name)
+
+
+# ------------------------------------------------------------------ 6. quantization while loading
+
+def _assert_quantized(model, ref, mode: str):
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert linears == [], f"nn.Linear left after {mode} quantization: {linears}"
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    ref_linears = {n for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+    assert ref_linears <= set(qlinears), ref_linears - set(qlinears)
+    assert "lm_head" in qlinears
+    for name, m in qlinears.items():
+        assert m.mode == mode
+        assert m.qweight.dtype == (torch.int8 if mode == "int8" else torch.uint8), name
+        assert m.scale.dtype == torch.float32, name
+    ref_experts = [n for n, m in ref.named_modules() if isinstance(m, Experts)]
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert experts == ref_experts and not any(isinstance(m, Experts) for m in model.modules())
+    # routers (and everything else that is not a Linear / experts) are untouched
+    ref_params = dict(ref.named_parameters())
+    gates = [n for n in ref_params if n.endswith("gate.weight")]
+    assert bool(gates) == (ref.config.model_type != "ernie4_5")
+    params = dict(model.named_parameters())
+    for name in gates + [n for n in ref_params if "norm" in n or "embed" in n or "e_score" in n]:
+        assert params[name].dtype == ref_params[name].dtype and torch.equal(params[name], ref_params[name]), name
+    assert model.quantization.mode == mode
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quantized_loading_replaces_linears_and_experts(family, mode):
+    model, ref = load(family, quantization=mode), load(family, fast=False)
+    _assert_quantized(model, ref, mode)
+    # the quantized weights are those of the checkpoint's
+    group = model.model.layers[0].self_attn.q_proj.group_size
+    q, s = quantize(ref.model.layers[0].self_attn.o_proj.weight, mode, group)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.qweight, q)
+    torch.testing.assert_close(model.model.layers[0].self_attn.o_proj.scale, s)
+    if not getattr(ref.config, "tie_word_embeddings", False):
+        q, s = quantize(ref.lm_head.weight, mode, model.lm_head.group_size or 64)
+        assert torch.equal(model.lm_head.qweight, q)
+    if model.lm_head.bias is not None:
+        assert torch.equal(model.lm_head.bias, ref.lm_head.bias)
+    for layer, ref_layer in zip(model.model.layers, ref.model.layers):
+        block = getattr(layer, layer.mlp_name)
+        if isinstance(getattr(block, "experts", None), QuantizedExperts):
+            qe, fe = block.experts, getattr(ref_layer, ref_layer.mlp_name).experts
+            gq, gs = qe.stacked("gate_up_proj")
+            q, s = quantize(fe.gate_up_proj, mode, qe.group_size or 64)
+            assert torch.equal(gq, q) and torch.equal(gs, s)
+            dq, ds = qe.stacked("down_proj")
+            q, s = quantize(fe.down_proj, mode, qe.group_size or 64)
+            assert torch.equal(dq, q) and torch.equal(ds, s)
+
+
+# Mean KL(fp32 || quantized) bounds, about 3-10x what was measured (dense / ERNIE MoE / PhiMoE: int8 5e-5 / 8e-5 /
+# 2e-3, int4 1.6e-2 / 2.9e-2 / 2.9e-2). The MoE families are higher: a slightly different hidden state can pick
+# another expert (PhiMoE's sparsemixer especially), a discrete change that no weight format avoids.
+KL_BOUNDS = {"ernie4_5": {"int8": 5e-4, "int4": 5e-2}, "ernie4_5_moe": {"int8": 1e-3, "int4": 0.1},
+             "phimoe": {"int8": 1e-2, "int4": 0.1}}
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quantized_next_token_distribution_close_to_fp32(family, mode):
+    bound = KL_BOUNDS[family][mode]
+    model, ref = load(family, quantization=mode), load(family, fast=False)
+    ids, mask = prompts(batch=4, seq=16, pads=(0, 2, 0, 5), seed=11)
+    valid = mask.bool()
+    with torch.no_grad():
+        kl = mean_kl(ref(ids, attention_mask=mask).logits[valid], model(ids, attention_mask=mask).logits[valid])
+        # the decode path (gemv on the packed weights) too
+        new = torch.randint(3, VOCAB, (4, 4), generator=torch.Generator().manual_seed(12))
+        kl_decode = mean_kl(full_logits(ref, ids, mask, new),
+                            prefill_then_decode(model, ids, mask, new, static_cache(model, 4, 24)))
+    assert 0 < kl < bound, f"{family} {mode}: mean KL {kl:.2e}"
+    assert 0 < kl_decode < bound, f"{family} {mode}: decode mean KL {kl_decode:.2e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quantized_decode_matches_prefill_and_fallback(family, mode, monkeypatch):
+    """One-token steps (gemv on packed weights, experts by `select`) == one long forward (dequantized matmul,
+    > 16 rows and > 64 expert pairs) == the same steps without the kernels."""
+    model = load(family, quantization=mode)
+    ids, mask = prompts(batch=2, seq=4, pads=(1, 0), seed=13)
+    new = torch.randint(3, VOCAB, (2, 36), generator=torch.Generator().manual_seed(14))
+    # int8: fp32 rounding. int4: the kernel rounds each group of activations to int16 (see check_gemv), ~3e-4 of
+    # the logit scale measured after all the layers.
+    rel = 1e-4 if mode == "int8" else 1.5e-3
+    full = full_logits(model, ids, mask, new)  # 80 rows
+    with count_gemv() as calls:
+        steps = prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 48))
+    assert calls[0] > 0
+    close(steps, full, rel, f"{family} {mode} decode vs prefill")
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+
+    monkeypatch.setattr(kernels, "_lib", None)  # as with MOELM_NO_KERNELS=1
+    assert not kernels.available()
+    fallback = prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 48))
+    close(steps, fallback, rel, f"{family} {mode} kernels vs fallback")
+    assert torch.equal(greedy, model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                              pad_token_id=PAD))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quantized_fused_projections(family):
+    """q/k/v and gate/up of a quantized model are fused too: packed weights and scales concatenated, the
+    projections' buffers views of them."""
+    model = load(family, quantization="int8")
+    pairs = _fused_pairs(model)
+    assert pairs
+    x = torch.zeros(1, 1, model.config.hidden_size)
+    for _, fused, projections in pairs:
+        assert fused is not None and fused.quantized
+        with torch.no_grad():
+            assert inference.fused_ready(fused, x)
+        offset = 0
+        for proj in projections:
+            assert isinstance(proj, QuantizedLinear)
+            assert proj.qweight.untyped_storage().data_ptr() == fused.module.qweight.untyped_storage().data_ptr()
+            assert proj.qweight.data_ptr() == fused.module.qweight.data_ptr() + offset
+            offset += proj.qweight.numel()
+    unfused = load(family, quantization="int8", fast=False)
+    ids, mask = prompts(seed=15)
+    new = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(15))
+    close(prefill_then_decode(model, ids, mask, new, DynamicCache()),
+          prefill_then_decode(unfused, ids, mask, new, DynamicCache()), 1e-5, "fused vs unfused int8")
+
+
+def test_int4_group_sizes():
+    """group_size 64 where it divides the inputs, 32 where only that does (the MoE's 32-wide experts)."""
+    model = load("ernie4_5_moe", quantization="int4")
+    assert model.model.layers[0].self_attn.q_proj.group_size == 64
+    assert model.lm_head.group_size == 64
+    experts = model.model.layers[1].mlp.experts
+    assert experts.group_size == 32
+    assert experts.stacked("down_proj")[1].shape[-1] == model.config.moe_intermediate_size // 32
+    g32 = load("ernie4_5", quantization=quantization.QuantizationConfig("int4", group_size=32))
+    assert g32.model.layers[0].self_attn.q_proj.scale.shape == (64, 2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantization.QuantizationConfig("int4", group_size=48)
+
+
+def test_tied_head_quantized_from_the_embedding():
+    ref = load("ernie4_5", fast=False)
+    assert ref.config.tie_word_embeddings and ref.lm_head.weight is ref.model.embed_tokens.weight
+    for mode in ("int8", "int4"):
+        model = load("ernie4_5", quantization=mode)
+        assert isinstance(model.lm_head, QuantizedLinear)
+        assert isinstance(model.model.embed_tokens, nn.Embedding)
+        assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+        q, s = quantize(ref.model.embed_tokens.weight, mode, model.lm_head.group_size or 64)
+        assert torch.equal(model.lm_head.qweight, q) and torch.equal(model.lm_head.scale, s)
+
+
+def _quant_mode(spec=None, **kwargs):
+    model = moelm.AutoModelForCausalLM.from_pretrained(checkpoint("ernie4_5"), quantization_config=spec, **kwargs)
+    return model.lm_head.mode if isinstance(model.lm_head, QuantizedLinear) else None
+
+
+def test_bitsandbytes_configs_map_to_moelm_modes():
+    bnb = quantization.BitsAndBytesConfig
+    assert _quant_mode(bnb(load_in_4bit=True)) == "int4"
+    assert _quant_mode(bnb(load_in_8bit=True)) == "int8"
+    assert _quant_mode({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "quant_method": "bitsandbytes"}) == "int4"
+    assert _quant_mode({"load_in_8bit": True}) == "int8"
+    assert _quant_mode(quantization.QuantizationConfig("int8")) == "int8"
+    model = moelm.AutoModelForCausalLM.from_pretrained(
+        checkpoint("phimoe"), quantization_config=bnb(load_in_8bit=True, llm_int8_skip_modules=["lm_head"]))
+    assert type(model.lm_head) is not QuantizedLinear and isinstance(model.lm_head, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+
+
+def test_transformers_bitsandbytes_config_maps_to_moelm_modes():
+    transformers = pytest.importorskip("transformers")
+    for kwargs, mode in (({"load_in_4bit": True}, "int4"), ({"load_in_8bit": True}, "int8")):
+        try:
+            spec = transformers.BitsAndBytesConfig(**kwargs)
+        except Exception as e:  # noqa: BLE001 - transformers may insist on bitsandbytes being installed
+            pytest.skip(f"transformers.BitsAndBytesConfig({kwargs}) cannot be built here: {e}")
+        assert _quant_mode(spec) == mode
+
+
+@pytest.mark.parametrize("kwargs,match", (
+    (dict(quantization="int3"), "int3"),
+    (dict(quantization_config={"load_in_4bit": True, "load_in_8bit": True}), "only one"),
+    (dict(quantization_config={"bnb_4bit_quant_type": "nf4"}), "load_in_8bit=True or load_in_4bit=True"),
+    (dict(quantization="int8", quantization_config={"load_in_8bit": True}), "either"),
+    (dict(quantization=8), "unsupported"),
+))
+def test_invalid_quantization_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moelm.AutoModelForCausalLM.from_pretrained(checkpoint("ernie4_5"), **kwargs)
+
+
+def test_both_bitsandbytes_bits_rejected():
+    with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit"):
+        quantization.BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=True)
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_quantized_model_cannot_be_saved(mode, tmp_path):
+    model = load("phimoe", quantization=mode)
+    with pytest.raises(ValueError, match=mode):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_quantized_classifier_keeps_its_score_head():
+    model = moelm.AutoModelForSequenceClassification.from_pretrained(checkpoint("phimoe"), quantization="int8",
+                                                                      id2label={0: "a", 1: "b", 2: "c"},
+                                                                      pad_token_id=PAD)
+    assert isinstance(model.score, nn.Linear) and model.score.weight.dtype == torch.float32
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert linears == ["score"]
+    ids, mask = prompts(seed=16)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_quantized_bf16_model(family):
+    """quantization with dtype=bfloat16: scales stay fp32, activations / biases bf16; the decode path (kernels,
+    fp32 inside) and the prefill path (weights dequantized to bf16) agree to bf16 rounding."""
+    model = load(family, quantization="int8", dtype="bfloat16")
+    proj = model.model.layers[0].self_attn.q_proj
+    assert proj.scale.dtype == torch.float32 and proj.qweight.dtype == torch.int8
+    assert proj.bias is None or proj.bias.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids, mask = prompts(seed=17)
+    new = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(17))
+    steps = prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 40))
+    full = full_logits(model, ids, mask, new)
+    assert torch.isfinite(steps).all() and torch.isfinite(full).all()
+    assert mean_kl(full, steps) < 2e-3, mean_kl(full, steps)
+    assert float((steps.argmax(-1) == full.argmax(-1)).float().mean()) >= 0.9
+    ref = load(family, fast=False)
+    assert mean_kl(full_logits(ref, ids, mask, new), steps) < KL_BOUNDS[family]["int8"] + 5e-3
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_quantized_model_cast_keeps_decode_correct(dtype):
+    """Casting a quantized model (model.to(dtype) / .half()) casts its float buffers, the fp32 scales included.
+    It must either refuse clearly or keep computing the same numbers; reading the cast scales as fp32 in the
+    kernel gives garbage."""
+    model = load("ernie4_5_moe", fresh=True, quantization="int8")
+    ids, mask = prompts(seed=18)
+    new = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(18))
+    before = prefill_then_decode(model, ids, mask, new, DynamicCache())
+    try:
+        model = model.half() if dtype == torch.float16 else model.to(dtype)
+    except (TypeError, ValueError, RuntimeError) as e:  # refusing is fine
+        assert any(w in str(e).lower() for w in ("quantiz", "int8", "dtype")), str(e)
+        return
+    after = prefill_then_decode(model, ids, mask, new, DynamicCache())
+    assert torch.isfinite(after).all(), "non-finite logits after casting a quantized model"
+    # loading with dtype= instead gives KL 2e-4 (bf16) / 1e-6 (fp16) and the same argmax here
+    assert mean_kl(before, after) < 5e-3
+    assert float((after.argmax(-1) == before.argmax(-1)).float().mean()) >= 0.9
+
+
+# ------------------------------------------------------------------ 7. memory of quantized loading
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import moelm
+    from moelm import checkpoint, inference, quantization, weights  # everything loading imports, before measuring
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    torch.set_num_threads(1)
+    path, mode, tiny = sys.argv[1], sys.argv[2], sys.argv[3]
+    quant = None if mode == "none" else mode
+    # the same load of a tiny checkpoint first: library code paged in and one-off allocations are not counted
+    moelm.AutoModelForCausalLM.from_pretrained(tiny, quantization=quant)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = status("VmRSS:")
+    model = moelm.AutoModelForCausalLM.from_pretrained(path, quantization=quant)
+    peak = status("VmHWM:")
+    print(json.dumps({"increase": peak - before, "reset": reset,
+                      "linear": type(model.model.layers[0].mlp.down_proj).__name__}))
+""")
+
+
+def _load_peak(path: Path, mode: str) -> dict:
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", _MEMORY_SCRIPT, str(path), mode, str(checkpoint("ernie4_5"))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_quantized_loading_never_materialises_the_fp32_model(tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status")
+    config = moelm.Ernie4_5Config(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                  num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                                  tie_word_embeddings=False, max_position_embeddings=512)
+    model = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 100e6 < size < 160e6
+    model.save_pretrained(tmp_path)
+    del model
+    int8 = _load_peak(tmp_path, "int8")
+    assert int8["linear"] == "QuantizedLinear"
+    assert int8["increase"] < 0.6 * size, (
+        f"peak RSS grew by {int8['increase'] / 1e6:.0f} MB loading int8 from a {size / 1e6:.0f} MB fp32 checkpoint")
+    # the measurement itself sees a full-precision load
+    fp32 = _load_peak(tmp_path, "none")
+    assert fp32["increase"] > 0.8 * size, fp32
+    assert int8["increase"] < 0.6 * fp32["increase"], (int8, fp32)
+
+
+# ------------------------------------------------------------------ 8. bf16 weights on CPU
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bf16_fast_matches_reference(family):
+    """40 tokens (> 16 rows: the tiled fp32 compute of bf16 weights) and one-token decode steps (the bf16 gemv)."""
+    fast, ref = load(family, dtype="bfloat16"), load(family, dtype="bfloat16", fast=False)
+    assert fast.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    ids = prompts(batch=1, seq=40, pads=(0,), seed=19)[0]
+    with torch.no_grad():
+        a, b = fast(ids).logits.float(), ref(ids).logits.float()
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) < 5e-2 * scale, (float((a - b).abs().max()), scale)
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    assert agree >= 0.9, agree
+    fp32 = load(family, fast=False)
+    with torch.no_grad():
+        c = fp32(ids).logits
+    # computing in fp32 from the bf16 weights is no further from the fp32 model than bf16 matmuls are
+    assert mean_kl(c, a) <= 1.5 * mean_kl(c, b) + 1e-4, (mean_kl(c, a), mean_kl(c, b))
+
+    mask = torch.ones_like(ids[:, :8])
+    new = ids[:, 8:16]
+    d1 = prefill_then_decode(fast, ids[:, :8], mask, new, static_cache(fast, 1, 20))
+    d2 = prefill_then_decode(ref, ids[:, :8], mask, new, DynamicCache())
+    assert float((d1 - d2).abs().max()) < 5e-2 * float(d2.abs().max())
+    assert float((d1.argmax(-1) == d2.argmax(-1)).float().mean()) >= 0.8
+
+
+@pytest.mark.parametrize("rows", (3, 17, 40))
+def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
+    monkeypatch.setattr(inference, "TILE_ROWS", 5)
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(37, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(37, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, rows, 64, generator=g)
+    with torch.no_grad():
+        for bias in (None, b):
+            ref = F.linear(x, w.float(), None if bias is None else bias.float())
+            y = inference.linear(x, w, bias)
+            assert y.dtype == torch.float32 and y.shape == (2, rows, 37)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            # bf16 activations: the same up to the final rounding to bf16
+            yb = inference.linear(x.to(torch.bfloat16), w, bias)
+            assert yb.dtype == torch.bfloat16
+            refb = F.linear(x.to(torch.bfloat16).float(), w.float(), None if bias is None else bias.float())
+            torch.testing.assert_close(yb.float(), refb.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
