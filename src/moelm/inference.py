@@ -53,7 +53,8 @@ class StaticCache:
             t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, length: int):
-        self.lengths = [min(n, length) for n in self.lengths]
+        """Keep the first `length` positions (a negative length drops that many from the end, as DynamicCache)."""
+        self.lengths = [min(n, length) if length >= 0 else max(n + length, 0) for n in self.lengths]
 
 
 class FastLinear(nn.Linear):
@@ -65,7 +66,7 @@ class FastLinear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), choosing the fastest exact-up-to-rounding way for the shapes and device."""
-    if weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x):
+    if weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x, weight, bias):
         b = None if bias is None else bias.float().contiguous()
         return kernels.gemv(x, weight, bias=b).to(x.dtype)
     if x.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16) and not (

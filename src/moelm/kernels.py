@@ -66,10 +66,12 @@ def available() -> bool:
     return library() is not None
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether gemv() can take these activations [..., I]: CPU, few rows, I a multiple of 32, kernels built."""
+def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether gemv() can take these activations [..., I] and weights: CPU, few rows, I a multiple of 32, no
+    gradients needed (the kernels have no backward), kernels built."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
     return (x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and x.shape[-1] % 32 == 0
-            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+            and not grads and available())
 
 
 _FORMATS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}

@@ -140,6 +140,14 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
+    def _apply(self, fn, recurse=True):
+        """Moving to another device is fine; casting is not (the packed weights and fp32 scales have no other
+        dtype), as transformers refuses `.to(dtype)` on bitsandbytes models."""
+        if fn(torch.zeros(1)).dtype != torch.float32:
+            raise ValueError("a model with int8/int4 weights cannot be cast to another dtype; load it with "
+                             "from_pretrained(..., dtype=..., quantization=...) instead")
+        return super()._apply(fn, recurse)
+
     @property
     def weight_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
@@ -150,7 +158,7 @@ class QuantizedLinear(nn.Module):
         self.scale[rows] = s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x):
+        if kernels.usable(x, self.bias):
             bias = None if self.bias is None else self.bias.float().contiguous()
             return kernels.gemv(x, self.qweight, self.scale, self.group_size, bias).to(x.dtype)
         w = dequantize(self.qweight, self.scale, self.group_size, x.dtype)
