@@ -15,10 +15,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)  # x * rsqrt(mean(x^2) + eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class MLP(nn.Module):
