@@ -1,18 +1,27 @@
-"""Mixture of experts: stacked experts computed grouped, the ERNIE and PhiMoE routers, the load-balancing loss."""
+"""Mixture of experts: stacked experts (CPU inference one chosen expert at a time, otherwise grouped), the ERNIE and
+PhiMoE routers, the load-balancing loss."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
+GEMV_MAX_ROWS = 6  # rows per expert; kernels.gemv is faster up to 6 rows of 2560 -> 3072 fp32, oneDNN from 8
 _GROUPED_MM_OK: dict[tuple, bool] = {}
+_ONEDNN_OK: dict[tuple, bool] = {}
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm forward works on CPU (fp32/bf16) and Hopper CUDA (bf16); its CPU backward does not."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and x.device.type == "cpu":
+    if _needs_grad(x, w) and x.device.type == "cpu":
         return False
     key = (x.device.type, x.dtype, w.dtype)
     if key not in _GROUPED_MM_OK:
@@ -27,8 +36,46 @@ def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+def _onednn_works(inp: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's inner product takes plain CPU tensors (fp32 everywhere, bf16 only on CPUs with bf16 support)."""
+    if inp.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    key = (inp.dtype, weight.dtype)
+    if key not in _ONEDNN_OK:
+        try:
+            probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=inp.dtype),
+                                                       torch.ones(4, 8, dtype=weight.dtype), None, "none", [], "")
+            _ONEDNN_OK[key] = bool((probe == 8).all())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _ONEDNN_OK[key] = False
+    return _ONEDNN_OK[key]
+
+
+def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous.
+
+    Up to GEMV_MAX_ROWS rows: kernels.gemv, which reads w once at close to memory bandwidth. More rows: oneDNN with
+    the roles swapped (w as the input, x as the small weight), w @ x.T read in its own layout: 1.6x the MKL sgemm
+    behind F.linear for the tens of rows an expert gets at prefill."""
+    if x.shape[0] <= GEMV_MAX_ROWS and w.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x):
+        return kernels.gemv(x, w).to(x.dtype)
+    if _onednn_works(w, x):
+        return torch.ops.mkldnn._linear_pointwise(w, x, None, "none", [], "").T
+    return F.linear(x, w)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out]."""
+    if x.device.type == "cpu" and w.is_contiguous() and not _needs_grad(x, w):
+        # One product per expert that has rows: only the chosen experts' weights are read.
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], w.shape[1])
+        hit = counts.nonzero().squeeze(1)
+        start = 0
+        for e, c in zip(hit.tolist(), counts[hit].tolist()):
+            out[start:start + c] = expert_linear(x[start:start + c], w[e])
+            start += c
+        return out
     if _grouped_mm_works(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
@@ -58,11 +105,29 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k  # [T*K] token of each sorted (token, choice) pair
         counts = torch.bincount(flat, minlength=self.num_experts)
-        h = grouped_linear(x[token], self.gate_up_proj, counts)  # [T*K, 2I]
+        w = weights.reshape(-1)[order, None]  # [T*K, 1]
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if (x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous()
+                and not _needs_grad(x, weights, gate_up, down)):
+            return self._each_expert(x, token, w, counts)
+        h = grouped_linear(x[token], gate_up, counts)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*K, H]
-        h = h * weights.reshape(-1)[order, None].to(h.dtype)
-        return torch.zeros_like(x).index_add_(0, token, h.to(x.dtype))
+        h = grouped_linear(F.silu(gate) * up, down, counts)  # [T*K, H]
+        return torch.zeros_like(x).index_add_(0, token, (h * w.to(h.dtype)).to(x.dtype))
+
+    def _each_expert(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """CPU inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the
+        output), each reading its weights once through expert_linear."""
+        out = torch.zeros_like(x)
+        hit = counts.nonzero().squeeze(1)
+        start = 0
+        for e, c in zip(hit.tolist(), counts[hit].tolist()):
+            rows = token[start:start + c]
+            gate, up = expert_linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = expert_linear(F.silu(gate).mul_(up), self.down_proj[e])  # [c, H]
+            out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
+            start += c
+        return out
 
 
 def ernie_route(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, k: int,
