@@ -303,20 +303,26 @@ def test_gemv_select_matches_per_row_linear(fmt, rows, with_bias, threads):
 
 @needs_kernels
 def test_linear_routes_few_rows_to_the_kernel(monkeypatch):
-    """inference.linear uses gemv for <= MAX_ROWS rows without gradients, PyTorch otherwise; same results."""
+    """inference.linear: fp32 weights use gemv up to GEMV_ROWS rows, bf16 weights up to MAX_ROWS, PyTorch/oneDNN
+    otherwise; same results either way."""
     calls = []
     real = kernels.gemv
     monkeypatch.setattr(kernels, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 64, generator=g), torch.randn(40, generator=g)
-    x = torch.randn(kernels.MAX_ROWS, 64, generator=g)
     with torch.no_grad():
+        x = torch.randn(inference.GEMV_ROWS, 64, generator=g)
         close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, "kernel rows")
-        assert calls, "16 rows should go through the kernel"
+        assert calls, "GEMV_ROWS fp32 rows should go through the kernel"
         calls.clear()
-        x = torch.randn(kernels.MAX_ROWS + 1, 64, generator=g)
-        close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, "matmul rows")
-        assert not calls, "17 rows should use the dense matmul"
+        for rows in (inference.GEMV_ROWS + 1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):
+            x = torch.randn(rows, 64, generator=g)
+            close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, f"{rows} matmul rows")
+        assert not calls, "more fp32 rows should use the dense matmul"
+        x = torch.randn(kernels.MAX_ROWS, 64, generator=g)
+        close(inference.linear(x, w.bfloat16(), b), F.linear(x, w.bfloat16().float(), b), 1e-5, "bf16 kernel rows")
+        assert calls, "MAX_ROWS rows with a bf16 weight should go through the kernel"
+        calls.clear()
         x = torch.randn(2, 48, generator=g)  # I not a multiple of 32
         w48 = torch.randn(40, 48, generator=g)
         close(inference.linear(x, w48, b), F.linear(x, w48, b), 1e-5, "I=48")

@@ -64,18 +64,40 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+GEMV_ROWS = 4  # fp32 weights: the kernel up to this many rows, oneDNN (w @ x.T) from 5 to kernels.MAX_ROWS
+ONEDNN_ROWS = 512  # fp32 on CPU up to this many rows: oneDNN (5-18% over MKL here); more: F.linear
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), choosing the fastest exact-up-to-rounding way for the shapes and device."""
-    if weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x, weight, bias):
+    rows = x.numel() // x.shape[-1]
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if x.device.type != "cpu" or grads or rows == 0:
+        return F.linear(x, weight, bias)
+    fp32 = weight.dtype == torch.float32 and x.dtype == torch.float32
+    if (weight.dtype == torch.bfloat16 or rows <= GEMV_ROWS) and kernels.usable(x, weight, bias) \
+            and weight.dtype in (torch.float32, torch.bfloat16):
         b = None if bias is None else bias.float().contiguous()
         return kernels.gemv(x, weight, bias=b).to(x.dtype)
-    if x.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16) and not (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if weight.dtype in (torch.bfloat16, torch.float16):  # fp32 compute one tile of weight rows at a time
         xf = x.float()
-        tiles = [F.linear(xf, weight[r:r + TILE_ROWS].float(), None if bias is None else bias[r:r + TILE_ROWS].float())
+        tiles = [_linear_fp32(xf, weight[r:r + TILE_ROWS].float(), None if bias is None else bias[r:r + TILE_ROWS])
                  for r in range(0, weight.shape[0], TILE_ROWS)]
         return torch.cat(tiles, dim=-1).to(x.dtype)
+    if fp32 and rows <= ONEDNN_ROWS and weight.is_contiguous():
+        return _linear_fp32(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 x [..., I] @ weight [O, I].T (+ bias) through oneDNN where it works, else F.linear."""
+    rows = x.numel() // x.shape[-1]
+    if rows > ONEDNN_ROWS or not kernels.onednn_works(weight, x):
+        return F.linear(x, weight, None if bias is None else bias.float())
+    flat = x.reshape(rows, x.shape[-1]).contiguous()
+    out = kernels.onednn_linear(flat, weight, swap=rows <= kernels.MAX_ROWS)
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out + bias.float() if bias is not None else out
 
 
 class Fused:

@@ -23,6 +23,7 @@ SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+_ONEDNN_OK: dict[tuple, bool] = {}
 
 
 def _cache_dir() -> Path:
@@ -72,6 +73,32 @@ def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
     return (x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and x.shape[-1] % 32 == 0
             and not grads and available())
+
+
+def onednn_works(inp: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's inner product takes plain CPU tensors (fp32 everywhere, bf16 only on CPUs with bf16 support)."""
+    if inp.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    key = (inp.dtype, weight.dtype)
+    if key not in _ONEDNN_OK:
+        try:
+            probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=inp.dtype),
+                                                       torch.ones(4, 8, dtype=weight.dtype), None, "none", [], "")
+            _ONEDNN_OK[key] = bool((probe == 8).all())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _ONEDNN_OK[key] = False
+    return _ONEDNN_OK[key]
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, swap: bool = False) -> torch.Tensor:
+    """x [M, in] @ w [out, in].T -> [M, out] with oneDNN's inner product (no autograd; check onednn_works first).
+
+    On this class of AMD CPUs it beats the MKL sgemm behind F.linear by 5-20% for tens to hundreds of rows; with
+    swap=True (w @ x.T, the big weight read in its own layout) by ~20% for 5-16 rows and 1.6x for expert-sized
+    groups of ~24 rows."""
+    if swap:
+        return torch.ops.mkldnn._linear_pointwise(w, x, None, "none", [], "").T
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 _FORMATS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}

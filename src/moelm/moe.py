@@ -10,7 +10,6 @@ from . import kernels
 
 GEMV_MAX_ROWS = 6  # rows per expert; kernels.gemv is faster up to 6 rows of 2560 -> 3072 fp32, oneDNN from 8
 _GROUPED_MM_OK: dict[tuple, bool] = {}
-_ONEDNN_OK: dict[tuple, bool] = {}
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -36,21 +35,6 @@ def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def _onednn_works(inp: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's inner product takes plain CPU tensors (fp32 everywhere, bf16 only on CPUs with bf16 support)."""
-    if inp.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    key = (inp.dtype, weight.dtype)
-    if key not in _ONEDNN_OK:
-        try:
-            probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=inp.dtype),
-                                                       torch.ones(4, 8, dtype=weight.dtype), None, "none", [], "")
-            _ONEDNN_OK[key] = bool((probe == 8).all())
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _ONEDNN_OK[key] = False
-    return _ONEDNN_OK[key]
-
-
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous.
 
@@ -59,8 +43,8 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     behind F.linear for the tens of rows an expert gets at prefill."""
     if x.shape[0] <= GEMV_MAX_ROWS and w.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x):
         return kernels.gemv(x, w).to(x.dtype)
-    if _onednn_works(w, x):
-        return torch.ops.mkldnn._linear_pointwise(w, x, None, "none", [], "").T
+    if kernels.onednn_works(w, x):
+        return kernels.onednn_linear(x, w, swap=True)
     if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
         return expert_linear(x.float(), w.float()).to(x.dtype)  # one expert in fp32: ~10x bf16 F.linear here
     return F.linear(x, w)

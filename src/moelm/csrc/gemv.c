@@ -57,21 +57,34 @@ static inline float dot_f32(const float *x, const float *w, int64_t n) {
     return hsum((a0 + a1) + (a2 + a3));
 }
 
-/* y[m * ystride] = dot(x[m], w) for M rows of x: four rows at a time share each load of w. */
-static inline void dots_f32(const float *x, int64_t M, const float *w, int64_t n, float *y, int64_t ystride) {
+/* y[m * ystride + r] = dot(x[m], w_r) for M rows of x and R <= 2 weight rows w0, w1 (w1 NULL: one): blocks of
+ * 4 rows of x times 2 weight rows keep 8 sums in registers, 6 loads for 8 multiply-adds. */
+static inline void dots_f32(const float *x, int64_t M, const float *w0, const float *w1, int64_t n, float *y,
+                            int64_t ystride) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        const float *x0 = x + m * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t i = 0; i < n; i += 8) {
-            v8f wv = ld_f32(w + i);
-            a0 += ld_f32(x0 + i) * wv; a1 += ld_f32(x1 + i) * wv;
-            a2 += ld_f32(x2 + i) * wv; a3 += ld_f32(x3 + i) * wv;
+    if (w1) {
+        for (; m + 4 <= M; m += 4) {
+            const float *x0 = x + m * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            for (int64_t i = 0; i < n; i += 8) {
+                v8f u = ld_f32(w0 + i), v = ld_f32(w1 + i), xv;
+                xv = ld_f32(x0 + i); a0 += xv * u; b0 += xv * v;
+                xv = ld_f32(x1 + i); a1 += xv * u; b1 += xv * v;
+                xv = ld_f32(x2 + i); a2 += xv * u; b2 += xv * v;
+                xv = ld_f32(x3 + i); a3 += xv * u; b3 += xv * v;
+            }
+            float *ym = y + m * ystride;
+            ym[0] = hsum(a0); ym[ystride] = hsum(a1); ym[2 * ystride] = hsum(a2); ym[3 * ystride] = hsum(a3);
+            ym[1] = hsum(b0); ym[ystride + 1] = hsum(b1); ym[2 * ystride + 1] = hsum(b2);
+            ym[3 * ystride + 1] = hsum(b3);
         }
-        y[m * ystride] = hsum(a0); y[(m + 1) * ystride] = hsum(a1);
-        y[(m + 2) * ystride] = hsum(a2); y[(m + 3) * ystride] = hsum(a3);
+        for (; m < M; m++) {
+            y[m * ystride] = dot_f32(x + m * n, w0, n);
+            y[m * ystride + 1] = dot_f32(x + m * n, w1, n);
+        }
+        return;
     }
-    for (; m < M; m++) y[m * ystride] = dot_f32(x + m * n, w, n);
+    for (; m < M; m++) y[m * ystride] = dot_f32(x + m * n, w0, n);
 }
 
 static inline float dot_bf16(const float *x, const uint16_t *w, int64_t n) {
@@ -152,21 +165,29 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
     for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
         for (int64_t ob = 0; ob < (O + 7) / 8; ob++) {                                                       \
-            float buf[wsel || M == 1 ? 1 : I];                                                               \
-            for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {                                         \
-                int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
-                const WT *wr = w + row * wrow;                                                               \
-                const float *sr = scale ? scale + row * srow : 0;                                            \
-                float b = bias ? bias[o] : 0.0f;                                                             \
-                if (wsel || M == 1) {                                                                        \
+            int64_t end = ob * 8 + 8 < O ? ob * 8 + 8 : O;                                                   \
+            if (wsel || M == 1) {                                                                            \
+                for (int64_t o = ob * 8; o < end; o++) {                                                     \
+                    int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                             \
+                    const WT *wr = w + row * wrow;                                                           \
+                    const float *sr = scale ? scale + row * srow : 0;                                        \
                     const float *xm = x + m0 * I;                                                            \
-                    y[m0 * O + o] = (DOT) + b;                                                               \
-                } else {                                                                                     \
-                    const float *wf = (const float *)wr;                                                     \
-                    if (sizeof(WT) != 4) { ROW(wr, sr, I, G, buf); wf = buf; }                              \
-                    dots_f32(x, M, wf, I, y + o, O);                                                         \
-                    if (b != 0.0f) for (int64_t m = 0; m < M; m++) y[m * O + o] += b;                        \
+                    y[m0 * O + o] = (DOT) + (bias ? bias[o] : 0.0f);                                         \
                 }                                                                                            \
+                continue;                                                                                    \
+            }                                                                                                \
+            float buf[2 * I];                                                                                \
+            for (int64_t o = ob * 8; o < end; o += 2) {                                                      \
+                int64_t two = o + 1 < end;                                                                   \
+                const float *wf[2] = {(const float *)(w + o * wrow), two ? (const float *)(w + (o + 1) * wrow) : 0}; \
+                if (sizeof(WT) != 4)                                                                         \
+                    for (int64_t r = 0; r <= two; r++) {                                                     \
+                        ROW(w + (o + r) * wrow, scale ? scale + (o + r) * srow : 0, I, G, buf + r * I);      \
+                        wf[r] = buf + r * I;                                                                 \
+                    }                                                                                        \
+                dots_f32(x, M, wf[0], wf[1], I, y + o, O);                                                   \
+                if (bias) for (int64_t m = 0; m < M; m++)                                                    \
+                    for (int64_t r = 0; r <= two; r++) y[m * O + o + r] += bias[o + r];                      \
             }                                                                                                \
         }                                                                                                    \
 }
