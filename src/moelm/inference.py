@@ -65,26 +65,27 @@ class FastLinear(nn.Linear):
 
 
 GEMV_ROWS = 4  # fp32 weights: the kernel up to this many rows, oneDNN (w @ x.T) from 5 to kernels.MAX_ROWS
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_ROWS = 512  # fp32 on CPU up to this many rows: oneDNN (5-18% over MKL here); more: F.linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), choosing the fastest exact-up-to-rounding way for the shapes and device."""
     rows = x.numel() // x.shape[-1]
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if x.device.type != "cpu" or grads or rows == 0:
+    if x.device.type != "cpu" or rows == 0 or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)
-    fp32 = weight.dtype == torch.float32 and x.dtype == torch.float32
-    if (weight.dtype == torch.bfloat16 or rows <= GEMV_ROWS) and kernels.usable(x, weight, bias) \
-            and weight.dtype in (torch.float32, torch.bfloat16):
-        b = None if bias is None else bias.float().contiguous()
-        return kernels.gemv(x, weight, bias=b).to(x.dtype)
-    if weight.dtype in (torch.bfloat16, torch.float16):  # fp32 compute one tile of weight rows at a time
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    if (rows <= GEMV_ROWS or (half and rows <= kernels.MAX_ROWS)) and weight.dtype in KERNEL_DTYPES \
+            and x.shape[-1] % 32 == 0 and kernels.available():
+        out = kernels.gemv(x, weight, bias=None if bias is None else bias.float())
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+    if half:  # fp32 compute one tile of weight rows at a time
         xf = x.float()
         tiles = [_linear_fp32(xf, weight[r:r + TILE_ROWS].float(), None if bias is None else bias[r:r + TILE_ROWS])
                  for r in range(0, weight.shape[0], TILE_ROWS)]
         return torch.cat(tiles, dim=-1).to(x.dtype)
-    if fp32 and rows <= ONEDNN_ROWS and weight.is_contiguous():
+    if weight.dtype == torch.float32 and x.dtype == torch.float32 and rows <= ONEDNN_ROWS and weight.is_contiguous():
         return _linear_fp32(x, weight, bias)
     return F.linear(x, weight, bias)
 

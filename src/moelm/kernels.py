@@ -53,13 +53,21 @@ def _compile() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
         fn.restype = None
+    lib.dequant_i8.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.dequant_i4.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.dequant_i8.restype = lib.dequant_i4.restype = None
     return lib
+
+
+_FUNCTIONS: dict = {}  # weight dtype -> the library's function for it
 
 
 def library() -> ctypes.CDLL | None:
     global _lib
     if _lib is False:
         _lib = None if os.environ.get("MOELM_NO_KERNELS") else _compile()
+        if _lib is not None:
+            _FUNCTIONS.update({dtype: getattr(_lib, name) for dtype, name in _FORMATS.items()})
     return _lib
 
 
@@ -117,27 +125,39 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def _gemv(x, weight, scale, group_size, bias, select):
-    lib = library()
     shape = x.shape
-    x = x.reshape(-1, shape[-1]).float().contiguous()
-    rows, features = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    rows, features = x.numel() // shape[-1], shape[-1]
     out_features = weight.shape[-2]
-    wrow = weight.shape[-1]
-    srow = scale.shape[-1] if scale is not None and group_size else 1
     y = torch.empty(rows, out_features, dtype=torch.float32)
     if select is not None:
         select = select.reshape(-1).to(torch.int64).contiguous()
-    fn = getattr(lib, _FORMATS[weight.dtype])
-    fn(x.data_ptr(), rows, features, weight.data_ptr(), wrow, _ptr(scale), srow, group_size, _ptr(bias),
-       _ptr(select), out_features, y.data_ptr(), torch.get_num_threads())
-    return y.reshape(*shape[:-1], out_features)
+    srow = scale.shape[-1] if scale is not None and group_size else 1
+    _FUNCTIONS[weight.dtype](x.data_ptr(), rows, features, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow,
+                             group_size, _ptr(bias), _ptr(select), out_features, y.data_ptr(),
+                             torch.get_num_threads())
+    return y.view(*shape[:-1], out_features)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 q [..., O, I] (scale [..., O]) or int4 pairs [..., O, I/2] (scale [..., O, I/group_size]) -> fp32
+    [..., O, I], converted in parallel at memory speed (needs available())."""
+    lib = library()
+    q, scale = q.contiguous(), scale.contiguous()
+    features = q.shape[-1] * (2 if q.dtype == torch.uint8 else 1)
+    rows = q.numel() // q.shape[-1]
+    out = torch.empty(*q.shape[:-1], features, dtype=torch.float32)
+    if q.dtype == torch.uint8:
+        lib.dequant_i4(q.data_ptr(), scale.data_ptr(), rows, features, group_size, out.data_ptr(),
+                       torch.get_num_threads())
+    else:
+        lib.dequant_i8(q.data_ptr(), scale.data_ptr(), rows, features, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _ptr(t: torch.Tensor | None):
-    if t is None:
-        return None
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return t.data_ptr()
+    return None if t is None else t.data_ptr()  # callers pass contiguous CPU tensors
 
 
 @torch.library.custom_op("moelm::gemv", mutates_args=())

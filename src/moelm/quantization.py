@@ -106,6 +106,8 @@ def quantize(w: torch.Tensor, mode: str, group_size: int = 64) -> tuple[torch.Te
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """Inverse of quantize: [..., O, I] in dtype."""
+    if q.device.type == "cpu" and kernels.available() and scale.dtype == torch.float32:
+        return kernels.dequantize(q, scale, group_size).to(dtype)
     if q.dtype == torch.int8:
         return (q.to(dtype) * scale[..., None].to(dtype))
     *lead, o, half_i = q.shape

@@ -85,10 +85,9 @@ def cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, scale: float) ->
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """ERNIE: rotate pairs (x0, x1), (x2, x3), ... in fp32. x [B, H, S, D]; cos/sin [B, S, D/2]."""
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, D/2]
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, S, D/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, H, S, D/2] even + i odd
+    turned = pairs * torch.complex(cos, sin)[:, None]  # (even cos - odd sin) + i (odd cos + even sin)
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
 def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

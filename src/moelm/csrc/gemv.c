@@ -258,3 +258,16 @@ void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wro
 #endif
     gemv_i4_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
 }
+
+/* Dequantization to fp32 for prefill (many rows of activations: PyTorch's matmul then does the work): rows weight
+ * rows of I inputs each, converted in parallel. */
+void dequant_i8(const int8_t *w, const float *scale, int64_t rows, int64_t I, float *out, int nthreads) {
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+    for (int64_t r = 0; r < rows; r++) row_i8(w + r * I, scale + r, I, 0, out + r * I);
+}
+
+void dequant_i4(const uint8_t *w, const float *scale, int64_t rows, int64_t I, int64_t G, float *out,
+                int nthreads) {
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+    for (int64_t r = 0; r < rows; r++) row_i4(w + r * (I / 2), scale + r * (I / G), I, G, out + r * I);
+}
