@@ -46,16 +46,19 @@ static inline void ld_i4(const uint8_t *p, v8f out[4]) {
 #endif
 static inline float hsum(v8f a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
 
-static inline float dot_f32(const float *x, const float *w, int64_t n) {
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t i = 0; i < n; i += 32) {
-        a0 += ld_f32(x + i) * ld_f32(w + i);
-        a1 += ld_f32(x + i + 8) * ld_f32(w + i + 8);
-        a2 += ld_f32(x + i + 16) * ld_f32(w + i + 16);
-        a3 += ld_f32(x + i + 24) * ld_f32(w + i + 24);
-    }
-    return hsum((a0 + a1) + (a2 + a3));
+/* dot(x, w) over n (a multiple of 32) with four independent sums; LOAD turns 8 weights into fp32. */
+#define DOT(NAME, WT, LOAD)                                                                                   \
+static inline float NAME(const float *x, const WT *w, int64_t n) {                                          \
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                              \
+    for (int64_t i = 0; i < n; i += 32) {                                                                    \
+        a0 += ld_f32(x + i) * LOAD(w + i);                                                                   \
+        a1 += ld_f32(x + i + 8) * LOAD(w + i + 8);                                                           \
+        a2 += ld_f32(x + i + 16) * LOAD(w + i + 16);                                                         \
+        a3 += ld_f32(x + i + 24) * LOAD(w + i + 24);                                                         \
+    }                                                                                                        \
+    return hsum((a0 + a1) + (a2 + a3));                                                                      \
 }
+DOT(dot_f32, float, ld_f32)
 
 /* y[m * ystride + r] = dot(x[m], w_r) for M rows of x and R <= 2 weight rows w0, w1 (w1 NULL: one): blocks of
  * 4 rows of x times 2 weight rows keep 8 sums in registers, 6 loads for 8 multiply-adds. */
@@ -87,27 +90,8 @@ static inline void dots_f32(const float *x, int64_t M, const float *w0, const fl
     for (; m < M; m++) y[m * ystride] = dot_f32(x + m * n, w0, n);
 }
 
-static inline float dot_bf16(const float *x, const uint16_t *w, int64_t n) {
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t i = 0; i < n; i += 32) {
-        a0 += ld_f32(x + i) * ld_bf16(w + i);
-        a1 += ld_f32(x + i + 8) * ld_bf16(w + i + 8);
-        a2 += ld_f32(x + i + 16) * ld_bf16(w + i + 16);
-        a3 += ld_f32(x + i + 24) * ld_bf16(w + i + 24);
-    }
-    return hsum((a0 + a1) + (a2 + a3));
-}
-
-static inline float dot_i8(const float *x, const int8_t *w, int64_t n) {
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t i = 0; i < n; i += 32) {
-        a0 += ld_f32(x + i) * ld_i8(w + i);
-        a1 += ld_f32(x + i + 8) * ld_i8(w + i + 8);
-        a2 += ld_f32(x + i + 16) * ld_i8(w + i + 16);
-        a3 += ld_f32(x + i + 24) * ld_i8(w + i + 24);
-    }
-    return hsum((a0 + a1) + (a2 + a3));
-}
+DOT(dot_bf16, uint16_t, ld_bf16)
+DOT(dot_i8, int8_t, ld_i8)
 
 /* One group of G inputs at a time: 16 packed bytes cover 16 low-nibble inputs and 16 high-nibble inputs. */
 static inline float dot_i4(const float *x, const uint8_t *w, const float *scale, int64_t n, int64_t g) {
