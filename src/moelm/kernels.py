@@ -125,6 +125,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def _gemv(x, weight, scale, group_size, bias, select):
+    if not _FUNCTIONS and library() is None:
+        raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
     shape = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
