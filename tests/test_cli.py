@@ -39,6 +39,23 @@ def test_generate_streams_the_same_text_as_the_python_api(tiny):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_quantized_matches_the_python_api(tiny, mode):
+    from moelm import AutoModelForCausalLM
+    from moelm.tokenizer import AutoTokenizer
+
+    r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0",
+              "--quantization", mode)
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization=mode)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    enc = tok("Hello", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert r.stdout.rstrip("\n") == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).rstrip("\n")
+    bad = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--quantization", "int3")
+    assert bad.returncode == 2 and "int3" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_generate_chat_stdin_and_seed(tiny):
     a = moelm("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.",
               "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3",
