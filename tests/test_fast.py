@@ -1097,3 +1097,23 @@ def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
             assert yb.dtype == torch.bfloat16
             refb = F.linear(x.to(torch.bfloat16).float(), w.float(), None if bias is None else bias.float())
             torch.testing.assert_close(yb.float(), refb.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler for moelm's kernels")
+@pytest.mark.parametrize("rows", (1, 3, 16))
+def test_rmsnorm_kernel_matches_the_reference_formula(rows):
+    """kernels.rmsnorm (used by RMSNorm for few fp32 rows without gradients) == weight * x * rsqrt(mean(x^2) + eps)."""
+    from moelm.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 1, 96, generator=g) * 3, torch.randn(96, generator=g)
+    expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    close(kernels.rmsnorm(x, w, 1e-5), expected, 1e-6, "rmsnorm kernel")
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        close(norm(x), expected, 1e-6, "RMSNorm module")
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        norm(xg).sum().backward()  # with gradients: the PyTorch formula, which has a backward
+    assert xg.grad is not None

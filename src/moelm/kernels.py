@@ -56,6 +56,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.dequant_i8.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i4.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i8.restype = lib.dequant_i4.restype = None
+    lib.rmsnorm_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
+    lib.rmsnorm_f32.restype = None
     return lib
 
 
@@ -140,6 +142,17 @@ def _gemv(x, weight, scale, group_size, bias, select):
                              group_size, _ptr(bias), _ptr(select), out_features, y.data_ptr(),
                              torch.get_num_threads())
     return y.view(*shape[:-1], out_features)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2, -1) + eps) for fp32 x [..., n] (n a multiple of 8) and fp32 weight [n]; one pass
+    in C instead of PyTorch's ~7 small ops (60 us per call for one token on this CPU)."""
+    if not _FUNCTIONS and library() is None:
+        raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -255,3 +255,17 @@ void dequant_i4(const uint8_t *w, const float *scale, int64_t rows, int64_t I, i
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t r = 0; r < rows; r++) row_i4(w + r * (I / 2), scale + r * (I / G), I, G, out + r * I);
 }
+
+/* RMSNorm of fp32 rows: out = w * x / sqrt(mean(x^2) + eps) (rows of n, a multiple of 8). */
+void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        v8f acc = {0};
+        for (int64_t i = 0; i < n; i += 8) { v8f v = ld_f32(xr + i); acc += v * v; }
+        float inv = 1.0f / sqrtf(hsum(acc) / (float)n + eps);
+        for (int64_t i = 0; i < n; i += 8) {
+            v8f v = ld_f32(xr + i) * inv * ld_f32(w + i);
+            memcpy(out + r * n + i, &v, 32);
+        }
+    }
+}
