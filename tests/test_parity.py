@@ -92,6 +92,11 @@ def close_seq(a, b, what: str):
         close(x, y, f"{what}[{i}]")
 
 
+def forward_kwargs(family: str, **kwargs) -> dict:
+    """Forward arguments, with the router logits (and so aux_loss) asked for on MoE families."""
+    return dict(kwargs, output_router_logits=True) if family in MOE_FAMILIES else kwargs
+
+
 def run_both(ref, ours, **kwargs):
     with torch.no_grad():
         return ref(**kwargs), ours(**kwargs)
@@ -150,9 +155,8 @@ def test_forward_outputs(family, name, overrides, attn):
     ids = tokens()
     labels = labels_for(ids)
     moe = family in MOE_FAMILIES
-    kwargs = dict(input_ids=ids, labels=labels, output_hidden_states=True, output_attentions=attn == "eager")
-    if moe:
-        kwargs["output_router_logits"] = True
+    kwargs = forward_kwargs(family, input_ids=ids, labels=labels, output_hidden_states=True,
+                            output_attentions=attn == "eager")
     a, b = run_both(ref, ours, **kwargs)
     close(a.logits, b.logits, "logits")
     close(a.loss, b.loss, "loss")
@@ -187,9 +191,7 @@ def test_inputs_embeds(family):
     ids = tokens()
     embeds = ref.get_input_embeddings()(ids).detach() + 0.01 * torch.randn(2, 10, 64,
                                                                            generator=torch.Generator().manual_seed(3))
-    kwargs = dict(inputs_embeds=embeds, labels=labels_for(ids), output_hidden_states=True)
-    if family in MOE_FAMILIES:
-        kwargs["output_router_logits"] = True
+    kwargs = forward_kwargs(family, inputs_embeds=embeds, labels=labels_for(ids), output_hidden_states=True)
     a, b = run_both(ref, ours, **kwargs)
     close(a.logits, b.logits, "logits")
     close(a.loss, b.loss, "loss")
@@ -266,9 +268,7 @@ def test_output_router_logits_from_config(family):
 def test_loss_num_items_in_batch(family):
     ref, ours, _ = build(family)
     ids = tokens()
-    kwargs = dict(input_ids=ids, labels=labels_for(ids), num_items_in_batch=torch.tensor(7))
-    if family in MOE_FAMILIES:
-        kwargs["output_router_logits"] = True
+    kwargs = forward_kwargs(family, input_ids=ids, labels=labels_for(ids), num_items_in_batch=torch.tensor(7))
     a, b = run_both(ref, ours, **kwargs)
     close(a.loss, b.loss, "loss with num_items_in_batch")
 
@@ -609,9 +609,7 @@ def test_left_padding(family, overrides, attn):
     ids, mask = left_padded()
     labels = labels_for(ids).masked_fill(mask == 0, -100)
     moe = family in MOE_FAMILIES
-    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
-    if moe:
-        kwargs["output_router_logits"] = True
+    kwargs = forward_kwargs(family, input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     a, b = run_both(ref, ours, **kwargs)
     close(a.logits, b.logits, "logits, all positions")
     close(a.loss, b.loss, "loss")
@@ -646,9 +644,7 @@ def test_right_padding_and_holes(family, overrides, attn):
     mask[1, 3:5] = 0
     mask[2, 0] = 0
     mask[2, 9] = 0
-    kwargs = dict(input_ids=ids, attention_mask=mask)
-    if family in MOE_FAMILIES:
-        kwargs["output_router_logits"] = True
+    kwargs = forward_kwargs(family, input_ids=ids, attention_mask=mask)
     a, b = run_both(ref, ours, **kwargs)
     close(a.logits, b.logits, "logits, all positions")
     if family in MOE_FAMILIES:

@@ -126,12 +126,9 @@ def _fuse(modules: list[nn.Module]) -> nn.Module:
             if first.bias is not None:
                 fused.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
             names = ["weight"] + (["bias"] if first.bias is not None else [])
-        else:
-            import copy
-
-            fused = copy.copy(first)  # a QuantizedLinear sharing nothing after the buffers below are replaced
-            fused._buffers, fused._parameters = dict(first._buffers), dict(first._parameters)
-            fused.out_features = sum(m.out_features for m in modules)
+        else:  # QuantizedLinear: one over the concatenated packed rows and scales
+            fused = type(first)(first.in_features, sum(m.out_features for m in modules), first.bias is not None,
+                                first.mode, first.group_size, device="meta")
             fused.qweight = torch.cat([m.qweight for m in modules])
             fused.scale = torch.cat([m.scale for m in modules])
             if first.bias is not None:

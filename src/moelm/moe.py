@@ -86,34 +86,42 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H] = sum_k weights[:, k] * expert_{index[:, k]}(x)."""
-        k = index.shape[1]
-        flat = index.reshape(-1)  # [T*K]
-        order = flat.argsort(stable=True)
-        token = order // k  # [T*K] token of each sorted (token, choice) pair
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        w = weights.reshape(-1)[order, None]  # [T*K, 1]
+        token, w, counts = sort_by_expert(index, weights, self.num_experts)
         gate_up, down = self.gate_up_proj, self.down_proj
         if (x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous()
                 and not _needs_grad(x, weights, gate_up, down)):
-            return self._each_expert(x, token, w, counts)
+            return each_expert(x, token, w, counts, lambda e: (gate_up[e], down[e]))
         h = grouped_linear(x[token], gate_up, counts)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)
         h = grouped_linear(F.silu(gate) * up, down, counts)  # [T*K, H]
         return torch.zeros_like(x).index_add_(0, token, (h * w.to(h.dtype)).to(x.dtype))
 
-    def _each_expert(self, x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """CPU inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the
-        output), each reading its weights once through expert_linear."""
-        out = torch.zeros_like(x)
-        hit = counts.nonzero().squeeze(1)
-        start = 0
-        for e, c in zip(hit.tolist(), counts[hit].tolist()):
-            rows = token[start:start + c]
-            gate, up = expert_linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = expert_linear(F.silu(gate).mul_(up), self.down_proj[e])  # [c, H]
-            out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
-            start += c
-        return out
+
+def sort_by_expert(index: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    """index/weights [T, K] -> the (token, choice) pairs sorted by expert: token [T*K], weight [T*K, 1], and
+    counts [E] pairs per expert."""
+    k = index.shape[1]
+    flat = index.reshape(-1)  # [T*K]
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order // k, weights.reshape(-1)[order, None], counts
+
+
+def each_expert(x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                expert_weights) -> torch.Tensor:
+    """CPU inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the output),
+    each reading its weights once through expert_linear. expert_weights(e) -> (gate_up [2I, H], down [H, I])."""
+    out = torch.zeros_like(x)
+    hit = counts.nonzero().squeeze(1)
+    start = 0
+    for e, c in zip(hit.tolist(), counts[hit].tolist()):
+        rows = token[start:start + c]
+        gate_up, down = expert_weights(e)
+        gate, up = expert_linear(x[rows], gate_up).chunk(2, dim=-1)
+        y = expert_linear(F.silu(gate).mul_(up), down)  # [c, H]
+        out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
+        start += c
+    return out
 
 
 def ernie_route(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, k: int,

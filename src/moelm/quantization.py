@@ -5,7 +5,7 @@ int4: symmetric, one fp32 scale per group of `group_size` inputs: w ≈ (n - 8) 
 group_size/2 bytes hold input j in the low nibble and input j + group_size/2 in the high one (csrc/gemv.c).
 
 Decoding (a few rows of activations) runs csrc/gemv.c on the packed weights; longer inputs (prefill) dequantize one
-layer's weight (experts: a chunk of experts) to the activations' dtype and use PyTorch's matmul. Every Linear of the
+layer's weight (experts: one chosen expert at a time) to the activations' dtype and use PyTorch's matmul. Every Linear of the
 decoder, the stacked experts and the LM head are quantized; embeddings, norms and routers stay as they are.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import nn
 from . import kernels
 
 MODES = ("int8", "int4")
-EXPERT_CHUNK = 8  # experts dequantized together during prefill
 
 
 @dataclass
@@ -206,26 +205,13 @@ class QuantizedExperts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
             return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
-        from .moe import grouped_linear
+        from .moe import each_expert, sort_by_expert
 
-        flat = index.reshape(-1)
-        order = flat.argsort(stable=True)
-        token, expert = order // k, flat[order]
-        out = torch.zeros_like(x)
-        for first in range(0, self.num_experts, EXPERT_CHUNK):  # a chunk of experts dequantized at a time
-            last = min(first + EXPERT_CHUNK, self.num_experts)
-            rows = ((expert >= first) & (expert < last)).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            counts = torch.bincount(expert[rows] - first, minlength=last - first)
-            gate_up = dequantize(gq[first:last], gs[first:last], self.group_size, x.dtype)
-            down = dequantize(dq[first:last], ds[first:last], self.group_size, x.dtype)
-            h = grouped_linear(x[token[rows]], gate_up, counts)
-            gate, up = h.chunk(2, dim=-1)
-            h = grouped_linear(F.silu(gate) * up, down, counts)
-            h = h * weights.reshape(-1)[order[rows], None].to(h.dtype)
-            out.index_add_(0, token[rows], h.to(x.dtype))
-        return out
+        def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
+            return (dequantize(gq[e], gs[e], self.group_size, x.dtype), dequantize(dq[e], ds[e], self.group_size,
+                                                                                    x.dtype))
+
+        return each_expert(x, *sort_by_expert(index, weights, self.num_experts), dequantized)
 
 
 def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
