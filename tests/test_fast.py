@@ -218,34 +218,50 @@ def make_weight(fmt: str, shape: tuple[int, ...], seed: int = 0):
     return q, s, group, dequantize(q, s, group)
 
 
+def int16_group(fmt: str, features: int, group: int) -> int:
+    """The group of activations gemv.c's integer kernels scale to int16 together: int4 its weight group, int8 256
+    inputs (or the largest power of two dividing I)."""
+    if fmt.startswith("int4"):
+        return group
+    return next(g for g in (256, 128, 64, 32) if features % g == 0)
+
+
 def check_gemv(y, x, fmt, w, scale, group, dense, bias=None, select=None, msg=""):
-    """y == x @ dense.T (+ bias) to fp32 rounding (1e-5 relative). int4 within the bound of gemv.c's integer
-    kernel (few rows or `select`), which rounds each group of G activations to int16 steps of max|x_g| / 32767:
-    |error| <= sum over groups of scale * step / 2 * sum(nibbles), plus 1e-5 of sum |x| * (nibble + 8) * scale."""
+    """y == x @ dense.T (+ bias) to fp32 rounding (1e-5 relative). int8/int4 with few rows (<= 4) or `select` go
+    through gemv.c's integer kernels, which round each group of activations to int16 steps of max|x_g| / 32767:
+    |error| <= sum over groups of scale * step / 2 * sum(|q|), plus 1e-5 of sum |x| * |q| * scale, where q is the
+    integer weight (int4: the nibble 0..15, offset 8 applied exactly in fp32; int8: -127..127, one scale per row)."""
     x = x.reshape(-1, x.shape[-1]).float()
     y = y.reshape(x.shape[0], -1)
     if select is None:
         expected = F.linear(x, dense, bias)
     else:
         expected = torch.stack([F.linear(x[m], dense[int(select[m])], bias) for m in range(x.shape[0])])
-    if not fmt.startswith("int4"):
+    integer = fmt.startswith("int4") or (fmt == "int8" and (select is not None or x.shape[0] <= 4))
+    if not integer:
         close(y, expected, 1e-5, msg)
         return
     rows, features = x.shape
-    nibbles = dequantize(w, torch.ones_like(scale), group) + 8  # [(E,) O, I] in 0..15
-    if select is None:
-        nibbles, scale = nibbles.expand(rows, *nibbles.shape), scale.expand(rows, *scale.shape)
+    xgroup = int16_group(fmt, features, group)
+    if fmt == "int8":
+        q = w.float().abs()  # [(E,) O, I]
+        scale = scale[..., None].expand(*scale.shape, features // xgroup)
     else:
-        nibbles, scale = nibbles[select], scale[select]  # [rows, O, I], [rows, O, groups]
-    out_features, groups = scale.shape[1], features // group
-    nibbles = nibbles.reshape(rows, out_features, groups, group)
-    xg = x.reshape(rows, 1, groups, group)
+        q = dequantize(w, torch.ones_like(scale), group) + 8  # nibbles 0..15
+        scale = scale.repeat_interleave(group // xgroup, dim=-1) if group > xgroup else scale
+    if select is None:
+        q, scale = q.expand(rows, *q.shape), scale.expand(rows, *scale.shape)
+    else:
+        q, scale = q[select], scale[select]  # [rows, O, I], [rows, O, groups]
+    out_features, groups = scale.shape[1], features // xgroup
+    q = q.reshape(rows, out_features, groups, xgroup)
+    xg = x.reshape(rows, 1, groups, xgroup)
     step = xg.abs().amax(-1) / 32767  # [rows, 1, groups]
-    rounding = (scale * step / 2 * nibbles.sum(-1)).sum(-1)  # [rows, O]
-    magnitude = (xg.abs() * (nibbles + 8) * scale[..., None]).sum((-1, -2))
+    rounding = (scale * step / 2 * q.sum(-1)).sum(-1)  # [rows, O]
+    magnitude = (xg.abs() * (q + (8 if fmt != "int8" else 0)) * scale[..., None]).sum((-1, -2))
     err = (y - expected).abs()
     tol = rounding + 1e-5 * magnitude
-    assert bool((err <= tol).all()), f"{msg}: int4 error {float(err.max()):.3g}, worst excess " \
+    assert bool((err <= tol).all()), f"{msg}: {fmt} error {float(err.max()):.3g}, worst excess " \
                                     f"{float((err - tol).max()):.3g} (bound {float(tol.max()):.3g})"
 
 
@@ -282,6 +298,14 @@ def test_gemv_shapes_and_input_dtypes(fmt, threads):
     for rows in (1, 5):
         x = torch.randn(rows, 64, generator=g)
         check_gemv(kernels.gemv(x, w, scale, group), x, fmt, w, scale, group, dense, msg=f"O=3 rows={rows}")
+    # I not a multiple of 256 (int8's activation groups shrink to 32 / 128), several groups per row
+    for features in (96, 640):
+        if features % (group or 32):
+            continue
+        w, scale, group, dense = make_weight(fmt, (9, features), seed=features)
+        for rows in (1, 4, 5):
+            x = torch.randn(rows, features, generator=g) * torch.linspace(0.01, 3, features)
+            check_gemv(kernels.gemv(x, w, scale, group), x, fmt, w, scale, group, dense, msg=f"I={features}")
 
 
 @needs_kernels
@@ -462,6 +486,68 @@ def test_fast_generate_matches_reference(family):
 
     beams = [m.generate(ids, num_beams=3, do_sample=False, **kw) for m in (fast, ref)]
     assert torch.equal(*beams), f"{family} beam search"
+
+
+@needs_kernels
+@pytest.mark.parametrize("interleaved", (True, False), ids=("ernie-pairs", "halves"))
+@pytest.mark.parametrize("heads,kv_heads", ((4, 2), (4, 4), (6, 1)))
+@pytest.mark.parametrize("masking", ("none", "padded", "window"))
+def test_attend_kernel_matches_rotate_cache_and_attention(interleaved, heads, kv_heads, masking, threads):
+    """kernels.attend (one C call) == rotary embedding, cache write at `pos`, then softmax attention as the
+    PyTorch path computes them, for both rotations, GQA group sizes, and padding / sliding-window masks."""
+    from moelm.layers import decode_attention
+    from moelm.rope import rotate_half_split, rotate_interleaved
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    b, d, t, pos = 3, 16, 12, 7
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g)
+    angles = torch.rand(b, d // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin() * 0.9  # scaled sin: the kernel must not assume cos^2 + sin^2 = 1
+    keys, values = torch.randn(b, kv_heads, t, d, generator=g), torch.randn(b, kv_heads, t, d, generator=g)
+    mask = None
+    if masking == "padded":
+        mask = torch.ones(b, pos + 1, dtype=torch.bool)
+        mask[1, :3] = False
+        mask[2, :pos] = False  # only the new position
+    elif masking == "window":
+        mask = torch.arange(pos + 1)[None].expand(b, -1) > pos - 4
+    rotate = rotate_interleaved if interleaved else rotate_half_split
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = rotate(q.view(b, 1, heads, d).transpose(1, 2), cos[:, None], sin[:, None])  # [B, H, 1, D]
+    k = rotate(k.view(b, 1, kv_heads, d).transpose(1, 2), cos[:, None], sin[:, None])
+    v = v.view(b, 1, kv_heads, d).transpose(1, 2)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    ref_keys[:, :, pos:pos + 1], ref_values[:, :, pos:pos + 1] = k, v
+    expected = decode_attention(q, ref_keys[:, :, :pos + 1], ref_values[:, :, :pos + 1],
+                                None if mask is None else mask[:, None, None], 0.3)
+    out = kernels.attend(qkv, heads, kv_heads, cos, sin, interleaved, keys, values, pos, mask, 0.3)
+    close(out, expected.reshape(b, heads * d), 1e-5, "attention output")
+    transposed = qkv.T.contiguous().T  # as oneDNN returns 5-16 rows
+    out = kernels.attend(transposed, heads, kv_heads, cos, sin, interleaved, keys, values, pos, mask, 0.3)
+    close(out, expected.reshape(b, heads * d), 1e-5, "attention output, column-major qkv")
+    torch.testing.assert_close(keys, ref_keys, rtol=1e-6, atol=1e-6)  # k rotated and written at pos, rest kept
+    assert torch.equal(values, ref_values)
+
+
+@needs_kernels
+def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatch):
+    """PhiMoE with a sliding window shorter than the cached sequence: the decode steps run kernels.attend (with
+    the window's mask) and give the reference path's logits."""
+    config = tiny_config("phimoe")
+    config.sliding_window = 5
+    ref = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False).eval()
+    randomise(ref, seed=3)
+    fast = moelm.AutoModelForCausalLM.from_config(config).eval()
+    fast.load_state_dict(ref.state_dict())  # copied into the fused tensors' views
+    calls = []
+    real = kernels.attend
+    monkeypatch.setattr(kernels, "attend", lambda *a: calls.append(a[9] is not None) or real(*a))
+    ids, mask = prompts(batch=2, seq=6, pads=(2, 0), seed=21)
+    new = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(22))
+    a = prefill_then_decode(fast, ids, mask, new, static_cache(fast, 2, 16))
+    b = prefill_then_decode(ref, ids, mask, new, DynamicCache())
+    assert len(calls) == 5 * config.num_hidden_layers and all(calls), "decode steps did not use kernels.attend"
+    close(a, b, 1e-5, "sliding-window decode")
 
 
 # ------------------------------------------------------------------ 4. StaticCache vs DynamicCache
@@ -810,9 +896,9 @@ def test_quantized_decode_matches_prefill_and_fallback(family, mode, monkeypatch
     model = load(family, quantization=mode)
     ids, mask = prompts(batch=2, seq=4, pads=(1, 0), seed=13)
     new = torch.randint(3, VOCAB, (2, 36), generator=torch.Generator().manual_seed(14))
-    # int8: fp32 rounding. int4: the kernel rounds each group of activations to int16 (see check_gemv), ~3e-4 of
-    # the logit scale measured after all the layers.
-    rel = 1e-4 if mode == "int8" else 1.5e-3
+    # Both integer kernels round each group of activations to int16 (see check_gemv): measured after all the
+    # layers, ~1e-4 of the logit scale for int8 and ~3e-4 for int4 (the prefill and the fallback are fp32).
+    rel = 5e-4 if mode == "int8" else 1.5e-3
     full = full_logits(model, ids, mask, new)  # 80 rows
     with count_gemv() as calls:
         steps = prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 48))

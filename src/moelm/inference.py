@@ -32,14 +32,19 @@ class StaticCache:
         self.lengths = [0] * n
         self.max_length = max_length
 
+    def reserve(self, layer_idx: int, new: int) -> int:
+        """Claim the next `new` positions of a layer; returns the first."""
+        start = self.lengths[layer_idx]
+        if start + new > self.max_length:
+            raise ValueError(f"the static KV cache holds {self.max_length} positions; {start + new} were asked for")
+        self.lengths[layer_idx] = start + new
+        return start
+
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, new = self.lengths[layer_idx], k.shape[-2]
-        end = start + new
-        if end > self.max_length:
-            raise ValueError(f"the static KV cache holds {self.max_length} positions; {end} were asked for")
+        start = self.reserve(layer_idx, k.shape[-2])
+        end = self.lengths[layer_idx]
         self.keys[layer_idx][:, :, start:end] = k
         self.values[layer_idx][:, :, start:end] = v
-        self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -178,3 +183,28 @@ def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
         return False
     name = "qweight" if fused.quantized else "weight"
     return getattr(fused.first, name).data_ptr() == getattr(fused.module, name).data_ptr()
+
+
+def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache) -> torch.Tensor | None:
+    """Attention for one new token per row in one C call (kernels.attend: rotary, cache write, softmax attention)
+    instead of ~40 small PyTorch ops, or None where it does not apply: fp32 on CPU, a StaticCache, the fused q/k/v,
+    no gradients, a rotation the kernel knows, a mask of the plain [B, 1, 1, K] form."""
+    from .rope import rotate_half_split, rotate_interleaved
+
+    b, s, _ = x.shape
+    if s != 1 or not isinstance(cache, StaticCache) or x.dtype != torch.float32 or x.device.type != "cpu" \
+            or attn.rotate not in (rotate_interleaved, rotate_half_split) or not fused_ready(attn.fused_qkv, x) \
+            or cache.keys[attn.layer_idx].dtype != torch.float32 or not kernels.available():
+        return None
+    cos, sin = cos_sin
+    pos, half = cache.get_seq_length(attn.layer_idx), attn.head_dim // 2
+    if cos.shape[-1] != half or cos.dtype != torch.float32 or (
+            mask is not None and tuple(mask.shape) != (b, 1, 1, pos + 1)):
+        return None
+    qkv = attn.fused_qkv.module(x).reshape(b, -1)
+    cache.reserve(attn.layer_idx, 1)
+    cos, sin = (t.expand(b, 1, half).reshape(b, half).contiguous() for t in (cos, sin))
+    flat_mask = None if mask is None else mask.reshape(b, pos + 1).contiguous()
+    out = kernels.attend(qkv, attn.num_heads, attn.num_kv_heads, cos, sin, attn.rotate is rotate_interleaved,
+                         cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask, attn.scaling)
+    return attn.o_proj(out.view(b, 1, -1))

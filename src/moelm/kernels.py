@@ -58,6 +58,9 @@ def _compile() -> ctypes.CDLL | None:
     lib.dequant_i8.restype = lib.dequant_i4.restype = None
     lib.rmsnorm_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.rmsnorm_f32.restype = None
+    lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
+                               ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.attend_f32.restype = None
     return lib
 
 
@@ -152,6 +155,25 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+           keys: torch.Tensor, values: torch.Tensor, pos: int, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """One decoding step of attention in one C call: qkv [B, (H + 2 Hkv) * D] fp32 (the fused projection's output),
+    cos/sin [B, D/2] fp32; rotates q and k (interleaved pairs or halves), writes k and v at position `pos` of the
+    fp32 cache keys/values [B, Hkv, T, D], and attends over positions 0..pos allowed by mask [B, pos + 1] (bool,
+    None: all) -> [B, H * D]."""
+    b, d = qkv.shape[0], keys.shape[-1]
+    if qkv.stride(-1) != 1:  # rows of 5-16 come out of oneDNN transposed
+        qkv = qkv.contiguous()
+    out = torch.empty(b, heads * d, dtype=torch.float32)
+    q = qkv.data_ptr()
+    k, v = q + heads * d * 4, q + (heads + kv_heads) * d * 4
+    _lib.attend_f32(q, k, v, qkv.stride(0), b, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), int(interleaved),
+                    keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(mask),
+                    0 if mask is None else mask.stride(0), scale, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .inference import fused_ready
+from .inference import decode_attention_step, fused_ready
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +117,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache: DynamicCache | None,
                 output_attentions: bool = False):
         b, s, _ = x.shape
+        if not output_attentions and self.config.attn_implementation != "eager" and not (self.training and self.dropout):
+            out = decode_attention_step(self, x, cos_sin, mask, cache)
+            if out is not None:
+                return out, None
         if fused_ready(self.fused_qkv, x):
             q, k, v = self.fused_qkv(x)
         else:

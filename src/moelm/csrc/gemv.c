@@ -5,10 +5,16 @@
  *   inputs (G/2 bytes per group: byte j holds input j in its low nibble and input j + G/2 in its high nibble,
  *   value = (nibble - 8) * scale).
  * `wsel` (may be NULL) picks a matrix per row of x out of E stacked [E, O, I] ones: the experts chosen per token.
+ * For one row of x per weight row (decoding) int8/int4 run in integers against x rounded to int16 (see GEMV_INT),
+ * and bf16 with x permuted so the weights convert without shuffles; with more rows each weight row is converted to
+ * fp32 once and shared by all of them.
+ * attend_f32 is the rest of a decoding step's attention: rotary embedding, KV-cache write, softmax attention.
  * Written with GCC vector extensions so the compiler emits the machine's SIMD; threads via OpenMP (the same
  * libgomp that PyTorch uses). x and y are fp32 and contiguous; I is a multiple of 32. */
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
+#include <math.h>
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
@@ -154,7 +160,7 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
                 for (int64_t o = ob * 8; o < end; o++) {                                                     \
                     int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                             \
                     const WT *wr = w + row * wrow;                                                           \
-                    const float *sr = scale ? scale + row * srow : 0;                                        \
+                    const float *sr = scale ? scale + row * srow : 0; (void)sr;                              \
                     const float *xm = x + m0 * I;                                                            \
                     y[m0 * O + o] = (DOT) + (bias ? bias[o] : 0.0f);                                         \
                 }                                                                                            \
@@ -177,14 +183,100 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
 }
 
 GEMV(gemv_f32, float, dot_f32(xm, wr, I), row_f32)
-GEMV(gemv_bf16, uint16_t, dot_bf16(xm, wr, I), row_bf16)
-GEMV(gemv_i8, int8_t, dot_i8(xm, wr, I) * sr[0], row_i8)
+GEMV(gemv_bf16_rows, uint16_t, dot_bf16(xm, wr, I), row_bf16)
+
+/* bf16 for one row of x per weight row: 16 weights as eight 32-bit lanes; the even ones become fp32 by a shift, the
+ * odd ones by a mask (no shuffles), so x is first permuted to (x0, x2, .., x14, x1, x3, .., x15) per 16 inputs. */
+static inline v8f as_f32(v8u32 u) { v8f v; memcpy(&v, &u, 32); return v; }
+static inline float dot_bf16p(const float *x, const uint16_t *w, int64_t n) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t i = 0; i < n; i += 32) {
+        v8u32 u, v;
+        memcpy(&u, w + i, 32); memcpy(&v, w + i + 16, 32);
+        a0 += ld_f32(x + i) * as_f32(u << 16);
+        a1 += ld_f32(x + i + 8) * as_f32(u & 0xFFFF0000u);
+        a2 += ld_f32(x + i + 16) * as_f32(v << 16);
+        a3 += ld_f32(x + i + 24) * as_f32(v & 0xFFFF0000u);
+    }
+    return hsum((a0 + a1) + (a2 + a3));
+}
+GEMV(gemv_bf16_perm, uint16_t, dot_bf16p(xm, wr, I), row_bf16)
+
+void gemv_bf16(const float *x, int64_t M, int64_t I, const uint16_t *w, int64_t wrow, const float *scale,
+               int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
+    if (!wsel && M > 1) { gemv_bf16_rows(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+    float *xp = malloc(M * I * sizeof(float));
+    for (int64_t i = 0; i < M * I; i++) xp[(i & ~15) + ((i & 1) << 3) + ((i & 15) >> 1)] = x[i];
+    gemv_bf16_perm(xp, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+    free(xp);
+}
+GEMV(gemv_i8_float, int8_t, dot_i8(xm, wr, I) * sr[0], row_i8)
 GEMV(gemv_i4_float, uint8_t, dot_i4(xm, wr, sr, I, G), row_i4)
 
 #ifdef __AVX2__
-/* int4 with integer arithmetic: each group of G activations is scaled to int16 (xq = x / xs, xs = max|x| / 32767)
- * and multiplied with the nibbles by _mm256_madd_epi16. sum((n - 8) * x) * s = s * (xs * sum(n * xq) - 8 * sum(x)).
- * The int16 rounding of the activations (relative 1.5e-5 of the group's largest) is far below int4's own error. */
+/* Integer kernels for one row of x per weight row (M <= 4, or `wsel`): each group of g activations is scaled to int16
+ * (xq = x / xs, xs = max|x| / 32767, relative rounding 1.5e-5 of the group's largest) and multiplied with the weights
+ * by _mm256_madd_epi16. The weights are unpacked with shifts within 16-bit lanes (no shuffles), so xq is stored in the
+ * order the lanes come out: `pos` maps an input's index within its group to its place in xq. */
+static inline int64_t pos_i8(int64_t i) { return (i & ~31) + ((i & 1) << 4) + ((i & 31) >> 1); }
+/* int4, g = 64 (32 bytes): lane l holds bytes 2l, 2l+1 = inputs 2l, 2l+32 (byte 2l) and 2l+1, 2l+33 (byte 2l+1) */
+static inline int64_t pos_i4(int64_t i) { return (i & ~63) + 16 * (((i & 63) >= 32) + 2 * (i & 1)) + ((i & 31) >> 1); }
+static inline int64_t pos_id(int64_t i) { return i; }
+
+static void quantize_x(const float *x, int64_t groups, int64_t g, int64_t (*pos)(int64_t), int16_t *xq, float *xs,
+                       float *xsum) {
+    for (int64_t r = 0; r < groups; r++) {
+        const float *xr = x + r * g;
+        float big = 0.0f, total = 0.0f;
+        for (int64_t i = 0; i < g; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
+        float step = big > 0.0f ? big / 32767.0f : 1.0f;
+        for (int64_t i = 0; i < g; i++) xq[r * g + pos(i)] = (int16_t)lrintf(xr[i] / step);
+        xs[r] = step; xsum[r] = total;
+    }
+}
+
+/* int8 weights (one scale per row, applied by the caller): groups of g (a multiple of 32, at most 256) inputs */
+static inline float dot_i8q(const int16_t *xq, const float *xs, const float *xsum, const int8_t *w,
+                            const float *scale, int64_t n, int64_t g) {
+    (void)xsum; (void)scale;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n / g; s++) {
+        __m256i isum = _mm256_setzero_si256();
+        for (int64_t j = s * g; j < s * g + g; j += 32) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(w + j));
+            __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), odd = _mm256_srai_epi16(b, 8);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)(xq + j))));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xq + j + 16))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(xs[s]), acc);
+    }
+    return hsum(from_m256(acc));
+}
+
+/* int4, g = 64: sum((n - 8) * x) * s = s * (xs * sum(n * xq) - 8 * sum(x)) per group */
+static inline float dot_i4p(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w,
+                            const float *scale, int64_t n, int64_t g) {
+    (void)g;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    const __m256i mask = _mm256_set1_epi16(15);
+    for (int64_t s = 0; s < n / 64; s++) {
+        const int16_t *xg = xq + s * 64;
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * 32));
+        __m256i isum = _mm256_madd_epi16(_mm256_and_si256(b, mask), _mm256_loadu_si256((const __m256i *)xg));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask),
+                                                        _mm256_loadu_si256((const __m256i *)(xg + 16))));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 8), mask),
+                                                        _mm256_loadu_si256((const __m256i *)(xg + 32))));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_srli_epi16(b, 12),
+                                                        _mm256_loadu_si256((const __m256i *)(xg + 48))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale[s] * xs[s]), acc);
+        offset += scale[s] * xsum[s];
+    }
+    return hsum(from_m256(acc)) - 8.0f * offset;
+}
+
+/* int4, any g (a multiple of 32): 16 bytes (16 low and 16 high nibbles) at a time, xq in input order */
 static inline float dot_i4q(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                             const float *scale, int64_t n, int64_t g) {
     __m256 acc = _mm256_setzero_ps();
@@ -204,41 +296,53 @@ static inline float dot_i4q(const int16_t *xq, const float *xs, const float *xsu
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale[s] * xs[s]), acc);
         offset += scale[s] * xsum[s];
     }
-    v8f a = from_m256(acc);
-    return hsum(a) - 8.0f * offset;
+    return hsum(from_m256(acc)) - 8.0f * offset;
 }
+
+/* The integer path: x quantized per group of XG, then one dot per (row of x, weight row); SCALED multiplies an int8
+ * row's result by its scale. */
+#define GEMV_INT(NAME, WT, DOT, POS, XG, SCALED)                                                              \
+static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale,        \
+                 int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y,        \
+                 int nthreads) {                                                                              \
+    int64_t xg = (XG), groups = I / xg;                                                                      \
+    int16_t *xq = malloc(M * I * sizeof(int16_t));                                                           \
+    float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));              \
+    quantize_x(x, M * groups, xg, POS, xq, xs, xsum);                                                        \
+    int64_t mats = wsel ? M : 1, rows = wsel ? 1 : M;                                                        \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
+    for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
+        for (int64_t ob = 0; ob < (O + 7) / 8; ob++)                                                         \
+            for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {                                         \
+                int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
+                for (int64_t m = m0; m < m0 + rows; m++) {                                                   \
+                    float d = DOT(xq + m * I, xs + m * groups, xsum + m * groups, w + row * wrow,            \
+                                  scale + row * srow, I, xg);                                                \
+                    y[m * O + o] = (SCALED ? d * scale[row] : d) + (bias ? bias[o] : 0.0f);                  \
+                }                                                                                            \
+            }                                                                                                \
+    free(xq); free(xs); free(xsum);                                                                          \
+}
+/* int8: activation groups of 256 inputs (or the largest power of two dividing I): int32 sums stay below 2^28 */
+#define I8_GROUP (I % 256 == 0 ? 256 : I % 128 == 0 ? 128 : I % 64 == 0 ? 64 : 32)
+GEMV_INT(gemv_i8_int, int8_t, dot_i8q, pos_i8, I8_GROUP, 1)
+GEMV_INT(gemv_i4_g64, uint8_t, dot_i4p, pos_i4, 64, 0)
+GEMV_INT(gemv_i4_int, uint8_t, dot_i4q, pos_id, G, 0)
 #endif
 
-#include <stdlib.h>
-#include <math.h>
+void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const float *scale,
+             int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
+#ifdef __AVX2__
+    if (wsel || M <= 4) { gemv_i8_int(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+#endif
+    gemv_i8_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+}
+
 void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wrow, const float *scale,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
-    if (wsel || M <= 4) {  /* weight rows used by one row of x each (or few): the integer kernel */
-        int64_t groups = I / G;
-        int16_t *xq = malloc(M * I * sizeof(int16_t));
-        float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));
-        for (int64_t r = 0; r < M * groups; r++) {
-            const float *xr = x + r * G;
-            float big = 0.0f, total = 0.0f;
-            for (int64_t i = 0; i < G; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
-            float step = big > 0.0f ? big / 32767.0f : 1.0f;
-            for (int64_t i = 0; i < G; i++) xq[r * G + i] = (int16_t)lrintf(xr[i] / step);
-            xs[r] = step; xsum[r] = total;
-        }
-        int64_t mats = wsel ? M : 1, rows = wsel ? 1 : M;
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")
-        for (int64_t m0 = 0; m0 < mats; m0++)
-            for (int64_t ob = 0; ob < (O + 7) / 8; ob++)
-                for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {
-                    int64_t row = (wsel ? wsel[m0] * O : 0) + o;
-                    for (int64_t m = m0; m < m0 + rows; m++)
-                        y[m * O + o] = dot_i4q(xq + m * I, xs + m * groups, xsum + m * groups, w + row * wrow,
-                                               scale + row * srow, I, G) + (bias ? bias[o] : 0.0f);
-                }
-        free(xq); free(xs); free(xsum);
-        return;
-    }
+    if ((wsel || M <= 4) && G == 64) { gemv_i4_g64(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+    if (wsel || M <= 4) { gemv_i4_int(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
 #endif
     gemv_i4_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
 }
@@ -268,4 +372,61 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
             memcpy(out + r * n + i, &v, 32);
         }
     }
+}
+
+/* One new position per batch row against a static KV cache (decoding), fp32:
+ *   rotary embedding of q and k (interleaved: pairs (2i, 2i+1) as ERNIE; else halves (i, i + D/2) as Llama/PhiMoE),
+ *   k and v written at position `pos` of kc/vc [B, Hkv, T, D], then out = softmax(scale * q.k) v over the positions
+ *   0..pos that mask [B, mstride] (uint8, NULL: all) allows, GQA head h reading kv head h / (H / Hkv).
+ * q/k/v: rows of the projections' output, row b at q + b * xstride ([H, D], [Hkv, D], [Hkv, D]); cos/sin [B, D/2];
+ * out [B, H, D]. Masked positions are skipped (a row with none allowed gives zeros). */
+static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        float xa = x[a], xb = x[b];
+        y[a] = xa * c[i] - xb * s[i];
+        y[b] = xb * c[i] + xa * s[i];
+    }
+}
+
+void attend_f32(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,
+                int64_t D, const float *cos, const float *sin, int interleaved, float *kc, float *vc, int64_t T,
+                int64_t pos, const uint8_t *mask, int64_t mstride, float scale, float *out, int nthreads) {
+    int64_t L = pos + 1, group = H / Hkv, half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++) {
+            int64_t at = ((b * Hkv + h) * T + pos) * D;
+            rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, kc + at);
+            memcpy(vc + at, v + b * xstride + h * D, D * sizeof(float));
+        }
+    float *scores = malloc(B * H * L * sizeof(float));
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float qr[D], acc[D];
+            rotate(q + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, qr);
+            const float *kh = kc + (b * Hkv + h / group) * T * D, *vh = vc + (b * Hkv + h / group) * T * D;
+            const uint8_t *mb = mask ? mask + b * mstride : 0;
+            float *sc = scores + (b * H + h) * L, top = -3.4e38f, total = 0.0f;
+            int any = 0;
+            for (int64_t t = 0; t < L; t++) {
+                if (mb && !mb[t]) continue;
+                float d = 0.0f;
+                for (int64_t i = 0; i < D; i++) d += qr[i] * kh[t * D + i];
+                sc[t] = d * scale;
+                top = sc[t] > top ? sc[t] : top;
+                any = 1;
+            }
+            for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+            for (int64_t t = 0; any && t < L; t++) {
+                if (mb && !mb[t]) continue;
+                float p = expf(sc[t] - top);
+                total += p;
+                for (int64_t i = 0; i < D; i++) acc[i] += p * vh[t * D + i];
+            }
+            float inv = any ? 1.0f / total : 0.0f;
+            for (int64_t i = 0; i < D; i++) out[(b * H + h) * D + i] = acc[i] * inv;
+        }
+    free(scores);
 }
