@@ -194,7 +194,8 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
     b, s, _ = x.shape
     if s != 1 or not isinstance(cache, StaticCache) or x.dtype != torch.float32 or x.device.type != "cpu" \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) or not fused_ready(attn.fused_qkv, x) \
-            or cache.keys[attn.layer_idx].dtype != torch.float32 or not kernels.available():
+            or cache.keys[attn.layer_idx].dtype != torch.float32 or not kernels.available() \
+            or torch.compiler.is_compiling():
         return None
     cos, sin = cos_sin
     pos, half = cache.get_seq_length(attn.layer_idx), attn.head_dim // 2

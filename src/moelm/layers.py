@@ -117,8 +117,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache: DynamicCache | None,
                 output_attentions: bool = False):
         b, s, _ = x.shape
-        if not output_attentions and self.config.attn_implementation != "eager" and not (self.training and self.dropout):
-            out = decode_attention_step(self, x, cos_sin, mask, cache)
+        eager = output_attentions or self.config.attn_implementation == "eager"
+        if not eager and not (self.training and self.dropout):
+            out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step
             if out is not None:
                 return out, None
         if fused_ready(self.fused_qkv, x):

@@ -341,8 +341,10 @@ void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow
 void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wrow, const float *scale,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
-    if ((wsel || M <= 4) && G == 64) { gemv_i4_g64(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
-    if (wsel || M <= 4) { gemv_i4_int(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+    if (wsel || M <= 4) {
+        (G == 64 ? gemv_i4_g64 : gemv_i4_int)(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+        return;
+    }
 #endif
     gemv_i4_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
 }
