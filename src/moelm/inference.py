@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .rope import rotate_half_split, rotate_interleaved
 
 TILE_ROWS = 8192  # weight rows converted to fp32 at a time for a long bf16 input
 
@@ -189,8 +190,6 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
     """Attention for one new token per row in one C call (kernels.attend: rotary, cache write, softmax attention)
     instead of ~40 small PyTorch ops, or None where it does not apply: fp32 on CPU, a StaticCache, the fused q/k/v,
     no gradients, a rotation the kernel knows, a mask of the plain [B, 1, 1, K] form."""
-    from .rope import rotate_half_split, rotate_interleaved
-
     b, s, _ = x.shape
     if s != 1 or not isinstance(cache, StaticCache) or x.dtype != torch.float32 or x.device.type != "cpu" \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) or not fused_ready(attn.fused_qkv, x) \

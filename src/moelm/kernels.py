@@ -80,6 +80,11 @@ def available() -> bool:
     return library() is not None
 
 
+def _require():
+    if not _FUNCTIONS and library() is None:
+        raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether gemv() can take these activations [..., I] and weights: CPU, few rows, I a multiple of 32, no
     gradients needed (the kernels have no backward), kernels built."""
@@ -130,8 +135,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def _gemv(x, weight, scale, group_size, bias, select):
-    if not _FUNCTIONS and library() is None:
-        raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
+    _require()
     shape = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -150,8 +154,7 @@ def _gemv(x, weight, scale, group_size, bias, select):
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2, -1) + eps) for fp32 x [..., n] (n a multiple of 8) and fp32 weight [n]; one pass
     in C instead of PyTorch's ~7 small ops (60 us per call for one token on this CPU)."""
-    if not _FUNCTIONS and library() is None:
-        raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
+    _require()
     x = x.contiguous()
     out = torch.empty_like(x)
     _lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
@@ -165,6 +168,7 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
     cos/sin [B, D/2] fp32; rotates q and k (interleaved pairs or halves), writes k and v at position `pos` of the
     fp32 cache keys/values [B, Hkv, T, D], and attends over positions 0..pos allowed by mask [B, pos + 1] (bool,
     None: all) -> [B, H * D]."""
+    _require()
     b, d = qkv.shape[0], keys.shape[-1]
     if qkv.stride(-1) != 1:  # rows of 5-16 come out of oneDNN transposed
         qkv = qkv.contiguous()
@@ -180,6 +184,7 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """int8 q [..., O, I] (scale [..., O]) or int4 pairs [..., O, I/2] (scale [..., O, I/group_size]) -> fp32
     [..., O, I], converted in parallel at memory speed (needs available())."""
+    _require()
     lib = library()
     q, scale = q.contiguous(), scale.contiguous()
     features = q.shape[-1] * (2 if q.dtype == torch.uint8 else 1)

@@ -118,7 +118,8 @@ class Attention(nn.Module):
                 output_attentions: bool = False):
         b, s, _ = x.shape
         eager = output_attentions or self.config.attn_implementation == "eager"
-        if not eager and not (self.training and self.dropout):
+        dropout = self.dropout if self.training else 0.0
+        if not eager and not dropout:
             out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step
             if out is not None:
                 return out, None
@@ -133,9 +134,8 @@ class Attention(nn.Module):
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        dropout = self.dropout if self.training else 0.0
         weights = None
-        if output_attentions or self.config.attn_implementation == "eager":
+        if eager:
             out, weights = eager_attention(q, k, v, mask, self.scaling, dropout, self.training)
         elif s == 1 and x.device.type == "cpu" and not dropout:
             out = decode_attention(q, k, v, mask, self.scaling)

@@ -223,14 +223,15 @@ static inline int64_t pos_i8(int64_t i) { return (i & ~31) + ((i & 1) << 4) + ((
 static inline int64_t pos_i4(int64_t i) { return (i & ~63) + 16 * (((i & 63) >= 32) + 2 * (i & 1)) + ((i & 31) >> 1); }
 static inline int64_t pos_id(int64_t i) { return i; }
 
-static void quantize_x(const float *x, int64_t groups, int64_t g, int64_t (*pos)(int64_t), int16_t *xq, float *xs,
-                       float *xsum) {
+/* inlined into each kernel, so `pos` is a constant and inlines too */
+static inline void quantize_x(const float *x, int64_t groups, int64_t g, int64_t (*pos)(int64_t), int16_t *xq,
+                              float *xs, float *xsum) {
     for (int64_t r = 0; r < groups; r++) {
         const float *xr = x + r * g;
         float big = 0.0f, total = 0.0f;
         for (int64_t i = 0; i < g; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
-        float step = big > 0.0f ? big / 32767.0f : 1.0f;
-        for (int64_t i = 0; i < g; i++) xq[r * g + pos(i)] = (int16_t)lrintf(xr[i] / step);
+        float step = big > 0.0f ? big / 32767.0f : 1.0f, inv = 1.0f / step;
+        for (int64_t i = 0; i < g; i++) xq[r * g + pos(i)] = (int16_t)lrintf(xr[i] * inv);
         xs[r] = step; xsum[r] = total;
     }
 }
