@@ -35,13 +35,14 @@ def _compile() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + os.uname().machine.encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, "-lm"]).encode() + os.uname().machine.encode()).hexdigest()
     target = _cache_dir() / key[:16] / "gemv.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / "gemv.so"
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True,
+                                    text=True)
             if result.returncode != 0:
                 warnings.warn(f"moelm: could not compile {SOURCE.name} with {compiler} (falling back to PyTorch "
                               f"kernels): {result.stderr.strip()[:500]}")
@@ -61,7 +62,37 @@ def _compile() -> ctypes.CDLL | None:
     lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
                                ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.attend_f32.restype = None
+    lib.decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr,
+                                 ptr, ctypes.c_int]
+    lib.decode_layer.restype = None
     return lib
+
+
+class Mat(ctypes.Structure):
+    """A projection's weight for decode_layer (gemv.c's Mat): format, pointers and sizes."""
+    _fields_ = [("fmt", ctypes.c_int64), ("w", ctypes.c_void_p), ("wrow", ctypes.c_int64),
+                ("scale", ctypes.c_void_p), ("srow", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("bias", ctypes.c_void_p), ("O", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    """A decoder layer's fixed parts for decode_layer (gemv.c's Layer)."""
+    _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+                ("qkv", ctypes.POINTER(Mat)), ("o", ctypes.POINTER(Mat)), ("gate_up", ctypes.POINTER(Mat)),
+                ("down", ctypes.POINTER(Mat)), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("interleaved", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+MAT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+
+
+def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int = 0,
+        bias: torch.Tensor | None = None) -> Mat:
+    """The Mat of a contiguous CPU weight [O, I] in one of gemv()'s formats (bias: fp32 contiguous); the caller
+    keeps the tensors alive."""
+    srow = scale.shape[-1] if scale is not None and group_size else 1
+    return Mat(MAT_FORMATS[weight.dtype], weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size,
+               _ptr(bias), weight.shape[0])
 
 
 _FUNCTIONS: dict = {}  # weight dtype -> the library's function for it
@@ -179,6 +210,29 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
                     keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(mask),
                     0 if mask is None else mask.stride(0), scale, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None, heads: int, kv_heads: int,
+          head_dim: int, interleaved: bool, scale: float) -> Layer:
+    """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), the projections (gate_up
+    and down None for an MoE layer); the caller keeps the tensors and Mats alive."""
+    mats = [None if m is None else ctypes.pointer(m) for m in (qkv, o, gate_up, down)]
+    return Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,
+                 int(interleaved), scale)
+
+
+def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, pos: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole decoder layer for one new position per row in one C call (gemv.c decode_layer): x [B, n] fp32, the
+    rest as attend(). Returns (y, h): y the layer's output with a dense MLP, else the output after attention only,
+    with h = the post-attention RMSNorm of y for the caller's MoE block."""
+    _require()
+    b, n = x.shape
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    _lib.decode_layer(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                      keys.shape[2], pos, _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(),
+                      h.data_ptr(), torch.get_num_threads())
+    return y, h
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:

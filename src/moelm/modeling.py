@@ -13,6 +13,7 @@ from torch import nn
 
 from .configs import PretrainedConfig, dtype_from_str
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
+from .inference import decode_layer_step
 from .layers import Attention, DynamicCache, attention_mask_4d
 from .moe import Experts, load_balancing_loss
 
@@ -89,9 +90,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
 
     def forward(self, x, cos_sin, mask, cache, output_attentions=False):
-        h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
-        x = x + h
-        out = getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+        step = None if output_attentions else decode_layer_step(self, x, cos_sin, mask, cache)  # one C call
+        if step is not None:
+            x, normed = step
+            if normed is None:  # the dense MLP was part of the call
+                return x, None, None
+            weights = None
+        else:
+            h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
+            x = x + h
+            normed = self.post_attention_layernorm(x)
+        out = getattr(self, self.mlp_name)(normed)
         out, router_logits = out if isinstance(out, tuple) else (out, None)
         return x + out, weights, router_logits
 

@@ -433,3 +433,68 @@ void attend_f32(const float *q, const float *k, const float *v, int64_t xstride,
         }
     free(scores);
 }
+
+/* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4 (the formats of gemv_*); w [O, I] in that
+ * format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
+typedef struct {
+    int64_t fmt;
+    const void *w;
+    int64_t wrow;
+    const float *scale;
+    int64_t srow, G;
+    const float *bias;
+    int64_t O;
+} Mat;
+
+static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
+    switch (m->fmt) {
+    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    }
+}
+
+/* A decoder layer's fixed parts for decode_layer: RMSNorm weights and eps, the projections (gate_up NULL: the
+ * layer has an MoE block), head counts and size, rotary kind, attention scale. */
+typedef struct {
+    const float *n1, *n2;
+    float eps1, eps2;
+    const Mat *qkv, *o, *gate_up, *down;
+    int64_t H, Hkv, D, interleaved;
+    float scale;
+} Layer;
+
+/* One decoder layer for one new position per row (decoding), fp32 activations x [B, n]:
+ *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32, over the static cache)
+ *   h = rmsnorm(y, n2)
+ *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP; else the caller
+ *                                                       runs its MoE block on h)
+ * qkv's output is [q (H D) | k (Hkv D) | v (Hkv D)]; gate_up's [gate (F) | up (F)]. */
+void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const float *cos, const float *sin,
+                  float *kc, float *vc, int64_t T, int64_t pos, const uint8_t *mask, int64_t mstride, float *y,
+                  float *h, int nt) {
+    int64_t H = L->H, Hkv = L->Hkv, D = L->D, F = L->gate_up ? L->gate_up->O / 2 : 0, width = L->qkv->O;
+    int64_t big = width > 2 * F ? width : 2 * F;
+    float *proj = malloc(B * (big > n ? big : n) * sizeof(float));
+    float *att = malloc(B * (H * D > F ? H * D : F) * sizeof(float));
+    rmsnorm_f32(x, L->n1, B, n, L->eps1, h);
+    mat_apply(L->qkv, h, B, n, proj, nt);
+    attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved, kc,
+               vc, T, pos, mask, mstride, L->scale, att, nt);
+    mat_apply(L->o, att, B, H * D, y, nt);
+    for (int64_t i = 0; i < B * n; i++) y[i] += x[i];
+    rmsnorm_f32(y, L->n2, B, n, L->eps2, h);
+    if (L->gate_up) {
+        mat_apply(L->gate_up, h, B, n, proj, nt);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < F; i++) {
+                float g = proj[b * 2 * F + i];
+                att[b * F + i] = g / (1.0f + expf(-g)) * proj[b * 2 * F + F + i];
+            }
+        float *out = proj;  /* the gate_up output is no longer needed */
+        mat_apply(L->down, att, B, F, out, nt);
+        for (int64_t i = 0; i < B * n; i++) y[i] += out[i];
+    }
+    free(proj); free(att);
+}
