@@ -275,7 +275,8 @@ class _LayerPlan:
                 self.links.append((parent._modules, name, child))
                 parent = child
             if path[-1] != layer.mlp_name:
-                self.links += [(store, k, t) for store in (parent._parameters, parent._buffers) for k, t in store.items()]
+                stores = (parent._parameters, parent._buffers)
+                self.links += [(store, k, t) for store in stores for k, t in store.items()]
         tensors = [t for _, _, t in self.links if isinstance(t, torch.Tensor)]
         tensors += [t for ts in found for t in ts if isinstance(t, torch.Tensor)]
         self.ptrs = [(t, t.data_ptr()) for t in tensors]

@@ -21,6 +21,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _ONEDNN_OK: dict[tuple, bool] = {}
@@ -35,13 +36,14 @@ def _compile() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, "-lm"]).encode() + os.uname().machine.encode()).hexdigest()
+    flags = " ".join([compiler, *FLAGS, *LIBS])
+    key = hashlib.sha256(source + flags.encode() + os.uname().machine.encode()).hexdigest()
     target = _cache_dir() / key[:16] / "gemv.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / "gemv.so"
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True,
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBS], capture_output=True,
                                     text=True)
             if result.returncode != 0:
                 warnings.warn(f"moelm: could not compile {SOURCE.name} with {compiler} (falling back to PyTorch "
