@@ -591,14 +591,29 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
             _check_layer_steps(model, cache, F.pad(mask, (0, new.shape[1]), value=1), seed=batch)
 
 
+def _close_fp32(a: torch.Tensor, b: torch.Tensor, what: str):
+    close(a, b, 1e-5, what)
+
+
+def _close_bf16(a: torch.Tensor, b: torch.Tensor, what: str):
+    """Two bf16 computations with the same rounding points: equal but where an fp32 value before a rounding differs
+    in its last bits (summation order) and lands on the other side of a bf16 step: a few elements, one step."""
+    a, b = a.float(), b.float()
+    step = b.abs().clamp(min=1e-30) * 2**-7  # one bf16 step is at most 2^-7 of the value
+    differ = a != b
+    assert float(differ.float().mean()) <= 0.01, f"{what}: {float(differ.float().mean()):.1%} of elements differ"
+    assert bool(((a - b).abs() <= step + 1e-6 * float(b.abs().max())).all()), f"{what}: more than one bf16 step"
+
+
 @torch.no_grad()
-def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int):
+def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int, same=_close_fp32):
     """One more position for every layer from random hidden states: decode_layer_step == the layer op by op (the
-    attention output, the post-attention norm for MoE layers, the cache row written)."""
+    output, the post-attention norm for MoE layers, the cache rows written)."""
     pos = cache.get_seq_length()
     batch = mask.shape[0]
     mask = F.pad(mask, (0, 1), value=1)
-    x = torch.randn(batch, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(seed)) * 3
+    dtype = model.get_input_embeddings().weight.dtype
+    x = (torch.randn(batch, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
     cos_sin = model.model.rotary(x, mask.sum(-1, keepdim=True) - 1)
     mask4 = mask.bool()[:, None, None, :]
     for layer in model.model.layers:
@@ -611,10 +626,38 @@ def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int)
         if h is None:
             expected = expected + getattr(layer, layer.mlp_name)(normed)
         else:
-            close(h, normed, 1e-5, f"layer {i} post-attention norm")
-        close(y, expected, 1e-5, f"layer {i} output")
-        close(cache.keys[i][:, :, :pos + 1], twin.keys[i][:, :, :pos + 1], 1e-6, f"layer {i} keys")
+            same(h, normed, f"layer {i} post-attention norm")
+        assert y.dtype == expected.dtype == dtype
+        same(y, expected, f"layer {i} output")
+        same(cache.keys[i][:, :, :pos + 1], twin.keys[i][:, :, :pos + 1], f"layer {i} keys")
         assert torch.equal(cache.values[i][:, :, :pos + 1], twin.values[i][:, :, :pos + 1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
+    """bf16 models decode through decode_layer_bf16, which rounds to bf16 after every step PyTorch's bf16 ops round
+    (norm, its weight, projections, rotation, attention output, residual adds, SiLU, the gate product): each layer
+    gives the op-by-op result but for rare one-step differences (_close_bf16), and whole decodes pick the same
+    tokens as the op-by-op model."""
+    model = load(family, dtype="bfloat16")
+    layers = model.config.num_hidden_layers
+    calls = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[1].dtype) or real(*a))
+    for batch, pads in ((1, (0,)), (3, (2, 0, 4))):
+        ids, mask = prompts(batch=batch, seq=7, pads=pads, seed=51 + batch)
+        new = torch.randint(3, VOCAB, (batch, 6), generator=torch.Generator().manual_seed(52 + batch))
+        calls.clear()
+        cache = static_cache(model, batch, 16)
+        fast = prefill_then_decode(model, ids, mask, new, cache)
+        assert calls == [torch.bfloat16] * 6 * layers
+        with monkeypatch.context() as m:
+            m.setattr(moelm.modeling, "decode_layer_step", lambda *a: None)
+            per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
+        assert torch.equal(fast.argmax(-1), per_op.argmax(-1))
+        close(fast, per_op, 2e-2, f"{family} bf16 batch {batch}: decode_layer vs op by op")
+        _check_layer_steps(model, cache, F.pad(mask, (0, new.shape[1]), value=1), seed=batch, same=_close_bf16)
 
 
 @needs_kernels

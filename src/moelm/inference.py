@@ -188,15 +188,17 @@ def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
     return getattr(fused.first, name).data_ptr() == getattr(fused.module, name).data_ptr()
 
 
-def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
+def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False):
     """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos) for a C decoding step of this attention, or None where
-    it does not apply: one new token per row, fp32 on CPU, a StaticCache with fp32 keys, the fused q/k/v, no
-    gradients, a rotation the kernel knows, a mask of the plain [B, 1, 1, K] form, not compiling. The contiguous
-    cos/sin/mask are made once per step (the model passes the same objects to every layer) and kept on the cache."""
+    it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's fp32 rotation), a
+    StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask of the plain
+    [B, 1, 1, K] form, not compiling. The contiguous cos/sin/mask are made once per step (the model passes the same
+    objects to every layer) and kept on the cache."""
     b, s, _ = x.shape
-    if s != 1 or not isinstance(cache, StaticCache) or x.dtype != torch.float32 or x.device.type != "cpu" \
+    dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
+    if s != 1 or not isinstance(cache, StaticCache) or not dtype_ok or x.device.type != "cpu" \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) or not fused_ready(attn.fused_qkv, x) \
-            or cache.keys[attn.layer_idx].dtype != torch.float32 or not kernels.available() \
+            or cache.keys[attn.layer_idx].dtype != x.dtype or not kernels.available() \
             or torch.compiler.is_compiling():
         return None
     pos = cache.get_seq_length(attn.layer_idx)
@@ -236,7 +238,7 @@ def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None
     attn = layer.self_attn
     if attn.training and attn.dropout:
         return None
-    inputs = _step_inputs(attn, x, cos_sin, mask, cache)
+    inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
     plan = None if inputs is None else _layer_plan(layer, x)
     b = x.shape[0]
     if plan is None or b > plan.rows:
@@ -252,8 +254,11 @@ class _LayerPlan:
     """What decode_layer_step hands to C for one layer, and what it was made from: `links` (container, key,
     object) and `ptrs` (tensor, data pointer) that must still hold for it to be valid."""
 
-    def __init__(self, layer, found: list, dense: bool):
+    def __init__(self, layer, projections: list, found: list, dense: bool, dtype: torch.dtype):
         attn = layer.self_attn
+        self.dtype = dtype
+        # biases handed over as fp32 copies: valid while not changed in place (views share the version counter)
+        self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
         self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
@@ -282,7 +287,8 @@ class _LayerPlan:
         self.ptrs = [(t, t.data_ptr()) for t in tensors]
 
     def valid(self) -> bool:
-        return all(d.get(k) is obj for d, k, obj in self.links) and all(t.data_ptr() == p for t, p in self.ptrs)
+        return all(d.get(k) is obj for d, k, obj in self.links) and all(t.data_ptr() == p for t, p in self.ptrs) \
+            and all(t._version == v for t, v in self.copied)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerPlan (not on the module: copies
@@ -293,30 +299,33 @@ def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
     """The layer's _LayerPlan, rebuilt when a module or tensor it was made from has been replaced, or None for a
     layer decode_layer cannot run."""
     plan = _PLANS.get(layer)
-    if plan is not None and plan.valid():
+    if plan is not None and plan.valid() and plan.dtype == x.dtype:
         return plan
     from .layers import MLP, RMSNorm
 
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 or not n.weight.is_contiguous()
+    if any(type(n) is not RMSNorm or n.weight.dtype != x.dtype or not n.weight.is_contiguous()
            or n.weight.shape[0] % 8 for n in norms):
         return None
     attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
     dense = type(mlp) is MLP and fused_ready(mlp.fused_gate_up, x)
     projections = [attn.fused_qkv.module, attn.o_proj] + ([mlp.fused_gate_up.module, mlp.down_proj] if dense else [])
     found = [_mat_tensors(p) for p in projections]
-    if any(t is None for t in found) or any(p.in_features % 32 for p in projections):
+    weights = (torch.bfloat16,) if x.dtype == torch.bfloat16 else (torch.float32, torch.int8, torch.uint8)
+    if any(t is None or t[0].dtype not in weights for t in found) or any(p.in_features % 32 for p in projections):
         return None
-    _PLANS[layer] = plan = _LayerPlan(layer, found, dense)
+    _PLANS[layer] = plan = _LayerPlan(layer, projections, found, dense, x.dtype)
     return plan
 
 
 def _mat_tensors(module):
     """(weight, scale, group size, fp32 bias) of a FastLinear / QuantizedLinear the decode kernels can read, else
-    None."""
+    None. A bf16 bias comes as an fp32 copy (the kernels add it in fp32, as FastLinear does)."""
     from .quantization import QuantizedLinear
 
     bias = module.bias
+    if bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous():
+        bias = bias.float()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
     if type(module) is FastLinear and module.weight.dtype in KERNEL_DTYPES and module.weight.is_contiguous() \

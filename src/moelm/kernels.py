@@ -64,9 +64,10 @@ def _compile() -> ctypes.CDLL | None:
     lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
                                ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.attend_f32.restype = None
-    lib.decode_layer.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr,
-                                 ptr, ctypes.c_int]
-    lib.decode_layer.restype = None
+    for fn in (lib.decode_layer, lib.decode_layer_bf16):
+        fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr,
+                       ctypes.c_int]
+        fn.restype = None
     return lib
 
 
@@ -225,15 +226,16 @@ def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None,
 
 def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, pos: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole decoder layer for one new position per row in one C call (gemv.c decode_layer): x [B, n] fp32, the
-    rest as attend(). Returns (y, h): y the layer's output with a dense MLP, else the output after attention only,
-    with h = the post-attention RMSNorm of y for the caller's MoE block."""
+    """A whole decoder layer for one new position per row in one C call (gemv.c decode_layer): x [B, n] fp32, or
+    bf16 with a bf16 cache and every step rounded to bf16 as PyTorch's bf16 ops do (decode_layer_bf16); the rest as
+    attend(). Returns (y, h): y the layer's output with a dense MLP, else the output after attention only, with
+    h = the post-attention RMSNorm of y for the caller's MoE block."""
     _require()
     b, n = x.shape
     y, h = torch.empty_like(x), torch.empty_like(x)
-    _lib.decode_layer(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                      keys.shape[2], pos, _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(),
-                      h.data_ptr(), torch.get_num_threads())
+    fn = _lib.decode_layer_bf16 if x.dtype == torch.bfloat16 else _lib.decode_layer
+    fn(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2],
+       pos, _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(), h.data_ptr(), torch.get_num_threads())
     return y, h
 
 

@@ -433,46 +433,66 @@ static void rotate(const float *x, const float *c, const float *s, int64_t D, in
     }
 }
 
-void attend_f32(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,
-                int64_t D, const float *cos, const float *sin, int interleaved, float *kc, float *vc, int64_t T,
-                int64_t pos, const uint8_t *mask, int64_t mstride, float scale, float *out, int nthreads) {
-    int64_t L = pos + 1, group = H / Hkv, half = D / 2;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < Hkv; h++) {
-            int64_t at = ((b * Hkv + h) * T + pos) * D;
-            rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, kc + at);
-            memcpy(vc + at, v + b * xstride + h * D, D * sizeof(float));
-        }
-    float *scores = malloc(B * H * L * sizeof(float));
-    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++) {
-            float qr[D], acc[D];
-            rotate(q + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, qr);
-            const float *kh = kc + (b * Hkv + h / group) * T * D, *vh = vc + (b * Hkv + h / group) * T * D;
-            const uint8_t *mb = mask ? mask + b * mstride : 0;
-            float *sc = scores + (b * H + h) * L, top = -3.4e38f, total = 0.0f;
-            int any = 0;
-            for (int64_t t = 0; t < L; t++) {
-                if (mb && !mb[t]) continue;
-                float d = 0.0f;
-                for (int64_t i = 0; i < D; i++) d += qr[i] * kh[t * D + i];
-                sc[t] = d * scale;
-                top = sc[t] > top ? sc[t] : top;
-                any = 1;
-            }
-            for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
-            for (int64_t t = 0; any && t < L; t++) {
-                if (mb && !mb[t]) continue;
-                float p = expf(sc[t] - top);
-                total += p;
-                for (int64_t i = 0; i < D; i++) acc[i] += p * vh[t * D + i];
-            }
-            float inv = any ? 1.0f / total : 0.0f;
-            for (int64_t i = 0; i < D; i++) out[(b * H + h) * D + i] = acc[i] * inv;
-        }
-    free(scores);
+/* CT: the cache's element type; LD/ST convert it to/from fp32; RND rounds a rotated q or k as the model's dtype
+ * does (bf16: q and k are bf16 tensors after the rotation); the output is rounded by RND too. */
+#define ATTEND(NAME, CT, LD, ST, RND)                                                                            \
+void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,   \
+          int64_t D, const float *cos, const float *sin, int interleaved, CT *kc, CT *vc, int64_t T,            \
+          int64_t pos, const uint8_t *mask, int64_t mstride, float scale, float *out, int nthreads) {           \
+    int64_t L = pos + 1, group = H / Hkv, half = D / 2;                                                         \
+    for (int64_t b = 0; b < B; b++)                                                                             \
+        for (int64_t h = 0; h < Hkv; h++) {                                                                     \
+            int64_t at = ((b * Hkv + h) * T + pos) * D;                                                         \
+            float kr[D];                                                                                        \
+            rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, kr);               \
+            for (int64_t i = 0; i < D; i++) {                                                                   \
+                kc[at + i] = ST(RND(kr[i]));                                                                    \
+                vc[at + i] = ST(v[b * xstride + h * D + i]);                                                    \
+            }                                                                                                   \
+        }                                                                                                       \
+    float *scores = malloc(B * H * L * sizeof(float));                                                          \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                             \
+    for (int64_t b = 0; b < B; b++)                                                                             \
+        for (int64_t h = 0; h < H; h++) {                                                                       \
+            float qr[D], acc[D];                                                                                \
+            rotate(q + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, qr);               \
+            for (int64_t i = 0; i < D; i++) qr[i] = RND(qr[i]);                                                 \
+            const CT *kh = kc + (b * Hkv + h / group) * T * D, *vh = vc + (b * Hkv + h / group) * T * D;       \
+            const uint8_t *mb = mask ? mask + b * mstride : 0;                                                  \
+            float *sc = scores + (b * H + h) * L, top = -3.4e38f, total = 0.0f;                                 \
+            int any = 0;                                                                                        \
+            for (int64_t t = 0; t < L; t++) {                                                                   \
+                if (mb && !mb[t]) continue;                                                                     \
+                float d = 0.0f;                                                                                 \
+                for (int64_t i = 0; i < D; i++) d += qr[i] * LD(kh[t * D + i]);                                 \
+                sc[t] = d * scale;                                                                              \
+                top = sc[t] > top ? sc[t] : top;                                                                \
+                any = 1;                                                                                        \
+            }                                                                                                   \
+            for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;                                                      \
+            for (int64_t t = 0; any && t < L; t++) {                                                            \
+                if (mb && !mb[t]) continue;                                                                     \
+                float p = expf(sc[t] - top);                                                                    \
+                total += p;                                                                                     \
+                for (int64_t i = 0; i < D; i++) acc[i] += p * LD(vh[t * D + i]);                                \
+            }                                                                                                   \
+            float inv = any ? 1.0f / total : 0.0f;                                                              \
+            for (int64_t i = 0; i < D; i++) out[(b * H + h) * D + i] = RND(acc[i] * inv);                       \
+        }                                                                                                       \
+    free(scores);                                                                                               \
 }
+
+/* bf16 <-> fp32: round to nearest even, as PyTorch's .to(torch.bfloat16) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+static inline float same(float f) { return f; }
+
+ATTEND(attend_f32, float, same, same, same)
+ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16)
 
 /* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4 (the formats of gemv_*); w [O, I] in that
  * format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
@@ -495,46 +515,88 @@ static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float 
     }
 }
 
-/* A decoder layer's fixed parts for decode_layer: RMSNorm weights and eps, the projections (gate_up NULL: the
- * layer has an MoE block), head counts and size, rotary kind, attention scale. */
+/* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
+ * the projections (gate_up NULL: the layer has an MoE block), head counts and size, rotary kind, attention scale. */
 typedef struct {
-    const float *n1, *n2;
+    const void *n1, *n2;
     float eps1, eps2;
     const Mat *qkv, *o, *gate_up, *down;
     int64_t H, Hkv, D, interleaved;
     float scale;
 } Layer;
 
-/* One decoder layer for one new position per row (decoding), fp32 activations x [B, n]:
- *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32, over the static cache)
+/* RMSNorm rows as the model computes it: fp32 w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16):
+ * the fp32 normalisation rounded to bf16, times the bf16 weight, rounded again */
+static void norm_rows(const float *x, const void *w, int bf16, int64_t rows, int64_t n, float eps, float *out) {
+    if (!bf16) { rmsnorm_f32(x, w, rows, n, eps, out); return; }
+    const uint16_t *wb = w;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float total = 0.0f;
+        for (int64_t i = 0; i < n; i++) total += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(total / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = round_bf16(from_bf16(wb[i]) * round_bf16(xr[i] * inv));
+    }
+}
+
+static void round_all(float *x, int64_t n, int bf16) {
+    if (bf16) for (int64_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
+}
+
+/* One decoder layer for one new position per row (decoding), activations x [B, n] (fp32 values; with bf16, values
+ * of bf16 and every step rounded to bf16 as PyTorch's bf16 ops round their results):
+ *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32 / attend_bf16, static cache)
  *   h = rmsnorm(y, n2)
  *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP; else the caller
  *                                                       runs its MoE block on h)
  * qkv's output is [q (H D) | k (Hkv D) | v (Hkv D)]; gate_up's [gate (F) | up (F)]. */
-void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const float *cos, const float *sin,
-                  float *kc, float *vc, int64_t T, int64_t pos, const uint8_t *mask, int64_t mstride, float *y,
-                  float *h, int nt) {
+static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int64_t n, const float *cos,
+                       const float *sin, void *kc, void *vc, int64_t T, int64_t pos, const uint8_t *mask,
+                       int64_t mstride, float *y, float *h, int nt) {
     int64_t H = L->H, Hkv = L->Hkv, D = L->D, F = L->gate_up ? L->gate_up->O / 2 : 0, width = L->qkv->O;
     int64_t big = width > 2 * F ? width : 2 * F;
     float *proj = malloc(B * (big > n ? big : n) * sizeof(float));
     float *att = malloc(B * (H * D > F ? H * D : F) * sizeof(float));
-    rmsnorm_f32(x, L->n1, B, n, L->eps1, h);
+    norm_rows(x, L->n1, bf16, B, n, L->eps1, h);
     mat_apply(L->qkv, h, B, n, proj, nt);
-    attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved, kc,
-               vc, T, pos, mask, mstride, L->scale, att, nt);
+    round_all(proj, B * width, bf16);
+    if (bf16)
+        attend_bf16(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
+                    kc, vc, T, pos, mask, mstride, L->scale, att, nt);
+    else
+        attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
+                   kc, vc, T, pos, mask, mstride, L->scale, att, nt);
     mat_apply(L->o, att, B, H * D, y, nt);
-    for (int64_t i = 0; i < B * n; i++) y[i] += x[i];
-    rmsnorm_f32(y, L->n2, B, n, L->eps2, h);
+    for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(y[i]) + x[i]) : y[i] + x[i];
+    norm_rows(y, L->n2, bf16, B, n, L->eps2, h);
     if (L->gate_up) {
         mat_apply(L->gate_up, h, B, n, proj, nt);
+        round_all(proj, B * 2 * F, bf16);
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < F; i++) {
-                float g = proj[b * 2 * F + i];
-                att[b * F + i] = g / (1.0f + expf(-g)) * proj[b * 2 * F + F + i];
+                float g = proj[b * 2 * F + i], a = g / (1.0f + expf(-g)), up = proj[b * 2 * F + F + i];
+                att[b * F + i] = bf16 ? round_bf16(round_bf16(a) * up) : a * up;
             }
         float *out = proj;  /* the gate_up output is no longer needed */
         mat_apply(L->down, att, B, F, out, nt);
-        for (int64_t i = 0; i < B * n; i++) y[i] += out[i];
+        for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(out[i]) + y[i]) : y[i] + out[i];
     }
     free(proj); free(att);
+}
+
+void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const float *cos, const float *sin,
+                  float *kc, float *vc, int64_t T, int64_t pos, const uint8_t *mask, int64_t mstride, float *y,
+                  float *h, int nt) {
+    layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, mask, mstride, y, h, nt);
+}
+
+/* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
+void decode_layer_bf16(const Layer *L, const uint16_t *x, int64_t B, int64_t n, const float *cos, const float *sin,
+                       uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const uint8_t *mask, int64_t mstride,
+                       uint16_t *y, uint16_t *h, int nt) {
+    float *xf = malloc(3 * B * n * sizeof(float)), *yf = xf + B * n, *hf = yf + B * n;
+    for (int64_t i = 0; i < B * n; i++) xf[i] = from_bf16(x[i]);
+    layer_step(L, 1, xf, B, n, cos, sin, kc, vc, T, pos, mask, mstride, yf, hf, nt);
+    for (int64_t i = 0; i < B * n; i++) { y[i] = to_bf16(yf[i]); h[i] = to_bf16(hf[i]); }
+    free(xf);
 }
