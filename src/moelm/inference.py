@@ -6,6 +6,8 @@
   bf16 matmul are ~5x slower in bf16), never holding an fp32 copy of the model.
 - fuse_projections: q/k/v and gate/up concatenated into one weight per layer (the original parameters become views
   of it, so memory is not doubled and state_dict / save_pretrained are unchanged); used when no gradients are needed.
+- decode_layer_step / decode_attention_step: a decoding step of a whole decoder layer (or of its attention) in one
+  C call over the StaticCache, used by DecoderLayer / Attention where it applies, else the op-by-op path.
 
 `optimize(model)` applies FastLinear and the fusion; from_pretrained / from_config call it unless fast=False.
 """
@@ -196,10 +198,10 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
     objects to every layer) and kept on the cache."""
     b, s, _ = x.shape
     dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
-    if s != 1 or not isinstance(cache, StaticCache) or not dtype_ok or x.device.type != "cpu" \
-            or attn.rotate not in (rotate_interleaved, rotate_half_split) or not fused_ready(attn.fused_qkv, x) \
-            or cache.keys[attn.layer_idx].dtype != x.dtype or not kernels.available() \
-            or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or s != 1 or not isinstance(cache, StaticCache) or not dtype_ok \
+            or x.device.type != "cpu" or attn.rotate not in (rotate_interleaved, rotate_half_split) \
+            or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
+            or not kernels.available():
         return None
     pos = cache.get_seq_length(attn.layer_idx)
     step = getattr(cache, "step", None)
@@ -245,7 +247,7 @@ def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None
         return None
     cos, sin, flat_mask, pos = inputs
     cache.reserve(attn.layer_idx, 1)
-    y, h = kernels.decode_layer(plan.spec, x.view(b, -1), cos, sin, cache.keys[attn.layer_idx],
+    y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
                                 cache.values[attn.layer_idx], pos, flat_mask)
     return y.view_as(x), None if plan.dense else h.view_as(x)
 
