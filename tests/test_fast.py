@@ -685,6 +685,17 @@ def test_decode_layer_follows_replaced_weights():
     close(prefill_then_decode(twin, ids, mask, new, static_cache(twin, 2, 12)), a, 1e-6, "deep copy")
 
 
+@needs_kernels
+def test_decode_layer_not_used_with_eager_attention(monkeypatch):
+    """attn_implementation="eager" keeps the reference's explicit attention (bf16 scores are bf16 matmuls there),
+    as the attention-only C step does."""
+    model = load("ernie4_5", attn_implementation="eager")
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: pytest.fail("decode_layer used with eager attention"))
+    ids, mask = prompts(batch=2, seq=5, pads=(1, 0), seed=44)
+    new = torch.randint(3, VOCAB, (2, 2), generator=torch.Generator().manual_seed(45))
+    prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 8))
+
+
 # ------------------------------------------------------------------ 4. StaticCache vs DynamicCache
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

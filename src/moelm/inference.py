@@ -234,11 +234,12 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
 
 def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
     """A decoder layer for one new token per row in one C call (kernels.decode_layer), or None where it does not
-    apply: the attention conditions of _step_inputs, RMSNorms, projections that are FastLinear or QuantizedLinear
-    with contiguous CPU weights, few enough rows for the gemv kernels. Returns (y, h): y the layer's output for a
-    dense SwiGLU MLP (h None), else y after attention and h the normed input of the layer's MoE block."""
+    apply: not the eager attention, the conditions of _step_inputs, RMSNorms, projections that are FastLinear or
+    QuantizedLinear with contiguous CPU weights, few enough rows for the gemv kernels. Returns (y, h): y the
+    layer's output for a dense SwiGLU MLP (h None), else y after attention and h the normed input of its MoE
+    block."""
     attn = layer.self_attn
-    if attn.training and attn.dropout:
+    if (attn.training and attn.dropout) or attn.config.attn_implementation == "eager":  # eager: as Attention does
         return None
     inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
     plan = None if inputs is None else _layer_plan(layer, x)
