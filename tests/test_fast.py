@@ -1349,3 +1349,146 @@ def test_rmsnorm_kernel_matches_the_reference_formula(rows):
         xg = x.clone().requires_grad_(True)
         norm(xg).sum().backward()  # with gradients: the PyTorch formula, which has a backward
     assert xg.grad is not None
+
+
+# ------------------------------------------------------------------ 7. bitsandbytes weights
+
+def _resolved(spec, device, monkeypatch, installed: bool):
+    from moelm import bnb
+    monkeypatch.setattr(bnb, "installed", lambda: installed)
+    return quantization.resolve(quantization_config=spec, device=device)
+
+
+def test_bitsandbytes_config_selects_bitsandbytes_on_cuda_when_installed(monkeypatch, capsys):
+    spec = quantization.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["x"],
+                                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    config = _resolved(spec, "cuda:0", monkeypatch, installed=True)
+    assert (config.backend, config.mode, config.quant_type, config.compute_dtype) == (
+        "bitsandbytes", "int4", "nf4", torch.bfloat16)
+    assert config.modules_to_not_convert == ("x",)
+    err = capsys.readouterr().err
+    assert "bitsandbytes nf4 weights" in err and "double_quant is not applied" in err
+    config = _resolved({"load_in_8bit": True, "llm_int8_threshold": 4.0}, torch.device("cuda"), monkeypatch, True)
+    assert (config.backend, config.mode, config.llm_int8_threshold) == ("bitsandbytes", "int8", 4.0)
+    assert "LLM.int8" in capsys.readouterr().err
+    # otherwise moelm's own weights, and the message says why
+    for device, installed, why in (("cuda", False, "bitsandbytes is not installed"),
+                                   ("cpu", True, "CUDA models only"), (None, True, "CUDA models only")):
+        config = _resolved(spec, device, monkeypatch, installed)
+        assert (config.backend, config.mode, config.group_size) == ("moelm", "int4", 64)
+        err = capsys.readouterr().err
+        assert "moelm int4 weights" in err and why in err, err
+
+
+def test_bitsandbytes_backend_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        moelm.AutoModelForCausalLM.from_pretrained(
+            checkpoint("ernie4_5"), quantization_config=quantization.QuantizationConfig("int4", backend="bitsandbytes"))
+    with pytest.raises(ValueError, match="backend"):
+        quantization.QuantizationConfig("int4", backend="bnb")
+    with pytest.raises(ValueError, match="nf4"):
+        quantization.QuantizationConfig("int4", backend="bitsandbytes", quant_type="int4")
+
+
+BNB_CASES = (("int4", "nf4"), ("int4", "fp4"), ("int8", "fp4"))
+
+
+def _bnb_model(family: str, mode: str, quant_type: str, **kwargs):
+    spec = quantization.QuantizationConfig(mode, backend="bitsandbytes", quant_type=quant_type)
+    return load(family, quantization_config=spec, **kwargs)
+
+
+def _bnb_dequantized(w: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """w [O, I] through bitsandbytes' 4-bit blocks of 64 and back."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    q, state = functional.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type=quant_type)
+    return functional.dequantize_4bit(q, state)
+
+
+@pytest.mark.parametrize("mode,quant_type", BNB_CASES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bitsandbytes_weights_replace_linears_and_experts(family, mode, quant_type):
+    bnb = pytest.importorskip("bitsandbytes")
+    from moelm.bnb import BnbExperts, BnbLinear
+    model, ref = _bnb_model(family, mode, quant_type), load(family, fast=False)
+    assert not [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear, Experts))]
+    linears = {n for n, m in model.named_modules() if isinstance(m, BnbLinear) and not n.endswith((".gate_up", ".down"))}
+    assert linears == {n for n, m in ref.named_modules() if isinstance(m, nn.Linear)} and "lm_head" in linears
+    assert [n for n, m in model.named_modules() if isinstance(m, BnbExperts)] == \
+        [n for n, m in ref.named_modules() if isinstance(m, Experts)]
+    ref_params, params = dict(ref.named_parameters()), dict(model.named_parameters())
+    for name in [n for n in ref_params if "norm" in n or "embed" in n or "e_score" in n or n.endswith("gate.weight")]:
+        assert torch.equal(params[name], ref_params[name]), name
+    # each Linear computes what bitsandbytes' own module computes with the checkpoint's weight and bias
+    x = torch.randn(5, ref.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    x[:, :3] *= 10  # outlier columns for LLM.int8's threshold of 6
+    for name in ("model.layers.0.self_attn.q_proj", "lm_head"):
+        ours, dense = model.get_submodule(name), ref.get_submodule(name)
+        if mode == "int4":
+            theirs = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                       compute_dtype=torch.float32, compress_statistics=False, quant_type=quant_type)
+            theirs.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, blocksize=64,
+                                              compress_statistics=False, quant_type=quant_type)
+        else:
+            theirs = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                         has_fp16_weights=False, threshold=6.0)
+            theirs.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if dense.bias is not None:
+            theirs.bias = nn.Parameter(dense.bias.data.clone())
+        theirs = theirs.to("cpu").eval()
+        with torch.no_grad():
+            expected = theirs(x if mode == "int4" else x.half()).float()
+            torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="cannot be cast"):
+        model.lm_head.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bitsandbytes_4bit_model_equals_its_dequantized_weights(family, quant_type):
+    """The 4-bit model == the fp32 model whose every Linear / expert weight went through bitsandbytes' 4-bit blocks
+    (experts one at a time), for prefill, cached decoding and greedy generation."""
+    pytest.importorskip("bitsandbytes")
+    model, ref = _bnb_model(family, "int4", quant_type), load(family, fresh=True, fast=False)
+    with torch.no_grad():
+        for module in list(ref.modules()):
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(_bnb_dequantized(module.weight, quant_type))
+            elif isinstance(module, Experts):
+                for stacked in (module.gate_up_proj, module.down_proj):
+                    stacked.copy_(torch.stack([_bnb_dequantized(w, quant_type) for w in stacked]))
+    ids, mask = prompts(batch=2, seq=8, pads=(2, 0), seed=21)
+    new = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(22))
+    expected = full_logits(ref, ids, mask, new)
+    close(full_logits(model, ids, mask, new), expected, 1e-4, f"{family} {quant_type} prefill")
+    close(prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 16)), expected, 1e-4,
+          f"{family} {quant_type} decode")
+    greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **greedy), ref.generate(ids, **greedy))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bitsandbytes_8bit_close_to_fp32(family):
+    """LLM.int8 (int8 weights and activations, outlier columns in fp16): next-token distributions close to fp32,
+    prefill and cached decoding."""
+    pytest.importorskip("bitsandbytes")
+    model, ref = _bnb_model(family, "int8", "fp4"), load(family, fast=False)
+    ids, mask = prompts(batch=2, seq=8, pads=(2, 0), seed=23)
+    new = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(24))
+    expected = full_logits(ref, ids, mask, new)
+    kl = mean_kl(expected, full_logits(model, ids, mask, new))
+    kl_decode = mean_kl(expected, prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 16)))
+    bound = KL_BOUNDS[family]["int8"]
+    assert 0 < kl < bound and 0 < kl_decode < bound, (kl, kl_decode)
+
+
+def test_bitsandbytes_4bit_bf16_model_generates():
+    pytest.importorskip("bitsandbytes")
+    model = _bnb_model("ernie4_5_moe", "int4", "nf4", dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.bias is None or \
+        model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    ids, mask = prompts(batch=2, seq=6, pads=(1, 0), seed=25)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert out.shape == (2, 10)
+    assert model(ids, attention_mask=mask).logits.dtype == torch.bfloat16

@@ -8,7 +8,7 @@ from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
 from .pipelines import pipeline
-from .quantization import BitsAndBytesConfig
+from .quantization import BitsAndBytesConfig, QuantizationConfig
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer
 from .weights import CheckpointError
@@ -19,5 +19,5 @@ __all__ = [
     "Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
     "Ernie4_5_MoeModel", "PhimoeConfig", "PhimoeForCausalLM", "PhimoeForSequenceClassification", "PhimoeModel",
     "named_config", "pipeline", "GenerationConfig", "AutoTokenizer", "TextStreamer", "TextIteratorStreamer",
-    "StaticCache", "BitsAndBytesConfig",
+    "StaticCache", "BitsAndBytesConfig", "QuantizationConfig",
 ]

@@ -121,6 +121,9 @@ def bytes_per_token(model, config) -> dict:
     """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
     scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
     stacked-experts module counted for its top-k of E experts only."""
+    from .moe import Experts
+    from .quantization import QuantizedExperts
+
     k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None) or 1
     embed = model.get_input_embeddings().weight
     head = getattr(model.lm_head, "weight", None)
@@ -133,8 +136,7 @@ def bytes_per_token(model, config) -> dict:
     for name, (module, own) in per_module.items():
         expert_share = None
         for owner, (m, _) in per_module.items():
-            if type(m).__name__ in ("Experts", "QuantizedExperts") and (name == owner or
-                                                                         name.startswith(owner + ".")):
+            if isinstance(m, (Experts, QuantizedExperts)) and (name == owner or name.startswith(owner + ".")):
                 expert_share = k / m.num_experts
         for _, t in own:
             if id(t) in seen:

@@ -199,7 +199,7 @@ class PreTrainedModel(nn.Module):
         from .inference import optimize
         from .quantization import fill_tied_head, quantize_modules, resolve
 
-        qconfig = resolve(quantization, quantization_config)
+        qconfig = resolve(quantization, quantization_config, device)
         directory = resolve_model_dir(path)
         if config is None:
             data = read_config_json(directory)

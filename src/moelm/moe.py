@@ -108,17 +108,19 @@ def sort_by_expert(index: torch.Tensor, weights: torch.Tensor, num_experts: int)
 
 
 def each_expert(x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-                expert_weights) -> torch.Tensor:
-    """CPU inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the output),
-    each reading its weights once through expert_linear. expert_weights(e) -> (gate_up [2I, H], down [H, I])."""
+                expert_weights, linear=None) -> torch.Tensor:
+    """Inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the output), each
+    reading its weights once. expert_weights(e) -> (gate_up [2I, H], down [H, I]), multiplied by
+    linear(x, weight) (default expert_linear)."""
+    linear = linear or expert_linear
     out = torch.zeros_like(x)
     hit = counts.nonzero().squeeze(1)
     start = 0
     for e, c in zip(hit.tolist(), counts[hit].tolist()):
         rows = token[start:start + c]
         gate_up, down = expert_weights(e)
-        gate, up = expert_linear(x[rows], gate_up).chunk(2, dim=-1)
-        y = expert_linear(F.silu(gate).mul_(up), down)  # [c, H]
+        gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)
+        y = linear(F.silu(gate).mul_(up), down)  # [c, H]
         out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
         start += c
     return out

@@ -25,21 +25,35 @@ MODES = ("int8", "int4")
 
 @dataclass
 class QuantizationConfig:
+    """mode "int8" | "int4". backend "moelm" (its own packing and kernels) or "bitsandbytes" (see bnb.py: 4-bit
+    `quant_type` nf4 / fp4 computed in `compute_dtype`, 8-bit LLM.int8 with `llm_int8_threshold`)."""
+
     mode: str = "int8"
     group_size: int = 64  # int4 only
     modules_to_not_convert: tuple[str, ...] = ()
+    backend: str = "moelm"
+    quant_type: str = "fp4"  # bitsandbytes 4-bit only
+    compute_dtype: torch.dtype | None = None  # bitsandbytes 4-bit only; None: the activations' dtype
+    llm_int8_threshold: float = 6.0  # bitsandbytes 8-bit only
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "int4" and (self.group_size < 32 or self.group_size % 32):
             raise ValueError(f"int4 group_size must be a multiple of 32, got {self.group_size}")
+        if self.backend not in ("moelm", "bitsandbytes"):
+            raise ValueError(f"quantization backend must be 'moelm' or 'bitsandbytes', got {self.backend!r}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if isinstance(self.compute_dtype, str):
+            self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."))
 
 
 @dataclass
 class BitsAndBytesConfig:
-    """transformers' BitsAndBytesConfig fields. moelm maps load_in_8bit to its int8 and load_in_4bit to its int4
-    (group size 64); bitsandbytes itself is not used."""
+    """transformers' BitsAndBytesConfig fields. On CUDA with bitsandbytes installed they select bitsandbytes'
+    4-bit (bnb_4bit_quant_type, bnb_4bit_compute_dtype) or LLM.int8 (llm_int8_threshold) weights; otherwise moelm's
+    int4 (group size 64) or int8 (see resolve)."""
 
     load_in_8bit: bool = False
     load_in_4bit: bool = False
@@ -55,30 +69,46 @@ class BitsAndBytesConfig:
             raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used")
 
 
-def resolve(quantization=None, quantization_config=None) -> QuantizationConfig | None:
+def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:
     """from_pretrained's `quantization="int8"|"int4"` or `quantization_config=` (a QuantizationConfig, a
-    BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None."""
+    BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None. A BitsAndBytesConfig uses bitsandbytes when
+    the model goes to CUDA and bitsandbytes is installed, and moelm's own int8 / int4 otherwise (said on stderr)."""
     if quantization is not None and quantization_config is not None:
         raise ValueError("pass either quantization= or quantization_config=, not both")
     spec = quantization if quantization is not None else quantization_config
     if spec is None or isinstance(spec, QuantizationConfig):
+        if spec is not None and spec.backend == "bitsandbytes":
+            from . import bnb
+            bnb._bnb()  # a clear ImportError now rather than while loading
         return spec
     if isinstance(spec, str):
         return QuantizationConfig(spec)
     if isinstance(spec, dict):
         spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
-    if isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig":
-        skip = tuple(getattr(spec, "llm_int8_skip_modules", None) or ())
-        if getattr(spec, "load_in_4bit", False):
-            print("moelm: BitsAndBytesConfig(load_in_4bit=True) -> moelm int4 weights (group size 64); "
-                  "bitsandbytes is not used", file=sys.stderr)
-            return QuantizationConfig("int4", modules_to_not_convert=skip)
-        if getattr(spec, "load_in_8bit", False):
-            print("moelm: BitsAndBytesConfig(load_in_8bit=True) -> moelm int8 weights (per-row scales); "
-                  "bitsandbytes is not used", file=sys.stderr)
-            return QuantizationConfig("int8", modules_to_not_convert=skip)
+    if not (isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig"):
+        raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
+    four, eight = getattr(spec, "load_in_4bit", False), getattr(spec, "load_in_8bit", False)
+    if not (four or eight):
         raise ValueError("BitsAndBytesConfig needs load_in_8bit=True or load_in_4bit=True")
-    raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
+    mode, what = ("int4", "load_in_4bit") if four else ("int8", "load_in_8bit")
+    skip = tuple(getattr(spec, "llm_int8_skip_modules", None) or ())
+    from . import bnb
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda and bnb.installed():
+        quant_type = getattr(spec, "bnb_4bit_quant_type", "fp4")
+        if four and getattr(spec, "bnb_4bit_use_double_quant", False):
+            print("moelm: bnb_4bit_use_double_quant is not applied (the 4-bit block maxima stay fp32)",
+                  file=sys.stderr)
+        print(f"moelm: BitsAndBytesConfig({what}=True) -> bitsandbytes "
+              f"{quant_type if four else 'LLM.int8'} weights", file=sys.stderr)
+        return QuantizationConfig(mode, modules_to_not_convert=skip, backend="bitsandbytes", quant_type=quant_type,
+                                  compute_dtype=getattr(spec, "bnb_4bit_compute_dtype", None),
+                                  llm_int8_threshold=getattr(spec, "llm_int8_threshold", 6.0))
+    why = "bitsandbytes is not installed" if cuda else "bitsandbytes is used for CUDA models only"
+    kind = "int4 weights (group size 64)" if four else "int8 weights (per-row scales)"
+    print(f"moelm: BitsAndBytesConfig({what}=True) -> moelm {kind}: {why}", file=sys.stderr)
+    return QuantizationConfig(mode, modules_to_not_convert=skip)
 
 
 _BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}
@@ -126,19 +156,12 @@ def _group_for(name: str, in_features: int, config: "QuantizationConfig") -> int
 
 # ---------------------------------------------------------------- modules
 
-class QuantizedLinear(nn.Module):
-    """A Linear whose weight [O, I] is stored quantized (buffers qweight, scale); bias kept in its dtype."""
+class PackedLinear(nn.Module):
+    """What the quantized Linears share: in/out features, a bias kept in its dtype, no casting."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, dtype: torch.dtype, device):
         super().__init__()
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
-        self.group_size = group_size if mode == "int4" else 0
-        cols = in_features if mode == "int8" else in_features // 2
-        qdtype = torch.int8 if mode == "int8" else torch.uint8
-        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
-        scale_shape = (out_features,) if mode == "int8" else (out_features, in_features // group_size)
-        self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def _apply(self, fn, recurse=True):
@@ -153,6 +176,23 @@ class QuantizedLinear(nn.Module):
     def weight_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.mode}, bias={self.bias is not None}"
+
+
+class QuantizedLinear(PackedLinear):
+    """A Linear whose weight [O, I] is stored quantized (buffers qweight, scale); bias kept in its dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, mode, dtype, device)
+        self.group_size = group_size if mode == "int4" else 0
+        cols = in_features if mode == "int8" else in_features // 2
+        qdtype = torch.int8 if mode == "int8" else torch.uint8
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
+        scale_shape = (out_features,) if mode == "int8" else (out_features, in_features // group_size)
+        self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
+
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
         q, s = quantize(w, self.mode, self.group_size)
         self.qweight[rows] = q
@@ -165,9 +205,6 @@ class QuantizedLinear(nn.Module):
         w = dequantize(self.qweight, self.scale, self.group_size, x.dtype)
         return F.linear(x, w, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.mode}, bias={self.bias is not None}"
-
 
 class QuantizedExperts(nn.Module):
     """Stacked experts (gate_up [E, 2I, H], down [E, H, I]) stored quantized."""
@@ -177,9 +214,13 @@ class QuantizedExperts(nn.Module):
         self.num_experts = experts.num_experts
         e, two_i, h = experts.gate_up_proj.shape
         self.mode, self.group_size = mode, group_size if mode == "int4" else 0
-        self.gate_up = QuantizedLinear(h, e * two_i, False, mode, group_size, device=experts.gate_up_proj.device)
-        self.down = QuantizedLinear(two_i // 2, e * h, False, mode, group_size, device=experts.down_proj.device)
+        self.gate_up = self.packed(h, e * two_i, experts.gate_up_proj.device)
+        self.down = self.packed(two_i // 2, e * h, experts.down_proj.device)
         self.shapes = {"gate_up_proj": (e, two_i, h), "down_proj": (e, h, two_i // 2)}
+
+    def packed(self, in_features: int, out_features: int, device) -> PackedLinear:
+        """The module holding one stacked projection, experts one after another along its output rows."""
+        return QuantizedLinear(in_features, out_features, False, self.mode, self.group_size, device=device)
 
     def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [E, O, I'], scale [E, O(, groups)]) views of one stacked projection."""
@@ -217,26 +258,33 @@ class QuantizedExperts(nn.Module):
 def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     """Replace every nn.Linear (LM head included; routers are not Linear) and every Experts module by its quantized
     form, on whatever device the model is (the meta device while loading: nothing is allocated twice)."""
+    from .bnb import BnbExperts, BnbLinear
     from .moe import Experts
 
     device = next(model.parameters()).device
+    bnb = config.backend == "bitsandbytes"
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
             if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
                 continue
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and bnb:
+                setattr(module, child_name, BnbLinear(child.in_features, child.out_features, child.bias is not None,
+                                                      config, dtype=child.weight.dtype, device=device))
+            elif isinstance(child, nn.Linear):
                 group = _group_for(full, child.in_features, config)
                 setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
                                                             child.bias is not None, config.mode, group,
                                                             dtype=child.weight.dtype, device=device))
+            elif isinstance(child, Experts) and bnb:
+                setattr(module, child_name, BnbExperts(child, config))
             elif isinstance(child, Experts):
                 _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
                 group = min(_group_for(full, hidden, config), _group_for(full, inter, config))
                 setattr(module, child_name, QuantizedExperts(child, config.mode, group))
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
-                                                                          QuantizedLinear):
+                                                                          PackedLinear):
         model.quantized_tied_head = True  # lm_head is filled from the embedding after loading
     model.quantization = config
     return model
@@ -247,7 +295,7 @@ def load_targets(model: nn.Module) -> dict[str, tuple]:
     targets = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, QuantizedLinear) and not name.endswith((".gate_up", ".down")):
+        if isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
             targets[f"{prefix}weight"] = (module, None, module.weight_shape)
         elif isinstance(module, QuantizedExperts):
             for stacked, shape in module.shapes.items():
