@@ -555,7 +555,7 @@ def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatc
 @pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
 def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch):
     """Decode steps of the RMSNorm families run each decoder layer as one kernels.decode_layer call (the dense
-    SwiGLU inside it, an MoE block after it) for up to 4 rows (fp32 weights) or 16 (int8/int4), with padding.
+    SwiGLU inside it, an MoE block after it) for up to GEMV_ROWS rows (fp32 weights) or 16 (int8/int4), with padding.
     Each layer's step equals the same layer run op by op; whole decodes equal the op-by-op model (and in fp32 the
     reference path)."""
     model = load(family, quantization=mode) if mode else load(family)
@@ -566,12 +566,13 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
     calls = []
     real = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(bool(a[0].gate_up)) or real(*a))
-    limit = 4 if mode is None else 16
+    limit = inference.GEMV_ROWS if mode is None else kernels.MAX_ROWS
+    assert inference.GEMV_ROWS < 10 <= kernels.MAX_ROWS
     # Whole decodes: the C SiLU and PyTorch's differ in the last bit, and with int8/int4 weights that can move an
     # activation across an int16 rounding boundary (see check_gemv) in a later layer or step: then the bound of
     # test_quantized_decode_matches_prefill_and_fallback applies. The per-layer check below is exact to 1e-5.
     rel = {None: 1e-5, "int8": 5e-4, "int4": 1.5e-3}[mode]
-    for batch, pads in ((1, (0,)), (3, (2, 0, 4)), (6, (1, 0, 0, 3, 0, 2))):
+    for batch, pads in ((1, (0,)), (3, (2, 0, 4)), (6, (1, 0, 0, 3, 0, 2)), (10, (0, 2) + (0,) * 7 + (5,))):
         ids, mask = prompts(batch=batch, seq=7, pads=pads, seed=31 + batch)
         new = torch.randint(3, VOCAB, (batch, 4), generator=torch.Generator().manual_seed(32 + batch))
         calls.clear()

@@ -74,7 +74,7 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-GEMV_ROWS = 4  # fp32 weights: the kernel up to this many rows, oneDNN (w @ x.T) from 5 to kernels.MAX_ROWS
+GEMV_ROWS = 8  # fp32 weights: the kernel up to this many rows, oneDNN (w @ x.T) from 9 to kernels.MAX_ROWS
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_ROWS = 512  # fp32 on CPU up to this many rows: oneDNN (5-18% over MKL here); more: F.linear
 
