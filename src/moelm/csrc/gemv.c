@@ -78,13 +78,13 @@ DOT(dot_f32, float, ld_f32)
  * 29-31 GMAC/s on 2 threads. */
 static inline void dots_f32(const float *x, int64_t M, const float *w0, const float *w1, int64_t n, float *y,
                             int64_t ystride, const char *next, int64_t pf_bytes) {
-    int64_t m = 0;
+    int64_t m = 0, step = pf_bytes * 8 / n;  /* bytes of `next` per 8 inputs */
     if (w1) {
         for (; m + 4 <= M; m += 4) {
             const float *x0 = x + m * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
             v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
             for (int64_t i = 0; i < n; i += 8) {
-                if (next && m == 0) __builtin_prefetch(next + i * pf_bytes / n, 0, 3);
+                if (next && m == 0) __builtin_prefetch(next + (i >> 3) * step, 0, 3);
                 v8f u = ld_f32(w0 + i), v = ld_f32(w1 + i), xv;
                 xv = ld_f32(x0 + i); a0 += xv * u; b0 += xv * v;
                 xv = ld_f32(x1 + i); a1 += xv * u; b1 += xv * v;
