@@ -5,6 +5,10 @@ double quantization of the block maxima), multiplied by bnb.matmul_4bit in the c
 bnb's Linear8bitLt: int8 rows with one scale each, fp16 activations whose outlier columns (above the threshold) are
 multiplied in fp16, by bnb.matmul. Stacked experts keep one packed tensor per projection; each chosen expert reads
 its own rows. Quantized one checkpoint tensor at a time while loading, like moelm's int8 / int4.
+
+On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight at inference for its bf16 CPU kernel
+(activations and block maxima in bf16, a bf16 result): BnbLinear does the same, so it gives what bitsandbytes
+gives on every CPU (see BnbLinear.matmul).
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ def installed() -> bool:
 @functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _bnb().functional.get_4bit_type(quant_type, device=device)
+
+
+@functools.cache
+def cpu_bf16_route() -> bool:
+    """Whether bitsandbytes' Linear4bit computes on this CPU with its repacked bf16 kernel (AVX512-BF16)."""
+    return bool(_bnb().functional.has_avx512bf16())
 
 
 def _bnb():
@@ -52,6 +62,7 @@ class BnbLinear(PackedLinear):
             n = out_features * in_features
             self.register_buffer("qweight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
             self.register_buffer("absmax", torch.zeros(-(-n // BLOCK), dtype=torch.float32, device=device))
+            self.cpu_packed: dict[tuple[int, int], object] = {}  # rows -> the QuantState of bnb's CPU packing
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
@@ -64,6 +75,7 @@ class BnbLinear(PackedLinear):
             q, scale, _ = functional.int8_vectorwise_quant(w.half().contiguous())
             self.qweight[start:stop], self.scale[start:stop] = q, scale
             return
+        self._unpack_all()
         first = start * self.in_features
         if first % BLOCK:
             raise ValueError(f"bitsandbytes 4-bit: rows from {start} of a {self.in_features}-input weight do not "
@@ -85,14 +97,54 @@ class BnbLinear(PackedLinear):
             half = None if bias is None else bias.half()
             return bnb.matmul(x.half(), state.CB, bias=half, state=state).to(x.dtype)
         dtype = self.compute_dtype or x.dtype
-        first, last = start * self.in_features, stop * self.in_features
-        state = bnb.functional.QuantState(
-            absmax=self.absmax[first // BLOCK:-(-last // BLOCK)], shape=torch.Size([stop - start, self.in_features]),
-            code=_code(self.quant_type, x.device), blocksize=BLOCK,
-            quant_type=self.quant_type, dtype=dtype)
-        q = self.qweight[first // 2:last // 2]
-        return bnb.matmul_4bit(x.to(dtype), q.t(), quant_state=state,
+        if x.device.type == "cpu" and not self.training and not x.requires_grad and cpu_bf16_route() \
+                and (stop - start) % 32 == 0 and self.in_features % BLOCK == 0:  # where Linear4bit repacks (other
+            # shapes it cannot repack: it fails on them there, moelm keeps the standard route)
+            q, state = self._packed(start, stop)
+        else:
+            q, state = self._unpacked(start, stop, dtype, x.device)
+        return bnb.matmul_4bit(x.to(dtype), q, quant_state=state,
                                bias=None if bias is None else bias.to(dtype)).to(x.dtype)
+
+    def _region(self, start: int, stop: int) -> torch.Tensor:
+        return self.qweight[start * self.in_features // 2:stop * self.in_features // 2]
+
+    def _unpacked(self, start: int, stop: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, object]:
+        """(packed codes [(rows * I) / 2, 1], QuantState) of rows start:stop in bitsandbytes' standard layout."""
+        if self._overlaps(start, stop):
+            self._unpack_all()
+        first, last = start * self.in_features, stop * self.in_features
+        state = _bnb().functional.QuantState(
+            absmax=self.absmax[first // BLOCK:-(-last // BLOCK)], shape=torch.Size([stop - start, self.in_features]),
+            code=_code(self.quant_type, device), blocksize=BLOCK, quant_type=self.quant_type, dtype=dtype)
+        return self._region(start, stop).t(), state
+
+    def _packed(self, start: int, stop: int) -> tuple[torch.Tensor, object]:
+        """Rows start:stop repacked in place as Linear4bit repacks for its CPU kernel ([rows, I/2] codes; the
+        QuantState holds bf16 block maxima, kept in `cpu_packed`); the fp32 `absmax` stays as it is."""
+        region = self._region(start, stop)
+        state = self.cpu_packed.get((start, stop))
+        if state is None:
+            codes, plain = self._unpacked(start, stop, torch.float32, region.device)
+            packed, state = _bnb().functional._convert_weight_packed_for_cpu(codes.t().contiguous(), plain)
+            region.view(-1).copy_(packed.view(-1))
+            self.cpu_packed[(start, stop)] = state
+        return region.view(stop - start, self.in_features // 2), state
+
+    def _overlaps(self, start: int, stop: int) -> bool:
+        return any(a < stop and start < b for a, b in getattr(self, "cpu_packed", ()))
+
+    def _unpack(self, start: int, stop: int):
+        region = self._region(start, stop)
+        state = self.cpu_packed.pop((start, stop))
+        codes, _ = _bnb().functional._convert_weight_packed_for_cpu_inverse(
+            region.view(stop - start, self.in_features // 2), state)
+        region.view(-1).copy_(codes.reshape(-1))
+
+    def _unpack_all(self):
+        """Every repacked region back to the standard layout (before loading, or a product that needs gradients)."""
+        for rows in list(getattr(self, "cpu_packed", ())):
+            self._unpack(*rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, bias=self.bias)

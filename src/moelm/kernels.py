@@ -129,7 +129,8 @@ def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
 
 def onednn_works(inp: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's inner product takes plain CPU tensors (fp32 everywhere, bf16 only on CPUs with bf16 support)."""
-    if inp.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if inp.device.type != "cpu" or not torch.backends.mkldnn.is_available() or \
+            {inp.dtype, weight.dtype} - {torch.float32, torch.bfloat16, torch.float16}:
         return False
     key = (inp.dtype, weight.dtype)
     if key not in _ONEDNN_OK:
