@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelm
-from moelm import inference, kernels, quantization
-from moelm.inference import StaticCache
+from moelm.inference import StaticCache, cpu, decode, kernels, quantization
+from moelm.inference import linear as linears
 from moelm.layers import MLP, Attention, DynamicCache
 from moelm.moe import Experts
-from moelm.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
+from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
+from moelm.inference.quantize import resolve
 from reference import randomise
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -164,6 +165,29 @@ def count_gemv():
         kernels.gemv = real
 
 
+@contextlib.contextmanager
+def kernels_forced(spec: str):
+    """MOELM_KERNELS=spec inside the block (the measured choices are forgotten before and after)."""
+    before = os.environ.get("MOELM_KERNELS")
+    os.environ["MOELM_KERNELS"] = spec
+    cpu.reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MOELM_KERNELS"]
+        else:
+            os.environ["MOELM_KERNELS"] = before
+        cpu.reset()
+
+
+@pytest.fixture
+def gemv_forced():
+    """The gemv kernel wherever it applies (tests that check it is used), PyTorch's op elsewhere."""
+    with kernels_forced("gemv"):
+        yield
+
+
 def static_cache(model, batch: int, length: int) -> StaticCache:
     return StaticCache(model.config, batch, length, model.get_input_embeddings().weight.dtype)
 
@@ -191,7 +215,7 @@ def test_kernels_build_from_scratch_in_a_fresh_cache(tmp_path):
     if os.environ.get("MOELM_NO_KERNELS") or not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler / kernels disabled")
     env = dict(os.environ, MOELM_CACHE=str(tmp_path))
-    code = ("import torch, moelm.kernels as k; assert k.available(); x = torch.ones(1, 32); w = torch.ones(3, 32); "
+    code = ("import torch, moelm.inference.kernels as k; assert k.available(); x = torch.ones(1, 32); w = torch.ones(3, 32); "
             "print(k.gemv(x, w).tolist())")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -326,31 +350,92 @@ def test_gemv_select_matches_per_row_linear(fmt, rows, with_bias, threads):
 
 
 @needs_kernels
-def test_linear_routes_few_rows_to_the_kernel(monkeypatch):
-    """inference.linear: fp32 weights use gemv up to GEMV_ROWS rows, bf16 weights up to MAX_ROWS, PyTorch/oneDNN
-    otherwise; same results either way."""
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_linear_paths_agree(dtype):
+    """Every path linears.linear can choose gives F.linear's result (fp32 weights to 1e-5; half-precision ones to
+    one rounding of the output), for row counts on both sides of the kernel's limit and I not a multiple of 32;
+    the gemv kernel is offered exactly for few rows, contiguous fp32/bf16 weights and I % 32 == 0."""
+    g = torch.Generator().manual_seed(0)
+    for features in (64, 48):
+        w, b = torch.randn(40, features, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+        for rows in (1, 8, 9, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40, 300):
+            x = torch.randn(rows, features, generator=g).to(dtype)
+            want = F.linear(x.float(), w.float(), b.float())
+            paths = linears.paths(x, w)
+            assert "torch" in paths and ("fp32_tiles" in paths) == (dtype != torch.float32)
+            assert ("gemv" in paths) == (rows <= kernels.MAX_ROWS and features % 32 == 0 and dtype != torch.float16)
+            for path in paths:
+                with torch.no_grad():
+                    got = linears.PATHS[path](x, w, b)
+                assert got.dtype == dtype and got.shape == want.shape, path
+                rel = 1e-5 if dtype == torch.float32 else 2.0**-7
+                close(got, want, rel, f"{path} {rows} rows, I={features}, {dtype}")
+
+
+@needs_kernels
+def test_linear_takes_the_chosen_or_forced_path(monkeypatch, tmp_path):
+    """linears.linear measures the paths once per shape bucket and then takes the one chosen; MOELM_KERNELS forces a
+    path where it applies and PyTorch's op elsewhere; an unknown op or path is an error naming it."""
+    monkeypatch.setenv("MOELM_CACHE", str(tmp_path))
     calls = []
     real = kernels.gemv
     monkeypatch.setattr(kernels, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 64, generator=g), torch.randn(40, generator=g)
+    x = torch.randn(3, 64, generator=g)
     with torch.no_grad():
-        x = torch.randn(inference.GEMV_ROWS, 64, generator=g)
-        close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, "kernel rows")
-        assert calls, "GEMV_ROWS fp32 rows should go through the kernel"
-        calls.clear()
-        for rows in (inference.GEMV_ROWS + 1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):
-            x = torch.randn(rows, 64, generator=g)
-            close(inference.linear(x, w, b), F.linear(x, w, b), 1e-5, f"{rows} matmul rows")
-        assert not calls, "more fp32 rows should use the dense matmul"
-        x = torch.randn(kernels.MAX_ROWS, 64, generator=g)
-        close(inference.linear(x, w.bfloat16(), b), F.linear(x, w.bfloat16().float(), b), 1e-5, "bf16 kernel rows")
-        assert calls, "MAX_ROWS rows with a bf16 weight should go through the kernel"
-        calls.clear()
-        x = torch.randn(2, 48, generator=g)  # I not a multiple of 32
-        w48 = torch.randn(40, 48, generator=g)
-        close(inference.linear(x, w48, b), F.linear(x, w48, b), 1e-5, "I=48")
-        assert not calls, "I=48 cannot use the kernel"
+        cpu.reset()
+        close(linears.linear(x, w, b), F.linear(x, w, b), 1e-5, "measured")
+        chosen = linears.path_for(x, w, b)
+        assert chosen in linears.paths(x, w) and cpu.cache_file().is_file()
+        assert any(v == chosen for k, v in cpu.choices().items() if k.startswith("linear|"))
+        with kernels_forced("linear=gemv"):
+            calls.clear()
+            close(linears.linear(x, w, b), F.linear(x, w, b), 1e-5, "forced gemv")
+            assert calls, "3 rows forced onto gemv"
+            calls.clear()
+            x40 = torch.randn(40, 64, generator=g)
+            close(linears.linear(x40, w, b), F.linear(x40, w, b), 1e-5, "forced gemv, 40 rows")
+            assert not calls and linears.path_for(x40, w, b) == "torch", "40 rows: gemv does not apply, PyTorch's op"
+        with kernels_forced("torch"):
+            calls.clear()
+            linears.linear(x, w, b)
+            assert not calls and linears.path_for(x, w, b) == "torch"
+        for bad, what in (("linear=fast", "'fast'"), ("lineaar=gemv", "'lineaar'"), ("gemvv", "'gemvv'")):
+            with kernels_forced(bad), pytest.raises(ValueError, match=what):
+                linears.linear(x, w, b)
+
+
+def test_choose_measures_once_and_remembers(monkeypatch, tmp_path):
+    """cpu.choose: the fastest candidate by the timer, measured once per (op, key), written to the per-CPU file
+    and read back by a new process (simulated by forgetting the memory)."""
+    monkeypatch.setenv("MOELM_CACHE", str(tmp_path))
+    monkeypatch.delenv("MOELM_KERNELS", raising=False)
+    cpu.reset()
+    timed = []
+
+    def timer(fn):
+        timed.append(fn())
+        return {"a": 3.0, "b": 1.0, "torch": 2.0}[timed[-1]]
+
+    candidates = {"a": lambda: "a", "b": lambda: "b", "torch": lambda: "torch"}
+    assert cpu.choose("test", (1, 2), candidates, timer=timer) == "b" and len(timed) == 3
+    assert cpu.choose("test", (1, 2), candidates, timer=timer) == "b" and len(timed) == 3
+    assert cpu.chosen("test", (1, 2)) == "b" and cpu.chosen("test", (1, 3)) is None
+    cpu.reset()
+    assert cpu.chosen("test", (1, 2)) == "b"  # from the file
+    assert cpu.choose("test", (1, 2), {"a": candidates["a"], "torch": candidates["torch"]}, timer=timer) == "torch"
+    assert cpu.cache_file().parent == tmp_path / "kernels" and cpu.info().key in cpu.cache_file().name
+    cpu.reset()
+
+
+def test_cpu_info_reports_the_machine():
+    info = cpu.info()
+    assert info.model and info.cores >= 1 and info.capability == torch.backends.cpu.get_cpu_capability()
+    assert set(info.features) <= set(cpu.FEATURES) and all(info.has(f) for f in info.features)
+    if info.capability in ("AVX2", "AVX512"):
+        assert info.has("avx2")
+    assert info.model in info.line() and info.capability in info.line()
 
 
 # ------------------------------------------------------------------ 2. quantize / dequantize
@@ -451,6 +536,7 @@ def test_fast_matches_reference_padded_prefill(family):
     close(a[valid], b[valid], 1e-5, f"{family} prefill")
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_fast_matches_reference_one_token_decode(family):
     """Decode steps (2 rows: the gemv kernels) through a StaticCache on the fast model, a DynamicCache on the
@@ -495,7 +581,7 @@ def test_fast_generate_matches_reference(family):
 def test_attend_kernel_matches_rotate_cache_and_attention(interleaved, heads, kv_heads, masking, threads):
     """kernels.attend (one C call) == rotary embedding, cache write at `pos`, then softmax attention as the
     PyTorch path computes them, for both rotations, GQA group sizes, and padding / sliding-window masks."""
-    from moelm.layers import decode_attention
+    from moelm.inference.decode import decode_attention
     from moelm.rope import rotate_half_split, rotate_interleaved
 
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
@@ -550,24 +636,25 @@ def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatc
     close(a, b, 1e-5, "sliding-window decode")
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 @pytest.mark.parametrize("mode", (None, "int8", "int4"), ids=("fp32", "int8", "int4"))
 @pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
 def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch):
     """Decode steps of the RMSNorm families run each decoder layer as one kernels.decode_layer call (the dense
-    SwiGLU inside it, an MoE block after it) for up to GEMV_ROWS rows (fp32 weights) or 16 (int8/int4), with padding.
+    SwiGLU inside it, an MoE block after it) for up to 16 rows when the gemv kernel is the path chosen for the
+    projections (always for int8/int4; here forced for fp32), with padding.
     Each layer's step equals the same layer run op by op; whole decodes equal the op-by-op model (and in fp32 the
     reference path)."""
     model = load(family, quantization=mode) if mode else load(family)
     ref = load(family, fast=False)
     layers = model.config.num_hidden_layers
-    dense = sum(type(getattr(layer, layer.mlp_name)) is MLP for layer in model.model.layers)
+    dense = sum(isinstance(getattr(layer, layer.mlp_name), MLP) for layer in model.model.layers)
     assert 0 < dense and (dense < layers) == (family == "ernie4_5_moe")
     calls = []
     real = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(bool(a[0].gate_up)) or real(*a))
-    limit = inference.GEMV_ROWS if mode is None else kernels.MAX_ROWS
-    assert inference.GEMV_ROWS < 10 <= kernels.MAX_ROWS
+    limit = kernels.MAX_ROWS  # the gemv kernel is forced wherever it applies
     # Whole decodes: the C SiLU and PyTorch's differ in the last bit, and with int8/int4 weights that can move an
     # activation across an int16 rounding boundary (see check_gemv) in a later layer or step: then the bound of
     # test_quantized_decode_matches_prefill_and_fallback applies. The per-layer check below is exact to 1e-5.
@@ -580,10 +667,13 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
         fast = prefill_then_decode(model, ids, mask, new, cache)
         if batch <= limit:
             assert len(calls) == 4 * layers and sum(calls) == 4 * dense, f"decode_layer calls for {batch} rows"
-        else:
-            assert not calls, f"{batch} rows of fp32 weights go op by op (oneDNN is faster there)"
+        if mode is None:  # with another path chosen for fp32 weights, the layer goes op by op
+            calls.clear()
+            with kernels_forced("linear=onednn"):
+                prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
+            assert not calls, f"{batch} rows: oneDNN chosen for the projections, yet decode_layer ran"
         with monkeypatch.context() as m:
-            m.setattr(moelm.modeling, "decode_layer_step", lambda *a: None)
+            m.setattr(moelm.inference.modules, "decode_layer_step", lambda *a: None)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         close(fast, per_op, rel, f"{family} {mode} batch {batch}: decode_layer vs op by op")
         if mode is None:
@@ -620,7 +710,7 @@ def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int,
     for layer in model.model.layers:
         i = layer.self_attn.layer_idx
         twin = copy.deepcopy(cache)
-        y, h = inference.decode_layer_step(layer, x, cos_sin, mask4, cache)
+        y, h = decode.decode_layer_step(layer, x, cos_sin, mask4, cache)
         a, _ = layer.self_attn(layer.input_layernorm(x), cos_sin, mask4, twin)
         expected = x + a
         normed = layer.post_attention_layernorm(expected)
@@ -634,6 +724,7 @@ def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int,
         assert torch.equal(cache.values[i][:, :, :pos + 1], twin.values[i][:, :, :pos + 1])
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 @pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
 def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
@@ -654,13 +745,14 @@ def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
         fast = prefill_then_decode(model, ids, mask, new, cache)
         assert calls == [torch.bfloat16] * 6 * layers
         with monkeypatch.context() as m:
-            m.setattr(moelm.modeling, "decode_layer_step", lambda *a: None)
+            m.setattr(moelm.inference.modules, "decode_layer_step", lambda *a: None)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         assert torch.equal(fast.argmax(-1), per_op.argmax(-1))
         close(fast, per_op, 2e-2, f"{family} bf16 batch {batch}: decode_layer vs op by op")
         _check_layer_steps(model, cache, F.pad(mask, (0, new.shape[1]), value=1), seed=batch, same=_close_bf16)
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 def test_decode_layer_follows_replaced_weights():
     """The pointers handed to C are rebuilt when a parameter is replaced (a new Parameter, or new .data) or a
@@ -686,6 +778,7 @@ def test_decode_layer_follows_replaced_weights():
     close(prefill_then_decode(twin, ids, mask, new, static_cache(twin, 2, 12)), a, 1e-6, "deep copy")
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 def test_decode_layer_not_used_with_eager_attention(monkeypatch):
     """attn_implementation="eager" keeps the reference's explicit attention (bf16 scores are bf16 matmuls there),
@@ -815,9 +908,9 @@ def _fused_pairs(model):
     pairs = []
     for module in model.modules():
         if isinstance(module, Attention):
-            pairs.append((module, module.fused_qkv, [module.q_proj, module.k_proj, module.v_proj]))
+            pairs.append((module, getattr(module, "fused_qkv", None), [module.q_proj, module.k_proj, module.v_proj]))
         elif isinstance(module, MLP):
-            pairs.append((module, module.fused_gate_up, [module.gate_proj, module.up_proj]))
+            pairs.append((module, getattr(module, "fused_gate_up", None), [module.gate_proj, module.up_proj]))
     return pairs
 
 
@@ -826,14 +919,14 @@ def test_fused_projections_view_one_weight(family):
     model, ref = load(family), load(family, fast=False)
     pairs = _fused_pairs(model)
     assert pairs and all(fused is not None for _, fused, _ in pairs)
-    assert all(fused is None for _, fused, _ in _fused_pairs(ref))
+    assert all(fused is None for _, fused, _ in _fused_pairs(ref))  # the plain modules have none
     has_bias = family != "ernie4_5_moe"
     x = torch.randn(1, 2, model.config.hidden_size)
     for module, fused, projections in pairs:
         fw = fused.module.weight
         with torch.no_grad():
-            assert inference.fused_ready(fused, x)
-        assert not inference.fused_ready(fused, x)  # gradients enabled: the separate projections
+            assert linears.fused_ready(fused, x)
+        assert not linears.fused_ready(fused, x)  # gradients enabled: the separate projections
         start = fw.data_ptr()
         names = ["weight"] + (["bias"] if has_bias else [])
         assert (projections[0].bias is not None) == has_bias
@@ -874,7 +967,7 @@ def test_fused_load_state_dict_updates_the_fused_weight(family):
     model.load_state_dict(other.state_dict())
     ids, mask = prompts(seed=4)
     with torch.no_grad():
-        assert all(inference.fused_ready(f, ids) for _, f, _ in _fused_pairs(model))
+        assert all(linears.fused_ready(f, ids) for _, f, _ in _fused_pairs(model))
         close(model(ids, attention_mask=mask).logits[mask.bool()],
               other(ids, attention_mask=mask).logits[mask.bool()], 1e-5, "after load_state_dict")
 
@@ -887,7 +980,7 @@ def test_cast_model_stops_using_the_fused_weight(family):
     ref = load(family, fresh=True, fast=False).to(torch.float64)
     with torch.no_grad():
         x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float64)
-        assert not any(inference.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
+        assert not any(linears.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
         a, b = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
         assert a.dtype == torch.float64
         close(a[valid], b[valid], 1e-10, "float64")
@@ -904,7 +997,7 @@ def test_cast_model_stops_using_the_fused_weight(family):
     model, ref = model.half(), ref.half()
     with torch.no_grad():
         x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
-        assert not any(inference.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
+        assert not any(linears.fused_ready(f, x) for _, f, _ in _fused_pairs(model))
         a, b = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
         assert a.dtype == torch.float16 and torch.isfinite(a[valid]).all()
         close(a[valid], b[valid], 2e-2, "float16")
@@ -1040,6 +1133,7 @@ def test_quantized_next_token_distribution_close_to_fp32(family, mode):
     assert 0 < kl_decode < bound, f"{family} {mode}: decode mean KL {kl_decode:.2e}"
 
 
+@pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 @pytest.mark.parametrize("mode", ("int8", "int4"))
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -1067,6 +1161,7 @@ def test_quantized_decode_matches_prefill_and_fallback(family, mode, monkeypatch
                                               pad_token_id=PAD))
 
 
+@pytest.mark.usefixtures("gemv_forced")  # both models on the same path
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_quantized_fused_projections(family):
     """q/k/v and gate/up of a quantized model are fused too: packed weights and scales concatenated, the
@@ -1078,7 +1173,7 @@ def test_quantized_fused_projections(family):
     for _, fused, projections in pairs:
         assert fused is not None and fused.quantized
         with torch.no_grad():
-            assert inference.fused_ready(fused, x)
+            assert linears.fused_ready(fused, x)
         offset = 0
         for proj in projections:
             assert isinstance(proj, QuantizedLinear)
@@ -1088,8 +1183,10 @@ def test_quantized_fused_projections(family):
     unfused = load(family, quantization="int8", fast=False)
     ids, mask = prompts(seed=15)
     new = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(15))
+    # the plain modules' attention and SiLU differ from the fast ones in the last bit, which can move an int8
+    # activation across an int16 rounding step: the bound of test_quantized_decode_matches_prefill_and_fallback
     close(prefill_then_decode(model, ids, mask, new, DynamicCache()),
-          prefill_then_decode(unfused, ids, mask, new, DynamicCache()), 1e-5, "fused vs unfused int8")
+          prefill_then_decode(unfused, ids, mask, new, DynamicCache()), 5e-4, "fused vs unfused int8")
 
 
 def test_int4_group_sizes():
@@ -1231,7 +1328,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     import moelm
-    from moelm import checkpoint, inference, quantization, weights  # everything loading imports, before measuring
+    from moelm import checkpoint, inference, loading, weights  # everything loading imports, before measuring
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -1320,7 +1417,7 @@ def test_bf16_fast_matches_reference(family):
 
 @pytest.mark.parametrize("rows", (3, 17, 40))
 def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
-    monkeypatch.setattr(inference, "TILE_ROWS", 5)
+    monkeypatch.setattr(linears, "TILE_ROWS", 5)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(37, 64, generator=g).to(torch.bfloat16)
     b = torch.randn(37, generator=g).to(torch.bfloat16)
@@ -1328,11 +1425,11 @@ def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
     with torch.no_grad():
         for bias in (None, b):
             ref = F.linear(x, w.float(), None if bias is None else bias.float())
-            y = inference.linear(x, w, bias)
+            y = linears.linear(x, w, bias)
             assert y.dtype == torch.float32 and y.shape == (2, rows, 37)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
             # bf16 activations: the same up to the final rounding to bf16
-            yb = inference.linear(x.to(torch.bfloat16), w, bias)
+            yb = linears.linear(x.to(torch.bfloat16), w, bias)
             assert yb.dtype == torch.bfloat16
             refb = F.linear(x.to(torch.bfloat16).float(), w.float(), None if bias is None else bias.float())
             torch.testing.assert_close(yb.float(), refb.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
@@ -1342,7 +1439,7 @@ def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
 @pytest.mark.parametrize("rows", (1, 3, 16))
 def test_rmsnorm_kernel_matches_the_reference_formula(rows):
     """kernels.rmsnorm (used by RMSNorm for few fp32 rows without gradients) == weight * x * rsqrt(mean(x^2) + eps)."""
-    from moelm.layers import RMSNorm
+    from moelm.inference.modules import FastRMSNorm as RMSNorm
 
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 1, 96, generator=g) * 3, torch.randn(96, generator=g)
@@ -1361,9 +1458,9 @@ def test_rmsnorm_kernel_matches_the_reference_formula(rows):
 # ------------------------------------------------------------------ 7. bitsandbytes weights
 
 def _resolved(spec, device, monkeypatch, installed: bool):
-    from moelm import bnb
+    from moelm.inference import bnb
     monkeypatch.setattr(bnb, "installed", lambda: installed)
-    return quantization.resolve(quantization_config=spec, device=device)
+    return resolve(quantization_config=spec, device=device)
 
 
 def test_bitsandbytes_config_selects_bitsandbytes_on_cuda_when_installed(monkeypatch, capsys):
@@ -1417,7 +1514,7 @@ def _bnb_dequantized(w: torch.Tensor, quant_type: str) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_bitsandbytes_weights_replace_linears_and_experts(family, mode, quant_type):
     bnb = pytest.importorskip("bitsandbytes")
-    from moelm.bnb import BnbExperts, BnbLinear
+    from moelm.inference.bnb import BnbExperts, BnbLinear
     model, ref = _bnb_model(family, mode, quant_type), load(family, fast=False)
     assert not [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear, Experts))]
     linears = {n for n, m in model.named_modules() if isinstance(m, BnbLinear) and not n.endswith((".gate_up", ".down"))}
@@ -1456,7 +1553,7 @@ def _emulated_bf16_route(monkeypatch):
     kernel (bitsandbytes.functional.gemv_4bit on the repacked codes) is emulated: bf16 activations times the codes
     scaled by the bf16 block maxima, summed in fp32, rounded to bf16."""
     functional = pytest.importorskip("bitsandbytes.functional")
-    from moelm import bnb as moelm_bnb
+    from moelm.inference import bnb as moelm_bnb
 
     def gemv_4bit(a, b, out=None, transposed_A=False, transposed_B=False, state=None):
         assert state.packing_format_for_cpu and b.dtype == torch.uint8 and b.dim() == 2
@@ -1479,7 +1576,7 @@ def test_bitsandbytes_4bit_takes_bitsandbytes_cpu_route(monkeypatch, quant_type)
     Linear and experts take the same route and give the same result (the kernel emulated here, on any CPU); a
     product that needs gradients, or new weights loaded, go back to the standard layout."""
     bnb = pytest.importorskip("bitsandbytes")
-    from moelm.bnb import BnbLinear
+    from moelm.inference.bnb import BnbLinear
     _emulated_bf16_route(monkeypatch)
     model = _bnb_model("ernie4_5_moe", "int4", quant_type, fresh=True)
     ref = load("ernie4_5_moe", fast=False)
@@ -1533,7 +1630,7 @@ def test_bitsandbytes_4bit_model_equals_its_dequantized_weights(family, quant_ty
     (experts one at a time), for prefill, cached decoding and greedy generation. Where bitsandbytes computes 4-bit
     in bf16 (its AVX512-BF16 CPU route) the two differ by bf16 rounding, and are held to the int8 KL bound instead
     (each product is compared exactly with Linear4bit by test_bitsandbytes_4bit_takes_bitsandbytes_cpu_route)."""
-    from moelm import bnb
+    from moelm.inference import bnb
     pytest.importorskip("bitsandbytes")
     _check_bnb_4bit_model(family, quant_type, bnb.cpu_bf16_route())
 

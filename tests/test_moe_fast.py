@@ -8,12 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelm import kernels, moe
+from moelm import moe
+from moelm.inference import cpu, experts, kernels
+from moelm.inference.modules import FastExperts
 from moelm.moe import Experts
 
 E, H, I = 12, 64, 32
 EMPTY = (3, 7, 10)  # experts no token picks
-PATHS = ("gemv", "onednn", "plain", "grad", "grouped_mm")
+PATHS = ("gemv", "onednn", "plain", "fp32", "grad", "grouped_mm")
+
+
+@pytest.fixture(autouse=True)
+def _forget_choices():
+    yield
+    cpu.reset()  # the forced paths (MOELM_KERNELS is restored by monkeypatch first) are not remembered
 
 
 def routing(t: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +38,7 @@ def routing(t: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make(seed: int, t: int, dtype=torch.float32) -> tuple[Experts, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ex = Experts(E, H, I)
+    ex = FastExperts(E, H, I)  # its CPU inference paths, and Experts' own grouped ones (gradients, grouped_mm)
     with torch.no_grad():
         ex.gate_up_proj.copy_(torch.randn(E, 2 * I, H, generator=g) / H ** 0.5)
         ex.down_proj.copy_(torch.randn(E, H, I, generator=g) / I ** 0.5)
@@ -54,9 +62,10 @@ def run(path: str, ex: Experts, x, index, weights, monkeypatch):
     """Experts.forward forced onto one path; the grad path also returns the gradients."""
     if path == "gemv" and not kernels.available():
         pytest.skip("no C compiler for the decode kernels")
-    monkeypatch.setattr(moe, "GEMV_MAX_ROWS", kernels.MAX_ROWS if path == "gemv" else 0)
-    if path == "plain":
-        monkeypatch.setattr(kernels, "onednn_works", lambda inp, weight: False)
+    forced = {"gemv": "gemv", "onednn": "onednn_swap", "plain": "torch", "fp32": "fp32"}.get(path)
+    if forced:  # that path for every expert where it applies, PyTorch's op elsewhere
+        monkeypatch.setenv("MOELM_KERNELS", f"experts={forced}")
+        cpu.reset()
     if path == "grad":
         x = x.clone().requires_grad_()
         out = ex(x, index, weights)
@@ -122,10 +131,21 @@ def test_unchosen_experts_are_not_read(t):
     assert torch.isfinite(out).all()
 
 
-def test_expert_linear_shapes():
-    """Both sides of the row threshold, in and out sizes not multiples of 32 (no decode kernel)."""
+def test_expert_linear_paths_agree():
+    """Every path expert_linear can choose, on both sides of the kernel's row limit, for in sizes that are and are
+    not multiples of 32 (no decode kernel), gives F.linear's result."""
     g = torch.Generator().manual_seed(0)
-    for rows in (1, moe.GEMV_MAX_ROWS, moe.GEMV_MAX_ROWS + 1, 100):
-        for features in (64, 40):
-            x, w = torch.randn(rows, features, generator=g), torch.randn(72, features, generator=g)
-            torch.testing.assert_close(moe.expert_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for rows in (1, 6, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 100):
+            for features in (64, 40):
+                x = torch.randn(rows, features, generator=g).to(dtype)
+                w = torch.randn(72, features, generator=g).to(dtype)
+                paths = experts.paths(x, w)
+                assert "torch" in paths and ("fp32" in paths) == (dtype != torch.float32)
+                assert ("gemv" in paths) == (rows <= kernels.MAX_ROWS and features % 32 == 0 and kernels.available())
+                want = F.linear(x.float(), w.float())
+                for path in paths:
+                    with torch.inference_mode():
+                        got = experts.PATHS[path](x, w)
+                    assert got.dtype == dtype, path
+                    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{path}: {m}")

@@ -3,12 +3,12 @@ from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassifi
 from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
 from .generation import GenerationConfig
 from .inference import StaticCache
+from .inference.quantization import BitsAndBytesConfig, QuantizationConfig
 from .layers import DynamicCache
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
 from .pipelines import pipeline
-from .quantization import BitsAndBytesConfig, QuantizationConfig
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer
 from .weights import CheckpointError

@@ -122,7 +122,7 @@ def bytes_per_token(model, config) -> dict:
     scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
     stacked-experts module counted for its top-k of E experts only."""
     from .moe import Experts
-    from .quantization import QuantizedExperts
+    from .inference.quantization import QuantizedExperts
 
     k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None) or 1
     embed = model.get_input_embeddings().weight
@@ -222,7 +222,7 @@ def time_decode(model, ids: torch.Tensor, steps: int) -> float:
     (what moelm's generate uses), transformers through its DynamicCache (what its generate uses)."""
     cache = None
     if type(model).__module__.startswith("moelm"):
-        from .inference import StaticCache
+        from .inference.cache import StaticCache
 
         cache = StaticCache(model.config, ids.shape[0], ids.shape[1] + steps + 2,
                             model.get_input_embeddings().weight.dtype, ids.device)

@@ -58,7 +58,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time.
 
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
-    from .quantization import load_targets
+    from .inference.quantize import load_targets
 
     model_type = model.config.model_type
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -402,7 +402,7 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
         scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
     if state.use_cache and cfg.cache_implementation != "dynamic":
-        from .inference import StaticCache
+        from .inference.cache import StaticCache
 
         dtype = model.get_input_embeddings().weight.dtype
         state.cache = StaticCache(model.config, input_ids.shape[0], max_length + embeds_length, dtype, device)

@@ -1,12 +1,10 @@
-"""Shared layers: RMSNorm, SwiGLU MLP, GQA attention (SDPA or eager), the KV cache and attention masks."""
+"""Shared layers: RMSNorm, SwiGLU MLP, GQA attention (SDPA or eager), the pre-norm decoder layer, the KV cache
+and attention masks. Plain PyTorch: the inference fast paths (moelm.inference) subclass these after loading."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from . import kernels
-from .inference import decode_attention_step, fused_ready
 
 
 class RMSNorm(nn.Module):
@@ -16,8 +14,6 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32 and x.shape[-1] % 8 == 0 and kernels.usable(x, self.weight):
-            return kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # decode: one C pass
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * normed.to(x.dtype)
 
@@ -31,14 +27,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    fused_gate_up = None  # inference.fuse_projections sets it
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ready(self.fused_gate_up, x):
-            gate, up = self.fused_gate_up(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x)
         return self.down_proj(F.silu(gate) * up)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class DynamicCache:
@@ -96,8 +90,6 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: in
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings applied by `rotate(x, cos, sin)`."""
 
-    fused_qkv = None  # inference.fuse_projections sets it
-
     def __init__(self, config, layer_idx: int, bias: bool, rotate):
         super().__init__()
         self.layer_idx = layer_idx
@@ -116,17 +108,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache: DynamicCache | None,
                 output_attentions: bool = False):
+        """x [B, S, hidden] -> ([B, S, hidden], attention weights [B, H, S, K] or None)."""
         b, s, _ = x.shape
-        eager = output_attentions or self.config.attn_implementation == "eager"
         dropout = self.dropout if self.training else 0.0
-        if not eager and not dropout:
-            out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step
-            if out is not None:
-                return out, None
-        if fused_ready(self.fused_qkv, x):
-            q, k, v = self.fused_qkv(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x)
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -135,31 +120,46 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         weights = None
-        if eager:
+        if output_attentions or self.config.attn_implementation == "eager":
             out, weights = eager_attention(q, k, v, mask, self.scaling, dropout, self.training)
-        elif s == 1 and x.device.type == "cpu" and not dropout:
-            out = decode_attention(q, k, v, mask, self.scaling)
         else:
-            groups = self.num_heads // self.num_kv_heads
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling,
-                is_causal=mask is None and s > 1, enable_gqa=groups > 1)
+            out = self.attend(q, k, v, mask, dropout)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), weights
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
-    """One query per row against the cache, as two batched matmuls (on CPU several times faster than SDPA's flash
-    kernel for a single query; half precision computed in fp32). q [B, H, 1, D], k/v [B, Hkv, T, D], mask [B, 1, 1, T] bool or None -> [B, H, 1, D]."""
-    b, h, _, d = q.shape
-    kv, dtype = k.shape[1], q.dtype
-    if dtype in (torch.bfloat16, torch.float16):  # half-precision matmuls are slow on CPUs without them
-        q, k, v = q.float(), k.float(), v.float()
-    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(2, 3)) * scaling  # [B, Hkv, G, T]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # [B, 1, 1, T] broadcasts over [B, Hkv, G, T]
-    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    return torch.matmul(weights, v).view(b, h, 1, d).to(dtype)
+    def attend(self, q, k, v, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """SDPA: q [B, H, S, D], k/v [B, Hkv, K, D], mask [B, 1, S, K] bool or None (causal) -> [B, H, S, D]."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling,
+                                              is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP/MoE with residuals. The MoE block returns (out, router_logits)."""
+
+    def __init__(self, config, layer_idx: int, norm, mlp: nn.Module, mlp_name: str, attn_bias: bool, rotate):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, attn_bias, rotate)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+
+    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
+        """x [B, S, hidden] -> (x, attention weights or None, router logits [B*S, E] or None)."""
+        h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
+        x = x + h
+        x, router_logits = self.feed_forward(x, self.post_attention_layernorm(x))
+        return x, weights, router_logits
+
+    def feed_forward(self, x: torch.Tensor, normed: torch.Tensor):
+        """(x + MLP or MoE block of `normed`, router logits or None)."""
+        out = getattr(self, self.mlp_name)(normed)
+        out, router_logits = out if isinstance(out, tuple) else (out, None)
+        return x + out, router_logits
 
 
 def eager_attention(q, k, v, mask, scaling: float, dropout: float, training: bool):

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import PretrainedConfig, dtype_from_str
+from .configs import PretrainedConfig
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
-from .inference import decode_layer_step
-from .layers import Attention, DynamicCache, attention_mask_4d
+from .layers import DynamicCache, attention_mask_4d
 from .moe import Experts, load_balancing_loss
 
 
@@ -76,33 +75,6 @@ class Router(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP/MoE with residuals. The MoE block returns (out, router_logits)."""
-
-    def __init__(self, config, layer_idx: int, norm, mlp: nn.Module, mlp_name: str, attn_bias: bool, rotate):
-        super().__init__()
-        self.self_attn = Attention(config, layer_idx, attn_bias, rotate)
-        self.mlp_name = mlp_name
-        setattr(self, mlp_name, mlp)
-        self.input_layernorm = norm()
-        self.post_attention_layernorm = norm()
-
-    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
-        step = None if output_attentions else decode_layer_step(self, x, cos_sin, mask, cache)  # one C call
-        if step is not None:
-            x, normed = step
-            if normed is None:  # the dense MLP was part of the call
-                return x, None, None
-            weights = None
-        else:
-            h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
-            x = x + h
-            normed = self.post_attention_layernorm(x)
-        out = getattr(self, self.mlp_name)(normed)
-        out, router_logits = out if isinstance(out, tuple) else (out, None)
-        return x + out, weights, router_logits
 
 
 class PreTrainedModel(nn.Module):
@@ -170,70 +142,23 @@ class PreTrainedModel(nn.Module):
     def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None,
                     fast: bool = True):
         """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
-        the inference fast paths (inference.optimize)."""
-        from .inference import optimize
+        the inference fast paths (moelm.inference.optimize)."""
+        from .loading import from_config
 
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = cls(config)
-        model.init_weights()
-        model._cast(dtype_from_str(dtype) if dtype else torch.float32)
-        model = model.to(device) if device else model
-        return optimize(model) if fast else model
+        return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                         config: PretrainedConfig | None = None, attn_implementation: str | None = None,
                         torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
                         **config_overrides):
-        """Load a hub-format checkpoint directory (or a hub id in the local cache).
+        """Load a hub-format checkpoint directory (or a hub id in the local cache): see moelm.loading."""
+        from .loading import from_pretrained
 
-        The model is built on the meta device and each tensor is read straight into place, so the peak memory
-        is about the model's size plus one tensor. quantization="int8" | "int4" (or quantization_config=
-        BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves
-        out the inference fast paths (inference.optimize: decode kernels, fused projections)."""
-        from .configs import read_config_json
-        from .hub import resolve_model_dir
-        from .weights import SafetensorsCheckpoint
-        from .checkpoint import load_checkpoint
-        from .inference import optimize
-        from .quantization import fill_tied_head, quantize_modules, resolve
-
-        qconfig = resolve(quantization, quantization_config, device)
-        directory = resolve_model_dir(path)
-        if config is None:
-            data = read_config_json(directory)
-            config = cls.config_class.from_dict(data) if cls.config_class is not PretrainedConfig else \
-                _auto_config(data)
-        for key, value in config_overrides.items():
-            setattr(config, key, value)
-        if attn_implementation:
-            config.attn_implementation = attn_implementation
-        config.validate()
-        ckpt = SafetensorsCheckpoint(directory)
-        try:
-            dtype = torch_dtype if torch_dtype is not None and dtype == "auto" else dtype
-            if dtype == "auto" or dtype is None:
-                dtype = config.torch_dtype or _checkpoint_dtype(ckpt)
-            dtype = dtype_from_str(dtype)
-            device = torch.device(device) if device is not None else torch.device("cpu")
-            with torch.device("meta"):
-                model = cls(config)
-            model._cast(dtype)
-            if qconfig is not None:
-                quantize_modules(model, qconfig)
-            model.to_empty(device=device)
-            model.tie_weights()
-            model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
-            fill_tied_head(model)
-        finally:
-            ckpt.close()
-        if fast:
-            optimize(model)
-        if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
-            model.generation_config = GenerationConfig.from_pretrained(directory)
-        model.name_or_path = str(path)
-        return model.eval()
+        return from_pretrained(cls, path, dtype=dtype, device=device, progress=progress, config=config,
+                               attn_implementation=attn_implementation, torch_dtype=torch_dtype,
+                               quantization=quantization, quantization_config=quantization_config, fast=fast,
+                               **config_overrides)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size="5GB", safe_serialization: bool = True):
         """Write config.json (and generation_config.json) and hub-layout safetensors (per-expert keys), atomically."""
@@ -250,20 +175,6 @@ class PreTrainedModel(nn.Module):
         if isinstance(self, GenerationMixin):
             extra_files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
         return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=extra_files)
-
-
-def _auto_config(data: dict) -> PretrainedConfig:
-    from .configs import AutoConfig
-
-    return AutoConfig.from_dict(data)
-
-
-def _checkpoint_dtype(ckpt) -> torch.dtype:
-    for key in ckpt.keys():
-        dt = ckpt.dtype(key)
-        if dt.is_floating_point and not key.endswith("e_score_correction_bias"):
-            return dt
-    return torch.float32
 
 
 class DecoderModel(PreTrainedModel):

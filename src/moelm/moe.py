@@ -1,18 +1,15 @@
-"""Mixture of experts: stacked experts (CPU inference one chosen expert at a time, otherwise grouped), the ERNIE and
-PhiMoE routers, the load-balancing loss."""
+"""Mixture of experts: stacked experts computed grouped (tokens sorted by expert), the ERNIE and PhiMoE routers,
+the load-balancing loss."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-
-GEMV_MAX_ROWS = 6  # rows per expert; kernels.gemv is faster up to 6 rows of 2560 -> 3072 fp32, oneDNN from 8
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
+def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -20,7 +17,7 @@ def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm forward works on CPU (fp32/bf16) and Hopper CUDA (bf16); its CPU backward does not."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if _needs_grad(x, w) and x.device.type == "cpu":
+    if needs_grad(x, w) and x.device.type == "cpu":
         return False
     key = (x.device.type, x.dtype, w.dtype)
     if key not in _GROUPED_MM_OK:
@@ -35,33 +32,8 @@ def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous.
-
-    Up to GEMV_MAX_ROWS rows: kernels.gemv, which reads w once at close to memory bandwidth. More rows: oneDNN with
-    the roles swapped (w as the input, x as the small weight), w @ x.T read in its own layout: 1.6x the MKL sgemm
-    behind F.linear for the tens of rows an expert gets at prefill."""
-    if x.shape[0] <= GEMV_MAX_ROWS and w.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x):
-        return kernels.gemv(x, w).to(x.dtype)
-    if kernels.onednn_works(w, x):
-        return kernels.onednn_linear(x, w, swap=True)
-    if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        return expert_linear(x.float(), w.float()).to(x.dtype)  # one expert in fp32: ~10x bf16 F.linear here
-    return F.linear(x, w)
-
-
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out]."""
-    if x.device.type == "cpu" and w.is_contiguous() and not _needs_grad(x, w):
-        # One product per expert that has rows: only the chosen experts' weights are read.
-        x = x.contiguous()
-        out = x.new_empty(x.shape[0], w.shape[1])
-        hit = counts.nonzero().squeeze(1)
-        start = 0
-        for e, c in zip(hit.tolist(), counts[hit].tolist()):
-            out[start:start + c] = expert_linear(x[start:start + c], w[e])
-            start += c
-        return out
     if _grouped_mm_works(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
@@ -87,13 +59,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H] = sum_k weights[:, k] * expert_{index[:, k]}(x)."""
         token, w, counts = sort_by_expert(index, weights, self.num_experts)
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if (x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous()
-                and not _needs_grad(x, weights, gate_up, down)):
-            return each_expert(x, token, w, counts, lambda e: (gate_up[e], down[e]))
-        h = grouped_linear(x[token], gate_up, counts)  # [T*K, 2I]
+        h = grouped_linear(x[token], self.gate_up_proj, counts)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, down, counts)  # [T*K, H]
+        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*K, H]
         return torch.zeros_like(x).index_add_(0, token, (h * w.to(h.dtype)).to(x.dtype))
 
 
@@ -105,25 +73,6 @@ def sort_by_expert(index: torch.Tensor, weights: torch.Tensor, num_experts: int)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
     return order // k, weights.reshape(-1)[order, None], counts
-
-
-def each_expert(x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-                expert_weights, linear=None) -> torch.Tensor:
-    """Inference: the chosen experts one after another (gate_up, SwiGLU, down, weighted sum into the output), each
-    reading its weights once. expert_weights(e) -> (gate_up [2I, H], down [H, I]), multiplied by
-    linear(x, weight) (default expert_linear)."""
-    linear = linear or expert_linear
-    out = torch.zeros_like(x)
-    hit = counts.nonzero().squeeze(1)
-    start = 0
-    for e, c in zip(hit.tolist(), counts[hit].tolist()):
-        rows = token[start:start + c]
-        gate_up, down = expert_weights(e)
-        gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)
-        y = linear(F.silu(gate).mul_(up), down)  # [c, H]
-        out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
-        start += c
-    return out
 
 
 def ernie_route(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, k: int,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..configs import Ernie4_5Config
-from ..layers import MLP, RMSNorm
-from ..modeling import CausalLM, DecoderLayer, DecoderModel
+from ..layers import MLP, DecoderLayer, RMSNorm
+from ..modeling import CausalLM, DecoderModel
 from ..rope import cos_sin, inv_freq_and_scale, rotate_interleaved
 
 

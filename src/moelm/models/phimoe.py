@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ..configs import PhimoeConfig
-from ..modeling import CausalLM, DecoderLayer, DecoderModel, Router, SequenceClassification
+from ..layers import DecoderLayer
+from ..modeling import CausalLM, DecoderModel, Router, SequenceClassification
 from ..moe import Experts, sparsemixer
 from ..rope import cos_sin, inv_freq_and_scale, rotate_half_split
 

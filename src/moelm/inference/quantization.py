@@ -10,15 +10,15 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from ..moe import sort_by_expert
+from . import cpu, kernels
+from .experts import each_expert
 
 MODES = ("int8", "int4")
 
@@ -69,49 +69,6 @@ class BitsAndBytesConfig:
             raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used")
 
 
-def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:
-    """from_pretrained's `quantization="int8"|"int4"` or `quantization_config=` (a QuantizationConfig, a
-    BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None. A BitsAndBytesConfig uses bitsandbytes when
-    the model goes to CUDA and bitsandbytes is installed, and moelm's own int8 / int4 otherwise (said on stderr)."""
-    if quantization is not None and quantization_config is not None:
-        raise ValueError("pass either quantization= or quantization_config=, not both")
-    spec = quantization if quantization is not None else quantization_config
-    if spec is None or isinstance(spec, QuantizationConfig):
-        if spec is not None and spec.backend == "bitsandbytes":
-            from . import bnb
-            bnb._bnb()  # a clear ImportError now rather than while loading
-        return spec
-    if isinstance(spec, str):
-        return QuantizationConfig(spec)
-    if isinstance(spec, dict):
-        spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
-    if not (isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig"):
-        raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
-    four, eight = getattr(spec, "load_in_4bit", False), getattr(spec, "load_in_8bit", False)
-    if not (four or eight):
-        raise ValueError("BitsAndBytesConfig needs load_in_8bit=True or load_in_4bit=True")
-    mode, what = ("int4", "load_in_4bit") if four else ("int8", "load_in_8bit")
-    skip = tuple(getattr(spec, "llm_int8_skip_modules", None) or ())
-    from . import bnb
-
-    cuda = device is not None and torch.device(device).type == "cuda"
-    if cuda and bnb.installed():
-        quant_type = getattr(spec, "bnb_4bit_quant_type", "fp4")
-        if four and getattr(spec, "bnb_4bit_use_double_quant", False):
-            print("moelm: bnb_4bit_use_double_quant is not applied (the 4-bit block maxima stay fp32)",
-                  file=sys.stderr)
-        print(f"moelm: BitsAndBytesConfig({what}=True) -> bitsandbytes "
-              f"{quant_type if four else 'LLM.int8'} weights", file=sys.stderr)
-        return QuantizationConfig(mode, modules_to_not_convert=skip, backend="bitsandbytes", quant_type=quant_type,
-                                  compute_dtype=getattr(spec, "bnb_4bit_compute_dtype", None),
-                                  llm_int8_threshold=getattr(spec, "llm_int8_threshold", 6.0))
-    why = "bitsandbytes is not installed" if cuda else "bitsandbytes is used for CUDA models only"
-    kind = "int4 weights (group size 64)" if four else "int8 weights (per-row scales)"
-    print(f"moelm: BitsAndBytesConfig({what}=True) -> moelm {kind}: {why}", file=sys.stderr)
-    return QuantizationConfig(mode, modules_to_not_convert=skip)
-
-
-_BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}
 
 
 # ---------------------------------------------------------------- packing
@@ -145,7 +102,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torc
     return (n * scale[..., None].to(dtype)).reshape(*lead, o, half_i * 2)
 
 
-def _group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
+def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
     """The int4 group size for a weight with in_features inputs: the configured one, or 32 when it does not divide."""
     if in_features % 32:
         raise ValueError(f"cannot quantize {name}: its {in_features} input features are not a multiple of 32")
@@ -155,6 +112,17 @@ def _group_for(name: str, in_features: int, config: "QuantizationConfig") -> int
 
 
 # ---------------------------------------------------------------- modules
+
+def _path(op: str, x: torch.Tensor, rows: int, shape, gemv, dense) -> bool:
+    """Whether the gemv kernel (gemv()) is the path chosen over dequantizing and PyTorch's matmul (dense()) for
+    this CPU, quantized op and shape (x's `rows` rows against a packed weight of `shape`)."""
+    key = (str(x.dtype), cpu.rows_bucket(rows), *shape, torch.get_num_threads())
+    path = cpu.chosen(f"quantized.{op}", key) or cpu.choose(f"quantized.{op}", key, {"gemv": gemv, "torch": dense})
+    return path == "gemv"
+
+
+cpu.register("quantized", ("gemv", "torch"))
+
 
 class PackedLinear(nn.Module):
     """What the quantized Linears share: in/out features, a bias kept in its dtype, no casting."""
@@ -199,11 +167,20 @@ class QuantizedLinear(PackedLinear):
         self.scale[rows] = s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, self.bias):
-            bias = None if self.bias is None else self.bias.float().contiguous()
-            return kernels.gemv(x, self.qweight, self.scale, self.group_size, bias).to(x.dtype)
-        w = dequantize(self.qweight, self.scale, self.group_size, x.dtype)
-        return F.linear(x, w, self.bias)
+        """The gemv kernel on the packed weight (few rows), or the weight dequantized to x's dtype and F.linear:
+        whichever was measured faster for this CPU and shape."""
+        gemv = kernels.usable(x, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if gemv and _path(self.mode, x, rows, self.qweight.shape, lambda: self._gemv(x), lambda: self._dense(x)):
+            return self._gemv(x)
+        return self._dense(x)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        return kernels.gemv(x, self.qweight, self.scale, self.group_size, bias).to(x.dtype)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.qweight, self.scale, self.group_size, x.dtype), self.bias)
 
 
 class QuantizedExperts(nn.Module):
@@ -240,70 +217,21 @@ class QuantizedExperts(nn.Module):
         t, k = index.shape
         gq, gs = self.stacked("gate_up_proj")
         dq, ds = self.stacked("down_proj")
-        if t * k <= 64 and kernels.usable(x[:1]):
+        def selected() -> torch.Tensor:  # every (token, choice) pair through the gemv kernel, weights picked per row
             pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
             h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
             gate, up = h.chunk(2, dim=-1)
             h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
             return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
-        from .moe import each_expert, sort_by_expert
 
         def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
             return (dequantize(gq[e], gs[e], self.group_size, x.dtype), dequantize(dq[e], ds[e], self.group_size,
                                                                                     x.dtype))
 
-        return each_expert(x, *sort_by_expert(index, weights, self.num_experts), dequantized)
+        def dense() -> torch.Tensor:
+            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), dequantized)
 
-
-def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
-    """Replace every nn.Linear (LM head included; routers are not Linear) and every Experts module by its quantized
-    form, on whatever device the model is (the meta device while loading: nothing is allocated twice)."""
-    from .bnb import BnbExperts, BnbLinear
-    from .moe import Experts
-
-    device = next(model.parameters()).device
-    bnb = config.backend == "bitsandbytes"
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
-            if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
-                continue
-            if isinstance(child, nn.Linear) and bnb:
-                setattr(module, child_name, BnbLinear(child.in_features, child.out_features, child.bias is not None,
-                                                      config, dtype=child.weight.dtype, device=device))
-            elif isinstance(child, nn.Linear):
-                group = _group_for(full, child.in_features, config)
-                setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
-                                                            child.bias is not None, config.mode, group,
-                                                            dtype=child.weight.dtype, device=device))
-            elif isinstance(child, Experts) and bnb:
-                setattr(module, child_name, BnbExperts(child, config))
-            elif isinstance(child, Experts):
-                _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
-                group = min(_group_for(full, hidden, config), _group_for(full, inter, config))
-                setattr(module, child_name, QuantizedExperts(child, config.mode, group))
-    if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
-                                                                          PackedLinear):
-        model.quantized_tied_head = True  # lm_head is filled from the embedding after loading
-    model.quantization = config
-    return model
-
-
-def load_targets(model: nn.Module) -> dict[str, tuple]:
-    """Checkpoint names of quantized weights -> (module, stacked name or None, full [.., O, I] shape)."""
-    targets = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
-            targets[f"{prefix}weight"] = (module, None, module.weight_shape)
-        elif isinstance(module, QuantizedExperts):
-            for stacked, shape in module.shapes.items():
-                targets[f"{prefix}{stacked}"] = (module, stacked, shape)
-    return targets
-
-
-def fill_tied_head(model: nn.Module):
-    """A quantized lm_head tied to the embedding gets the embedding's weight (which stays unquantized)."""
-    if getattr(model, "quantized_tied_head", False):
-        model.lm_head.load_weight(model.get_input_embeddings().weight.data)
+        if t * k <= 64 and kernels.usable(x[:1]) and _path(f"{self.mode}.experts", x, t * k, gq.shape, selected,
+                                                            dense):
+            return selected()
+        return dense()

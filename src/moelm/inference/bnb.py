@@ -19,6 +19,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..moe import sort_by_expert
+from .experts import each_expert
 from .quantization import PackedLinear, QuantizationConfig, QuantizedExperts
 
 BLOCK = 64  # 4-bit block size (bnb's default)
@@ -30,16 +32,17 @@ def installed() -> bool:
 
 @functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _bnb().functional.get_4bit_type(quant_type, device=device)
+    return require().functional.get_4bit_type(quant_type, device=device)
 
 
 @functools.cache
 def cpu_bf16_route() -> bool:
     """Whether bitsandbytes' Linear4bit computes on this CPU with its repacked bf16 kernel (AVX512-BF16)."""
-    return bool(_bnb().functional.has_avx512bf16())
+    return bool(require().functional.has_avx512bf16())
 
 
-def _bnb():
+def require():
+    """The bitsandbytes module, or an ImportError saying how to install it."""
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
@@ -68,7 +71,7 @@ class BnbLinear(PackedLinear):
             self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
 
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
-        functional = _bnb().functional
+        functional = require().functional
         start, stop, _ = rows.indices(self.out_features)
         w = w.to(self.qweight.device)
         if self.mode == "int8":
@@ -88,7 +91,7 @@ class BnbLinear(PackedLinear):
 
     def matmul(self, x: torch.Tensor, rows: slice = slice(None), bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., I] @ W[rows].T (+ bias) -> [..., len(rows)] in x's dtype."""
-        bnb = _bnb()
+        bnb = require()
         start, stop, _ = rows.indices(self.out_features)
         if self.mode == "int8":
             state = bnb.MatmulLtState()
@@ -114,7 +117,7 @@ class BnbLinear(PackedLinear):
         if self._overlaps(start, stop):
             self._unpack_all()
         first, last = start * self.in_features, stop * self.in_features
-        state = _bnb().functional.QuantState(
+        state = require().functional.QuantState(
             absmax=self.absmax[first // BLOCK:-(-last // BLOCK)], shape=torch.Size([stop - start, self.in_features]),
             code=_code(self.quant_type, device), blocksize=BLOCK, quant_type=self.quant_type, dtype=dtype)
         return self._region(start, stop).t(), state
@@ -126,7 +129,7 @@ class BnbLinear(PackedLinear):
         state = self.cpu_packed.get((start, stop))
         if state is None:
             codes, plain = self._unpacked(start, stop, torch.float32, region.device)
-            packed, state = _bnb().functional._convert_weight_packed_for_cpu(codes.t().contiguous(), plain)
+            packed, state = require().functional._convert_weight_packed_for_cpu(codes.t().contiguous(), plain)
             region.view(-1).copy_(packed.view(-1))
             self.cpu_packed[(start, stop)] = state
         return region.view(stop - start, self.in_features // 2), state
@@ -137,7 +140,7 @@ class BnbLinear(PackedLinear):
     def _unpack(self, start: int, stop: int):
         region = self._region(start, stop)
         state = self.cpu_packed.pop((start, stop))
-        codes, _ = _bnb().functional._convert_weight_packed_for_cpu_inverse(
+        codes, _ = require().functional._convert_weight_packed_for_cpu_inverse(
             region.view(stop - start, self.in_features // 2), state)
         region.view(-1).copy_(codes.reshape(-1))
 
@@ -170,8 +173,6 @@ class BnbExperts(QuantizedExperts):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H]."""
-        from .moe import each_expert, sort_by_expert
-
         two_i, h = self.shapes["gate_up_proj"][1], self.shapes["down_proj"][1]
 
         def expert(e: int):  # the two products of expert e, over its rows of the stacked weights

@@ -1,0 +1,47 @@
+"""The static KV cache: keys/values preallocated for the whole generation, written by position."""
+from __future__ import annotations
+
+import torch
+
+
+class StaticCache:
+    """Per-layer keys/values [B, Hkv, max_length, D] allocated once; `update` writes the new positions and returns
+    views of the filled part, so attention sees exactly what a DynamicCache would."""
+
+    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_size)
+        n = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.lengths = [0] * n
+        self.max_length = max_length
+
+    def reserve(self, layer_idx: int, new: int) -> int:
+        """Claim the next `new` positions of a layer; returns the first."""
+        start = self.lengths[layer_idx]
+        if start + new > self.max_length:
+            raise ValueError(f"the static KV cache holds {self.max_length} positions; {start + new} were asked for")
+        self.lengths[layer_idx] = start + new
+        return start
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.reserve(layer_idx, k.shape[-2])
+        end = self.lengths[layer_idx]
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def __len__(self) -> int:
+        return sum(1 for n in self.lengths if n)
+
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        for t in self.keys + self.values:
+            t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, length: int):
+        """Keep the first `length` positions (a negative length drops that many from the end, as DynamicCache)."""
+        self.lengths = [min(n, length) if length >= 0 else max(n + length, 0) for n in self.lengths]
+

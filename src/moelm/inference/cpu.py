@@ -1,0 +1,231 @@
+"""The machine, and choosing between correct paths by measuring them on it.
+
+`info()` reads the CPU's features from /proc/cpuinfo and torch.backends.cpu.get_cpu_capability(), its caches from
+sysfs. `choose(op, key, candidates)` times each candidate once on the real inputs, keeps the fastest, and remembers
+it per CPU in the kernel cache directory (choices.json beside the compiled kernels): the same machine never measures
+the same shape twice. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere), "gemv" (that path
+wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# flags worth reporting, in /proc/cpuinfo's spelling
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+            "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    vendor: str
+    capability: str  # what PyTorch's kernels dispatch to: DEFAULT, AVX2, AVX512, ...
+    flags: frozenset = field(repr=False)
+    cores: int  # usable by this process
+    caches: dict = field(default_factory=dict)  # "L1d" / "L2" / "L3" -> bytes per cache
+
+    def has(self, feature: str) -> bool:
+        return feature in self.flags
+
+    @property
+    def features(self) -> list[str]:
+        return [f for f in FEATURES if f in self.flags]
+
+    @property
+    def key(self) -> str:
+        """What a measured choice depends on: the CPU, its features, the cores and PyTorch's version."""
+        text = "|".join([self.model, self.capability, ",".join(self.features), str(self.cores), torch.__version__])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def line(self) -> str:
+        caches = ", ".join(f"{name} {_size(n)}" for name, n in self.caches.items())
+        return (f"{self.model} ({self.vendor}); {self.cores} cores; PyTorch capability {self.capability}; "
+                f"features {' '.join(self.features) or 'none of ' + '/'.join(FEATURES[:2])}"
+                + (f"; caches {caches}" if caches else ""))
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 2**10} KiB"
+
+
+@functools.cache
+def info() -> CpuInfo:
+    model = vendor = ""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                name, value = name.strip(), value.strip()
+                if name == "model name" and not model:
+                    model = value
+                elif name == "vendor_id" and not vendor:
+                    vendor = value
+                elif name == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return CpuInfo(model or platform.processor() or platform.machine(), vendor or "unknown",
+                   torch.backends.cpu.get_cpu_capability(), frozenset(flags), cores, _caches())
+
+
+def _caches() -> dict[str, int]:
+    """Sizes of cpu0's caches from sysfs: L1d, L2, L3 (one cache each, not summed over cores)."""
+    out = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        n = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        out[f"L{level}" + ("d" if level == "1" else "")] = n
+    return out
+
+
+# ---------------------------------------------------------------- choosing by measurement
+
+_CHOSEN: dict[str, str] = {}  # "op|key" -> path, for this CPU
+_LOCK = threading.RLock()  # a candidate may itself choose (quantized experts -> expert_linear)
+_loaded = False
+
+
+def cache_file() -> Path:
+    root = Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm")
+    return root / "kernels" / f"choices-{info().key}.json"
+
+
+def _load():
+    """The choices this CPU made before, unless MOELM_KERNELS forces paths (then nothing is read or written)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    if forced():
+        return
+    try:
+        _CHOSEN.update(json.loads(cache_file().read_text()))
+    except (OSError, ValueError):
+        pass
+
+
+def _save(entry: str, path: str):
+    """Adds one choice to the file, atomically (read, merge, write a temporary file, rename)."""
+    target = cache_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(target.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[entry] = path
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
+            json.dump(known, f, indent=0, sort_keys=True)
+        os.replace(f.name, target)
+    except OSError:
+        pass  # a read-only cache: choices are measured again by the next process
+
+
+PATHS: dict[str, tuple[str, ...]] = {}  # op family -> its paths (register)
+
+
+def register(op: str, paths) -> None:
+    """Declare an op family's paths (at import), so that MOELM_KERNELS can be checked against them."""
+    PATHS[op] = tuple(paths)
+
+
+@functools.cache
+def forced() -> dict[str, str]:
+    """MOELM_KERNELS parsed: {op family or "*": path}; an op or path no family has is a ValueError naming it."""
+    spec = os.environ.get("MOELM_KERNELS", "").strip()
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        op, sep, path = (s.strip() for s in part.partition("="))
+        op, path = (op, path) if sep else ("*", op)
+        if op != "*" and op not in PATHS:
+            raise ValueError(f"MOELM_KERNELS names the op {op!r}; the ops are {', '.join(PATHS)}")
+        known = PATHS[op] if op != "*" else {p for paths in PATHS.values() for p in paths}
+        if path not in known:
+            raise ValueError(f"MOELM_KERNELS asks for {path!r} for {op if op != '*' else 'every op'}; "
+                             f"the paths are {', '.join(sorted(known))}")
+        out[op] = path
+    return out
+
+
+def measure(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Seconds of one call: the best of `repeats` after one warm-up (other work on the machine only slows a call
+    down, so the best is the truest)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def chosen(op: str, key: tuple) -> str | None:
+    """The path already chosen for op and key on this CPU, or None (then call choose)."""
+    if not _loaded:
+        _load()
+    return _CHOSEN.get(f"{op}|{key}")
+
+
+def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
+    """The fastest of `candidates` (path -> one call on the real inputs; "torch", PyTorch's own op, always among
+    them) for `op` ("family" or "family.variant") on this CPU and `key` (shapes, dtypes, threads): measured once,
+    remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
+    is taken where it is a candidate, PyTorch's op where it is not; nothing is measured or written then."""
+    force = forced()
+    family = op.split(".")[0]
+    want = force.get(family, force.get("*"))
+    entry = f"{op}|{key}"
+    with _LOCK:
+        _load()
+        if want is not None:
+            path = want if want in candidates else "torch"
+        else:
+            path = _CHOSEN.get(entry)
+            if path not in candidates:
+                times = {name: timer(fn) for name, fn in candidates.items()} if len(candidates) > 1 else {}
+                path = min(times, key=times.get) if times else next(iter(candidates))
+                if not force:
+                    _save(entry, path)
+        _CHOSEN[entry] = path
+        return path
+
+
+def choices() -> dict[str, str]:
+    """Every choice made or loaded so far: "op|key" -> path (for the benchmark's report)."""
+    _load()
+    return dict(_CHOSEN)
+
+
+def reset():
+    """Forget the choices in memory and re-read MOELM_KERNELS (tests)."""
+    global _loaded
+    _CHOSEN.clear()
+    _loaded = False
+    forced.cache_clear()
+
+
+def rows_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two: one measurement serves every input length in (bucket / 2, bucket]."""
+    return 1 << max(rows - 1, 0).bit_length()

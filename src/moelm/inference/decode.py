@@ -1,0 +1,177 @@
+"""Decoding steps in C over the StaticCache: a whole decoder layer (decode_layer_step) or its attention
+(decode_attention_step) for one new token per row in one call, where it applies (else the callers take the op-by-op
+path); and the one-query attention as two batched matmuls."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import MLP, RMSNorm
+from ..rope import rotate_half_split, rotate_interleaved
+from . import kernels
+from .cache import StaticCache
+from .linear import KERNEL_DTYPES, FastLinear, fused_ready, path_for
+from .quantization import QuantizedLinear
+
+
+def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False):
+    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos) for a C decoding step of this attention, or None where
+    it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's fp32 rotation), a
+    StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask of the plain
+    [B, 1, 1, K] form, not compiling. The contiguous cos/sin/mask are made once per step (the model passes the same
+    objects to every layer) and kept on the cache."""
+    b, s, _ = x.shape
+    dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
+    if torch.compiler.is_compiling() or s != 1 or not isinstance(cache, StaticCache) or not dtype_ok \
+            or x.device.type != "cpu" or attn.rotate not in (rotate_interleaved, rotate_half_split) \
+            or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
+            or not kernels.available():
+        return None
+    pos = cache.get_seq_length(attn.layer_idx)
+    step = getattr(cache, "step", None)
+    if step is None or step[0] is not cos_sin or step[1] is not mask or step[2] != pos:
+        cos, sin = cos_sin
+        half = attn.head_dim // 2
+        if cos.shape[-1] != half or cos.dtype != torch.float32 or (
+                mask is not None and tuple(mask.shape) != (b, 1, 1, pos + 1)):
+            return None
+        cos, sin = (t.expand(b, 1, half).reshape(b, half).contiguous() for t in (cos, sin))
+        flat_mask = None if mask is None else mask.reshape(b, pos + 1).contiguous()
+        cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos))
+    return step[3]
+
+
+def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache) -> torch.Tensor | None:
+    """Attention for one new token per row in one C call (kernels.attend: rotary, cache write, softmax attention)
+    instead of ~40 small PyTorch ops, or None where it does not apply (see _step_inputs)."""
+    inputs = _step_inputs(attn, x, cos_sin, mask, cache)
+    if inputs is None:
+        return None
+    cos, sin, flat_mask, pos = inputs
+    b = x.shape[0]
+    qkv = attn.fused_qkv.module(x).reshape(b, -1)
+    cache.reserve(attn.layer_idx, 1)
+    out = kernels.attend(qkv, attn.num_heads, attn.num_kv_heads, cos, sin, attn.rotate is rotate_interleaved,
+                         cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask, attn.scaling)
+    return attn.o_proj(out.view(b, 1, -1))
+
+
+def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
+    """A decoder layer for one new token per row in one C call (kernels.decode_layer), or None where it does not
+    apply: not the eager attention, the conditions of _step_inputs, RMSNorms, projections that are FastLinear or
+    QuantizedLinear with contiguous CPU weights, few enough rows for the gemv kernels and, for fp32 / bf16 weights,
+    the gemv kernel chosen for the layer's q/k/v at this many rows (linear.path_for). Returns (y, h): y the
+    layer's output for a dense SwiGLU MLP (h None), else y after attention and h the normed input of its MoE
+    block."""
+    attn = layer.self_attn
+    if (attn.training and attn.dropout) or attn.config.attn_implementation == "eager":  # eager: as Attention does
+        return None
+    inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
+    plan = None if inputs is None else _layer_plan(layer, x)
+    b = x.shape[0]
+    if plan is None or b > kernels.MAX_ROWS or (
+            plan.float_weight is not None and path_for(x, plan.float_weight) != "gemv"):
+        return None
+    cos, sin, flat_mask, pos = inputs
+    cache.reserve(attn.layer_idx, 1)
+    y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
+                                cache.values[attn.layer_idx], pos, flat_mask)
+    return y.view_as(x), None if plan.dense else h.view_as(x)
+
+
+class _LayerPlan:
+    """What decode_layer_step hands to C for one layer, and what it was made from: `links` (container, key,
+    object) and `ptrs` (tensor, data pointer) that must still hold for it to be valid."""
+
+    def __init__(self, layer, projections: list, found: list, dense: bool, dtype: torch.dtype):
+        attn = layer.self_attn
+        self.dtype = dtype
+        # biases handed over as fp32 copies: valid while not changed in place (views share the version counter)
+        self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
+        self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
+                                  attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
+                                  attn.scaling)
+        self.float_weight = found[0][0] if found[0][0].is_floating_point() else None  # q/k/v's, unquantized
+        self.dense = dense
+        paths = [("input_layernorm",), ("post_attention_layernorm",), ("self_attn", "o_proj"), (layer.mlp_name,)]
+        self.links = [(attn.__dict__, "fused_qkv", attn.fused_qkv)]
+        if dense:
+            paths.append((layer.mlp_name, "down_proj"))
+            mlp = getattr(layer, layer.mlp_name)
+            self.links.append((mlp.__dict__, "fused_gate_up", mlp.fused_gate_up))
+        for path in paths:
+            parent = layer
+            for name in path:
+                child = parent._modules[name]
+                self.links.append((parent._modules, name, child))
+                parent = child
+            if path[-1] != layer.mlp_name:
+                stores = (parent._parameters, parent._buffers)
+                self.links += [(store, k, t) for store in stores for k, t in store.items()]
+        tensors = [t for _, _, t in self.links if isinstance(t, torch.Tensor)]
+        tensors += [t for ts in found for t in ts if isinstance(t, torch.Tensor)]
+        self.ptrs = [(t, t.data_ptr()) for t in tensors]
+
+    def valid(self) -> bool:
+        return all(d.get(k) is obj for d, k, obj in self.links) and all(t.data_ptr() == p for t, p in self.ptrs) \
+            and all(t._version == v for t, v in self.copied)
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerPlan (not on the module: copies
+# and pickles of a model must not carry raw pointers)
+
+
+def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
+    """The layer's _LayerPlan, rebuilt when a module or tensor it was made from has been replaced, or None for a
+    layer decode_layer cannot run."""
+    plan = _PLANS.get(layer)
+    if plan is not None and plan.valid() and plan.dtype == x.dtype:
+        return plan
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if any(not isinstance(n, RMSNorm) or n.weight.dtype != x.dtype or not n.weight.is_contiguous()
+           or n.weight.shape[0] % 8 for n in norms):
+        return None
+    attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+    dense = isinstance(mlp, MLP) and fused_ready(mlp.fused_gate_up, x)
+    projections = [attn.fused_qkv.module, attn.o_proj] + ([mlp.fused_gate_up.module, mlp.down_proj] if dense else [])
+    found = [_mat_tensors(p) for p in projections]
+    weights = (torch.bfloat16,) if x.dtype == torch.bfloat16 else (torch.float32, torch.int8, torch.uint8)
+    if any(t is None or t[0].dtype not in weights for t in found) or any(p.in_features % 32 for p in projections):
+        return None
+    _PLANS[layer] = plan = _LayerPlan(layer, projections, found, dense, x.dtype)
+    return plan
+
+
+def _mat_tensors(module):
+    """(weight, scale, group size, fp32 bias) of a FastLinear / QuantizedLinear the decode kernels can read, else
+    None. A bf16 bias comes as an fp32 copy (the kernels add it in fp32, as FastLinear does)."""
+    bias = module.bias
+    if bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous():
+        bias = bias.float()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    if type(module) is FastLinear and module.weight.dtype in KERNEL_DTYPES and module.weight.is_contiguous() \
+            and module.weight.device.type == "cpu":
+        return module.weight, None, 0, bias
+    if type(module) is QuantizedLinear and module.qweight.is_contiguous() and module.qweight.device.type == "cpu":
+        return module.qweight, module.scale, module.group_size, bias
+    return None
+
+
+def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """One query per row against the cache, as two batched matmuls (on CPU several times faster than SDPA's flash
+    kernel for a single query; half precision computed in fp32). q [B, H, 1, D], k/v [B, Hkv, T, D],
+    mask [B, 1, 1, T] bool or None -> [B, H, 1, D]."""
+    b, h, _, d = q.shape
+    kv, dtype = k.shape[1], q.dtype
+    if dtype in (torch.bfloat16, torch.float16):  # half-precision matmuls are slow on CPUs without them
+        q, k, v = q.float(), k.float(), v.float()
+    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(2, 3)) * scaling  # [B, Hkv, G, T]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # [B, 1, 1, T] broadcasts over [B, Hkv, G, T]
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(weights, v).view(b, h, 1, d).to(dtype)

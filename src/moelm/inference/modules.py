@@ -1,0 +1,88 @@
+"""The fast modules: subclasses of the model's layers with the same parameters, swapped in by optimize(model)
+(their class changes, nothing else: state_dict, checkpoints and training see the same modules)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import MLP, Attention, DecoderLayer, RMSNorm
+from ..moe import Experts, needs_grad, sort_by_expert
+from . import kernels
+from .decode import decode_attention, decode_attention_step, decode_layer_step
+from .experts import each_expert
+from .linear import FastLinear, fuse_projections, fused_ready
+
+
+class FastRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and x.shape[-1] % 8 == 0 and kernels.usable(x, self.weight):
+            return kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # decode: one C pass
+        return super().forward(x)
+
+
+class FastMLP(MLP):
+    fused_gate_up = None  # fuse_projections sets it
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused_ready(self.fused_gate_up, x):
+            return tuple(self.fused_gate_up(x))
+        return super().gate_up(x)
+
+
+class FastAttention(Attention):
+    fused_qkv = None  # fuse_projections sets it
+
+    def forward(self, x, cos_sin, mask, cache, output_attentions: bool = False):
+        eager = output_attentions or self.config.attn_implementation == "eager"
+        if not eager and not (self.training and self.dropout):
+            out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step
+            if out is not None:
+                return out, None
+        return super().forward(x, cos_sin, mask, cache, output_attentions)
+
+    def qkv(self, x: torch.Tensor):
+        if fused_ready(self.fused_qkv, x):
+            return tuple(self.fused_qkv(x))
+        return super().qkv(x)
+
+    def attend(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        if q.shape[2] == 1 and q.device.type == "cpu" and not dropout:
+            return decode_attention(q, k, v, mask, self.scaling)
+        return super().attend(q, k, v, mask, dropout)
+
+
+class FastDecoderLayer(DecoderLayer):
+    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
+        step = None if output_attentions else decode_layer_step(self, x, cos_sin, mask, cache)  # one C call
+        if step is None:
+            return super().forward(x, cos_sin, mask, cache, output_attentions)
+        x, normed = step
+        if normed is None:  # the dense MLP was part of the call
+            return x, None, None
+        x, router_logits = self.feed_forward(x, normed)
+        return x, None, router_logits
+
+
+class FastExperts(Experts):
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """On CPU without gradients: the chosen experts one at a time (experts.each_expert)."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous() \
+                and not needs_grad(x, weights, gate_up, down):
+            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), lambda e: (gate_up[e], down[e]))
+        return super().forward(x, index, weights)
+
+
+FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLP: FastMLP, Attention: FastAttention,
+        DecoderLayer: FastDecoderLayer, Experts: FastExperts}
+
+
+def optimize(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """The fast modules in place of the model's (same parameters), then the fused projections."""
+    for module in model.modules():
+        fast = FAST.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+    if fuse:
+        fuse_projections(model)
+    return model

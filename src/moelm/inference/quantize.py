@@ -1,0 +1,108 @@
+"""Quantizing a model while it loads: which modules become int8/int4 (moelm's or bitsandbytes'), and where each
+checkpoint tensor goes."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from torch import nn
+
+from ..moe import Experts
+from . import bnb
+from .bnb import BnbExperts, BnbLinear
+from .quantization import (BitsAndBytesConfig, PackedLinear, QuantizationConfig, QuantizedExperts, QuantizedLinear,
+                           group_for)
+
+
+def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:
+    """from_pretrained's `quantization="int8"|"int4"` or `quantization_config=` (a QuantizationConfig, a
+    BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None. A BitsAndBytesConfig uses bitsandbytes when
+    the model goes to CUDA and bitsandbytes is installed, and moelm's own int8 / int4 otherwise (said on stderr)."""
+    if quantization is not None and quantization_config is not None:
+        raise ValueError("pass either quantization= or quantization_config=, not both")
+    spec = quantization if quantization is not None else quantization_config
+    if spec is None or isinstance(spec, QuantizationConfig):
+        if spec is not None and spec.backend == "bitsandbytes":
+            bnb.require()  # a clear ImportError now rather than while loading
+        return spec
+    if isinstance(spec, str):
+        return QuantizationConfig(spec)
+    if isinstance(spec, dict):
+        spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
+    if not (isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig"):
+        raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
+    four, eight = getattr(spec, "load_in_4bit", False), getattr(spec, "load_in_8bit", False)
+    if not (four or eight):
+        raise ValueError("BitsAndBytesConfig needs load_in_8bit=True or load_in_4bit=True")
+    mode, what = ("int4", "load_in_4bit") if four else ("int8", "load_in_8bit")
+    skip = tuple(getattr(spec, "llm_int8_skip_modules", None) or ())
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda and bnb.installed():
+        quant_type = getattr(spec, "bnb_4bit_quant_type", "fp4")
+        if four and getattr(spec, "bnb_4bit_use_double_quant", False):
+            print("moelm: bnb_4bit_use_double_quant is not applied (the 4-bit block maxima stay fp32)",
+                  file=sys.stderr)
+        print(f"moelm: BitsAndBytesConfig({what}=True) -> bitsandbytes "
+              f"{quant_type if four else 'LLM.int8'} weights", file=sys.stderr)
+        return QuantizationConfig(mode, modules_to_not_convert=skip, backend="bitsandbytes", quant_type=quant_type,
+                                  compute_dtype=getattr(spec, "bnb_4bit_compute_dtype", None),
+                                  llm_int8_threshold=getattr(spec, "llm_int8_threshold", 6.0))
+    why = "bitsandbytes is not installed" if cuda else "bitsandbytes is used for CUDA models only"
+    kind = "int4 weights (group size 64)" if four else "int8 weights (per-row scales)"
+    print(f"moelm: BitsAndBytesConfig({what}=True) -> moelm {kind}: {why}", file=sys.stderr)
+    return QuantizationConfig(mode, modules_to_not_convert=skip)
+
+
+_BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}
+
+
+def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
+    """Replace every nn.Linear (LM head included; routers are not Linear) and every Experts module by its quantized
+    form, on whatever device the model is (the meta device while loading: nothing is allocated twice)."""
+    device = next(model.parameters()).device
+    bnb = config.backend == "bitsandbytes"
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
+            if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
+                continue
+            if isinstance(child, nn.Linear) and bnb:
+                setattr(module, child_name, BnbLinear(child.in_features, child.out_features, child.bias is not None,
+                                                      config, dtype=child.weight.dtype, device=device))
+            elif isinstance(child, nn.Linear):
+                group = group_for(full, child.in_features, config)
+                setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
+                                                            child.bias is not None, config.mode, group,
+                                                            dtype=child.weight.dtype, device=device))
+            elif isinstance(child, Experts) and bnb:
+                setattr(module, child_name, BnbExperts(child, config))
+            elif isinstance(child, Experts):
+                _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
+                group = min(group_for(full, hidden, config), group_for(full, inter, config))
+                setattr(module, child_name, QuantizedExperts(child, config.mode, group))
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
+                                                                          PackedLinear):
+        model.quantized_tied_head = True  # lm_head is filled from the embedding after loading
+    model.quantization = config
+    return model
+
+
+def load_targets(model: nn.Module) -> dict[str, tuple]:
+    """Checkpoint names of quantized weights -> (module, stacked name or None, full [.., O, I] shape)."""
+    targets = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
+            targets[f"{prefix}weight"] = (module, None, module.weight_shape)
+        elif isinstance(module, QuantizedExperts):
+            for stacked, shape in module.shapes.items():
+                targets[f"{prefix}{stacked}"] = (module, stacked, shape)
+    return targets
+
+
+def fill_tied_head(model: nn.Module):
+    """A quantized lm_head tied to the embedding gets the embedding's weight (which stays unquantized)."""
+    if getattr(model, "quantized_tied_head", False):
+        model.lm_head.load_weight(model.get_input_embeddings().weight.data)
