@@ -41,3 +41,41 @@ def test_bytes_per_token_counts_quantized_weights_and_active_experts(tmp_path):
     assert fp32["bytes_per_token"] < fp32["bytes_total"]  # only top-k experts and no embedding gather
     assert 0.25 < int8["bytes_per_token"] / fp32["bytes_per_token"] < 0.32  # int8 + scales + fp32 norms
     assert 0.12 < int4["bytes_per_token"] / fp32["bytes_per_token"] < 0.22
+
+
+def test_bench_reports_the_cpu_and_the_paths_chosen():
+    result = bench.run(model="ernie-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
+                       repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, transformers=False, log=None)
+    assert result["cpu"].startswith(bench.cpu_model()) and "PyTorch capability" in result["cpu"]
+    assert result["paths"] and all(path in ("torch", "gemv", "onednn", "onednn_swap", "fp32_tiles")
+                                   for key, path in result["paths"].items() if key.startswith("linear|"))
+    section = bench.markdown_section(result)
+    assert "CPU: " in section and "Paths chosen on this CPU" in section
+
+
+def test_bench_peer_errors(monkeypatch):
+    from moelm import llamacpp
+
+    with pytest.raises(ValueError, match="no matching llama.cpp format for float16"):
+        bench.run(model="ernie-tiny", dtype="float16", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
+                  threads=1, decode_context=4, bandwidth_bytes=2**20, transformers=False, peer="llama.cpp", log=None)
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'moelm\[bench\]'"):
+        bench.run(model="ernie-tiny", dtype="float32", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
+                  threads=1, decode_context=4, bandwidth_bytes=2**20, transformers=False, peer="llama.cpp", log=None)
+    with pytest.raises(ValueError, match="unknown peer"):
+        bench.run(model="ernie-tiny", peer="vllm", log=None)
+
+
+def test_bench_with_llama_cpp_peer():
+    from moelm import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed (pip install 'moelm[bench]')")
+    result = bench.run(model="ernie4_5_moe-tiny", dtype="int4", prompt_lens=(16,), decode_tokens=2, batches=(1, 2),
+                       repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, peer="llama.cpp", log=None)
+    assert result["labels"] == ["moelm int4", "moelm float32", "llama.cpp q4_0"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["prefill 16 tok"]["llama.cpp q4_0"] > 0 and rows["decode b1"]["llama.cpp q4_0"] > 0
+    assert "llama.cpp q4_0" not in rows["decode b2"]  # batch-1 decode only
+    assert "| moelm int4 ÷ llama.cpp q4_0 |" in bench.table(result)

@@ -2,7 +2,10 @@
 
 Both libraries load the same random checkpoint (written once to a temporary directory) in the same dtype, live in
 the same process, and are measured alternately (moelm, transformers, moelm, ...); each figure is the median of the
-repeats, after one untimed warm-up per library. No downloads.
+repeats, after one untimed warm-up per library. No downloads. With `--peer llama.cpp` (the `bench` extra:
+llama-cpp-python and gguf) the same random weights are also written as GGUF in the matching format (float32 -> f32,
+bfloat16 -> bf16, int8 -> q8_0, int4 -> q4_0) and llama.cpp is timed in the same alternation (prefill, and decode at
+batch 1). Every run reports the CPU, its features and the path moelm chose for each op and shape.
 
     python benchmarks/run.py --model ernie-0.3b --dtype float32 --prompt-lens 256 --decode-tokens 16 --batches 1 8
     moelm bench --model ernie-21b-2l --dtype float32 --batches 1 --markdown docs/benchmarks.md
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -57,14 +59,9 @@ def peak_rss_bytes() -> int:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .inference import cpu
+
+    return cpu.info().model
 
 
 def machine_line(threads: int, device: str) -> str:
@@ -76,11 +73,9 @@ def machine_line(threads: int, device: str) -> str:
         tv = "not installed"
     ram = _meminfo("MemTotal")
     dev = cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
-    return (f"{dev}; {os.cpu_count()} cores, {threads} threads used; "
-            f"{ram / 2**30:.0f} GiB RAM; torch {torch.__version__}; transformers {tv}; "
-            f"{datetime.date.today().isoformat()}" if ram else
-            f"{dev}; {os.cpu_count()} cores, {threads} threads used; torch {torch.__version__}; transformers {tv}; "
-            f"{datetime.date.today().isoformat()}")
+    ram = f"{ram / 2**30:.0f} GiB RAM; " if ram else ""
+    return (f"{dev}; {os.cpu_count()} cores, {threads} threads used; {ram}torch {torch.__version__}; "
+            f"transformers {tv}; {datetime.date.today().isoformat()}")
 
 
 def _sync(device: torch.device):
@@ -206,8 +201,41 @@ def mean_kl(model, reference, vocab: int, device, prompts: int = 8, length: int 
 
 # ---------------------------------------------------------------- measurements
 
+PEER_FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # moelm dtype -> GGUF
+
+
+def load_peer(directory: str, dtype: str, threads: int, prompt_lens, decode_context: int, decode_tokens: int,
+              log) -> tuple[str, object]:
+    """(label, llamacpp.LlamaCppModel) of the checkpoint in `directory` written as GGUF in dtype's format."""
+    from . import llamacpp
+
+    check_peer(dtype)
+    ftype = PEER_FORMATS[dtype]
+    t = time.perf_counter()
+    path = llamacpp.write_gguf(directory, os.path.join(directory, f"model-{ftype}.gguf"), ftype)
+    log(f"wrote GGUF {ftype} in {time.perf_counter() - t:.1f} s; {llamacpp.build_info()}")
+    n_ctx = max(512, *prompt_lens, decode_context + decode_tokens + 4)
+    return f"llama.cpp {ftype}", llamacpp.LlamaCppModel(path, threads, n_ctx=n_ctx, n_batch=max(prompt_lens))
+
+
+def check_peer(dtype: str):
+    from . import llamacpp
+
+    if dtype not in PEER_FORMATS:
+        raise ValueError(f"--peer llama.cpp: no matching llama.cpp format for {dtype} "
+                         f"(formats: {', '.join(f'{k} -> {v}' for k, v in PEER_FORMATS.items())})")
+    if not llamacpp.available():
+        raise RuntimeError("--peer llama.cpp needs llama-cpp-python and gguf: pip install 'moelm[bench]'")
+
+
+def _is_peer(model) -> bool:
+    return type(model).__module__.endswith("llamacpp")
+
+
 @torch.inference_mode()
 def time_prefill(model, ids: torch.Tensor) -> float:
+    if _is_peer(model):
+        return model.prefill(ids[0].tolist())
     _sync(ids.device)
     t = time.perf_counter()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -219,7 +247,10 @@ def time_prefill(model, ids: torch.Tensor) -> float:
 def time_decode(model, ids: torch.Tensor, steps: int) -> float:
     """Seconds per decode step: prefill `ids` into the KV cache (untimed), one untimed step, then `steps` greedy
     single-token forwards with past_key_values, timed together. moelm models decode through their StaticCache
-    (what moelm's generate uses), transformers through its DynamicCache (what its generate uses)."""
+    (what moelm's generate uses), transformers through its DynamicCache (what its generate uses), llama.cpp (batch
+    1) through its own KV cache."""
+    if _is_peer(model):
+        return model.decode(ids[0].tolist(), steps)
     cache = None
     if type(model).__module__.startswith("moelm"):
         from .inference.cache import StaticCache
@@ -254,9 +285,15 @@ def _alternate(models: dict, fn, repeats: int) -> dict:
 def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), decode_tokens: int = 16,
         batches=(1, 8), repeats: int = 3, threads: int | None = None, transformers: bool = True,
         device: str = "cpu", decode_context: int = 64, bandwidth_bytes: int = 2**30, seed: int = 0,
-        log=print) -> dict:
-    """Benchmark one model/dtype; returns a dict with keys machine, model, dtype, threads, device, bandwidth,
-    weights, rss, labels (the two columns), kl (quantized runs) and rows (one per metric: name, unit, per label)."""
+        peer: str | None = None, log=print) -> dict:
+    """Benchmark one model/dtype; returns a dict with keys machine, cpu (the CPU's features), paths (the path moelm
+    chose for each op and shape), model, dtype, threads, device, bandwidth, weights, rss, labels (the columns: moelm
+    first), kl (quantized runs) and rows (one per metric: name, unit, per label). peer="llama.cpp" adds llama.cpp on
+    the same weights (batch-1 decode only)."""
+    if peer not in (None, "llama.cpp"):
+        raise ValueError(f"unknown peer {peer!r}; the peer is llama.cpp")
+    if peer:
+        check_peer(dtype)
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -271,6 +308,10 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         write_checkpoint(config, tmp, seed=seed)
         log(f"wrote random {model} checkpoint in {time.perf_counter() - t:.1f} s")
         models, rss = load_models(tmp, dtype, dev, transformers)
+        if peer:
+            before = rss_bytes()
+            label, models[label] = load_peer(tmp, dtype, threads, prompt_lens, decode_context, decode_tokens, log)
+            rss[label] = (rss_bytes() - before if before is not None else None, peak_rss_bytes())
     labels = list(models)
     weights = {label: bytes_per_token(m, config) for label, m in models.items() if label.startswith("moelm")}
     main = weights[labels[0]]
@@ -290,7 +331,8 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         log(_fmt_row(rows[-1], labels))
     for b in batches:
         ids = torch.randint(0, vocab, (b, decode_context), generator=g).to(dev)
-        med = _alternate(models, lambda m: time_decode(m, ids, decode_tokens), repeats)
+        decoders = {label: m for label, m in models.items() if b == 1 or not _is_peer(m)}
+        med = _alternate(decoders, lambda m: time_decode(m, ids, decode_tokens), repeats)
         rows.append(dict(name=f"decode b{b}", unit="tok/s", **{lib: b / s for lib, s in med.items()}))
         log(_fmt_row(rows[-1], labels))
         if b == 1:
@@ -300,7 +342,13 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
     rows.append(dict(name="RSS added by load", unit="MB",
                      **{lib: (d / 1e6 if d is not None else float("nan")) for lib, (d, _) in rss.items()}))
     rows.append(dict(name="peak RSS after load", unit="MB", **{lib: pk / 1e6 for lib, (_, pk) in rss.items()}))
-    return dict(machine=machine_line(threads, device), model=model, dtype=dtype, threads=threads, device=device,
+    from .inference import cpu
+
+    for m in models.values():
+        if _is_peer(m):
+            m.close()
+    return dict(machine=machine_line(threads, device), cpu=cpu.info().line(), paths=cpu.choices(used_only=True),
+                model=model, dtype=dtype, threads=threads, device=device,
                 bandwidth=bw, weights=main, rss=rss, rows=rows, labels=labels, kl=kl, decode_tokens=decode_tokens,
                 decode_context=decode_context, repeats=repeats)
 
@@ -320,25 +368,41 @@ def _fmt_row(r: dict, labels) -> str:
 
 
 def table(result: dict) -> str:
-    a_label, b_label = (result["labels"] + ["—"])[:2]
-    lines = [f"| metric | {a_label} | {b_label} | ratio |", "|---|---:|---:|---:|"]
+    """One column per label, then moelm's ratio to each other column (higher: moelm faster or bigger)."""
+    first, others = result["labels"][0], result["labels"][1:]
+    head = [first, *others] + [f"{first} ÷ {o}" for o in others]
+    lines = [f"| metric | {' | '.join(head)} |", "|---|" + "---:|" * len(head)]
     for r in result["rows"]:
-        a, b = r.get(a_label), r.get(b_label)
-        ratio = f"{a / b:.2f}×" if a is not None and b not in (None, 0) and a == a and b == b else "—"
-        lines.append(f"| {r['name']} ({r['unit']}) | {_num(a)} | {_num(b)} | {ratio} |")
+        a = r.get(first)
+        ratios = []
+        for o in others:
+            b = r.get(o)
+            ok = a is not None and b not in (None, 0) and a == a and b == b
+            ratios.append(f"{a / b:.2f}×" if ok else "—")
+        values = [_num(r.get(label)) for label in result["labels"]]
+        lines.append(f"| {r['name']} ({r['unit']}) | {' | '.join(values + ratios)} |")
     return "\n".join(lines)
+
+
+def paths_report(paths: dict[str, str]) -> str:
+    """The paths moelm chose, one line per op and shape: `op (x dtype, rows up to, out, in, ...) -> path`."""
+    return "\n".join(f"{entry.replace('|', ' ')} -> {path}" for entry, path in sorted(paths.items()))
 
 
 def markdown_section(result: dict) -> str:
     w = result["weights"]
     kl = "" if result["kl"] is None else (f" Mean KL divergence of next-token distributions vs fp32 (8 random "
                                           f"32-token prompts, every position): {result['kl']:.2e}.")
+    paths = paths_report(result.get("paths") or {})
+    paths = (f"\n<details><summary>Paths chosen on this CPU ({len(result['paths'])} op shapes)</summary>\n\n"
+             f"```\n{paths}\n```\n</details>\n") if paths else ""
     return (f"\n### {result['model']}, {result['dtype']}, {result['device']}\n\n"
             f"Machine: {result['machine']}  \n"
+            f"CPU: {result['cpu']}  \n"
             f"Streaming-read bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s (1 GiB fp32 `x.sum()`, best of 10). "
             f"{w['params_total'] / 1e6:.0f}M parameters, {w['bytes_per_token'] / 1e6:.0f} MB of weights read per "
             f"decoded token. Decode: {result['decode_tokens']} steps after a {result['decode_context']}-token "
-            f"context; median of {result['repeats']} alternating repeats.{kl}\n\n{table(result)}\n")
+            f"context; median of {result['repeats']} alternating repeats.{kl}\n\n{table(result)}\n{paths}")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -353,6 +417,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-transformers", action="store_true", help="measure moelm only")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--peer", default=None, choices=("llama.cpp",),
+                   help="also time llama.cpp (llama-cpp-python) on the same weights as GGUF in the matching format")
     p.add_argument("--markdown", default=None, help="append a section with the machine line and table to this file")
 
 
@@ -361,9 +427,11 @@ def main_from_args(args) -> int:
         raise RuntimeError(f"--device {args.device} requested but no CUDA GPU is available")
     result = run(model=args.model, dtype=args.dtype, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
                  batches=args.batches, repeats=args.repeats, threads=args.threads,
-                 transformers=not args.no_transformers, device=args.device, decode_context=args.decode_context)
-    print(f"\n{result['model']} {result['dtype']} — {result['machine']}\n")
+                 transformers=not args.no_transformers, device=args.device, decode_context=args.decode_context,
+                 peer=args.peer)
+    print(f"\n{result['model']} {result['dtype']} — {result['machine']}\nCPU: {result['cpu']}\n")
     print(table(result))
+    print(f"\npaths chosen:\n{paths_report(result['paths'])}")
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:
             f.write(markdown_section(result))

@@ -103,13 +103,18 @@ def _caches() -> dict[str, int]:
 # ---------------------------------------------------------------- choosing by measurement
 
 _CHOSEN: dict[str, str] = {}  # "op|key" -> path, for this CPU
+_USED: set[str] = set()  # the entries this process has taken
 _LOCK = threading.RLock()  # a candidate may itself choose (quantized experts -> expert_linear)
 _loaded = False
 
 
+def cache_dir() -> Path:
+    """Where compiled kernels and measured choices are kept: $MOELM_CACHE/kernels or ~/.cache/moelm/kernels."""
+    return Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm") / "kernels"
+
+
 def cache_file() -> Path:
-    root = Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm")
-    return root / "kernels" / f"choices-{info().key}.json"
+    return cache_dir() / f"choices-{info().key}.json"
 
 
 def _load():
@@ -185,7 +190,11 @@ def chosen(op: str, key: tuple) -> str | None:
     """The path already chosen for op and key on this CPU, or None (then call choose)."""
     if not _loaded:
         _load()
-    return _CHOSEN.get(f"{op}|{key}")
+    entry = f"{op}|{key}"
+    path = _CHOSEN.get(entry)
+    if path is not None:
+        _USED.add(entry)
+    return path
 
 
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
@@ -209,19 +218,21 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
                 if not force:
                     _save(entry, path)
         _CHOSEN[entry] = path
+        _USED.add(entry)
         return path
 
 
-def choices() -> dict[str, str]:
-    """Every choice made or loaded so far: "op|key" -> path (for the benchmark's report)."""
+def choices(used_only: bool = False) -> dict[str, str]:
+    """The choices made or loaded so far ("op|key" -> path), or only those this process has taken."""
     _load()
-    return dict(_CHOSEN)
+    return {k: v for k, v in _CHOSEN.items() if not used_only or k in _USED}
 
 
 def reset():
     """Forget the choices in memory and re-read MOELM_KERNELS (tests)."""
     global _loaded
     _CHOSEN.clear()
+    _USED.clear()
     _loaded = False
     forced.cache_clear()
 
