@@ -37,6 +37,9 @@ def test_generate_streams_the_same_text_as_the_python_api(tiny):
     expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert r.stdout.rstrip("\n") == expected.rstrip("\n")
     assert "Traceback" not in r.stderr
+    one = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
+                "--threads", "1")
+    assert one.returncode == 0 and one.stdout == r.stdout, one.stderr
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -117,6 +120,8 @@ def test_errors_with_a_model(tiny):
         assert r.returncode == 1 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
     r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "tpu")
     assert r.returncode == 1 and "unknown --device" in r.stderr
+    r = moelm("chat", "--model", str(tiny), "--threads", "0", stdin="/exit\n")
+    assert r.returncode == 1 and "--threads must be at least 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_pipeline_matches_transformers(tiny):

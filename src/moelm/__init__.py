@@ -1,4 +1,7 @@
 """moelm: ERNIE 4.5, ERNIE 4.5 MoE and PhiMoE in plain PyTorch, speaking the Hugging Face API."""
+from . import omp
+
+omp.choose()  # before torch is imported: libgomp reads its wait policy once  # noqa: E402
 from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
 from .generation import GenerationConfig

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                        help="quantize the weights while loading (weight-only int8 or int4)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads at most (default: all cores); decoding measures whether fewer are faster")
 
     def sampling_args(p):
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -99,6 +101,12 @@ def check_device(device: str):
 
 def load(args):
     device = check_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .auto import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
 

@@ -444,21 +444,36 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
     if cfg.num_beams > 1:
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
-    while True:
-        scores = process(logits, state, cfg)
-        if state.scores is not None:
-            state.scores.append(scores)
-        if state.logits is not None:
-            state.logits.append(logits)
-        tokens = select(scores, cfg.do_sample, generator)
-        if state.eos is not None:
-            tokens = torch.where(state.unfinished, tokens, state.pad)
-        advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))
-        state.unfinished &= ~stopped(state, state.input_ids)
-        yield tokens
-        if not bool(state.unfinished.any()):
-            return
-        logits = step(model, state)
+    step = tuned(step, state)
+    try:
+        while True:
+            scores = process(logits, state, cfg)
+            if state.scores is not None:
+                state.scores.append(scores)
+            if state.logits is not None:
+                state.logits.append(logits)
+            tokens = select(scores, cfg.do_sample, generator)
+            if state.eos is not None:
+                tokens = torch.where(state.unfinished, tokens, state.pad)
+            advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))
+            state.unfinished &= ~stopped(state, state.input_ids)
+            yield tokens
+            if not bool(state.unfinished.any()):
+                return
+            logits = step(model, state)
+    finally:
+        if hasattr(step, "restore"):
+            step.restore()
+
+
+def tuned(step: Callable, state: DecodeState) -> Callable:
+    """On CPU with several torch threads: the step under a ThreadTuner (the thread count measured while decoding,
+    so that a machine whose cores other processes use does not stall every step); otherwise the step itself."""
+    if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1:
+        return step
+    from .inference.threads import ThreadTuner
+
+    return ThreadTuner(step)
 
 
 def generate_tokens(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
@@ -499,61 +514,67 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
     beam_indices = running_indices.clone()
 
     logits = prefill(model, state)
-    while True:
-        log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
-        if state.scores is not None:
-            state.scores.append(log_probs.clone())
-        if state.logits is not None:
-            state.logits.append(logits.clone())
-        vocab = log_probs.shape[-1]
-        total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
+    step = tuned(step, state)
+    try:
+        while True:
+            log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
+            if state.scores is not None:
+                state.scores.append(log_probs.clone())
+            if state.logits is not None:
+                state.logits.append(logits.clone())
+            vocab = log_probs.shape[-1]
+            total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
 
-        # the best `keep` continuations over all beams
-        if cfg.do_sample:
-            top = torch.multinomial(total.softmax(-1), num_samples=keep)
-            top_scores = torch.gather(total, 1, top)
-        else:
-            top_scores, top = torch.topk(total, k=keep)
-        source = top // vocab  # [B, K] beam each continuation extends
-        top_indices = _gather(running_indices, source)
-        top_sequences = _gather(running, source)
-        top_sequences[:, :, cur_len] = top % vocab
-        top_indices[:, :, cur_len - prompt_len] = (source + torch.arange(batch, device=device)[:, None] * beams).int()
-        hits = stopped(state, top_sequences[:, :, :cur_len + 1].reshape(batch * keep, -1)).view(batch, keep)
+            # the best `keep` continuations over all beams
+            if cfg.do_sample:
+                top = torch.multinomial(total.softmax(-1), num_samples=keep)
+                top_scores = torch.gather(total, 1, top)
+            else:
+                top_scores, top = torch.topk(total, k=keep)
+            source = top // vocab  # [B, K] beam each continuation extends
+            top_indices = _gather(running_indices, source)
+            top_sequences = _gather(running, source)
+            top_sequences[:, :, cur_len] = top % vocab
+            beam_rows = source + torch.arange(batch, device=device)[:, None] * beams
+            top_indices[:, :, cur_len - prompt_len] = beam_rows.int()
+            hits = stopped(state, top_sequences[:, :, :cur_len + 1].reshape(batch * keep, -1)).view(batch, keep)
 
-        # the best unfinished continuations run on
-        open_scores = top_scores + hits.float() * -1.0e9
-        best = torch.topk(open_scores, k=beams).indices
-        running, running_scores = _gather(top_sequences, best), _gather(open_scores, best)
-        running_indices = _gather(top_indices, best)
+            # the best unfinished continuations run on
+            open_scores = top_scores + hits.float() * -1.0e9
+            best = torch.topk(open_scores, k=beams).indices
+            running, running_scores = _gather(top_sequences, best), _gather(open_scores, best)
+            running_indices = _gather(top_indices, best)
 
-        # finished continuations among the top `beams` join the finished hypotheses if they score better
-        just_finished = hits & top_beams[None]
-        done_scores = top_scores / ((cur_len + 1 - prompt_len) ** lp)
-        done_scores += (finished.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * -1.0e9
-        done_scores += (~improvable).float() * -1.0e9
-        done_scores += (~just_finished) * -1.0e9
-        merged = torch.topk(torch.cat((beam_scores, done_scores), dim=1), k=beams).indices
-        sequences = _gather(torch.cat((sequences, top_sequences), dim=1), merged)
-        beam_scores = _gather(torch.cat((beam_scores, done_scores), dim=1), merged)
-        beam_indices = _gather(torch.cat((beam_indices, top_indices), dim=1), merged)
-        finished = _gather(torch.cat((finished, just_finished), dim=1), merged)
+            # finished continuations among the top `beams` join the finished hypotheses if they score better
+            just_finished = hits & top_beams[None]
+            done_scores = top_scores / ((cur_len + 1 - prompt_len) ** lp)
+            done_scores += (finished.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * -1.0e9
+            done_scores += (~improvable).float() * -1.0e9
+            done_scores += (~just_finished) * -1.0e9
+            merged = torch.topk(torch.cat((beam_scores, done_scores), dim=1), k=beams).indices
+            sequences = _gather(torch.cat((sequences, top_sequences), dim=1), merged)
+            beam_scores = _gather(torch.cat((beam_scores, done_scores), dim=1), merged)
+            beam_indices = _gather(torch.cat((beam_indices, top_indices), dim=1), merged)
+            finished = _gather(torch.cat((finished, just_finished), dim=1), merged)
 
-        if state.cache is not None:
-            state.cache.reorder_cache(running_indices[..., cur_len - prompt_len].reshape(-1))
-        cur_len += 1
+            if state.cache is not None:
+                state.cache.reorder_cache(running_indices[..., cur_len - prompt_len].reshape(-1))
+            cur_len += 1
 
-        # can a running beam still beat the worst finished one? (early_stopping=False guesses from the current
-        # length, "never" from max_length when the length penalty favours long sequences)
-        hypothetical = max_len - prompt_len if cfg.early_stopping == "never" and lp > 0.0 else cur_len - prompt_len
-        best_running = running_scores[:, :1] / (hypothetical ** lp)
-        worst_done = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, -1.0e9)
-        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
-        all_done = bool(finished.all()) and cfg.early_stopping is True
-        if not bool(improvable.any()) or all_done or bool(hits.all()):
-            break
-        advance(state, running[:, :, :cur_len].reshape(rows, cur_len))
-        logits = step(model, state)
+            # can a running beam still beat the worst finished one? (early_stopping=False guesses from the current
+            # length, "never" from max_length when the length penalty favours long sequences)
+            hypothetical = max_len - prompt_len if cfg.early_stopping == "never" and lp > 0.0 else cur_len - prompt_len
+            best_running = running_scores[:, :1] / (hypothetical ** lp)
+            worst_done = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, -1.0e9)
+            improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
+            all_done = bool(finished.all()) and cfg.early_stopping is True
+            if not bool(improvable.any()) or all_done or bool(hits.all()):
+                break
+            advance(state, running[:, :, :cur_len].reshape(rows, cur_len))
+            logits = step(model, state)
+    finally:
+        if hasattr(step, "restore"):
+            step.restore()
 
     n = cfg.num_return_sequences
     sequences, beam_scores = sequences[:, :n].reshape(batch * n, -1), beam_scores[:, :n].reshape(-1)

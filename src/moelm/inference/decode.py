@@ -94,7 +94,7 @@ class _LayerPlan:
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
         self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
                                   attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
-                                  attn.scaling)
+                                  attn.scaling, min(p.in_features * p.out_features for p in projections))
         self.float_weight = found[0][0] if found[0][0].is_floating_point() else None  # q/k/v's, unquantized
         self.dense = dense
         paths = [("input_layernorm",), ("post_attention_layernorm",), ("self_attn", "o_proj"), (layer.mlp_name,)]

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
+from . import cpu
+
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
+GRAIN = 1 << 16  # multiply-adds (or elements) per OpenMP thread at least: smaller calls run on one thread
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _ONEDNN_OK: dict[tuple, bool] = {}
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm") / "kernels"
 
 
 def _compile() -> ctypes.CDLL | None:
@@ -37,8 +36,10 @@ def _compile() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     flags = " ".join([compiler, *FLAGS, *LIBS])
-    key = hashlib.sha256(source + flags.encode() + os.uname().machine.encode()).hexdigest()
-    target = _cache_dir() / key[:16] / "gemv.so"
+    # -march=native: a library built on one CPU is never loaded on another (a cache shared between machines)
+    machine = f"{os.uname().machine}|{cpu.info().model}|{' '.join(sorted(cpu.info().flags))}"
+    key = hashlib.sha256(source + flags.encode() + machine.encode()).hexdigest()
+    target = cpu.cache_dir() / key[:16] / "gemv.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -182,7 +183,7 @@ def _gemv(x, weight, scale, group_size, bias, select):
     srow = scale.shape[-1] if scale is not None and group_size else 1
     _FUNCTIONS[weight.dtype](x.data_ptr(), rows, features, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow,
                              group_size, _ptr(bias), _ptr(select), out_features, y.data_ptr(),
-                             torch.get_num_threads())
+                             threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
 
 
@@ -212,17 +213,20 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
     k, v = q + heads * d * 4, q + (heads + kv_heads) * d * 4
     _lib.attend_f32(q, k, v, qkv.stride(0), b, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), int(interleaved),
                     keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(mask),
-                    0 if mask is None else mask.stride(0), scale, out.data_ptr(), torch.get_num_threads())
+                    0 if mask is None else mask.stride(0), scale, out.data_ptr(), threads(b * heads * d * (pos + 1)))
     return out
 
 
 def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None, heads: int, kv_heads: int,
-          head_dim: int, interleaved: bool, scale: float) -> Layer:
+          head_dim: int, interleaved: bool, scale: float, work: int) -> Layer:
     """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), the projections (gate_up
-    and down None for an MoE layer); the caller keeps the tensors and Mats alive."""
+    and down None for an MoE layer), `work` the multiply-adds of its smallest projection per row (threads); the
+    caller keeps the tensors and Mats alive."""
     mats = [None if m is None else ctypes.pointer(m) for m in (qkv, o, gate_up, down)]
-    return Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,
+    spec = Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,
                  int(interleaved), scale)
+    spec.work = work
+    return spec
 
 
 def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -236,7 +240,7 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     y, h = torch.empty_like(x), torch.empty_like(x)
     fn = _lib.decode_layer_bf16 if x.dtype == torch.bfloat16 else _lib.decode_layer
     fn(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2],
-       pos, _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(), h.data_ptr(), torch.get_num_threads())
+       pos, _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(), h.data_ptr(), threads(b * spec.work))
     return y, h
 
 
@@ -251,10 +255,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.T
     out = torch.empty(*q.shape[:-1], features, dtype=torch.float32)
     if q.dtype == torch.uint8:
         lib.dequant_i4(q.data_ptr(), scale.data_ptr(), rows, features, group_size, out.data_ptr(),
-                       torch.get_num_threads())
+                       threads(rows * features))
     else:
-        lib.dequant_i8(q.data_ptr(), scale.data_ptr(), rows, features, out.data_ptr(), torch.get_num_threads())
+        lib.dequant_i8(q.data_ptr(), scale.data_ptr(), rows, features, out.data_ptr(), threads(rows * features))
     return out
+
+
+def threads(work: int) -> int:
+    """OpenMP threads for a call of `work` multiply-adds: torch's thread count, but never fewer than GRAIN per
+    thread. A parallel region costs a fork and a barrier; on a machine whose other cores are busy, each barrier can
+    wait for a descheduled thread, so small calls (tiny models, short decode steps) stay on one thread."""
+    return max(1, min(torch.get_num_threads(), work // GRAIN))
 
 
 def _ptr(t: torch.Tensor | None):

@@ -1,0 +1,68 @@
+"""The thread count of a stream of like steps (decoding), chosen by timing them as they run.
+
+On a machine whose cores other processes also use, an OpenMP barrier can wait a whole scheduler slice for a thread
+that was descheduled: with every core asked for, each parallel region of a decoding step may cost milliseconds,
+and fewer threads are then faster. The load comes and goes, so the count is measured while decoding, not fixed:
+the steps run at the current count, and now and then a few run at the neighbouring count (half, or double up to the
+most); the faster one stays. When the choice holds, the probes grow rarer (every 8, 16, ... 256 steps).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+PROBE = 3  # steps timed at the other count
+FIRST_PERIOD, LAST_PERIOD = 8, 256
+
+
+class ThreadTuner:
+    """Wraps a step function; each call runs it at the chosen torch thread count and times it. `most` (default:
+    torch's count now) is the upper bound; `restore()` puts torch's count back."""
+
+    def __init__(self, step: Callable, most: int | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.step, self.clock = step, clock
+        self.before = torch.get_num_threads()
+        self.most = most or self.before
+        self.current = self.most
+        self.period, self.left = FIRST_PERIOD, FIRST_PERIOD
+        self.recent: list[float] = []  # the last steps at `current`
+        self.trial: int | None = None  # the count being probed
+        self.trial_times: list[float] = []
+        self.down = True  # the direction of the next probe
+
+    def __call__(self, *args, **kwargs):
+        n = self.trial or self.current
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        start = self.clock()
+        out = self.step(*args, **kwargs)
+        self._record(self.clock() - start)
+        return out
+
+    def _record(self, seconds: float):
+        if self.trial is not None:
+            self.trial_times.append(seconds)
+            if len(self.trial_times) == PROBE:
+                self._decide()
+            return
+        self.recent = (self.recent + [seconds])[-PROBE:]
+        self.left -= 1
+        if self.left <= 0 and self.most > 1:
+            down = self.current > 1 and (self.down or self.current == self.most)
+            self.trial = self.current // 2 if down else min(2 * self.current, self.most)
+            self.down = not down
+            self.trial_times = []
+
+    def _decide(self):
+        better = statistics.median(self.trial_times) < 0.95 * statistics.median(self.recent)
+        if better:
+            self.current, self.period, self.recent = self.trial, FIRST_PERIOD, self.trial_times
+        else:
+            self.period = min(2 * self.period, LAST_PERIOD)
+        self.trial, self.left = None, self.period
+
+    def restore(self):
+        torch.set_num_threads(self.before)
