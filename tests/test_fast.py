@@ -414,9 +414,9 @@ def test_choose_measures_once_and_remembers(monkeypatch, tmp_path):
     cpu.reset()
     timed = []
 
-    def timer(fn):
-        timed.append(fn())
-        return {"a": 3.0, "b": 1.0, "torch": 2.0}[timed[-1]]
+    def timer(candidates):
+        timed.extend(fn() for fn in candidates.values())
+        return {name: {"a": 3.0, "b": 1.0, "torch": 2.0}[name] for name in candidates}
 
     candidates = {"a": lambda: "a", "b": lambda: "b", "torch": lambda: "torch"}
     assert cpu.choose("test", (1, 2), candidates, timer=timer) == "b" and len(timed) == 3
@@ -642,8 +642,8 @@ def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatc
 @pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
 def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch):
     """Decode steps of the RMSNorm families run each decoder layer as one kernels.decode_layer call (the dense
-    SwiGLU inside it, an MoE block after it) for up to 16 rows when the gemv kernel is the path chosen for the
-    projections (always for int8/int4; here forced for fp32), with padding.
+    SwiGLU inside it, an MoE block after it) for up to 16 rows when that is the path chosen for the layer (here
+    forced; forced the other way, the layer goes op by op), with padding.
     Each layer's step equals the same layer run op by op; whole decodes equal the op-by-op model (and in fp32 the
     reference path)."""
     model = load(family, quantization=mode) if mode else load(family)
@@ -667,13 +667,12 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
         fast = prefill_then_decode(model, ids, mask, new, cache)
         if batch <= limit:
             assert len(calls) == 4 * layers and sum(calls) == 4 * dense, f"decode_layer calls for {batch} rows"
-        if mode is None:  # with another path chosen for fp32 weights, the layer goes op by op
-            calls.clear()
-            with kernels_forced("linear=onednn"):
-                prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
-            assert not calls, f"{batch} rows: oneDNN chosen for the projections, yet decode_layer ran"
+        calls.clear()
+        with kernels_forced("decode_layer=torch"):  # the op-by-op layer chosen: no decode_layer call
+            prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
+        assert not calls, f"{batch} rows: the op-by-op layer was chosen, yet decode_layer ran"
         with monkeypatch.context() as m:
-            m.setattr(moelm.inference.modules, "decode_layer_step", lambda *a: None)
+            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         close(fast, per_op, rel, f"{family} {mode} batch {batch}: decode_layer vs op by op")
         if mode is None:
@@ -745,7 +744,7 @@ def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
         fast = prefill_then_decode(model, ids, mask, new, cache)
         assert calls == [torch.bfloat16] * 6 * layers
         with monkeypatch.context() as m:
-            m.setattr(moelm.inference.modules, "decode_layer_step", lambda *a: None)
+            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         assert torch.equal(fast.argmax(-1), per_op.argmax(-1))
         close(fast, per_op, 2e-2, f"{family} bf16 batch {batch}: decode_layer vs op by op")
@@ -1688,3 +1687,25 @@ def test_bitsandbytes_4bit_bf16_model_generates():
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     assert out.shape == (2, 10)
     assert model(ids, attention_mask=mask).logits.dtype == torch.bfloat16
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+def test_decode_layer_choice_measures_without_disturbing_the_cache(family, monkeypatch, tmp_path):
+    """The first decoding step of a layer shape times the one-call layer and the op-by-op layer (each on the real
+    step, the cache rewound after each) and takes the faster; the decode then equals the reference's exactly as a
+    forced one does, and the choice is remembered for the later steps."""
+    monkeypatch.setenv("MOELM_CACHE", str(tmp_path))
+    monkeypatch.delenv("MOELM_KERNELS", raising=False)
+    cpu.reset()
+    model, ref = load(family, fresh=True), load(family, fast=False)
+    ids, mask = prompts(batch=3, seq=7, pads=(2, 0, 4), seed=40)
+    new = torch.randint(3, VOCAB, (3, 4), generator=torch.Generator().manual_seed(41))
+    try:
+        measured = prefill_then_decode(model, ids, mask, new, static_cache(model, 3, 16))
+        made = {k: v for k, v in cpu.choices().items() if k.startswith("decode_layer|")}
+        assert made and set(made.values()) <= {"gemv", "torch"}
+        assert len(made) == (2 if family == "ernie4_5_moe" else 1)  # dense and MoE layers measured apart
+        close(measured, prefill_then_decode(ref, ids, mask, new, DynamicCache()), 1e-5, f"{family} measured")
+    finally:
+        cpu.reset()

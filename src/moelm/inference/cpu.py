@@ -174,15 +174,22 @@ def forced() -> dict[str, str]:
     return out
 
 
-def measure(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Seconds of one call: the best of `repeats` after one warm-up (other work on the machine only slows a call
-    down, so the best is the truest)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def measure(candidates: dict[str, Callable[[], object]], least: int = 3, most: int = 50,
+            span: float = 0.05) -> dict[str, float]:
+    """Seconds of one call of each candidate: the best over rounds that call every candidate once in turn (so that
+    a burst of other work on the machine slows them all alike), after one warm-up round; at least `least` rounds,
+    more until `span` seconds have gone by (at most `most`). Other work only slows a call down, so the best is the
+    truest."""
+    for fn in candidates.values():
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = dict.fromkeys(candidates, float("inf"))
+    start, rounds = time.perf_counter(), 0
+    while rounds < least or (rounds < most and time.perf_counter() - start < span):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+        rounds += 1
     return best
 
 
@@ -213,7 +220,7 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
         else:
             path = _CHOSEN.get(entry)
             if path not in candidates:
-                times = {name: timer(fn) for name, fn in candidates.items()} if len(candidates) > 1 else {}
+                times = timer(candidates) if len(candidates) > 1 else {}
                 path = min(times, key=times.get) if times else next(iter(candidates))
                 if not force:
                     _save(entry, path)

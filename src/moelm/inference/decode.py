@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from ..layers import MLP, RMSNorm
 from ..rope import rotate_half_split, rotate_interleaved
-from . import kernels
+from . import cpu, kernels
 from .cache import StaticCache
-from .linear import KERNEL_DTYPES, FastLinear, fused_ready, path_for
+from .linear import KERNEL_DTYPES, FastLinear, fused_ready
 from .quantization import QuantizedLinear
 
 
@@ -60,25 +60,34 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
 
 def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
     """A decoder layer for one new token per row in one C call (kernels.decode_layer), or None where it does not
-    apply: not the eager attention, the conditions of _step_inputs, RMSNorms, projections that are FastLinear or
-    QuantizedLinear with contiguous CPU weights, few enough rows for the gemv kernels and, for fp32 / bf16 weights,
-    the gemv kernel chosen for the layer's q/k/v at this many rows (linear.path_for). Returns (y, h): y the
-    layer's output for a dense SwiGLU MLP (h None), else y after attention and h the normed input of its MoE
-    block."""
+    apply (see layer_step). Returns (y, h): y the layer's output for a dense SwiGLU MLP (h None), else y after
+    attention and h the normed input of its MoE block."""
+    run = layer_step(layer, x, cos_sin, mask, cache)
+    return None if run is None else run()
+
+
+def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
+    """A function computing decode_layer_step's (y, h) in one C call, or None where it does not apply: not the
+    eager attention, the conditions of _step_inputs, RMSNorms, projections that are FastLinear or QuantizedLinear
+    with contiguous CPU weights, at most kernels.MAX_ROWS rows."""
     attn = layer.self_attn
     if (attn.training and attn.dropout) or attn.config.attn_implementation == "eager":  # eager: as Attention does
         return None
     inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
     plan = None if inputs is None else _layer_plan(layer, x)
     b = x.shape[0]
-    if plan is None or b > kernels.MAX_ROWS or (
-            plan.float_weight is not None and path_for(x, plan.float_weight) != "gemv"):
+    if plan is None or b > kernels.MAX_ROWS:
         return None
     cos, sin, flat_mask, pos = inputs
-    cache.reserve(attn.layer_idx, 1)
-    y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
-                                cache.values[attn.layer_idx], pos, flat_mask)
-    return y.view_as(x), None if plan.dense else h.view_as(x)
+
+    def run():
+        cache.reserve(attn.layer_idx, 1)
+        y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
+                                    cache.values[attn.layer_idx], pos, flat_mask)
+        return y.view_as(x), None if plan.dense else h.view_as(x)
+
+    run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, torch.get_num_threads())
+    return run
 
 
 class _LayerPlan:
@@ -95,7 +104,7 @@ class _LayerPlan:
         self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
                                   attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
                                   attn.scaling, min(p.in_features * p.out_features for p in projections))
-        self.float_weight = found[0][0] if found[0][0].is_floating_point() else None  # q/k/v's, unquantized
+        self.work = self.spec.work
         self.dense = dense
         paths = [("input_layernorm",), ("post_attention_layernorm",), ("self_attn", "o_proj"), (layer.mlp_name,)]
         self.links = [(attn.__dict__, "fused_qkv", attn.fused_qkv)]
