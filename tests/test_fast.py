@@ -1709,3 +1709,27 @@ def test_decode_layer_choice_measures_without_disturbing_the_cache(family, monke
         close(measured, prefill_then_decode(ref, ids, mask, new, DynamicCache()), 1e-5, f"{family} measured")
     finally:
         cpu.reset()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_quantized_linear_paths_agree(mode):
+    """Every path a QuantizedLinear can take gives the dequantized weight's product: PyTorch's matmul and (int8)
+    torch._weight_int8pack_mm to fp32 rounding, the gemv kernel within its int16 activation rounding."""
+    g = torch.Generator().manual_seed(7)
+    m = QuantizedLinear(64, 40, True, mode, 32)
+    with torch.no_grad():
+        m.load_weight(torch.randn(40, 64, generator=g))
+        m.bias.copy_(torch.randn(40, generator=g))
+    for rows in (1, 5, 16, 40):
+        x = torch.randn(rows, 64, generator=g)
+        want = F.linear(x, dequantize(m.qweight, m.scale, m.group_size), m.bias)
+        with torch.no_grad():
+            close(m._dense(x), want, 1e-6, f"{mode} torch")
+            if mode == "int8":
+                close(m._int8pack(x), want, 1e-5, "int8pack")
+            if rows <= kernels.MAX_ROWS:
+                close(m._gemv(x), want, 2e-4, f"{mode} gemv")
+            for forced in ("torch", "gemv"):
+                with kernels_forced(f"quantized={forced}"):
+                    close(m(x), want, 2e-4, f"{mode} forced {forced}")

@@ -10,6 +10,7 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -113,15 +114,14 @@ def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
 
 # ---------------------------------------------------------------- modules
 
-def _path(op: str, x: torch.Tensor, rows: int, shape, gemv, dense) -> bool:
-    """Whether the gemv kernel (gemv()) is the path chosen over dequantizing and PyTorch's matmul (dense()) for
-    this CPU, quantized op and shape (x's `rows` rows against a packed weight of `shape`)."""
+def _path(op: str, x: torch.Tensor, rows: int, shape, candidates: dict) -> str:
+    """The path chosen among `candidates` (name -> a call on the real inputs) for this CPU, quantized op and shape
+    (x's `rows` rows against a packed weight of `shape`)."""
     key = (str(x.dtype), cpu.rows_bucket(rows), *shape, torch.get_num_threads())
-    path = cpu.chosen(f"quantized.{op}", key) or cpu.choose(f"quantized.{op}", key, {"gemv": gemv, "torch": dense})
-    return path == "gemv"
+    return cpu.chosen(f"quantized.{op}", key) or cpu.choose(f"quantized.{op}", key, candidates)
 
 
-cpu.register("quantized", ("gemv", "torch"))
+cpu.register("quantized", ("gemv", "torch", "int8pack"))
 
 
 class PackedLinear(nn.Module):
@@ -167,13 +167,21 @@ class QuantizedLinear(PackedLinear):
         self.scale[rows] = s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The gemv kernel on the packed weight (few rows), or the weight dequantized to x's dtype and F.linear:
-        whichever was measured faster for this CPU and shape."""
-        gemv = kernels.usable(x, self.bias)
+        """Whichever was measured faster for this CPU and shape: the gemv kernel on the packed weight (few rows),
+        the weight dequantized to x's dtype and F.linear ("torch"), or for int8 on CPUs with AVX-512 PyTorch's
+        int8-weight matmul (torch._weight_int8pack_mm, the same products; ~36x slower than dequantizing on the
+        AVX2 EPYC, so not tried there)."""
         rows = x.numel() // x.shape[-1]
-        if gemv and _path(self.mode, x, rows, self.qweight.shape, lambda: self._gemv(x), lambda: self._dense(x)):
-            return self._gemv(x)
-        return self._dense(x)
+        paths = {"torch": self._dense}
+        if kernels.usable(x, self.bias):
+            paths["gemv"] = self._gemv
+        if self.mode == "int8" and x.device.type == "cpu" and cpu.info().has("avx512f") and \
+                x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
+            paths["int8pack"] = self._int8pack
+        if len(paths) == 1:
+            return self._dense(x)
+        path = _path(self.mode, x, rows, self.qweight.shape, {k: functools.partial(f, x) for k, f in paths.items()})
+        return paths[path](x)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -181,6 +189,11 @@ class QuantizedLinear(PackedLinear):
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.qweight, self.scale, self.group_size, x.dtype), self.bias)
+
+    def _int8pack(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class QuantizedExperts(nn.Module):
@@ -231,7 +244,7 @@ class QuantizedExperts(nn.Module):
         def dense() -> torch.Tensor:
             return each_expert(x, *sort_by_expert(index, weights, self.num_experts), dequantized)
 
-        if t * k <= 64 and kernels.usable(x[:1]) and _path(f"{self.mode}.experts", x, t * k, gq.shape, selected,
-                                                            dense):
+        if t * k <= 64 and kernels.usable(x[:1]) and _path(
+                f"{self.mode}.experts", x, t * k, gq.shape, {"gemv": selected, "torch": dense}) == "gemv":
             return selected()
         return dense()
