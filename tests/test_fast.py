@@ -1713,9 +1713,11 @@ def test_decode_layer_choice_measures_without_disturbing_the_cache(family, monke
 
 @needs_kernels
 @pytest.mark.parametrize("mode", ("int8", "int4"))
-def test_quantized_linear_paths_agree(mode):
-    """Every path a QuantizedLinear can take gives the dequantized weight's product: PyTorch's matmul and (int8)
+def test_quantized_linear_paths_agree(mode, monkeypatch):
+    """Every path a QuantizedLinear can take gives the dequantized weight's product: PyTorch's matmul, the tiles
+    dequantized into a reused buffer (16 rows a tile here: 3 tiles, the last short) and (int8)
     torch._weight_int8pack_mm to fp32 rounding, the gemv kernel within its int16 activation rounding."""
+    monkeypatch.setattr(quantization, "TILE_ROWS", 16)
     g = torch.Generator().manual_seed(7)
     m = QuantizedLinear(64, 40, True, mode, 32)
     with torch.no_grad():
@@ -1726,10 +1728,12 @@ def test_quantized_linear_paths_agree(mode):
         want = F.linear(x, dequantize(m.qweight, m.scale, m.group_size), m.bias)
         with torch.no_grad():
             close(m._dense(x), want, 1e-6, f"{mode} torch")
+            close(m._tiles(x), want, 1e-6, f"{mode} tiles")
+            close(m._tiles(x.bfloat16()).float(), want, 2e-2, f"{mode} tiles, bf16 activations")
             if mode == "int8":
                 close(m._int8pack(x), want, 1e-5, "int8pack")
             if rows <= kernels.MAX_ROWS:
                 close(m._gemv(x), want, 2e-4, f"{mode} gemv")
-            for forced in ("torch", "gemv"):
+            for forced in ("torch", "gemv", "tiles"):
                 with kernels_forced(f"quantized={forced}"):
                     close(m(x), want, 2e-4, f"{mode} forced {forced}")

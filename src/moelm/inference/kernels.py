@@ -244,15 +244,20 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return y, h
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """int8 q [..., O, I] (scale [..., O]) or int4 pairs [..., O, I/2] (scale [..., O, I/group_size]) -> fp32
-    [..., O, I], converted in parallel at memory speed (needs available())."""
+    [..., O, I] (written into `out`, contiguous fp32, if given), converted in parallel at memory speed (needs
+    available())."""
     _require()
     lib = library()
     q, scale = q.contiguous(), scale.contiguous()
     features = q.shape[-1] * (2 if q.dtype == torch.uint8 else 1)
     rows = q.numel() // q.shape[-1]
-    out = torch.empty(*q.shape[:-1], features, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(*q.shape[:-1], features, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != rows * features:
+        raise ValueError("dequantize: out must be a contiguous fp32 tensor of the weight's size")
     if q.dtype == torch.uint8:
         lib.dequant_i4(q.data_ptr(), scale.data_ptr(), rows, features, group_size, out.data_ptr(),
                        threads(rows * features))

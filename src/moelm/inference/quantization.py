@@ -11,6 +11,8 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,30 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torc
     return (n * scale[..., None].to(dtype)).reshape(*lead, o, half_i * 2)
 
 
+TILE_ROWS = 512  # weight rows dequantized at a time by the "tiles" path: a few MB, reused, kept in the caches
+_scratch = threading.local()
+
+
+def scratch(name: str, shape) -> torch.Tensor:
+    """A reused fp32 buffer of this thread (one per name, grown as needed): dequantized weights land in memory that
+    is already mapped and warm, instead of fresh pages each layer."""
+    n = math.prod(shape)
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32)
+        setattr(_scratch, name, buf)
+    return buf[:n].view(*shape)
+
+
+def dequantized(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype, name: str):
+    """dequantize() into the scratch buffer `name` (fp32), or a new tensor of another dtype or without kernels.
+    The result is valid until the next call with the same name."""
+    if dtype != torch.float32 or q.device.type != "cpu" or not kernels.available() or scale.dtype != torch.float32:
+        return dequantize(q, scale, group_size, dtype)
+    features = q.shape[-1] * (2 if q.dtype == torch.uint8 else 1)
+    return kernels.dequantize(q, scale, group_size, out=scratch(name, (*q.shape[:-1], features)))
+
+
 def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
     """The int4 group size for a weight with in_features inputs: the configured one, or 32 when it does not divide."""
     if in_features % 32:
@@ -121,7 +147,7 @@ def _path(op: str, x: torch.Tensor, rows: int, shape, candidates: dict) -> str:
     return cpu.chosen(f"quantized.{op}", key) or cpu.choose(f"quantized.{op}", key, candidates)
 
 
-cpu.register("quantized", ("gemv", "torch", "int8pack"))
+cpu.register("quantized", ("gemv", "torch", "tiles", "int8pack"))
 
 
 class PackedLinear(nn.Module):
@@ -175,6 +201,8 @@ class QuantizedLinear(PackedLinear):
         paths = {"torch": self._dense}
         if kernels.usable(x, self.bias):
             paths["gemv"] = self._gemv
+        if x.device.type == "cpu" and kernels.available() and not torch.is_grad_enabled():
+            paths["tiles"] = self._tiles
         if self.mode == "int8" and x.device.type == "cpu" and cpu.info().has("avx512f") and \
                 x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
             paths["int8pack"] = self._int8pack
@@ -189,6 +217,17 @@ class QuantizedLinear(PackedLinear):
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.qweight, self.scale, self.group_size, x.dtype), self.bias)
+
+    def _tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """TILE_ROWS weight rows at a time dequantized into a reused buffer and multiplied in fp32."""
+        xf = x.float()
+        outs = []
+        for r in range(0, self.out_features, TILE_ROWS):
+            w = dequantized(self.qweight[r:r + TILE_ROWS], self.scale[r:r + TILE_ROWS], self.group_size,
+                            torch.float32, "tile")
+            outs.append(F.linear(xf, w))
+        y = torch.cat(outs, dim=-1)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
     def _int8pack(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale.to(x.dtype))
@@ -237,12 +276,12 @@ class QuantizedExperts(nn.Module):
             h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
             return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
 
-        def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
-            return (dequantize(gq[e], gs[e], self.group_size, x.dtype), dequantize(dq[e], ds[e], self.group_size,
-                                                                                    x.dtype))
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
+            return (dequantized(gq[e], gs[e], self.group_size, x.dtype, "gate_up"),
+                    dequantized(dq[e], ds[e], self.group_size, x.dtype, "down"))
 
         def dense() -> torch.Tensor:
-            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), dequantized)
+            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
 
         if t * k <= 64 and kernels.usable(x[:1]) and _path(
                 f"{self.mode}.experts", x, t * k, gq.shape, {"gemv": selected, "torch": dense}) == "gemv":
