@@ -47,7 +47,7 @@ def test_bench_reports_the_cpu_and_the_paths_chosen():
     result = bench.run(model="ernie-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, transformers=False, log=None)
     assert result["cpu"].startswith(bench.cpu_model()) and "PyTorch capability" in result["cpu"]
-    assert result["paths"] and all(path in ("torch", "gemv", "onednn", "onednn_swap", "fp32_tiles")
+    assert result["paths"] and all(path in ("torch", "gemv", "gemm", "onednn", "onednn_swap", "fp32_tiles")
                                    for key, path in result["paths"].items() if key.startswith("linear|"))
     section = bench.markdown_section(result)
     assert "CPU: " in section and "Paths chosen on this CPU" in section

@@ -27,6 +27,7 @@ from torch import nn
 import moelm
 from moelm.inference import StaticCache, cpu, decode, kernels, quantization
 from moelm.inference import linear as linears
+from moelm.inference import matmul
 from moelm.layers import MLP, Attention, DynamicCache
 from moelm.moe import Experts
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
@@ -352,7 +353,7 @@ def test_gemv_select_matches_per_row_linear(fmt, rows, with_bias, threads):
 @needs_kernels
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 def test_linear_paths_agree(dtype):
-    """Every path linears.linear can choose gives F.linear's result (fp32 weights to 1e-5; half-precision ones to
+    """Every path matmul.linear can choose gives F.linear's result (fp32 weights to 1e-5; half-precision ones to
     one rounding of the output), for row counts on both sides of the kernel's limit and I not a multiple of 32;
     the gemv kernel is offered exactly for few rows, contiguous fp32/bf16 weights and I % 32 == 0."""
     g = torch.Generator().manual_seed(0)
@@ -361,12 +362,13 @@ def test_linear_paths_agree(dtype):
         for rows in (1, 8, 9, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40, 300):
             x = torch.randn(rows, features, generator=g).to(dtype)
             want = F.linear(x.float(), w.float(), b.float())
-            paths = linears.paths(x, w)
+            paths = matmul.paths(x, w)
             assert "torch" in paths and ("fp32_tiles" in paths) == (dtype != torch.float32)
+            assert ("gemm" in paths) == (dtype == torch.float32)
             assert ("gemv" in paths) == (rows <= kernels.MAX_ROWS and features % 32 == 0 and dtype != torch.float16)
             for path in paths:
                 with torch.no_grad():
-                    got = linears.PATHS[path](x, w, b)
+                    got = matmul.PATHS[path](x, w, b)
                 assert got.dtype == dtype and got.shape == want.shape, path
                 rel = 1e-5 if dtype == torch.float32 else 2.0**-7
                 close(got, want, rel, f"{path} {rows} rows, I={features}, {dtype}")
@@ -374,7 +376,7 @@ def test_linear_paths_agree(dtype):
 
 @needs_kernels
 def test_linear_takes_the_chosen_or_forced_path(monkeypatch, tmp_path):
-    """linears.linear measures the paths once per shape bucket and then takes the one chosen; MOELM_KERNELS forces a
+    """matmul.linear measures the paths once per shape bucket and then takes the one chosen; MOELM_KERNELS forces a
     path where it applies and PyTorch's op elsewhere; an unknown op or path is an error naming it."""
     monkeypatch.setenv("MOELM_CACHE", str(tmp_path))
     calls = []
@@ -385,25 +387,25 @@ def test_linear_takes_the_chosen_or_forced_path(monkeypatch, tmp_path):
     x = torch.randn(3, 64, generator=g)
     with torch.no_grad():
         cpu.reset()
-        close(linears.linear(x, w, b), F.linear(x, w, b), 1e-5, "measured")
-        chosen = linears.path_for(x, w, b)
-        assert chosen in linears.paths(x, w) and cpu.cache_file().is_file()
+        close(matmul.linear(x, w, b), F.linear(x, w, b), 1e-5, "measured")
+        chosen = matmul.path_for(x, w, b)
+        assert chosen in matmul.paths(x, w) and cpu.cache_file().is_file()
         assert any(v == chosen for k, v in cpu.choices().items() if k.startswith("linear|"))
         with kernels_forced("linear=gemv"):
             calls.clear()
-            close(linears.linear(x, w, b), F.linear(x, w, b), 1e-5, "forced gemv")
+            close(matmul.linear(x, w, b), F.linear(x, w, b), 1e-5, "forced gemv")
             assert calls, "3 rows forced onto gemv"
             calls.clear()
             x40 = torch.randn(40, 64, generator=g)
-            close(linears.linear(x40, w, b), F.linear(x40, w, b), 1e-5, "forced gemv, 40 rows")
-            assert not calls and linears.path_for(x40, w, b) == "torch", "40 rows: gemv does not apply, PyTorch's op"
+            close(matmul.linear(x40, w, b), F.linear(x40, w, b), 1e-5, "forced gemv, 40 rows")
+            assert not calls and matmul.path_for(x40, w, b) == "torch", "40 rows: gemv does not apply, PyTorch's op"
         with kernels_forced("torch"):
             calls.clear()
-            linears.linear(x, w, b)
-            assert not calls and linears.path_for(x, w, b) == "torch"
+            matmul.linear(x, w, b)
+            assert not calls and matmul.path_for(x, w, b) == "torch"
         for bad, what in (("linear=fast", "'fast'"), ("lineaar=gemv", "'lineaar'"), ("gemvv", "'gemvv'")):
             with kernels_forced(bad), pytest.raises(ValueError, match=what):
-                linears.linear(x, w, b)
+                matmul.linear(x, w, b)
 
 
 def test_choose_measures_once_and_remembers(monkeypatch, tmp_path):
@@ -1416,7 +1418,7 @@ def test_bf16_fast_matches_reference(family):
 
 @pytest.mark.parametrize("rows", (3, 17, 40))
 def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
-    monkeypatch.setattr(linears, "TILE_ROWS", 5)
+    monkeypatch.setattr(matmul, "TILE_ROWS", 5)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(37, 64, generator=g).to(torch.bfloat16)
     b = torch.randn(37, generator=g).to(torch.bfloat16)
@@ -1424,11 +1426,11 @@ def test_tiled_bf16_linear_equals_fp32_linear(rows, monkeypatch):
     with torch.no_grad():
         for bias in (None, b):
             ref = F.linear(x, w.float(), None if bias is None else bias.float())
-            y = linears.linear(x, w, bias)
+            y = matmul.linear(x, w, bias)
             assert y.dtype == torch.float32 and y.shape == (2, rows, 37)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
             # bf16 activations: the same up to the final rounding to bf16
-            yb = linears.linear(x.to(torch.bfloat16), w, bias)
+            yb = matmul.linear(x.to(torch.bfloat16), w, bias)
             assert yb.dtype == torch.bfloat16
             refb = F.linear(x.to(torch.bfloat16).float(), w.float(), None if bias is None else bias.float())
             torch.testing.assert_close(yb.float(), refb.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
@@ -1737,3 +1739,20 @@ def test_quantized_linear_paths_agree(mode, monkeypatch):
             for forced in ("torch", "gemv", "tiles"):
                 with kernels_forced(f"quantized={forced}"):
                     close(m(x), want, 2e-4, f"{mode} forced {forced}")
+
+
+@needs_kernels
+def test_gemm_matches_linear_for_every_edge():
+    """csrc/gemm.c against float64 F.linear: rows not a multiple of its 16-row panels, outputs not a multiple of its
+    6-row tiles, inputs across and not a multiple of its 768-wide k blocks; with and without bias; the result a view
+    of its transposed buffer that the next layer can take as is."""
+    g = torch.Generator().manual_seed(9)
+    for rows, out, inp in ((1, 5, 7), (7, 13, 300), (16, 6, 768), (37, 50, 1700), (300, 97, 96)):
+        x, w, b = (torch.randn(*shape, generator=g) for shape in ((rows, inp), (out, inp), (out,)))
+        for bias in (None, b):
+            y = kernels.gemm(x, w, bias)
+            want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            assert y.shape == (rows, out)
+            close(y, want, 1e-6, f"gemm {rows}x{inp} @ {out}x{inp}")
+    y3 = kernels.gemm(torch.randn(2, 9, 64, generator=g), torch.randn(40, 64, generator=g))
+    assert y3.shape == (2, 9, 40) and torch.isfinite(kernels.gemm(y3, torch.randn(8, 40, generator=g))).all()

@@ -15,7 +15,7 @@ from moelm.moe import Experts
 
 E, H, I = 12, 64, 32
 EMPTY = (3, 7, 10)  # experts no token picks
-PATHS = ("gemv", "onednn", "plain", "fp32", "grad", "grouped_mm")
+PATHS = ("gemv", "onednn", "plain", "fp32", "gemm", "grad", "grouped_mm")
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def run(path: str, ex: Experts, x, index, weights, monkeypatch):
     """Experts.forward forced onto one path; the grad path also returns the gradients."""
     if path == "gemv" and not kernels.available():
         pytest.skip("no C compiler for the decode kernels")
-    forced = {"gemv": "gemv", "onednn": "onednn_swap", "plain": "torch", "fp32": "fp32"}.get(path)
+    forced = {"gemv": "gemv", "onednn": "onednn_swap", "plain": "torch", "fp32": "fp32", "gemm": "gemm"}.get(path)
     if forced:  # that path for every expert where it applies, PyTorch's op elsewhere
         monkeypatch.setenv("MOELM_KERNELS", f"experts={forced}")
         cpu.reset()
@@ -142,6 +142,7 @@ def test_expert_linear_paths_agree():
                 w = torch.randn(72, features, generator=g).to(dtype)
                 paths = experts.paths(x, w)
                 assert "torch" in paths and ("fp32" in paths) == (dtype != torch.float32)
+                assert ("gemm" in paths) == (dtype == torch.float32 and kernels.available())
                 assert ("gemv" in paths) == (rows <= kernels.MAX_ROWS and features % 32 == 0 and kernels.available())
                 want = F.linear(x.float(), w.float())
                 for path in paths:

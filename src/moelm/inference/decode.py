@@ -12,7 +12,8 @@ from ..layers import MLP, RMSNorm
 from ..rope import rotate_half_split, rotate_interleaved
 from . import cpu, kernels
 from .cache import StaticCache
-from .linear import KERNEL_DTYPES, FastLinear, fused_ready
+from .linear import FastLinear, fused_ready
+from .matmul import KERNEL_DTYPES
 from .quantization import QuantizedLinear
 
 

@@ -11,6 +11,7 @@ from . import cpu, kernels
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous; by the path chosen for this
     CPU and shape: PyTorch's F.linear, the gemv kernel for few rows (w read once at close to memory bandwidth),
+    csrc/gemm.c,
     oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear for the
     tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
     op = "experts" if w.dtype == torch.float32 else f"experts.{str(w.dtype).removeprefix('torch.')}"
@@ -30,6 +31,8 @@ def paths(x: torch.Tensor, w: torch.Tensor) -> list[str]:
         out.append("onednn_swap")
     if w.dtype in (torch.bfloat16, torch.float16):
         out.append("fp32")
+    if x.dtype == w.dtype == torch.float32 and kernels.available():
+        out.append("gemm")
     return out
 
 
@@ -40,7 +43,7 @@ def _fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-PATHS = {"torch": F.linear, "gemv": lambda x, w: kernels.gemv(x, w).to(x.dtype),
+PATHS = {"torch": F.linear, "gemv": lambda x, w: kernels.gemv(x, w).to(x.dtype), "gemm": kernels.gemm,
          "onednn_swap": lambda x, w: kernels.onednn_linear(x, w, swap=True), "fp32": _fp32}
 cpu.register("experts", PATHS)
 

@@ -1,4 +1,4 @@
-"""CPU matrix-vector kernels for decoding (csrc/gemv.c), compiled on first use with the system C compiler.
+"""CPU kernels (csrc/gemv.c for decoding, csrc/gemm.c for prefill), compiled on first use with the system C compiler.
 
 PyTorch's CPU kernels for one row of activations read fp32/bf16 weights at ~60-70% of memory bandwidth and int8/int4
 weights far slower (`_weight_int8pack_mm` needs bf16 activations, `_weight_int4pack_mm_for_cpu` is compute-bound).
@@ -21,7 +21,7 @@ import torch
 
 from . import cpu
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
@@ -34,7 +34,7 @@ def _compile() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     flags = " ".join([compiler, *FLAGS, *LIBS])
     # -march=native: a library built on one CPU is never loaded on another (a cache shared between machines)
     machine = f"{os.uname().machine}|{cpu.info().model}|{' '.join(sorted(cpu.info().flags))}"
@@ -44,10 +44,11 @@ def _compile() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / "gemv.so"
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBS], capture_output=True,
-                                    text=True)
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), *LIBS],
+                                    capture_output=True, text=True)
             if result.returncode != 0:
-                warnings.warn(f"moelm: could not compile {SOURCE.name} with {compiler} (falling back to PyTorch "
+                warnings.warn(f"moelm: could not compile {', '.join(p.name for p in SOURCES)} with {compiler} "
+                              f"(falling back to PyTorch "
                               f"kernels): {result.stderr.strip()[:500]}")
                 return None
             os.replace(built, target)  # atomic: concurrent processes see the whole library or none
@@ -57,6 +58,8 @@ def _compile() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
         fn.restype = None
+    lib.gemm_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.gemm_f32.restype = None
     lib.dequant_i8.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i4.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i8.restype = lib.dequant_i4.restype = None
@@ -185,6 +188,20 @@ def _gemv(x, weight, scale, group_size, bias, select):
                              group_size, _ptr(bias), _ptr(select), out_features, y.data_ptr(),
                              threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 x [..., I] @ weight [O, I].T (+ fp32 bias [O]) -> [..., O] with csrc/gemm.c (for many rows: prefill);
+    weight and bias contiguous."""
+    _require()
+    shape = x.shape
+    x = x.reshape(-1, shape[-1]).contiguous()
+    rows, features, out_features = x.shape[0], shape[-1], weight.shape[0]
+    padded = -(-rows // 16) * 16
+    yt = torch.empty(out_features, padded, dtype=torch.float32)  # y transposed (gemm.c's layout)
+    _lib.gemm_f32(x.data_ptr(), rows, features, weight.data_ptr(), out_features, _ptr(bias), yt.data_ptr(),
+                  threads(rows * features * out_features))
+    return yt[:, :rows].T.reshape(*shape[:-1], out_features)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from ..moe import sort_by_expert
 from . import cpu, kernels
 from .experts import each_expert
+from .matmul import linear
 
 MODES = ("int8", "int4")
 
@@ -219,13 +220,14 @@ class QuantizedLinear(PackedLinear):
         return F.linear(x, dequantize(self.qweight, self.scale, self.group_size, x.dtype), self.bias)
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """TILE_ROWS weight rows at a time dequantized into a reused buffer and multiplied in fp32."""
+        """TILE_ROWS weight rows at a time dequantized into a reused buffer and multiplied in fp32 (by the path
+        chosen for the tile's shape)."""
         xf = x.float()
         outs = []
         for r in range(0, self.out_features, TILE_ROWS):
             w = dequantized(self.qweight[r:r + TILE_ROWS], self.scale[r:r + TILE_ROWS], self.group_size,
                             torch.float32, "tile")
-            outs.append(F.linear(xf, w))
+            outs.append(linear(xf, w, None))
         y = torch.cat(outs, dim=-1)
         return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
