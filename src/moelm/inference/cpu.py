@@ -113,8 +113,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOELM_CACHE") or Path.home() / ".cache" / "moelm") / "kernels"
 
 
+@functools.cache
+def _code_key() -> str:
+    """A hash of the inference code (Python and C): new code, new candidates, so choices are measured anew."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*here.glob("*.py"), *here.glob("csrc/*.c")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def cache_file() -> Path:
-    return cache_dir() / f"choices-{info().key}.json"
+    return cache_dir() / f"choices-{info().key}-{_code_key()}.json"
 
 
 def _load():
