@@ -120,6 +120,8 @@ def test_errors_with_a_model(tiny):
         assert r.returncode == 1 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
     r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "tpu")
     assert r.returncode == 1 and "unknown --device" in r.stderr
+    r = moelm("generate", "--model", str(tiny), "--prompt", "x", env=dict(ENV, MOELM_KERNELS="linear=fastest"))
+    assert r.returncode == 1 and "MOELM_KERNELS asks for 'fastest'" in r.stderr and "Traceback" not in r.stderr
     r = moelm("chat", "--model", str(tiny), "--threads", "0", stdin="/exit\n")
     assert r.returncode == 1 and "--threads must be at least 1" in r.stderr and "Traceback" not in r.stderr
 

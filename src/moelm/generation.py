@@ -7,6 +7,8 @@ Small pieces: GenerationConfig; logits processors and token selection; `prefill`
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import dataclasses
 import json
@@ -444,8 +446,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
     if cfg.num_beams > 1:
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
-    step = tuned(step, state)
-    try:
+    with tuned(step, state) as step:
         while True:
             scores = process(logits, state, cfg)
             if state.scores is not None:
@@ -461,19 +462,23 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
             if not bool(state.unfinished.any()):
                 return
             logits = step(model, state)
-    finally:
-        if hasattr(step, "restore"):
-            step.restore()
 
 
-def tuned(step: Callable, state: DecodeState) -> Callable:
+@contextlib.contextmanager
+def tuned(step: Callable, state: DecodeState):
     """On CPU with several torch threads: the step under a ThreadTuner (the thread count measured while decoding,
-    so that a machine whose cores other processes use does not stall every step); otherwise the step itself."""
+    so that a machine whose cores other processes use does not stall every step), torch's count restored after;
+    otherwise the step itself."""
     if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1:
-        return step
+        yield step
+        return
     from .inference.threads import ThreadTuner
 
-    return ThreadTuner(step)
+    tuner = ThreadTuner(step)
+    try:
+        yield tuner
+    finally:
+        tuner.restore()
 
 
 def generate_tokens(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
@@ -514,8 +519,7 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
     beam_indices = running_indices.clone()
 
     logits = prefill(model, state)
-    step = tuned(step, state)
-    try:
+    with tuned(step, state) as step:
         while True:
             log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
             if state.scores is not None:
@@ -572,9 +576,6 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
                 break
             advance(state, running[:, :, :cur_len].reshape(rows, cur_len))
             logits = step(model, state)
-    finally:
-        if hasattr(step, "restore"):
-            step.restore()
 
     n = cfg.num_return_sequences
     sequences, beam_scores = sequences[:, :n].reshape(batch * n, -1), beam_scores[:, :n].reshape(-1)

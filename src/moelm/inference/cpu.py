@@ -2,8 +2,8 @@
 
 `info()` reads the CPU's features from /proc/cpuinfo and torch.backends.cpu.get_cpu_capability(), its caches from
 sysfs. `choose(op, key, candidates)` times each candidate once on the real inputs, keeps the fastest, and remembers
-it per CPU in the kernel cache directory (choices.json beside the compiled kernels): the same machine never measures
-the same shape twice. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere), "gemv" (that path
+it per CPU and version of this code in the kernel cache directory (choices-*.json beside the compiled kernels): the
+same machine never measures the same shape twice. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere), "gemv" (that path
 wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CpuInfo:
     def line(self) -> str:
         caches = ", ".join(f"{name} {_size(n)}" for name, n in self.caches.items())
         return (f"{self.model} ({self.vendor}); {self.cores} cores; PyTorch capability {self.capability}; "
-                f"features {' '.join(self.features) or 'none of ' + '/'.join(FEATURES[:2])}"
+                f"features {' '.join(self.features) or 'none listed'}"
                 + (f"; caches {caches}" if caches else ""))
 
 
@@ -102,8 +102,8 @@ def _caches() -> dict[str, int]:
 
 # ---------------------------------------------------------------- choosing by measurement
 
-_CHOSEN: dict[str, str] = {}  # "op|key" -> path, for this CPU
-_USED: set[str] = set()  # the entries this process has taken
+_CHOSEN: dict[tuple, str] = {}  # (op, key) -> path: what this process has taken
+_FILE: dict[str, str] = {}  # "op|key" -> path: what this CPU chose before (cache_file), looked up on a miss
 _LOCK = threading.RLock()  # a candidate may itself choose (quantized experts -> expert_linear)
 _loaded = False
 
@@ -136,7 +136,7 @@ def _load():
     if forced():
         return
     try:
-        _CHOSEN.update(json.loads(cache_file().read_text()))
+        _FILE.update(json.loads(cache_file().read_text()))
     except (OSError, ValueError):
         pass
 
@@ -204,13 +204,15 @@ def measure(candidates: dict[str, Callable[[], object]], least: int = 3, most: i
 
 
 def chosen(op: str, key: tuple) -> str | None:
-    """The path already chosen for op and key on this CPU, or None (then call choose)."""
-    if not _loaded:
-        _load()
-    entry = f"{op}|{key}"
-    path = _CHOSEN.get(entry)
-    if path is not None:
-        _USED.add(entry)
+    """The path already chosen for op and key on this CPU, or None (then call choose). The hot path: one dict
+    lookup once the entry is known to this process."""
+    path = _CHOSEN.get((op, key))
+    if path is None:
+        if not _loaded:
+            _load()
+        path = _FILE.get(f"{op}|{key}")
+        if path is not None:
+            _CHOSEN[(op, key)] = path
     return path
 
 
@@ -220,36 +222,40 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
     remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
     is taken where it is a candidate, PyTorch's op where it is not; nothing is measured or written then."""
     force = forced()
-    family = op.split(".")[0]
-    want = force.get(family, force.get("*"))
+    want = force.get(op.split(".")[0], force.get("*"))
     entry = f"{op}|{key}"
     with _LOCK:
         _load()
         if want is not None:
             path = want if want in candidates else "torch"
         else:
-            path = _CHOSEN.get(entry)
+            path = _FILE.get(entry)
             if path not in candidates:
                 times = timer(candidates) if len(candidates) > 1 else {}
                 path = min(times, key=times.get) if times else next(iter(candidates))
-                if not force:
-                    _save(entry, path)
-        _CHOSEN[entry] = path
-        _USED.add(entry)
+                _FILE[entry] = path
+                _save(entry, path)
+        _CHOSEN[(op, key)] = path
         return path
 
 
+def pick(op: str, key: tuple, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+    """chosen(op, key), or else choose among candidates() (built only then)."""
+    return chosen(op, key) or choose(op, key, candidates())
+
+
 def choices(used_only: bool = False) -> dict[str, str]:
-    """The choices made or loaded so far ("op|key" -> path), or only those this process has taken."""
+    """The choices known to this CPU ("op|key" -> path), or only those this process has taken."""
     _load()
-    return {k: v for k, v in _CHOSEN.items() if not used_only or k in _USED}
+    taken = {f"{op}|{key}": path for (op, key), path in _CHOSEN.items()}
+    return taken if used_only else {**_FILE, **taken}
 
 
 def reset():
     """Forget the choices in memory and re-read MOELM_KERNELS (tests)."""
     global _loaded
     _CHOSEN.clear()
-    _USED.clear()
+    _FILE.clear()
     _loaded = False
     forced.cache_clear()
 

@@ -8,17 +8,15 @@ import torch.nn.functional as F
 
 from . import cpu, kernels
 
+
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous; by the path chosen for this
     CPU and shape: PyTorch's F.linear, the gemv kernel for few rows (w read once at close to memory bandwidth),
-    csrc/gemm.c,
-    oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear for the
+    csrc/gemm.c, oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear for the
     tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
     op = "experts" if w.dtype == torch.float32 else f"experts.{str(w.dtype).removeprefix('torch.')}"
     key = (str(x.dtype), cpu.rows_bucket(x.shape[0]), *w.shape, torch.get_num_threads())
-    path = cpu.chosen(op, key)
-    if path is None:
-        path = cpu.choose(op, key, {name: functools.partial(PATHS[name], x, w) for name in paths(x, w)})
+    path = cpu.pick(op, key, lambda: {name: functools.partial(PATHS[name], x, w) for name in paths(x, w)})
     return PATHS[path](x, w)
 
 

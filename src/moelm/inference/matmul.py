@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from . import cpu, kernels
 
 TILE_ROWS = 8192  # weight rows converted to fp32 at a time for a long bf16 input
-
-
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 HALF = (torch.bfloat16, torch.float16)
 
@@ -34,11 +32,8 @@ def path_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     rows = x.numel() // x.shape[-1]
     op = "linear" if weight.dtype == torch.float32 else f"linear.{str(weight.dtype).removeprefix('torch.')}"
     key = (str(x.dtype), cpu.rows_bucket(rows), *weight.shape, bias is not None, torch.get_num_threads())
-    path = cpu.chosen(op, key)
-    if path is None:
-        path = cpu.choose(op, key, {name: functools.partial(PATHS[name], x, weight, bias)
-                                    for name in paths(x, weight)})
-    return path
+    return cpu.pick(op, key, lambda: {name: functools.partial(PATHS[name], x, weight, bias)
+                                      for name in paths(x, weight)})
 
 
 def paths(x: torch.Tensor, weight: torch.Tensor) -> list[str]:

@@ -141,11 +141,11 @@ def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
 
 # ---------------------------------------------------------------- modules
 
-def _path(op: str, x: torch.Tensor, rows: int, shape, candidates: dict) -> str:
-    """The path chosen among `candidates` (name -> a call on the real inputs) for this CPU, quantized op and shape
+def _path(op: str, x: torch.Tensor, rows: int, shape, candidates) -> str:
+    """The path chosen among candidates() (name -> a call on the real inputs) for this CPU, quantized op and shape
     (x's `rows` rows against a packed weight of `shape`)."""
     key = (str(x.dtype), cpu.rows_bucket(rows), *shape, torch.get_num_threads())
-    return cpu.chosen(f"quantized.{op}", key) or cpu.choose(f"quantized.{op}", key, candidates)
+    return cpu.pick(f"quantized.{op}", key, candidates)
 
 
 cpu.register("quantized", ("gemv", "torch", "tiles", "int8pack"))
@@ -196,9 +196,9 @@ class QuantizedLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whichever was measured faster for this CPU and shape: for few rows the gemv kernel on the packed weight
         or the weight dequantized to x's dtype and F.linear ("torch"); for more, the weight dequantized a tile at
-        a time into a reused buffer ("tiles"); or for int8 on CPUs with AVX-512 PyTorch's
-        int8-weight matmul (torch._weight_int8pack_mm, the same products; ~36x slower than dequantizing on the
-        AVX2 EPYC, so not tried there)."""
+        a time into a reused buffer ("tiles"); or for int8, where PyTorch dispatches to its AVX-512 kernels, its
+        int8-weight matmul (torch._weight_int8pack_mm, the same products; PyTorch has a blocked kernel for it only
+        there, its fallback ran 36x slower than dequantizing on the AVX2 EPYC)."""
         rows = x.numel() // x.shape[-1]
         paths = {"torch": self._dense}
         if kernels.usable(x, self.bias):
@@ -208,12 +208,13 @@ class QuantizedLinear(PackedLinear):
             # block comes back from the allocator), but in a forward pass each layer pays fresh pages for it:
             # ERNIE-0.3B int8 prefill 165 tok/s with it chosen for three of five shapes, 184 with the tiles
             paths = {"tiles": self._tiles}
-        if self.mode == "int8" and x.device.type == "cpu" and cpu.info().has("avx512f") and \
+        if self.mode == "int8" and x.device.type == "cpu" and cpu.info().capability.startswith("AVX512") and \
                 x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
             paths["int8pack"] = self._int8pack
         if len(paths) == 1:
             return next(iter(paths.values()))(x)
-        path = _path(self.mode, x, rows, self.qweight.shape, {k: functools.partial(f, x) for k, f in paths.items()})
+        path = _path(self.mode, x, rows, self.qweight.shape,
+                     lambda: {k: functools.partial(f, x) for k, f in paths.items()})
         return paths[path](x)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +291,6 @@ class QuantizedExperts(nn.Module):
             return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
 
         if t * k <= 64 and kernels.usable(x[:1]) and _path(
-                f"{self.mode}.experts", x, t * k, gq.shape, {"gemv": selected, "torch": dense}) == "gemv":
+                f"{self.mode}.experts", x, t * k, gq.shape, lambda: {"gemv": selected, "torch": dense}) == "gemv":
             return selected()
         return dense()
