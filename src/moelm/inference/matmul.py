@@ -49,9 +49,7 @@ def paths(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     if weight.dtype == x.dtype == torch.float32 and weight.is_contiguous() and kernels.available():
         out.append("gemm")
     if weight.is_contiguous() and x.dtype == weight.dtype and kernels.onednn_works(x, weight):
-        out.append("onednn")
-        if rows <= 64:
-            out.append("onednn_swap")
+        out += ["onednn", "onednn_swap"]
     return out
 
 
