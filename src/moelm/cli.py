@@ -1,4 +1,4 @@
-"""The `moelm` command: generate, chat, info, new. Errors print one line and exit non-zero, no traceback."""
+"""The `moelm` command: generate, chat, serve, info, new, bench. Errors print one line and exit non-zero, no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
+        runtime_args(p)
+
+    def runtime_args(p):
         p.add_argument("--dtype", default="auto", choices=DTYPES)
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--quantization", default=None, choices=("int8", "int4"),
@@ -73,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_new)
+
+    from .serve.server import add_arguments as serve_arguments
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    serve_arguments(p)
+    runtime_args(p)
+    p.set_defaults(run=cmd_serve)
 
     from .bench import add_arguments
 
@@ -291,6 +301,12 @@ def cmd_new(args):
 
     out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
     print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
+
+
+def cmd_serve(args):
+    from .serve.server import run
+
+    return run(args, load)
 
 
 def cmd_bench(args):

@@ -11,6 +11,7 @@ from . import cpu, kernels
 from .decode import decode_attention, decode_attention_step, layer_step
 from .experts import each_expert
 from .linear import FastLinear, fuse_projections, fused_ready
+from .slots import SlotCache, ragged_attention
 
 
 class FastRMSNorm(RMSNorm):
@@ -33,6 +34,8 @@ class FastAttention(Attention):
     fused_qkv = None  # fuse_projections sets it
 
     def forward(self, x, cos_sin, mask, cache, output_attentions: bool = False):
+        if isinstance(cache, SlotCache) and not output_attentions and not (self.training and self.dropout):
+            return ragged_attention(self, x, cos_sin, cache), None  # a serving step: each sequence in its row
         eager = output_attentions or self.config.attn_implementation == "eager"
         if not eager and not (self.training and self.dropout):
             out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step

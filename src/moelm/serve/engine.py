@@ -1,0 +1,421 @@
+"""The serving engine, usable without HTTP: `submit` a prompt, iterate its outputs (or get them by callback),
+`cancel` it.
+
+One thread owns the model. Requests come in through a bounded queue. Each step runs one forward over every running
+sequence's next token plus chunks of waiting prompts (continuous batching, at most `max_num_batched_tokens` tokens);
+a sequence leaves the batch the step it finishes or is cancelled. KV lives in a SlotCache of `max_num_seqs` rows.
+Each sequence samples with its own parameters and its own seeded generator, so a seed reproduces an output whatever
+else runs."""
+from __future__ import annotations
+
+import itertools
+import queue
+import random
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..inference.slots import SlotCache
+from .text import Detokenizer, StopStrings
+
+DEFAULT_MAX_MODEL_LEN = 4096  # the KV of max_num_seqs rows of this many positions is allocated at start
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (the server answers 400); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full (the server answers 503)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding: OpenAI's fields and vLLM's usual extensions. temperature 0 is greedy; top_k 0 is off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    skip_special_tokens: bool = True
+    n: int = 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class Output:
+    """One event of choice `index`: its new token (none in a final flush) and the text that became final; a
+    finish_reason ("stop", "length", "abort" or "error" with `error`) on its last event."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Request:
+    """A submitted prompt with `n` choices. Iterate it for its Outputs (when no callback was given), `cancel()` it;
+    `prompt_tokens` and `completion_tokens` count as it goes."""
+
+    def __init__(self, engine: "Engine", rid: int, prompt: list[int], params: SamplingParams,
+                 callback: Callable[[Output], None] | None):
+        self.engine, self.id, self.prompt, self.params = engine, rid, prompt, params
+        self.queue: queue.Queue | None = None if callback is not None else queue.Queue()
+        self.callback = callback or self.queue.put
+        self.open = params.n  # choices not finished
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def cancel(self):
+        self.engine.cancel(self)
+
+    def __iter__(self):
+        if self.queue is None:
+            raise TypeError("this request delivers its outputs to its callback")
+        left = self.params.n
+        while left:
+            out = self.queue.get()
+            left -= out.finish_reason is not None
+            yield out
+
+
+class Sequence:
+    """One choice of a request as the engine runs it."""
+
+    def __init__(self, request: Request, index: int, generator: torch.Generator | None, tokenizer):
+        p = request.params
+        self.request, self.index, self.generator = request, index, generator
+        self.prompt = request.prompt
+        self.tokens: list[int] = []
+        self.row: int | None = None
+        self.filled = 0  # prompt tokens in the cache
+        self.detok = Detokenizer(tokenizer, self.prompt, p.skip_special_tokens)
+        self.stops = StopStrings(p.stop)
+        self.bias = (torch.tensor(list(p.logit_bias), dtype=torch.long),
+                     torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)) if p.logit_bias else None
+        self.submitted = time.perf_counter()
+        self.last_time: float | None = None
+
+
+class Engine:
+    """Continuous batching over a SlotCache; see the module docstring. `metrics`, if given, gets
+    prompt_tokens(n), generation_tokens(n), ttft(s), itl(s), finished(reason, e2e seconds)."""
+
+    def __init__(self, model, tokenizer, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None):
+        config = model.config
+        context = config.max_position_embeddings
+        max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_model_len > context:
+            raise ValueError(f"max_model_len {max_model_len} is more than the model's context of {context} positions")
+        if any(model.needs_cache_reset(t - 1, t) for t in range(2, max_model_len + 1)):
+            limit = next(t for t in range(2, max_model_len + 1) if model.needs_cache_reset(t - 1, t)) - 1
+            raise ValueError(f"max_model_len {max_model_len}: past {limit} positions this model's rotary embedding "
+                             f"switches scaling and the reference re-runs the whole sequence; serve up to {limit}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs + 1)
+        self.max_waiting = max_waiting
+        self.vocab_size = config.vocab_size
+        self.metrics = metrics
+        self.random = random.Random(seed)
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos = eos
+        dtype = model.get_input_embeddings().weight.dtype
+        self.cache = SlotCache(config, max_num_seqs, max_model_len, dtype, model.device,
+                               getattr(model.model, "sliding_window", None))
+        from ..inference.modules import FastAttention
+
+        self.ragged = all(isinstance(m, FastAttention) for m in model.modules() if hasattr(m, "q_proj"))
+        self.free_rows = list(range(max_num_seqs))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in a slot: prefilling (filled < prompt) or decoding
+        self.inbox: list[Sequence] = []
+        self.cancels: set[int] = set()
+        self.queued = 0  # sequences submitted and not yet in a slot
+        self.ids = itertools.count()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = 0
+
+    # ------------------------------------------------------------ public API
+
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self._loop, name="moelm-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def submit(self, prompt: list[int], params: SamplingParams,
+               callback: Callable[[Output], None] | None = None) -> Request:
+        """Queue a prompt (token ids); raises RequestError for a request that cannot run, EngineFull when the
+        waiting queue is full."""
+        self.check(prompt, params)
+        request = Request(self, next(self.ids), list(prompt), params, callback)
+        seqs = [Sequence(request, i, self._generator(params, i), self.tokenizer) for i in range(params.n)]
+        with self.cond:
+            if not self.alive():
+                raise RuntimeError("the engine is not running")
+            if self.queued + len(seqs) > self.max_waiting:
+                raise EngineFull(f"{self.queued} sequences are waiting (the queue holds {self.max_waiting}); "
+                                 "try again later")
+            self.queued += len(seqs)
+            self.inbox += seqs
+            self.cond.notify()
+        if self.metrics is not None:
+            self.metrics.prompt_tokens(len(prompt) * params.n)
+        return request
+
+    def cancel(self, request: Request):
+        """Stop the request's choices: their slots are free at the next step, each ends with finish_reason
+        "abort" (unless it already finished)."""
+        with self.cond:
+            self.cancels.add(request.id)
+            self.cond.notify()
+
+    def check(self, prompt: list[int], params: SamplingParams):
+        """RequestError naming the field for a prompt or parameters the engine cannot run."""
+        if not prompt:
+            raise RequestError("the prompt is empty", "prompt")
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {self.vocab_size})", "prompt")
+        for name in ("logit_bias", "stop_token_ids"):
+            ids = getattr(params, name)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"{name}: token id {bad} is outside the vocabulary (size {self.vocab_size})",
+                                   name)
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
+                               f"{len(prompt) + params.max_tokens} is more than the model's context of "
+                               f"{self.max_model_len} tokens", "max_tokens")
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return self.queued
+
+    def kv_usage(self) -> float:
+        """Fraction of the slot cache's positions in use."""
+        return self.cache.used() / (self.max_num_seqs * self.max_model_len)
+
+    # ------------------------------------------------------------ the loop
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.temperature == 0:
+            return None
+        seed = params.seed if params.seed is not None else self.random.getrandbits(63)
+        if index:
+            seed = hash((seed, index)) & (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def _loop(self):
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not (self.inbox or self.cancels or self.running or self.waiting or self.stopping):
+                        self.cond.wait()
+                    if self.stopping:
+                        break
+                    self.waiting.extend(self.inbox)
+                    self.inbox = []
+                    cancels, self.cancels = self.cancels, set()
+                if cancels:
+                    self._cancel(cancels)
+                if self.running or self.waiting:
+                    try:
+                        self._step()
+                    except Exception as e:  # a bug or out of memory: fail this step's requests, keep serving
+                        traceback.print_exc(file=sys.stderr)
+                        for seq in list(self.running):
+                            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+        for seq in list(self.running) + list(self.waiting) + self.inbox:
+            self._finish(seq, "abort")
+
+    def _cancel(self, ids: set[int]):
+        for seq in [s for s in self.running if s.request.id in ids]:
+            self._finish(seq, "abort")
+        for seq in [s for s in self.waiting if s.request.id in ids]:
+            self.waiting.remove(seq)
+            with self.cond:
+                self.queued -= 1
+            self._finish(seq, "abort")
+
+    def _step(self):
+        while self.waiting and self.free_rows:
+            seq = self.waiting.popleft()
+            seq.row = self.free_rows.pop(self.free_rows.index(min(self.free_rows)))
+            with self.cond:
+                self.queued -= 1
+            self.running.append(seq)
+        budget = self.max_num_batched_tokens
+        segments, tokens, keep, sampled = [], [], [], []
+        for seq in sorted((s for s in self.running if s.filled == len(s.prompt)), key=lambda s: s.row):
+            segments.append((seq.row, 1))
+            tokens.append(seq.tokens[-1])
+            keep.append(len(tokens) - 1)
+            sampled.append(seq)
+        budget -= len(tokens)
+        for seq in (s for s in self.running if s.filled < len(s.prompt)):
+            if budget <= 0:
+                break
+            count = min(len(seq.prompt) - seq.filled, budget)
+            segments.append((seq.row, count))
+            tokens += seq.prompt[seq.filled:seq.filled + count]
+            seq.filled += count
+            budget -= count
+            if seq.filled == len(seq.prompt):
+                keep.append(len(tokens) - 1)
+                sampled.append(seq)
+        device = self.model.device
+        plan = self.cache.schedule(segments)
+        try:
+            out = self.model(input_ids=torch.tensor([tokens], device=device), position_ids=plan.positions[None],
+                             attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
+        finally:
+            self.cache.commit()
+        self.steps += 1
+        logits = out.logits[0].float().cpu()  # [len(keep), V]
+        for seq, row in zip(sampled, logits):
+            self._advance(seq, row)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor):
+        """Sample seq's next token from its logits [V], emit it, finish the sequence if it ends here."""
+        p = seq.request.params
+        token, logprobs = self._sample(seq, logits)
+        seq.tokens.append(token)
+        seq.request.completion_tokens += 1
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.generation_tokens(1)
+            if seq.last_time is None:
+                self.metrics.ttft(now - seq.submitted)
+            else:
+                self.metrics.itl(now - seq.last_time)
+        seq.last_time = now
+        reason = None
+        text = ""
+        if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
+            reason = "stop"
+        else:
+            text = seq.stops.feed(seq.detok.add(token))
+            if seq.stops.hit is not None:
+                reason = "stop"
+        if reason is None and (len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            seq.request.callback(Output(seq.index, [token], text, logprobs))
+        else:
+            self._finish(seq, reason, [token], text, logprobs)
+
+    def _finish(self, seq: Sequence, reason: str, token_ids=(), text: str = "", logprobs=(), error: str | None = None):
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.row)
+            self.free_rows.append(seq.row)
+        if reason in ("stop", "length"):
+            text += seq.stops.feed(seq.detok.flush())
+            text += seq.stops.flush()
+        seq.request.open -= 1
+        if self.metrics is not None:
+            self.metrics.finished(reason, time.perf_counter() - seq.submitted)
+        seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error))
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[TokenLogprob]]:
+        """The next token from logits [V] (fp32): logit bias, repetition / presence / frequency penalties,
+        min_tokens, then greedy or temperature, top-k, top-p, min-p and a draw from the sequence's generator.
+        Logprobs are the model's (before any of these), as vLLM reports them."""
+        p = seq.request.params
+        raw = logits
+        if seq.bias is not None:
+            logits = logits.index_add(0, *seq.bias)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt) | set(seq.tokens)), dtype=torch.long)
+            picked = logits[seen]
+            logits = logits.index_copy(0, seen, torch.where(picked < 0, picked * p.repetition_penalty,
+                                                               picked / p.repetition_penalty))
+        if (p.presence_penalty or p.frequency_penalty) and seq.tokens:
+            counts = torch.bincount(torch.tensor(seq.tokens), minlength=logits.shape[0]).float()
+            logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        if len(seq.tokens) < p.min_tokens:
+            banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos)
+            if banned:
+                logits = logits.index_fill(0, torch.tensor(banned), -torch.inf)
+        if p.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(warp(logits, p).softmax(-1), 1, generator=seq.generator))
+        logprobs = []
+        if p.logprobs is not None:
+            lp = raw.log_softmax(-1)
+            top = torch.topk(lp, p.logprobs) if p.logprobs else None
+            logprobs = [TokenLogprob(token, float(lp[token]), [] if top is None else
+                                     list(zip(top.indices.tolist(), top.values.tolist())))]
+        return token, logprobs
+
+
+def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on logits [V], in transformers' order."""
+    from ..generation import min_p_filter, top_k_filter, top_p_filter
+
+    scores = logits[None] / p.temperature
+    if p.top_k:
+        scores = top_k_filter(scores, p.top_k)
+    if p.top_p < 1.0:
+        scores = top_p_filter(scores, p.top_p)
+    if p.min_p:
+        scores = min_p_filter(scores, p.min_p)
+    return scores[0]

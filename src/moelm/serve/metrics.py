@@ -1,0 +1,57 @@
+"""Prometheus metrics, named after vLLM's (prefix `moelm:`), on a registry of the server's own."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0)
+
+
+class Metrics:
+    """What the engine reports (its `metrics` hooks) plus gauges read from it when scraped."""
+
+    def __init__(self, engine, model_name: str):
+        self.registry = registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+
+        def gauge(name, doc, read):
+            g = Gauge(name, doc, list(labels), registry=registry)
+            g.labels(**labels).set_function(read)
+
+        gauge("moelm:num_requests_running", "Sequences in a KV slot (prefilling or decoding).", engine.num_running)
+        gauge("moelm:num_requests_waiting", "Sequences waiting for a KV slot.", engine.num_waiting)
+        gauge("moelm:kv_cache_usage_perc", "Fraction of the KV slot cache's positions in use (1 = full).",
+              engine.kv_usage)
+        gauge("moelm:num_slots_used", "KV slots (rows of --max-num-seqs) in use.", engine.num_running)
+        self._prompt = Counter("moelm:prompt_tokens", "Prompt tokens submitted.", list(labels),
+                               registry=registry).labels(**labels)
+        self._generation = Counter("moelm:generation_tokens", "Tokens generated.", list(labels),
+                                   registry=registry).labels(**labels)
+        self._ttft = Histogram("moelm:time_to_first_token_seconds", "Time from submission to the first token.",
+                               list(labels), buckets=LATENCY_BUCKETS, registry=registry).labels(**labels)
+        self._itl = Histogram("moelm:inter_token_latency_seconds", "Time between two tokens of a sequence.",
+                              list(labels), buckets=LATENCY_BUCKETS, registry=registry).labels(**labels)
+        self._e2e = Histogram("moelm:e2e_request_latency_seconds", "Time from submission to the last token.",
+                              list(labels), buckets=LATENCY_BUCKETS, registry=registry).labels(**labels)
+        self._success = Counter("moelm:request_success", "Sequences finished, by reason.",
+                                ["model_name", "finished_reason"], registry=registry)
+        self.model_name = model_name
+
+    def prompt_tokens(self, n: int):
+        self._prompt.inc(n)
+
+    def generation_tokens(self, n: int):
+        self._generation.inc(n)
+
+    def ttft(self, seconds: float):
+        self._ttft.observe(seconds)
+
+    def itl(self, seconds: float):
+        self._itl.observe(seconds)
+
+    def finished(self, reason: str, seconds: float):
+        self._e2e.observe(seconds)
+        self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""The OpenAI request bodies as pydantic models: the fields moelm runs are validated, unknown fields are ignored,
+and known fields that moelm does not run are refused by `unsupported()` (never dropped)."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .engine import SamplingParams
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class TextPart(Body):
+    type: str
+    text: Optional[str] = None
+
+
+class Message(Body):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str | None:
+        """The content as one string (text parts joined); ValueError for a part that is not text."""
+        if not isinstance(self.content, list):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
+        return "".join(part.text for part in self.content)
+
+
+class Sampling(Body):
+    """The fields chat and completions share."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    # the usual extensions (vLLM's names)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}") from None
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def params(self, max_tokens: int, logprobs: int | None, defaults: dict) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults where the request sets nothing."""
+        def pick(name, fallback):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        top_k = pick("top_k", 0)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=0 if top_k in (-1, None) else top_k, min_p=pick("min_p", 0.0),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), seed=self.seed, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens, n=self.n)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = True
+    # OpenAI fields moelm does not run
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
+    functions: Optional[list[Any]] = None
+    function_call: Any = None
+    response_format: Optional[dict[str, Any]] = None
+    audio: Any = None
+    prediction: Any = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a set field that moelm does not run, else None."""
+        for name in ("tools", "functions", "function_call", "audio", "prediction"):
+            if getattr(self, name):
+                return name, f"{name} is not supported by moelm serve"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool_choice is not supported by moelm serve (no tools)"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", (f"response_format {self.response_format.get('type')!r} is not supported "
+                                       "by moelm serve (text only)")
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return None
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported by moelm serve (use n)"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by moelm serve"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs (prompt logprobs) is not supported by moelm serve"
+        return None
+
+
+class TokenizeRequest(Body):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[Message]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(Body):
+    model: Optional[str] = None
+    tokens: list[int]
+
+

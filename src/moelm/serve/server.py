@@ -1,0 +1,90 @@
+"""`moelm serve`: load the model, start the engine, run the app under uvicorn."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def add_arguments(p):
+    """vLLM's flag names."""
+    p.add_argument("model_path", nargs="?", metavar="MODEL",
+                   help="checkpoint directory or hub id in the local HF cache")
+    p.add_argument("--model", default=None, help="the same as MODEL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names the API answers to (default: MODEL as given); the first is reported")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV slots)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per sequence (default: the model's, at most 4096)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="tokens per step: running sequences' next tokens plus prompt chunks")
+    p.add_argument("--max-waiting", type=int, default=256, help="sequences queued for a slot before 503s")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MOELM_API_KEY)")
+    p.add_argument("--seed", type=int, default=None, help="seed for requests that give none")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def check_extra():
+    missing = []
+    for module in ("fastapi", "uvicorn", "prometheus_client", "pydantic"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"moelm serve needs the serve extra: pip install 'moelm[serve]' "
+                          f"(missing: {', '.join(missing)})")
+
+
+def run(args, load):
+    """The command; `load(args)` returns (model, tokenizer) as the other commands load them."""
+    check_extra()
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+
+    model_path = args.model_path or args.model
+    if not model_path:
+        raise ValueError("give the model: moelm serve MODEL")
+    if args.model_path and args.model and args.model_path != args.model:
+        raise ValueError(f"two models given: {args.model_path} and --model {args.model}")
+    args.model = model_path
+    api_key = args.api_key or os.environ.get("MOELM_API_KEY") or None
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    template = args.chat_template
+    if template is not None and "{" not in template:
+        path = Path(template)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat-template {template}: no such file (and not a template)")
+        template = path.read_text(encoding="utf-8")
+    model, tokenizer = load(args)
+    engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+                    seed=args.seed)
+    configured = model.generation_config.to_dict()
+    defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
+    names = args.served_model_name or [model_path]
+    app = create_app(engine, tokenizer, names, api_key=api_key, chat_template=template, defaults=defaults)
+    kv = sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
+    print(f"moelm serve: {model_path} as {', '.join(names)} on http://{args.host}:{args.port} "
+          f"({args.max_num_seqs} slots of {engine.max_model_len} positions, KV {kv / 2**20:.0f} MiB"
+          f"{'; sampling defaults from generation_config: ' + str(defaults) if defaults else ''}"
+          f"{'; API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise OSError(f"could not listen on {args.host}:{args.port} (see above)")
+    finally:
+        engine.stop()
