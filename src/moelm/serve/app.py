@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, Sampling, TokenizeRequest
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
 PUBLIC = ("/health", "/metrics", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
@@ -60,7 +61,16 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
                chat_template: str | None = None, defaults: dict | None = None) -> FastAPI:
     """The FastAPI app. The engine must be started by the caller; `defaults` are sampling defaults (the model's
     generation_config) for fields a request leaves unset."""
-    app = FastAPI(title="moelm", version="1", docs_url="/docs")
+    async def authorize(request: Request):
+        """The API key check (a dependency, not a middleware: Starlette's middleware would hide a streaming
+        client's disconnect)."""
+        if api_key and request.url.path not in PUBLIC:
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {api_key}":
+                what = "a wrong API key" if header else "no API key"
+                raise APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    app = FastAPI(title="moelm", version="1", docs_url="/docs", dependencies=[Depends(authorize)])
     names = list(served_model_names)
     metrics = Metrics(engine, names[0])
     if engine.metrics is None:
@@ -86,16 +96,6 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
         return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="internal_error"))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path not in PUBLIC:
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                what = "a wrong API key" if header else "no API key"
-                return error_response(APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'",
-                                               code="invalid_api_key"))
-        return await call_next(request)
 
     def model_name(requested: str | None) -> str:
         if requested is None or requested == "":
@@ -211,14 +211,18 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
 
     async def outputs(http: Request, submitted, events: asyncio.Queue, choices: int) -> AsyncIterator:
         """(choice index, Output) until every choice finished; cancels the requests if the client leaves."""
-        left = choices
+        left, checked = choices, time.monotonic()
         try:
             while left:
                 try:
-                    i, out = await asyncio.wait_for(events.get(), 0.5)
+                    i, out = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
                 except asyncio.TimeoutError:
+                    i = out = None
+                if time.monotonic() - checked >= DISCONNECT_POLL:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
-                        raise ClientGone() from None
+                        raise ClientGone()
+                if out is None:
                     continue
                 left -= out.finish_reason is not None
                 yield i * submitted[i].params.n + out.index, out

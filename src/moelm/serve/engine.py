@@ -324,7 +324,7 @@ class Engine:
         try:
             out = self.model(input_ids=torch.tensor([tokens], device=device), position_ids=plan.positions[None],
                              attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
+                             use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
         finally:
             self.cache.commit()
         self.steps += 1

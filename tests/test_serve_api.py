@@ -1,0 +1,303 @@
+"""`moelm serve` through real clients on loopback: the official `openai` package (chat and completions, streaming
+and not), raw HTTP for what the client hides, concurrency, cancellation and bad input."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from serve_fixtures import running_server
+from tokenizer_fixtures import ERNIE_TEMPLATE
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from moelm.scaffold import new_checkpoint  # noqa: E402
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = new_checkpoint("ernie4_5_moe-tiny", tmp_path_factory.mktemp("serve"), seed=0)
+    with running_server(path, names=["tiny", "alias"], chat_template=ERNIE_TEMPLATE, max_num_seqs=4, max_model_len=256,
+                        max_num_batched_tokens=16, max_waiting=64) as (url, engine, tokenizer):
+        yield url, engine, tokenizer
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(engine, tokenizer, ids: list[int], n: int) -> tuple[list[int], str]:
+    """`generate` for the same prompt, greedy: the tokens and their text."""
+    out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    eos = set(engine.eos)
+    if any(t in eos for t in out):
+        out = out[:next(i for i, t in enumerate(out) if t in eos) + 1]
+    return out, tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True)
+
+
+def chat_ids(tokenizer, messages):
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         chat_template=ERNIE_TEMPLATE)  # the server's --chat-template
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------- the openai client
+
+def test_chat_greedy_equals_generate(server, client):
+    url, engine, tokenizer = server
+    want_tokens, want_text = greedy(engine, tokenizer, chat_ids(tokenizer, MESSAGES), 12)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want_text
+    assert r.choices[0].finish_reason == ("length" if len(want_tokens) == 12 else "stop")
+    assert r.usage.prompt_tokens == len(chat_ids(tokenizer, MESSAGES))
+    assert r.usage.completion_tokens == len(want_tokens) and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_chat_stream_with_usage(server, client):
+    url, engine, tokenizer = server
+    _, want_text = greedy(engine, tokenizer, chat_ids(tokenizer, MESSAGES), 10)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                stream=True))
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+
+
+def test_completions_greedy_stream_and_not(server, client):
+    url, engine, tokenizer = server
+    ids = tokenizer("The quick brown fox")["input_ids"]
+    want_tokens, want_text = greedy(engine, tokenizer, ids, 16)
+    r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=16, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == want_text
+    assert r.usage.completion_tokens == len(want_tokens)
+    chunks = list(client.completions.create(model="alias", prompt="The quick brown fox", max_tokens=16,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want_text and chunks[0].model == "alias"
+    assert [c.choices[0].finish_reason for c in chunks].count(None) == len(chunks) - 1
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=16, temperature=0)
+    assert by_ids.choices[0].text == want_text
+    default = client.completions.create(model="tiny", prompt="Hi", temperature=0, extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16  # completions default max_tokens
+
+
+def test_n_seed_and_several_prompts(server, client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=42, n=3)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1
+    assert a.usage.completion_tokens == sum(1 for _ in range(3)) * 0 + a.usage.completion_tokens  # counted
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i)
+             for i in range(3)}
+    assert [texts[i] for i in range(3)] == [c.message.content for c in a.choices]
+    assert sum(1 for c in streamed if c.choices and c.choices[0].finish_reason) == 3
+    many = client.completions.create(model="tiny", prompt=["Hello", "The quick"], n=2, max_tokens=5, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text and many.choices[2].text == many.choices[3].text
+
+
+def test_stop_strings(server, client):
+    full = client.completions.create(model="tiny", prompt="Hello world", max_tokens=24, temperature=1.0, seed=3,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    kwargs = dict(model="tiny", prompt="Hello world", max_tokens=24, temperature=1.0, seed=3, stop=[stop, "never"],
+                  extra_body={"ignore_eos": True})
+    cut = client.completions.create(**kwargs).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    streamed = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_shapes(server, client):
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.logprob <= 0 and isinstance(entry.bytes, list)
+    c = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    streamed = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                   logprobs=True, top_logprobs=2, stream=True))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content])
+
+
+def test_models_health_tokenize(server, client):
+    url, engine, tokenizer = server
+    assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
+    assert httpx.get(url + "/models").json()["data"][0]["id"] == "tiny"
+    assert httpx.get(url + "/health").status_code == 200
+    ids = httpx.post(url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert ids["tokens"] == tokenizer("Hello world")["input_ids"] and ids["count"] == len(ids["tokens"])
+    assert httpx.post(url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == \
+        tokenizer.decode(ids["tokens"])
+    r = httpx.post(url + "/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})  # no /v1, no model
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    assert "/v1/chat/completions" in httpx.get(url + "/openapi.json").json()["paths"]
+
+
+def test_unknown_model_is_404(server, client):
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+
+
+# ---------------------------------------------------------------- many clients
+
+def test_eight_concurrent_streams_equal_one_at_a_time(server):
+    url, engine, tokenizer = server
+    prompts = [f"Prompt number {i}: " + "the quick brown fox " * (i % 3) for i in range(8)]
+
+    def ask(prompt: str) -> str:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chunks = c.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        return "".join(ch.choices[0].text for ch in chunks)
+
+    alone = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+    assert all(greedy(engine, tokenizer, tokenizer(p)["input_ids"], 20)[1] == a for p, a in zip(prompts, alone))
+
+
+def test_clients_that_time_out_free_their_slots(server):
+    url, engine, tokenizer = server
+
+    def impatient(i):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=0.5)
+        try:
+            if i % 2:
+                list(c.completions.create(model="tiny", prompt="Hello", max_tokens=200, stream=True,
+                                          extra_body={"ignore_eos": True}))
+            else:
+                c.completions.create(model="tiny", prompt="Hello", max_tokens=200, extra_body={"ignore_eos": True})
+        except (openai.APITimeoutError, openai.APIConnectionError, httpx.ReadTimeout):
+            return "timeout"
+        return "done"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(impatient, range(50)))
+    assert results.count("timeout") > 25
+    start = time.time()
+    r = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20).completions.create(
+        model="tiny", prompt="Hello", max_tokens=4, temperature=0)
+    assert r.choices[0].text is not None and time.time() - start < 10
+    deadline = time.time() + 10
+    while metric(url, "moelm:num_requests_running") or metric(url, "moelm:num_requests_waiting"):
+        assert time.time() < deadline, "slots still in use after the clients left"
+        time.sleep(0.1)
+    assert metric(url, "moelm:kv_cache_usage_perc") == 0 and engine.free_rows and len(engine.free_rows) == 4
+    assert metric(url, 'moelm:request_success_total') >= 0
+    assert 'finished_reason="abort"' in httpx.get(url + "/metrics").text
+
+
+def test_metrics_count_tokens(server, client):
+    url = server[0]
+    before = metric(url, "moelm:generation_tokens_total"), metric(url, "moelm:prompt_tokens_total")
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    after = metric(url, "moelm:generation_tokens_total"), metric(url, "moelm:prompt_tokens_total")
+    assert after[0] - before[0] == 5 and after[1] - before[1] == r.usage.prompt_tokens
+    text = httpx.get(url + "/metrics").text
+    for name in ("moelm:time_to_first_token_seconds_bucket", "moelm:inter_token_latency_seconds_bucket",
+                 "moelm:e2e_request_latency_seconds_bucket", "moelm:num_requests_waiting"):
+        assert name in text
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", "not valid JSON", None),
+    ("/v1/chat/completions", {"messages": []}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": "hello"}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "temperature": "hot"}, "temperature", "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "temperature": 3}, "temperature", "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1.5}, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 0}, "n", "n"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 0}, "top_p", "top_p"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 21, "logprobs": True}, "top_logprobs",
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "presence_penalty": 5}, "presence_penalty", "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "unknown role", "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, "role", "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"999999": 1}},
+     "token id 999999 is outside the vocabulary (size 512)", "logit_bias"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"x": 1}}, "logit_bias", "logit_bias"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"5": 500}}, "logit_bias", "logit_bias"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 250},
+     "the prompt is 25 tokens and max_tokens is 250: 275 is more than the model's context of 256", "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "tools"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stop": [""]}, "stop", "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only",
+     "messages"),
+    ("/v1/completions", {"prompt": ""}, "empty", "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 99999]}, "token id 99999 is outside the vocabulary (size 512)", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 300},
+     "the prompt is 1 tokens and max_tokens is 300: 301 is more than the model's context of 256", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 30}, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "suffix", "suffix"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [100000]}, "stop_token_ids", "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("path,body,message,param", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_is_a_400_with_openai_error_json(server, path, body, message, param):
+    url = server[0]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert message in error["message"], error["message"]
+    assert error["param"] == param
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_bad_input_through_the_client_is_not_retried(server, client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=5)
+
+
+def test_api_key(tmp_path):
+    path = new_checkpoint("ernie4_5-tiny", tmp_path / "m", seed=0)
+    with running_server(path, api_key="secret", max_model_len=64) as (url, engine, tokenizer):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # public, as the load balancers need
+        good = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()

@@ -1,0 +1,351 @@
+"""The serving engine without HTTP: the slot cache against the plain forward, continuous batching against
+`generate`, per-request sampling, cancellation, the queue bound, and the streaming text helpers."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moelm import AutoModelForCausalLM, AutoTokenizer
+from moelm.configs import named_config
+from moelm.inference.slots import SlotCache
+from moelm.scaffold import new_checkpoint
+from moelm.serve.engine import Engine, EngineFull, RequestError, SamplingParams
+from moelm.serve.text import Detokenizer, StopStrings
+
+FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
+
+
+def randomize(model, seed=0):
+    """Every weight random (norms, biases, the correction bias too), so that no default of 0 or 1 hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() < 2 else 0.08) + (1.0 if "norm" in name else 0))
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.01)
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    return new_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=0)
+
+
+def run(engine, prompt, params):
+    tokens, text, finish = [], "", None
+    for out in engine.submit(prompt, params):
+        tokens += out.token_ids
+        text += out.text
+        finish = out.finish_reason or finish
+    return tokens, text, finish
+
+
+# ---------------------------------------------------------------- the slot cache
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("window", [None, 6])
+def test_slot_steps_equal_the_full_forward(name, fast, window):
+    """Ragged steps (a prompt in chunks, one-token rows, rows at other lengths) give the logits of each sequence's
+    own full forward, through FastAttention's in-row attention and through the plain attention's concatenated
+    keys with the block-diagonal mask; with a sliding window too."""
+    config = named_config(name)
+    if window is not None:
+        config.sliding_window = window
+    model = randomize(AutoModelForCausalLM.from_config(config, seed=0, fast=fast).eval())
+    if window is not None:
+        model.model.sliding_window = window
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, config.vocab_size, (14,), generator=g), torch.randint(0, config.vocab_size, (9,), generator=g)
+    with torch.no_grad():
+        full_a, full_b = model(a[None]).logits[0], model(b[None]).logits[0]
+    cache = SlotCache(config, 4, 32, torch.float32, sliding_window=window)
+
+    def step(segments, ids):
+        plan = cache.schedule(segments)
+        extra = {} if fast else {"attention_mask": cache.mask()}
+        with torch.no_grad():
+            out = model(input_ids=ids[None], position_ids=plan.positions[None], past_key_values=cache,
+                        use_cache=True, **extra).logits[0]
+        cache.commit()
+        return out
+
+    got = [step([(3, 10)], a[:10])]
+    got.append(step([(3, 1), (1, 5)], torch.cat([a[10:11], b[:5]])))
+    got.append(step([(1, 4), (3, 1)], torch.cat([b[5:9], a[11:12]])))
+    got.append(step([(3, 1)], a[12:13]))
+    got.append(step([(3, 1), (0, 2)], torch.cat([a[13:14], b[:2]])))  # a third row beside
+    pairs = [(got[0], full_a[:10]), (got[1][:1], full_a[10:11]), (got[1][1:], full_b[:5]), (got[2][:4], full_b[5:9]),
+             (got[2][4:], full_a[11:12]), (got[3], full_a[12:13]), (got[4][:1], full_a[13:14]), (got[4][1:], full_b[:2])]
+    for got_, want in pairs:
+        torch.testing.assert_close(got_, want, atol=1e-4, rtol=1e-4)
+    assert cache.lengths == [2, 9, 0, 14]
+
+
+def test_slot_cache_refuses_more_than_a_row_holds():
+    cache = SlotCache(named_config("ernie4_5-tiny"), 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="slot 1 holds 8 positions; 9"):
+        cache.schedule([(1, 9)])
+
+
+# ---------------------------------------------------------------- continuous batching
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batched_greedy_equals_generate(checkpoint, fast):
+    """Prompts of different lengths, more of them than slots, prompts prefilled in chunks beside decoding rows:
+    each greedy answer is the tokens of `generate` for that prompt alone."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, fast=fast)
+    texts = ["Hello world", "The quick brown fox jumps over the lazy dog. " * 3, "a", "你好，世界", "def add(a, b):",
+             "Mixture-of-experts models route every token"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(p):]
+            .tolist() for p in prompts]
+    engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=8, max_model_len=128).start()
+    try:
+        requests = [engine.submit(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
+        got = []
+        for r in requests:
+            tokens = []
+            for out in r:
+                tokens += out.token_ids
+            got.append(tokens)
+    finally:
+        engine.stop()
+    assert got == want
+    assert engine.steps < sum(len(p) + 12 for p in prompts)  # sequences shared steps
+
+
+def test_seeded_sampling_is_the_same_whatever_else_runs(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=128).start()
+    prompt = tokenizer("Hello world")["input_ids"]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
+    try:
+        alone = run(engine, prompt, params)
+        others = [engine.submit(tokenizer(t)["input_ids"], SamplingParams(max_tokens=20, temperature=1.0,
+                                                                          ignore_eos=True))
+                  for t in ("a b c", "The quick brown fox", "def f():")]
+        crowded = run(engine, prompt, params)
+        for r in others:
+            list(r)
+        other_seed = run(engine, prompt, SamplingParams(**{**params.__dict__, "seed": 99}))
+        two = [[], []]
+        for out in engine.submit(prompt, SamplingParams(**{**params.__dict__, "n": 2})):
+            two[out.index] += out.token_ids
+    finally:
+        engine.stop()
+    assert alone == crowded
+    assert other_seed[0] != alone[0]
+    assert two[0] == alone[0] and two[1] != two[0]  # choice 0 is the seed's own draw, choice 1 another
+
+
+def test_request_parameters_act(checkpoint):
+    """logit_bias, stop_token_ids, min_tokens with EOS, repetition and presence penalties, max_tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=128).start()
+    prompt = tokenizer("Hello world")["input_ids"]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    try:
+        base, _, finish = run(engine, prompt, greedy)
+        assert finish == "length" and len(base) == 10
+        biased, _, _ = run(engine, prompt, SamplingParams(**{**greedy.__dict__, "logit_bias": {7: 100.0}}))
+        assert biased == [7] * 10
+        stopped, _, finish = run(engine, prompt, SamplingParams(**{**greedy.__dict__, "stop_token_ids": [base[3]]}))
+        assert finish == "stop" and stopped == base[:base.index(base[3]) + 1]
+        eos = engine.eos[0]
+        forced = {"logit_bias": {eos: 100.0}, "ignore_eos": False}
+        early, _, finish = run(engine, prompt, SamplingParams(**{**greedy.__dict__, **forced}))
+        assert early == [eos] and finish == "stop"
+        late, _, finish = run(engine, prompt, SamplingParams(**{**greedy.__dict__, **forced, "min_tokens": 4}))
+        assert late[-1] == eos and len(late) == 5 and eos not in late[:4] and finish == "stop"
+        plain, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        penalised, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                             presence_penalty=2.0, frequency_penalty=2.0))
+        assert len(set(penalised)) > len(set(plain))
+        repeated, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                            repetition_penalty=5.0))
+        assert len(set(repeated)) > len(set(plain))
+    finally:
+        engine.stop()
+
+
+def test_logprobs_are_the_models(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start()
+    prompt = tokenizer("Hello world")["input_ids"]
+    try:
+        outs = list(engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=4)))
+    finally:
+        engine.stop()
+    entries = [e for o in outs for e in o.logprobs]
+    tokens = [t for o in outs for t in o.token_ids]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    lp = logits.log_softmax(-1)
+    for step, e in enumerate(entries):
+        assert e.token_id == tokens[step] == e.top[0][0]
+        assert abs(e.logprob - float(lp[step, e.token_id])) < 1e-4
+        assert [t for t, _ in e.top] == torch.topk(lp[step], 4).indices.tolist()
+
+
+def test_cancel_frees_the_slot_and_full_queue_refuses(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, max_waiting=2).start()
+    prompt = tokenizer("Hello")["input_ids"]
+    long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+    try:
+        first = engine.submit(prompt, long)
+        deadline = time.time() + 5
+        while not engine.num_running():
+            assert time.time() < deadline
+            time.sleep(0.005)
+        waiting = [engine.submit(prompt, long), engine.submit(prompt, long)]
+        with pytest.raises(EngineFull, match="2 sequences are waiting"):
+            engine.submit(prompt, long)
+        for r in [first] + waiting:
+            r.cancel()
+        reasons = [[o.finish_reason for o in r][-1] for r in [first] + waiting]
+        assert reasons == ["abort"] * 3
+        deadline = time.time() + 5
+        while engine.num_running() or engine.num_waiting():
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert engine.kv_usage() == 0 and engine.free_rows == [0]
+        tokens, _, finish = run(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert finish == "length" and len(tokens) == 3
+    finally:
+        engine.stop()
+
+
+def test_bad_requests_name_the_fault(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_model_len=64)
+    vocab = model.config.vocab_size
+    with pytest.raises(RequestError, match=f"token id {vocab} is outside the vocabulary \\(size {vocab}\\)"):
+        engine.check([1, vocab], SamplingParams())
+    with pytest.raises(RequestError, match="logit_bias: token id -1"):
+        engine.check([1], SamplingParams(logit_bias={-1: 1.0}))
+    with pytest.raises(RequestError, match="the prompt is 3 tokens and max_tokens is 62: 65 is more than the "
+                                           "model's context of 64"):
+        engine.check([1, 2, 3], SamplingParams(max_tokens=62))
+    with pytest.raises(RequestError, match="empty"):
+        engine.check([], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len 100000 is more than the model's context"):
+        Engine(model, tokenizer, max_model_len=100000)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_model_len=64).start()
+    prompt = tokenizer("Hello")["input_ids"]
+    original = model.forward
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        outs = list(engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0)))
+        assert outs[-1].finish_reason == "error" and "boom" in outs[-1].error
+        model.forward = original
+        tokens, _, finish = run(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(tokens) == 3 and engine.alive() and engine.kv_usage() == 0
+    finally:
+        model.forward = original
+        engine.stop()
+
+
+def test_phimoe_longrope_limit():
+    """Past original_max_position_embeddings PhiMoE's LongRoPE changes scale and the reference re-runs the whole
+    sequence; the engine serves up to there and says so beyond."""
+    from moelm.configs import PhimoeConfig
+
+    rope = dict(rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[2.0, 3.0, 4.5, 6.0],
+                short_mscale=1.15, long_mscale=1.45, original_max_position_embeddings=8, rope_theta=10000.0)
+    config = PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          num_local_experts=4, rope_parameters=rope)
+    model = AutoModelForCausalLM.from_config(config, seed=0)
+    with pytest.raises(ValueError, match="max_model_len 9: past 8 positions"):
+        Engine(model, None, max_model_len=9)
+    assert Engine(model, None, max_model_len=8).max_model_len == 8
+
+
+# ---------------------------------------------------------------- streaming text
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(new_checkpoint("ernie4_5-tiny", tmp_path_factory.mktemp("tok"), seed=0))
+
+
+def sentencepiece_tokenizer(tmp_path):
+    from tokenizer_fixtures import build_sentencepiece_dir
+
+    return AutoTokenizer.from_pretrained(build_sentencepiece_dir(tmp_path / "sp", model_type="bpe"))
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_detokenizer_never_emits_half_a_character(kind, byte_tokenizer, tmp_path):
+    tokenizer = byte_tokenizer if kind == "byte-level" else sentencepiece_tokenizer(tmp_path)
+    text = "Emoji 😀🎉🚀 and 你好，世界！ naïve café 👍🏽 end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the text must split a character across tokens"
+    prompt = tokenizer("Start:", add_special_tokens=False)["input_ids"]
+    detok = Detokenizer(tokenizer, prompt)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == tokenizer.decode(prompt + ids, skip_special_tokens=True)[
+        len(tokenizer.decode(prompt, skip_special_tokens=True)):]
+
+
+def test_stop_strings_are_held_back_and_never_leak():
+    stops = StopStrings(["END", "\n\n"])
+    out = [stops.feed(p) for p in ["Hello E", "N", "D here"]]
+    assert out == ["Hello ", "", ""] and stops.hit == "END"
+    stops = StopStrings(["END"])
+    out = [stops.feed(p) for p in ["Hello E", "NOUGH", " EN"]] + [stops.flush()]
+    assert "".join(out) == "Hello ENOUGH EN" and out[0] == "Hello " and stops.hit is None
+    stops = StopStrings(["ab", "b"])
+    assert stops.feed("xab") == "x" and stops.hit == "ab"
+
+
+def test_engine_stop_strings_cut_the_text(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_model_len=128).start()
+    prompt = tokenizer("The quick brown fox")["input_ids"]
+    try:
+        params = SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
+        _, full, _ = run(engine, prompt, params)
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        assert stop.strip(), full
+        _, text, finish = run(engine, prompt, SamplingParams(**{**params.__dict__, "stop": [stop]}))
+    finally:
+        engine.stop()
+    assert finish == "stop" and text == full[:full.index(stop)] and stop not in text
+
+
+def test_engine_thread_is_the_only_one_running_the_model(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    threads = set()
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    engine = Engine(model, tokenizer, max_model_len=64).start()
+    try:
+        run(engine, tokenizer("Hi")["input_ids"], SamplingParams(max_tokens=2, temperature=0))
+    finally:
+        engine.stop()
+    assert threads == {"moelm-engine"} and not engine.alive()
