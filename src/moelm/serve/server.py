@@ -42,6 +42,23 @@ def check_extra():
                           f"(missing: {', '.join(missing)})")
 
 
+def check_address(host: str, port: int):
+    """OSError naming the address when it cannot be listened on (before minutes of loading a model)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"could not listen on {host}:{port}: {e.strerror}") from None
+
+
 def run(args, load):
     """The command; `load(args)` returns (model, tokenizer) as the other commands load them."""
     check_extra()
@@ -65,6 +82,7 @@ def run(args, load):
         if not path.is_file():
             raise FileNotFoundError(f"--chat-template {template}: no such file (and not a template)")
         template = path.read_text(encoding="utf-8")
+    check_address(args.host, args.port)
     model, tokenizer = load(args)
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
@@ -83,8 +101,14 @@ def run(args, load):
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+            pass
+        except SystemExit:  # uvicorn exits when it cannot start (it logged why)
+            pass
         if not server.started:
             raise OSError(f"could not listen on {args.host}:{args.port} (see above)")
     finally:
         engine.stop()
+    print("moelm serve: stopped", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""`moelm serve` as a user starts it: a subprocess on loopback answered by curl, stopped with Ctrl-C; its startup
+errors as one line; and the message when the serve extra is missing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moelm.scaffold import new_checkpoint
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return new_checkpoint("ernie4_5-tiny", tmp_path_factory.mktemp("cli"), seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(*args):
+    return subprocess.Popen([sys.executable, "-m", "moelm.cli", "serve", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def curl(*args) -> str:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_serve_answers_curl_and_stops_on_ctrl_c(tiny):
+    port = free_port()
+    proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
+                 "--max-model-len", "128", "--api-key", "k", "--uvicorn-log-level", "warning")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                if curl("-o", "/dev/null", "-w", "%{http_code}", url + "/health") == "200":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.2)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                           "temperature": 0, "stream": True})
+        out = curl("-N", url + "/v1/chat/completions", "-H", "Authorization: Bearer k", "-H",
+                   "Content-Type: application/json", "-d", body)
+        events = [line[len("data: "):] for line in out.split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        assert sum(json.loads(e)["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 1
+        denied = curl("-w", "\n%{http_code}", url + "/v1/models")
+        assert denied.endswith("\n401") and json.loads(denied.rsplit("\n", 1)[0])["error"]["code"] == "invalid_api_key"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-model-len", "100000"], "max_model_len 100000 is more than the model's context of 2048"),
+    (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: no such file"),
+    (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer, got 0"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+])
+def test_startup_errors_are_one_line(tiny, args, message):
+    proc = serve(str(tiny), *args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and message in err and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_port_in_use_is_one_line(tiny):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        proc = serve(str(tiny), "--port", str(s.getsockname()[1]), "--uvicorn-log-level", "critical")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "could not listen on 127.0.0.1" in err and "Traceback" not in err, err
+
+
+def test_serve_without_the_extra_names_it(tiny):
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None; "
+            "from moelm.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "serve", str(tiny)], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("moelm: error: moelm serve needs the serve extra: pip install 'moelm[serve]' "
+                                "(missing: fastapi, uvicorn)")
