@@ -40,7 +40,8 @@ def curl(*args) -> str:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_serve_answers_curl_and_stops_on_ctrl_c(tiny):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     port = free_port()
     proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
                  "--max-model-len", "128", "--api-key", "k", "--uvicorn-log-level", "warning")
@@ -66,10 +67,10 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny):
         denied = curl("-w", "\n%{http_code}", url + "/v1/models")
         assert denied.endswith("\n401") and json.loads(denied.rsplit("\n", 1)[0])["error"]["code"] == "invalid_api_key"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err and "moelm serve: stopped" in err
 
 
 @pytest.mark.parametrize("args,message", [

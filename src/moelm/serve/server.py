@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class Terminated(Exception):
+    pass
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def add_arguments(p):
@@ -101,9 +110,10 @@ def run(args, load):
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             server.run()
-        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the signal it shut down on
             pass
         except SystemExit:  # uvicorn exits when it cannot start (it logged why)
             pass
