@@ -583,7 +583,7 @@ def test_fast_generate_matches_reference(family):
 def test_attend_kernel_matches_rotate_cache_and_attention(interleaved, heads, kv_heads, masking, threads):
     """kernels.attend (one C call) == rotary embedding, cache write at `pos`, then softmax attention as the
     PyTorch path computes them, for both rotations, GQA group sizes, and padding / sliding-window masks."""
-    from moelm.inference.decode import decode_attention
+    from moelm.inference.attention import decode_attention
     from moelm.rope import rotate_half_split, rotate_interleaved
 
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)

@@ -86,6 +86,54 @@ def test_slot_steps_equal_the_full_forward(name, fast, window):
     assert cache.lengths == [2, 9, 0, 14]
 
 
+@pytest.mark.parametrize("name,dtype", [(name, torch.float32) for name in FAMILIES]
+                         + [("ernie4_5-tiny", torch.bfloat16)])
+def test_slot_decode_steps_take_the_c_kernels(name, dtype, monkeypatch):
+    """Steps of one token per sequence, rows in any order with holes between them, run the decoder layer (ERNIE)
+    or its attention (PhiMoE) in one C call writing each row at its own position; the logits are each sequence's
+    own forward's (bf16: within bf16's rounding; a dense model, as an MoE's routing may flip on a rounding)."""
+    from moelm.inference import cpu, kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("MOELM_KERNELS", "decode_layer=gemv")
+    cpu.reset()
+    config = named_config(name)
+    model = randomize(AutoModelForCausalLM.from_config(config, seed=0, dtype=dtype).eval())
+    g = torch.Generator().manual_seed(2)
+    seqs = {0: torch.randint(0, config.vocab_size, (16,), generator=g), 2: torch.randint(0, config.vocab_size, (16,),
+            generator=g), 5: torch.randint(0, config.vocab_size, (16,), generator=g)}
+    calls = []
+    for fn in ("decode_layer", "attend"):
+        original = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append((_n, k.get("rows") is not
+                                                                                            None or a[-2] is not None))
+                            or _f(*a, **k))
+    cache = SlotCache(config, 6, 32, dtype)
+    fed = {row: 0 for row in seqs}
+    steps = [[(2, 8), (0, 5)], [(0, 1), (2, 1)], [(2, 1), (0, 1), (5, 4)], [(5, 1), (2, 1), (0, 1)],
+             [(0, 1), (5, 1)], [(2, 1), (5, 1), (0, 1)]]
+    try:
+        for segments in steps:
+            ids = torch.cat([seqs[row][fed[row]:fed[row] + count] for row, count in segments])
+            plan = cache.schedule(segments)
+            with torch.no_grad():
+                got = model(input_ids=ids[None], position_ids=plan.positions[None], past_key_values=cache,
+                            use_cache=True).logits[0].float()
+            cache.commit()
+            token = 0
+            for row, count in segments:
+                end = fed[row] + count
+                with torch.no_grad():
+                    want = model(seqs[row][None, :end]).logits[0, fed[row]:end].float()
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(got[token:token + count], want, atol=tol, rtol=tol)
+                token, fed[row] = token + count, end
+    finally:
+        cpu.reset()
+    assert any(with_rows for _, with_rows in calls), calls
+
+
 def test_slot_cache_refuses_more_than_a_row_holds():
     cache = SlotCache(named_config("ernie4_5-tiny"), 2, 8, torch.float32)
     with pytest.raises(ValueError, match="slot 1 holds 8 positions; 9"):

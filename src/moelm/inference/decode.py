@@ -1,12 +1,11 @@
 """Decoding steps in C over the StaticCache: a whole decoder layer (decode_layer_step) or its attention
 (decode_attention_step) for one new token per row in one call, where it applies (else the callers take the op-by-op
-path); and the one-query attention as two batched matmuls."""
+path)."""
 from __future__ import annotations
 
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from ..layers import MLP, RMSNorm
 from ..rope import rotate_half_split, rotate_interleaved
@@ -15,21 +14,37 @@ from .cache import StaticCache
 from .linear import FastLinear, fused_ready
 from .matmul import KERNEL_DTYPES
 from .quantization import QuantizedLinear
+from .slots import SlotCache
 
 
 def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False):
-    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos) for a C decoding step of this attention, or None where
-    it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's fp32 rotation), a
-    StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask of the plain
-    [B, 1, 1, K] form, not compiling. The contiguous cos/sin/mask are made once per step (the model passes the same
-    objects to every layer) and kept on the cache."""
+    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, rows, positions) for a C decoding step of this attention,
+    or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's fp32
+    rotation), a StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask of the
+    plain [B, 1, 1, K] form, not compiling. A SlotCache step of one token per sequence (x [1, B, n]) applies too:
+    rows and positions (int64 [B]) then say where each token's keys go, pos is the largest position. The contiguous
+    cos/sin/mask are made once per step (the model passes the same objects to every layer) and kept on the cache."""
     b, s, _ = x.shape
+    slots = isinstance(cache, SlotCache)
     dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
-    if torch.compiler.is_compiling() or s != 1 or not isinstance(cache, StaticCache) or not dtype_ok \
-            or x.device.type != "cpu" or attn.rotate not in (rotate_interleaved, rotate_half_split) \
+    if torch.compiler.is_compiling() or not dtype_ok or x.device.type != "cpu" \
+            or not (slots and b == 1 and not cache.plan.chunks or isinstance(cache, StaticCache) and s == 1) \
+            or attn.rotate not in (rotate_interleaved, rotate_half_split) \
             or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
             or not kernels.available():
         return None
+    if slots:
+        plan = cache.plan
+        step = getattr(cache, "step", None)
+        if step is None or step[0] is not cos_sin or step[1] is not plan:
+            cos, sin = cos_sin
+            half = attn.head_dim // 2
+            if cos.shape[-1] != half or cos.dtype != torch.float32:
+                return None
+            cos, sin = (t.reshape(s, half).contiguous() for t in (cos, sin))
+            cache.step = step = (cos_sin, plan, (cos, sin, plan.step_mask, plan.max_position, plan.rows,
+                                                 plan.positions))
+        return step[2]
     pos = cache.get_seq_length(attn.layer_idx)
     step = getattr(cache, "step", None)
     if step is None or step[0] is not cos_sin or step[1] is not mask or step[2] != pos:
@@ -40,7 +55,7 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
             return None
         cos, sin = (t.expand(b, 1, half).reshape(b, half).contiguous() for t in (cos, sin))
         flat_mask = None if mask is None else mask.reshape(b, pos + 1).contiguous()
-        cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos))
+        cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos, None, None))
     return step[3]
 
 
@@ -50,13 +65,15 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
     inputs = _step_inputs(attn, x, cos_sin, mask, cache)
     if inputs is None:
         return None
-    cos, sin, flat_mask, pos = inputs
-    b = x.shape[0]
+    cos, sin, flat_mask, pos, rows, positions = inputs
+    b = cos.shape[0]
     qkv = attn.fused_qkv.module(x).reshape(b, -1)
-    cache.reserve(attn.layer_idx, 1)
+    if rows is None:
+        cache.reserve(attn.layer_idx, 1)
     out = kernels.attend(qkv, attn.num_heads, attn.num_kv_heads, cos, sin, attn.rotate is rotate_interleaved,
-                         cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask, attn.scaling)
-    return attn.o_proj(out.view(b, 1, -1))
+                         cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask, attn.scaling,
+                         rows, positions)
+    return attn.o_proj(out.view(x.shape[0], x.shape[1], -1))
 
 
 def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
@@ -76,15 +93,18 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
         return None
     inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
     plan = None if inputs is None else _layer_plan(layer, x)
-    b = x.shape[0]
-    if plan is None or b > kernels.MAX_ROWS:
+    if plan is None:
         return None
-    cos, sin, flat_mask, pos = inputs
+    cos, sin, flat_mask, pos, rows, positions = inputs
+    b = cos.shape[0]
+    if b > kernels.MAX_ROWS:
+        return None
 
     def run():
-        cache.reserve(attn.layer_idx, 1)
+        if rows is None:
+            cache.reserve(attn.layer_idx, 1)
         y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
-                                    cache.values[attn.layer_idx], pos, flat_mask)
+                                    cache.values[attn.layer_idx], pos, flat_mask, rows, positions)
         return y.view_as(x), None if plan.dense else h.view_as(x)
 
     run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, torch.get_num_threads())
@@ -170,18 +190,3 @@ def _mat_tensors(module):
     if type(module) is QuantizedLinear and module.qweight.is_contiguous() and module.qweight.device.type == "cpu":
         return module.qweight, module.scale, module.group_size, bias
     return None
-
-
-def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
-    """One query per row against the cache, as two batched matmuls (on CPU several times faster than SDPA's flash
-    kernel for a single query; half precision computed in fp32). q [B, H, 1, D], k/v [B, Hkv, T, D],
-    mask [B, 1, 1, T] bool or None -> [B, H, 1, D]."""
-    b, h, _, d = q.shape
-    kv, dtype = k.shape[1], q.dtype
-    if dtype in (torch.bfloat16, torch.float16):  # half-precision matmuls are slow on CPUs without them
-        q, k, v = q.float(), k.float(), v.float()
-    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(2, 3)) * scaling  # [B, Hkv, G, T]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # [B, 1, 1, T] broadcasts over [B, Hkv, G, T]
-    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    return torch.matmul(weights, v).view(b, h, 1, d).to(dtype)

@@ -8,7 +8,9 @@ from torch import nn
 from ..layers import MLP, Attention, DecoderLayer, RMSNorm
 from ..moe import Experts, needs_grad, sort_by_expert
 from . import cpu, kernels
-from .decode import decode_attention, decode_attention_step, layer_step
+from .cache import StaticCache
+from .attention import decode_attention
+from .decode import decode_attention_step, layer_step
 from .experts import each_expert
 from .linear import FastLinear, fuse_projections, fused_ready
 from .slots import SlotCache, ragged_attention
@@ -34,13 +36,13 @@ class FastAttention(Attention):
     fused_qkv = None  # fuse_projections sets it
 
     def forward(self, x, cos_sin, mask, cache, output_attentions: bool = False):
-        if isinstance(cache, SlotCache) and not output_attentions and not (self.training and self.dropout):
-            return ragged_attention(self, x, cos_sin, cache), None  # a serving step: each sequence in its row
         eager = output_attentions or self.config.attn_implementation == "eager"
         if not eager and not (self.training and self.dropout):
             out = decode_attention_step(self, x, cos_sin, mask, cache)  # None unless a one-token CPU step
             if out is not None:
                 return out, None
+        if isinstance(cache, SlotCache) and not output_attentions and not (self.training and self.dropout):
+            return ragged_attention(self, x, cos_sin, cache), None  # a serving step: each sequence in its row
         return super().forward(x, cos_sin, mask, cache, output_attentions)
 
     def qkv(self, x: torch.Tensor):
@@ -63,14 +65,16 @@ class FastDecoderLayer(DecoderLayer):
             return super().forward(x, cos_sin, mask, cache, output_attentions)
         path = cpu.chosen("decode_layer", run.key)
         if path is None:
-            n = cache.lengths[self.self_attn.layer_idx]
+            layer = self.self_attn.layer_idx
+            n = cache.lengths[layer] if isinstance(cache, StaticCache) else None  # a SlotCache commits after
 
             def trial(fn):  # a step, then the cache as it was: the chosen one runs for real below
                 def go():
                     try:
                         return fn()
                     finally:
-                        cache.lengths[self.self_attn.layer_idx] = n
+                        if n is not None:
+                            cache.lengths[layer] = n
                 return go
 
             path = cpu.choose("decode_layer", run.key, {

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import decode_attention
+
 
 @dataclass
 class Schedule:
@@ -24,6 +26,8 @@ class Schedule:
     decode_mask: torch.Tensor | None  # [last + 1 - first, 1, 1, L] bool, None when every row sees all L positions
     decode_length: int            # L
     chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (row, start, count, first token, mask or None)
+    max_position: int = 0         # the last position written
+    step_mask: torch.Tensor | None = None  # [T, max_position + 1] bool: the sliding window of each token, or None
 
 
 class SlotCache:
@@ -71,7 +75,11 @@ class SlotCache:
             token += count
         dev = self.device
         plan = Schedule(laid, torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), None, (0, 0),
-                        None, None, 0, chunks)
+                        None, None, 0, chunks, max(positions))
+        if self.window is not None and plan.max_position >= self.window:
+            cols = torch.arange(plan.max_position + 1, device=dev)[None]
+            at = plan.positions[:, None]
+            plan.step_mask = ((cols <= at) & (cols > at - self.window)).contiguous()
         if decode:
             first, last = min(r for _, r, _ in decode), max(r for _, r, _ in decode)
             plan.decode = torch.tensor([t for t, _, _ in decode], device=dev)
@@ -147,8 +155,6 @@ def ragged_attention(attn, x: torch.Tensor, cos_sin, cache: SlotCache) -> torch.
     """attn's forward for a scheduled step: x [1, T, hidden] -> [1, T, hidden]. Keys/values go to the slot rows;
     one-token rows attend together (decode_attention over their rows' cache, in place), each prompt chunk by SDPA
     over its row."""
-    from .decode import decode_attention
-
     _, t, _ = x.shape
     q, k, v = attn.qkv(x)
     q = q.view(1, t, -1, attn.head_dim).transpose(1, 2)  # [1, H, T, D]

@@ -1,0 +1,20 @@
+"""One query per row against a KV cache, as two batched matmuls."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """One query per row against the cache, as two batched matmuls (on CPU several times faster than SDPA's flash
+    kernel for a single query; half precision computed in fp32). q [B, H, 1, D], k/v [B, Hkv, T, D],
+    mask [B, 1, 1, T] bool or None -> [B, H, 1, D]."""
+    b, h, _, d = q.shape
+    kv, dtype = k.shape[1], q.dtype
+    if dtype in (torch.bfloat16, torch.float16):  # half-precision matmuls are slow on CPUs without them
+        q, k, v = q.float(), k.float(), v.float()
+    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(2, 3)) * scaling  # [B, Hkv, G, T]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # [B, 1, 1, T] broadcasts over [B, Hkv, G, T]
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(weights, v).view(b, h, 1, d).to(dtype)
