@@ -7,26 +7,34 @@ for the whole run and the concurrency levels alternate between them (moelm at C 
 at C, then the next C), so a drift of the host's speed hits every server alike. At each level C clients stream
 completions concurrently, each sending R requests back to back (a prompt of exactly --prompt-tokens tokens, greedy,
 --gen-tokens tokens with EOS ignored); the figures per level are the generated tokens per second of wall time, the
-time to first token and the inter-token latency (the gaps between streamed chunks, as the client sees them).
+time to first token and the inter-token latency (the gaps between streamed text chunks as the client sees them: tokens
+a server flushes together show as gaps of 0). One warm-up request per server first, then two staggered requests
+per client at the highest client count (moelm measures its kernel paths per shape the first time it meets one).
+
+The tokenizer: a synthetic word-level one with exactly the model's vocabulary (id i is the word ' t' + i in letters),
+so every sampled id decodes to text and a prompt of N words is N tokens for moelm and transformers; llama.cpp's GGUF
+(moelm.llamacpp) has a synthetic vocabulary without merges, so its prompt is N ASCII letters, N byte tokens. The
+prompt lengths are checked on every server before the run.
 
     python benchmarks/serve.py --model ernie-0.3b --clients 1 4 8 --requests 4
     python benchmarks/serve.py --model ernie-tiny --clients 1 2 --requests 2 --gen-tokens 8 --peers moelm
 
-The peers as they are: llama-cpp-python's server runs one request at a time (no batching; the others queue);
-`transformers serve` runs with --continuous-batching. Needs httpx; llama.cpp needs llama-cpp-python, gguf and the
+The peers as they are: llama-cpp-python's server runs one request at a time (no batching; the others queue; started
+with --interrupt_requests False, else a new request ends the running stream early; it has no ignore_eos, a request
+that stops early is counted with the tokens it made and reported); `transformers serve` runs with
+--continuous-batching, --cb-num-blocks and --cb-max-batch-tokens set (on CPU its default sizes the KV from 60% of
+RAM), EOS disabled through the request's generation_config. Needs httpx; llama.cpp needs llama-cpp-python, gguf and the
 server extras (sse-starlette, starlette-context, pydantic-settings); transformers serve needs accelerate.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,7 +108,11 @@ def free_port() -> int:
 
 
 class Unavailable(Exception):
-    """A peer that cannot run here; the message says why."""
+    """A peer that cannot run here; the message (one line) says why, `detail` (its log's tail) says more."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass
@@ -123,8 +135,16 @@ class Server:
         env = {**os.environ, **self.env}
         self._log = open(self.log_path, "wb")
         # a session of its own: a Ctrl-C at the terminal reaches this script only, which then stops the server
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            self._log.close()
+            raise Unavailable(f"cannot start {self.cmd[0]}: {e}") from None
+
+    def last_line(self) -> str:
+        lines = [x for x in self.log_tail(40).splitlines() if x.strip() and not x.startswith(("INFO:", " "))]
+        return lines[-1].strip()[:300] if lines else "(nothing in its log)"
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -139,30 +159,31 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise Unavailable(f"exited with status {self.proc.returncode} while starting:\n{self.log_tail()}")
+                raise Unavailable(f"exited with status {self.proc.returncode} while starting: {self.last_line()}",
+                                  self.log_tail())
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        raise Unavailable(f"not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise Unavailable(f"not ready after {timeout:.0f} s: {self.last_line()}", self.log_tail())
 
     def stop(self):
-        """SIGTERM to its process group, SIGKILL after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._log.close()
+        """SIGTERM to its process group (its own session: only what it started), SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the server process so far (Linux)."""
@@ -441,7 +462,7 @@ def markdown_section(result: dict) -> str:
     a = result["args"]
     fmt = a.quantization if a.quantization != "none" else a.dtype
     extra = "".join(f"- {n}\n" for n in result["notes"] + result["ratios"])
-    return (f"\n### Serving: {a.model}, {fmt}, clients {', '.join(map(str, a.clients))}\n\n"
+    return (f"\n### Serving: {result['model']}, {fmt}, clients {', '.join(map(str, a.clients))}\n\n"
             f"Machine: {result['machine']}  \n"
             f"CPU: {result['cpu']}  \n"
             f"{result['versions']}  \n"
@@ -487,7 +508,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("--model", default="ernie-0.3b", choices=[m for m in BENCH_MODELS if m.startswith("ernie")])
+    p.add_argument("--model", nargs="+", default=["ernie-0.3b"],
+                   choices=[m for m in BENCH_MODELS if m.startswith("ernie")], help="shapes (moelm.bench's random-weight models); one table each, run one after the other")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
                    help="moelm's weight-only int8/int4 (with float32 activations); llama.cpp q8_0/q4_0")
@@ -505,7 +527,7 @@ def parse_args(argv=None):
     p.add_argument("--tf-blocks", type=int, default=32,
                    help="transformers --cb-num-blocks (256-token pages; the default sizes the KV from 60%% of RAM)")
     p.add_argument("--warmup-tokens", type=int, default=8,
-                   help="tokens of the concurrent warm-up burst (after the one warm-up request)")
+                   help="tokens of the shortest request of the concurrent warm-up (client c: this + 2c)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=900, help="seconds a server may take to start")
     p.add_argument("--workdir", default=None, help="where the temporary checkpoint goes (default: $TMPDIR)")
@@ -530,26 +552,30 @@ def log(*a):
 
 
 async def warm_up(server: Server, args, vocab: int):
-    """One request, then a burst at the highest client count (moelm measures its kernel paths per shape the first
-    time it meets one; the burst keeps that one-time cost out of the levels)."""
+    """One request, then the highest client count sending two requests each, of staggered lengths (client c
+    generates warmup_tokens + 2c), so that the batch goes through every size up to it, with and without prompt
+    chunks: moelm measures its kernel paths for each shape (rows rounded up to a power of two) the first time it
+    meets one, once per machine and version of its code; the warm-up keeps that out of the levels."""
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30)) as client:
         first = await stream_one(client, server, server.prompt(prompt_ids(args.seed, -1, 0, 0, args.prompt_tokens,
                                                                           vocab)), args.gen_tokens)
         if first.error or not first.tokens:
-            raise Unavailable(f"the warm-up request failed: {first.error or 'no tokens'}\n{server.log_tail()}")
+            raise Unavailable(f"the warm-up request failed: {first.error or 'no tokens'}", server.log_tail())
         if first.prompt_tokens is not None and first.prompt_tokens != args.prompt_tokens:
             raise Unavailable(f"the prompt is {first.prompt_tokens} tokens for {server.label}, "
                               f"not {args.prompt_tokens}")
-        burst = max(args.clients)
-        if burst > 1:
-            await asyncio.gather(*(stream_one(client, server, server.prompt(
-                prompt_ids(args.seed, -2, c, 0, args.prompt_tokens, vocab)), args.warmup_tokens)
-                for c in range(burst)))
+        async def staggered(c: int):
+            for r in range(2):
+                ids = prompt_ids(args.seed, -2, c, r, args.prompt_tokens, vocab)
+                await stream_one(client, server, server.prompt(ids), args.warmup_tokens + 2 * c)
+
+        if max(args.clients) > 1:
+            await asyncio.gather(*(staggered(c) for c in range(max(args.clients))))
 
 
-def run(args) -> dict:
+def run(args, model: str) -> dict:
     from moelm.bench import machine_line
     from moelm.inference import cpu
 
@@ -560,7 +586,7 @@ def run(args) -> dict:
         directory = Path(tmp) / "model"
         directory.mkdir()
         logs = Path(tmp)
-        config = write_bench_checkpoint(args.model, directory, args.seed, log)
+        config = write_bench_checkpoint(model, directory, args.seed, log)
         vocab = config.vocab_size
         try:
             for name in args.peers:
@@ -582,8 +608,8 @@ def run(args) -> dict:
                     asyncio.run(warm_up(s, args, vocab))
                     log(f"{s.label}: up on port {s.port} in {time.perf_counter() - t:.1f} s (warm-up included)")
                 except Unavailable as e:
-                    unavailable[name] = str(e).splitlines()[0] if str(e) else "unavailable"
-                    log(f"{name}: unavailable — {e}")
+                    unavailable[name] = str(e)
+                    log(f"{name}: unavailable — {e}" + (f"\n{e.detail}" if e.detail else ""))
                     if servers and servers[-1].name == name:
                         servers.pop().stop()
             if not servers:
@@ -592,7 +618,10 @@ def run(args) -> dict:
                 for s in servers:
                     idle = {o.name: o.cpu_seconds() for o in servers if o is not s}
                     if s.proc.poll() is not None:
-                        log(f"{s.label} exited (status {s.proc.returncode}):\n{s.log_tail()}")
+                        if s.name not in unavailable:
+                            unavailable[s.name] = (f"exited during the run (status {s.proc.returncode}): "
+                                                   f"{s.last_line()}")
+                            log(f"{s.label} exited (status {s.proc.returncode}):\n{s.log_tail()}")
                         continue
                     row = asyncio.run(run_level(s, clients, args.requests, args, vocab, level))
                     rows.append(row)
@@ -607,7 +636,7 @@ def run(args) -> dict:
             for s in servers:
                 s.stop()
     result = dict(machine=machine_line(args.threads, "cpu"), cpu=cpu.info().line(), versions=versions(),
-                  rows=rows, args=args, servers=servers)
+                  rows=rows, args=args, model=model, servers=servers)
     result["table"] = table(rows)
     result["ratios"] = ratios(rows)
     result["notes"] = notes(rows, servers, unavailable, args)
@@ -618,16 +647,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM (and a Ctrl-C, as KeyboardInterrupt) unwind through run()'s finally, which stops every server
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(args)
     fmt = args.quantization if args.quantization != "none" else args.dtype
-    print(f"\n{args.model} {fmt}, prompt {args.prompt_tokens}, gen {args.gen_tokens}, {args.requests} request(s) per "
-          f"client — {result['machine']}\nCPU: {result['cpu']}\n{result['versions']}\n")
-    print(result["table"])
-    for line in result["notes"] + result["ratios"]:
-        print(f"- {line}")
-    if args.markdown:
-        atomic_append(args.markdown, markdown_section(result))
-        print(f"\nappended to {args.markdown}")
+    try:
+        for model in args.model:
+            result = run(args, model)
+            print(f"\n{model} {fmt}, prompt {args.prompt_tokens}, gen {args.gen_tokens}, {args.requests} request(s) "
+                  f"per client — {result['machine']}\nCPU: {result['cpu']}\n{result['versions']}\n", flush=True)
+            print(result["table"])
+            for line in result["notes"] + result["ratios"]:
+                print(f"- {line}")
+            if args.markdown:
+                atomic_append(args.markdown, markdown_section(result))
+                print(f"\nappended to {args.markdown}")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        log("interrupted; every server was stopped")
+        return 130
     return 0
 
 
