@@ -168,6 +168,28 @@ def test_batched_greedy_equals_generate(checkpoint, fast):
     assert engine.steps < sum(len(p) + 12 for p in prompts)  # sequences shared steps
 
 
+def test_warmup_leaves_the_slots_empty(checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64)
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(k["input_ids"].shape[1]) or original(*a, **k)
+    engine.warmup()
+    model.forward = original
+    assert calls == [1, 2, 3, 1, 2, 4, 8, 16] and engine.cache.used() == 0 and engine.cache.plan is None
+    prompt = tokenizer("Hello world")["input_ids"]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    engine.start()
+    try:
+        assert run(engine, prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0] == \
+            want[0, len(prompt):].tolist()
+        with pytest.raises(RuntimeError, match="before starting"):
+            engine.warmup()
+    finally:
+        engine.stop()
+
+
 def test_seeded_sampling_is_the_same_whatever_else_runs(checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)

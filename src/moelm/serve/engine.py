@@ -185,6 +185,31 @@ class Engine:
         self.thread.start()
         return self
 
+    def warmup(self, seconds: float | None = None):
+        """Run the step shapes serving will meet (one-token rows 1, 2, 4, .. max_num_seqs; chunks of 1, 2, 4, ..
+        max_num_batched_tokens tokens) once on random tokens, so that the kernel paths are measured now (and
+        remembered for this CPU) rather than stalling the first requests; call before start(). Stops early after
+        `seconds`."""
+        if self.alive():
+            raise RuntimeError("warm up the engine before starting it")
+        deadline = None if seconds is None else time.perf_counter() + seconds
+        g = torch.Generator().manual_seed(0)
+        counts = [1 << i for i in range(self.max_num_batched_tokens.bit_length()) if 1 << i <= self.max_model_len]
+        rows = [1 << i for i in range(self.max_num_seqs.bit_length())] + [self.max_num_seqs]
+        steps = [[(r, 1) for r in range(n)] for n in sorted(set(rows))] + [[(0, c)] for c in counts]
+        with torch.inference_mode():
+            for segments in steps:
+                tokens = torch.randint(0, self.vocab_size, (1, sum(c for _, c in segments)), generator=g)
+                plan = self.cache.schedule(segments)
+                try:
+                    self.model(input_ids=tokens.to(self.model.device), position_ids=plan.positions[None],
+                               attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
+                               use_cache=True, logits_to_keep=1)
+                finally:
+                    self.cache.plan = None
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+
     def stop(self, timeout: float | None = 10):
         with self.cond:
             self.stopping = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -105,6 +106,10 @@ def run(args, load):
           f"({args.max_num_seqs} slots of {engine.max_model_len} positions, KV {kv / 2**20:.0f} MiB"
           f"{'; sampling defaults from generation_config: ' + str(defaults) if defaults else ''}"
           f"{'; API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    engine.warmup()
+    print(f"moelm serve: warmed up in {time.perf_counter() - started:.1f} s (kernel paths measured on a first start "
+          "are remembered for this CPU)", file=sys.stderr, flush=True)
     engine.start()
     try:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
