@@ -296,6 +296,8 @@ def test_api_key(tmp_path):
             r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/v1/models").status_code == 401
+        bad_json = httpx.post(url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+        assert bad_json.status_code == 401  # the key is checked before the body is read
         assert httpx.get(url + "/health").status_code == 200  # public, as the load balancers need
         good = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).choices

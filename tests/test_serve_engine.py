@@ -35,6 +35,12 @@ def checkpoint(request, tmp_path_factory):
     return new_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=0)
 
 
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    """(model, tokenizer) of the checkpoint, shared by the tests that leave the model as they found it."""
+    return AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+
+
 def run(engine, prompt, params):
     tokens, text, finish = [], "", None
     for out in engine.submit(prompt, params):
@@ -168,9 +174,8 @@ def test_batched_greedy_equals_generate(checkpoint, fast):
     assert engine.steps < sum(len(p) + 12 for p in prompts)  # sequences shared steps
 
 
-def test_warmup_leaves_the_slots_empty(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_warmup_leaves_the_slots_empty(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64)
     calls = []
     original = model.forward
@@ -190,9 +195,8 @@ def test_warmup_leaves_the_slots_empty(checkpoint):
         engine.stop()
 
 
-def test_seeded_sampling_is_the_same_whatever_else_runs(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_seeded_sampling_is_the_same_whatever_else_runs(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=128).start()
     prompt = tokenizer("Hello world")["input_ids"]
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
@@ -215,10 +219,9 @@ def test_seeded_sampling_is_the_same_whatever_else_runs(checkpoint):
     assert two[0] == alone[0] and two[1] != two[0]  # choice 0 is the seed's own draw, choice 1 another
 
 
-def test_request_parameters_act(checkpoint):
+def test_request_parameters_act(loaded):
     """logit_bias, stop_token_ids, min_tokens with EOS, repetition and presence penalties, max_tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=128).start()
     prompt = tokenizer("Hello world")["input_ids"]
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -246,9 +249,8 @@ def test_request_parameters_act(checkpoint):
         engine.stop()
 
 
-def test_logprobs_are_the_models(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_logprobs_are_the_models(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start()
     prompt = tokenizer("Hello world")["input_ids"]
     try:
@@ -266,9 +268,8 @@ def test_logprobs_are_the_models(checkpoint):
         assert [t for t, _ in e.top] == torch.topk(lp[step], 4).indices.tolist()
 
 
-def test_cancel_frees_the_slot_and_full_queue_refuses(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_cancel_frees_the_slot_and_full_queue_refuses(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, max_waiting=2).start()
     prompt = tokenizer("Hello")["input_ids"]
     long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
@@ -296,9 +297,8 @@ def test_cancel_frees_the_slot_and_full_queue_refuses(checkpoint):
         engine.stop()
 
 
-def test_bad_requests_name_the_fault(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_bad_requests_name_the_fault(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_model_len=64)
     vocab = model.config.vocab_size
     with pytest.raises(RequestError, match=f"token id {vocab} is outside the vocabulary \\(size {vocab}\\)"):
@@ -314,9 +314,8 @@ def test_bad_requests_name_the_fault(checkpoint):
         Engine(model, tokenizer, max_model_len=100000)
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_model_len=64).start()
     prompt = tokenizer("Hello")["input_ids"]
     original = model.forward
@@ -386,9 +385,8 @@ def test_stop_strings_are_held_back_and_never_leak():
     assert stops.feed("xab") == "x" and stops.hit == "ab"
 
 
-def test_engine_stop_strings_cut_the_text(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_engine_stop_strings_cut_the_text(loaded):
+    model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_model_len=128).start()
     prompt = tokenizer("The quick brown fox")["input_ids"]
     try:
@@ -402,9 +400,8 @@ def test_engine_stop_strings_cut_the_text(checkpoint):
     assert finish == "stop" and text == full[:full.index(stop)] and stop not in text
 
 
-def test_engine_thread_is_the_only_one_running_the_model(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+def test_engine_thread_is_the_only_one_running_the_model(loaded):
+    model, tokenizer = loaded
     threads = set()
     original = model.forward
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.request
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (Debian package chromium)", allow_module_level=True)
+CHROMIUM = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
+if not CHROMIUM:
+    pytest.skip("no chromium browser (/usr/bin/chromium, the Debian package chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the python package playwright is not installed")
 expect = sync_api.expect
 
@@ -24,6 +25,7 @@ TIMEOUT_MS = 15_000
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server"]
 CHAT = "/v1/chat/completions"
+HTML = "<b>Go on</b> & <img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,8 @@ def page(browser):
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.finished = []  # the requests whose response body has ended
+    page.on("requestfinished", lambda request: page.finished.append(request))
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -65,9 +69,13 @@ def is_chat(r) -> bool:
     return request.url.endswith(CHAT) and request.method == "POST"
 
 
-def streamed_text(body: bytes) -> str:
-    """The concatenated delta.content of an SSE chat stream; checks it ends with [DONE]."""
-    events = [e for e in body.decode("utf-8").split("\n\n") if e.strip()]
+def streamed_text(page, response) -> str:
+    """The concatenated delta.content of the SSE chat stream the page received; checks it ends with [DONE]."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not any(r is response.request for r in page.finished):  # response.body() would wait unbounded
+        assert time.monotonic() < deadline, "the response body did not end"
+        page.wait_for_timeout(50)
+    events = [e for e in response.body().decode("utf-8").split("\n\n") if e.strip()]
     assert events[-1] == "data: [DONE]", events[-3:]
     text = ""
     for event in events[:-1]:
@@ -77,29 +85,35 @@ def streamed_text(body: bytes) -> str:
     return text
 
 
-def post_json(url: str, body: dict, key: str | None = None) -> dict:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=60) as response:
         return json.loads(response.read())
 
 
-def send(page, text: str, enter: bool = False):
-    """Type a message and send it (Enter or the button); returns the chat request and its response."""
-    page.fill("#input", text)
-    with page.expect_request(is_chat) as request, page.expect_response(is_chat) as response:
+def send(page, text: str | None, enter: bool = False):
+    """Type a message (None: it is typed already) and send it (Enter or the button); returns the chat request
+    and its response (the response's head, its body may still be streaming)."""
+    with page.expect_response(is_chat) as response:
+        request = send_only(page, text, enter)
+    return request, response.value
+
+
+def send_only(page, text: str | None, enter: bool = False):
+    """send() for a request that gets no response; returns the request."""
+    if text is not None:
+        page.fill("#input", text)
+    with page.expect_request(is_chat) as request:
         if enter:
             page.press("#input", "Enter")
         else:
             page.click("#send")
-    return request.value, response.value
+    return request.value
 
 
-def wait_done(page, response=None):
-    """Until the stream ended: the response body is complete and Send is enabled again."""
-    if response is not None:
-        assert response.finished() is None  # waits for the body's end; None: no network error
+def wait_done(page):
+    """Until the stream ended: Send is enabled again, Stop disabled."""
     expect(page.locator("#send")).to_be_enabled(timeout=TIMEOUT_MS)
     expect(page.locator("#stop")).to_be_disabled(timeout=TIMEOUT_MS)
 
@@ -119,41 +133,47 @@ def test_chat_streams_the_reply(server, page):
     page.fill("#system", "You are terse.")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "12")
-    request, response = send(page, "Hello there", enter=True)
-    wait_done(page, response)
+    page.fill("#input", "Hello")
+    page.press("#input", "Shift+Enter")  # a new line, not a send
+    page.type("#input", "there")
+    assert page.input_value("#input") == "Hello\nthere" and bubbles(page, "user") == []
+    request, response = send(page, None, enter=True)
+    wait_done(page)
     sent = json.loads(request.post_data)
     assert sent == {"model": "tiny", "stream": True, "temperature": 0, "max_tokens": 12, "messages": [
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]}
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello\nthere"}]}
     assert "authorization" not in request.headers
     assert response.status == 200 and response.headers["content-type"].startswith("text/event-stream")
 
     shown = bubbles(page, "assistant")
     assert len(shown) == 1 and shown[0]
-    assert shown[0] == streamed_text(response.body())
+    assert shown[0] == streamed_text(page, response)
     greedy = post_json(url + CHAT, {"messages": sent["messages"], "temperature": 0, "max_tokens": 12})
     assert shown[0] == greedy["choices"][0]["message"]["content"]
-    assert bubbles(page, "user") == ["Hello there"]
+    assert bubbles(page, "user") == ["Hello\nthere"]
     assert page.input_value("#input") == ""
     expect(page.locator("#error")).to_be_hidden()
 
-    # A second turn (Send button, sampled) carries the whole conversation; what is shown is what streamed.
+    # A second turn (Send button, sampled) carries the whole conversation; what is shown is what streamed; text
+    # is shown as text, never as markup.
     page.fill("#temperature", "0.7")
-    request, response = send(page, "Go on")
-    wait_done(page, response)
+    request, response = send(page, HTML)
+    wait_done(page)
     sent = json.loads(request.post_data)
     assert sent["temperature"] == 0.7 and sent["max_tokens"] == 12 and sent["stream"] is True
     assert sent["messages"] == [
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"},
-        {"role": "assistant", "content": shown[0]}, {"role": "user", "content": "Go on"}]
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello\nthere"},
+        {"role": "assistant", "content": shown[0]}, {"role": "user", "content": HTML}]
     shown = bubbles(page, "assistant")
-    assert len(shown) == 2 and shown[1] == streamed_text(response.body())
-    assert bubbles(page, "user") == ["Hello there", "Go on"]
+    assert len(shown) == 2 and shown[1] == streamed_text(page, response)
+    assert bubbles(page, "user") == ["Hello\nthere", HTML]
+    assert page.locator("#messages b, #messages img").count() == 0
 
     # New chat empties the conversation: the next request has only the system prompt and the new turn.
     page.click("#new-chat")
     assert bubbles(page, "assistant") == [] and bubbles(page, "user") == []
     request, response = send(page, "Again")
-    wait_done(page, response)
+    wait_done(page)
     assert [m["role"] for m in json.loads(request.post_data)["messages"]] == ["system", "user"]
     assert engine.num_running() == 0
 
@@ -164,7 +184,7 @@ def test_api_key(checkpoint, page):
         expect(page.locator("#error")).to_contain_text("no API key", timeout=TIMEOUT_MS)
 
         request, response = send(page, "Hello")
-        wait_done(page, response)
+        wait_done(page)
         assert response.status == 401 and "authorization" not in request.headers
         message = response.json()["error"]["message"]
         expect(page.locator("#error")).to_have_text(message)
@@ -177,10 +197,10 @@ def test_api_key(checkpoint, page):
         expect(page.locator("#error")).to_be_hidden()
         page.fill("#max-tokens", "8")
         request, response = send(page, "Hello")
-        wait_done(page, response)
+        wait_done(page)
         assert response.status == 200 and request.headers["authorization"] == "Bearer k"
         shown = bubbles(page, "assistant")
-        assert len(shown) == 1 and shown[0] and shown[0] == streamed_text(response.body())
+        assert len(shown) == 1 and shown[0] and shown[0] == streamed_text(page, response)
         expect(page.locator("#error")).to_be_hidden()
 
         # The key is kept in localStorage across a reload.
@@ -190,24 +210,69 @@ def test_api_key(checkpoint, page):
         expect(page.locator("#error")).to_be_hidden()
 
 
+def aborted(url: str) -> float:
+    """The server's count of sequences that ended by cancellation (finish reason "abort")."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("moelm:request_success_total{") and 'finished_reason="abort"' in line)
+
+
 def test_stop_ends_the_generation(server, page):
     url, engine, _ = server
+    before = aborted(url)
     page.goto(url + "/")
     expect(page.locator("#model")).to_have_value("tiny", timeout=TIMEOUT_MS)
+    # Greedy on this checkpoint never samples the end of text: 1900 tokens would take the server many seconds.
+    page.fill("#temperature", "0")
     page.fill("#max-tokens", "1900")
     request, _ = send(page, "Write a long story")
     assert json.loads(request.post_data)["max_tokens"] == 1900
     page.wait_for_function("() => document.querySelector('#messages .msg.assistant')?.textContent.length > 0",
                            timeout=TIMEOUT_MS)
     assert engine.num_running() == 1  # still generating
+    expect(page.locator("#stop")).to_be_enabled()
     page.click("#stop")
     wait_done(page)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 3
     while engine.num_running() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.num_running() == 0, "the server kept generating after Stop"
+    assert aborted(url) == before + 1
     expect(page.locator("#error")).to_be_hidden()
     partial = bubbles(page, "assistant")
-    assert len(partial) == 1 and partial[0]
+    assert len(partial) == 1 and 0 < len(partial[0]) < 1900
     time.sleep(0.3)  # nothing more arrives
     assert bubbles(page, "assistant") == partial
+
+    # The partial reply stays in the conversation.
+    page.fill("#max-tokens", "4")
+    request, _ = send(page, "Shorter, please")
+    wait_done(page)
+    assert json.loads(request.post_data)["messages"] == [
+        {"role": "user", "content": "Write a long story"}, {"role": "assistant", "content": partial[0]},
+        {"role": "user", "content": "Shorter, please"}]
+
+
+def test_stream_errors_are_shown(server, page):
+    """An error event mid-stream and a network failure (the responses faked in the browser) land in #error."""
+    url, _, _ = server
+    page.goto(url + "/")
+    expect(page.locator("#model")).to_have_value("tiny", timeout=TIMEOUT_MS)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+    body = (f"data: {json.dumps(chunk)}\n\n" 'data: {"error": {"message": "generation failed: boom"}}\n\n'
+            "data: [DONE]\n\n")
+    page.route("**" + CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    send(page, "Hello")
+    wait_done(page)
+    expect(page.locator("#error")).to_have_text("generation failed: boom")
+    assert bubbles(page, "assistant") == ["Hi"]
+
+    page.unroute("**" + CHAT)
+    page.route("**" + CHAT, lambda route: route.abort("connectionrefused"))
+    send_only(page, "Again")
+    wait_done(page)
+    expect(page.locator("#error")).not_to_be_empty()
+    expect(page.locator("#error")).to_be_visible()
+    assert bubbles(page, "user") == ["Hello"] and page.input_value("#input") == "Again"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import inspect
 import json
 import re
@@ -11,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -21,6 +22,7 @@ from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, Sampling, TokenizeRequest
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE_POLICY = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
 PUBLIC = ("/health", "/metrics", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
@@ -57,20 +59,32 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts[:3]) or "invalid request", param
 
 
+class RequireKey:
+    """Plain ASGI middleware: API paths need `Authorization: Bearer KEY`, checked on the headers before the body is
+    read (Starlette's BaseHTTPMiddleware would hide a streaming client's disconnect)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(header, self.expected):
+                what = "a wrong API key" if header else "no API key"
+                response = error_response(APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'",
+                                                   code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key: str | None = None,
                chat_template: str | None = None, defaults: dict | None = None) -> FastAPI:
     """The FastAPI app. The engine must be started by the caller; `defaults` are sampling defaults (the model's
     generation_config) for fields a request leaves unset."""
-    async def authorize(request: Request):
-        """The API key check (a dependency, not a middleware: Starlette's middleware would hide a streaming
-        client's disconnect)."""
-        if api_key and request.url.path not in PUBLIC:
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                what = "a wrong API key" if header else "no API key"
-                raise APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-    app = FastAPI(title="moelm", version="1", docs_url="/docs", dependencies=[Depends(authorize)])
+    app = FastAPI(title="moelm", version="1", docs_url="/docs")
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)
     names = list(served_model_names)
     metrics = Metrics(engine, names[0])
     if engine.metrics is None:
@@ -124,9 +138,9 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
             {"id": name, "object": "model", "created": created, "owned_by": "moelm", "root": names[0],
              "max_model_len": engine.max_model_len} for name in names]}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
 
     # ---------------------------------------------------------------- tokens
 
@@ -242,6 +256,45 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
     def error_event(out: Output) -> dict:
         return APIError(500, f"generation failed: {out.error}", kind="internal_error").body()
 
+    def event_stream(http, submitted, events, choices: int, head: dict, with_usage: bool, opening: list[dict],
+                     choice) -> StreamingResponse:
+        """The SSE response: `opening` choice chunks, then choice(index, Output) for each event (None: nothing to
+        send), the usage chunk if asked for, [DONE]; an error event ends it."""
+        async def stream():
+            extra = {"usage": None} if with_usage else {}
+            for body in opening:
+                yield sse({**head, "choices": [body], **extra})
+            try:
+                async for c, out in outputs(http, submitted, events, choices):
+                    if out.error:
+                        yield sse(error_event(out))
+                        break
+                    body = choice(c, out)
+                    if body is not None:
+                        yield sse({**head, "choices": [body], **extra})
+                else:
+                    if with_usage:
+                        yield sse({**head, "choices": [], "usage": usage(submitted)})
+                yield "data: [DONE]\n\n"
+            except ClientGone:
+                return
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect(http, submitted, events, choices: int, start: list[str]):
+        """(texts, finish reasons, logprob entries) per choice once all finished; None if the client left."""
+        text, finish, entries = list(start), [None] * choices, [[] for _ in range(choices)]
+        try:
+            async for c, out in outputs(http, submitted, events, choices):
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}", kind="internal_error")
+                text[c] += out.text
+                entries[c] += out.logprobs
+                finish[c] = out.finish_reason or finish[c]
+        except ClientGone:
+            return None
+        return text, finish, entries
+
     # ---------------------------------------------------------------- chat
 
     def chat_logprobs(entries) -> dict:
@@ -263,47 +316,23 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         submitted, events, choices = submit(http, [prompt], body, max_tokens, logprobs)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
-        with_usage = body.include_usage()
 
         if body.stream:
-            async def stream():
-                extra = {"usage": None} if with_usage else {}
-                for c in range(choices):
-                    yield sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}], **extra})
-                try:
-                    async for c, out in outputs(http, submitted, events, choices):
-                        if out.error:
-                            yield sse(error_event(out))
-                            break
-                        if not out.text and not out.finish_reason and not (out.logprobs and logprobs is not None):
-                            continue
-                        delta = {"content": out.text} if out.text else {}
-                        yield sse({**head, "choices": [{
-                            "index": c, "delta": delta,
-                            "logprobs": chat_logprobs(out.logprobs) if logprobs is not None else None,
-                            "finish_reason": out.finish_reason}], **extra})
-                    else:
-                        if with_usage:
-                            yield sse({**head, "choices": [], "usage": usage(submitted)})
-                    yield "data: [DONE]\n\n"
-                except ClientGone:
-                    return
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def choice(c: int, out: Output):
+                if not out.text and not out.finish_reason and not (out.logprobs and logprobs is not None):
+                    return None
+                return {"index": c, "delta": {"content": out.text} if out.text else {},
+                        "logprobs": chat_logprobs(out.logprobs) if logprobs is not None else None,
+                        "finish_reason": out.finish_reason}
 
-        text = [""] * choices
-        finish: list = [None] * choices
-        entries: list[list] = [[] for _ in range(choices)]
-        try:
-            async for c, out in outputs(http, submitted, events, choices):
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}", kind="internal_error")
-                text[c] += out.text
-                entries[c] += out.logprobs
-                finish[c] = out.finish_reason or finish[c]
-        except ClientGone:
+            opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for c in range(choices)]
+            return event_stream(http, submitted, events, choices, head, body.include_usage(), opening, choice)
+
+        done = await collect(http, submitted, events, choices, [""] * choices)
+        if done is None:
             return Response(status_code=499)
+        text, finish, entries = done
         return {"id": rid, "object": "chat.completion", "created": now, "model": name, "choices": [
             {"index": c, "message": {"role": "assistant", "content": text[c]},
              "logprobs": chat_logprobs(entries[c]) if logprobs is not None else None,
@@ -357,46 +386,25 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         head = {"id": rid, "object": "text_completion", "created": now, "model": name}
         echo = [tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(choices)]
         offsets = [Offsets(len(e)) for e in echo]
-        with_usage = body.include_usage()
 
         if body.stream:
-            async def stream():
-                extra = {"usage": None} if with_usage else {}
-                sent = [False] * choices
-                try:
-                    async for c, out in outputs(http, submitted, events, choices):
-                        if out.error:
-                            yield sse(error_event(out))
-                            break
-                        if not out.text and not out.finish_reason and not (out.logprobs and body.logprobs is not None):
-                            continue
-                        text = out.text if sent[c] else echo[c] + out.text
-                        sent[c] = True
-                        yield sse({**head, "choices": [{
-                            "index": c, "text": text,
-                            "logprobs": offsets[c].add(out.logprobs, out.text) if body.logprobs is not None else None,
-                            "finish_reason": out.finish_reason}], **extra})
-                    else:
-                        if with_usage:
-                            yield sse({**head, "choices": [], "usage": usage(submitted)})
-                    yield "data: [DONE]\n\n"
-                except ClientGone:
-                    return
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            sent = [False] * choices
 
-        text = list(echo)
-        finish: list = [None] * choices
-        entries: list[list] = [[] for _ in range(choices)]
-        try:
-            async for c, out in outputs(http, submitted, events, choices):
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}", kind="internal_error")
-                text[c] += out.text
-                entries[c] += out.logprobs
-                finish[c] = out.finish_reason or finish[c]
-        except ClientGone:
+            def choice(c: int, out: Output):
+                if not out.text and not out.finish_reason and not (out.logprobs and body.logprobs is not None):
+                    return None
+                text = out.text if sent[c] else echo[c] + out.text
+                sent[c] = True
+                return {"index": c, "text": text,
+                        "logprobs": offsets[c].add(out.logprobs, out.text) if body.logprobs is not None else None,
+                        "finish_reason": out.finish_reason}
+
+            return event_stream(http, submitted, events, choices, head, body.include_usage(), [], choice)
+
+        done = await collect(http, submitted, events, choices, echo)
+        if done is None:
             return Response(status_code=499)
+        text, finish, entries = done
         return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [
             {"index": c, "text": text[c],
              "logprobs": offsets[c].add(entries[c], "") if body.logprobs is not None else None,
