@@ -174,6 +174,23 @@ def test_batched_greedy_equals_generate(checkpoint, fast):
     assert engine.steps < sum(len(p) + 12 for p in prompts)  # sequences shared steps
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
+def test_alone_equals_generate_in_every_weight_format(checkpoint, kind):
+    """A request alone runs the shapes generate runs (the prompt in one chunk, then one row per step), so its
+    greedy tokens are generate's in bf16 and with quantized weights too."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **({"dtype": torch.bfloat16} if kind == "bfloat16" else
+                                                                 {"quantization": kind}))
+    prompt = tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start()
+    try:
+        got = run(engine, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    finally:
+        engine.stop()
+    assert got == want[0, len(prompt):].tolist()
+
+
 def test_warmup_leaves_the_slots_empty(loaded):
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64)
