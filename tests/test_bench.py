@@ -13,8 +13,9 @@ def test_bench_tiny_runs_and_reports():
         assert key in result
     names = {r["name"] for r in result["rows"]}
     assert {"prefill 16 tok", "decode b1", "decode b1 / bandwidth", "peak RSS after load"} <= names
-    for r in result["rows"]:
-        assert r["moelm"] > 0 and r["transformers"] > 0
+    for r in result["rows"]:  # RSS added by a load can be 0: the allocator may hand back pages freed earlier
+        low = 0 if r["name"] == "RSS added by load" else 1e-9
+        assert r["moelm"] >= low and r["transformers"] >= low, r
     assert result["weights"]["bytes_per_token"] > 0
     assert "| metric | moelm | transformers |" in bench.table(result)
 

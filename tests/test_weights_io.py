@@ -256,7 +256,7 @@ def test_hub_miss_offline(monkeypatch, tmp_path):
         resolve_model_dir("baidu/ERNIE-4.5-0.3B-PT")
     msg = str(e.value)
     assert "'baidu/ERNIE-4.5-0.3B-PT'" in msg and str(tmp_path) in msg
-    assert "huggingface-cli download baidu/ERNIE-4.5-0.3B-PT" in msg
+    assert "hf download baidu/ERNIE-4.5-0.3B-PT" in msg
     assert isinstance(e.value, FileNotFoundError)
 
 

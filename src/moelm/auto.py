@@ -26,8 +26,9 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        from .hub import resolve_model_dir
+        from .hub import resolve_model_dir, with_revision
 
+        path = with_revision(path, kwargs.pop("revision", None))
         directory = resolve_model_dir(path)
         data = read_config_json(directory)
         config = config_class_for(data).from_dict(data)

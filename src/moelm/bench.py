@@ -22,11 +22,12 @@ import time
 import torch
 
 BENCH_MODELS = {
-    # name: (moelm named config, overrides)
+    # name: (moelm named config, overrides); the named configs' own names work too (the ones that fit a machine)
     "ernie-0.3b": ("ernie-4.5-0.3b", {}),
     "ernie-21b-2l": ("ernie-4.5-21b-a3b", dict(num_hidden_layers=2, moe_layer_start_index=1, moe_layer_end_index=1)),
+    "phi-3.5-moe-1l": ("phi-3.5-moe", dict(num_hidden_layers=1)),
     "ernie-tiny": ("ernie4_5-tiny", {}),
-    "ernie4_5_moe-tiny": ("ernie4_5_moe-tiny", {}),
+    **{name: (name, {}) for name in ("ernie-4.5-0.3b", "ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny")},
 }
 LIBS = ("moelm", "transformers")
 

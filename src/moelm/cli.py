@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p)
     p.add_argument("--prompt", required=True, help="the prompt; '-' reads standard input")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print prompt and generated token counts and tokens/s on stderr")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /system TEXT, /exit)")
@@ -71,10 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template")
-    p.add_argument("config_name")
+    from .configs import NAMED_CONFIGS
+
+    p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template",
+                       description="Write a random-weight checkpoint of a named config, with a tokenizer and chat "
+                                   f"template. Config names: {', '.join(NAMED_CONFIGS)}.")
+    p.add_argument("config_name", metavar="CONFIG", help=f"one of: {', '.join(NAMED_CONFIGS)}")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     p.set_defaults(run=cmd_new)
 
     from .serve.server import add_arguments as serve_arguments
@@ -190,8 +198,15 @@ def cmd_generate(args):
         ids, mask = encode(tokenizer, model, prompt, False, args.max_new_tokens)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    started = time.perf_counter()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, streamer=make_streamer(tokenizer), tokenizer=tokenizer, **kwargs)
+        out = model.generate(ids, attention_mask=mask, streamer=make_streamer(tokenizer), tokenizer=tokenizer,
+                             **kwargs)
+    if args.verbose:
+        seconds = time.perf_counter() - started
+        new = out.shape[1] - ids.shape[1]
+        print(f"moelm: {ids.shape[1]} prompt tokens, {new} generated in {seconds:.2f} s "
+              f"({new / seconds:.1f} tokens/s, prefill included)", file=sys.stderr)
 
 
 def cmd_chat(args):
@@ -297,8 +312,13 @@ def cmd_info(args):
 
 
 def cmd_new(args):
+    from pathlib import Path
+
     from .scaffold import new_checkpoint
 
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
     out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
     print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
 

@@ -57,6 +57,12 @@ class PretrainedConfig:
                 self.extra[key] = value
         self.__post_init__()
 
+    def has_field(self, name: str) -> bool:
+        """Whether `name` is a field, an alias of one, or a key this config.json carried (from_pretrained may set
+        it)."""
+        return name in {f.name for f in dataclasses.fields(self)} or name in type(self).attribute_map \
+            or name in self.extra
+
     def __setattr__(self, name, value):  # aliases (num_experts, ...) write their field; extra keys stay extra
         name = type(self).attribute_map.get(name, name)
         if name in self.__dict__.get("extra", {}):

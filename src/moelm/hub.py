@@ -60,6 +60,15 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | 
     return snap if snap is not None and (snap / "config.json").is_file() else None
 
 
+def with_revision(name_or_path: str | os.PathLike, revision: str | None) -> str | os.PathLike:
+    """A hub id at `revision` (from_pretrained's revision=), for resolve_model_dir; a local path takes none."""
+    if revision is None:
+        return name_or_path
+    if Path(os.fspath(name_or_path)).expanduser().exists():
+        raise ValueError(f"revision={revision!r} applies to hub ids; {name_or_path} is a local directory")
+    return f"{os.fspath(name_or_path)}@{revision}"
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local model directory for a path, a path to its config.json, or a hub id (`owner/name[@revision]`)."""
     s = os.fspath(name_or_path)
@@ -95,7 +104,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             except Exception as e:
                 lines = str(e).strip().splitlines()
                 reason = f"download failed: {type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    cmd = f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
+    cmd = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     raise ModelNotFoundError(
         f"model {s!r} is not a local directory and is not in the Hugging Face cache ({cache}); "
         f"{reason}; download it with `{cmd}` or pass a local path")

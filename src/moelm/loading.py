@@ -9,8 +9,9 @@ import torch
 from .checkpoint import load_checkpoint
 from .configs import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
-from .hub import resolve_model_dir
+from .hub import resolve_model_dir, with_revision
 from .inference import optimize
+from .inference.quantization import BitsAndBytesConfig
 from .inference.quantize import fill_tied_head, quantize_modules, resolve
 from .weights import SafetensorsCheckpoint
 
@@ -27,23 +28,47 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     return optimize(model) if fast else model
 
 
+NOT_YET = ("tp_plan", "tp_size", "device_mesh", "distributed_config", "max_memory", "offload_folder")
+
+
 def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                     config: PretrainedConfig | None = None, attn_implementation: str | None = None,
                     torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
-                    **config_overrides):
+                    device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
+                    load_in_4bit: bool = False, load_in_8bit: bool = False, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
     the model's size plus one tensor. quantization="int8" | "int4" (or quantization_config=
     BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves out
-    the inference fast paths (moelm.inference.optimize: decode kernels, fused projections)."""
+    the inference fast paths (moelm.inference.optimize: decode kernels, fused projections).
+
+    transformers' loader options: device_map puts the whole model on one device ("auto" is the GPU if there is
+    one, else the CPU; see place()); revision picks a cached hub revision; load_in_4bit / load_in_8bit are
+    BitsAndBytesConfig's; low_cpu_mem_usage (loading always is) and trust_remote_code (nothing remote ever runs) are
+    accepted. Other keyword arguments must be config fields, which they update; anything else is a TypeError."""
+    not_yet = [k for k in NOT_YET if kwargs.get(k) is not None]
+    if not_yet:
+        raise NotImplementedError(f"from_pretrained({not_yet[0]}=...): tensor/expert parallelism and multi-device "
+                                  "placement are not implemented in moelm yet; load without it")
+    if load_in_4bit or load_in_8bit:
+        if quantization is not None or quantization_config is not None:
+            raise ValueError("pass load_in_4bit / load_in_8bit or a quantization config, not both")
+        quantization_config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    if device_map is not None:
+        device = place(device_map, device)
     qconfig = resolve(quantization, quantization_config, device)
+    path = with_revision(path, revision)
     directory = resolve_model_dir(path)
     if config is None:
         data = read_config_json(directory)
         config = cls.config_class.from_dict(data) if cls.config_class is not PretrainedConfig else \
             AutoConfig.from_dict(data)
-    for key, value in config_overrides.items():
+    unknown = sorted(k for k in kwargs if not config.has_field(k))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not "
+                        f"a loader option nor a field of {type(config).__name__}")
+    for key, value in kwargs.items():
         setattr(config, key, value)
     if attn_implementation:
         config.attn_implementation = attn_implementation
@@ -71,7 +96,44 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.name_or_path = str(path)
+    model.hf_device_map = {"": str(device)}
     return model.eval()
+
+
+def place(device_map, device=None) -> torch.device:
+    """The one device a device_map puts the model on: "cpu", "cuda[:N]", an int (a GPU), "auto" / "balanced" /
+    "balanced_low_0" / "sequential" (the GPU when there is one, else the CPU), or a dict whose values all name one
+    device. A map that would split the model over several devices or offload it to disk is not implemented yet."""
+    if isinstance(device_map, dict):
+        targets = {str(v) for v in device_map.values()}
+        if len(targets) != 1:
+            raise NotImplementedError(f"device_map places modules on {sorted(targets)}: splitting a model over "
+                                      "several devices is not implemented in moelm yet")
+        device_map = targets.pop()
+    if isinstance(device_map, int):
+        device_map = f"cuda:{device_map}"
+    if isinstance(device_map, torch.device):
+        device_map = str(device_map)
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            raise NotImplementedError(f"device_map={device_map!r} would split the model over {gpus} GPUs, which "
+                                      "moelm does not do yet; pass device_map='cuda:0' or device='cuda:0'")
+        device_map = "cuda:0" if gpus else "cpu"
+    if device_map == "disk":
+        raise NotImplementedError("device_map='disk' (offloading) is not implemented in moelm yet")
+    try:
+        target = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a device, 'auto', 'balanced', 'sequential' or a dict "
+                         "of module -> device") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device_map={device_map!r}: no such CUDA device here ({torch.cuda.device_count()} GPUs)")
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device_map={device_map!r}: moelm runs on cpu and cuda")
+    if device is not None and torch.device(device) != target:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one of them")
+    return target
 
 
 def _checkpoint_dtype(ckpt) -> torch.dtype:

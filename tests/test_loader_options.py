@@ -1,0 +1,143 @@
+"""Nothing silently ignored: from_pretrained's and pipeline()'s keyword arguments are config fields, loader options
+that are honoured, or a TypeError naming them; and the small newcomer fixes (moelm new --force, generate -v,
+bench names)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelm import AutoModelForCausalLM, pipeline
+from moelm.loading import place
+from moelm.scaffold import new_checkpoint
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return new_checkpoint("ernie4_5_moe-tiny", tmp_path_factory.mktemp("opts"), seed=0)
+
+
+def test_unknown_keyword_is_a_type_error_naming_it(tiny):
+    with pytest.raises(TypeError, match="'devce'.*not a loader option nor a field of Ernie4_5_MoeConfig"):
+        AutoModelForCausalLM.from_pretrained(tiny, devce="cpu")
+    with pytest.raises(TypeError, match="'bogus', 'devce'"):
+        AutoModelForCausalLM.from_pretrained(tiny, devce="cpu", bogus=1)
+
+
+def test_config_fields_and_accepted_options(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny, use_cache=False, num_experts_per_tok=1,
+                                                 low_cpu_mem_usage=True, trust_remote_code=True)
+    assert model.config.use_cache is False and model.config.moe_k == 1  # an alias sets its field
+    assert model.hf_device_map == {"": "cpu"}
+
+
+def test_device_map(tiny):
+    cpu = AutoModelForCausalLM.from_pretrained(tiny, device_map="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    if not torch.cuda.is_available():
+        auto = AutoModelForCausalLM.from_pretrained(tiny, device_map="auto")
+        assert auto.device.type == "cpu" and auto.hf_device_map == {"": "cpu"}
+        torch.testing.assert_close(auto(ids).logits, cpu(ids).logits)
+        with pytest.raises(ValueError, match="device_map='cuda': no such CUDA device here"):
+            AutoModelForCausalLM.from_pretrained(tiny, device_map="cuda")
+    placed = AutoModelForCausalLM.from_pretrained(tiny, device_map={"model": "cpu", "lm_head": "cpu"})
+    torch.testing.assert_close(placed(ids).logits, cpu(ids).logits)
+    with pytest.raises(NotImplementedError, match=r"places modules on \['cpu', 'disk'\]"):
+        place({"model.layers.0": "cpu", "model.layers.1": "disk"})
+    with pytest.raises(NotImplementedError, match="offloading"):
+        place("disk")
+    with pytest.raises(ValueError, match="device_map='nowhere' is not a device"):
+        place("nowhere")
+    with pytest.raises(ValueError, match="disagree"):
+        place("cpu", "meta")
+
+
+@pytest.mark.parametrize("name", ["tp_plan", "tp_size", "device_mesh", "distributed_config"])
+def test_parallelism_arguments_are_refused_until_implemented(tiny, name):
+    with pytest.raises(NotImplementedError, match=f"from_pretrained\\({name}=...\\)"):
+        AutoModelForCausalLM.from_pretrained(tiny, **{name: "auto" if name == "tp_plan" else 2})
+
+
+def test_load_in_8bit_maps_to_the_quantization_config(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny, load_in_8bit=True)
+    assert type(model.lm_head).__name__ == "QuantizedLinear"
+    with pytest.raises(ValueError, match="not both"):
+        AutoModelForCausalLM.from_pretrained(tiny, load_in_4bit=True, quantization="int8")
+
+
+def test_revision(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="revision='main' applies to hub ids"):
+        AutoModelForCausalLM.from_pretrained(tiny, revision="main")
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = cache / "models--baidu--tiny-moe"
+    shutil.copytree(tiny, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "dev").write_text("a" * 40)
+    model = AutoModelForCausalLM.from_pretrained("baidu/tiny-moe", revision="dev")
+    assert model.name_or_path == "baidu/tiny-moe@dev"
+    with pytest.raises(Exception, match="v2"):
+        AutoModelForCausalLM.from_pretrained("baidu/tiny-moe", revision="v2")
+
+
+def test_pipeline_honours_and_refuses_arguments(tiny):
+    pipe = pipeline("text-generation", model=str(tiny), max_new_tokens=5, do_sample=False,
+                    model_kwargs={"attn_implementation": "eager"})
+    assert pipe.model.config.attn_implementation == "eager"
+    enc = pipe.tokenizer("Hello", return_tensors="pt")
+    want = pipe.model.generate(**enc, max_new_tokens=5, do_sample=False)
+    text = pipe("Hello", return_full_text=False)[0]["generated_text"]
+    assert text == pipe.tokenizer.decode(want[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    longer = pipe.model.generate(**enc, max_new_tokens=7, do_sample=False)
+    assert pipe("Hello", max_new_tokens=7)[0]["generated_text"] == "Hello" + pipe.tokenizer.decode(
+        longer[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    with pytest.raises(TypeError, match="pipeline\\(\\) got unexpected keyword argument\\(s\\) 'bogus_arg'"):
+        pipeline("text-generation", model=str(tiny), bogus_arg=123)
+    with pytest.raises(TypeError, match="'bogus'"):
+        pipe("Hello", bogus=1)
+    with pytest.raises(TypeError, match="'devce'"):
+        pipeline("text-generation", model=str(tiny), model_kwargs={"devce": "cpu"})
+    with pytest.raises(ValueError, match="already loaded"):
+        pipeline("text-generation", model=pipe.model, tokenizer=pipe.tokenizer, model_kwargs={"use_cache": False})
+
+
+def moelm(*args):
+    return subprocess.run([sys.executable, "-m", "moelm.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=ENV)
+
+
+def test_new_refuses_a_directory_in_use_and_lists_the_names(tmp_path):
+    out = tmp_path / "m"
+    assert moelm("new", "ernie4_5-tiny", str(out)).returncode == 0
+    again = moelm("new", "ernie4_5-tiny", str(out))
+    assert again.returncode == 1 and "pass --force" in again.stderr and "Traceback" not in again.stderr
+    assert moelm("new", "ernie4_5-tiny", str(out), "--force").returncode == 0
+    (tmp_path / "empty").mkdir()
+    assert moelm("new", "ernie4_5-tiny", str(tmp_path / "empty")).returncode == 0
+    help_text = moelm("new", "--help").stdout
+    assert all(name in help_text for name in ("ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "phi-3.5-moe", "phimoe-tiny"))
+
+
+def test_generate_verbose_reports_tokens_per_second(tiny):
+    r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+              "-v")
+    assert r.returncode == 0, r.stderr
+    assert "generated in" in r.stderr and "tokens/s" in r.stderr
+    assert "tokens/s" not in moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "2",
+                                   "--temperature", "0").stderr
+
+
+def test_bench_knows_the_named_configs_and_phimoe():
+    from moelm.bench import BENCH_MODELS, bench_config
+
+    for name in ("ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny", "phi-3.5-moe-1l", "ernie-tiny"):
+        assert name in BENCH_MODELS
+    assert bench_config("phi-3.5-moe-1l").model_type == "phimoe"
+    assert bench_config("phi-3.5-moe-1l").num_hidden_layers == 1
