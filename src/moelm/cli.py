@@ -69,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("info", help="family, sizes, parameters, MoE layout, memory")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("info", help="family, sizes, parameters, MoE layout, memory (per rank with --tp / --ep)")
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id in the local cache, or a named "
+                                                  "config (moelm new --help lists them)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the per-rank memory plan")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (a multiple of --tp)")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"))
+    p.add_argument("--tokens", type=int, default=4096, help="prefill step size for the largest activation")
     p.set_defaults(run=cmd_info)
 
     from .configs import NAMED_CONFIGS
@@ -267,12 +272,17 @@ def cmd_chat(args):
 def cmd_info(args):
     import torch
 
+    from pathlib import Path
+
     from .auto import CAUSAL_LM
-    from .configs import AutoConfig, dtype_from_str
+    from .configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
     from .hub import resolve_model_dir
 
-    directory = resolve_model_dir(args.model)
-    config = AutoConfig.from_pretrained(directory)
+    if args.model in NAMED_CONFIGS and not Path(args.model).exists():
+        directory, config = None, named_config(args.model)
+    else:
+        directory = resolve_model_dir(args.model)
+        config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = CAUSAL_LM[config.model_type](config)
     total = model.num_parameters()
@@ -282,10 +292,10 @@ def cmd_info(args):
             per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
             inactive += per_expert * (module.num_experts - config.num_experts_per_tok)
     dtype = dtype_from_str(config.dtype or "float32") if args.dtype == "auto" else dtype_from_str(args.dtype)
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("*.safetensors")) if directory else []
     on_disk = sum(f.stat().st_size for f in files)
     lines = [
-        ("model", str(directory)),
+        ("model", str(directory or f"named config {args.model}")),
         ("family", f"{config.model_type} ({(config.architectures or [config.default_architecture])[0]})"),
         ("layers", f"{config.num_hidden_layers}, hidden {config.hidden_size}, vocab {config.vocab_size}"),
         ("attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} kv heads, "
@@ -307,6 +317,19 @@ def cmd_info(args):
         ("memory", f"{_human(total * dtype.itemsize, 'B')} of weights"
                    + (f"; {_human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else "")),
     ]
+    if args.tp > 1 or args.ep > 1 or args.quantization:
+        from .parallel import memory_plan
+
+        gb, mb = 1e9, 1e6
+        plan = memory_plan(config, args.tp, args.ep, dtype, args.quantization, args.tokens)
+        lines += [
+            ("layout", f"tp {plan['tp']} x ep {plan['ep']} on {plan['world']} ranks"
+                       + (f", {args.quantization} weights" if args.quantization else "")),
+            ("per rank", f"weights {plan['weights'] / gb:.2f} GB (dense {plan['dense'] / gb:.2f}, experts "
+                         f"{plan['experts'] / gb:.2f}); KV cache {plan['kv_per_1k'] / mb:.1f} MB per 1k tokens of a "
+                         f"sequence; largest activation {plan['activation'] / mb:.0f} MB ({plan['activation_what']}, "
+                         f"{plan['tokens']}-token step)"),
+        ]
     for key, value in lines:
         print(f"{key:>11}: {value}")
 

@@ -139,6 +139,11 @@ def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
     return config.group_size
 
 
+def experts_group_for(name: str, hidden: int, inter: int, config: "QuantizationConfig") -> int:
+    """One int4 group size for both stacked expert products (inputs `hidden` and `inter`)."""
+    return min(group_for(name, hidden, config), group_for(name, inter, config))
+
+
 # ---------------------------------------------------------------- modules
 
 def _path(op: str, x: torch.Tensor, rows: int, shape, candidates) -> str:

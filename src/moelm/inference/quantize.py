@@ -12,7 +12,7 @@ from ..moe import Experts
 from . import bnb
 from .bnb import BnbExperts, BnbLinear
 from .quantization import (BitsAndBytesConfig, PackedLinear, QuantizationConfig, QuantizedExperts, QuantizedLinear,
-                           group_for)
+                           experts_group_for, group_for)
 
 
 def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:
@@ -80,7 +80,7 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
                 setattr(module, child_name, BnbExperts(child, config))
             elif isinstance(child, Experts):
                 _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
-                group = min(group_for(full, hidden, config), group_for(full, inter, config))
+                group = experts_group_for(full, hidden, inter, config)
                 setattr(module, child_name, QuantizedExperts(child, config.mode, group))
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
                                                                           PackedLinear):

@@ -1,0 +1,101 @@
+"""The parallel plans as data and the per-rank memory plan: layout checks naming the numbers, per-rank bytes
+against the parameters of real (tiny) models, unsharded and quantized, and `moelm info --tp/--ep`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelm import AutoModelForCausalLM
+from moelm.configs import named_config
+from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
+from moelm.parallel.plans import rule
+from moelm.scaffold import new_checkpoint
+
+FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
+
+
+def tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_rule_names_real_modules(name):
+    """Each pattern of each plan matches a parameter (or its module) of the model: no rule is dead text."""
+    config = named_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, fast=False)
+    names = [n for n, _ in model.named_parameters()] + ["lm_head.weight"]
+    targets = {n.rpartition(".")[0] for n in names} | set(names)
+    for pattern in {**TP_PLANS[config.model_type], **EP_PLANS[config.model_type]}:
+        assert any(rule({pattern: "x"}, t) for t in targets), pattern
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unsharded_plan_is_the_models_own_bytes(name):
+    model = AutoModelForCausalLM.from_config(named_config(name), seed=0)
+    assert memory_plan(model.config, dtype=torch.float32)["weights"] == tensor_bytes(model) - sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_quantized_plan_is_the_loaded_models_bytes(name, mode, tmp_path):
+    path = new_checkpoint(name, tmp_path / "m", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization=mode, fast=False)
+    plain = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "e_score_correction" in n)
+    assert memory_plan(model.config, dtype=torch.float32, quantization=mode)["weights"] == tensor_bytes(model) - plain
+
+
+def test_tp_halves_what_the_plan_shards():
+    config = named_config("ernie4_5-tiny")
+    model = AutoModelForCausalLM.from_config(config, seed=0)
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    total = memory_plan(config, dtype=torch.float32)["weights"]
+    two = memory_plan(config, tp=2, dtype=torch.float32)
+    assert two["weights"] == (total - norms) // 2 + norms
+    assert two["kv_per_1k"] * 2 == memory_plan(config, dtype=torch.float32)["kv_per_1k"]
+
+
+def test_ep_takes_the_experts_by_id():
+    config = named_config("ernie4_5_moe-tiny")
+    one, two = memory_plan(config, dtype=torch.float32), memory_plan(config, tp=2, ep=2, dtype=torch.float32)
+    assert two["experts"] * 2 == one["experts"]
+    assert plan_for(config, 2, 2)["model.layers.*.mlp.experts.down_proj"] == "grouped_gemm"
+    assert plan_for(config, 2, 1)["model.layers.*.mlp.experts.down_proj"] == "rowwise"
+    assert plan_for(config, 1, 1) == {}
+
+
+@pytest.mark.parametrize("tp,ep,message", [
+    (3, 1, r"tp=3 must divide the attention heads \(20\) and the key/value heads \(4\)"),
+    (8, 1, r"tp=8 must divide the attention heads \(20\) and the key/value heads \(4\)"),
+    (1, 3, r"ep=3 must divide the experts \(64\)"),
+    (4, 2, "ep=2 must be a multiple of tp=4"),
+    (0, 1, "at least 1"),
+])
+def test_bad_layouts_name_the_numbers(tp, ep, message):
+    with pytest.raises(ValueError, match=message):
+        check_sizes(named_config("ernie-4.5-21b-a3b"), tp, ep)
+
+
+def test_dense_model_has_no_experts_to_shard():
+    with pytest.raises(ValueError, match="ernie4_5 has no experts"):
+        check_sizes(named_config("ernie-4.5-0.3b"), 1, 2)
+
+
+def test_info_prints_the_per_rank_plan():
+    r = subprocess.run([sys.executable, "-m", "moelm.cli", "info", "--model", "ernie-4.5-300b-a47b", "--dtype",
+                        "bfloat16", "--tp", "8", "--ep", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "tp 8 x ep 8 on 8 ranks" in r.stdout and "weights 74.71 GB" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "moelm.cli", "info", "--model", "ernie-4.5-21b-a3b", "--tp", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "tp=3 must divide the attention heads (20)" in bad.stderr
+    assert "Traceback" not in bad.stderr
