@@ -189,7 +189,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
 
     # ---------------------------------------------------------------- generation
 
-    def submit(http: Request, prompts: list[list[int]], body: Sampling, max_tokens, logprobs):
+    def submit(prompts: list[list[int]], body: Sampling, max_tokens, logprobs):
         """Submit each prompt; returns (engine requests, their event queue, choices in all)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -313,7 +313,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         prompt = render_chat(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        submitted, events, choices = submit(http, [prompt], body, max_tokens, logprobs)
+        submitted, events, choices = submit([prompt], body, max_tokens, logprobs)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
 
@@ -381,7 +381,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         if refused:
             raise APIError(400, refused[1], refused[0])
         prompts = prompts_of(body.prompt)
-        submitted, events, choices = submit(http, prompts, body, body.max_tokens, body.logprobs)
+        submitted, events, choices = submit(prompts, body, body.max_tokens, body.logprobs)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": name}
         echo = [tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(choices)]

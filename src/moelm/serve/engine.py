@@ -91,7 +91,6 @@ class Request:
         self.engine, self.id, self.prompt, self.params = engine, rid, prompt, params
         self.queue: queue.Queue | None = None if callback is not None else queue.Queue()
         self.callback = callback or self.queue.put
-        self.open = params.n  # choices not finished
         self.completion_tokens = 0
 
     @property
@@ -394,7 +393,6 @@ class Engine:
         if reason in ("stop", "length"):
             text += seq.stops.feed(seq.detok.flush())
             text += seq.stops.flush()
-        seq.request.open -= 1
         if self.metrics is not None:
             self.metrics.finished(reason, time.perf_counter() - seq.submitted)
         seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error))
