@@ -66,7 +66,8 @@ def test_slot_steps_equal_the_full_forward(name, fast, window):
     if window is not None:
         model.model.sliding_window = window
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randint(0, config.vocab_size, (14,), generator=g), torch.randint(0, config.vocab_size, (9,), generator=g)
+    a = torch.randint(0, config.vocab_size, (14,), generator=g)
+    b = torch.randint(0, config.vocab_size, (9,), generator=g)
     with torch.no_grad():
         full_a, full_b = model(a[None]).logits[0], model(b[None]).logits[0]
     cache = SlotCache(config, 4, 32, torch.float32, sliding_window=window)
@@ -86,7 +87,8 @@ def test_slot_steps_equal_the_full_forward(name, fast, window):
     got.append(step([(3, 1)], a[12:13]))
     got.append(step([(3, 1), (0, 2)], torch.cat([a[13:14], b[:2]])))  # a third row beside
     pairs = [(got[0], full_a[:10]), (got[1][:1], full_a[10:11]), (got[1][1:], full_b[:5]), (got[2][:4], full_b[5:9]),
-             (got[2][4:], full_a[11:12]), (got[3], full_a[12:13]), (got[4][:1], full_a[13:14]), (got[4][1:], full_b[:2])]
+             (got[2][4:], full_a[11:12]), (got[3], full_a[12:13]), (got[4][:1], full_a[13:14]),
+             (got[4][1:], full_b[:2])]
     for got_, want in pairs:
         torch.testing.assert_close(got_, want, atol=1e-4, rtol=1e-4)
     assert cache.lengths == [2, 9, 0, 14]
@@ -159,8 +161,7 @@ def test_batched_greedy_equals_generate(checkpoint, fast):
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(p):]
             .tolist() for p in prompts]
-    engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=8, max_model_len=128).start()
-    try:
+    with Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=8, max_model_len=128).start() as engine:
         requests = [engine.submit(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
         got = []
         for r in requests:
@@ -168,8 +169,6 @@ def test_batched_greedy_equals_generate(checkpoint, fast):
             for out in r:
                 tokens += out.token_ids
             got.append(tokens)
-    finally:
-        engine.stop()
     assert got == want
     assert engine.steps < sum(len(p) + 12 for p in prompts)  # sequences shared steps
 
@@ -183,11 +182,8 @@ def test_alone_equals_generate_in_every_weight_format(checkpoint, kind):
                                                                  {"quantization": kind}))
     prompt = tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]
     want = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
-    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start()
-    try:
+    with Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start() as engine:
         got = run(engine, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    finally:
-        engine.stop()
     assert got == want[0, len(prompt):].tolist()
 
 
@@ -214,10 +210,9 @@ def test_warmup_leaves_the_slots_empty(loaded):
 
 def test_seeded_sampling_is_the_same_whatever_else_runs(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=128).start()
-    prompt = tokenizer("Hello world")["input_ids"]
-    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
-    try:
+    with Engine(model, tokenizer, max_num_seqs=4, max_model_len=128).start() as engine:
+        prompt = tokenizer("Hello world")["input_ids"]
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=1234, ignore_eos=True)
         alone = run(engine, prompt, params)
         others = [engine.submit(tokenizer(t)["input_ids"], SamplingParams(max_tokens=20, temperature=1.0,
                                                                           ignore_eos=True))
@@ -229,8 +224,6 @@ def test_seeded_sampling_is_the_same_whatever_else_runs(loaded):
         two = [[], []]
         for out in engine.submit(prompt, SamplingParams(**{**params.__dict__, "n": 2})):
             two[out.index] += out.token_ids
-    finally:
-        engine.stop()
     assert alone == crowded
     assert other_seed[0] != alone[0]
     assert two[0] == alone[0] and two[1] != two[0]  # choice 0 is the seed's own draw, choice 1 another
@@ -239,10 +232,9 @@ def test_seeded_sampling_is_the_same_whatever_else_runs(loaded):
 def test_request_parameters_act(loaded):
     """logit_bias, stop_token_ids, min_tokens with EOS, repetition and presence penalties, max_tokens."""
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=128).start()
-    prompt = tokenizer("Hello world")["input_ids"]
-    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    try:
+    with Engine(model, tokenizer, max_num_seqs=2, max_model_len=128).start() as engine:
+        prompt = tokenizer("Hello world")["input_ids"]
+        greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
         base, _, finish = run(engine, prompt, greedy)
         assert finish == "length" and len(base) == 10
         biased, _, _ = run(engine, prompt, SamplingParams(**{**greedy.__dict__, "logit_bias": {7: 100.0}}))
@@ -262,18 +254,13 @@ def test_request_parameters_act(loaded):
         repeated, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                                             repetition_penalty=5.0))
         assert len(set(repeated)) > len(set(plain))
-    finally:
-        engine.stop()
 
 
 def test_logprobs_are_the_models(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start()
-    prompt = tokenizer("Hello world")["input_ids"]
-    try:
+    with Engine(model, tokenizer, max_num_seqs=2, max_model_len=64).start() as engine:
+        prompt = tokenizer("Hello world")["input_ids"]
         outs = list(engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=4)))
-    finally:
-        engine.stop()
     entries = [e for o in outs for e in o.logprobs]
     tokens = [t for o in outs for t in o.token_ids]
     with torch.no_grad():
@@ -287,10 +274,9 @@ def test_logprobs_are_the_models(loaded):
 
 def test_cancel_frees_the_slot_and_full_queue_refuses(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, max_waiting=2).start()
-    prompt = tokenizer("Hello")["input_ids"]
-    long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
-    try:
+    with Engine(model, tokenizer, max_num_seqs=1, max_model_len=2048, max_waiting=2).start() as engine:
+        prompt = tokenizer("Hello")["input_ids"]
+        long = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
         first = engine.submit(prompt, long)
         deadline = time.time() + 5
         while not engine.num_running():
@@ -310,8 +296,6 @@ def test_cancel_frees_the_slot_and_full_queue_refuses(loaded):
         assert engine.kv_usage() == 0 and engine.free_rows == [0]
         tokens, _, finish = run(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         assert finish == "length" and len(tokens) == 3
-    finally:
-        engine.stop()
 
 
 def test_bad_requests_name_the_fault(loaded):
@@ -404,16 +388,13 @@ def test_stop_strings_are_held_back_and_never_leak():
 
 def test_engine_stop_strings_cut_the_text(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_model_len=128).start()
-    prompt = tokenizer("The quick brown fox")["input_ids"]
-    try:
+    with Engine(model, tokenizer, max_model_len=128).start() as engine:
+        prompt = tokenizer("The quick brown fox")["input_ids"]
         params = SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
         _, full, _ = run(engine, prompt, params)
         stop = full[len(full) // 2:len(full) // 2 + 2]
         assert stop.strip(), full
         _, text, finish = run(engine, prompt, SamplingParams(**{**params.__dict__, "stop": [stop]}))
-    finally:
-        engine.stop()
     assert finish == "stop" and text == full[:full.index(stop)] and stop not in text
 
 
@@ -427,9 +408,6 @@ def test_engine_thread_is_the_only_one_running_the_model(loaded):
         return original(*args, **kwargs)
 
     model.forward = spy
-    engine = Engine(model, tokenizer, max_model_len=64).start()
-    try:
+    with Engine(model, tokenizer, max_model_len=64).start() as engine:
         run(engine, tokenizer("Hi")["input_ids"], SamplingParams(max_tokens=2, temperature=0))
-    finally:
-        engine.stop()
     assert threads == {"moelm-engine"} and not engine.alive()

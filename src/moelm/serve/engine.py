@@ -143,8 +143,9 @@ class Engine:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_model_len > context:
             raise ValueError(f"max_model_len {max_model_len} is more than the model's context of {context} positions")
-        if any(model.needs_cache_reset(t - 1, t) for t in range(2, max_model_len + 1)):
-            limit = next(t for t in range(2, max_model_len + 1) if model.needs_cache_reset(t - 1, t)) - 1
+        reset = next((t for t in range(2, max_model_len + 1) if model.needs_cache_reset(t - 1, t)), None)
+        if reset is not None:
+            limit = reset - 1
             raise ValueError(f"max_model_len {max_model_len}: past {limit} positions this model's rotary embedding "
                              f"switches scaling and the reference re-runs the whole sequence; serve up to {limit}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -208,6 +209,12 @@ class Engine:
                     self.cache.plan = None
                 if deadline is not None and time.perf_counter() > deadline:
                     break
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def stop(self, timeout: float | None = 10):
         with self.cond:
@@ -378,7 +385,8 @@ class Engine:
             text = seq.stops.feed(seq.detok.add(token))
             if seq.stops.hit is not None:
                 reason = "stop"
-        if reason is None and (len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_model_len):
+        full = len(seq.prompt) + len(seq.tokens) >= self.max_model_len
+        if reason is None and (len(seq.tokens) >= p.max_tokens or full):
             reason = "length"
         if reason is None:
             seq.request.callback(Output(seq.index, [token], text, logprobs))

@@ -18,11 +18,11 @@ class Metrics:
             g = Gauge(name, doc, list(labels), registry=registry)
             g.labels(**labels).set_function(read)
 
-        gauge("moelm:num_requests_running", "Sequences in a KV slot (prefilling or decoding).", engine.num_running)
+        gauge("moelm:num_requests_running", "Sequences in a KV slot (prefilling or decoding): the slots in use.",
+              engine.num_running)
         gauge("moelm:num_requests_waiting", "Sequences waiting for a KV slot.", engine.num_waiting)
         gauge("moelm:kv_cache_usage_perc", "Fraction of the KV slot cache's positions in use (1 = full).",
               engine.kv_usage)
-        gauge("moelm:num_slots_used", "KV slots (rows of --max-num-seqs) in use.", engine.num_running)
         self._prompt = Counter("moelm:prompt_tokens", "Prompt tokens submitted.", list(labels),
                                registry=registry).labels(**labels)
         self._generation = Counter("moelm:generation_tokens", "Tokens generated.", list(labels),
