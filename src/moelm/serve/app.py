@@ -189,8 +189,8 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
 
     # ---------------------------------------------------------------- generation
 
-    def submit(prompts: list[list[int]], body: Sampling, max_tokens, logprobs):
-        """Submit each prompt; returns (engine requests, their event queue, choices in all)."""
+    def submit(prompts: list[list[int]], body: Sampling, max_tokens, logprobs, field: str):
+        """Submit each prompt (`field` names it in errors); returns (engine requests, their event queue, choices)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         submitted = []
@@ -199,7 +199,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
                 tokens = max_tokens if max_tokens is not None else engine.max_model_len - len(prompt)
                 if tokens < 1:
                     raise APIError(400, f"the prompt is {len(prompt)} tokens: nothing is left of the model's "
-                                        f"context of {engine.max_model_len} tokens", "messages")
+                                        f"context of {engine.max_model_len} tokens", field)
                 params = body.params(tokens, logprobs, defaults)
 
                 def deliver(out: Output, i=i):
@@ -209,17 +209,13 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
                         pass
 
                 submitted.append(engine.submit(prompt, params, deliver))
-        except RequestError as e:
+        except BaseException as e:
             for r in submitted:
                 r.cancel()
-            raise APIError(400, str(e), e.param) from None
-        except EngineFull as e:
-            for r in submitted:
-                r.cancel()
-            raise APIError(503, str(e), kind="server_overloaded") from None
-        except BaseException:
-            for r in submitted:
-                r.cancel()
+            if isinstance(e, RequestError):
+                raise APIError(400, str(e), e.param) from None
+            if isinstance(e, EngineFull):
+                raise APIError(503, str(e), kind="server_overloaded") from None
             raise
         return submitted, events, len(prompts) * body.n
 
@@ -313,7 +309,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         prompt = render_chat(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        submitted, events, choices = submit([prompt], body, max_tokens, logprobs)
+        submitted, events, choices = submit([prompt], body, max_tokens, logprobs, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
 
@@ -364,7 +360,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         def __init__(self, start: int):
             self.offset = start
 
-        def add(self, entries, text: str) -> dict:
+        def add(self, entries) -> dict:
             out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for e in entries:
                 piece = token_text(e.token_id)[0]
@@ -381,7 +377,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         if refused:
             raise APIError(400, refused[1], refused[0])
         prompts = prompts_of(body.prompt)
-        submitted, events, choices = submit(prompts, body, body.max_tokens, body.logprobs)
+        submitted, events, choices = submit(prompts, body, body.max_tokens, body.logprobs, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": name}
         echo = [tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(choices)]
@@ -396,7 +392,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
                 text = out.text if sent[c] else echo[c] + out.text
                 sent[c] = True
                 return {"index": c, "text": text,
-                        "logprobs": offsets[c].add(out.logprobs, out.text) if body.logprobs is not None else None,
+                        "logprobs": offsets[c].add(out.logprobs) if body.logprobs is not None else None,
                         "finish_reason": out.finish_reason}
 
             return event_stream(http, submitted, events, choices, head, body.include_usage(), [], choice)
@@ -407,7 +403,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
         text, finish, entries = done
         return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [
             {"index": c, "text": text[c],
-             "logprobs": offsets[c].add(entries[c], "") if body.logprobs is not None else None,
+             "logprobs": offsets[c].add(entries[c]) if body.logprobs is not None else None,
              "finish_reason": finish[c]} for c in range(choices)], "usage": usage(submitted)}
 
     app.post("/v1/completions")(completions)

@@ -199,14 +199,8 @@ class Engine:
         steps = [[(r, 1) for r in range(n)] for n in sorted(set(rows))] + [[(0, c)] for c in counts]
         with torch.inference_mode():
             for segments in steps:
-                tokens = torch.randint(0, self.vocab_size, (1, sum(c for _, c in segments)), generator=g)
-                plan = self.cache.schedule(segments)
-                try:
-                    self.model(input_ids=tokens.to(self.model.device), position_ids=plan.positions[None],
-                               attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
-                               use_cache=True, logits_to_keep=1)
-                finally:
-                    self.cache.plan = None
+                tokens = torch.randint(0, self.vocab_size, (sum(c for _, c in segments),), generator=g)
+                self._forward(segments, tokens.tolist(), [0], commit=False)
                 if deadline is not None and time.perf_counter() > deadline:
                     break
 
@@ -350,6 +344,15 @@ class Engine:
             if seq.filled == len(seq.prompt):
                 keep.append(len(tokens) - 1)
                 sampled.append(seq)
+        logits = self._forward(segments, tokens, keep)
+        self.steps += 1
+        for seq, row in zip(sampled, logits):
+            self._advance(seq, row)
+
+    def _forward(self, segments: list[tuple[int, int]], tokens: list[int], keep: list[int],
+                 commit: bool = True) -> torch.Tensor:
+        """The model over one step laid out as `segments` (slot row, tokens): logits [len(keep), V] fp32 on CPU of
+        the tokens at `keep`; the positions written count from then on unless commit=False (warm-up)."""
         device = self.model.device
         plan = self.cache.schedule(segments)
         try:
@@ -357,11 +360,11 @@ class Engine:
                              attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
                              use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
         finally:
-            self.cache.commit()
-        self.steps += 1
-        logits = out.logits[0].float().cpu()  # [len(keep), V]
-        for seq, row in zip(sampled, logits):
-            self._advance(seq, row)
+            if commit:
+                self.cache.commit()
+            else:
+                self.cache.plan = None
+        return out.logits[0].float().cpu()
 
     def _advance(self, seq: Sequence, logits: torch.Tensor):
         """Sample seq's next token from its logits [V], emit it, finish the sequence if it ends here."""
