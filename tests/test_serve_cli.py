@@ -29,9 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(*args):
-    return subprocess.Popen([sys.executable, "-m", "moelm.cli", "serve", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def serve(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "moelm.cli", "serve", *args], env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def curl(*args) -> str:
@@ -43,8 +43,10 @@ def curl(*args) -> str:
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     port = free_port()
+    key = ["--api-key", "k"] if stop == signal.SIGINT else []  # SIGTERM's run takes the key from MOELM_API_KEY
     proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
-                 "--max-model-len", "128", "--api-key", "k", "--uvicorn-log-level", "warning")
+                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key,
+                 env=ENV if key else dict(ENV, MOELM_API_KEY="k"))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
