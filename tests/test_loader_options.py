@@ -58,10 +58,21 @@ def test_device_map(tiny):
         place("cpu", "meta")
 
 
-@pytest.mark.parametrize("name", ["tp_plan", "tp_size", "device_mesh", "distributed_config"])
-def test_parallelism_arguments_are_refused_until_implemented(tiny, name):
-    with pytest.raises(NotImplementedError, match=f"from_pretrained\\({name}=...\\)"):
-        AutoModelForCausalLM.from_pretrained(tiny, **{name: "auto" if name == "tp_plan" else 2})
+@pytest.mark.parametrize("kwargs", [dict(tp_plan="auto"), dict(tp_size=2), dict(distributed_config={"tp_size": 2})])
+def test_parallelism_outside_torchrun_says_how_to_launch(tiny, kwargs, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="launched by torchrun.*RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set"):
+        AutoModelForCausalLM.from_pretrained(tiny, **kwargs)
+
+
+def test_parallelism_arguments_that_cannot_go_together(tiny):
+    with pytest.raises(ValueError, match="tp_size=2 with device_map='auto'"):
+        AutoModelForCausalLM.from_pretrained(tiny, tp_size=2, device_map="auto")
+    with pytest.raises(ValueError, match="disagrees with distributed_config.tp_size=2"):
+        AutoModelForCausalLM.from_pretrained(tiny, tp_size=4, distributed_config={"tp_size": 2})
+    with pytest.raises(NotImplementedError, match="quantized weights under tensor/expert parallelism"):
+        AutoModelForCausalLM.from_pretrained(tiny, tp_size=1, quantization="int8")
 
 
 def test_load_in_8bit_maps_to_the_quantization_config(tiny):

@@ -55,11 +55,13 @@ def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_pa
 
 
 def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None) -> dict[str, torch.Tensor]:
-    """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time.
+    """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time. A model
+    sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
     from .inference.quantize import load_targets
 
+    parallel = getattr(model, "parallel", None)
     model_type = model.config.model_type
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = load_targets(model)  # name -> (module, stacked name, full shape): quantized as they are read
@@ -88,17 +90,24 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
             else:
                 num_parts = len(EXPERT_PARTS[model_type][ours.rpartition(".")[2]]) if expert is not None else 1
                 param = params[ours]
-                if expert is not None and expert >= param.shape[0]:
+                if expert is not None and expert >= _num_experts(param, ours, parallel):
                     unexpected.append(key)
                 else:
-                    target = _part_view(param.data, expert, part, num_parts)
+                    view = (parallel.local_view(ours, param.data, expert, part, num_parts) if parallel else
+                            (_part_view(param.data, expert, part, num_parts), None, None))
+                    target, index, whole = view if view is not None else (None, None, None)
+                    whole = whole or (tuple(target.shape) if target is not None else tuple(ckpt.shape(key)))
                     shape = ckpt.shape(key)
-                    if tuple(target.shape) != tuple(shape):
-                        mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(target.shape)} "
+                    if whole != tuple(shape):
+                        mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(whole)} "
                                           f"(in {ckpt.file_of(key).name})")
                     else:
-                        if ours in quantized:
+                        if target is None:  # another rank's slice
+                            pass
+                        elif ours in quantized:
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
+                        elif index is not None:
+                            ckpt.read_slice_into(key, index, target)
                         else:
                             ckpt.read_into(key, target)
                         filled[ours].add((expert, part))
@@ -123,7 +132,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
             if not got:
                 missing.append(name)
         else:
-            for e in range(params[name].shape[0]):
+            for e in range(_num_experts(params[name], name, parallel)):
                 missing += [f"{prefix}.{e}.{p}.weight" for i, p in enumerate(parts) if (e, i) not in got]
     problems = []
     if missing:
@@ -137,6 +146,12 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
         raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "
                               f"({model_type}): " + "; ".join(problems))
     return kept
+
+
+def _num_experts(param: torch.Tensor, name: str, parallel) -> int:
+    """The model's experts in a stacked parameter (this rank holds a 1/ep share of them under EP)."""
+    layout = parallel.layouts.get(name) if parallel is not None else None
+    return param.shape[0] * (layout[2].size() if layout is not None and layout[1] == 0 else 1)
 
 
 def _load_quantized(target, tensor: torch.Tensor, expert: int | None, part: int | None, num_parts: int):
@@ -169,15 +184,36 @@ def _listing(names: list[str], most: int = 8) -> str:
 
 
 def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included)."""
+    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included).
+    A sharded model's tensors are gathered whole one at a time (a collective: every rank iterates)."""
     model_type = model.config.model_type
     tied = getattr(model.config, "tie_word_embeddings", False)
+    parallel = getattr(model, "parallel", None)
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
-        yield from ours_to_hub(model_type, key, tensor.detach())
+        tensor = parallel.full(key, tensor.detach()) if parallel is not None else tensor.detach()
+        yield from ours_to_hub(model_type, key, tensor)
     yield from getattr(model, "kept_aside", {}).items()
 
 
 def save_checkpoint(model, directory, max_shard_size="5GB", extra_files=None):
-    return save_sharded(hub_state_dict(model), directory, max_shard_size=max_shard_size, extra_files=extra_files)
+    """save_sharded of hub_state_dict. A sharded model: every rank gathers, rank 0 writes, and a failure there is
+    raised on every rank."""
+    parallel = getattr(model, "parallel", None)
+    tensors = hub_state_dict(model)
+    if parallel is None:
+        return save_sharded(tensors, directory, max_shard_size=max_shard_size, extra_files=extra_files)
+    error = None
+    if parallel.is_writer:
+        try:
+            save_sharded(tensors, directory, max_shard_size=max_shard_size, extra_files=extra_files)
+        except Exception as e:  # keep gathering with the other ranks, then raise everywhere
+            error = e
+    for _ in tensors:
+        pass
+    message = parallel.from_writer(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise OSError(f"saving to {directory} failed on rank 0: {message}")

@@ -407,7 +407,8 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         from .inference.cache import StaticCache
 
         dtype = model.get_input_embeddings().weight.dtype
-        state.cache = StaticCache(model.config, input_ids.shape[0], max_length + embeds_length, dtype, device)
+        tp = getattr(getattr(model, "parallel", None), "tp_size", 1)  # a sharded model holds its local kv heads
+        state.cache = StaticCache(model.config, input_ids.shape[0], max_length + embeds_length, dtype, device, tp)
     return cfg, state
 
 

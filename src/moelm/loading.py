@@ -28,14 +28,15 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     return optimize(model) if fast else model
 
 
-NOT_YET = ("tp_plan", "tp_size", "device_mesh", "distributed_config", "max_memory", "offload_folder")
+NOT_YET = ("max_memory", "offload_folder")
 
 
 def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                     config: PretrainedConfig | None = None, attn_implementation: str | None = None,
                     torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
-                    load_in_4bit: bool = False, load_in_8bit: bool = False, **kwargs):
+                    load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
+                    device_mesh=None, distributed_config=None, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -46,11 +47,23 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     transformers' loader options: device_map puts the whole model on one device ("auto" is the GPU if there is
     one, else the CPU; see place()); revision picks a cached hub revision; load_in_4bit / load_in_8bit are
     BitsAndBytesConfig's; low_cpu_mem_usage (loading always is) and trust_remote_code (nothing remote ever runs) are
-    accepted. Other keyword arguments must be config fields, which they update; anything else is a TypeError."""
+    accepted. Other keyword arguments must be config fields, which they update; anything else is a TypeError.
+
+    tp_plan="auto" (or a dict of rules), tp_size, device_mesh or distributed_config=DistributedConfig(...) shard
+    the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices."""
     not_yet = [k for k in NOT_YET if kwargs.get(k) is not None]
     if not_yet:
-        raise NotImplementedError(f"from_pretrained({not_yet[0]}=...): tensor/expert parallelism and multi-device "
-                                  "placement are not implemented in moelm yet; load without it")
+        raise NotImplementedError(f"from_pretrained({not_yet[0]}=...): splitting a model over several devices "
+                                  "is not implemented in moelm yet; load without it")
+    layout = None
+    if any(v is not None for v in (tp_plan, tp_size, device_mesh, distributed_config)):
+        from .parallel.load import distributed_layout
+
+        if quantization is not None or quantization_config is not None or load_in_4bit or load_in_8bit:
+            raise NotImplementedError("quantized weights under tensor/expert parallelism are not implemented in "
+                                      "moelm; load the checkpoint's own dtype")
+        layout, device = distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device_map, device)
+        device_map = None
     if load_in_4bit or load_in_8bit:
         if quantization is not None or quantization_config is not None:
             raise ValueError("pass load_in_4bit / load_in_8bit or a quantization config, not both")
@@ -85,13 +98,17 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         model._cast(dtype)
         if qconfig is not None:
             quantize_modules(model, qconfig)
+        if layout is not None:
+            from .parallel.apply import parallelize
+
+            parallelize(model, layout, device.type)
         model.to_empty(device=device)
         model.tie_weights()
         model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
         fill_tied_head(model)
     finally:
         ckpt.close()
-    if fast:
+    if fast and layout is None:  # a sharded model runs the plain modules (moelm.parallel)
         optimize(model)
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

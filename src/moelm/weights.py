@@ -240,6 +240,22 @@ class SafetensorsCheckpoint:
             with torch.no_grad():
                 out.copy_(buf)
 
+    def read_slice_into(self, name: str, index: tuple[slice, ...], out: torch.Tensor) -> None:
+        """Copy tensor `name`[index] into `out`, reading only that slice (safetensors' slicing of the mapped file)."""
+        from safetensors import safe_open
+
+        f = self.file_of(name)
+        try:
+            with safe_open(f, framework="pt") as handle:
+                part = handle.get_slice(name)[index]
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f}: cannot read a slice of tensor {name!r}: {e}") from e
+        if tuple(part.shape) != tuple(out.shape):
+            raise ValueError(f"tensor {name!r}{list(index)} has shape {list(part.shape)}, the target "
+                             f"{list(out.shape)}")
+        with torch.no_grad():
+            out.copy_(part)
+
     def close(self) -> None:
         handles, self._handles = self._handles, {}
         for h in handles.values():

@@ -8,8 +8,8 @@ class StaticCache:
     """Per-layer keys/values [B, Hkv, max_length, D] allocated once; `update` writes the new positions and returns
     views of the filled part, so attention sees exactly what a DynamicCache would."""
 
-    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_size)
+    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype, device=None, tp_size: int = 1):
+        shape = (batch_size, config.num_key_value_heads // tp_size, max_length, config.head_size)  # local heads
         n = config.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]

@@ -1,0 +1,147 @@
+"""Applying a family's plans to an unchanged model on torch.distributed: the meshes of a DistributedConfig, torch's
+ColwiseParallel / RowwiseParallel (DTensor parameters) for the linear layers and embeddings, moelm's expert forms
+(parallel/experts.py) for the stacked experts; then what loading and saving need to know of each parameter."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from ..moe import Experts
+from .config import DistributedConfig
+from .experts import full_tensor, shard_experts
+from .plans import EP_PLANS, TP_PLANS, check_sizes, rule
+
+LINEAR_STYLES = {"colwise": lambda: ColwiseParallel(), "rowwise": lambda: RowwiseParallel(),
+                 "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+                 "vocab_parallel": lambda: RowwiseParallel(input_layouts=Replicate())}
+EXPERT_STYLES = ("packed_colwise", "grouped_gemm")
+
+
+class ParallelState:
+    """What a parallelized model carries as `model.parallel`: the layout, its meshes, and each sharded parameter's
+    layout, for loading (local_view) and saving (full)."""
+
+    def __init__(self, config: DistributedConfig, dense: DeviceMesh, experts: DeviceMesh, plan: dict[str, str]):
+        self.config, self.dense_mesh, self.expert_mesh, self.plan = config, dense, experts, plan
+        self.tp_mesh, self.ep_mesh = dense["tp"], experts["ep"]
+        self.tp_size, self.ep_size = config.tp_size, config.ep_size
+        self.layouts: dict[str, tuple] = {}  # expert parameters: (kind, dim, mesh)
+
+    @property
+    def is_writer(self) -> bool:
+        return dist.get_rank() == 0
+
+    def from_writer(self, value):
+        """Rank 0's `value` on every rank (a collective)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole parameter `name` (a collective: every rank calls it, in the same order)."""
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+        layout = self.layouts.get(name)
+        return tensor if layout is None else full_tensor(tensor, layout)
+
+    def local_view(self, name: str, param: torch.Tensor, expert: int | None, part: int | None, num_parts: int):
+        """Where a hub tensor goes on this rank: (target view, index into the hub tensor or None for all of it,
+        the hub tensor's whole shape), or None when it belongs to other ranks."""
+        if isinstance(param, DTensor):
+            local = param.to_local()
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+            return local, index, tuple(param.shape)
+        layout = self.layouts.get(name)
+        if expert is None or layout is None:
+            return param, None, tuple(param.shape)
+        kind, dim, mesh = layout
+        if dim == 0:  # whole experts per rank
+            first = mesh.get_local_rank() * param.shape[0]
+            if not first <= expert < first + param.shape[0]:
+                return None
+            target = param[expert - first].chunk(num_parts, dim=0)[part]
+            return target, None, tuple(target.shape)
+        target = param[expert].chunk(num_parts, dim=0)[part]  # [I/tp, H] of gate or up, or down's [H, I/tp]
+        axis = 0 if kind == "packed" else 1
+        n, rank = mesh.size(), mesh.get_local_rank()
+        width = target.shape[axis]
+        index = [slice(None), slice(None)]
+        index[axis] = slice(rank * width, (rank + 1) * width)
+        shape = list(target.shape)
+        shape[axis] *= n
+        return target, tuple(index), tuple(shape)
+
+
+def meshes(config: DistributedConfig, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+    """The dense mesh (dp_replicate, dp_shard, tp) and the expert mesh (dp_replicate, efsdp, ep) over the same
+    ranks: an EP group is ep consecutive ranks, whole TP groups."""
+    world = dist.get_world_size()
+    if world != config.world_size:
+        raise ValueError(f"the world has {world} processes but the layout needs dp_replicate_size * fsdp_size * "
+                         f"tp_size = {config.dp_replicate_size} * {config.fsdp_size} * {config.tp_size} = "
+                         f"{config.world_size}")
+    dense = init_device_mesh(device_type, (config.dp_replicate_size, config.fsdp_size, config.tp_size),
+                             mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    ranks = torch.arange(world).reshape(config.dp_replicate_size, config.efsdp_size, config.ep_size)
+    experts = DeviceMesh(device_type, ranks, mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    return dense, experts
+
+
+def resolved_plan(model_type: str, config: DistributedConfig) -> dict[str, str]:
+    """The family's TP plan (tp_size > 1; a dict tp_plan overrides its rules, {} drops them all) with the EP plan's
+    rules over it (ep_size > 1)."""
+    plan = {}
+    if config.tp_size > 1:
+        plan = {} if isinstance(config.tp_plan, dict) else dict(TP_PLANS[model_type])
+        if isinstance(config.tp_plan, dict):
+            plan.update(config.tp_plan)
+    if config.ep_size > 1:
+        plan.update(EP_PLANS[model_type])
+        plan.update(config.ep_plan or {})
+    known = (*LINEAR_STYLES, *EXPERT_STYLES, "rowwise", "grouped_gemm")
+    for pattern, style in plan.items():
+        if style not in known:
+            raise ValueError(f"plan rule {pattern!r}: unknown style {style!r}; moelm knows {', '.join(known)}")
+    return plan
+
+
+def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = "cpu") -> nn.Module:
+    """Shard `model` (built on meta, or whole and identical on every rank) in place over the current process group
+    as `config` lays it out; sets model.parallel."""
+    cfg = model.config
+    check_sizes(cfg, config.tp_size, config.ep_size)
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    if config.tp_size > 1 and width % config.tp_size:
+        raise ValueError(f"tp={config.tp_size} must divide the experts' intermediate size ({width})")
+    dense, experts_mesh = meshes(config, device_type)
+    plan = resolved_plan(cfg.model_type, config)
+    state = ParallelState(config, dense, experts_mesh, plan)
+    shares_batch = config.ep_size == config.tp_size
+    on_meta = any(p.is_meta for p in model.parameters())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Experts):
+            style = rule(plan, f"{name}.gate_up_proj")
+            if style is None:
+                continue
+            if style not in EXPERT_STYLES:
+                raise ValueError(f"plan rule for {name}.gate_up_proj: experts take packed_colwise (TP) or "
+                                 f"grouped_gemm (EP), not {style!r}")
+            layouts = shard_experts(module, style, state.tp_mesh, state.ep_mesh, config.ep_implementation,
+                                    shares_batch)
+            state.layouts.update({f"{name}.{k}": v for k, v in layouts.items()})
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and (style := rule(plan, name)) is not None:
+            if style not in LINEAR_STYLES:
+                raise ValueError(f"plan rule for {name}: {style!r} does not apply to a {type(module).__name__}")
+            parallel_style = LINEAR_STYLES[style]()
+            parallel_style.src_data_rank = None if on_meta else 0
+            parallelize_module(module, state.tp_mesh, parallel_style)
+    model.tie_weights()
+    model.parallel = state
+    return model
+

@@ -1,0 +1,39 @@
+"""from_pretrained's distributed options -> the layout and the device of this rank, with transformers' rules."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .config import DistributedConfig, init_process_group, resolve
+
+
+def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device_map, device):
+    """(DistributedConfig, this rank's device) for from_pretrained(tp_plan=, tp_size=, device_mesh=,
+    distributed_config=); torch.distributed is initialised from torchrun's variables when it is not yet."""
+    if device_mesh is not None:
+        names = device_mesh.mesh_dim_names or ()
+        if device_mesh.ndim != 1 and "tp" not in names:
+            raise ValueError(f"device_mesh: a 1-D mesh, or one with a 'tp' dimension, is needed; got dimensions "
+                             f"{names or device_mesh.ndim}")
+        mesh_tp = device_mesh.size() if device_mesh.ndim == 1 else device_mesh["tp"].size()
+        if tp_size is not None and tp_size != mesh_tp:
+            raise ValueError(f"tp_size={tp_size} disagrees with the device_mesh's tp size {mesh_tp}")
+        tp_size = mesh_tp
+        device = device if device is not None else device_mesh.device_type
+    config = resolve(tp_plan, tp_size, distributed_config)
+    if config is None:  # only a device_mesh of size 1
+        config = DistributedConfig(tp_size=1)
+    if device_map is not None and config.tp_size > 1:
+        raise ValueError(f"tp_size={config.tp_size} with device_map={device_map!r}: tensor parallelism places each "
+                         "rank on its own device; pass one or the other, not both")
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    init_process_group(device)
+    if dist.get_world_size() != config.world_size:
+        raise ValueError(f"the world has {dist.get_world_size()} processes but the layout needs dp_replicate_size * "
+                         f"fsdp_size * tp_size = {config.dp_replicate_size} * {config.fsdp_size} * "
+                         f"{config.tp_size} = {config.world_size}")
+    return config, device
