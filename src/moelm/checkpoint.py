@@ -54,10 +54,12 @@ def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_pa
     return param[expert].chunk(num_parts, dim=0)[part]
 
 
-def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None) -> dict[str, torch.Tensor]:
+def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None,
+                    only=None) -> dict[str, torch.Tensor]:
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time. A model
     sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
+    only(name) -> bool limits the pass to some parameters (the others are loaded by another pass).
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
     from .inference.quantize import load_targets
 
@@ -67,6 +69,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     quantized = load_targets(model)  # name -> (module, stacked name, full shape): quantized as they are read
     params.update({name: torch.empty(shape, device="meta") for name, (_, _, shape) in quantized.items()})
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
+    elsewhere = {n for n in params if only is not None and not only(n)}
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
@@ -84,7 +87,9 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
             kept[key] = ckpt.get(key)
         elif (hub := _adapt_key(key, strip_prefix, skip_heads)) is not None:
             ours, expert, part = hub_to_ours(model_type, hub)
-            if ours not in params or (tied and ours == "lm_head.weight"):
+            if ours in elsewhere:
+                pass
+            elif ours not in params or (tied and ours == "lm_head.weight"):
                 if not (tied and ours == "lm_head.weight"):
                     unexpected.append(key)
             else:
@@ -118,7 +123,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                   f"{rate:.0f} MiB/s)", end="\n" if n == len(keys) - 1 else "", file=sys.stderr, flush=True)
     missing = []
     for name, got in filled.items():
-        if tied and name == "lm_head.weight":
+        if tied and name == "lm_head.weight" or name in elsewhere:
             continue
         if not got and name.startswith(new_heads):
             print(f"moelm: {name} is not in the checkpoint; it starts from random weights and needs training",

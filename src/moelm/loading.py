@@ -13,6 +13,7 @@ from .hub import resolve_model_dir, with_revision
 from .inference import optimize
 from .inference.quantization import BitsAndBytesConfig
 from .inference.quantize import fill_tied_head, quantize_modules, resolve
+from .parallel.placement import disk_layers, materialize, needs_placement, offload, plan
 from .weights import SafetensorsCheckpoint
 
 
@@ -28,15 +29,12 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     return optimize(model) if fast else model
 
 
-NOT_YET = ("max_memory", "offload_folder")
-
-
 def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                     config: PretrainedConfig | None = None, attn_implementation: str | None = None,
                     torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
                     load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
-                    device_mesh=None, distributed_config=None, **kwargs):
+                    device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -51,10 +49,6 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
 
     tp_plan="auto" (or a dict of rules), tp_size, device_mesh or distributed_config=DistributedConfig(...) shard
     the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices."""
-    not_yet = [k for k in NOT_YET if kwargs.get(k) is not None]
-    if not_yet:
-        raise NotImplementedError(f"from_pretrained({not_yet[0]}=...): splitting a model over several devices "
-                                  "is not implemented in moelm yet; load without it")
     layout = None
     if any(v is not None for v in (tp_plan, tp_size, device_mesh, distributed_config)):
         from .parallel.load import distributed_layout
@@ -68,7 +62,14 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         if quantization is not None or quantization_config is not None:
             raise ValueError("pass load_in_4bit / load_in_8bit or a quantization config, not both")
         quantization_config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
-    if device_map is not None:
+    split = needs_placement(device_map, max_memory)
+    if split:
+        if quantization is not None or quantization_config is not None:
+            raise NotImplementedError("quantized weights with disk offload are not implemented in moelm")
+        computes = {k: v for k, v in device_map.items() if str(v) != "disk"} if isinstance(device_map, dict) \
+            else device_map
+        device = place(computes or (device or "cpu"), device)
+    elif device_map is not None:
         device = place(device_map, device)
     qconfig = resolve(quantization, quantization_config, device)
     path = with_revision(path, revision)
@@ -102,19 +103,41 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
             from .parallel.apply import parallelize
 
             parallelize(model, layout, device.type)
-        model.to_empty(device=device)
-        model.tie_weights()
-        model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
+        placed = plan(model, device_map, device, max_memory, offload_folder) if split else {"": str(device)}
+        disk = disk_layers(placed)
+        if disk:
+            model.kept_aside = load_offloaded(model, ckpt, device, disk, offload_folder, progress)
+        else:
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.kept_aside = load_checkpoint(model, ckpt, progress=progress)
         fill_tied_head(model)
     finally:
         ckpt.close()
-    if fast and layout is None:  # a sharded model runs the plain modules (moelm.parallel)
+    if fast and layout is None and not disk:  # sharded or offloaded models run the plain modules
         optimize(model)
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.name_or_path = str(path)
-    model.hf_device_map = {"": str(device)}
+    model.hf_device_map = placed
     return model.eval()
+
+
+def load_offloaded(model, ckpt, device, disk: list[str], folder, progress) -> dict:
+    """Load the resident parameters, then each disk layer alone: allocated, read, written to `folder`, freed."""
+    def under(names):
+        return lambda n: any(n.startswith(d + ".") for d in names)
+
+    on_disk = under(disk)
+    materialize(model, device, skip=on_disk)
+    model.tie_weights()
+    kept = load_checkpoint(model, ckpt, progress=progress, only=lambda n: not on_disk(n))
+    for name in disk:
+        layer = model.get_submodule(name)
+        materialize(layer, torch.device("cpu"))
+        load_checkpoint(model, ckpt, progress=False, only=under([name]))
+        offload(layer, name, folder, device)
+    return kept
 
 
 def place(device_map, device=None) -> torch.device:
