@@ -3,6 +3,7 @@ from . import omp
 
 omp.choose()  # before torch is imported: libgomp reads its wait policy once  # noqa: E402
 from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from .backend import BackendConfig, ModelCapabilities, get_capabilities
 from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
 from .generation import GenerationConfig
 from .inference import StaticCache
@@ -11,6 +12,7 @@ from .layers import DynamicCache
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
+from .parallel.config import DistributedConfig
 from .pipelines import pipeline
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer
@@ -22,5 +24,6 @@ __all__ = [
     "Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
     "Ernie4_5_MoeModel", "PhimoeConfig", "PhimoeForCausalLM", "PhimoeForSequenceClassification", "PhimoeModel",
     "named_config", "pipeline", "GenerationConfig", "AutoTokenizer", "TextStreamer", "TextIteratorStreamer",
-    "StaticCache", "BitsAndBytesConfig", "QuantizationConfig",
+    "StaticCache", "BitsAndBytesConfig", "QuantizationConfig", "BackendConfig", "ModelCapabilities",
+    "get_capabilities", "DistributedConfig",
 ]

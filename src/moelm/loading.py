@@ -2,10 +2,12 @@
 loading and the inference fast paths, all applied to the unchanged model classes of moelm.models."""
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
+from .backend import apply_backend, apply_moe_overrides
 from .checkpoint import load_checkpoint
 from .configs import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
 from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
@@ -17,15 +19,23 @@ from .parallel.placement import disk_layers, materialize, needs_placement, offlo
 from .weights import SafetensorsCheckpoint
 
 
-def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None, fast: bool = True):
+def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None, fast: bool = True,
+                backend=None, moe_config=None, moe_overrides=None):
     """cls(config) initialised like the reference (normal(0, initializer_range)), in `dtype` on `device`;
-    fast=False leaves out the inference fast paths."""
+    fast=False leaves out the inference fast paths. NeMo's backend=BackendConfig(...) picks each part's
+    implementation (and leaves out the fast paths, which are implementations of their own); moe_config /
+    moe_overrides set MoE fields of a copy of the config under NeMo's names (moelm.backend)."""
+    if moe_config is not None or moe_overrides:
+        config = copy.deepcopy(config)
+        apply_moe_overrides(config, moe_config, moe_overrides)
     if seed is not None:
         torch.manual_seed(seed)
     model = cls(config)
     model.init_weights()
     model._cast(dtype_from_str(dtype) if dtype else torch.float32)
     model = model.to(device) if device else model
+    if backend is not None:
+        return apply_backend(model, backend)
     return optimize(model) if fast else model
 
 
@@ -34,7 +44,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
                     torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
                     load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
-                    device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, **kwargs):
+                    device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, backend=None,
+                    **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -114,7 +125,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         fill_tied_head(model)
     finally:
         ckpt.close()
-    if fast and layout is None and not disk:  # sharded or offloaded models run the plain modules
+    if backend is not None:
+        apply_backend(model, backend)
+    elif fast and layout is None and not disk:  # sharded or offloaded models run the plain modules
         optimize(model)
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -140,12 +140,20 @@ class PreTrainedModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None,
-                    fast: bool = True):
+                    fast: bool = True, **options):
         """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
-        the inference fast paths (moelm.inference.optimize)."""
+        the inference fast paths (moelm.inference.optimize); NeMo's backend / moe_config / moe_overrides: see
+        moelm.loading.from_config."""
         from .loading import from_config
 
-        return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast)
+        return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast, **options)
+
+    @classmethod
+    def get_capabilities(cls, config: PretrainedConfig | None = None):
+        """NeMo's ModelCapabilities for a config (this class's default config if none): see moelm.backend."""
+        from .backend import get_capabilities
+
+        return get_capabilities(config if config is not None else cls.config_class())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,

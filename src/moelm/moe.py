@@ -32,9 +32,13 @@ def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out]."""
-    if _grouped_mm_works(x, w):
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out].
+    path: "grouped_mm" (torch._grouped_mm), "bmm" (padded batched matmul) or "auto" (the first where it runs)."""
+    if path == "grouped_mm" and not _grouped_mm_works(x, w):
+        raise RuntimeError(f"torch._grouped_mm does not run here ({x.device.type}, {x.dtype}"
+                           f"{', with gradients' if needs_grad(x, w) else ''}); choose experts='torch' or 'bmm'")
+    if path != "bmm" and _grouped_mm_works(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
     # Autograd-friendly equivalent: pad each expert's rows to the largest group and run one bmm.
@@ -50,6 +54,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 class Experts(nn.Module):
     """E SwiGLU experts stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
 
+    path = "auto"  # grouped_linear's path
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
@@ -59,9 +65,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H] = sum_k weights[:, k] * expert_{index[:, k]}(x)."""
         token, w, counts = sort_by_expert(index, weights, self.num_experts)
-        h = grouped_linear(x[token], self.gate_up_proj, counts)  # [T*K, 2I]
+        h = grouped_linear(x[token], self.gate_up_proj, counts, self.path)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [T*K, H]
+        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.path)  # [T*K, H]
         return torch.zeros_like(x).index_add_(0, token, (h * w.to(h.dtype)).to(x.dtype))
 
 

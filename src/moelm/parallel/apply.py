@@ -123,6 +123,11 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
     plan = resolved_plan(cfg.model_type, config)
     state = ParallelState(config, dense, experts_mesh, plan)
     shares_batch = config.ep_size == config.tp_size
+    dispatcher = getattr(getattr(model, "backend", None), "dispatcher", "torch")  # NeMo's BackendConfig
+    how = dispatcher if config.ep_implementation == "auto" and dispatcher != "torch" else config.ep_implementation
+    if how == "all_reduce" and config.ep_size > 1 and not shares_batch:
+        raise ValueError(f"the all_reduce expert dispatch needs ep_size == tp_size, got ep_size={config.ep_size}, "
+                         f"tp_size={config.tp_size}")
     on_meta = any(p.is_meta for p in model.parameters())
     for name, module in list(model.named_modules()):
         if isinstance(module, Experts):
@@ -132,8 +137,7 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
             if style not in EXPERT_STYLES:
                 raise ValueError(f"plan rule for {name}.gate_up_proj: experts take packed_colwise (TP) or "
                                  f"grouped_gemm (EP), not {style!r}")
-            layouts = shard_experts(module, style, state.tp_mesh, state.ep_mesh, config.ep_implementation,
-                                    shares_batch)
+            layouts = shard_experts(module, style, state.tp_mesh, state.ep_mesh, how, shares_batch)
             state.layouts.update({f"{name}.{k}": v for k, v in layouts.items()})
         elif isinstance(module, (nn.Linear, nn.Embedding)) and (style := rule(plan, name)) is not None:
             if style not in LINEAR_STYLES:

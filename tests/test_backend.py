@@ -1,0 +1,105 @@
+"""NeMo AutoModel's face: every BackendConfig choice computes what the default modules compute (logits, loss,
+gradients, generation), the choices moelm does not have are errors naming them, get_capabilities says what moelm
+runs, and moe_config / moe_overrides set the config's MoE fields under NeMo's names."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from moelm import AutoModelForCausalLM, BackendConfig, Ernie4_5_MoeForCausalLM, get_capabilities, named_config
+from reference import randomise
+
+FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
+
+
+def build(name: str, backend=None):
+    model = AutoModelForCausalLM.from_config(named_config(name), fast=False, backend=backend)
+    return randomise(model, seed=3).eval()
+
+
+def run(model, ids, mask, backward=True):
+    """Logits of the real (unpadded) positions, loss and gradients; padded rows attend to nothing, and what
+    each implementation makes of them is not compared (no loss is taken there)."""
+    model.zero_grad()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # the token a padded position would predict
+    with torch.set_grad_enabled(backward):
+        out = model(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    if not backward:
+        return out.logits[mask.bool()], out.loss, {}
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach()[mask.bool()], out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("attn,rms_norm,experts", list(itertools.product(
+    ["sdpa", "eager", "flex"], ["torch", "torch_fp32"], ["torch", "bmm"])))
+def test_every_choice_computes_the_same(name, attn, rms_norm, experts):
+    ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    backward = attn != "flex"  # torch's flex_attention has no backward on CPU
+    want = run(build(name), ids, mask, backward)
+    model = build(name, BackendConfig(attn=attn, rms_norm=rms_norm, experts=experts))
+    got = run(model, ids, mask, backward)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert got[2].keys() == want[2].keys() and (got[2] or not backward)
+    for key in want[2]:
+        torch.testing.assert_close(got[2][key], want[2][key], atol=1e-5, rtol=1e-4, msg=key)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert ("FlexAttention" in kinds) == (attn == "flex")
+    assert ("FormulaRMSNorm" in kinds) == (rms_norm == "torch_fp32" and name != "phimoe-tiny")  # PhiMoE: LayerNorm
+    assert all(m.path == ("auto" if experts == "torch" else experts) for m in model.modules() if hasattr(m, "path"))
+    assert model.config.attn_implementation == ("eager" if attn == "eager" else "sdpa")
+
+
+def test_flex_attention_generates_the_same_tokens():
+    ids = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    plain, flex = build("phimoe-tiny"), build("phimoe-tiny", {"attn": "flex"})
+    with torch.no_grad():
+        assert torch.equal(flex.generate(ids, max_new_tokens=6, do_sample=False),
+                           plain.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_grouped_mm_where_it_does_not_run_says_so():
+    model = build("ernie4_5_moe-tiny", BackendConfig(experts="torch_mm")).train()
+    ids = torch.randint(0, 500, (1, 5))
+    with torch.no_grad():
+        model(ids)  # the forward runs on CPU
+    with pytest.raises(RuntimeError, match="torch._grouped_mm does not run here.*with gradients.*'bmm'"):
+        model(ids, labels=ids).loss.backward()
+
+
+def test_choices_moelm_does_not_have_are_errors():
+    with pytest.raises(NotImplementedError, match="attn='te'.*Transformer Engine"):
+        BackendConfig(attn="te")
+    with pytest.raises(NotImplementedError, match="dispatcher='deepep'.*DeepEP"):
+        BackendConfig(dispatcher="deepep")
+    with pytest.raises(ValueError, match=r"experts='bogus'.*\('torch', 'torch_mm', 'grouped_mm', 'bmm'\)"):
+        BackendConfig(experts="bogus")
+    with pytest.raises(NotImplementedError, match="fake_balanced_gate=True"):
+        BackendConfig(fake_balanced_gate=True)
+
+
+def test_capabilities_per_family():
+    dense, moe, phi = (get_capabilities(named_config(n)) for n in FAMILIES)
+    assert dense.supports_tp and not dense.supports_ep
+    assert moe.supports_tp and moe.supports_ep and phi.supports_ep
+    assert not (moe.supports_pp or moe.supports_cp)
+    assert Ernie4_5_MoeForCausalLM.get_capabilities(named_config("ernie4_5_moe-tiny")) == moe
+
+
+def test_moe_overrides_use_nemo_names_on_a_copy():
+    config = named_config("ernie4_5_moe-tiny")
+    model = AutoModelForCausalLM.from_config(config, fast=False, moe_config={"n_activated_experts": 1},
+                                             moe_overrides={"aux_loss_coeff": 0.5})
+    assert model.config.moe_k == 1 and model.config.router_aux_loss_coef == 0.5
+    assert config.moe_k == 2  # the caller's config is not changed
+    with pytest.raises(TypeError, match="'route_scale' is not a MoE setting of Ernie4_5_MoeConfig"):
+        AutoModelForCausalLM.from_config(config, moe_overrides={"route_scale": 2.0})
+    with pytest.raises(ValueError, match="ernie4_5, which has no experts"):
+        AutoModelForCausalLM.from_config(named_config("ernie4_5-tiny"), moe_overrides={"n_routed_experts": 4})
