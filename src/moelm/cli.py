@@ -330,6 +330,13 @@ def cmd_info(args):
                          f"sequence; largest activation {plan['activation'] / mb:.0f} MB ({plan['activation_what']}, "
                          f"{plan['tokens']}-token step)"),
         ]
+        if args.tp > 1 or args.ep > 1:
+            from .parallel.comm import comm_plan
+
+            decode = comm_plan(config, args.tp, args.ep, tokens=1, logits=1, dtype=dtype)
+            prefill = comm_plan(config, args.tp, args.ep, tokens=args.tokens, logits=1, dtype=dtype)
+            lines.append(("collectives", f"{_kinds(decode, 1)} per decode token; {_kinds(prefill, args.tokens)} "
+                                         f"per token of a {args.tokens}-token prefill (payload per rank)"))
     for key, value in lines:
         print(f"{key:>11}: {value}")
 
@@ -363,6 +370,10 @@ def _human(n: float, unit: str = "") -> str:
         if abs(n) < 1000 or suffix == "T":
             return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
         n /= 1000
+
+
+def _kinds(counts: dict[str, int], tokens: int) -> str:
+    return ", ".join(f"{kind} {_human(n / tokens, 'B')}" for kind, n in sorted(counts.items())) or "none"
 
 
 def _ranges(xs: list[int]) -> str:
