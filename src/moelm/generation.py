@@ -447,6 +447,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
     if cfg.num_beams > 1:
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
+    sync = synced(model)
     with tuned(step, state) as step:
         while True:
             scores = process(logits, state, cfg)
@@ -460,9 +461,28 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
             advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))
             state.unfinished &= ~stopped(state, state.input_ids)
             yield tokens
-            if not bool(state.unfinished.any()):
+            if decoding_ends(not bool(state.unfinished.any()), model, sync):
                 return
             logits = step(model, state)
+
+
+def synced(model):
+    """A sharded model whose ranks decode different batches but meet in collectives (expert parallelism with
+    all-to-all over data-parallel ranks) gives an object keeping them in step (moelm.parallel), else None."""
+    return getattr(getattr(model, "parallel", None), "generation_sync", lambda: None)()
+
+
+def decoding_ends(done: bool, model, sync) -> bool:
+    """Whether decoding ends here. In step with other ranks (transformers' synced_gpus): each step every rank says
+    whether it is done; one that is, runs idle forwards that join the others' collectives until all are."""
+    if sync is None:
+        return done
+    if done:
+        while not sync.all_done(True):
+            sync.idle_forward(model)
+        return True
+    sync.all_done(False)
+    return False
 
 
 @contextlib.contextmanager
@@ -520,6 +540,7 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
     beam_indices = running_indices.clone()
 
     logits = prefill(model, state)
+    sync = synced(model)
     with tuned(step, state) as step:
         while True:
             log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
@@ -573,7 +594,7 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
             worst_done = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, -1.0e9)
             improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
             all_done = bool(finished.all()) and cfg.early_stopping is True
-            if not bool(improvable.any()) or all_done or bool(hits.all()):
+            if decoding_ends(not bool(improvable.any()) or all_done or bool(hits.all()), model, sync):
                 break
             advance(state, running[:, :, :cur_len].reshape(rows, cur_len))
             logits = step(model, state)

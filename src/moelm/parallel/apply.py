@@ -36,6 +36,21 @@ class ParallelState:
     def is_writer(self) -> bool:
         return dist.get_rank() == 0
 
+    def generation_sync(self) -> ParallelState | None:
+        """Self when ranks of one expert group decode different batches (all-to-all over data-parallel ranks):
+        generate then keeps them in step (all_done, idle_forward)."""
+        return self if self.ep_size > 1 and not self.shares_batch else None
+
+    def all_done(self, done: bool) -> bool:
+        """Whether every rank of this rank's expert group is done (a collective)."""
+        flag = torch.tensor([int(done)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ep_mesh.get_group())
+        return bool(flag)
+
+    def idle_forward(self, model):
+        """One forward of one token, without cache, joining the collectives of the others' decode step."""
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
+
     def from_writer(self, value):
         """Rank 0's `value` on every rank (a collective)."""
         box = [value]
@@ -122,7 +137,7 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
     dense, experts_mesh = meshes(config, device_type)
     plan = resolved_plan(cfg.model_type, config)
     state = ParallelState(config, dense, experts_mesh, plan)
-    shares_batch = config.ep_size == config.tp_size
+    shares_batch = state.shares_batch = config.ep_size == config.tp_size
     dispatcher = getattr(getattr(model, "backend", None), "dispatcher", "torch")  # NeMo's BackendConfig
     how = dispatcher if config.ep_implementation == "auto" and dispatcher != "torch" else config.ep_implementation
     if how == "all_reduce" and config.ep_size > 1 and not shares_batch:
