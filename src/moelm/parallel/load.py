@@ -25,7 +25,9 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
     config = resolve(tp_plan, tp_size, distributed_config)
     if config is None:  # only a device_mesh of size 1
         config = DistributedConfig(tp_size=1)
-    if device_map is not None and config.tp_size > 1:
+    # transformers refuses any device_map beside tp > 1; moelm lets "auto" through (it asks for nothing TP does
+    # not do: each rank on its own device), so the documented `device_map="auto", tp_plan="auto"` example runs
+    if device_map is not None and device_map != "auto" and config.tp_size > 1:
         raise ValueError(f"tp_size={config.tp_size} with device_map={device_map!r}: tensor parallelism places each "
                          "rank on its own device; pass one or the other, not both")
     if device is None:
