@@ -347,6 +347,7 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
     """The run's config (model defaults < generation_config < kwargs) and its starting state: special tokens, the
     default attention mask and positions, rows repeated for beams / return sequences, and the length limits."""
     cfg = merge_config(model, generation_config, kwargs)
+    getattr(getattr(model, "parallel", None), "align_rng", lambda: None)()  # TP ranks must sample alike
     device = model.device
     eos = None if cfg.eos_token_id is None else torch.tensor(cfg.eos_token_id, device=device).reshape(-1)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None or eos is None else int(eos[0])

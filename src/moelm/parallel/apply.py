@@ -36,6 +36,20 @@ class ParallelState:
     def is_writer(self) -> bool:
         return dist.get_rank() == 0
 
+    def align_rng(self):
+        """The TP group's first rank's random state on every rank of the group: their sampled tokens must agree,
+        and nothing else keeps the ranks' random streams together (one process's seed gives the same state)."""
+        group = self.tp_mesh.get_group()
+        if self.tp_size == 1:
+            return
+        state = torch.get_rng_state()
+        dist.broadcast(state, dist.get_global_rank(group, 0), group=group)
+        torch.set_rng_state(state)
+        if torch.cuda.is_available() and self.tp_mesh.device_type == "cuda":
+            cuda = torch.cuda.get_rng_state().to("cuda")
+            dist.broadcast(cuda, dist.get_global_rank(group, 0), group=group)
+            torch.cuda.set_rng_state(cuda.cpu())
+
     def generation_sync(self) -> ParallelState | None:
         """Self when ranks of one expert group decode different batches (all-to-all over data-parallel ranks):
         generate then keeps them in step (all_done, idle_forward)."""

@@ -1,0 +1,46 @@
+"""The examples as users launch them: real torchrun, two processes on gloo, a tiny checkpoint with its tokenizer
+and chat template. The model page's TP example (verbatim but for the import) prints the same tokens on both ranks;
+the EP example generates on each rank."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from moelm.scaffold import new_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(new_checkpoint("ernie4_5_moe-tiny", tmp_path_factory.mktemp("torchrun"), seed=0))
+
+
+def torchrun(script: str, path: str) -> dict[int, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(EXAMPLES / script), path]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {int(m[1]): m[2] for m in re.finditer(r"rank (\d): (\[[\d, ]*\])", done.stdout)}  # the token ids
+
+
+def test_the_model_page_tp_example(checkpoint):
+    """The checkpoint's generation config samples: the two ranks agree only because generate aligns their random
+    state (seeded sampling under TP equal to one process is tests/test_parallel.py's)."""
+    printed = torchrun("tp_generate.py", checkpoint)
+    assert set(printed) == {0, 1} and printed[0] == printed[1]
+    assert len(printed[0].split(",")) == 32
+
+
+def test_the_ep_example(checkpoint):
+    printed = torchrun("ep_generate.py", checkpoint)
+    assert set(printed) == {0, 1} and all(len(ids.split(",")) == 32 for ids in printed.values())
