@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from moelm import AutoModelForCausalLM
 from moelm.configs import named_config
+from moelm.parallel import memory_plan
 from moelm.parallel.config import DistributedConfig
 from moelm.scaffold import new_checkpoint
 from moelm.weights import SafetensorsCheckpoint
@@ -143,6 +144,7 @@ def test_layout_matches_one_process(layout, checkpoints, tmp_path):
             assert dense == 1 if tp == 1 else 0.45 <= dense <= 0.56, sizes
         if tp > 1:
             assert sizes["sharded_linear"], f"{family}: no DTensor parameter under tp={tp}"
+        assert sizes["local"] == sizes["plan"], f"{family}: moelm info's memory plan says {sizes['plan']} bytes"
         assert_same_checkpoint(tmp_path / "saved" / family, Path(checkpoints[family]))
     if layout == "tp2":
         reference_loads(tmp_path / "saved", checkpoints)
@@ -352,7 +354,8 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
         local=sum(nbytes(p) for p in model.parameters()), whole=sum(nbytes(p) for p in ref.parameters()),
         experts=sum(nbytes(p) for n, p in model.named_parameters() if n in experts),
         experts_whole=sum(nbytes(p) for n, p in ref.named_parameters() if n in experts),
-        sharded_linear=any(isinstance(p, DTensor) for p in model.parameters()))
+        sharded_linear=any(isinstance(p, DTensor) for p in model.parameters()),
+        plan=memory_plan(model.config, tp, ep, torch.float32)["weights"])
 
     # 5. save_pretrained: gathered, written by rank 0
     model.save_pretrained(Path(out) / "saved" / family)
