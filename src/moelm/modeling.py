@@ -195,7 +195,8 @@ class DecoderModel(PreTrainedModel):
         self.padding_idx = config.pad_token_id
         pad = config.pad_token_id if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size \
             else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad,  # init_weights initialises it
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm()
 
