@@ -280,6 +280,10 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
     ref = AutoModelForCausalLM.from_pretrained(path, fast=False)
     if family == "ernie4_5" and fields == {"tp_size": 2}:  # tp over the whole world, transformers' shorthand
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    elif family == "phimoe" and fields == {"tp_size": 2}:  # a user's 1-D mesh over the world
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", device_mesh=init_device_mesh("cpu", (2,)))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
     state = model.parallel

@@ -17,6 +17,10 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
         if device_mesh.ndim != 1 and "tp" not in names:
             raise ValueError(f"device_mesh: a 1-D mesh, or one with a 'tp' dimension, is needed; got dimensions "
                              f"{names or device_mesh.ndim}")
+        if device_mesh.size() != dist.get_world_size():
+            raise NotImplementedError(f"device_mesh over {device_mesh.size()} of the {dist.get_world_size()} ranks: "
+                                      "moelm lays a model over the whole world (use DistributedConfig for data "
+                                      "parallel groups)")
         mesh_tp = device_mesh.size() if device_mesh.ndim == 1 else device_mesh["tp"].size()
         if tp_size is not None and tp_size != mesh_tp:
             raise ValueError(f"tp_size={tp_size} disagrees with the device_mesh's tp size {mesh_tp}")
