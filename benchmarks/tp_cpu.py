@@ -1,5 +1,5 @@
 """Tensor parallelism on one CPU: TP=2 in two processes (torchrun, gloo, one thread each) against one process with
-two threads, plain modules and moelm's fast paths, on a random checkpoint of a named shape (default ERNIE-4.5-0.3B,
+two threads, each with plain modules and with moelm's fast paths, on a random checkpoint of a named shape (default ERNIE-4.5-0.3B,
 fp32). Runs alternate between the setups, so a drift of the host's speed hits each alike. Each run: a prefill of
 --prompt tokens (best of 3), then greedy decoding of --new tokens with the static cache; figures are tokens/s.
 
@@ -25,7 +25,7 @@ def measure(path: str, prompt: int, new: int, fast: bool, layout: bool) -> dict:
 
     from moelm import AutoModelForCausalLM
 
-    kwargs = {"tp_plan": "auto"} if layout else {"fast": fast}
+    kwargs = {"tp_plan": "auto", "fast": fast} if layout else {"fast": fast}
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **kwargs)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -83,7 +83,8 @@ def main():
         setups = {
             "1 process, 2 threads, fast paths": me + ["--threads", "2", "--fast"],
             "1 process, 2 threads, plain modules": me + ["--threads", "2"],
-            "TP=2: 2 processes x 1 thread (gloo)": None,
+            "TP=2: 2 processes x 1 thread, fast paths": None,
+            "TP=2: 2 processes x 1 thread, plain modules": None,
         }
         results = {name: [] for name in setups}
         for _ in range(args.rounds):
@@ -95,6 +96,7 @@ def main():
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(port)] + me[1:] + ["--threads", "1",
                                                                                               "--tp"]
+                    cmd += ["--fast"] if "fast" in name else []
                 results[name].append(run(cmd, env))
         for name, runs in results.items():
             best = {k: max(r[k] for r in runs) for k in runs[0]}

@@ -127,7 +127,11 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         ckpt.close()
     if backend is not None:
         apply_backend(model, backend)
-    elif fast and layout is None and not disk:  # sharded or offloaded models run the plain modules
+    elif fast and layout is not None:
+        from .parallel.apply import optimize_sharded
+
+        optimize_sharded(model)
+    elif fast and not disk:  # offloaded models run the plain modules
         optimize(model)
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -127,7 +127,8 @@ def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether gemv() can take these activations [..., I] and weights: CPU, few rows, I a multiple of 32, no
     gradients needed (the kernels have no backward), kernels built."""
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
-    return (x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and x.shape[-1] % 32 == 0
+    plain = type(x) is torch.Tensor  # a tensor subclass may hold no data of its own
+    return (plain and x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and x.shape[-1] % 32 == 0
             and not grads and available())
 
 

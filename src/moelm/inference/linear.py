@@ -88,5 +88,7 @@ def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
     if fused is None or torch.is_grad_enabled():
         return False
     name = "qweight" if fused.quantized else "weight"
-    return getattr(fused.first, name).data_ptr() == getattr(fused.module, name).data_ptr()
+    first = getattr(fused.first, name)
+    first = first.to_local() if hasattr(first, "to_local") else first  # a sharded projection: this rank's shard
+    return first.data_ptr() == getattr(fused.module, name).data_ptr()
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from ..inference.linear import FastLinear, Fused
+from ..inference.modules import FAST
+from ..layers import MLP, Attention
 from ..moe import Experts
 from .config import DistributedConfig
 from .experts import full_tensor, shard_experts
@@ -107,6 +111,13 @@ class ParallelState:
         return target, tuple(index), tuple(shape)
 
 
+def waited(module, args, out):
+    """A collective's result as a plain tensor (torch's styles hand back one still pending, whose data pointer is
+    not valid yet for moelm's C kernels). Not where gradients flow: wait() leaves the graph, and no C kernel runs
+    there."""
+    return out.wait() if isinstance(out, AsyncCollectiveTensor) and not out.requires_grad else out
+
+
 def meshes(config: DistributedConfig, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
     """The dense mesh (dp_replicate, dp_shard, tp) and the expert mesh (dp_replicate, efsdp, ep) over the same
     ranks: an EP group is ep consecutive ranks, whole TP groups."""
@@ -174,7 +185,45 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
             parallel_style = LINEAR_STYLES[style]()
             parallel_style.src_data_rank = None if on_meta else 0
             parallelize_module(module, state.tp_mesh, parallel_style)
+            module.register_forward_hook(waited)
     model.tie_weights()
+    for module in model.modules():  # attention computes this rank's heads
+        if isinstance(module, Attention) and isinstance(module.q_proj.weight, DTensor):
+            module.num_heads //= config.tp_size
+            module.num_kv_heads //= config.tp_size
     model.parallel = state
     return model
+
+
+def optimize_sharded(model: nn.Module) -> nn.Module:
+    """moelm's inference fast paths on a sharded model: the fast modules where their parameters are plain (norms,
+    attention, MLPs; the sharded linear layers stay torch's), q/k/v and gate/up fused over this rank's shards,
+    so a decoding step's attention runs in moelm's C kernel on the local heads."""
+    for module in model.modules():
+        fast = FAST.get(type(module))
+        if fast is not None and not (isinstance(module, nn.Linear) and isinstance(module.weight, DTensor)):
+            module.__class__ = fast
+    for module in model.modules():
+        if isinstance(module, Attention) and isinstance(module.q_proj.weight, DTensor):
+            module.fused_qkv = fuse_shards([module.q_proj, module.k_proj, module.v_proj])
+        elif isinstance(module, MLP) and isinstance(module.gate_proj.weight, DTensor):
+            module.fused_gate_up = fuse_shards([module.gate_proj, module.up_proj])
+    return model
+
+
+def fuse_shards(modules: list[nn.Linear]) -> Fused:
+    """One FastLinear over the local shards of colwise projections of the same input; each DTensor's local shard
+    becomes a view of it (no second copy; saving gathers the same values)."""
+    names = ["weight"] + (["bias"] if modules[0].bias is not None else [])
+    fused = Fused.__new__(Fused)
+    fused.quantized, fused.first = False, modules[0]
+    fused.splits = [m.weight.to_local().shape[0] for m in modules]
+    fused.module = FastLinear(modules[0].in_features, sum(fused.splits), bias=len(names) == 2, device="meta")
+    with torch.no_grad():
+        for name in names:
+            whole = torch.cat([getattr(m, name).to_local() for m in modules])
+            setattr(fused.module, name, nn.Parameter(whole, requires_grad=False))
+            for m, view in zip(modules, whole.split(fused.splits)):
+                getattr(m, name)._local_tensor = view
+    return fused
 
