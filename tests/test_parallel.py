@@ -309,14 +309,24 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
     report.done(f"{family}/aux_loss", f"{family}/router_logits")
 
     # 2. generation (min_new_tokens: ranks with different batches must step together, none stopping early)
+    from moelm.inference import kernels
+
+    attend, layer, calls = kernels.attend, kernels.decode_layer, []  # the attention alone, or a whole layer
+    kernels.attend = lambda *a, **k: calls.append(1) or attend(*a, **k)
+    kernels.decode_layer = lambda *a, **k: calls.append(1) or layer(*a, **k)
     for what, kwargs in (("greedy", dict(do_sample=False)), ("sampled", dict(do_sample=True))):
         outs = []
         for m in (model, ref):
             torch.manual_seed(5)
             outs.append(m.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs))
+            if m is model:  # a decoding step's attention in moelm's C kernels, on the local heads
+                report.true(f"{family}/{what}", bool(calls) or not kernels.available(), "C attention not used")
+                calls.clear()
         new = [o[:, ids.shape[1]:].tolist() for o in outs]
         report.true(f"{family}/{what}", torch.equal(outs[0], outs[1]), f"new tokens {new[0]}, one process {new[1]}")
         report.done(f"{family}/{what}")
+
+    kernels.attend, kernels.decode_layer = attend, layer
 
     # 2b. ranks whose batches end at different steps (batch 0 at its first token): the others' collectives still
     # meet theirs (generate keeps the ranks in step) and every rank's tokens are one process's

@@ -204,10 +204,11 @@ def optimize_sharded(model: nn.Module) -> nn.Module:
         if fast is not None and not (isinstance(module, nn.Linear) and isinstance(module.weight, DTensor)):
             module.__class__ = fast
     for module in model.modules():
-        if isinstance(module, Attention) and isinstance(module.q_proj.weight, DTensor):
-            module.fused_qkv = fuse_shards([module.q_proj, module.k_proj, module.v_proj])
-        elif isinstance(module, MLP) and isinstance(module.gate_proj.weight, DTensor):
-            module.fused_gate_up = fuse_shards([module.gate_proj, module.up_proj])
+        parts = [module.q_proj, module.k_proj, module.v_proj] if isinstance(module, Attention) else \
+            [module.gate_proj, module.up_proj] if isinstance(module, MLP) else None
+        if parts is not None:
+            fused = fuse_shards(parts) if isinstance(parts[0].weight, DTensor) else Fused(parts)
+            setattr(module, "fused_qkv" if isinstance(module, Attention) else "fused_gate_up", fused)
     return model
 
 
