@@ -1,6 +1,8 @@
-"""Tensor and expert parallelism: the plans (data, in transformers' vocabulary) and the per-rank memory plan. The
-plans are applied to an unchanged model; applying them on torch.distributed is not implemented yet."""
+"""Tensor and expert parallelism on torch.distributed, applied to an unchanged model: the plans (data, in
+transformers' vocabulary), DistributedConfig and its meshes, the sharded forms, loading and saving, the per-rank
+memory and communication plans, and device_map's disk offload."""
+from .config import DistributedConfig
 from .memory import memory_plan
 from .plans import EP_PLANS, TP_PLANS, check_sizes, plan_for
 
-__all__ = ["EP_PLANS", "TP_PLANS", "check_sizes", "memory_plan", "plan_for"]
+__all__ = ["DistributedConfig", "EP_PLANS", "TP_PLANS", "check_sizes", "memory_plan", "plan_for"]
