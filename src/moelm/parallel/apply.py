@@ -35,6 +35,7 @@ class ParallelState:
         self.tp_mesh, self.ep_mesh = dense["tp"], experts["ep"]
         self.tp_size, self.ep_size = config.tp_size, config.ep_size
         self.layouts: dict[str, tuple] = {}  # expert parameters: (kind, dim, mesh)
+        self.shares_batch = config.ep_size == config.tp_size  # an expert group is a TP group: one batch
 
     @property
     def is_writer(self) -> bool:
@@ -46,13 +47,14 @@ class ParallelState:
         group = self.tp_mesh.get_group()
         if self.tp_size == 1:
             return
-        state = torch.get_rng_state()
-        dist.broadcast(state, dist.get_global_rank(group, 0), group=group)
-        torch.set_rng_state(state)
-        if torch.cuda.is_available() and self.tp_mesh.device_type == "cuda":
-            cuda = torch.cuda.get_rng_state().to("cuda")
-            dist.broadcast(cuda, dist.get_global_rank(group, 0), group=group)
-            torch.cuda.set_rng_state(cuda.cpu())
+        device, first = self.tp_mesh.device_type, dist.get_global_rank(group, 0)
+        states = [(torch.get_rng_state, torch.set_rng_state)]
+        if device == "cuda":
+            states.append((torch.cuda.get_rng_state, torch.cuda.set_rng_state))
+        for get, put in states:  # sent on the mesh's device (nccl sends CUDA tensors only)
+            state = get().to(device)
+            dist.broadcast(state, first, group=group)
+            put(state.cpu())
 
     def generation_sync(self) -> ParallelState | None:
         """Self when ranks of one expert group decode different batches (all-to-all over data-parallel ranks):
@@ -61,7 +63,7 @@ class ParallelState:
 
     def all_done(self, done: bool) -> bool:
         """Whether every rank of this rank's expert group is done (a collective)."""
-        flag = torch.tensor([int(done)])
+        flag = torch.tensor([int(done)], device=self.ep_mesh.device_type)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ep_mesh.get_group())
         return bool(flag)
 
@@ -162,7 +164,7 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
     dense, experts_mesh = meshes(config, device_type)
     plan = resolved_plan(cfg.model_type, config)
     state = ParallelState(config, dense, experts_mesh, plan)
-    shares_batch = state.shares_batch = config.ep_size == config.tp_size
+    shares_batch = state.shares_batch
     dispatcher = getattr(getattr(model, "backend", None), "dispatcher", "torch")  # NeMo's BackendConfig
     how = dispatcher if config.ep_implementation == "auto" and dispatcher != "torch" else config.ep_implementation
     if how == "all_reduce" and config.ep_size > 1 and not shares_batch:

@@ -115,8 +115,8 @@ class ExpertsEP(Experts):
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_sizes, recv_sizes = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         rows = exchange(x[order // k], recv_sizes, send_sizes, group)
-        ids = torch.arange(local).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
-        out = run_local(self, rows, ids, torch.ones(ids.shape[0], dtype=rows.dtype))
+        ids = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+        out = run_local(self, rows, ids, torch.ones(ids.shape[0], dtype=rows.dtype, device=rows.device))
         back = exchange(out, send_sizes, recv_sizes, group)
         pairs = torch.empty_like(back).index_copy_(0, order, back).view(-1, k, hidden)  # [N, K, H]
         out = (pairs * weights.to(pairs.dtype)[..., None]).sum(1).to(x.dtype)
