@@ -247,10 +247,13 @@ def test_request_parameters_act(loaded):
         assert early == [eos] and finish == "stop"
         late, _, finish = run(engine, prompt, SamplingParams(**{**greedy.__dict__, **forced, "min_tokens": 4}))
         assert late[-1] == eos and len(late) == 5 and eos not in late[:4] and finish == "stop"
-        plain, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        penalised, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                             presence_penalty=2.0, frequency_penalty=2.0))
-        assert len(set(penalised)) > len(set(plain))
+        # token 7 favoured by 3.0 (a random tiny model's logits are far smaller): greedy repeats it throughout;
+        # presence + frequency penalties of 2.0 take it back after its first use, and every other token after its own
+        repeat = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "logit_bias": {7: 3.0}}
+        plain, _, _ = run(engine, prompt, SamplingParams(**repeat))
+        penalised, _, _ = run(engine, prompt, SamplingParams(**repeat, presence_penalty=2.0, frequency_penalty=2.0))
+        assert plain == [7] * 12
+        assert penalised[0] == 7 and 7 not in penalised[1:] and len(set(penalised)) == 12
         repeated, _, _ = run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                                             repetition_penalty=5.0))
         assert len(set(repeated)) > len(set(plain))
