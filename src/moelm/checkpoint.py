@@ -98,18 +98,20 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                 if expert is not None and expert >= _num_experts(param, ours, parallel):
                     unexpected.append(key)
                 else:
-                    view = (parallel.local_view(ours, param.data, expert, part, num_parts) if parallel else
-                            (_part_view(param.data, expert, part, num_parts), None, None))
-                    target, index, whole = view if view is not None else (None, None, None)
-                    whole = whole or (tuple(target.shape) if target is not None else tuple(ckpt.shape(key)))
-                    shape = ckpt.shape(key)
-                    if whole != tuple(shape):
-                        mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(whole)} "
+                    if parallel is not None:  # (this rank's view, its index in the hub tensor, the whole shape)
+                        view = parallel.local_view(ours, param.data, expert, part, num_parts)
+                    else:
+                        target = _part_view(param.data, expert, part, num_parts)
+                        view = target, None, tuple(target.shape)
+                    shape = tuple(ckpt.shape(key))
+                    if view is None:  # an expert of another rank
+                        filled[ours].add((expert, part))
+                    elif view[2] != shape:
+                        mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(view[2])} "
                                           f"(in {ckpt.file_of(key).name})")
                     else:
-                        if target is None:  # another rank's slice
-                            pass
-                        elif ours in quantized:
+                        target, index, _ = view
+                        if ours in quantized:
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)

@@ -162,6 +162,7 @@ class SafetensorsCheckpoint:
                     self._where[name] = f
         self._keys = sorted(self._where)
         self._handles: dict[Path, object] = {}
+        self._slicers: dict[Path, object] = {}  # safetensors' safe_open, for read_slice_into
 
     @staticmethod
     def _read_index(path: Path) -> dict[str, str]:
@@ -246,8 +247,10 @@ class SafetensorsCheckpoint:
 
         f = self.file_of(name)
         try:
-            with safe_open(f, framework="pt") as handle:
-                part = handle.get_slice(name)[index]
+            handle = self._slicers.get(f)
+            if handle is None:  # opened once per file: its header is parsed once, not once per tensor
+                handle = self._slicers[f] = safe_open(f, framework="pt")
+            part = handle.get_slice(name)[index]
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{f}: cannot read a slice of tensor {name!r}: {e}") from e
         if tuple(part.shape) != tuple(out.shape):
@@ -257,7 +260,7 @@ class SafetensorsCheckpoint:
             out.copy_(part)
 
     def close(self) -> None:
-        handles, self._handles = self._handles, {}
+        handles, self._handles, self._slicers = self._handles, {}, {}  # the slicers close when released
         for h in handles.values():
             h.close()
 

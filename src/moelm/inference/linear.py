@@ -68,17 +68,18 @@ def _fuse(modules: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def fuse_projections(model: nn.Module) -> nn.Module:
-    """Attention q/k/v and SwiGLU gate/up as one matmul each (inference only: see Attention / MLP forward)."""
+def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
+    """Attention q/k/v and SwiGLU gate/up as one matmul each, made by `make` (inference only: see Attention / MLP
+    forward)."""
     def fusable(m: nn.Module) -> bool:  # bitsandbytes' packing has no concatenation of rows
         return isinstance(m, nn.Linear) or type(m) is QuantizedLinear
 
     for module in model.modules():
         if isinstance(module, Attention) and getattr(module, "fused_qkv", None) is None and fusable(module.q_proj):
-            module.fused_qkv = Fused([module.q_proj, module.k_proj, module.v_proj])
+            module.fused_qkv = make([module.q_proj, module.k_proj, module.v_proj])
         elif isinstance(module, MLP) and getattr(module, "fused_gate_up", None) is None and \
                 fusable(module.gate_proj):
-            module.fused_gate_up = Fused([module.gate_proj, module.up_proj])
+            module.fused_gate_up = make([module.gate_proj, module.up_proj])
     return model
 
 

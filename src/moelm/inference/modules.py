@@ -12,7 +12,7 @@ from .cache import StaticCache
 from .attention import decode_attention
 from .decode import decode_attention_step, layer_step
 from .experts import each_expert
-from .linear import FastLinear, fuse_projections, fused_ready
+from .linear import FastLinear, Fused, fuse_projections, fused_ready
 from .slots import SlotCache, ragged_attention
 
 
@@ -109,12 +109,13 @@ FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLP: FastMLP, Attention: Fa
         DecoderLayer: FastDecoderLayer, Experts: FastExperts}
 
 
-def optimize(model: nn.Module, fuse: bool = True) -> nn.Module:
-    """The fast modules in place of the model's (same parameters), then the fused projections."""
+def optimize(model: nn.Module, fuse: bool = True, keep=lambda module: False, make=Fused) -> nn.Module:
+    """The fast modules in place of the model's (same parameters), but those `keep` picks, then the projections
+    fused by `make` (a sharded model fuses its shards: moelm.parallel)."""
     for module in model.modules():
         fast = FAST.get(type(module))
-        if fast is not None:
+        if fast is not None and not keep(module):
             module.__class__ = fast
     if fuse:
-        fuse_projections(model)
+        fuse_projections(model, make)
     return model

@@ -13,8 +13,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..inference.linear import FastLinear, Fused
-from ..inference.modules import FAST
-from ..layers import MLP, Attention
+from ..inference.modules import optimize
+from ..layers import Attention
 from ..moe import Experts
 from .config import DistributedConfig
 from .experts import full_tensor, shard_experts
@@ -146,7 +146,7 @@ def resolved_plan(model_type: str, config: DistributedConfig) -> dict[str, str]:
     if config.ep_size > 1:
         plan.update(EP_PLANS[model_type])
         plan.update(config.ep_plan or {})
-    known = (*LINEAR_STYLES, *EXPERT_STYLES, "rowwise", "grouped_gemm")
+    known = (*LINEAR_STYLES, *EXPERT_STYLES)  # "rowwise" also names the experts' down_proj under TP
     for pattern, style in plan.items():
         if style not in known:
             raise ValueError(f"plan rule {pattern!r}: unknown style {style!r}; moelm knows {', '.join(known)}")
@@ -198,20 +198,14 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
 
 
 def optimize_sharded(model: nn.Module) -> nn.Module:
-    """moelm's inference fast paths on a sharded model: the fast modules where their parameters are plain (norms,
-    attention, MLPs; the sharded linear layers stay torch's), q/k/v and gate/up fused over this rank's shards,
-    so a decoding step's attention runs in moelm's C kernel on the local heads."""
-    for module in model.modules():
-        fast = FAST.get(type(module))
-        if fast is not None and not (isinstance(module, nn.Linear) and isinstance(module.weight, DTensor)):
-            module.__class__ = fast
-    for module in model.modules():
-        parts = [module.q_proj, module.k_proj, module.v_proj] if isinstance(module, Attention) else \
-            [module.gate_proj, module.up_proj] if isinstance(module, MLP) else None
-        if parts is not None:
-            fused = fuse_shards(parts) if isinstance(parts[0].weight, DTensor) else Fused(parts)
-            setattr(module, "fused_qkv" if isinstance(module, Attention) else "fused_gate_up", fused)
-    return model
+    """moelm's inference fast paths on a sharded model: the fast modules, but the sharded linear layers stay
+    torch's; q/k/v and gate/up fused over this rank's shards, so a decoding step's attention runs in moelm's C
+    kernel on the local heads."""
+    def sharded(module) -> bool:
+        return isinstance(getattr(module, "weight", None), DTensor)
+
+    return optimize(model, keep=lambda m: isinstance(m, nn.Linear) and sharded(m),
+                    make=lambda parts: fuse_shards(parts) if sharded(parts[0]) else Fused(parts))
 
 
 def fuse_shards(modules: list[nn.Linear]) -> Fused:

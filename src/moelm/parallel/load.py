@@ -38,8 +38,4 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     init_process_group(device)
-    if dist.get_world_size() != config.world_size:
-        raise ValueError(f"the world has {dist.get_world_size()} processes but the layout needs dp_replicate_size * "
-                         f"fsdp_size * tp_size = {config.dp_replicate_size} * {config.fsdp_size} * "
-                         f"{config.tp_size} = {config.world_size}")
     return config, device

@@ -27,18 +27,14 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def plan(model: nn.Module, device_map, device: torch.device, max_memory, offload_folder) -> dict[str, str]:
-    """{module name: device or "disk"} for a model built on meta. A dict device_map is checked (one compute device,
-    disk only for whole decoder layers, every parameter placed); a policy ("auto", ...) with max_memory keeps the
-    embeddings, final norm and head resident, then the decoder layers in order while they fit the compute device's
-    budget, and sends the rest to disk."""
+    """{module name: device or "disk"} for a model built on meta. A dict device_map is checked (disk only for
+    whole decoder layers, every parameter placed; place() has refused several compute devices); a policy ("auto",
+    ...) with max_memory keeps the embeddings, final norm and head resident, then the decoder layers in order while
+    they fit the compute device's budget, and sends the rest to disk."""
     layers = [n for n, _ in model.named_modules() if LAYER.match(n)]
     if isinstance(device_map, dict):
         placed = {str(k): ("disk" if str(v) == "disk" else str(torch.device(f"cuda:{v}" if isinstance(v, int) else v)))
                   for k, v in device_map.items()}
-        computes = {v for v in placed.values() if v != "disk"} or {str(device)}
-        if len(computes) > 1:
-            raise NotImplementedError(f"device_map places modules on {sorted(computes)}: splitting a model over "
-                                      "several compute devices is not implemented in moelm (disk offload is)")
         bad = [k for k, v in placed.items() if v == "disk" and not LAYER.match(k)]
         if bad:
             raise ValueError(f"device_map: only whole decoder layers (model.layers.N) go to disk, not {bad}")
