@@ -108,6 +108,7 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
         return y.view_as(x), None if plan.dense else h.view_as(x)
 
     run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, torch.get_num_threads())
+    run.dense = plan.dense
     return run
 
 
