@@ -217,17 +217,18 @@ def chosen(op: str, key: tuple) -> str | None:
 
 
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
-    """The fastest of `candidates` (path -> one call on the real inputs; "torch", PyTorch's own op, always among
+    """The fastest of `candidates` (path -> one call on the real inputs; "torch", PyTorch's own op, usually among
     them) for `op` ("family" or "family.variant") on this CPU and `key` (shapes, dtypes, threads): measured once,
     remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
-    is taken where it is a candidate, PyTorch's op where it is not; nothing is measured or written then."""
+    is taken where it is a candidate, PyTorch's op (or the first candidate) where it is not; nothing is measured or
+    written then."""
     force = forced()
     want = force.get(op.split(".")[0], force.get("*"))
     entry = f"{op}|{key}"
     with _LOCK:
         _load()
         if want is not None:
-            path = want if want in candidates else "torch"
+            path = want if want in candidates else "torch" if "torch" in candidates else next(iter(candidates))
         else:
             path = _FILE.get(entry)
             if path not in candidates:

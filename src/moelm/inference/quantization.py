@@ -218,7 +218,8 @@ class QuantizedLinear(PackedLinear):
             paths["int8pack"] = self._int8pack
         if len(paths) == 1:
             return next(iter(paths.values()))(x)
-        path = _path(self.mode, x, rows, self.qweight.shape,
+        # the candidates differ with the rows and grad mode within one rows bucket: they are part of the key
+        path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, self.qweight.shape,
                      lambda: {k: functools.partial(f, x) for k, f in paths.items()})
         return paths[path](x)
 
