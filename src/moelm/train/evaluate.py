@@ -1,0 +1,100 @@
+"""Evaluation for `moelm eval` and the fine-tuning loop's validation: multiple-choice accuracy (HellaSwag-style
+files, scored as lm-evaluation-harness scores them) and perplexity of a list of examples."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, DataError, Example, collate, hellaswag_record, hellaswag_tokens, read_records
+
+
+@dataclass
+class Choice:
+    context: list[int]  # token ids
+    endings: list[list[int]]  # token ids of each ending
+    ending_chars: list[int]  # length in bytes (utf-8) of each ending's text, for accuracy_norm
+    label: int
+
+
+def load_choices(path, tokenizer, limit: int | None = None) -> list[Choice]:
+    """The first `limit` records of a HellaSwag file (ctx, endings, label; as kind hellaswag reads them)."""
+    choices = []
+    for where, record in read_records(path, limit, "hellaswag"):
+        ctx, endings, label = hellaswag_record(record, where)
+        context, ends = hellaswag_tokens(tokenizer, ctx, endings, where)
+        if not context:
+            raise DataError(f"{where}: ctx has no tokens, so the first token of an ending has nothing to follow")
+        choices.append(Choice(context, ends, [len(e.encode("utf-8")) for e in endings], label))
+    return choices
+
+
+@contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def choice_scores(model, choices: list[Choice], batch_size: int = 8) -> list[list[float]]:
+    """Per choice, per ending: the sum of the log-probabilities of the ending's tokens given the context and the
+    ending's earlier tokens. Rows (context + one ending) go batch_size at a time, right-padded with a mask."""
+    rows = [Example(c.context + e, [IGNORE] * len(c.context) + e) for c in choices for e in c.endings]
+    flat = []
+    with _eval_mode(model):
+        for i in range(0, len(rows), batch_size):
+            flat += (-_token_nll(model, rows[i:i + batch_size]).sum(dim=1)).tolist()
+    scores, k = [], 0
+    for c in choices:
+        scores.append(flat[k:k + len(c.endings)])
+        k += len(c.endings)
+    return scores
+
+
+def _token_nll(model, examples: list[Example], pad_id: int = 0) -> torch.Tensor:
+    """[B, S-1] fp32 negative log-likelihood of each label token (0 where the label is -100)."""
+    batch = {k: v.to(_device(model)) for k, v in collate(examples, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                           reduction="none")
+
+
+@torch.no_grad()
+def multiple_choice(model, choices: list[Choice], batch_size: int = 8) -> dict:
+    """{"accuracy", "accuracy_norm", "count"}: accuracy picks the ending of highest log-probability sum,
+    accuracy_norm the highest sum / byte length of the ending text (lm-evaluation-harness's acc_norm for HellaSwag).
+    Ties go to the first ending."""
+    if not choices:
+        raise ValueError("multiple_choice needs at least one choice")
+    correct = correct_norm = 0
+    for c, s in zip(choices, choice_scores(model, choices, batch_size)):
+        correct += max(range(len(s)), key=lambda j: s[j]) == c.label
+        correct_norm += max(range(len(s)), key=lambda j: s[j] / c.ending_chars[j]) == c.label
+    return {"accuracy": correct / len(choices), "accuracy_norm": correct_norm / len(choices), "count": len(choices)}
+
+
+@torch.no_grad()
+def perplexity(model, examples: list[Example], batch_size: int = 8, pad_id: int = 0) -> dict:
+    """{"loss", "perplexity", "tokens"}: loss is the mean negative log-likelihood over every label token of all
+    examples (token-weighted, not a mean of batch means); computed from the logits, so no MoE aux loss is in it."""
+    total, tokens = 0.0, 0
+    with _eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            total += _token_nll(model, batch, pad_id).sum().item()
+            tokens += sum(sum(label != IGNORE for label in e.labels[1:]) for e in batch)
+    if tokens == 0:
+        raise ValueError("perplexity needs at least one label token (-100 everywhere, or no examples)")
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
