@@ -1,4 +1,5 @@
-"""The `moelm` command: generate, chat, serve, info, new, bench. Errors print one line and exit non-zero, no traceback."""
+"""The `moelm` command: generate, chat, serve, info, new, bench, finetune, eval, merge. Errors print one line and
+exit non-zero, no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,14 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) != "finetune":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # finetune: --section.key=value overrides of the recipe
+        bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.partition("=")[0])]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)} (recipe overrides look like --section.key=value)")
+    args.overrides = extra
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
@@ -96,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(p)
     runtime_args(p)
     p.set_defaults(run=cmd_serve)
+
+    from .train import commands
+
+    p = sub.add_parser("finetune", help="fine-tune from a recipe (full or LoRA; torchrun for FSDP2/EP)",
+                       description="Fine-tune as a recipe says; `--section.key=value` after the recipe overrides a "
+                                   "key. One process as is, several with `torchrun --nproc-per-node N -m moelm "
+                                   "finetune ...`.")
+    commands.add_finetune_arguments(p)
+    p.set_defaults(run=lambda a: commands.finetune(a, a.overrides))
+
+    p = sub.add_parser("eval", help="multiple-choice accuracy (hellaswag-style) or perplexity on a local file")
+    commands.add_eval_arguments(p)
+    p.set_defaults(run=commands.evaluate)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a hub checkpoint with tokenizer")
+    commands.add_merge_arguments(p)
+    p.set_defaults(run=commands.merge)
 
     from .bench import add_arguments
 

@@ -79,8 +79,8 @@ class ParallelState:
 
     def full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The whole parameter `name` (a collective: every rank calls it, in the same order)."""
-        if isinstance(tensor, DTensor):
-            return tensor.full_tensor()
+        if isinstance(tensor, DTensor):  # FSDP's shards, or TP's; then the expert layout (EP experts under FSDP)
+            tensor = tensor.full_tensor()
         layout = self.layouts.get(name)
         return tensor if layout is None else full_tensor(tensor, layout)
 

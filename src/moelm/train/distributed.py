@@ -1,0 +1,106 @@
+"""Training over torch.distributed, applied to an unchanged model: experts split over the expert mesh (EP with
+all-to-all, moelm.parallel), then FSDP2 (fully_shard) of each decoder layer and of the root over the data-parallel
+mesh, and of each rank's experts over the expert-FSDP mesh when several ranks hold the same experts. Gradients are
+reduced with SUM (gloo has no PREMUL_SUM/AVG): the loss is already divided by the global label-token count."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ..moe import Experts
+from ..parallel.apply import parallelize
+from ..parallel.config import DistributedConfig
+
+
+@dataclass
+class Layout:
+    world: int = 1
+    rank: int = 0
+    fsdp: int = 1  # data-parallel ranks (each its own micro-batches); the dense weights are sharded over them
+    ep: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def layout_for(section, world: int, rank: int, num_experts: int | None, source: str) -> Layout:
+    """The recipe's distributed section checked against the world size and the model."""
+    if section.tp != 1:
+        raise NotImplementedError(f"{source}: distributed.tp={section.tp}: tensor parallelism is not implemented "
+                                  "for training (it is for inference); use fsdp and ep")
+    fsdp = section.fsdp or world
+    if fsdp != world:
+        raise ValueError(f"{source}: distributed.fsdp={fsdp} must equal the number of processes ({world}): every "
+                         "rank is a data-parallel rank sharding the dense weights")
+    ep = section.ep
+    if ep > 1:
+        if not num_experts:
+            raise ValueError(f"{source}: distributed.ep={ep} but the model has no experts")
+        if num_experts % ep:
+            raise ValueError(f"{source}: distributed.ep={ep} must divide the number of experts ({num_experts})")
+        if world % ep:
+            raise ValueError(f"{source}: distributed.ep={ep} must divide the number of processes ({world})")
+    return Layout(world=world, rank=rank, fsdp=fsdp, ep=ep)
+
+
+def split_experts(model: nn.Module, layout: Layout) -> nn.Module:
+    """model.parallel with the meshes; with ep > 1 each rank keeps its E/ep experts (all-to-all dispatch)."""
+    return parallelize(model, DistributedConfig(fsdp_size=layout.fsdp, ep_size=layout.ep,
+                                                ep_implementation="all_to_all"), device_type="cpu")
+
+
+def shard(model: nn.Module, layout: Layout) -> nn.Module:
+    """FSDP2 over the meshes of split_experts. The correction biases stay whole on every rank (updated in place,
+    identically, from loads summed over the ranks); experts alone on their rank stay plain local tensors."""
+    state = model.parallel
+    dense, expert_fsdp = state.dense_mesh["dp_shard"], state.expert_mesh["efsdp"]
+    ignored = {p for n, p in model.named_parameters() if n.endswith("e_score_correction_bias")}
+    for module in model.modules():
+        if isinstance(module, Experts) and layout.ep > 1:
+            if expert_fsdp.size() > 1:
+                fully_shard(module, mesh=expert_fsdp)
+            else:
+                ignored |= set(module.parameters())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=dense, ignored_params=ignored)
+    fully_shard(model, mesh=dense, ignored_params=ignored)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum: the loss is a share of the global mean already
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM), divided by 1
+    return model
+
+
+def all_sum(values: list[float], layout: Layout) -> list[float]:
+    """Scalars summed over the ranks (one collective)."""
+    if not layout.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, layout: Layout) -> float:
+    """The global gradient norm (each element is held by one rank: FSDP shards and EP experts), clipped to
+    max_norm as torch.nn.utils.clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), at most 1)."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    if layout.distributed:
+        dist.all_reduce(squares)
+    norm = squares.sqrt()
+    if max_norm is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return float(norm)

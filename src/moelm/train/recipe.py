@@ -1,0 +1,226 @@
+"""A finetune recipe: YAML in NeMo AutoModel's spirit (model, dataset, validation_dataset, step, optimizer,
+lr_scheduler, distributed, moe, peft, checkpoint, seed), read into dataclasses whose fields are the keys. An unknown
+key, a wrong type or an inconsistent size is an error naming the key; `--section.key=value` overrides a key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import DataConfig
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = ""  # checkpoint directory, hub id in the local cache, or a named config (moelm new)
+    tokenizer: str | None = None  # tokenizer directory when name_or_path has none (a named config)
+    dtype: str = "float32"  # the weights' dtype: float32 or bfloat16
+    autocast: str | None = None  # "bfloat16": compute under torch.autocast, weights and optimizer in `dtype`
+    config_overrides: dict = field(default_factory=dict)  # config.json keys changed before building the model
+    quantization: str | None = None  # "int8" / "int4": frozen quantized base (LoRA only)
+
+
+@dataclass
+class StepSection:
+    global_batch_size: int = 8  # examples per optimizer step, over all data-parallel ranks
+    local_batch_size: int = 2  # examples per forward on one rank; accumulation = global / (local * dp)
+    max_steps: int = 100
+    num_epochs: int | None = None  # stop after this many passes too (whichever comes first)
+    shuffle: bool = True  # a new order each epoch, from the seed
+    val_every_steps: int = 0  # 0: validate only at the end (when a validation_dataset is given)
+    log_every_steps: int = 1
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "AdamW"  # AdamW or Adam (torch.optim)
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
+
+
+@dataclass
+class SchedulerSection:
+    warmup_steps: int = 0  # lr rises linearly from lr/(warmup_steps+1) to lr
+    decay: str = "constant"  # constant, linear or cosine, from lr to min_lr at max_steps
+    min_lr: float = 0.0
+
+
+@dataclass
+class DistributedSection:
+    fsdp: int | None = None  # FSDP2 ranks of the dense weights; null: the whole world
+    ep: int = 1  # expert-parallel ranks (divides the experts and the data-parallel ranks)
+    tp: int = 1
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward
+
+
+@dataclass
+class MoeSection:
+    aux_loss_coef: float | None = None  # null: the config's router_aux_loss_coef
+    gate_bias_update_factor: float = 0.0  # ERNIE's aux-free balancing (NeMo's default 0: off)
+
+
+@dataclass
+class PeftSection:
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_parameters: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "checkpoints"
+    every_steps: int = 0  # 0: only the final model
+    keep_last: int = 2  # step checkpoints kept (older ones are deleted after a new one is in place)
+    merge: bool = False  # LoRA: also write the merged model as a hub checkpoint (final/merged)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    dataset: DataConfig | None = None
+    validation_dataset: DataConfig | None = None
+    step: StepSection = field(default_factory=StepSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    moe: MoeSection = field(default_factory=MoeSection)
+    peft: PeftSection | None = None  # absent: full-parameter fine-tuning
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    seed: int = 1234
+    source: str = field(default="recipe", compare=False)  # where it came from, for error messages
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+CHOICES = {"optimizer.name": ("AdamW", "Adam"), "lr_scheduler.decay": ("constant", "linear", "cosine"),
+           "model.dtype": ("float32", "bfloat16"), "model.autocast": (None, "bfloat16"),
+           "model.quantization": (None, "int8", "int4")}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe at `path` with `section.key=value` overrides (values in YAML syntax)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item, path)
+    return build_recipe(data, str(path))
+
+
+def apply_override(data: dict, item: str, source) -> None:
+    """`a.b.c=value` into the nested dict (`--` prefix allowed)."""
+    key, eq, value = item.removeprefix("--").partition("=")
+    if not eq or not key:
+        raise RecipeError(f"override {item!r}: expected --section.key=value")
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part!r} in {source} is not a section")
+    node[last] = yaml.safe_load(value) if value else None
+
+
+def build_recipe(data: dict, source: str = "recipe") -> Recipe:
+    recipe = _build(Recipe, data, source, "")
+    recipe.source = source
+    check(recipe)
+    return recipe
+
+
+def _build(cls, data, source: str, prefix: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RecipeError(f"{source}: unknown key {prefix}{unknown[0]!r}; {prefix.rstrip('.') or 'a recipe'} takes "
+                          f"{', '.join(sorted(names))}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _value(hints[name], value, source, prefix + name)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'recipe'}: {e}") from None
+
+
+def _value(hint, value, source: str, key: str):
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    if value is None:
+        if optional:
+            return None
+        raise RecipeError(f"{source}: {key} may not be null")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise RecipeError(f"{source}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+    errors = []
+    for kind in args:
+        if dataclasses.is_dataclass(kind):
+            return _build(kind, value, source, key + ".")
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):  # YAML reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                errors.append(kind)
+                continue
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            return origin(float(v) if typing.get_args(kind)[:1] == (float,) else v for v in value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+        errors.append(kind)
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    raise RecipeError(f"{source}: {key} must be {names}, got {value!r}")
+
+
+def check(recipe: Recipe) -> None:
+    """Sizes and settings that cannot work, named (those needing the world size are checked by the trainer)."""
+    src, step = recipe.source, recipe.step
+    if recipe.dataset is None:
+        raise RecipeError(f"{src}: a recipe needs a dataset section (kind, path)")
+    if not recipe.model.name_or_path:
+        raise RecipeError(f"{src}: model.name_or_path is required")
+    for key in ("global_batch_size", "local_batch_size", "max_steps", "log_every_steps"):
+        if getattr(step, key) < 1:
+            raise RecipeError(f"{src}: step.{key} must be >= 1, got {getattr(step, key)}")
+    if step.global_batch_size % step.local_batch_size:
+        raise RecipeError(f"{src}: step.local_batch_size ({step.local_batch_size}) must divide "
+                          f"step.global_batch_size ({step.global_batch_size})")
+    if recipe.distributed.ep < 1 or recipe.distributed.tp < 1:
+        raise RecipeError(f"{src}: distributed.ep and distributed.tp must be >= 1")
+    if recipe.model.quantization and recipe.peft is None:
+        raise RecipeError(f"{src}: model.quantization ({recipe.model.quantization}) freezes a quantized base: it "
+                          "needs a peft section (LoRA)")
+    if recipe.checkpoint.keep_last < 1:
+        raise RecipeError(f"{src}: checkpoint.keep_last must be >= 1")

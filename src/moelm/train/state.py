@@ -1,0 +1,178 @@
+"""Training checkpoints: every N steps a directory step_N (written as .tmp-step_N, then renamed, so an interrupted
+save leaves the previous one intact) holding the model as a hub checkpoint (or the LoRA adapter in PEFT's format),
+the tokenizer, trainer_state.json (step, scheduler, layout) and per rank its optimizer shard and RNG state; the
+last `keep_last` are kept. `resume` reads the newest (or a given one) back, so the run continues exactly."""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ..weights import atomic_write_text
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def barrier(trainer):
+    if trainer.layout.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def atomic_dir(trainer, target: Path):
+    """Every rank writes into a temporary sibling of `target`; rank 0 renames it into place at the end."""
+    tmp = target.parent / f".tmp-{target.name}"
+    if trainer.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(trainer)
+    yield tmp
+    barrier(trainer)
+    if trainer.rank == 0:
+        if target.exists():
+            old = target.parent / f".old-{target.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    barrier(trainer)
+
+
+def steps(out: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := STEP_DIR.match(p.name))] if out.is_dir() else []
+    return sorted(found)
+
+
+def find(out: Path, resume: str) -> Path:
+    """`resume`: "auto"/"latest" (the newest step_N under the checkpoint directory) or a step directory."""
+    if resume in ("auto", "latest"):
+        found = steps(out)
+        if not found:
+            raise FileNotFoundError(f"--resume: no step_N checkpoint under {out}")
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume: {path} is not a training checkpoint (no trainer_state.json)")
+    return path
+
+
+def write_model(trainer, directory: Path):
+    """The model (full fine-tune) or the adapter (LoRA), and the tokenizer: every rank gathers, rank 0 writes."""
+    if trainer.lora is not None:
+        from .lora import save_adapter
+
+        save_adapter(trainer.model, directory, trainer.lora, base_model_name_or_path=trainer.recipe.model.name_or_path)
+    else:
+        trainer.model.save_pretrained(directory)
+    if trainer.rank == 0:
+        trainer.tokenizer.save_pretrained(directory)
+
+
+def save(trainer, step: int) -> Path:
+    out = trainer.out
+    target = out / f"step_{step}"
+    with atomic_dir(trainer, target) as tmp:
+        write_model(trainer, tmp)
+        torch.save({"optimizer": to_local(trainer.optimizer.state_dict()), "rng": torch.get_rng_state()},
+                   tmp / f"rank{trainer.rank}.pt")
+        if trainer.rank == 0:
+            info = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world": trainer.world,
+                    "fsdp": trainer.layout.fsdp, "ep": trainer.layout.ep, "recipe": trainer.recipe.to_dict()}
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(info, indent=1, default=str) + "\n")
+    if trainer.rank == 0:
+        for _, old in steps(out)[:-trainer.recipe.checkpoint.keep_last]:
+            shutil.rmtree(old)
+    barrier(trainer)
+    return target
+
+
+def load(trainer, directory: Path) -> int:
+    """Optimizer, scheduler and RNG from a step checkpoint (the weights were loaded with the model); the step."""
+    info = json.loads((directory / "trainer_state.json").read_text())
+    layout = (info["world"], info["fsdp"], info["ep"])
+    now = (trainer.world, trainer.layout.fsdp, trainer.layout.ep)
+    if layout != now:
+        raise ValueError(f"--resume: {directory} was written by world {layout[0]} (fsdp {layout[1]}, ep {layout[2]}); "
+                         f"this run is world {now[0]} (fsdp {now[1]}, ep {now[2]}): resume with the same layout")
+    shard = torch.load(directory / f"rank{trainer.rank}.pt", weights_only=True)
+    optim = shard["optimizer"]
+    params = trainer.params
+    for index, values in optim["state"].items():
+        param = params[int(index)]
+        for key, value in values.items():
+            if isinstance(param, DTensor) and value.dim() > 0:
+                values[key] = DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
+                                                 stride=param.stride())
+    trainer.optimizer.load_state_dict(optim)
+    trainer.scheduler.load_state_dict(info["scheduler"])
+    torch.set_rng_state(shard["rng"])
+    return int(info["step"])
+
+
+def to_local(tree):
+    if isinstance(tree, dict):
+        return {k: to_local(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_local(v) for v in tree]
+    return tree.to_local() if isinstance(tree, DTensor) else tree
+
+
+def attach_lora(model, section, resume_dir: Path | None):
+    """LoRA as the recipe's peft section asks, or the adapter of the checkpoint being resumed."""
+    from .lora import LoraConfig, apply_lora, load_adapter
+
+    if resume_dir is not None:
+        return load_adapter(model, resume_dir)
+    config = LoraConfig(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+                        target_modules=section.target_modules, target_parameters=list(section.target_parameters),
+                        use_rslora=section.use_rslora)
+    apply_lora(model, config)
+    return config
+
+
+def save_final(trainer) -> Path:
+    """checkpoint.dir/final: the hub checkpoint (or the adapter); with LoRA and checkpoint.merge, also
+    checkpoint.dir/merged, the base with the adapter folded in."""
+    target = trainer.out / "final"
+    with atomic_dir(trainer, target) as tmp:
+        write_model(trainer, tmp)
+    if trainer.lora is not None and trainer.recipe.checkpoint.merge:
+        if trainer.rank == 0:
+            merge_to(trainer.recipe.model.name_or_path, target, trainer.out / "merged",
+                     dtype=getattr(torch, trainer.recipe.model.dtype))
+        barrier(trainer)
+    return target
+
+
+def merge_to(base: str, adapter: str | Path, out: str | Path, dtype=torch.float32) -> Path:
+    """`moelm merge`: base checkpoint + PEFT adapter -> a hub checkpoint at `out` with the adapter folded in, the
+    base's tokenizer, chat template and generation config carried over (written atomically)."""
+    from ..auto import AutoModelForCausalLM
+    from ..tokenizer import AutoTokenizer
+    from .lora import load_adapter, merge_lora
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, fast=False)
+    load_adapter(model, adapter)
+    merge_lora(model)
+    out = Path(out)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for source in (Path(adapter), Path(base)):  # the adapter's tokenizer (saved by finetune) or the base's
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+            break
+        except (OSError, ValueError):
+            continue
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,288 @@
+"""The finetune loop: a recipe's model, data and optimizer; gradient accumulation with the loss normalised by the
+global label-token count; the aux loss; ERNIE's aux-free balancing; clipping; validation; progress, JSONL metrics
+and atomic checkpoints with exact resume (state.py)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from ..modeling import causal_lm_loss
+from . import state
+from .balance import ExpertLoad, update_correction_bias
+from .data import batch_length, collate, load_examples
+from .distributed import Layout, all_sum, clip_grad_norm, layout_for, shard, split_experts
+from .recipe import Recipe, RecipeError
+
+
+def lr_lambda(section, max_steps: int):
+    """The multiplier of the lr at a step: linear warmup, then constant, linear or cosine decay to min_lr."""
+    def factor(step: int, lr: float) -> float:
+        if step < section.warmup_steps:
+            return (step + 1) / (section.warmup_steps + 1)
+        if section.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - section.warmup_steps) / max(1, max_steps - section.warmup_steps))
+        shape = 1.0 - progress if section.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        floor = section.min_lr / lr if lr else 0.0
+        return floor + (1.0 - floor) * shape
+    return factor
+
+
+class Trainer:
+    """recipe -> train() -> the history of logged steps. A model and tokenizer may be given (tests, scripts);
+    otherwise they come from recipe.model."""
+
+    def __init__(self, recipe: Recipe, model=None, tokenizer=None, resume: str | None = None,
+                 progress: bool | None = None):
+        self.recipe, self.resume_from = recipe, resume
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if progress is None:  # a bar on a terminal, a line per logged step otherwise; False: quiet
+            progress = "bar" if sys.stderr.isatty() else "lines"
+        self.progress = progress if progress and self.rank == 0 else None
+        self.progress = "bar" if self.progress is True else self.progress
+        self.out = Path(recipe.checkpoint.dir)
+        self.history: list[dict] = []
+        torch.manual_seed(recipe.seed)
+        self.resume_dir = state.find(self.out, resume) if resume else None
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
+        self.examples = load_examples(recipe.dataset, self.tokenizer)
+        self.val_examples = load_examples(recipe.validation_dataset, self.tokenizer) \
+            if recipe.validation_dataset is not None else None
+        self.model = model if model is not None else load_model(recipe.model, self.resume_dir)
+        if model is not None and self.resume_dir is not None and recipe.peft is None:
+            from ..checkpoint import load_checkpoint
+            from ..weights import SafetensorsCheckpoint
+
+            with SafetensorsCheckpoint(self.resume_dir) as ckpt:
+                load_checkpoint(model, ckpt, progress=False)
+        cfg = self.model.config
+        self.num_experts = getattr(cfg, "num_experts", None)
+        self.layout = layout_for(recipe.distributed, self.world, self.rank, self.num_experts, recipe.source)
+        self.check_sizes()
+        self.model.train()
+        if self.layout.distributed:
+            split_experts(self.model, self.layout)
+        self.lora = None
+        if recipe.peft is not None:
+            self.lora = state.attach_lora(self.model, recipe.peft, self.resume_dir)
+        if recipe.distributed.activation_checkpointing:
+            checkpoint_layers(self.model)
+        if self.layout.distributed:
+            shard(self.model, self.layout)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = recipe.optimizer
+        make = torch.optim.AdamW if opt.name == "AdamW" else torch.optim.Adam
+        self.optimizer = make(self.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                              weight_decay=opt.weight_decay)
+        factor = lr_lambda(recipe.lr_scheduler, self.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s, opt.lr))
+        self.biases = [m.mlp.moe_statics.e_score_correction_bias for m in self.model.model.layers
+                       if hasattr(getattr(m, "mlp", None), "moe_statics")]
+        if recipe.moe.gate_bias_update_factor and not self.biases:
+            raise RecipeError(f"{recipe.source}: moe.gate_bias_update_factor is ERNIE MoE's aux-free balancing; "
+                              f"{cfg.model_type} has no e_score_correction_bias")
+        coef = recipe.moe.aux_loss_coef
+        self.aux_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef
+        if self.aux_coef and self.num_experts is None:
+            raise RecipeError(f"{recipe.source}: moe.aux_loss_coef is set but {cfg.model_type} has no experts")
+        self.step = 0
+        if self.resume_dir is not None:
+            self.step = state.load(self, self.resume_dir)
+
+    # --- sizes ---
+    def check_sizes(self):
+        step, dp = self.recipe.step, self.layout.fsdp
+        if step.global_batch_size % (step.local_batch_size * dp):
+            raise RecipeError(f"{self.recipe.source}: step.global_batch_size ({step.global_batch_size}) must be a "
+                              f"multiple of step.local_batch_size * data-parallel ranks ({step.local_batch_size} * "
+                              f"{dp})")
+        self.accumulation = step.global_batch_size // (step.local_batch_size * dp)
+        self.steps_per_epoch = len(self.examples) // step.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise RecipeError(f"{self.recipe.source}: dataset {self.recipe.dataset.path} has {len(self.examples)} "
+                              f"examples, fewer than one global batch ({step.global_batch_size})")
+        self.max_steps = step.max_steps
+        if step.num_epochs is not None:
+            self.max_steps = min(self.max_steps, step.num_epochs * self.steps_per_epoch)
+
+    def global_batch(self, step: int) -> list:
+        """The examples of optimizer step `step` (0-based): the epoch's order (seeded) in global batches."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        n, size = len(self.examples), self.recipe.step.global_batch_size
+        if self.recipe.step.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist()
+        else:
+            order = list(range(n))
+        return [self.examples[i] for i in order[offset * size:(offset + 1) * size]]
+
+    def micro_batches(self, examples: list) -> list[dict]:
+        """This rank's micro-batches: rank r takes micro-batches r*accumulation ... of the global batch."""
+        local = self.recipe.step.local_batch_size
+        pad = pad_id(self.tokenizer)
+        length = batch_length(self.recipe.dataset, examples)
+        first = self.rank * self.accumulation
+        return [collate(examples[(first + i) * local:(first + i + 1) * local], pad, length)
+                for i in range(self.accumulation)]
+
+    # --- the loop ---
+    def autocast(self):
+        if self.recipe.model.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=getattr(torch, self.recipe.model.autocast))
+
+    def train_step(self) -> dict:
+        examples = self.global_batch(self.step)
+        targets = sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in examples)  # shifted labels
+        tokens = sum(len(ex.input_ids) for ex in examples)
+        moe = self.num_experts is not None
+        loads = ExpertLoad()
+        micro_total = self.accumulation * self.layout.fsdp
+        ce_sum = aux_sum = 0.0
+        for batch in self.micro_batches(examples):
+            with self.autocast():
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False, output_router_logits=moe)
+                ce = causal_lm_loss(out.logits, batch["labels"], num_items_in_batch=1)  # a sum over tokens
+                loss = ce / targets
+                if moe and self.aux_coef:
+                    loss = loss + self.aux_coef * out.aux_loss / micro_total
+            loss.backward()
+            ce_sum += float(ce.detach())
+            aux_sum += float(out.aux_loss.detach()) if moe else 0.0
+            if self.biases and self.recipe.moe.gate_bias_update_factor:
+                loads.add(out.router_logits, self.biases, self.model.config.moe_k, batch["attention_mask"])
+        norm = clip_grad_norm(self.params, self.recipe.optimizer.max_grad_norm, self.layout)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if loads.loads:
+            update_correction_bias(self.biases, loads.reduce(), self.recipe.moe.gate_bias_update_factor)
+        ce_sum, aux_sum = all_sum([ce_sum, aux_sum], self.layout)
+        self.step += 1
+        record = {"step": self.step, "loss": ce_sum / targets, "lr": lr, "grad_norm": norm, "tokens": tokens}
+        if moe:
+            record["aux_loss"] = aux_sum / micro_total
+        return record
+
+    def train(self) -> list[dict]:
+        start, done_tokens = time.perf_counter(), 0
+        first_step = self.step
+        every = self.recipe.checkpoint.every_steps
+        val_every = self.recipe.step.val_every_steps
+        while self.step < self.max_steps:
+            record = self.train_step()
+            done_tokens += record["tokens"]
+            elapsed = time.perf_counter() - start
+            record["tokens_per_s"] = done_tokens / elapsed
+            record["elapsed_s"] = elapsed
+            if val_every and self.val_examples is not None and self.step % val_every == 0 \
+                    and self.step < self.max_steps:
+                record.update(self.validate())
+            self.history.append(record)
+            if self.step % self.recipe.step.log_every_steps == 0 or self.step == self.max_steps:
+                self.log(record, (self.max_steps - self.step) * elapsed / (self.step - first_step))
+            if every and self.step % every == 0 and self.step < self.max_steps:
+                state.save(self, self.step)
+        if self.val_examples is not None:
+            final = {"step": self.step, **self.validate()}
+            self.history.append(final)
+            self.log(final, 0.0)
+        if self.progress == "bar":
+            print(file=sys.stderr)
+        state.save_final(self)
+        return self.history
+
+    def validate(self) -> dict:
+        from .evaluate import load_choices, multiple_choice, perplexity
+
+        cfg = self.recipe.validation_dataset
+        local = self.recipe.step.local_batch_size
+        with self.autocast():
+            result = perplexity(self.model, self.val_examples, batch_size=local, pad_id=pad_id(self.tokenizer))
+            out = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+            if cfg.kind == "hellaswag":
+                choices = load_choices(cfg.path, self.tokenizer, cfg.num_samples_limit)
+                out["val_accuracy"] = multiple_choice(self.model, choices, batch_size=local)["accuracy_norm"]
+        return out
+
+    def log(self, record: dict, eta_s: float):
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.progress:
+            return
+        done = self.step / self.max_steps
+        bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
+        text = f"\r[{bar}] {self.step}/{self.max_steps}"
+        if "loss" in record:
+            text += (f" loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                     f"{record['tokens_per_s']:.0f} tok/s ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
+        if "val_loss" in record:
+            text += f" val {record['val_loss']:.4f}"
+        if self.progress == "lines":
+            text = text.lstrip("\r")
+        print(text, end="" if self.progress == "bar" else "\n", file=sys.stderr, flush=True)
+
+
+def checkpoint_layers(model):
+    """Each decoder layer's activations recomputed in the backward (torch.utils.checkpoint, RNG state kept, so
+    PhiMoE's jitter and sparsemixer draw the same numbers again)."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return value
+
+
+def load_tokenizer(section):
+    from ..tokenizer import AutoTokenizer
+
+    where = section.tokenizer or section.name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.tokenizer: no tokenizer at {where!r} ({str(e).splitlines()[0]}); a named config "
+                          "needs model.tokenizer") from None
+
+
+def load_model(section, resume_dir: Path | None = None):
+    """The recipe's model in its dtype, without the inference fast paths; a full fine-tune resumes from the
+    checkpoint's weights."""
+    from ..auto import AutoModelForCausalLM
+    from ..configs import NAMED_CONFIGS, named_config
+
+    dtype = getattr(torch, section.dtype)
+    path = section.name_or_path
+    if resume_dir is not None and (resume_dir / "config.json").is_file():
+        path = str(resume_dir)
+    if path in NAMED_CONFIGS and not Path(path).exists():
+        config = named_config(path)
+        for key, value in section.config_overrides.items():
+            if not hasattr(config, key):
+                raise RecipeError(f"model.config_overrides: {config.model_type} has no config key {key!r}")
+            setattr(config, key, value)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, fast=False)
+    if section.config_overrides:
+        raise RecipeError("model.config_overrides apply to a named config, not to a checkpoint "
+                          f"({section.name_or_path})")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, fast=False, quantization=section.quantization)
