@@ -65,10 +65,15 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H] = sum_k weights[:, k] * expert_{index[:, k]}(x)."""
         token, w, counts = sort_by_expert(index, weights, self.num_experts)
-        h = grouped_linear(x[token], self.gate_up_proj, counts, self.path)  # [T*K, 2I]
+        h = self.project("gate_up_proj", x[token], counts)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.path)  # [T*K, H]
+        h = self.project("down_proj", F.silu(gate) * up, counts)  # [T*K, H]
         return torch.zeros_like(x).index_add_(0, token, (h * w.to(h.dtype)).to(x.dtype))
+
+    def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows x [N, in] sorted by expert (counts [E]) through the stacked projection `name` -> [N, out]; subclasses
+        add to it (LoRA: moelm.train.lora)."""
+        return grouped_linear(x, getattr(self, name), counts, self.path)
 
 
 def sort_by_expert(index: torch.Tensor, weights: torch.Tensor, num_experts: int):

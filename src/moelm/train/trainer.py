@@ -20,7 +20,7 @@ from ..modeling import causal_lm_loss
 from . import state
 from .balance import ExpertLoad, update_correction_bias
 from .data import batch_length, collate, load_examples
-from .distributed import Layout, all_sum, clip_grad_norm, layout_for, shard, split_experts
+from .distributed import all_sum, clip_grad_norm, layout_for, shard, split_experts
 from .recipe import Recipe, RecipeError
 
 
