@@ -51,9 +51,9 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    warmup_steps: int = 0  # lr rises linearly from lr/(warmup_steps+1) to lr
-    decay: str = "constant"  # constant, linear or cosine, from lr to min_lr at max_steps
-    min_lr: float = 0.0
+    warmup_steps: int = 0  # lr rises linearly from 0 to lr (as transformers' schedules)
+    decay: str = "constant"  # constant; linear (to 0 at max_steps); cosine (to min_lr at max_steps)
+    min_lr: float = 0.0  # cosine only
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _build(cls, data, source: str, prefix: str):
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise RecipeError(f"{source}: unknown key {prefix}{unknown[0]!r}; {prefix.rstrip('.') or 'a recipe'} takes "
+        raise RecipeError(f"{source}: unknown key {prefix + unknown[0]!r}; {prefix.rstrip('.') or 'a recipe'} takes "
                           f"{', '.join(sorted(names))}")
     values = {}
     for name, value in data.items():
@@ -172,8 +172,9 @@ def _build(cls, data, source: str, prefix: str):
 
 
 def _value(hint, value, source: str, key: str):
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     if value is None:
         if optional:
             return None

@@ -25,16 +25,20 @@ from .recipe import Recipe, RecipeError
 
 
 def lr_lambda(section, max_steps: int):
-    """The multiplier of the lr at a step: linear warmup, then constant, linear or cosine decay to min_lr."""
+    """The multiplier of the lr at a step, as transformers' schedules: linear warmup from 0, then constant, linear
+    (to 0) or cosine decay (to min_lr, as get_cosine_with_min_lr_schedule_with_warmup)."""
+    warmup = section.warmup_steps
+
     def factor(step: int, lr: float) -> float:
-        if step < section.warmup_steps:
-            return (step + 1) / (section.warmup_steps + 1)
+        if step < warmup:
+            return step / max(1, warmup)
         if section.decay == "constant":
             return 1.0
-        progress = min(1.0, (step - section.warmup_steps) / max(1, max_steps - section.warmup_steps))
-        shape = 1.0 - progress if section.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        if section.decay == "linear":
+            return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+        progress = (step - warmup) / max(1, max_steps - warmup)
         floor = section.min_lr / lr if lr else 0.0
-        return floor + (1.0 - floor) * shape
+        return floor + (1.0 - floor) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return factor
 
 
