@@ -14,22 +14,30 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm forward works on CPU (fp32/bf16) and Hopper CUDA (bf16); its CPU backward does not."""
+    """Whether torch._grouped_mm runs here for these dtypes (and its backward, when gradients are needed): probed
+    once per device, dtypes and grad mode (CPU: fp32/bf16 forward and, from torch 2.10 or so, backward)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if needs_grad(x, w) and x.device.type == "cpu":
-        return False
-    key = (x.device.type, x.dtype, w.dtype)
+    grad = needs_grad(x, w)
+    key = (x.device.type, x.dtype, w.dtype, grad)
     if key not in _GROUPED_MM_OK:
         try:
-            probe_w = torch.zeros(2, 16, 16, dtype=w.dtype, device=w.device)
-            probe_x = torch.zeros(16, 16, dtype=x.dtype, device=x.device)
-            offs = torch.tensor([8, 16], dtype=torch.int32, device=x.device)
-            torch._grouped_mm(probe_x, probe_w.transpose(1, 2), offs=offs)
+            with torch.enable_grad() if grad else torch.no_grad():
+                probe_w = torch.ones(2, 16, 16, dtype=w.dtype, device=w.device, requires_grad=grad)
+                probe_x = torch.ones(16, 16, dtype=x.dtype, device=x.device, requires_grad=grad)
+                offs = torch.tensor([8, 16], dtype=torch.int32, device=x.device)
+                out = torch._grouped_mm(probe_x, probe_w.transpose(1, 2), offs=offs)
+                if grad:
+                    out.backward(torch.ones_like(out))
+                    assert bool((probe_w.grad == 8).all()) and bool((probe_x.grad == 32).all())
             _GROUPED_MM_OK[key] = True
-        except (RuntimeError, NotImplementedError, TypeError):
+        except (RuntimeError, NotImplementedError, TypeError, AssertionError):
             _GROUPED_MM_OK[key] = False
     return _GROUPED_MM_OK[key]
+
+
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()  # torch._grouped_mm's backward rejects an expanded gradient (strides 0)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, path: str = "auto") -> torch.Tensor:
@@ -40,7 +48,10 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, path:
                            f"{', with gradients' if needs_grad(x, w) else ''}); choose experts='torch' or 'bmm'")
     if path != "bmm" and _grouped_mm_works(x, w):
         offs = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        out = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        if out.requires_grad:
+            out.register_hook(_contiguous)
+        return out
     # Autograd-friendly equivalent: pad each expert's rows to the largest group and run one bmm.
     n, num_experts = x.shape[0], w.shape[0]
     starts = counts.cumsum(0) - counts  # [E]
