@@ -18,7 +18,10 @@ from moelm.train.trainer import Trainer
 from moelm.weights import SafetensorsCheckpoint
 from test_parallel import launch
 
-LAYOUTS = {"fsdp2": (2, {"ep": 1}), "ep2": (2, {"ep": 2}), "fsdp4-ep2": (4, {"ep": 2})}
+LAYOUTS = {"fsdp2": (2, {"ep": 1}, False), "ep2": (2, {"ep": 2}, False), "fsdp4-ep2": (4, {"ep": 2}, False),
+           "fsdp4-ep2-lora": (4, {"ep": 2}, True)}
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
 
 def write_hellaswag(path: Path, n: int = 32, seed: int = 0):
@@ -35,8 +38,8 @@ def write_hellaswag(path: Path, n: int = 32, seed: int = 0):
                                 "label": int(torch.randint(4, (1,), generator=g))}) + "\n")
 
 
-def recipe_dict(ckpt: str, data: str, out: str, steps: int = 4, **distributed) -> dict:
-    return {
+def recipe_dict(ckpt: str, data: str, out: str, steps: int = 4, lora: bool = False, **distributed) -> dict:
+    return {**({"peft": LORA} if lora else {}),
         "seed": 3, "model": {"name_or_path": ckpt},
         "dataset": {"kind": "hellaswag", "path": data, "seq_length": 64},
         "step": {"global_batch_size": 8, "local_batch_size": 2, "max_steps": steps},
@@ -58,9 +61,13 @@ def setup(tmp_path_factory):
     model.save_pretrained(path)
     write_hellaswag(root / "train.jsonl")
     one = root / "one"
-    history = Trainer(build_recipe(recipe_dict(str(path), str(root / "train.jsonl"), str(one))),
-                      progress=False).train()
-    return root, str(path), [r["loss"] for r in history]
+    losses = {}
+    for lora in (False, True):
+        out = root / ("one-lora" if lora else "one")
+        history = Trainer(build_recipe(recipe_dict(str(path), str(root / "train.jsonl"), str(out), lora=lora)),
+                          progress=False).train()
+        losses[lora] = [r["loss"] for r in history]
+    return root, str(path), losses
 
 
 def train_worker(rank, world, port, recipe: dict, resume, out: str):
@@ -72,6 +79,7 @@ def train_worker(rank, world, port, recipe: dict, resume, out: str):
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 2e-5):
+    """The same tensor names and values in two checkpoints (hub model or PEFT adapter)."""
     x, y = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
     try:
         assert sorted(x.keys()) == sorted(y.keys())
@@ -90,20 +98,26 @@ def one_thread_per_worker(monkeypatch):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sharded_training_matches_one_process(layout, setup, tmp_path):
     root, ckpt, losses = setup
-    world, distributed = LAYOUTS[layout]
-    recipe = recipe_dict(ckpt, str(root / "train.jsonl"), str(tmp_path / "out"), **distributed)
+    world, distributed, lora = LAYOUTS[layout]
+    recipe = recipe_dict(ckpt, str(root / "train.jsonl"), str(tmp_path / "out"), lora=lora, **distributed)
     launch(train_worker, world, recipe, None, str(tmp_path))
     for rank in range(world):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        torch.testing.assert_close(torch.tensor(found), torch.tensor(losses), rtol=1e-5, atol=1e-6)
-    # written under sharding: every expert, the correction biases, everything, as one process wrote it
-    assert_same_weights(tmp_path / "out" / "final", root / "one" / "final")
-    assert_same_weights(tmp_path / "out" / "step_2", root / "one" / "step_2")
+        torch.testing.assert_close(torch.tensor(found), torch.tensor(losses[lora]), rtol=1e-5, atol=1e-6)
+    # written under sharding: every expert (or every expert's adapter), the correction biases, as one process did
+    one = root / ("one-lora" if lora else "one")
+    for name in ("final", "step_2"):
+        assert_same_weights(tmp_path / "out" / name, one / name)
+    if lora:  # peft's packing of every expert: A [E * r, in], B [out, r * E]
+        experts = json.loads(Path(ckpt, "config.json").read_text())["moe_num_experts"] * LORA["r"]
+        with SafetensorsCheckpoint(tmp_path / "out" / "final") as adapter:
+            shapes = {k: adapter.shape(k) for k in adapter.keys() if ".experts." in k}
+        assert shapes and all(s[0 if ".lora_A." in k else 1] == experts for k, s in shapes.items()), shapes
 
 
 def test_sharded_resume_continues_exactly(setup, tmp_path):
     """Steps 3-4 resumed from an EP x FSDP checkpoint of step 2 equal the uninterrupted run's."""
-    root, ckpt, losses = setup
+    root, ckpt, _ = setup
     first = recipe_dict(ckpt, str(root / "train.jsonl"), str(tmp_path / "out"), ep=2)
     first["step"]["max_steps"] = 4
     first["checkpoint"]["every_steps"] = 2
