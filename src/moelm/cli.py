@@ -3,6 +3,7 @@ exit non-zero, no traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (CliError, OSError, ValueError, RuntimeError, ImportError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"moelm: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
+            print(f"moelm: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -44,7 +44,13 @@ def finetune(args, overrides: list[str]):
             raise ValueError("--merge folds a LoRA adapter into its base; this recipe has no peft section")
         recipe.checkpoint.merge = True
     trainer = Trainer(recipe, resume=args.resume, progress=args.progress)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    finally:
+        if trainer.layout.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if trainer.rank == 0:
         last = [r for r in history if "loss" in r][-1:]
         print(json.dumps({"final": str(trainer.out / "final"), "steps": trainer.step,

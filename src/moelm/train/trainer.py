@@ -77,6 +77,10 @@ class Trainer:
         self.num_experts = getattr(cfg, "num_experts", None)
         self.layout = layout_for(recipe.distributed, self.world, self.rank, self.num_experts, recipe.source)
         self.check_sizes()
+        if recipe.model.quantization and self.layout.distributed:
+            raise NotImplementedError(f"{recipe.source}: model.quantization ({recipe.model.quantization}, QLoRA) runs "
+                                      "in one process; FSDP2/EP shard float weights (drop the quantization under "
+                                      "torchrun)")
         self.model.train()
         if self.layout.distributed:
             split_experts(self.model, self.layout)
