@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from ..moe import Experts
 from ..parallel.apply import parallelize
 from ..parallel.config import DistributedConfig
+from ..parallel.plans import check_sizes
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Layout:
         return self.world > 1
 
 
-def layout_for(section, world: int, rank: int, num_experts: int | None, source: str) -> Layout:
+def layout_for(section, world: int, rank: int, config, source: str) -> Layout:
     """The recipe's distributed section checked against the world size and the model."""
     if section.tp != 1:
         raise NotImplementedError(f"{source}: distributed.tp={section.tp}: tensor parallelism is not implemented "
@@ -38,15 +39,13 @@ def layout_for(section, world: int, rank: int, num_experts: int | None, source: 
     if fsdp != world:
         raise ValueError(f"{source}: distributed.fsdp={fsdp} must equal the number of processes ({world}): every "
                          "rank is a data-parallel rank sharding the dense weights")
-    ep = section.ep
-    if ep > 1:
-        if not num_experts:
-            raise ValueError(f"{source}: distributed.ep={ep} but the model has no experts")
-        if num_experts % ep:
-            raise ValueError(f"{source}: distributed.ep={ep} must divide the number of experts ({num_experts})")
-        if world % ep:
-            raise ValueError(f"{source}: distributed.ep={ep} must divide the number of processes ({world})")
-    return Layout(world=world, rank=rank, fsdp=fsdp, ep=ep)
+    try:
+        check_sizes(config, 1, section.ep)
+    except ValueError as e:
+        raise ValueError(f"{source}: distributed.{e}") from None
+    if world % section.ep:
+        raise ValueError(f"{source}: distributed.ep={section.ep} must divide the number of processes ({world})")
+    return Layout(world=world, rank=rank, fsdp=fsdp, ep=section.ep)
 
 
 def split_experts(model: nn.Module, layout: Layout) -> nn.Module:

@@ -75,7 +75,7 @@ class Trainer:
                 load_checkpoint(model, ckpt, progress=False)
         cfg = self.model.config
         self.num_experts = getattr(cfg, "num_experts", None)
-        self.layout = layout_for(recipe.distributed, self.world, self.rank, self.num_experts, recipe.source)
+        self.layout = layout_for(recipe.distributed, self.world, self.rank, cfg, recipe.source)
         self.check_sizes()
         if recipe.model.quantization and self.layout.distributed:
             raise NotImplementedError(f"{recipe.source}: model.quantization ({recipe.model.quantization}, QLoRA) runs "
