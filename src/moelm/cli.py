@@ -19,11 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "command", None) != "finetune":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # finetune: --section.key=value overrides of the recipe
-        bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.partition("=")[0])]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)} (recipe overrides look like --section.key=value)")
-    args.overrides = extra
+    args.overrides = extra  # finetune: --section.key=value overrides of the recipe (load_recipe checks them)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def apply_override(data: dict, item: str, source) -> None:
     """`a.b.c=value` into the nested dict (`--` prefix allowed)."""
     key, eq, value = item.removeprefix("--").partition("=")
-    if not eq or not key:
+    if not eq or not key or not item.startswith("--"):
         raise RecipeError(f"override {item!r}: expected --section.key=value")
     *parents, last = key.split(".")
     node = data
