@@ -1,0 +1,50 @@
+"""The shipped recipes: each parses, and each runs two steps (on a tiny checkpoint standing in for the model it
+names) through to its final directory: a hub checkpoint, or a PEFT adapter plus the merged checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moelm import AutoModelForCausalLM
+from moelm.scaffold import new_checkpoint
+from moelm.train.recipe import load_recipe
+from moelm.train.trainer import Trainer
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("recipes")
+    return {"ernie4_5_moe": str(new_checkpoint("ernie4_5_moe-tiny", root / "moe")),
+            "ernie4_5": str(new_checkpoint("ernie4_5-tiny", root / "dense"))}
+
+
+def test_recipes_are_shipped():
+    names = {p.name for p in RECIPES}
+    assert {"ernie4_5_moe_tiny_hellaswag.yaml", "ernie4_5_0p3b_hellaswag.yaml", "chat_sft_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_two_steps(path, tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipes name their data relative to the repository
+    recipe = load_recipe(path)
+    if recipe.dataset.kind == "text" and not Path(recipe.dataset.path).exists():
+        pytest.skip(f"{recipe.dataset.path} is made by the demo's script")
+    family = "ernie4_5" if "0p3b" in path.name else "ernie4_5_moe"
+    overrides = [f"--model.name_or_path={tiny[family]}", "--model.tokenizer=null", "--model.config_overrides={}",
+                 "--step.max_steps=2", f"--checkpoint.dir={tmp_path}", "--step.val_every_steps=0"]
+    if recipe.validation_dataset is not None:
+        overrides.append("--validation_dataset.num_samples_limit=4")
+    recipe = load_recipe(path, overrides)
+    history = Trainer(recipe, progress=False).train()
+    assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    final = tmp_path / "final"
+    if recipe.peft is None:
+        AutoModelForCausalLM.from_pretrained(final)
+    else:
+        assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+        if recipe.checkpoint.merge:
+            AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
