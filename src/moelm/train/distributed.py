@@ -4,7 +4,7 @@ mesh, and of each rank's experts over the expert-FSDP mesh when several ranks ho
 reduced with SUM (gloo has no PREMUL_SUM/AVG): the loss is already divided by the global label-token count."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..modeling import Router
 from ..moe import Experts
 from ..parallel.apply import parallelize
 from ..parallel.config import DistributedConfig
@@ -24,6 +25,7 @@ class Layout:
     rank: int = 0
     fsdp: int = 1  # data-parallel ranks (each its own micro-batches); the dense weights are sharded over them
     ep: int = 1
+    replicated: list = field(default_factory=list)  # trainable parameters whole on every rank (the routers)
 
     @property
     def distributed(self) -> bool:
@@ -56,11 +58,15 @@ def split_experts(model: nn.Module, layout: Layout) -> nn.Module:
 
 def shard(model: nn.Module, layout: Layout) -> nn.Module:
     """FSDP2 over the meshes of split_experts. The correction biases stay whole on every rank (updated in place,
-    identically, from loads summed over the ranks); experts alone on their rank stay plain local tensors."""
+    identically, from loads summed over the ranks); experts alone on their rank stay plain local tensors; routers
+    stay whole too (their gradients summed by reduce_replicated)."""
     state = model.parallel
     dense, expert_fsdp = state.dense_mesh["dp_shard"], state.expert_mesh["efsdp"]
     ignored = {p for n, p in model.named_parameters() if n.endswith("e_score_correction_bias")}
     for module in model.modules():
+        if isinstance(module, Router):  # replicated: read as a weight, not called (no FSDP hook), and kept fp32
+            layout.replicated.extend(p for p in module.parameters() if p.requires_grad)
+            ignored |= set(module.parameters())
         if isinstance(module, Experts) and layout.ep > 1:
             if expert_fsdp.size() > 1:
                 fully_shard(module, mesh=expert_fsdp)
@@ -85,21 +91,33 @@ def all_sum(values: list[float], layout: Layout) -> list[float]:
     return t.tolist()
 
 
+def reduce_replicated(layout: Layout) -> None:
+    """The gradients of the parameters whole on every rank, summed over the ranks (as FSDP sums the others)."""
+    grads = [p.grad for p in layout.replicated if p.grad is not None]
+    if layout.distributed and grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, layout: Layout) -> float:
-    """The global gradient norm (each element is held by one rank: FSDP shards and EP experts), clipped to
-    max_norm as torch.nn.utils.clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), at most 1)."""
-    grads = [local(p.grad) for p in params if p.grad is not None]
-    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    """The global gradient norm (each element counted once: FSDP shards, EP experts, the replicated ones on rank 0),
+    clipped to max_norm as torch.nn.utils.clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), at most 1)."""
+    grads = [p for p in params if p.grad is not None]
+    whole = {id(p) for p in layout.replicated}  # counted on rank 0 only
+    counted = [local(p.grad).float().pow(2).sum() for p in grads if layout.rank == 0 or id(p) not in whole]
+    squares = torch.stack(counted).sum() if counted else torch.zeros(())
     if layout.distributed:
         dist.all_reduce(squares)
     norm = squares.sqrt()
     if max_norm is not None:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for p in grads:
+            local(p.grad).mul_(coef.to(p.grad.dtype))
     return float(norm)

@@ -20,7 +20,7 @@ from ..modeling import causal_lm_loss
 from . import state
 from .balance import ExpertLoad, update_correction_bias
 from .data import batch_length, collate, load_examples
-from .distributed import all_sum, clip_grad_norm, layout_for, shard, split_experts
+from .distributed import all_sum, clip_grad_norm, layout_for, reduce_replicated, shard, split_experts
 from .recipe import Recipe, RecipeError
 
 
@@ -173,6 +173,7 @@ class Trainer:
             aux_sum += float(out.aux_loss.detach()) if moe else 0.0
             if self.biases and self.recipe.moe.gate_bias_update_factor:
                 loads.add(out.router_logits, self.biases, self.model.config.moe_k, batch["attention_mask"])
+        reduce_replicated(self.layout)
         norm = clip_grad_norm(self.params, self.recipe.optimizer.max_grad_norm, self.layout)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
