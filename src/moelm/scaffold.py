@@ -24,7 +24,9 @@ def add(a, b):\n    return a + b\n\nprint(add(2, 3))
 """
 
 
-def train_tokenizer(vocab_size: int, specials: list[str]):
+def train_tokenizer(vocab_size: int, specials: list[str], corpus=None):
+    """A byte-level BPE tokenizer with `specials` at ids 0..; trained on `corpus` (an iterable of strings; default:
+    the built-in sample text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -32,7 +34,7 @@ def train_tokenizer(vocab_size: int, specials: list[str]):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.train_from_iterator([CORPUS] * 4 if corpus is None else corpus, trainer)
     return tok
 
 
@@ -40,7 +42,7 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     from .auto import AutoModelForCausalLM
 
     config = named_config(name)
-    family = "phimoe" if config.model_type == "phimoe" else "ernie"
+    family = family_of(config)
     specials = SPECIALS[family]
     if config.vocab_size < 300:
         raise ValueError(f"vocab_size {config.vocab_size} of {name!r} is too small for a byte-level tokenizer")
@@ -50,7 +52,22 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.update(eos_token_id=[config.eos_token_id, stop], do_sample=True, temperature=0.8,
                                    top_p=0.8)  # sample by default, as the real ERNIE 4.5 generation configs do
     model.save_pretrained(out)
-    tok = train_tokenizer(config.vocab_size, specials)
+    save_tokenizer(train_tokenizer(config.vocab_size, specials), config, out)
+    return out
+
+
+def family_of(config) -> str:
+    """The SPECIALS / chat template family of a config."""
+    return "phimoe" if config.model_type == "phimoe" else "ernie"
+
+
+def save_tokenizer(tok, config, out_dir: str | Path) -> Path:
+    """tokenizer.json and tokenizer_config.json (special tokens, the family's chat template) of a tokenizer trained
+    by train_tokenizer for `config`, into out_dir."""
+    family = family_of(config)
+    specials = SPECIALS[family]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     template = chat_templates.ERNIE if family == "ernie" else chat_templates.PHI
     tok_config = {

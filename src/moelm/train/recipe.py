@@ -47,6 +47,7 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
+    fused: bool = True  # torch's fused kernel (one pass over each tensor); false: its per-tensor loop
 
 
 @dataclass

@@ -104,7 +104,7 @@ def load(trainer, directory: Path) -> int:
                          f"this run is world {now[0]} (fsdp {now[1]}, ep {now[2]}): resume with the same layout")
     shard = torch.load(directory / f"rank{trainer.rank}.pt", weights_only=True)
     optim = shard["optimizer"]
-    params = trainer.params
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]  # state_dict's numbering
     for index, values in optim["state"].items():
         param = params[int(index)]
         for key, value in values.items():

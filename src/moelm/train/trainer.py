@@ -94,8 +94,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         opt = recipe.optimizer
         make = torch.optim.AdamW if opt.name == "AdamW" else torch.optim.Adam
-        self.optimizer = make(self.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                              weight_decay=opt.weight_decay)
+        self.optimizer = make(param_groups(self.params), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                              weight_decay=opt.weight_decay, **({"fused": True} if opt.fused else {"foreach": False}))
         factor = lr_lambda(recipe.lr_scheduler, self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s, opt.lr))
         self.biases = [m.mlp.moe_statics.e_score_correction_bias for m in self.model.model.layers
@@ -248,6 +248,14 @@ class Trainer:
         if self.progress == "lines":
             text = text.lstrip("\r")
         print(text, end="" if self.progress == "bar" else "\n", file=sys.stderr, flush=True)
+
+
+def param_groups(params: list) -> list[dict]:
+    """One group per kind of tensor: plain, and DTensors per mesh (a fused optimizer step takes one kind a call)."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    return [{"params": group} for group in groups.values()]
 
 
 def checkpoint_layers(model):
