@@ -4,6 +4,7 @@ and atomic checkpoints with exact resume (state.py)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -110,6 +111,8 @@ class Trainer:
         self.step = 0
         if self.resume_dir is not None:
             self.step = state.load(self, self.resume_dir)
+        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()  # a fresh run's log; a resumed run appends to its own
 
     # --- sizes ---
     def check_sizes(self):
@@ -293,11 +296,12 @@ def load_model(section, resume_dir: Path | None = None):
     if resume_dir is not None and (resume_dir / "config.json").is_file():
         path = str(resume_dir)
     if path in NAMED_CONFIGS and not Path(path).exists():
-        config = named_config(path)
-        for key, value in section.config_overrides.items():
-            if not hasattr(config, key):
-                raise RecipeError(f"model.config_overrides: {config.model_type} has no config key {key!r}")
-            setattr(config, key, value)
+        base = named_config(path)
+        for key in section.config_overrides:
+            if not hasattr(base, key):
+                raise RecipeError(f"model.config_overrides: {base.model_type} has no config key {key!r}")
+        cls, kwargs = NAMED_CONFIGS[path]  # built with the overrides, so derived keys follow them
+        config = cls(**{**copy.deepcopy(kwargs), **section.config_overrides})
         return AutoModelForCausalLM.from_config(config, dtype=dtype, fast=False)
     if section.config_overrides:
         raise RecipeError("model.config_overrides apply to a named config, not to a checkpoint "
