@@ -64,13 +64,20 @@ def test_flex_attention_generates_the_same_tokens():
                            plain.generate(ids, max_new_tokens=6, do_sample=False))
 
 
-def test_grouped_mm_where_it_does_not_run_says_so():
-    model = build("ernie4_5_moe-tiny", BackendConfig(experts="torch_mm")).train()
+def test_grouped_mm_trains_like_bmm_and_where_it_does_not_run_says_so():
+    """torch 2.13 has _grouped_mm's backward on CPU: experts="torch_mm" trains, with bmm's gradients; float64 (no
+    _grouped_mm kernel) is an error naming the alternatives, never a silent fallback."""
     ids = torch.randint(0, 500, (1, 5))
-    with torch.no_grad():
-        model(ids)  # the forward runs on CPU
-    with pytest.raises(RuntimeError, match="torch._grouped_mm does not run here.*with gradients.*'bmm'"):
+    grads = {}
+    for experts in ("torch_mm", "bmm"):
+        model = build("ernie4_5_moe-tiny", BackendConfig(experts=experts)).train()
         model(ids, labels=ids).loss.backward()
+        grads[experts] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads["bmm"].items():
+        torch.testing.assert_close(grads["torch_mm"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model = build("ernie4_5_moe-tiny", BackendConfig(experts="torch_mm")).to(torch.float64).train()
+    with pytest.raises(RuntimeError, match="torch._grouped_mm does not run here.*float64.*'bmm'"):
+        model(ids, labels=ids)
 
 
 def test_choices_moelm_does_not_have_are_errors():
