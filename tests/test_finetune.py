@@ -126,7 +126,7 @@ def reference_train(recipe: dict, rng_seed: int | None = None):
     """The recipe's run, written independently over the transformers model: (records, model).
 
     Per optimizer step: the global batch of the epoch's order (randperm seeded with seed + epoch, or in file order),
-    every micro-batch padded to the global batch's longest example (moelm.train.data.batch_length), loss = summed CE
+    every micro-batch padded to its own longest example (moelm.train.data.batch_length), loss = summed CE
     / the global count of shifted label tokens + coef * aux_loss / micro-batches, clip_grad_norm_, AdamW,
     transformers' schedule, then ERNIE's bias += factor * sign(mean(load) - load)."""
     step_cfg, opt_cfg, sched = recipe["step"], recipe["optimizer"], recipe.get("lr_scheduler", {})
@@ -168,10 +168,10 @@ def reference_train(recipe: dict, rng_seed: int | None = None):
             if step_cfg.get("shuffle", True) else list(range(len(examples)))
         batch = [examples[i] for i in order[offset * size:(offset + 1) * size]]
         targets = sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in batch)
-        length = batch_length(data, batch)
         ce_total, aux_total, loads = 0.0, 0.0, None
         for i in range(micro):
-            mb = collate(batch[i * local:(i + 1) * local], pad, length)
+            part = batch[i * local:(i + 1) * local]
+            mb = collate(part, pad, batch_length(data, part))
             if micro == 1:  # transformers' own loss: CE sum / num_items_in_batch (+ coef * aux_loss with MoE)
                 out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"],
                             num_items_in_batch=targets, output_router_logits=moe, use_cache=False)

@@ -65,6 +65,7 @@ def evaluate(args):
     from ..tokenizer import AutoTokenizer
     from .data import DataConfig, load_examples
     from .evaluate import load_choices, multiple_choice, perplexity
+    from .trainer import pad_id
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -79,8 +80,8 @@ def evaluate(args):
     else:
         config = DataConfig(kind=args.kind, path=args.data, seq_length=args.seq_length, truncation="right" if args.kind == "chat" else "error",
                             num_samples_limit=args.limit)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        result = perplexity(model, load_examples(config, tokenizer), batch_size=args.batch_size, pad_id=pad)
+        result = perplexity(model, load_examples(config, tokenizer), batch_size=args.batch_size,
+                            pad_id=pad_id(tokenizer))
     print(json.dumps(result))
 
 

@@ -22,6 +22,7 @@ from . import state
 from .balance import ExpertLoad, update_correction_bias
 from .data import batch_length, collate, load_examples
 from .distributed import all_sum, clip_grad_norm, layout_for, reduce_replicated, shard, split_experts
+from .evaluate import load_choices, multiple_choice, perplexity
 from .recipe import Recipe, RecipeError
 
 
@@ -49,7 +50,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, resume: str | None = None,
                  progress: bool | None = None):
-        self.recipe, self.resume_from = recipe, resume
+        self.recipe = recipe
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")
@@ -57,16 +58,18 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if progress is None:  # a bar on a terminal, a line per logged step otherwise; False: quiet
             progress = "bar" if sys.stderr.isatty() else "lines"
-        self.progress = progress if progress and self.rank == 0 else None
-        self.progress = "bar" if self.progress is True else self.progress
+        self.progress = ("bar" if progress is True else progress) if progress and self.rank == 0 else None
         self.out = Path(recipe.checkpoint.dir)
         self.history: list[dict] = []
         torch.manual_seed(recipe.seed)
         self.resume_dir = state.find(self.out, resume) if resume else None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
         self.examples = load_examples(recipe.dataset, self.tokenizer)
-        self.val_examples = load_examples(recipe.validation_dataset, self.tokenizer) \
-            if recipe.validation_dataset is not None else None
+        val = recipe.validation_dataset
+        self.val_examples = load_examples(val, self.tokenizer) if val is not None else None
+        self.val_choices = load_choices(val.path, self.tokenizer, val.num_samples_limit) \
+            if val is not None and val.kind == "hellaswag" else None
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its example order)
         self.model = model if model is not None else load_model(recipe.model, self.resume_dir)
         if model is not None and self.resume_dir is not None and recipe.peft is None:
             from ..checkpoint import load_checkpoint
@@ -134,20 +137,19 @@ class Trainer:
         """The examples of optimizer step `step` (0-based): the epoch's order (seeded) in global batches."""
         epoch, offset = divmod(step, self.steps_per_epoch)
         n, size = len(self.examples), self.recipe.step.global_batch_size
-        if self.recipe.step.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist()
-        else:
-            order = list(range(n))
-        return [self.examples[i] for i in order[offset * size:(offset + 1) * size]]
+        if self._order is None or self._order[0] != epoch:  # drawn once an epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed + epoch)).tolist() \
+                if self.recipe.step.shuffle else list(range(n))
+            self._order = (epoch, order)
+        return [self.examples[i] for i in self._order[1][offset * size:(offset + 1) * size]]
 
     def micro_batches(self, examples: list) -> list[dict]:
-        """This rank's micro-batches: rank r takes micro-batches r*accumulation ... of the global batch."""
-        local = self.recipe.step.local_batch_size
+        """This rank's micro-batches: rank r takes micro-batches r*accumulation ... of the global batch, each padded
+        as the dataset's `padding` says (to its own longest, or to seq_length)."""
+        local, first = self.recipe.step.local_batch_size, self.rank * self.accumulation
+        parts = [examples[(first + i) * local:(first + i + 1) * local] for i in range(self.accumulation)]
         pad = pad_id(self.tokenizer)
-        length = batch_length(self.recipe.dataset, examples)
-        first = self.rank * self.accumulation
-        return [collate(examples[(first + i) * local:(first + i + 1) * local], pad, length)
-                for i in range(self.accumulation)]
+        return [collate(part, pad, batch_length(self.recipe.dataset, part)) for part in parts]
 
     # --- the loop ---
     def autocast(self):
@@ -220,16 +222,12 @@ class Trainer:
         return self.history
 
     def validate(self) -> dict:
-        from .evaluate import load_choices, multiple_choice, perplexity
-
-        cfg = self.recipe.validation_dataset
         local = self.recipe.step.local_batch_size
         with self.autocast():
             result = perplexity(self.model, self.val_examples, batch_size=local, pad_id=pad_id(self.tokenizer))
             out = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
-            if cfg.kind == "hellaswag":
-                choices = load_choices(cfg.path, self.tokenizer, cfg.num_samples_limit)
-                out["val_accuracy"] = multiple_choice(self.model, choices, batch_size=local)["accuracy_norm"]
+            if self.val_choices is not None:
+                out["val_accuracy"] = multiple_choice(self.model, self.val_choices, batch_size=local)["accuracy_norm"]
         return out
 
     def log(self, record: dict, eta_s: float):
