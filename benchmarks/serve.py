@@ -81,9 +81,9 @@ def synthetic_tokenizer(vocab_size: int):
 def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> object:
     """The random checkpoint of the named shape (moelm.bench.write_checkpoint) with the synthetic tokenizer and the
     ERNIE chat template; returns its config."""
-    from moelm import chat_templates
-    from moelm.bench import bench_config, write_checkpoint
-    from moelm.weights import atomic_write_text
+    from moelm.text import chat_templates
+    from moelm.bench.run import bench_config, write_checkpoint
+    from moelm.io.weights import atomic_write_text
 
     config = bench_config(model)
     t = time.perf_counter()
@@ -241,7 +241,7 @@ def moelm_server(directory: Path, args, logs: Path) -> Server:
 
 
 def llamacpp_server(directory: Path, args, logs: Path, log) -> Server:
-    from moelm import llamacpp
+    from moelm.bench import llamacpp
 
     if not llamacpp.available():
         raise Unavailable("llama-cpp-python is not installed (pip install 'moelm[bench]')")
@@ -503,7 +503,7 @@ def versions() -> str:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    from moelm.bench import BENCH_MODELS
+    from moelm.bench.run import BENCH_MODELS
 
     p = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -576,7 +576,7 @@ async def warm_up(server: Server, args, vocab: int):
 
 
 def run(args, model: str) -> dict:
-    from moelm.bench import machine_line
+    from moelm.bench.run import machine_line
     from moelm.inference import cpu
 
     servers: list[Server] = []

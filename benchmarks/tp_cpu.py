@@ -72,7 +72,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from moelm.scaffold import new_checkpoint
+    from moelm.models.scaffold import new_checkpoint
 
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--prompt", str(args.prompt), "--new",
           str(args.new)]

@@ -30,7 +30,7 @@ LORA_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def make_checkpoint(shape: str, path: Path):
     from moelm import AutoModelForCausalLM
-    from moelm.configs import named_config
+    from moelm.config.configs import named_config
 
     name, overrides = SHAPES[shape]
     config = named_config(name)
@@ -69,7 +69,7 @@ def step(engine: str, model, ids, optimizer, params, moe: bool):
     import torch
 
     if engine == "moelm":
-        from moelm.modeling import causal_lm_loss
+        from moelm.models.modeling import causal_lm_loss
 
         out = model(input_ids=ids, use_cache=False, output_router_logits=moe)
         loss = causal_lm_loss(out.logits, ids)

@@ -278,7 +278,7 @@ def read_texts(path: Path) -> list[str]:
 
 def build_tokenizer(recipe, work: Path) -> dict:
     """A byte-level BPE of the recipe's vocab_size on the training pages, saved as moelm new saves its tokenizer."""
-    from moelm.scaffold import SPECIALS, family_of, save_tokenizer, train_tokenizer
+    from moelm.models.scaffold import SPECIALS, family_of, save_tokenizer, train_tokenizer
 
     config = model_config(recipe)
     texts = read_texts(work / "corpus.jsonl")
@@ -291,7 +291,7 @@ def build_tokenizer(recipe, work: Path) -> dict:
 
 def model_config(recipe):
     """The recipe's named config with its config_overrides (as the trainer builds it)."""
-    from moelm.configs import named_config
+    from moelm.config.configs import named_config
 
     config = named_config(recipe.model.name_or_path)
     for key, value in recipe.model.config_overrides.items():
@@ -344,9 +344,9 @@ def export(final: Path, out: Path, dtype: str) -> None:
     """The final model in `dtype` with the demo's generation_config and the tokenizer, into `out` (replaced)."""
     import torch
 
-    from moelm.auto import AutoModelForCausalLM
-    from moelm.scaffold import SPECIALS
-    from moelm.tokenizer import AutoTokenizer
+    from moelm.models.auto import AutoModelForCausalLM
+    from moelm.models.scaffold import SPECIALS
+    from moelm.text.tokenizer import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(final, dtype=getattr(torch, dtype), fast=False)
     stop = SPECIALS["ernie"].index("<|end_of_sentence|>")
@@ -375,8 +375,8 @@ def samples(model_dir: Path, dtype: str, seed: int = 0) -> list[dict]:
 def parameter_counts(model_dir: Path) -> dict:
     """Total parameters (the checkpoint's tensors, the tied embedding once) and those active per token (the routed
     experts beyond moe_k not counted)."""
-    from moelm.configs import AutoConfig
-    from moelm.weights import SafetensorsCheckpoint
+    from moelm.config.configs import AutoConfig
+    from moelm.io.weights import SafetensorsCheckpoint
 
     c = AutoConfig.from_pretrained(model_dir)
     with SafetensorsCheckpoint(model_dir) as ckpt:
@@ -455,7 +455,7 @@ COPYRIGHT_NOTICE = ("Copyright © 2001-2023 Python Software Foundation. All righ
 
 
 def write_readme(out: Path, info: dict, recipe) -> None:
-    from moelm.configs import AutoConfig
+    from moelm.config.configs import AutoConfig
 
     c = AutoConfig.from_pretrained(out)  # as trained (the config.json written by finetune)
     moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]

@@ -1,7 +1,7 @@
 """Smoke test of the benchmark script on a tiny config (speed figures themselves are not checked)."""
 import pytest
 
-from moelm import bench
+from moelm.bench import run as bench
 
 pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def test_bench_reports_the_cpu_and_the_paths_chosen():
 
 
 def test_bench_peer_errors(monkeypatch):
-    from moelm import llamacpp
+    from moelm.bench import llamacpp
 
     with pytest.raises(ValueError, match="no matching llama.cpp format for float16"):
         bench.run(model="ernie-tiny", dtype="float16", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
@@ -69,7 +69,7 @@ def test_bench_peer_errors(monkeypatch):
 
 
 def test_bench_with_llama_cpp_peer():
-    from moelm import llamacpp
+    from moelm.bench import llamacpp
 
     if not llamacpp.available():
         pytest.skip("llama-cpp-python is not installed (pip install 'moelm[bench]')")

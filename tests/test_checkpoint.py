@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import moelm
 from moelm import AutoModelForCausalLM, CheckpointError
-from moelm.checkpoint import hub_state_dict
-from moelm.configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
-from moelm.weights import SafetensorsCheckpoint
+from moelm.loading.checkpoint import hub_state_dict
+from moelm.config.configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
+from moelm.io.weights import SafetensorsCheckpoint
 from reference import reference_model
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
@@ -372,7 +372,7 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, moe_ckpt):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    from moelm import weights
+    from moelm.io import weights
 
     old = ours("ernie4_5_moe", seed=0)
     old.save_pretrained(tmp_path, max_shard_size="30KB")

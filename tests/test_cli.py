@@ -27,7 +27,7 @@ def tiny(request, tmp_path_factory):
 
 def test_generate_streams_the_same_text_as_the_python_api(tiny):
     from moelm import AutoModelForCausalLM
-    from moelm.tokenizer import AutoTokenizer
+    from moelm.text.tokenizer import AutoTokenizer
 
     r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0")
     assert r.returncode == 0, r.stderr
@@ -45,7 +45,7 @@ def test_generate_streams_the_same_text_as_the_python_api(tiny):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_generate_quantized_matches_the_python_api(tiny, mode):
     from moelm import AutoModelForCausalLM
-    from moelm.tokenizer import AutoTokenizer
+    from moelm.text.tokenizer import AutoTokenizer
 
     r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0",
               "--quantization", mode)

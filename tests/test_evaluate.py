@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM, AutoTokenizer
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 from moelm.train.data import DataConfig, DataError, load_examples
 from moelm.train.evaluate import Choice, choice_scores, load_choices, multiple_choice, perplexity
 

@@ -28,8 +28,8 @@ import moelm
 from moelm.inference import StaticCache, cpu, decode, kernels, quantization
 from moelm.inference import linear as linears
 from moelm.inference import matmul
-from moelm.layers import MLP, Attention, DynamicCache
-from moelm.moe import Experts
+from moelm.nn.layers import MLP, Attention, DynamicCache
+from moelm.nn.moe import Experts
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
 from moelm.inference.quantize import resolve
 from reference import randomise
@@ -584,7 +584,7 @@ def test_attend_kernel_matches_rotate_cache_and_attention(interleaved, heads, kv
     """kernels.attend (one C call) == rotary embedding, cache write at `pos`, then softmax attention as the
     PyTorch path computes them, for both rotations, GQA group sizes, and padding / sliding-window masks."""
     from moelm.inference.attention import decode_attention
-    from moelm.rope import rotate_half_split, rotate_interleaved
+    from moelm.nn.rope import rotate_half_split, rotate_interleaved
 
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     b, d, t, pos = 3, 16, 12, 7

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import moelm
-from moelm.generation import GenerationConfig, decode_step, generate_tokens, select, stop_string_hits, warp
-from moelm.tokenizer import AutoTokenizer
+from moelm.generation.generate import GenerationConfig, decode_step, generate_tokens, select, stop_string_hits, warp
+from moelm.text.tokenizer import AutoTokenizer
 from reference import assert_close, reference_model
 
 transformers = pytest.importorskip("transformers")
@@ -396,7 +396,7 @@ def test_warpers_match_transformers(keep):
 
 def test_beam_sampling_keeps_one_more_token_than_eos_tokens():
     """transformers' min_tokens_to_keep: 1 when sampling, len(eos) + 1 for beam sampling."""
-    from moelm.generation import DecodeState, process
+    from moelm.generation.generate import DecodeState, process
 
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 4
     for beams, eos, kept in [(1, [3, 4], 1), (3, [3, 4], 3), (3, [5], 2)]:

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-MODEL_CODE = ("moelm.layers", "moelm.moe", "moelm.modeling", "moelm.rope", "moelm.models.ernie4_5",
+MODEL_CODE = ("moelm.nn.layers", "moelm.nn.moe", "moelm.models.modeling", "moelm.nn.rope", "moelm.models.ernie4_5",
               "moelm.models.ernie4_5_moe", "moelm.models.phimoe")
 
 

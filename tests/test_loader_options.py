@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM, pipeline
-from moelm.loading import place
-from moelm.scaffold import new_checkpoint
+from moelm.loading.pretrained import place
+from moelm.models.scaffold import new_checkpoint
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -146,7 +146,7 @@ def test_generate_verbose_reports_tokens_per_second(tiny):
 
 
 def test_bench_knows_the_named_configs_and_phimoe():
-    from moelm.bench import BENCH_MODELS, bench_config
+    from moelm.bench.run import BENCH_MODELS, bench_config
 
     for name in ("ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny", "phi-3.5-moe-1l", "ernie-tiny"):
         assert name in BENCH_MODELS

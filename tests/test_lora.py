@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelm
-from moelm.configs import named_config
+from moelm.config.configs import named_config
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize
-from moelm.moe import Experts
+from moelm.nn.moe import Experts
 from moelm.parallel.config import DistributedConfig
 from moelm.train.lora import (LoraConfig, apply_lora, is_lora, load_adapter, lora_parameters, lora_state_dict,
                               merge_lora, save_adapter)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelm import moe
+from moelm.nn import moe
 from moelm.inference import cpu, experts, kernels
 from moelm.inference.modules import FastExperts
-from moelm.moe import Experts
+from moelm.nn.moe import Experts
 
 E, H, I = 12, 64, 32
 EMPTY = (3, 7, 10)  # experts no token picks

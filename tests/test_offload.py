@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 from reference import randomise
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM
-from moelm.configs import named_config
+from moelm.config.configs import named_config
 from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
 from moelm.parallel.plans import rule
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 
 FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
 

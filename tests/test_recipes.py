@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moelm import AutoModelForCausalLM
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer
 

@@ -16,7 +16,7 @@ from tokenizer_fixtures import ERNIE_TEMPLATE
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from moelm.scaffold import new_checkpoint  # noqa: E402
+from moelm.models.scaffold import new_checkpoint  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 

@@ -27,7 +27,7 @@ def test_help_exits_zero():
 
 def test_synthetic_tokenizer_decodes_every_id_and_round_trips(tmp_path):
     pytest.importorskip("tokenizers")
-    from moelm.tokenizer import AutoTokenizer
+    from moelm.text.tokenizer import AutoTokenizer
 
     bench = load_script()
     vocab = 600

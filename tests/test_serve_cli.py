@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 

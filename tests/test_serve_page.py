@@ -19,7 +19,7 @@ expect = sync_api.expect
 
 from serve_fixtures import running_server  # noqa: E402
 
-from moelm.scaffold import new_checkpoint  # noqa: E402
+from moelm.models.scaffold import new_checkpoint  # noqa: E402
 
 TIMEOUT_MS = 15_000
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -13,7 +13,7 @@ from serve_fixtures import running_server
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from moelm.scaffold import new_checkpoint  # noqa: E402
+from moelm.models.scaffold import new_checkpoint  # noqa: E402
 
 SOAK_SECONDS = 40
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tokenizer_fixtures import (ERNIE_TEMPLATE, PHI_TEMPLATE, build_bpe_tokenizer_dir, build_sentencepiece_dir)
 
-from moelm.hub import ModelNotFoundError
-from moelm.streamers import TextIteratorStreamer, TextStreamer
-from moelm.tokenizer import AutoTokenizer, read_sentencepiece_model
+from moelm.io.hub import ModelNotFoundError
+from moelm.text.streamers import TextIteratorStreamer, TextStreamer
+from moelm.text.tokenizer import AutoTokenizer, read_sentencepiece_model
 
 transformers = pytest.importorskip("transformers")
 try:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

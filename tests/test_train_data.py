@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelm import AutoTokenizer
-from moelm.scaffold import new_checkpoint
+from moelm.models.scaffold import new_checkpoint
 from moelm.train.data import DataConfig, DataError, Example, batch_length, collate, load_examples
 
 SYSTEM = {"role": "system", "content": "Be nice."}

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moelm import hub, weights
-from moelm.hub import ModelNotFoundError, hf_cache_dir, resolve_model_dir
-from moelm.weights import CheckpointError, SafetensorsCheckpoint, parse_size, save_sharded
+from moelm.io import hub, weights
+from moelm.io.hub import ModelNotFoundError, hf_cache_dir, resolve_model_dir
+from moelm.io.weights import CheckpointError, SafetensorsCheckpoint, parse_size, save_sharded
 
 
 def sample():

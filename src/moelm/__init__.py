@@ -2,21 +2,21 @@
 from . import omp
 
 omp.choose()  # before torch is imported: libgomp reads its wait policy once  # noqa: E402
-from .auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from .backend import BackendConfig, ModelCapabilities, get_capabilities
-from .configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
-from .generation import GenerationConfig
+from .models.auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from .loading.backend import BackendConfig, ModelCapabilities, get_capabilities
+from .config.configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
+from .generation.generate import GenerationConfig
 from .inference import StaticCache
 from .inference.quantization import BitsAndBytesConfig, QuantizationConfig
-from .layers import DynamicCache
+from .nn.layers import DynamicCache
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
 from .parallel.config import DistributedConfig
 from .pipelines import pipeline
-from .streamers import TextIteratorStreamer, TextStreamer
-from .tokenizer import AutoTokenizer
-from .weights import CheckpointError
+from .text.streamers import TextIteratorStreamer, TextStreamer
+from .text.tokenizer import AutoTokenizer
+from .io.weights import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = [

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="prefill step size for the largest activation")
     p.set_defaults(run=cmd_info)
 
-    from .configs import NAMED_CONFIGS
+    from .config.configs import NAMED_CONFIGS
 
     p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template",
                        description="Write a random-weight checkpoint of a named config, with a tokenizer and chat "
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_merge_arguments(p)
     p.set_defaults(run=commands.merge)
 
-    from .bench import add_arguments
+    from .bench.run import add_arguments
 
     p = sub.add_parser("bench", help="speed of moelm vs transformers on a random model (prefill, decode, RSS)")
     add_arguments(p)
@@ -153,8 +153,8 @@ def load(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    from .auto import AutoModelForCausalLM
-    from .tokenizer import AutoTokenizer
+    from .models.auto import AutoModelForCausalLM
+    from .text.tokenizer import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
@@ -193,7 +193,7 @@ def encode(tokenizer, model, messages_or_text, chat: bool, max_new_tokens: int):
 
 
 def make_streamer(tokenizer, echo: bool = True):
-    from .streamers import TextStreamer
+    from .text.streamers import TextStreamer
 
     class Recording(TextStreamer):
         def __init__(self):
@@ -297,9 +297,9 @@ def cmd_info(args):
 
     from pathlib import Path
 
-    from .auto import CAUSAL_LM
-    from .configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
-    from .hub import resolve_model_dir
+    from .models.auto import CAUSAL_LM
+    from .config.configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
+    from .io.hub import resolve_model_dir
 
     if args.model in NAMED_CONFIGS and not Path(args.model).exists():
         directory, config = None, named_config(args.model)
@@ -367,7 +367,7 @@ def cmd_info(args):
 def cmd_new(args):
     from pathlib import Path
 
-    from .scaffold import new_checkpoint
+    from .models.scaffold import new_checkpoint
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -383,7 +383,7 @@ def cmd_serve(args):
 
 
 def cmd_bench(args):
-    from .bench import main_from_args
+    from .bench.run import main_from_args
 
     return main_from_args(args)
 

@@ -9,7 +9,7 @@ def check_generate_kwargs(kwargs: dict, where: str) -> dict:
     """kwargs, if every name is a GenerationConfig field or a generate() argument; else a TypeError naming them."""
     import dataclasses
 
-    from .generation import GenerationConfig
+    from .generation.generate import GenerationConfig
 
     known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"} | GENERATE_ARGS
     unknown = sorted(set(kwargs) - known)
@@ -77,8 +77,8 @@ def pipeline(task: str, model=None, tokenizer=None, device=None, dtype="auto", t
         raise ValueError(f"unsupported pipeline task {task!r}; moelm provides 'text-generation'")
     if model is None:
         raise ValueError("pipeline needs a model (a loaded model, a path or a hub id)")
-    from .auto import AutoModelForCausalLM
-    from .tokenizer import AutoTokenizer
+    from .models.auto import AutoModelForCausalLM
+    from .text.tokenizer import AutoTokenizer
 
     pipe_kwargs = check_generate_kwargs({k: v for k, v in kwargs.items() if k != "return_full_text"}, "pipeline()")
     if isinstance(model, str):

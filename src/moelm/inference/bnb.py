@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..moe import sort_by_expert
+from ..nn.moe import sort_by_expert
 from .experts import each_expert
 from .quantization import PackedLinear, QuantizationConfig, QuantizedExperts
 

@@ -7,8 +7,8 @@ import weakref
 
 import torch
 
-from ..layers import MLP, RMSNorm
-from ..rope import rotate_half_split, rotate_interleaved
+from ..nn.layers import MLP, RMSNorm
+from ..nn.rope import rotate_half_split, rotate_interleaved
 from . import cpu, kernels
 from .cache import StaticCache
 from .linear import FastLinear, fused_ready

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import MLP, Attention
+from ..nn.layers import MLP, Attention
 from .matmul import linear
 from .quantization import QuantizedLinear
 

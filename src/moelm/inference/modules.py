@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import MLP, Attention, DecoderLayer, RMSNorm
-from ..moe import Experts, needs_grad, sort_by_expert
+from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
+from ..nn.moe import Experts, needs_grad, sort_by_expert
 from . import cpu, kernels
 from .cache import StaticCache
 from .attention import decode_attention

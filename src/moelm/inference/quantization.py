@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe import sort_by_expert
+from ..nn.moe import sort_by_expert
 from . import cpu, kernels
 from .experts import each_expert
 from .matmul import linear

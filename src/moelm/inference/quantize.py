@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from ..moe import Experts
+from ..nn.moe import Experts
 from . import bnb
 from .bnb import BnbExperts, BnbLinear
 from .quantization import (BitsAndBytesConfig, PackedLinear, QuantizationConfig, QuantizedExperts, QuantizedLinear,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..configs import Ernie4_5Config
-from ..layers import MLP, DecoderLayer, RMSNorm
-from ..modeling import CausalLM, DecoderModel
-from ..rope import cos_sin, inv_freq_and_scale, rotate_interleaved
+from ..config.configs import Ernie4_5Config
+from ..nn.layers import MLP, DecoderLayer, RMSNorm
+from .modeling import CausalLM, DecoderModel
+from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_interleaved
 
 
 def ernie_cos_sin(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..configs import Ernie4_5_MoeConfig
-from ..layers import MLP
-from ..modeling import CausalLM, Router
-from ..moe import Experts, ernie_route
+from ..config.configs import Ernie4_5_MoeConfig
+from ..nn.layers import MLP
+from .modeling import CausalLM, Router
+from ..nn.moe import Experts, ernie_route
 from .ernie4_5 import Ernie4_5Model
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..configs import PhimoeConfig
-from ..layers import DecoderLayer
-from ..modeling import CausalLM, DecoderModel, Router, SequenceClassification
-from ..moe import Experts, sparsemixer
-from ..rope import cos_sin, inv_freq_and_scale, rotate_half_split
+from ..config.configs import PhimoeConfig
+from ..nn.layers import DecoderLayer
+from .modeling import CausalLM, DecoderModel, Router, SequenceClassification
+from ..nn.moe import Experts, sparsemixer
+from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_half_split
 
 
 class PhimoeSparseMoeBlock(nn.Module):

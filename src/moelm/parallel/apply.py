@@ -14,8 +14,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ..inference.linear import FastLinear, Fused
 from ..inference.modules import optimize
-from ..layers import Attention
-from ..moe import Experts
+from ..nn.layers import Attention
+from ..nn.moe import Experts
 from .config import DistributedConfig
 from .experts import full_tensor, shard_experts
 from .plans import EP_PLANS, TP_PLANS, check_sizes, rule

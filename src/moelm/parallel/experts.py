@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..moe import Experts
+from ..nn.moe import Experts
 
 
 class _SumForward(torch.autograd.Function):

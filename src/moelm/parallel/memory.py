@@ -45,7 +45,7 @@ def memory_plan(config, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfl
     """Bytes per rank: weights (dense and experts), KV cache per 1k tokens of one sequence, and the largest
     activation of a `tokens`-token prefill step, for tp x ep (world max(tp, ep): with ep > tp the dense parts are
     replicated in each of the ep / tp groups)."""
-    from ..auto import CAUSAL_LM
+    from ..models.auto import CAUSAL_LM
 
     check_sizes(config, tp, ep)
     plan = plan_for(config, tp, ep)

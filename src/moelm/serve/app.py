@@ -413,7 +413,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
 
 def _template_args() -> set[str]:
     """apply_chat_template's own parameters, which chat_template_kwargs may not set."""
-    from ..tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     sig = inspect.signature(Tokenizer.apply_chat_template)
     return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD and name != "self"}

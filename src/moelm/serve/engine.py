@@ -443,7 +443,7 @@ class Engine:
 
 def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on logits [V], in transformers' order."""
-    from ..generation import min_p_filter, top_k_filter, top_p_filter
+    from ..generation.generate import min_p_filter, top_k_filter, top_p_filter
 
     scores = logits[None] / p.temperature
     if p.top_k:

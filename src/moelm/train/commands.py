@@ -61,8 +61,8 @@ def finetune(args, overrides: list[str]):
 def evaluate(args):
     import torch
 
-    from ..auto import AutoModelForCausalLM
-    from ..tokenizer import AutoTokenizer
+    from ..models.auto import AutoModelForCausalLM
+    from ..text.tokenizer import AutoTokenizer
     from .data import DataConfig, load_examples
     from .evaluate import load_choices, multiple_choice, perplexity
     from .trainer import pad_id

@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..modeling import Router
-from ..moe import Experts
+from ..models.modeling import Router
+from ..nn.moe import Experts
 from ..parallel.apply import parallelize
 from ..parallel.config import DistributedConfig
 from ..parallel.plans import check_sizes

@@ -33,9 +33,9 @@ from torch.distributed.tensor import DTensor
 from ..inference.bnb import BnbExperts, BnbLinear
 from ..inference.modules import FastExperts
 from ..inference.quantization import PackedLinear, QuantizedExperts, dequantize
-from ..moe import Experts, grouped_linear, needs_grad
+from ..nn.moe import Experts, grouped_linear, needs_grad
 from ..parallel.experts import ExpertsEP, ExpertsTP, full_tensor
-from ..weights import _fsync_dir, _fsync_file
+from ..io.weights import _fsync_dir, _fsync_file
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # registration order, as in transformers' experts modules

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..weights import atomic_write_text
+from ..io.weights import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -155,8 +155,8 @@ def save_final(trainer) -> Path:
 def merge_to(base: str, adapter: str | Path, out: str | Path, dtype=torch.float32) -> Path:
     """`moelm merge`: base checkpoint + PEFT adapter -> a hub checkpoint at `out` with the adapter folded in, the
     base's tokenizer, chat template and generation config carried over (written atomically)."""
-    from ..auto import AutoModelForCausalLM
-    from ..tokenizer import AutoTokenizer
+    from ..models.auto import AutoModelForCausalLM
+    from ..text.tokenizer import AutoTokenizer
     from .lora import load_adapter, merge_lora
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, fast=False)

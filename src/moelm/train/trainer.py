@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..modeling import causal_lm_loss
+from ..models.modeling import causal_lm_loss
 from . import state
 from .balance import ExpertLoad, update_correction_bias
 from .data import batch_length, collate, load_examples
@@ -72,8 +72,8 @@ class Trainer:
         self._order: tuple[int, list[int]] | None = None  # (epoch, its example order)
         self.model = model if model is not None else load_model(recipe.model, self.resume_dir)
         if model is not None and self.resume_dir is not None and recipe.peft is None:
-            from ..checkpoint import load_checkpoint
-            from ..weights import SafetensorsCheckpoint
+            from ..loading.checkpoint import load_checkpoint
+            from ..io.weights import SafetensorsCheckpoint
 
             with SafetensorsCheckpoint(self.resume_dir) as ckpt:
                 load_checkpoint(model, ckpt, progress=False)
@@ -273,7 +273,7 @@ def pad_id(tokenizer) -> int:
 
 
 def load_tokenizer(section):
-    from ..tokenizer import AutoTokenizer
+    from ..text.tokenizer import AutoTokenizer
 
     where = section.tokenizer or section.name_or_path
     try:
@@ -286,8 +286,8 @@ def load_tokenizer(section):
 def load_model(section, resume_dir: Path | None = None):
     """The recipe's model in its dtype, without the inference fast paths; a full fine-tune resumes from the
     checkpoint's weights."""
-    from ..auto import AutoModelForCausalLM
-    from ..configs import NAMED_CONFIGS, named_config
+    from ..models.auto import AutoModelForCausalLM
+    from ..config.configs import NAMED_CONFIGS, named_config
 
     dtype = getattr(torch, section.dtype)
     path = section.name_or_path

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .weights import CheckpointError, SafetensorsCheckpoint, save_sharded
+from ..io.weights import CheckpointError, SafetensorsCheckpoint, save_sharded
 
 # model_type -> {stacked parameter: hub projection names stacked along dim 1, in order}
 EXPERT_PARTS = {
@@ -61,7 +61,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
 
     only(name) -> bool limits the pass to some parameters (the others are loaded by another pass).
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
-    from .inference.quantize import load_targets
+    from ..inference.quantize import load_targets
 
     parallel = getattr(model, "parallel", None)
     model_type = model.config.model_type

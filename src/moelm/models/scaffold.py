@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import chat_templates
-from .configs import named_config
-from .weights import atomic_write_text
+from ..text import chat_templates
+from ..config.configs import named_config
+from ..io.weights import atomic_write_text
 
 # Special tokens per family: ids 0.. in this order; the config's pad/bos/eos ids point into it.
 SPECIALS = {

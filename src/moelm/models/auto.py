@@ -1,10 +1,10 @@
 """AutoModelForCausalLM: the class named by config.json's model_type / architectures."""
 from __future__ import annotations
 
-from .configs import AutoConfig, PretrainedConfig, config_class_for, read_config_json
-from .models.ernie4_5 import Ernie4_5ForCausalLM
-from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
-from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
+from ..config.configs import AutoConfig, PretrainedConfig, config_class_for, read_config_json
+from .ernie4_5 import Ernie4_5ForCausalLM
+from .ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 
 CAUSAL_LM = {"ernie4_5": Ernie4_5ForCausalLM, "ernie4_5_moe": Ernie4_5_MoeForCausalLM, "phimoe": PhimoeForCausalLM}
 SEQUENCE_CLASSIFICATION = {"phimoe": PhimoeForSequenceClassification}
@@ -26,7 +26,7 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        from .hub import resolve_model_dir, with_revision
+        from ..io.hub import resolve_model_dir, with_revision
 
         path = with_revision(path, kwargs.pop("revision", None))
         directory = resolve_model_dir(path)

@@ -182,7 +182,7 @@ class PretrainedConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from .weights import atomic_write_text
+        from ..io.weights import atomic_write_text
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / "config.json", self.to_json_string())
@@ -423,8 +423,8 @@ def config_class_for(data: dict) -> type[PretrainedConfig]:
 def read_config_json(path: str | os.PathLike) -> dict:
     """config.json's contents. A missing file raises CheckpointNotFoundError (a FileNotFoundError and a
     CheckpointError); invalid JSON raises CheckpointError (a ValueError)."""
-    from .hub import resolve_model_dir
-    from .weights import CheckpointNotFoundError
+    from ..io.hub import resolve_model_dir
+    from ..io.weights import CheckpointNotFoundError
 
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
@@ -435,7 +435,7 @@ def read_config_json(path: str | os.PathLike) -> dict:
 
 def read_json_object(file: Path) -> dict:
     """A JSON file holding an object; anything else raises CheckpointError naming the file."""
-    from .weights import CheckpointError
+    from ..io.weights import CheckpointError
 
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from .hub import resolve_model_dir
+from ..io.hub import resolve_model_dir
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 VERY_LARGE_INTEGER = int(1e30)

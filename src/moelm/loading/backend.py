@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import Attention, RMSNorm
-from .moe import Experts
+from ..nn.layers import Attention, RMSNorm
+from ..nn.moe import Experts
 
 CHOICES = {
     "attn": ("sdpa", "eager", "flex"),

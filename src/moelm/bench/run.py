@@ -60,7 +60,7 @@ def peak_rss_bytes() -> int:
 
 
 def cpu_model() -> str:
-    from .inference import cpu
+    from ..inference import cpu
 
     return cpu.info().model
 
@@ -117,8 +117,8 @@ def bytes_per_token(model, config) -> dict:
     """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
     scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
     stacked-experts module counted for its top-k of E experts only."""
-    from .moe import Experts
-    from .inference.quantization import QuantizedExperts
+    from ..nn.moe import Experts
+    from ..inference.quantization import QuantizedExperts
 
     k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None) or 1
     embed = model.get_input_embeddings().weight
@@ -163,7 +163,7 @@ def load_models(directory: str, dtype: str, device: torch.device, with_transform
     """{label: model} and {label: (RSS added, peak RSS)}. Float dtypes: moelm and transformers in that dtype.
     int8/int4: moelm quantized and moelm fp32 (transformers has no CPU int8/int4 path to compare with)."""
     import moelm
-    from .configs import dtype_from_str
+    from ..config.configs import dtype_from_str
 
     models, rss = {}, {}
 
@@ -254,7 +254,7 @@ def time_decode(model, ids: torch.Tensor, steps: int) -> float:
         return model.decode(ids[0].tolist(), steps)
     cache = None
     if type(model).__module__.startswith("moelm"):
-        from .inference.cache import StaticCache
+        from ..inference.cache import StaticCache
 
         cache = StaticCache(model.config, ids.shape[0], ids.shape[1] + steps + 2,
                             model.get_input_embeddings().weight.dtype, ids.device)
@@ -343,7 +343,7 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
     rows.append(dict(name="RSS added by load", unit="MB",
                      **{lib: (d / 1e6 if d is not None else float("nan")) for lib, (d, _) in rss.items()}))
     rows.append(dict(name="peak RSS after load", unit="MB", **{lib: pk / 1e6 for lib, (_, pk) in rss.items()}))
-    from .inference import cpu
+    from ..inference import cpu
 
     for m in models.values():
         if _is_peer(m):

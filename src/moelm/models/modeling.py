@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import PretrainedConfig
-from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
-from .layers import DynamicCache, attention_mask_4d
-from .moe import Experts, load_balancing_loss
+from ..config.configs import PretrainedConfig
+from ..generation.generate import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
+from ..nn.layers import DynamicCache, attention_mask_4d
+from ..nn.moe import Experts, load_balancing_loss
 
 
 @dataclass
@@ -144,14 +144,14 @@ class PreTrainedModel(nn.Module):
         """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
         the inference fast paths (moelm.inference.optimize); NeMo's backend / moe_config / moe_overrides: see
         moelm.loading.from_config."""
-        from .loading import from_config
+        from ..loading.pretrained import from_config
 
         return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast, **options)
 
     @classmethod
     def get_capabilities(cls, config: PretrainedConfig | None = None):
         """NeMo's ModelCapabilities for a config (this class's default config if none): see moelm.backend."""
-        from .backend import get_capabilities
+        from ..loading.backend import get_capabilities
 
         return get_capabilities(config if config is not None else cls.config_class())
 
@@ -161,7 +161,7 @@ class PreTrainedModel(nn.Module):
                         torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
                         **config_overrides):
         """Load a hub-format checkpoint directory (or a hub id in the local cache): see moelm.loading."""
-        from .loading import from_pretrained
+        from ..loading.pretrained import from_pretrained
 
         return from_pretrained(cls, path, dtype=dtype, device=device, progress=progress, config=config,
                                attn_implementation=attn_implementation, torch_dtype=torch_dtype,
@@ -170,7 +170,7 @@ class PreTrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size="5GB", safe_serialization: bool = True):
         """Write config.json (and generation_config.json) and hub-layout safetensors (per-expert keys), atomically."""
-        from .checkpoint import save_checkpoint
+        from ..loading.checkpoint import save_checkpoint
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")

@@ -326,7 +326,7 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
     """
     import gguf
 
-    from .auto import AutoConfig
+    from ..models.auto import AutoConfig
 
     checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
     _types(ftype)
@@ -363,7 +363,7 @@ def roundtrip_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, ftype:
     from gguf.quants import dequantize
     from safetensors.numpy import save_file
 
-    from .auto import AutoConfig
+    from ..models.auto import AutoConfig
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

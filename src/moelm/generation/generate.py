@@ -144,8 +144,8 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
         """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
         defaults with config.json's special tokens."""
-        from .configs import read_config_json, read_json_object
-        from .hub import resolve_model_dir
+        from ..config.configs import read_config_json, read_json_object
+        from ..io.hub import resolve_model_dir
 
         directory = resolve_model_dir(path)
         file = directory / GENERATION_CONFIG_NAME
@@ -154,7 +154,7 @@ class GenerationConfig:
         return cls.from_dict(read_json_object(file))
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from .weights import atomic_write_text
+        from ..io.weights import atomic_write_text
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
@@ -405,7 +405,7 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
         scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
     if state.use_cache and cfg.cache_implementation != "dynamic":
-        from .inference.cache import StaticCache
+        from ..inference.cache import StaticCache
 
         dtype = model.get_input_embeddings().weight.dtype
         tp = getattr(getattr(model, "parallel", None), "tp_size", 1)  # a sharded model holds its local kv heads
@@ -494,7 +494,7 @@ def tuned(step: Callable, state: DecodeState):
     if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1:
         yield step
         return
-    from .inference.threads import ThreadTuner
+    from ..inference.threads import ThreadTuner
 
     tuner = ThreadTuner(step)
     try:

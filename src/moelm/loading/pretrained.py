@@ -9,14 +9,14 @@ import torch
 
 from .backend import apply_backend, apply_moe_overrides
 from .checkpoint import load_checkpoint
-from .configs import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
-from .generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
-from .hub import resolve_model_dir, with_revision
-from .inference import optimize
-from .inference.quantization import BitsAndBytesConfig
-from .inference.quantize import fill_tied_head, quantize_modules, resolve
-from .parallel.placement import disk_layers, materialize, needs_placement, offload, plan
-from .weights import SafetensorsCheckpoint
+from ..config.configs import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
+from ..generation.generate import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
+from ..io.hub import resolve_model_dir, with_revision
+from ..inference import optimize
+from ..inference.quantization import BitsAndBytesConfig
+from ..inference.quantize import fill_tied_head, quantize_modules, resolve
+from .offload import disk_layers, materialize, needs_placement, offload, plan
+from ..io.weights import SafetensorsCheckpoint
 
 
 def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None, fast: bool = True,
@@ -62,7 +62,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices."""
     layout = None
     if any(v is not None for v in (tp_plan, tp_size, device_mesh, distributed_config)):
-        from .parallel.load import distributed_layout
+        from ..parallel.load import distributed_layout
 
         if quantization is not None or quantization_config is not None or load_in_4bit or load_in_8bit:
             raise NotImplementedError("quantized weights under tensor/expert parallelism are not implemented in "
@@ -111,7 +111,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         if qconfig is not None:
             quantize_modules(model, qconfig)
         if layout is not None:
-            from .parallel.apply import parallelize
+            from ..parallel.apply import parallelize
 
             parallelize(model, layout, device.type)
         placed = plan(model, device_map, device, max_memory, offload_folder) if split else {"": str(device)}
@@ -128,7 +128,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     if backend is not None:
         apply_backend(model, backend)
     elif fast and layout is not None:
-        from .parallel.apply import optimize_sharded
+        from ..parallel.apply import optimize_sharded
 
         optimize_sharded(model)
     elif fast and not disk:  # offloaded models run the plain modules

@@ -1,0 +1,1 @@
+"""moelm bench: machine probes, the runner against transformers and llama.cpp, the report."""

@@ -1,0 +1,1 @@
+"""Config classes (fields = config.json keys), their validation, AutoConfig and the named configs."""

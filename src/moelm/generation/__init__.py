@@ -1,0 +1,1 @@
+"""generate(): decoding loops, beam search, the one sampler, GenerationConfig."""

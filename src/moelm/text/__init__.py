@@ -1,0 +1,1 @@
+"""Text: tokenizers, SentencePiece conversion, chat templates, incremental detokenising and streamers."""
