@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 transformers.utils.logging.set_verbosity_error()
 
+from test_fast import kernels_forced  # noqa: E402
 from test_parity import build, tokens  # noqa: E402  (the reference checkpoints, saved by transformers)
 
 FAMILIES = ("ernie4_5", "ernie4_5_moe", "phimoe")
@@ -305,9 +306,12 @@ def test_qlora(mode, paths):
     path = paths["ernie4_5_moe"]
     model = ours(path, quantization=mode, fast=True)
     ids = tokens()
-    base = logits(model, ids)
+    # PyTorch's products on the dequantized weights, as the adapters compute them: where the gemv kernel is measured
+    # faster (the AMD Zen 5) it rounds activations to int16 per group, a 1.5e-5 relative step that test_fast bounds
+    with kernels_forced("torch"):
+        base = logits(model, ids)
     apply_lora(model, config_for("ernie4_5_moe"))
-    assert_close(logits(model, ids), base, msg="zero B")  # int8/int4 kernels vs dequantized
+    assert_close(logits(model, ids), base, msg="zero B")
     twin = dequantized_twin(path, model)
     apply_lora(twin, config_for("ernie4_5_moe"))
     for m in (model, twin):
