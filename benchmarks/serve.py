@@ -79,10 +79,10 @@ def synthetic_tokenizer(vocab_size: int):
 
 
 def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> object:
-    """The random checkpoint of the named shape (moelm.bench.write_checkpoint) with the synthetic tokenizer and the
+    """The random checkpoint of the named shape (moelm.bench.runner.write_checkpoint) with the synthetic tokenizer and the
     ERNIE chat template; returns its config."""
     from moelm.text import chat_templates
-    from moelm.bench.run import bench_config, write_checkpoint
+    from moelm.bench.runner import bench_config, write_checkpoint
     from moelm.io.weights import atomic_write_text
 
     config = bench_config(model)
@@ -503,7 +503,7 @@ def versions() -> str:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    from moelm.bench.run import BENCH_MODELS
+    from moelm.bench.runner import BENCH_MODELS
 
     p = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -576,7 +576,7 @@ async def warm_up(server: Server, args, vocab: int):
 
 
 def run(args, model: str) -> dict:
-    from moelm.bench.run import machine_line
+    from moelm.bench.machine import machine_line
     from moelm.inference import cpu
 
     servers: list[Server] = []
