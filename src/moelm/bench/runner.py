@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from . import gguf
 from .machine import bandwidth, machine_line, peak_rss_bytes, rss_bytes, sync
 from .report import row_line
 
@@ -132,16 +133,13 @@ def mean_kl(model, reference, vocab: int, device, prompts: int = 8, length: int 
 
 # ---------------------------------------------------------------- measurements
 
-PEER_FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # moelm dtype -> GGUF
-
-
 def load_peer(directory: str, dtype: str, threads: int, prompt_lens, decode_context: int, decode_tokens: int,
               log) -> tuple[str, object]:
     """(label, llamacpp.LlamaCppModel) of the checkpoint in `directory` written as GGUF in dtype's format."""
-    from . import gguf, llamacpp
+    from . import llamacpp
 
     check_peer(dtype)
-    ftype = PEER_FORMATS[dtype]
+    ftype = gguf.FORMATS[dtype]
     t = time.perf_counter()
     path = gguf.write_gguf(directory, os.path.join(directory, f"model-{ftype}.gguf"), ftype)
     log(f"wrote GGUF {ftype} in {time.perf_counter() - t:.1f} s; {llamacpp.build_info()}")
@@ -152,9 +150,9 @@ def load_peer(directory: str, dtype: str, threads: int, prompt_lens, decode_cont
 def check_peer(dtype: str):
     from . import llamacpp
 
-    if dtype not in PEER_FORMATS:
+    if dtype not in gguf.FORMATS:
         raise ValueError(f"--peer llama.cpp: no matching llama.cpp format for {dtype} "
-                         f"(formats: {', '.join(f'{k} -> {v}' for k, v in PEER_FORMATS.items())})")
+                         f"(formats: {', '.join(f'{k} -> {v}' for k, v in gguf.FORMATS.items())})")
     if not llamacpp.available():
         raise RuntimeError("--peer llama.cpp needs llama-cpp-python and gguf: pip install 'moelm[bench]'")
 
