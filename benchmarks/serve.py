@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PEERS = ("moelm", "llama.cpp", "transformers")
-GGUF_FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 SPECIALS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]  # ids 0..4, as moelm new
 
 
@@ -79,10 +78,10 @@ def synthetic_tokenizer(vocab_size: int):
 
 
 def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> object:
-    """The random checkpoint of the named shape (moelm.bench.write_checkpoint) with the synthetic tokenizer and the
-    ERNIE chat template; returns its config."""
+    """The random checkpoint of the named shape (moelm.bench.runner.write_checkpoint) with the synthetic tokenizer
+    and the ERNIE chat template; returns its config."""
     from moelm.text import chat_templates
-    from moelm.bench.run import bench_config, write_checkpoint
+    from moelm.bench.runner import bench_config, write_checkpoint
     from moelm.io.weights import atomic_write_text
 
     config = bench_config(model)
@@ -241,7 +240,7 @@ def moelm_server(directory: Path, args, logs: Path) -> Server:
 
 
 def llamacpp_server(directory: Path, args, logs: Path, log) -> Server:
-    from moelm.bench import llamacpp
+    from moelm.bench import gguf, llamacpp
 
     if not llamacpp.available():
         raise Unavailable("llama-cpp-python is not installed (pip install 'moelm[bench]')")
@@ -251,10 +250,10 @@ def llamacpp_server(directory: Path, args, logs: Path, log) -> Server:
         raise Unavailable(f"llama-cpp-python's server extras are missing ({type(e).__name__}: {e}); "
                           "pip install sse-starlette starlette-context pydantic-settings") from None
     fmt = args.quantization if args.quantization != "none" else args.dtype
-    ftype = GGUF_FORMATS[fmt]
+    ftype = gguf.FORMATS[fmt]
     t = time.perf_counter()
     try:
-        path = llamacpp.write_gguf(directory, directory / f"model-{ftype}.gguf", ftype)
+        path = gguf.write_gguf(directory, directory / f"model-{ftype}.gguf", ftype)
     except ValueError as e:
         raise Unavailable(f"cannot write this model as GGUF: {e}") from None
     log(f"wrote GGUF {ftype} in {time.perf_counter() - t:.1f} s; {llamacpp.build_info()}")
@@ -503,7 +502,7 @@ def versions() -> str:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    from moelm.bench.run import BENCH_MODELS
+    from moelm.bench.runner import BENCH_MODELS
 
     p = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -576,7 +575,7 @@ async def warm_up(server: Server, args, vocab: int):
 
 
 def run(args, model: str) -> dict:
-    from moelm.bench.run import machine_line
+    from moelm.bench.machine import machine_line
     from moelm.inference import cpu
 
     servers: list[Server] = []

@@ -1,13 +1,14 @@
 """Smoke test of the benchmark script on a tiny config (speed figures themselves are not checked)."""
 import pytest
 
-from moelm.bench import run as bench
+from moelm.bench import report, runner
+from moelm.bench.machine import cpu_model
 
 pytest.importorskip("transformers")
 
 
 def test_bench_tiny_runs_and_reports():
-    result = bench.run(model="ernie4_5_moe-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
+    result = runner.run(model="ernie4_5_moe-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, log=None)
     for key in ("machine", "model", "dtype", "threads", "bandwidth", "weights", "rss", "rows"):
         assert key in result
@@ -17,40 +18,40 @@ def test_bench_tiny_runs_and_reports():
         low = 0 if r["name"] == "RSS added by load" else 1e-9
         assert r["moelm"] >= low and r["transformers"] >= low, r
     assert result["weights"]["bytes_per_token"] > 0
-    assert "| metric | moelm | transformers |" in bench.table(result)
+    assert "| metric | moelm | transformers |" in report.table(result)
 
 
 def test_bench_quantized_compares_with_own_fp32_and_reports_kl():
-    result = bench.run(model="ernie4_5_moe-tiny", dtype="int8", prompt_lens=(16,), decode_tokens=2, batches=(1,),
+    result = runner.run(model="ernie4_5_moe-tiny", dtype="int8", prompt_lens=(16,), decode_tokens=2, batches=(1,),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, log=None)
     assert result["labels"] == ["moelm int8", "moelm float32"]
     assert 0 <= result["kl"] < 1e-3
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["decode b1"]["moelm int8"] > 0 and rows["decode b1"]["moelm float32"] > 0
-    assert "| metric | moelm int8 | moelm float32 |" in bench.table(result)
-    assert "Mean KL divergence" in bench.markdown_section(result)
+    assert "| metric | moelm int8 | moelm float32 |" in report.table(result)
+    assert "Mean KL divergence" in report.markdown_section(result)
 
 
 def test_bytes_per_token_counts_quantized_weights_and_active_experts(tmp_path):
     import moelm
 
-    config = bench.bench_config("ernie4_5_moe-tiny")
-    bench.write_checkpoint(config, str(tmp_path))
-    fp32 = bench.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path), config)
-    int8 = bench.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="int8"), config)
-    int4 = bench.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="int4"), config)
+    config = runner.bench_config("ernie4_5_moe-tiny")
+    runner.write_checkpoint(config, str(tmp_path))
+    fp32 = runner.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path), config)
+    int8 = runner.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="int8"), config)
+    int4 = runner.bytes_per_token(moelm.AutoModelForCausalLM.from_pretrained(tmp_path, quantization="int4"), config)
     assert fp32["bytes_per_token"] < fp32["bytes_total"]  # only top-k experts and no embedding gather
     assert 0.25 < int8["bytes_per_token"] / fp32["bytes_per_token"] < 0.32  # int8 + scales + fp32 norms
     assert 0.12 < int4["bytes_per_token"] / fp32["bytes_per_token"] < 0.22
 
 
 def test_bench_reports_the_cpu_and_the_paths_chosen():
-    result = bench.run(model="ernie-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
+    result = runner.run(model="ernie-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, transformers=False, log=None)
-    assert result["cpu"].startswith(bench.cpu_model()) and "PyTorch capability" in result["cpu"]
+    assert result["cpu"].startswith(cpu_model()) and "PyTorch capability" in result["cpu"]
     assert result["paths"] and all(path in ("torch", "gemv", "gemm", "onednn", "onednn_swap", "fp32_tiles")
                                    for key, path in result["paths"].items() if key.startswith("linear|"))
-    section = bench.markdown_section(result)
+    section = report.markdown_section(result)
     assert "CPU: " in section and "Paths chosen on this CPU" in section
 
 
@@ -58,14 +59,14 @@ def test_bench_peer_errors(monkeypatch):
     from moelm.bench import llamacpp
 
     with pytest.raises(ValueError, match="no matching llama.cpp format for float16"):
-        bench.run(model="ernie-tiny", dtype="float16", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
+        runner.run(model="ernie-tiny", dtype="float16", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
                   threads=1, decode_context=4, bandwidth_bytes=2**20, transformers=False, peer="llama.cpp", log=None)
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     with pytest.raises(RuntimeError, match=r"pip install 'moelm\[bench\]'"):
-        bench.run(model="ernie-tiny", dtype="float32", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
+        runner.run(model="ernie-tiny", dtype="float32", prompt_lens=(8,), decode_tokens=1, batches=(1,), repeats=1,
                   threads=1, decode_context=4, bandwidth_bytes=2**20, transformers=False, peer="llama.cpp", log=None)
     with pytest.raises(ValueError, match="unknown peer"):
-        bench.run(model="ernie-tiny", peer="vllm", log=None)
+        runner.run(model="ernie-tiny", peer="vllm", log=None)
 
 
 def test_bench_with_llama_cpp_peer():
@@ -73,10 +74,10 @@ def test_bench_with_llama_cpp_peer():
 
     if not llamacpp.available():
         pytest.skip("llama-cpp-python is not installed (pip install 'moelm[bench]')")
-    result = bench.run(model="ernie4_5_moe-tiny", dtype="int4", prompt_lens=(16,), decode_tokens=2, batches=(1, 2),
+    result = runner.run(model="ernie4_5_moe-tiny", dtype="int4", prompt_lens=(16,), decode_tokens=2, batches=(1, 2),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, peer="llama.cpp", log=None)
     assert result["labels"] == ["moelm int4", "moelm float32", "llama.cpp q4_0"]
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["prefill 16 tok"]["llama.cpp q4_0"] > 0 and rows["decode b1"]["llama.cpp q4_0"] > 0
     assert "llama.cpp q4_0" not in rows["decode b2"]  # batch-1 decode only
-    assert "| moelm int4 ÷ llama.cpp q4_0 |" in bench.table(result)
+    assert "| moelm int4 ÷ llama.cpp q4_0 |" in report.table(result)

@@ -1,4 +1,4 @@
-"""llama.cpp as a benchmark peer (moelm.llamacpp).
+"""llama.cpp as a benchmark peer (moelm.bench.gguf, moelm.bench.llamacpp; the harness: llamacpp_harness.py).
 
 (a) The GGUF export of the tiny random models, read back with the gguf package's own GGUFReader: tensor names,
     ggml shapes, types, data and metadata, for every family and ftype. Runs whenever `gguf` is installed.
@@ -19,6 +19,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import moelm  # noqa: E402
 from moelm.bench import llamacpp  # noqa: E402
+from moelm.bench.gguf import ARCH, FTYPES, write_gguf  # noqa: E402
+from llamacpp_harness import TINY, parity, tiny_checkpoint  # noqa: E402
 
 FAMILIES = ("ernie4_5", "ernie4_5_moe", "phimoe")
 QTYPE = {"f32": Q.F32, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -29,12 +31,12 @@ needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    return {f: llamacpp.tiny_checkpoint(f, root / f) for f in FAMILIES}
+    return {f: tiny_checkpoint(f, root / f) for f in FAMILIES}
 
 
 def expected(family: str, hub: dict) -> dict[str, tuple[list[str], str]]:
     """GGUF name -> (hub keys, how): written out by hand from llama.cpp's loaders (models/ernie4-5.cpp, phimoe.cpp)."""
-    config = moelm.named_config(llamacpp.TINY[family])
+    config = moelm.named_config(TINY[family])
     out = {"token_embd.weight": (["model.embed_tokens.weight"], "one"),
            "output_norm.weight": (["model.norm.weight"], "one")}
     if family == "phimoe":
@@ -76,12 +78,12 @@ def source(keys: list[str], how: str, hub: dict, name: str, config) -> np.ndarra
 
 # ---------------------------------------------------------------- (a) GGUF export, read back with GGUFReader
 
-@pytest.mark.parametrize("ftype", llamacpp.FTYPES)
+@pytest.mark.parametrize("ftype", FTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_export_round_trip(family, ftype, checkpoints, tmp_path):
-    path = llamacpp.write_gguf(checkpoints[family], tmp_path / "m.gguf", ftype)
+    path = write_gguf(checkpoints[family], tmp_path / "m.gguf", ftype)
     reader = GGUFReader(path)
-    config = moelm.named_config(llamacpp.TINY[family])
+    config = moelm.named_config(TINY[family])
     hub = load_file(checkpoints[family] / "model.safetensors")
     want = expected(family, hub)
     tensors = {t.name: t for t in reader.tensors}
@@ -100,7 +102,7 @@ def test_gguf_export_round_trip(family, ftype, checkpoints, tmp_path):
             tol = {Q.BF16: 2**-8, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 7}[qtype]
             assert np.abs(got - x).max() <= tol * np.abs(x).max(), name
 
-    arch = llamacpp.ARCH[family]
+    arch = ARCH[family]
     f = {k: v.contents() for k, v in reader.fields.items()}
     assert f["general.architecture"] == arch
     assert f["general.file_type"] == FILE_TYPE[ftype]
@@ -128,8 +130,8 @@ def test_gguf_longrope_factors(tmp_path):
     rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 5 for i in range(8)],
                 long_factor=[2.0 + i for i in range(8)], short_mscale=1.15, long_mscale=1.45,
                 original_max_position_embeddings=1024)
-    ckpt = llamacpp.tiny_checkpoint("phimoe", tmp_path / "hub", rope_parameters=rope)
-    reader = GGUFReader(llamacpp.write_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
+    ckpt = tiny_checkpoint("phimoe", tmp_path / "hub", rope_parameters=rope)
+    reader = GGUFReader(write_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
     tensors = {t.name: t for t in reader.tensors}
     np.testing.assert_allclose(tensors["rope_factors_short.weight"].data, rope["short_factor"])
     np.testing.assert_allclose(tensors["rope_factors_long.weight"].data, rope["long_factor"])
@@ -145,9 +147,9 @@ def test_gguf_longrope_factors(tmp_path):
     ("ernie4_5_moe", dict(moe_layer_end_index=1), "every layer from the first MoE layer"),
 ])
 def test_gguf_refuses_what_llamacpp_cannot_run(family, overrides, match, tmp_path):
-    ckpt = llamacpp.tiny_checkpoint(family, tmp_path / "hub", **overrides)
+    ckpt = tiny_checkpoint(family, tmp_path / "hub", **overrides)
     with pytest.raises(ValueError, match=match):
-        llamacpp.write_gguf(ckpt, tmp_path / "m.gguf", "f32")
+        write_gguf(ckpt, tmp_path / "m.gguf", "f32")
 
 
 # ---------------------------------------------------------------- (b) llama.cpp against moelm
@@ -158,7 +160,7 @@ def test_gguf_refuses_what_llamacpp_cannot_run(family, overrides, match, tmp_pat
 # products). Each rounding adds that relative error to a matmul output; n of them lie on the path to the logits
 # (per layer: attention input, o_proj input, FFN input, down_proj input; plus lm_head), adding in quadrature:
 # RMS bound sqrt(n) * eps; the max over the ~16k logits a heavy-tailed 6x that. Routing near-ties are left out
-# (llamacpp.ROUTER_MARGIN): a token whose top-k choice holds by a hair may legitimately pick another expert.
+# (llamacpp_harness.ROUTER_MARGIN): a token whose top-k choice holds by a hair may legitimately pick another expert.
 EPS = {"bf16": 2**-8 / math.sqrt(3), "q8_0": 4 / (127 * math.sqrt(12)), "q4_0": 4 / (127 * math.sqrt(12))}
 ROUNDINGS = {"ernie4_5": 4 * 2 + 1, "ernie4_5_moe": 4 * 3 + 1, "phimoe": 4 * 2 + 1}
 
@@ -166,7 +168,7 @@ ROUNDINGS = {"ernie4_5": 4 * 2 + 1, "ernie4_5_moe": 4 * 3 + 1, "phimoe": 4 * 2 +
 @needs_llamacpp
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llamacpp_f32_matches_moelm(family, tmp_path):
-    r = llamacpp.parity(family, "f32", workdir=tmp_path)
+    r = parity(family, "f32", workdir=tmp_path)
     assert r["kept"] == r["positions"]
     assert r["rel"] < 1e-3, r
     if family == "phimoe":  # against llama.cpp's semantics; the real reference differs (RMSNorm, softmax top-2)
@@ -177,7 +179,7 @@ def test_llamacpp_f32_matches_moelm(family, tmp_path):
 @pytest.mark.parametrize("ftype", ["bf16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llamacpp_quantized_matches_moelm_on_the_same_weights(family, ftype, tmp_path):
-    r = llamacpp.parity(family, ftype, workdir=tmp_path)
+    r = parity(family, ftype, workdir=tmp_path)
     rms_bound = math.sqrt(ROUNDINGS[family]) * EPS[ftype]
     assert r["kept"] >= r["positions"] // 2, r
     assert r["rms_rel"] < rms_bound, (r, rms_bound)
@@ -190,13 +192,13 @@ def test_llamacpp_phimoe_longrope_short_factors(tmp_path):
     rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 5 for i in range(8)],
                 long_factor=[2.0 + i for i in range(8)], short_mscale=1.15, long_mscale=1.45,
                 original_max_position_embeddings=1024)
-    r = llamacpp.parity("phimoe", "f32", workdir=tmp_path, rope_parameters=rope)
+    r = parity("phimoe", "f32", workdir=tmp_path, rope_parameters=rope)
     assert r["rel"] < 1e-3, r
 
 
 @needs_llamacpp
 def test_llamacpp_model_timing_api(checkpoints, tmp_path):
-    path = llamacpp.write_gguf(checkpoints["ernie4_5_moe"], tmp_path / "m.gguf", "q8_0")
+    path = write_gguf(checkpoints["ernie4_5_moe"], tmp_path / "m.gguf", "q8_0")
     ids = list(range(3, 40))
     m = llamacpp.LlamaCppModel(path, threads=1, n_ctx=128, n_batch=64)
     assert m.prefill(ids) > 0 and m.prefill(ids) > 0

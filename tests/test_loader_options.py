@@ -146,7 +146,7 @@ def test_generate_verbose_reports_tokens_per_second(tiny):
 
 
 def test_bench_knows_the_named_configs_and_phimoe():
-    from moelm.bench.run import BENCH_MODELS, bench_config
+    from moelm.bench.runner import BENCH_MODELS, bench_config
 
     for name in ("ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny", "phi-3.5-moe-1l", "ernie-tiny"):
         assert name in BENCH_MODELS

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_merge_arguments(p)
     p.set_defaults(run=commands.merge)
 
-    from .bench.run import add_arguments
+    from .bench.cli import add_arguments
 
     p = sub.add_parser("bench", help="speed of moelm vs transformers on a random model (prefill, decode, RSS)")
     add_arguments(p)
@@ -383,7 +383,7 @@ def cmd_serve(args):
 
 
 def cmd_bench(args):
-    from .bench.run import main_from_args
+    from .bench.cli import main_from_args
 
     return main_from_args(args)
 

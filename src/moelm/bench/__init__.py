@@ -1,1 +1,4 @@
-"""moelm bench: machine probes, the runner against transformers and llama.cpp, the report."""
+"""moelm bench: runner (moelm vs transformers and llama.cpp on random weights), machine, report, cli, gguf, llamacpp."""
+from .cli import main
+
+__all__ = ["main"]

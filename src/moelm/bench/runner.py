@@ -1,25 +1,25 @@
-"""Side-by-side speed benchmark of moelm and transformers on random-weight models built from named configs.
+"""Side-by-side speed measurements of moelm and transformers (and llama.cpp) on random-weight models built from
+named configs.
 
 Both libraries load the same random checkpoint (written once to a temporary directory) in the same dtype, live in
 the same process, and are measured alternately (moelm, transformers, moelm, ...); each figure is the median of the
-repeats, after one untimed warm-up per library. No downloads. With `--peer llama.cpp` (the `bench` extra:
+repeats, after one untimed warm-up per library. No downloads. With `peer="llama.cpp"` (the `bench` extra:
 llama-cpp-python and gguf) the same random weights are also written as GGUF in the matching format (float32 -> f32,
 bfloat16 -> bf16, int8 -> q8_0, int4 -> q4_0) and llama.cpp is timed in the same alternation (prefill, and decode at
 batch 1). Every run reports the CPU, its features and the path moelm chose for each op and shape.
-
-    python benchmarks/run.py --model ernie-0.3b --dtype float32 --prompt-lens 256 --decode-tokens 16 --batches 1 8
-    moelm bench --model ernie-21b-2l --dtype float32 --batches 1 --markdown docs/benchmarks.md
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
 import statistics
 import tempfile
 import time
 
 import torch
+
+from . import gguf
+from .machine import bandwidth, machine_line, peak_rss_bytes, rss_bytes, sync
+from .report import row_line
 
 BENCH_MODELS = {
     # name: (moelm named config, overrides); the named configs' own names work too (the ones that fit a machine)
@@ -29,75 +29,6 @@ BENCH_MODELS = {
     "ernie-tiny": ("ernie4_5-tiny", {}),
     **{name: (name, {}) for name in ("ernie-4.5-0.3b", "ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny")},
 }
-LIBS = ("moelm", "transformers")
-
-
-# ---------------------------------------------------------------- machine
-
-def _meminfo(key: str, path: str = "/proc/meminfo") -> int | None:
-    """A `Key:   123 kB` line of /proc/meminfo or /proc/self/status, in bytes."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int | None:
-    return _meminfo("VmRSS", "/proc/self/status")
-
-
-def peak_rss_bytes() -> int:
-    hwm = _meminfo("VmHWM", "/proc/self/status")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu_model() -> str:
-    from ..inference import cpu
-
-    return cpu.info().model
-
-
-def machine_line(threads: int, device: str) -> str:
-    try:
-        import transformers
-
-        tv = transformers.__version__
-    except ImportError:
-        tv = "not installed"
-    ram = _meminfo("MemTotal")
-    dev = cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
-    ram = f"{ram / 2**30:.0f} GiB RAM; " if ram else ""
-    return (f"{dev}; {os.cpu_count()} cores, {threads} threads used; {ram}torch {torch.__version__}; "
-            f"transformers {tv}; {datetime.date.today().isoformat()}")
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bandwidth(nbytes: int = 2**30, repeats: int = 10, device: torch.device = torch.device("cpu")) -> float:
-    """Streaming-read bandwidth in bytes/s: the best time of `x.sum()` over an fp32 tensor of `nbytes` (the best,
-    not the median: a 2-core machine's other work only ever slows a repeat down)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        x.sum()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    del x
-    return nbytes / min(times)
 
 
 # ---------------------------------------------------------------- models
@@ -202,18 +133,15 @@ def mean_kl(model, reference, vocab: int, device, prompts: int = 8, length: int 
 
 # ---------------------------------------------------------------- measurements
 
-PEER_FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # moelm dtype -> GGUF
-
-
 def load_peer(directory: str, dtype: str, threads: int, prompt_lens, decode_context: int, decode_tokens: int,
               log) -> tuple[str, object]:
     """(label, llamacpp.LlamaCppModel) of the checkpoint in `directory` written as GGUF in dtype's format."""
     from . import llamacpp
 
     check_peer(dtype)
-    ftype = PEER_FORMATS[dtype]
+    ftype = gguf.FORMATS[dtype]
     t = time.perf_counter()
-    path = llamacpp.write_gguf(directory, os.path.join(directory, f"model-{ftype}.gguf"), ftype)
+    path = gguf.write_gguf(directory, os.path.join(directory, f"model-{ftype}.gguf"), ftype)
     log(f"wrote GGUF {ftype} in {time.perf_counter() - t:.1f} s; {llamacpp.build_info()}")
     n_ctx = max(512, *prompt_lens, decode_context + decode_tokens + 4)
     return f"llama.cpp {ftype}", llamacpp.LlamaCppModel(path, threads, n_ctx=n_ctx, n_batch=max(prompt_lens))
@@ -222,9 +150,9 @@ def load_peer(directory: str, dtype: str, threads: int, prompt_lens, decode_cont
 def check_peer(dtype: str):
     from . import llamacpp
 
-    if dtype not in PEER_FORMATS:
+    if dtype not in gguf.FORMATS:
         raise ValueError(f"--peer llama.cpp: no matching llama.cpp format for {dtype} "
-                         f"(formats: {', '.join(f'{k} -> {v}' for k, v in PEER_FORMATS.items())})")
+                         f"(formats: {', '.join(f'{k} -> {v}' for k, v in gguf.FORMATS.items())})")
     if not llamacpp.available():
         raise RuntimeError("--peer llama.cpp needs llama-cpp-python and gguf: pip install 'moelm[bench]'")
 
@@ -237,10 +165,10 @@ def _is_peer(model) -> bool:
 def time_prefill(model, ids: torch.Tensor) -> float:
     if _is_peer(model):
         return model.prefill(ids[0].tolist())
-    _sync(ids.device)
+    sync(ids.device)
     t = time.perf_counter()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    _sync(ids.device)
+    sync(ids.device)
     return time.perf_counter() - t
 
 
@@ -263,12 +191,12 @@ def time_decode(model, ids: torch.Tensor, steps: int) -> float:
     nxt = out.logits[:, -1:].argmax(-1)
     out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    sync(ids.device)
     t = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    sync(ids.device)
     return (time.perf_counter() - t) / steps
 
 
@@ -329,13 +257,13 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         ids = torch.randint(0, vocab, (1, p), generator=g).to(dev)
         med = _alternate(models, lambda m: time_prefill(m, ids), repeats)
         rows.append(dict(name=f"prefill {p} tok", unit="tok/s", **{lib: p / s for lib, s in med.items()}))
-        log(_fmt_row(rows[-1], labels))
+        log(row_line(rows[-1], labels))
     for b in batches:
         ids = torch.randint(0, vocab, (b, decode_context), generator=g).to(dev)
         decoders = {label: m for label, m in models.items() if b == 1 or not _is_peer(m)}
         med = _alternate(decoders, lambda m: time_decode(m, ids, decode_tokens), repeats)
         rows.append(dict(name=f"decode b{b}", unit="tok/s", **{lib: b / s for lib, s in med.items()}))
-        log(_fmt_row(rows[-1], labels))
+        log(row_line(rows[-1], labels))
         if b == 1:
             per_token = {lib: weights.get(lib, weights[labels[0]])["bytes_per_token"] for lib in med}
             rows.append(dict(name="decode b1 / bandwidth", unit="%",
@@ -352,95 +280,3 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
                 model=model, dtype=dtype, threads=threads, device=device,
                 bandwidth=bw, weights=main, rss=rss, rows=rows, labels=labels, kl=kl, decode_tokens=decode_tokens,
                 decode_context=decode_context, repeats=repeats)
-
-
-# ---------------------------------------------------------------- report
-
-def _num(v) -> str:
-    if v is None:
-        return "—"
-    if v != v:
-        return "n/a"
-    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
-
-
-def _fmt_row(r: dict, labels) -> str:
-    return f"  {r['name']} ({r['unit']}): " + ", ".join(f"{lib} {_num(r.get(lib))}" for lib in labels)
-
-
-def table(result: dict) -> str:
-    """One column per label, then moelm's ratio to each other column (higher: moelm faster or bigger)."""
-    first, others = result["labels"][0], result["labels"][1:]
-    head = [first, *others] + [f"{first} ÷ {o}" for o in others]
-    lines = [f"| metric | {' | '.join(head)} |", "|---|" + "---:|" * len(head)]
-    for r in result["rows"]:
-        a = r.get(first)
-        ratios = []
-        for o in others:
-            b = r.get(o)
-            ok = a is not None and b not in (None, 0) and a == a and b == b
-            ratios.append(f"{a / b:.2f}×" if ok else "—")
-        values = [_num(r.get(label)) for label in result["labels"]]
-        lines.append(f"| {r['name']} ({r['unit']}) | {' | '.join(values + ratios)} |")
-    return "\n".join(lines)
-
-
-def paths_report(paths: dict[str, str]) -> str:
-    """The paths moelm chose, one line per op and shape: `op (x dtype, rows up to, out, in, ...) -> path`."""
-    return "\n".join(f"{entry.replace('|', ' ')} -> {path}" for entry, path in sorted(paths.items()))
-
-
-def markdown_section(result: dict) -> str:
-    w = result["weights"]
-    kl = "" if result["kl"] is None else (f" Mean KL divergence of next-token distributions vs fp32 (8 random "
-                                          f"32-token prompts, every position): {result['kl']:.2e}.")
-    paths = paths_report(result.get("paths") or {})
-    paths = (f"\n<details><summary>Paths chosen on this CPU ({len(result['paths'])} op shapes)</summary>\n\n"
-             f"```\n{paths}\n```\n</details>\n") if paths else ""
-    return (f"\n### {result['model']}, {result['dtype']}, {result['device']}\n\n"
-            f"Machine: {result['machine']}  \n"
-            f"CPU: {result['cpu']}  \n"
-            f"Streaming-read bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s (1 GiB fp32 `x.sum()`, best of 10). "
-            f"{w['params_total'] / 1e6:.0f}M parameters, {w['bytes_per_token'] / 1e6:.0f} MB of weights read per "
-            f"decoded token. Decode: {result['decode_tokens']} steps after a {result['decode_context']}-token "
-            f"context; median of {result['repeats']} alternating repeats.{kl}\n\n{table(result)}\n{paths}")
-
-
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="ernie-0.3b", choices=list(BENCH_MODELS))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "int8", "int4"),
-                   help="int8/int4: moelm's quantized weights against moelm float32 (and their mean KL)")
-    p.add_argument("--prompt-lens", type=int, nargs="+", default=[256])
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--decode-context", type=int, default=64, help="tokens in the KV cache before decoding")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--no-transformers", action="store_true", help="measure moelm only")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--peer", default=None, choices=("llama.cpp",),
-                   help="also time llama.cpp (llama-cpp-python) on the same weights as GGUF in the matching format")
-    p.add_argument("--markdown", default=None, help="append a section with the machine line and table to this file")
-
-
-def main_from_args(args) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device} requested but no CUDA GPU is available")
-    result = run(model=args.model, dtype=args.dtype, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
-                 batches=args.batches, repeats=args.repeats, threads=args.threads,
-                 transformers=not args.no_transformers, device=args.device, decode_context=args.decode_context,
-                 peer=args.peer)
-    print(f"\n{result['model']} {result['dtype']} — {result['machine']}\nCPU: {result['cpu']}\n")
-    print(table(result))
-    print(f"\npaths chosen:\n{paths_report(result['paths'])}")
-    if args.markdown:
-        with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write(markdown_section(result))
-        print(f"\nappended to {args.markdown}")
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="moelm-bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return main_from_args(p.parse_args(argv))

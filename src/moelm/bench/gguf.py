@@ -1,0 +1,367 @@
+"""A moelm (hub) checkpoint written as a GGUF file llama.cpp loads, in f32, bf16, q8_0 or q4_0. Needs the `gguf`
+package only (no llama-cpp-python).
+
+    write_gguf(checkpoint_dir, "model.gguf", "q8_0")       # f32 | bf16 | q8_0 | q4_0
+    FORMATS["int4"]                                        # moelm's dtype or quantization -> its GGUF ftype: "q4_0"
+
+GGUF layout (what llama.cpp's llama-arch.cpp, models/ernie4-5*.cpp and models/phimoe.cpp load): numpy shapes are
+written as they are ([out, in] for a linear weight; ggml reverses them to ne = {in, out}); the per-expert hub weights
+are stacked into [E, out, in]; ERNIE's interleaved rotary pairs are llama.cpp's LLAMA_ROPE_TYPE_NORM and PhiMoE's
+half-split rotary its NEOX type, so q/k need no permutation. Norms, 1-D tensors, routers and the ERNIE correction
+bias stay f32 whatever the ftype, as in llama.cpp's convert_hf_to_gguf.py; every other weight (the token embedding
+too) takes the ftype. The vocabulary is synthetic (the bench models have random weights and feed token ids).
+
+What llama.cpp cannot express is refused:
+- ernie4_5: llama.cpp loads but ignores attn_output.bias and has no MLP or lm_head biases: use_bias=True is refused.
+- ernie4_5_moe: llama.cpp makes every layer from leading_dense_block_count on a MoE layer; a moe_layer_interval > 1
+  or a moe_layer_end_index before the last layer is refused. Its weight normalisation clamps the sum at 6.1e-5
+  (the reference at moe_norm_min), the same result since a top-k sum of softmax probabilities is >= k/E.
+- phimoe: llama.cpp normalises with RMSNorm + bias (the reference: LayerNorm with bias) and routes by softmax top-2
+  renormalised (the reference: sparsemixer), so its logits differ from moelm's (written all the same). LongRoPE:
+  llama.cpp picks the long factors by context size (n_ctx > original) and keeps one attention factor (written: the
+  short mscale); the reference switches both by sequence length.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+FTYPES = ("f32", "bf16", "q8_0", "q4_0")
+ARCH = {"ernie4_5": "ernie4_5", "ernie4_5_moe": "ernie4_5-moe", "phimoe": "phimoe"}
+FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # moelm dtype/quantization -> ftype
+ALWAYS_F32 = ("_norm.weight", "ffn_gate_inp.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _types(ftype: str):
+    """ftype -> (GGMLQuantizationType of the big weights, LlamaFileType)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import LlamaFileType as F
+
+    table = {"f32": (Q.F32, F.ALL_F32), "bf16": (Q.BF16, F.MOSTLY_BF16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+             "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
+    if ftype not in table:
+        raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
+    return table[ftype]
+
+
+def tensor_qtype(name: str, ndim: int, ftype: str):
+    """The GGML type a GGUF tensor is stored in: f32 for 1-D tensors, norms, routers, biases; else the ftype."""
+    from gguf import GGMLQuantizationType as Q
+
+    if ndim < 2 or not name.endswith(".weight") or name.endswith(ALWAYS_F32):
+        return Q.F32
+    return _types(ftype)[0]
+
+
+# ---------------------------------------------------------------- checkpoint -> GGUF tensors
+
+class _Checkpoint:
+    """Hub safetensors (one file or sharded), read one tensor at a time as float32 numpy."""
+
+    def __init__(self, directory: Path, stack: ExitStack):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else sorted(p.name for p in directory.glob("*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no safetensors checkpoint")
+        self.where = {}
+        for name in files:
+            f = stack.enter_context(safe_open(directory / name, framework="pt"))
+            self.where.update({k: f for k in f.keys()})
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        return self.where[key].get_tensor(key).float().numpy()
+
+
+# A GGUF tensor: (name, hub keys, combine: list of arrays -> array). One key copied, expert keys stacked [E, ...].
+Plan = list[tuple[str, list[str], Callable[[list[np.ndarray]], np.ndarray]]]
+
+
+def _one(xs):
+    return xs[0]
+
+
+def _stack(xs):
+    return np.stack(xs)
+
+
+def _flat(xs):
+    return xs[0].reshape(-1)
+
+
+def _zeros(n: int):
+    return lambda xs: np.zeros(n, dtype=np.float32)
+
+
+def _const(values):
+    return lambda xs: np.asarray(values, dtype=np.float32)
+
+
+def moe_layers(config) -> tuple[list[bool], int]:
+    """Which layers are MoE, and llama.cpp's leading_dense_block_count; refuses layouts llama.cpp cannot express."""
+    n = config.num_hidden_layers
+    moe = [config.is_moe_layer(i) for i in range(n)]
+    lead = moe.index(True) if any(moe) else n
+    if moe != [i >= lead for i in range(n)]:
+        raise ValueError(f"llama.cpp's ernie4_5-moe makes every layer from the first MoE layer on a MoE layer; this "
+                         f"config's MoE layers are {[i for i in range(n) if moe[i]]} (moe_layer_interval "
+                         f"{config.moe_layer_interval}, end index {config.moe_layer_end_index})")
+    return moe, lead
+
+
+def gguf_plan(config, keys: set[str]) -> Plan:
+    """The GGUF tensors of a hub checkpoint with `keys`, in writing order (numpy shapes; H hidden, V vocab, I/Ie
+    dense/expert intermediate, E experts; p = model.layers.{i}., b = blk.{i}.):
+
+        model.embed_tokens.weight [V, H]            -> token_embd.weight (lm_head.weight -> output.weight if untied)
+        model.norm.weight/.bias [H]                 -> output_norm.weight/.bias; lm_head.bias -> output.bias
+        p input_layernorm / post_attention_layernorm -> b attn_norm / ffn_norm (.weight, PhiMoE also .bias)
+        p self_attn.{q,k,v,o}_proj.weight/.bias     -> b attn_{q,k,v,output}.weight/.bias
+        p mlp.{gate,up,down}_proj.weight (dense)    -> b ffn_{gate,up,down}.weight
+        p mlp.gate.weight [E, H]                    -> b ffn_gate_inp.weight (PhiMoE: block_sparse_moe.gate)
+        p mlp.moe_statics.e_score_correction_bias [1, E] -> b exp_probs_b.bias [E]
+        p mlp.experts.{e}.{gate,up}_proj [Ie, H] x E -> b ffn_{gate,up}_exps.weight [E, Ie, H] (PhiMoE: w1, w3)
+        p mlp.experts.{e}.down_proj [H, Ie] x E     -> b ffn_down_exps.weight [E, H, Ie] (PhiMoE: w2)
+        p mlp.shared_experts.{gate,up,down}_proj    -> b ffn_{gate,up,down}_shexp.weight
+        PhiMoE longrope factors (config) [head/2]   -> rope_factors_{long,short}.weight
+    PhiMoE's missing attn_output / output biases (llama.cpp requires them) are written as zeros; ERNIE's MTP
+    tensors (model.mtp_*) are left out, as llama.cpp's converter does."""
+    kind = config.model_type
+    if kind not in ARCH:
+        raise ValueError(f"llama.cpp has no architecture for model_type {kind!r}")
+    if kind.startswith("ernie") and getattr(config, "use_bias", False):
+        raise ValueError("ERNIE with use_bias=True: llama.cpp's ernie4_5 graph ignores attn_output.bias and has no "
+                         "MLP or lm_head biases")
+    h = config.hidden_size
+    plan: Plan = [("token_embd.weight", ["model.embed_tokens.weight"], _one)]
+    if not config.tie_word_embeddings:
+        plan.append(("output.weight", ["lm_head.weight"], _one))
+    plan.append(("output_norm.weight", ["model.norm.weight"], _one))
+    if kind == "phimoe":
+        plan.append(("output_norm.bias", ["model.norm.bias"], _one))
+        plan.append(("output.bias", ["lm_head.bias"], _one) if "lm_head.bias" in keys
+                    else ("output.bias", [], _zeros(config.vocab_size)))
+        rope = config.rope_parameters
+        if rope["rope_type"] == "longrope":
+            plan.append(("rope_factors_long.weight", [], _const(rope["long_factor"])))
+            plan.append(("rope_factors_short.weight", [], _const(rope["short_factor"])))
+    moe = moe_layers(config)[0] if kind == "ernie4_5_moe" else [kind == "phimoe"] * config.num_hidden_layers
+    for i in range(config.num_hidden_layers):
+        hub, blk = f"model.layers.{i}.", f"blk.{i}."
+        plan.append((blk + "attn_norm.weight", [hub + "input_layernorm.weight"], _one))
+        for p, g in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
+            plan.append((f"{blk}{g}.weight", [f"{hub}self_attn.{p}_proj.weight"], _one))
+            if f"{hub}self_attn.{p}_proj.bias" in keys:
+                plan.append((f"{blk}{g}.bias", [f"{hub}self_attn.{p}_proj.bias"], _one))
+            elif kind == "phimoe" and p == "o":  # llama.cpp's phimoe requires attn_output.bias
+                plan.append((f"{blk}{g}.bias", [], _zeros(h)))
+        plan.append((blk + "ffn_norm.weight", [hub + "post_attention_layernorm.weight"], _one))
+        if kind == "phimoe":
+            plan.append((blk + "attn_norm.bias", [hub + "input_layernorm.bias"], _one))
+            plan.append((blk + "ffn_norm.bias", [hub + "post_attention_layernorm.bias"], _one))
+            moe_hub, n_exp = hub + "block_sparse_moe.", config.num_local_experts
+            parts = (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+        else:
+            moe_hub, n_exp = hub + "mlp.", getattr(config, "moe_num_experts", 0)
+            parts = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+        if not moe[i]:
+            for g, p in parts:
+                plan.append((f"{blk}ffn_{g}.weight", [f"{hub}mlp.{p}.weight"], _one))
+            continue
+        plan.append((blk + "ffn_gate_inp.weight", [moe_hub + "gate.weight"], _one))
+        if kind == "ernie4_5_moe":
+            plan.append((blk + "exp_probs_b.bias", [moe_hub + "moe_statics.e_score_correction_bias"], _flat))
+        for g, p in parts:
+            plan.append((f"{blk}ffn_{g}_exps.weight", [f"{moe_hub}experts.{e}.{p}.weight" for e in range(n_exp)],
+                         _stack))
+        if kind == "ernie4_5_moe" and config.moe_num_shared_experts:
+            for g, p in parts:
+                plan.append((f"{blk}ffn_{g}_shexp.weight", [f"{moe_hub}shared_experts.{p}.weight"], _one))
+    used = {k for _, ks, _ in plan for k in ks}
+    missing = sorted(used - keys)
+    left = sorted(k for k in keys - used if not k.startswith("model.mtp_"))  # ERNIE MTP: unused by llama.cpp too
+    if missing or left:
+        raise ValueError(f"checkpoint does not fit llama.cpp's {ARCH[kind]}: missing {missing[:5]}, "
+                         f"no place for {left[:5]}")
+    return plan
+
+
+def _read(plan_item, ckpt: _Checkpoint) -> np.ndarray:
+    """The float32 data of one GGUF tensor; stacked experts are filled in place, one expert read at a time."""
+    name, keys, combine = plan_item
+    if combine is not _stack:
+        return combine([ckpt.get(k) for k in keys])
+    out = np.empty([len(keys)] + ckpt.shape(keys[0]), dtype=np.float32)  # [E, out, in]
+    for e, k in enumerate(keys):
+        out[e] = ckpt.get(k)
+    return out
+
+
+def _shape(plan_item, ckpt: _Checkpoint) -> list[int]:
+    name, keys, combine = plan_item
+    if not keys:
+        return list(combine([]).shape)
+    first = ckpt.shape(keys[0])
+    if combine is _stack:
+        return [len(keys)] + first
+    if combine is _flat:
+        return [int(np.prod(first))]
+    return first
+
+
+# ---------------------------------------------------------------- metadata
+
+def _vocab(n: int, unk: int, bos: int | None, eos: int | None, pad: int | None):
+    """A SentencePiece-style ("llama") vocab of exactly n tokens: the special ids, 256 byte tokens, fillers."""
+    from gguf import TokenType
+
+    tokens: list[str | None] = [None] * n
+    types = [TokenType.NORMAL] * n
+    for tid, text, kind in ((unk, "<unk>", TokenType.UNKNOWN), (bos, "<s>", TokenType.CONTROL),
+                            (eos, "</s>", TokenType.CONTROL), (pad, "<pad>", TokenType.CONTROL)):
+        if tid is not None and 0 <= tid < n and tokens[tid] is None:
+            tokens[tid], types[tid] = text, kind
+    free = [i for i in range(n) if tokens[i] is None]
+    if len(free) < 256:
+        raise ValueError(f"vocab_size {n} is too small for 256 byte tokens")
+    for b, i in enumerate(free[:256]):
+        tokens[i], types[i] = f"<0x{b:02X}>", TokenType.BYTE
+    for i in free[256:]:
+        tokens[i] = f"\u2581t{i}"
+    return tokens, [int(t) for t in types]
+
+
+def _metadata(w, config, ftype: str) -> None:
+    import gguf
+
+    kind, arch = config.model_type, ARCH[config.model_type]
+    head = config.head_size
+    rope = config.rope_parameters
+    w.add_name(f"moelm {kind}")
+    w.add_file_type(int(_types(ftype)[1]))
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(head)
+    w.add_value_length(head)
+    w.add_rope_dimension_count(head)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    if kind == "phimoe":
+        if head * config.num_attention_heads != config.hidden_size:
+            raise ValueError("llama.cpp's phimoe needs head_dim == hidden_size / num_attention_heads")
+        w.add_expert_count(config.num_local_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        if rope["rope_type"] == "longrope":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            w.add_rope_scaling_attn_factors(rope["short_mscale"])
+        elif rope["rope_type"] != "default":
+            raise ValueError(f"phimoe rope_type {rope['rope_type']!r} is not converted (default, longrope are)")
+    else:
+        if rope["rope_type"] != "default":
+            raise ValueError(f"ERNIE rope_type {rope['rope_type']!r} is not converted (only default)")
+    if kind == "ernie4_5_moe":
+        w.add_expert_count(config.moe_num_experts)
+        w.add_expert_used_count(config.moe_k)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_interleave_moe_layer_step(1)
+        w.add_leading_dense_block_count(moe_layers(config)[1])
+        w.add_expert_shared_count(config.moe_num_shared_experts)
+        if config.moe_num_shared_experts:  # one MLP of width shared * moe_intermediate_size, as the reference
+            w.add_expert_shared_feed_forward_length(config.moe_num_shared_experts * config.moe_intermediate_size)
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    unk = getattr(config, "unk_token_id", None)
+    unk = unk if unk is not None else 0
+    tokens, types = _vocab(config.vocab_size, unk, config.bos_token_id, eos, config.pad_token_id)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types(types)
+    w.add_unk_token_id(unk)
+    for add, tid in ((w.add_bos_token_id, config.bos_token_id), (w.add_eos_token_id, eos),
+                     (w.add_pad_token_id, config.pad_token_id)):
+        if tid is not None:
+            add(tid)
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+
+
+# ---------------------------------------------------------------- writing
+
+def quantize(x: np.ndarray, qtype) -> np.ndarray:
+    """float32 [..., n] -> the GGUF bytes of `qtype` (f32 stays float32). Quantized blocks run along the last axis."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize as gguf_quantize
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if qtype in (Q.Q8_0, Q.Q4_0) and x.shape[-1] % 32:
+        raise ValueError(f"{qtype.name} needs an inner dimension that is a multiple of 32, got {x.shape}")
+    return gguf_quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
+
+
+def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f32") -> Path:
+    """Write the hub checkpoint (config.json + safetensors) as a GGUF file llama.cpp loads; returns out_path.
+
+    Streams: tensor infos first, then one tensor at a time (one stacked [E, out, in] expert tensor at most in memory).
+    """
+    import gguf
+
+    from ..models.auto import AutoConfig
+
+    checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
+    _types(ftype)
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    with ExitStack() as stack:
+        ckpt = _Checkpoint(checkpoint_dir, stack)
+        plan = gguf_plan(config, set(ckpt.where))
+        w = gguf.GGUFWriter(out_path, ARCH[config.model_type])
+        _metadata(w, config, ftype)
+        for item in plan:
+            shape = _shape(item, ckpt)
+            qtype = tensor_qtype(item[0], len(shape), ftype)
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
+            w.add_tensor_info(item[0], shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for item in plan:
+            x = _read(item, ckpt)
+            w.write_tensor_data(quantize(x, tensor_qtype(item[0], x.ndim, ftype)))
+            del x
+        w.close()
+    return out_path
+
+
+def stored_types(checkpoint_dir: str | Path, ftype: str) -> dict:
+    """Hub key -> the GGMLQuantizationType write_gguf(checkpoint_dir, ..., ftype) stores its data in (the keys the
+    GGUF leaves out, ERNIE's MTP tensors, are absent). A stacked expert tensor's blocks run along rows, so each
+    expert's own key quantizes to the rows the GGUF stores."""
+    from ..models.auto import AutoConfig
+
+    checkpoint_dir = Path(checkpoint_dir)
+    _types(ftype)
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    out = {}
+    with ExitStack() as stack:
+        ckpt = _Checkpoint(checkpoint_dir, stack)
+        for name, keys, combine in gguf_plan(config, set(ckpt.where)):
+            for k in keys:
+                ndim = len(ckpt.shape(k))
+                ndim = ndim + 1 if combine is _stack else 1 if combine is _flat else ndim
+                out[k] = tensor_qtype(name, ndim, ftype)
+    return out
