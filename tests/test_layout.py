@@ -1,39 +1,18 @@
-"""The package layout: model code never imports the inference fast paths, and no module-level import cycles."""
+"""The package layering (scripts/architecture.py's LAYERS): each package imports only packages below it, model code
+never imports the fast paths or the applications, no import cycles, and docs/architecture.md is the current drawing."""
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
-MODEL_CODE = ("moelm.nn.layers", "moelm.nn.moe", "moelm.models.modeling", "moelm.nn.rope", "moelm.models.ernie4_5",
-              "moelm.models.ernie4_5_moe", "moelm.models.phimoe")
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "architecture.py"
+spec = importlib.util.spec_from_file_location("architecture", SCRIPT)
+architecture = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(architecture)
+import_graph, package_of = architecture.import_graph, architecture.package_of
 
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(SRC).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph(top_level_only: bool) -> dict[str, set[str]]:
-    """moelm module -> the moelm modules it imports (relative imports resolved; `from . import x` is module x)."""
-    graph = {}
-    for path in (SRC / "moelm").rglob("*.py"):
-        name = _module_name(path)
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        tree = ast.parse(path.read_text())
-        nodes = tree.body if top_level_only else list(ast.walk(tree))
-        deps = set()
-        for node in nodes:
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-                subs = [f"{target}.{a.name}" for a in node.names
-                        if (SRC / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py").is_file()]
-                deps.update(subs if subs and len(subs) == len(node.names) else [target, *subs])
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name.startswith("moelm"))
-        graph[name] = deps - {name}
-    return graph
+MODEL_PACKAGES = ("nn", "models")
+APPLIED = ("inference", "parallel", "serve", "train", "bench")  # applied to an unchanged model, never imported by it
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -46,18 +25,44 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+def test_each_package_imports_only_packages_below_it():
+    assert architecture.violations(import_graph()) == []
+
+
 def test_model_code_does_not_import_inference():
     """The model code names nothing of moelm.inference (the fast paths are applied to an unchanged model by
-    moelm.inference.optimize), and importing it imports none of it. Its API hands over at call time: from_pretrained
-    to moelm.loading, generate to moelm.generation (which uses the StaticCache)."""
-    direct, top = import_graph(top_level_only=False), import_graph(top_level_only=True)
-    for name in MODEL_CODE:
-        bad = sorted(d for d in direct[name] if d.startswith("moelm.inference"))
-        bad += sorted(d for d in reachable(top, name) if d.startswith(("moelm.inference", "moelm.loading")))
+    moelm.inference.optimize) or of the applications, and importing it imports none of them nor moelm.loading. Its API
+    hands over at call time: from_pretrained to moelm.loading, generate to moelm.generation (which uses the
+    StaticCache)."""
+    direct, top = import_graph(), import_graph(top_level_only=True)
+    model_code = [m for m in direct if package_of(m) in MODEL_PACKAGES]
+    assert "moelm.models.ernie4_5_moe" in model_code and "moelm.nn.moe" in model_code
+    for name in model_code:
+        bad = sorted(d for d in direct[name] if package_of(d) in APPLIED)
+        bad += sorted(d for d in reachable(top, name) if package_of(d) in (*APPLIED, "loading"))
         assert not bad, f"{name} imports {bad}"
 
 
 def test_no_import_cycles():
-    graph = import_graph(top_level_only=False)  # imports inside functions too
+    graph = import_graph()  # imports inside functions too
     cycles = sorted({" <-> ".join(sorted((a, b))) for a in graph for b in graph[a] if a in reachable(graph, b)})
     assert not cycles, cycles
+
+
+def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
+    """A layering test that cannot fail is no test: an upward import added to a copy of the tree is reported."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(architecture.SRC / "moelm", src / "moelm", ignore=shutil.ignore_patterns("__pycache__", "csrc"))
+    with open(src / "moelm" / "nn" / "rope.py", "a") as f:
+        f.write("\n\ndef _upward():\n    from ..models import auto  # noqa: F401\n")
+    before = set(architecture.violations(architecture.import_graph()))
+    monkeypatch.setattr(architecture, "SRC", src)
+    after = set(architecture.violations(architecture.import_graph()))
+    assert after - before == {"moelm.nn.rope imports moelm.models.auto (models is not below nn)"}
+
+
+def test_architecture_doc_is_current():
+    assert architecture.DOC.read_text() == architecture.render(), \
+        "docs/architecture.md is stale: run python scripts/architecture.py --write"

@@ -34,14 +34,14 @@ BENCH_MODELS = {
 # ---------------------------------------------------------------- models
 
 def bench_config(name: str):
-    import moelm
+    from ..models.auto import AutoConfig
 
     if name not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {name!r}; known: {', '.join(BENCH_MODELS)}")
     base, overrides = BENCH_MODELS[name]
     data = moelm.named_config(base).to_dict()
     data.update(overrides)
-    return moelm.AutoConfig.for_model(data.pop("model_type"), **data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def bytes_per_token(model, config) -> dict:
@@ -80,9 +80,9 @@ def bytes_per_token(model, config) -> dict:
 
 def write_checkpoint(config, directory: str, seed: int = 0):
     """Random weights (normal, std = initializer_range = 0.02) saved in hub layout; both libraries load it."""
-    import moelm
+    from ..models.auto import AutoModelForCausalLM
 
-    model = moelm.AutoModelForCausalLM.from_config(config, dtype=torch.float32, seed=seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, seed=seed)
     model.save_pretrained(directory)
     del model
 
@@ -93,7 +93,7 @@ QUANTIZED = ("int8", "int4")
 def load_models(directory: str, dtype: str, device: torch.device, with_transformers: bool):
     """{label: model} and {label: (RSS added, peak RSS)}. Float dtypes: moelm and transformers in that dtype.
     int8/int4: moelm quantized and moelm fp32 (transformers has no CPU int8/int4 path to compare with)."""
-    import moelm
+    from ..models.auto import AutoModelForCausalLM
     from ..config.configs import dtype_from_str
 
     models, rss = {}, {}
@@ -104,13 +104,13 @@ def load_models(directory: str, dtype: str, device: torch.device, with_transform
         rss[label] = (rss_bytes() - before if before is not None else None, peak_rss_bytes())
 
     if dtype in QUANTIZED:
-        load(f"moelm {dtype}", lambda: moelm.AutoModelForCausalLM.from_pretrained(
+        load(f"moelm {dtype}", lambda: AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, device=device, quantization=dtype))
-        load("moelm float32", lambda: moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+        load("moelm float32", lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                                                  device=device))
         return models, rss
     torch_dtype = dtype_from_str(dtype)
-    load("moelm", lambda: moelm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=device,
+    load("moelm", lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=device,
                                                                     attn_implementation="sdpa"))
     if with_transformers:
         import transformers
