@@ -34,12 +34,12 @@ BENCH_MODELS = {
 # ---------------------------------------------------------------- models
 
 def bench_config(name: str):
-    from ..models.auto import AutoConfig
+    from ..config.configs import AutoConfig, named_config
 
     if name not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {name!r}; known: {', '.join(BENCH_MODELS)}")
     base, overrides = BENCH_MODELS[name]
-    data = moelm.named_config(base).to_dict()
+    data = named_config(base).to_dict()
     data.update(overrides)
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
