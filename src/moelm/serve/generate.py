@@ -1,0 +1,127 @@
+"""Prompts submitted to the Engine and their outputs sent back: as Server-Sent Events or as one response."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from .engine import EngineFull, Output, RequestError
+from .errors import APIError, ClientGone
+from .protocol import Sampling
+
+DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
+
+
+class Generation:
+    """Prompts submitted to the engine (`field` names them in errors): their requests, the queue their outputs
+    arrive on, and how many choices they make."""
+
+    def __init__(self, state, prompts: list[list[int]], body: Sampling, max_tokens, logprobs, field: str):
+        engine, loop = state.engine, asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
+        try:
+            for i, prompt in enumerate(prompts):
+                tokens = max_tokens if max_tokens is not None else engine.max_model_len - len(prompt)
+                if tokens < 1:
+                    raise APIError(400, f"the prompt is {len(prompt)} tokens: nothing is left of the model's "
+                                        f"context of {engine.max_model_len} tokens", field)
+                params = body.params(tokens, logprobs, state.defaults)
+
+                def deliver(out: Output, i=i):
+                    try:
+                        loop.call_soon_threadsafe(self.events.put_nowait, (i, out))
+                    except RuntimeError:  # the loop is closed: nobody is listening
+                        pass
+
+                self.requests.append(engine.submit(prompt, params, deliver))
+        except BaseException as e:
+            for r in self.requests:
+                r.cancel()
+            if isinstance(e, RequestError):
+                raise APIError(400, str(e), e.param) from None
+            if isinstance(e, EngineFull):
+                raise APIError(503, str(e), kind="server_overloaded") from None
+            raise
+
+    async def outputs(self, http: Request) -> AsyncIterator:
+        """(choice index, Output) until every choice finished; cancels the requests if the client leaves."""
+        left, checked = self.choices, time.monotonic()
+        try:
+            while left:
+                try:
+                    i, out = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL)
+                except asyncio.TimeoutError:
+                    i = out = None
+                if time.monotonic() - checked >= DISCONNECT_POLL:
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
+                        raise ClientGone()
+                if out is None:
+                    continue
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}", kind="internal_error")
+                left -= out.finish_reason is not None
+                yield i * self.requests[i].params.n + out.index, out
+        finally:
+            if left:
+                for r in self.requests:
+                    r.cancel()
+
+    def usage(self) -> dict:
+        prompt = sum(r.prompt_tokens for r in self.requests)
+        completion = sum(r.completion_tokens for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def respond(http: Request, gen: Generation, body: Sampling, model: str, prefix: str, objects: tuple[str, str],
+                  choice: Callable, start: list[str], opening: list[dict] = ()):
+    """The response of a completions-like endpoint. `choice(index, text, logprob entries, finish reason, streamed)`
+    is one choice's JSON; `start` is each choice's text before the generated one; `objects` the response's and a
+    chunk's "object"; streamed, `opening` choice chunks come first."""
+    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": objects[1], "created": int(time.time()), "model": model}
+    if body.stream:
+        return StreamingResponse(stream(http, gen, head, body.include_usage(), choice, start, opening),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, finish, entries = list(start), [None] * gen.choices, [[] for _ in range(gen.choices)]
+    try:
+        async for c, out in gen.outputs(http):
+            text[c] += out.text
+            entries[c] += out.logprobs
+            finish[c] = out.finish_reason or finish[c]
+    except ClientGone:
+        return Response(status_code=499)
+    return {**head, "object": objects[0], "choices": [choice(c, text[c], entries[c], finish[c], False)
+                                                      for c in range(gen.choices)], "usage": gen.usage()}
+
+
+async def stream(http, gen: Generation, head: dict, with_usage: bool, choice, start: list[str], opening):
+    """The SSE stream: the opening chunks, a chunk per output with something to send, the usage chunk if asked for,
+    [DONE]; an error event ends it."""
+    extra, sent = {"usage": None} if with_usage else {}, [False] * gen.choices
+    for chunk in opening:
+        yield sse({**head, "choices": [chunk], **extra})
+    try:
+        async for c, out in gen.outputs(http):
+            if not out.text and not out.finish_reason and not (out.logprobs and gen.logprobs is not None):
+                continue
+            text = out.text if sent[c] else start[c] + out.text
+            sent[c] = True
+            yield sse({**head, "choices": [choice(c, text, out.logprobs, out.finish_reason, True)], **extra})
+        if with_usage:
+            yield sse({**head, "choices": [], "usage": gen.usage()})
+    except ClientGone:
+        return
+    except APIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"

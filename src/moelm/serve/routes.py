@@ -1,0 +1,197 @@
+"""The API's endpoints, one function each; what they share (engine, tokenizer, served names, ...) is on app.state."""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+
+from .errors import APIError, error_response
+from .generate import Generation, respond
+from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE_POLICY = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
+
+
+def model_name(state, requested: str | None) -> str:
+    if requested is None or requested == "":
+        return state.names[0]
+    if requested not in state.names:
+        raise APIError(404, f"the model {requested!r} is not served here (served: {', '.join(state.names)})",
+                       "model", "model_not_found", "not_found_error")
+    return requested
+
+
+def checked(state, body) -> str:
+    """The model name of a generation request that asks for nothing unsupported."""
+    name = model_name(state, body.model)
+    refused = body.unsupported()
+    if refused:
+        raise APIError(400, refused[1], refused[0])
+    return name
+
+
+# ---------------------------------------------------------------- info
+
+async def health(request: Request):
+    if request.app.state.engine.alive():
+        return Response(status_code=200)
+    return error_response(APIError(503, "the engine thread is not running", kind="internal_error"))
+
+
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def models(request: Request):
+    state = request.app.state
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": state.created, "owned_by": "moelm", "root": state.names[0],
+         "max_model_len": state.engine.max_model_len} for name in state.names]}
+
+
+async def page():
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+# ---------------------------------------------------------------- tokens
+
+def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+    kwargs = dict(kwargs or {})
+    clash = sorted(set(kwargs) & TEMPLATE_ARGS)
+    if clash:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+    try:
+        conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                        for m in messages]
+        text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                   tokenize=False, chat_template=state.chat_template, **kwargs)
+    except Exception as e:  # the template's own raise_exception, a missing template, a part that is not text
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
+    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = request.app.state
+    model_name(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", "prompt")
+    if body.messages is not None:
+        ids = render_chat(state, body.messages, body.add_generation_prompt, None)
+    else:
+        ids = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+    return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+
+
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state = request.app.state
+    model_name(state, body.model)
+    vocab = state.engine.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})", "tokens")
+    return {"prompt": state.tokenizer.decode(body.tokens)}
+
+
+def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token's text and its bytes (a byte-fallback piece <0xHH> is that byte); create_app caches it per app."""
+    piece = tokenizer.convert_ids_to_tokens([token])[0] or ""
+    hexbyte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    if hexbyte:
+        return tokenizer.decode([token]), [int(hexbyte.group(1), 16)]
+    text = tokenizer.decode([token])
+    return text, list(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- generation
+
+async def chat(body: ChatRequest, http: Request):
+    state = http.app.state
+    name = checked(state, body)
+    prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages")
+
+    def choice(c: int, text: str, entries, finish, streamed: bool) -> dict:
+        content = ({"delta": {"content": text} if text else {}} if streamed
+                   else {"message": {"role": "assistant", "content": text}})
+        return {"index": c, **content,
+                "logprobs": chat_logprobs(state.token_text, entries) if logprobs is not None else None,
+                "finish_reason": finish}
+
+    opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for c in range(gen.choices)]
+    return await respond(http, gen, body, name, "chatcmpl", ("chat.completion", "chat.completion.chunk"), choice,
+                         [""] * gen.choices, opening)
+
+
+def chat_logprobs(token_text, entries) -> dict:
+    content = []
+    for e in entries:
+        text, raw = token_text(e.token_id)
+        content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": [
+            {"token": token_text(t)[0], "logprob": lp, "bytes": token_text(t)[1]} for t, lp in e.top]})
+    return {"content": content}
+
+
+async def completions(body: CompletionRequest, http: Request):
+    state = http.app.state
+    name = checked(state, body)
+    prompts = prompts_of(state.tokenizer, body.prompt)
+    gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt")
+    echo = [state.tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(gen.choices)]
+    offsets = [Offsets(state.token_text, len(e)) for e in echo]
+
+    def choice(c: int, text: str, entries, finish, streamed: bool) -> dict:
+        return {"index": c, "text": text, "logprobs": offsets[c].add(entries) if body.logprobs is not None else None,
+                "finish_reason": finish}
+
+    return await respond(http, gen, body, name, "cmpl", ("text_completion", "text_completion"), choice, echo)
+
+
+def prompts_of(tokenizer, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    out = []
+    for p in prompt:
+        ids = p if isinstance(p, list) else tokenizer(p)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        out.append(list(ids))
+    return out
+
+
+class Offsets:
+    """The completions logprobs shape, built token by token (text_offset counts from the text's start)."""
+
+    def __init__(self, token_text, start: int):
+        self.token_text, self.offset = token_text, start
+
+    def add(self, entries) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            piece = self.token_text(e.token_id)[0]
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self.token_text(t)[0]: lp for t, lp in e.top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(piece)
+        return out
+
+
+def _template_args() -> set[str]:
+    """apply_chat_template's own parameters, which chat_template_kwargs may not set."""
+    from ..text.tokenizer import Tokenizer
+
+    sig = inspect.signature(Tokenizer.apply_chat_template)
+    return {name for name, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD and name != "self"}
+
+
+TEMPLATE_ARGS = _template_args()
