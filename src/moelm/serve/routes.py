@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
 from .errors import APIError, error_response
-from .generate import Generation, respond
+from .responses import Generation, respond
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 PAGE = Path(__file__).parent / "static" / "index.html"
