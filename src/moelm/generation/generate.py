@@ -237,7 +237,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
     if cfg.num_beams > 1:
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
-    sync = synced(model)
+    sync, sampling = synced(model), cfg.sampling()
     with tuned(step, state) as step:
         while True:
             scores = process(logits, state, cfg)
@@ -245,7 +245,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
                 state.scores.append(scores)
             if state.logits is not None:
                 state.logits.append(logits)
-            tokens = choose(scores, cfg.sampling(), generator)
+            tokens = choose(scores, sampling, generator)
             if state.eos is not None:
                 tokens = torch.where(state.unfinished, tokens, state.pad)
             advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -63,10 +63,8 @@ class SamplingParams:
     n: int = 1
 
     def sampling(self) -> Sampling:
-        """The sampler's knobs (SamplingError naming the field for a bad one)."""
-        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                        repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                        frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias)
+        """The sampler's knobs, the fields of the same names (SamplingError naming the field for a bad one)."""
+        return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
 
 
 @dataclass
