@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import moelm
-from moelm.generation.generate import GenerationConfig, decode_step, generate_tokens, select, stop_string_hits, warp
+from moelm.generation import GenerationConfig, choose, warp
+from moelm.generation.generate import decode_step, generate_tokens, stop_string_hits
 from moelm.text.tokenizer import AutoTokenizer
 from reference import assert_close, reference_model
 
@@ -357,7 +358,8 @@ def test_sampling_distribution(settings, expected):
     """20000 draws from fixed logits follow the renormalised distribution; filtered tokens never come up."""
     cfg = GenerationConfig(do_sample=True, **dict(dict(top_k=0), **settings))
     logits = PROBS.log().expand(20000, -1)
-    tokens = select(warp(logits, cfg), True, torch.Generator().manual_seed(0))
+    s = cfg.sampling()
+    tokens = choose(warp(logits, s), s, torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=len(PROBS)).double()
     assert (counts[expected == 0] == 0).all(), f"filtered tokens drawn: {counts.tolist()}"
     assert _chi2(counts, expected) < CHI2_LIMIT, f"{counts.tolist()} vs {expected.tolist()}"
@@ -389,7 +391,7 @@ def test_warpers_match_transformers(keep):
         expected = scores
         for proc in theirs:
             expected = proc(None, expected)
-        got = warp(scores, cfg, keep)
+        got = warp(scores, cfg.sampling(), keep)
         assert torch.equal(torch.isinf(got), torch.isinf(expected)), settings
         assert_close(got, expected, msg=repr(settings))
 

@@ -9,7 +9,7 @@ def check_generate_kwargs(kwargs: dict, where: str) -> dict:
     """kwargs, if every name is a GenerationConfig field or a generate() argument; else a TypeError naming them."""
     import dataclasses
 
-    from .generation.generate import GenerationConfig
+    from .generation import GenerationConfig
 
     known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"} | GENERATE_ARGS
     unknown = sorted(set(kwargs) - known)

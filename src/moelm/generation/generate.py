@@ -1,163 +1,23 @@
 """Text generation as transformers 5.23's `generate` does it, token for token.
 
-Small pieces: GenerationConfig; logits processors and token selection; `prefill` and `decode_step` (a step is
+Small pieces (GenerationConfig in .config, the sampler in .sampling): `prefill` and `decode_step` (a step is
 `step(model, state) -> next-token logits`, so a static cache or a compiled step can replace `decode_step`);
-`decode_tokens`, an iterator of new tokens (greedy and sampling) that `generate`, the CLI and a server stream from;
+`decode_tokens`, an iterator of new tokens (greedy and sampling) that `generate` and the CLI stream from;
 `beam_search`; and `GenerationMixin.generate` on top.
 """
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import dataclasses
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-GENERATION_CONFIG_NAME = "generation_config.json"
-DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new_tokens set, 20 new tokens
-
-
-# ------------------------------------------------------------------ config
-
-@dataclass
-class GenerationConfig:
-    """transformers' field names with their effective defaults (the subset moelm implements).
-
-    `max_length=None` means 20 new tokens capped at max_position_embeddings, which is what transformers 5.x does when
-    neither max_length nor max_new_tokens is set. Other generation_config.json keys are kept in `extra`."""
-
-    max_length: int | None = None
-    max_new_tokens: int | None = None
-    min_length: int = 0
-    min_new_tokens: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float = 1.0
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    num_return_sequences: int = 1
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    stop_strings: str | list[str] | None = None
-    output_scores: bool = False
-    output_logits: bool = False
-    return_dict_in_generate: bool = False
-    use_cache: bool = True
-    cache_implementation: str | None = None  # moelm: "static" (the default here) or "dynamic"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        def check(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
-        def count(name: str, low: int, value=None):
-            value = getattr(self, name) if value is None else value
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                  f"{name} must be an integer >= {low}, got {value!r}")
-
-        for name, low in (("max_length", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
-            if getattr(self, name) is not None:
-                count(name, low)
-        count("min_length", 0)
-        count("num_beams", 1)
-        count("num_return_sequences", 1)
-        check(self.cache_implementation in (None, "static", "dynamic"),
-              f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}")
-        check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
-              f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams == 1:
-            check(self.do_sample or self.num_return_sequences == 1,
-                  f"num_return_sequences={self.num_return_sequences} needs do_sample=True or num_beams > 1 "
-                  "(greedy decoding returns one sequence per prompt)")
-        else:
-            check(self.num_return_sequences <= self.num_beams,
-                  f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        if self.do_sample:
-            check(self.temperature > 0, f"temperature must be > 0 when sampling, got {self.temperature} "
-                                        "(for greedy decoding set do_sample=False)")
-            if self.top_k is not None:
-                count("top_k", 0)
-            check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-            check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # negative ids are allowed, as transformers
-            value = getattr(self, name)
-            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
-            check(value is None or (len(ids) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)),
-                  f"{name} must be an integer{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
-        stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
-        check(stops is None or (isinstance(stops, (list, tuple)) and len(stops) > 0
-                                and all(isinstance(s, str) and s for s in stops)),
-              f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
-
-    # --- dict / json ---
-    @classmethod
-    def from_dict(cls, data: dict) -> "GenerationConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names and v is not None}
-        extra = {k: v for k, v in data.items() if k not in names and k != "transformers_version"}
-        return cls(**known, extra=copy.deepcopy(extra))
-
-    def to_dict(self) -> dict:
-        """The fields that differ from the defaults, the special tokens that are set, and the extra keys."""
-        out = copy.deepcopy(self.extra)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name != "extra" and (value != f.default or f.name.endswith("_token_id") and value is not None):
-                out[f.name] = copy.deepcopy(value)
-        return dict(sorted(out.items()))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def update(self, **kwargs) -> dict:
-        """Set the fields named in kwargs; returns the kwargs that are not fields."""
-        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
-        for key in names & kwargs.keys():
-            setattr(self, key, kwargs[key])
-        return {k: v for k, v in kwargs.items() if k not in names}
-
-    @classmethod
-    def from_model_config(cls, config) -> "GenerationConfig":
-        """Defaults with the model config's (an object or a config.json dict) bos/eos/pad tokens."""
-        get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
-        return cls(bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
-                   pad_token_id=get("pad_token_id"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
-        """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
-        defaults with config.json's special tokens."""
-        from ..config.configs import read_config_json, read_json_object
-        from ..io.hub import resolve_model_dir
-
-        directory = resolve_model_dir(path)
-        file = directory / GENERATION_CONFIG_NAME
-        if not file.is_file():
-            return cls.from_model_config(read_config_json(directory))
-        return cls.from_dict(read_json_object(file))
-
-    def save_pretrained(self, directory: str | os.PathLike):
-        from ..io.weights import atomic_write_text
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
+from .config import DEFAULT_NEW_TOKENS, GenerationConfig
+from .sampling import apply_penalties, choose, warp
 
 
 @dataclass
@@ -174,73 +34,6 @@ class GenerateOutput:
 
     def __getitem__(self, key):
         return getattr(self, key)
-
-
-# ------------------------------------------------------------------ logits processors and token selection
-
-def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float,
-                       ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [N, V] of tokens present in input_ids [N, L] divided by `penalty` (multiplied where negative). The first
-    ignore[n] positions of row n (its left padding) do not count."""
-    vocab = scores.shape[-1]
-    if ignore is not None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        input_ids = input_ids.masked_fill(positions[None] < ignore[:, None], vocab)
-    ids = input_ids.clamp(max=vocab)
-    padded = F.pad(scores, (0, 1))  # column V absorbs the ignored positions
-    seen = padded.gather(1, ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return padded.scatter(1, ids, seen)[:, :vocab]
-
-
-def suppress(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """-inf for token_ids in every row."""
-    banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
-    return torch.where(banned, -torch.inf, scores)
-
-
-def top_k_filter(scores: torch.Tensor, k: int, keep: int = 1) -> torch.Tensor:
-    """Keep the k best scores per row (ties with the k-th included)."""
-    k = min(max(k, keep), scores.shape[-1])
-    kth = torch.topk(scores, k).values[..., -1:]
-    return scores.masked_fill(scores < kth, -torch.inf)
-
-
-def top_p_filter(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
-    """Keep the smallest set of best tokens whose probability reaches p (at least `keep` of them)."""
-    ordered, order = torch.sort(scores, descending=False)
-    cumulative = ordered.softmax(-1).cumsum(-1)
-    drop = cumulative <= 1 - p
-    drop[..., -keep:] = False
-    return scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
-
-
-def min_p_filter(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
-    """Drop tokens whose probability is below p times the best token's (keeping at least `keep`)."""
-    probs = scores.softmax(-1)
-    drop = probs < p * probs.amax(-1, keepdim=True)
-    drop.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
-    return scores.masked_fill(drop, -torch.inf)
-
-
-def warp(scores: torch.Tensor, cfg: GenerationConfig, keep: int = 1) -> torch.Tensor:
-    """Sampling's temperature, top-k, top-p and min-p, in transformers' order."""
-    if cfg.temperature != 1.0:
-        scores = scores / cfg.temperature
-    if cfg.top_k:
-        scores = top_k_filter(scores, cfg.top_k, keep)
-    if cfg.top_p < 1.0:
-        scores = top_p_filter(scores, cfg.top_p, keep)
-    if cfg.min_p is not None:
-        scores = min_p_filter(scores, cfg.min_p, keep)
-    return scores
-
-
-def select(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [N]: argmax, or a draw from softmax(scores)."""
-    if not do_sample:
-        return scores.argmax(-1)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 # ------------------------------------------------------------------ state and model steps
@@ -304,18 +97,14 @@ def advance(state: DecodeState, input_ids: torch.Tensor):
 
 
 def process(logits: torch.Tensor, state: DecodeState, cfg: GenerationConfig) -> torch.Tensor:
-    """transformers' logits processors in its order: repetition penalty, min length / min new tokens (EOS masked),
-    then, when sampling, temperature, top-k, top-p, min-p."""
-    ids = state.input_ids
-    if cfg.repetition_penalty != 1.0:
-        logits = repetition_penalty(logits, ids, cfg.repetition_penalty, state.pad_lengths)
-    if state.eos is not None and ids.shape[1] < state.min_length:  # min_length counts min_new_tokens in
-        logits = suppress(logits, state.eos)
-    if cfg.do_sample:
-        # beam sampling keeps one more token than there are EOS tokens
-        keep = 1 if cfg.num_beams == 1 else (len(state.eos) + 1 if state.eos is not None else 2)
-        logits = warp(logits, cfg, keep)
-    return logits
+    """The scores [N, V] of logits [N, V] through transformers' logits processors in its order: repetition penalty,
+    min length / min new tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min-p."""
+    s = cfg.sampling()
+    banned = state.eos if state.eos is not None and state.input_ids.shape[1] < state.min_length else None
+    scores = apply_penalties(logits, s, state.input_ids, state.prompt_length, state.pad_lengths, banned)
+    # beam sampling keeps one more token than there are EOS tokens
+    keep = 1 if cfg.num_beams == 1 else (len(state.eos) + 1 if state.eos is not None else 2)
+    return warp(scores, s, keep)
 
 
 def stopped(state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
@@ -448,7 +237,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
     if cfg.num_beams > 1:
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
-    sync = synced(model)
+    sync, sampling = synced(model), cfg.sampling()
     with tuned(step, state) as step:
         while True:
             scores = process(logits, state, cfg)
@@ -456,7 +245,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
                 state.scores.append(scores)
             if state.logits is not None:
                 state.logits.append(logits)
-            tokens = select(scores, cfg.do_sample, generator)
+            tokens = choose(scores, sampling, generator)
             if state.eos is not None:
                 tokens = torch.where(state.unfinished, tokens, state.pad)
             advance(state, torch.cat([state.input_ids, tokens[:, None]], dim=-1))

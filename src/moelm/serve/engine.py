@@ -16,11 +16,12 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
+from ..generation.sampling import Sampling, SamplingError, apply_penalties, choose, warp
 from ..inference.slots import SlotCache
 from .text import Detokenizer, StopStrings
 
@@ -60,6 +61,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True
     n: int = 1
+
+    def sampling(self) -> Sampling:
+        """The sampler's knobs, the fields of the same names (SamplingError naming the field for a bad one)."""
+        return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
 
 
 @dataclass
@@ -122,8 +127,8 @@ class Sequence:
         self.filled = 0  # prompt tokens in the cache
         self.detok = Detokenizer(tokenizer, self.prompt, p.skip_special_tokens)
         self.stops = StopStrings(p.stop)
-        self.bias = (torch.tensor(list(p.logit_bias), dtype=torch.long),
-                     torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)) if p.logit_bias else None
+        self.sampling = p.sampling()
+        self.ids = torch.tensor(self.prompt + [0] * p.max_tokens)  # prompt + tokens, as generate's input_ids
         self.submitted = time.perf_counter()
         self.last_time: float | None = None
 
@@ -254,6 +259,10 @@ class Engine:
         bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {self.vocab_size})", "prompt")
+        try:
+            params.sampling()
+        except SamplingError as e:
+            raise RequestError(str(e), e.field) from None
         for name in ("logit_bias", "stop_token_ids"):
             ids = getattr(params, name)
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -370,6 +379,7 @@ class Engine:
         """Sample seq's next token from its logits [V], emit it, finish the sequence if it ends here."""
         p = seq.request.params
         token, logprobs = self._sample(seq, logits)
+        seq.ids[len(seq.prompt) + len(seq.tokens)] = token
         seq.tokens.append(token)
         seq.request.completion_tokens += 1
         now = time.perf_counter()
@@ -409,47 +419,19 @@ class Engine:
         seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[TokenLogprob]]:
-        """The next token from logits [V] (fp32): logit bias, repetition / presence / frequency penalties,
-        min_tokens, then greedy or temperature, top-k, top-p, min-p and a draw from the sequence's generator.
-        Logprobs are the model's (before any of these), as vLLM reports them."""
-        p = seq.request.params
-        raw = logits
-        if seq.bias is not None:
-            logits = logits.index_add(0, *seq.bias)
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.prompt) | set(seq.tokens)), dtype=torch.long)
-            picked = logits[seen]
-            logits = logits.index_copy(0, seen, torch.where(picked < 0, picked * p.repetition_penalty,
-                                                               picked / p.repetition_penalty))
-        if (p.presence_penalty or p.frequency_penalty) and seq.tokens:
-            counts = torch.bincount(torch.tensor(seq.tokens), minlength=logits.shape[0]).float()
-            logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
-        if len(seq.tokens) < p.min_tokens:
-            banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos)
-            if banned:
-                logits = logits.index_fill(0, torch.tensor(banned), -torch.inf)
-        if p.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            token = int(torch.multinomial(warp(logits, p).softmax(-1), 1, generator=seq.generator))
+        """The next token from logits [V] (fp32) by generate's sampler (moelm.generation.sampling) with the
+        sequence's knobs, min_tokens' banned ids and generator. Logprobs are the model's (before any of these), as
+        vLLM reports them."""
+        p, s, generated = seq.request.params, seq.sampling, len(seq.tokens)
+        banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos) if generated < p.min_tokens else []
+        scores = apply_penalties(logits[None], s, seq.ids[None, :len(seq.prompt) + generated], len(seq.prompt),
+                                 banned=torch.tensor(banned) if banned else None)
+        token = int(choose(warp(scores, s), s, seq.generator)[0])
         logprobs = []
         if p.logprobs is not None:
-            lp = raw.log_softmax(-1)
+            lp = logits.log_softmax(-1)
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             logprobs = [TokenLogprob(token, float(lp[token]), [] if top is None else
                                      list(zip(top.indices.tolist(), top.values.tolist())))]
         return token, logprobs
 
-
-def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on logits [V], in transformers' order."""
-    from ..generation.generate import min_p_filter, top_k_filter, top_p_filter
-
-    scores = logits[None] / p.temperature
-    if p.top_k:
-        scores = top_k_filter(scores, p.top_k)
-    if p.top_p < 1.0:
-        scores = top_p_filter(scores, p.top_p)
-    if p.min_p:
-        scores = min_p_filter(scores, p.min_p)
-    return scores[0]

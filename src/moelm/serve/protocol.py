@@ -38,12 +38,13 @@ class Message(Body):
 
 
 class Sampling(Body):
-    """The fields chat and completions share."""
+    """The fields chat and completions share. Only OpenAI's limits are checked here; the sampler checks its knobs
+    (moelm.generation.Sampling) when the engine takes the request."""
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    temperature: Optional[float] = Field(None, le=2)
+    top_p: Optional[float] = None
     n: int = Field(1, ge=1, le=128)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
@@ -55,8 +56,8 @@ class Sampling(Body):
     user: Optional[str] = None
     # the usual extensions (vLLM's names)
     top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = Field(None, le=10)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None

@@ -1,0 +1,151 @@
+"""GenerationConfig: transformers' generation settings (generation_config.json), validated."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .sampling import Sampling
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new_tokens set, 20 new tokens
+
+
+@dataclass
+class GenerationConfig:
+    """transformers' field names with their effective defaults (the subset moelm implements).
+
+    `max_length=None` means 20 new tokens capped at max_position_embeddings, which is what transformers 5.x does when
+    neither max_length nor max_new_tokens is set. Other generation_config.json keys are kept in `extra`."""
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
+    use_cache: bool = True
+    cache_implementation: str | None = None  # moelm: "static" (the default here) or "dynamic"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        def count(name: str, low: int, value=None):
+            value = getattr(self, name) if value is None else value
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                  f"{name} must be an integer >= {low}, got {value!r}")
+
+        for name, low in (("max_length", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+            if getattr(self, name) is not None:
+                count(name, low)
+        count("min_length", 0)
+        count("num_beams", 1)
+        count("num_return_sequences", 1)
+        check(self.cache_implementation in (None, "static", "dynamic"),
+              f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}")
+        check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+              f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams == 1:
+            check(self.do_sample or self.num_return_sequences == 1,
+                  f"num_return_sequences={self.num_return_sequences} needs do_sample=True or num_beams > 1 "
+                  "(greedy decoding returns one sequence per prompt)")
+        else:
+            check(self.num_return_sequences <= self.num_beams,
+                  f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        check(not self.do_sample or self.temperature > 0, f"temperature must be > 0 when sampling, got "
+              f"{self.temperature} (for greedy decoding set do_sample=False)")
+        self.sampling()  # the sampler's own checks
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # negative ids are allowed, as transformers
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            check(value is None or (len(ids) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)),
+                  f"{name} must be an integer{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+        stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+        check(stops is None or (isinstance(stops, (list, tuple)) and len(stops) > 0
+                                and all(isinstance(s, str) and s for s in stops)),
+              f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
+
+    def sampling(self) -> Sampling:
+        """The sampler's knobs: greedy (temperature 0, no warpers) unless do_sample."""
+        if not self.do_sample:
+            return Sampling(temperature=0.0, repetition_penalty=self.repetition_penalty)
+        return Sampling(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                        min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty)
+
+    # --- dict / json ---
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names and v is not None}
+        extra = {k: v for k, v in data.items() if k not in names and k != "transformers_version"}
+        return cls(**known, extra=copy.deepcopy(extra))
+
+    def to_dict(self) -> dict:
+        """The fields that differ from the defaults, the special tokens that are set, and the extra keys."""
+        out = copy.deepcopy(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and (value != f.default or f.name.endswith("_token_id") and value is not None):
+                out[f.name] = copy.deepcopy(value)
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def update(self, **kwargs) -> dict:
+        """Set the fields named in kwargs; returns the kwargs that are not fields."""
+        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        for key in names & kwargs.keys():
+            setattr(self, key, kwargs[key])
+        return {k: v for k, v in kwargs.items() if k not in names}
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        """Defaults with the model config's (an object or a config.json dict) bos/eos/pad tokens."""
+        get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+        return cls(bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+                   pad_token_id=get("pad_token_id"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
+        """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
+        defaults with config.json's special tokens."""
+        from ..config.configs import read_config_json, read_json_object
+        from ..io.hub import resolve_model_dir
+
+        directory = resolve_model_dir(path)
+        file = directory / GENERATION_CONFIG_NAME
+        if not file.is_file():
+            return cls.from_model_config(read_config_json(directory))
+        return cls.from_dict(read_json_object(file))
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        from ..io.weights import atomic_write_text
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
