@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..inference.slots import SlotCache
-from .text import Detokenizer, StopStrings
+from ..text import Detokenizer, StopStrings
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the KV of max_num_seqs rows of this many positions is allocated at start
 
