@@ -13,7 +13,8 @@ from tokenizer_fixtures import (ERNIE_TEMPLATE, PHI_TEMPLATE, build_bpe_tokenize
 
 from moelm.io.hub import ModelNotFoundError
 from moelm.text.streamers import TextIteratorStreamer, TextStreamer, _is_cjk
-from moelm.text.tokenizer import AutoTokenizer, read_sentencepiece_model
+from moelm.text.sentencepiece import read_sentencepiece_model
+from moelm.text.tokenizer import AutoTokenizer
 
 transformers = pytest.importorskip("transformers")
 try:
