@@ -21,13 +21,13 @@ class TextStreamer:
     def __init__(self, tokenizer, skip_prompt: bool = False, **decode_kwargs):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
-        self.decode_kwargs = {"skip_special_tokens": False, **decode_kwargs}
+        self.decode_kwargs = decode_kwargs
         self.next_tokens_are_prompt = True
         self._reset()
 
     def _reset(self):
-        self.detok = Detokenizer(self.tokenizer, **self.decode_kwargs)
-        self.text, self.print_len = "", 0
+        self._detok = Detokenizer(self.tokenizer, **{"skip_special_tokens": False, **self.decode_kwargs})
+        self._text, self.print_len = "", 0
 
     def put(self, value):
         ids = value.tolist() if hasattr(value, "tolist") else value
@@ -40,8 +40,8 @@ class TextStreamer:
             self.next_tokens_are_prompt = False
             return
         for i in ids:
-            self.text += self.detok.add(int(i))
-        text = self.text + self.detok.pending  # what decoding every token since the last line gives
+            self._text += self._detok.add(int(i))
+        text = self._text + self._detok.pending  # what decoding every token since the last line gives
         if text.endswith("\n"):
             printable = text[self.print_len:]
             self._reset()
@@ -55,7 +55,7 @@ class TextStreamer:
 
     def end(self):
         """Flush what is left and signal the end of the stream."""
-        printable = (self.text + self.detok.flush())[self.print_len:]
+        printable = (self._text + self._detok.flush())[self.print_len:]
         self._reset()
         self.next_tokens_are_prompt = True
         self.on_finalized_text(printable, stream_end=True)
