@@ -80,7 +80,7 @@ def synthetic_tokenizer(vocab_size: int):
 def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> object:
     """The random checkpoint of the named shape (moelm.bench.runner.write_checkpoint) with the synthetic tokenizer
     and the ERNIE chat template; returns its config."""
-    from moelm.text import chat_templates
+    from moelm.text.chat_template import ERNIE_TEMPLATE
     from moelm.bench.runner import bench_config, write_checkpoint
     from moelm.io.weights import atomic_write_text
 
@@ -91,7 +91,7 @@ def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> objec
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings,
                   "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>",
                   "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>",
-                  "clean_up_tokenization_spaces": False, "chat_template": chat_templates.ERNIE}
+                  "clean_up_tokenization_spaces": False, "chat_template": ERNIE_TEMPLATE}
     atomic_write_text(directory / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
     log(f"wrote the random {model} checkpoint and a {config.vocab_size}-token synthetic tokenizer in "
         f"{time.perf_counter() - t:.1f} s")

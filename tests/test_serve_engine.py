@@ -13,7 +13,7 @@ from moelm.config.configs import named_config
 from moelm.inference.slots import SlotCache
 from moelm.models.scaffold import new_checkpoint
 from moelm.serve.engine import Engine, EngineFull, RequestError, SamplingParams
-from moelm.serve.text import Detokenizer, StopStrings
+from moelm.text import Detokenizer, StopStrings
 
 FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
 

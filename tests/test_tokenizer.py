@@ -12,8 +12,9 @@ import torch
 from tokenizer_fixtures import (ERNIE_TEMPLATE, PHI_TEMPLATE, build_bpe_tokenizer_dir, build_sentencepiece_dir)
 
 from moelm.io.hub import ModelNotFoundError
-from moelm.text.streamers import TextIteratorStreamer, TextStreamer
-from moelm.text.tokenizer import AutoTokenizer, read_sentencepiece_model
+from moelm.text.streamers import TextIteratorStreamer, TextStreamer, _is_cjk
+from moelm.text.sentencepiece import read_sentencepiece_model
+from moelm.text.tokenizer import AutoTokenizer
 
 transformers = pytest.importorskip("transformers")
 try:
@@ -339,6 +340,51 @@ def test_text_streamer_never_splits_characters(pairs, kind):
                              skip_special_tokens=True)
         assert pieces == ref_pieces
     assert any(p.endswith("你") or p.endswith("好") for p, _ in pieces)  # CJK goes out at once
+
+
+@pytest.mark.parametrize("kind", ["phi", "spm", "spm_strip"])
+def test_text_streamer_pieces_equal_transformers_from_one_tokenizer_json(dirs, kind, tmp_path):
+    """One token sequence, put a token at a time and in chunks of 1-3, through our TextStreamer and transformers' built from the
+    same tokenizer.json: partial UTF-8 byte tokens, CJK runs, lines (a Strip decoder drops the space that starts
+    one) and special tokens give the same pieces."""
+    source = AutoTokenizer.from_pretrained(dirs["spm" if kind.startswith("spm") else kind]).backend_tokenizer
+    spec = json.loads(source.to_str())
+    if kind == "spm_strip":  # Llama's: "\n" a byte token, a dummy prefix that decoding strips
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        spec["decoder"]["decoders"].append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    ours = AutoTokenizer.from_pretrained(tmp_path)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    text = "Hi 你好，世界！今天天气很好 😀🦀 ok\n 龍 naïve 👍🏽\n\nend 答案</s> tail 🇫🇷"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ids == ref.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in ours.decode([i]) for i in ids)
+    ids += ours.encode("🎉", add_special_tokens=False)[:1]  # ends inside a character
+
+    def pieces(streamer_cls, tok, chunks, **kwargs):
+        out = []
+
+        class Capture(streamer_cls):
+            def on_finalized_text(self, text, stream_end=False):
+                out.append((text, stream_end))
+
+        streamer = Capture(tok, **kwargs)
+        for chunk in chunks:
+            streamer.put(torch.tensor([chunk]))
+        streamer.end()
+        return out
+
+    ones, mixed = [[i] for i in ids], []
+    while sum(map(len, mixed)) < len(ids):
+        start = sum(map(len, mixed))
+        mixed.append(ids[start:start + 1 + len(mixed) % 3])
+    for chunks in (ones, mixed):
+        for kwargs in ({}, {"skip_special_tokens": True}, {"skip_prompt": True}):
+            mine = pieces(TextStreamer, ours, chunks, **kwargs)
+            assert mine == pieces(transformers.TextStreamer, ref, chunks, **kwargs), kwargs
+            assert any(p and _is_cjk(p[-1]) for p, _ in mine)
+            assert any(p.endswith("\n") for p, _ in mine) or kind == "spm"  # its NFKC normalizer drops "\n"
 
 
 def test_text_streamer_prints_and_rejects_batches(pairs, capsys):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..text import chat_templates
 from ..config.configs import named_config
 from ..io.weights import atomic_write_text
+from ..text.chat_template import ERNIE_TEMPLATE, PHI_TEMPLATE
 
 # Special tokens per family: ids 0.. in this order; the config's pad/bos/eos ids point into it.
 SPECIALS = {
@@ -69,7 +69,7 @@ def save_tokenizer(tok, config, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
-    template = chat_templates.ERNIE if family == "ernie" else chat_templates.PHI
+    template = ERNIE_TEMPLATE if family == "ernie" else PHI_TEMPLATE
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings,
         "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": specials[config.pad_token_id]

@@ -23,7 +23,7 @@ import torch
 
 from ..generation.sampling import Sampling, SamplingError, apply_penalties, choose, warp
 from ..inference.slots import SlotCache
-from .text import Detokenizer, StopStrings
+from ..text import Detokenizer, StopStrings
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the KV of max_num_seqs rows of this many positions is allocated at start
 

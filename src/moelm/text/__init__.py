@@ -1,1 +1,7 @@
 """Text: tokenizers, SentencePiece conversion, chat templates, incremental detokenising and streamers."""
+from .detokenize import Detokenizer
+from .stops import StopStrings
+from .streamers import TextIteratorStreamer, TextStreamer
+from .tokenizer import AutoTokenizer
+
+__all__ = ["AutoTokenizer", "Detokenizer", "StopStrings", "TextIteratorStreamer", "TextStreamer"]

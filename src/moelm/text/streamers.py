@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from queue import Queue
 
+from .detokenize import Detokenizer
+
 
 def _is_cjk(ch: str) -> bool:
     cp = ord(ch)
@@ -12,16 +14,20 @@ def _is_cjk(ch: str) -> bool:
 
 
 class TextStreamer:
-    """`put(ids)` / `end()` from `generate`; the first `put` is the prompt. Text goes to `on_finalized_text`:
-    up to the last space, whole lines, CJK characters at once; a partial UTF-8 character ("\\ufffd") waits."""
+    """`put(ids)` / `end()` from `generate`; the first `put` is the prompt. Text goes to `on_finalized_text` as
+    transformers' TextStreamer sends it: up to the last space, whole lines, CJK characters at once. The text is the
+    `Detokenizer`'s, started afresh after each line as transformers' token cache is."""
 
     def __init__(self, tokenizer, skip_prompt: bool = False, **decode_kwargs):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
-        self.token_cache: list[int] = []
-        self.print_len = 0
         self.next_tokens_are_prompt = True
+        self._reset()
+
+    def _reset(self):
+        self._detok = Detokenizer(self.tokenizer, **{"skip_special_tokens": False, **self.decode_kwargs})
+        self._text, self.print_len = "", 0
 
     def put(self, value):
         ids = value.tolist() if hasattr(value, "tolist") else value
@@ -33,25 +39,24 @@ class TextStreamer:
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
-        self.token_cache.extend(int(i) for i in ids)
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        for i in ids:
+            self._text += self._detok.add(int(i))
+        text = self._text + self._detok.pending  # what decoding every token since the last line gives
         if text.endswith("\n"):
             printable = text[self.print_len:]
-            self.token_cache, self.print_len = [], 0
+            self._reset()
         elif text and _is_cjk(text[-1]):
             printable = text[self.print_len:]
             self.print_len += len(printable)
         else:  # up to the last space; so a trailing "\ufffd" (an incomplete character) waits
-            printable = text[self.print_len:max(self.print_len, text.rfind(" ") + 1)]
+            printable = text[self.print_len:text.rfind(" ") + 1]
             self.print_len += len(printable)
         self.on_finalized_text(printable)
 
     def end(self):
         """Flush what is left and signal the end of the stream."""
-        printable = ""
-        if self.token_cache:
-            printable = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)[self.print_len:]
-        self.token_cache, self.print_len = [], 0
+        printable = (self._text + self._detok.flush())[self.print_len:]
+        self._reset()
         self.next_tokens_are_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 

@@ -1,29 +1,19 @@
 """Tokenizers that load, encode, decode, render chat templates and save as transformers 5.23's TokenizersBackend does.
-
-Encoding and decoding run in the `tokenizers` library. A directory with only `tokenizer.model` is converted the way
-transformers converts it for ERNIE 4.5 / PhiMoE checkpoints: the SentencePiece vocabulary into a `tokenizers` Unigram
-(or BPE) model with a `" " -> "▁"` normalizer, no pre-tokenizer and no dummy prefix.
-"""
+Encoding and decoding run in the `tokenizers` library; a directory with only `tokenizer.model` is converted by
+`sentencepiece.py`, chat templates render in `chat_template.py`."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import struct
-import sys
-from collections.abc import Mapping
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, normalizers, processors
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
 from ..io.hub import resolve_model_dir
+from .chat_template import render_chat_template
+from .sentencepiece import sentencepiece_backend
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 VERY_LARGE_INTEGER = int(1e30)
@@ -33,10 +23,6 @@ _LOADER_KWARGS = ("use_fast", "trust_remote_code", "revision", "cache_dir", "loc
 
 class TokenizerFilesNotFoundError(FileNotFoundError):
     """A model directory has neither tokenizer.json nor tokenizer.model."""
-
-
-class TemplateError(jinja2.exceptions.TemplateError, ValueError):
-    """Raised by a chat template's `raise_exception(message)`."""
 
 
 class BatchEncoding(dict):
@@ -73,254 +59,6 @@ def _added_tokens(obj):
     if isinstance(obj, dict):
         return {k: _added_tokens(v) for k, v in obj.items()}
     return obj
-
-
-# ---- tokenizer.model (SentencePiece ModelProto) -> tokenizers backend --------------------------------------------
-
-def _proto_fields(buf: bytes):
-    """(field number, value) of one protobuf message: ints for varints, bytes otherwise."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        kind = key & 7
-        if kind == 0:
-            val, i = _varint(buf, i)
-        elif kind == 1:
-            val, i = buf[i:i + 8], i + 8
-        elif kind == 2:
-            n, i = _varint(buf, i)
-            val, i = buf[i:i + n], i + n
-        elif kind == 5:
-            val, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {kind}")
-        yield key >> 3, val
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    val = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        val |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return (val - (1 << 64) if val >= 1 << 63 else val), i
-
-
-def read_sentencepiece_model(path) -> dict:
-    """The fields of a SentencePiece `tokenizer.model` that transformers' conversion reads."""
-    spec = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
-            "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "precompiled_charsmap": b""}
-    trainer = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
-               45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
-    for num, val in _proto_fields(Path(path).read_bytes()):
-        if num == 1:  # SentencePiece {piece = 1, score = 2, type = 3}
-            piece = {1: b"", 2: b"\0\0\0\0", 3: 1} | dict(_proto_fields(val))
-            spec["pieces"].append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
-        elif num == 2:  # TrainerSpec
-            for k, v in _proto_fields(val):
-                if k in trainer:
-                    spec[trainer[k]] = v.decode("utf-8") if isinstance(v, bytes) else v
-        elif num == 3:  # NormalizerSpec
-            spec["precompiled_charsmap"] = dict(_proto_fields(val)).get(2, b"")
-    spec["byte_fallback"] = bool(spec["byte_fallback"])
-    if not spec["pieces"]:
-        raise ValueError(f"{path} is not a SentencePiece model (no pieces)")
-    return spec
-
-
-def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    merges = []
-    for merge, rank in vocab.items():
-        local = [(merge[:i], merge[i:], rank) for i in range(1, len(merge))
-                 if merge[:i] in vocab and merge[i:] in vocab]
-        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
-    return [(a, b) for a, b, _ in merges]
-
-
-def _sentencepiece_backend(path: Path, cfg: dict) -> _Backend:
-    """Build the backend as TokenizersBackend._convert_from_sentencepiece does; fills cfg's token defaults."""
-    spec = read_sentencepiece_model(path)
-    pieces = spec["pieces"]
-    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-    merges = _generate_merges(vocab) if spec["model_type"] != 1 else None
-    extras = [AddedToken(p, normalized=False, special=t == 3) for p, _, t in pieces if t in (3, 4)]
-    names = set(vocab)
-    for token_id, token in sorted((cfg.get("added_tokens_decoder") or {}).items()):  # placeholders renamed
-        new = str(token)
-        if 0 <= token_id < len(pieces) and pieces[token_id][0] != new and new not in names:
-            names.discard(pieces[token_id][0])
-            names.add(new)
-            pieces[token_id] = (new,) + pieces[token_id][1:]
-    if merges is None:
-        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"],
-                               byte_fallback=spec["byte_fallback"])
-    else:
-        model = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=merges,
-                           unk_token=spec["unk_piece"], fuse_unk=True, byte_fallback=spec["byte_fallback"],
-                           dropout=None)
-    backend = _Backend(model)
-    norms = [normalizers.Replace(" ", "▁")]
-    if spec["precompiled_charsmap"]:
-        norms.insert(0, normalizers.Precompiled(spec["precompiled_charsmap"]))
-    backend.normalizer = normalizers.Sequence(norms)
-    steps = [decoders.Replace("▁", " ")]
-    if spec["byte_fallback"]:
-        steps += [decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps)
-    # control (3) and user-defined (4) pieces become extra special tokens unless the config lists its own
-    cfg.pop("additional_special_tokens", None)
-    if "extra_special_tokens" not in cfg:
-        cfg["extra_special_tokens"] = extras
-    for name in ("bos", "eos", "unk"):
-        if spec[f"{name}_id"] >= 0 and f"{name}_token" not in cfg:
-            cfg[f"{name}_token"] = spec[f"{name}_piece"] or {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}[name]
-    return backend
-
-
-# ---- chat templates ---------------------------------------------------------------------------------------------
-
-def _raise_exception(message):
-    raise TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """jinja's namespace without underscore-prefixed attributes."""
-
-    def __init__(*args, **kwargs):
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for assistant masks)."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-@lru_cache(maxsize=32)
-def compile_chat_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_Namespace)
-    return env.from_string(template)
-
-
-def _plain(value):
-    """Plain JSON-like data for the sandbox; other objects become "<TypeName>" placeholders."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # subclasses (enums, ...) lose their extra methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(value, np.generic):
-        return _plain(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-_REASONING = ("reasoning_content", "thinking", "reasoning")
-
-
-def render_chat_template(template: str, conversations: list, tools=None, documents=None,
-                         add_generation_prompt: bool = False, continue_final_message: bool | str = False,
-                         **kwargs) -> list[str]:
-    """Render each conversation as transformers' `render_jinja_template` does."""
-    compiled = compile_chat_template(template)
-    if tools is not None:
-        if not all(isinstance(t, dict) for t in tools):
-            raise ValueError("tools must be JSON schema dicts")
-        tools = _plain(tools)
-    if documents is not None and not all(isinstance(d, dict) for d in documents):
-        raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
-    documents, kwargs = _plain(documents), _plain(kwargs)
-    tag = "CONTINUE_FINAL_MESSAGE_TAG "
-    rendered = []
-    for chat in conversations:
-        chat = _plain(getattr(chat, "messages", chat))
-        for i, m in enumerate(chat):
-            if not isinstance(m, dict):
-                raise TypeError(f"Chat messages should be dicts, but got {m!r}.")
-            reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
-            if reasoning is not None:
-                chat[i] = {"thinking": reasoning, **m, "reasoning_content": reasoning}
-        if continue_final_message:
-            field = continue_final_message if isinstance(continue_final_message, str) else "content"
-            final = chat[-1].get(field) if chat else None
-            if final is None:
-                raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
-            fields = [f for f in _REASONING if chat[-1].get(f) == final] if field in _REASONING else [field]
-            if not any(f in template for f in fields):
-                raise ValueError(f'continue_final_message is set to "{field}" but the chat template does not use it')
-            if isinstance(final, (list, tuple)):
-                block = next((b for b in reversed(final) if "text" in b), None)
-                if block is None:
-                    raise ValueError("continue_final_message is set but the final message has no text to continue!")
-                final, block["text"] = block["text"], block["text"] + tag
-            else:
-                for f in fields:
-                    chat[-1][f] = chat[-1][f] + tag
-        text = compiled.render(messages=chat, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **kwargs)
-        if continue_final_message:
-            if final.strip() not in text or tag.strip() not in text:
-                raise ValueError("continue_final_message is set but the final message does not appear in the "
-                                 "rendered chat")
-            loc = text.rindex(tag.strip())
-            text = text[:loc] if text[loc:loc + len(tag)] == tag else text[:loc].rstrip()
-        rendered.append(text)
-    return rendered
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------------------------
@@ -797,6 +535,6 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
     if json_file.is_file():
         backend = _Backend.from_file(str(json_file))
     else:
-        backend = _sentencepiece_backend(spm_file, cfg)
+        backend = sentencepiece_backend(spm_file, cfg)
     return Tokenizer(backend, cfg, name_or_path=name_or_path or str(directory),
                      vocab_file=str(spm_file) if spm_file.is_file() else None)
