@@ -344,7 +344,7 @@ def cmd_info(args):
         from .parallel import memory_plan
 
         gb, mb = 1e9, 1e6
-        plan = memory_plan(config, args.tp, args.ep, dtype, args.quantization, args.tokens)
+        plan = memory_plan(model, args.tp, args.ep, dtype, args.quantization, args.tokens)
         lines += [
             ("layout", f"tp {plan['tp']} x ep {plan['ep']} on {plan['world']} ranks"
                        + (f", {args.quantization} weights" if args.quantization else "")),

@@ -1,5 +1,6 @@
 """The per-rank memory of a tensor/expert-parallel layout, from the plan and the model's own parameter shapes
-(built on the meta device, so any named config works): weights, KV cache per 1k tokens, largest activation."""
+(a model built on the meta device will do, so any named config works): weights, KV cache per 1k tokens, largest
+activation."""
 from __future__ import annotations
 
 import torch
@@ -40,17 +41,14 @@ def quantized_bytes(name: str, numel: int, shape: tuple[int, ...], mode: str) ->
     return numel // 2 + 4 * (numel // group)
 
 
-def memory_plan(config, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfloat16,
+def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfloat16,
                 quantization: str | None = None, tokens: int = 4096) -> dict:
-    """Bytes per rank: weights (dense and experts), KV cache per 1k tokens of one sequence, and the largest
-    activation of a `tokens`-token prefill step, for tp x ep (world max(tp, ep): with ep > tp the dense parts are
-    replicated in each of the ep / tp groups)."""
-    from ..models.auto import CAUSAL_LM
-
+    """Bytes per rank of `model` (whole, unquantized; meta will do): weights (dense and experts), KV cache per 1k
+    tokens of one sequence, and the largest activation of a `tokens`-token prefill step, for tp x ep (world
+    max(tp, ep): with ep > tp the dense parts are replicated in each of the ep / tp groups)."""
+    config = model.config
     check_sizes(config, tp, ep)
     plan = plan_for(config, tp, ep)
-    with torch.device("meta"):
-        model = CAUSAL_LM[config.model_type](config)
     size = dtype.itemsize
     dense = experts = 0
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once
