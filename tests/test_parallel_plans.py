@@ -11,7 +11,7 @@ import torch
 from moelm import AutoModelForCausalLM
 from moelm.config.configs import named_config
 from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
-from moelm.parallel.plans import rule
+from moelm.parallel.plans import parameter_styles, rule, sharded_modules
 from moelm.models.scaffold import new_checkpoint
 
 FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
@@ -77,6 +77,29 @@ def test_ep_takes_the_experts_by_id():
     assert plan_for(config, 2, 2)["model.layers.*.mlp.experts.down_proj"] == "grouped_gemm"
     assert plan_for(config, 2, 1)["model.layers.*.mlp.experts.down_proj"] == "rowwise"
     assert plan_for(config, 1, 1) == {}
+
+
+def test_one_resolver_for_the_plan_and_what_it_shards():
+    """plan_for (parallelize's and memory_plan's): a dict tp_plan in place of the family's, ep_plan's rules over the
+    EP plan, unknown styles refused; sharded_modules / parameter_styles: experts by their gate_up_proj's rule, down_proj
+    following it, a style that does not fit its module refused."""
+    config = named_config("ernie4_5_moe-tiny")
+    mine = {"model.layers.*.self_attn.q_proj": "colwise"}
+    assert plan_for(config, 2, 1, tp_plan=mine) == mine and plan_for(config, 2, 1, tp_plan={}) == {}
+    assert plan_for(config, 2, 1, tp_plan="auto") == plan_for(config, 2, 1) == TP_PLANS["ernie4_5_moe"]
+    assert plan_for(config, 1, 2, ep_plan={"lm_head": "colwise"}) == {**EP_PLANS["ernie4_5_moe"], "lm_head": "colwise"}
+    with pytest.raises(ValueError, match="unknown style 'diagonal'"):
+        plan_for(config, 2, 1, tp_plan={"lm_head": "diagonal"})
+    model = meta_model(config)
+    styles = parameter_styles(model, plan_for(config, 2, 1))
+    assert styles["model.layers.1.mlp.experts.gate_up_proj"] == "packed_colwise"
+    assert styles["model.layers.1.mlp.experts.down_proj"] == "rowwise"
+    assert styles["model.layers.0.self_attn.o_proj.weight"] == "rowwise" and "model.norm.weight" not in styles
+    assert parameter_styles(model, plan_for(config, 2, 2))["model.layers.1.mlp.experts.down_proj"] == "grouped_gemm"
+    with pytest.raises(ValueError, match="'packed_colwise' does not apply to a Embedding"):
+        list(sharded_modules(model, {"model.embed_tokens": "packed_colwise"}))
+    with pytest.raises(ValueError, match="experts take packed_colwise"):
+        list(sharded_modules(model, {"model.layers.*.mlp.experts.gate_up_proj": "colwise"}))
 
 
 @pytest.mark.parametrize("tp,ep,message", [

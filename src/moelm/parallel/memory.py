@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..inference.quantization import QuantizationConfig, experts_group_for, group_for
-from .plans import check_sizes, plan_for, rule
+from .plans import check_sizes, parameter_styles, plan_for
 
 SHARDED_DIM = {"colwise": 0, "vocab_parallel": 0, "colwise_gather_output": 0, "packed_colwise": 1}
 
@@ -48,14 +48,13 @@ def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bflo
     max(tp, ep): with ep > tp the dense parts are replicated in each of the ep / tp groups)."""
     config = model.config
     check_sizes(config, tp, ep)
-    plan = plan_for(config, tp, ep)
+    styles = parameter_styles(model, plan_for(config, tp, ep))
     size = dtype.itemsize
     dense = experts = 0
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once
         module, _, leaf = name.rpartition(".")
         stacked = leaf in ("gate_up_proj", "down_proj") and module.endswith(".experts")
-        style = rule(plan, name if stacked else module)
-        numel = local_numel(tuple(p.shape), style, tp, ep, bias=leaf == "bias")
+        numel = local_numel(tuple(p.shape), styles.get(name), tp, ep, bias=leaf == "bias")
         target = quantization and (stacked or leaf == "weight" and p.dim() == 2 and "embed_tokens" not in name
                                    and not name.endswith(".gate.weight"))  # Linear weights and experts
         nbytes = quantized_bytes(name, numel, tuple(p.shape), quantization) if target else numel * size
@@ -65,7 +64,7 @@ def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bflo
             dense += nbytes
     if quantization and config.tie_word_embeddings:  # the tied head gets its own quantized copy
         head = model.lm_head.weight
-        numel = local_numel(tuple(head.shape), rule(plan, "lm_head"), tp, ep, bias=False)
+        numel = local_numel(tuple(head.shape), styles.get("lm_head.weight"), tp, ep, bias=False)
         dense += quantized_bytes("lm_head.weight", numel, tuple(head.shape), quantization)
     layers, d = config.num_hidden_layers, config.head_size
     kv_heads, heads = config.num_key_value_heads // tp, config.num_attention_heads // tp
