@@ -72,7 +72,7 @@ def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bflo
     t, h = tokens, config.hidden_size
     candidates = {"hidden states": t * h * size, "q/k/v": t * (heads + 2 * kv_heads) * d * size,
                   "next-token logits (fp32)": config.vocab_size * 4}
-    if config.model_type != "phimoe":
+    if len(config.moe_layers()) < layers:
         candidates["dense MLP gate/up"] = t * 2 * config.intermediate_size // tp * size
     if getattr(config, "num_experts", None):
         width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
