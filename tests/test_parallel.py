@@ -369,7 +369,7 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
         experts=sum(nbytes(p) for n, p in model.named_parameters() if n in experts),
         experts_whole=sum(nbytes(p) for n, p in ref.named_parameters() if n in experts),
         sharded_linear=any(isinstance(p, DTensor) for p in model.parameters()),
-        plan=memory_plan(model.config, tp, ep, torch.float32)["weights"])
+        plan=memory_plan(ref, tp, ep, torch.float32)["weights"])
 
     # 5. save_pretrained: gathered, written by rank 0
     model.save_pretrained(Path(out) / "saved" / family)

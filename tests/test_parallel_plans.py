@@ -11,10 +11,15 @@ import torch
 from moelm import AutoModelForCausalLM
 from moelm.config.configs import named_config
 from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
-from moelm.parallel.plans import rule
+from moelm.parallel.plans import parameter_styles, rule, sharded_modules
 from moelm.models.scaffold import new_checkpoint
 
 FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
+
+
+def meta_model(config):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, fast=False)
 
 
 def tensor_bytes(model) -> int:
@@ -30,8 +35,7 @@ def tensor_bytes(model) -> int:
 def test_every_rule_names_real_modules(name):
     """Each pattern of each plan matches a parameter (or its module) of the model: no rule is dead text."""
     config = named_config(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, fast=False)
+    model = meta_model(config)
     names = [n for n, _ in model.named_parameters()] + ["lm_head.weight"]
     targets = {n.rpartition(".")[0] for n in names} | set(names)
     for pattern in {**TP_PLANS[config.model_type], **EP_PLANS[config.model_type]}:
@@ -41,7 +45,7 @@ def test_every_rule_names_real_modules(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_unsharded_plan_is_the_models_own_bytes(name):
     model = AutoModelForCausalLM.from_config(named_config(name), seed=0)
-    assert memory_plan(model.config, dtype=torch.float32)["weights"] == tensor_bytes(model) - sum(
+    assert memory_plan(model, dtype=torch.float32)["weights"] == tensor_bytes(model) - sum(
         b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -51,26 +55,51 @@ def test_quantized_plan_is_the_loaded_models_bytes(name, mode, tmp_path):
     path = new_checkpoint(name, tmp_path / "m", seed=0)
     model = AutoModelForCausalLM.from_pretrained(path, quantization=mode, fast=False)
     plain = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "e_score_correction" in n)
-    assert memory_plan(model.config, dtype=torch.float32, quantization=mode)["weights"] == tensor_bytes(model) - plain
+    whole = meta_model(model.config)
+    assert memory_plan(whole, dtype=torch.float32, quantization=mode)["weights"] == tensor_bytes(model) - plain
 
 
 def test_tp_halves_what_the_plan_shards():
     config = named_config("ernie4_5-tiny")
     model = AutoModelForCausalLM.from_config(config, seed=0)
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
-    total = memory_plan(config, dtype=torch.float32)["weights"]
-    two = memory_plan(config, tp=2, dtype=torch.float32)
+    total = memory_plan(model, dtype=torch.float32)["weights"]
+    two = memory_plan(model, tp=2, dtype=torch.float32)
     assert two["weights"] == (total - norms) // 2 + norms
-    assert two["kv_per_1k"] * 2 == memory_plan(config, dtype=torch.float32)["kv_per_1k"]
+    assert two["kv_per_1k"] * 2 == memory_plan(model, dtype=torch.float32)["kv_per_1k"]
 
 
 def test_ep_takes_the_experts_by_id():
     config = named_config("ernie4_5_moe-tiny")
-    one, two = memory_plan(config, dtype=torch.float32), memory_plan(config, tp=2, ep=2, dtype=torch.float32)
+    model = meta_model(config)
+    one, two = memory_plan(model, dtype=torch.float32), memory_plan(model, tp=2, ep=2, dtype=torch.float32)
     assert two["experts"] * 2 == one["experts"]
     assert plan_for(config, 2, 2)["model.layers.*.mlp.experts.down_proj"] == "grouped_gemm"
     assert plan_for(config, 2, 1)["model.layers.*.mlp.experts.down_proj"] == "rowwise"
     assert plan_for(config, 1, 1) == {}
+
+
+def test_one_resolver_for_the_plan_and_what_it_shards():
+    """plan_for (parallelize's and memory_plan's): a dict tp_plan in place of the family's, ep_plan's rules over the
+    EP plan, unknown styles refused; sharded_modules / parameter_styles: experts by their gate_up_proj's rule, down_proj
+    following it, a style that does not fit its module refused."""
+    config = named_config("ernie4_5_moe-tiny")
+    mine = {"model.layers.*.self_attn.q_proj": "colwise"}
+    assert plan_for(config, 2, 1, tp_plan=mine) == mine and plan_for(config, 2, 1, tp_plan={}) == {}
+    assert plan_for(config, 2, 1, tp_plan="auto") == plan_for(config, 2, 1) == TP_PLANS["ernie4_5_moe"]
+    assert plan_for(config, 1, 2, ep_plan={"lm_head": "colwise"}) == {**EP_PLANS["ernie4_5_moe"], "lm_head": "colwise"}
+    with pytest.raises(ValueError, match="unknown style 'diagonal'"):
+        plan_for(config, 2, 1, tp_plan={"lm_head": "diagonal"})
+    model = meta_model(config)
+    styles = parameter_styles(model, plan_for(config, 2, 1))
+    assert styles["model.layers.1.mlp.experts.gate_up_proj"] == "packed_colwise"
+    assert styles["model.layers.1.mlp.experts.down_proj"] == "rowwise"
+    assert styles["model.layers.0.self_attn.o_proj.weight"] == "rowwise" and "model.norm.weight" not in styles
+    assert parameter_styles(model, plan_for(config, 2, 2))["model.layers.1.mlp.experts.down_proj"] == "grouped_gemm"
+    with pytest.raises(ValueError, match="'packed_colwise' does not apply to a Embedding"):
+        list(sharded_modules(model, {"model.embed_tokens": "packed_colwise"}))
+    with pytest.raises(ValueError, match="experts take packed_colwise"):
+        list(sharded_modules(model, {"model.layers.*.mlp.experts.gate_up_proj": "colwise"}))
 
 
 @pytest.mark.parametrize("tp,ep,message", [

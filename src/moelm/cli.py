@@ -293,74 +293,9 @@ def cmd_chat(args):
 
 
 def cmd_info(args):
-    import torch
+    from .models.info import info
 
-    from pathlib import Path
-
-    from .models.auto import CAUSAL_LM
-    from .config.configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
-    from .io.hub import resolve_model_dir
-
-    if args.model in NAMED_CONFIGS and not Path(args.model).exists():
-        directory, config = None, named_config(args.model)
-    else:
-        directory = resolve_model_dir(args.model)
-        config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):
-        model = CAUSAL_LM[config.model_type](config)
-    total = model.num_parameters()
-    inactive = 0
-    for module in model.modules():
-        if type(module).__name__ == "Experts":
-            per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
-            inactive += per_expert * (module.num_experts - config.num_experts_per_tok)
-    dtype = dtype_from_str(config.dtype or "float32") if args.dtype == "auto" else dtype_from_str(args.dtype)
-    files = sorted(directory.glob("*.safetensors")) if directory else []
-    on_disk = sum(f.stat().st_size for f in files)
-    lines = [
-        ("model", str(directory or f"named config {args.model}")),
-        ("family", f"{config.model_type} ({(config.architectures or [config.default_architecture])[0]})"),
-        ("layers", f"{config.num_hidden_layers}, hidden {config.hidden_size}, vocab {config.vocab_size}"),
-        ("attention", f"{config.num_attention_heads} heads, {config.num_key_value_heads} kv heads, "
-                      f"head_dim {config.head_size}"),
-        ("context", f"{config.max_position_embeddings} positions, rope {config.rope_parameters['rope_type']} "
-                    f"(theta {config.rope_theta:g})"),
-    ]
-    if config.model_type == "ernie4_5_moe":
-        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-        lines.append(("moe", f"{len(moe_layers)} MoE layers ({_ranges(moe_layers)}), {config.moe_num_experts} "
-                             f"experts, top-{config.moe_k}, {config.moe_num_shared_experts} shared, "
-                             f"expert width {config.moe_intermediate_size}"))
-    elif config.model_type == "phimoe":
-        lines.append(("moe", f"all {config.num_hidden_layers} layers, {config.num_local_experts} experts, "
-                             f"top-2 sparsemixer, expert width {config.intermediate_size}"))
-    lines += [
-        ("parameters", f"{_human(total)} total, {_human(total - inactive)} active per token"),
-        ("dtype", f"{str(dtype).removeprefix('torch.')} (config: {config.dtype or 'unset'})"),
-        ("memory", f"{_human(total * dtype.itemsize, 'B')} of weights"
-                   + (f"; {_human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else "")),
-    ]
-    if args.tp > 1 or args.ep > 1 or args.quantization:
-        from .parallel import memory_plan
-
-        gb, mb = 1e9, 1e6
-        plan = memory_plan(config, args.tp, args.ep, dtype, args.quantization, args.tokens)
-        lines += [
-            ("layout", f"tp {plan['tp']} x ep {plan['ep']} on {plan['world']} ranks"
-                       + (f", {args.quantization} weights" if args.quantization else "")),
-            ("per rank", f"weights {plan['weights'] / gb:.2f} GB (dense {plan['dense'] / gb:.2f}, experts "
-                         f"{plan['experts'] / gb:.2f}); KV cache {plan['kv_per_1k'] / mb:.1f} MB per 1k tokens of a "
-                         f"sequence; largest activation {plan['activation'] / mb:.0f} MB ({plan['activation_what']}, "
-                         f"{plan['tokens']}-token step)"),
-        ]
-        if args.tp > 1 or args.ep > 1:
-            from .parallel.comm import comm_plan
-
-            decode = comm_plan(config, args.tp, args.ep, tokens=1, logits=1, dtype=dtype)
-            prefill = comm_plan(config, args.tp, args.ep, tokens=args.tokens, logits=1, dtype=dtype)
-            lines.append(("collectives", f"{_kinds(decode, 1)} per decode token; {_kinds(prefill, args.tokens)} "
-                                         f"per token of a {args.tokens}-token prefill (payload per rank)"))
-    for key, value in lines:
+    for key, value in info(args.model, args.dtype, args.tp, args.ep, args.quantization, args.tokens):
         print(f"{key:>11}: {value}")
 
 
@@ -386,28 +321,6 @@ def cmd_bench(args):
     from .bench.cli import main_from_args
 
     return main_from_args(args)
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or suffix == "T":
-            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
-        n /= 1000
-
-
-def _kinds(counts: dict[str, int], tokens: int) -> str:
-    return ", ".join(f"{kind} {_human(n / tokens, 'B')}" for kind, n in sorted(counts.items())) or "none"
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    out, start = [], xs[0]
-    for a, b in zip(xs, xs[1:] + [None]):
-        if b != a + 1:
-            out.append(f"{start}-{a}" if a != start else f"{a}")
-            start = b
-    return ", ".join(out)
 
 
 if __name__ == "__main__":

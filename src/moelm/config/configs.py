@@ -111,6 +111,26 @@ class PretrainedConfig:
     def head_size(self) -> int:
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
+    def moe_layers(self) -> list[int]:
+        """The layers whose MLP is a block of routed experts."""
+        return []
+
+    def summary(self) -> dict[str, str]:
+        """The architecture in a few lines, as `moelm info` prints it: family, sizes, attention, context, MoE."""
+        out = {"family": f"{self.model_type} ({(self.architectures or [self.default_architecture])[0]})",
+               "layers": f"{self.num_hidden_layers}, hidden {self.hidden_size}, vocab {self.vocab_size}",
+               "attention": f"{self.num_attention_heads} heads, {self.num_key_value_heads} kv heads, "
+                            f"head_dim {self.head_size}",
+               "context": f"{self.max_position_embeddings} positions, rope {self.rope_parameters['rope_type']} "
+                          f"(theta {self.rope_theta:g})"}
+        if self.moe_summary():
+            out["moe"] = self.moe_summary()
+        return out
+
+    def moe_summary(self) -> str | None:
+        """The MoE layers and experts in a line (None: a dense family)."""
+        return None
+
     def _derive(self):
         """Fill fields computed from others (subclasses)."""
 
@@ -282,6 +302,14 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
         return ((i + 1) % self.moe_layer_interval == 0
                 and self.moe_layer_start_index <= i <= self.moe_layer_end_index)
 
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def moe_summary(self) -> str:
+        layers = self.moe_layers()
+        return (f"{len(layers)} MoE layers ({_ranges(layers)}), {self.moe_num_experts} experts, top-{self.moe_k}, "
+                f"{self.moe_num_shared_experts} shared, expert width {self.moe_intermediate_size}")
+
 
 @dataclass(init=False, repr=False)
 class PhimoeConfig(PretrainedConfig):
@@ -336,6 +364,25 @@ class PhimoeConfig(PretrainedConfig):
     @property
     def num_experts(self) -> int:
         return self.num_local_experts
+
+    def moe_layers(self) -> list[int]:
+        return list(range(self.num_hidden_layers))
+
+    def moe_summary(self) -> str:
+        return (f"all {self.num_hidden_layers} layers, {self.num_local_experts} experts, top-2 sparsemixer, "
+                f"expert width {self.intermediate_size}")
+
+
+def _ranges(xs: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    if not xs:
+        return "none"
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(out)
 
 
 def _normalise_keys(config: PretrainedConfig, kwargs: dict) -> dict:

@@ -100,6 +100,15 @@ class PreTrainedModel(nn.Module):
         params = {id(p): p for n, p in self.named_parameters() if not (exclude_embeddings and "embed" in n)}
         return sum(p.numel() for p in params.values())
 
+    def num_active_parameters(self) -> int:
+        """The parameters one token runs through: num_parameters less the experts it is not routed to."""
+        inactive = 0
+        for module in self.modules():
+            if isinstance(module, Experts):
+                per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
+                inactive += per_expert * (module.num_experts - self.config.num_experts_per_tok)
+        return self.num_parameters() - inactive
+
     def get_input_embeddings(self) -> nn.Embedding:
         base = getattr(self, self.base_model_prefix, self)
         return base.embed_tokens

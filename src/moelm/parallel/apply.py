@@ -18,12 +18,11 @@ from ..nn.layers import Attention
 from ..nn.moe import Experts
 from .config import DistributedConfig
 from .experts import full_tensor, shard_experts
-from .plans import EP_PLANS, TP_PLANS, check_sizes, rule
+from .plans import check_sizes, plan_for, sharded_modules
 
 LINEAR_STYLES = {"colwise": lambda: ColwiseParallel(), "rowwise": lambda: RowwiseParallel(),
                  "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
                  "vocab_parallel": lambda: RowwiseParallel(input_layouts=Replicate())}
-EXPERT_STYLES = ("packed_colwise", "grouped_gemm")
 
 
 class ParallelState:
@@ -135,24 +134,6 @@ def meshes(config: DistributedConfig, device_type: str) -> tuple[DeviceMesh, Dev
     return dense, experts
 
 
-def resolved_plan(model_type: str, config: DistributedConfig) -> dict[str, str]:
-    """The family's TP plan (tp_size > 1; a dict tp_plan overrides its rules, {} drops them all) with the EP plan's
-    rules over it (ep_size > 1)."""
-    plan = {}
-    if config.tp_size > 1:
-        plan = {} if isinstance(config.tp_plan, dict) else dict(TP_PLANS[model_type])
-        if isinstance(config.tp_plan, dict):
-            plan.update(config.tp_plan)
-    if config.ep_size > 1:
-        plan.update(EP_PLANS[model_type])
-        plan.update(config.ep_plan or {})
-    known = (*LINEAR_STYLES, *EXPERT_STYLES)  # "rowwise" also names the experts' down_proj under TP
-    for pattern, style in plan.items():
-        if style not in known:
-            raise ValueError(f"plan rule {pattern!r}: unknown style {style!r}; moelm knows {', '.join(known)}")
-    return plan
-
-
 def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = "cpu") -> nn.Module:
     """Shard `model` (built on meta, or whole and identical on every rank) in place over the current process group
     as `config` lays it out; sets model.parallel."""
@@ -162,7 +143,7 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
     if config.tp_size > 1 and width % config.tp_size:
         raise ValueError(f"tp={config.tp_size} must divide the experts' intermediate size ({width})")
     dense, experts_mesh = meshes(config, device_type)
-    plan = resolved_plan(cfg.model_type, config)
+    plan = plan_for(cfg, config.tp_size, config.ep_size, config.tp_plan, config.ep_plan)
     state = ParallelState(config, dense, experts_mesh, plan)
     shares_batch = state.shares_batch
     dispatcher = getattr(getattr(model, "backend", None), "dispatcher", "torch")  # NeMo's BackendConfig
@@ -171,19 +152,11 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
         raise ValueError(f"the all_reduce expert dispatch needs ep_size == tp_size, got ep_size={config.ep_size}, "
                          f"tp_size={config.tp_size}")
     on_meta = any(p.is_meta for p in model.parameters())
-    for name, module in list(model.named_modules()):
+    for name, module, style in list(sharded_modules(model, plan)):
         if isinstance(module, Experts):
-            style = rule(plan, f"{name}.gate_up_proj")
-            if style is None:
-                continue
-            if style not in EXPERT_STYLES:
-                raise ValueError(f"plan rule for {name}.gate_up_proj: experts take packed_colwise (TP) or "
-                                 f"grouped_gemm (EP), not {style!r}")
             layouts = shard_experts(module, style, state.tp_mesh, state.ep_mesh, how, shares_batch)
             state.layouts.update({f"{name}.{k}": v for k, v in layouts.items()})
-        elif isinstance(module, (nn.Linear, nn.Embedding)) and (style := rule(plan, name)) is not None:
-            if style not in LINEAR_STYLES:
-                raise ValueError(f"plan rule for {name}: {style!r} does not apply to a {type(module).__name__}")
+        else:
             parallel_style = LINEAR_STYLES[style]()
             parallel_style.src_data_rank = None if on_meta else 0
             parallelize_module(module, state.tp_mesh, parallel_style)

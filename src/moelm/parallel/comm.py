@@ -23,9 +23,8 @@ def comm_plan(config, tp: int, ep: int, tokens: int, logits: int, dtype: torch.d
     h, size = config.hidden_size, dtype.itemsize
     row = tokens * h * size
     experts = getattr(config, "num_experts", None) or 0
-    phimoe = config.model_type == "phimoe"
-    moe = sum(1 for i in range(config.num_hidden_layers) if experts and (phimoe or config.is_moe_layer(i)))
-    shared = bool(experts and not phimoe and config.moe_num_shared_experts)
+    moe = len(config.moe_layers())
+    shared = bool(moe and getattr(config, "moe_num_shared_experts", 0))
     out = Counter()
     if tp > 1:
         out["all_reduce"] += row * (1 + config.num_hidden_layers)  # the vocab-parallel embedding, each o_proj

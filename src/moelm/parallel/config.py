@@ -84,25 +84,6 @@ class DistributedConfig:
         return dataclasses.asdict(self)
 
 
-def resolve(tp_plan=None, tp_size=None, distributed_config=None) -> DistributedConfig | None:
-    """The layout asked of from_pretrained (None: not distributed). distributed_config may be a dict; tp_plan and
-    tp_size given beside it must agree with it."""
-    if distributed_config is None:
-        if tp_plan is None and tp_size is None:
-            return None
-        return DistributedConfig(tp_size=tp_size, tp_plan=tp_plan if tp_plan is not None else "auto")
-    if isinstance(distributed_config, dict):
-        distributed_config = DistributedConfig(**distributed_config)
-    if not isinstance(distributed_config, DistributedConfig):
-        raise TypeError(f"distributed_config must be a DistributedConfig or a dict, got "
-                        f"{type(distributed_config).__name__}")
-    for name, value in (("tp_plan", tp_plan), ("tp_size", tp_size)):
-        if value is not None and getattr(distributed_config, name) != value:
-            raise ValueError(f"from_pretrained({name}={value!r}) disagrees with distributed_config.{name}="
-                             f"{getattr(distributed_config, name)!r}; give it once")
-    return distributed_config
-
-
 def init_process_group(device: torch.device | None = None) -> None:
     """torch.distributed as torchrun launched it: nothing to do when already initialised, else the env:// rendezvous
     with gloo for CPU and nccl for CUDA. Without torchrun's variables, an error saying how to launch."""

@@ -6,12 +6,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import DistributedConfig, init_process_group, resolve
+from .config import DistributedConfig, init_process_group
 
 
 def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device_map, device):
     """(DistributedConfig, this rank's device) for from_pretrained(tp_plan=, tp_size=, device_mesh=,
-    distributed_config=); torch.distributed is initialised from torchrun's variables when it is not yet."""
+    distributed_config=), at least one of them given (distributed_config may be a dict; tp_plan, tp_size and the
+    mesh's tp size beside it must agree with it); torch.distributed is initialised from torchrun's variables when it
+    is not yet."""
     if device_mesh is not None:
         names = device_mesh.mesh_dim_names or ()
         if device_mesh.ndim != 1 and "tp" not in names:
@@ -26,9 +28,16 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
             raise ValueError(f"tp_size={tp_size} disagrees with the device_mesh's tp size {mesh_tp}")
         tp_size = mesh_tp
         device = device if device is not None else device_mesh.device_type
-    config = resolve(tp_plan, tp_size, distributed_config)
-    if config is None:  # only a device_mesh of size 1
-        config = DistributedConfig(tp_size=1)
+    if distributed_config is None:
+        config = DistributedConfig(tp_size=tp_size, tp_plan=tp_plan if tp_plan is not None else "auto")
+    else:
+        config = DistributedConfig(**distributed_config) if isinstance(distributed_config, dict) else distributed_config
+        if not isinstance(config, DistributedConfig):
+            raise TypeError(f"distributed_config must be a DistributedConfig or a dict, got {type(config).__name__}")
+        for name, value in (("tp_plan", tp_plan), ("tp_size", tp_size)):
+            if value is not None and getattr(config, name) != value:
+                raise ValueError(f"from_pretrained({name}={value!r}) disagrees with distributed_config.{name}="
+                                 f"{getattr(config, name)!r}; give it once")
     # transformers refuses any device_map beside tp > 1; moelm lets "auto" through (it asks for nothing TP does
     # not do: each rank on its own device), so the documented `device_map="auto", tp_plan="auto"` example runs
     if device_map is not None and device_map != "auto" and config.tp_size > 1:

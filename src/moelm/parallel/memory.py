@@ -1,11 +1,12 @@
 """The per-rank memory of a tensor/expert-parallel layout, from the plan and the model's own parameter shapes
-(built on the meta device, so any named config works): weights, KV cache per 1k tokens, largest activation."""
+(a model built on the meta device will do, so any named config works): weights, KV cache per 1k tokens, largest
+activation."""
 from __future__ import annotations
 
 import torch
 
 from ..inference.quantization import QuantizationConfig, experts_group_for, group_for
-from .plans import check_sizes, plan_for, rule
+from .plans import check_sizes, parameter_styles, plan_for
 
 SHARDED_DIM = {"colwise": 0, "vocab_parallel": 0, "colwise_gather_output": 0, "packed_colwise": 1}
 
@@ -40,24 +41,20 @@ def quantized_bytes(name: str, numel: int, shape: tuple[int, ...], mode: str) ->
     return numel // 2 + 4 * (numel // group)
 
 
-def memory_plan(config, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfloat16,
+def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfloat16,
                 quantization: str | None = None, tokens: int = 4096) -> dict:
-    """Bytes per rank: weights (dense and experts), KV cache per 1k tokens of one sequence, and the largest
-    activation of a `tokens`-token prefill step, for tp x ep (world max(tp, ep): with ep > tp the dense parts are
-    replicated in each of the ep / tp groups)."""
-    from ..models.auto import CAUSAL_LM
-
+    """Bytes per rank of `model` (whole, unquantized; meta will do): weights (dense and experts), KV cache per 1k
+    tokens of one sequence, and the largest activation of a `tokens`-token prefill step, for tp x ep (world
+    max(tp, ep): with ep > tp the dense parts are replicated in each of the ep / tp groups)."""
+    config = model.config
     check_sizes(config, tp, ep)
-    plan = plan_for(config, tp, ep)
-    with torch.device("meta"):
-        model = CAUSAL_LM[config.model_type](config)
+    styles = parameter_styles(model, plan_for(config, tp, ep))
     size = dtype.itemsize
     dense = experts = 0
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once
         module, _, leaf = name.rpartition(".")
         stacked = leaf in ("gate_up_proj", "down_proj") and module.endswith(".experts")
-        style = rule(plan, name if stacked else module)
-        numel = local_numel(tuple(p.shape), style, tp, ep, bias=leaf == "bias")
+        numel = local_numel(tuple(p.shape), styles.get(name), tp, ep, bias=leaf == "bias")
         target = quantization and (stacked or leaf == "weight" and p.dim() == 2 and "embed_tokens" not in name
                                    and not name.endswith(".gate.weight"))  # Linear weights and experts
         nbytes = quantized_bytes(name, numel, tuple(p.shape), quantization) if target else numel * size
@@ -67,7 +64,7 @@ def memory_plan(config, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfl
             dense += nbytes
     if quantization and config.tie_word_embeddings:  # the tied head gets its own quantized copy
         head = model.lm_head.weight
-        numel = local_numel(tuple(head.shape), rule(plan, "lm_head"), tp, ep, bias=False)
+        numel = local_numel(tuple(head.shape), styles.get("lm_head.weight"), tp, ep, bias=False)
         dense += quantized_bytes("lm_head.weight", numel, tuple(head.shape), quantization)
     layers, d = config.num_hidden_layers, config.head_size
     kv_heads, heads = config.num_key_value_heads // tp, config.num_attention_heads // tp
@@ -75,7 +72,7 @@ def memory_plan(config, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfl
     t, h = tokens, config.hidden_size
     candidates = {"hidden states": t * h * size, "q/k/v": t * (heads + 2 * kv_heads) * d * size,
                   "next-token logits (fp32)": config.vocab_size * 4}
-    if config.model_type != "phimoe":
+    if len(config.moe_layers()) < layers:
         candidates["dense MLP gate/up"] = t * 2 * config.intermediate_size // tp * size
     if getattr(config, "num_experts", None):
         width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size

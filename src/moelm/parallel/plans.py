@@ -1,8 +1,14 @@
 """The sharding plans of each family, as data in the vocabulary of transformers' `base_model_tp_plan` /
-`base_model_ep_plan` (module patterns relative to the causal LM, `*` a layer index), and the checks of a layout."""
+`base_model_ep_plan` (module patterns relative to the causal LM, `*` a layer index), the one resolution of which
+rule shards which module, and the checks of a layout."""
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..nn.moe import Experts
 
 ATTENTION = {
     "model.layers.*.self_attn.q_proj": "colwise",
@@ -42,13 +48,25 @@ TP_PLANS = {
     "phimoe": {**ATTENTION, **experts_tp("block_sparse_moe"), **ENDS},
 }
 EP_PLANS = {"ernie4_5": {}, "ernie4_5_moe": experts_ep("mlp"), "phimoe": experts_ep("block_sparse_moe")}
+LINEAR_STYLES = ("colwise", "rowwise", "colwise_gather_output", "vocab_parallel")  # nn.Linear / nn.Embedding
+EXPERT_STYLES = ("packed_colwise", "grouped_gemm")  # stacked Experts, by their gate_up_proj's rule
 
 
-def plan_for(config, tp: int, ep: int) -> dict[str, str]:
-    """The rules that apply with these sizes: the TP plan when tp > 1, the EP plan's rules over it when ep > 1."""
-    plan = dict(TP_PLANS[config.model_type]) if tp > 1 else {}
+def plan_for(config, tp: int, ep: int, tp_plan: dict | str | None = None,
+             ep_plan: dict | None = None) -> dict[str, str]:
+    """The rules that apply with these sizes: the family's TP plan when tp > 1 (a dict tp_plan in its place, {}
+    dropping every rule), the EP plan's rules over it when ep > 1 (then ep_plan's); an unknown style is a
+    ValueError."""
+    plan = {}
+    if tp > 1:
+        plan = dict(tp_plan) if isinstance(tp_plan, dict) else dict(TP_PLANS[config.model_type])
     if ep > 1:
         plan.update(EP_PLANS[config.model_type])
+        plan.update(ep_plan or {})
+    known = (*LINEAR_STYLES, *EXPERT_STYLES)  # "rowwise" also names the experts' down_proj under TP
+    for pattern, style in plan.items():
+        if style not in known:
+            raise ValueError(f"plan rule {pattern!r}: unknown style {style!r}; moelm knows {', '.join(known)}")
     return plan
 
 
@@ -58,6 +76,35 @@ def rule(plan: dict[str, str], module: str) -> str | None:
         if fnmatch.fnmatchcase(module, pattern):
             return style
     return None
+
+
+def sharded_modules(model: nn.Module, plan: dict[str, str]) -> Iterator[tuple[str, nn.Module, str]]:
+    """(name, module, style) of each module `plan` shards: an nn.Linear / nn.Embedding by its own name's rule,
+    stacked Experts by their gate_up_proj's (down_proj follows: rowwise under packed_colwise, grouped_gemm under
+    grouped_gemm). A style that does not fit its module is a ValueError."""
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            style = rule(plan, f"{name}.gate_up_proj")
+            if style is not None and style not in EXPERT_STYLES:
+                raise ValueError(f"plan rule for {name}.gate_up_proj: experts take packed_colwise (TP) or "
+                                 f"grouped_gemm (EP), not {style!r}")
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            style = rule(plan, name)
+            if style is not None and style not in LINEAR_STYLES:
+                raise ValueError(f"plan rule for {name}: {style!r} does not apply to a {type(module).__name__}")
+        else:
+            continue
+        if style is not None:
+            yield name, module, style
+
+
+def parameter_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+    """{parameter name: style} of every parameter `plan` shards (sharded_modules, each parameter's share)."""
+    out = {}
+    for name, module, style in sharded_modules(model, plan):
+        for leaf, _ in module.named_parameters(recurse=False):
+            out[f"{name}.{leaf}"] = "rowwise" if style == "packed_colwise" and leaf == "down_proj" else style
+    return out
 
 
 def check_sizes(config, tp: int, ep: int):

@@ -1,0 +1,73 @@
+"""`moelm info`: a checkpoint or named config described (the config's summary, the model's parameters, their
+bytes) and, with tp / ep / quantization, the per-rank memory and collectives of that layout (moelm.parallel). The
+model is built on the meta device: no weights are read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config.configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
+from ..io.hub import resolve_model_dir
+from ..parallel.comm import comm_plan
+from ..parallel.memory import memory_plan
+from .auto import CAUSAL_LM
+
+
+def info(name: str, dtype: str = "auto", tp: int = 1, ep: int = 1, quantization: str | None = None,
+         tokens: int = 4096) -> list[tuple[str, str]]:
+    """(key, line) pairs describing `name`: a checkpoint directory, a hub id in the local cache or a named
+    config."""
+    if name in NAMED_CONFIGS and not Path(name).exists():
+        directory, config = None, named_config(name)
+    else:
+        directory = resolve_model_dir(name)
+        config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = CAUSAL_LM[config.model_type](config)
+    total = model.num_parameters()
+    dtype = dtype_from_str((config.dtype or "float32") if dtype == "auto" else dtype)
+    files = sorted(directory.glob("*.safetensors")) if directory else []
+    on_disk = sum(f.stat().st_size for f in files)
+    lines = [("model", str(directory or f"named config {name}")), *config.summary().items(),
+             ("parameters", f"{human(total)} total, {human(model.num_active_parameters())} active per token"),
+             ("dtype", f"{str(dtype).removeprefix('torch.')} (config: {config.dtype or 'unset'})"),
+             ("memory", f"{human(total * dtype.itemsize, 'B')} of weights"
+                        + (f"; {human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else ""))]
+    if tp > 1 or ep > 1 or quantization:
+        lines += layout_lines(model, tp, ep, dtype, quantization, tokens)
+    return lines
+
+
+def layout_lines(model, tp: int, ep: int, dtype: torch.dtype, quantization: str | None,
+                 tokens: int) -> list[tuple[str, str]]:
+    """The per-rank memory of tp x ep (and quantization), and with tp or ep the collectives' payload per token."""
+    gb, mb = 1e9, 1e6
+    plan = memory_plan(model, tp, ep, dtype, quantization, tokens)
+    lines = [
+        ("layout", f"tp {plan['tp']} x ep {plan['ep']} on {plan['world']} ranks"
+                   + (f", {quantization} weights" if quantization else "")),
+        ("per rank", f"weights {plan['weights'] / gb:.2f} GB (dense {plan['dense'] / gb:.2f}, experts "
+                     f"{plan['experts'] / gb:.2f}); KV cache {plan['kv_per_1k'] / mb:.1f} MB per 1k tokens of a "
+                     f"sequence; largest activation {plan['activation'] / mb:.0f} MB ({plan['activation_what']}, "
+                     f"{plan['tokens']}-token step)"),
+    ]
+    if tp > 1 or ep > 1:
+        decode = comm_plan(model.config, tp, ep, tokens=1, logits=1, dtype=dtype)
+        prefill = comm_plan(model.config, tp, ep, tokens=tokens, logits=1, dtype=dtype)
+        lines.append(("collectives", f"{kinds(decode, 1)} per decode token; {kinds(prefill, tokens)} per token of "
+                                     f"a {tokens}-token prefill (payload per rank)"))
+    return lines
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> "1.2M" (with `unit` after it)."""
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+
+
+def kinds(counts: dict[str, int], tokens: int) -> str:
+    """Bytes per token of each kind of collective."""
+    return ", ".join(f"{kind} {human(n / tokens, 'B')}" for kind, n in sorted(counts.items())) or "none"
