@@ -30,7 +30,7 @@ LORA_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def make_checkpoint(shape: str, path: Path):
     from moelm import AutoModelForCausalLM
-    from moelm.config.configs import named_config
+    from moelm.config import named_config
 
     name, overrides = SHAPES[shape]
     config = named_config(name)

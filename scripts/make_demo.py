@@ -291,7 +291,7 @@ def build_tokenizer(recipe, work: Path) -> dict:
 
 def model_config(recipe):
     """The recipe's named config with its config_overrides (as the trainer builds it)."""
-    from moelm.config.configs import named_config
+    from moelm.config import named_config
 
     config = named_config(recipe.model.name_or_path)
     for key, value in recipe.model.config_overrides.items():
@@ -375,7 +375,7 @@ def samples(model_dir: Path, dtype: str, seed: int = 0) -> list[dict]:
 def parameter_counts(model_dir: Path) -> dict:
     """Total parameters (the checkpoint's tensors, the tied embedding once) and those active per token (the routed
     experts beyond moe_k not counted)."""
-    from moelm.config.configs import AutoConfig
+    from moelm.config import AutoConfig
     from moelm.io.weights import SafetensorsCheckpoint
 
     c = AutoConfig.from_pretrained(model_dir)
@@ -455,7 +455,7 @@ COPYRIGHT_NOTICE = ("Copyright © 2001-2023 Python Software Foundation. All righ
 
 
 def write_readme(out: Path, info: dict, recipe) -> None:
-    from moelm.config.configs import AutoConfig
+    from moelm.config import AutoConfig
 
     c = AutoConfig.from_pretrained(out)  # as trained (the config.json written by finetune)
     moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]

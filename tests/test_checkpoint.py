@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import moelm
 from moelm import AutoModelForCausalLM, CheckpointError
 from moelm.loading.checkpoint import hub_state_dict
-from moelm.config.configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
+from moelm.config import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
 from moelm.io.weights import SafetensorsCheckpoint
 from reference import reference_model
 

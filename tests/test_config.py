@@ -10,7 +10,7 @@ import transformers
 
 import moelm
 from moelm import AutoConfig, AutoModelForCausalLM, Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
-from moelm.config.configs import NAMED_CONFIGS, named_config
+from moelm.config import NAMED_CONFIGS, named_config
 
 FAMILIES = {
     "ernie4_5": (Ernie4_5Config, transformers.Ernie4_5Config),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from moelm import AutoModelForCausalLM
-from moelm.config.configs import named_config
+from moelm.config import named_config
 from moelm.models.scaffold import new_checkpoint
 from moelm.text.tokenizer import AutoTokenizer
 from moelm.train.data import DataConfig, batch_length, collate, load_examples

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelm
-from moelm.config.configs import named_config
+from moelm.config import named_config
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize
 from moelm.nn.moe import Experts
 from moelm.parallel.config import DistributedConfig

@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from moelm import AutoModelForCausalLM
-from moelm.config.configs import named_config
+from moelm.config import named_config
 from moelm.parallel import memory_plan
 from moelm.parallel.config import DistributedConfig
 from moelm.models.scaffold import new_checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM
-from moelm.config.configs import named_config
+from moelm.config import named_config
 from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
 from moelm.parallel.plans import parameter_styles, rule, sharded_modules
 from moelm.models.scaffold import new_checkpoint

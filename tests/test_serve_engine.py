@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM, AutoTokenizer
-from moelm.config.configs import named_config
+from moelm.config import named_config
 from moelm.inference.slots import SlotCache
 from moelm.models.scaffold import new_checkpoint
 from moelm.serve.engine import Engine, EngineFull, RequestError, SamplingParams
@@ -338,7 +338,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(loaded):
 def test_phimoe_longrope_limit():
     """Past original_max_position_embeddings PhiMoE's LongRoPE changes scale and the reference re-runs the whole
     sequence; the engine serves up to there and says so beyond."""
-    from moelm.config.configs import PhimoeConfig
+    from moelm.config import PhimoeConfig
 
     rope = dict(rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[2.0, 3.0, 4.5, 6.0],
                 short_mscale=1.15, long_mscale=1.45, original_max_position_embeddings=8, rope_theta=10000.0)

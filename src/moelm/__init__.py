@@ -4,7 +4,7 @@ from . import omp
 omp.choose()  # before torch is imported: libgomp reads its wait policy once  # noqa: E402
 from .models.auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .loading.backend import BackendConfig, ModelCapabilities, get_capabilities
-from .config.configs import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
+from .config import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
 from .generation import GenerationConfig
 from .inference import StaticCache
 from .inference.quantization import BitsAndBytesConfig, QuantizationConfig

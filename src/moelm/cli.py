@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="prefill step size for the largest activation")
     p.set_defaults(run=cmd_info)
 
-    from .config.configs import NAMED_CONFIGS
+    from .config import NAMED_CONFIGS
 
     p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template",
                        description="Write a random-weight checkpoint of a named config, with a tokenizer and chat "

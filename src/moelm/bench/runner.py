@@ -34,7 +34,7 @@ BENCH_MODELS = {
 # ---------------------------------------------------------------- models
 
 def bench_config(name: str):
-    from ..config.configs import AutoConfig, named_config
+    from ..config import AutoConfig, named_config
 
     if name not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {name!r}; known: {', '.join(BENCH_MODELS)}")
@@ -94,7 +94,7 @@ def load_models(directory: str, dtype: str, device: torch.device, with_transform
     """{label: model} and {label: (RSS added, peak RSS)}. Float dtypes: moelm and transformers in that dtype.
     int8/int4: moelm quantized and moelm fp32 (transformers has no CPU int8/int4 path to compare with)."""
     from ..models.auto import AutoModelForCausalLM
-    from ..config.configs import dtype_from_str
+    from ..config import dtype_from_str
 
     models, rss = {}, {}
 

@@ -135,7 +135,7 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
         """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
         defaults with config.json's special tokens."""
-        from ..config.configs import read_config_json, read_json_object
+        from ..config import read_config_json, read_json_object
         from ..io.hub import resolve_model_dir
 
         directory = resolve_model_dir(path)

@@ -9,7 +9,7 @@ import torch
 
 from .backend import apply_backend, apply_moe_overrides
 from .checkpoint import load_checkpoint
-from ..config.configs import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
+from ..config import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
 from ..io.hub import resolve_model_dir, with_revision
 from ..inference import optimize

@@ -1,7 +1,7 @@
 """AutoModelForCausalLM: the class named by config.json's model_type / architectures."""
 from __future__ import annotations
 
-from ..config.configs import AutoConfig, PretrainedConfig, config_class_for, read_config_json
+from ..config import AutoConfig, PretrainedConfig, config_class_for, read_config_json
 from .ernie4_5 import Ernie4_5ForCausalLM
 from .ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification

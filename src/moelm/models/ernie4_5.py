@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config.configs import Ernie4_5Config
+from ..config import Ernie4_5Config
 from ..nn.layers import MLP, DecoderLayer, RMSNorm
 from .modeling import CausalLM, DecoderModel
 from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_interleaved

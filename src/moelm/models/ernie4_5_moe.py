@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config.configs import Ernie4_5_MoeConfig
+from ..config import Ernie4_5_MoeConfig
 from ..nn.layers import MLP
 from .modeling import CausalLM, Router
 from ..nn.moe import Experts, ernie_route

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.configs import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
+from ..config import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
 from ..io.hub import resolve_model_dir
 from ..parallel.comm import comm_plan
 from ..parallel.memory import memory_plan

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.configs import PretrainedConfig
+from ..config import PretrainedConfig
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
 from ..nn.layers import DynamicCache, attention_mask_4d
 from ..nn.moe import Experts, load_balancing_loss

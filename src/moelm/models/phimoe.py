@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config.configs import PhimoeConfig
+from ..config import PhimoeConfig
 from ..nn.layers import DecoderLayer
 from .modeling import CausalLM, DecoderModel, Router, SequenceClassification
 from ..nn.moe import Experts, sparsemixer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config.configs import named_config
+from ..config import named_config
 from ..io.weights import atomic_write_text
 from ..text.chat_template import ERNIE_TEMPLATE, PHI_TEMPLATE
 

@@ -287,7 +287,7 @@ def load_model(section, resume_dir: Path | None = None):
     """The recipe's model in its dtype, without the inference fast paths; a full fine-tune resumes from the
     checkpoint's weights."""
     from ..models.auto import AutoModelForCausalLM
-    from ..config.configs import NAMED_CONFIGS, named_config
+    from ..config import NAMED_CONFIGS, named_config
 
     dtype = getattr(torch, section.dtype)
     path = section.name_or_path

@@ -1,4 +1,5 @@
-"""Config dataclasses whose fields are the config.json keys, plus a registry of named configs."""
+"""PretrainedConfig: the fields every family has, config.json reading and writing (4.x and 5.x spellings), rope
+validation, and the model_type registry that AutoConfig reads (each family class registers itself)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+CONFIG_CLASSES: dict[str, type["PretrainedConfig"]] = {}  # model_type -> class, filled as families are defined
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float": torch.float32,
@@ -35,6 +37,7 @@ class PretrainedConfig:
     default_architecture: ClassVar[str] = ""
     attribute_map: ClassVar[dict[str, str]] = {}
     top_level_original_max_wins: ClassVar[bool] = True
+    hub_architectures: ClassVar[tuple[str, ...]] = ()  # config.json `architectures` names that mean this family
 
     architectures: list[str] | None = None
     dtype: str | None = None
@@ -42,6 +45,11 @@ class PretrainedConfig:
     problem_type: str | None = None
     attn_implementation: str = "sdpa"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.model_type:
+            CONFIG_CLASSES[cls.model_type] = cls
 
     def __init__(self, **kwargs):
         for f in dataclasses.fields(self):
@@ -197,7 +205,7 @@ class PretrainedConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "PretrainedConfig":
         """Read config.json from a directory, a config.json path, or a hub id in the local HF cache."""
         data = read_config_json(path)
-        if cls is PretrainedConfig or cls is AutoConfig:
+        if cls is PretrainedConfig:
             return config_class_for(data).from_dict(data)
         return cls.from_dict(data)
 
@@ -210,179 +218,6 @@ class PretrainedConfig:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return dtype_from_str(self.dtype) if self.dtype else None
-
-
-@dataclass(init=False, repr=False)
-class Ernie4_5Config(PretrainedConfig):
-    model_type: ClassVar[str] = "ernie4_5"
-    default_theta: ClassVar[float] = 500000.0
-    default_architecture: ClassVar[str] = "Ernie4_5ForCausalLM"
-
-    vocab_size: int = 103424
-    hidden_size: int = 1024
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 18
-    num_attention_heads: int = 16
-    num_key_value_heads: int | None = 2
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 131072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-05
-    use_cache: bool = True
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    tie_word_embeddings: bool = True
-    rope_parameters: dict | None = None
-    use_bias: bool = False
-    head_dim: int | None = 128
-
-    def _derive(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-
-
-@dataclass(init=False, repr=False)
-class Ernie4_5_MoeConfig(PretrainedConfig):
-    model_type: ClassVar[str] = "ernie4_5_moe"
-    default_theta: ClassVar[float] = 500000.0
-    default_architecture: ClassVar[str] = "Ernie4_5_MoeForCausalLM"
-    attribute_map: ClassVar[dict[str, str]] = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
-
-    vocab_size: int = 103424
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    hidden_size: int = 2560
-    intermediate_size: int = 12288
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 20
-    num_key_value_heads: int | None = 4
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 131072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-5
-    use_cache: bool = True
-    tie_word_embeddings: bool = True
-    rope_parameters: dict | None = None
-    use_bias: bool = False
-    moe_intermediate_size: int = 1536
-    moe_k: int = 6
-    moe_num_experts: int = 64
-    moe_num_shared_experts: int = 2
-    moe_layer_start_index: int = 1
-    moe_layer_end_index: int = -1
-    moe_layer_interval: int = 1
-    moe_norm_min: float = 1e-12
-    output_router_logits: bool = False
-    router_aux_loss_coef: float = 0.001
-    head_dim: int | None = None
-
-    def _derive(self):
-        # Real hub configs may give per-modality lists; the text layers span their min..max.
-        if isinstance(self.moe_layer_start_index, (list, tuple)):
-            self.moe_layer_start_index = min(self.moe_layer_start_index)
-        if isinstance(self.moe_layer_end_index, (list, tuple)):
-            self.moe_layer_end_index = max(self.moe_layer_end_index)
-        if self.moe_layer_end_index == -1:
-            self.moe_layer_end_index = self.num_hidden_layers - 1
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-
-    def validate(self):
-        super().validate()
-        if self.moe_k > self.moe_num_experts:
-            raise ValueError(f"moe_k ({self.moe_k}) must not exceed moe_num_experts ({self.moe_num_experts})")
-        if self.moe_num_shared_experts < 0:
-            raise ValueError(f"moe_num_shared_experts must be >= 0, got {self.moe_num_shared_experts}")
-        if self.moe_layer_interval <= 0:
-            raise ValueError(f"moe_layer_interval must be positive, got {self.moe_layer_interval}")
-
-    def is_moe_layer(self, i: int) -> bool:
-        return ((i + 1) % self.moe_layer_interval == 0
-                and self.moe_layer_start_index <= i <= self.moe_layer_end_index)
-
-    def moe_layers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
-
-    def moe_summary(self) -> str:
-        layers = self.moe_layers()
-        return (f"{len(layers)} MoE layers ({_ranges(layers)}), {self.moe_num_experts} experts, top-{self.moe_k}, "
-                f"{self.moe_num_shared_experts} shared, expert width {self.moe_intermediate_size}")
-
-
-@dataclass(init=False, repr=False)
-class PhimoeConfig(PretrainedConfig):
-    model_type: ClassVar[str] = "phimoe"
-    default_theta: ClassVar[float] = 1000000.0
-    default_architecture: ClassVar[str] = "PhimoeForCausalLM"
-    top_level_original_max_wins: ClassVar[bool] = False
-
-    vocab_size: int = 32064
-    hidden_size: int = 4096
-    intermediate_size: int = 6400
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = 8
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096 * 32
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-5
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    tie_word_embeddings: bool = False
-    rope_parameters: dict | None = None
-    sliding_window: int | None = None
-    attention_dropout: float = 0.0
-    num_experts_per_tok: int = 2
-    num_local_experts: int = 16
-    output_router_logits: bool = False
-    router_aux_loss_coef: float = 0.001
-    router_jitter_noise: float = 0.01
-    input_jitter_noise: float = 0.0
-    attention_bias: bool = False
-    lm_head_bias: bool = False
-
-    def validate(self):
-        super().validate()
-        if self.num_experts_per_tok != 2:
-            raise ValueError(f"PhiMoE's sparsemixer routes exactly 2 experts per token, "
-                             f"got num_experts_per_tok={self.num_experts_per_tok}")
-        if self.num_local_experts < 2:
-            raise ValueError(f"num_local_experts must be >= 2, got {self.num_local_experts}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or null, got {self.sliding_window}")
-        rope = self.rope_parameters
-        if rope["rope_type"] != "default":
-            for key in ("short_mscale", "long_mscale"):
-                if not isinstance(rope.get(key), (int, float)):
-                    raise ValueError(f"rope_parameters.{key} must be a number for PhiMoE's "
-                                     f"{rope['rope_type']!r} rope, got {rope.get(key)!r}")
-
-    @property
-    def num_experts(self) -> int:
-        return self.num_local_experts
-
-    def moe_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
-
-    def moe_summary(self) -> str:
-        return (f"all {self.num_hidden_layers} layers, {self.num_local_experts} experts, top-2 sparsemixer, "
-                f"expert width {self.intermediate_size}")
-
-
-def _ranges(xs: list[int]) -> str:
-    """[1, 2, 3, 5] -> "1-3, 5"."""
-    if not xs:
-        return "none"
-    out, start = [], xs[0]
-    for a, b in zip(xs, xs[1:] + [None]):
-        if b != a + 1:
-            out.append(f"{start}-{a}" if a != start else f"{a}")
-            start = b
-    return ", ".join(out)
 
 
 def _normalise_keys(config: PretrainedConfig, kwargs: dict) -> dict:
@@ -444,25 +279,14 @@ def _validate_rope(config: PretrainedConfig):
                 raise ValueError(f"rope_parameters.{key} must be a list of head_dim/2 = {half} numbers, got {n}")
 
 
-# ---------------------------------------------------------------- auto / registry
-
-CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
-    c.model_type: c for c in (Ernie4_5Config, Ernie4_5_MoeConfig, PhimoeConfig)}
-ARCHITECTURES = {
-    "Ernie4_5ForCausalLM": "ernie4_5", "Ernie4_5_ForCausalLM": "ernie4_5", "Ernie4_5Model": "ernie4_5",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "Ernie4_5_MoeModel": "ernie4_5_moe",
-    "PhimoeForCausalLM": "phimoe", "PhiMoEForCausalLM": "phimoe", "PhimoeModel": "phimoe",
-    "PhimoeForSequenceClassification": "phimoe",
-}
-
-
 def config_class_for(data: dict) -> type[PretrainedConfig]:
     model_type = data.get("model_type")
     if model_type in CONFIG_CLASSES:
         return CONFIG_CLASSES[model_type]
     for arch in data.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return CONFIG_CLASSES[ARCHITECTURES[arch]]
+        for cls in CONFIG_CLASSES.values():
+            if arch in cls.hub_architectures:
+                return cls
     raise ValueError(f"unknown model_type {model_type!r} / architectures {data.get('architectures')!r}; "
                      f"moelm supports model_type {sorted(CONFIG_CLASSES)}")
 
@@ -508,38 +332,3 @@ class AutoConfig:
     @staticmethod
     def from_dict(data: dict) -> PretrainedConfig:
         return config_class_for(data).from_dict(data)
-
-
-_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=2048)
-NAMED_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict]] = {
-    "ernie-4.5-0.3b": (Ernie4_5Config, dict(rope_theta=500000.0, max_position_embeddings=131072)),
-    "ernie-4.5-21b-a3b": (Ernie4_5_MoeConfig, dict(
-        moe_layer_start_index=1, moe_layer_end_index=27, num_nextn_predict_layers=1)),
-    "ernie-4.5-300b-a47b": (Ernie4_5_MoeConfig, dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=54, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=128, moe_intermediate_size=3584, moe_k=8, moe_num_shared_experts=0,
-        moe_layer_start_index=3, moe_layer_end_index=53, num_nextn_predict_layers=1)),
-    # short_factor/long_factor below are placeholders (all 1.0): the real microsoft/Phi-3.5-MoE-instruct config.json
-    # carries its own 64+64 longrope factors, and loading that checkpoint reads them from config.json.
-    "phi-3.5-moe": (PhimoeConfig, dict(
-        rope_theta=10000.0, max_position_embeddings=131072, sliding_window=131072, attention_bias=True,
-        lm_head_bias=True, router_jitter_noise=0.01, input_jitter_noise=0.01, bos_token_id=1, eos_token_id=32000,
-        rms_norm_eps=1e-5, original_max_position_embeddings=4096,
-        rope_scaling=dict(type="longrope", short_mscale=1.243163121016122, long_mscale=1.243163121016122,
-                          original_max_position_embeddings=4096, short_factor=[1.0] * 64,
-                          long_factor=[1.0] * 64))),
-    "ernie4_5-tiny": (Ernie4_5Config, dict(_TINY, vocab_size=512, intermediate_size=128, head_dim=16)),
-    "ernie4_5_moe-tiny": (Ernie4_5_MoeConfig, dict(
-        _TINY, vocab_size=512, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32,
-        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1)),
-    "phimoe-tiny": (PhimoeConfig, dict(
-        _TINY, vocab_size=512, intermediate_size=64, num_local_experts=4, rope_theta=10000.0)),
-}
-
-
-def named_config(name: str) -> PretrainedConfig:
-    if name not in NAMED_CONFIGS:
-        raise ValueError(f"unknown config name {name!r}; known: {', '.join(NAMED_CONFIGS)}")
-    cls, kwargs = NAMED_CONFIGS[name]
-    return cls(**copy.deepcopy(kwargs))
