@@ -80,9 +80,9 @@ def synthetic_tokenizer(vocab_size: int):
 def write_bench_checkpoint(model: str, directory: Path, seed: int, log) -> object:
     """The random checkpoint of the named shape (moelm.bench.runner.write_checkpoint) with the synthetic tokenizer
     and the ERNIE chat template; returns its config."""
-    from moelm.text.chat_template import ERNIE_TEMPLATE
     from moelm.bench.runner import bench_config, write_checkpoint
-    from moelm.io.weights import atomic_write_text
+    from moelm.io.files import atomic_write_text
+    from moelm.text.chat_template import ERNIE_TEMPLATE
 
     config = bench_config(model)
     t = time.perf_counter()

@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+
 from moelm import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "baidu/ERNIE-4.5-21B-A3B-PT"

@@ -6,6 +6,7 @@
 import sys
 
 import torch
+
 from moelm import AutoModelForCausalLM, AutoTokenizer
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "baidu/ERNIE-4.5-21B-A3B-PT"

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import moelm
 from moelm import AutoModelForCausalLM, CheckpointError
-from moelm.loading.checkpoint import hub_state_dict
 from moelm.config import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig
 from moelm.io.weights import SafetensorsCheckpoint
+from moelm.loading.checkpoint import hub_state_dict
 from reference import reference_model
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,

@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelm
-from moelm.inference import StaticCache, cpu, decode, kernels, quantization
+from moelm.inference import StaticCache, cpu, decode, kernels, matmul, quantization
 from moelm.inference import linear as linears
-from moelm.inference import matmul
-from moelm.nn.layers import MLP, Attention, DynamicCache
-from moelm.nn.moe import Experts
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize, quantize
 from moelm.inference.quantize import resolve
+from moelm.nn.layers import MLP, Attention, DynamicCache
+from moelm.nn.moe import Experts
 from reference import randomise
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -31,12 +31,12 @@ import yaml
 
 from moelm import AutoModelForCausalLM
 from moelm.config import named_config
+from moelm.io.weights import SafetensorsCheckpoint
 from moelm.models.scaffold import new_checkpoint
 from moelm.text.tokenizer import AutoTokenizer
 from moelm.train.data import DataConfig, batch_length, collate, load_examples
 from moelm.train.recipe import build_recipe
 from moelm.train.trainer import Trainer
-from moelm.io.weights import SafetensorsCheckpoint
 from reference import randomise
 from test_finetune_dist import recipe_dict, write_hellaswag
 

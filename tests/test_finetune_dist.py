@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from moelm import AutoModelForCausalLM
+from moelm.io.weights import SafetensorsCheckpoint
 from moelm.models.scaffold import new_checkpoint
 from moelm.train.recipe import build_recipe
 from moelm.train.trainer import Trainer
-from moelm.io.weights import SafetensorsCheckpoint
 from test_parallel import launch
 
 # name -> (world, distributed section, variant: fp32 full fine-tune, LoRA, or bf16 weights with fp32 routers)

@@ -18,9 +18,9 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 import moelm  # noqa: E402
+from llamacpp_harness import TINY, parity, tiny_checkpoint  # noqa: E402
 from moelm.bench import llamacpp  # noqa: E402
 from moelm.bench.gguf import ARCH, FTYPES, write_gguf  # noqa: E402
-from llamacpp_harness import TINY, parity, tiny_checkpoint  # noqa: E402
 
 FAMILIES = ("ernie4_5", "ernie4_5_moe", "phimoe")
 QTYPE = {"f32": Q.F32, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}

@@ -17,8 +17,16 @@ from moelm.config import named_config
 from moelm.inference.quantization import QuantizedExperts, QuantizedLinear, dequantize
 from moelm.nn.moe import Experts
 from moelm.parallel.config import DistributedConfig
-from moelm.train.lora import (LoraConfig, apply_lora, is_lora, load_adapter, lora_parameters, lora_state_dict,
-                              merge_lora, save_adapter)
+from moelm.train.lora import (
+    LoraConfig,
+    apply_lora,
+    is_lora,
+    load_adapter,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 from reference import assert_close, randomise
 
 transformers = pytest.importorskip("transformers")

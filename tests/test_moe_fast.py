@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelm.nn import moe
 from moelm.inference import cpu, experts, kernels
 from moelm.inference.modules import FastExperts
+from moelm.nn import moe
 from moelm.nn.moe import Experts
 
 E, H, I = 12, 64, 32

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 
 from moelm import AutoModelForCausalLM
 from moelm.config import named_config
+from moelm.io.weights import SafetensorsCheckpoint
+from moelm.models.scaffold import new_checkpoint
 from moelm.parallel import memory_plan
 from moelm.parallel.config import DistributedConfig
-from moelm.models.scaffold import new_checkpoint
-from moelm.io.weights import SafetensorsCheckpoint
 
 FAMILIES = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimoe": "phimoe-tiny"}
 MOE = ["ernie4_5_moe", "phimoe"]

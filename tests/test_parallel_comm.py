@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelm import AutoModelForCausalLM, DistributedConfig
-from moelm.parallel.comm import CountCollectives, comm_plan
 from moelm.models.scaffold import new_checkpoint
+from moelm.parallel.comm import CountCollectives, comm_plan
 
 LAYOUTS = [dict(tp_size=2), dict(ep_size=2, fsdp_size=2), dict(tp_size=2, ep_size=2),
            dict(tp_size=2, ep_size=2, ep_implementation="all_to_all")]

@@ -10,9 +10,9 @@ import torch
 
 from moelm import AutoModelForCausalLM
 from moelm.config import named_config
+from moelm.models.scaffold import new_checkpoint
 from moelm.parallel import EP_PLANS, TP_PLANS, check_sizes, memory_plan, plan_for
 from moelm.parallel.plans import parameter_styles, rule, sharded_modules
-from moelm.models.scaffold import new_checkpoint
 
 FAMILIES = ["ernie4_5-tiny", "ernie4_5_moe-tiny", "phimoe-tiny"]
 

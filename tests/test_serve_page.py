@@ -17,9 +17,8 @@ if not CHROMIUM:
 sync_api = pytest.importorskip("playwright.sync_api", reason="the python package playwright is not installed")
 expect = sync_api.expect
 
-from serve_fixtures import running_server  # noqa: E402
-
 from moelm.models.scaffold import new_checkpoint  # noqa: E402
+from serve_fixtures import running_server  # noqa: E402
 
 TIMEOUT_MS = 15_000
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

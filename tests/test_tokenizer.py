@@ -9,12 +9,12 @@ import threading
 import jinja2
 import pytest
 import torch
-from tokenizer_fixtures import (ERNIE_TEMPLATE, PHI_TEMPLATE, build_bpe_tokenizer_dir, build_sentencepiece_dir)
 
 from moelm.io.hub import ModelNotFoundError
-from moelm.text.streamers import TextIteratorStreamer, TextStreamer, _is_cjk
 from moelm.text.sentencepiece import read_sentencepiece_model
+from moelm.text.streamers import TextIteratorStreamer, TextStreamer, _is_cjk
 from moelm.text.tokenizer import AutoTokenizer
+from tokenizer_fixtures import ERNIE_TEMPLATE, PHI_TEMPLATE, build_bpe_tokenizer_dir, build_sentencepiece_dir
 
 transformers = pytest.importorskip("transformers")
 try:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from moelm.models.scaffold import new_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from moelm.io import hub, weights
+from moelm.io.files import parse_size
 from moelm.io.hub import ModelNotFoundError, hf_cache_dir, resolve_model_dir
-from moelm.io.weights import CheckpointError, SafetensorsCheckpoint, parse_size, save_sharded
+from moelm.io.weights import CheckpointError, SafetensorsCheckpoint, save_sharded
 
 
 def sample():

@@ -2,21 +2,21 @@
 from . import omp
 
 omp.choose()  # before torch is imported: libgomp reads its wait policy once  # noqa: E402
-from .models.auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from .loading.backend import BackendConfig, ModelCapabilities, get_capabilities
 from .config import Ernie4_5_MoeConfig, Ernie4_5Config, PhimoeConfig, named_config
 from .generation import GenerationConfig
 from .inference import StaticCache
 from .inference.quantization import BitsAndBytesConfig, QuantizationConfig
-from .nn.layers import DynamicCache
+from .io.weights import CheckpointError
+from .loading.backend import BackendConfig, ModelCapabilities, get_capabilities
+from .models.auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
+from .nn.layers import DynamicCache
 from .parallel.config import DistributedConfig
 from .pipelines import pipeline
 from .text.streamers import TextIteratorStreamer, TextStreamer
 from .text.tokenizer import AutoTokenizer
-from .io.weights import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,7 +1,6 @@
 """pipeline("text-generation"): prompts or chat messages in, [{"generated_text": ...}] out, as transformers."""
 from __future__ import annotations
 
-
 GENERATE_ARGS = {"generation_config", "streamer"}  # generate()'s own arguments besides GenerationConfig fields
 
 

@@ -48,8 +48,8 @@ def bytes_per_token(model, config) -> dict:
     """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
     scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
     stacked-experts module counted for its top-k of E experts only."""
-    from ..nn.moe import Experts
     from ..inference.quantization import QuantizedExperts
+    from ..nn.moe import Experts
 
     k = getattr(config, "moe_k", None) or getattr(config, "num_experts_per_tok", None) or 1
     embed = model.get_input_embeddings().weight
@@ -93,8 +93,8 @@ QUANTIZED = ("int8", "int4")
 def load_models(directory: str, dtype: str, device: torch.device, with_transformers: bool):
     """{label: model} and {label: (RSS added, peak RSS)}. Float dtypes: moelm and transformers in that dtype.
     int8/int4: moelm quantized and moelm fp32 (transformers has no CPU int8/int4 path to compare with)."""
-    from ..models.auto import AutoModelForCausalLM
     from ..config import dtype_from_str
+    from ..models.auto import AutoModelForCausalLM
 
     models, rss = {}, {}
 

@@ -210,7 +210,7 @@ class PretrainedConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from ..io.weights import atomic_write_text
+        from ..io.files import atomic_write_text
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / "config.json", self.to_json_string())

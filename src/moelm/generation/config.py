@@ -145,7 +145,7 @@ class GenerationConfig:
         return cls.from_dict(read_json_object(file))
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from ..io.weights import atomic_write_text
+        from ..io.files import atomic_write_text
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())

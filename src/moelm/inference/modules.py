@@ -8,8 +8,8 @@ from torch import nn
 from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
 from ..nn.moe import Experts, needs_grad, sort_by_expert
 from . import cpu, kernels
-from .cache import StaticCache
 from .attention import decode_attention
+from .cache import StaticCache
 from .decode import decode_attention_step, layer_step
 from .experts import each_expert
 from .linear import FastLinear, Fused, fuse_projections, fused_ready

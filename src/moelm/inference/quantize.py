@@ -11,8 +11,15 @@ from torch import nn
 from ..nn.moe import Experts
 from . import bnb
 from .bnb import BnbExperts, BnbLinear
-from .quantization import (BitsAndBytesConfig, PackedLinear, QuantizationConfig, QuantizedExperts, QuantizedLinear,
-                           experts_group_for, group_for)
+from .quantization import (
+    BitsAndBytesConfig,
+    PackedLinear,
+    QuantizationConfig,
+    QuantizedExperts,
+    QuantizedLinear,
+    experts_group_for,
+    group_for,
+)
 
 
 def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .files import fsync_dir, fsync_file, parse_size
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -274,62 +276,6 @@ class SafetensorsCheckpoint:
         return f"SafetensorsCheckpoint({str(self.directory)!r}, files={len(self.files)}, tensors={len(self._keys)})"
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(s: int | str) -> int:
-    """Bytes from an int or a string like "5GB" (1000-based), "2GiB" (1024-based) or "100"."""
-    if isinstance(s, int) and not isinstance(s, bool):
-        if s <= 0:
-            raise ValueError(f"size must be positive, got {s!r}")
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", s) if isinstance(s, str) else None
-    if m is None or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"invalid size {s!r}; expected e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {s!r}")
-    return n
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _cpu_contiguous(name: str, t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     """A CPU tensor that owns its whole storage and shares it with no other tensor in the shard."""
     if not isinstance(t, torch.Tensor):
@@ -407,23 +353,23 @@ def save_sharded(
         for i, fname in enumerate(final):
             os.replace(tmp / f"part-{i}", tmp / fname)
             os.chmod(tmp / fname, 0o644)  # safetensors creates files 0600; make them readable like config.json
-            _fsync_file(tmp / fname)
+            fsync_file(tmp / fname)
         if n > 1:
             weight_map = {name: fname for fname, shard_names in zip(final, shards) for name in shard_names}
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _fsync_file(tmp / INDEX_NAME)
+            fsync_file(tmp / INDEX_NAME)
             final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text, encoding="utf-8")
             os.chmod(tmp / fname, 0o644)
-            _fsync_file(tmp / fname)
+            fsync_file(tmp / fname)
             final.append(fname)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         for fname in final:
             os.replace(tmp / fname, directory / fname)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -436,5 +382,5 @@ def save_sharded(
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return [directory / f for f in final]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io.weights import parse_size
+from ..io.files import parse_size
 
 LAYER = re.compile(r"^model\.layers\.(\d+)$")
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -7,16 +7,16 @@ import os
 
 import torch
 
-from .backend import apply_backend, apply_moe_overrides
-from .checkpoint import load_checkpoint
 from ..config import AutoConfig, PretrainedConfig, dtype_from_str, read_config_json
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
-from ..io.hub import resolve_model_dir, with_revision
 from ..inference import optimize
 from ..inference.quantization import BitsAndBytesConfig
 from ..inference.quantize import fill_tied_head, quantize_modules, resolve
-from .offload import disk_layers, materialize, needs_placement, offload, plan
+from ..io.hub import resolve_model_dir, with_revision
 from ..io.weights import SafetensorsCheckpoint
+from .backend import apply_backend, apply_moe_overrides
+from .checkpoint import load_checkpoint
+from .offload import disk_layers, materialize, needs_placement, offload, plan
 
 
 def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None, fast: bool = True,

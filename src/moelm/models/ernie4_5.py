@@ -5,8 +5,8 @@ import torch
 
 from ..config import Ernie4_5Config
 from ..nn.layers import MLP, DecoderLayer, RMSNorm
-from .modeling import CausalLM, DecoderModel
 from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_interleaved
+from .modeling import CausalLM, DecoderModel
 
 
 def ernie_cos_sin(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

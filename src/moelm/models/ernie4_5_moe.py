@@ -6,9 +6,9 @@ from torch import nn
 
 from ..config import Ernie4_5_MoeConfig
 from ..nn.layers import MLP
-from .modeling import CausalLM, Router
 from ..nn.moe import Experts, ernie_route
 from .ernie4_5 import Ernie4_5Model
+from .modeling import CausalLM, Router
 
 
 class MoeStatics(nn.Module):

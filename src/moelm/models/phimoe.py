@@ -6,9 +6,9 @@ from torch import nn
 
 from ..config import PhimoeConfig
 from ..nn.layers import DecoderLayer
-from .modeling import CausalLM, DecoderModel, Router, SequenceClassification
 from ..nn.moe import Experts, sparsemixer
 from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_half_split
+from .modeling import CausalLM, DecoderModel, Router, SequenceClassification
 
 
 class PhimoeSparseMoeBlock(nn.Module):

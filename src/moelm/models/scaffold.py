@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import named_config
-from ..io.weights import atomic_write_text
+from ..io.files import atomic_write_text
 from ..text.chat_template import ERNIE_TEMPLATE, PHI_TEMPLATE
 
 # Special tokens per family: ids 0.. in this order; the config's pad/bos/eos ids point into it.

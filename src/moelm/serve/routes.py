@@ -9,8 +9,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
 from .errors import APIError, error_response
-from .responses import Generation, respond
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .responses import Generation, respond
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_POLICY = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"

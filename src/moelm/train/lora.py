@@ -33,9 +33,9 @@ from torch.distributed.tensor import DTensor
 from ..inference.bnb import BnbExperts, BnbLinear
 from ..inference.modules import FastExperts
 from ..inference.quantization import PackedLinear, QuantizedExperts, dequantize
+from ..io.files import fsync_dir, fsync_file
 from ..nn.moe import Experts, grouped_linear, needs_grad
 from ..parallel.experts import ExpertsEP, ExpertsTP, full_tensor
-from ..io.weights import _fsync_dir, _fsync_file
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # registration order, as in transformers' experts modules
@@ -462,16 +462,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(tmp / f, 0o644)
-            _fsync_file(tmp / f)
-        _fsync_dir(tmp)
+            fsync_file(tmp / f)
+        fsync_dir(tmp)
         if directory.exists():  # other files in it stay; ours are replaced one by one, the config last
             for f in (WEIGHTS_NAME, CONFIG_NAME):
                 os.replace(tmp / f, directory / f)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             tmp.rmdir()
         else:
             os.rename(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

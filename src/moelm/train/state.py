@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..io.weights import atomic_write_text
+from ..io.files import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 

@@ -72,8 +72,8 @@ class Trainer:
         self._order: tuple[int, list[int]] | None = None  # (epoch, its example order)
         self.model = model if model is not None else load_model(recipe.model, self.resume_dir)
         if model is not None and self.resume_dir is not None and recipe.peft is None:
-            from ..loading.checkpoint import load_checkpoint
             from ..io.weights import SafetensorsCheckpoint
+            from ..loading.checkpoint import load_checkpoint
 
             with SafetensorsCheckpoint(self.resume_dir) as ckpt:
                 load_checkpoint(model, ckpt, progress=False)
@@ -286,8 +286,8 @@ def load_tokenizer(section):
 def load_model(section, resume_dir: Path | None = None):
     """The recipe's model in its dtype, without the inference fast paths; a full fine-tune resumes from the
     checkpoint's weights."""
-    from ..models.auto import AutoModelForCausalLM
     from ..config import NAMED_CONFIGS, named_config
+    from ..models.auto import AutoModelForCausalLM
 
     dtype = getattr(torch, section.dtype)
     path = section.name_or_path
