@@ -13,7 +13,7 @@ per client at the highest client count (moelm measures its kernel paths per shap
 
 The tokenizer: a synthetic word-level one with exactly the model's vocabulary (id i is the word ' t' + i in letters),
 so every sampled id decodes to text and a prompt of N words is N tokens for moelm and transformers; llama.cpp's GGUF
-(moelm.llamacpp) has a synthetic vocabulary without merges, so its prompt is N ASCII letters, N byte tokens. The
+(moelm.bench.gguf) has a synthetic vocabulary without merges, so its prompt is N ASCII letters, N byte tokens. The
 prompt lengths are checked on every server before the run.
 
     python benchmarks/serve.py --model ernie-0.3b --clients 1 4 8 --requests 4
@@ -197,7 +197,7 @@ class Server:
 
     def prompt(self, ids: list[int]) -> str:
         if self.name == "llama.cpp":
-            # the GGUF's vocabulary (moelm.llamacpp) has no merges: each ASCII letter is one byte token
+            # the GGUF's vocabulary (moelm.bench.gguf) has no merges: each ASCII letter is one byte token
             return "".join(chr(97 + i % 26) for i in ids)
         return "".join(filler(i) for i in ids)
 

@@ -7,7 +7,7 @@ Steps 1-3 are skipped when their outputs are already in --work (unless --fresh):
  1. `apt-get download python3.11-doc` (Debian; PSF License Version 2) and `dpkg-deb -x` it;
  2. the reST sources (html/_sources/**/*.rst.txt but the release notes, whatsnew/) cleaned into plain prose: one
     JSONL record per page (corpus.jsonl; every 50th page goes to val.jsonl instead);
- 3. a byte-level BPE tokenizer trained on the training pages (moelm.scaffold.train_tokenizer / save_tokenizer:
+ 3. a byte-level BPE tokenizer trained on the training pages (moelm.models.scaffold.train_tokenizer / save_tokenizer:
     the ERNIE special tokens and chat template of `moelm new`);
  4. `moelm finetune recipes/demo_pydoc.yaml` (from scratch: a named config with config_overrides), timed;
  5. the final model copied to --out in bfloat16 with a sampling generation_config, the package's copyright file
@@ -505,7 +505,7 @@ to the Debian archive):
    {VAL_EVERY}th page is held out for validation: {d['train_pages']} pages, {d['train_bytes'] / 1e6:.2f} MB,
    {d['train_tokens']:,} tokens for training; {d['val_pages']} pages, {d['val_tokens']:,} tokens for validation.
 2. Tokenizer: byte-level BPE with a {d['vocab_size']}-token vocabulary trained on the training pages with the
-   `tokenizers` package (`moelm.scaffold.train_tokenizer`; the ERNIE special tokens and chat template of `moelm new`).
+   `tokenizers` package (`moelm.models.scaffold.train_tokenizer`; the ERNIE special tokens and chat template of `moelm new`).
 3. Training: `moelm finetune {info['recipe']}` from a random initialisation of the named config `ernie4_5_moe-tiny`
    with the recipe's `config_overrides`: {c.num_hidden_layers} layers ({layout}),
    hidden size {c.hidden_size}, {c.num_attention_heads} attention heads ({c.num_key_value_heads} KV heads) of

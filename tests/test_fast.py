@@ -1328,7 +1328,9 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     import moelm
-    from moelm import checkpoint, inference, loading, weights  # everything loading imports, before measuring
+    from moelm import inference, loading  # everything loading imports, before measuring
+    from moelm.io import weights
+    from moelm.loading import checkpoint, pretrained
 
     def status(key):
         with open("/proc/self/status") as f:

@@ -114,7 +114,8 @@ class PhimoeConfig(PretrainedConfig):
     model_type: ClassVar[str] = "phimoe"
     default_theta: ClassVar[float] = 1000000.0
     default_architecture: ClassVar[str] = "PhimoeForCausalLM"
-    hub_architectures: ClassVar[tuple[str, ...]] = ("PhimoeForCausalLM", "PhiMoEForCausalLM", "PhimoeModel", "PhimoeForSequenceClassification")
+    hub_architectures: ClassVar[tuple[str, ...]] = ("PhimoeForCausalLM", "PhiMoEForCausalLM", "PhimoeModel",
+                                                     "PhimoeForSequenceClassification")
     top_level_original_max_wins: ClassVar[bool] = False
 
     vocab_size: int = 32064

@@ -24,7 +24,7 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     """cls(config) initialised like the reference (normal(0, initializer_range)), in `dtype` on `device`;
     fast=False leaves out the inference fast paths. NeMo's backend=BackendConfig(...) picks each part's
     implementation (and leaves out the fast paths, which are implementations of their own); moe_config /
-    moe_overrides set MoE fields of a copy of the config under NeMo's names (moelm.backend)."""
+    moe_overrides set MoE fields of a copy of the config under NeMo's names (moelm.loading.backend)."""
     if moe_config is not None or moe_overrides:
         config = copy.deepcopy(config)
         apply_moe_overrides(config, moe_config, moe_overrides)

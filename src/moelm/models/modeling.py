@@ -152,14 +152,14 @@ class PreTrainedModel(nn.Module):
                     fast: bool = True, **options):
         """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
         the inference fast paths (moelm.inference.optimize); NeMo's backend / moe_config / moe_overrides: see
-        moelm.loading.from_config."""
+        moelm.loading.pretrained.from_config."""
         from ..loading.pretrained import from_config
 
         return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast, **options)
 
     @classmethod
     def get_capabilities(cls, config: PretrainedConfig | None = None):
-        """NeMo's ModelCapabilities for a config (this class's default config if none): see moelm.backend."""
+        """NeMo's ModelCapabilities for a config (this class's default config if none): see moelm.loading.backend."""
         from ..loading.backend import get_capabilities
 
         return get_capabilities(config if config is not None else cls.config_class())
@@ -252,7 +252,7 @@ class DecoderModel(PreTrainedModel):
 
 class CausalLM(PreTrainedModel, GenerationMixin):
     """A DecoderModel under `model` plus `lm_head`; loss, aux loss and logits_to_keep like the reference;
-    `generate` (generation.py) with `generation_config`."""
+    `generate` (moelm.generation) with `generation_config`."""
 
     base_class: type[DecoderModel]
     lm_head_bias = False

@@ -37,7 +37,7 @@ class Message(Body):
         return "".join(part.text for part in self.content)
 
 
-class Sampling(Body):
+class SamplingRequest(Body):
     """The fields chat and completions share. Only OpenAI's limits are checked here; the sampler checks its knobs
     (moelm.generation.Sampling) when the engine takes the request."""
 
@@ -104,7 +104,7 @@ class Sampling(Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatRequest(Sampling):
+class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
@@ -135,7 +135,7 @@ class ChatRequest(Sampling):
         return None
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, ge=1)
     logprobs: Optional[int] = Field(None, ge=0, le=20)

@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from .engine import EngineFull, Output, RequestError
 from .errors import APIError, ClientGone
-from .protocol import Sampling
+from .protocol import SamplingRequest
 
 DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
 
@@ -21,7 +21,7 @@ class Generation:
     """Prompts submitted to the engine (`field` names them in errors): their requests, the queue their outputs
     arrive on, and how many choices they make."""
 
-    def __init__(self, state, prompts: list[list[int]], body: Sampling, max_tokens, logprobs, field: str):
+    def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str):
         engine, loop = state.engine, asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
@@ -83,8 +83,8 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def respond(http: Request, gen: Generation, body: Sampling, model: str, prefix: str, objects: tuple[str, str],
-                  choice: Callable, start: list[str], opening: list[dict] = ()):
+async def respond(http: Request, gen: Generation, body: SamplingRequest, model: str, prefix: str,
+                  objects: tuple[str, str], choice: Callable, start: list[str], opening: list[dict] = ()):
     """The response of a completions-like endpoint. `choice(index, text, logprob entries, finish reason, streamed)`
     is one choice's JSON; `start` is each choice's text before the generated one; `objects` the response's and a
     chunk's "object"; streamed, `opening` choice chunks come first."""
