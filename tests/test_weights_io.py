@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moelm.io import hub, weights
+from moelm.io import files, hub, weights
 from moelm.io.files import parse_size
 from moelm.io.hub import ModelNotFoundError, hf_cache_dir, resolve_model_dir
 from moelm.io.weights import CheckpointError, SafetensorsCheckpoint, save_sharded
@@ -198,8 +198,8 @@ def test_parse_size():
 
 def test_atomic_write_text(tmp_path):
     p = tmp_path / "config.json"
-    weights.atomic_write_text(p, "a")
-    weights.atomic_write_text(p, "b")
+    files.atomic_write_text(p, "a")
+    files.atomic_write_text(p, "b")
     assert p.read_text() == "b"
     assert listing(tmp_path) == ["config.json"]
 
