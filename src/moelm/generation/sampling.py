@@ -21,7 +21,7 @@ class SamplingError(ValueError):
         self.field = field
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sampling:
     """temperature 0 is greedy (argmax, no draw, no warpers); top_k 0, top_p 1, min_p 0 and penalties of 1 or 0 are
     off. logit_bias maps token ids to what is added to their logits."""

@@ -41,18 +41,11 @@ class EngineFull(RuntimeError):
 
 
 @dataclass
-class SamplingParams:
-    """Per-request decoding: OpenAI's fields and vLLM's usual extensions. temperature 0 is greedy; top_k 0 is off."""
+class SamplingParams(Sampling):
+    """Per-request decoding: the sampler's knobs (moelm.generation.Sampling: temperature 0 is greedy, top_k 0 off),
+    OpenAI's other fields and vLLM's usual extensions."""
 
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
@@ -62,8 +55,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
 
+    def __post_init__(self):
+        """Checked when the engine takes the request (sampling()), where a bad knob becomes a RequestError."""
+
     def sampling(self) -> Sampling:
-        """The sampler's knobs, the fields of the same names (SamplingError naming the field for a bad one)."""
+        """The sampler's knobs alone (SamplingError naming the field for a bad one)."""
         return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
 
 
