@@ -12,6 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..io.files import atomic_write_text
+from ..io.hub import resolve_model_dir
+from ..io.weights import CheckpointError, CheckpointNotFoundError
+
 CONFIG_CLASSES: dict[str, type["PretrainedConfig"]] = {}  # model_type -> class, filled as families are defined
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -210,8 +214,6 @@ class PretrainedConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from ..io.files import atomic_write_text
-
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / "config.json", self.to_json_string())
 
@@ -294,9 +296,6 @@ def config_class_for(data: dict) -> type[PretrainedConfig]:
 def read_config_json(path: str | os.PathLike) -> dict:
     """config.json's contents. A missing file raises CheckpointNotFoundError (a FileNotFoundError and a
     CheckpointError); invalid JSON raises CheckpointError (a ValueError)."""
-    from ..io.hub import resolve_model_dir
-    from ..io.weights import CheckpointNotFoundError
-
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
     if not file.is_file():
@@ -306,8 +305,6 @@ def read_config_json(path: str | os.PathLike) -> dict:
 
 def read_json_object(file: Path) -> dict:
     """A JSON file holding an object; anything else raises CheckpointError naming the file."""
-    from ..io.weights import CheckpointError
-
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import read_config_json, read_json_object
+from ..io.files import atomic_write_text
+from ..io.hub import resolve_model_dir
 from .sampling import Sampling
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -135,9 +138,6 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
         """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
         defaults with config.json's special tokens."""
-        from ..config import read_config_json, read_json_object
-        from ..io.hub import resolve_model_dir
-
         directory = resolve_model_dir(path)
         file = directory / GENERATION_CONFIG_NAME
         if not file.is_file():
@@ -145,7 +145,5 @@ class GenerationConfig:
         return cls.from_dict(read_json_object(file))
 
     def save_pretrained(self, directory: str | os.PathLike):
-        from ..io.files import atomic_write_text
-
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import AutoConfig, PretrainedConfig, config_class_for, read_config_json
+from ..io.hub import resolve_model_dir, with_revision
 from .ernie4_5 import Ernie4_5ForCausalLM
 from .ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
@@ -26,8 +27,6 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        from ..io.hub import resolve_model_dir, with_revision
-
         path = with_revision(path, kwargs.pop("revision", None))
         directory = resolve_model_dir(path)
         data = read_config_json(directory)
