@@ -73,6 +73,55 @@ class LlamaCppModel:
             self.llm.eval([self._last_argmax()])
         return (time.perf_counter() - t) / steps
 
+    def decode_batch(self, contexts: list[list[int]], steps: int) -> float:
+        """Seconds per step of len(contexts) sequences decoded together (one token each per llama_decode call),
+        after each context and one step untimed: llama.cpp's batched decoding (a second context with one sequence
+        per row; the model's weights are shared)."""
+        import llama_cpp
+
+        n = len(contexts)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n * (max(map(len, contexts)) + steps + 2)
+        params.n_batch = params.n_ubatch = max(n, max(map(len, contexts)))
+        params.n_seq_max, params.kv_unified = n, True
+        params.n_threads = params.n_threads_batch = self.llm.n_threads
+        ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if ctx is None:
+            raise RuntimeError("llama.cpp could not create a batched context")
+        batch = llama_cpp.llama_batch_init(params.n_batch, 0, n)
+        try:
+            def run(tokens: list[tuple[int, int, int]]):  # (token, position, sequence); last token per sequence out
+                batch.n_tokens = len(tokens)
+                for i, (tok, pos, seq) in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = i == len(tokens) - 1 or tokens[i + 1][2] != seq
+                if llama_cpp.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+
+            def argmax(i: int) -> int:
+                row = llama_cpp.llama_get_logits_ith(ctx, i)
+                return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+
+            for seq, ids in enumerate(contexts):
+                run([(tok, pos, seq) for pos, tok in enumerate(ids)])
+                contexts[seq] = [*ids, argmax(-1)]
+            lengths = [len(ids) for ids in contexts]
+
+            def step(k: int):
+                run([(contexts[seq][-1], lengths[seq] - 1 + k, seq) for seq in range(n)])
+                for seq in range(n):
+                    contexts[seq].append(argmax(seq))
+
+            step(0)
+            t = time.perf_counter()
+            for k in range(1, steps + 1):
+                step(k)
+            return (time.perf_counter() - t) / steps
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(ctx)
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """[len(ids), vocab] float32 logits at every position (needs logits_all=True)."""
         if not self.logits_all:
