@@ -203,6 +203,18 @@ def test_llamacpp_model_timing_api(checkpoints, tmp_path):
     m = llamacpp.LlamaCppModel(path, threads=1, n_ctx=128, n_batch=64)
     assert m.prefill(ids) > 0 and m.prefill(ids) > 0
     assert m.decode(ids[:16], steps=4) > 0
+    # batched decoding: each row's greedy tokens are what that row decodes alone
+    contexts = [ids[:16], ids[5:30], ids[2:9]]
+    grown = [list(c) for c in contexts]
+    assert m.decode_batch(grown, steps=3) > 0
+    for context, row in zip(contexts, grown):
+        m._clear()
+        m.llm.eval(context)
+        alone = []
+        for _ in range(len(row) - len(context)):
+            alone.append(m._last_argmax())
+            m.llm.eval([alone[-1]])
+        assert row[len(context):] == alone
     m.close()
     full = llamacpp.LlamaCppModel(path, threads=1, n_ctx=128, n_batch=64, logits_all=True)
     a, b = full.logits(ids), full.logits(ids)  # a fresh KV cache each call
@@ -210,3 +222,23 @@ def test_llamacpp_model_timing_api(checkpoints, tmp_path):
     assert a.shape == (len(ids), 512) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
     assert "llama-cpp-python" in llamacpp.build_info()
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_moelm_quantized_weights_as_gguf_blocks_exactly(mode):
+    """q4_0 / q8_0 bytes made from moelm's int4 (group 32) / int8 codes dequantize to moelm's weights bit for bit;
+    a scale that fp16 cannot hold is refused (None), not rounded."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from moelm.bench.gguf import q4_0_blocks, q8_0_blocks
+    from moelm.inference.quantization import dequantize, quantize
+
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize(w, mode, 32)
+    blocks, qtype = (q4_0_blocks, Q.Q4_0) if mode == "int4" else (q8_0_blocks, Q.Q8_0)
+    assert blocks(q.numpy(), scale.numpy()) is None  # fp32 scales from max/7.5 are not fp16 values
+    scale = scale.half().float()
+    got = gguf_dequantize(blocks(q.numpy(), scale.numpy()), qtype)
+    np.testing.assert_array_equal(got, dequantize(q, scale, 32 if mode == "int4" else 0).numpy())
