@@ -4,12 +4,9 @@ package only (no llama-cpp-python).
     write_gguf(checkpoint_dir, "model.gguf", "q8_0")       # f32 | bf16 | q8_0 | q4_0
     FORMATS["int4"]                                        # moelm's dtype or quantization -> its GGUF ftype: "q4_0"
 
-GGUF layout (what llama.cpp's llama-arch.cpp, models/ernie4-5*.cpp and models/phimoe.cpp load): numpy shapes are
-written as they are ([out, in] for a linear weight; ggml reverses them to ne = {in, out}); the per-expert hub weights
-are stacked into [E, out, in]; ERNIE's interleaved rotary pairs are llama.cpp's LLAMA_ROPE_TYPE_NORM and PhiMoE's
-half-split rotary its NEOX type, so q/k need no permutation. Norms, 1-D tensors, routers and the ERNIE correction
-bias stay f32 whatever the ftype, as in llama.cpp's convert_hf_to_gguf.py; every other weight (the token embedding
-too) takes the ftype. The vocabulary is synthetic (the bench models have random weights and feed token ids).
+The names, shapes and types are moelm.loading.gguf's table (shared with the reader, from_pretrained(gguf_file=)).
+The vocabulary is the checkpoint's SentencePiece tokenizer.model when it has one (moelm.text.gguf), else synthetic
+(the bench models have random weights and feed token ids).
 
 What llama.cpp cannot express is refused:
 - ernie4_5: llama.cpp loads but ignores attn_output.bias and has no MLP or lm_head biases: use_bias=True is refused.
@@ -24,38 +21,22 @@ What llama.cpp cannot express is refused:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-FTYPES = ("f32", "bf16", "q8_0", "q4_0")
-ARCH = {"ernie4_5": "ernie4_5", "ernie4_5_moe": "ernie4_5-moe", "phimoe": "phimoe"}
-FORMATS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # moelm dtype/quantization -> ftype
-ALWAYS_F32 = ("_norm.weight", "ffn_gate_inp.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-
-
-def _types(ftype: str):
-    """ftype -> (GGMLQuantizationType of the big weights, LlamaFileType)."""
-    from gguf import GGMLQuantizationType as Q
-    from gguf import LlamaFileType as F
-
-    table = {"f32": (Q.F32, F.ALL_F32), "bf16": (Q.BF16, F.MOSTLY_BF16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
-             "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
-    if ftype not in table:
-        raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
-    return table[ftype]
-
-
-def tensor_qtype(name: str, ndim: int, ftype: str):
-    """The GGML type a GGUF tensor is stored in: f32 for 1-D tensors, norms, routers, biases; else the ftype."""
-    from gguf import GGMLQuantizationType as Q
-
-    if ndim < 2 or not name.endswith(".weight") or name.endswith(ALWAYS_F32):
-        return Q.F32
-    return _types(ftype)[0]
-
+from ..loading.gguf import (
+    ARCH,
+    FORMATS,  # noqa: F401 - re-exported: the bench and its tests name them here
+    FTYPES,  # noqa: F401
+    _flat,
+    _stack,
+    ggml_types,
+    gguf_plan,
+    moe_layers,
+    tensor_qtype,
+)
 
 # ---------------------------------------------------------------- checkpoint -> GGUF tensors
 
@@ -73,7 +54,7 @@ class _Checkpoint:
         self.where = {}
         for name in files:
             f = stack.enter_context(safe_open(directory / name, framework="pt"))
-            self.where.update({k: f for k in f.keys()})
+            self.where.update({k: f for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
 
     def shape(self, key: str) -> list[int]:
         return list(self.where[key].get_slice(key).get_shape())
@@ -82,122 +63,9 @@ class _Checkpoint:
         return self.where[key].get_tensor(key).float().numpy()
 
 
-# A GGUF tensor: (name, hub keys, combine: list of arrays -> array). One key copied, expert keys stacked [E, ...].
-Plan = list[tuple[str, list[str], Callable[[list[np.ndarray]], np.ndarray]]]
-
-
-def _one(xs):
-    return xs[0]
-
-
-def _stack(xs):
-    return np.stack(xs)
-
-
-def _flat(xs):
-    return xs[0].reshape(-1)
-
-
-def _zeros(n: int):
-    return lambda xs: np.zeros(n, dtype=np.float32)
-
-
-def _const(values):
-    return lambda xs: np.asarray(values, dtype=np.float32)
-
-
-def moe_layers(config) -> tuple[list[bool], int]:
-    """Which layers are MoE, and llama.cpp's leading_dense_block_count; refuses layouts llama.cpp cannot express."""
-    n = config.num_hidden_layers
-    moe = [config.is_moe_layer(i) for i in range(n)]
-    lead = moe.index(True) if any(moe) else n
-    if moe != [i >= lead for i in range(n)]:
-        raise ValueError(f"llama.cpp's ernie4_5-moe makes every layer from the first MoE layer on a MoE layer; this "
-                         f"config's MoE layers are {[i for i in range(n) if moe[i]]} (moe_layer_interval "
-                         f"{config.moe_layer_interval}, end index {config.moe_layer_end_index})")
-    return moe, lead
-
-
-def gguf_plan(config, keys: set[str]) -> Plan:
-    """The GGUF tensors of a hub checkpoint with `keys`, in writing order (numpy shapes; H hidden, V vocab, I/Ie
-    dense/expert intermediate, E experts; p = model.layers.{i}., b = blk.{i}.):
-
-        model.embed_tokens.weight [V, H]            -> token_embd.weight (lm_head.weight -> output.weight if untied)
-        model.norm.weight/.bias [H]                 -> output_norm.weight/.bias; lm_head.bias -> output.bias
-        p input_layernorm / post_attention_layernorm -> b attn_norm / ffn_norm (.weight, PhiMoE also .bias)
-        p self_attn.{q,k,v,o}_proj.weight/.bias     -> b attn_{q,k,v,output}.weight/.bias
-        p mlp.{gate,up,down}_proj.weight (dense)    -> b ffn_{gate,up,down}.weight
-        p mlp.gate.weight [E, H]                    -> b ffn_gate_inp.weight (PhiMoE: block_sparse_moe.gate)
-        p mlp.moe_statics.e_score_correction_bias [1, E] -> b exp_probs_b.bias [E]
-        p mlp.experts.{e}.{gate,up}_proj [Ie, H] x E -> b ffn_{gate,up}_exps.weight [E, Ie, H] (PhiMoE: w1, w3)
-        p mlp.experts.{e}.down_proj [H, Ie] x E     -> b ffn_down_exps.weight [E, H, Ie] (PhiMoE: w2)
-        p mlp.shared_experts.{gate,up,down}_proj    -> b ffn_{gate,up,down}_shexp.weight
-        PhiMoE longrope factors (config) [head/2]   -> rope_factors_{long,short}.weight
-    PhiMoE's missing attn_output / output biases (llama.cpp requires them) are written as zeros; ERNIE's MTP
-    tensors (model.mtp_*) are left out, as llama.cpp's converter does."""
-    kind = config.model_type
-    if kind not in ARCH:
-        raise ValueError(f"llama.cpp has no architecture for model_type {kind!r}")
-    if kind.startswith("ernie") and getattr(config, "use_bias", False):
-        raise ValueError("ERNIE with use_bias=True: llama.cpp's ernie4_5 graph ignores attn_output.bias and has no "
-                         "MLP or lm_head biases")
-    h = config.hidden_size
-    plan: Plan = [("token_embd.weight", ["model.embed_tokens.weight"], _one)]
-    if not config.tie_word_embeddings:
-        plan.append(("output.weight", ["lm_head.weight"], _one))
-    plan.append(("output_norm.weight", ["model.norm.weight"], _one))
-    if kind == "phimoe":
-        plan.append(("output_norm.bias", ["model.norm.bias"], _one))
-        plan.append(("output.bias", ["lm_head.bias"], _one) if "lm_head.bias" in keys
-                    else ("output.bias", [], _zeros(config.vocab_size)))
-        rope = config.rope_parameters
-        if rope["rope_type"] == "longrope":
-            plan.append(("rope_factors_long.weight", [], _const(rope["long_factor"])))
-            plan.append(("rope_factors_short.weight", [], _const(rope["short_factor"])))
-    moe = moe_layers(config)[0] if kind == "ernie4_5_moe" else [kind == "phimoe"] * config.num_hidden_layers
-    for i in range(config.num_hidden_layers):
-        hub, blk = f"model.layers.{i}.", f"blk.{i}."
-        plan.append((blk + "attn_norm.weight", [hub + "input_layernorm.weight"], _one))
-        for p, g in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
-            plan.append((f"{blk}{g}.weight", [f"{hub}self_attn.{p}_proj.weight"], _one))
-            if f"{hub}self_attn.{p}_proj.bias" in keys:
-                plan.append((f"{blk}{g}.bias", [f"{hub}self_attn.{p}_proj.bias"], _one))
-            elif kind == "phimoe" and p == "o":  # llama.cpp's phimoe requires attn_output.bias
-                plan.append((f"{blk}{g}.bias", [], _zeros(h)))
-        plan.append((blk + "ffn_norm.weight", [hub + "post_attention_layernorm.weight"], _one))
-        if kind == "phimoe":
-            plan.append((blk + "attn_norm.bias", [hub + "input_layernorm.bias"], _one))
-            plan.append((blk + "ffn_norm.bias", [hub + "post_attention_layernorm.bias"], _one))
-            moe_hub, n_exp = hub + "block_sparse_moe.", config.num_local_experts
-            parts = (("gate", "w1"), ("up", "w3"), ("down", "w2"))
-        else:
-            moe_hub, n_exp = hub + "mlp.", getattr(config, "moe_num_experts", 0)
-            parts = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
-        if not moe[i]:
-            for g, p in parts:
-                plan.append((f"{blk}ffn_{g}.weight", [f"{hub}mlp.{p}.weight"], _one))
-            continue
-        plan.append((blk + "ffn_gate_inp.weight", [moe_hub + "gate.weight"], _one))
-        if kind == "ernie4_5_moe":
-            plan.append((blk + "exp_probs_b.bias", [moe_hub + "moe_statics.e_score_correction_bias"], _flat))
-        for g, p in parts:
-            plan.append((f"{blk}ffn_{g}_exps.weight", [f"{moe_hub}experts.{e}.{p}.weight" for e in range(n_exp)],
-                         _stack))
-        if kind == "ernie4_5_moe" and config.moe_num_shared_experts:
-            for g, p in parts:
-                plan.append((f"{blk}ffn_{g}_shexp.weight", [f"{moe_hub}shared_experts.{p}.weight"], _one))
-    used = {k for _, ks, _ in plan for k in ks}
-    missing = sorted(used - keys)
-    left = sorted(k for k in keys - used if not k.startswith("model.mtp_"))  # ERNIE MTP: unused by llama.cpp too
-    if missing or left:
-        raise ValueError(f"checkpoint does not fit llama.cpp's {ARCH[kind]}: missing {missing[:5]}, "
-                         f"no place for {left[:5]}")
-    return plan
-
-
 def _read(plan_item, ckpt: _Checkpoint) -> np.ndarray:
     """The float32 data of one GGUF tensor; stacked experts are filled in place, one expert read at a time."""
-    name, keys, combine = plan_item
+    _, keys, combine = plan_item
     if combine is not _stack:
         return combine([ckpt.get(k) for k in keys])
     out = np.empty([len(keys)] + ckpt.shape(keys[0]), dtype=np.float32)  # [E, out, in]
@@ -207,7 +75,7 @@ def _read(plan_item, ckpt: _Checkpoint) -> np.ndarray:
 
 
 def _shape(plan_item, ckpt: _Checkpoint) -> list[int]:
-    name, keys, combine = plan_item
+    _, keys, combine = plan_item
     if not keys:
         return list(combine([]).shape)
     first = ckpt.shape(keys[0])
@@ -243,11 +111,11 @@ def _vocab(n: int, unk: int, bos: int | None, eos: int | None, pad: int | None):
 def _metadata(w, config, ftype: str) -> None:
     import gguf
 
-    kind, arch = config.model_type, ARCH[config.model_type]
+    kind = config.model_type
     head = config.head_size
     rope = config.rope_parameters
     w.add_name(f"moelm {kind}")
-    w.add_file_type(int(_types(ftype)[1]))
+    w.add_file_type(int(ggml_types(ftype)[1]))
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -324,7 +192,7 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
     from ..models.auto import AutoConfig
 
     checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
-    _types(ftype)
+    ggml_types(ftype)
     config = AutoConfig.from_pretrained(checkpoint_dir)
     with ExitStack() as stack:
         ckpt = _Checkpoint(checkpoint_dir, stack)
@@ -354,7 +222,7 @@ def stored_types(checkpoint_dir: str | Path, ftype: str) -> dict:
     from ..models.auto import AutoConfig
 
     checkpoint_dir = Path(checkpoint_dir)
-    _types(ftype)
+    ggml_types(ftype)
     config = AutoConfig.from_pretrained(checkpoint_dir)
     out = {}
     with ExitStack() as stack:
