@@ -194,9 +194,12 @@ class QuantizedLinear(PackedLinear):
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
 
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
-        q, s = quantize(w, self.mode, self.group_size)
+        self.load_packed(*quantize(w, self.mode, self.group_size), rows)
+
+    def load_packed(self, q: torch.Tensor, scale: torch.Tensor, rows: slice = slice(None)):
+        """Rows already in this module's packing (quantize's output layout), copied as they are."""
         self.qweight[rows] = q
-        self.scale[rows] = s
+        self.scale[rows] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whichever was measured faster for this CPU and shape: for few rows the gemv kernel on the packed weight
@@ -272,10 +275,14 @@ class QuantizedExperts(nn.Module):
 
     def load_weight(self, name: str, w: torch.Tensor, expert: int, rows: slice):
         """w: rows `rows` of expert `expert`'s [O, I] matrix of the stacked `name`."""
+        self.load_packed(name, *quantize(w, self.mode, self.group_size), expert, rows)
+
+    def load_packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, expert: int, rows: slice):
+        """load_weight of rows already packed (quantize's output layout)."""
         m = self.gate_up if name == "gate_up_proj" else self.down
         o = self.shapes[name][1]
         start, stop, _ = rows.indices(o)
-        m.load_weight(w, slice(expert * o + start, expert * o + stop))
+        m.load_packed(q, scale, slice(expert * o + start, expert * o + stop))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H]."""

@@ -108,3 +108,33 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelNotFoundError(
         f"model {s!r} is not a local directory and is not in the Hugging Face cache ({cache}); "
         f"{reason}; download it with `{cmd}` or pass a local path")
+
+
+def resolve_gguf(name_or_path: str | os.PathLike | None, gguf_file: str | os.PathLike) -> Path:
+    """from_pretrained(path, gguf_file=...)'s file, as transformers finds it: gguf_file itself when it is a file,
+    else that name in the model directory, in the cached hub snapshot or (online) downloaded alone."""
+    own = Path(os.fspath(gguf_file)).expanduser()
+    if own.is_file():
+        return own.resolve()
+    s = os.fspath(name_or_path) if name_or_path is not None else ""
+    base = Path(s).expanduser()
+    if s and base.is_dir() and (base / own).is_file():
+        return (base / own).resolve()
+    parsed = _parse_hub_id(s) if s and not base.exists() else None
+    reason = ""
+    if parsed is not None:
+        repo_id, revision = parsed
+        repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+        cached = sorted(repo.glob(f"*/{own}")) if repo.is_dir() and revision is None else []
+        if cached:
+            return cached[-1]
+        if not _offline():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                return Path(hf_hub_download(repo_id, os.fspath(gguf_file), revision=revision,
+                                            cache_dir=str(hf_cache_dir())))
+            except Exception as e:  # noqa: BLE001 - any failure: reported as not found, with its reason
+                reason = f" (download: {type(e).__name__})"
+    where = f" nor in {s!r}" if s else ""
+    raise ModelNotFoundError(f"GGUF file {os.fspath(gguf_file)!r} not found: not a file{where}{reason}")

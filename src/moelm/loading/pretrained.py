@@ -45,7 +45,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
                     load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
                     device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, backend=None,
-                    **kwargs):
+                    gguf_file=None, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -59,7 +59,22 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     accepted. Other keyword arguments must be config fields, which they update; anything else is a TypeError.
 
     tp_plan="auto" (or a dict of rules), tp_size, device_mesh or distributed_config=DistributedConfig(...) shard
-    the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices."""
+    the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices.
+
+    gguf_file= reads a llama.cpp GGUF file (a path, or a name in `path`) instead: see moelm.loading.gguf_load."""
+    if gguf_file is not None:
+        from .gguf_load import from_gguf
+
+        if load_in_4bit or load_in_8bit:
+            quantization_config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+        return from_gguf(cls, with_revision(path, revision) if path is not None else None, gguf_file,
+                         dtype=torch_dtype if torch_dtype is not None and dtype == "auto" else dtype, device=device,
+                         progress=progress, config=config, quantization=quantization,
+                         quantization_config=quantization_config, fast=fast,
+                         apply_kwargs=lambda c: apply_kwargs(c, kwargs, attn_implementation),
+                         refused={"device_map": device_map, "tp_plan": tp_plan, "tp_size": tp_size,
+                                  "device_mesh": device_mesh, "distributed_config": distributed_config,
+                                  "max_memory": max_memory, "offload_folder": offload_folder, "backend": backend})
     layout = None
     if any(v is not None for v in (tp_plan, tp_size, device_mesh, distributed_config)):
         from ..parallel.load import distributed_layout
@@ -89,14 +104,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         data = read_config_json(directory)
         config = cls.config_class.from_dict(data) if cls.config_class is not PretrainedConfig else \
             AutoConfig.from_dict(data)
-    unknown = sorted(k for k in kwargs if not config.has_field(k))
-    if unknown:
-        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not "
-                        f"a loader option nor a field of {type(config).__name__}")
-    for key, value in kwargs.items():
-        setattr(config, key, value)
-    if attn_implementation:
-        config.attn_implementation = attn_implementation
+    apply_kwargs(config, kwargs, attn_implementation)
     config.validate()
     ckpt = SafetensorsCheckpoint(directory)
     try:
@@ -138,6 +146,18 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     model.name_or_path = str(path)
     model.hf_device_map = placed
     return model.eval()
+
+
+def apply_kwargs(config, kwargs: dict, attn_implementation: str | None = None) -> None:
+    """from_pretrained's other keyword arguments, which must be config fields, set on the config."""
+    unknown = sorted(k for k in kwargs if not config.has_field(k))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not "
+                        f"a loader option nor a field of {type(config).__name__}")
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    if attn_implementation:
+        config.attn_implementation = attn_implementation
 
 
 def load_offloaded(model, ckpt, device, disk: list[str], folder, progress) -> dict:

@@ -1,0 +1,238 @@
+"""from_pretrained(path, gguf_file=...): a llama.cpp GGUF (ERNIE 4.5, ERNIE 4.5 MoE, PhiMoE) read one tensor at a time
+into a model built on the meta device, through the name table of loading/gguf.py.
+
+What each GGML type becomes (quantization= / quantization_config= override the mode of every Linear and expert
+stack; embeddings, norms, routers and biases are always floats in the model's dtype):
+    F32, F16, BF16          floats in the model dtype (dtype="auto": BF16 or F16 if the file has them, else F32)
+    Q4_0                    moelm int4, group 32, copied block for block: scale fp16 -> fp32, the 16 nibble bytes as
+                            they are (exact; also under quantization="int4", whatever its group size)
+    Q8_0, Q8_1, Q8_K, Q6_K  dequantized per tensor (gguf's reference code) and re-quantized to int8 (one scale per
+                            row: moelm's int8 kernels take no per-block scales; |error| <= row max / 254 on top)
+    any other block type    dequantized per tensor and re-quantized to int4 group 32 (Q4_K, Q5_K, Q2_K, Q3_K, Q4_1,
+                            Q5_0, Q5_1, IQ*: whatever gguf.quants.dequantize implements; others are refused by name)
+A stacked expert tensor is read and converted one expert at a time, so the peak memory is the quantized model plus
+one expert matrix (or one embedding) in fp32. Tensors are read with plain file reads, not kept mapped.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import config_class_for
+from ..inference import optimize
+from ..inference.quantization import QuantizationConfig
+from ..inference.quantize import load_targets, quantize_modules, resolve
+from ..io.hub import resolve_gguf
+from ..io.weights import CheckpointError
+from .checkpoint import EXPERT_PARTS, hub_state_dict, hub_to_ours
+from .gguf import _flat, _stack, config_dict, gguf_plan, require_gguf
+
+FLOATS = ("F32", "F16", "BF16")
+EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K")  # re-quantized to int8; every other block type to int4
+ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+
+class GGUFFile:
+    """A GGUF's metadata and tensor table (gguf.GGUFReader); tensor data read on demand, one tensor or one slice
+    of its first axis (an expert) at a time."""
+
+    def __init__(self, path: str | Path):
+        gguf = require_gguf()
+        self.path = Path(path)
+        reader = gguf.GGUFReader(self.path)
+        self.meta = {k: f.contents() for k, f in reader.fields.items() if k not in ARRAYS}
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.shapes = {n: [int(d) for d in reversed(t.shape)] for n, t in self.tensors.items()}  # numpy order
+
+    def qtype(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def raw(self, name: str, index: int | None = None) -> np.ndarray:
+        """The stored bytes, shaped [..., bytes per row] (of row block `index` of the first axis if given)."""
+        import gguf
+
+        t = self.tensors[name]
+        shape = list(gguf.quant_shape_to_byte_shape(self.shapes[name], t.tensor_type))
+        offset = int(t.data_offset)
+        if index is not None:
+            shape = shape[1:]
+            offset += index * int(np.prod(shape))
+        return np.fromfile(self.path, dtype=np.uint8, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+    def floats(self, name: str, index: int | None = None) -> np.ndarray:
+        """float32 data, dequantized with gguf's reference code (gguf.quants.dequantize)."""
+        from gguf.quants import dequantize
+
+        try:
+            return dequantize(self.raw(name, index), self.tensors[name].tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{self.path.name}: tensor {name} is stored as {self.qtype(name)}, which gguf "
+                             "cannot dequantize and moelm does not read") from None
+
+    def float_dtype(self) -> torch.dtype:
+        """dtype="auto" as transformers resolves it: BF16 or F16 if the file holds them, else float32."""
+        types = {self.qtype(n) for n in self.tensors}
+        return torch.bfloat16 if "BF16" in types else torch.float16 if "F16" in types else torch.float32
+
+
+def gguf_config(path, gguf_file, config_class=None):
+    """The config a GGUF's metadata describes (config_class: the model class's, checked against the file's)."""
+    g = GGUFFile(resolve_gguf(path, gguf_file))
+    return _config(g, config_class), g
+
+
+def _config(g: GGUFFile, config_class=None):
+    data = config_dict(g.meta, g.shapes, g.floats)
+    kind = config_class_for(data)
+    if config_class is not None and config_class is not kind and config_class.__name__ != "PretrainedConfig":
+        raise ValueError(f"{g.path.name} holds a {data['model_type']} model, not one for {config_class.__name__}")
+    return kind.from_dict(data)
+
+
+def from_gguf(cls, path, gguf_file, dtype="auto", device=None, progress=None, config=None, quantization=None,
+              quantization_config=None, fast: bool = True, apply_kwargs=None, refused: dict | None = None):
+    """The body of from_pretrained(path, gguf_file=...). apply_kwargs(config) applies the config overrides."""
+    given = sorted(k for k, v in (refused or {}).items() if v not in (None, False))
+    if given:
+        raise NotImplementedError(f"from_pretrained(gguf_file=...) does not take {', '.join(given)} in moelm")
+    if device is not None and torch.device(device).type != "cpu":
+        raise NotImplementedError("moelm loads GGUF files on the CPU only")
+    qconfig = resolve(quantization, quantization_config, "cpu")
+    if qconfig is not None and qconfig.backend != "moelm":
+        raise NotImplementedError("GGUF weights load into moelm's own int8/int4, not bitsandbytes")
+    g = GGUFFile(resolve_gguf(path, gguf_file))
+    config = config if config is not None else _config(g, cls.config_class)
+    if apply_kwargs is not None:
+        apply_kwargs(config)
+    config.validate()
+    dtype = g.float_dtype() if dtype in ("auto", None) else dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    with torch.device("meta"):
+        model = cls(config)
+    model._cast(dtype)
+    plan = gguf_plan(config, {k for k, _ in hub_state_dict(model)})
+    names = {item[0] for item in plan}
+    missing, unexpected = sorted(names - set(g.tensors)), sorted(set(g.tensors) - names)
+    if missing or unexpected:
+        raise CheckpointError(f"{g.path.name} does not match {type(model).__name__}: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+    sources = _sources(plan, config)
+    _quantize(model, {m: {g.qtype(n) for n in ns} for m, ns in sources.items()}, qconfig)
+    model.to_empty(device=torch.device("cpu"))
+    model.tie_weights()
+    _load(model, g, plan, progress)
+    model.quantized_tied_head = False  # loaded from token_embd's own blocks
+    if fast:
+        optimize(model)
+    model.name_or_path = str(path if path is not None else g.path)
+    model.hf_device_map = {"": "cpu"}
+    return model.eval()
+
+
+def _module_of(ours: str) -> str:
+    return ours.rpartition(".")[0]
+
+
+def _sources(plan, config) -> dict[str, set[str]]:
+    """Module name of each Linear / expert stack -> the GGUF tensors its weights come from."""
+    out: dict[str, set[str]] = {}
+    for name, keys, _ in plan:
+        for key in keys:
+            ours = hub_to_ours(config.model_type, key)[0]
+            if ours.endswith(".weight") and not key.endswith(("norm.weight", "embed_tokens.weight", "gate.weight")) \
+                    or ours.endswith(("gate_up_proj", "down_proj")) and ".experts" in ours:
+                out.setdefault(_module_of(ours), set()).add(name)
+    if config.tie_word_embeddings:
+        out["lm_head"] = {"token_embd.weight"}
+    return out
+
+
+def _mode(types: set[str], qconfig: QuantizationConfig | None) -> tuple[str, int] | None:
+    """(mode, int4 group) of one module from its tensors' GGML types; None: floats."""
+    if qconfig is not None:
+        return qconfig.mode, 32 if qconfig.mode == "int4" and types == {"Q4_0"} else qconfig.group_size
+    if types <= set(FLOATS):
+        return None
+    if types == {"Q4_0"}:
+        return "int4", 32
+    return ("int8", 64) if types & set(EIGHT_BIT + FLOATS) else ("int4", 32)
+
+
+def _quantize(model, types: dict[str, set[str]], qconfig) -> None:
+    """quantize_modules once per (mode, group) with every other module left out."""
+    modes = {m: _mode(t, qconfig) for m, t in types.items()}
+    for choice in sorted({c for c in modes.values() if c is not None}):
+        others = tuple(m for m, c in modes.items() if c != choice)
+        quantize_modules(model, QuantizationConfig(choice[0], group_size=choice[1], modules_to_not_convert=others))
+    if any(c is not None for c in modes.values()):
+        model.quantization = qconfig or QuantizationConfig(
+            "int8" if any(c and c[0] == "int8" for c in modes.values()) else "int4", group_size=32)
+
+
+def _load(model, g: GGUFFile, plan, progress) -> None:
+    """Every GGUF tensor into place: packed Q4_0 blocks as they are, other types through float32 one tensor (one
+    expert) at a time."""
+    kind = model.config.model_type
+    params = dict(model.named_parameters(remove_duplicate=False))
+    targets = load_targets(model)
+    show = progress if progress is not None else g.path.stat().st_size > 2**30
+    jobs = [(name, keys, combine) for name, keys, combine in plan]
+    if model.config.tie_word_embeddings and "lm_head.weight" in targets:
+        jobs.append(("token_embd.weight", ["lm_head.weight"], None))
+    for n, (name, keys, combine) in enumerate(jobs):
+        if not keys:  # written from the config (rope factors) or as zeros (PhiMoE biases llama.cpp requires)
+            if not np.array_equal(g.floats(name), combine([])):
+                raise CheckpointError(f"{g.path.name}: {name} differs from what the config implies "
+                                      f"(a non-zero bias the model has no place for, or other rope factors)")
+            continue
+        for e, key in enumerate(keys):
+            ours, expert, part = hub_to_ours(kind, key)
+            index = e if combine is _stack else None
+            if ours in targets:
+                _load_packed(targets[ours], g, name, index, expert, part, kind)
+                continue
+            view = params[ours]
+            if expert is not None:
+                view = view[expert].chunk(len(EXPERT_PARTS[kind][ours.rpartition(".")[2]]), dim=0)[part]
+            x = g.floats(name, index)
+            shape = list(view.shape)
+            if combine is _flat:
+                x = x.reshape(shape)
+            if list(x.shape) != shape:
+                raise CheckpointError(f"{g.path.name}: {name} {list(x.shape)} vs model {ours} {shape}")
+            with torch.no_grad():
+                view.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        if show and (n % 16 == 0 or n == len(jobs) - 1):
+            print(f"\rLoading GGUF: {n + 1}/{len(jobs)} tensors", end="\n" if n == len(jobs) - 1 else "",
+                  file=sys.stderr, flush=True)
+
+
+def _load_packed(target, g: GGUFFile, name: str, index, expert, part, kind: str) -> None:
+    """One weight matrix into a QuantizedLinear / QuantizedExperts: Q4_0 into int4 group 32 block for block,
+    anything else dequantized and quantized by the module."""
+    module, stacked, shape = target
+    rows = slice(None)
+    if stacked is not None:
+        n = shape[1] // len(EXPERT_PARTS[kind][stacked])
+        rows = slice(part * n, (part + 1) * n)
+        shape = (n, shape[2])
+    got = g.shapes[name][1:] if index is not None else g.shapes[name]
+    if list(got) != list(shape):
+        raise CheckpointError(f"{g.path.name}: {name} {list(got)} vs model {list(shape)}")
+    if g.qtype(name) == "Q4_0" and module.mode == "int4" and module.group_size == 32:
+        blocks = g.raw(name, index).reshape(shape[0], -1, 18)  # [O, I/32, fp16 d + 16 nibble bytes]
+        scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).reshape(shape[0], -1))
+        args = (q, scale)
+    else:
+        args = (torch.from_numpy(np.ascontiguousarray(g.floats(name, index))),)
+    if stacked is None:
+        (module.load_packed if len(args) == 2 else module.load_weight)(*args, rows)
+    elif len(args) == 2:
+        module.load_packed(stacked, *args, expert, rows)
+    else:
+        module.load_weight(stacked, *args, expert, rows)
