@@ -37,6 +37,7 @@ from ..loading.gguf import (
     moe_layers,
     tensor_qtype,
 )
+from ..text.gguf import write_sentencepiece
 
 # ---------------------------------------------------------------- checkpoint -> GGUF tensors
 
@@ -108,7 +109,7 @@ def _vocab(n: int, unk: int, bos: int | None, eos: int | None, pad: int | None):
     return tokens, [int(t) for t in types]
 
 
-def _metadata(w, config, ftype: str) -> None:
+def _metadata(w, config, ftype: str, checkpoint_dir: Path) -> None:
     import gguf
 
     kind = config.model_type
@@ -151,6 +152,10 @@ def _metadata(w, config, ftype: str) -> None:
         w.add_expert_shared_count(config.moe_num_shared_experts)
         if config.moe_num_shared_experts:  # one MLP of width shared * moe_intermediate_size, as the reference
             w.add_expert_shared_feed_forward_length(config.moe_num_shared_experts * config.moe_intermediate_size)
+    if kind == "phimoe" and config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
+    if write_sentencepiece(w, checkpoint_dir, config.vocab_size):
+        return
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     unk = getattr(config, "unk_token_id", None)
     unk = unk if unk is not None else 0
@@ -198,7 +203,7 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
         ckpt = _Checkpoint(checkpoint_dir, stack)
         plan = gguf_plan(config, set(ckpt.where))
         w = gguf.GGUFWriter(out_path, ARCH[config.model_type])
-        _metadata(w, config, ftype)
+        _metadata(w, config, ftype, checkpoint_dir)
         for item in plan:
             shape = _shape(item, ckpt)
             qtype = tensor_qtype(item[0], len(shape), ftype)

@@ -44,7 +44,8 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
 def read_sentencepiece_model(path) -> dict:
     """The fields of a SentencePiece `tokenizer.model` that transformers' conversion reads."""
     spec = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
-            "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "precompiled_charsmap": b""}
+            "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "precompiled_charsmap": b"",
+            "add_dummy_prefix": True}
     trainer = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
                45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
     for num, val in _proto_fields(Path(path).read_bytes()):
@@ -56,7 +57,9 @@ def read_sentencepiece_model(path) -> dict:
                 if k in trainer:
                     spec[trainer[k]] = v.decode("utf-8") if isinstance(v, bytes) else v
         elif num == 3:  # NormalizerSpec
-            spec["precompiled_charsmap"] = dict(_proto_fields(val)).get(2, b"")
+            normalizer = dict(_proto_fields(val))
+            spec["precompiled_charsmap"] = normalizer.get(2, b"")
+            spec["add_dummy_prefix"] = bool(normalizer.get(3, 1))
     spec["byte_fallback"] = bool(spec["byte_fallback"])
     if not spec["pieces"]:
         raise ValueError(f"{path} is not a SentencePiece model (no pieces)")
@@ -75,7 +78,11 @@ def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 def sentencepiece_backend(path: Path, cfg: dict) -> _Backend:
     """Build the backend as TokenizersBackend._convert_from_sentencepiece does; fills cfg's token defaults."""
-    spec = read_sentencepiece_model(path)
+    return spec_backend(read_sentencepiece_model(path), cfg)
+
+
+def spec_backend(spec: dict, cfg: dict) -> _Backend:
+    """sentencepiece_backend of read_sentencepiece_model's fields (or a GGUF's vocabulary in that form)."""
     pieces = spec["pieces"]
     vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
     merges = _generate_merges(vocab) if spec["model_type"] != 1 else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
-from ..io.hub import resolve_model_dir
+from ..io.hub import resolve_gguf, resolve_model_dir
 from .chat_template import render_chat_template
 from .sentencepiece import sentencepiece_backend
 
@@ -460,6 +460,14 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(path_or_hub_id, **kwargs) -> Tokenizer:
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None:  # the vocabulary in a llama.cpp file's metadata (text/gguf.py)
+            from .gguf import gguf_tokenizer
+
+            for k in _LOADER_KWARGS:
+                kwargs.pop(k, None)
+            name = os.fspath(path_or_hub_id) if path_or_hub_id is not None else None
+            return gguf_tokenizer(resolve_gguf(path_or_hub_id, gguf_file), name_or_path=name, **kwargs)
         directory = resolve_model_dir(path_or_hub_id)
         return load_tokenizer(directory, name_or_path=os.fspath(path_or_hub_id), **kwargs)
 

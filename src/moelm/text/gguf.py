@@ -1,0 +1,91 @@
+"""A SentencePiece vocabulary in GGUF metadata, both ways: written as llama.cpp's convert_hf_to_gguf.py writes it
+(tokenizer.ggml.model "llama": tokens, scores, token types, special token ids, add_bos/add_eos, the chat template)
+and read back as a moelm Tokenizer: AutoTokenizer.from_pretrained(path, gguf_file=...).
+
+Read as transformers reads a "llama" GGUF vocabulary: a BPE model over the pieces (merges recovered from the
+vocabulary's order), byte fallback when there are byte tokens, control (3) and user-defined (4) pieces added as
+tokens. Not read: a "gpt2" (byte-level BPE) or other tokenizer model (refused by name), tokenizer.ggml.add_space_prefix
+(moelm's SentencePiece conversion for these families adds no dummy prefix), and the cls token (GGUF has no key for it).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .sentencepiece import read_sentencepiece_model, spec_backend
+from .tokenizer import Tokenizer
+
+ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+UNUSED = 5  # SentencePiece's piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+
+
+def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> bool:
+    """The directory's tokenizer.model vocabulary (padded to vocab_size with unused pieces, as the converter does),
+    special tokens and chat template into GGUFWriter w; False (nothing written) when there is no tokenizer.model."""
+    import gguf
+
+    directory = Path(directory)
+    if not (directory / "tokenizer.model").is_file():
+        return False
+    spec = read_sentencepiece_model(directory / "tokenizer.model")
+    pieces = spec["pieces"]
+    if len(pieces) > vocab_size:
+        raise ValueError(f"tokenizer.model has {len(pieces)} pieces, more than vocab_size {vocab_size}")
+    pieces = pieces + [(f"[PAD{i}]", -10000.0, UNUSED) for i in range(len(pieces), vocab_size)]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([p for p, _, _ in pieces])
+    w.add_token_scores([float(s) for _, s, _ in pieces])
+    w.add_token_types([int(t) for _, _, t in pieces])
+    w.add_add_space_prefix(spec["add_dummy_prefix"])
+    if spec["precompiled_charsmap"]:
+        w.add_precompiled_charsmap(spec["precompiled_charsmap"])
+    gguf.SpecialVocab(directory, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+    if (directory / "chat_template.jinja").is_file():
+        w.add_chat_template((directory / "chat_template.jinja").read_text(encoding="utf-8"))
+    return True
+
+
+def gguf_tokenizer(path: str | os.PathLike, name_or_path: str | None = None, **kwargs) -> Tokenizer:
+    """The Tokenizer a GGUF's metadata describes; kwargs update its tokenizer config (as for a directory)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ImportError("reading a GGUF tokenizer needs the gguf package: pip install gguf") from None
+
+    fields = GGUFReader(path).fields
+    meta = {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    model = meta.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise ValueError(f"{Path(path).name}: GGUF tokenizer model {model!r} is not read by moelm (it reads "
+                         "SentencePiece 'llama' vocabularies)")
+    missing = [k for k in ARRAYS if k not in meta]
+    if missing:
+        raise ValueError(f"{Path(path).name}: GGUF tokenizer without {', '.join(missing)}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    pieces = list(zip(tokens, meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
+
+    def special(key):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        return tid if tid is not None and 0 <= tid < len(tokens) else None
+
+    unknown = [i for i, (_, _, t) in enumerate(pieces) if t == 2]  # llama.cpp's default unk: the UNKNOWN piece
+    unk = special("unknown_token_id")
+    unk = unk if unk is not None else unknown[0] if unknown else None
+    ids = {"unk": unk, "bos": special("bos_token_id"), "eos": special("eos_token_id")}
+    spec = {"pieces": pieces, "model_type": 2, "byte_fallback": any(t == 6 for _, _, t in pieces),
+            "precompiled_charsmap": bytes(meta.get("tokenizer.ggml.precompiled_charsmap", b""))}
+    for name, tid in ids.items():
+        spec[f"{name}_id"], spec[f"{name}_piece"] = (tid, tokens[tid]) if tid is not None else (-1, None)
+    cfg = {"add_bos_token": meta.get("tokenizer.ggml.add_bos_token", True),
+           "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False)}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id"), ("sep", "seperator_token_id"), ("mask", "mask_token_id")):
+        tid = unk if name == "unk" else special(key)
+        if tid is not None:
+            cfg[f"{name}_token"] = tokens[tid]
+    if "tokenizer.chat_template" in meta:
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    cfg.update(kwargs)
+    backend = spec_backend(spec, cfg)
+    return Tokenizer(backend, cfg, name_or_path=name_or_path or str(path), vocab_file=str(path))
