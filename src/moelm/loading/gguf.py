@@ -28,9 +28,9 @@ def ggml_types(ftype: str):
     from gguf import LlamaFileType as F
 
     table = {"f32": (Q.F32, F.ALL_F32), "bf16": (Q.BF16, F.MOSTLY_BF16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
-             "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
+             "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0), "f16": (Q.F16, F.MOSTLY_F16)}  # f16: written, not benchmarked
     if ftype not in table:
-        raise ValueError(f"ftype must be one of {FTYPES}, got {ftype!r}")
+        raise ValueError(f"ftype must be one of {', '.join(table)}, got {ftype!r}")
     return table[ftype]
 
 
@@ -177,6 +177,11 @@ def model_type_of(arch: str) -> str:
     raise ValueError(f"GGUF architecture {arch!r} is not one moelm reads (it reads {', '.join(ARCH.values())})")
 
 
+def _decimal(x) -> float:
+    """A float32 from the file as the shortest decimal that reads back to it (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(x)))
+
+
 def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], np.ndarray]) -> dict:
     """config.json's fields from a GGUF's metadata (key -> value), its tensors' numpy shapes and read(name) -> the
     float32 data of a small tensor (rope factors, a bias to test for zeros).
@@ -201,10 +206,10 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
     out = {"model_type": kind, "vocab_size": shapes["token_embd.weight"][0], "hidden_size": hidden,
            "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
            "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-           "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+           "rms_norm_eps": _decimal(get("attention.layer_norm_rms_epsilon")),
            "max_position_embeddings": int(get("context_length")),
            "tie_word_embeddings": "output.weight" not in shapes,
-           "rope_parameters": {"rope_type": "default", "rope_theta": float(get("rope.freq_base"))}}
+           "rope_parameters": {"rope_type": "default", "rope_theta": _decimal(get("rope.freq_base"))}}
     for field, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                        ("pad_token_id", "padding_token_id")):
         out[field] = meta.get(f"tokenizer.ggml.{key}")
@@ -223,9 +228,9 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
             mscale = get("rope.scaling.attn_factor", math.sqrt(1 + math.log(scale) / math.log(orig))
                          if scale > 1 else 1.0)
             out["rope_parameters"].update(
-                rope_type="longrope", original_max_position_embeddings=orig, short_mscale=float(mscale),
-                long_mscale=float(mscale), long_factor=read("rope_factors_long.weight").tolist(),
-                short_factor=read("rope_factors_short.weight").tolist())
+                rope_type="longrope", original_max_position_embeddings=orig, short_mscale=_decimal(mscale),
+                long_mscale=_decimal(mscale), long_factor=[_decimal(x) for x in read("rope_factors_long.weight")],
+                short_factor=[_decimal(x) for x in read("rope_factors_short.weight")])
         return out
     out.update(head_dim=head_dim, use_bias="blk.0.attn_q.bias" in shapes)
     if kind == "ernie4_5_moe":

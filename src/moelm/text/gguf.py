@@ -9,6 +9,7 @@ tokens. Not read: a "gpt2" (byte-level BPE) or other tokenizer model (refused by
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> boo
     if len(pieces) > vocab_size:
         raise ValueError(f"tokenizer.model has {len(pieces)} pieces, more than vocab_size {vocab_size}")
     pieces = pieces + [(f"[PAD{i}]", -10000.0, UNUSED) for i in range(len(pieces), vocab_size)]
+    config = directory / "tokenizer_config.json"
+    added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
+    for tid, token in added.items():  # the converter's rule: special -> control (3), else user-defined (4)
+        if int(tid) < vocab_size:
+            pieces[int(tid)] = (token["content"], -1000.0, 3 if token.get("special") else 4)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list([p for p, _, _ in pieces])
