@@ -1,4 +1,5 @@
-"""Text: tokenizers, SentencePiece conversion, chat templates, incremental detokenising and streamers."""
+"""Text: tokenizers, SentencePiece conversion (also to and from GGUF metadata), chat templates, incremental
+detokenising and streamers."""
 from .detokenize import Detokenizer
 from .stops import StopStrings
 from .streamers import TextIteratorStreamer, TextStreamer

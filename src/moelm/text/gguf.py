@@ -1,6 +1,6 @@
 """A SentencePiece vocabulary in GGUF metadata, both ways: written as llama.cpp's convert_hf_to_gguf.py writes it
 (tokenizer.ggml.model "llama": tokens, scores, token types, special token ids, add_bos/add_eos, the chat template)
-and read back as a moelm Tokenizer: AutoTokenizer.from_pretrained(path, gguf_file=...).
+and read back for a moelm Tokenizer: AutoTokenizer.from_pretrained(path, gguf_file=...).
 
 Read as transformers reads a "llama" GGUF vocabulary: a BPE model over the pieces (merges recovered from the
 vocabulary's order), byte fallback when there are byte tokens, control (3) and user-defined (4) pieces added as
@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from .sentencepiece import read_sentencepiece_model, spec_backend
-from .tokenizer import Tokenizer
 
 ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 UNUSED = 5  # SentencePiece's piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
@@ -52,8 +51,9 @@ def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> boo
     return True
 
 
-def gguf_tokenizer(path: str | os.PathLike, name_or_path: str | None = None, **kwargs) -> Tokenizer:
-    """The Tokenizer a GGUF's metadata describes; kwargs update its tokenizer config (as for a directory)."""
+def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
+    """(tokenizers backend, tokenizer config) of the vocabulary a GGUF's metadata describes, for text.Tokenizer;
+    kwargs update the config (as for a directory)."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -93,5 +93,4 @@ def gguf_tokenizer(path: str | os.PathLike, name_or_path: str | None = None, **k
     if "tokenizer.chat_template" in meta:
         cfg["chat_template"] = meta["tokenizer.chat_template"]
     cfg.update(kwargs)
-    backend = spec_backend(spec, cfg)
-    return Tokenizer(backend, cfg, name_or_path=name_or_path or str(path), vocab_file=str(path))
+    return spec_backend(spec, cfg), cfg

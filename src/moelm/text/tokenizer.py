@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as _Backend
 
 from ..io.hub import resolve_gguf, resolve_model_dir
 from .chat_template import render_chat_template
+from .gguf import read_gguf_tokenizer
 from .sentencepiece import sentencepiece_backend
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -462,12 +463,12 @@ class AutoTokenizer:
     def from_pretrained(path_or_hub_id, **kwargs) -> Tokenizer:
         gguf_file = kwargs.pop("gguf_file", None)
         if gguf_file is not None:  # the vocabulary in a llama.cpp file's metadata (text/gguf.py)
-            from .gguf import gguf_tokenizer
-
             for k in _LOADER_KWARGS:
                 kwargs.pop(k, None)
-            name = os.fspath(path_or_hub_id) if path_or_hub_id is not None else None
-            return gguf_tokenizer(resolve_gguf(path_or_hub_id, gguf_file), name_or_path=name, **kwargs)
+            file = resolve_gguf(path_or_hub_id, gguf_file)
+            backend, cfg = read_gguf_tokenizer(file, **kwargs)
+            name = os.fspath(path_or_hub_id) if path_or_hub_id is not None else str(file)
+            return Tokenizer(backend, cfg, name_or_path=name, vocab_file=str(file))
         directory = resolve_model_dir(path_or_hub_id)
         return load_tokenizer(directory, name_or_path=os.fspath(path_or_hub_id), **kwargs)
 
