@@ -274,6 +274,8 @@ def test_errors_name_the_problem(hub, tmp_path):
         load(None, gguf_file=regguf(path, tmp_path / "f64.gguf", {"blk.0.attn_q.weight": Q.F64}))
     with pytest.raises(NotImplementedError, match="device_map"):
         load(None, gguf_file=path, device_map="auto")
+    with pytest.raises(NotImplementedError, match="Ernie4_5Model"):
+        moelm.Ernie4_5Model.from_pretrained(None, gguf_file=path)
     with pytest.raises(TypeError, match="not_a_field"):
         load(None, gguf_file=path, not_a_field=1)
     with pytest.raises(ValueError, match="tokenizer model 'gpt2'"):

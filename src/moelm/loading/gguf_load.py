@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import config_class_for
+from ..config import config_class_for, dtype_from_str
 from ..inference import optimize
 from ..inference.quantization import QuantizationConfig
 from ..inference.quantize import load_targets, quantize_modules, resolve
@@ -108,11 +108,12 @@ def from_gguf(cls, path, gguf_file, dtype="auto", device=None, progress=None, co
     if apply_kwargs is not None:
         apply_kwargs(config)
     config.validate()
-    dtype = g.float_dtype() if dtype in ("auto", None) else dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+    dtype = g.float_dtype() if dtype in ("auto", None) else dtype_from_str(dtype)
     with torch.device("meta"):
         model = cls(config)
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+        raise NotImplementedError(f"a GGUF holds a causal LM: load it with AutoModelForCausalLM (or the family's "
+                                  f"...ForCausalLM), not {cls.__name__}")
     model._cast(dtype)
     plan = gguf_plan(config, {k for k, _ in hub_state_dict(model)})
     names = {item[0] for item in plan}
