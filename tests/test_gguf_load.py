@@ -98,6 +98,18 @@ def test_phimoe_zero_biases_llamacpp_requires_are_dropped(tmp_path):
     assert torch.equal(logits(got), logits(load(ck)))
 
 
+def test_phimoe_longrope_from_the_factor_tensors(tmp_path):
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "long_factor": [1.0 + 0.1 * i for i in range(8)], "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "short_mscale": 1.19, "long_mscale": 1.19}  # GGUF has one attn_factor: both mscales equal here
+    ck = tiny_checkpoint("phimoe", tmp_path / "hub", rope_parameters=rope)
+    got = load(None, gguf_file=write_gguf(ck, tmp_path / "m.gguf", "f32"))
+    assert got.config.rope_parameters["rope_type"] == "longrope"
+    ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(1))  # past the original 256
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, load(ck)(ids).logits)
+
+
 # ---------------------------------------------------------------- Q8_0 and Q4_0
 
 
@@ -280,6 +292,15 @@ def test_errors_name_the_problem(hub, tmp_path):
         load(None, gguf_file=path, not_a_field=1)
     with pytest.raises(ValueError, match="tokenizer model 'gpt2'"):
         gguf_tokenizer_of_model(tmp_path, "gpt2")
+
+
+def test_missing_gguf_package_is_named(monkeypatch, hub, tmp_path):
+    path = write_gguf(hub["ernie4_5"], tmp_path / "m.gguf", "f32")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ImportError, match="pip install gguf"):
+        load(None, gguf_file=path)
+    with pytest.raises(ImportError, match="pip install gguf"):
+        AutoTokenizer.from_pretrained(None, gguf_file=path)
 
 
 def gguf_tokenizer_of_model(tmp_path, model: str):
