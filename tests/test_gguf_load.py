@@ -110,6 +110,37 @@ def test_phimoe_longrope_from_the_factor_tensors(tmp_path):
         assert torch.equal(got(ids).logits, load(ck)(ids).logits)
 
 
+CONVERTER = os.environ.get("MOELM_CONVERT_HF_TO_GGUF")  # llama.cpp's convert_hf_to_gguf.py, its gguf-py beside it
+
+
+@pytest.mark.skipif(not CONVERTER, reason="set MOELM_CONVERT_HF_TO_GGUF to llama.cpp's convert_hf_to_gguf.py")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_files_of_llamacpps_converter(family, tmp_path):
+    """What llama.cpp's own converter writes loads exactly (its vocabulary: the pieces, as llama.cpp tokenizes:
+    without the tokenizer.model's normalizer, which the converter does not carry)."""
+    ck = tiny_checkpoint(family, tmp_path / "hub", **OVERRIDES.get(family, {}))
+    tok = build_sentencepiece_dir(tmp_path / "tok", model_type="bpe")
+    shutil.copy(tok / "tokenizer.model", ck / "tokenizer.model")
+    shutil.copy(tok / "tokenizer_config.json", ck / "tokenizer_config.json")
+    config = json.loads((ck / "config.json").read_text())
+    if family == "phimoe":  # the names its converter knows PhiMoE by
+        config.update(architectures=["PhiMoEForCausalLM"], original_max_position_embeddings=2048)
+    (ck / "config.json").write_text(json.dumps(config))
+    script = Path(CONVERTER)
+    subprocess.run([sys.executable, str(script), str(ck), "--outfile", str(tmp_path / "m.gguf"), "--outtype", "f32"],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")})
+    got = load(None, gguf_file=tmp_path / "m.gguf")
+    assert torch.equal(logits(got), logits(load(ck)))
+    source = moelm.AutoConfig.from_pretrained(ck)
+    for field in CONFIG_FIELDS:
+        if hasattr(source, field):
+            assert getattr(got.config, field) == getattr(source, field), field
+    src, tok = AutoTokenizer.from_pretrained(ck), AutoTokenizer.from_pretrained(None, gguf_file=tmp_path / "m.gguf")
+    assert tok.chat_template == src.chat_template
+    for text in ("Hello world! This is a small test.", "Mixture-of-experts models route every token."):
+        assert tok.encode(text) == src.encode(text)
+
+
 # ---------------------------------------------------------------- Q8_0 and Q4_0
 
 
