@@ -89,6 +89,7 @@ def test_float_gguf_loads_exactly(family, ftype, hub, tmp_path):
     for field in CONFIG_FIELDS:
         if hasattr(source, field):
             assert getattr(got.config, field) == getattr(source, field), field
+    assert moelm.AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").to_dict() == got.config.to_dict()
     auto = AutoModelForCausalLM.from_pretrained(None, gguf_file=path, fast=False)  # dtype="auto": the file's
     assert auto.dtype == {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[ftype]
 

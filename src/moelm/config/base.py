@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..io.files import atomic_write_text
-from ..io.hub import resolve_model_dir
+from ..io.hub import resolve_gguf, resolve_model_dir
 from ..io.weights import CheckpointError, CheckpointNotFoundError
 
 CONFIG_CLASSES: dict[str, type["PretrainedConfig"]] = {}  # model_type -> class, filled as families are defined
@@ -206,9 +206,10 @@ class PretrainedConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "PretrainedConfig":
-        """Read config.json from a directory, a config.json path, or a hub id in the local HF cache."""
-        data = read_config_json(path)
+    def from_pretrained(cls, path: str | os.PathLike, gguf_file=None) -> "PretrainedConfig":
+        """Read config.json from a directory, a config.json path, or a hub id in the local HF cache (or, with
+        gguf_file=, the config a GGUF's metadata describes: config/gguf.py)."""
+        data = read_config_json(path, gguf_file)
         if cls is PretrainedConfig:
             return config_class_for(data).from_dict(data)
         return cls.from_dict(data)
@@ -293,9 +294,14 @@ def config_class_for(data: dict) -> type[PretrainedConfig]:
                      f"moelm supports model_type {sorted(CONFIG_CLASSES)}")
 
 
-def read_config_json(path: str | os.PathLike) -> dict:
+def read_config_json(path: str | os.PathLike, gguf_file=None) -> dict:
     """config.json's contents. A missing file raises CheckpointNotFoundError (a FileNotFoundError and a
-    CheckpointError); invalid JSON raises CheckpointError (a ValueError)."""
+    CheckpointError); invalid JSON raises CheckpointError (a ValueError). gguf_file=: the config fields a GGUF's
+    metadata describes instead (the file as from_pretrained(path, gguf_file=) finds it)."""
+    if gguf_file is not None:
+        from .gguf import read_gguf_config
+
+        return read_gguf_config(resolve_gguf(path, gguf_file))
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
     if not file.is_file():
@@ -316,8 +322,8 @@ def read_json_object(file: Path) -> dict:
 
 class AutoConfig:
     @staticmethod
-    def from_pretrained(path) -> PretrainedConfig:
-        data = read_config_json(path)
+    def from_pretrained(path, gguf_file=None) -> PretrainedConfig:
+        data = read_config_json(path, gguf_file)
         return config_class_for(data).from_dict(data)
 
     @staticmethod

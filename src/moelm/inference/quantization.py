@@ -275,14 +275,20 @@ class QuantizedExperts(nn.Module):
 
     def load_weight(self, name: str, w: torch.Tensor, expert: int, rows: slice):
         """w: rows `rows` of expert `expert`'s [O, I] matrix of the stacked `name`."""
-        self.load_packed(name, *quantize(w, self.mode, self.group_size), expert, rows)
+        m, rows = self._rows(name, expert, rows)
+        m.load_weight(w, rows)
 
     def load_packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, expert: int, rows: slice):
         """load_weight of rows already packed (quantize's output layout)."""
+        m, rows = self._rows(name, expert, rows)
+        m.load_packed(q, scale, rows)
+
+    def _rows(self, name: str, expert: int, rows: slice) -> tuple[PackedLinear, slice]:
+        """The module of the stacked `name` and the rows of expert `expert`'s `rows` in it."""
         m = self.gate_up if name == "gate_up_proj" else self.down
         o = self.shapes[name][1]
         start, stop, _ = rows.indices(o)
-        m.load_packed(q, scale, slice(expert * o + start, expert * o + stop))
+        return m, slice(expert * o + start, expert * o + stop)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H]."""

@@ -27,14 +27,9 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        if kwargs.get("gguf_file") is not None and kwargs.get("config") is None:  # the config is in the file
-            from ..loading.gguf_load import gguf_config
-
-            config, _ = gguf_config(with_revision(path, kwargs.get("revision")), kwargs["gguf_file"])
-            return cls._class_for(config).from_pretrained(path, config=config, **kwargs)
         path = with_revision(path, kwargs.pop("revision", None))
-        directory = resolve_model_dir(path)
-        data = read_config_json(directory)
+        gguf_file = kwargs.get("gguf_file")  # a GGUF's config is in its metadata
+        data = read_config_json(resolve_model_dir(path) if gguf_file is None else path, gguf_file)
         config = config_class_for(data).from_dict(data)
         return cls._class_for(config).from_pretrained(path, config=config, **kwargs)
 
