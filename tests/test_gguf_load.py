@@ -346,6 +346,14 @@ def test_tokenizer_round_trip(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
     assert got.apply_chat_template(chat, tokenize=False) == src.apply_chat_template(chat, tokenize=False)
     assert len(GGUFReader(path).fields["tokenizer.ggml.tokens"].data) == 512  # padded to vocab_size
+    # moelm's header reader (io/gguf.py) against gguf's GGUFReader: every key, value and tensor
+    from moelm.io.gguf import GGUFFile
+
+    mine, reader = GGUFFile(path), GGUFReader(path)
+    assert mine.meta == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert mine.shapes == {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}
+    assert mine.types == {t.name: t.tensor_type for t in reader.tensors}
+    assert mine.offsets == {t.name: int(t.data_offset) for t in reader.tensors}
 
 
 # ---------------------------------------------------------------- errors

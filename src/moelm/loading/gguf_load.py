@@ -68,7 +68,7 @@ def from_gguf(cls, path, gguf_file, dtype="auto", device=None, progress=None, co
     model._cast(dtype)
     plan = gguf_plan(config, {k for k, _ in hub_state_dict(model)})
     names = {item[0] for item in plan}
-    missing, unexpected = sorted(names - set(g.tensors)), sorted(set(g.tensors) - names)
+    missing, unexpected = sorted(names - set(g.shapes)), sorted(set(g.shapes) - names)
     if missing or unexpected:
         raise CheckpointError(f"{g.path.name} does not match {type(model).__name__}: missing {missing[:8]}, "
                               f"unexpected {unexpected[:8]}")

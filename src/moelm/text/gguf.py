@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from ..io.gguf import require_gguf
+from ..io.gguf import GGUFFile
 from .sentencepiece import read_sentencepiece_model, spec_backend
 
 ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
@@ -55,8 +55,7 @@ def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> boo
 def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
     """(tokenizers backend, tokenizer config) of the vocabulary a GGUF's metadata describes, for text.Tokenizer;
     kwargs update the config (as for a directory)."""
-    fields = require_gguf().GGUFReader(path).fields
-    meta = {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    meta = GGUFFile(path).meta
     model = meta.get("tokenizer.ggml.model")
     if model != "llama":
         raise ValueError(f"{Path(path).name}: GGUF tokenizer model {model!r} is not read by moelm (it reads "
