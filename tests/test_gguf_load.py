@@ -209,6 +209,20 @@ def test_fast_paths_and_generate(hub, tmp_path):
     assert out.shape == (1, 7)
 
 
+def test_cli_generates_from_a_gguf(hub, tmp_path, capsys):
+    from moelm.cli import main
+
+    ck = tiny_checkpoint("ernie4_5", tmp_path / "hub")
+    tok_dir = build_sentencepiece_dir(tmp_path / "tok", model_type="bpe")
+    shutil.copy(tok_dir / "tokenizer.model", ck / "tokenizer.model")
+    shutil.copy(tok_dir / "tokenizer_config.json", ck / "tokenizer_config.json")
+    write_gguf(ck, tmp_path / "m.gguf", "q4_0")
+    for args in (["--model", str(tmp_path / "m.gguf")], ["--model", str(tmp_path), "--gguf-file", "m.gguf"]):
+        assert main(["generate", *args, "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert main(["generate", "--model", str(tmp_path), "--gguf-file", "nope.gguf", "--prompt", "x"]) != 0
+    assert "nope.gguf" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- K-quants and other types: per tensor
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
+        p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache (or a "
+                       "llama.cpp .gguf file)")
+        p.add_argument("--gguf-file", default=None, help="a GGUF file in --model to load (as from_pretrained's "
+                       "gguf_file=): config, weights and tokenizer from it")
         runtime_args(p)
 
     def runtime_args(p):
@@ -156,9 +160,13 @@ def load(args):
     from .models.auto import AutoModelForCausalLM
     from .text.tokenizer import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
-                                                 quantization=args.quantization)
+    path, gguf = args.model, getattr(args, "gguf_file", None)
+    if gguf is None and str(path).endswith(".gguf") and Path(path).is_file():
+        path, gguf = None, path
+    extra = {"gguf_file": gguf} if gguf is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                 quantization=args.quantization, **extra)
     return model, tokenizer
 
 
