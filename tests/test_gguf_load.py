@@ -200,6 +200,17 @@ def test_q4_0_block_for_block(family, hub, tmp_path):
     assert np.array_equal(scale.numpy(), blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
 
 
+def test_q4_0_codes_inverts_the_writers_blocks():
+    from moelm.loading.gguf import q4_0_blocks, q4_0_codes
+
+    q, scale = quantize(torch.randn(8, 96), "int4", 32)
+    scale = scale.half().float()  # exact in fp16, as a Q4_0 scale must be
+    blocks = q4_0_blocks(q.numpy(), scale.numpy())
+    assert np.array_equal(gguf_dequantize(blocks, Q.Q4_0), dequantize(q, scale, 32).numpy())
+    back = q4_0_codes(blocks)
+    assert np.array_equal(back[0], q.numpy()) and np.array_equal(back[1], scale.numpy())
+
+
 def test_fast_paths_and_generate(hub, tmp_path):
     path = write_gguf(hub["ernie4_5_moe"], tmp_path / "m.gguf", "q4_0")
     fast = AutoModelForCausalLM.from_pretrained(None, gguf_file=path)

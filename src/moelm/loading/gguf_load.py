@@ -29,7 +29,7 @@ from ..io.gguf import GGUFFile
 from ..io.hub import resolve_gguf
 from ..io.weights import CheckpointError
 from .checkpoint import EXPERT_PARTS, hub_state_dict, hub_to_ours
-from .gguf import _flat, _stack, gguf_plan
+from .gguf import _flat, _stack, gguf_plan, q4_0_codes
 
 FLOATS = ("F32", "F16", "BF16")
 EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K")  # re-quantized to int8; every other block type to int4
@@ -176,10 +176,8 @@ def _load_packed(target, g: GGUFFile, name: str, index, expert, part, kind: str)
     if list(got) != list(shape):
         raise CheckpointError(f"{g.path.name}: {name} {list(got)} vs model {list(shape)}")
     if g.qtype(name) == "Q4_0" and module.mode == "int4" and module.group_size == 32:
-        blocks = g.raw(name, index).reshape(shape[0], -1, 18)  # [O, I/32, fp16 d + 16 nibble bytes]
-        scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).reshape(shape[0], -1))
-        args = (q, scale)
+        q, scale = q4_0_codes(g.raw(name, index).reshape(shape[0], -1))
+        args = (torch.from_numpy(q), torch.from_numpy(scale))
     else:
         args = (torch.from_numpy(np.ascontiguousarray(g.floats(name, index))),)
     if stacked is None:
