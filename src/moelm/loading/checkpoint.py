@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..io.weights import CheckpointError, SafetensorsCheckpoint, save_sharded
+from .compressed import packed_tensors
 
 # model_type -> {stacked parameter: hub projection names stacked along dim 1, in order}
 EXPERT_PARTS = {
@@ -191,13 +192,19 @@ def _listing(names: list[str], most: int = 8) -> str:
 
 
 def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included).
+    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included;
+    int8 / int4 weights as compressed-tensors' pack-quantized X.weight_packed, X.weight_scale, X.weight_shape).
     A sharded model's tensors are gathered whole one at a time (a collective: every rank iterates)."""
     model_type = model.config.model_type
     tied = getattr(model.config, "tie_word_embeddings", False)
     parallel = getattr(model, "parallel", None)
+    packed = packed_tensors(model) if getattr(model, "quantization", None) is not None else {}
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
+            continue
+        if key in packed:  # int8 / int4 weights in the compressed-tensors layout
+            if packed[key] is not None:
+                yield from packed[key]()
             continue
         tensor = parallel.full(key, tensor.detach()) if parallel is not None else tensor.detach()
         yield from ours_to_hub(model_type, key, tensor)
