@@ -39,6 +39,8 @@ class QuantizationConfig:
     quant_type: str = "fp4"  # bitsandbytes 4-bit only
     compute_dtype: torch.dtype | None = None  # bitsandbytes 4-bit only; None: the activations' dtype
     llm_int8_threshold: float = 6.0  # bitsandbytes 8-bit only
+    # module name -> (mode, group size), read from a compressed-tensors checkpoint: only these are quantized
+    modules: dict[str, tuple[str, int]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -194,9 +196,12 @@ class QuantizedLinear(PackedLinear):
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
 
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
-        q, s = quantize(w, self.mode, self.group_size)
+        self.load_codes(*quantize(w, self.mode, self.group_size), rows)
+
+    def load_codes(self, q: torch.Tensor, scale: torch.Tensor, rows: slice = slice(None)):
+        """Already quantized rows (as quantize() packs them) into place."""
         self.qweight[rows] = q
-        self.scale[rows] = s
+        self.scale[rows] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whichever was measured faster for this CPU and shape: for few rows the gemv kernel on the packed weight
@@ -272,10 +277,19 @@ class QuantizedExperts(nn.Module):
 
     def load_weight(self, name: str, w: torch.Tensor, expert: int, rows: slice):
         """w: rows `rows` of expert `expert`'s [O, I] matrix of the stacked `name`."""
+        m, r = self.rows(name, expert, rows)
+        m.load_weight(w, r)
+
+    def load_codes(self, name: str, q: torch.Tensor, scale: torch.Tensor, expert: int, rows: slice):
+        """Already quantized rows `rows` of expert `expert`'s matrix of the stacked `name`."""
+        m, r = self.rows(name, expert, rows)
+        m.load_codes(q, scale, r)
+
+    def rows(self, name: str, expert: int, rows: slice) -> tuple[QuantizedLinear, slice]:
         m = self.gate_up if name == "gate_up_proj" else self.down
         o = self.shapes[name][1]
         start, stop, _ = rows.indices(o)
-        m.load_weight(w, slice(expert * o + start, expert * o + stop))
+        return m, slice(expert * o + start, expert * o + stop)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H]."""

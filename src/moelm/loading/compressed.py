@@ -11,12 +11,15 @@ A weight X [O, I] is stored as X.weight_packed int32 [O, I * bits / 32], X.weigh
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 
 import torch
 
 from ..inference.quantization import PackedLinear, QuantizationConfig, QuantizedExperts
+from ..io.weights import CheckpointError
+from ..nn.moe import Experts
 
 PACKED, INT8 = "pack-quantized", ("int-quantized", "naive-quantized")
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
@@ -43,14 +46,15 @@ def to_packed(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> dict[str
             "weight_shape": torch.tensor([o, nibbles.shape[1]])}
 
 
-def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """pack-quantized (weight_packed int32 [O, I * bits / 32], weight_scale [O, groups]) -> moelm (q, scale fp32):
-    int8 q [O, I], scale [O]; int4 q uint8 [O, I/2], scale [O, I/group_size]."""
+def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, in_features: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack-quantized (weight_packed int32 [O, ceil(I * bits / 32)], weight_scale [O, groups]) -> moelm (q, scale
+    fp32): int8 q [O, I], scale [O]; int4 q uint8 [O, I/2], scale [O, I/group_size]."""
     o = packed.shape[0]
     raw = packed.contiguous().view(torch.uint8)  # [O, I * bits / 8], little-endian as written
     if sys.byteorder != "little":
         raw = raw.view(o, -1, 4).flip(-1).reshape(o, -1)
+    raw = raw[:, :in_features * bits // 8]
     if bits == 8:
         return (raw.to(torch.int16) - 128).to(torch.int8), scale.float().reshape(o)
     nibbles = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(o, -1, group_size)  # [O, groups, G]
@@ -161,7 +165,22 @@ def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
     return "int4", size if strategy == "group" else -1  # -1: one group per row (in_features)
 
 
-def resolve_config(data: dict, model, backend_request=None) -> QuantizationConfig:
+def read_quantization_config(data, model, requested: QuantizationConfig | None) -> QuantizationConfig:
+    """config.json's quantization_config -> the QuantizationConfig that loads it as stored (resolve_config). A
+    quantization the caller asked for too must be the same mode (it is then redundant); another is an error."""
+    if not isinstance(data, dict):
+        raise CompressedTensorsError(f"config.json's quantization_config is a {type(data).__name__}, not an object")
+    config = resolve_config(data, model)
+    modes = sorted({mode for mode, _ in config.modules.values()})
+    if requested is not None and (requested.backend != "moelm" or modes != [requested.mode]):
+        asked = requested.mode if requested.backend == "moelm" else f"{requested.backend} {requested.mode}"
+        raise ValueError(f"quantization {asked!r} was requested, but the checkpoint is stored quantized "
+                         f"({'/'.join(modes)}, compressed-tensors); load it without quantization= (its "
+                         "config.json says how it is quantized)")
+    return config
+
+
+def resolve_config(data: dict, model) -> QuantizationConfig:
     """config.json's compressed-tensors quantization_config -> a QuantizationConfig whose `modules` give each
     quantized moelm module (its name) its (mode, group size); modules not targeted stay unquantized."""
     from .checkpoint import EXPERT_PARTS
@@ -192,7 +211,7 @@ def resolve_config(data: dict, model, backend_request=None) -> QuantizationConfi
             found = _scheme_for(name, schemes, ignore)
             if found is not None:
                 modules[name] = _check_group(name, found, module.in_features)
-        elif type(module).__name__ in ("Experts", "FastExperts"):
+        elif isinstance(module, Experts):
             found = {_scheme_for(f"{name}.{e}.{p}", schemes, ignore) for e in range(module.num_experts)
                      for ps in parts.values() for p in ps}
             if len(found) != 1:
@@ -275,3 +294,59 @@ def _experts(name, module, stacked, parts):
                 for suffix, t in to_packed(qp, sp, module.group_size).items():
                     yield f"{name}.{e}.{p}.{suffix}", t
     return tensors
+
+
+# ---------------------------------------------------------------- reading tensors
+
+def stored_groups(ckpt) -> dict[str, dict[str, str]]:
+    """Hub weight name X.weight -> its stored compressed-tensors keys {weight_packed | weight, weight_scale,
+    weight_shape} (those present), for every X.weight_scale in the checkpoint."""
+    out = {}
+    for key in ckpt.keys():
+        prefix, _, last = key.rpartition(".")
+        if last == "weight_scale":
+            names = ("weight_packed", "weight", "weight_scale", "weight_shape")
+            out[f"{prefix}.weight"] = {n: f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in ckpt}
+    return out
+
+
+def stored_shape(ckpt, keys: dict[str, str], mode: str) -> tuple[int, ...]:
+    """The [O, I] of a stored quantized weight (weight_shape, else the int8 weight's or the packed one's)."""
+    if "weight_shape" in keys:
+        return tuple(int(d) for d in ckpt.get(keys["weight_shape"]).tolist())
+    if "weight_packed" in keys:
+        o, words = ckpt.shape(keys["weight_packed"])
+        return o, words * (4 if mode == "int8" else 8)
+    return tuple(ckpt.shape(keys["weight"]))
+
+
+def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stored weight [O, I] = shape -> moelm (q, scale fp32) for `module` (a QuantizedLinear: its mode and group
+    size)."""
+    mode, group = module.mode, module.group_size
+    scale_key = keys["weight_scale"]
+    scale = ckpt.get(scale_key)
+    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"{scale_key}: scales in {scale.dtype} (moelm reads fp32, bf16 and fp16 scales)")
+    if "weight_packed" in keys:
+        packed = ckpt.get(keys["weight_packed"])
+        if packed.dtype != torch.int32:
+            raise CheckpointError(f"{keys['weight_packed']}: {packed.dtype}, not int32")
+        bits = 8 if mode == "int8" else 4
+        o, i = shape
+        if tuple(packed.shape) != (o, -(-i * bits // 32)):
+            raise CheckpointError(f"{keys['weight_packed']}: shape {list(packed.shape)} does not hold {bits}-bit "
+                                  f"codes of [{o}, {i}]")
+    else:
+        weight = ckpt.get(keys["weight"])
+        if weight.dtype != torch.int8 or mode != "int8":
+            raise CheckpointError(f"{keys['weight']}: a {weight.dtype} weight beside {scale_key}; moelm reads int8 "
+                                  "weights stored unpacked")
+        o, i = weight.shape
+    want = (o,) if mode == "int8" else (o, i // group)
+    if scale.numel() != math.prod(want) or scale.shape[0] != o:
+        raise CheckpointError(f"{scale_key}: shape {list(scale.shape)}, expected {list(want)} for a {mode} weight "
+                              f"[{o}, {i}]" + (f" in groups of {group}" if mode == "int4" else ""))
+    if "weight_packed" in keys:
+        return from_packed(packed, scale.reshape(o, -1), bits, group, i)
+    return from_int8(weight, scale)
