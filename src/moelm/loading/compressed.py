@@ -219,9 +219,12 @@ def resolve_config(data: dict, model) -> QuantizationConfig:
                                              f"({sorted(map(str, found))}); moelm needs one scheme per MoE block")
             scheme = found.pop()
             if scheme is not None:
-                e, two_i, h = module.gate_up_proj.shape
-                _check_group(name, scheme, h)
-                modules[name] = _check_group(name, scheme, two_i // 2)
+                _, two_i, h = module.gate_up_proj.shape
+                first, second = _check_group(name, scheme, h), _check_group(name, scheme, two_i // 2)
+                if first != second:
+                    raise CompressedTensorsError(f"{name}: channel-wise int4 experts over {h} and {two_i // 2} "
+                                                 "inputs (moelm's experts share one group size)")
+                modules[name] = first
     if not modules:
         raise CompressedTensorsError("quantization_config targets none of the model's Linear layers or experts")
     modes = sorted({m for m, _ in modules.values()})
@@ -302,7 +305,7 @@ def stored_groups(ckpt) -> dict[str, dict[str, str]]:
     """Hub weight name X.weight -> its stored compressed-tensors keys {weight_packed | weight, weight_scale,
     weight_shape} (those present), for every X.weight_scale in the checkpoint."""
     out = {}
-    for key in ckpt.keys():
+    for key in ckpt.keys():  # noqa: SIM118 (a checkpoint, not a dict)
         prefix, _, last = key.rpartition(".")
         if last == "weight_scale":
             names = ("weight_packed", "weight", "weight_scale", "weight_shape")
