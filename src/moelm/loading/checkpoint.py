@@ -124,7 +124,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                     else:
                         target, index, _ = view
                         if codes is not None:
-                            module = _packed_module(quantized[ours], expert, part, num_parts)
+                            module = packed_module(quantized[ours], expert, part, num_parts)
                             _load_quantized(quantized[ours], read_codes(ckpt, codes, module[0], shape), expert,
                                             part, num_parts)
                         elif ours in quantized:
@@ -177,7 +177,7 @@ def _num_experts(param: torch.Tensor, name: str, parallel) -> int:
     return param.shape[0] * (layout[2].size() if layout is not None and layout[1] == 0 else 1)
 
 
-def _packed_module(target, expert: int | None, part: int | None, num_parts: int):
+def packed_module(target, expert: int | None, part: int | None, num_parts: int):
     """(QuantizedLinear, its rows) that one hub weight of a load_targets entry goes to."""
     module, stacked, shape = target
     if stacked is None:
@@ -192,7 +192,7 @@ def _mode(quantized: dict, ours: str) -> str:
 
 def _load_quantized(target, value, expert: int | None, part: int | None, num_parts: int):
     """value: a weight [O, I] (quantized here) or its (q, scale) as stored."""
-    module, rows = _packed_module(target, expert, part, num_parts)
+    module, rows = packed_module(target, expert, part, num_parts)
     if isinstance(value, tuple):
         module.load_codes(*value, rows)
     else:

@@ -105,7 +105,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     try:
         dtype = torch_dtype if torch_dtype is not None and dtype == "auto" else dtype
         if dtype == "auto" or dtype is None:
-            dtype = config.torch_dtype or _checkpoint_dtype(ckpt)
+            dtype = config.torch_dtype or checkpoint_dtype(ckpt)
         dtype = dtype_from_str(dtype)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
@@ -202,7 +202,9 @@ def place(device_map, device=None) -> torch.device:
     return target
 
 
-def _checkpoint_dtype(ckpt) -> torch.dtype:
+def checkpoint_dtype(ckpt) -> torch.dtype:
+    """The dtype of the checkpoint's first float tensor (not a quantization scale, not ERNIE's fp32 correction
+    bias); fp32 when there is none."""
     for key in ckpt.keys():
         dt = ckpt.dtype(key)
         if dt.is_floating_point and not key.endswith(("e_score_correction_bias", "weight_scale")):

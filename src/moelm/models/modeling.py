@@ -185,6 +185,11 @@ class PreTrainedModel(nn.Module):
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")
+        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=self.saved_files())
+
+    def saved_files(self) -> dict[str, str]:
+        """config.json (int8 / int4 weights: with their compressed-tensors quantization_config) and
+        generation_config.json, as save_pretrained writes them (a model on the meta device will do)."""
         quantization = getattr(self, "quantization", None)
         if quantization is not None and quantization.backend != "moelm":
             raise ValueError(f"this model has {quantization.backend} {quantization.mode} weights, which moelm does "
@@ -198,10 +203,10 @@ class PreTrainedModel(nn.Module):
             config["quantization_config"] = quantization_config(self)
             if getattr(self, "quantized_tied_head", False):  # the head is its own quantized copy of the embedding
                 config["tie_word_embeddings"] = False
-        extra_files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+        files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
         if isinstance(self, GenerationMixin):
-            extra_files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
-        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=extra_files)
+            files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
+        return files
 
 
 class DecoderModel(PreTrainedModel):
