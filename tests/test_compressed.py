@@ -201,3 +201,102 @@ def test_unsupported_schemes_name_the_field(path, value, field):
         resolve_config({**GOOD, "kv_cache_scheme": {"num_bits": 8}}, model)
     with pytest.raises(CompressedTensorsError, match="quant_method"):
         resolve_config({**GOOD, "quant_method": "gptq"}, model)
+
+
+# ---------------------------------------------------------------- moelm quantize
+
+
+def _cli(*args) -> int:
+    from moelm.cli import main
+
+    return main(list(map(str, args)))
+
+
+@pytest.mark.parametrize("family,mode,group,dtype", [("ernie4_5", "int4", 32, torch.bfloat16),
+                                                     ("ernie4_5_moe", "int8", 0, torch.float32),
+                                                     ("phimoe", "int4", 64, torch.bfloat16)])
+def test_quantize_cli_writes_what_save_pretrained_writes(tmp_path, family, mode, group, dtype):
+    from moelm.io.weights import SafetensorsCheckpoint
+
+    src = tmp_path / "src"
+    reference_model(family, **TINY_KW[family]).to(dtype).save_pretrained(src)
+    (src / "tokenizer.model").write_bytes(b"\x00\x01 not text")
+    model = AutoModelForCausalLM.from_pretrained(src, quantization=QuantizationConfig(mode, group or 64))
+    model.save_pretrained(tmp_path / "saved")
+    assert _cli("quantize", src, tmp_path / "cli", "--quantization", mode, "--group-size", group or 64,
+                "--max-shard-size", "30KB") == 0
+    assert len(list((tmp_path / "cli").glob("model-*.safetensors"))) > 1
+    with SafetensorsCheckpoint(tmp_path / "saved") as a, SafetensorsCheckpoint(tmp_path / "cli") as b:
+        assert a.keys() == b.keys()
+        for k in a.keys():  # noqa: SIM118
+            assert a.dtype(k) == b.dtype(k) and torch.equal(a.get(k), b.get(k)), k
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "cli" / name).read_text() == (tmp_path / "saved" / name).read_text()
+    assert (tmp_path / "cli" / "tokenizer.model").read_bytes() == b"\x00\x01 not text"
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "cli")), logits(model))
+
+
+def test_quantize_cli_errors_are_one_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    reference_model("ernie4_5", **TINY_KW["ernie4_5"]).save_pretrained(src)
+    cases = [(("quantize", tmp_path / "nowhere", tmp_path / "a", "--quantization", "int4"), "nowhere"),
+             (("quantize", src, src, "--quantization", "int4"), "not an empty directory")]
+    assert _cli("quantize", src, tmp_path / "q", "--quantization", "int4") == 0
+    cases.append((("quantize", tmp_path / "q", tmp_path / "b", "--quantization", "int8"), "already quantized"))
+    cases.append((("quantize", src, tmp_path / "c", "--quantization", "int4", "--group-size", "48"), "group_size"))
+    for args, message in cases:
+        capsys.readouterr()
+        assert _cli(*args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("moelm: error:") and message in err, err
+    with pytest.raises(SystemExit) as e:
+        _cli("quantize", src, tmp_path / "d", "--quantization", "int3")
+    assert e.value.code == 2 and "int3" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not any((tmp_path / "c").glob("*.safetensors"))
+
+
+RSS_SCRIPT = """
+import resource, sys
+from moelm.cli import main
+assert main(["quantize", sys.argv[1], sys.argv[3], "--quantization", "int4"]) == 0  # imports, thread pools
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert main(["quantize", sys.argv[2], sys.argv[4], "--quantization", "int4", "--max-shard-size", "40MB"]) == 0
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def _random_checkpoint(path, layers: int) -> tuple[int, int]:
+    """An ERNIE MoE fp32 checkpoint of random values (one pool, sliced) -> (bytes on disk, largest tensor bytes)."""
+    from moelm.config import Ernie4_5_MoeConfig
+    from moelm.io.weights import save_sharded
+    from moelm.loading.checkpoint import ours_to_hub
+    from moelm.models.auto import AutoModelForCausalLM as Auto
+
+    config = Ernie4_5_MoeConfig(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=2048, intermediate_size=512, moe_num_experts=32,
+                                moe_k=2, moe_intermediate_size=256, moe_num_shared_experts=1)
+    with torch.device("meta"):
+        model = Auto.class_for(config)(config)
+    shapes = [(hub, tuple(t.shape)) for key, t in model.state_dict().items() if key != "lm_head.weight"
+              for hub, t in ours_to_hub(config.model_type, key, t)]
+    pool = torch.randn(2**20, generator=torch.Generator().manual_seed(0)) * 0.02
+    files = save_sharded(((n, pool[:torch.Size(s).numel()].reshape(s)) for n, s in shapes), path,
+                         max_shard_size="40MB", extra_files={"config.json": config.to_json_string()})
+    return sum(f.stat().st_size for f in files), max(torch.Size(s).numel() * 4 for _, s in shapes)
+
+
+def test_quantize_cli_memory_is_about_the_largest_tensor(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _random_checkpoint(tmp_path / "warm", 1)
+    size, largest = _random_checkpoint(tmp_path / "big", 4)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, tmp_path / "warm", tmp_path / "big", tmp_path / "wq",
+                        tmp_path / "bq"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    grown = int(r.stdout.strip().splitlines()[-1])
+    # measured: ~3x the largest tensor (it, its fp32 form, the quantization's temporaries); the checkpoint is 30x it
+    assert size > 30 * largest
+    assert grown < 8 * largest + 16 * 2**20 < size / 2, (grown, largest, size)
