@@ -226,7 +226,8 @@ def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
     model_type = model.config.model_type
     tied = getattr(model.config, "tie_word_embeddings", False)
     parallel = getattr(model, "parallel", None)
-    packed = packed_tensors(model) if getattr(model, "quantization", None) is not None else {}
+    quantized = getattr(model, "quantization", None) is not None
+    packed = packed_tensors(model, EXPERT_PARTS.get(model_type, {})) if quantized else {}
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue

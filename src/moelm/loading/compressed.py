@@ -69,13 +69,13 @@ def from_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 
 # ---------------------------------------------------------------- config.json
 
-def quantization_config(model) -> dict:
+def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
     """config.json's quantization_config of a moelm-quantized model: one config group per (mode, group size), the
     most common one targeting "Linear" (listed last, as the catch-all) and the others their modules by name.
     Ignored: unquantized Linears, the routers (`.gate` in the hub's names, `.router` in transformers 5's) and the
     MTP tensors kept aside unquantized."""
     by_scheme: dict[tuple[str, int], list[str]] = {}
-    for name, scheme in hub_modules(model).items():
+    for name, scheme in hub_modules(model, parts).items():
         by_scheme.setdefault(scheme, []).append(name)
     order = sorted(by_scheme, key=lambda s: len(by_scheme[s]))
     groups = {}
@@ -97,12 +97,10 @@ def quantization_config(model) -> dict:
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
 
 
-def hub_modules(model) -> dict[str, tuple[str, int]]:
-    """Hub module name -> (mode, group size) of every quantized weight of a moelm-quantized model."""
-    from .checkpoint import EXPERT_PARTS
-
+def hub_modules(model, parts: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, int]]:
+    """Hub module name -> (mode, group size) of every quantized weight of a moelm-quantized model (parts: the
+    family's stacked expert parameter -> hub projection names, loading.checkpoint.EXPERT_PARTS)."""
     out = {}
-    parts = EXPERT_PARTS.get(model.config.model_type, {})
     for name, module in model.named_modules():
         if isinstance(module, QuantizedExperts):
             for stacked in module.shapes:
@@ -165,12 +163,13 @@ def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
     return "int4", size if strategy == "group" else -1  # -1: one group per row (in_features)
 
 
-def read_quantization_config(data, model, requested: QuantizationConfig | None) -> QuantizationConfig:
+def read_quantization_config(data, model, requested: QuantizationConfig | None, parts: dict[str, tuple[str, ...]]
+                             ) -> QuantizationConfig:
     """config.json's quantization_config -> the QuantizationConfig that loads it as stored (resolve_config). A
     quantization the caller asked for too must be the same mode (it is then redundant); another is an error."""
     if not isinstance(data, dict):
         raise CompressedTensorsError(f"config.json's quantization_config is a {type(data).__name__}, not an object")
-    config = resolve_config(data, model)
+    config = resolve_config(data, model, parts)
     modes = sorted({mode for mode, _ in config.modules.values()})
     if requested is not None and (requested.backend != "moelm" or modes != [requested.mode]):
         asked = requested.mode if requested.backend == "moelm" else f"{requested.backend} {requested.mode}"
@@ -180,11 +179,9 @@ def read_quantization_config(data, model, requested: QuantizationConfig | None) 
     return config
 
 
-def resolve_config(data: dict, model) -> QuantizationConfig:
+def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> QuantizationConfig:
     """config.json's compressed-tensors quantization_config -> a QuantizationConfig whose `modules` give each
     quantized moelm module (its name) its (mode, group size); modules not targeted stay unquantized."""
-    from .checkpoint import EXPERT_PARTS
-
     if data.get("quant_method") != "compressed-tensors":
         raise CompressedTensorsError(f"quantization_config.quant_method {data.get('quant_method')!r}: moelm reads "
                                      "compressed-tensors and its own int8/int4 only")
@@ -204,7 +201,6 @@ def resolve_config(data: dict, model) -> QuantizationConfig:
         scheme = parse_scheme(name, group, fmt)
         schemes += [(t, scheme) for t in group.get("targets") or []]
     ignore = data.get("ignore") or []
-    parts = EXPERT_PARTS.get(model.config.model_type, {})
     modules = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -264,13 +260,10 @@ def _matches(name: str, target: str) -> bool:
 
 # ---------------------------------------------------------------- writing tensors
 
-def packed_tensors(model) -> dict[str, object]:
+def packed_tensors(model, parts: dict[str, tuple[str, ...]]) -> dict[str, object]:
     """State-dict key of a quantized buffer -> a function yielding its hub tensors (for qweight), or None (scale:
     written with its qweight)."""
-    from .checkpoint import EXPERT_PARTS
-
     out = {}
-    parts = EXPERT_PARTS.get(model.config.model_type, {})
     for name, module in model.named_modules():
         if isinstance(module, QuantizedExperts):
             for stacked, child in (("gate_up_proj", "gate_up"), ("down_proj", "down")):

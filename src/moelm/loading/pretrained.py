@@ -15,7 +15,7 @@ from ..inference.quantize import fill_tied_head, quantize_modules, resolve
 from ..io.hub import resolve_model_dir, with_revision
 from ..io.weights import SafetensorsCheckpoint
 from .backend import apply_backend, apply_moe_overrides
-from .checkpoint import load_checkpoint
+from .checkpoint import EXPERT_PARTS, load_checkpoint
 from .compressed import read_quantization_config
 from .offload import disk_layers, materialize, needs_placement, offload, plan
 
@@ -116,7 +116,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
             if layout is not None or split:
                 raise NotImplementedError("quantized checkpoints under tensor/expert parallelism or with disk offload "
                                           "are not implemented in moelm")
-            qconfig = read_quantization_config(stored, model, qconfig)
+            qconfig = read_quantization_config(stored, model, qconfig, EXPERT_PARTS.get(config.model_type, {}))
         if qconfig is not None:
             quantize_modules(model, qconfig)
         if layout is not None:

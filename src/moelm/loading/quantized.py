@@ -48,7 +48,7 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
         model._cast(dtype)
         expected = {hub for key, t in model.state_dict().items() for hub, _ in ours_to_hub(config.model_type, key, t)}
         quantize_modules(model, quantization)
-        model.kept_aside = {k: None for k in ckpt.keys() if KEPT_ASIDE.match(k)}
+        model.kept_aside = {k: None for k in ckpt.keys() if KEPT_ASIDE.match(k)}  # noqa: SIM118
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         files = model.saved_files()
@@ -69,7 +69,7 @@ def _plan(model, ckpt, expected: set[str]) -> Iterator[tuple[str, torch.dtype, t
     params = dict(model.named_parameters())
     tied = getattr(model, "quantized_tied_head", False)
     seen, unexpected = set(), []
-    for key in ckpt.keys():
+    for key in ckpt.keys():  # noqa: SIM118 (a checkpoint)
         if KEPT_ASIDE.match(key):
             yield key, ckpt.dtype(key), tuple(ckpt.shape(key)), lambda key=key: ckpt.get(key)
             continue
@@ -77,7 +77,8 @@ def _plan(model, ckpt, expected: set[str]) -> Iterator[tuple[str, torch.dtype, t
         if ours in targets:
             num_parts = len(EXPERT_PARTS[model_type][ours.rpartition(".")[2]]) if expert is not None else 1
             module, _ = packed_module(targets[ours], expert, part, num_parts)
-            yield from _packed(key.removesuffix(".weight"), module, tuple(ckpt.shape(key)), lambda key=key: ckpt.get(key))
+            yield from _packed(key.removesuffix(".weight"), module, tuple(ckpt.shape(key)),
+                               lambda key=key: ckpt.get(key))
         elif ours in params and key in expected:
             yield key, params[ours].dtype, tuple(ckpt.shape(key)), lambda key=key, ours=ours: ckpt.get(key).to(
                 params[ours].dtype)

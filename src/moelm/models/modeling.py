@@ -198,9 +198,10 @@ class PreTrainedModel(nn.Module):
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         config = self.config.to_dict()
         if quantization is not None:  # compressed-tensors, as transformers and vLLM read it
+            from ..loading.checkpoint import EXPERT_PARTS
             from ..loading.compressed import quantization_config
 
-            config["quantization_config"] = quantization_config(self)
+            config["quantization_config"] = quantization_config(self, EXPERT_PARTS.get(self.config.model_type, {}))
             if getattr(self, "quantized_tied_head", False):  # the head is its own quantized copy of the embedding
                 config["tie_word_embeddings"] = False
         files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
