@@ -314,3 +314,27 @@ def test_quantize_cli_memory_is_about_the_largest_tensor(tmp_path):
     # the peak by ~1x its largest tensor. Holding its fp32 input or its 20 MB of int8 output would not fit.
     extra = grown(tmp_path / "big") - grown(tmp_path / "small")
     assert extra < 3 * largest + 4 * 2**20, (extra, largest, size)
+
+
+def test_reads_int8_stored_unpacked(tmp_path):
+    """naive-quantized / int-quantized: the int8 codes as `weight` [O, I] beside `weight_scale` [O, 1]."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    model = AutoModelForCausalLM.from_pretrained(source(tmp_path, "ernie4_5_moe"), quantization="int8")
+    model.save_pretrained(tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        prefix = key.removesuffix("_packed")
+        shape = tensors.pop(f"{prefix}_shape")
+        tensors[prefix] = unpack_from_int32(tensors.pop(key), 8, torch.Size(shape.tolist()))
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    for fmt in ("naive-quantized", "int-quantized"):
+        config["quantization_config"]["format"] = fmt
+        for group in config["quantization_config"]["config_groups"].values():
+            group["format"] = fmt
+        (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        a, b = model.state_dict(), again.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
