@@ -338,3 +338,29 @@ def test_reads_int8_stored_unpacked(tmp_path):
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
         a, b = model.state_dict(), again.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- moelm new --quantization
+
+
+@pytest.mark.parametrize("name,mode", [("ernie4_5_moe-tiny", "int4"), ("phimoe-tiny", "int8")])
+def test_new_writes_a_random_quantized_checkpoint(tmp_path, name, mode):
+    assert _cli("new", name, tmp_path / "q", "--quantization", mode, "--seed", "3") == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.quantization.mode == mode and (tmp_path / "q" / "tokenizer.json").is_file()
+    std = model.config.initializer_range
+    for n, p in model.named_parameters():  # drawn as init_weights draws them
+        if "norm" in n and n.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), n
+        elif n.endswith("bias"):
+            assert not p.any(), n
+        elif p.numel() > 1000:
+            assert abs(p.float().std().item() - std) < 0.1 * std, n
+    assert model.lm_head.scale.mean() > 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), atol=BOUND, rtol=0)
+    assert _cli("new", name, tmp_path / "again", "--quantization", mode, "--seed", "3") == 0
+    a = (tmp_path / "q" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "again" / "model.safetensors").read_bytes()

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="write int8/int4 weights (compressed-tensors) directly, one tensor at a time")
     p.set_defaults(run=cmd_new)
 
     p = sub.add_parser("quantize", help="write a checkpoint's weights as int8/int4 (compressed-tensors), streamed",
@@ -320,7 +322,7 @@ def cmd_new(args):
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
-    out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
+    out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed, quantization=args.quantization)
     print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
 
 

@@ -70,23 +70,35 @@ def from_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 # ---------------------------------------------------------------- config.json
 
 def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
-    """config.json's quantization_config of a moelm-quantized model: one config group per (mode, group size), the
-    most common one targeting "Linear" (listed last, as the catch-all) and the others their modules by name.
-    Ignored: unquantized Linears, the routers (`.gate` in the hub's names, `.router` in transformers 5's) and the
-    MTP tensors kept aside unquantized."""
-    by_scheme: dict[tuple[str, int], list[str]] = {}
-    for name, scheme in hub_modules(model, parts).items():
-        by_scheme.setdefault(scheme, []).append(name)
-    order = sorted(by_scheme, key=lambda s: len(by_scheme[s]))
+    """config.json's quantization_config of a moelm-quantized model: one config group per (mode, group size). The
+    routed experts' scheme comes first, with a regex naming them (transformers 5 dequantizes its fused experts with
+    the first group whose regex targets mention "experts"); the dense layers' most common scheme targets "Linear"
+    (the catch-all), the others name their modules. Ignored: unquantized Linears, the routers (`.gate` in the hub's
+    names, `.router` in transformers 5's) and the MTP tensors kept aside unquantized."""
+    dense: dict[tuple[str, int], list[str]] = {}
+    experts: dict[tuple[str, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            experts.setdefault((module.mode, module.group_size), []).append(name)
+        elif isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
+            dense.setdefault((module.mode, module.group_size), []).append(name)
+    catch_all = max(dense, key=lambda s: len(dense[s])) if dense else None
+    projections = "|".join(re.escape(p) for ps in parts.values() for p in ps)
+    targets: dict[tuple[str, int], list[str]] = {}
+    for scheme, blocks in experts.items():
+        every = len(experts) == 1
+        targets[scheme] = [rf"re:.*\.experts\.\d+\.({projections})$"] if every else [
+            rf"re:^{re.escape(b)}\.\d+\.({projections})$" for b in sorted(blocks)]
+    for scheme, names in sorted(dense.items(), key=lambda item: item[0] == catch_all):
+        targets.setdefault(scheme, []).extend(["Linear"] if scheme == catch_all else
+                                              [f"re:^{re.escape(n)}$" for n in sorted(names)])
     groups = {}
-    for i, (mode, group) in enumerate(order):
+    for i, ((mode, group), names) in enumerate(targets.items()):
         weights = {"num_bits": 8 if mode == "int8" else 4, "type": "int", "symmetric": True,
                    "strategy": "channel" if mode == "int8" else "group",
                    "group_size": None if mode == "int8" else group, "dynamic": False, "actorder": None,
                    "observer": "minmax", "block_structure": None}
-        targets = ["Linear"] if i == len(order) - 1 else [f"re:^{re.escape(n)}$" for n in sorted(by_scheme[(mode,
-                                                                                                         group)])]
-        groups[f"group_{i}"] = {"targets": targets, "format": PACKED, "weights": weights,
+        groups[f"group_{i}"] = {"targets": names, "format": PACKED, "weights": weights,
                                 "input_activations": None, "output_activations": None}
     ignore = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     if any(type(m).__name__ == "Router" for m in model.modules()):
@@ -95,21 +107,6 @@ def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
         ignore.append(r"re:^model\.mtp_")
     return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
-
-
-def hub_modules(model, parts: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, int]]:
-    """Hub module name -> (mode, group size) of every quantized weight of a moelm-quantized model (parts: the
-    family's stacked expert parameter -> hub projection names, loading.checkpoint.EXPERT_PARTS)."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedExperts):
-            for stacked in module.shapes:
-                for e in range(module.num_experts):
-                    for p in parts[stacked]:
-                        out[f"{name}.{e}.{p}"] = (module.mode, module.group_size)
-        elif isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
-            out[name] = (module.mode, module.group_size)
-    return out
 
 
 # ---------------------------------------------------------------- reading a config

@@ -43,11 +43,7 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
     config.validate()
     with SafetensorsCheckpoint(directory) as ckpt:
         dtype = dtype_from_str(config.torch_dtype or checkpoint_dtype(ckpt))
-        with torch.device("meta"):
-            model = class_for(config)(config)
-        model._cast(dtype)
-        expected = {hub for key, t in model.state_dict().items() for hub, _ in ours_to_hub(config.model_type, key, t)}
-        quantize_modules(model, quantization)
+        model, expected = quantized_meta_model(class_for(config), config, dtype, quantization)
         model.kept_aside = {k: None for k in ckpt.keys() if KEPT_ASIDE.match(k)}  # noqa: SIM118
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -56,13 +52,32 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES) \
                     and not f.name.startswith("."):
                 files[f.name] = f.read_bytes()
-        plan = list(_plan(model, ckpt, expected))
-        layout = [(name, dtype, shape) for name, dtype, shape, _ in plan]
-        return save_sharded(((name, make()) for name, _, _, make in plan), out, max_shard_size=max_shard_size,
-                            extra_files=files, layout=layout)
+        return write_quantized(model, ckpt, expected, out, files, max_shard_size)
 
 
-def _plan(model, ckpt, expected: set[str]) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], Callable]]:
+def quantized_meta_model(cls, config, dtype: torch.dtype, quantization: QuantizationConfig):
+    """cls(config) on the meta device in `dtype`, its modules quantized -> (model, {hub name: (shape, dtype)} of the
+    unquantized model's tensors)."""
+    with torch.device("meta"):
+        model = cls(config)
+    model._cast(dtype)
+    tied = getattr(config, "tie_word_embeddings", False)
+    expected = {hub: (tuple(t.shape), t.dtype) for key, t in model.state_dict().items()
+                if not (tied and key == "lm_head.weight") for hub, t in ours_to_hub(config.model_type, key, t)}
+    quantize_modules(model, quantization)
+    return model, expected
+
+
+def write_quantized(model, ckpt, expected: dict, out, files: dict, max_shard_size="5GB") -> list[Path]:
+    """Every tensor of `ckpt` (anything with keys / shape / dtype / get / directory) written to `out` as
+    `model` (quantized, on the meta device) holds it, one tensor at a time, with `files` beside them."""
+    plan = list(_plan(model, ckpt, expected))
+    layout = [(name, dtype, shape) for name, dtype, shape, _ in plan]
+    return save_sharded(((name, make()) for name, _, _, make in plan), out, max_shard_size=max_shard_size,
+                        extra_files=files, layout=layout)
+
+
+def _plan(model, ckpt, expected: dict) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], Callable]]:
     """(hub name, dtype, shape, a function reading and converting it) of every tensor to write, in order."""
     model_type = model.config.model_type
     targets = load_targets(model)
@@ -90,7 +105,7 @@ def _plan(model, ckpt, expected: set[str]) -> Iterator[tuple[str, torch.dtype, t
         seen.add("lm_head.weight")
         yield from _packed("lm_head", model.lm_head, tuple(ckpt.shape(embed)),
                            lambda: ckpt.get(embed).to(params[embed].dtype))
-    missing = sorted(expected - seen - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    missing = sorted(set(expected) - seen)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint in {ckpt.directory} does not match {type(model).__name__}: "
                               f"{len(missing)} missing tensor(s) {missing[:8]}, {len(unexpected)} unexpected "
