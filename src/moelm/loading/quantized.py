@@ -21,6 +21,7 @@ from .pretrained import checkpoint_dtype
 
 # files of a model directory that are not copied: the weights (rewritten) and what save_pretrained writes
 _NOT_COPIED = ("config.json", GENERATION_CONFIG_NAME, INDEX_NAME)
+ROWS = 4096  # rows quantized at a time: the temporaries stay a few MB beside the tensor read
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
@@ -121,9 +122,12 @@ def _packed(prefix: str, module, shape: tuple[int, int], read: Callable):
 
     def part(name):
         def make():
-            if name == "weight_packed":  # read and quantized here; the scale and shape follow it
-                q, s = quantize(read(), module.mode, module.group_size)
-                cache.update(to_packed(q, s, module.group_size))
+            if name == "weight_packed":  # read and quantized here, ROWS rows at a time; the scale and shape follow
+                w = read()
+                parts = [quantize(w[r:r + ROWS], module.mode, module.group_size) for r in range(0, o, ROWS)]
+                del w
+                cache.update(to_packed(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]),
+                                       module.group_size))
             return cache.pop(name)
         return make
 
