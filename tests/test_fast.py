@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -1261,14 +1262,18 @@ def test_both_bitsandbytes_bits_rejected():
 
 
 @pytest.mark.parametrize("mode", ("int8", "int4"))
-def test_quantized_model_cannot_be_saved(mode, tmp_path):
+def test_quantized_model_saves_as_compressed_tensors(mode, tmp_path):
+    """Saved in the compressed-tensors format and read back as stored (tests/test_compressed.py: with transformers)."""
     model = load("phimoe", quantization=mode)
-    with pytest.raises(ValueError, match=mode):
-        model.save_pretrained(tmp_path / "q")
-    assert not (tmp_path / "q" / "model.safetensors").exists()
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    again = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_quantized_classifier_keeps_its_score_head():
+def test_quantized_classifier_keeps_its_score_head(tmp_path):
     model = moelm.AutoModelForSequenceClassification.from_pretrained(checkpoint("phimoe"), quantization="int8",
                                                                       id2label={0: "a", 1: "b", 2: "c"},
                                                                       pad_token_id=PAD)
@@ -1279,6 +1284,12 @@ def test_quantized_classifier_keeps_its_score_head():
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)  # the score head saved unquantized, ignored by the quantization_config
+    assert "score" in json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    again = moelm.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert isinstance(again.score, nn.Linear)
+    with torch.no_grad():
+        assert torch.equal(again(ids, attention_mask=mask).logits, logits)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -1,5 +1,5 @@
-"""The `moelm` command: generate, chat, serve, info, new, bench, finetune, eval, merge. Errors print one line and
-exit non-zero, no traceback."""
+"""The `moelm` command: generate, chat, serve, info, new, quantize, bench, finetune, eval, merge. Errors print one
+line and exit non-zero, no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -98,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="write int8/int4 weights (compressed-tensors) directly, one tensor at a time")
     p.set_defaults(run=cmd_new)
+
+    p = sub.add_parser("quantize", help="write a checkpoint's weights as int8/int4 (compressed-tensors), streamed",
+                       description="Rewrite a bf16/fp32 checkpoint with moelm's int8 or int4 weights in the "
+                                   "compressed-tensors format (transformers and vLLM read it; from_pretrained loads it "
+                                   "without re-quantizing), one tensor at a time: memory about the largest tensor.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id in the local HF cache")
+    p.add_argument("out_dir", metavar="OUT")
+    p.add_argument("--quantization", required=True, choices=("int8", "int4"))
+    p.add_argument("--group-size", type=int, default=64, help="int4: inputs per scale (a multiple of 32; 32 where "
+                                                              "it does not divide a layer's inputs)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
+    p.set_defaults(run=cmd_quantize)
 
     from .serve.server import add_arguments as serve_arguments
 
@@ -315,8 +330,24 @@ def cmd_new(args):
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
-    out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed)
+    out = new_checkpoint(args.config_name, args.out_dir, seed=args.seed, quantization=args.quantization)
     print(f"wrote a random {args.config_name} checkpoint with a tokenizer and chat template to {out}")
+
+
+def cmd_quantize(args):
+    from pathlib import Path
+
+    from .inference.quantization import QuantizationConfig
+    from .loading.quantized import quantize_checkpoint
+    from .models.auto import AutoModelForCausalLM
+
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
+    config = QuantizationConfig(args.quantization, args.group_size)
+    files = quantize_checkpoint(AutoModelForCausalLM.class_for, args.model, out, config, args.max_shard_size)
+    size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    print(f"wrote {args.quantization} weights of {args.model} to {out} ({size / 2**30:.2f} GiB)")
 
 
 def cmd_serve(args):

@@ -39,6 +39,8 @@ class QuantizationConfig:
     quant_type: str = "fp4"  # bitsandbytes 4-bit only
     compute_dtype: torch.dtype | None = None  # bitsandbytes 4-bit only; None: the activations' dtype
     llm_int8_threshold: float = 6.0  # bitsandbytes 8-bit only
+    # module name -> (mode, group size), read from a compressed-tensors checkpoint: only these are quantized
+    modules: dict[str, tuple[str, int]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -275,15 +277,15 @@ class QuantizedExperts(nn.Module):
 
     def load_weight(self, name: str, w: torch.Tensor, expert: int, rows: slice):
         """w: rows `rows` of expert `expert`'s [O, I] matrix of the stacked `name`."""
-        m, rows = self._rows(name, expert, rows)
+        m, rows = self.rows(name, expert, rows)
         m.load_weight(w, rows)
 
     def load_packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, expert: int, rows: slice):
         """load_weight of rows already packed (quantize's output layout)."""
-        m, rows = self._rows(name, expert, rows)
+        m, rows = self.rows(name, expert, rows)
         m.load_packed(q, scale, rows)
 
-    def _rows(self, name: str, expert: int, rows: slice) -> tuple[PackedLinear, slice]:
+    def rows(self, name: str, expert: int, rows: slice) -> tuple[PackedLinear, slice]:
         """The module of the stacked `name` and the rows of expert `expert`'s `rows` in it."""
         m = self.gate_up if name == "gate_up_proj" else self.down
         o = self.shapes[name][1]

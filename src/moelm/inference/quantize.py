@@ -75,6 +75,14 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
             skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
             if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
                 continue
+            if config.modules is not None:  # from a compressed-tensors checkpoint: its modules, its schemes
+                if isinstance(child, (nn.Linear, Experts)) and full in config.modules:
+                    mode, group = config.modules[full]
+                    setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
+                                                                child.bias is not None, mode, group,
+                                                                dtype=child.weight.dtype, device=device)
+                            if isinstance(child, nn.Linear) else QuantizedExperts(child, mode, group))
+                continue
             if isinstance(child, nn.Linear) and bnb:
                 setattr(module, child_name, BnbLinear(child.in_features, child.out_features, child.bias is not None,
                                                       config, dtype=child.weight.dtype, device=device))

@@ -303,13 +303,16 @@ def save_sharded(
     directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     metadata: Mapping[str, str] | None = None,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
 ) -> list[Path]:
     """Write tensors as model.safetensors or numbered shards plus an index, atomically.
 
-    `extra_files` (name -> text, e.g. config.json) are written in the same swap, after the weights.
+    `extra_files` (name -> text or bytes, e.g. config.json) are written in the same swap, after the weights.
 
-    Only one shard's worth of tensors is held in memory at a time. Returns the written file paths.
+    Only one shard's worth of tensors is held in memory at a time. With `layout` — every tensor's (name, dtype,
+    shape), in the order `tensors` yields them, known beforehand — each shard's header is written first and each
+    tensor is written as it comes: only one tensor is held. Returns the written file paths.
     """
     limit = parse_size(max_shard_size)
     meta = {"format": "pt", **(metadata or {})}
@@ -320,34 +323,10 @@ def save_sharded(
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=directory))
     try:
-        shards: list[list[str]] = []
-        names: set[str] = set()
-        total = 0
-        shard: dict[str, torch.Tensor] = {}
-        shard_bytes = 0
-        seen: set[int] = set()
-
-        def flush() -> None:
-            save_file(shard, str(tmp / f"part-{len(shards)}"), metadata=meta)
-            shards.append(list(shard))
-
-        for name, t in items:
-            if not isinstance(name, str):
-                raise ValueError(f"tensor names must be strings, got {name!r}")
-            if name in names:
-                raise ValueError(f"duplicate tensor name {name!r}")
-            names.add(name)
-            nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-            if shard and shard_bytes + nbytes > limit:
-                flush()
-                shard, shard_bytes, seen = {}, 0, set()
-            shard[name] = _cpu_contiguous(name, t, seen)
-            shard_bytes += nbytes
-            total += nbytes
-        if shard or not shards:
-            flush()
-        shard = {}
-
+        if layout is None:
+            shards, total = _write_shards(items, tmp, limit, meta)
+        else:
+            shards, total = _stream_shards(items, layout, tmp, limit, meta)
         n = len(shards)
         final = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, fname in enumerate(final):
@@ -360,8 +339,11 @@ def save_sharded(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             fsync_file(tmp / INDEX_NAME)
             final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text, encoding="utf-8")
+        for fname, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                (tmp / fname).write_text(content, encoding="utf-8")
             os.chmod(tmp / fname, 0o644)
             fsync_file(tmp / fname)
             final.append(fname)
@@ -384,3 +366,74 @@ def save_sharded(
     if stale:
         fsync_dir(directory)
     return [directory / f for f in final]
+
+
+def _write_shards(items, tmp: Path, limit: int, meta: dict) -> tuple[list[list[str]], int]:
+    """Shards tmp/part-N, each gathered in memory and written by safetensors; (names per shard, total bytes)."""
+    shards: list[list[str]] = []
+    names: set[str] = set()
+    total = 0
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    seen: set[int] = set()
+
+    def flush() -> None:
+        save_file(shard, str(tmp / f"part-{len(shards)}"), metadata=meta)
+        shards.append(list(shard))
+
+    for name, t in items:
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings, got {name!r}")
+        if name in names:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        names.add(name)
+        nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        if shard and shard_bytes + nbytes > limit:
+            flush()
+            shard, shard_bytes, seen = {}, 0, set()
+        shard[name] = _cpu_contiguous(name, t, seen)
+        shard_bytes += nbytes
+        total += nbytes
+    if shard or not shards:
+        flush()
+    return shards, total
+
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _stream_shards(items, layout, tmp: Path, limit: int, meta: dict) -> tuple[list[list[str]], int]:
+    """Shards tmp/part-N planned from `layout`, each tensor written as `items` yields it (in layout's order)."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    if len({name for name, _, _ in layout}) != len(layout):
+        raise ValueError("duplicate tensor names in the layout")
+    items = iter(items)
+    total = 0
+    for i, shard in enumerate(shards):
+        header, offset = {"__metadata__": meta}, 0
+        for name, dtype, shape in shard:
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        with open(tmp / f"part-{i}", "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, dtype, shape in shard:
+                got, t = next(items, (None, None))
+                if got != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    what = "nothing" if got is None else f"{got!r} {t.dtype}{list(t.shape)}"
+                    raise ValueError(f"tensor {name!r} {dtype}{list(shape)} of the layout came as {what}")
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        total += offset
+    if next(items, None) is not None:
+        raise ValueError("more tensors than the layout lists")
+    return [[name for name, _, _ in shard] for shard in shards], total

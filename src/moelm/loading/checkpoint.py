@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..io.weights import CheckpointError, SafetensorsCheckpoint, save_sharded
+from .compressed import packed_tensors, read_codes, stored_groups, stored_shape
 
 # model_type -> {stacked parameter: hub projection names stacked along dim 1, in order}
 EXPERT_PARTS = {
@@ -73,6 +74,9 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
+    stored = stored_groups(ckpt)  # X.weight -> X.weight_packed / weight_scale / weight_shape: quantized as stored
+    companions = {k for keys in stored.values() for k in keys.values()} - {
+        keys.get("weight_packed", keys.get("weight")) for keys in stored.values()}
     keys = ckpt.keys()
     # A base model (no `model.` attribute) reads a causal-LM checkpoint without the prefix; a model with another
     # head ignores the checkpoint's lm_head, and its own new head (score) starts from random weights.
@@ -83,9 +87,13 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     show = progress if progress is not None else total > 2**30
     done, start = 0, time.time()
     for n, key in enumerate(keys):
+        codes = stored.get(key.removesuffix("_packed"))
         if KEPT_ASIDE.match(key):
             kept[key] = ckpt.get(key)
-        elif (hub := _adapt_key(key, strip_prefix, skip_heads)) is not None:
+        elif key in companions:  # read with their weight
+            pass
+        elif (hub := _adapt_key(key.removesuffix("_packed") if codes else key, strip_prefix, skip_heads)) \
+                is not None:
             ours, expert, part = hub_to_ours(model_type, hub)
             if ours in elsewhere:
                 pass
@@ -103,15 +111,23 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                     else:
                         target = _part_view(param.data, expert, part, num_parts)
                         view = target, None, tuple(target.shape)
-                    shape = tuple(ckpt.shape(key))
+                    shape = tuple(ckpt.shape(key)) if codes is None else stored_shape(ckpt, codes, _mode(quantized,
+                                                                                                          ours))
                     if view is None:  # an expert of another rank
                         filled[ours].add((expert, part))
                     elif view[2] != shape:
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(view[2])} "
                                           f"(in {ckpt.file_of(key).name})")
+                    elif codes is not None and ours not in quantized:
+                        mismatched.append(f"{key}: stored quantized, but the model's {ours} is not (its "
+                                          "quantization_config leaves it out)")
                     else:
                         target, index, _ = view
-                        if ours in quantized:
+                        if codes is not None:
+                            module = packed_module(quantized[ours], expert, part, num_parts)
+                            _load_quantized(quantized[ours], read_codes(ckpt, codes, module[0], shape), expert,
+                                            part, num_parts)
+                        elif ours in quantized:
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)
@@ -161,13 +177,26 @@ def _num_experts(param: torch.Tensor, name: str, parallel) -> int:
     return param.shape[0] * (layout[2].size() if layout is not None and layout[1] == 0 else 1)
 
 
-def _load_quantized(target, tensor: torch.Tensor, expert: int | None, part: int | None, num_parts: int):
+def packed_module(target, expert: int | None, part: int | None, num_parts: int):
+    """(QuantizedLinear, its rows) that one hub weight of a load_targets entry goes to."""
     module, stacked, shape = target
     if stacked is None:
-        module.load_weight(tensor)
+        return module, slice(None)
+    rows = shape[1] // num_parts
+    return module.rows(stacked, expert, slice(part * rows, (part + 1) * rows))
+
+
+def _mode(quantized: dict, ours: str) -> str:
+    return quantized[ours][0].mode if ours in quantized else "int4"
+
+
+def _load_quantized(target, value, expert: int | None, part: int | None, num_parts: int):
+    """value: a weight [O, I] (quantized here) or its (q, scale) as stored."""
+    module, rows = packed_module(target, expert, part, num_parts)
+    if isinstance(value, tuple):
+        module.load_packed(*value, rows)
     else:
-        rows = shape[1] // num_parts
-        module.load_weight(stacked, tensor, expert, slice(part * rows, (part + 1) * rows))
+        module.load_weight(value, rows)
 
 
 def _adapt_key(key: str, strip_prefix: bool, skip_heads: tuple[str, ...]) -> str | None:
@@ -191,13 +220,20 @@ def _listing(names: list[str], most: int = 8) -> str:
 
 
 def hub_state_dict(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included).
+    """The model's tensors under hub names, in hub layout (tied lm_head left out, kept-aside tensors included;
+    int8 / int4 weights as compressed-tensors' pack-quantized X.weight_packed, X.weight_scale, X.weight_shape).
     A sharded model's tensors are gathered whole one at a time (a collective: every rank iterates)."""
     model_type = model.config.model_type
     tied = getattr(model.config, "tie_word_embeddings", False)
     parallel = getattr(model, "parallel", None)
+    quantized = getattr(model, "quantization", None) is not None
+    packed = packed_tensors(model, EXPERT_PARTS.get(model_type, {})) if quantized else {}
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
+            continue
+        if key in packed:  # int8 / int4 weights in the compressed-tensors layout
+            if packed[key] is not None:
+                yield from packed[key]()
             continue
         tensor = parallel.full(key, tensor.detach()) if parallel is not None else tensor.detach()
         yield from ours_to_hub(model_type, key, tensor)

@@ -15,7 +15,8 @@ from ..inference.quantize import fill_tied_head, quantize_modules, resolve
 from ..io.hub import resolve_model_dir, with_revision
 from ..io.weights import SafetensorsCheckpoint
 from .backend import apply_backend, apply_moe_overrides
-from .checkpoint import load_checkpoint
+from .checkpoint import EXPERT_PARTS, load_checkpoint
+from .compressed import read_quantization_config
 from .offload import disk_layers, materialize, needs_placement, offload, plan
 
 
@@ -50,7 +51,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
     the model's size plus one tensor. quantization="int8" | "int4" (or quantization_config=
-    BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves out
+    BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. A checkpoint whose
+    config.json has a compressed-tensors quantization_config (what moelm saves for int8/int4 models) is read as
+    stored, its integer codes repacked onto moelm's kernels (moelm.loading.compressed). fast=False leaves out
     the inference fast paths (moelm.inference.optimize: decode kernels, fused projections).
 
     transformers' loader options: device_map puts the whole model on one device ("auto" is the GPU if there is
@@ -110,12 +113,18 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     try:
         dtype = torch_dtype if torch_dtype is not None and dtype == "auto" else dtype
         if dtype == "auto" or dtype is None:
-            dtype = config.torch_dtype or _checkpoint_dtype(ckpt)
+            dtype = config.torch_dtype or checkpoint_dtype(ckpt)
         dtype = dtype_from_str(dtype)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
         model._cast(dtype)
+        stored = config.extra.get("quantization_config")
+        if stored is not None:  # the checkpoint's weights are quantized already
+            if layout is not None or split:
+                raise NotImplementedError("quantized checkpoints under tensor/expert parallelism or with disk offload "
+                                          "are not implemented in moelm")
+            qconfig = read_quantization_config(stored, model, qconfig, EXPERT_PARTS.get(config.model_type, {}))
         if qconfig is not None:
             quantize_modules(model, qconfig)
         if layout is not None:
@@ -213,9 +222,11 @@ def place(device_map, device=None) -> torch.device:
     return target
 
 
-def _checkpoint_dtype(ckpt) -> torch.dtype:
+def checkpoint_dtype(ckpt) -> torch.dtype:
+    """The dtype of the checkpoint's first float tensor (not a quantization scale, not ERNIE's fp32 correction
+    bias); fp32 when there is none."""
     for key in ckpt.keys():
         dt = ckpt.dtype(key)
-        if dt.is_floating_point and not key.endswith("e_score_correction_bias"):
+        if dt.is_floating_point and not key.endswith(("e_score_correction_bias", "weight_scale")):
             return dt
     return torch.float32

@@ -15,7 +15,8 @@ class _Auto:
     mapping: dict = {}
 
     @classmethod
-    def _class_for(cls, config: PretrainedConfig):
+    def class_for(cls, config: PretrainedConfig):
+        """The model class for a config (its model_type)."""
         if config.model_type not in cls.mapping:
             raise ValueError(f"{cls.__name__} has no model for model_type {config.model_type!r}; "
                              f"supported: {sorted(cls.mapping)}")
@@ -23,7 +24,7 @@ class _Auto:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, **kwargs):
-        return cls._class_for(config).from_config(config, **kwargs)
+        return cls.class_for(config).from_config(config, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
@@ -31,7 +32,7 @@ class _Auto:
         gguf_file = kwargs.get("gguf_file")  # a GGUF's config is in its metadata
         data = read_config_json(resolve_model_dir(path) if gguf_file is None else path, gguf_file)
         config = config_class_for(data).from_dict(data)
-        return cls._class_for(config).from_pretrained(path, config=config, **kwargs)
+        return cls.class_for(config).from_pretrained(path, config=config, **kwargs)
 
 
 class AutoModelForCausalLM(_Auto):

@@ -3,6 +3,7 @@ and from_config / from_pretrained / save_pretrained."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,20 +179,35 @@ class PreTrainedModel(nn.Module):
                                **config_overrides)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size="5GB", safe_serialization: bool = True):
-        """Write config.json (and generation_config.json) and hub-layout safetensors (per-expert keys), atomically."""
+        """Write config.json (and generation_config.json) and hub-layout safetensors (per-expert keys), atomically.
+        int8 / int4 weights are written in the compressed-tensors format (moelm.loading.compressed)."""
         from ..loading.checkpoint import save_checkpoint
 
         if not safe_serialization:
             raise ValueError("moelm only writes safetensors (safe_serialization=True)")
-        if getattr(self, "quantization", None) is not None:
-            raise ValueError(f"this model was loaded with {self.quantization.mode} weights, which moelm does not "
-                             "save; save the original checkpoint instead (load it without quantization)")
+        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=self.saved_files())
+
+    def saved_files(self) -> dict[str, str]:
+        """config.json (int8 / int4 weights: with their compressed-tensors quantization_config) and
+        generation_config.json, as save_pretrained writes them (a model on the meta device will do)."""
+        quantization = getattr(self, "quantization", None)
+        if quantization is not None and quantization.backend != "moelm":
+            raise ValueError(f"this model has {quantization.backend} {quantization.mode} weights, which moelm does "
+                             "not save; save the original checkpoint instead (load it without quantization)")
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
-        extra_files = {"config.json": self.config.to_json_string()}
+        config = self.config.to_dict()
+        if quantization is not None:  # compressed-tensors, as transformers and vLLM read it
+            from ..loading.checkpoint import EXPERT_PARTS
+            from ..loading.compressed import quantization_config
+
+            config["quantization_config"] = quantization_config(self, EXPERT_PARTS.get(self.config.model_type, {}))
+            if getattr(self, "quantized_tied_head", False):  # the head is its own quantized copy of the embedding
+                config["tie_word_embeddings"] = False
+        files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
         if isinstance(self, GenerationMixin):
-            extra_files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
-        return save_checkpoint(self, Path(directory), max_shard_size=max_shard_size, extra_files=extra_files)
+            files[GENERATION_CONFIG_NAME] = self.generation_config.to_json_string()
+        return files
 
 
 class DecoderModel(PreTrainedModel):

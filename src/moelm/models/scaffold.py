@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import named_config
+from ..inference.quantize import resolve
 from ..io.files import atomic_write_text
+from ..loading.quantized import quantized_meta_model, write_quantized
 from ..text.chat_template import ERNIE_TEMPLATE, PHI_TEMPLATE
 
 # Special tokens per family: ids 0.. in this order; the config's pad/bos/eos ids point into it.
@@ -38,7 +42,10 @@ def train_tokenizer(vocab_size: int, specials: list[str], corpus=None):
     return tok
 
 
-def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=None) -> Path:
+    """A random checkpoint of the named config in out_dir. quantization ("int8" | "int4" | a QuantizationConfig):
+    written directly with moelm's quantized weights in the compressed-tensors format, one tensor at a time (each
+    drawn as init_weights draws it, then quantized), so a full-size model never exists in memory or on disk."""
     from .auto import AutoModelForCausalLM
 
     config = named_config(name)
@@ -47,13 +54,53 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     if config.vocab_size < 300:
         raise ValueError(f"vocab_size {config.vocab_size} of {name!r} is too small for a byte-level tokenizer")
     out = Path(out_dir)
-    model = AutoModelForCausalLM.from_config(config, seed=seed)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_config(config, seed=seed)
+    else:
+        qconfig = resolve(quantization)
+        model, expected = quantized_meta_model(AutoModelForCausalLM.class_for(config), config, torch.float32, qconfig)
     stop = specials.index("<|end_of_sentence|>" if family == "ernie" else "<|end|>")
     model.generation_config.update(eos_token_id=[config.eos_token_id, stop], do_sample=True, temperature=0.8,
                                    top_p=0.8)  # sample by default, as the real ERNIE 4.5 generation configs do
-    model.save_pretrained(out)
+    if quantization is None:
+        model.save_pretrained(out)
+    else:
+        write_quantized(model, RandomCheckpoint(config, expected, seed, out), expected, out, model.saved_files())
     save_tokenizer(train_tokenizer(config.vocab_size, specials), config, out)
     return out
+
+
+class RandomCheckpoint:
+    """A checkpoint read as init_weights would fill it: norms 1, biases and ERNIE's correction bias 0, the rest
+    normal(0, initializer_range) (the embedding's padding row 0); each tensor drawn from its own seed."""
+
+    def __init__(self, config, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int, where):
+        self.config, self.tensors, self.seed, self.directory = config, tensors, seed, Path(where)
+        self.files = [self.directory]
+        self.index = {key: i for i, key in enumerate(tensors)}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        shape, dtype = self.tensors[key]
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" or key.endswith("e_score_correction_bias"):
+            return torch.zeros(shape, dtype=dtype)
+        if "norm" in module.rpartition(".")[2]:
+            return torch.ones(shape, dtype=dtype)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index[key])
+        w = torch.empty(shape).normal_(0.0, self.config.initializer_range, generator=g).to(dtype)
+        pad = self.config.pad_token_id
+        if module.endswith("embed_tokens") and pad is not None and 0 <= pad < shape[0]:
+            w[pad] = 0
+        return w
 
 
 def family_of(config) -> str:

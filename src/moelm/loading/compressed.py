@@ -1,0 +1,345 @@
+"""compressed-tensors checkpoints (`quant_method: compressed-tensors`, symmetric int4 / int8 weights) <-> moelm's
+int4 / int8 buffers, exactly: the integer codes are repacked and the scales converted to fp32; nothing is
+dequantized.
+
+moelm int4 (group G): nibble n = code + 8; a group's G/2 bytes hold input j (low nibble) and j + G/2 (high).
+pack-quantized: code + 2^(bits-1) packed little-endian into int32 words, input j at bit bits * j of the row:
+    int4 -> byte k holds inputs 2k (low nibble) and 2k + 1 (high); int8 -> byte j holds input j (+ 128).
+int-quantized / naive-quantized (int8 only): `weight` int8 [O, I] as is.
+A weight X [O, I] is stored as X.weight_packed int32 [O, I * bits / 32], X.weight_scale [O, I / G] (channel-wise:
+[O, 1]) and X.weight_shape [2] = [O, I].
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+import torch
+
+from ..inference.quantization import PackedLinear, QuantizationConfig, QuantizedExperts
+from ..io.weights import CheckpointError
+from ..nn.moe import Experts
+
+PACKED, INT8 = "pack-quantized", ("int-quantized", "naive-quantized")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+ROUTERS = r"re:.*\.(gate|router)$"
+
+
+class CompressedTensorsError(ValueError):
+    """A compressed-tensors quantization_config or tensor moelm cannot represent exactly."""
+
+
+# ---------------------------------------------------------------- codes
+
+def to_packed(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """moelm (q, scale) of one [O, I] weight -> {weight_packed, weight_scale, weight_shape} (pack-quantized)."""
+    o = q.shape[0]
+    if q.dtype == torch.int8:  # int8: byte j = q[j] + 128, four to a word
+        codes = (q.to(torch.int16) + 128).to(torch.uint8)
+        return {"weight_packed": codes.contiguous().view(torch.int32), "weight_scale": scale.float().reshape(o, 1),
+                "weight_shape": torch.tensor([o, q.shape[1]])}
+    n = q.reshape(o, -1, group_size // 2)
+    nibbles = torch.cat([n & 15, n >> 4], dim=-1).reshape(o, -1)  # [O, I] in input order
+    pairs = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return {"weight_packed": pairs.contiguous().view(torch.int32), "weight_scale": scale.float(),
+            "weight_shape": torch.tensor([o, nibbles.shape[1]])}
+
+
+def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, in_features: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack-quantized (weight_packed int32 [O, ceil(I * bits / 32)], weight_scale [O, groups]) -> moelm (q, scale
+    fp32): int8 q [O, I], scale [O]; int4 q uint8 [O, I/2], scale [O, I/group_size]."""
+    o = packed.shape[0]
+    raw = packed.contiguous().view(torch.uint8)  # [O, I * bits / 8], little-endian as written
+    if sys.byteorder != "little":
+        raw = raw.view(o, -1, 4).flip(-1).reshape(o, -1)
+    raw = raw[:, :in_features * bits // 8]
+    if bits == 8:
+        return (raw.to(torch.int16) - 128).to(torch.int8), scale.float().reshape(o)
+    nibbles = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(o, -1, group_size)  # [O, groups, G]
+    half = group_size // 2
+    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale.float()
+
+
+def from_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int-quantized int8 weight [O, I] and scale [O, 1] -> moelm int8 (q, scale fp32 [O])."""
+    return weight, scale.float().reshape(weight.shape[0])
+
+
+# ---------------------------------------------------------------- config.json
+
+def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
+    """config.json's quantization_config of a moelm-quantized model: one config group per (mode, group size). The
+    routed experts' scheme comes first, with a regex naming them (transformers 5 dequantizes its fused experts with
+    the first group whose regex targets mention "experts"); the dense layers' most common scheme targets "Linear"
+    (the catch-all), the others name their modules. Ignored: unquantized Linears, the routers (`.gate` in the hub's
+    names, `.router` in transformers 5's) and the MTP tensors kept aside unquantized."""
+    dense: dict[tuple[str, int], list[str]] = {}
+    experts: dict[tuple[str, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            experts.setdefault((module.mode, module.group_size), []).append(name)
+        elif isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
+            dense.setdefault((module.mode, module.group_size), []).append(name)
+    catch_all = max(dense, key=lambda s: len(dense[s])) if dense else None
+    projections = "|".join(re.escape(p) for ps in parts.values() for p in ps)
+    targets: dict[tuple[str, int], list[str]] = {}
+    for scheme, blocks in experts.items():
+        every = len(experts) == 1
+        targets[scheme] = [rf"re:.*\.experts\.\d+\.({projections})$"] if every else [
+            rf"re:^{re.escape(b)}\.\d+\.({projections})$" for b in sorted(blocks)]
+    for scheme, names in sorted(dense.items(), key=lambda item: item[0] == catch_all):
+        targets.setdefault(scheme, []).extend(["Linear"] if scheme == catch_all else
+                                              [f"re:^{re.escape(n)}$" for n in sorted(names)])
+    groups = {}
+    for i, ((mode, group), names) in enumerate(targets.items()):
+        weights = {"num_bits": 8 if mode == "int8" else 4, "type": "int", "symmetric": True,
+                   "strategy": "channel" if mode == "int8" else "group",
+                   "group_size": None if mode == "int8" else group, "dynamic": False, "actorder": None,
+                   "observer": "minmax", "block_structure": None}
+        groups[f"group_{i}"] = {"targets": names, "format": PACKED, "weights": weights,
+                                "input_activations": None, "output_activations": None}
+    ignore = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    if any(type(m).__name__ == "Router" for m in model.modules()):
+        ignore.append(ROUTERS)
+    if getattr(model, "kept_aside", None):
+        ignore.append(r"re:^model\.mtp_")
+    return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
+
+
+# ---------------------------------------------------------------- reading a config
+
+_SCHEME_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder", "observer",
+                  "block_structure", "observer_kwargs", "zp_dtype", "scale_dtype"}
+
+
+def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
+    """One config group -> moelm (mode, group size) or CompressedTensorsError naming the field."""
+    where = f"quantization_config.config_groups.{name}"
+    fmt = group.get("format") or fmt
+    if fmt not in (PACKED, *INT8):
+        raise CompressedTensorsError(f"{where}.format {fmt!r}: moelm reads {PACKED}, int-quantized and "
+                                     "naive-quantized integer weights only")
+    for field in ("input_activations", "output_activations"):
+        if group.get(field) is not None:
+            raise CompressedTensorsError(f"{where}.{field} is set: moelm quantizes weights only (W4A16 / W8A16)")
+    w = group.get("weights")
+    if not isinstance(w, dict):
+        raise CompressedTensorsError(f"{where}.weights: missing; moelm reads weight-quantized schemes only")
+    w = {k: v for k, v in w.items() if v is not None}
+    bits, strategy, size = w.get("num_bits"), w.get("strategy"), w.get("group_size")
+    if w.get("type", "int") != "int":
+        raise CompressedTensorsError(f"{where}.weights.type {w['type']!r}: moelm reads int weights only")
+    if bits not in (4, 8):
+        raise CompressedTensorsError(f"{where}.weights.num_bits {bits!r}: moelm reads 4- and 8-bit weights")
+    if w.get("symmetric", True) is not True:
+        raise CompressedTensorsError(f"{where}.weights.symmetric is false: moelm has no zero points")
+    if w.get("actorder") not in (None, False):
+        raise CompressedTensorsError(f"{where}.weights.actorder {w['actorder']!r}: moelm reads weights in input "
+                                     "order only (no g_idx)")
+    if w.get("dynamic", False) not in (False, None):
+        raise CompressedTensorsError(f"{where}.weights.dynamic {w['dynamic']!r}: moelm reads static weights")
+    if bits == 8 and strategy != "channel":
+        raise CompressedTensorsError(f"{where}.weights.strategy {strategy!r}: moelm's int8 has one scale per output "
+                                     "row (strategy 'channel')")
+    if bits == 4 and strategy not in ("group", "channel"):
+        raise CompressedTensorsError(f"{where}.weights.strategy {strategy!r}: moelm's int4 has group or channel "
+                                     "scales")
+    if bits == 4 and fmt != PACKED:
+        raise CompressedTensorsError(f"{where}.format {fmt!r}: 4-bit weights are read from {PACKED} only")
+    if bits == 4 and strategy == "group" and (not isinstance(size, int) or size < 32 or size % 32):
+        raise CompressedTensorsError(f"{where}.weights.group_size {size!r}: moelm's int4 kernels need a multiple "
+                                     "of 32")
+    unknown = sorted(set(w) - _SCHEME_FIELDS)
+    if unknown:
+        raise CompressedTensorsError(f"{where}.weights.{unknown[0]} is not read by moelm")
+    if bits == 8:
+        return "int8", 0
+    return "int4", size if strategy == "group" else -1  # -1: one group per row (in_features)
+
+
+def read_quantization_config(data, model, requested: QuantizationConfig | None, parts: dict[str, tuple[str, ...]]
+                             ) -> QuantizationConfig:
+    """config.json's quantization_config -> the QuantizationConfig that loads it as stored (resolve_config). A
+    quantization the caller asked for too must be the same mode (it is then redundant); another is an error."""
+    if not isinstance(data, dict):
+        raise CompressedTensorsError(f"config.json's quantization_config is a {type(data).__name__}, not an object")
+    config = resolve_config(data, model, parts)
+    modes = sorted({mode for mode, _ in config.modules.values()})
+    if requested is not None and (requested.backend != "moelm" or modes != [requested.mode]):
+        asked = requested.mode if requested.backend == "moelm" else f"{requested.backend} {requested.mode}"
+        raise ValueError(f"quantization {asked!r} was requested, but the checkpoint is stored quantized "
+                         f"({'/'.join(modes)}, compressed-tensors); load it without quantization= (its "
+                         "config.json says how it is quantized)")
+    return config
+
+
+def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> QuantizationConfig:
+    """config.json's compressed-tensors quantization_config -> a QuantizationConfig whose `modules` give each
+    quantized moelm module (its name) its (mode, group size); modules not targeted stay unquantized."""
+    if data.get("quant_method") != "compressed-tensors":
+        raise CompressedTensorsError(f"quantization_config.quant_method {data.get('quant_method')!r}: moelm reads "
+                                     "compressed-tensors and its own int8/int4 only")
+    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        if data.get(field):
+            raise CompressedTensorsError(f"quantization_config.{field} is set: moelm does not read it")
+    status = data.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise CompressedTensorsError(f"quantization_config.quantization_status {status!r}: moelm reads compressed "
+                                     "checkpoints only")
+    fmt = data.get("format") or PACKED
+    groups = data.get("config_groups") or {}
+    if not groups:
+        raise CompressedTensorsError("quantization_config.config_groups is empty")
+    schemes = []  # (target, (mode, group))
+    for name, group in groups.items():
+        scheme = parse_scheme(name, group, fmt)
+        schemes += [(t, scheme) for t in group.get("targets") or []]
+    ignore = data.get("ignore") or []
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found = _scheme_for(name, schemes, ignore)
+            if found is not None:
+                modules[name] = _check_group(name, found, module.in_features)
+        elif isinstance(module, Experts):
+            found = {_scheme_for(f"{name}.{e}.{p}", schemes, ignore) for e in range(module.num_experts)
+                     for ps in parts.values() for p in ps}
+            if len(found) != 1:
+                raise CompressedTensorsError(f"the experts of {name} are quantized with different schemes "
+                                             f"({sorted(map(str, found))}); moelm needs one scheme per MoE block")
+            scheme = found.pop()
+            if scheme is not None:
+                _, two_i, h = module.gate_up_proj.shape
+                first, second = _check_group(name, scheme, h), _check_group(name, scheme, two_i // 2)
+                if first != second:
+                    raise CompressedTensorsError(f"{name}: channel-wise int4 experts over {h} and {two_i // 2} "
+                                                 "inputs (moelm's experts share one group size)")
+                modules[name] = first
+    if not modules:
+        raise CompressedTensorsError("quantization_config targets none of the model's Linear layers or experts")
+    modes = sorted({m for m, _ in modules.values()})
+    sizes = sorted({g for m, g in modules.values() if m == "int4"})
+    return QuantizationConfig(modes[-1] if len(modes) == 1 else modes[0], sizes[0] if sizes else 64,
+                              modules=modules)
+
+
+def _check_group(name: str, scheme: tuple[str, int], in_features: int) -> tuple[str, int]:
+    mode, group = scheme
+    if mode == "int4" and group == -1:
+        group = in_features
+        if in_features % 32:
+            raise CompressedTensorsError(f"{name}: channel-wise int4 over {in_features} inputs (moelm's int4 groups "
+                                         "are multiples of 32)")
+    if mode == "int4" and in_features % group:
+        raise CompressedTensorsError(f"{name}: group_size {group} does not divide its {in_features} inputs")
+    return mode, group
+
+
+def _scheme_for(name: str, schemes, ignore) -> tuple[str, int] | None:
+    """compressed-tensors' matching: ignored -> None; else the first exact name, then regex, then "Linear"."""
+    if any(_matches(name, t) for t in ignore):
+        return None
+    ranked = sorted(schemes, key=lambda ts: (ts[0] == "Linear", ts[0].startswith("re:")))
+    for target, scheme in ranked:
+        if target == "Linear" or _matches(name, target):
+            return scheme
+    return None
+
+
+def _matches(name: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return name == target
+
+
+# ---------------------------------------------------------------- writing tensors
+
+def packed_tensors(model, parts: dict[str, tuple[str, ...]]) -> dict[str, object]:
+    """State-dict key of a quantized buffer -> a function yielding its hub tensors (for qweight), or None (scale:
+    written with its qweight)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            for stacked, child in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+                out[f"{name}.{child}.qweight"] = _experts(name, module, stacked, parts[stacked])
+                out[f"{name}.{child}.scale"] = None
+        elif isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
+            out[f"{name}.qweight"] = _linear(name, module)
+            out[f"{name}.scale"] = None
+    return out
+
+
+def _linear(name, module):
+    def tensors():
+        for suffix, t in to_packed(module.qweight, module.scale, module.group_size).items():
+            yield f"{name}.{suffix}", t
+    return tensors
+
+
+def _experts(name, module, stacked, parts):
+    def tensors():
+        q, s = module.stacked(stacked)
+        for e in range(q.shape[0]):
+            for p, qp, sp in zip(parts, q[e].chunk(len(parts)), s[e].chunk(len(parts))):
+                for suffix, t in to_packed(qp, sp, module.group_size).items():
+                    yield f"{name}.{e}.{p}.{suffix}", t
+    return tensors
+
+
+# ---------------------------------------------------------------- reading tensors
+
+def stored_groups(ckpt) -> dict[str, dict[str, str]]:
+    """Hub weight name X.weight -> its stored compressed-tensors keys {weight_packed | weight, weight_scale,
+    weight_shape} (those present), for every X.weight_scale in the checkpoint."""
+    out = {}
+    for key in ckpt.keys():  # noqa: SIM118 (a checkpoint, not a dict)
+        prefix, _, last = key.rpartition(".")
+        if last == "weight_scale":
+            names = ("weight_packed", "weight", "weight_scale", "weight_shape")
+            out[f"{prefix}.weight"] = {n: f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in ckpt}
+    return out
+
+
+def stored_shape(ckpt, keys: dict[str, str], mode: str) -> tuple[int, ...]:
+    """The [O, I] of a stored quantized weight (weight_shape, else the int8 weight's or the packed one's)."""
+    if "weight_shape" in keys:
+        return tuple(int(d) for d in ckpt.get(keys["weight_shape"]).tolist())
+    if "weight_packed" in keys:
+        o, words = ckpt.shape(keys["weight_packed"])
+        return o, words * (4 if mode == "int8" else 8)
+    return tuple(ckpt.shape(keys["weight"]))
+
+
+def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stored weight [O, I] = shape -> moelm (q, scale fp32) for `module` (a QuantizedLinear: its mode and group
+    size)."""
+    mode, group = module.mode, module.group_size
+    scale_key = keys["weight_scale"]
+    scale = ckpt.get(scale_key)
+    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"{scale_key}: scales in {scale.dtype} (moelm reads fp32, bf16 and fp16 scales)")
+    if "weight_packed" in keys:
+        packed = ckpt.get(keys["weight_packed"])
+        if packed.dtype != torch.int32:
+            raise CheckpointError(f"{keys['weight_packed']}: {packed.dtype}, not int32")
+        bits = 8 if mode == "int8" else 4
+        o, i = shape
+        if tuple(packed.shape) != (o, -(-i * bits // 32)):
+            raise CheckpointError(f"{keys['weight_packed']}: shape {list(packed.shape)} does not hold {bits}-bit "
+                                  f"codes of [{o}, {i}]")
+    else:
+        weight = ckpt.get(keys["weight"])
+        if weight.dtype != torch.int8 or mode != "int8":
+            raise CheckpointError(f"{keys['weight']}: a {weight.dtype} weight beside {scale_key}; moelm reads int8 "
+                                  "weights stored unpacked")
+        o, i = weight.shape
+    want = (o,) if mode == "int8" else (o, i // group)
+    if scale.numel() != math.prod(want) or scale.shape[0] != o:
+        raise CheckpointError(f"{scale_key}: shape {list(scale.shape)}, expected {list(want)} for a {mode} weight "
+                              f"[{o}, {i}]" + (f" in groups of {group}" if mode == "int4" else ""))
+    if "weight_packed" in keys:
+        return from_packed(packed, scale.reshape(o, -1), bits, group, i)
+    return from_int8(weight, scale)
