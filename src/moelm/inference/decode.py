@@ -181,7 +181,7 @@ class _MoePlan(_LayerPlan):
     """What moe_step (or decode_layer, folded into a layer's plan) hands to C for an MoE block (see _moe_plan)."""
 
     def __init__(self, block, router: tuple, experts: list, shared: list, projections: list, bias):
-        kind, top_k, norm_min, jitter = block.routing_spec()
+        self.routing = kind, top_k, norm_min, jitter = block.routing_spec()
         # biases handed over as fp32 copies: valid while not changed in place
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, shared) if ts[3] is not p.bias]
         self.mats = [kernels.mat(*ts) for ts in (router, *experts, *shared)]
@@ -211,13 +211,14 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     of FastLinear / QuantizedLinear; no hooks on any of its modules; sizes multiples of 32."""
     from .modules import FastExperts, FastMLP
 
-    plan = _MOE_PLANS.get(block)
-    if plan is not None and plan.valid():
-        return plan
     spec = getattr(block, "routing_spec", None)
-    if x.dtype != torch.float32 or spec is None or spec() is None or torch.is_grad_enabled() \
+    routing = None if spec is None else spec()
+    if x.dtype != torch.float32 or routing is None or torch.is_grad_enabled() \
             or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
         return None
+    plan = _MOE_PLANS.get(block)
+    if plan is not None and plan.valid() and plan.routing == routing:
+        return plan
     router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
     if router.dtype not in (torch.float32, torch.bfloat16) or not router.is_contiguous() \
             or type(router) not in (torch.Tensor, torch.nn.Parameter) or router.device.type != "cpu":

@@ -335,7 +335,8 @@ INLINE void dot_i4q(const int16_t *xq, int64_t I, const float *xs, const float *
 }
 
 /* The integer path: x quantized per group of XG, then each weight row against up to 4 rows of x at a time (with
- * wsel, each row of x against its own matrix); SCALED multiplies an int8 row's result by its scale. */
+ * wsel, each run of consecutive rows choosing the same matrix against it, so a matrix is read once per run: the
+ * MoE kernel sorts its rows by expert); SCALED multiplies an int8 row's result by its scale. */
 #define GEMV_INT(NAME, WT, DOT, POS, XG, SCALED)                                                              \
 static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale,        \
                  int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y,        \
@@ -344,11 +345,14 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
     int16_t *xq = malloc(M * I * sizeof(int16_t));                                                           \
     float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));              \
     quantize_x(x, M * groups, xg, POS, xq, xs, xsum);                                                        \
-    int64_t mats = wsel ? M : 1, rows = wsel ? 1 : M;                                                        \
+    int64_t *run = malloc((M + 1) * sizeof(int64_t)), runs = 0;  /* first row of each run */                \
+    for (int64_t m = 0; m < M; m++)                                                                          \
+        if (m == 0 || (wsel && wsel[m] != wsel[m - 1])) run[runs++] = m;                                     \
+    run[runs] = M;                                                                                           \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
-    for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
+    for (int64_t s = 0; s < runs; s++)                                                                       \
         for (int64_t ob = 0; ob < (O + 7) / 8; ob++)                                                         \
-            for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {                                         \
+            for (int64_t o = ob * 8, m0 = run[s], rows = run[s + 1] - m0; o < ob * 8 + 8 && o < O; o++) {   \
                 int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
                 const WT *wr = w + row * wrow;                                                               \
                 const float *sr = scale + row * srow;                                                        \
@@ -367,7 +371,7 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
                         y[(m + r) * O + o] = (SCALED ? d[r] * scale[row] : d[r]) + (bias ? bias[o] : 0.0f);  \
                 }                                                                                            \
             }                                                                                                \
-    free(xq); free(xs); free(xsum);                                                                          \
+    free(xq); free(xs); free(xsum); free(run);                                                               \
 }
 /* int8: activation groups of 256 inputs (or the largest power of two dividing I): int32 sums stay below 2^28 */
 #define I8_GROUP (I % 256 == 0 ? 256 : I % 128 == 0 ? 128 : I % 64 == 0 ? 64 : 32)
@@ -516,13 +520,17 @@ typedef struct {
     int64_t O;
 } Mat;
 
-static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
+/* wsel: as for gemv_* (NULL: one matrix) */
+static void mat_sel(const Mat *m, const float *x, int64_t M, int64_t I, const int64_t *wsel, float *y, int nt) {
     switch (m->fmt) {
-    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
     }
+}
+static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
+    mat_sel(m, x, M, I, 0, y, nt);
 }
 
 /* Matrix e of a stacked Mat (rows e * O .. e * O + O - 1 of its [E * O, I]). */
@@ -597,28 +605,33 @@ static void swiglu_rows(const float *gu, int64_t rows, int64_t F, float *out) {
 }
 
 /* y[b] += sum_k weight[b, k] * expert_{index[b, k]}(h[b]) + shared(h[b]) for B rows h [B, n] (the order of the
- * model's sums); logits [B, E], index [B, K], weight [B, K] are written. Each chosen expert runs once on the rows
- * that chose it (its weights read once), experts in ascending order. */
+ * model's sums); logits [B, E], index [B, K], weight [B, K] are written. The (row, choice) pairs are sorted by
+ * expert, so each chosen expert's weights are read once for all the rows that chose it: int8/int4 experts in one
+ * gemv call per projection (its runs of equal wsel), fp32/bf16 ones in a call per expert. */
 static void moe_apply(const Moe *M, const float *h, int64_t B, int64_t n, float *y, float *logits, int64_t *index,
                       float *weight, int nt) {
-    int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K;
+    int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K, c = 0;
     mat_apply(M->router, h, B, n, logits, nt);
     for (int64_t b = 0; b < B; b++) route(M, logits + b * E, index + b * K, weight + b * K);
-    int64_t *order = malloc(pairs * sizeof(int64_t)), start = 0;
+    int64_t *order = malloc(2 * pairs * sizeof(int64_t)), *sel = order + pairs;
     float *xg = malloc(pairs * (n + 3 * F + n) * sizeof(float)), *gu = xg + pairs * n, *act = gu + 2 * pairs * F;
     float *out = act + pairs * F;
-    for (int64_t e = 0; e < E; e++) {
-        int64_t c = 0;
+    for (int64_t e = 0; e < E; e++)
         for (int64_t p = 0; p < pairs; p++)
-            if (index[p] == e) { order[start + c] = p; memcpy(xg + c * n, h + (p / K) * n, n * sizeof(float)); c++; }
-        if (!c) continue;
-        Mat gate_up = mat_part(M->gate_up, e), down = mat_part(M->down, e);
-        mat_apply(&gate_up, xg, c, n, gu, nt);
-        swiglu_rows(gu, c, F, act);
-        mat_apply(&down, act, c, F, xg, nt);
-        for (int64_t r = 0; r < c; r++) memcpy(out + order[start + r] * n, xg + r * n, n * sizeof(float));
-        start += c;
-    }
+            if (index[p] == e) { order[c] = p; sel[c] = e; memcpy(xg + c * n, h + (p / K) * n, n * sizeof(float)); c++; }
+    if (M->gate_up->fmt >= 2) {
+        mat_sel(M->gate_up, xg, pairs, n, sel, gu, nt);
+        swiglu_rows(gu, pairs, F, act);
+        mat_sel(M->down, act, pairs, F, sel, xg, nt);
+    } else
+        for (int64_t r = 0, r1; r < pairs; r = r1) {
+            for (r1 = r + 1; r1 < pairs && sel[r1] == sel[r]; r1++) {}
+            Mat gate_up = mat_part(M->gate_up, sel[r]), down = mat_part(M->down, sel[r]);
+            mat_apply(&gate_up, xg + r * n, r1 - r, n, gu + r * 2 * F, nt);
+            swiglu_rows(gu + r * 2 * F, r1 - r, F, act + r * F);
+            mat_apply(&down, act + r * F, r1 - r, F, xg + r * n, nt);
+        }
+    for (int64_t r = 0; r < pairs; r++) memcpy(out + order[r] * n, xg + r * n, n * sizeof(float));
     float *shared = 0;
     if (M->sgate_up) {
         int64_t S = M->sgate_up->O / 2;
