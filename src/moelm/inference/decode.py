@@ -11,6 +11,7 @@ from ..nn.layers import MLP, RMSNorm
 from ..nn.rope import rotate_half_split, rotate_interleaved
 from . import cpu, kernels
 from .cache import StaticCache
+from .experts import FastExperts
 from .linear import FastLinear, fused_ready
 from .matmul import KERNEL_DTYPES
 from .quantization import QuantizedExperts, QuantizedLinear
@@ -208,9 +209,7 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     kernels cannot run: fp32 activations; a block that names its routing (routing_spec: ERNIE's or PhiMoE's, not
     training); the router weight fp32 or bf16; the experts FastExperts (fp32/bf16) or QuantizedExperts (int8/int4),
     contiguous on CPU (a sharded MoE has other classes: moelm.parallel); shared experts, if any, a fused SwiGLU MLP
-    of FastLinear / QuantizedLinear; no hooks on any of its modules; sizes multiples of 32."""
-    from .modules import FastExperts, FastMLP
-
+    of FastLinear / QuantizedLinear (fused gate/up); no hooks on any of its modules; sizes multiples of 32."""
     spec = getattr(block, "routing_spec", None)
     routing = None if spec is None else spec()
     if x.dtype != torch.float32 or routing is None or torch.is_grad_enabled() \
@@ -239,7 +238,7 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
         return None
     projections, mats = [], []
     if shared is not None:
-        if type(shared) is not FastMLP or not fused_ready(shared.fused_gate_up, x):
+        if not isinstance(shared, MLP) or not fused_ready(getattr(shared, "fused_gate_up", None), x):
             return None
         projections = [shared.fused_gate_up.module, shared.down_proj]
         mats = [_mat_tensors(p) for p in projections]

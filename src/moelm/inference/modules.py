@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
-from ..nn.moe import Experts, needs_grad, sort_by_expert
+from ..nn.moe import Experts
 from . import cpu, kernels
 from .attention import decode_attention
 from .cache import StaticCache
 from .decode import decode_attention_step, layer_step, moe_step
-from .experts import each_expert
+from .experts import FastExperts
 from .linear import FastLinear, Fused, fuse_projections, fused_ready
 from .slots import SlotCache, ragged_attention
 
@@ -113,16 +113,6 @@ class FastDecoderLayer(DecoderLayer):
 
 cpu.register("decode_layer", ("gemv", "torch"))
 cpu.register("moe_block", ("gemv", "torch"))
-
-
-class FastExperts(Experts):
-    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """On CPU without gradients: the chosen experts one at a time (experts.each_expert)."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous() \
-                and not needs_grad(x, weights, gate_up, down):
-            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), lambda e: (gate_up[e], down[e]))
-        return super().forward(x, index, weights)
 
 
 FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLP: FastMLP, Attention: FastAttention,
