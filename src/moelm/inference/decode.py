@@ -181,7 +181,7 @@ class _LayerPlan:
 class _MoePlan(_LayerPlan):
     """What moe_step (or decode_layer, folded into a layer's plan) hands to C for an MoE block (see _moe_plan)."""
 
-    def __init__(self, block, router: tuple, experts: list, shared: list, projections: list, bias):
+    def __init__(self, block, router: tuple, experts: list, shared: list, projections: list, bias, dtype):
         self.routing = kind, top_k, norm_min, jitter = block.routing_spec()
         # biases handed over as fp32 copies: valid while not changed in place
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, shared) if ts[3] is not p.bias]
@@ -198,7 +198,7 @@ class _MoePlan(_LayerPlan):
         tensors = [t for _, _, t in self.links if isinstance(t, torch.Tensor)]
         tensors += [t for ts in (router, *experts, *shared) for t in ts if isinstance(t, torch.Tensor)]
         self.ptrs = [(t, t.data_ptr()) for t in tensors]
-        self.dtype = torch.float32
+        self.dtype = dtype
 
 
 _MOE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _MoePlan
@@ -206,28 +206,33 @@ _MOE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block
 
 def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     """The block's _MoePlan (rebuilt when something it was made from was replaced), or None for a block the
-    kernels cannot run: fp32 activations; a block that names its routing (routing_spec: ERNIE's or PhiMoE's, not
-    training); the router weight fp32 or bf16; the experts FastExperts (fp32/bf16) or QuantizedExperts (int8/int4),
-    contiguous on CPU (a sharded MoE has other classes: moelm.parallel); shared experts, if any, a fused SwiGLU MLP
-    of FastLinear / QuantizedLinear (fused gate/up); no hooks on any of its modules; sizes multiples of 32."""
+    kernels cannot run: a block that names its routing (routing_spec: ERNIE's or PhiMoE's, not training); fp32
+    activations, the router weight fp32 or bf16, the experts FastExperts (fp32/bf16) or QuantizedExperts
+    (int8/int4); or bf16 activations (decode_layer_bf16 only), ERNIE's fp32 router, bf16 FastExperts and shared
+    experts; all contiguous on CPU (a sharded MoE has other classes: moelm.parallel); shared experts, if any, a fused
+    SwiGLU MLP of FastLinear / QuantizedLinear; no hooks on any of its modules; sizes multiples of 32."""
     spec = getattr(block, "routing_spec", None)
     routing = None if spec is None else spec()
-    if x.dtype != torch.float32 or routing is None or torch.is_grad_enabled() \
+    bf16 = x.dtype == torch.bfloat16
+    if x.dtype not in (torch.float32, torch.bfloat16) or routing is None or torch.is_grad_enabled() \
+            or (bf16 and routing[0] != "ernie") \
             or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
         return None
     plan = _MOE_PLANS.get(block)
-    if plan is not None and plan.valid() and plan.routing == routing:
+    if plan is not None and plan.valid() and plan.routing == routing and plan.dtype == x.dtype:
         return plan
     router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
-    if router.dtype not in (torch.float32, torch.bfloat16) or not router.is_contiguous() \
+    routers = (torch.float32,) if bf16 else (torch.float32, torch.bfloat16)
+    if router.dtype not in routers or not router.is_contiguous() \
             or type(router) not in (torch.Tensor, torch.nn.Parameter) or router.device.type != "cpu":
         return None
     if type(experts) is FastExperts:
         gate_up, down = experts.gate_up_proj, experts.down_proj
-        if gate_up.dtype not in (torch.float32, torch.bfloat16) or down.dtype != gate_up.dtype:
+        if gate_up.dtype not in ((torch.bfloat16,) if bf16 else (torch.float32, torch.bfloat16)) \
+                or down.dtype != gate_up.dtype:
             return None
         found = [(gate_up[0], None, 0, None), (down[0], None, 0, None)]
-    elif type(experts) is QuantizedExperts:
+    elif type(experts) is QuantizedExperts and not bf16:
         (gq, gs), (dq, ds) = experts.stacked("gate_up_proj"), experts.stacked("down_proj")
         found = [(gq[0], gs[0], experts.group_size, None), (dq[0], ds[0], experts.group_size, None)]
         gate_up, down = gq, dq
@@ -242,13 +247,13 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
             return None
         projections = [shared.fused_gate_up.module, shared.down_proj]
         mats = [_mat_tensors(p) for p in projections]
-        if any(t is None or t[0].dtype not in (torch.float32, torch.bfloat16, torch.int8, torch.uint8) for t in mats) \
-                or any(p.in_features % 32 for p in projections):
+        kinds = (torch.bfloat16,) if bf16 else (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
+        if any(t is None or t[0].dtype not in kinds for t in mats) or any(p.in_features % 32 for p in projections):
             return None
     bias = getattr(getattr(block, "moe_statics", None), "e_score_correction_bias", None)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
-    _MOE_PLANS[block] = plan = _MoePlan(block, (router, None, 0, None), found, mats, projections, bias)
+    _MOE_PLANS[block] = plan = _MoePlan(block, (router, None, 0, None), found, mats, projections, bias, x.dtype)
     return plan
 
 
@@ -258,17 +263,19 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Lay
 
 def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
     """The layer's _LayerPlan, rebuilt when a module or tensor it was made from has been replaced, or None for a
-    layer decode_layer cannot run."""
+    layer decode_layer cannot run. An MoE block is part of it while _moe_plan says the kernels can run it (asked
+    on every step: a hook, training or gradients take it out again)."""
+    mlp = getattr(layer, layer.mlp_name)
+    moe = None if isinstance(mlp, MLP) else _moe_plan(mlp, x)
     plan = _PLANS.get(layer)
-    if plan is not None and plan.valid() and plan.dtype == x.dtype:
+    if plan is not None and plan.valid() and plan.dtype == x.dtype and plan.moe is moe:
         return plan
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if any(not isinstance(n, RMSNorm) or n.weight.dtype != x.dtype or not n.weight.is_contiguous()
            or n.weight.shape[0] % 8 for n in norms):
         return None
-    attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+    attn = layer.self_attn
     dense = isinstance(mlp, MLP) and fused_ready(mlp.fused_gate_up, x)
-    moe = None if dense or isinstance(mlp, MLP) else _moe_plan(mlp, x)
     projections = [attn.fused_qkv.module, attn.o_proj] + ([mlp.fused_gate_up.module, mlp.down_proj] if dense else [])
     found = [_mat_tensors(p) for p in projections]
     weights = (torch.bfloat16,) if x.dtype == torch.bfloat16 else (torch.float32, torch.int8, torch.uint8)

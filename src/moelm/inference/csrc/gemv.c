@@ -596,20 +596,26 @@ static void route(const Moe *M, const float *logit, int64_t *index, float *weigh
     for (int64_t k = 0; k < K; k++) weight[k] = p[index[k]] / norm;
 }
 
-static void swiglu_rows(const float *gu, int64_t rows, int64_t F, float *out) {
+/* silu(gate) * up for rows of [gate (F) | up (F)]; bf16: the inputs, silu and the product rounded as PyTorch's bf16
+ * ops round them */
+static void swiglu_rows(const float *gu, int64_t rows, int64_t F, int bf16, float *out) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < F; i++) {
-            float g = gu[r * 2 * F + i];
-            out[r * F + i] = g / (1.0f + expf(-g)) * gu[r * 2 * F + F + i];
+            float g = gu[r * 2 * F + i], up = gu[r * 2 * F + F + i];
+            if (bf16) { g = round_bf16(g); up = round_bf16(up); }
+            float a = g / (1.0f + expf(-g));
+            out[r * F + i] = bf16 ? round_bf16(round_bf16(a) * up) : a * up;
         }
 }
 
 /* y[b] += sum_k weight[b, k] * expert_{index[b, k]}(h[b]) + shared(h[b]) for B rows h [B, n] (the order of the
  * model's sums); logits [B, E], index [B, K], weight [B, K] are written. The (row, choice) pairs are sorted by
  * expert, so each chosen expert's weights are read once for all the rows that chose it: int8/int4 experts in one
- * gemv call per projection (its runs of equal wsel), fp32/bf16 ones in a call per expert. */
-static void moe_apply(const Moe *M, const float *h, int64_t B, int64_t n, float *y, float *logits, int64_t *index,
-                      float *weight, int nt) {
+ * gemv call per projection (its runs of equal wsel), fp32/bf16 ones in a call per expert.
+ * bf16 (a bf16 model; h and y bf16 values): rounded where PyTorch's bf16 ops round, the experts' outputs times the
+ * bf16 weights summed per row in ascending expert order (as the op-by-op experts' index_add_), then + shared. */
+static void moe_apply(const Moe *M, int bf16, const float *h, int64_t B, int64_t n, float *y, float *logits,
+                      int64_t *index, float *weight, int nt) {
     int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K, c = 0;
     mat_apply(M->router, h, B, n, logits, nt);
     for (int64_t b = 0; b < B; b++) route(M, logits + b * E, index + b * K, weight + b * K);
@@ -621,14 +627,14 @@ static void moe_apply(const Moe *M, const float *h, int64_t B, int64_t n, float 
             if (index[p] == e) { order[c] = p; sel[c] = e; memcpy(xg + c * n, h + (p / K) * n, n * sizeof(float)); c++; }
     if (M->gate_up->fmt >= 2) {
         mat_sel(M->gate_up, xg, pairs, n, sel, gu, nt);
-        swiglu_rows(gu, pairs, F, act);
+        swiglu_rows(gu, pairs, F, bf16, act);
         mat_sel(M->down, act, pairs, F, sel, xg, nt);
     } else
         for (int64_t r = 0, r1; r < pairs; r = r1) {
             for (r1 = r + 1; r1 < pairs && sel[r1] == sel[r]; r1++) {}
             Mat gate_up = mat_part(M->gate_up, sel[r]), down = mat_part(M->down, sel[r]);
             mat_apply(&gate_up, xg + r * n, r1 - r, n, gu + r * 2 * F, nt);
-            swiglu_rows(gu + r * 2 * F, r1 - r, F, act + r * F);
+            swiglu_rows(gu + r * 2 * F, r1 - r, F, bf16, act + r * F);
             mat_apply(&down, act + r * F, r1 - r, F, xg + r * n, nt);
         }
     for (int64_t r = 0; r < pairs; r++) memcpy(out + order[r] * n, xg + r * n, n * sizeof(float));
@@ -638,22 +644,32 @@ static void moe_apply(const Moe *M, const float *h, int64_t B, int64_t n, float 
         float *sgu = malloc(B * (3 * S + n) * sizeof(float)), *sact = sgu + 2 * B * S;
         shared = sact + B * S;
         mat_apply(M->sgate_up, h, B, n, sgu, nt);
-        swiglu_rows(sgu, B, S, sact);
+        swiglu_rows(sgu, B, S, bf16, sact);
         mat_apply(M->sdown, sact, B, S, shared, nt);
         shared = memmove(sgu, shared, B * n * sizeof(float));
     }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < n; i++) {
-            float total = 0.0f;
-            for (int64_t k = 0; k < K; k++) total += weight[b * K + k] * out[(b * K + k) * n + i];
-            y[b * n + i] += shared ? total + shared[b * n + i] : total;
+    if (bf16) {
+        float *acc = out;  /* the experts' outputs are in xg (sorted) */
+        memset(acc, 0, B * n * sizeof(float));
+        for (int64_t r = 0; r < pairs; r++) {
+            float w = round_bf16(weight[order[r]]), *a = acc + (order[r] / K) * n;
+            for (int64_t i = 0; i < n; i++) a[i] = round_bf16(a[i] + round_bf16(round_bf16(xg[r * n + i]) * w));
         }
+        for (int64_t i = 0; i < B * n; i++)
+            y[i] = round_bf16(y[i] + (shared ? round_bf16(acc[i] + round_bf16(shared[i])) : acc[i]));
+    } else
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < n; i++) {
+                float total = 0.0f;
+                for (int64_t k = 0; k < K; k++) total += weight[b * K + k] * out[(b * K + k) * n + i];
+                y[b * n + i] += shared ? total + shared[b * n + i] : total;
+            }
     free(order); free(xg); free(shared);
 }
 
 void moe_block(const Moe *M, const float *h, int64_t B, int64_t n, float *y, float *logits, int64_t *index,
                float *weight, int nt) {
-    moe_apply(M, h, B, n, y, logits, index, weight, nt);
+    moe_apply(M, 0, h, B, n, y, logits, index, weight, nt);
 }
 
 /* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
@@ -690,8 +706,8 @@ static void round_all(float *x, int64_t n, int bf16) {
  *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32 / attend_bf16, static cache)
  *   h = rmsnorm(y, n2)
  *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP)
- *   y += moe(h), router logits [B, E] to `logits`       (only with moe, fp32 only; with neither, the caller runs
- *                                                       its MoE block on h)
+ *   y += moe(h), router logits [B, E] to `logits`       (only with moe; with neither, the caller runs its MoE
+ *                                                       block on h)
  * qkv's output is [q (H D) | k (Hkv D) | v (Hkv D)]; gate_up's [gate (F) | up (F)]. */
 static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int64_t n, const float *cos,
                        const float *sin, void *kc, void *vc, int64_t T, int64_t pos, const int64_t *rows,
@@ -716,7 +732,7 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
     if (L->moe) {
         int64_t *index = malloc(B * L->moe->K * sizeof(int64_t));
         float *weight = malloc(B * L->moe->K * sizeof(float));
-        moe_apply(L->moe, h, B, n, y, logits, index, weight, nt);
+        moe_apply(L->moe, bf16, h, B, n, y, logits, index, weight, nt);
         free(index); free(weight);
     }
     if (L->gate_up) {
