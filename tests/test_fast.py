@@ -700,7 +700,8 @@ def _close_bf16(a: torch.Tensor, b: torch.Tensor, what: str):
 @torch.no_grad()
 def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int, same=_close_fp32):
     """One more position for every layer from random hidden states: decode_layer_step == the layer op by op (the
-    output, the post-attention norm for MoE layers, the cache rows written)."""
+    output, the post-attention norm for MoE layers run after the call, the router logits of those run in it, the
+    cache rows written)."""
     pos = cache.get_seq_length()
     batch = mask.shape[0]
     mask = F.pad(mask, (0, 1), value=1)
@@ -711,12 +712,17 @@ def _check_layer_steps(model, cache: StaticCache, mask: torch.Tensor, seed: int,
     for layer in model.model.layers:
         i = layer.self_attn.layer_idx
         twin = copy.deepcopy(cache)
-        y, h = decode.decode_layer_step(layer, x, cos_sin, mask4, cache)
+        y, h, logits = decode.decode_layer_step(layer, x, cos_sin, mask4, cache)
         a, _ = layer.self_attn(layer.input_layernorm(x), cos_sin, mask4, twin)
         expected = x + a
         normed = layer.post_attention_layernorm(expected)
-        if h is None:
-            expected = expected + getattr(layer, layer.mlp_name)(normed)
+        if h is None:  # the dense MLP or the MoE block in the call
+            out = getattr(layer, layer.mlp_name)(normed)
+            assert isinstance(out, tuple) == (logits is not None)
+            if logits is not None:
+                out, want = out
+                close(logits, want, 1e-5, f"layer {i} router logits")  # fp32 (an fp32 router) in bf16 models too
+            expected = expected + out
         else:
             same(h, normed, f"layer {i} post-attention norm")
         assert y.dtype == expected.dtype == dtype

@@ -11,9 +11,10 @@ from ..nn.layers import MLP, RMSNorm
 from ..nn.rope import rotate_half_split, rotate_interleaved
 from . import cpu, kernels
 from .cache import StaticCache
+from .experts import FastExperts
 from .linear import FastLinear, fused_ready
 from .matmul import KERNEL_DTYPES
-from .quantization import QuantizedLinear
+from .quantization import QuantizedExperts, QuantizedLinear
 from .slots import SlotCache
 
 
@@ -78,8 +79,9 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
 
 def decode_layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache):
     """A decoder layer for one new token per row in one C call (kernels.decode_layer), or None where it does not
-    apply (see layer_step). Returns (y, h): y the layer's output for a dense SwiGLU MLP (h None), else y after
-    attention and h the normed input of its MoE block."""
+    apply (see layer_step). Returns (y, h, router logits): y the layer's output for a dense SwiGLU MLP or an MoE
+    block the kernels run (h None; the block's router logits [B, E], else None), else y after attention and h the
+    normed input of its MoE block."""
     run = layer_step(layer, x, cos_sin, mask, cache)
     return None if run is None else run()
 
@@ -103,12 +105,34 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
     def run():
         if rows is None:
             cache.reserve(attn.layer_idx, 1)
-        y, h = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin, cache.keys[attn.layer_idx],
-                                    cache.values[attn.layer_idx], pos, flat_mask, rows, positions)
-        return y.view_as(x), None if plan.dense else h.view_as(x)
+        y, h, logits = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin,
+                                            cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask,
+                                            rows, positions)
+        return y.view_as(x), None if plan.whole else h.view_as(x), logits
 
-    run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, torch.get_num_threads())
-    run.dense = plan.dense
+    run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, plan.experts, torch.get_num_threads())
+    run.whole = plan.whole  # the MLP or MoE block is part of the call
+    return run
+
+
+def moe_step(block, x: torch.Tensor, normed: torch.Tensor):
+    """A function computing x + the MoE block of `normed` (x, normed [B, 1, H] fp32: one token per row) and its
+    router logits [B, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
+    kernels.MAX_ROWS rows; not while compiling)."""
+    b = normed.numel() // normed.shape[-1]
+    if torch.compiler.is_compiling() or b > kernels.MAX_ROWS or normed.dim() != 3 or normed.shape[1] != 1 \
+            or normed.dtype != torch.float32 or x.dtype != torch.float32 or not kernels.usable(normed):
+        return None
+    plan = _moe_plan(block, normed)
+    if plan is None:
+        return None
+
+    def run():
+        y = x.reshape(b, -1).float().contiguous().clone()
+        logits, _, _ = kernels.moe_block(plan.spec, normed.reshape(b, -1).contiguous(), y)
+        return y.view_as(x), logits
+
+    run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, torch.get_num_threads())
     return run
 
 
@@ -116,18 +140,20 @@ class _LayerPlan:
     """What decode_layer_step hands to C for one layer, and what it was made from: `links` (container, key,
     object) and `ptrs` (tensor, data pointer) that must still hold for it to be valid."""
 
-    def __init__(self, layer, projections: list, found: list, dense: bool, dtype: torch.dtype):
+    def __init__(self, layer, projections: list, found: list, dense: bool, dtype: torch.dtype, moe=None):
         attn = layer.self_attn
         self.dtype = dtype
+        self.moe = moe
         # biases handed over as fp32 copies: valid while not changed in place (views share the version counter)
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
         self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
                                   attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
-                                  attn.scaling, min(p.in_features * p.out_features for p in projections))
+                                  attn.scaling, min(p.in_features * p.out_features for p in projections),
+                                  None if moe is None else moe.spec)
         self.work = self.spec.work
-        self.dense = dense
+        self.dense, self.whole, self.experts = dense, dense or moe is not None, None if moe is None else moe.work
         paths = [("input_layernorm",), ("post_attention_layernorm",), ("self_attn", "o_proj"), (layer.mlp_name,)]
         self.links = [(attn.__dict__, "fused_qkv", attn.fused_qkv)]
         if dense:
@@ -149,7 +175,86 @@ class _LayerPlan:
 
     def valid(self) -> bool:
         return all(d.get(k) is obj for d, k, obj in self.links) and all(t.data_ptr() == p for t, p in self.ptrs) \
-            and all(t._version == v for t, v in self.copied)
+            and all(t._version == v for t, v in self.copied) and (self.moe is None or self.moe.valid())
+
+
+class _MoePlan(_LayerPlan):
+    """What moe_step (or decode_layer, folded into a layer's plan) hands to C for an MoE block (see _moe_plan)."""
+
+    def __init__(self, block, router: tuple, experts: list, shared: list, projections: list, bias, dtype):
+        self.routing = kind, top_k, norm_min, jitter = block.routing_spec()
+        # biases handed over as fp32 copies: valid while not changed in place
+        self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, shared) if ts[3] is not p.bias]
+        self.mats = [kernels.mat(*ts) for ts in (router, *experts, *shared)]
+        self.spec = kernels.moe(kind, self.mats[0], bias, top_k, norm_min, jitter, *self.mats[1:3],
+                                tuple(self.mats[3:]) or None)
+        self.work, self.moe = self.spec.work, None
+        self.links = []
+        for module in block.modules():
+            self.links += [(store, k, t) for store in (module._modules, module._parameters, module._buffers)
+                           for k, t in store.items()]
+            if "fused_gate_up" in module.__dict__:
+                self.links.append((module.__dict__, "fused_gate_up", module.fused_gate_up))
+        tensors = [t for _, _, t in self.links if isinstance(t, torch.Tensor)]
+        tensors += [t for ts in (router, *experts, *shared) for t in ts if isinstance(t, torch.Tensor)]
+        self.ptrs = [(t, t.data_ptr()) for t in tensors]
+        self.dtype = dtype
+
+
+_MOE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _MoePlan
+
+
+def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
+    """The block's _MoePlan (rebuilt when something it was made from was replaced), or None for a block the
+    kernels cannot run: a block that names its routing (routing_spec: ERNIE's or PhiMoE's, not training); fp32
+    activations, the router weight fp32 or bf16, the experts FastExperts (fp32/bf16) or QuantizedExperts
+    (int8/int4); or bf16 activations (decode_layer_bf16 only), ERNIE's fp32 router, bf16 FastExperts and shared
+    experts; all contiguous on CPU (a sharded MoE has other classes: moelm.parallel); shared experts, if any, a fused
+    SwiGLU MLP of FastLinear / QuantizedLinear; no hooks on any of its modules; sizes multiples of 32."""
+    spec = getattr(block, "routing_spec", None)
+    routing = None if spec is None else spec()
+    bf16 = x.dtype == torch.bfloat16
+    if x.dtype not in (torch.float32, torch.bfloat16) or routing is None or torch.is_grad_enabled() \
+            or (bf16 and routing[0] != "ernie") \
+            or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        return None
+    plan = _MOE_PLANS.get(block)
+    if plan is not None and plan.valid() and plan.routing == routing and plan.dtype == x.dtype:
+        return plan
+    router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
+    routers = (torch.float32,) if bf16 else (torch.float32, torch.bfloat16)
+    if router.dtype not in routers or not router.is_contiguous() \
+            or type(router) not in (torch.Tensor, torch.nn.Parameter) or router.device.type != "cpu":
+        return None
+    if type(experts) is FastExperts:
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if gate_up.dtype not in ((torch.bfloat16,) if bf16 else (torch.float32, torch.bfloat16)) \
+                or down.dtype != gate_up.dtype:
+            return None
+        found = [(gate_up[0], None, 0, None), (down[0], None, 0, None)]
+    elif type(experts) is QuantizedExperts and not bf16:
+        (gq, gs), (dq, ds) = experts.stacked("gate_up_proj"), experts.stacked("down_proj")
+        found = [(gq[0], gs[0], experts.group_size, None), (dq[0], ds[0], experts.group_size, None)]
+        gate_up, down = gq, dq
+    else:
+        return None
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_contiguous() or t.device.type != "cpu"
+           for t in (gate_up, down)) or router.shape[1] % 32 or gate_up.shape[1] // 2 % 32:
+        return None
+    projections, mats = [], []
+    if shared is not None:
+        if not isinstance(shared, MLP) or not fused_ready(getattr(shared, "fused_gate_up", None), x):
+            return None
+        projections = [shared.fused_gate_up.module, shared.down_proj]
+        mats = [_mat_tensors(p) for p in projections]
+        kinds = (torch.bfloat16,) if bf16 else (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
+        if any(t is None or t[0].dtype not in kinds for t in mats) or any(p.in_features % 32 for p in projections):
+            return None
+    bias = getattr(getattr(block, "moe_statics", None), "e_score_correction_bias", None)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    _MOE_PLANS[block] = plan = _MoePlan(block, (router, None, 0, None), found, mats, projections, bias, x.dtype)
+    return plan
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerPlan (not on the module: copies
@@ -158,22 +263,25 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Lay
 
 def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
     """The layer's _LayerPlan, rebuilt when a module or tensor it was made from has been replaced, or None for a
-    layer decode_layer cannot run."""
+    layer decode_layer cannot run. An MoE block is part of it while _moe_plan says the kernels can run it (asked
+    on every step: a hook, training or gradients take it out again)."""
+    mlp = getattr(layer, layer.mlp_name)
+    moe = None if isinstance(mlp, MLP) else _moe_plan(mlp, x)
     plan = _PLANS.get(layer)
-    if plan is not None and plan.valid() and plan.dtype == x.dtype:
+    if plan is not None and plan.valid() and plan.dtype == x.dtype and plan.moe is moe:
         return plan
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if any(not isinstance(n, RMSNorm) or n.weight.dtype != x.dtype or not n.weight.is_contiguous()
            or n.weight.shape[0] % 8 for n in norms):
         return None
-    attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+    attn = layer.self_attn
     dense = isinstance(mlp, MLP) and fused_ready(mlp.fused_gate_up, x)
     projections = [attn.fused_qkv.module, attn.o_proj] + ([mlp.fused_gate_up.module, mlp.down_proj] if dense else [])
     found = [_mat_tensors(p) for p in projections]
     weights = (torch.bfloat16,) if x.dtype == torch.bfloat16 else (torch.float32, torch.int8, torch.uint8)
     if any(t is None or t[0].dtype not in weights for t in found) or any(p.in_features % 32 for p in projections):
         return None
-    _PLANS[layer] = plan = _LayerPlan(layer, projections, found, dense, x.dtype)
+    _PLANS[layer] = plan = _LayerPlan(layer, projections, found, dense, x.dtype, moe)
     return plan
 
 

@@ -70,8 +70,10 @@ def _compile() -> ctypes.CDLL | None:
     lib.attend_f32.restype = None
     for fn in (lib.decode_layer, lib.decode_layer_bf16):
         fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr,
-                       ptr, ctypes.c_int]
+                       ptr, ptr, ctypes.c_int]
         fn.restype = None
+    lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
+                                                     ctypes.c_int], None
     return lib
 
 
@@ -82,12 +84,20 @@ class Mat(ctypes.Structure):
                 ("bias", ctypes.c_void_p), ("O", ctypes.c_int64)]
 
 
+class Moe(ctypes.Structure):
+    """A mixture-of-experts block for moe_block / decode_layer (gemv.c's Moe)."""
+    _fields_ = [("kind", ctypes.c_int64), ("router", ctypes.POINTER(Mat)), ("bias", ctypes.c_void_p),
+                ("E", ctypes.c_int64), ("K", ctypes.c_int64), ("norm_min", ctypes.c_float),
+                ("jitter", ctypes.c_float)] + [(name, ctypes.POINTER(Mat)) for name in ("gate_up", "down", "sgate_up",
+                                                                                       "sdown")]
+
+
 class Layer(ctypes.Structure):
     """A decoder layer's fixed parts for decode_layer (gemv.c's Layer)."""
     _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
                 ("qkv", ctypes.POINTER(Mat)), ("o", ctypes.POINTER(Mat)), ("gate_up", ctypes.POINTER(Mat)),
                 ("down", ctypes.POINTER(Mat)), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
-                ("interleaved", ctypes.c_int64), ("scale", ctypes.c_float)]
+                ("interleaved", ctypes.c_int64), ("scale", ctypes.c_float), ("moe", ctypes.POINTER(Moe))]
 
 
 MAT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
@@ -237,32 +247,63 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
 
 
 def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None, heads: int, kv_heads: int,
-          head_dim: int, interleaved: bool, scale: float, work: int) -> Layer:
+          head_dim: int, interleaved: bool, scale: float, work: int, moe: Moe | None = None) -> Layer:
     """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), the projections (gate_up
-    and down None for an MoE layer), `work` the multiply-adds of its smallest projection per row (threads); the
-    caller keeps the tensors and Mats alive."""
+    and down None for an MoE layer), `work` the multiply-adds of its smallest projection per row (threads), `moe`
+    the layer's MoE block run in the same call (None: the caller runs it); the caller keeps the tensors, Mats and
+    Moe alive."""
     mats = [None if m is None else ctypes.pointer(m) for m in (qkv, o, gate_up, down)]
     spec = Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,
-                 int(interleaved), scale)
-    spec.work = work
+                 int(interleaved), scale, None if moe is None else ctypes.pointer(moe))
+    spec.work, spec.experts = work, None if moe is None else moe.E
     return spec
+
+
+MOE_KINDS = {"ernie": 0, "sparsemixer": 1}
+
+
+def moe(kind: str, router: Mat, bias: torch.Tensor | None, top_k: int, norm_min: float, jitter: float,
+        gate_up: Mat, down: Mat, shared: tuple[Mat, Mat] | None) -> Moe:
+    """The Moe for moe_block / layer(): routing `kind` ("ernie": softmax, top-k of probabilities + bias [E] fp32,
+    renormalised with norm_min; "sparsemixer": PhiMoE's top-2 with `jitter`), the router [E, H], the stacked
+    experts as Mats of one expert each (gate_up O = 2I, down O = H; the experts' matrices one after another), the
+    shared experts' (gate_up, down) or None; the caller keeps the tensors and Mats alive."""
+    mats = [ctypes.pointer(m) for m in (router, gate_up, down, *(shared or (None, None))) if m is not None]
+    spec = Moe(MOE_KINDS[kind], mats[0], _ptr(bias), router.O, top_k, norm_min, jitter, *mats[1:])
+    spec.work = gate_up.O * gate_up.wrow  # multiply-adds of one expert's gate_up per row, about
+    return spec
+
+
+def moe_block(spec: Moe, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixture-of-experts block for rows h [B, H] fp32 in one C call (gemv.c moe_block): routing, the chosen
+    experts (each once, on the rows that chose it), the shared experts, the weighted sum, added into y [B, H] fp32
+    (in place). Returns (router logits [B, E] fp32, index [B, K] int64, weights [B, K] fp32)."""
+    _require()
+    b, n = h.shape
+    logits = torch.empty(b, spec.E, dtype=torch.float32)
+    index, weights = torch.empty(b, spec.K, dtype=torch.int64), torch.empty(b, spec.K, dtype=torch.float32)
+    _lib.moe_block(spec, h.data_ptr(), b, n, y.data_ptr(), logits.data_ptr(), index.data_ptr(), weights.data_ptr(),
+                   threads(b * spec.work))
+    return logits, index, weights
 
 
 def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, pos: int, mask: torch.Tensor | None, rows: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A whole decoder layer for one new position per row in one C call (gemv.c decode_layer): x [B, n] fp32, or
     bf16 with a bf16 cache and every step rounded to bf16 as PyTorch's bf16 ops do (decode_layer_bf16); the rest as
-    attend(). Returns (y, h): y the layer's output with a dense MLP, else the output after attention only, with
-    h = the post-attention RMSNorm of y for the caller's MoE block."""
+    attend(). Returns (y, h, router logits): y the layer's output with a dense MLP or its MoE block in the call
+    (then its router logits [B, E] fp32, else None), else the output after attention only, with h = the
+    post-attention RMSNorm of y for the caller's MoE block."""
     _require()
     b, n = x.shape
     y, h = torch.empty_like(x), torch.empty_like(x)
+    logits = None if spec.experts is None else torch.empty(b, spec.experts, dtype=torch.float32)
     fn = _lib.decode_layer_bf16 if x.dtype == torch.bfloat16 else _lib.decode_layer
     fn(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2],
        pos, _ptr(rows), _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(), h.data_ptr(),
-       threads(b * spec.work))
-    return y, h
+       _ptr(logits), threads(b * spec.work))
+    return y, h, logits
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor | None = None

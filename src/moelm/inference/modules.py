@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
-from ..nn.moe import Experts, needs_grad, sort_by_expert
+from ..nn.moe import Experts
 from . import cpu, kernels
 from .attention import decode_attention
 from .cache import StaticCache
-from .decode import decode_attention_step, layer_step
-from .experts import each_expert
+from .decode import decode_attention_step, layer_step, moe_step
+from .experts import FastExperts
 from .linear import FastLinear, Fused, fuse_projections, fused_ready
 from .slots import SlotCache, ragged_attention
 
@@ -81,35 +81,38 @@ class FastDecoderLayer(DecoderLayer):
                 h, _ = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache)
                 return self.post_attention_layernorm(x + h)
 
-            # measured on what differs: the MoE block stays out of the trials (a sharded one holds collectives,
-            # which every rank must run the same number of times, whatever its measurements do)
+            def per_op():  # the layer op by op, its MoE block (when the call has it) in PyTorch
+                h, _ = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache)
+                return DecoderLayer.feed_forward(self, x + h, self.post_attention_layernorm(x + h))
+
+            # measured on what differs: an MoE block the call does not run stays out of the trials (a sharded one
+            # holds collectives, which every rank must run the same number of times, whatever its measurements do)
             path = cpu.choose("decode_layer", run.key, {
-                "gemv": trial(run if not run.dense else lambda: self._finish(run())),
-                "torch": trial(attention_half if not run.dense else
-                               lambda: super(FastDecoderLayer, self).forward(x, cos_sin, mask, cache))})
+                "gemv": trial(run if not run.whole else lambda: self._finish(run())),
+                "torch": trial(attention_half if not run.whole else per_op)})
         if path == "gemv":
             return self._finish(run())
         return super().forward(x, cos_sin, mask, cache, output_attentions)
 
     def _finish(self, step):
-        x, normed = step
-        if normed is None:  # the dense MLP was part of the call
-            return x, None, None
+        x, normed, router_logits = step
+        if normed is None:  # the dense MLP or the MoE block was part of the call
+            return x, None, router_logits
         x, router_logits = self.feed_forward(x, normed)
         return x, None, router_logits
 
+    def feed_forward(self, x: torch.Tensor, normed: torch.Tensor):
+        """An MoE block for one token per row in one C call (decode.moe_step) where it applies and was measured
+        faster than the block op by op for this CPU and shape; else the block op by op."""
+        run = moe_step(getattr(self, self.mlp_name), x, normed)
+        if run is not None and cpu.pick("moe_block", run.key, lambda: {
+                "gemv": run, "torch": lambda: super(FastDecoderLayer, self).feed_forward(x, normed)}) == "gemv":
+            return run()
+        return super().feed_forward(x, normed)
+
 
 cpu.register("decode_layer", ("gemv", "torch"))
-
-
-class FastExperts(Experts):
-    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """On CPU without gradients: the chosen experts one at a time (experts.each_expert)."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous() \
-                and not needs_grad(x, weights, gate_up, down):
-            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), lambda e: (gate_up[e], down[e]))
-        return super().forward(x, index, weights)
+cpu.register("moe_block", ("gemv", "torch"))
 
 
 FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLP: FastMLP, Attention: FastAttention,

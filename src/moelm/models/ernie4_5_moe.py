@@ -29,6 +29,10 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * shared,
                                   bias=config.use_bias) if shared else None
 
+    def routing_spec(self) -> tuple[str, int, float, float]:
+        """(routing kind, top-k, norm_min, jitter) for kernels that run the block whole (moelm.inference)."""
+        return "ernie", self.config.moe_k, self.config.moe_norm_min, 0.0
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = x.shape
         flat = x.reshape(-1, h)  # [T, H]

@@ -18,6 +18,11 @@ class PhimoeSparseMoeBlock(nn.Module):
         self.gate = Router(config.num_local_experts, config.hidden_size)
         self.experts = Experts(config.num_local_experts, config.hidden_size, config.intermediate_size)
 
+    def routing_spec(self) -> tuple[str, int, float, float] | None:
+        """(routing kind, top-k, norm_min, jitter) for kernels that run the block whole (moelm.inference); None
+        in training (jitter noise, sampled picks)."""
+        return None if self.training else ("sparsemixer", 2, 0.0, self.config.router_jitter_noise)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = x.shape
         noise = self.config.input_jitter_noise

@@ -335,7 +335,8 @@ INLINE void dot_i4q(const int16_t *xq, int64_t I, const float *xs, const float *
 }
 
 /* The integer path: x quantized per group of XG, then each weight row against up to 4 rows of x at a time (with
- * wsel, each row of x against its own matrix); SCALED multiplies an int8 row's result by its scale. */
+ * wsel, each run of consecutive rows choosing the same matrix against it, so a matrix is read once per run: the
+ * MoE kernel sorts its rows by expert); SCALED multiplies an int8 row's result by its scale. */
 #define GEMV_INT(NAME, WT, DOT, POS, XG, SCALED)                                                              \
 static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale,        \
                  int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y,        \
@@ -344,11 +345,14 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
     int16_t *xq = malloc(M * I * sizeof(int16_t));                                                           \
     float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));              \
     quantize_x(x, M * groups, xg, POS, xq, xs, xsum);                                                        \
-    int64_t mats = wsel ? M : 1, rows = wsel ? 1 : M;                                                        \
+    int64_t *run = malloc((M + 1) * sizeof(int64_t)), runs = 0;  /* first row of each run */                \
+    for (int64_t m = 0; m < M; m++)                                                                          \
+        if (m == 0 || (wsel && wsel[m] != wsel[m - 1])) run[runs++] = m;                                     \
+    run[runs] = M;                                                                                           \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
-    for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
+    for (int64_t s = 0; s < runs; s++)                                                                       \
         for (int64_t ob = 0; ob < (O + 7) / 8; ob++)                                                         \
-            for (int64_t o = ob * 8; o < ob * 8 + 8 && o < O; o++) {                                         \
+            for (int64_t o = ob * 8, m0 = run[s], rows = run[s + 1] - m0; o < ob * 8 + 8 && o < O; o++) {   \
                 int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
                 const WT *wr = w + row * wrow;                                                               \
                 const float *sr = scale + row * srow;                                                        \
@@ -367,7 +371,7 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
                         y[(m + r) * O + o] = (SCALED ? d[r] * scale[row] : d[r]) + (bias ? bias[o] : 0.0f);  \
                 }                                                                                            \
             }                                                                                                \
-    free(xq); free(xs); free(xsum);                                                                          \
+    free(xq); free(xs); free(xsum); free(run);                                                               \
 }
 /* int8: activation groups of 256 inputs (or the largest power of two dividing I): int32 sums stay below 2^28 */
 #define I8_GROUP (I % 256 == 0 ? 256 : I % 128 == 0 ? 128 : I % 64 == 0 ? 64 : 32)
@@ -516,13 +520,156 @@ typedef struct {
     int64_t O;
 } Mat;
 
-static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
+/* wsel: as for gemv_* (NULL: one matrix) */
+static void mat_sel(const Mat *m, const float *x, int64_t M, int64_t I, const int64_t *wsel, float *y, int nt) {
     switch (m->fmt) {
-    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
-    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, 0, m->O, y, nt); break;
+    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
     }
+}
+static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
+    mat_sel(m, x, M, I, 0, y, nt);
+}
+
+/* Matrix e of a stacked Mat (rows e * O .. e * O + O - 1 of its [E * O, I]). */
+static Mat mat_part(const Mat *m, int64_t e) {
+    static const int64_t bytes[4] = {4, 2, 1, 1};
+    Mat part = *m;
+    part.w = (const char *)m->w + e * m->O * m->wrow * bytes[m->fmt < 3 ? m->fmt : 3];
+    if (m->scale) part.scale = m->scale + e * m->O * m->srow;
+    return part;
+}
+
+/* A mixture-of-experts block for moe_block / decode_layer (fp32 activations): the router [E, n] (fp32 or bf16,
+ * computed in fp32), the routing `kind`, the stacked experts (gate_up: Mat of one expert, O = 2F rows [gate | up],
+ * the experts' matrices one after another; down: O = n) and the shared experts' SwiGLU MLP (NULL: none).
+ *   kind 0, ERNIE: p = softmax(logits); the K experts of largest p + bias (bias [E] or NULL: it only chooses; ties
+ *     to the lower index); weights p[chosen] / max(sum p[chosen], norm_min).
+ *   kind 1, PhiMoE's sparsemixer at inference (K = 2): pick the largest score s (ties to the lower index), mask
+ *     the scores with (top - s) / max(|s|, top) > 2 * jitter, weight = softmax over the unmasked at the pick; the
+ *     second pick the same with the first excluded. */
+typedef struct {
+    int64_t kind;
+    const Mat *router;
+    const float *bias;
+    int64_t E, K;
+    float norm_min, jitter;
+    const Mat *gate_up, *down, *sgate_up, *sdown;
+} Moe;
+
+static int64_t argmax_from(const float *s, int64_t E, const uint8_t *skip) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++)
+        if (!(skip && skip[e]) && (best < 0 || s[e] > s[best])) best = e;
+    return best;
+}
+
+static void route(const Moe *M, const float *logit, int64_t *index, float *weight) {
+    int64_t E = M->E, K = M->K;
+    float p[E], score[E];
+    uint8_t taken[E];
+    memset(taken, 0, E);
+    if (M->kind == 1) {
+        for (int64_t k = 0; k < 2; k++) {
+            int64_t pick = argmax_from(logit, E, taken);
+            float top = logit[pick], total = 0.0f;
+            for (int64_t e = 0; e < E; e++) {
+                float factor = fabsf(logit[e]) > top ? fabsf(logit[e]) : top;
+                if (!taken[e] && !((top - logit[e]) / factor > 2.0f * M->jitter)) total += expf(logit[e] - top);
+            }
+            index[k] = pick; weight[k] = 1.0f / total;
+            taken[pick] = 1;
+        }
+        return;
+    }
+    float top = logit[argmax_from(logit, E, 0)], total = 0.0f, chosen = 0.0f;
+    for (int64_t e = 0; e < E; e++) { p[e] = expf(logit[e] - top); total += p[e]; }
+    for (int64_t e = 0; e < E; e++) { p[e] /= total; score[e] = p[e] + (M->bias ? M->bias[e] : 0.0f); }
+    for (int64_t k = 0; k < K; k++) {
+        index[k] = argmax_from(score, E, taken);
+        taken[index[k]] = 1;
+        chosen += p[index[k]];
+    }
+    float norm = chosen > M->norm_min ? chosen : M->norm_min;
+    for (int64_t k = 0; k < K; k++) weight[k] = p[index[k]] / norm;
+}
+
+/* silu(gate) * up for rows of [gate (F) | up (F)]; bf16: the inputs, silu and the product rounded as PyTorch's bf16
+ * ops round them */
+static void swiglu_rows(const float *gu, int64_t rows, int64_t F, int bf16, float *out) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < F; i++) {
+            float g = gu[r * 2 * F + i], up = gu[r * 2 * F + F + i];
+            if (bf16) { g = round_bf16(g); up = round_bf16(up); }
+            float a = g / (1.0f + expf(-g));
+            out[r * F + i] = bf16 ? round_bf16(round_bf16(a) * up) : a * up;
+        }
+}
+
+/* y[b] += sum_k weight[b, k] * expert_{index[b, k]}(h[b]) + shared(h[b]) for B rows h [B, n] (the order of the
+ * model's sums); logits [B, E], index [B, K], weight [B, K] are written. The (row, choice) pairs are sorted by
+ * expert, so each chosen expert's weights are read once for all the rows that chose it: int8/int4 experts in one
+ * gemv call per projection (its runs of equal wsel), fp32/bf16 ones in a call per expert.
+ * bf16 (a bf16 model; h and y bf16 values): rounded where PyTorch's bf16 ops round, the experts' outputs times the
+ * bf16 weights summed per row in ascending expert order (as the op-by-op experts' index_add_), then + shared. */
+static void moe_apply(const Moe *M, int bf16, const float *h, int64_t B, int64_t n, float *y, float *logits,
+                      int64_t *index, float *weight, int nt) {
+    int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K, c = 0;
+    mat_apply(M->router, h, B, n, logits, nt);
+    for (int64_t b = 0; b < B; b++) route(M, logits + b * E, index + b * K, weight + b * K);
+    int64_t *order = malloc(2 * pairs * sizeof(int64_t)), *sel = order + pairs;
+    float *xg = malloc(pairs * (n + 3 * F + n) * sizeof(float)), *gu = xg + pairs * n, *act = gu + 2 * pairs * F;
+    float *out = act + pairs * F;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t p = 0; p < pairs; p++)
+            if (index[p] == e) { order[c] = p; sel[c] = e; memcpy(xg + c * n, h + (p / K) * n, n * sizeof(float)); c++; }
+    if (M->gate_up->fmt >= 2) {
+        mat_sel(M->gate_up, xg, pairs, n, sel, gu, nt);
+        swiglu_rows(gu, pairs, F, bf16, act);
+        mat_sel(M->down, act, pairs, F, sel, xg, nt);
+    } else
+        for (int64_t r = 0, r1; r < pairs; r = r1) {
+            for (r1 = r + 1; r1 < pairs && sel[r1] == sel[r]; r1++) {}
+            Mat gate_up = mat_part(M->gate_up, sel[r]), down = mat_part(M->down, sel[r]);
+            mat_apply(&gate_up, xg + r * n, r1 - r, n, gu + r * 2 * F, nt);
+            swiglu_rows(gu + r * 2 * F, r1 - r, F, bf16, act + r * F);
+            mat_apply(&down, act + r * F, r1 - r, F, xg + r * n, nt);
+        }
+    for (int64_t r = 0; r < pairs; r++) memcpy(out + order[r] * n, xg + r * n, n * sizeof(float));
+    float *shared = 0;
+    if (M->sgate_up) {
+        int64_t S = M->sgate_up->O / 2;
+        float *sgu = malloc(B * (3 * S + n) * sizeof(float)), *sact = sgu + 2 * B * S;
+        shared = sact + B * S;
+        mat_apply(M->sgate_up, h, B, n, sgu, nt);
+        swiglu_rows(sgu, B, S, bf16, sact);
+        mat_apply(M->sdown, sact, B, S, shared, nt);
+        shared = memmove(sgu, shared, B * n * sizeof(float));
+    }
+    if (bf16) {
+        float *acc = out;  /* the experts' outputs are in xg (sorted) */
+        memset(acc, 0, B * n * sizeof(float));
+        for (int64_t r = 0; r < pairs; r++) {
+            float w = round_bf16(weight[order[r]]), *a = acc + (order[r] / K) * n;
+            for (int64_t i = 0; i < n; i++) a[i] = round_bf16(a[i] + round_bf16(round_bf16(xg[r * n + i]) * w));
+        }
+        for (int64_t i = 0; i < B * n; i++)
+            y[i] = round_bf16(y[i] + (shared ? round_bf16(acc[i] + round_bf16(shared[i])) : acc[i]));
+    } else
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < n; i++) {
+                float total = 0.0f;
+                for (int64_t k = 0; k < K; k++) total += weight[b * K + k] * out[(b * K + k) * n + i];
+                y[b * n + i] += shared ? total + shared[b * n + i] : total;
+            }
+    free(order); free(xg); free(shared);
+}
+
+void moe_block(const Moe *M, const float *h, int64_t B, int64_t n, float *y, float *logits, int64_t *index,
+               float *weight, int nt) {
+    moe_apply(M, 0, h, B, n, y, logits, index, weight, nt);
 }
 
 /* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
@@ -533,6 +680,7 @@ typedef struct {
     const Mat *qkv, *o, *gate_up, *down;
     int64_t H, Hkv, D, interleaved;
     float scale;
+    const Moe *moe;
 } Layer;
 
 /* RMSNorm rows as the model computes it: fp32 w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16):
@@ -557,12 +705,14 @@ static void round_all(float *x, int64_t n, int bf16) {
  * of bf16 and every step rounded to bf16 as PyTorch's bf16 ops round their results):
  *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32 / attend_bf16, static cache)
  *   h = rmsnorm(y, n2)
- *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP; else the caller
- *                                                       runs its MoE block on h)
+ *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP)
+ *   y += moe(h), router logits [B, E] to `logits`       (only with moe; with neither, the caller runs its MoE
+ *                                                       block on h)
  * qkv's output is [q (H D) | k (Hkv D) | v (Hkv D)]; gate_up's [gate (F) | up (F)]. */
 static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int64_t n, const float *cos,
                        const float *sin, void *kc, void *vc, int64_t T, int64_t pos, const int64_t *rows,
-                       const int64_t *positions, const uint8_t *mask, int64_t mstride, float *y, float *h, int nt) {
+                       const int64_t *positions, const uint8_t *mask, int64_t mstride, float *y, float *h,
+                       float *logits, int nt) {
     int64_t H = L->H, Hkv = L->Hkv, D = L->D, F = L->gate_up ? L->gate_up->O / 2 : 0, width = L->qkv->O;
     int64_t big = width > 2 * F ? width : 2 * F;
     float *proj = malloc(B * (big > n ? big : n) * sizeof(float));
@@ -579,6 +729,12 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
     mat_apply(L->o, att, B, H * D, y, nt);
     for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(y[i]) + x[i]) : y[i] + x[i];
     norm_rows(y, L->n2, bf16, B, n, L->eps2, h);
+    if (L->moe) {
+        int64_t *index = malloc(B * L->moe->K * sizeof(int64_t));
+        float *weight = malloc(B * L->moe->K * sizeof(float));
+        moe_apply(L->moe, bf16, h, B, n, y, logits, index, weight, nt);
+        free(index); free(weight);
+    }
     if (L->gate_up) {
         mat_apply(L->gate_up, h, B, n, proj, nt);
         round_all(proj, B * 2 * F, bf16);
@@ -596,18 +752,18 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
 
 void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const float *cos, const float *sin,
                   float *kc, float *vc, int64_t T, int64_t pos, const int64_t *rows, const int64_t *positions,
-                  const uint8_t *mask, int64_t mstride, float *y, float *h, int nt) {
-    layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, y, h, nt);
+                  const uint8_t *mask, int64_t mstride, float *y, float *h, float *logits, int nt) {
+    layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, y, h, logits, nt);
 }
 
 /* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
 void decode_layer_bf16(const Layer *L, const uint16_t *x, int64_t B, int64_t n, const float *cos, const float *sin,
                        uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const int64_t *rows,
                        const int64_t *positions, const uint8_t *mask, int64_t mstride, uint16_t *y, uint16_t *h,
-                       int nt) {
+                       float *logits, int nt) {
     float *xf = malloc(3 * B * n * sizeof(float)), *yf = xf + B * n, *hf = yf + B * n;
     for (int64_t i = 0; i < B * n; i++) xf[i] = from_bf16(x[i]);
-    layer_step(L, 1, xf, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, yf, hf, nt);
+    layer_step(L, 1, xf, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, yf, hf, logits, nt);
     for (int64_t i = 0; i < B * n; i++) { y[i] = to_bf16(yf[i]); h[i] = to_bf16(hf[i]); }
     free(xf);
 }
