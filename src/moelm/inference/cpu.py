@@ -1,10 +1,12 @@
 """The machine, and choosing between correct paths by measuring them on it.
 
 `info()` reads the CPU's features from /proc/cpuinfo and torch.backends.cpu.get_cpu_capability(), its caches from
-sysfs. `choose(op, key, candidates)` times each candidate once on the real inputs, keeps the fastest, and remembers
-it per CPU and version of this code in the kernel cache directory (choices-*.json beside the compiled kernels): the
-same machine never measures the same shape twice. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere), "gemv" (that path
-wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
+sysfs. `choose(op, key, candidates)` times the candidates, keeps the fastest, and remembers it per CPU and version of
+this code in the kernel cache directory (choices-*.json beside the compiled kernels): the same machine never measures
+the same shape class twice. The callers time a weight's candidates on its first probe_rows() output rows (tens of MB
+in fp32, not a 1 GB LM head) and key the choice on that class, so that a first run on a new CPU measures for seconds
+in all (said once on stderr), not for minutes. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere),
+"gemv" (that path wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +109,9 @@ _CHOSEN: dict[tuple, str] = {}  # (op, key) -> path: what this process has taken
 _FILE: dict[str, str] = {}  # "op|key" -> path: what this CPU chose before (cache_file), looked up on a miss
 _LOCK = threading.RLock()  # a candidate may itself choose (quantized experts -> expert_linear)
 _loaded = False
+MEASURED: list[tuple[str, float, int]] = []  # ("op|key", seconds, depth): what this process measured; a choice
+# made inside another's candidate (depth 1) is part of that one's seconds
+_depth = 0
 
 
 def cache_dir() -> Path:
@@ -217,9 +223,9 @@ def chosen(op: str, key: tuple) -> str | None:
 
 
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
-    """The fastest of `candidates` (path -> one call on the real inputs; "torch", PyTorch's own op, usually among
-    them) for `op` ("family" or "family.variant") on this CPU and `key` (shapes, dtypes, threads): measured once,
-    remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
+    """The fastest of `candidates` (path -> one call, on the real activations and a probe_rows() slice of the
+    weight; "torch", PyTorch's own op, usually among them) for `op` ("family" or "family.variant") on this CPU and
+    `key` (the shape class, dtypes, threads): measured once, remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
     is taken where it is a candidate, PyTorch's op (or the first candidate) where it is not; nothing is measured or
     written then."""
     force = forced()
@@ -232,12 +238,32 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
         else:
             path = _FILE.get(entry)
             if path not in candidates:
-                times = timer(candidates) if len(candidates) > 1 else {}
+                times = _timed(entry, timer, candidates) if len(candidates) > 1 else {}
                 path = min(times, key=times.get) if times else next(iter(candidates))
                 _FILE[entry] = path
                 _save(entry, path)
         _CHOSEN[(op, key)] = path
         return path
+
+
+def _timed(entry: str, timer, candidates) -> dict[str, float]:
+    """timer(candidates), recorded in MEASURED; the first time in a process, a line on stderr says why it waits."""
+    global _depth
+    if not MEASURED:
+        print(f"moelm: timing kernel paths for this CPU (once; remembered in {cache_dir()}) ...", file=sys.stderr,
+              flush=True)
+    start = time.perf_counter()
+    _depth += 1
+    try:
+        return timer(candidates)
+    finally:
+        _depth -= 1
+        MEASURED.append((entry, time.perf_counter() - start, _depth))
+
+
+def measuring() -> bool:
+    """Whether a choice is being measured now (its candidates are running)."""
+    return _depth > 0
 
 
 def pick(op: str, key: tuple, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
@@ -264,3 +290,22 @@ def reset():
 def rows_bucket(rows: int) -> int:
     """Rows rounded up to a power of two: one measurement serves every input length in (bucket / 2, bucket]."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+def probe_elements() -> int:
+    """The weight elements a candidate is timed on at most: as many as make twice the largest cache in fp32 (what
+    the dequantizing and converting paths make of a weight), at least 64 MiB of it. Fewer would flatter those
+    paths: their fp32 copy would stay in the caches and come back warm from the allocator, where the whole
+    weight's stream from memory into new pages."""
+    return max(64 << 20, 2 * max(info().caches.values(), default=0)) // 4
+
+
+@functools.lru_cache(maxsize=4096)
+def probe_rows(rows: int, features: int) -> int:
+    """The output rows that stand for a weight of `rows` rows of `features` elements each, in the key of its
+    choice and when timing its candidates (on its first min(rows, probe_rows) rows): its rows rounded up to a power
+    of two, at most the power of two whose rows fit in probe_elements(). Bigger weights share that class: which path
+    is fastest depends on the activations' rows, the input features and the format, not on how many more rows of
+    the same kind follow (a 1 GB LM head is timed on 64 MB of it in fp32, 8 MB in int4)."""
+    most = 1 << max((probe_elements() // max(features, 1)).bit_length() - 1, 0)
+    return min(rows_bucket(rows), most)

@@ -15,8 +15,9 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     csrc/gemm.c, oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear for the
     tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
     op = "experts" if w.dtype == torch.float32 else f"experts.{str(w.dtype).removeprefix('torch.')}"
-    key = (str(x.dtype), cpu.rows_bucket(x.shape[0]), *w.shape, torch.get_num_threads())
-    path = cpu.pick(op, key, lambda: {name: functools.partial(PATHS[name], x, w) for name in paths(x, w)})
+    n = cpu.probe_rows(*w.shape)  # measured on the first n rows of w
+    key = (str(x.dtype), cpu.rows_bucket(x.shape[0]), n, w.shape[1], torch.get_num_threads())
+    path = cpu.pick(op, key, lambda: {name: functools.partial(PATHS[name], x, w[:n]) for name in paths(x, w)})
     return PATHS[path](x, w)
 
 

@@ -10,6 +10,7 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import threading
@@ -147,8 +148,9 @@ def experts_group_for(name: str, hidden: int, inter: int, config: "QuantizationC
 # ---------------------------------------------------------------- modules
 
 def _path(op: str, x: torch.Tensor, rows: int, shape, candidates) -> str:
-    """The path chosen among candidates() (name -> a call on the real inputs) for this CPU, quantized op and shape
-    (x's `rows` rows against a packed weight of `shape`)."""
+    """The path chosen among candidates() (name -> a call on x and a probe of the weight) for this CPU, quantized
+    op and shape class (x's `rows` rows against packed weights of `shape`, their output rows a cpu.probe_rows
+    class)."""
     key = (str(x.dtype), cpu.rows_bucket(rows), *shape, torch.get_num_threads())
     return cpu.pick(f"quantized.{op}", key, candidates)
 
@@ -219,9 +221,28 @@ class QuantizedLinear(PackedLinear):
         if len(paths) == 1:
             return next(iter(paths.values()))(x)
         # the candidates differ with the rows and grad mode within one rows bucket: they are part of the key
-        path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, self.qweight.shape,
-                     lambda: {k: functools.partial(f, x) for k, f in paths.items()})
+        n = cpu.probe_rows(self.out_features, self.in_features)
+        path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, (n, self.qweight.shape[1]),
+                     lambda: self.probe(n).candidates(x, paths))
         return paths[path](x)
+
+    def probe(self, rows: int) -> "QuantizedLinear":
+        """This module's first `rows` output rows (views of its tensors: every parameter and buffer whose first
+        dimension is the output rows), to time its paths on."""
+        if rows >= self.out_features:
+            return self
+        view = copy.copy(self)
+        view._parameters, view._buffers = dict(self._parameters), dict(self._buffers)
+        for store in (view._parameters, view._buffers):
+            for name, t in store.items():
+                if t is not None and t.dim() and t.shape[0] == self.out_features:
+                    store[name] = t[:rows]
+        view.out_features = rows
+        return view
+
+    def candidates(self, x: torch.Tensor, paths: dict) -> dict:
+        """{path: a call of this module's method of that name on x}, for cpu.choose."""
+        return {k: functools.partial(getattr(self, f.__name__), x) for k, f in paths.items()}
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -278,25 +299,48 @@ class QuantizedExperts(nn.Module):
         m.load_weight(w, slice(expert * o + start, expert * o + stop))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], index/weights [T, K] -> [T, H]."""
+        """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
+        experts dequantized one at a time, whichever was measured faster for few pairs; the latter for many."""
+        t, k = index.shape
+        if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":
+            return self.selected(x, index, weights)
+        return self.dense(x, index, weights)
+
+    def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
+        """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'
+        weights fill cpu.probe_elements() (at least one: each pair reads its expert's weights, whichever the
+        path)."""
+        t, k = index.shape
+        each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // self.num_experts
+        n = cpu.probe_rows(t * k, each)  # pairs
+        m = min(t * k, n)
+
+        def candidates():  # the first m pairs as m tokens of one choice each
+            if m == t * k:
+                args = x, index, weights
+            else:
+                args = x.repeat_interleave(k, dim=0)[:m], index.reshape(-1, 1)[:m], weights.reshape(-1, 1)[:m]
+            return {"gemv": functools.partial(self.selected, *args), "torch": functools.partial(self.dense, *args)}
+        return _path(f"{self.mode}.experts", x, n, self.stacked("gate_up_proj")[0].shape, candidates)
+
+    def selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every (token, choice) pair through the gemv kernel, the weights picked per row."""
         t, k = index.shape
         gq, gs = self.stacked("gate_up_proj")
         dq, ds = self.stacked("down_proj")
-        def selected() -> torch.Tensor:  # every (token, choice) pair through the gemv kernel, weights picked per row
-            pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
-            h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
-            gate, up = h.chunk(2, dim=-1)
-            h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
-            return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
+        pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
+        h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
+        return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
 
-        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
+    def dense(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen experts one at a time, each dequantized into a reused buffer (experts.each_expert)."""
+        gq, gs = self.stacked("gate_up_proj")
+        dq, ds = self.stacked("down_proj")
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
             return (dequantized(gq[e], gs[e], self.group_size, x.dtype, "gate_up"),
                     dequantized(dq[e], ds[e], self.group_size, x.dtype, "down"))
 
-        def dense() -> torch.Tensor:
-            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
-
-        if t * k <= 64 and kernels.usable(x[:1]) and _path(
-                f"{self.mode}.experts", x, t * k, gq.shape, lambda: {"gemv": selected, "torch": dense}) == "gemv":
-            return selected()
-        return dense()
+        return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
