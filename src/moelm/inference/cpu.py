@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -223,11 +224,11 @@ def chosen(op: str, key: tuple) -> str | None:
 
 
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
-    """The fastest of `candidates` (path -> one call, on the real activations and a probe_rows() slice of the
-    weight; "torch", PyTorch's own op, usually among them) for `op` ("family" or "family.variant") on this CPU and
-    `key` (the shape class, dtypes, threads): measured once, remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
-    is taken where it is a candidate, PyTorch's op (or the first candidate) where it is not; nothing is measured or
-    written then."""
+    """The fastest of `candidates` (path -> one call, on the real activations and probe_rows() rows of the
+    weight: see probes; "torch", PyTorch's own op, usually among them) for `op` ("family" or "family.variant") on
+    this CPU and `key` (the shape class, dtypes, threads): measured once, remembered in memory and in cache_file().
+    A path forced by MOELM_KERNELS for the op's family (or for every op) is taken where it is a candidate, PyTorch's
+    op (or the first candidate) where it is not; nothing is measured or written then."""
     force = forced()
     want = force.get(op.split(".")[0], force.get("*"))
     entry = f"{op}|{key}"
@@ -309,3 +310,23 @@ def probe_rows(rows: int, features: int) -> int:
     the same kind follow (a 1 GB LM head is timed on 64 MB of it in fp32, 8 MB in int4)."""
     most = 1 << max((probe_elements() // max(features, 1)).bit_length() - 1, 0)
     return min(rows_bucket(rows), most)
+
+
+def probe_starts(rows: int, n: int) -> Callable[[], int]:
+    """The first row of each successive n-row probe of a weight of `rows` rows, for all of a choice's candidates
+    together: probes one after another through the weight (wrapping), so that a call reads memory that the last
+    calls did not, as one call on the whole weight does (a probe read again would come from the caches)."""
+    last = max(rows - n, 0)
+    count = max(-(-last // n), 0) + 1  # probes 0, n, 2n, ... and the last one ending at the last row
+    calls = itertools.count()
+    return lambda: min((next(calls) % count) * n, last)
+
+
+def probes(names, rows: int, n: int, run: Callable[[str, slice], object]) -> dict[str, Callable[[], object]]:
+    """Candidates for choose(): {name: a call of run(name, rows) on the next n of a weight's `rows` rows}."""
+    start = probe_starts(rows, n)
+
+    def call(name):
+        s = start()
+        return run(name, slice(s, s + n))
+    return {name: functools.partial(call, name) for name in names}

@@ -11,7 +11,6 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -223,26 +222,24 @@ class QuantizedLinear(PackedLinear):
         # the candidates differ with the rows and grad mode within one rows bucket: they are part of the key
         n = cpu.probe_rows(self.out_features, self.in_features)
         path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, (n, self.qweight.shape[1]),
-                     lambda: self.probe(n).candidates(x, paths))
+                     lambda: cpu.probes(paths, self.out_features, n,
+                                        lambda name, r: getattr(self.probe(r), paths[name].__name__)(x)))
         return paths[path](x)
 
-    def probe(self, rows: int) -> "QuantizedLinear":
-        """This module's first `rows` output rows (views of its tensors: every parameter and buffer whose first
+    def probe(self, rows: slice) -> "QuantizedLinear":
+        """These output rows of this module (views of its tensors: every parameter and buffer whose first
         dimension is the output rows), to time its paths on."""
-        if rows >= self.out_features:
+        start, stop, _ = rows.indices(self.out_features)
+        if (start, stop) == (0, self.out_features):
             return self
         view = copy.copy(self)
         view._parameters, view._buffers = dict(self._parameters), dict(self._buffers)
         for store in (view._parameters, view._buffers):
             for name, t in store.items():
                 if t is not None and t.dim() and t.shape[0] == self.out_features:
-                    store[name] = t[:rows]
-        view.out_features = rows
+                    store[name] = t[start:stop]
+        view.out_features = stop - start
         return view
-
-    def candidates(self, x: torch.Tensor, paths: dict) -> dict:
-        """{path: a call of this module's method of that name on x}, for cpu.choose."""
-        return {k: functools.partial(getattr(self, f.__name__), x) for k, f in paths.items()}
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -308,19 +305,19 @@ class QuantizedExperts(nn.Module):
 
     def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
         """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'
-        weights fill cpu.probe_elements() (at least one: each pair reads its expert's weights, whichever the
-        path)."""
+        weights fill cpu.probe_elements() (at least one: each pair reads its expert's weights, whichever the path),
+        their experts shifted by one at each call (other weights than the last call's, as in a real step)."""
         t, k = index.shape
         each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // self.num_experts
         n = cpu.probe_rows(t * k, each)  # pairs
         m = min(t * k, n)
 
         def candidates():  # the first m pairs as m tokens of one choice each
-            if m == t * k:
-                args = x, index, weights
-            else:
-                args = x.repeat_interleave(k, dim=0)[:m], index.reshape(-1, 1)[:m], weights.reshape(-1, 1)[:m]
-            return {"gemv": functools.partial(self.selected, *args), "torch": functools.partial(self.dense, *args)}
+            pairs = (x, index, weights) if m == t * k else \
+                (x.repeat_interleave(k, dim=0)[:m], index.reshape(-1, 1)[:m], weights.reshape(-1, 1)[:m])
+            paths = {"gemv": self.selected, "torch": self.dense}
+            return cpu.probes(paths, self.num_experts, 1, lambda name, r: paths[name](
+                pairs[0], (pairs[1] + r.start) % self.num_experts, pairs[2]))
         return _path(f"{self.mode}.experts", x, n, self.stacked("gate_up_proj")[0].shape, candidates)
 
     def selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
