@@ -112,7 +112,7 @@ _LOCK = threading.RLock()  # a candidate may itself choose (quantized experts ->
 _loaded = False
 MEASURED: list[tuple[str, float, int]] = []  # ("op|key", seconds, depth): what this process measured; a choice
 # made inside another's candidate (depth 1) is part of that one's seconds
-_depth = 0
+_MEASURING: list[str] = []  # the choices being measured now, outermost first
 
 
 def cache_dir() -> Path:
@@ -249,22 +249,21 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
 
 def _timed(entry: str, timer, candidates) -> dict[str, float]:
     """timer(candidates), recorded in MEASURED; the first time in a process, a line on stderr says why it waits."""
-    global _depth
-    if not MEASURED:
+    if not MEASURED and not _MEASURING:
         print(f"moelm: timing kernel paths for this CPU (once; remembered in {cache_dir()}) ...", file=sys.stderr,
               flush=True)
     start = time.perf_counter()
-    _depth += 1
+    _MEASURING.append(entry)
     try:
         return timer(candidates)
     finally:
-        _depth -= 1
-        MEASURED.append((entry, time.perf_counter() - start, _depth))
+        _MEASURING.pop()
+        MEASURED.append((entry, time.perf_counter() - start, len(_MEASURING)))
 
 
-def measuring() -> bool:
-    """Whether a choice is being measured now (its candidates are running)."""
-    return _depth > 0
+def measuring() -> tuple[str, ...]:
+    """The choices ("op|key") being measured now, outermost first: empty unless their candidates are running."""
+    return tuple(_MEASURING)
 
 
 def pick(op: str, key: tuple, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
