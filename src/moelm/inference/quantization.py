@@ -226,7 +226,7 @@ class QuantizedLinear(PackedLinear):
                                         lambda name, r: getattr(self.probe(r), paths[name].__name__)(x)))
         return paths[path](x)
 
-    def probe(self, rows: slice) -> "QuantizedLinear":
+    def probe(self, rows: slice) -> QuantizedLinear:
         """These output rows of this module (views of its tensors: every parameter and buffer whose first
         dimension is the output rows), to time its paths on."""
         start, stop, _ = rows.indices(self.out_features)

@@ -115,6 +115,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)
+                        elif expert is None and (mapped := ckpt.mapped(key, like=target)) is not None:
+                            param.data = mapped  # used as stored: the file's pages, read as they are touched
                         else:
                             ckpt.read_into(key, target)
                         filled[ours].add((expert, part))
