@@ -93,3 +93,21 @@ def test_loading_in_the_stored_dtype_maps_instead_of_copying(dtype, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     assert rss["peak"] < 0.4 * size, (rss, size)  # the layers: 0.2 of it; read into memory: 1.0 and more
+
+
+def test_info_load_measures_after_the_plan(tmp_path):
+    """`moelm info --load` prints the plan (before loading), then the RSS measured after loading and its peak; a
+    named config cannot be loaded (one line, exit 1)."""
+    path = tmp_path / "tiny"
+    moelm.AutoModelForCausalLM.from_config(moelm.named_config("ernie4_5-tiny"), fast=False).save_pretrained(path)
+    cli = [sys.executable, "-m", "moelm.cli", "info"]
+    out = subprocess.run([*cli, "--model", str(path), "--load", "--quantization", "int8"], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    plan = next(i for i, line in enumerate(lines) if "memory: plan:" in line)
+    measured = next(i for i, line in enumerate(lines) if "loaded: measured: RSS" in line)
+    assert plan < measured and "peak RSS" in lines[measured] and "int8" in lines[measured]
+    bad = subprocess.run([*cli, "--model", "ernie-4.5-0.3b", "--load"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode == 1 and "named config" in bad.stderr and "Traceback" not in bad.stderr

@@ -104,6 +104,25 @@ def _caches() -> dict[str, int]:
     return out
 
 
+def memory() -> tuple[int | None, int]:
+    """(resident, peak resident) bytes of this process: VmRSS and VmHWM of /proc/self/status (the peak from
+    getrusage where there is no /proc, the resident size None)."""
+    found = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    found[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    if "VmHWM" not in found:
+        import resource
+
+        found["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return found.get("VmRSS"), found["VmHWM"]
+
+
 # ---------------------------------------------------------------- choosing by measurement
 
 _CHOSEN: dict[tuple, str] = {}  # (op, key) -> path: what this process has taken

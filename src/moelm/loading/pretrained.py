@@ -49,7 +49,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
-    the model's size plus one tensor. quantization="int8" | "int4" (or quantization_config=
+    the model's size plus one tensor; a tensor used as stored (its dtype and shape, whole) is mapped from the file
+    instead (copy-on-write: RSS counts its pages once touched, and writes never reach the file). quantization="int8" | "int4" (or quantization_config=
     BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves out
     the inference fast paths (moelm.inference.optimize: decode kernels, fused projections).
 
