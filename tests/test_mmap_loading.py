@@ -50,9 +50,11 @@ def test_mapped_weights_are_the_stored_ones_and_nothing_is_lost(dtype, tmp_path)
     """A model loaded in its checkpoint's dtype has the stored values (logits equal to the fp32 reference's), trains
     in place without touching the file, and saves over its own checkpoint while mapped."""
     path = checkpoint(tmp_path / "ckpt", dtype)
+    stored = load_file(str(path / "model.safetensors"))
+    stored["model.mtp_linear_proj.0.weight"] = torch.randn(512, 1024).to(dtype)  # kept aside (mapped), saved back
+    save_file(stored, str(path / "model.safetensors"), metadata={"format": "pt"})
     model = moelm.AutoModelForCausalLM.from_pretrained(path)
     embed = model.get_input_embeddings().weight
-    stored = load_file(str(path / "model.safetensors"))
     assert embed.dtype == dtype and torch.equal(embed, stored["model.embed_tokens.weight"])
     plain = moelm.AutoModelForCausalLM.from_pretrained(path, fast=False)
     ids = torch.randint(3, 32768, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -66,6 +68,7 @@ def test_mapped_weights_are_the_stored_ones_and_nothing_is_lost(dtype, tmp_path)
     model.save_pretrained(path)  # over the mapped file
     again = load_file(str(path / "model.safetensors"))
     assert torch.equal(again["model.embed_tokens.weight"], stored["model.embed_tokens.weight"] + 1.0)
+    assert torch.equal(again["model.mtp_linear_proj.0.weight"], stored["model.mtp_linear_proj.0.weight"])
     assert torch.equal(embed, again["model.embed_tokens.weight"])
 
 

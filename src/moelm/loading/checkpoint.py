@@ -83,8 +83,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     show = progress if progress is not None else total > 2**30
     done, start = 0, time.time()
     for n, key in enumerate(keys):
-        if KEPT_ASIDE.match(key):
-            kept[key] = ckpt.get(key)
+        if KEPT_ASIDE.match(key):  # mapped where it can be: only read again when the model is saved
+            kept[key] = ckpt.get(key) if (mapped := ckpt.mapped(key)) is None else mapped
         elif (hub := _adapt_key(key, strip_prefix, skip_heads)) is not None:
             ours, expert, part = hub_to_ours(model_type, hub)
             if ours in elsewhere:
