@@ -1352,8 +1352,6 @@ _MEMORY_SCRIPT = textwrap.dedent("""
         reset = False
     before = status("VmRSS:")
     model = moelm.AutoModelForCausalLM.from_pretrained(path, quantization=quant)
-    with torch.no_grad():  # every weight touched, as a forward pass does (weights used as stored are mapped)
-        [float(p.sum()) for p in model.parameters()]
     peak = status("VmHWM:")
     print(json.dumps({"increase": peak - before, "reset": reset,
                       "linear": type(model.model.layers[0].mlp.down_proj).__name__}))

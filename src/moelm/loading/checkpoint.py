@@ -55,11 +55,13 @@ def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_pa
 
 
 def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None,
-                    only=None) -> dict[str, torch.Tensor]:
+                    only=None, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time. A model
     sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
-    only(name) -> bool limits the pass to some parameters (the others are loaded by another pass).
+    only(name) -> bool limits the pass to some parameters (the others are loaded by another pass). mmap: weights
+    used as stored are mapped from the file (SafetensorsCheckpoint.mapped) instead of read; kept-aside tensors
+    always are.
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
     from ..inference.quantize import load_targets
 
@@ -115,7 +117,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)
-                        elif expert is None and (mapped := ckpt.mapped(key, like=target)) is not None:
+                        elif mmap and expert is None and (mapped := ckpt.mapped(key, like=target)) is not None:
                             param.data = mapped  # used as stored: the file's pages, read as they are touched
                         else:
                             ckpt.read_into(key, target)
