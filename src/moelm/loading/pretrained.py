@@ -49,12 +49,13 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
-    the model's size plus one tensor. mmap=True maps each tensor used as stored (its dtype and shape, whole) from the
-    file instead (copy-on-write: RSS counts its pages once touched, the OS shares them with its page cache, writes
-    never reach the file); it is off by default because a file's pages are not transparent huge pages, and some
-    kernels stream them slower (MKL's fp32 matrix-vector product 1.5x on a 400 MB LM head on the Zen 5 EPYC). quantization="int8" | "int4" (or quantization_config=
-    BitsAndBytesConfig(load_in_4bit=True) and the like) quantizes each weight as it is read. fast=False leaves out
-    the inference fast paths (moelm.inference.optimize: decode kernels, fused projections).
+    the model's size plus one tensor. mmap=True maps each tensor used as stored (its dtype and shape, whole) from
+    the file instead (copy-on-write: RSS counts its pages once touched, the OS shares them with its page cache,
+    writes never reach the file); it is off by default because a file's pages are not transparent huge pages, and
+    some kernels stream them slower (MKL's fp32 matrix-vector product 1.5x on a 400 MB LM head on the Zen 5 EPYC).
+    quantization="int8" | "int4" (or quantization_config=BitsAndBytesConfig(load_in_4bit=True) and the like)
+    quantizes each weight as it is read. fast=False leaves out the inference fast paths (moelm.inference.optimize:
+    decode kernels, fused projections).
 
     transformers' loader options: device_map puts the whole model on one device ("auto" is the GPU if there is
     one, else the CPU; see place()); revision picks a cached hub revision; load_in_4bit / load_in_8bit are

@@ -50,8 +50,7 @@ def info(name: str, dtype: str = "auto", tp: int = 1, ep: int = 1, quantization:
 
 def loaded(cls, directory: Path, dtype: torch.dtype, quantization: str | None) -> str:
     """The checkpoint loaded (cls.from_pretrained) and this process's memory measured: RSS after loading, what the
-    model added to it, and the peak RSS. Weights used as stored are mapped from the files and counted in RSS once
-    touched (a first forward pass adds them)."""
+    model added to it, and the peak RSS."""
     before, _ = cpu.memory()
     start = time.perf_counter()
     model = cls.from_pretrained(directory, dtype=dtype, quantization=quantization, progress=False)
