@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (a multiple of --tp)")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"))
     p.add_argument("--tokens", type=int, default=4096, help="prefill step size for the largest activation")
+    p.add_argument("--load", action="store_true", help="after the plan, load the checkpoint (in --dtype, with "
+                                                       "--quantization) and print the RSS measured after loading "
+                                                       "and its peak")
     p.set_defaults(run=cmd_info)
 
     from .config import NAMED_CONFIGS
@@ -318,7 +321,7 @@ def cmd_chat(args):
 def cmd_info(args):
     from .models.info import info
 
-    for key, value in info(args.model, args.dtype, args.tp, args.ep, args.quantization, args.tokens):
+    for key, value in info(args.model, args.dtype, args.tp, args.ep, args.quantization, args.tokens, args.load):
         print(f"{key:>11}: {value}")
 
 

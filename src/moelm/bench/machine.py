@@ -25,16 +25,15 @@ def meminfo(key: str, path: str = "/proc/meminfo") -> int | None:
 
 
 def rss_bytes() -> int | None:
-    return meminfo("VmRSS", "/proc/self/status")
+    from ..inference import cpu
+
+    return cpu.memory()[0]
 
 
 def peak_rss_bytes() -> int:
-    hwm = meminfo("VmHWM", "/proc/self/status")
-    if hwm is not None:
-        return hwm
-    import resource
+    from ..inference import cpu
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return cpu.memory()[1]
 
 
 def cpu_model() -> str:

@@ -1,18 +1,22 @@
 """The machine, and choosing between correct paths by measuring them on it.
 
 `info()` reads the CPU's features from /proc/cpuinfo and torch.backends.cpu.get_cpu_capability(), its caches from
-sysfs. `choose(op, key, candidates)` times each candidate once on the real inputs, keeps the fastest, and remembers
-it per CPU and version of this code in the kernel cache directory (choices-*.json beside the compiled kernels): the
-same machine never measures the same shape twice. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere), "gemv" (that path
-wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
+sysfs. `choose(op, key, candidates)` times the candidates, keeps the fastest, and remembers it per CPU and version of
+this code in the kernel cache directory (choices-*.json beside the compiled kernels): the same machine never measures
+the same shape class twice. The callers time a weight's candidates on its first probe_rows() output rows (tens of MB
+in fp32, not a 1 GB LM head) and key the choice on that class, so that a first run on a new CPU measures for seconds
+in all (said once on stderr), not for minutes. MOELM_KERNELS forces paths: "torch" (PyTorch's own op everywhere),
+"gemv" (that path wherever it applies, PyTorch's op elsewhere), or per op family "linear=onednn,experts=torch".
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -100,12 +104,34 @@ def _caches() -> dict[str, int]:
     return out
 
 
+def memory() -> tuple[int | None, int]:
+    """(resident, peak resident) bytes of this process: VmRSS and VmHWM of /proc/self/status (the peak from
+    getrusage where there is no /proc, the resident size None)."""
+    found = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    found[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    if "VmHWM" not in found:
+        import resource
+
+        found["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return found.get("VmRSS"), found["VmHWM"]
+
+
 # ---------------------------------------------------------------- choosing by measurement
 
 _CHOSEN: dict[tuple, str] = {}  # (op, key) -> path: what this process has taken
 _FILE: dict[str, str] = {}  # "op|key" -> path: what this CPU chose before (cache_file), looked up on a miss
 _LOCK = threading.RLock()  # a candidate may itself choose (quantized experts -> expert_linear)
 _loaded = False
+MEASURED: list[tuple[str, float, int]] = []  # ("op|key", seconds, depth): what this process measured; a choice
+# made inside another's candidate (depth 1) is part of that one's seconds
+_MEASURING: list[str] = []  # the choices being measured now, outermost first
 
 
 def cache_dir() -> Path:
@@ -217,11 +243,11 @@ def chosen(op: str, key: tuple) -> str | None:
 
 
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], timer=measure) -> str:
-    """The fastest of `candidates` (path -> one call on the real inputs; "torch", PyTorch's own op, usually among
-    them) for `op` ("family" or "family.variant") on this CPU and `key` (shapes, dtypes, threads): measured once,
-    remembered in memory and in cache_file(). A path forced by MOELM_KERNELS for the op's family (or for every op)
-    is taken where it is a candidate, PyTorch's op (or the first candidate) where it is not; nothing is measured or
-    written then."""
+    """The fastest of `candidates` (path -> one call, on the real activations and probe_rows() rows of the
+    weight: see probes; "torch", PyTorch's own op, usually among them) for `op` ("family" or "family.variant") on
+    this CPU and `key` (the shape class, dtypes, threads): measured once, remembered in memory and in cache_file().
+    A path forced by MOELM_KERNELS for the op's family (or for every op) is taken where it is a candidate, PyTorch's
+    op (or the first candidate) where it is not; nothing is measured or written then."""
     force = forced()
     want = force.get(op.split(".")[0], force.get("*"))
     entry = f"{op}|{key}"
@@ -232,12 +258,31 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
         else:
             path = _FILE.get(entry)
             if path not in candidates:
-                times = timer(candidates) if len(candidates) > 1 else {}
+                times = _timed(entry, timer, candidates) if len(candidates) > 1 else {}
                 path = min(times, key=times.get) if times else next(iter(candidates))
                 _FILE[entry] = path
                 _save(entry, path)
         _CHOSEN[(op, key)] = path
         return path
+
+
+def _timed(entry: str, timer, candidates) -> dict[str, float]:
+    """timer(candidates), recorded in MEASURED; the first time in a process, a line on stderr says why it waits."""
+    if not MEASURED and not _MEASURING:
+        print(f"moelm: timing kernel paths for this CPU (once; remembered in {cache_dir()}) ...", file=sys.stderr,
+              flush=True)
+    start = time.perf_counter()
+    _MEASURING.append(entry)
+    try:
+        return timer(candidates)
+    finally:
+        _MEASURING.pop()
+        MEASURED.append((entry, time.perf_counter() - start, len(_MEASURING)))
+
+
+def measuring() -> tuple[str, ...]:
+    """The choices ("op|key") being measured now, outermost first: empty unless their candidates are running."""
+    return tuple(_MEASURING)
 
 
 def pick(op: str, key: tuple, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
@@ -264,3 +309,42 @@ def reset():
 def rows_bucket(rows: int) -> int:
     """Rows rounded up to a power of two: one measurement serves every input length in (bucket / 2, bucket]."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+def probe_elements() -> int:
+    """The weight elements a candidate is timed on at most: as many as make twice the largest cache in fp32 (what
+    the dequantizing and converting paths make of a weight), at least 64 MiB of it. Fewer would flatter those
+    paths: their fp32 copy would stay in the caches and come back warm from the allocator, where the whole
+    weight's stream from memory into new pages."""
+    return max(64 << 20, 2 * max(info().caches.values(), default=0)) // 4
+
+
+@functools.lru_cache(maxsize=4096)
+def probe_rows(rows: int, features: int) -> int:
+    """The output rows that stand for a weight of `rows` rows of `features` elements each, in the key of its
+    choice and when timing its candidates (on its first min(rows, probe_rows) rows): its rows rounded up to a power
+    of two, at most the power of two whose rows fit in probe_elements(). Bigger weights share that class: which path
+    is fastest depends on the activations' rows, the input features and the format, not on how many more rows of
+    the same kind follow (a 1 GB LM head is timed on 64 MB of it in fp32, 8 MB in int4)."""
+    most = 1 << max((probe_elements() // max(features, 1)).bit_length() - 1, 0)
+    return min(rows_bucket(rows), most)
+
+
+def probe_starts(rows: int, n: int) -> Callable[[], int]:
+    """The first row of each successive n-row probe of a weight of `rows` rows, for all of a choice's candidates
+    together: probes one after another through the weight (wrapping), so that a call reads memory that the last
+    calls did not, as one call on the whole weight does (a probe read again would come from the caches)."""
+    last = max(rows - n, 0)
+    count = max(-(-last // n), 0) + 1  # probes 0, n, 2n, ... and the last one ending at the last row
+    calls = itertools.count()
+    return lambda: min((next(calls) % count) * n, last)
+
+
+def probes(names, rows: int, n: int, run: Callable[[str, slice], object]) -> dict[str, Callable[[], object]]:
+    """Candidates for choose(): {name: a call of run(name, rows) on the next n of a weight's `rows` rows}."""
+    start = probe_starts(rows, n)
+
+    def call(name):
+        s = start()
+        return run(name, slice(s, s + n))
+    return {name: functools.partial(call, name) for name in names}

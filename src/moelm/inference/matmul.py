@@ -28,12 +28,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def path_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """The chosen path for x [..., I] times weight [O, I]; measured on these inputs the first time."""
+    """The chosen path for x [..., I] times weight [O, I]; measured the first time for its shape class, on x and
+    cpu.probe_rows() rows of the weight at a time."""
     rows = x.numel() // x.shape[-1]
     op = "linear" if weight.dtype == torch.float32 else f"linear.{str(weight.dtype).removeprefix('torch.')}"
-    key = (str(x.dtype), cpu.rows_bucket(rows), *weight.shape, bias is not None, torch.get_num_threads())
-    return cpu.pick(op, key, lambda: {name: functools.partial(PATHS[name], x, weight, bias)
-                                      for name in paths(x, weight)})
+    n = cpu.probe_rows(*weight.shape)
+    key = (str(x.dtype), cpu.rows_bucket(rows), n, weight.shape[1], weight.is_contiguous(), bias is not None,
+           torch.get_num_threads())
+    return cpu.pick(op, key, lambda: cpu.probes(paths(x, weight), weight.shape[0], n, lambda name, r: PATHS[name](
+        x, weight[r], None if bias is None else bias[r])))
 
 
 def paths(x: torch.Tensor, weight: torch.Tensor) -> list[str]:

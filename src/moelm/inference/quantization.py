@@ -10,7 +10,7 @@ decoder, the stacked experts and the LM head are quantized; embeddings, norms an
 """
 from __future__ import annotations
 
-import functools
+import copy
 import math
 import threading
 from dataclasses import dataclass
@@ -149,8 +149,9 @@ def experts_group_for(name: str, hidden: int, inter: int, config: "QuantizationC
 # ---------------------------------------------------------------- modules
 
 def _path(op: str, x: torch.Tensor, rows: int, shape, candidates) -> str:
-    """The path chosen among candidates() (name -> a call on the real inputs) for this CPU, quantized op and shape
-    (x's `rows` rows against a packed weight of `shape`)."""
+    """The path chosen among candidates() (name -> a call on x and a probe of the weight) for this CPU, quantized
+    op and shape class (x's `rows` rows against packed weights of `shape`, their output rows a cpu.probe_rows
+    class)."""
     key = (str(x.dtype), cpu.rows_bucket(rows), *shape, torch.get_num_threads())
     return cpu.pick(f"quantized.{op}", key, candidates)
 
@@ -224,9 +225,26 @@ class QuantizedLinear(PackedLinear):
         if len(paths) == 1:
             return next(iter(paths.values()))(x)
         # the candidates differ with the rows and grad mode within one rows bucket: they are part of the key
-        path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, self.qweight.shape,
-                     lambda: {k: functools.partial(f, x) for k, f in paths.items()})
+        n = cpu.probe_rows(self.out_features, self.in_features)
+        path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, (n, self.qweight.shape[1]),
+                     lambda: cpu.probes(paths, self.out_features, n,
+                                        lambda name, r: getattr(self.probe(r), paths[name].__name__)(x)))
         return paths[path](x)
+
+    def probe(self, rows: slice) -> QuantizedLinear:
+        """These output rows of this module (views of its tensors: every parameter and buffer whose first
+        dimension is the output rows), to time its paths on."""
+        start, stop, _ = rows.indices(self.out_features)
+        if (start, stop) == (0, self.out_features):
+            return self
+        view = copy.copy(self)
+        view._parameters, view._buffers = dict(self._parameters), dict(self._buffers)
+        for store in (view._parameters, view._buffers):
+            for name, t in store.items():
+                if t is not None and t.dim() and t.shape[0] == self.out_features:
+                    store[name] = t[start:stop]
+        view.out_features = stop - start
+        return view
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -293,25 +311,48 @@ class QuantizedExperts(nn.Module):
         return m, slice(expert * o + start, expert * o + stop)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], index/weights [T, K] -> [T, H]."""
+        """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
+        experts dequantized one at a time, whichever was measured faster for few pairs; the latter for many."""
+        t, k = index.shape
+        if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":
+            return self.selected(x, index, weights)
+        return self.dense(x, index, weights)
+
+    def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
+        """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'
+        weights fill cpu.probe_elements() (at least one: each pair reads its expert's weights, whichever the path),
+        their experts shifted by one at each call (other weights than the last call's, as in a real step)."""
+        t, k = index.shape
+        each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // self.num_experts
+        n = cpu.probe_rows(t * k, each)  # pairs
+        m = min(t * k, n)
+
+        def candidates():  # the first m pairs as m tokens of one choice each
+            pairs = (x, index, weights) if m == t * k else \
+                (x.repeat_interleave(k, dim=0)[:m], index.reshape(-1, 1)[:m], weights.reshape(-1, 1)[:m])
+            paths = {"gemv": self.selected, "torch": self.dense}
+            return cpu.probes(paths, self.num_experts, 1, lambda name, r: paths[name](
+                pairs[0], (pairs[1] + r.start) % self.num_experts, pairs[2]))
+        return _path(f"{self.mode}.experts", x, n, self.stacked("gate_up_proj")[0].shape, candidates)
+
+    def selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every (token, choice) pair through the gemv kernel, the weights picked per row."""
         t, k = index.shape
         gq, gs = self.stacked("gate_up_proj")
         dq, ds = self.stacked("down_proj")
-        def selected() -> torch.Tensor:  # every (token, choice) pair through the gemv kernel, weights picked per row
-            pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
-            h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
-            gate, up = h.chunk(2, dim=-1)
-            h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
-            return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
+        pairs = x.repeat_interleave(k, dim=0)  # [T*K, H]
+        h = kernels.gemv(pairs, gq, gs, self.group_size, select=index.reshape(-1))  # [T*K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        h = kernels.gemv(F.silu(gate) * up, dq, ds, self.group_size, select=index.reshape(-1))  # [T*K, H]
+        return (h.view(t, k, -1) * weights[..., None].float()).sum(1).to(x.dtype)
 
-        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # one expert at a time, only those chosen
+    def dense(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen experts one at a time, each dequantized into a reused buffer (experts.each_expert)."""
+        gq, gs = self.stacked("gate_up_proj")
+        dq, ds = self.stacked("down_proj")
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
             return (dequantized(gq[e], gs[e], self.group_size, x.dtype, "gate_up"),
                     dequantized(dq[e], ds[e], self.group_size, x.dtype, "down"))
 
-        def dense() -> torch.Tensor:
-            return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
-
-        if t * k <= 64 and kernels.usable(x[:1]) and _path(
-                f"{self.mode}.experts", x, t * k, gq.shape, lambda: {"gemv": selected, "torch": dense}) == "gemv":
-            return selected()
-        return dense()
+        return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)

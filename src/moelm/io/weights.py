@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -213,6 +214,28 @@ class SafetensorsCheckpoint:
         out = torch.empty(shape, dtype=dtype)
         self.read_into(name, out)
         return out
+
+    def mapped(self, name: str, like: torch.Tensor | None = None, least: int = 1 << 20) -> torch.Tensor | None:
+        """Tensor `name` as a copy-on-write map of its bytes in the file, or None where it is not mapped: smaller
+        than `least` bytes, not aligned to its dtype in the file, or unlike `like` (a CPU tensor of the stored dtype
+        and shape that it would replace). The OS reads the pages as they are first touched, counts them in RSS only
+        then and shares them with its page cache; writing to the tensor changes this process's copy of a page,
+        never the file (MAP_PRIVATE), and a file replaced on disk (save_pretrained writes new files) stays mapped
+        as it was."""
+        f = self.file_of(name)
+        dtype, shape, start = self._headers[f][name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < max(least, 1) or start % dtype.itemsize or (like is not None and (
+                like.device.type != "cpu" or like.dtype != dtype or tuple(like.shape) != shape)):
+            return None
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(f, "rb") as handle:
+                view = mmap.mmap(handle.fileno(), start - base + nbytes, offset=base, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot map tensor {name!r}: {e}") from e
+        # the tensor holds the map; it is unmapped when the tensor (and every view of it) is freed
+        return torch.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=start - base).view(shape)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy tensor `name` into `out` (same shape; any dtype and device).

@@ -56,11 +56,13 @@ def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_pa
 
 
 def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None,
-                    only=None) -> dict[str, torch.Tensor]:
+                    only=None, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time. A model
     sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
-    only(name) -> bool limits the pass to some parameters (the others are loaded by another pass).
+    only(name) -> bool limits the pass to some parameters (the others are loaded by another pass). mmap: weights
+    used as stored are mapped from the file (SafetensorsCheckpoint.mapped) instead of read; kept-aside tensors
+    always are.
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
     from ..inference.quantize import load_targets
 
@@ -88,8 +90,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     done, start = 0, time.time()
     for n, key in enumerate(keys):
         codes = stored.get(key.removesuffix("_packed"))
-        if KEPT_ASIDE.match(key):
-            kept[key] = ckpt.get(key)
+        if KEPT_ASIDE.match(key):  # mapped where it can be: only read again when the model is saved
+            kept[key] = ckpt.get(key) if (mapped := ckpt.mapped(key)) is None else mapped
         elif key in companions:  # read with their weight
             pass
         elif (hub := _adapt_key(key.removesuffix("_packed") if codes else key, strip_prefix, skip_heads)) \
@@ -131,6 +133,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)
+                        elif mmap and expert is None and (mapped := ckpt.mapped(key, like=target)) is not None:
+                            param.data = mapped  # used as stored: the file's pages, read as they are touched
                         else:
                             ckpt.read_into(key, target)
                         filled[ours].add((expert, part))

@@ -1,13 +1,16 @@
 """`moelm info`: a checkpoint or named config described (the config's summary, the model's parameters, their
-bytes) and, with tp / ep / quantization, the per-rank memory and collectives of that layout (moelm.parallel). The
-model is built on the meta device: no weights are read."""
+bytes) and, with tp / ep / quantization, the per-rank memory and collectives of that layout (moelm.parallel): a plan,
+from a model built on the meta device (no weights are read). With load, the checkpoint is then loaded and the memory
+measured: this process's RSS after loading and its peak."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from ..config import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
+from ..inference import cpu
 from ..io.hub import resolve_model_dir
 from ..parallel.comm import comm_plan
 from ..parallel.memory import memory_plan
@@ -15,10 +18,14 @@ from .auto import CAUSAL_LM
 
 
 def info(name: str, dtype: str = "auto", tp: int = 1, ep: int = 1, quantization: str | None = None,
-         tokens: int = 4096) -> list[tuple[str, str]]:
+         tokens: int = 4096, load: bool = False) -> list[tuple[str, str]]:
     """(key, line) pairs describing `name`: a checkpoint directory, a hub id in the local cache or a named
-    config."""
+    config. load: also load the checkpoint (in dtype, with quantization) and add what was measured."""
+    if load and (tp > 1 or ep > 1):
+        raise ValueError("info --load measures this one process: it cannot be combined with --tp / --ep")
     if name in NAMED_CONFIGS and not Path(name).exists():
+        if load:
+            raise ValueError(f"info --load needs a checkpoint; {name!r} is a named config (moelm new writes one)")
         directory, config = None, named_config(name)
     else:
         directory = resolve_model_dir(name)
@@ -32,11 +39,28 @@ def info(name: str, dtype: str = "auto", tp: int = 1, ep: int = 1, quantization:
     lines = [("model", str(directory or f"named config {name}")), *config.summary().items(),
              ("parameters", f"{human(total)} total, {human(model.num_active_parameters())} active per token"),
              ("dtype", f"{str(dtype).removeprefix('torch.')} (config: {config.dtype or 'unset'})"),
-             ("memory", f"{human(total * dtype.itemsize, 'B')} of weights"
+             ("memory", f"plan: {human(total * dtype.itemsize, 'B')} of weights"
                         + (f"; {human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else ""))]
     if tp > 1 or ep > 1 or quantization:
         lines += layout_lines(model, tp, ep, dtype, quantization, tokens)
+    if load:
+        lines.append(("loaded", loaded(CAUSAL_LM[config.model_type], directory, dtype, quantization)))
     return lines
+
+
+def loaded(cls, directory: Path, dtype: torch.dtype, quantization: str | None) -> str:
+    """The checkpoint loaded (cls.from_pretrained) and this process's memory measured: RSS after loading, what the
+    model added to it, and the peak RSS."""
+    before, _ = cpu.memory()
+    start = time.perf_counter()
+    model = cls.from_pretrained(directory, dtype=dtype, quantization=quantization, progress=False)
+    seconds = time.perf_counter() - start
+    after, peak = cpu.memory()
+    del model
+    if after is None:
+        return f"measured: peak RSS {human(peak, 'B')} ({seconds:.1f} s to load)"
+    return (f"measured: RSS {human(after, 'B')} after loading ({human(after - before, 'B')} for the model), peak RSS "
+            f"{human(peak, 'B')} ({seconds:.1f} s to load{', ' + quantization if quantization else ''})")
 
 
 def layout_lines(model, tp: int, ep: int, dtype: torch.dtype, quantization: str | None,
