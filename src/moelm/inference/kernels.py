@@ -245,6 +245,8 @@ def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: i
     32 to int8 (quantize_rows), int32 dots per block, scaled in fp32. q and scale contiguous; variant one of
     int_variants()."""
     _require()
+    if variant not in int_variants():
+        raise ValueError(f"intgemm: no variant {variant!r} for this CPU; it has {', '.join(int_variants())}")
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     if x.dtype != torch.float32 or not x.is_contiguous():
@@ -252,10 +254,9 @@ def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: i
     rows, features, out_features = x.shape[0], shape[-1], q.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
     g4 = group_size if q.dtype == torch.uint8 else 0
-    if _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(),
-                    scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
-                    threads(rows * features * out_features)):
-        raise ValueError(f"intgemm: the variant {variant!r} is not compiled for this CPU ({', '.join(int_variants())})")
+    _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(),
+                 scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
+                 threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
 
 
