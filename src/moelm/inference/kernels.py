@@ -9,6 +9,7 @@ without a compiler (or with MOELM_NO_KERNELS=1) `available()` is False and calle
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -220,10 +221,13 @@ INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni")  # csrc/intgemm.c's variants, i
 
 def int_variants() -> list[str]:
     """The variants of intgemm() compiled for this CPU (none without kernels)."""
-    if not available():
-        return []
+    return list(_int_variants()) if available() else []
+
+
+@functools.cache
+def _int_variants() -> tuple[str, ...]:
     mask = _lib.intgemm_variants()
-    return [name for i, name in enumerate(INT_VARIANTS) if mask >> i & 1]
+    return tuple(name for i, name in enumerate(INT_VARIANTS) if mask >> i & 1)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

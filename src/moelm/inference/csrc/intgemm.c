@@ -17,7 +17,6 @@
  *   1 AVX-VNNI (256-bit vpdpbusd), 2 AVX512-VNNI (512-bit vpdpbusd): the weight is the unsigned side as w + off
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
  * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -64,41 +63,38 @@ void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d
     }
 }
 
-/* Rows n0 .. n0 + nw of w (nw <= NW; rows past nw: code 0, scale 0) -> tile [K/4][NW][4] (code + off as a byte) and
- * their scales ts [groups][NW] (groups = K / G, G = K for int8). g4 = 0: int8 rows of wrow bytes; else int4 pairs
- * with group size g4. */
-static void unpack(const void *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
+ * (groups = K / G, G = K for int8); rows past nw repeat row nw - 1 with scale 0. g4 = 0: int8 rows of wrow bytes;
+ * else int4 pairs with group size g4. 4 bytes of 8 rows at a time by one gather. */
+static void unpack(const uint8_t *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
                    int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
-    int64_t groups = g4 ? K / g4 : 1;
-    for (int r = 0; r < NW; r++) {
-        uint32_t *t = (uint32_t *)tile + r;
-        if (r >= nw) {
-            uint32_t fill = g4 ? 0x08080808u : off;
-            for (int64_t k4 = 0; k4 < K / 4; k4++) t[k4 * NW] = fill;
-            for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = 0.0f;
-            continue;
-        }
-        const uint8_t *wr = (const uint8_t *)w + (n0 + r) * wrow;
+    int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
+    for (int r = 0; r < NW; r++)
+        for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = r < nw ? scale[(n0 + r) * srow + s] : 0.0f;
+    const uint8_t *base = w + n0 * wrow;
+    const __m256i flip = _mm256_set1_epi32((int32_t)off), low = _mm256_set1_epi8(15);
+    for (int r0 = 0; r0 < NW; r0 += 8) {
+        int32_t at[8];
+        for (int i = 0; i < 8; i++) at[i] = (int32_t)((r0 + i < nw ? r0 + i : nw - 1) * wrow);
+        __m256i idx = _mm256_loadu_si256((const __m256i *)at);
+        uint8_t *t = tile + r0 * 4;
         if (!g4) {
             for (int64_t k4 = 0; k4 < K / 4; k4++) {
-                uint32_t v;
-                memcpy(&v, wr + 4 * k4, 4);
-                t[k4 * NW] = v ^ off;  /* off = 0x80808080: the byte q + 128 */
+                __m256i v = _mm256_i32gather_epi32((const int *)(base + 4 * k4), idx, 1);
+                _mm256_storeu_si256((__m256i *)(t + k4 * NW * 4), _mm256_xor_si256(v, flip));
             }
-            ts[r] = scale[n0 + r];
             continue;
         }
-        int64_t half = g4 / 2;
-        for (int64_t s = 0; s < groups; s++) {
-            const uint8_t *p = wr + s * half;
+        for (int64_t s = 0; s < groups; s++)
             for (int64_t j = 0; j < half; j += 4) {
-                uint32_t v;
-                memcpy(&v, p + j, 4);
-                t[(s * g4 + j) / 4 * NW] = v & 0x0F0F0F0Fu;
-                t[(s * g4 + half + j) / 4 * NW] = (v >> 4) & 0x0F0F0F0Fu;
+                __m256i v = _mm256_i32gather_epi32((const int *)(base + s * half + j), idx, 1);
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4), _mm256_and_si256(v, low));
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + half + j) / 4 * NW * 4),
+                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
             }
-            ts[s * NW + r] = scale[(n0 + r) * srow + s];
-        }
     }
 }
 
@@ -147,7 +143,6 @@ static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const in
     }                                                                                                             \
 }
 
-#ifdef __AVX2__
 #define LD256(p) _mm256_loadu_si256((const __m256i *)(p))
 #define ST256F(p, v) _mm256_storeu_ps(p, v)
 static inline __m256i a2_step8(__m256i acc, __m256i w, __m256i xb) {
@@ -163,7 +158,6 @@ KERNEL(kern_avx2_i8, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_
        _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, ST256F)
 KERNEL(kern_avx2_i4, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_epi32, LD256, a2_step4, a2_end4,
        _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, ST256F)
-#endif
 #ifdef __AVXVNNI__
 static inline __m256i vnni256(__m256i acc, __m256i w, __m256i xb) { return _mm256_dpbusd_avx_epi32(acc, w, xb); }
 KERNEL(kern_vnni256, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_epi32, LD256, vnni256, ident,
@@ -190,9 +184,7 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     int NW = 8;
     int32_t off = g4 ? 8 : 128;
     uint32_t tile_off = g4 ? 0 : 0x80808080u;
-#ifdef __AVX2__
     if (variant == 0) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
-#endif
 #ifdef __AVXVNNI__
     if (variant == 1) kern = kern_vnni256;
 #endif
@@ -224,3 +216,9 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     free(xq); free(d); free(xsum);
     return 0;
 }
+#else
+int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const float *scale, int64_t srow,
+            int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+    return -1;
+}
+#endif
