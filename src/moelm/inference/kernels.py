@@ -9,6 +9,7 @@ without a compiler (or with MOELM_NO_KERNELS=1) `available()` is False and calle
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 
 from . import cpu
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c", "intgemm.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
@@ -74,7 +75,17 @@ def _compile() -> ctypes.CDLL | None:
         fn.restype = None
     lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
                                                      ctypes.c_int], None
+    _intgemm_types(lib)
     return lib
+
+
+def _intgemm_types(lib: ctypes.CDLL):
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.intgemm_variants.restype = ctypes.c_int
+    lib.intgemm_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.intgemm_quantize.restype = None
+    lib.intgemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.intgemm.restype = ctypes.c_int
 
 
 class Mat(ctypes.Structure):
@@ -213,6 +224,54 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _lib.gemm_f32(x.data_ptr(), rows, features, weight.data_ptr(), out_features, _ptr(bias), yt.data_ptr(),
                   threads(rows * features * out_features))
     return yt[:, :rows].T.reshape(*shape[:-1], out_features)
+
+
+INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni")  # csrc/intgemm.c's variants, in its numbering
+
+
+def int_variants() -> list[str]:
+    """The variants of intgemm() compiled for this CPU (none without kernels)."""
+    return list(_int_variants()) if available() else []
+
+
+@functools.cache
+def _int_variants() -> tuple[str, ...]:
+    mask = _lib.intgemm_variants()
+    return tuple(name for i, name in enumerate(INT_VARIANTS) if mask >> i & 1)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 x [M, K] (K a multiple of 32) -> (xq int8 [M, K], d fp32 [M, K/32], sums int32 [M, K/32]): intgemm()'s
+    activations, per row per block of 32: d = max|x| * (1/127), xq = round(x * (1/d)), sums = the blocks' xq sums."""
+    _require()
+    x = x.float().contiguous()
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // 32, dtype=torch.float32)
+    sums = torch.empty(m, k // 32, dtype=torch.int32)
+    _lib.intgemm_quantize(x.data_ptr(), m, k, xq.data_ptr(), d.data_ptr(), sums.data_ptr(), threads(m * k))
+    return xq, d, sums
+
+
+def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int, variant: str) -> torch.Tensor:
+    """x [..., K] (computed in fp32) times packed weights (int8 q [N, K] with scale [N], or int4 pairs q [N, K/2]
+    with scale [N, K/group_size]) -> [..., N] fp32, in integers (csrc/intgemm.c): x quantized per row per block of
+    32 to int8 (quantize_rows), int32 dots per block, scaled in fp32. q and scale contiguous; variant one of
+    int_variants()."""
+    _require()
+    if variant not in int_variants():
+        raise ValueError(f"intgemm: no variant {variant!r} for this CPU; it has {', '.join(int_variants())}")
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    rows, features, out_features = x.shape[0], shape[-1], q.shape[0]
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    g4 = group_size if q.dtype == torch.uint8 else 0
+    _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(),
+                 scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
+                 threads(rows * features * out_features))
+    return y.view(*shape[:-1], out_features)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

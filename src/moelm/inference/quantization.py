@@ -5,8 +5,9 @@ int4: symmetric, one fp32 scale per group of `group_size` inputs: w ≈ (n - 8) 
 group_size/2 bytes hold input j in the low nibble and input j + group_size/2 in the high one (csrc/gemv.c).
 
 Decoding (a few rows of activations) runs csrc/gemv.c on the packed weights; longer inputs (prefill) dequantize one
-layer's weight (experts: one chosen expert at a time) to the activations' dtype and use PyTorch's matmul. Every Linear of the
-decoder, the stacked experts and the LM head are quantized; embeddings, norms and routers stay as they are.
+layer's weight (experts: one chosen expert at a time) to the activations' dtype and use PyTorch's matmul, or round
+the activations to int8 and multiply int8 pairs on the packed weights (csrc/intgemm.c, "int8dot_*" paths), whichever
+was measured faster on this CPU. Every Linear of the decoder, the stacked experts and the LM head are quantized; embeddings, norms and routers stay as they are.
 """
 from __future__ import annotations
 
@@ -156,7 +157,19 @@ def _path(op: str, x: torch.Tensor, rows: int, shape, candidates) -> str:
     return cpu.pick(f"quantized.{op}", key, candidates)
 
 
-cpu.register("quantized", ("gemv", "torch", "tiles", "int8pack"))
+# the integer prefill paths (csrc/intgemm.c), one per instruction set: activations rounded to int8 per block of 32
+INT_PATHS = {f"int8dot_{v}": v for v in kernels.INT_VARIANTS}
+cpu.register("quantized", ("gemv", "torch", "tiles", "int8pack", *INT_PATHS))
+
+
+def int_paths(x: torch.Tensor, *weights: torch.Tensor | None) -> dict[str, str]:
+    """{path: variant} of the integer paths that can take x [..., K] (CPU, no gradients; K a multiple of 32 as every
+    quantized weight's is): those compiled for this CPU."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
+    if x.device.type != "cpu" or type(x) is not torch.Tensor or grads or x.shape[-1] % 32:
+        return {}
+    have = kernels.int_variants()
+    return {name: v for name, v in INT_PATHS.items() if v in have}
 
 
 class PackedLinear(nn.Module):
@@ -207,7 +220,8 @@ class QuantizedLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whichever was measured faster for this CPU and shape: for few rows the gemv kernel on the packed weight
         or the weight dequantized to x's dtype and F.linear ("torch"); for more, the weight dequantized a tile at
-        a time into a reused buffer ("tiles"); or for int8, where PyTorch dispatches to its AVX-512 kernels, its
+        a time into a reused buffer ("tiles"), or x rounded to int8 and multiplied in integers on the packed weight
+        ("int8dot_<instruction set>", csrc/intgemm.c); or for int8, where PyTorch dispatches to its AVX-512 kernels, its
         int8-weight matmul (torch._weight_int8pack_mm, the same products; PyTorch has a blocked kernel for it only
         there, its fallback ran 36x slower than dequantizing on the AVX2 EPYC)."""
         rows = x.numel() // x.shape[-1]
@@ -219,6 +233,7 @@ class QuantizedLinear(PackedLinear):
             # block comes back from the allocator), but in a forward pass each layer pays fresh pages for it:
             # ERNIE-0.3B int8 prefill 165 tok/s with it chosen for three of five shapes, 184 with the tiles
             paths = {"tiles": self._tiles}
+            paths.update({name: functools.partial(self._integer, variant=v) for name, v in int_paths(x).items()})
         if self.mode == "int8" and x.device.type == "cpu" and cpu.info().capability.startswith("AVX512") and \
                 x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
             paths["int8pack"] = self._int8pack
@@ -228,8 +243,15 @@ class QuantizedLinear(PackedLinear):
         n = cpu.probe_rows(self.out_features, self.in_features)
         path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, (n, self.qweight.shape[1]),
                      lambda: cpu.probes(paths, self.out_features, n,
-                                        lambda name, r: getattr(self.probe(r), paths[name].__name__)(x)))
+                                        lambda name, r: self._on(self.probe(r), paths[name], x)))
         return paths[path](x)
+
+    @staticmethod
+    def _on(view: QuantizedLinear, path, x: torch.Tensor) -> torch.Tensor:
+        """The path (a bound method of this module, or a functools.partial of one) run on `view` instead."""
+        if isinstance(path, functools.partial):
+            return getattr(view, path.func.__name__)(x, *path.args, **path.keywords)
+        return getattr(view, path.__name__)(x)
 
     def probe(self, rows: slice) -> QuantizedLinear:
         """These output rows of this module (views of its tensors: every parameter and buffer whose first
@@ -263,6 +285,12 @@ class QuantizedLinear(PackedLinear):
                             torch.float32, "tile")
             outs.append(linear(xf, w, None))
         y = torch.cat(outs, dim=-1)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+
+    def _integer(self, x: torch.Tensor, variant: str) -> torch.Tensor:
+        """x rounded to int8 per row per block of 32 and multiplied with the packed weight in integers
+        (kernels.intgemm); the error against the fp32 activations is bounded in tests/test_intgemm.py."""
+        y = kernels.intgemm(x, self.qweight, self.scale, self.group_size, variant)
         return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
     def _int8pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,8 +340,13 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
-        experts dequantized one at a time, whichever was measured faster for few pairs; the latter for many."""
+        experts dequantized one at a time, whichever was measured faster for few pairs; for a prefill, also each
+        chosen expert's rows in integers (csrc/intgemm.c)."""
         t, k = index.shape
+        if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too
+            path = self.prefill_path(x, index, weights, ints)
+            return self.selected(x, index, weights) if path == "gemv" else self.dense(x, index, weights) \
+                if path == "torch" else self.integer(x, index, weights, ints[path])
         if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":
             return self.selected(x, index, weights)
         return self.dense(x, index, weights)
@@ -356,3 +389,38 @@ class QuantizedExperts(nn.Module):
                     dequantized(dq[e], ds[e], self.group_size, x.dtype, "down"))
 
         return each_expert(x, *sort_by_expert(index, weights, self.num_experts), expert)
+
+    def integer(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, variant: str) -> torch.Tensor:
+        """Each chosen expert's rows times its packed weights in integers (kernels.intgemm: x rounded to int8 per
+        row per block of 32), no dequantized copy."""
+        gq, gs = self.stacked("gate_up_proj")
+        dq, ds = self.stacked("down_proj")
+
+        def mm(rows: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return kernels.intgemm(rows, *w, self.group_size, variant)
+        return each_expert(x, *sort_by_expert(index, weights, self.num_experts),
+                           lambda e: ((gq[e], gs[e]), (dq[e], ds[e])), linear=mm)
+
+    def prefill_path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, ints: dict[str, str]
+                     ) -> str:
+        """"torch" (dense), "gemv" (selected, for at most 64 pairs) or an integer path (int_paths) for a prefill of
+        x's tokens, timed on the pairs whose experts fall in a window of as many experts as fill
+        cpu.probe_elements() (each keeps its real rows: how many tokens an expert gets decides the winner), the
+        window moved along the experts at each call."""
+        t, k = index.shape
+        e = self.num_experts
+        each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // e
+        window = max(1, min(e, cpu.probe_elements() // each))
+        paths = {"torch": self.dense, **{name: functools.partial(self.integer, variant=v) for name, v in ints.items()}}
+        if t * k <= 64 and kernels.usable(x[:1]):
+            paths["gemv"] = self.selected
+
+        def candidates():
+            flat, token = index.reshape(-1), torch.arange(t).repeat_interleave(k)
+
+            def run(name: str, experts: slice) -> torch.Tensor:
+                pick = ((flat - experts.start) % e < window).nonzero().squeeze(1)
+                return paths[name](x[token[pick]], flat[pick, None], weights.reshape(-1)[pick, None])
+            return cpu.probes(paths, e, window, run)
+        op = f"{self.mode}.experts.{'+'.join(sorted(paths))}"
+        return _path(op, x, t * k, (window, *self.stacked("gate_up_proj")[0].shape[1:]), candidates)

@@ -1,0 +1,230 @@
+/* Integer matrix product for prefill with int8 / int4 weights: y[M, N] = x[M, K] . w[N, K]^T, computed as llama.cpp
+ * does, on int8 pairs with int32 sums.
+ *
+ * x is quantized per row per block of QB = 32 inputs (intgemm_quantize): d = max|x| / 127 (computed as max|x| *
+ * (1/127)), xq = round-half-even(x * (1/d)) in [-127, 127]. A block's integer dot with the weight codes (int8 q in
+ * [-127, 127] or int4 n - 8) is scaled by d times the weight's scale (its row's for int8, its group's for int4;
+ * every group size is a multiple of 32, so a block lies in one group) and summed in fp32.
+ *
+ * The weights are read in moelm's packing (quantization.py) and unpacked a tile of NW rows at a time (the whole K)
+ * into a thread's buffer, interleaved so that one vector holds 4 consecutive inputs of each of its rows: tile
+ * [K/4][NW][4] bytes. That tile then serves every row of x: a broadcast of 4 bytes of one x row times one tile
+ * vector gives each of NW rows its 4-input dot in its own int32 lane (no horizontal sums), R = 4 rows of x at a time.
+ * Variants (intgemm_variants() says which were compiled for this CPU):
+ *   0 AVX2: vpmaddubsw + vpmaddwd. int4: the codes n in [0, 15] are the unsigned side, pair sums <= 2*15*127 stay
+ *     in int16 over a whole block (16 products <= 30480); int8: |x| is the unsigned side and the sign moves onto the
+ *     weight (vpsignb), pair sums <= 2*127*127 = 32258 do not saturate.
+ *   1 AVX-VNNI (256-bit vpdpbusd), 2 AVX512-VNNI (512-bit vpdpbusd): the weight is the unsigned side as w + off
+ *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
+ * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QB 32  /* inputs per activation block */
+#define R 4    /* rows of x per microkernel */
+
+int intgemm_variants(void) {
+    int mask = 0;
+#ifdef __AVX2__
+    mask |= 1;
+#endif
+#ifdef __AVXVNNI__
+    mask |= 2;
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    mask |= 4;
+#endif
+    return mask;
+}
+
+/* x [M, K] -> xq [M, K], d [M, K/QB], xsum [M, K/QB] (the sum of a block's xq) */
+void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, int32_t *xsum, int nthreads) {
+    int64_t blocks = M * (K / QB);
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *xb = x + b * QB;
+        float big = 0.0f;
+        for (int i = 0; i < QB; i++) big = fmaxf(big, fabsf(xb[i]));
+        float step = big * (1.0f / 127.0f), inv = step > 0.0f ? 1.0f / step : 0.0f;
+        int32_t total = 0;
+        for (int i = 0; i < QB; i++) {
+            float q = nearbyintf(xb[i] * inv);
+            q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+            xq[b * QB + i] = (int8_t)q;
+            total += (int32_t)q;
+        }
+        d[b] = step;
+        xsum[b] = total;
+    }
+}
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
+ * (groups = K / G, G = K for int8); rows past nw repeat row nw - 1 with scale 0. g4 = 0: int8 rows of wrow bytes,
+ * 4 bytes at a time; else int4 pairs with group size g4, 4 bytes of 8 rows at a time by one gather (on Zen 5 1.7x
+ * the scalar loop for 6 rows of x, the same for 64; slower than it for int8). */
+static void unpack(const uint8_t *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
+                   int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
+    int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
+    for (int r = 0; r < NW; r++)
+        for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = r < nw ? scale[(n0 + r) * srow + s] : 0.0f;
+    if (!g4) {
+        for (int r = 0; r < NW; r++) {
+            const uint8_t *wr = w + (n0 + (r < nw ? r : nw - 1)) * wrow;
+            uint32_t *t = (uint32_t *)tile + r;
+            for (int64_t k4 = 0; k4 < K / 4; k4++) {
+                uint32_t v;
+                memcpy(&v, wr + 4 * k4, 4);
+                t[k4 * NW] = v ^ off;  /* off = 0x80808080: the byte q + 128 */
+            }
+        }
+        return;
+    }
+    const uint8_t *base = w + n0 * wrow;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int r0 = 0; r0 < NW; r0 += 8) {
+        int32_t at[8];
+        for (int i = 0; i < 8; i++) at[i] = (int32_t)((r0 + i < nw ? r0 + i : nw - 1) * wrow);
+        __m256i idx = _mm256_loadu_si256((const __m256i *)at);
+        uint8_t *t = tile + r0 * 4;
+        for (int64_t s = 0; s < groups; s++)
+            for (int64_t j = 0; j < half; j += 4) {
+                __m256i v = _mm256_i32gather_epi32((const int *)(base + s * half + j), idx, 1);
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4), _mm256_and_si256(v, low));
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + half + j) / 4 * NW * 4),
+                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            }
+    }
+}
+
+/* The microkernel for one variant: rows m0 .. m0 + mr of x (mr <= R) against a tile of NW = W * LANES rows:
+ * y[m][n0 + i] for i < nw. BLOCK(acc) starts a block's integer sums, STEP(acc, w, xb) adds one vector of 4 inputs
+ * (xb: 4 bytes of x broadcast), END(acc) gives the block's int32 dots. */
+#define KERNEL(NAME, VI, VF, LANES, W, ZERO, BCAST, LOAD, STEP, END, SUB, CVT, LDF, SETF, FMA, MULF, STOREF)       \
+static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const int8_t *xq, const float *d,        \
+                 const int32_t *xsum, int64_t K, int64_t m0, int mr, int32_t off, int64_t n0, int nw, float *y,  \
+                 int64_t N) {                                                                                     \
+    enum { NW = (W) * (LANES) };                                                                                  \
+    int64_t blocks = K / QB;                                                                                      \
+    const int8_t *xr[R];                                                                                          \
+    for (int r = 0; r < R; r++) xr[r] = xq + (m0 + (r < mr ? r : 0)) * K;                                         \
+    VF acc[R][W];                                                                                                 \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                           \
+        _Pragma("GCC unroll 2") for (int v = 0; v < W; v++) acc[r][v] = SETF(0.0f);                               \
+    for (int64_t b = 0; b < blocks; b++) {                                                                        \
+        VI ia[R][W];                                                                                              \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                       \
+            _Pragma("GCC unroll 2") for (int v = 0; v < W; v++) ia[r][v] = ZERO;                                  \
+        const uint8_t *t = tile + b * (QB / 4) * NW * 4;                                                          \
+        _Pragma("GCC unroll 8") for (int s = 0; s < QB / 4; s++) {                                                \
+            VI wv[W];                                                                                             \
+            _Pragma("GCC unroll 2") for (int v = 0; v < W; v++) wv[v] = LOAD(t + (s * NW + v * LANES) * 4);      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                 \
+                int32_t x4;                                                                                       \
+                memcpy(&x4, xr[r] + b * QB + s * 4, 4);                                                           \
+                VI xb = BCAST(x4);                                                                                \
+                _Pragma("GCC unroll 2") for (int v = 0; v < W; v++) ia[r][v] = STEP(ia[r][v], wv[v], xb);         \
+            }                                                                                                     \
+        }                                                                                                         \
+        const float *sg = ts + (b / gblocks) * NW;                                                                \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                     \
+            int64_t m = m0 + (r < mr ? r : 0);                                                                    \
+            VI comp = BCAST(off * xsum[m * blocks + b]);                                                          \
+            VF dx = SETF(d[m * blocks + b]);                                                                      \
+            _Pragma("GCC unroll 2") for (int v = 0; v < W; v++)                                                   \
+                acc[r][v] = FMA(CVT(SUB(END(ia[r][v]), comp)), MULF(LDF(sg + v * LANES), dx), acc[r][v]);         \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int r = 0; r < mr; r++) {                                                                                \
+        float out[NW];                                                                                            \
+        for (int v = 0; v < W; v++) STOREF(out + v * LANES, acc[r][v]);                                           \
+        memcpy(y + (m0 + r) * N + n0, out, nw * sizeof(float));                                                   \
+    }                                                                                                             \
+}
+
+#define LD256(p) _mm256_loadu_si256((const __m256i *)(p))
+#define ST256F(p, v) _mm256_storeu_ps(p, v)
+static inline __m256i a2_step8(__m256i acc, __m256i w, __m256i xb) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+static inline __m256i a2_step4(__m256i acc, __m256i w, __m256i xb) {
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, xb));
+}
+static inline __m256i a2_end4(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+static inline __m256i ident(__m256i a) { return a; }
+KERNEL(kern_avx2_i8, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_epi32, LD256, a2_step8, ident,
+       _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, ST256F)
+KERNEL(kern_avx2_i4, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_epi32, LD256, a2_step4, a2_end4,
+       _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, ST256F)
+#ifdef __AVXVNNI__
+static inline __m256i vnni256(__m256i acc, __m256i w, __m256i xb) { return _mm256_dpbusd_avx_epi32(acc, w, xb); }
+KERNEL(kern_vnni256, __m256i, __m256, 8, 1, _mm256_setzero_si256(), _mm256_set1_epi32, LD256, vnni256, ident,
+       _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, ST256F)
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LD512(p) _mm512_loadu_si512((const void *)(p))
+static inline __m512i ident512(__m512i a) { return a; }
+KERNEL(kern_vnni512, __m512i, __m512, 16, 2, _mm512_setzero_si512(), _mm512_set1_epi32, LD512, _mm512_dpbusd_epi32,
+       ident512, _mm512_sub_epi32, _mm512_cvtepi32_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+       _mm512_mul_ps, _mm512_storeu_ps)
+#endif
+
+typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const float *, const int32_t *,
+                          int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
+
+/* y [M, N] = x [M, K] . w^T: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale
+ * [N, srow]); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them; returns -1 if that
+ * variant was not compiled, else 0. */
+int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const float *scale, int64_t srow,
+            int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+    if (!(intgemm_variants() >> variant & 1)) return -1;
+    kernel_fn kern = 0;
+    int NW = 8;
+    int32_t off = g4 ? 8 : 128;
+    uint32_t tile_off = g4 ? 0 : 0x80808080u;
+    if (variant == 0) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
+#ifdef __AVXVNNI__
+    if (variant == 1) kern = kern_vnni256;
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (variant == 2) { kern = kern_vnni512; NW = 32; }
+#endif
+    if (!kern) return -1;
+    int64_t blocks = K / QB, groups = g4 ? K / g4 : 1, gblocks = g4 ? g4 / QB : blocks;
+    int8_t *xq = malloc(M * K);
+    float *d = malloc(M * blocks * sizeof(float));
+    int32_t *xsum = malloc(M * blocks * sizeof(int32_t));
+    intgemm_quantize(x, M, K, xq, d, xsum, nthreads);
+    int64_t tiles = (N + NW - 1) / NW;
+    _Pragma("omp parallel num_threads(nthreads)")
+    {
+        uint8_t *tile = aligned_alloc(64, K * NW);
+        float *ts = aligned_alloc(64, ((groups * NW * sizeof(float) + 63) / 64) * 64);
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n0 = t * NW;
+            int nw = N - n0 < NW ? (int)(N - n0) : NW;
+            unpack(w, wrow, scale, srow, g4, K, n0, nw, NW, tile_off, tile, ts);
+            for (int64_t m0 = 0; m0 < M; m0 += R)
+                kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
+        }
+        free(tile);
+        free(ts);
+    }
+    free(xq); free(d); free(xsum);
+    return 0;
+}
+#else
+int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const float *scale, int64_t srow,
+            int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+    return -1;
+}
+#endif
