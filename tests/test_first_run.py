@@ -55,6 +55,7 @@ def watch_weights(monkeypatch) -> list[tuple[str, str, int]]:
     monkeypatch.setattr(kernels, "gemv", wrap("gemv", kernels.gemv, gemv_elements))
     monkeypatch.setattr(kernels, "dequantize", wrap("dequantize", kernels.dequantize, dequant_elements))
     monkeypatch.setattr(kernels, "gemm", wrap("gemm", kernels.gemm, second))
+    monkeypatch.setattr(kernels, "intgemm", wrap("intgemm", kernels.intgemm, lambda x, q, *a, **k: dequant_elements(q)))
     monkeypatch.setattr(kernels, "onednn_linear", wrap("onednn", kernels.onednn_linear, second))
     monkeypatch.setattr(F, "linear", wrap("linear", F.linear, second))
     monkeypatch.setattr(torch, "_weight_int8pack_mm", wrap("int8pack", torch._weight_int8pack_mm, second))
@@ -88,19 +89,22 @@ def generate(model, ids):
 @pytest.mark.skipif(not kernels.available(), reason="csrc kernels not available")
 @pytest.mark.parametrize("quantization", ("int4", "int8", None))
 def test_first_run_times_probes_and_changes_no_output(quantization, checkpoint, small_probe, monkeypatch):
-    """With an empty kernel cache, the first greedy generate (prefill of 12 tokens, then decoding) measures its
+    """With an empty kernel cache, the first greedy generate (prefill of 20 tokens: the integer prefill paths are
+    candidates too; then decoding) measures its
     choices with no candidate ever handed more than a probe's weight elements (the whole 4M-element LM head, or a
     stack of experts, would be), says so once on stderr, and gives exactly what the next run with the remembered
     choices gives."""
     torch.manual_seed(0)
     model = moelm.AutoModelForCausalLM.from_pretrained(checkpoint, quantization=quantization)
-    ids = torch.randint(3, 16384, (1, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 16384, (1, 20), generator=torch.Generator().manual_seed(1))
     seen = watch_weights(monkeypatch)
     before = len(cpu.MEASURED)
     cold = generate(model, ids)
     measured = cpu.MEASURED[before:]
     assert measured and cpu.cache_file().is_file()
     assert seen, "no candidate ran while measuring"
+    if quantization and kernels.int_variants():
+        assert any(name == "intgemm" for _, name, _ in seen), "the integer prefill paths were not timed"
     # one probe, or one expert pair (each pair reads a whole expert: 2 x 512 x 256 + 256 x 512 elements); the one-call
     # decoder layer is timed on a real step of a layer (its largest matrix: the dense MLP's gate_up, 2 x 1024 x 256)
     trials = [s for s in seen if s[0].startswith("decode_layer|")]

@@ -12,6 +12,7 @@ was measured faster on this CPU. Every Linear of the decoder, the stacked expert
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -345,8 +346,7 @@ class QuantizedExperts(nn.Module):
         t, k = index.shape
         if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too
             path = self.prefill_path(x, index, weights, ints)
-            return self.selected(x, index, weights) if path == "gemv" else self.dense(x, index, weights) \
-                if path == "torch" else self.integer(x, index, weights, ints[path])
+            return self.dense(x, index, weights) if path == "torch" else self.integer(x, index, weights, ints[path])
         if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":
             return self.selected(x, index, weights)
         return self.dense(x, index, weights)
@@ -403,7 +403,7 @@ class QuantizedExperts(nn.Module):
 
     def prefill_path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, ints: dict[str, str]
                      ) -> str:
-        """"torch" (dense), "gemv" (selected, for at most 64 pairs) or an integer path (int_paths) for a prefill of
+        """"torch" (dense) or an integer path (int_paths) for a prefill of
         x's tokens, timed on the pairs whose experts fall in a window of as many experts as fill
         cpu.probe_elements() (each keeps its real rows: how many tokens an expert gets decides the winner), the
         window moved along the experts at each call."""
@@ -412,8 +412,6 @@ class QuantizedExperts(nn.Module):
         each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // e
         window = max(1, min(e, cpu.probe_elements() // each))
         paths = {"torch": self.dense, **{name: functools.partial(self.integer, variant=v) for name, v in ints.items()}}
-        if t * k <= 64 and kernels.usable(x[:1]):
-            paths["gemv"] = self.selected
 
         def candidates():
             flat, token = index.reshape(-1), torch.arange(t).repeat_interleave(k)
