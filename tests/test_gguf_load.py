@@ -463,3 +463,25 @@ def test_peak_memory_is_the_quantized_model_plus_one_tensor(tmp_path):
         # measured +2 MiB over the model for Q4_0 and +11 MiB for Q5_1 (dequantizing temporaries), on 2 busy cores
         assert got["peak_kib"] * 1024 <= got["model_bytes"] + 24 * 2**20, (got, fp32)
         assert got["model_bytes"] < fp32 / 5
+
+
+@pytest.mark.parametrize("mode, ftype", [("int4", "q4_0"), ("int8", "q8_0")])
+def test_compressed_checkpoint_to_gguf_keeps_moelm_codes(mode, ftype, tmp_path):
+    """The bench's GGUF of a moelm compressed-tensors checkpoint (int4 group 32 / int8) holds moelm's own codes as
+    q4_0 / q8_0 blocks, their scales rounded to fp16 (GGUF's block scale type): read back, every quantized buffer
+    equals the checkpoint's with its scales so rounded, and the float tensors are as stored."""
+    from moelm.bench.gguf import write_gguf
+    from moelm.inference.quantization import QuantizationConfig
+    from moelm.models.scaffold import new_checkpoint
+
+    new_checkpoint("ernie4_5_moe-tiny", tmp_path / "q", quantization=QuantizationConfig(mode, group_size=32))
+    write_gguf(tmp_path / "q", tmp_path / "q" / "m.gguf", ftype)
+    ours = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "q").state_dict()
+    back = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "q", gguf_file="m.gguf").state_dict()
+    packed = [k for k in ours if k.endswith((".qweight", ".scale"))]
+    assert len(packed) > 10 and set(packed) <= set(back)
+    for k in packed:
+        want = ours[k].half().float() if k.endswith(".scale") else ours[k]
+        assert torch.equal(back[k], want), k
+    norms = [k for k in ours if "norm" in k]
+    assert norms and all(torch.equal(back[k], ours[k]) for k in norms)

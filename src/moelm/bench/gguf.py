@@ -31,6 +31,7 @@ from ..loading.gguf import (
     FORMATS,  # noqa: F401 - re-exported: the bench and its tests name them here
     FTYPES,  # noqa: F401
     _flat,
+    _one,
     _stack,
     ggml_types,
     gguf_plan,
@@ -44,26 +45,86 @@ from ..text.gguf import write_sentencepiece
 # ---------------------------------------------------------------- checkpoint -> GGUF tensors
 
 class _Checkpoint:
-    """Hub safetensors (one file or sharded), read one tensor at a time as float32 numpy."""
+    """Hub safetensors (one file or sharded), read one tensor at a time as float32 numpy. A compressed-tensors
+    weight (moelm's int8 / int4, loading.compressed) shows as its X.weight: get() dequantizes it, codes() gives
+    moelm's (q, scale)."""
 
     def __init__(self, directory: Path, stack: ExitStack):
         from safetensors import safe_open
+
+        from ..loading.compressed import stored_groups
 
         index = directory / "model.safetensors.index.json"
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
                  else sorted(p.name for p in directory.glob("*.safetensors")))
         if not files:
             raise FileNotFoundError(f"{directory}: no safetensors checkpoint")
-        self.where = {}
+        self.files = {}  # every stored key -> its file
         for name in files:
             f = stack.enter_context(safe_open(directory / name, framework="pt"))
-            self.where.update({k: f for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
+            self.files.update({k: f for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
+        self.packed = {}  # X.weight -> (its stored keys, mode, group size, [O, I])
+        for weight, keys in stored_groups(self).items():
+            if "weight_packed" in keys:
+                o, i = (int(d) for d in self._raw(keys["weight_shape"]).tolist())
+                mode = "int4" if self._shape(keys["weight_packed"])[1] * 8 == i else "int8"
+            else:
+                (o, i), mode = self._shape(keys["weight"]), "int8"
+            group = i // self._shape(keys["weight_scale"])[1] if mode == "int4" else 0
+            self.packed[weight] = (keys, mode, group, [o, i])
+        hidden = {k for keys, *_ in self.packed.values() for k in keys.values()}
+        self.where = {k: f for k, f in self.files.items() if k not in hidden} | dict.fromkeys(self.packed)
+
+    def _raw(self, key: str):
+        return self.files[key].get_tensor(key)
+
+    def _shape(self, key: str) -> list[int]:
+        return list(self.files[key].get_slice(key).get_shape())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def keys(self):
+        return list(self.files)
 
     def shape(self, key: str) -> list[int]:
-        return list(self.where[key].get_slice(key).get_shape())
+        return list(self.packed[key][3]) if key in self.packed else self._shape(key)
 
     def get(self, key: str) -> np.ndarray:
-        return self.where[key].get_tensor(key).float().numpy()
+        if key in self.packed:
+            from ..inference.quantization import dequantize
+
+            q, scale = self.codes(key)
+            return dequantize(q, scale, self.packed[key][2]).numpy()
+        return self._raw(key).float().numpy()
+
+    def codes(self, key: str):
+        """moelm's (q, fp32 scale) of a compressed-tensors weight."""
+        from types import SimpleNamespace
+
+        from ..loading.compressed import read_codes
+
+        keys, mode, group, shape = self.packed[key]
+        stored = SimpleNamespace(get=self._raw, shape=self._shape)
+        return read_codes(stored, keys, SimpleNamespace(mode=mode, group_size=group), tuple(shape))
+
+    def blocks(self, keys: list[str], qtype):
+        """The GGUF bytes of these compressed-tensors weights stacked as they come (int4 group 32 -> Q4_0, int8 ->
+        Q8_0: moelm's codes as they are, each scale rounded to fp16, the type of GGUF's block scales), or None
+        where the codes do not fit qtype."""
+        from gguf import GGMLQuantizationType as Q
+
+        if not keys or any(k not in self.packed for k in keys):
+            return None
+        out = []
+        for k in keys:
+            _, mode, group, _ = self.packed[k]
+            if (mode, group, qtype) not in (("int4", 32, Q.Q4_0), ("int8", 0, Q.Q8_0)):
+                return None
+            q, scale = self.codes(k)
+            scale = scale.half().float().numpy()
+            out.append(q4_0_blocks(q.numpy(), scale) if mode == "int4" else q8_0_blocks(q.numpy(), scale))
+        return out[0] if len(out) == 1 else np.stack(out)
 
 
 def _read(plan_item, ckpt: _Checkpoint) -> np.ndarray:
@@ -215,9 +276,14 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for item in plan:
-            x = _read(item, ckpt)
-            w.write_tensor_data(quantize(x, tensor_qtype(item[0], x.ndim, ftype)))
-            del x
+            qtype = tensor_qtype(item[0], len(_shape(item, ckpt)), ftype)
+            data = ckpt.blocks(item[1], qtype) if item[2] in (_one, _stack) else None
+            if data is None:
+                x = _read(item, ckpt)
+                data = quantize(x, qtype)
+                del x
+            w.write_tensor_data(data)
+            del data
         w.close()
     return out_path
 
