@@ -81,3 +81,41 @@ def test_bench_with_llama_cpp_peer():
     assert rows["prefill 16 tok"]["llama.cpp q4_0"] > 0 and rows["decode b1"]["llama.cpp q4_0"] > 0
     assert "llama.cpp q4_0" not in rows["decode b2"]  # batch-1 decode only
     assert "| moelm int4 ÷ llama.cpp q4_0 |" in report.table(result)
+
+
+def test_full_size_bench_runs_fresh_processes_and_reports(tmp_path):
+    """bench.fullsize on a tiny named config: the quantized checkpoint and its GGUF written once, a moelm process
+    per round (the first with an empty kernel cache), a markdown table with every measurement."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "moelm.bench.fullsize", "run", "--model", "ernie4_5_moe-tiny", "--dtype", "int4",
+           "--workdir", str(tmp_path / "w"), "--rounds", "2", "--no-peer", "--threads", "1", "--prompt-lens", "20",
+           "40", "--batches", "1", "2", "--decode-tokens", "3", "--reload", "--json", str(out), "--markdown",
+           str(tmp_path / "b.md")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    first, later = result["results"]["moelm"]
+    for r in (first, later):
+        assert r["load_s"] > 0 and r["load_warm_s"] > 0 and r["rss_gb"] > 0 and r["bytes_per_token"] > 0
+        assert all(r[k] > 0 for k in ("prefill_20_tok_s", "prefill_40_tok_s", "decode_b1_tok_s", "decode_b2_tok_s"))
+    assert (tmp_path / "w" / "ernie4_5_moe-tiny-int4" / "config.json").is_file()
+    assert (tmp_path / "w" / "ernie4_5_moe-tiny-q4_0.gguf").is_file()
+    table = (tmp_path / "b.md").read_text()
+    assert "| prefill 40 (tok/s) |" in table and "| decode b2 (tok/s) |" in table and "moelm, later" in table
+
+
+def test_full_size_bench_arguments():
+    from moelm.bench import cli
+
+    p = __import__("argparse").ArgumentParser()
+    cli.add_arguments(p)
+    with pytest.raises(ValueError, match="--full-size takes --model"):
+        cli.main_from_args(p.parse_args(["--model", "ernie-0.3b", "--full-size"]))
+    with pytest.raises(ValueError, match="needs --full-size"):
+        cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b"]))
+    with pytest.raises(ValueError, match="--workdir"):
+        cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b", "--full-size", "--dtype", "int4"]))

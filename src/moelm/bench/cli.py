@@ -8,15 +8,37 @@ The command line of runner.run (`moelm bench`, `python benchmarks/run.py`); its 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 from .report import markdown_section, paths_report, table
 from .runner import BENCH_MODELS, run
 
+FULL_SIZE = ("ernie-4.5-21b-a3b", "phi-3.5-moe")  # only with --full-size: never loaded in float in one process
+
+
+def _full_size(args) -> int:
+    from . import fullsize
+
+    if not args.full_size or args.model not in FULL_SIZE:
+        raise ValueError(f"--full-size takes --model {' or '.join(FULL_SIZE)}; {args.model} "
+                         + ("needs --full-size" if args.model in FULL_SIZE else "is a slice: drop --full-size"))
+    if args.dtype not in ("int4", "int8") or not args.workdir:
+        raise ValueError("--full-size needs --dtype int4 or int8 and --workdir (tens of GB are written there)")
+    argv = ["run", "--model", args.model, "--dtype", args.dtype, "--workdir", args.workdir, "--rounds",
+            str(args.rounds), "--threads", str(args.threads or os.cpu_count() or 1), "--prompt-lens",
+            *map(str, args.prompt_lens), "--batches", *map(str, args.batches), "--decode-tokens",
+            str(args.decode_tokens), "--decode-context", str(args.decode_context), "--reload"]
+    if args.peer is None:
+        argv.append("--no-peer")
+    if args.markdown:
+        argv += ["--markdown", args.markdown]
+    return fullsize.main(argv)
+
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="ernie-0.3b", choices=list(BENCH_MODELS))
+    p.add_argument("--model", default="ernie-0.3b", choices=[*BENCH_MODELS, *FULL_SIZE])
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "int8", "int4"),
                    help="int8/int4: moelm's quantized weights against moelm float32 (and their mean KL)")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[256])
@@ -30,9 +52,16 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--peer", default=None, choices=("llama.cpp",),
                    help="also time llama.cpp (llama-cpp-python) on the same weights as GGUF in the matching format")
     p.add_argument("--markdown", default=None, help="append a section with the machine line and table to this file")
+    p.add_argument("--full-size", action="store_true",
+                   help=f"{' / '.join(FULL_SIZE)} at full size: a random int4/int8 checkpoint and its GGUF written "
+                        "once to --workdir, moelm and llama.cpp timed in alternating fresh processes (bench.fullsize)")
+    p.add_argument("--workdir", default=None, help="--full-size: where the checkpoint and GGUF are written and kept")
+    p.add_argument("--rounds", type=int, default=2, help="--full-size: rounds of (moelm, llama.cpp) processes")
 
 
 def main_from_args(args) -> int:
+    if args.full_size or args.model in FULL_SIZE:
+        return _full_size(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device} requested but no CUDA GPU is available")
     result = run(model=args.model, dtype=args.dtype, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
