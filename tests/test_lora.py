@@ -314,18 +314,20 @@ def test_qlora(mode, paths):
     path = paths["ernie4_5_moe"]
     model = ours(path, quantization=mode, fast=True)
     ids = tokens()
-    # PyTorch's products on the dequantized weights, as the adapters compute them: where the gemv kernel is measured
-    # faster (the AMD Zen 5) it rounds activations to int16 per group, a 1.5e-5 relative step that test_fast bounds
+    # PyTorch's products on the dequantized weights, as the adapters compute them, on both sides of each comparison:
+    # where the gemv kernel is measured faster (the AMD Zen 5) it rounds activations to int16 per group, and the
+    # integer prefill paths round them to int8 per block (bounded in test_fast and test_intgemm, not here)
     with kernels_forced("torch"):
         base = logits(model, ids)
-    apply_lora(model, config_for("ernie4_5_moe"))
-    assert_close(logits(model, ids), base, msg="zero B")
+        apply_lora(model, config_for("ernie4_5_moe"))
+        assert_close(logits(model, ids), base, msg="zero B")
     twin = dequantized_twin(path, model)
     apply_lora(twin, config_for("ernie4_5_moe"))
     for m in (model, twin):
         randomise_adapters(m)
         m(input_ids=ids, labels=ids).loss.backward()
-    assert_close(logits(model, ids), logits(twin, ids), msg="adapters on the quantized model")
+    with kernels_forced("torch"):
+        assert_close(logits(model, ids), logits(twin, ids), msg="adapters on the quantized model")
     grads = dict(twin.named_parameters())
     for name, p in model.named_parameters():
         if ".lora_" in name:  # those of layer 0 pass through the int8/int4 experts and lm_head
