@@ -27,7 +27,8 @@ def _full_size(args) -> int:
     if args.dtype not in ("int4", "int8") or not args.workdir:
         raise ValueError("--full-size needs --dtype int4 or int8 and --workdir (tens of GB are written there)")
     argv = ["run", "--model", args.model, "--dtype", args.dtype, "--workdir", args.workdir, "--rounds",
-            str(args.rounds), "--threads", str(args.threads or os.cpu_count() or 1), "--prompt-lens",
+            str(args.rounds), "--group-size", str(args.group_size),
+            "--threads", str(args.threads or os.cpu_count() or 1), "--prompt-lens",
             *map(str, args.prompt_lens), "--batches", *map(str, args.batches), "--decode-tokens",
             str(args.decode_tokens), "--decode-context", str(args.decode_context), "--reload"]
     if args.peer is None:
@@ -57,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "once to --workdir, moelm and llama.cpp timed in alternating fresh processes (bench.fullsize)")
     p.add_argument("--workdir", default=None, help="--full-size: where the checkpoint and GGUF are written and kept")
     p.add_argument("--rounds", type=int, default=2, help="--full-size: rounds of (moelm, llama.cpp) processes")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="--full-size: int4 group size (32: the GGUF's q4_0 blocks hold moelm's own codes)")
 
 
 def main_from_args(args) -> int:

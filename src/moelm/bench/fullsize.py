@@ -28,18 +28,22 @@ import torch
 from .machine import bandwidth, machine_line, peak_rss_bytes, rss_bytes
 
 
-def prepare(model: str, mode: str, workdir: Path, log=print) -> tuple[Path, Path]:
-    """(checkpoint dir, GGUF path) in workdir, written once (kept for later runs: delete workdir when done)."""
+def prepare(model: str, mode: str, workdir: Path, log=print, group_size: int = 32, peer: bool = True
+            ) -> tuple[Path, Path | None]:
+    """(checkpoint dir, GGUF path or None without the peer) in workdir, written once (kept for later runs: delete
+    workdir when done). int4 in groups other than 32: the GGUF is q4_0 of the dequantized weights (other codes)."""
     from ..inference.quantization import QuantizationConfig
     from ..models.scaffold import new_checkpoint
     from . import gguf
 
-    ckpt = workdir / f"{model}-{mode}"
+    ckpt = workdir / (f"{model}-{mode}" + (f"-g{group_size}" if mode == "int4" and group_size != 32 else ""))
     if not (ckpt / "config.json").is_file():
         t = time.perf_counter()
-        new_checkpoint(model, ckpt, quantization=QuantizationConfig(mode, group_size=32))
+        new_checkpoint(model, ckpt, quantization=QuantizationConfig(mode, group_size=group_size))
         log(f"wrote {ckpt} in {time.perf_counter() - t:.0f} s")
-    path = workdir / f"{model}-{gguf.FORMATS[mode]}.gguf"
+    path = workdir / f"{ckpt.name}-{gguf.FORMATS[mode]}.gguf".replace(f"-{mode}-", "-")
+    if not peer:
+        return ckpt, None
     if not path.is_file():
         t = time.perf_counter()
         tmp = path.with_suffix(".tmp")
@@ -144,7 +148,7 @@ def run(args, log=print) -> dict:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt, path = prepare(args.model, args.dtype, workdir, log)
+    ckpt, path = prepare(args.model, args.dtype, workdir, log, args.group_size, not args.no_peer)
     bw = bandwidth(2**30)
     log(f"streaming-read bandwidth: {bw / 1e9:.1f} GB/s")
     results = {"moelm": [], "llama.cpp": []}
@@ -155,7 +159,8 @@ def run(args, log=print) -> dict:
             if not args.no_peer:
                 results["llama.cpp"].append(_child("llama", path, args, {}, log))
     return dict(machine=machine_line(args.threads, "cpu"), cpu=cpu.info().line(), bandwidth=bw, model=args.model,
-                dtype=args.dtype, results=results, checkpoint_gb=_size(ckpt), gguf_gb=path.stat().st_size / 1e9,
+                dtype=args.dtype, results=results, checkpoint_gb=_size(ckpt),
+                gguf_gb=path.stat().st_size / 1e9 if path else None, group_size=args.group_size,
                 prompt_lens=args.prompt_lens, batches=args.batches)
 
 
@@ -177,6 +182,8 @@ def main(argv=None) -> int:
             q.add_argument("--workdir", required=True)
             q.add_argument("--rounds", type=int, default=2)
             q.add_argument("--no-peer", action="store_true")
+            q.add_argument("--group-size", type=int, default=32,
+                           help="int4 group size (32: the GGUF holds the same codes)")
             q.add_argument("--json", default=None, help="write the results here")
             q.add_argument("--markdown", default=None, help="append a section with the machine line and table")
         q.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -231,7 +238,9 @@ def markdown(result: dict) -> str:
         return format(statistics.median(vals), fmt) if vals else "—"
     lines = [f"\n## {result['model']} full size, {result['dtype']} (random weights), {result['machine']}\n",
              f"CPU: {result['cpu']}. Streaming-read bandwidth {result['bandwidth'] / 1e9:.1f} GB/s. Checkpoint "
-             f"{result['checkpoint_gb']:.1f} GB (compressed-tensors), GGUF {result['gguf_gb']:.1f} GB. "
+             f"{result['checkpoint_gb']:.1f} GB (compressed-tensors"
+             + (f", int4 group {result['group_size']}" if result["dtype"] == "int4" else "") + ")"
+             + (f", GGUF {result['gguf_gb']:.1f} GB. " if result["gguf_gb"] else ". ") +
              "Each column a fresh process per round (`moelm bench --full-size`), rounds alternating.\n",
              "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     rows = ROWS + [(f"prefill_{p}_tok_s", f"prefill {p}", "tok/s", ".1f") for p in result["prompt_lens"]] \
