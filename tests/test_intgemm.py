@@ -12,9 +12,6 @@ integer paths against the dequantizing ones (same weights): mean next-token KL <
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,25 +21,13 @@ from moelm.inference import cpu, kernels
 from moelm.inference.quantization import INT_PATHS, QuantizedExperts, QuantizedLinear, dequantize, quantize
 from moelm.nn.moe import Experts
 from reference import randomise
+from test_fast import kernels_forced as forced
 
 VARIANTS = kernels.int_variants()
 pytestmark = pytest.mark.skipif(not VARIANTS, reason="csrc/intgemm.c not built for this CPU (no AVX2 or no compiler)")
 FORMATS = (("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128))
 
 
-@contextlib.contextmanager
-def forced(spec: str):
-    before = os.environ.get("MOELM_KERNELS")
-    os.environ["MOELM_KERNELS"] = spec
-    cpu.reset()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MOELM_KERNELS"]
-        else:
-            os.environ["MOELM_KERNELS"] = before
-        cpu.reset()
 
 
 def ref_quantize(x: torch.Tensor):

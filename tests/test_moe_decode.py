@@ -5,9 +5,7 @@ weight random (norms, biases, correction bias), experts in fp32, bf16, int8 and 
 padding against the op-by-op model and, in fp32, against transformers."""
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import tempfile
 from pathlib import Path
 
@@ -16,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import moelm
-from moelm.inference import StaticCache, cpu, decode, kernels
+from moelm.inference import StaticCache, decode, kernels
 from moelm.nn.layers import DecoderLayer
 from moelm.nn.moe import ernie_route, sparsemixer
 from reference import randomise
+from test_fast import kernels_forced as forced
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(not kernels.available(), reason="csrc/gemv.c kernels not available")]
@@ -46,19 +45,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def forced(spec: str):
-    """MOELM_KERNELS=spec inside the block (the measured choices are forgotten before and after)."""
-    before = os.environ.get("MOELM_KERNELS")
-    os.environ["MOELM_KERNELS"] = spec
-    cpu.reset()
-    try:
-        yield
-    finally:
-        os.environ.pop("MOELM_KERNELS")
-        if before is not None:
-            os.environ["MOELM_KERNELS"] = before
-        cpu.reset()
 
 
 ONE_CALL = "gemv"  # decode_layer and moe_block in C, the gemv kernels wherever they apply
