@@ -218,8 +218,16 @@ def aborted(url: str) -> float:
                if line.startswith("moelm:request_success_total{") and 'finished_reason="abort"' in line)
 
 
-def test_stop_ends_the_generation(server, page):
+def test_stop_ends_the_generation(server, page, monkeypatch):
     url, engine, _ = server
+    # the tiny model now decodes 1900 tokens in about a second: each engine step is made 5 ms slower, so that the
+    # reply is still streaming when Stop is clicked (the stream and the abort are the server's own)
+    step = engine._step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+    monkeypatch.setattr(engine, "_step", slow_step)
     before = aborted(url)
     page.goto(url + "/")
     expect(page.locator("#model")).to_have_value("tiny", timeout=TIMEOUT_MS)
