@@ -485,3 +485,6 @@ def test_compressed_checkpoint_to_gguf_keeps_moelm_codes(mode, ftype, tmp_path):
         assert torch.equal(back[k], want), k
     norms = [k for k in ours if "norm" in k]
     assert norms and all(torch.equal(back[k], ours[k]) for k in norms)
+    # moelm new's tokenizer is byte-level BPE, not SentencePiece: the GGUF's vocabulary is a placeholder, said so
+    with pytest.warns(UserWarning, match="placeholder vocabulary"):
+        moelm.AutoTokenizer.from_pretrained(tmp_path / "q", gguf_file="m.gguf")

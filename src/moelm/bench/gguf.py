@@ -40,7 +40,7 @@ from ..loading.gguf import (
     q8_0_blocks,  # noqa: F401
     tensor_qtype,
 )
-from ..text.gguf import write_sentencepiece
+from ..text.gguf import SYNTHETIC_KEY, write_sentencepiece
 
 # ---------------------------------------------------------------- checkpoint -> GGUF tensors
 
@@ -224,6 +224,7 @@ def _metadata(w, config, ftype: str, checkpoint_dir: Path) -> None:
     unk = unk if unk is not None else 0
     tokens, types = _vocab(config.vocab_size, unk, config.bos_token_id, eos, config.pad_token_id)
     w.add_tokenizer_model("llama")
+    w.add_string(SYNTHETIC_KEY, "written by moelm's bench: the checkpoint has no SentencePiece model")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * len(tokens))
     w.add_token_types(types)

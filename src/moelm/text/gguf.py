@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ..io.gguf import GGUFFile
@@ -18,6 +19,9 @@ from .sentencepiece import read_sentencepiece_model, spec_backend
 
 ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 UNUSED = 5  # SentencePiece's piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+
+
+SYNTHETIC_KEY = "moelm.synthetic_vocabulary"  # written with a placeholder vocabulary (bench.gguf)
 
 
 def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> bool:
@@ -63,6 +67,9 @@ def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
     missing = [k for k in ARRAYS if k not in meta]
     if missing:
         raise ValueError(f"{Path(path).name}: GGUF tokenizer without {', '.join(missing)}")
+    if SYNTHETIC_KEY in meta:
+        warnings.warn(f"{Path(path).name}: a placeholder vocabulary ({meta[SYNTHETIC_KEY]}): token ids are right, "
+                      "text is not", stacklevel=2)
     tokens = meta["tokenizer.ggml.tokens"]
     pieces = list(zip(tokens, meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
 
