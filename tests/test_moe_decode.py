@@ -183,7 +183,6 @@ def test_not_used_where_it_cannot_run():
         assert decode._layer_plan(layer, x).moe is not None
 
 
-@pytest.mark.usefixtures("_no_aux_loss")
 @pytest.mark.parametrize("case", ("ernie-k2-shared1-bias", "ernie-k4-noshared-normmin", "ernie-k6-shared2-i64"))
 def test_bf16_model_rounds_where_pytorch_does(case, monkeypatch):
     """A bf16 ERNIE model: its MoE layers run whole in decode_layer_bf16, rounding to bf16 where the op-by-op block's
@@ -223,13 +222,6 @@ def test_bf16_model_rounds_where_pytorch_does(case, monkeypatch):
     assert bool(((y - want).abs() <= want.abs() * 2**-7 + 1e-6 * float(want.abs().max())).all())
 
 
-@pytest.fixture
-def _no_aux_loss(monkeypatch):
-    """The aux loss of one decode step's router logits against the whole 2D mask fails (shapes; the model's, not
-    what is tested here)."""
-    monkeypatch.setattr(moelm.models.modeling, "load_balancing_loss", lambda *a, **k: 0)
-
-
 @torch.no_grad()
 def steps(model, ids, mask, new) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits [B, 1 + N, V] and the decode steps' router logits [N, layers, B, E]: after the prompt,
@@ -258,7 +250,6 @@ def prompts(batch: int, seed: int):
     return ids, mask, torch.randint(3, VOCAB, (batch, 4), generator=g)
 
 
-@pytest.mark.usefixtures("_no_aux_loss")
 @pytest.mark.parametrize("batch", (1, 3))
 @pytest.mark.parametrize("fmt", ("fp32", "int8", "int4"))  # bf16 experts under fp32 activations: the blocks only
 # (the op-by-op prefill has no path for them; a bf16 model's MoE block stays op by op, see test_not_used_...)

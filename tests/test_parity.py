@@ -286,6 +286,29 @@ def test_moe_few_tokens(family, overrides, shape):
     close(a.aux_loss, b.aux_loss, "aux_loss")
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_aux_loss_of_a_cached_step(family):
+    """A forward after a cache, with the 2D mask of past + new tokens (what generate passes): the aux loss covers
+    this forward's tokens, the mask's last columns, as the reference's load_balancing_loss_func computes it for them.
+    (The reference model itself raises a shape error here: it hands the whole mask to that function.)"""
+    import importlib
+
+    ref, ours, _ = build(family)
+    ids, mask = tokens(2, 7, seed=5), torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[1, 5] = 0  # a hole among the new tokens, so that taking the wrong columns shows
+    with torch.no_grad():
+        out = ours(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        step = ours(ids[:, 4:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
+                    output_router_logits=True)
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    want = hf.load_balancing_loss_func(step.router_logits, ours.config.num_experts, ours.config.num_experts_per_tok,
+                                       mask[:, 4:])
+    close(want, step.aux_loss, "aux_loss of a cached step")
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 2\)"):
+        moelm.nn.moe.load_balancing_loss(step.router_logits, 8, 2, mask[:, :2])
+
+
 # ------------------------------------------------------------------ ERNIE MoE specifics
 
 def test_ernie_moe_layer_placement():

@@ -163,9 +163,16 @@ def sparsemixer(scores: torch.Tensor, jitter_eps: float, training: bool) -> tupl
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | None, num_experts: int, top_k: int,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor | int:
-    """Switch-Transformer auxiliary loss over all MoE layers' logits [T, E]; padding excluded by the 2D mask."""
+    """Switch-Transformer auxiliary loss over all MoE layers' logits [T = B * S, E]; padding excluded by the 2D mask
+    [B, K]. With a cache K > S (the mask covers the past too): its last S columns are this forward's tokens."""
     if not router_logits:
         return 0
+    if attention_mask is not None:
+        rows, tokens = attention_mask.shape[0], router_logits[0].shape[0] // max(attention_mask.shape[0], 1)
+        if attention_mask.dim() != 2 or rows * tokens != router_logits[0].shape[0] or attention_mask.shape[1] < tokens:
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit router logits of "
+                             f"{router_logits[0].shape[0]} tokens: a 2D mask [batch, past + new tokens] is needed")
+        attention_mask = attention_mask[:, -tokens:]
     device = router_logits[0].device
     tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
