@@ -22,7 +22,7 @@ import torch
 
 from . import cpu
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c", "intgemm.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c", "intgemm.c", "repack.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
@@ -76,6 +76,9 @@ def _compile() -> ctypes.CDLL | None:
     lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
                                                      ctypes.c_int], None
     _intgemm_types(lib)
+    lib.unpair_i4.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.unsign_i8.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
+    lib.unpair_i4.restype = lib.unsign_i8.restype = None
     return lib
 
 
@@ -385,6 +388,23 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch
     else:
         lib.dequant_i8(q.data_ptr(), scale.data_ptr(), rows, features, out.data_ptr(), threads(rows * features))
     return out
+
+
+def repack(src: torch.Tensor, dst: torch.Tensor, bits: int, group_size: int = 0) -> None:
+    """Stored pack-quantized codes -> moelm's packing, written into dst (needs available()): src uint8 [O, B] (the
+    bytes of the stored rows, any row stride), dst [O, B] (rows contiguous): int4 (uint8 dst) from input pairs
+    (2k, 2k + 1) to group halves (j, j + G/2), int8 (int8 dst) from +128 to signed. csrc/repack.c."""
+    _require()
+    if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or dst.shape != src.shape or \
+            dst.dim() != 2 or dst.stride(1) != 1 or dst.dtype != (torch.uint8 if bits == 4 else torch.int8):
+        raise ValueError(f"repack: src uint8 and dst of {bits}-bit codes must be [O, B] with contiguous rows, got "
+                         f"{src.dtype} {list(src.shape)} and {dst.dtype} {list(dst.shape)}")
+    rows, width = src.shape
+    n = threads(rows * width // 8)
+    if bits == 4:
+        _lib.unpair_i4(src.data_ptr(), src.stride(0), dst.data_ptr(), dst.stride(0), rows, width, group_size, n)
+    else:
+        _lib.unsign_i8(src.data_ptr(), src.stride(0), dst.data_ptr(), dst.stride(0), rows, width, n)
 
 
 def threads(work: int) -> int:

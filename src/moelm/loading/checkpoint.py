@@ -126,9 +126,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                     else:
                         target, index, _ = view
                         if codes is not None:
-                            module = packed_module(quantized[ours], expert, part, num_parts)
-                            _load_quantized(quantized[ours], read_codes(ckpt, codes, module[0], shape), expert,
-                                            part, num_parts)
+                            module, rows = packed_module(quantized[ours], expert, part, num_parts)
+                            read_codes(ckpt, codes, module, shape, rows)
                         elif ours in quantized:
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from ..inference import kernels
 from ..inference.quantization import PackedLinear, QuantizationConfig, QuantizedExperts
 from ..io.weights import CheckpointError
 from ..nn.moe import Experts
@@ -313,33 +314,62 @@ def stored_shape(ckpt, keys: dict[str, str], mode: str) -> tuple[int, ...]:
     return tuple(ckpt.shape(keys["weight"]))
 
 
-def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int], rows: slice | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One stored weight [O, I] = shape -> moelm (q, scale fp32) for `module` (a QuantizedLinear: its mode and group
-    size)."""
+    size). With `rows` (a slice of module's rows) the codes go straight into module's buffers there and None is
+    returned: repacked in C from the file's mapped bytes (no copy of the stored tensor) where the kernels are built."""
     mode, group = module.mode, module.group_size
     scale_key = keys["weight_scale"]
-    scale = ckpt.get(scale_key)
-    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise CheckpointError(f"{scale_key}: scales in {scale.dtype} (moelm reads fp32, bf16 and fp16 scales)")
+    if ckpt.dtype(scale_key) not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"{scale_key}: scales in {ckpt.dtype(scale_key)} (moelm reads fp32, bf16 and fp16 "
+                              "scales)")
+    bits = 8 if mode == "int8" else 4
     if "weight_packed" in keys:
-        packed = ckpt.get(keys["weight_packed"])
-        if packed.dtype != torch.int32:
-            raise CheckpointError(f"{keys['weight_packed']}: {packed.dtype}, not int32")
-        bits = 8 if mode == "int8" else 4
+        key = keys["weight_packed"]
+        if ckpt.dtype(key) != torch.int32:
+            raise CheckpointError(f"{key}: {ckpt.dtype(key)}, not int32")
         o, i = shape
-        if tuple(packed.shape) != (o, -(-i * bits // 32)):
-            raise CheckpointError(f"{keys['weight_packed']}: shape {list(packed.shape)} does not hold {bits}-bit "
-                                  f"codes of [{o}, {i}]")
+        if tuple(ckpt.shape(key)) != (o, -(-i * bits // 32)):
+            raise CheckpointError(f"{key}: shape {list(ckpt.shape(key))} does not hold {bits}-bit codes of [{o}, {i}]")
     else:
-        weight = ckpt.get(keys["weight"])
-        if weight.dtype != torch.int8 or mode != "int8":
-            raise CheckpointError(f"{keys['weight']}: a {weight.dtype} weight beside {scale_key}; moelm reads int8 "
-                                  "weights stored unpacked")
-        o, i = weight.shape
+        key = keys["weight"]
+        if ckpt.dtype(key) != torch.int8 or mode != "int8":
+            raise CheckpointError(f"{key}: a {ckpt.dtype(key)} weight beside {scale_key}; moelm reads int8 weights "
+                                  "stored unpacked")
+        o, i = ckpt.shape(key)
     want = (o,) if mode == "int8" else (o, i // group)
-    if scale.numel() != math.prod(want) or scale.shape[0] != o:
-        raise CheckpointError(f"{scale_key}: shape {list(scale.shape)}, expected {list(want)} for a {mode} weight "
+    stored = tuple(ckpt.shape(scale_key))
+    if math.prod(stored) != math.prod(want) or not stored or stored[0] != o:
+        raise CheckpointError(f"{scale_key}: shape {list(stored)}, expected {list(want)} for a {mode} weight "
                               f"[{o}, {i}]" + (f" in groups of {group}" if mode == "int4" else ""))
+    if rows is not None and kernels.available() and sys.byteorder == "little" and (bits == 8 or group % 4 == 0):
+        q = module.qweight[rows]
+        if "weight_packed" in keys:
+            kernels.repack(_mapped_or_read(ckpt, key).view(torch.uint8)[:, :i * bits // 8], q, bits, group)
+        else:
+            ckpt.read_into(key, q)
+        target = module.scale[rows]
+        if ckpt.dtype(scale_key) == torch.float32 and stored == tuple(target.shape):
+            ckpt.read_into(scale_key, target)
+        else:
+            target.copy_(ckpt.get(scale_key).reshape(want))
+        return None
+    scale = ckpt.get(scale_key)
     if "weight_packed" in keys:
-        return from_packed(packed, scale.reshape(o, -1), bits, group, i)
-    return from_int8(weight, scale)
+        value = from_packed(ckpt.get(key), scale.reshape(o, -1), bits, group, i)
+    else:
+        value = from_int8(ckpt.get(key), scale)
+    if rows is None:
+        return value
+    module.load_packed(*value, rows)
+    return None
+
+
+def _mapped_or_read(ckpt, key: str) -> torch.Tensor:
+    """The stored tensor as a map of the file's bytes where the checkpoint can map it (read by the OS as touched,
+    shared with its page cache, unmapped when dropped), else read into memory."""
+    mapped = getattr(ckpt, "mapped", None)
+    tensor = mapped(key) if mapped is not None else None
+    return ckpt.get(key) if tensor is None else tensor
+
