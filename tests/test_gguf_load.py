@@ -488,3 +488,17 @@ def test_compressed_checkpoint_to_gguf_keeps_moelm_codes(mode, ftype, tmp_path):
     # moelm new's tokenizer is byte-level BPE, not SentencePiece: the GGUF's vocabulary is a placeholder, said so
     with pytest.warns(UserWarning, match="placeholder vocabulary"):
         moelm.AutoTokenizer.from_pretrained(tmp_path / "q", gguf_file="m.gguf")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q4_0_from_a_compressed_checkpoint(family, hub, tmp_path):
+    """The benchmark's GGUF of a moelm int4 (group 32) checkpoint in compressed-tensors: its Q4_0 blocks hold the
+    checkpoint's codes as they are (scales rounded to fp16), so the GGUF loads into the same codes."""
+    quantized = load(hub[family], quantization=QuantizationConfig("int4", group_size=32))
+    quantized.save_pretrained(tmp_path / "ct")
+    got = packed(load(None, gguf_file=write_gguf(tmp_path / "ct", tmp_path / "m.gguf", "q4_0")))
+    want = packed(quantized)
+    assert sorted(got) == sorted(want)
+    for name, (q, scale, group) in want.items():
+        assert group == got[name][2] == 32 and torch.equal(got[name][0], q), name
+        assert torch.equal(got[name][1], scale.half().float()), name

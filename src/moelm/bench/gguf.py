@@ -81,6 +81,11 @@ class _Checkpoint:
     def _shape(self, key: str) -> list[int]:
         return list(self.files[key].get_slice(key).get_shape())
 
+    def _dtype(self, key: str):
+        from ..io.weights import _DTYPES
+
+        return _DTYPES[self.files[key].get_slice(key).get_dtype()]
+
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
@@ -105,7 +110,7 @@ class _Checkpoint:
         from ..loading.compressed import read_codes
 
         keys, mode, group, shape = self.packed[key]
-        stored = SimpleNamespace(get=self._raw, shape=self._shape)
+        stored = SimpleNamespace(get=self._raw, shape=self._shape, dtype=self._dtype)
         return read_codes(stored, keys, SimpleNamespace(mode=mode, group_size=group), tuple(shape))
 
     def blocks(self, keys: list[str], qtype):
