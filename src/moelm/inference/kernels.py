@@ -229,7 +229,8 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return yt[:, :rows].T.reshape(*shape[:-1], out_features)
 
 
-INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni")  # csrc/intgemm.c's variants, in its numbering
+INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni", "avx2t")  # csrc/intgemm.c's variants, in its numbering
+INT4_ONLY = ("avx2t",)  # the same as another variant for int8 weights
 
 
 def int_variants() -> list[str]:

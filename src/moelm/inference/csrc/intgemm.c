@@ -16,6 +16,7 @@
  *     weight (vpsignb), pair sums <= 2*127*127 = 32258 do not saturate.
  *   1 AVX-VNNI (256-bit vpdpbusd), 2 AVX512-VNNI (512-bit vpdpbusd): the weight is the unsigned side as w + off
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
+ *   3 AVX2 as 0, int4 codes unpacked without gathers (unpack_t), for CPUs whose gathers are slow.
  * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
 #include <math.h>
 #include <stdint.h>
@@ -31,7 +32,7 @@
 int intgemm_variants(void) {
     int mask = 0;
 #ifdef __AVX2__
-    mask |= 1;
+    mask |= 1 | 8;  /* 3: the AVX2 kernel with unpack_t */
 #endif
 #ifdef __AVXVNNI__
     mask |= 2;
@@ -102,6 +103,53 @@ static void unpack(const uint8_t *w, int64_t wrow, const float *scale, int64_t s
                                     _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
             }
     }
+}
+
+/* 8 rows of 8 dwords -> its 8 columns: c[k] = (r[0][k], ..., r[7][k]) */
+static inline void transpose8(const __m256i *r, __m256i *c) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        c[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+        c[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
+    }
+}
+
+/* unpack's int4 codes without gathers (variant 3, for CPUs whose gathers are slow, as AVX2-only AMD ones): 32 bytes
+ * of each of 8 rows loaded and transposed as 8 x 8 dwords, each column what one gather of unpack gives. Needs K a
+ * multiple of 64 (whole 32-byte loads); otherwise unpack's gathers. */
+static void unpack_t(const uint8_t *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
+                     int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
+    int64_t groups = K / g4, half = g4 / 2;
+    for (int r = 0; r < NW; r++)
+        for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = r < nw ? scale[(n0 + r) * srow + s] : 0.0f;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int r0 = 0; r0 < NW; r0 += 8) {
+        const uint8_t *row[8];
+        for (int i = 0; i < 8; i++) row[i] = w + (n0 + (r0 + i < nw ? r0 + i : nw - 1)) * wrow;
+        uint8_t *t = tile + r0 * 4;
+        for (int64_t p = 0; p < K / 2; p += 32) {
+            __m256i r[8], c[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[i] + p));
+            transpose8(r, c);
+            for (int k = 0; k < 8; k++) {
+                int64_t at = p + 4 * k, s = at / half, j = at % half;
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4), _mm256_and_si256(c[k], low));
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + half + j) / 4 * NW * 4),
+                                    _mm256_and_si256(_mm256_srli_epi16(c[k], 4), low));
+            }
+        }
+    }
+    (void)off;
 }
 
 /* The microkernel for one variant: rows m0 .. m0 + mr of x (mr <= R) against a tile of NW = W * LANES rows:
@@ -190,7 +238,7 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     int NW = 8;
     int32_t off = g4 ? 8 : 128;
     uint32_t tile_off = g4 ? 0 : 0x80808080u;
-    if (variant == 0) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
+    if (variant == 0 || variant == 3) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
 #ifdef __AVXVNNI__
     if (variant == 1) kern = kern_vnni256;
 #endif
@@ -212,7 +260,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
         for (int64_t t = 0; t < tiles; t++) {
             int64_t n0 = t * NW;
             int nw = N - n0 < NW ? (int)(N - n0) : NW;
-            unpack(w, wrow, scale, srow, g4, K, n0, nw, NW, tile_off, tile, ts);
+            (variant == 3 && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, srow, g4, K, n0, nw, NW, tile_off,
+                                                                    tile, ts);
             for (int64_t m0 = 0; m0 < M; m0 += R)
                 kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
         }
