@@ -34,9 +34,11 @@ def test_mapped_tensor_is_copy_on_write(tmp_path):
     assert torch.equal(row, 2 * big[7])
 
 
-def checkpoint(path, dtype):
-    """An ERNIE 4.5 whose tied embedding (32768 x 512) is most of its weights, every weight random, in dtype."""
+def checkpoint(path, dtype, tied: bool = True):
+    """An ERNIE 4.5 whose tied embedding (32768 x 512) is most of its weights (untied: the embedding and the LM head),
+    every weight random, in dtype."""
     config = moelm.named_config("ernie4_5-tiny")
+    config.tie_word_embeddings = tied
     config.hidden_size, config.vocab_size, config.intermediate_size, config.head_dim = 512, 32768, 1024, 64
     config.num_attention_heads, config.num_key_value_heads = 8, 2
     model = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
@@ -78,7 +80,7 @@ def kib(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 moelm.AutoModelForCausalLM.from_pretrained(sys.argv[2])  # the imports and first-use set-up, not measured
 before = kib("VmRSS")
-model = moelm.AutoModelForCausalLM.from_pretrained(sys.argv[1], mmap=sys.argv[3] == "mmap")
+model = moelm.AutoModelForCausalLM.from_pretrained(sys.argv[1], **({"mmap": True} if sys.argv[3] == "mmap" else {}))
 print(json.dumps({"peak": (kib("VmHWM") - before) * 1024, "after": (kib("VmRSS") - before) * 1024}))
 """
 
@@ -99,6 +101,24 @@ def test_loading_in_the_stored_dtype_maps_instead_of_copying(dtype, tmp_path):
         peaks[how] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     assert peaks["mmap"] < 0.4 * size, (peaks, size)  # the layers: 0.2 of it
     assert peaks["read"] > 0.9 * size, (peaks, size)  # read into memory (the default): all of it
+
+
+def test_an_untied_embedding_is_mapped_by_default(tmp_path):
+    """Untied, the input embedding is only gathered from: mapped without mmap=True (a fresh process's peak RSS is
+    about the LM head and the layers, not the embedding too), with the stored values and logits as read."""
+    path = checkpoint(tmp_path / "ckpt", torch.float32, tied=False)
+    size = (path / "model.safetensors").stat().st_size
+    tiny = tmp_path / "tiny"
+    moelm.AutoModelForCausalLM.from_config(moelm.named_config("ernie4_5-tiny"), fast=False).save_pretrained(tiny)
+    out = subprocess.run([sys.executable, "-c", PEAK, str(path), str(tiny), "default"], capture_output=True, text=True,
+                         check=False, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    assert 0.45 * size < peak < 0.75 * size, (peak, size)  # the LM head 0.45, the layers 0.1, not the embedding 0.45
+    model = moelm.AutoModelForCausalLM.from_pretrained(path, fast=False)
+    stored = load_file(str(path / "model.safetensors"))
+    assert torch.equal(model.get_input_embeddings().weight, stored["model.embed_tokens.weight"])
+    assert not model.get_input_embeddings().weight.untyped_storage().resizable()  # a map of the file, not memory
 
 
 def test_info_load_measures_after_the_plan(tmp_path):

@@ -61,8 +61,9 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
     only(name) -> bool limits the pass to some parameters (the others are loaded by another pass). mmap: weights
-    used as stored are mapped from the file (SafetensorsCheckpoint.mapped) instead of read; kept-aside tensors
-    always are.
+    used as stored are mapped from the file (SafetensorsCheckpoint.mapped) instead of read; kept-aside tensors and
+    an untied input embedding used as stored always are (only its looked-up rows are ever read: 1 GB of RSS saved
+    on ERNIE-4.5-21B-A3B in fp32).
     Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
     from ..inference.quantize import load_targets
 
@@ -72,6 +73,9 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     quantized = load_targets(model)  # name -> (module, stacked name, full shape): quantized as they are read
     params.update({name: torch.empty(shape, device="meta") for name, (_, _, shape) in quantized.items()})
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
+    # an untied input embedding is only ever gathered from (a few rows a token): mapped even without mmap
+    embedding = getattr(model.get_input_embeddings(), "weight", None)
+    gathered = set() if tied else {n for n, p in params.items() if p is embedding}
     elsewhere = {n for n in params if only is not None and not only(n)}
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
@@ -132,7 +136,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                             _load_quantized(quantized[ours], ckpt.get(key), expert, part, num_parts)
                         elif index is not None:
                             ckpt.read_slice_into(key, index, target)
-                        elif mmap and expert is None and (mapped := ckpt.mapped(key, like=target)) is not None:
+                        elif (mmap or ours in gathered) and expert is None and \
+                                (mapped := ckpt.mapped(key, like=target)) is not None:
                             param.data = mapped  # used as stored: the file's pages, read as they are touched
                         else:
                             ckpt.read_into(key, target)

@@ -53,7 +53,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     the model's size plus one tensor. mmap=True maps each tensor used as stored (its dtype and shape, whole) from
     the file instead (copy-on-write: RSS counts its pages once touched, the OS shares them with its page cache,
     writes never reach the file); it is off by default because a file's pages are not transparent huge pages, and
-    some kernels stream them slower (MKL's fp32 matrix-vector product 1.5x on a 400 MB LM head on the Zen 5 EPYC).
+    some kernels stream them slower (MKL's fp32 matrix-vector product 1.5x on a 400 MB LM head on the Zen 5 EPYC);
+    an untied input embedding, which is only gathered from, is mapped either way.
     quantization="int8" | "int4" (or quantization_config=BitsAndBytesConfig(load_in_4bit=True) and the like)
     quantizes each weight as it is read. A checkpoint whose config.json has a compressed-tensors
     quantization_config (what moelm saves for int8/int4 models) is read as stored, its integer codes repacked onto
