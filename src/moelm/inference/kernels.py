@@ -76,6 +76,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
                                                      ctypes.c_int], None
     _intgemm_types(lib)
+    lib.gemv_wide.argtypes, lib.gemv_wide.restype = [ctypes.c_int], ctypes.c_int
     lib.unpair_i4.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.unsign_i8.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     lib.unpair_i4.restype = lib.unsign_i8.restype = None
@@ -198,8 +199,39 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     return _gemv(x, weight, scale, group_size, bias, select)
 
 
+cpu.register("int4_g64", ("ymm", "zmm"))
+_WIDTH = ["unset"]  # the int4_g64 path gemv.c was last told (gemv_wide)
+
+
+def _int4_width() -> None:
+    """gemv.c's int4 group-64 kernel (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or, where the CPU
+    has AVX-512BW, 512-bit vectors ("zmm"; the same int16 products, summed in another order): measured once per
+    CPU on a probe that stays in cache (what differs is the arithmetic, which bounds batches > 1) and remembered."""
+    path = cpu.chosen("int4_g64", ()) or _choose_int4_width()
+    if path != _WIDTH[0]:
+        _lib.gemv_wide(int(path == "zmm"))
+        _WIDTH[0] = path
+
+
+def _choose_int4_width() -> str:
+    if _lib.gemv_wide(-1) < 0:
+        return cpu.choose("int4_g64", (), {"ymm": lambda: None})
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (512, 1280), dtype=torch.uint8, generator=g)
+    scale, x, y = torch.rand(512, 40, generator=g), torch.randn(4, 2560, generator=g), torch.empty(4, 512)
+    _WIDTH[0] = "probe"
+
+    def run(wide: int):
+        _lib.gemv_wide(wide)
+        _lib.gemv_i4(x.data_ptr(), 4, 2560, q.data_ptr(), 1280, scale.data_ptr(), 40, 64, None, None, 512,
+                     y.data_ptr(), threads(4 * 2560 * 512))
+    return cpu.choose("int4_g64", (), {"ymm": lambda: run(0), "zmm": lambda: run(1)})
+
+
 def _gemv(x, weight, scale, group_size, bias, select):
     _require()
+    if weight.dtype == torch.uint8:
+        _int4_width()
     shape = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -342,6 +374,7 @@ def moe_block(spec: Moe, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     experts (each once, on the rows that chose it), the shared experts, the weighted sum, added into y [B, H] fp32
     (in place). Returns (router logits [B, E] fp32, index [B, K] int64, weights [B, K] fp32)."""
     _require()
+    _int4_width()
     b, n = h.shape
     logits = torch.empty(b, spec.E, dtype=torch.float32)
     index, weights = torch.empty(b, spec.K, dtype=torch.int64), torch.empty(b, spec.K, dtype=torch.float32)
@@ -359,6 +392,7 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     (then its router logits [B, E] fp32, else None), else the output after attention only, with h = the
     post-attention RMSNorm of y for the caller's MoE block."""
     _require()
+    _int4_width()
     b, n = x.shape
     y, h = torch.empty_like(x), torch.empty_like(x)
     logits = None if spec.experts is None else torch.empty(b, spec.experts, dtype=torch.float32)

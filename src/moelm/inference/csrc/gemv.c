@@ -241,7 +241,7 @@ static inline void quantize_x(const float *x, int64_t groups, int64_t g, int64_t
         float big = 0.0f, total = 0.0f;
         for (int64_t i = 0; i < g; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
         float step = big > 0.0f ? big / 32767.0f : 1.0f, inv = 1.0f / step;
-        for (int64_t i = 0; i < g; i++) xq[r * g + pos(i)] = (int16_t)lrintf(xr[i] * inv);
+        for (int64_t i = 0; i < g; i++) xq[pos(r * g + i)] = (int16_t)lrintf(xr[i] * inv);
         xs[r] = step; xsum[r] = total;
     }
 }
@@ -305,6 +305,43 @@ INLINE void dot_i4p(const int16_t *xq, int64_t I, const float *xs, const float *
     }
     for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r])) - 8.0f * offset[r];
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* int4, g = 64, two groups (64 bytes) a step in 512-bit vectors (I a multiple of 128): xq in pairs of groups, chunk c
+ * (16 lanes of pos_i4) of the first group then of the second, so each load of x is whole */
+static inline int64_t pos_i4w(int64_t i) {
+    int64_t j = pos_i4(i & 63);
+    return (i & ~127) + (j >> 4) * 32 + ((i >> 6) & 1) * 16 + (j & 15);
+}
+INLINE void dot_i4w(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                    const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
+    (void)g;
+    __m512 acc[4];
+    float offset[4];
+    const __m512i mask = _mm512_set1_epi16(15);
+    for (int r = 0; r < NR; r++) { acc[r] = _mm512_setzero_ps(); offset[r] = 0.0f; }
+    for (int64_t s = 0; s < n / 64; s += 2) {
+        prefetch(w + s * 32);
+        __m512i b = _mm512_loadu_si512((const void *)(w + s * 32));
+        __m512i q0 = _mm512_and_si512(b, mask), q1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+        __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 8), mask), q3 = _mm512_srli_epi16(b, 12);
+        for (int r = 0; r < NR; r++) {
+            const int16_t *xg = xq + r * I + s * 64;
+            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
+            __m512i isum = _mm512_madd_epi16(q0, _mm512_loadu_si512((const void *)xg));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q1, _mm512_loadu_si512((const void *)(xg + 32))));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q2, _mm512_loadu_si512((const void *)(xg + 64))));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q3, _mm512_loadu_si512((const void *)(xg + 96))));
+            __m512 both = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[s] * sx[0]),
+                                               _mm512_set1_ps(scale[s + 1] * sx[1]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), both, acc[r]);
+            offset[r] += scale[s] * tx[0] + scale[s + 1] * tx[1];
+        }
+    }
+    for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]) - 8.0f * offset[r];
+}
+#define WIDE_I4 1
+#endif
 
 /* int4, any g (a multiple of 32): 16 bytes (16 low and 16 high nibbles) at a time, xq in input order; one row */
 static inline float dot_i4q1(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w,
@@ -378,7 +415,23 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
 GEMV_INT(gemv_i8_int, int8_t, dot_i8q, pos_i8, I8_GROUP, 1)
 GEMV_INT(gemv_i4_g64, uint8_t, dot_i4p, pos_i4, 64, 0)
 GEMV_INT(gemv_i4_int, uint8_t, dot_i4q, pos_id, G, 0)
+#ifdef WIDE_I4
+GEMV_INT(gemv_i4_g64w, uint8_t, dot_i4w, pos_i4w, 64, 0)
 #endif
+#endif
+
+/* Whether int4 group-64 weights with I a multiple of 128 take the 512-bit kernel (kernels.py sets it from a
+ * measurement on this CPU; 0 until then) */
+static int wide_i4 = 0;
+int gemv_wide(int on) {
+#ifdef WIDE_I4
+    if (on >= 0) wide_i4 = on;
+    return wide_i4;
+#else
+    (void)on;
+    return -1;
+#endif
+}
 
 void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const float *scale,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
@@ -392,6 +445,12 @@ void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wro
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
     if (wsel || M <= INT_ROWS) {
+#ifdef WIDE_I4
+        if (G == 64 && wide_i4 && I % 128 == 0) {
+            gemv_i4_g64w(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+            return;
+        }
+#endif
         (G == 64 ? gemv_i4_g64 : gemv_i4_int)(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
         return;
     }
