@@ -199,12 +199,9 @@ def _mode(quantized: dict, ours: str) -> str:
 
 
 def _load_quantized(target, value, expert: int | None, part: int | None, num_parts: int):
-    """value: a weight [O, I] (quantized here) or its (q, scale) as stored."""
+    """value: a float weight [O, I], quantized here (stored codes go through read_codes)."""
     module, rows = packed_module(target, expert, part, num_parts)
-    if isinstance(value, tuple):
-        module.load_packed(*value, rows)
-    else:
-        module.load_weight(value, rows)
+    module.load_weight(value, rows)
 
 
 def _adapt_key(key: str, strip_prefix: bool, skip_heads: tuple[str, ...]) -> str | None:

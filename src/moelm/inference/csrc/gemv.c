@@ -280,134 +280,97 @@ INLINE void dot_i8q(const int16_t *xq, int64_t I, const float *xs, const float *
     for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r]));
 }
 
-/* int4, g = 64: sum((n - 8) * x) * s = s * (xs * sum(n * xq) - 8 * sum(x)) per group */
-INLINE void dot_i4p(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
-                    const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
-    (void)g;
+/* int4 in steps of 32 bytes holding `per` whole groups of g = 64 / per inputs (per = 1: g = 64; per = 2: g = 32),
+ * xq in the order the 16-bit lanes come out of shifts: sum((n - 8) * x) * s = s * (xs * sum(n * xq) - 8 * sum(x)) per
+ * group; int32 lanes 8 / per at a time belong to one group. per is a constant after inlining. */
+INLINE void dot_i4s(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                    const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d, const int per) {
     __m256 acc[4];
     float offset[4];
     const __m256i mask = _mm256_set1_epi16(15);
+    const __m256 upper = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
     for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); offset[r] = 0.0f; }
-    for (int64_t s = 0; s < n / 64; s++) {
-        prefetch(w + s * 32);
-        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * 32));
+    for (int64_t s = 0; s < n / g; s += per) {
+        prefetch(w + s * (g / 2));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * (g / 2)));
         __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
         __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(b, 8), mask), q3 = _mm256_srli_epi16(b, 12);
         for (int r = 0; r < NR; r++) {
-            const int16_t *xg = xq + r * I + s * 64;
+            const int16_t *xg = xq + r * I + s * g;
+            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
             __m256i isum = _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i *)xg));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i *)(xg + 16))));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q2, _mm256_loadu_si256((const __m256i *)(xg + 32))));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q3, _mm256_loadu_si256((const __m256i *)(xg + 48))));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale[s] * xs[r * groups + s]), acc[r]);
-            offset[r] += scale[s] * xsum[r * groups + s];
+            __m256 sc = _mm256_set1_ps(scale[s] * sx[0]);
+            if (per == 2) sc = _mm256_blendv_ps(sc, _mm256_set1_ps(scale[s + 1] * sx[1]), upper);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[r]);
+            for (int k = 0; k < per; k++) offset[r] += scale[s + k] * tx[k];
         }
     }
     for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r])) - 8.0f * offset[r];
 }
-
-/* int4, g = 32: 32 bytes (two groups, lanes 0-7 the first) a step; xq over pairs of groups in the order the lanes
- * come out: byte b of the pair holds inputs j and j + 16 of group b / 16 (j = b % 16), lane l bytes 2l and 2l + 1 */
+/* g = 64, one group a step (pos_i4) */
+INLINE void dot_i4p(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                    const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
+    dot_i4s(xq, I, xs, xsum, groups, w, scale, n, g, NR, d, 1);
+}
+/* g = 32: two groups a step; byte b of the pair holds inputs j and j + 16 of group b / 16 (j = b % 16) (pos_i4h) */
 static inline int64_t pos_i4h(int64_t i) {
     int64_t r = i & 31, b = ((i >> 5) & 1) * 16 + (r & 15);
     return (i & ~63) + (2 * (b & 1) + (r >> 4)) * 16 + (b >> 1);
 }
 INLINE void dot_i4h(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
-    (void)g;
-    __m256 acc[4];
-    float offset[4];
-    const __m256i mask = _mm256_set1_epi16(15);
-    for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); offset[r] = 0.0f; }
-    for (int64_t s = 0; s < n / 32; s += 2) {
-        prefetch(w + s * 16);
-        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * 16));
-        __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(b, 8), mask), q3 = _mm256_srli_epi16(b, 12);
-        for (int r = 0; r < NR; r++) {
-            const int16_t *xg = xq + r * I + s * 32;
-            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
-            __m256i isum = _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i *)xg));
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i *)(xg + 16))));
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q2, _mm256_loadu_si256((const __m256i *)(xg + 32))));
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q3, _mm256_loadu_si256((const __m256i *)(xg + 48))));
-            __m256 both = _mm256_blend_ps(_mm256_set1_ps(scale[s] * sx[0]), _mm256_set1_ps(scale[s + 1] * sx[1]), 0xF0);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), both, acc[r]);
-            offset[r] += scale[s] * tx[0] + scale[s + 1] * tx[1];
-        }
-    }
-    for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r])) - 8.0f * offset[r];
+    dot_i4s(xq, I, xs, xsum, groups, w, scale, n, g, NR, d, 2);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* int4, g = 32, four groups (64 bytes) a step in 512-bit vectors (I a multiple of 128): xq in pairs of pos_i4h's
- * pairs, chunk c of the first pair then of the second */
-static inline int64_t pos_i4hw(int64_t i) {
-    int64_t j = pos_i4h(i & 63);
-    return (i & ~127) + (j >> 4) * 32 + ((i >> 6) & 1) * 16 + (j & 15);
-}
-INLINE void dot_i4hw(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
-                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
-    (void)g;
+/* The same in 512-bit vectors, 64 bytes (2 * per groups) a step, I a multiple of 128: xq in pairs of the 256-bit
+ * layout's 64-input blocks, chunk c (16 lanes) of the first block then of the second, so each load of x is whole. */
+INLINE void dot_i4sw(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d, const int per) {
     __m512 acc[4];
     float offset[4];
     const __m512i mask = _mm512_set1_epi16(15);
     for (int r = 0; r < NR; r++) { acc[r] = _mm512_setzero_ps(); offset[r] = 0.0f; }
-    for (int64_t s = 0; s < n / 32; s += 4) {
-        prefetch(w + s * 16);
-        __m512i b = _mm512_loadu_si512((const void *)(w + s * 16));
+    for (int64_t s = 0; s < n / g; s += 2 * per) {
+        prefetch(w + s * (g / 2));
+        __m512i b = _mm512_loadu_si512((const void *)(w + s * (g / 2)));
         __m512i q0 = _mm512_and_si512(b, mask), q1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
         __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 8), mask), q3 = _mm512_srli_epi16(b, 12);
         for (int r = 0; r < NR; r++) {
-            const int16_t *xg = xq + r * I + s * 32;
+            const int16_t *xg = xq + r * I + s * g;
             const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
             __m512i isum = _mm512_madd_epi16(q0, _mm512_loadu_si512((const void *)xg));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q1, _mm512_loadu_si512((const void *)(xg + 32))));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q2, _mm512_loadu_si512((const void *)(xg + 64))));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q3, _mm512_loadu_si512((const void *)(xg + 96))));
             __m512 sc = _mm512_set1_ps(scale[s] * sx[0]);
-            sc = _mm512_mask_blend_ps(0x00F0, sc, _mm512_set1_ps(scale[s + 1] * sx[1]));
-            sc = _mm512_mask_blend_ps(0x0F00, sc, _mm512_set1_ps(scale[s + 2] * sx[2]));
-            sc = _mm512_mask_blend_ps(0xF000, sc, _mm512_set1_ps(scale[s + 3] * sx[3]));
+            for (int k = 1; k < 2 * per; k++)  /* int32 lanes 8 / per at a time: one group each */
+                sc = _mm512_mask_blend_ps((__mmask16)(((1 << (8 / per)) - 1) << (k * 8 / per)), sc,
+                                          _mm512_set1_ps(scale[s + k] * sx[k]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
-            offset[r] += scale[s] * tx[0] + scale[s + 1] * tx[1] + scale[s + 2] * tx[2] + scale[s + 3] * tx[3];
+            for (int k = 0; k < 2 * per; k++) offset[r] += scale[s + k] * tx[k];
         }
     }
     for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]) - 8.0f * offset[r];
 }
-
-/* int4, g = 64, two groups (64 bytes) a step in 512-bit vectors (I a multiple of 128): xq in pairs of groups, chunk c
- * (16 lanes of pos_i4) of the first group then of the second, so each load of x is whole */
 static inline int64_t pos_i4w(int64_t i) {
     int64_t j = pos_i4(i & 63);
     return (i & ~127) + (j >> 4) * 32 + ((i >> 6) & 1) * 16 + (j & 15);
 }
+static inline int64_t pos_i4hw(int64_t i) {
+    int64_t j = pos_i4h(i & 63);
+    return (i & ~127) + (j >> 4) * 32 + ((i >> 6) & 1) * 16 + (j & 15);
+}
 INLINE void dot_i4w(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
-    (void)g;
-    __m512 acc[4];
-    float offset[4];
-    const __m512i mask = _mm512_set1_epi16(15);
-    for (int r = 0; r < NR; r++) { acc[r] = _mm512_setzero_ps(); offset[r] = 0.0f; }
-    for (int64_t s = 0; s < n / 64; s += 2) {
-        prefetch(w + s * 32);
-        __m512i b = _mm512_loadu_si512((const void *)(w + s * 32));
-        __m512i q0 = _mm512_and_si512(b, mask), q1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
-        __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 8), mask), q3 = _mm512_srli_epi16(b, 12);
-        for (int r = 0; r < NR; r++) {
-            const int16_t *xg = xq + r * I + s * 64;
-            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
-            __m512i isum = _mm512_madd_epi16(q0, _mm512_loadu_si512((const void *)xg));
-            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q1, _mm512_loadu_si512((const void *)(xg + 32))));
-            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q2, _mm512_loadu_si512((const void *)(xg + 64))));
-            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q3, _mm512_loadu_si512((const void *)(xg + 96))));
-            __m512 both = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[s] * sx[0]),
-                                               _mm512_set1_ps(scale[s + 1] * sx[1]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), both, acc[r]);
-            offset[r] += scale[s] * tx[0] + scale[s + 1] * tx[1];
-        }
-    }
-    for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]) - 8.0f * offset[r];
+    dot_i4sw(xq, I, xs, xsum, groups, w, scale, n, g, NR, d, 1);
+}
+INLINE void dot_i4hw(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
+    dot_i4sw(xq, I, xs, xsum, groups, w, scale, n, g, NR, d, 2);
 }
 #define WIDE_I4 1
 #endif
