@@ -80,6 +80,40 @@ def test_saved_quantized_loads_in_transformers_and_moelm(tmp_path, family, mode,
         AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization="int8" if mode == "int4" else "int4")
 
 
+def test_int4_scales_kept_exactly(tmp_path):
+    """moelm holds int4 scales in fp16 (and writes them widened to fp32); a weight whose stored scales are no fp16
+    values (here made so: one attention weight, one expert's gate) makes its module's scales fp32, read exactly.
+    transformers, dequantizing the same scales, gives the same logits; saved again, the scales come back equal."""
+    from safetensors.torch import load_file, save_file
+
+    model = AutoModelForCausalLM.from_pretrained(source(tmp_path, "ernie4_5_moe"), quantization=QuantizationConfig(
+        "int4", 64))
+    assert {m.scale.dtype for m in model.modules() if hasattr(m, "scale")} == {torch.float16}
+    model.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(path)
+    odd = ("model.layers.0.self_attn.q_proj.weight_scale", "model.layers.1.mlp.experts.3.gate_proj.weight_scale")
+    for key in odd:
+        assert tensors[key].dtype == torch.float32
+        tensors[key] = tensors[key] * (1 + 2 ** -20)
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    layer0, layer1 = ours.model.layers
+    assert layer0.self_attn.q_proj.scale.dtype == torch.float32
+    assert torch.equal(layer0.self_attn.q_proj.scale, tensors[odd[0]])
+    experts = layer1.mlp.experts
+    assert experts.gate_up.scale.dtype == torch.float32 and experts.down.scale.dtype == torch.float16
+    assert torch.equal(experts.stacked("gate_up_proj")[1][3][:64], tensors[odd[1]])
+    assert layer0.self_attn.o_proj.scale.dtype == torch.float16  # (k and v: fused with q, fp32 too)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=BOUND, rtol=0)
+    ours.save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for key in tensors:
+        if key.endswith("weight_scale"):
+            assert torch.equal(again[key], tensors[key]), key
+
+
 def test_mtp_tensors_written_back_unchanged(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -464,7 +464,7 @@ def test_int4_round_trip_error_within_half_a_step(group, lead):
     w[..., 0, :group] *= 50  # groups of very different magnitudes in one row
     q, scale = quantize(w, "int4", group)
     assert q.dtype == torch.uint8 and q.shape == (*lead, rows, cols // 2)
-    assert scale.shape == (*lead, rows, cols // group) and scale.dtype == torch.float32
+    assert scale.shape == (*lead, rows, cols // group) and scale.dtype == torch.float16
     deq = dequantize(q, scale, group)
     assert deq.shape == w.shape
     per_elem_scale = scale.repeat_interleave(group, dim=-1)
@@ -494,7 +494,7 @@ def test_int4_packing_layout(group):
         row = torch.cat([row[:16], row[:16], row[16:], row[16:]])  # same values, group of 64
     w = torch.cat([row, row])[None]  # two groups
     q, scale = quantize(w, "int4", group)
-    torch.testing.assert_close(scale, torch.ones(1, 2))
+    torch.testing.assert_close(scale, torch.ones(1, 2, dtype=torch.float16))
     half = group // 2
     nibbles = (w[0] + 8).round().clamp(0, 15).to(torch.uint8)  # -7.5 -> 0.5 -> 0 (round half to even)
     for start in (0, group):
@@ -638,17 +638,34 @@ def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatc
     close(a, b, 1e-5, "sliding-window decode")
 
 
+def fp32_scales(quantize):
+    """quantize() with int4 scales that are no fp16 values (as a checkpoint's fp32 ones may be): the modules they
+    load into keep fp32 scales."""
+    def wrapped(w, mode, group_size=64):
+        q, s = quantize(w, mode, group_size)
+        return (q, s.float() * (1 + 2 ** -20)) if mode == "int4" else (q, s)
+    return wrapped
+
+
 @pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
-@pytest.mark.parametrize("mode", (None, "int8", "int4"), ids=("fp32", "int8", "int4"))
+@pytest.mark.parametrize("mode", (None, "int8", "int4", "int4-fp32"), ids=("fp32", "int8", "int4", "int4-fp32"))
 @pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
 def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch):
     """Decode steps of the RMSNorm families run each decoder layer as one kernels.decode_layer call (the dense
     SwiGLU inside it, an MoE block after it) for up to 16 rows when that is the path chosen for the layer (here
     forced; forced the other way, the layer goes op by op), with padding.
     Each layer's step equals the same layer run op by op; whole decodes equal the op-by-op model (and in fp32 the
-    reference path)."""
-    model = load(family, quantization=mode) if mode else load(family)
+    reference path). int4 scales are fp16 (what moelm quantizes to), or fp32 (int4-fp32)."""
+    if mode == "int4-fp32":
+        with monkeypatch.context() as m:
+            m.setattr(quantization, "quantize", fp32_scales(quantization.quantize))
+            model = load(family, fresh=True, quantization="int4")
+        scales = {m.scale.dtype for m in model.modules() if isinstance(m, QuantizedLinear)}
+        assert scales == {torch.float32}
+        mode = "int4"
+    else:
+        model = load(family, quantization=mode) if mode else load(family)
     ref = load(family, fast=False)
     layers = model.config.num_hidden_layers
     dense = sum(isinstance(getattr(layer, layer.mlp_name), MLP) for layer in model.model.layers)
@@ -1075,7 +1092,7 @@ def _assert_quantized(model, ref, mode: str):
     for name, m in qlinears.items():
         assert m.mode == mode
         assert m.qweight.dtype == (torch.int8 if mode == "int8" else torch.uint8), name
-        assert m.scale.dtype == torch.float32, name
+        assert m.scale.dtype == (torch.float32 if mode == "int8" else torch.float16), name
     ref_experts = [n for n, m in ref.named_modules() if isinstance(m, Experts)]
     experts = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts)]
     assert experts == ref_experts and not any(isinstance(m, Experts) for m in model.modules())

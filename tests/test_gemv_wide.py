@@ -67,3 +67,22 @@ def test_measured_once_and_forced_by_name():
     with pytest.raises(ValueError, match="int4_g64"):
         with forced("int4_g64=xmm"):
             kernels.gemv(torch.randn(2, 128), *quantize(torch.randn(8, 128), "int4", 64), 64)
+
+
+@pytest.mark.parametrize("group", (32, 64, 128))
+@pytest.mark.parametrize("rows", (1, 3, 16, 20))
+def test_int4_scales_in_fp32(rows, group):
+    """int4 scales that are no fp16 values (a checkpoint's fp32 ones) are read as fp32 by every int4 kernel (20 rows:
+    the weight rows converted to fp32) and by dequantize, as fp16 ones are."""
+    g = torch.Generator().manual_seed(rows + group)
+    w = torch.randn(70, 384, generator=g)
+    q, s16 = quantize(w, "int4", group)
+    x = torch.randn(rows, 384, generator=g)
+    for s in (s16, s16.float() * (1 + 2 ** -20)):
+        n = dequantize(q, torch.ones(s.shape), group)  # the codes n - 8
+        dense = (n.view(70, -1, group) * s.double().view(70, -1, 1)).view(70, 384)
+        assert torch.equal(kernels.dequantize(q, s, group), dense.float())  # one rounding of the exact product
+        want = x.double() @ dense.T
+        bound = 1e-4 * (x.abs().double() @ dense.abs().T) + 1e-30
+        for path in PATHS:
+            assert ((product(path, x, q, s, group=group).double() - want).abs() <= bound).all(), (path, s.dtype)

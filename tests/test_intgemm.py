@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import moelm
 from moelm.inference import cpu, kernels
-from moelm.inference.quantization import INT_PATHS, QuantizedExperts, QuantizedLinear, dequantize, quantize
+from moelm.inference.quantization import INT_PATHS, QuantizedExperts, QuantizedLinear, dequantize, fits_fp16, quantize
 from moelm.nn.moe import Experts
 from reference import randomise
 from test_fast import kernels_forced as forced
@@ -222,3 +222,16 @@ def test_tiny_model_logits_close_to_the_dequantizing_path(tiny_moe, mode, bound)
             assert any(v == path for v in cpu.choices(True).values())
         kl = float((want.exp() * (want - got)).sum(-1).mean())
         assert 0 < kl < bound, (path, kl)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("group", (32, 64, 128))
+def test_int4_scales_in_fp32(variant, group):
+    """int4 scales that are no fp16 values (a checkpoint's fp32 ones) are read as fp32: the same reference."""
+    q, s, _ = weights("int4", group, 70, 384, seed=5)
+    s = s.float() * (1 + 2 ** -20)
+    assert s.dtype == torch.float32 and not fits_fp16(s)
+    x = torch.randn(17, 384, generator=torch.Generator().manual_seed(2))
+    terms = ref_terms(x, q, s, group)
+    err = (kernels.intgemm(x, q, s, group, variant).double() - terms.sum(-1)).abs()
+    assert (err <= 1e-6 * terms.abs().sum(-1) + 1e-30).all(), f"{variant} int4/{group}: {float(err.max()):.3g}"

@@ -238,7 +238,9 @@ def test_moelm_quantized_weights_as_gguf_blocks_exactly(mode):
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
     q, scale = quantize(w, mode, 32)
     blocks, qtype = (q4_0_blocks, Q.Q4_0) if mode == "int4" else (q8_0_blocks, Q.Q8_0)
-    assert blocks(q.numpy(), scale.numpy()) is None  # fp32 scales from max/7.5 are not fp16 values
+    assert blocks(q.numpy(), (scale.float() * (1 + 2 ** -13)).numpy()) is None  # no fp16 values: refused
+    if mode == "int4":
+        assert scale.dtype == torch.float16  # quantize rounds int4 scales to fp16, as Q4_0 holds them
     scale = scale.half().float()
     got = gguf_dequantize(blocks(q.numpy(), scale.numpy()), qtype)
     np.testing.assert_array_equal(got, dequantize(q, scale, 32 if mode == "int4" else 0).numpy())

@@ -104,7 +104,7 @@ class _Checkpoint:
         return self._raw(key).float().numpy()
 
     def codes(self, key: str):
-        """moelm's (q, fp32 scale) of a compressed-tensors weight."""
+        """moelm's (q, scale) of a compressed-tensors weight."""
         from types import SimpleNamespace
 
         from ..loading.compressed import read_codes

@@ -57,12 +57,12 @@ def _compile() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4"):
         fn = getattr(lib, name)
-        fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+        fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
         fn.restype = None
     lib.gemm_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.gemm_f32.restype = None
     lib.dequant_i8.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
-    lib.dequant_i4.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.dequant_i4.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i8.restype = lib.dequant_i4.restype = None
     lib.rmsnorm_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.rmsnorm_f32.restype = None
@@ -88,7 +88,8 @@ def _intgemm_types(lib: ctypes.CDLL):
     lib.intgemm_variants.restype = ctypes.c_int
     lib.intgemm_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.intgemm_quantize.restype = None
-    lib.intgemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.intgemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int,
+                            ctypes.c_int]
     lib.intgemm.restype = ctypes.c_int
 
 
@@ -123,8 +124,18 @@ def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int
     """The Mat of a contiguous CPU weight [O, I] in one of gemv()'s formats (bias: fp32 contiguous); the caller
     keeps the tensors alive."""
     srow = scale.shape[-1] if scale is not None and group_size else 1
-    return Mat(MAT_FORMATS[weight.dtype], weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size,
-               _ptr(bias), weight.shape[0])
+    fmt = 4 if _half(weight, scale) else MAT_FORMATS[weight.dtype]
+    return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, _ptr(bias), weight.shape[0])
+
+
+def _half(weight: torch.Tensor, scale: torch.Tensor | None) -> int:
+    """1 for int4 weights with fp16 scales, 0 for fp32 scales (or none); any other scales are an error."""
+    if scale is None or scale.dtype == torch.float32:
+        return 0
+    if scale.dtype == torch.float16 and weight.dtype == torch.uint8:
+        return 1
+    raise ValueError(f"{weight.dtype} weights with {scale.dtype} scales: the kernels take fp32 scales, or fp16 "
+                     "ones for int4")
 
 
 _FUNCTIONS: dict = {}  # weight dtype -> the library's function for it
@@ -192,7 +203,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     """x [..., I] (any float dtype; computed in fp32) times weight [O, I] (or [E, O, I] with `select` [rows] picking
     a matrix per row of x) -> [..., O] fp32.
 
-    weight: fp32, bf16, int8 (scale [O] or [E, O]), or uint8 int4 pairs [.., O, I/2] (scale [.., O, I/group_size]).
+    weight: fp32, bf16, int8 (scale fp32 [O] or [E, O]), or uint8 int4 pairs [.., O, I/2] (scale fp32 or fp16
+    [.., O, I/group_size]).
     Under torch.compile it is the custom op moelm::gemv, opaque to the compiler."""
     if torch.compiler.is_compiling():
         return _gemv_op(x, weight, scale, group_size, bias, select)
@@ -218,12 +230,13 @@ def _choose_int4_width() -> str:
         return cpu.choose("int4_g64", (), {"ymm": lambda: None})
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 256, (512, 1280), dtype=torch.uint8, generator=g)
-    scale, x, y = torch.rand(512, 40, generator=g), torch.randn(4, 2560, generator=g), torch.empty(4, 512)
+    scale = torch.rand(512, 40, generator=g).half()  # int4 scales are fp16 unless a checkpoint's do not fit
+    x, y = torch.randn(4, 2560, generator=g), torch.empty(4, 512)
     _WIDTH[0] = "probe"
 
     def run(wide: int):
         _lib.gemv_wide(wide)
-        _lib.gemv_i4(x.data_ptr(), 4, 2560, q.data_ptr(), 1280, scale.data_ptr(), 40, 64, None, None, 512,
+        _lib.gemv_i4(x.data_ptr(), 4, 2560, q.data_ptr(), 1280, scale.data_ptr(), 1, 40, 64, None, None, 512,
                      y.data_ptr(), threads(4 * 2560 * 512))
     return cpu.choose("int4_g64", (), {"ymm": lambda: run(0), "zmm": lambda: run(1)})
 
@@ -241,9 +254,9 @@ def _gemv(x, weight, scale, group_size, bias, select):
     if select is not None:
         select = select.reshape(-1).to(torch.int64).contiguous()
     srow = scale.shape[-1] if scale is not None and group_size else 1
-    _FUNCTIONS[weight.dtype](x.data_ptr(), rows, features, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow,
-                             group_size, _ptr(bias), _ptr(select), out_features, y.data_ptr(),
-                             threads(rows * features * out_features))
+    _FUNCTIONS[weight.dtype](x.data_ptr(), rows, features, weight.data_ptr(), weight.shape[-1], _ptr(scale),
+                             _half(weight, scale), srow, group_size, _ptr(bias), _ptr(select), out_features,
+                             y.data_ptr(), threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
 
 
@@ -304,7 +317,7 @@ def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: i
     rows, features, out_features = x.shape[0], shape[-1], q.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
     g4 = group_size if q.dtype == torch.uint8 else 0
-    _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(),
+    _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(), _half(q, scale),
                  scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
                  threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
@@ -405,9 +418,9 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """int8 q [..., O, I] (scale [..., O]) or int4 pairs [..., O, I/2] (scale [..., O, I/group_size]) -> fp32
-    [..., O, I] (written into `out`, contiguous fp32, if given), converted in parallel at memory speed (needs
-    available())."""
+    """int8 q [..., O, I] (scale fp32 [..., O]) or int4 pairs [..., O, I/2] (scale fp32 or fp16
+    [..., O, I/group_size]) -> fp32 [..., O, I] (written into `out`, contiguous fp32, if given), converted in
+    parallel at memory speed (needs available())."""
     _require()
     lib = library()
     q, scale = q.contiguous(), scale.contiguous()
@@ -418,9 +431,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch
     elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != rows * features:
         raise ValueError("dequantize: out must be a contiguous fp32 tensor of the weight's size")
     if q.dtype == torch.uint8:
-        lib.dequant_i4(q.data_ptr(), scale.data_ptr(), rows, features, group_size, out.data_ptr(),
+        lib.dequant_i4(q.data_ptr(), scale.data_ptr(), _half(q, scale), rows, features, group_size, out.data_ptr(),
                        threads(rows * features))
     else:
+        _half(q, scale)  # int8 scales must be fp32
         lib.dequant_i8(q.data_ptr(), scale.data_ptr(), rows, features, out.data_ptr(), threads(rows * features))
     return out
 

@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 quantization, applied while a checkpoint loads (one tensor at a time).
 
 int8: symmetric, one fp32 scale per output row: w ≈ q * scale, q in [-127, 127].
-int4: symmetric, one fp32 scale per group of `group_size` inputs: w ≈ (n - 8) * scale, n in [0, 15]; a group's
-group_size/2 bytes hold input j in the low nibble and input j + group_size/2 in the high one (csrc/gemv.c).
+int4: symmetric, one fp16 scale per group of `group_size` inputs (as GGUF's Q4_0; fp32 where a checkpoint's stored
+scales are no fp16 values): w ≈ (n - 8) * scale, n in [0, 15]; a group's group_size/2 bytes hold input j in the low
+nibble and input j + group_size/2 in the high one (csrc/gemv.c).
 
 Decoding (a few rows of activations) runs csrc/gemv.c on the packed weights; longer inputs (prefill) dequantize one
 layer's weight (experts: one chosen expert at a time) to the activations' dtype and use PyTorch's matmul, or round
@@ -81,9 +82,13 @@ class BitsAndBytesConfig:
 
 # ---------------------------------------------------------------- packing
 
+FP16_TINY, FP16_MAX = 2.0 ** -14, 65504.0  # the smallest normal and the largest fp16 value
+
+
 def quantize(w: torch.Tensor, mode: str, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., O, I] -> (q, scale). int8: q int8 [..., O, I], scale [..., O]. int4: q uint8 [..., O, I/2],
-    scale [..., O, I/group_size]."""
+    """w [..., O, I] -> (q, scale). int8: q int8 [..., O, I], scale fp32 [..., O]. int4: q uint8 [..., O, I/2],
+    scale fp16 [..., O, I/group_size]: max|w| / 7.5 of the group (0 for a group of zeros, else at least fp16's
+    smallest normal number, 6.1e-5) rounded up to fp16, the codes rounded against the rounded scale."""
     w = w.float()
     if mode == "int8":
         scale = w.abs().amax(-1) / 127
@@ -91,16 +96,28 @@ def quantize(w: torch.Tensor, mode: str, group_size: int = 64) -> tuple[torch.Te
         return q, scale
     *lead, o, i = w.shape
     g = w.reshape(*lead, o, i // group_size, group_size)
-    scale = g.abs().amax(-1) / 7.5
-    n = (torch.round(g / scale.clamp(min=1e-12)[..., None]) + 8).clamp(0, 15).to(torch.uint8)
+    big = g.abs().amax(-1)
+    if not bool((big <= FP16_MAX * 7.5).all()):  # also catches inf and nan
+        raise ValueError(f"cannot quantize a weight with |w| up to {big.max().item():g} to int4: its scales "
+                         f"would pass fp16's {FP16_MAX:g}")
+    exact = torch.where(big > 0, (big / 7.5).clamp(min=FP16_TINY), 0.0)  # a group of zeros: scale 0
+    scale = exact.half()
+    low = scale.float() < exact  # rounded up instead: every code within [-7.5, 7.5] steps, as with exact scales
+    scale = torch.where(low, torch.nextafter(scale, torch.tensor(torch.inf, dtype=torch.float16)), scale)
+    n = (torch.round(g / scale.float().clamp(min=FP16_TINY)[..., None]) + 8).clamp(0, 15).to(torch.uint8)
     half = group_size // 2
     packed = n[..., :half] | (n[..., half:] << 4)
     return packed.reshape(*lead, o, i // 2), scale
 
 
+def fits_fp16(scale: torch.Tensor) -> bool:
+    """Whether every value of these (float) scales is an fp16 value: stored as fp16 without change."""
+    return scale.dtype == torch.float16 or bool((scale.to(torch.float16).float() == scale.float()).all())
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """Inverse of quantize: [..., O, I] in dtype."""
-    if q.device.type == "cpu" and kernels.available() and scale.dtype == torch.float32:
+    if q.device.type == "cpu" and kernels.available() and scale.dtype in KERNEL_SCALES[q.dtype]:
         return kernels.dequantize(q, scale, group_size).to(dtype)
     if q.dtype == torch.int8:
         return (q.to(dtype) * scale[..., None].to(dtype))
@@ -110,6 +127,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torc
     return (n * scale[..., None].to(dtype)).reshape(*lead, o, half_i * 2)
 
 
+KERNEL_SCALES = {torch.int8: (torch.float32,), torch.uint8: (torch.float32, torch.float16)}
 TILE_ROWS = 512  # weight rows dequantized at a time by the "tiles" path: a few MB, reused, kept in the caches
 _scratch = threading.local()
 
@@ -128,7 +146,8 @@ def scratch(name: str, shape) -> torch.Tensor:
 def dequantized(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype, name: str):
     """dequantize() into the scratch buffer `name` (fp32), or a new tensor of another dtype or without kernels.
     The result is valid until the next call with the same name."""
-    if dtype != torch.float32 or q.device.type != "cpu" or not kernels.available() or scale.dtype != torch.float32:
+    if dtype != torch.float32 or q.device.type != "cpu" or not kernels.available() or \
+            scale.dtype not in KERNEL_SCALES[q.dtype]:
         return dequantize(q, scale, group_size, dtype)
     features = q.shape[-1] * (2 if q.dtype == torch.uint8 else 1)
     return kernels.dequantize(q, scale, group_size, out=scratch(name, (*q.shape[:-1], features)))
@@ -182,7 +201,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def _apply(self, fn, recurse=True):
-        """Moving to another device is fine; casting is not (the packed weights and fp32 scales have no other
+        """Moving to another device is fine; casting is not (the packed weights and their scales have no other
         dtype), as transformers refuses `.to(dtype)` on bitsandbytes models."""
         if fn(torch.zeros(1)).dtype != torch.float32:
             raise ValueError("a model with int8/int4 weights cannot be cast to another dtype; load it with "
@@ -208,7 +227,8 @@ class QuantizedLinear(PackedLinear):
         qdtype = torch.int8 if mode == "int8" else torch.uint8
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
         scale_shape = (out_features,) if mode == "int8" else (out_features, in_features // group_size)
-        self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
+        scale_dtype = torch.float32 if mode == "int8" else torch.float16
+        self.register_buffer("scale", torch.zeros(scale_shape, dtype=scale_dtype, device=device))
 
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
         self.load_packed(*quantize(w, self.mode, self.group_size), rows)
@@ -216,6 +236,13 @@ class QuantizedLinear(PackedLinear):
     def load_packed(self, q: torch.Tensor, scale: torch.Tensor, rows: slice = slice(None)):
         """Rows already in this module's packing (quantize's output layout), copied as they are."""
         self.qweight[rows] = q
+        self.load_scales(scale, rows)
+
+    def load_scales(self, scale: torch.Tensor, rows: slice = slice(None)):
+        """These rows' scales, exactly: int4 ones stay fp16 while every one given is an fp16 value; otherwise
+        (a checkpoint's fp32 or bf16 scales) the module's become fp32 from then on."""
+        if self.scale.dtype == torch.float16 and not fits_fp16(scale):
+            self.scale = self.scale.float()
         self.scale[rows] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints (`quant_method: compressed-tensors`, symmetric int4 / int8 weights) <-> moelm's
-int4 / int8 buffers, exactly: the integer codes are repacked and the scales converted to fp32; nothing is
-dequantized.
+int4 / int8 buffers, exactly: the integer codes are repacked, int8 scales converted to fp32, int4 scales to fp16
+where every one of a weight's is an fp16 value (else fp32); nothing is dequantized. moelm writes fp32 scales.
 
 moelm int4 (group G): nibble n = code + 8; a group's G/2 bytes hold input j (low nibble) and j + G/2 (high).
 pack-quantized: code + 2^(bits-1) packed little-endian into int32 words, input j at bit bits * j of the row:
@@ -34,7 +34,8 @@ class CompressedTensorsError(ValueError):
 # ---------------------------------------------------------------- codes
 
 def to_packed(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """moelm (q, scale) of one [O, I] weight -> {weight_packed, weight_scale, weight_shape} (pack-quantized)."""
+    """moelm (q, scale) of one [O, I] weight -> {weight_packed, weight_scale, weight_shape} (pack-quantized; scales
+    written in fp32, which widens fp16 ones exactly: transformers dequantizes to the scales' dtype)."""
     o = q.shape[0]
     if q.dtype == torch.int8:  # int8: byte j = q[j] + 128, four to a word
         codes = (q.to(torch.int16) + 128).to(torch.uint8)
@@ -49,8 +50,8 @@ def to_packed(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> dict[str
 
 def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, in_features: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack-quantized (weight_packed int32 [O, ceil(I * bits / 32)], weight_scale [O, groups]) -> moelm (q, scale
-    fp32): int8 q [O, I], scale [O]; int4 q uint8 [O, I/2], scale [O, I/group_size]."""
+    """pack-quantized (weight_packed int32 [O, ceil(I * bits / 32)], weight_scale [O, groups]) -> moelm (q, scale):
+    int8 q [O, I], scale fp32 [O]; int4 q uint8 [O, I/2], scale [O, I/group_size] as stored."""
     o = packed.shape[0]
     raw = packed.contiguous().view(torch.uint8)  # [O, I * bits / 8], little-endian as written
     if sys.byteorder != "little":
@@ -60,7 +61,7 @@ def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size
         return (raw.to(torch.int16) - 128).to(torch.int8), scale.float().reshape(o)
     nibbles = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(o, -1, group_size)  # [O, groups, G]
     half = group_size // 2
-    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale.float()
+    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale
 
 
 def from_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +317,7 @@ def stored_shape(ckpt, keys: dict[str, str], mode: str) -> tuple[int, ...]:
 
 def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int], rows: slice | None = None
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One stored weight [O, I] = shape -> moelm (q, scale fp32) for `module` (a QuantizedLinear: its mode and group
+    """One stored weight [O, I] = shape -> moelm (q, scale) for `module` (a QuantizedLinear: its mode and group
     size). With `rows` (a slice of module's rows) the codes go straight into module's buffers there and None is
     returned: repacked in C from the file's mapped bytes (no copy of the stored tensor) where the kernels are built."""
     mode, group = module.mode, module.group_size
@@ -349,11 +350,10 @@ def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int], rows:
             kernels.repack(_mapped_or_read(ckpt, key).view(torch.uint8)[:, :i * bits // 8], q, bits, group)
         else:
             ckpt.read_into(key, q)
-        target = module.scale[rows]
-        if ckpt.dtype(scale_key) == torch.float32 and stored == tuple(target.shape):
-            ckpt.read_into(scale_key, target)
+        if ckpt.dtype(scale_key) == module.scale.dtype and stored == want:
+            ckpt.read_into(scale_key, module.scale[rows])
         else:
-            target.copy_(ckpt.get(scale_key).reshape(want))
+            module.load_scales(ckpt.get(scale_key).reshape(want), rows)
         return None
     scale = ckpt.get(scale_key)
     if "weight_packed" in keys:

@@ -159,7 +159,7 @@ def gguf_plan(config, keys: set[str]) -> Plan:
 # ---------------------------------------------------------------- Q4_0 / Q8_0 <-> moelm's int4 (group 32) / int8
 
 def q4_0_blocks(qweight: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
-    """moelm int4 with group size 32 (uint8 [O, I/2], fp32 scale [O, I/32]) -> the Q4_0 bytes of the same weights
+    """moelm int4 with group size 32 (uint8 [O, I/2], scale [O, I/32]) -> the Q4_0 bytes of the same weights
     ([O, I/32 * 18]: an fp16 scale, then the group's 16 bytes as they are: element j in the low nibble, j + 16 in
     the high one, value (n - 8) * scale, as moelm packs them), or None where a scale is not exact in fp16."""
     o, half = qweight.shape
@@ -167,7 +167,7 @@ def q4_0_blocks(qweight: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
     if scale.shape != (o, groups):
         return None
     d = scale.astype(np.float16)
-    if not np.array_equal(d.astype(np.float32), scale):
+    if not np.array_equal(d.astype(np.float32), scale.astype(np.float32)):
         return None
     blocks = np.empty((o, groups, 18), dtype=np.uint8)
     blocks[..., :2] = d.reshape(o, groups, 1).view(np.uint8)
@@ -189,9 +189,9 @@ def q8_0_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
 
 
 def q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_0 bytes [O, I/32 * 18] -> moelm int4 group 32 (uint8 [O, I/2], fp32 scale [O, I/32]) of the same weights,
-    exactly: the inverse of q4_0_blocks (the fp16 scale widened, the 16 nibble bytes as they are)."""
+    """Q4_0 bytes [O, I/32 * 18] -> moelm int4 group 32 (uint8 [O, I/2], fp16 scale [O, I/32]) of the same weights,
+    exactly: the inverse of q4_0_blocks (the fp16 scale and the 16 nibble bytes as they are)."""
     o = blocks.shape[0]
     b = blocks.reshape(o, -1, 18)
-    scale = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    scale = b[..., :2].copy().view(np.float16)[..., 0]
     return np.ascontiguousarray(b[..., 2:]).reshape(o, -1), scale

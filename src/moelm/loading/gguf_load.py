@@ -4,7 +4,7 @@ into a model built on the meta device, through the name table of loading/gguf.py
 What each GGML type becomes (quantization= / quantization_config= override the mode of every Linear and expert
 stack; embeddings, norms, routers and biases are always floats in the model's dtype):
     F32, F16, BF16          floats in the model dtype (dtype="auto": BF16 or F16 if the file has them, else F32)
-    Q4_0                    moelm int4, group 32, copied block for block: scale fp16 -> fp32, the 16 nibble bytes as
+    Q4_0                    moelm int4, group 32, copied block for block: the fp16 scale and the 16 nibble bytes as
                             they are (exact; also under quantization="int4", whatever its group size)
     Q8_0, Q8_1, Q8_K, Q6_K  dequantized per tensor (gguf's reference code) and re-quantized to int8 (one scale per
                             row: moelm's int8 kernels take no per-block scales; |error| <= row max / 254 on top)

@@ -28,7 +28,7 @@ def local_numel(shape: tuple[int, ...], style: str | None, tp: int, ep: int, bia
 
 
 def quantized_bytes(name: str, numel: int, shape: tuple[int, ...], mode: str) -> int:
-    """moelm's int8 (a byte per weight, an fp32 scale per row) or int4 (half a byte, an fp32 scale per group; stacked
+    """moelm's int8 (a byte per weight, an fp32 scale per row) or int4 (half a byte, an fp16 scale per group; stacked
     experts [E, 2I, H] / [E, H, I] share one group size) for a weight of `shape` holding `numel` locally."""
     if mode == "int8":
         return numel + 4 * (numel // shape[-1])
@@ -38,7 +38,7 @@ def quantized_bytes(name: str, numel: int, shape: tuple[int, ...], mode: str) ->
         group = experts_group_for(name, hidden, inter, config)
     else:
         group = group_for(name, shape[-1], config)
-    return numel // 2 + 4 * (numel // group)
+    return numel // 2 + 2 * (numel // group)
 
 
 def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bfloat16,

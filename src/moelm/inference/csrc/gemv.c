@@ -1,9 +1,9 @@
 /* Matrix-vector products for decoding (few rows of x against a weight read once from memory).
  *
  * y[m, o] = sum_i x[m, i] * W[o, i] (+ bias[o]) for m < M, with W [O, I] row-major in one of four formats:
- *   f32, bf16 (raw uint16), int8 with one fp32 scale per output row, int4 with one fp32 scale per group of G
- *   inputs (G/2 bytes per group: byte j holds input j in its low nibble and input j + G/2 in its high nibble,
- *   value = (nibble - 8) * scale).
+ *   f32, bf16 (raw uint16), int8 with one fp32 scale per output row, int4 with one scale per group of G inputs,
+ *   fp32 or (`half`) fp16 (G/2 bytes per group: byte j holds input j in its low nibble and input j + G/2 in its
+ *   high nibble, value = (nibble - 8) * scale).
  * `wsel` (may be NULL) picks a matrix per row of x out of E stacked [E, O, I] ones: the experts chosen per token.
  * int8/int4 run in integers against x rounded to int16 (see GEMV_INT), each weight row unpacked once for up to 4
  * rows of x; bf16 with one row of x runs with x permuted so the weights convert without shuffles, with more rows
@@ -56,6 +56,20 @@ static inline void ld_i4(const uint8_t *p, v8f out[4]) {
 #define PREFETCH 4096
 static inline void prefetch(const void *p) { __builtin_prefetch((const char *)p + PREFETCH, 0, 3); }
 static inline float hsum(v8f a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
+
+/* Weight row `row`'s srow scales as fp32: fp32 ones in place, fp16 ones (half) converted into tmp [srow]; NULL
+ * without scales. */
+static inline const float *row_scales(const void *scale, int half, int64_t row, int64_t srow, float *tmp) {
+    if (!scale) return 0;
+    if (!half) return (const float *)scale + row * srow;
+    const _Float16 *s = (const _Float16 *)scale + row * srow;
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= srow; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+    for (; i < srow; i++) tmp[i] = (float)s[i];
+    return tmp;
+}
 
 /* dot(x, w) over n (a multiple of 32) with four independent sums; LOAD turns 8 weights into fp32. */
 #define DOT(NAME, WT, LOAD)                                                                                   \
@@ -158,8 +172,8 @@ static inline void row_i4(const uint8_t *w, const float *scale, int64_t n, int64
  * for every row of x. With wsel, row m of x uses matrix wsel[m] of the stacked [E, O, I]. wrow = elements of WT per
  * weight row, srow = scales per weight row (int8: 1, int4: I / G). Output rows go to threads in blocks of 8. */
 #define GEMV(NAME, WT, DOT, ROW)                                                                              \
-void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale, int64_t srow, \
-          int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {           \
+void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const void *scale, int half,      \
+          int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) { \
     int64_t mats = wsel ? M : 1;                                                                             \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                          \
     for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
@@ -169,19 +183,20 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
                 for (int64_t o = ob * 8; o < end; o++) {                                                     \
                     int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                             \
                     const WT *wr = w + row * wrow;                                                           \
-                    const float *sr = scale ? scale + row * srow : 0; (void)sr;                              \
+                    float tmp[srow];                                                                         \
+                    const float *sr = row_scales(scale, half, row, srow, tmp); (void)sr;                     \
                     const float *xm = x + m0 * I;                                                            \
                     y[m0 * O + o] = (DOT) + (bias ? bias[o] : 0.0f);                                         \
                 }                                                                                            \
                 continue;                                                                                    \
             }                                                                                                \
-            float buf[2 * I];                                                                                \
+            float buf[2 * I], tmp[srow];                                                                     \
             for (int64_t o = ob * 8; o < end; o += 2) {                                                      \
                 int64_t two = o + 1 < end;                                                                   \
                 const float *wf[2] = {(const float *)(w + o * wrow), two ? (const float *)(w + (o + 1) * wrow) : 0}; \
                 if (sizeof(WT) != 4)                                                                         \
                     for (int64_t r = 0; r <= two; r++) {                                                     \
-                        ROW(w + (o + r) * wrow, scale ? scale + (o + r) * srow : 0, I, G, buf + r * I);      \
+                        ROW(w + (o + r) * wrow, row_scales(scale, half, o + r, srow, tmp), I, G, buf + r * I); \
                         wf[r] = buf + r * I;                                                                 \
                     }                                                                                        \
                 const char *next = o + 3 < O ? (const char *)(w + (o + 2) * wrow) : 0;                         \
@@ -212,12 +227,15 @@ static inline float dot_bf16p(const float *x, const uint16_t *w, int64_t n) {
 }
 GEMV(gemv_bf16_perm, uint16_t, dot_bf16p(xm, wr, I), row_bf16)
 
-void gemv_bf16(const float *x, int64_t M, int64_t I, const uint16_t *w, int64_t wrow, const float *scale,
+void gemv_bf16(const float *x, int64_t M, int64_t I, const uint16_t *w, int64_t wrow, const void *scale, int half,
                int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
-    if (!wsel && M > 1) { gemv_bf16_rows(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+    if (!wsel && M > 1) {
+        gemv_bf16_rows(x, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads);
+        return;
+    }
     float *xp = malloc(M * I * sizeof(float));
     for (int64_t i = 0; i < M * I; i++) xp[(i & ~15) + ((i & 1) << 3) + ((i & 15) >> 1)] = x[i];
-    gemv_bf16_perm(xp, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+    gemv_bf16_perm(xp, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads);
     free(xp);
 }
 GEMV(gemv_i8_float, int8_t, dot_i8(xm, wr, I) * sr[0], row_i8)
@@ -407,9 +425,9 @@ INLINE void dot_i4q(const int16_t *xq, int64_t I, const float *xs, const float *
  * wsel, each run of consecutive rows choosing the same matrix against it, so a matrix is read once per run: the
  * MoE kernel sorts its rows by expert); SCALED multiplies an int8 row's result by its scale. */
 #define GEMV_INT(NAME, WT, DOT, POS, XG, SCALED)                                                              \
-static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const float *scale,        \
-                 int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y,        \
-                 int nthreads) {                                                                              \
+static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const void *scale,         \
+                 int half, int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O,        \
+                 float *y, int nthreads) {                                                                    \
     int64_t xg = (XG), groups = I / xg;                                                                      \
     int16_t *xq = malloc(M * I * sizeof(int16_t));                                                           \
     float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));              \
@@ -424,7 +442,8 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
             for (int64_t o = ob * 8, m0 = run[s], rows = run[s + 1] - m0; o < ob * 8 + 8 && o < O; o++) {   \
                 int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                                 \
                 const WT *wr = w + row * wrow;                                                               \
-                const float *sr = scale + row * srow;                                                        \
+                float tmp[srow];                                                                             \
+                const float *sr = row_scales(scale, half, row, srow, tmp);                                   \
                 for (int64_t m = m0; m < m0 + rows; m += 4) {                                                \
                     int64_t left = m0 + rows - m;                                                            \
                     const int16_t *xm = xq + m * I;                                                          \
@@ -437,7 +456,7 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
                     default: DOT(xm, I, sm, tm, groups, wr, sr, I, xg, 4, d); left = 4;                      \
                     }                                                                                        \
                     for (int64_t r = 0; r < left; r++)                                                       \
-                        y[(m + r) * O + o] = (SCALED ? d[r] * scale[row] : d[r]) + (bias ? bias[o] : 0.0f);  \
+                        y[(m + r) * O + o] = (SCALED ? d[r] * sr[0] : d[r]) + (bias ? bias[o] : 0.0f);       \
                 }                                                                                            \
             }                                                                                                \
     free(xq); free(xs); free(xsum); free(run);                                                               \
@@ -467,31 +486,32 @@ int gemv_wide(int on) {
 #endif
 }
 
-void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const float *scale,
+#define ARGS x, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads
+void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const void *scale, int half,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
-    if (wsel || M <= INT_ROWS) { gemv_i8_int(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads); return; }
+    if (wsel || M <= INT_ROWS) { gemv_i8_int(ARGS); return; }
 #endif
-    gemv_i8_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+    gemv_i8_float(ARGS);
 }
 
-void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wrow, const float *scale,
+void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wrow, const void *scale, int half,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
     if (wsel || M <= INT_ROWS) {
 #ifdef WIDE_I4
         if ((G == 64 || G == 32) && wide_i4 && I % 128 == 0) {
-            (G == 64 ? gemv_i4_g64w : gemv_i4_g32w)(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+            (G == 64 ? gemv_i4_g64w : gemv_i4_g32w)(ARGS);
             return;
         }
 #endif
-        (G == 64 ? gemv_i4_g64 : G == 32 && I % 64 == 0 ? gemv_i4_g32 : gemv_i4_int)(x, M, I, w, wrow, scale, srow,
-                                                                                     G, bias, wsel, O, y, nthreads);
+        (G == 64 ? gemv_i4_g64 : G == 32 && I % 64 == 0 ? gemv_i4_g32 : gemv_i4_int)(ARGS);
         return;
     }
 #endif
-    gemv_i4_float(x, M, I, w, wrow, scale, srow, G, bias, wsel, O, y, nthreads);
+    gemv_i4_float(ARGS);
 }
+#undef ARGS
 
 /* Dequantization to fp32 for prefill (many rows of activations: PyTorch's matmul then does the work): rows weight
  * rows of I inputs each, converted in parallel. */
@@ -500,10 +520,13 @@ void dequant_i8(const int8_t *w, const float *scale, int64_t rows, int64_t I, fl
     for (int64_t r = 0; r < rows; r++) row_i8(w + r * I, scale + r, I, 0, out + r * I);
 }
 
-void dequant_i4(const uint8_t *w, const float *scale, int64_t rows, int64_t I, int64_t G, float *out,
+void dequant_i4(const uint8_t *w, const void *scale, int half, int64_t rows, int64_t I, int64_t G, float *out,
                 int nthreads) {
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
-    for (int64_t r = 0; r < rows; r++) row_i4(w + r * (I / 2), scale + r * (I / G), I, G, out + r * I);
+    for (int64_t r = 0; r < rows; r++) {
+        float tmp[I / G];
+        row_i4(w + r * (I / 2), row_scales(scale, half, r, I / G, tmp), I, G, out + r * I);
+    }
 }
 
 /* RMSNorm of fp32 rows: out = w * x / sqrt(mean(x^2) + eps) (rows of n, a multiple of 8). */
@@ -602,13 +625,13 @@ static inline float same(float f) { return f; }
 ATTEND(attend_f32, float, same, same, same)
 ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16)
 
-/* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4 (the formats of gemv_*); w [O, I] in that
- * format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
+/* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4, 4 int4 with fp16 scales (the formats of
+ * gemv_*); w [O, I] in that format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
 typedef struct {
     int64_t fmt;
     const void *w;
     int64_t wrow;
-    const float *scale;
+    const void *scale;
     int64_t srow, G;
     const float *bias;
     int64_t O;
@@ -616,12 +639,15 @@ typedef struct {
 
 /* wsel: as for gemv_* (NULL: one matrix) */
 static void mat_sel(const Mat *m, const float *x, int64_t M, int64_t I, const int64_t *wsel, float *y, int nt) {
+    int half = m->fmt == 4;
+#define ARGS x, M, I, m->w, m->wrow, m->scale, half, m->srow, m->G, m->bias, wsel, m->O, y, nt
     switch (m->fmt) {
-    case 0: gemv_f32(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
-    case 1: gemv_bf16(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
-    case 2: gemv_i8(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
-    default: gemv_i4(x, M, I, m->w, m->wrow, m->scale, m->srow, m->G, m->bias, wsel, m->O, y, nt); break;
+    case 0: gemv_f32(ARGS); break;
+    case 1: gemv_bf16(ARGS); break;
+    case 2: gemv_i8(ARGS); break;
+    default: gemv_i4(ARGS); break;
     }
+#undef ARGS
 }
 static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
     mat_sel(m, x, M, I, 0, y, nt);
@@ -629,10 +655,10 @@ static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float 
 
 /* Matrix e of a stacked Mat (rows e * O .. e * O + O - 1 of its [E * O, I]). */
 static Mat mat_part(const Mat *m, int64_t e) {
-    static const int64_t bytes[4] = {4, 2, 1, 1};
+    static const int64_t bytes[5] = {4, 2, 1, 1, 1};
     Mat part = *m;
-    part.w = (const char *)m->w + e * m->O * m->wrow * bytes[m->fmt < 3 ? m->fmt : 3];
-    if (m->scale) part.scale = m->scale + e * m->O * m->srow;
+    part.w = (const char *)m->w + e * m->O * m->wrow * bytes[m->fmt];
+    if (m->scale) part.scale = (const char *)m->scale + e * m->O * m->srow * (m->fmt == 4 ? 2 : 4);
     return part;
 }
 

@@ -67,15 +67,24 @@ void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d
 #ifdef __AVX2__
 #include <immintrin.h>
 
+/* The scales of rows n0 .. n0 + nw (fp32, or fp16 when half) -> ts [groups][NW] fp32, 0 for rows past nw */
+static void tile_scales(const void *scale, int half, int64_t srow, int64_t groups, int64_t n0, int nw, int NW,
+                        float *ts) {
+    for (int r = 0; r < NW; r++)
+        for (int64_t s = 0; s < groups; s++) {
+            int64_t i = (n0 + r) * srow + s;
+            ts[s * NW + r] = r >= nw ? 0.0f : half ? (float)((const _Float16 *)scale)[i] : ((const float *)scale)[i];
+        }
+}
+
 /* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
  * (groups = K / G, G = K for int8); rows past nw repeat row nw - 1 with scale 0. g4 = 0: int8 rows of wrow bytes,
  * 4 bytes at a time; else int4 pairs with group size g4, 4 bytes of 8 rows at a time by one gather (on Zen 5 1.7x
  * the scalar loop for 6 rows of x, the same for 64; slower than it for int8). */
-static void unpack(const uint8_t *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
+static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4, int64_t K,
                    int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
     int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
-    for (int r = 0; r < NW; r++)
-        for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = r < nw ? scale[(n0 + r) * srow + s] : 0.0f;
+    tile_scales(scale, f16, srow, groups, n0, nw, NW, ts);
     if (!g4) {
         for (int r = 0; r < NW; r++) {
             const uint8_t *wr = w + (n0 + (r < nw ? r : nw - 1)) * wrow;
@@ -127,11 +136,10 @@ static inline void transpose8(const __m256i *r, __m256i *c) {
 /* unpack's int4 codes without gathers (variant 3, for CPUs whose gathers are slow, as AVX2-only AMD ones): 32 bytes
  * of each of 8 rows loaded and transposed as 8 x 8 dwords, each column what one gather of unpack gives. Needs K a
  * multiple of 64 (whole 32-byte loads); otherwise unpack's gathers. */
-static void unpack_t(const uint8_t *w, int64_t wrow, const float *scale, int64_t srow, int64_t g4, int64_t K,
-                     int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
+static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4,
+                     int64_t K, int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
     int64_t groups = K / g4, half = g4 / 2;
-    for (int r = 0; r < NW; r++)
-        for (int64_t s = 0; s < groups; s++) ts[s * NW + r] = r < nw ? scale[(n0 + r) * srow + s] : 0.0f;
+    tile_scales(scale, f16, srow, groups, n0, nw, NW, ts);
     const __m256i low = _mm256_set1_epi8(15);
     for (int r0 = 0; r0 < NW; r0 += 8) {
         const uint8_t *row[8];
@@ -229,10 +237,10 @@ typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t 
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
 /* y [M, N] = x [M, K] . w^T: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale
- * [N, srow]); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them; returns -1 if that
+ * [N, srow], fp16 when half); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them; returns -1 if that
  * variant was not compiled, else 0. */
-int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const float *scale, int64_t srow,
-            int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
+            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int nthreads) {
     if (!(intgemm_variants() >> variant & 1)) return -1;
     kernel_fn kern = 0;
     int NW = 8;
@@ -260,8 +268,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
         for (int64_t t = 0; t < tiles; t++) {
             int64_t n0 = t * NW;
             int nw = N - n0 < NW ? (int)(N - n0) : NW;
-            (variant == 3 && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, srow, g4, K, n0, nw, NW, tile_off,
-                                                                    tile, ts);
+            (variant == 3 && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw, NW,
+                                                                    tile_off, tile, ts);
             for (int64_t m0 = 0; m0 < M; m0 += R)
                 kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
         }
@@ -272,8 +280,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     return 0;
 }
 #else
-int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const float *scale, int64_t srow,
-            int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
+            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int nthreads) {
     return -1;
 }
 #endif
