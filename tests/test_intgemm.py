@@ -29,12 +29,6 @@ FORMATS = (("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128))
 
 
 
-
-def variants(mode: str) -> list[str]:
-    """The variants a `mode` weight's integer paths offer (int8: not those only int4 has)."""
-    return [v for v in VARIANTS if mode == "int4" or v not in kernels.INT4_ONLY]
-
-
 def ref_quantize(x: torch.Tensor):
     """x [M, K] -> (xq int8, d [M, K/32], block sums int32), as intgemm_quantize."""
     m, k = x.shape
@@ -104,15 +98,20 @@ def test_variants_agree_bit_for_bit(mode, group):
     assert all(torch.equal(y, ys[0]) for y in ys)
 
 
-@pytest.mark.skipif("avx2t" not in VARIANTS, reason="no AVX2")
 @pytest.mark.parametrize("k,group", ((96, 32), (160, 32), (448, 32), (192, 64), (384, 128)))
-def test_gather_free_unpack_equals_the_gathers(k, group):
-    """avx2t (the AVX2 kernel, int4 codes unpacked by 8 x 8 transposes, any K a multiple of 64; else the gathers)
-    == avx2, bit for bit: the same tile. Outputs 45 (a tile of 5 rows at the end), K with 32-byte loads that span
-    two groups of 32 and one that does not fill one (96, 160: the gathers)."""
+def test_unpack_by_transposes_equals_the_gathers(k, group):
+    """int4 codes unpacked by 8 x 8 transposes (any K a multiple of 64; else the gathers) == by gathers, bit for bit,
+    in every variant: the same tile. Outputs 45 (a tile of 5 rows at the end of a 8 / 32-row tile), K with 32-byte
+    loads that span two groups of 32 and K that does not fill one (96, 160: the gathers either way)."""
     q, s, _ = weights("int4", group, 45, k, seed=k)
     x = torch.randn(19, k, generator=torch.Generator().manual_seed(group))
-    assert torch.equal(kernels.intgemm(x, q, s, group, "avx2t"), kernels.intgemm(x, q, s, group, "avx2"))
+    for variant in VARIANTS:
+        ys = []
+        for unpack in ("gathers", "transposes"):
+            with forced(f"int4_unpack={unpack}"):
+                ys.append(kernels.intgemm(x, q, s, group, variant))
+                assert kernels._UNPACK[0] == unpack
+        assert torch.equal(*ys), variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -150,7 +149,7 @@ def test_quantized_linear_forced_integer_paths(mode):
         m.load_weight(torch.randn(40, 128, generator=g))
         m.bias.copy_(torch.randn(40, generator=g))
         x = torch.randn(2, 20, 128, generator=g)
-        for variant in variants(mode):
+        for variant in VARIANTS:
             path = f"int8dot_{variant}"
             with forced(f"quantized={path}"):
                 want = kernels.intgemm(x, m.qweight, m.scale, m.group_size, variant) + m.bias
@@ -186,7 +185,7 @@ def test_quantized_experts_integer_path(mode):
     dq, ds = qe.stacked("down_proj")
     with torch.no_grad(), forced("quantized=torch"):
         dense = qe(x, index, wts)
-    for variant in variants(mode):
+    for variant in VARIANTS:
         want = torch.zeros(t, h)
         for j in range(e):
             token, slot = (index == j).nonzero(as_tuple=True)
@@ -216,7 +215,7 @@ def test_tiny_model_logits_close_to_the_dequantizing_path(tiny_moe, mode, bound)
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), forced("quantized=tiles"):
         want = F.log_softmax(model(ids).logits.float(), -1)
-    for path in (p for p, v in INT_PATHS.items() if v in variants(mode)):
+    for path in (p for p, v in INT_PATHS.items() if v in VARIANTS):
         with torch.no_grad(), forced(f"quantized={path}"):
             got = F.log_softmax(model(ids).logits.float(), -1)
             assert any(v == path for v in cpu.choices(True).values())

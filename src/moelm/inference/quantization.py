@@ -182,14 +182,14 @@ INT_PATHS = {f"int8dot_{v}": v for v in kernels.INT_VARIANTS}
 cpu.register("quantized", ("gemv", "torch", "tiles", "int8pack", *INT_PATHS))
 
 
-def int_paths(x: torch.Tensor, *weights: torch.Tensor | None, mode: str = "int4") -> dict[str, str]:
+def int_paths(x: torch.Tensor, *weights: torch.Tensor | None) -> dict[str, str]:
     """{path: variant} of the integer paths that can take x [..., K] (CPU, no gradients; K a multiple of 32 as every
-    quantized weight's is) times `mode` weights: those compiled for this CPU (for int8, not the int4 variants)."""
+    quantized weight's is): those compiled for this CPU."""
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
     if x.device.type != "cpu" or type(x) is not torch.Tensor or grads or x.shape[-1] % 32:
         return {}
     have = kernels.int_variants()
-    return {name: v for name, v in INT_PATHS.items() if v in have and (mode == "int4" or v not in kernels.INT4_ONLY)}
+    return {name: v for name, v in INT_PATHS.items() if v in have}
 
 
 class PackedLinear(nn.Module):
@@ -262,7 +262,7 @@ class QuantizedLinear(PackedLinear):
             # ERNIE-0.3B int8 prefill 165 tok/s with it chosen for three of five shapes, 184 with the tiles
             paths = {"tiles": self._tiles}
             paths.update({name: functools.partial(self._integer, variant=v)
-                          for name, v in int_paths(x, mode=self.mode).items()})
+                          for name, v in int_paths(x).items()})
         if self.mode == "int8" and x.device.type == "cpu" and cpu.info().capability.startswith("AVX512") and \
                 x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled():
             paths["int8pack"] = self._int8pack
@@ -372,7 +372,7 @@ class QuantizedExperts(nn.Module):
         experts dequantized one at a time, whichever was measured faster for few pairs; for a prefill, also each
         chosen expert's rows in integers (csrc/intgemm.c)."""
         t, k = index.shape
-        if t > kernels.MAX_ROWS and (ints := int_paths(x, mode=self.mode)):  # prefill: the integer paths too
+        if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too
             path = self.prefill_path(x, index, weights, ints)
             return self.dense(x, index, weights) if path == "torch" else self.integer(x, index, weights, ints[path])
         if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":

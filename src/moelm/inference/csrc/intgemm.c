@@ -16,8 +16,8 @@
  *     weight (vpsignb), pair sums <= 2*127*127 = 32258 do not saturate.
  *   1 AVX-VNNI (256-bit vpdpbusd), 2 AVX512-VNNI (512-bit vpdpbusd): the weight is the unsigned side as w + off
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
- *   3 AVX2 as 0, int4 codes unpacked without gathers (unpack_t), for CPUs whose gathers are slow.
- * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
+ * int4 codes are unpacked by gathers (unpack) or by 8 x 8 transposes of whole rows (unpack_t), whichever kernels.py
+ * measured faster on this CPU (intgemm_transposed). Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,7 +32,7 @@
 int intgemm_variants(void) {
     int mask = 0;
 #ifdef __AVX2__
-    mask |= 1 | 8;  /* 3: the AVX2 kernel with unpack_t */
+    mask |= 1;
 #endif
 #ifdef __AVXVNNI__
     mask |= 2;
@@ -80,7 +80,7 @@ static void tile_scales(const void *scale, int half, int64_t srow, int64_t group
 /* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
  * (groups = K / G, G = K for int8); rows past nw repeat row nw - 1 with scale 0. g4 = 0: int8 rows of wrow bytes,
  * 4 bytes at a time; else int4 pairs with group size g4, 4 bytes of 8 rows at a time by one gather (on Zen 5 1.7x
- * the scalar loop for 6 rows of x, the same for 64; slower than it for int8). */
+ * the scalar loop for 6 rows of x, the same for 64, with the weights in cache; slower than it for int8). */
 static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4, int64_t K,
                    int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
     int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
@@ -133,9 +133,10 @@ static inline void transpose8(const __m256i *r, __m256i *c) {
     }
 }
 
-/* unpack's int4 codes without gathers (variant 3, for CPUs whose gathers are slow, as AVX2-only AMD ones): 32 bytes
- * of each of 8 rows loaded and transposed as 8 x 8 dwords, each column what one gather of unpack gives. Needs K a
- * multiple of 64 (whole 32-byte loads); otherwise unpack's gathers. */
+/* unpack's int4 codes without gathers: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords, each column
+ * what one gather of unpack gives; every row read in order, which the hardware prefetchers follow (on Zen 5 with
+ * the weights in memory, not cache: 2.3x the gathers for 24 rows of x). Needs K a multiple of 64 (whole 32-byte
+ * loads); otherwise unpack's gathers. */
 static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4,
                      int64_t K, int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
     int64_t groups = K / g4, half = g4 / 2;
@@ -233,6 +234,14 @@ KERNEL(kern_vnni512, __m512i, __m512, 16, 2, _mm512_setzero_si512(), _mm512_set1
        _mm512_mul_ps, _mm512_storeu_ps)
 #endif
 
+/* Whether int4 codes are unpacked by transposes (unpack_t; kernels.py sets it from a measurement on this CPU); on < 0
+ * only reads it. */
+static int transposed = 1;
+int intgemm_transposed(int on) {
+    if (on >= 0) transposed = on;
+    return transposed;
+}
+
 typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const float *, const int32_t *,
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
@@ -246,7 +255,7 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     int NW = 8;
     int32_t off = g4 ? 8 : 128;
     uint32_t tile_off = g4 ? 0 : 0x80808080u;
-    if (variant == 0 || variant == 3) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
+    if (variant == 0) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
 #ifdef __AVXVNNI__
     if (variant == 1) kern = kern_vnni256;
 #endif
@@ -268,8 +277,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
         for (int64_t t = 0; t < tiles; t++) {
             int64_t n0 = t * NW;
             int nw = N - n0 < NW ? (int)(N - n0) : NW;
-            (variant == 3 && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw, NW,
-                                                                    tile_off, tile, ts);
+            (transposed && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw, NW,
+                                                                  tile_off, tile, ts);
             for (int64_t m0 = 0; m0 < M; m0 += R)
                 kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
         }
@@ -280,6 +289,7 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     return 0;
 }
 #else
+int intgemm_transposed(int on) { (void)on; return -1; }
 int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
             int64_t srow, int64_t g4, int64_t N, float *y, int variant, int nthreads) {
     return -1;
