@@ -98,19 +98,21 @@ def test_variants_agree_bit_for_bit(mode, group):
     assert all(torch.equal(y, ys[0]) for y in ys)
 
 
-@pytest.mark.parametrize("k,group", ((96, 32), (160, 32), (448, 32), (192, 64), (384, 128)))
-def test_unpack_by_transposes_equals_the_gathers(k, group):
-    """int4 codes unpacked by 8 x 8 transposes (any K a multiple of 64; else the gathers) == by gathers, bit for bit,
-    in every variant: the same tile. Outputs 45 (a tile of 5 rows at the end of a 8 / 32-row tile), K with 32-byte
-    loads that span two groups of 32 and K that does not fill one (96, 160: the gathers either way)."""
-    q, s, _ = weights("int4", group, 45, k, seed=k)
+@pytest.mark.parametrize("mode,k,group", (("int4", 96, 32), ("int4", 160, 32), ("int4", 448, 32), ("int4", 192, 64),
+                                          ("int4", 384, 128), ("int8", 96, 0), ("int8", 448, 0)))
+def test_unpack_by_transposes_equals_the_plain_unpack(mode, k, group):
+    """Weights unpacked by 8 x 8 transposes (int8: any K; int4: K a multiple of 64, else the gathers) == by gathers
+    (int4) or a row's 4-byte steps (int8), bit for bit, in every variant: the same tile. Outputs 45 (a tile of 5 rows
+    at the end of an 8 / 32-row tile), int4 K with 32-byte loads that span two groups of 32 and K that does not fill
+    one (96, 160: the gathers either way)."""
+    q, s, _ = weights(mode, group, 45, k, seed=k)
     x = torch.randn(19, k, generator=torch.Generator().manual_seed(group))
     for variant in VARIANTS:
         ys = []
-        for unpack in ("gathers", "transposes"):
-            with forced(f"int4_unpack={unpack}"):
+        for unpack in ("plain", "transposes"):
+            with forced(f"int_unpack={unpack}"):
                 ys.append(kernels.intgemm(x, q, s, group, variant))
-                assert kernels._UNPACK[0] == unpack
+                assert kernels._unpack(mode) == unpack
         assert torch.equal(*ys), variant
 
 

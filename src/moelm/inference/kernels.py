@@ -89,9 +89,8 @@ def _intgemm_types(lib: ctypes.CDLL):
     lib.intgemm_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.intgemm_quantize.restype = None
     lib.intgemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int,
-                            ctypes.c_int]
+                            ctypes.c_int, ctypes.c_int]
     lib.intgemm.restype = ctypes.c_int
-    lib.intgemm_transposed.argtypes, lib.intgemm_transposed.restype = [ctypes.c_int], ctypes.c_int
 
 
 class Mat(ctypes.Structure):
@@ -317,42 +316,36 @@ def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: i
     rows, features, out_features = x.shape[0], shape[-1], q.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
     g4 = group_size if q.dtype == torch.uint8 else 0
-    if g4:
-        _int4_unpack()
     _lib.intgemm(x.data_ptr(), rows, features, q.data_ptr(), q.shape[-1], scale.data_ptr(), _half(q, scale),
                  scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
-                 threads(rows * features * out_features))
+                 int(_unpack("int4" if g4 else "int8") == "transposes"), threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
 
 
-cpu.register("int4_unpack", ("gathers", "transposes"))
-_UNPACK = ["unset"]  # the int4_unpack path intgemm.c was last told (intgemm_transposed)
+cpu.register("int_unpack", ("plain", "transposes"))
 
 
-def _int4_unpack() -> None:
-    """How intgemm.c unpacks int4 codes into its tiles: by gathers (4 bytes of 8 rows each) or by 8 x 8 transposes
-    of whole 32-byte row pieces (each row read in order). Measured once per CPU on expert-sized matrices that do not
-    stay in cache, as a prefill's experts do not (Zen 5: 150 vs 345 GMAC/s for 24 rows of x), and remembered."""
-    path = cpu.chosen("int4_unpack", ()) or _choose_int4_unpack()
-    if path != _UNPACK[0]:
-        _lib.intgemm_transposed(int(path == "transposes"))
-        _UNPACK[0] = path
+def _unpack(mode: str) -> str:
+    """How intgemm.c unpacks `mode` weights into its tiles: "plain" (int4: gathers of 4 bytes of 8 rows; int8: 4
+    bytes of one row at a time) or "transposes" (8 x 8 transposes of 32-byte pieces of 8 rows, each row read in
+    order). Measured once per CPU and mode on expert-sized matrices that do not stay in cache, as a prefill's
+    experts do not (Zen 5, int4: 150 vs 345 GMAC/s for 24 rows of x), and remembered."""
+    return cpu.chosen("int_unpack", (mode,)) or _choose_unpack(mode)
 
 
-def _choose_int4_unpack() -> str:
+def _choose_unpack(mode: str) -> str:
     variant = INT_VARIANTS.index(int_variants()[-1])  # the widest this CPU has
     n, k, rows = 1536, 2560, 24
-    mats = [torch.full((n, k // 2), 0x5A, dtype=torch.uint8) for _ in range(24)]  # 47 MB: more than a cache holds
-    scale = torch.full((n, k // 64), 0.01, dtype=torch.float16)
+    g4, width, count = (64, k // 2, 24) if mode == "int4" else (0, k, 12)
+    mats = [torch.full((n, width), 0x5A, dtype=torch.uint8) for _ in range(count)]  # 47 MB: more than a cache holds
+    scale = torch.full((n, k // 64), 0.01, dtype=torch.float16) if g4 else torch.full((n,), 0.01)
     x, y = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)), torch.empty(rows, n)
-    _UNPACK[0] = "probe"
 
     def run(transposed: int):
-        _lib.intgemm_transposed(transposed)
         for q in mats:
-            _lib.intgemm(x.data_ptr(), rows, k, q.data_ptr(), k // 2, scale.data_ptr(), 1, k // 64, 64, n,
-                         y.data_ptr(), variant, threads(rows * k * n))
-    return cpu.choose("int4_unpack", (), {"gathers": lambda: run(0), "transposes": lambda: run(1)})
+            _lib.intgemm(x.data_ptr(), rows, k, q.data_ptr(), width, scale.data_ptr(), int(bool(g4)),
+                         k // 64 if g4 else 1, g4, n, y.data_ptr(), variant, transposed, threads(rows * k * n))
+    return cpu.choose("int_unpack", (mode,), {"plain": lambda: run(0), "transposes": lambda: run(1)})
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,8 +16,9 @@
  *     weight (vpsignb), pair sums <= 2*127*127 = 32258 do not saturate.
  *   1 AVX-VNNI (256-bit vpdpbusd), 2 AVX512-VNNI (512-bit vpdpbusd): the weight is the unsigned side as w + off
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
- * int4 codes are unpacked by gathers (unpack) or by 8 x 8 transposes of whole rows (unpack_t), whichever kernels.py
- * measured faster on this CPU (intgemm_transposed). Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
+ * The weights are unpacked by gathers (int4) or 4 bytes of a row at a time (int8) (unpack), or by 8 x 8 transposes
+ * of whole 32-byte row pieces (unpack_t), as the caller says (kernels.py measures which is faster on this CPU).
+ * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -133,14 +134,29 @@ static inline void transpose8(const __m256i *r, __m256i *c) {
     }
 }
 
-/* unpack's int4 codes without gathers: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords, each column
- * what one gather of unpack gives; every row read in order, which the hardware prefetchers follow (on Zen 5 with
- * the weights in memory, not cache: 2.3x the gathers for 24 rows of x). Needs K a multiple of 64 (whole 32-byte
- * loads); otherwise unpack's gathers. */
+/* unpack without gathers or a row's 4-byte steps: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords,
+ * each column what one gather of unpack gives (int8: 4 bytes of each row, + off); every row read in order, which the
+ * hardware prefetchers follow (on Zen 5 with int4 weights in memory, not cache: 2.3x the gathers for 24 rows of x).
+ * int4 needs K a multiple of 64 (whole 32-byte loads); otherwise unpack. */
 static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4,
                      int64_t K, int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
-    int64_t groups = K / g4, half = g4 / 2;
+    int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
     tile_scales(scale, f16, srow, groups, n0, nw, NW, ts);
+    if (!g4) {
+        const __m256i flip = _mm256_set1_epi32((int32_t)off);
+        for (int r0 = 0; r0 < NW; r0 += 8) {
+            const uint8_t *row[8];
+            for (int i = 0; i < 8; i++) row[i] = w + (n0 + (r0 + i < nw ? r0 + i : nw - 1)) * wrow;
+            for (int64_t p = 0; p < K; p += 32) {
+                __m256i r[8], c[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[i] + p));
+                transpose8(r, c);
+                for (int k = 0; k < 8; k++)
+                    _mm256_storeu_si256((__m256i *)(tile + ((p / 4 + k) * NW + r0) * 4), _mm256_xor_si256(c[k], flip));
+            }
+        }
+        return;
+    }
     const __m256i low = _mm256_set1_epi8(15);
     for (int r0 = 0; r0 < NW; r0 += 8) {
         const uint8_t *row[8];
@@ -234,22 +250,14 @@ KERNEL(kern_vnni512, __m512i, __m512, 16, 2, _mm512_setzero_si512(), _mm512_set1
        _mm512_mul_ps, _mm512_storeu_ps)
 #endif
 
-/* Whether int4 codes are unpacked by transposes (unpack_t; kernels.py sets it from a measurement on this CPU); on < 0
- * only reads it. */
-static int transposed = 1;
-int intgemm_transposed(int on) {
-    if (on >= 0) transposed = on;
-    return transposed;
-}
-
 typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const float *, const int32_t *,
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
 /* y [M, N] = x [M, K] . w^T: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale
- * [N, srow], fp16 when half); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them; returns -1 if that
- * variant was not compiled, else 0. */
+ * [N, srow], fp16 when half); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them;
+ * transposed: the weights unpacked by unpack_t. Returns -1 if that variant was not compiled, else 0. */
 int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
-            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int transposed, int nthreads) {
     if (!(intgemm_variants() >> variant & 1)) return -1;
     kernel_fn kern = 0;
     int NW = 8;
@@ -277,8 +285,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
         for (int64_t t = 0; t < tiles; t++) {
             int64_t n0 = t * NW;
             int nw = N - n0 < NW ? (int)(N - n0) : NW;
-            (transposed && g4 && K % 64 == 0 ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw, NW,
-                                                                  tile_off, tile, ts);
+            (transposed && (!g4 || K % 64 == 0) ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw,
+                                                                     NW, tile_off, tile, ts);
             for (int64_t m0 = 0; m0 < M; m0 += R)
                 kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
         }
@@ -289,9 +297,8 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     return 0;
 }
 #else
-int intgemm_transposed(int on) { (void)on; return -1; }
 int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
-            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int nthreads) {
+            int64_t srow, int64_t g4, int64_t N, float *y, int variant, int transposed, int nthreads) {
     return -1;
 }
 #endif
