@@ -86,3 +86,15 @@ def test_int4_scales_in_fp32(rows, group):
         bound = 1e-4 * (x.abs().double() @ dense.abs().T) + 1e-30
         for path in PATHS:
             assert ((product(path, x, q, s, group=group).double() - want).abs() <= bound).all(), (path, s.dtype)
+
+
+def test_half_to_float_is_exact_for_every_fp16_value():
+    """gemv.c's fp16 -> fp32 widening (the scalar path, written without _Float16 for compilers that lack it) equals
+    PyTorch's for all 65536 bit patterns: zeros, subnormals, normals, infinities; NaNs stay NaN."""
+    lib = kernels.library()
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    want = bits.view(torch.float16).float()
+    got = torch.tensor([lib.half_to_float(b & 0xFFFF) for b in range(65536)])
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, signed zeros too

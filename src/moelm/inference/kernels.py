@@ -80,6 +80,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.unpair_i4.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.unsign_i8.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     lib.unpair_i4.restype = lib.unsign_i8.restype = None
+    lib.half_to_float.argtypes, lib.half_to_float.restype = [ctypes.c_uint16], ctypes.c_float
     return lib
 
 

@@ -57,17 +57,34 @@ static inline void ld_i4(const uint8_t *p, v8f out[4]) {
 static inline void prefetch(const void *p) { __builtin_prefetch((const char *)p + PREFETCH, 0, 3); }
 static inline float hsum(v8f a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
 
+/* An fp16 value (its bits) as fp32, exactly; without _Float16, which compilers before GCC 12 lack on x86 (intgemm.c
+ * uses it too). */
+float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 31) bits = sign | 0x7F800000u | (man << 13);  /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else {  /* subnormal: man * 2^-24, normalized */
+        int shift = 0;
+        while (!(man & 1024)) { man <<= 1; shift++; }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((man & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* Weight row `row`'s srow scales as fp32: fp32 ones in place, fp16 ones (half) converted into tmp [srow]; NULL
  * without scales. */
 static inline const float *row_scales(const void *scale, int half, int64_t row, int64_t srow, float *tmp) {
     if (!scale) return 0;
     if (!half) return (const float *)scale + row * srow;
-    const _Float16 *s = (const _Float16 *)scale + row * srow;
+    const uint16_t *s = (const uint16_t *)scale + row * srow;
     int64_t i = 0;
 #if defined(__F16C__) && defined(__AVX2__)
     for (; i + 8 <= srow; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
 #endif
-    for (; i < srow; i++) tmp[i] = (float)s[i];
+    for (; i < srow; i++) tmp[i] = half_to_float(s[i]);
     return tmp;
 }
 

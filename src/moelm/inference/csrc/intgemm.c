@@ -68,14 +68,15 @@ void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d
 #ifdef __AVX2__
 #include <immintrin.h>
 
+float half_to_float(uint16_t h);  /* gemv.c */
+
 /* The scales of rows n0 .. n0 + nw (fp32, or fp16 when half) -> ts [groups][NW] fp32, 0 for rows past nw */
 static void tile_scales(const void *scale, int half, int64_t srow, int64_t groups, int64_t n0, int nw, int NW,
                         float *ts) {
     for (int r = 0; r < NW; r++)
-        for (int64_t s = 0; s < groups; s++) {
-            int64_t i = (n0 + r) * srow + s;
-            ts[s * NW + r] = r >= nw ? 0.0f : half ? (float)((const _Float16 *)scale)[i] : ((const float *)scale)[i];
-        }
+        for (int64_t s = 0, i = (n0 + r) * srow; s < groups; s++, i++)
+            ts[s * NW + r] = r >= nw ? 0.0f : half ? half_to_float(((const uint16_t *)scale)[i])
+                                                   : ((const float *)scale)[i];
 }
 
 /* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
