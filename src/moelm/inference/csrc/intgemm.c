@@ -70,13 +70,59 @@ void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d
 
 float half_to_float(uint16_t h);  /* gemv.c */
 
-/* The scales of rows n0 .. n0 + nw (fp32, or fp16 when half) -> ts [groups][NW] fp32, 0 for rows past nw */
+static inline float h2f(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    return half_to_float(h);
+#endif
+}
+
+/* 8 rows of 8 dwords -> its 8 columns: c[k] = (r[0][k], ..., r[7][k]) */
+static inline void transpose8(const __m256i *r, __m256i *c) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        c[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+        c[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
+    }
+}
+
+/* The scales of rows n0 .. n0 + nw (fp32, or fp16 when half) -> ts [groups][NW] fp32, 0 for rows past nw; whole
+ * 8 x 8 blocks of fp16 scales widened by F16C and transposed */
 static void tile_scales(const void *scale, int half, int64_t srow, int64_t groups, int64_t n0, int nw, int NW,
                         float *ts) {
-    for (int r = 0; r < NW; r++)
-        for (int64_t s = 0, i = (n0 + r) * srow; s < groups; s++, i++)
-            ts[s * NW + r] = r >= nw ? 0.0f : half ? half_to_float(((const uint16_t *)scale)[i])
-                                                   : ((const float *)scale)[i];
+    int64_t s0 = 0;
+#ifdef __F16C__
+    if (half && nw == NW)
+        for (; s0 + 8 <= groups; s0 += 8)
+            for (int r0 = 0; r0 < NW; r0 += 8) {
+                __m256i r[8], c[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(
+                        (const __m128i *)((const uint16_t *)scale + (n0 + r0 + i) * srow + s0))));
+                transpose8(r, c);
+                for (int k = 0; k < 8; k++) _mm256_storeu_si256((__m256i *)(ts + (s0 + k) * NW + r0), c[k]);
+            }
+#endif
+    for (int r = 0; r < NW; r++) {
+        int64_t i = (n0 + r) * srow;
+        if (r >= nw)
+            for (int64_t s = s0; s < groups; s++) ts[s * NW + r] = 0.0f;
+        else if (half)
+            for (int64_t s = s0; s < groups; s++) ts[s * NW + r] = h2f(((const uint16_t *)scale)[i + s]);
+        else
+            for (int64_t s = s0; s < groups; s++) ts[s * NW + r] = ((const float *)scale)[i + s];
+    }
 }
 
 /* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
@@ -116,25 +162,6 @@ static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, i
     }
 }
 
-/* 8 rows of 8 dwords -> its 8 columns: c[k] = (r[0][k], ..., r[7][k]) */
-static inline void transpose8(const __m256i *r, __m256i *c) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        c[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
-        c[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
-    }
-}
-
 /* unpack without gathers or a row's 4-byte steps: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords,
  * each column what one gather of unpack gives (int8: 4 bytes of each row, + off); every row read in order, which the
  * hardware prefetchers follow (on Zen 5 with int4 weights in memory, not cache: 2.3x the gathers for 24 rows of x).
@@ -158,22 +185,27 @@ static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16,
         }
         return;
     }
+    /* all NW rows at each step, so that each line of the tile is written whole at once */
     const __m256i low = _mm256_set1_epi8(15);
-    for (int r0 = 0; r0 < NW; r0 += 8) {
-        const uint8_t *row[8];
-        for (int i = 0; i < 8; i++) row[i] = w + (n0 + (r0 + i < nw ? r0 + i : nw - 1)) * wrow;
-        uint8_t *t = tile + r0 * 4;
-        for (int64_t p = 0; p < K / 2; p += 32) {
+    const uint8_t *row[32];
+    for (int i = 0; i < NW; i++) row[i] = w + (n0 + (i < nw ? i : nw - 1)) * wrow;
+    const uint8_t *ahead = w + (n0 + NW) * wrow;  /* the next tile's rows, read ahead as these are read */
+    int64_t s = 0, j = 0;  /* the group and the byte in it of the next 4 bytes: at = s * half + j */
+    for (int64_t p = 0; p < K / 2; p += 32) {
+        for (int i = 0; i < 32 * NW; i += 64) _mm_prefetch((const char *)(ahead + NW * p + i), _MM_HINT_T0);
+        for (int r0 = 0; r0 < NW; r0 += 8) {
             __m256i r[8], c[8];
-            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[i] + p));
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[r0 + i] + p));
             transpose8(r, c);
+            int64_t s1 = s, j1 = j;
             for (int k = 0; k < 8; k++) {
-                int64_t at = p + 4 * k, s = at / half, j = at % half;
-                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4), _mm256_and_si256(c[k], low));
-                _mm256_storeu_si256((__m256i *)(t + (s * g4 + half + j) / 4 * NW * 4),
-                                    _mm256_and_si256(_mm256_srli_epi16(c[k], 4), low));
+                uint8_t *lo = tile + (s1 * g4 + j1) * NW + r0 * 4, *hi = lo + half * NW;
+                _mm256_storeu_si256((__m256i *)lo, _mm256_and_si256(c[k], low));
+                _mm256_storeu_si256((__m256i *)hi, _mm256_and_si256(_mm256_srli_epi16(c[k], 4), low));
+                if ((j1 += 4) == half) { j1 = 0; s1++; }
             }
         }
+        if ((j += 32) >= half) { s += j / half; j %= half; }
     }
     (void)off;
 }
