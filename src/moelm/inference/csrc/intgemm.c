@@ -192,7 +192,7 @@ static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16,
     const uint8_t *ahead = w + (n0 + NW) * wrow;  /* the next tile's rows, read ahead as these are read */
     int64_t s = 0, j = 0;  /* the group and the byte in it of the next 4 bytes: at = s * half + j */
     for (int64_t p = 0; p < K / 2; p += 32) {
-        for (int i = 0; i < 32 * NW; i += 64) _mm_prefetch((const char *)(ahead + NW * p + i), _MM_HINT_T0);
+        for (int i = 0; i < 32 * NW; i += 64) _mm_prefetch((const char *)(ahead + NW * p + i), _MM_HINT_T1);
         for (int r0 = 0; r0 < NW; r0 += 8) {
             __m256i r[8], c[8];
             for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[r0 + i] + p));
