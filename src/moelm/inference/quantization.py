@@ -431,10 +431,11 @@ class QuantizedExperts(nn.Module):
 
     def prefill_path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, ints: dict[str, str]
                      ) -> str:
-        """"torch" (dense) or an integer path (int_paths) for a prefill of
-        x's tokens, timed on the pairs whose experts fall in a window of as many experts as fill
-        cpu.probe_elements() (each keeps its real rows: how many tokens an expert gets decides the winner), the
-        window moved along the experts at each call."""
+        """"torch" (dense) or an integer path (int_paths) for a prefill of x's tokens, timed on the pairs of as
+        many experts as fill cpu.probe_elements(), of those chosen the ones with the median numbers of tokens (how
+        many tokens an expert gets decides the winner). Every call runs the same pairs, their experts moved along
+        by the window at each call (other weights than the last call's, as in a real prefill): each candidate gets
+        the same work."""
         t, k = index.shape
         e = self.num_experts
         each = sum(p.in_features * p.out_features for p in (self.gate_up, self.down)) // e
@@ -442,11 +443,18 @@ class QuantizedExperts(nn.Module):
         paths = {"torch": self.dense, **{name: functools.partial(self.integer, variant=v) for name, v in ints.items()}}
 
         def candidates():
-            flat, token = index.reshape(-1), torch.arange(t).repeat_interleave(k)
+            flat = index.reshape(-1)
+            counts = torch.bincount(flat, minlength=e)
+            hit = counts.nonzero().squeeze(1)
+            hit = hit[counts[hit].argsort(stable=True)]  # the experts chosen, by their numbers of tokens
+            median = hit[max(len(hit) - window, 0) // 2:][:window]
+            slot = torch.full((e,), -1, dtype=torch.long)
+            slot[median] = torch.arange(len(median))
+            pick = (slot[flat] >= 0).nonzero().squeeze(1)
+            rows, at, w = x[pick // k], slot[flat[pick]][:, None], weights.reshape(-1)[pick, None]
 
             def run(name: str, experts: slice) -> torch.Tensor:
-                pick = ((flat - experts.start) % e < window).nonzero().squeeze(1)
-                return paths[name](x[token[pick]], flat[pick, None], weights.reshape(-1)[pick, None])
+                return paths[name](rows, (at + experts.start) % e, w)
             return cpu.probes(paths, e, window, run)
         op = f"{self.mode}.experts.{'+'.join(sorted(paths))}"
         return _path(op, x, t * k, (window, *self.stacked("gate_up_proj")[0].shape[1:]), candidates)
