@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import moelm
 from moelm.inference import cpu, kernels
 from moelm.inference.quantization import INT_PATHS, QuantizedExperts, QuantizedLinear, dequantize, fits_fp16, quantize
-from moelm.nn.moe import Experts
+from moelm.nn.moe import Experts, sort_by_expert
 from reference import randomise
 from test_fast import kernels_forced as forced
 
@@ -166,11 +166,17 @@ def test_quantized_linear_forced_integer_paths(mode):
 
 
 @pytest.mark.parametrize("mode", ("int8", "int4"))
-def test_quantized_experts_integer_path(mode):
+@pytest.mark.parametrize("e", (6, 12))
+def test_quantized_experts_integer_path(mode, e, monkeypatch):
     """Prefill of stacked quantized experts forced onto each integer path equals each chosen expert's rows through
     kernels.intgemm (to fp32 rounding), and the dequantized experts within 2% (relative, whole output: two
-    roundings, the second of SwiGLU products, whose blocks' max|x| / rms(x) is about twice a Gaussian's)."""
-    e, h, i, t, k = 6, 64, 96, 40, 2
+    roundings, the second of SwiGLU products, whose blocks' max|x| / rms(x) is about twice a Gaussian's). With 5
+    experts chosen they run one after another, with 11 in one call (intgemm_experts; two threads)."""
+    h, i, t, k = 64, 96, 40, 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    real = kernels.intgemm_experts
+    monkeypatch.setattr(kernels, "intgemm_experts", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(4)
     ex = Experts(e, h, i)
     with torch.no_grad():
@@ -200,6 +206,47 @@ def test_quantized_experts_integer_path(mode):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         rel = float((got - dense).norm() / dense.norm())
         assert 0 < rel < 0.02, (variant, rel)
+        assert len(calls) == (e == 12), (e, calls)
+        calls.clear()
+
+
+@pytest.mark.parametrize("mode,group,scales", (("int8", 0, "fp32"), ("int4", 32, "fp16"), ("int4", 64, "mixed")))
+def test_experts_in_one_call_match_one_expert_at_a_time(mode, group, scales):
+    """kernels.intgemm_experts (all chosen experts of a prefill in one C call, threads taking whole experts) equals
+    each expert's rows through kernels.intgemm, SwiGLU and the weighted sum (to fp32 rounding: its SiLU and the
+    order of the sums differ), for every variant, 1-3 threads, experts no token chose, one expert with most of the
+    tokens, and gate_up / down scales of different dtypes; the same call twice gives the same bits."""
+    e, h, i, t, k = 10, 128, 64, 37, 3
+    g = torch.Generator().manual_seed(7)
+    gate_up = [quantize(torch.randn(2 * i, h, generator=g), mode, group or 64) for _ in range(e)]
+    down = [quantize(torch.randn(h, i, generator=g), mode, group or 64) for _ in range(e)]
+    gq, gs = (torch.stack(a) for a in zip(*gate_up))
+    dq, ds = (torch.stack(a) for a in zip(*down))
+    if scales == "mixed":
+        ds = ds.float()
+    x = torch.randn(t, h, generator=g)
+    index = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(t)])  # experts 8, 9 never chosen
+    index[: t // 2, 0] = 3  # expert 3 gets half of the tokens
+    wts = torch.rand(t, k, generator=g)
+    token, w, counts = sort_by_expert(index, wts, e)
+    for variant in VARIANTS:
+        want = torch.zeros(t, h)
+        for j in range(e):
+            rows, slot = (index == j).nonzero(as_tuple=True)
+            if len(rows):
+                gate, up = kernels.intgemm(x[rows], gq[j], gs[j], group, variant).chunk(2, -1)
+                y = kernels.intgemm(F.silu(gate) * up, dq[j], ds[j], group, variant)
+                want.index_add_(0, rows, y * wts[rows, slot, None])
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                got = kernels.intgemm_experts(x, token, w, counts, (gq, gs), (dq, ds), group, variant)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+                again = kernels.intgemm_experts(x, token, w, counts, (gq, gs), (dq, ds), group, variant)
+                assert torch.equal(got, again), (variant, threads)
+        finally:
+            torch.set_num_threads(before)
 
 
 def test_experts_prefill_probe_gives_every_candidate_the_same_rows(monkeypatch, tmp_path):

@@ -92,6 +92,9 @@ def _intgemm_types(lib: ctypes.CDLL):
     lib.intgemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int,
                             ctypes.c_int, ctypes.c_int]
     lib.intgemm.restype = ctypes.c_int
+    lib.intgemm_experts.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int,
+                                    ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.intgemm_experts.restype = ctypes.c_int
 
 
 class Mat(ctypes.Structure):
@@ -321,6 +324,35 @@ def intgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: i
                  scale.shape[-1] if g4 else 1, g4, out_features, y.data_ptr(), INT_VARIANTS.index(variant),
                  int(_unpack("int4" if g4 else "int8") == "transposes"), threads(rows * features * out_features))
     return y.view(*shape[:-1], out_features)
+
+
+def intgemm_experts(x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                    gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
+                    group_size: int, variant: str) -> torch.Tensor:
+    """The routed experts of a prefill in one call (csrc/intgemm.c intgemm_experts): x [T, H] (computed in fp32),
+    the (token, choice) pairs sorted by expert (moe.sort_by_expert: token [P], weight [P, 1], counts [E]), stacked
+    packed weights gate_up (q [E, 2I, H'], scale) and down (q [E, H, I'], scale) -> fp32 [T, H], the sum over each
+    token's experts of weight * down(silu(gate) * up), each product computed as intgemm() computes it. The threads
+    take whole experts; the result does not depend on their timing."""
+    _require()
+    if variant not in int_variants():
+        raise ValueError(f"intgemm: no variant {variant!r} for this CPU; it has {', '.join(int_variants())}")
+    (gq, gs), (dq, ds) = gate_up, down
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    t, h = x.shape
+    e, two_i, _ = gq.shape
+    token, counts = token.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
+    weight = weight.reshape(-1).float().contiguous()
+    out = torch.zeros(t, h, dtype=torch.float32)
+    g4 = group_size if gq.dtype == torch.uint8 else 0
+    mode = "int4" if g4 else "int8"
+    work = int(counts.sum()) * 3 * h * (two_i // 2)
+    _lib.intgemm_experts(x.data_ptr(), t, h, two_i // 2, token.data_ptr(), weight.data_ptr(), counts.data_ptr(), e,
+                         gq.data_ptr(), gs.data_ptr(), dq.data_ptr(), ds.data_ptr(), _half(gq, gs), _half(dq, ds), g4,
+                         out.data_ptr(), INT_VARIANTS.index(variant), int(_unpack(mode) == "transposes"),
+                         threads(work))
+    return out
 
 
 cpu.register("int_unpack", ("plain", "transposes"))

@@ -420,14 +420,19 @@ class QuantizedExperts(nn.Module):
 
     def integer(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, variant: str) -> torch.Tensor:
         """Each chosen expert's rows times its packed weights in integers (kernels.intgemm: x rounded to int8 per
-        row per block of 32), no dequantized copy."""
+        row per block of 32), no dequantized copy: all experts in one call (kernels.intgemm_experts, the threads
+        taking whole experts) where enough are chosen to share out, else one expert after another."""
         gq, gs = self.stacked("gate_up_proj")
         dq, ds = self.stacked("down_proj")
 
+        token, w, counts = sort_by_expert(index, weights, self.num_experts)
+        if int((counts > 0).sum()) >= 4 * torch.get_num_threads():  # enough experts to share out whole
+            return kernels.intgemm_experts(x, token, w, counts, (gq, gs), (dq, ds), self.group_size,
+                                           variant).to(x.dtype)
+
         def mm(rows: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return kernels.intgemm(rows, *w, self.group_size, variant)
-        return each_expert(x, *sort_by_expert(index, weights, self.num_experts),
-                           lambda e: ((gq[e], gs[e]), (dq[e], ds[e])), linear=mm)
+        return each_expert(x, token, w, counts, lambda e: ((gq[e], gs[e]), (dq[e], ds[e])), linear=mm)
 
     def prefill_path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, ints: dict[str, str]
                      ) -> str:

@@ -44,25 +44,27 @@ int intgemm_variants(void) {
     return mask;
 }
 
+/* One block of QB inputs -> its int8 codes, step and code sum */
+static inline void quantize_block(const float *xb, int8_t *xq, float *d, int32_t *xsum) {
+    float big = 0.0f;
+    for (int i = 0; i < QB; i++) big = fmaxf(big, fabsf(xb[i]));
+    float step = big * (1.0f / 127.0f), inv = step > 0.0f ? 1.0f / step : 0.0f;
+    int32_t total = 0;
+    for (int i = 0; i < QB; i++) {
+        float q = nearbyintf(xb[i] * inv);
+        q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+        xq[i] = (int8_t)q;
+        total += (int32_t)q;
+    }
+    *d = step;
+    *xsum = total;
+}
+
 /* x [M, K] -> xq [M, K], d [M, K/QB], xsum [M, K/QB] (the sum of a block's xq) */
 void intgemm_quantize(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, int32_t *xsum, int nthreads) {
     int64_t blocks = M * (K / QB);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *xb = x + b * QB;
-        float big = 0.0f;
-        for (int i = 0; i < QB; i++) big = fmaxf(big, fabsf(xb[i]));
-        float step = big * (1.0f / 127.0f), inv = step > 0.0f ? 1.0f / step : 0.0f;
-        int32_t total = 0;
-        for (int i = 0; i < QB; i++) {
-            float q = nearbyintf(xb[i] * inv);
-            q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
-            xq[b * QB + i] = (int8_t)q;
-            total += (int32_t)q;
-        }
-        d[b] = step;
-        xsum[b] = total;
-    }
+    for (int64_t b = 0; b < blocks; b++) quantize_block(x + b * QB, xq + b * QB, d + b, xsum + b);
 }
 
 #ifdef __AVX2__
@@ -286,52 +288,159 @@ KERNEL(kern_vnni512, __m512i, __m512, 16, 2, _mm512_setzero_si512(), _mm512_set1
 typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const float *, const int32_t *,
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
+/* A variant's kernel for int8 (g4 = 0) or int4 weights, its tile width and offsets; kern = 0 if not compiled */
+typedef struct { kernel_fn kern; int NW; int32_t off; uint32_t tile_off; } Variant;
+
+static Variant variant_for(int variant, int64_t g4) {
+    Variant v = {0, 8, g4 ? 8 : 128, g4 ? 0 : 0x80808080u};
+    if (variant == 0) { v.kern = g4 ? kern_avx2_i4 : kern_avx2_i8; v.off = g4 ? 8 : 0; v.tile_off = 0; }
+#ifdef __AVXVNNI__
+    if (variant == 1) v.kern = kern_vnni256;
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (variant == 2) { v.kern = kern_vnni512; v.NW = 32; }
+#endif
+    return v;
+}
+
+/* A packed weight: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale [N, srow], fp16 when
+ * half) */
+typedef struct { const void *w; int64_t wrow; const void *scale; int half; int64_t srow, g4, N; } Weight;
+
+/* Tiles t0 .. t1 of W against quantized rows (xq, d, xsum) of x [M, K] -> y [M, N], on this thread's tile
+ * buffers */
+static void run_tiles(const Variant *v, const Weight *W, const int8_t *xq, const float *d, const int32_t *xsum,
+                      int64_t M, int64_t K, float *y, int transposed, int64_t t0, int64_t t1, uint8_t *tile,
+                      float *ts) {
+    int64_t gblocks = W->g4 ? W->g4 / QB : K / QB;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t n0 = t * v->NW;
+        int nw = W->N - n0 < v->NW ? (int)(W->N - n0) : v->NW;
+        (transposed && (!W->g4 || K % 64 == 0) ? unpack_t : unpack)(
+            W->w, W->wrow, W->scale, W->half, W->srow, W->g4, K, n0, nw, v->NW, v->tile_off, tile, ts);
+        for (int64_t m0 = 0; m0 < M; m0 += R)
+            v->kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, v->off, n0, nw, y, W->N);
+    }
+}
+
+static int64_t ts_bytes(int64_t K, int64_t g4, int NW) {
+    return ((( g4 ? K / g4 : 1) * NW * (int64_t)sizeof(float) + 63) / 64) * 64;
+}
+
 /* y [M, N] = x [M, K] . w^T: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale
  * [N, srow], fp16 when half); K a multiple of 32 (of g4 for int4). variant as intgemm_variants() numbers them;
- * transposed: the weights unpacked by unpack_t. Returns -1 if that variant was not compiled, else 0. */
+ * transposed: the weights unpacked by unpack_t. Threads split the tiles. Returns -1 if that variant was not
+ * compiled, else 0. */
 int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
             int64_t srow, int64_t g4, int64_t N, float *y, int variant, int transposed, int nthreads) {
     if (!(intgemm_variants() >> variant & 1)) return -1;
-    kernel_fn kern = 0;
-    int NW = 8;
-    int32_t off = g4 ? 8 : 128;
-    uint32_t tile_off = g4 ? 0 : 0x80808080u;
-    if (variant == 0) { kern = g4 ? kern_avx2_i4 : kern_avx2_i8; off = g4 ? 8 : 0; tile_off = 0; }
-#ifdef __AVXVNNI__
-    if (variant == 1) kern = kern_vnni256;
-#endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (variant == 2) { kern = kern_vnni512; NW = 32; }
-#endif
-    if (!kern) return -1;
-    int64_t blocks = K / QB, groups = g4 ? K / g4 : 1, gblocks = g4 ? g4 / QB : blocks;
+    Variant v = variant_for(variant, g4);
+    if (!v.kern) return -1;
+    Weight W = {w, wrow, scale, half, srow, g4, N};
+    int64_t blocks = K / QB;
     int8_t *xq = malloc(M * K);
     float *d = malloc(M * blocks * sizeof(float));
     int32_t *xsum = malloc(M * blocks * sizeof(int32_t));
     intgemm_quantize(x, M, K, xq, d, xsum, nthreads);
-    int64_t tiles = (N + NW - 1) / NW;
+    int64_t tiles = (N + v.NW - 1) / v.NW;
     _Pragma("omp parallel num_threads(nthreads)")
     {
-        uint8_t *tile = aligned_alloc(64, K * NW);
-        float *ts = aligned_alloc(64, ((groups * NW * sizeof(float) + 63) / 64) * 64);
+        uint8_t *tile = aligned_alloc(64, K * v.NW);
+        float *ts = aligned_alloc(64, ts_bytes(K, g4, v.NW));
         _Pragma("omp for schedule(static)")
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n0 = t * NW;
-            int nw = N - n0 < NW ? (int)(N - n0) : NW;
-            (transposed && (!g4 || K % 64 == 0) ? unpack_t : unpack)(w, wrow, scale, half, srow, g4, K, n0, nw,
-                                                                     NW, tile_off, tile, ts);
-            for (int64_t m0 = 0; m0 < M; m0 += R)
-                kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, off, n0, nw, y, N);
-        }
+        for (int64_t t = 0; t < tiles; t++) run_tiles(&v, &W, xq, d, xsum, M, K, y, transposed, t, t + 1, tile, ts);
         free(tile);
         free(ts);
     }
     free(xq); free(d); free(xsum);
     return 0;
 }
+
+/* rows [M, K] -> their int8 blocks, on this thread */
+static void quantize_rows1(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, int32_t *xsum) {
+    for (int64_t b = 0; b < M * (K / QB); b++) quantize_block(x + b * QB, xq + b * QB, d + b, xsum + b);
+}
+
+/* The routed experts of a prefill in one call: out [T, H] = sum over each token's chosen experts of weight *
+ * down(silu(gate) * up) of its row of x [T, H], computed as intgemm computes each product (the same integers and
+ * fp32 operations, so each expert's rows equal intgemm's), gate_up [E, 2I, H'] (gate rows first) and down
+ * [E, H, I'] with their scales (per row: H / g4 and I / g4 for int4; fp16 where ghalf / dhalf). The pairs come
+ * sorted by expert: token [P], weight [P] and counts [E]. Each thread takes whole experts (the threads' shares of the pairs balanced
+ * by a fixed rule, so the result does not depend on timing) and sums its experts' outputs in expert order into its
+ * own buffer; the buffers are added in thread order. Returns -1 if the variant was not compiled, else 0. */
+int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64_t *token, const float *weight,
+                    const int64_t *counts, int64_t E, const uint8_t *gw, const uint8_t *gs, const uint8_t *dw,
+                    const uint8_t *ds, int ghalf, int dhalf, int64_t g4, float *out, int variant, int transposed,
+                    int nthreads) {
+    if (!(intgemm_variants() >> variant & 1)) return -1;
+    Variant v = variant_for(variant, g4);
+    if (!v.kern) return -1;
+    int64_t gwrow = g4 ? H / 2 : H, dwrow = g4 ? I / 2 : I, gsrow = g4 ? H / g4 : 1, dsrow = g4 ? I / g4 : 1;
+    int64_t most = 0, total = 0;
+    int64_t *start = malloc((E + 1) * sizeof(int64_t)), *owner = malloc(E * sizeof(int64_t));
+    start[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        start[e + 1] = start[e] + counts[e];
+        most = counts[e] > most ? counts[e] : most;
+    }
+    total = start[E];
+    /* expert e to the thread whose share of the pairs its middle falls in */
+    for (int64_t e = 0; e < E; e++) owner[e] = (start[e] + start[e + 1]) * nthreads / (2 * (total ? total : 1));
+    float *parts = calloc((size_t)(nthreads > 1 ? nthreads - 1 : 0) * T * H + 1, sizeof(float));
+    _Pragma("omp parallel num_threads(nthreads)")
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        float *acc = me == 0 ? out : parts + (int64_t)(me - 1) * T * H;
+        int64_t wide = H > 2 * I ? H : 2 * I, kmax = H > I ? H : I;
+        uint8_t *tile = aligned_alloc(64, kmax * v.NW);
+        float *ts = aligned_alloc(64, ts_bytes(kmax, g4, v.NW));
+        float *xs = malloc(most * wide * sizeof(float)), *h = malloc(most * wide * sizeof(float));
+        int8_t *xq = malloc(most * kmax);
+        float *d = malloc(most * (kmax / QB) * sizeof(float));
+        int32_t *xsum = malloc(most * (kmax / QB) * sizeof(int32_t));
+        for (int64_t e = 0; e < E; e++) {
+            int64_t c = counts[e];
+            if (!c || owner[e] != me) continue;
+            const int64_t *tok = token + start[e];
+            for (int64_t r = 0; r < c; r++) memcpy(xs + r * H, x + tok[r] * H, H * sizeof(float));
+            quantize_rows1(xs, c, H, xq, d, xsum);
+            Weight G = {gw + e * 2 * I * gwrow, gwrow, gs + e * 2 * I * gsrow * (ghalf ? 2 : 4), ghalf, gsrow, g4,
+                        2 * I};
+            run_tiles(&v, &G, xq, d, xsum, c, H, h, transposed, 0, (2 * I + v.NW - 1) / v.NW, tile, ts);
+            for (int64_t r = 0; r < c; r++) {  /* silu(gate) * up -> xs [c, I] */
+                const float *gate = h + r * 2 * I, *up = gate + I;
+                for (int64_t i = 0; i < I; i++) xs[r * I + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+            }
+            quantize_rows1(xs, c, I, xq, d, xsum);
+            Weight D = {dw + e * H * dwrow, dwrow, ds + e * H * dsrow * (dhalf ? 2 : 4), dhalf, dsrow, g4, H};
+            run_tiles(&v, &D, xq, d, xsum, c, I, h, transposed, 0, (H + v.NW - 1) / v.NW, tile, ts);
+            for (int64_t r = 0; r < c; r++) {
+                float wt = weight[start[e] + r], *o = acc + tok[r] * H;
+                const float *y = h + r * H;
+                for (int64_t j = 0; j < H; j++) o[j] += y[j] * wt;
+            }
+        }
+        free(tile); free(ts); free(xs); free(h); free(xq); free(d); free(xsum);
+    }
+    for (int t = 1; t < nthreads; t++) {
+        const float *p = parts + (int64_t)(t - 1) * T * H;
+        for (int64_t i = 0; i < T * H; i++) out[i] += p[i];
+    }
+    free(parts); free(start); free(owner);
+    return 0;
+}
 #else
 int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, const void *scale, int half,
             int64_t srow, int64_t g4, int64_t N, float *y, int variant, int transposed, int nthreads) {
+    return -1;
+}
+int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64_t *token, const float *weight,
+                    const int64_t *counts, int64_t E, const uint8_t *gw, const uint8_t *gs, const uint8_t *dw,
+                    const uint8_t *ds, int ghalf, int dhalf, int64_t g4, float *out, int variant, int transposed,
+                    int nthreads) {
     return -1;
 }
 #endif
