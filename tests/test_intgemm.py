@@ -72,7 +72,7 @@ def test_activations_rounded_as_the_reference():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode,group", FORMATS)
-@pytest.mark.parametrize("rows", (1, 17, 100))
+@pytest.mark.parametrize("rows", (1, 6, 7, 17, 100))
 def test_matches_the_integer_reference(variant, mode, group, rows):
     """Outputs 70 (tails of every tile width), inputs 384 (3 groups of 128, 12 blocks), two threads."""
     q, s, _ = weights(mode, group, 70, 384, seed=rows)

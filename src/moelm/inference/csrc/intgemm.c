@@ -28,7 +28,6 @@
 #endif
 
 #define QB 32  /* inputs per activation block */
-#define R 4    /* rows of x per microkernel */
 
 int intgemm_variants(void) {
     int mask = 0;
@@ -212,10 +211,10 @@ static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16,
     (void)off;
 }
 
-/* The microkernel for one variant: rows m0 .. m0 + mr of x (mr <= R) against a tile of NW = W * LANES rows:
+/* The microkernel for one variant and R rows of x: rows m0 .. m0 + mr of x (mr <= R) against a tile of NW = W * LANES rows:
  * y[m][n0 + i] for i < nw. BLOCK(acc) starts a block's integer sums, STEP(acc, w, xb) adds one vector of 4 inputs
  * (xb: 4 bytes of x broadcast), END(acc) gives the block's int32 dots. */
-#define KERNEL(NAME, VI, VF, LANES, W, ZERO, BCAST, LOAD, STEP, END, SUB, CVT, LDF, SETF, FMA, MULF, STOREF)       \
+#define KERNEL_R(NAME, R, VI, VF, LANES, W, ZERO, BCAST, LOAD, STEP, END, SUB, CVT, LDF, SETF, FMA, MULF, STOREF)       \
 static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const int8_t *xq, const float *d,        \
                  const int32_t *xsum, int64_t K, int64_t m0, int mr, int32_t off, int64_t n0, int nw, float *y,  \
                  int64_t N) {                                                                                     \
@@ -257,6 +256,10 @@ static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const in
     }                                                                                                             \
 }
 
+/* The microkernel for R = 4 rows of x and for 2 and 1 (the rows left over) */
+#define KERNEL(NAME, ...) KERNEL_R(NAME##_4, 4, __VA_ARGS__) KERNEL_R(NAME##_2, 2, __VA_ARGS__)                    \
+    KERNEL_R(NAME##_1, 1, __VA_ARGS__)
+
 #define LD256(p) _mm256_loadu_si256((const __m256i *)(p))
 #define ST256F(p, v) _mm256_storeu_ps(p, v)
 static inline __m256i a2_step8(__m256i acc, __m256i w, __m256i xb) {
@@ -289,16 +292,23 @@ typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t 
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
 /* A variant's kernel for int8 (g4 = 0) or int4 weights, its tile width and offsets; kern = 0 if not compiled */
-typedef struct { kernel_fn kern; int NW; int32_t off; uint32_t tile_off; } Variant;
+typedef struct { kernel_fn kern, kern2, kern1; int NW; int32_t off; uint32_t tile_off; } Variant;  /* R = 4, 2, 1 */
+
+#define SET_KERNELS(v, NAME) ((v).kern = NAME##_4, (v).kern2 = NAME##_2, (v).kern1 = NAME##_1)
 
 static Variant variant_for(int variant, int64_t g4) {
-    Variant v = {0, 8, g4 ? 8 : 128, g4 ? 0 : 0x80808080u};
-    if (variant == 0) { v.kern = g4 ? kern_avx2_i4 : kern_avx2_i8; v.off = g4 ? 8 : 0; v.tile_off = 0; }
+    Variant v = {0, 0, 0, 8, g4 ? 8 : 128, g4 ? 0 : 0x80808080u};
+    if (variant == 0) {
+        if (g4) SET_KERNELS(v, kern_avx2_i4);
+        else SET_KERNELS(v, kern_avx2_i8);
+        v.off = g4 ? 8 : 0;
+        v.tile_off = 0;
+    }
 #ifdef __AVXVNNI__
-    if (variant == 1) v.kern = kern_vnni256;
+    if (variant == 1) SET_KERNELS(v, kern_vnni256);
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (variant == 2) { v.kern = kern_vnni512; v.NW = 32; }
+    if (variant == 2) { SET_KERNELS(v, kern_vnni512); v.NW = 32; }
 #endif
     return v;
 }
@@ -318,8 +328,13 @@ static void run_tiles(const Variant *v, const Weight *W, const int8_t *xq, const
         int nw = W->N - n0 < v->NW ? (int)(W->N - n0) : v->NW;
         (transposed && (!W->g4 || K % 64 == 0) ? unpack_t : unpack)(
             W->w, W->wrow, W->scale, W->half, W->srow, W->g4, K, n0, nw, v->NW, v->tile_off, tile, ts);
-        for (int64_t m0 = 0; m0 < M; m0 += R)
-            v->kern(tile, ts, gblocks, xq, d, xsum, K, m0, M - m0 < R ? (int)(M - m0) : R, v->off, n0, nw, y, W->N);
+        for (int64_t m0 = 0; m0 < M;) {  /* 4 rows at a time (3 left: 4 with one unused), then 2, then 1 */
+            int64_t left = M - m0;
+            int mr = left >= 3 ? (left < 4 ? 3 : 4) : (int)left;
+            (mr >= 3 ? v->kern : mr == 2 ? v->kern2 : v->kern1)(tile, ts, gblocks, xq, d, xsum, K, m0, mr, v->off,
+                                                                 n0, nw, y, W->N);
+            m0 += mr;
+        }
     }
 }
 
