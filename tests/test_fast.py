@@ -1779,8 +1779,8 @@ def test_quantized_linear_paths_agree(mode, monkeypatch):
 @needs_kernels
 def test_gemm_matches_linear_for_every_edge():
     """csrc/gemm.c against float64 F.linear: rows not a multiple of its 16-row panels, outputs not a multiple of its
-    6-row tiles, inputs across and not a multiple of its 768-wide k blocks; with and without bias; the result a view
-    of its transposed buffer that the next layer can take as is."""
+    12-row (AVX-512) or 6-row tiles, inputs across and not a multiple of its 512-wide k blocks; with and without
+    bias; the result a view of its transposed buffer that the next layer can take as is."""
     g = torch.Generator().manual_seed(9)
     for rows, out, inp in ((1, 5, 7), (7, 13, 300), (16, 6, 768), (37, 50, 1700), (300, 97, 96)):
         x, w, b = (torch.randn(*shape, generator=g) for shape in ((rows, inp), (out, inp), (out,)))

@@ -2,12 +2,12 @@
  *
  * Computed as y^T = w . x^T so that the big operand, w, is read in its own layout and never repacked: x (tens to
  * hundreds of rows) is packed once per call into panels of 16 rows transposed, xt[panel][k][16]. The microkernel
- * takes 6 rows of w and one panel: 12 accumulators of 8 lanes (6 w rows x 16 x rows), per k two loads of the panel
- * and 6 broadcasts of w, 12 multiply-adds. Loops: threads split w's rows; each thread runs K in blocks of KC so
+ * takes MR rows of w and one panel: per k the panel's loads, MR broadcasts of w and MR x 16 lanes of
+ * multiply-adds. Loops: threads split w's rows; each thread runs K in blocks of KC so
  * that the 6 w rows of a block (6 KC floats) stay in L1 while every panel of that block (16 KC floats each) comes
  * from L2; y's tiles (stored transposed, see gemm_f32) are written on the first block and accumulated after.
- * Written with GCC vector extensions: the compiler emits the machine's FMA SIMD (AVX2 here, AVX-512 registers of
- * the same width elsewhere). */
+ * Written with GCC vector extensions. With AVX-512 a panel is one 512-bit vector and the microkernel takes 12 rows
+ * of w (12 accumulators); else two 256-bit vectors and 6 rows. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,31 +16,43 @@
 #endif
 
 typedef float v8f __attribute__((vector_size(32)));
-
-#define MR 6    /* rows of w per microkernel */
+#ifdef __AVX512F__
+typedef float vf __attribute__((vector_size(64)));  /* a panel's 16 rows in one 512-bit vector */
+#define MR 12   /* rows of w per microkernel */
+#define PV 1    /* vectors per panel */
+#else
+typedef v8f vf;
+#define MR 6
+#define PV 2
+#endif
 #define NR 16   /* rows of x per panel */
-#define KC 768  /* k per block */
+#ifndef KC
+#define KC 512  /* k per block */
+#endif
 
 static inline v8f ld(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
+static inline vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof(vf)); return v; }
 
 /* acc[i][j] (x row j of the panel, w row i) over k in [0, kc): w rows at w + i * ldw, panel p [kc][16]. Rows of w
  * past `mr` are not read (their sums are not stored). */
-static inline void kernel(const float *w, int64_t ldw, int mr, const float *p, int64_t kc, float out[MR][NR]) {
-    v8f a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0}, e0 = {0}, e1 = {0},
-        f0 = {0}, f1 = {0};
-    const float *w0 = w, *w1 = w + (mr > 1) * ldw, *w2 = w + (mr > 2) * 2 * ldw, *w3 = w + (mr > 3) * 3 * ldw,
-                *w4 = w + (mr > 4) * 4 * ldw, *w5 = w + (mr > 5) * 5 * ldw;
-    for (int64_t k = 0; k < kc; k++) {
-        v8f x0 = ld(p + k * NR), x1 = ld(p + k * NR + 8);
-        v8f s;
-        s = (v8f){} + w0[k]; a0 += s * x0; a1 += s * x1;
-        s = (v8f){} + w1[k]; b0 += s * x0; b1 += s * x1;
-        s = (v8f){} + w2[k]; c0 += s * x0; c1 += s * x1;
-        s = (v8f){} + w3[k]; d0 += s * x0; d1 += s * x1;
-        s = (v8f){} + w4[k]; e0 += s * x0; e1 += s * x1;
-        s = (v8f){} + w5[k]; f0 += s * x0; f1 += s * x1;
+static inline void kernel(const float *w, int64_t ldw, int mr, const float *p, int64_t kc, const float *pf,
+                          float out[MR][NR]) {
+    vf acc[MR][PV];
+    const float *wr[MR];
+    _Pragma("GCC unroll 12") for (int i = 0; i < MR; i++) {
+        wr[i] = w + (i < mr ? i : 0) * ldw;
+        _Pragma("GCC unroll 2") for (int v = 0; v < PV; v++) acc[i][v] = (vf){0};
     }
-    v8f acc[MR][2] = {{a0, a1}, {b0, b1}, {c0, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
+    for (int64_t k = 0; k < kc; k++) {
+        if (pf && !(k & 15))  /* the next rows' block, a line of each every 16 k, while these are computed */
+            _Pragma("GCC unroll 12") for (int i = 0; i < MR; i++) __builtin_prefetch(pf + i * ldw + k, 0, 3);
+        vf x[PV];
+        _Pragma("GCC unroll 2") for (int v = 0; v < PV; v++) x[v] = ldv(p + k * NR + v * (NR / PV));
+        _Pragma("GCC unroll 12") for (int i = 0; i < MR; i++) {
+            vf s = (vf){0} + wr[i][k];
+            _Pragma("GCC unroll 2") for (int v = 0; v < PV; v++) acc[i][v] += s * x[v];
+        }
+    }
     memcpy(out, acc, sizeof(acc));
 }
 
@@ -73,7 +85,8 @@ void gemm_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, c
                 int64_t n = g * MR;
                 int mr = N - n < MR ? (int)(N - n) : MR;
                 for (int64_t p = 0; p < panels; p++) {
-                    kernel(w + n * K + k0, K, mr, xt + (p * K + k0) * NR, kc, out);
+                    const float *next = p || g + 1 >= g1 ? 0 : w + (n + MR) * K + k0;
+                    kernel(w + n * K + k0, K, mr, xt + (p * K + k0) * NR, kc, next, out);
                     for (int i = 0; i < mr; i++) {
                         float *yr = yt + (n + i) * mp + p * NR;
                         v8f lo = ld(out[i]), hi = ld(out[i] + 8);
