@@ -193,7 +193,7 @@ def test_clients_that_time_out_free_their_slots(server):
     url, engine, tokenizer = server
 
     def impatient(i):
-        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=0.5)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=0.2)
         try:
             if i % 2:
                 list(c.completions.create(model="tiny", prompt="Hello", max_tokens=200, stream=True,
