@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,31 @@ def test_the_model_page_tp_example(checkpoint):
 def test_the_ep_example(checkpoint):
     printed = torchrun("ep_generate.py", checkpoint)
     assert set(printed) == {0, 1} and all(len(ids.split(",")) == 32 for ids in printed.values())
+
+
+def test_the_process_group_moelm_opens_is_closed_at_exit():
+    """moelm opens the process group for a model loaded with a DistributedConfig or tp_plan (torchrun's variables
+    set, nothing initialised); it closes it at exit while the interpreter still runs. Left to the interpreter's
+    teardown, a gloo thread still freeing a finished collective's tensors aborted the EP example about once in ten
+    runs ("terminate called without an active exception"). A group the user opened is theirs to close."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent("""
+        import atexit, os, sys
+        import torch, torch.distributed as dist
+        from moelm.parallel.config import init_process_group
+        if sys.argv[1] == "user":
+            dist.init_process_group("gloo")
+        init_process_group()
+        dist.all_reduce(torch.ones(2))
+        atexit._run_exitfuncs()
+        print("initialised after the exit hooks:", dist.is_initialized())
+    """)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    for who, after in (("moelm", "False"), ("user", "True")):
+        done = subprocess.run([sys.executable, "-c", script, who], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"initialised after the exit hooks: {after}" in done.stdout, (who, done.stdout)
