@@ -315,16 +315,31 @@ INLINE void dot_i8q(const int16_t *xq, int64_t I, const float *xs, const float *
     for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r]));
 }
 
+/* sc[s] = scale[s] * xs[s] for the groups of one row of x against one weight row (padded with zeros to a whole
+ * vector load); returns sum(scale[s] * xsum[s]), what the codes' offset of 8 takes off (times 8) */
+INLINE float group_scales(const float *scale, const float *xs, const float *xsum, int64_t groups, float *sc) {
+    float offset = 0.0f;
+    for (int64_t s = 0; s < groups; s++) {
+        sc[s] = scale[s] * xs[s];
+        offset += scale[s] * xsum[s];
+    }
+    for (int k = 0; k < 4; k++) sc[groups + k] = 0.0f;
+    return offset;
+}
+
 /* int4 in steps of 32 bytes holding `per` whole groups of g = 64 / per inputs (per = 1: g = 64; per = 2: g = 32),
  * xq in the order the 16-bit lanes come out of shifts: sum((n - 8) * x) * s = s * (xs * sum(n * xq) - 8 * sum(x)) per
  * group; int32 lanes 8 / per at a time belong to one group. per is a constant after inlining. */
 INLINE void dot_i4s(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
                     const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d, const int per) {
     __m256 acc[4];
-    float offset[4];
+    float offset[4], sc[4][n / g + 4];
     const __m256i mask = _mm256_set1_epi16(15);
-    const __m256 upper = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
-    for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); offset[r] = 0.0f; }
+    const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  /* per = 2: a group's scale in 4 lanes each */
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm256_setzero_ps();
+        offset[r] = group_scales(scale, xs + r * groups, xsum + r * groups, n / g, sc[r]);
+    }
     for (int64_t s = 0; s < n / g; s += per) {
         prefetch(w + s * (g / 2));
         __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * (g / 2)));
@@ -332,15 +347,14 @@ INLINE void dot_i4s(const int16_t *xq, int64_t I, const float *xs, const float *
         __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(b, 8), mask), q3 = _mm256_srli_epi16(b, 12);
         for (int r = 0; r < NR; r++) {
             const int16_t *xg = xq + r * I + s * g;
-            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
             __m256i isum = _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i *)xg));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i *)(xg + 16))));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q2, _mm256_loadu_si256((const __m256i *)(xg + 32))));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(q3, _mm256_loadu_si256((const __m256i *)(xg + 48))));
-            __m256 sc = _mm256_set1_ps(scale[s] * sx[0]);
-            if (per == 2) sc = _mm256_blendv_ps(sc, _mm256_set1_ps(scale[s + 1] * sx[1]), upper);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[r]);
-            for (int k = 0; k < per; k++) offset[r] += scale[s + k] * tx[k];
+            __m256 f = per == 1 ? _mm256_broadcast_ss(sc[r] + s)
+                                : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
+                                      _mm_load_sd((const double *)(sc[r] + s)))), lanes);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), f, acc[r]);
         }
     }
     for (int r = 0; r < NR; r++) d[r] = hsum(from_m256(acc[r])) - 8.0f * offset[r];
@@ -366,9 +380,14 @@ INLINE void dot_i4h(const int16_t *xq, int64_t I, const float *xs, const float *
 INLINE void dot_i4sw(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
                      const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d, const int per) {
     __m512 acc[4];
-    float offset[4];
+    float offset[4], sc[4][n / g + 4];
     const __m512i mask = _mm512_set1_epi16(15);
-    for (int r = 0; r < NR; r++) { acc[r] = _mm512_setzero_ps(); offset[r] = 0.0f; }
+    const __m512i lanes = per == 1 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                   : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm512_setzero_ps();
+        offset[r] = group_scales(scale, xs + r * groups, xsum + r * groups, n / g, sc[r]);
+    }
     for (int64_t s = 0; s < n / g; s += 2 * per) {
         prefetch(w + s * (g / 2));
         __m512i b = _mm512_loadu_si512((const void *)(w + s * (g / 2)));
@@ -376,17 +395,13 @@ INLINE void dot_i4sw(const int16_t *xq, int64_t I, const float *xs, const float 
         __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 8), mask), q3 = _mm512_srli_epi16(b, 12);
         for (int r = 0; r < NR; r++) {
             const int16_t *xg = xq + r * I + s * g;
-            const float *sx = xs + r * groups + s, *tx = xsum + r * groups + s;
             __m512i isum = _mm512_madd_epi16(q0, _mm512_loadu_si512((const void *)xg));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q1, _mm512_loadu_si512((const void *)(xg + 32))));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q2, _mm512_loadu_si512((const void *)(xg + 64))));
             isum = _mm512_add_epi32(isum, _mm512_madd_epi16(q3, _mm512_loadu_si512((const void *)(xg + 96))));
-            __m512 sc = _mm512_set1_ps(scale[s] * sx[0]);
-            for (int k = 1; k < 2 * per; k++)  /* int32 lanes 8 / per at a time: one group each */
-                sc = _mm512_mask_blend_ps((__mmask16)(((1 << (8 / per)) - 1) << (k * 8 / per)), sc,
-                                          _mm512_set1_ps(scale[s + k] * sx[k]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
-            for (int k = 0; k < 2 * per; k++) offset[r] += scale[s + k] * tx[k];
+            /* int32 lanes 8 / per at a time: one group each */
+            __m512 f = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(sc[r] + s)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc[r]);
         }
     }
     for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]) - 8.0f * offset[r];
