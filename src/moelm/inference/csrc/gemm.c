@@ -4,7 +4,7 @@
  * hundreds of rows) is packed once per call into panels of 16 rows transposed, xt[panel][k][16]. The microkernel
  * takes MR rows of w and one panel: per k the panel's loads, MR broadcasts of w and MR x 16 lanes of
  * multiply-adds. Loops: threads split w's rows; each thread runs K in blocks of KC so
- * that the 6 w rows of a block (6 KC floats) stay in L1 while every panel of that block (16 KC floats each) comes
+ * that the MR w rows of a block (MR KC floats) stay in L1 while every panel of that block (16 KC floats each) comes
  * from L2; y's tiles (stored transposed, see gemm_f32) are written on the first block and accumulated after.
  * Written with GCC vector extensions. With AVX-512 a panel is one 512-bit vector and the microkernel takes 12 rows
  * of w (12 accumulators); else two 256-bit vectors and 6 rows. */
@@ -56,7 +56,7 @@ static inline void kernel(const float *w, int64_t ldw, int mr, const float *p, i
     memcpy(out, acc, sizeof(acc));
 }
 
-/* yt [N, Mp] (Mp = M rounded up to 16): y transposed, so that a tile's 6 w rows are 6 runs of 16 contiguous floats
+/* yt [N, Mp] (Mp = M rounded up to 16): y transposed, so that a tile's MR w rows are MR runs of 16 contiguous floats
  * (vector stores); the caller views it as y [M, N]. */
 void gemm_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias, float *yt,
               int nthreads) {

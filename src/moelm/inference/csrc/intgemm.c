@@ -9,7 +9,8 @@
  * The weights are read in moelm's packing (quantization.py) and unpacked a tile of NW rows at a time (the whole K)
  * into a thread's buffer, interleaved so that one vector holds 4 consecutive inputs of each of its rows: tile
  * [K/4][NW][4] bytes. That tile then serves every row of x: a broadcast of 4 bytes of one x row times one tile
- * vector gives each of NW rows its 4-input dot in its own int32 lane (no horizontal sums), R = 4 rows of x at a time.
+ * vector gives each of NW rows its 4-input dot in its own int32 lane (no horizontal sums), R = 4 rows of x at a time
+ * (2 or 1 for the rows left over).
  * Variants (intgemm_variants() says which were compiled for this CPU):
  *   0 AVX2: vpmaddubsw + vpmaddwd. int4: the codes n in [0, 15] are the unsigned side, pair sums <= 2*15*127 stay
  *     in int16 over a whole block (16 products <= 30480); int8: |x| is the unsigned side and the sign moves onto the
@@ -18,7 +19,8 @@
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
  * The weights are unpacked by gathers (int4) or 4 bytes of a row at a time (int8) (unpack), or by 8 x 8 transposes
  * of whole 32-byte row pieces (unpack_t), as the caller says (kernels.py measures which is faster on this CPU).
- * Threads split the tiles (output rows). No AMX path: it could not be tested on the machines this was written on. */
+ * Threads split the tiles (output rows) in intgemm, whole experts in intgemm_experts. No AMX path: it could not be
+ * tested on the machines this was written on. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -164,40 +166,32 @@ static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, i
 }
 
 /* unpack without gathers or a row's 4-byte steps: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords,
- * each column what one gather of unpack gives (int8: 4 bytes of each row, + off); every row read in order, which the
- * hardware prefetchers follow (on Zen 5 with int4 weights in memory, not cache: 2.3x the gathers for 24 rows of x).
- * int4 needs K a multiple of 64 (whole 32-byte loads); otherwise unpack. */
+ * each column what one gather of unpack gives (int8: 4 bytes of each row, + off; int4: split into its low and high
+ * nibbles); every row read in order, which the hardware prefetchers follow (on Zen 5 with int4 weights in memory,
+ * not cache: 2.3x the gathers for 24 rows of x). All NW rows at each step, so that each line of the tile is written
+ * whole at once (a quarter at a time, it came back from L2 four times), and the next tile's rows prefetched into L2
+ * as these are read (into L1 they evicted the tile). int4 needs K a multiple of 64 (whole 32-byte loads); otherwise
+ * unpack. */
 static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16, int64_t srow, int64_t g4,
                      int64_t K, int64_t n0, int nw, int NW, uint32_t off, uint8_t *tile, float *ts) {
-    int64_t groups = g4 ? K / g4 : 1, half = g4 / 2;
-    tile_scales(scale, f16, srow, groups, n0, nw, NW, ts);
-    if (!g4) {
-        const __m256i flip = _mm256_set1_epi32((int32_t)off);
-        for (int r0 = 0; r0 < NW; r0 += 8) {
-            const uint8_t *row[8];
-            for (int i = 0; i < 8; i++) row[i] = w + (n0 + (r0 + i < nw ? r0 + i : nw - 1)) * wrow;
-            for (int64_t p = 0; p < K; p += 32) {
-                __m256i r[8], c[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[i] + p));
-                transpose8(r, c);
-                for (int k = 0; k < 8; k++)
-                    _mm256_storeu_si256((__m256i *)(tile + ((p / 4 + k) * NW + r0) * 4), _mm256_xor_si256(c[k], flip));
-            }
-        }
-        return;
-    }
-    /* all NW rows at each step, so that each line of the tile is written whole at once */
-    const __m256i low = _mm256_set1_epi8(15);
+    int64_t half = g4 / 2, bytes = g4 ? K / 2 : K;
+    tile_scales(scale, f16, srow, g4 ? K / g4 : 1, n0, nw, NW, ts);
+    const __m256i low = _mm256_set1_epi8(15), flip = _mm256_set1_epi32((int32_t)off);
     const uint8_t *row[32];
     for (int i = 0; i < NW; i++) row[i] = w + (n0 + (i < nw ? i : nw - 1)) * wrow;
-    const uint8_t *ahead = w + (n0 + NW) * wrow;  /* the next tile's rows, read ahead as these are read */
-    int64_t s = 0, j = 0;  /* the group and the byte in it of the next 4 bytes: at = s * half + j */
-    for (int64_t p = 0; p < K / 2; p += 32) {
+    const uint8_t *ahead = w + (n0 + NW) * wrow;
+    int64_t s = 0, j = 0;  /* int4: the group and the byte in it of the next 4 bytes (p = s * half + j) */
+    for (int64_t p = 0; p < bytes; p += 32) {
         for (int i = 0; i < 32 * NW; i += 64) _mm_prefetch((const char *)(ahead + NW * p + i), _MM_HINT_T1);
         for (int r0 = 0; r0 < NW; r0 += 8) {
             __m256i r[8], c[8];
             for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(row[r0 + i] + p));
             transpose8(r, c);
+            if (!g4) {
+                for (int k = 0; k < 8; k++)
+                    _mm256_storeu_si256((__m256i *)(tile + ((p / 4 + k) * NW + r0) * 4), _mm256_xor_si256(c[k], flip));
+                continue;
+            }
             int64_t s1 = s, j1 = j;
             for (int k = 0; k < 8; k++) {
                 uint8_t *lo = tile + (s1 * g4 + j1) * NW + r0 * 4, *hi = lo + half * NW;
@@ -206,15 +200,14 @@ static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16,
                 if ((j1 += 4) == half) { j1 = 0; s1++; }
             }
         }
-        if ((j += 32) >= half) { s += j / half; j %= half; }
+        if (g4 && (j += 32) >= half) { s += j / half; j %= half; }
     }
-    (void)off;
 }
 
-/* The microkernel for one variant and R rows of x: rows m0 .. m0 + mr of x (mr <= R) against a tile of NW = W * LANES rows:
- * y[m][n0 + i] for i < nw. BLOCK(acc) starts a block's integer sums, STEP(acc, w, xb) adds one vector of 4 inputs
- * (xb: 4 bytes of x broadcast), END(acc) gives the block's int32 dots. */
-#define KERNEL_R(NAME, R, VI, VF, LANES, W, ZERO, BCAST, LOAD, STEP, END, SUB, CVT, LDF, SETF, FMA, MULF, STOREF)       \
+/* The microkernel for one variant and R rows of x: rows m0 .. m0 + mr of x (mr <= R) against a tile of
+ * NW = W * LANES rows: y[m][n0 + i] for i < nw. BLOCK(acc) starts a block's integer sums, STEP(acc, w, xb) adds
+ * one vector of 4 inputs (xb: 4 bytes of x broadcast), END(acc) gives the block's int32 dots. */
+#define KERNEL_R(NAME, R, VI, VF, LANES, W, ZERO, BCAST, LOAD, STEP, END, SUB, CVT, LDF, SETF, FMA, MULF, STOREF) \
 static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const int8_t *xq, const float *d,        \
                  const int32_t *xsum, int64_t K, int64_t m0, int mr, int32_t off, int64_t n0, int nw, float *y,  \
                  int64_t N) {                                                                                     \
@@ -380,9 +373,10 @@ static void quantize_rows1(const float *x, int64_t M, int64_t K, int8_t *xq, flo
  * down(silu(gate) * up) of its row of x [T, H], computed as intgemm computes each product (the same integers and
  * fp32 operations, so each expert's rows equal intgemm's), gate_up [E, 2I, H'] (gate rows first) and down
  * [E, H, I'] with their scales (per row: H / g4 and I / g4 for int4; fp16 where ghalf / dhalf). The pairs come
- * sorted by expert: token [P], weight [P] and counts [E]. Each thread takes whole experts (the threads' shares of the pairs balanced
- * by a fixed rule, so the result does not depend on timing) and sums its experts' outputs in expert order into its
- * own buffer; the buffers are added in thread order. Returns -1 if the variant was not compiled, else 0. */
+ * sorted by expert: token [P], weight [P] and counts [E]. Each thread takes whole experts (the threads' shares of
+ * the pairs balanced by a fixed rule, so the result does not depend on timing) and sums its experts' outputs in
+ * expert order into its own buffer; the buffers are added in thread order. Returns -1 if the variant was not
+ * compiled, else 0. */
 int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64_t *token, const float *weight,
                     const int64_t *counts, int64_t E, const uint8_t *gw, const uint8_t *gs, const uint8_t *dw,
                     const uint8_t *ds, int ghalf, int dhalf, int64_t g4, float *out, int variant, int transposed,
