@@ -239,6 +239,44 @@ def test_logits_to_keep(family):
 
 
 @pytest.mark.parametrize("family", list(BASE))
+def test_last_layer_feed_forward_runs_on_the_kept_positions_only(family):
+    """With logits_to_keep, the last layer's MLP / MoE block sees the kept positions only (as llama.cpp computes
+    its last layer); the logits, the cache it fills (the next step's logits) and, when asked for, the hidden states
+    and router logits of every position equal the reference's."""
+    ref, ours, _ = build(family)
+    ids = tokens()
+    last = ours.model.layers[-1]
+    block = getattr(last, last.mlp_name)
+    seen = []
+    hook = block.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1]))
+    try:
+        for keep, rows in ((1, (2, 1)), (3, (2, 3)), (torch.tensor([0, 4, 9]), (2, 3)), (10, (2, 10)), (0, (2, 10))):
+            seen.clear()
+            a, b = run_both(ref, ours, input_ids=ids, logits_to_keep=keep)
+            close(a.logits, b.logits, f"logits_to_keep={keep}")
+            assert seen == [rows], (keep, seen)
+        for asked in (dict(output_hidden_states=True), forward_kwargs(family)):
+            if not asked:
+                continue
+            seen.clear()
+            a, b = run_both(ref, ours, input_ids=ids, logits_to_keep=1, **asked)
+            assert seen == [(2, 10)], (asked, seen)
+            close(a.logits, b.logits, f"logits with {asked}")
+            for name in asked:
+                what = name.removeprefix("output_")
+                for x, y in zip(getattr(a, what), getattr(b, what)):
+                    close(x, y, what)
+        # a prefill that keeps one position, then a step from its cache
+        a, b = run_both(ref, ours, input_ids=ids[:, :6], use_cache=True, logits_to_keep=1)
+        with torch.no_grad():
+            a = ref(input_ids=ids[:, 6:7], past_key_values=a.past_key_values, use_cache=True)
+            b = ours(input_ids=ids[:, 6:7], past_key_values=b.past_key_values, use_cache=True)
+        close(a.logits, b.logits, "the step after a prefill that kept one position")
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("family", list(BASE))
 def test_return_dict_false(family):
     ref, ours, _ = build(family)
     ids = tokens()

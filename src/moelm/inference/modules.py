@@ -60,9 +60,11 @@ class FastAttention(Attention):
 
 
 class FastDecoderLayer(DecoderLayer):
-    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
+    def forward(self, x, cos_sin, mask, cache, output_attentions=False, keep=None):
         """A decoding step in one C call (decode.layer_step) where it applies and measured faster than the layer
         op by op for this CPU and shape; else the layer op by op."""
+        if keep is not None:
+            return super().forward(x, cos_sin, mask, cache, output_attentions, keep)
         run = None if output_attentions else layer_step(self, x, cos_sin, mask, cache)
         if run is None:
             return super().forward(x, cos_sin, mask, cache, output_attentions)

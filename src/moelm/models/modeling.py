@@ -230,7 +230,9 @@ class DecoderModel(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=False,
-                output_hidden_states=False, output_router_logits=False, **kwargs) -> MoeModelOutputWithPast:
+                output_hidden_states=False, output_router_logits=False, keep=None, **kwargs) -> MoeModelOutputWithPast:
+        """keep (a slice or indices of the sequence): the positions whose last hidden state is wanted; the last
+        layer's MLP / MoE block runs on those only and last_hidden_state has those only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -249,10 +251,14 @@ class DecoderModel(PreTrainedModel):
         cos_sin = self.rotary(inputs_embeds, position_ids)
         h = inputs_embeds
         hidden_states, attentions, router_logits = [], [], []
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(h)
-            h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions)
+            if keep is not None and i == last:
+                h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions, keep=keep)
+            else:
+                h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions)
             attentions.append(weights)
             if logits is not None:
                 router_logits.append(logits)
@@ -287,16 +293,18 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         moe = hasattr(self.config, "router_aux_loss_coef")
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
+        seq = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        keep = logits_kept(logits_to_keep, seq)
+        # the last layer's feed-forward for the kept positions only, unless every position's output is asked for
+        trim = keep is not None and not output_hidden_states and not (moe and output_router_logits)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          cache_position=cache_position, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states,
-                         output_router_logits=moe and output_router_logits)
+                         output_router_logits=moe and output_router_logits, keep=keep if trim else None)
         h = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            h = h[:, -logits_to_keep:] if logits_to_keep else h
-        else:
-            h = h[:, logits_to_keep]
+        if keep is not None and not trim:
+            h = h[:, keep]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
@@ -311,6 +319,16 @@ class CausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits)
         return result if return_dict else result.to_tuple()
+
+
+def logits_kept(logits_to_keep, seq: int):
+    """logits_to_keep as transformers reads it (an int k > 0: the last k positions; 0: all; a 1-D tensor: those
+    indices) -> an index of the sequence, or None for all of it in order."""
+    if isinstance(logits_to_keep, int):
+        return slice(-logits_to_keep, None) if logits_to_keep and logits_to_keep < seq else None
+    if logits_to_keep.numel() == seq and torch.equal(logits_to_keep.cpu(), torch.arange(seq)):
+        return None
+    return logits_to_keep
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:

@@ -148,10 +148,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
 
-    def forward(self, x, cos_sin, mask, cache, output_attentions=False):
-        """x [B, S, hidden] -> (x, attention weights or None, router logits [B*S, E] or None)."""
+    def forward(self, x, cos_sin, mask, cache, output_attentions=False, keep=None):
+        """x [B, S, hidden] -> (x, attention weights or None, router logits [B*S, E] or None). keep (a slice or
+        indices of S): the positions whose output is wanted; the MLP / MoE block runs on those only (x [B, K, hidden]
+        out), as llama.cpp does in its last layer."""
         h, weights = self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, output_attentions)
         x = x + h
+        if keep is not None:
+            x = x[:, keep]
         x, router_logits = self.feed_forward(x, self.post_attention_layernorm(x))
         return x, weights, router_logits
 
