@@ -292,7 +292,7 @@ def check_gemv(y, x, fmt, w, scale, group, dense, bias=None, select=None, msg=""
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", (1, 3, 4, 5, 8, 16))
+@pytest.mark.parametrize("rows", (1, 3, 4, 5, 6, 7, 8, 13, 16))
 @pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
 def test_gemv_matches_linear(fmt, rows, with_bias, threads):
     out_features, in_features = 37, 256  # 37: not a multiple of the 8-row output blocks

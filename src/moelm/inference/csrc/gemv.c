@@ -136,6 +136,63 @@ static inline void dots_f32(const float *x, int64_t M, const float *w0, const fl
     for (; m < M; m++) y[m * ystride] = dot_f32(x + m * n, w0, n);
 }
 
+#ifdef __AVX512F__
+/* With AVX-512, 4 weight rows at a time: blocks of up to 6 rows of x keep 24 sums of 16 lanes in registers, 10
+ * loads for 24 multiply-adds of 512 bits (a few rows of x, as an expert gets at prefill, stay bound by memory:
+ * the 256-bit blocks of dots_f32 were bound by the multiply-adds from 4 rows on). The first block prefetches the
+ * next 4 weight rows into L2, a line of each per step. */
+#define WROWS 4
+typedef float v16f __attribute__((vector_size(64)));
+static inline v16f ld16(const float *p) { v16f v; memcpy(&v, p, 64); return v; }
+static inline float hsum16(v16f a) {
+    v8f lo, hi;
+    memcpy(&lo, &a, 32); memcpy(&hi, (char *)&a + 32, 32);
+    return hsum(lo + hi);
+}
+#define DOTS4(RX)                                                                                             \
+static inline void dots4_##RX(const float *x, const float *const w[4], int nw, int64_t n, float *y,        \
+                              int64_t ystride, const char *const *next, int64_t step) {                     \
+    v16f a[RX][4];                                                                                           \
+    _Pragma("GCC unroll 6") for (int j = 0; j < RX; j++)                                                     \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) a[j][r] = (v16f){0};                             \
+    for (int64_t i = 0; i < n; i += 16) {                                                                    \
+        if (next)                                                                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) __builtin_prefetch(next[r] + (i >> 4) * step, 0, 2); \
+        v16f w0 = ld16(w[0] + i), w1 = ld16(w[1] + i), w2 = ld16(w[2] + i), w3 = ld16(w[3] + i);              \
+        _Pragma("GCC unroll 6") for (int j = 0; j < RX; j++) {                                               \
+            v16f xv = ld16(x + j * n + i);                                                                   \
+            a[j][0] += xv * w0; a[j][1] += xv * w1; a[j][2] += xv * w2; a[j][3] += xv * w3;                 \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int j = 0; j < RX; j++)                                                                             \
+        for (int r = 0; r < nw; r++) y[j * ystride + r] = hsum16(a[j][r]);                                  \
+}
+DOTS4(1) DOTS4(2) DOTS4(3) DOTS4(4) DOTS4(5) DOTS4(6)
+
+/* y[m * ystride + r] = dot(x[m], w[r]) for M rows of x and the first nw of 4 weight rows (the others repeat one) */
+static inline void dots_rows(const float *x, int64_t M, const float *const w[4], int nw, int64_t n, float *y,
+                             int64_t ystride, const char *const *next, int64_t rowbytes) {
+    int64_t m = 0, step = rowbytes * 16 / n;  /* bytes of a next row per 16 inputs */
+    for (; m + 6 <= M; m += 6) dots4_6(x + m * n, w, nw, n, y + m * ystride, ystride, m ? 0 : next, step);
+    const float *xm = x + m * n;
+    const char *const *pf = m ? 0 : next;
+    float *ym = y + m * ystride;
+    switch (M - m) {
+    case 5: dots4_5(xm, w, nw, n, ym, ystride, pf, step); break;
+    case 4: dots4_4(xm, w, nw, n, ym, ystride, pf, step); break;
+    case 3: dots4_3(xm, w, nw, n, ym, ystride, pf, step); break;
+    case 2: dots4_2(xm, w, nw, n, ym, ystride, pf, step); break;
+    case 1: dots4_1(xm, w, nw, n, ym, ystride, pf, step); break;
+    }
+}
+#else
+#define WROWS 2
+static inline void dots_rows(const float *x, int64_t M, const float *const w[2], int nw, int64_t n, float *y,
+                             int64_t ystride, const char *const *next, int64_t rowbytes) {
+    dots_f32(x, M, w[0], nw > 1 ? w[1] : 0, n, y, ystride, next ? next[0] : 0, 2 * rowbytes);
+}
+#endif
+
 DOT(dot_bf16, uint16_t, ld_bf16)
 DOT(dot_i8, int8_t, ld_i8)
 
@@ -207,19 +264,23 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
                 }                                                                                            \
                 continue;                                                                                    \
             }                                                                                                \
-            float buf[2 * I], tmp[srow];                                                                     \
-            for (int64_t o = ob * 8; o < end; o += 2) {                                                      \
-                int64_t two = o + 1 < end;                                                                   \
-                const float *wf[2] = {(const float *)(w + o * wrow), two ? (const float *)(w + (o + 1) * wrow) : 0}; \
-                if (sizeof(WT) != 4)                                                                         \
-                    for (int64_t r = 0; r <= two; r++) {                                                     \
-                        ROW(w + (o + r) * wrow, row_scales(scale, half, o + r, srow, tmp), I, G, buf + r * I); \
+            float buf[WROWS * I], tmp[srow];                                                                 \
+            for (int64_t o = ob * 8; o < end; o += WROWS) {                                                  \
+                int nw = end - o < WROWS ? (int)(end - o) : WROWS;                                           \
+                const float *wf[WROWS];                                                                      \
+                const char *nx[WROWS];                                                                       \
+                for (int r = 0; r < WROWS; r++) {                                                            \
+                    int64_t row = o + (r < nw ? r : 0);                                                      \
+                    wf[r] = (const float *)(w + row * wrow);                                                 \
+                    if (sizeof(WT) != 4 && r < nw) {                                                         \
+                        ROW(w + row * wrow, row_scales(scale, half, row, srow, tmp), I, G, buf + r * I);     \
                         wf[r] = buf + r * I;                                                                 \
-                    }                                                                                        \
-                const char *next = o + 3 < O ? (const char *)(w + (o + 2) * wrow) : 0;                         \
-                dots_f32(x, M, wf[0], wf[1], I, y + o, O, next, 2 * wrow * (int64_t)sizeof(WT));              \
+                    } else if (sizeof(WT) != 4) wf[r] = buf;                                                 \
+                    nx[r] = (const char *)(w + (o + WROWS + r < O ? o + WROWS + r : o) * wrow);              \
+                }                                                                                            \
+                dots_rows(x, M, wf, nw, I, y + o, O, o + WROWS < O ? nx : 0, wrow * (int64_t)sizeof(WT));    \
                 if (bias) for (int64_t m = 0; m < M; m++)                                                    \
-                    for (int64_t r = 0; r <= two; r++) y[m * O + o + r] += bias[o + r];                      \
+                    for (int r = 0; r < nw; r++) y[m * O + o + r] += bias[o + r];                            \
             }                                                                                                \
         }                                                                                                    \
 }
