@@ -48,6 +48,11 @@ class GenerationConfig:
     return_dict_in_generate: bool = False
     use_cache: bool = True
     cache_implementation: str | None = None  # moelm: "static" (the default here) or "dynamic"
+    # speculative decoding (moelm.generation.speculative): n-gram lookup, or drafts of generate(assistant_model=)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None   # None: 2
+    num_assistant_tokens: int | None = None      # None: 5 (transformers: 20)
+    num_assistant_tokens_schedule: str | None = None  # "heuristic" (None) or "constant"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -67,6 +72,12 @@ class GenerationConfig:
             if getattr(self, name) is not None:
                 count(name, low)
         count("min_length", 0)
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
+            if getattr(self, name) is not None:
+                count(name, 1)
+        check(self.num_assistant_tokens_schedule in (None, "heuristic", "constant"),
+              "num_assistant_tokens_schedule must be 'heuristic' or 'constant', got "
+              f"{self.num_assistant_tokens_schedule!r}")
         count("num_beams", 1)
         count("num_return_sequences", 1)
         check(self.cache_implementation in (None, "static", "dynamic"),

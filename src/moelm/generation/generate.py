@@ -410,13 +410,20 @@ class GenerationMixin:
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-                 streamer=None, tokenizer=None, inputs_embeds=None, **kwargs):
+                 streamer=None, tokenizer=None, inputs_embeds=None, assistant_model=None, speculative=None,
+                 **kwargs):
         """Prompt + new tokens [B * num_return_sequences, L] like transformers' generate (greedy, sampling, beam
         search), or a GenerateOutput with return_dict_in_generate. kwargs override generation_config fields.
 
         Finished rows are filled with pad_token_id (default: the first EOS). `streamer.put` gets the prompt, then
-        each new token [1, 1]; `streamer.end()` closes (batch 1, no beams). stop_strings need `tokenizer`."""
+        each new token [1, 1]; `streamer.end()` closes (batch 1, no beams). stop_strings need `tokenizer`.
+        Speculative decoding (moelm.generation.speculative; the same tokens as without it when greedy, the same
+        distribution when sampling): assistant_model= (a draft model sharing the tokenizer; num_assistant_tokens),
+        prompt_lookup_num_tokens= (n-grams of the sequence), or speculative="mtp" (ERNIE's MTP head)."""
+        from .speculative import drafter_for, speculative_tokens
+
         cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
+        drafter = drafter_for(self, cfg, assistant_model, speculative)
         if streamer is not None:
             if cfg.num_beams > 1:
                 raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
@@ -427,7 +434,9 @@ class GenerationMixin:
         if cfg.num_beams > 1:
             sequences, sequences_scores, beam_indices = beam_search(self, state, cfg)
         else:
-            for tokens in decode_tokens(self, state, cfg):
+            steps = decode_tokens(self, state, cfg) if drafter is None else \
+                speculative_tokens(self, state, cfg, drafter, process, advance, stopped)
+            for tokens in steps:
                 if streamer is not None:
                     streamer.put(tokens[:, None].cpu())
             sequences = state.input_ids

@@ -105,8 +105,8 @@ def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
     ignore = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     if any(type(m).__name__ == "Router" for m in model.modules()):
         ignore.append(ROUTERS)
-    if getattr(model, "kept_aside", None):
-        ignore.append(r"re:^model\.mtp_")
+    if getattr(model, "kept_aside", None) or hasattr(getattr(model, "model", None), "mtp_block"):
+        ignore.append(r"re:^model\.mtp_")  # the MTP head: kept aside, or loaded (Ernie4_5_MoeForCausalLM.mtp)
     return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
 

@@ -146,6 +146,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
             model.tie_weights()
             model.kept_aside = load_checkpoint(model, ckpt, progress=progress, mmap=mmap)
         fill_tied_head(model)
+        if hasattr(model, "take_mtp") and not disk and layout is None:  # ERNIE's MTP head, when it has one
+            model.kept_aside = model.take_mtp(model.kept_aside)
     finally:
         ckpt.close()
     if backend is not None:

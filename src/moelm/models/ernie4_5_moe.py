@@ -1,14 +1,21 @@
-"""ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5 attention, dense and MoE layers (routed + shared experts)."""
+"""ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5 attention, dense and MoE layers (routed + shared experts), and
+the multi-token-prediction (MTP) head the -PT checkpoints carry."""
 from __future__ import annotations
+
+import re
+import sys
 
 import torch
 from torch import nn
 
 from ..config import Ernie4_5_MoeConfig
-from ..nn.layers import MLP
+from ..nn.layers import MLP, DecoderLayer, RMSNorm, attention_mask_4d
 from ..nn.moe import Experts, ernie_route
+from ..nn.rope import rotate_interleaved
 from .ernie4_5 import Ernie4_5Model
 from .modeling import CausalLM, Router
+
+MTP_KEY = re.compile(r"^model\.(mtp_emb_norm|mtp_hidden_norm|mtp_linear_proj|mtp_block)\.(\d+)\.(.+)$")
 
 
 class MoeStatics(nn.Module):
@@ -63,3 +70,94 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
     def __init__(self, config: Ernie4_5_MoeConfig):
         self.lm_head_bias = config.use_bias
         super().__init__(config)
+
+    @property
+    def mtp(self) -> "ErnieMtp | None":
+        """The multi-token-prediction head when the checkpoint has one (add_mtp / take_mtp), else None."""
+        return ErnieMtp(self) if hasattr(self.model, "mtp_block") else None
+
+    def add_mtp(self, layers: int = 1, bias: bool | None = None):
+        """The MTP head's modules on `model`, under the hub's names (model.mtp_emb_norm.0, model.mtp_hidden_norm.0,
+        model.mtp_linear_proj.0 [H, 2H], model.mtp_block.0: a decoder layer with a dense MLP), in this model's
+        dtype and device, weights to be loaded or initialised by the caller."""
+        cfg, base = self.config, self.model
+        h, bias = cfg.hidden_size, cfg.use_bias if bias is None else bias
+        like = base.embed_tokens.weight
+
+        def norm():
+            return RMSNorm(h, cfg.rms_norm_eps)
+
+        def block():
+            mlp = MLP(h, cfg.intermediate_size, bias=cfg.use_bias)
+            return DecoderLayer(cfg, 0, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)  # its own cache
+
+        with torch.device(like.device):
+            base.mtp_emb_norm = nn.ModuleList(norm() for _ in range(layers))
+            base.mtp_hidden_norm = nn.ModuleList(norm() for _ in range(layers))
+            base.mtp_linear_proj = nn.ModuleList(nn.Linear(2 * h, h, bias=bias) for _ in range(layers))
+            base.mtp_block = nn.ModuleList(block() for _ in range(layers))
+        for name in ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"):
+            getattr(base, name).to(like.dtype)
+
+    def take_mtp(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The MTP head built from a checkpoint's model.mtp_* tensors (the ones loading keeps aside), when they are
+        complete; returns the tensors still kept aside. A config asking for MTP (num_nextn_predict_layers) without
+        them, or an incomplete set, is said once on stderr, and MTP is off. A linear_proj stored [2H, H] (as the
+        300B-A47B-PT checkpoint is reported to) is transposed."""
+        wanted = int(getattr(self.config, "num_nextn_predict_layers", 0) or 0)
+        found = {k: t for k, t in tensors.items() if MTP_KEY.match(k)}
+        layers = 1 + max((int(MTP_KEY.match(k)[2]) for k in found), default=-1)
+        if not found:
+            if wanted:
+                print(f"moelm: config.json has num_nextn_predict_layers={wanted} but the checkpoint has no MTP "
+                      "tensors (model.mtp_*): the MTP head is off", file=sys.stderr)
+            return tensors
+        bias = any(k.startswith("model.mtp_linear_proj.") and k.endswith(".bias") for k in found)
+        self.add_mtp(layers, bias)
+        h = self.config.hidden_size
+        params = dict(self.model.named_parameters())
+        needed = {n for n in params if n.startswith("mtp_")}
+        given = {k.removeprefix("model."): t for k, t in found.items()}
+        missing, extra = sorted(needed - given.keys()), sorted(given.keys() - needed)
+        if missing or extra:
+            for name in ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"):
+                delattr(self.model, name)
+            print(f"moelm: the checkpoint's MTP tensors do not make a head (missing: {missing[:4]}, unexpected: "
+                  f"{extra[:4]}): they are kept as they are and the MTP head is off", file=sys.stderr)
+            return tensors
+        with torch.no_grad():
+            for name, t in given.items():
+                if name.startswith("mtp_linear_proj.") and name.endswith(".weight") and tuple(t.shape) == (2 * h, h):
+                    t = t.t()
+                param = params[name]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(f"MTP tensor model.{name}: checkpoint {list(t.shape)} vs model "
+                                     f"{list(param.shape)}")
+                param.copy_(t)
+        return {k: t for k, t in tensors.items() if k not in found}
+
+
+class ErnieMtp:
+    """ERNIE's multi-token prediction, as its training code computes it: the next token's embedding (zero at
+    position 0, as vLLM and SGLang) and the main model's last hidden state, each RMS-normed, concatenated,
+    projected (2H -> H), through one decoder layer with its own KV cache; then the shared final norm and LM head
+    predict the token after the next. vLLM and SGLang feed the final-normed hidden state and skip the final norm on
+    the way out; ERNIE's training code (PaddleFormers) feeds the last layer's output before the final norm and norms
+    the MTP output, which is what is computed here."""
+
+    def __init__(self, model: Ernie4_5_MoeForCausalLM):
+        self.model = model
+
+    def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, cache=None,
+                 attention_mask: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        """next_ids [B, S] (the tokens at positions p + 1), hidden [B, S, H] (the last decoder layer's output at
+        positions p, before the final norm), position_ids [B, S] (p); cache: the head's own (one layer);
+        attention_mask [B, past + S] over the head's positions -> logits [B, S, V] for the tokens at p + 2."""
+        base = self.model.model
+        emb = base.embed_tokens(next_ids).masked_fill((position_ids == 0)[..., None], 0)
+        x = torch.cat([base.mtp_emb_norm[depth](emb), base.mtp_hidden_norm[depth](hidden.to(emb.dtype))], dim=-1)
+        x = base.mtp_linear_proj[depth](x)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
+        x, _, _ = base.mtp_block[depth](x, base.rotary(x, position_ids), mask, cache)
+        return self.model.lm_head(base.norm(x))

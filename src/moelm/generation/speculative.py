@@ -1,0 +1,330 @@
+"""Speculative decoding for generate(): drafted tokens checked by one forward of the model.
+
+Each step a drafter proposes up to k tokens a row; the model runs the last token and the drafts in one forward and
+gives the logits after each. Greedy keeps the drafts while they equal the model's own choice, then adds the model's
+token; sampling keeps a draft with probability min(1, p/q) and replaces the first rejected one by a draw from the
+residual max(p - q, 0), renormalised (Leviathan et al. 2023, Chen et al. 2023), so the tokens follow the model's
+own distribution (p: the processed scores' softmax, q: the drafter's; a prompt-lookup draft has q = 1). The rows of
+a batch keep the same number of tokens per step, the fewest any unfinished row accepted, so the KV cache stays one
+block; it is cropped to what was kept.
+
+Drafters: PromptLookup (the sequence's own n-grams, transformers' prompt_lookup_num_tokens), Assistant (a smaller
+model with the same vocabulary and its own cache, transformers' assistant_model), Mtp (ERNIE's multi-token
+prediction head, one token a step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import choose
+
+# ------------------------------------------------------------------ drafters
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup: the continuation of the latest earlier occurrence of the row's last n tokens
+    (n = max_ngram down to 1). A batch drafts as many tokens as its shortest row found."""
+
+    needs_hidden = False
+
+    def __init__(self, tokens: int, max_ngram: int = 2):
+        self.k, self.max_ngram = tokens, max_ngram
+
+    def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, None]:
+        ids = state.input_ids
+        rows = []
+        for r in range(ids.shape[0]):
+            if not bool(state.unfinished[r]):
+                continue
+            start = int(state.pad_lengths[r]) if state.pad_lengths is not None else 0
+            rows.append(_lookup(ids[r, start:], self.max_ngram, k))
+        n = min((len(r) for r in rows), default=0)
+        drafts = torch.zeros(ids.shape[0], n, dtype=ids.dtype, device=ids.device)
+        live = state.unfinished.nonzero().squeeze(1)
+        if n:
+            drafts[live] = torch.stack([r[:n] for r in rows])
+        return drafts, None
+
+    def update(self, state, hidden, fed: int):
+        pass
+
+
+def _lookup(row: torch.Tensor, max_ngram: int, k: int) -> torch.Tensor:
+    """Up to k tokens following the latest earlier occurrence of row's last n tokens (the longest n that has one)."""
+    length = row.shape[0]
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        windows = row.unfold(0, n, 1)[:-1]  # every n-gram but the last one itself
+        hits = (windows == row[-n:]).all(-1).nonzero().squeeze(1)
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return row[start:start + k]
+    return row[:0]
+
+
+class Assistant:
+    """Drafts with a smaller model of the same vocabulary, greedily or sampled from its processed scores, with its
+    own KV cache (cropped to the tokens both models agree on before each draft)."""
+
+    needs_hidden = False
+
+    def __init__(self, assistant, tokens: int, schedule: str):
+        self.model, self.k, self.schedule = assistant, tokens, schedule
+        self.cache = None
+
+    def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from ..nn.layers import DynamicCache
+
+        ids, length = state.input_ids, state.input_ids.shape[1]
+        if self.cache is None:
+            self.cache = DynamicCache()
+        have = min(self.cache.get_seq_length(), length - 1)
+        self.cache.crop(have)
+        drafts, probs = [], []
+        feed, mask, pos = ids[:, have:], state.attention_mask, state.position_ids
+        for j in range(k):
+            fed = feed.shape[1]
+            out = self.model(input_ids=feed, attention_mask=mask, position_ids=pos[:, -fed:],
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            prefix = torch.cat([ids, *[d[:, None] for d in drafts]], 1)
+            scores = process(out.logits[:, -1].float(), prefix)
+            token = choose(scores, _sampling(process), generator)
+            drafts.append(token)
+            if _sampling(process).temperature:
+                probs.append(scores.softmax(-1))
+            feed = token[:, None]
+            mask = None if mask is None else F.pad(mask, (0, 1), value=1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        drafts = torch.stack(drafts, 1) if drafts else ids[:, :0]
+        return drafts, torch.stack(probs, 1) if probs else None
+
+    def update(self, state, hidden, fed: int):
+        pass
+
+    def accepted(self, kept: int, proposed: int):
+        """transformers' "heuristic" schedule: 2 more drafts after a step that kept them all, 1 fewer otherwise."""
+        if self.schedule == "heuristic" and proposed:
+            self.k = self.k + 2 if kept == proposed else max(1, self.k - 1)
+
+
+class Mtp:
+    """ERNIE's MTP head (Ernie4_5_MoeForCausalLM.mtp): one draft a step from the main model's last hidden state of
+    the position before the last token and that token; the head's own cache holds every position fed so far."""
+
+    needs_hidden = True
+
+    def __init__(self, model):
+        from ..nn.layers import DynamicCache
+
+        self.head, self.k, self.cache = model.mtp, 1, DynamicCache()
+        self.hidden = self.ids = self.positions = None  # the positions not yet fed to the head
+
+    def update(self, state, hidden: torch.Tensor, fed: int):
+        """hidden [N, fed, H]: the main model's pre-norm states of the `fed` positions whose next tokens are now
+        the last `fed` tokens of state.input_ids."""
+        self.hidden = hidden
+        self.ids = state.input_ids[:, -fed:]
+        self.positions = state.position_ids[:, -fed - 1:-1]
+
+    def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fed = self.ids.shape[1]
+        past = self.cache.get_seq_length()
+        mask = None if state.attention_mask is None else state.attention_mask[:, :past + fed]
+        logits = self.head(self.ids, self.hidden, self.positions, self.cache, mask)[:, -1].float()
+        self.hidden = self.ids = self.positions = None
+        if not k:
+            return state.input_ids[:, :0], None
+        scores = process(logits, state.input_ids)
+        token = choose(scores, _sampling(process), generator)
+        probs = scores.softmax(-1)[:, None] if _sampling(process).temperature else None
+        return token[:, None], probs
+
+
+def _sampling(process):
+    return process.sampling
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _model_forward(model, state, input_ids, attention_mask, position_ids, keep: int, want_hidden: bool):
+    """logits [N, keep, V] fp32 of the last `keep` positions fed (and the pre-norm hidden states of those
+    positions when want_hidden: the MTP head's input)."""
+    if not want_hidden:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=state.cache, use_cache=True, logits_to_keep=keep)
+        state.cache = out.past_key_values
+        return out.logits.float(), None
+    seen = []
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=state.cache, use_cache=True)
+    finally:
+        hook.remove()
+    state.cache = out.past_key_values
+    return model.lm_head(out.last_hidden_state[:, -keep:]).float(), seen[-1]
+
+
+class _Process:
+    """process(logits [N, V], prefix [N, L]) -> scores: generate's processors as if the sequences were prefix."""
+
+    def __init__(self, state, cfg, process):
+        self.state, self.cfg, self.fn, self.sampling = state, cfg, process, cfg.sampling()
+
+    def __call__(self, logits: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        return self.fn(logits, dataclasses.replace(self.state, input_ids=prefix), self.cfg)
+
+
+@torch.no_grad()
+def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
+                       generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Like generate's decode_tokens (the next tokens [N] one at a time, pad for finished rows, state.input_ids
+    growing), with drafts checked a block at a time. process / advance / stopped: generate's."""
+    if not state.use_cache:
+        raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
+    proc = _Process(state, cfg, process)
+    sampling = proc.sampling
+    hidden_too = drafter.needs_hidden
+    prompt = state.input_ids if state.inputs_embeds is None else None
+    if prompt is None and hidden_too:
+        raise ValueError("the MTP head drafts from token ids: pass input_ids, not inputs_embeds")
+    kwargs = dict(inputs_embeds=state.inputs_embeds) if prompt is None else dict(input_ids=prompt)
+    if hidden_too:
+        seen = []
+        hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            out = model.model(**kwargs, attention_mask=state.attention_mask, position_ids=state.position_ids,
+                              past_key_values=state.cache, use_cache=True)
+        finally:
+            hook.remove()
+        state.cache = out.past_key_values
+        logits, hidden = model.lm_head(out.last_hidden_state[:, -1:]).float()[:, -1], seen[-1]
+    else:
+        out = model(**kwargs, attention_mask=state.attention_mask, position_ids=state.position_ids,
+                    past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+        state.cache = out.past_key_values
+        logits, hidden = out.logits[:, -1].float(), None
+    # the prompt's next token, as plain decoding chooses it
+    scores = process(logits, state, cfg)
+    token = choose(scores, sampling, generator)
+    if _emit(state, token, scores, logits, advance, stopped):
+        yield _last(state)
+        return
+    yield _last(state)
+    if hidden_too:
+        drafter.update(state, hidden, hidden.shape[1])
+    while True:
+        room = state.max_length - state.input_ids.shape[1] - 1
+        k = max(0, min(drafter.k, room))
+        drafts, q = drafter.propose(model, state, k, proc, generator)
+        k = drafts.shape[1]
+        past = state.cache.get_seq_length()
+        if model.needs_cache_reset(past, past + k + 1):
+            raise ValueError("speculative decoding reached a length at which this model recomputes its cache "
+                             "(PhiMoE's long RoPE); generate without speculation past it")
+        fed = torch.cat([state.input_ids[:, -1:], drafts], 1)
+        mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
+        steps = torch.arange(1, k + 1, device=fed.device)
+        pos = torch.cat([state.position_ids[:, -1:], state.position_ids[:, -1:] + steps], 1)
+        logits, hidden = _model_forward(model, state, fed, mask, pos, k + 1, hidden_too)
+        tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
+        state.cache.crop(past + 1 + kept)
+        if hasattr(drafter, "accepted"):
+            drafter.accepted(kept, k)
+        for j in range(kept + 1):
+            done = _emit(state, tokens[:, j], all_scores[j], logits[:, j], advance, stopped)
+            yield _last(state)
+            if done:
+                return
+        if hidden_too:
+            drafter.update(state, hidden[:, :kept + 1], kept + 1)
+
+
+def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, state, proc, generator):
+    """(tokens [N, k + 1], scores per position, drafts kept): position j's token for every row (its draft where
+    kept, else the model's choice or the residual's draw), and how many drafts every unfinished row kept."""
+    k = drafts.shape[1]
+    scores = [proc(logits[:, j], torch.cat([state.input_ids, drafts[:, :j]], 1)) for j in range(k + 1)]
+    tokens, ok = [], []
+    for j in range(k + 1):
+        if j == k or not proc.sampling.temperature:
+            choice = choose(scores[j], proc.sampling, generator)
+            tokens.append(choice)
+            if j < k:
+                ok.append(choice == drafts[:, j])
+            continue
+        p = scores[j].softmax(-1)
+        d = drafts[:, j]
+        pd = p.gather(1, d[:, None]).squeeze(1)
+        if q is None:  # a fixed draft: q is 1 on it
+            qd, residual = torch.ones_like(pd), p.scatter(1, d[:, None], 0.0)
+        else:
+            qd, residual = q[:, j].gather(1, d[:, None]).squeeze(1), (p - q[:, j]).clamp(min=0)
+        u = torch.rand(pd.shape, generator=generator, device=pd.device)
+        accept = u * qd < pd
+        total = residual.sum(-1, keepdim=True)
+        residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p)
+        drawn = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+        tokens.append(torch.where(accept, d, drawn))
+        ok.append(accept)
+    kept_rows = torch.cumprod(torch.stack(ok, 1).long(), 1).sum(1) if k else torch.zeros_like(tokens[0])
+    live = state.unfinished if bool(state.unfinished.any()) else torch.ones_like(state.unfinished)
+    kept = int(kept_rows[live].min())
+    return torch.stack(tokens, 1), scores, kept
+
+
+def _emit(state, token: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor, advance, stopped) -> bool:
+    """One token [N] appended as decode_tokens does (pad for finished rows, scores recorded); True when every row
+    is finished."""
+    if state.scores is not None:
+        state.scores.append(scores)
+    if state.logits is not None:
+        state.logits.append(logits)
+    if state.eos is not None:
+        token = torch.where(state.unfinished, token, state.pad)
+    advance(state, torch.cat([state.input_ids, token[:, None]], dim=-1))
+    state.unfinished &= ~stopped(state, state.input_ids)
+    return not bool(state.unfinished.any())
+
+
+def _last(state) -> torch.Tensor:
+    return state.input_ids[:, -1]
+
+
+def drafter_for(model, cfg, assistant_model=None, speculative: str | None = None):
+    """The drafter generate's arguments ask for, or None: speculative="mtp", assistant_model=, or
+    prompt_lookup_num_tokens= (one at a time)."""
+    asked = [name for name, on in (("speculative", speculative is not None), ("assistant_model", assistant_model
+             is not None), ("prompt_lookup_num_tokens", cfg.prompt_lookup_num_tokens is not None)) if on]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise ValueError(f"generate() takes one way of drafting at a time; got {', '.join(asked)}")
+    if cfg.num_beams > 1:
+        raise ValueError(f"speculative decoding ({asked[0]}) does not run with beam search (num_beams > 1)")
+    if getattr(getattr(model, "parallel", None), "generation_sync", lambda: None)() is not None:
+        raise ValueError("speculative decoding is not implemented for models whose ranks decode different batches")
+    if speculative is not None:
+        if speculative != "mtp":
+            raise ValueError(f"speculative must be 'mtp' (ERNIE's multi-token-prediction head), got {speculative!r};"
+                             " for a draft model pass assistant_model=, for n-gram lookup prompt_lookup_num_tokens=")
+        if getattr(model, "mtp", None) is None:
+            raise ValueError(f"speculative='mtp': {type(model).__name__} has no MTP head (only ERNIE 4.5 MoE "
+                             "checkpoints with model.mtp_* tensors do, loaded on one device without offload)")
+        if cfg.num_assistant_tokens not in (None, 1):
+            raise ValueError(f"speculative='mtp' drafts one token a step (ERNIE's head has one layer); got "
+                             f"num_assistant_tokens={cfg.num_assistant_tokens}")
+        return Mtp(model)
+    if assistant_model is not None:
+        if assistant_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"assistant_model has a vocabulary of {assistant_model.config.vocab_size} tokens, the "
+                             f"model {model.config.vocab_size}: they must share the tokenizer")
+        schedule = cfg.num_assistant_tokens_schedule or "heuristic"
+        if schedule not in ("constant", "heuristic"):
+            raise ValueError(f"num_assistant_tokens_schedule must be 'constant' or 'heuristic', got {schedule!r}")
+        return Assistant(assistant_model, cfg.num_assistant_tokens or 5, schedule)
+    return PromptLookup(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size or 2)

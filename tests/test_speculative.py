@@ -1,0 +1,257 @@
+"""Speculative decoding (moelm.generation.speculative) and ERNIE's MTP head.
+
+Greedy: the same tokens as plain greedy decoding (itself checked against transformers in test_generation), for the
+three families, batched with left padding, EOS inside an accepted run, fast paths on and off. Sampling: the
+empirical distribution of the 2nd and 3rd new tokens over 4000 rows equals the model's own (chi-square, fixed seeds).
+MTP: its logits equal ERNIE's training-code formula written out here; checkpoints with MTP tensors round-trip.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moelm
+from moelm.nn.layers import DecoderLayer, DynamicCache
+from reference import randomise
+
+TINY = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimoe": "phimoe-tiny"}
+
+
+def model(family: str, seed: int = 0, mtp: bool = False, vocab: int | None = None, tmp=None, fast: bool = True,
+          **load):
+    """A tiny random model saved and loaded back (every weight randomised, scaled so greedy decoding wanders)."""
+    config = moelm.named_config(TINY[family])
+    if vocab:
+        config.vocab_size = vocab
+    m = moelm.AutoModelForCausalLM.from_config(config, seed=seed, fast=False)
+    if mtp:
+        m.add_mtp()
+    randomise(m, seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name and not name.endswith("bias"):
+                p.mul_(4.0)
+    if tmp is None:
+        return m
+    path = tmp / f"{family}-{seed}-{mtp}-{vocab}"
+    m.save_pretrained(path)
+    return moelm.AutoModelForCausalLM.from_pretrained(path, fast=fast, **load)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("speculative")
+
+
+def repetitive(batch: int = 1, seed: int = 1, vocab: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (lengths 14, 9, 12, ...) that repeat themselves, so that n-gram lookup drafts."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [14, 9, 12][:batch] if batch > 1 else [14]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        half = torch.randint(3, vocab, (n // 2 + 1,), generator=g)
+        ids[r, width - n:] = torch.cat([half, half])[:n]
+        mask[r, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("family", tuple(TINY))
+def test_greedy_drafts_give_the_plain_greedy_tokens(family, batch, fast, tmp):
+    target = model(family, tmp=tmp, fast=fast)
+    draft = model("ernie4_5" if family != "ernie4_5" else "ernie4_5_moe", seed=7, tmp=tmp, fast=fast)
+    ids, mask = repetitive(batch)
+    plain = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    # an EOS that the plain run emits midway: rows finish inside accepted runs
+    eos = int(plain[0, ids.shape[1] + 9])
+    plain_eos = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos)
+    for kw in (dict(prompt_lookup_num_tokens=3), dict(prompt_lookup_num_tokens=6, max_matching_ngram_size=3),
+               dict(assistant_model=draft, num_assistant_tokens=3),
+               dict(assistant_model=draft, num_assistant_tokens=2, num_assistant_tokens_schedule="constant"),
+               dict(assistant_model=target, num_assistant_tokens=4, cache_implementation="dynamic")):
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, **kw)
+        assert torch.equal(out, plain), kw
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, **kw)
+        assert torch.equal(out, plain_eos), (kw, "eos")
+
+
+def test_drafts_are_used_and_checked_in_blocks(tmp, monkeypatch):
+    """The target checks the drafts of a step in one forward: with an assistant that always agrees (the same
+    weights), 16 new tokens take the prompt's forward and three of 5 tokens (4 drafts + 1 of its own)."""
+    target = model("ernie4_5", tmp=tmp)
+    twin = moelm.AutoModelForCausalLM.from_pretrained(tmp / "ernie4_5-0-False-None")
+    ids, _ = repetitive(1)
+    fed = []
+    real = type(target).forward
+
+    def counted(self, *args, **kwargs):
+        if self is target:
+            fed.append(kwargs["input_ids"].shape[1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "forward", counted)
+    out = target.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=twin, num_assistant_tokens=4,
+                          num_assistant_tokens_schedule="constant")
+    assert out.shape[1] == ids.shape[1] + 16
+    assert fed == [ids.shape[1], 5, 5, 5], fed
+
+
+@pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("cache", ("static", "dynamic"))
+def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tmp):
+    target = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
+    assert target.mtp is not None
+    ids, mask = repetitive(batch)
+    plain = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache)
+    out = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache,
+                          speculative="mtp")
+    assert torch.equal(out, plain)
+
+
+# ------------------------------------------------------------------ sampling keeps the distribution
+
+VOCAB = 16
+
+
+def exact_marginals(m, prompt: torch.Tensor, temperature: float) -> list[torch.Tensor]:
+    """P(1st), P(2nd), P(3rd new token) [V] of sampling from m at temperature, by enumerating the prefixes."""
+    with torch.no_grad():
+        def probs(prefixes: torch.Tensor) -> torch.Tensor:  # [P, L] -> [P, V]
+            ids = torch.cat([prompt.expand(prefixes.shape[0], -1), prefixes], 1)
+            return (m(input_ids=ids).logits[:, -1].double() / temperature).softmax(-1)
+
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        p1 = probs(empty)[0]  # [V]
+        one = torch.arange(VOCAB)[:, None]
+        p2 = probs(one)  # [V, V]: P(t2 | t1)
+        two = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))  # [(t1, t2)]
+        p3 = probs(two).view(VOCAB, VOCAB, VOCAB)  # P(t3 | t1, t2)
+    joint12 = p1[:, None] * p2
+    return [p1, joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))]
+
+
+def chi2(tokens: torch.Tensor, expected: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=VOCAB).double()
+    e = expected * tokens.numel()
+    seen = e > 0
+    assert counts[~seen].sum() == 0, "a token of probability 0 was drawn"
+    return float(((counts[seen] - e[seen]) ** 2 / e[seen]).sum())
+
+
+@pytest.mark.parametrize("method", ("lookup", "assistant", "mtp"))
+def test_sampling_keeps_the_model_distribution(method, tmp):
+    family = "ernie4_5_moe" if method == "mtp" else "ernie4_5"
+    target = model(family, mtp=method == "mtp", vocab=VOCAB, tmp=tmp)
+    prompt = torch.arange(VOCAB).repeat(2)[None]  # every token occurs: lookup always finds a continuation
+    kw = {"lookup": dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=1),
+          "assistant": dict(assistant_model=model("ernie4_5", seed=5, vocab=VOCAB, tmp=tmp), num_assistant_tokens=2,
+                            num_assistant_tokens_schedule="constant"),
+          "mtp": dict(speculative="mtp")}[method]
+    rows, temperature = 4000, 0.7
+    torch.manual_seed(1234)
+    ids = prompt.expand(rows, -1)
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True,
+                          temperature=temperature, top_k=None, eos_token_id=None, pad_token_id=0, **kw)
+    new = out[:, prompt.shape[1]:]
+    for i, expected in enumerate(exact_marginals(target, prompt, temperature)):
+        # 15 degrees of freedom: P(chi2 > 45) ~ 8e-5; the seed is fixed, so this is not flaky
+        assert chi2(new[:, i], expected) < 45.0, (method, i)
+
+
+# ------------------------------------------------------------------ the MTP head
+
+
+def by_hand(m, ids: torch.Tensor) -> torch.Tensor:
+    """ERNIE's MTP formula written out: logits [B, L - 1, V] for the tokens at p + 2 of positions p = 0..L-2."""
+    base = m.model
+    seen = []
+    hook = base.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        m.model(input_ids=ids, use_cache=False)
+        hook.remove()
+        hidden = seen[-1][:, :-1]  # the last layer's output before the final norm, positions 0..L-2
+
+        def rms(x, w, eps):
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+        eps = m.config.rms_norm_eps
+        emb = base.embed_tokens.weight[ids[:, 1:]].clone()
+        emb[:, 0] = 0  # position 0
+        x = torch.cat([rms(emb, base.mtp_emb_norm[0].weight, eps), rms(hidden, base.mtp_hidden_norm[0].weight, eps)],
+                      -1) @ base.mtp_linear_proj[0].weight.T
+        pos = torch.arange(x.shape[1])[None]
+        block = base.mtp_block[0]
+        x, _, _ = DecoderLayer.forward(block, x, base.rotary(x, pos), None, None)  # the layer op by op
+        return m.lm_head(rms(x, base.norm.weight, eps))
+
+
+@pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
+def test_mtp_logits_follow_the_formula_with_its_cache(fast, tmp):
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
+    ids = torch.randint(3, 512, (2, 11), generator=torch.Generator().manual_seed(3))
+    want = by_hand(m, ids)
+    seen = []
+    hook = m.model.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        m.model(input_ids=ids, use_cache=False)
+        hook.remove()
+        hidden = seen[-1]
+        cache, got = DynamicCache(), []
+        for a, b in ((0, 4), (4, 5), (5, 10)):  # the head's own cache, fed in pieces
+            pos = torch.arange(a, b)[None].expand(2, -1)
+            got.append(m.mtp(ids[:, a + 1:b + 1], hidden[:, a:b], pos, cache))
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-4, rtol=1e-4)
+
+
+def test_mtp_checkpoint_round_trips(tmp, capsys):
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp)
+    path = tmp / "ernie4_5_moe-0-True-None"
+    stored = {k: v for k, v in load_file(path / "model.safetensors").items() if ".mtp_" in k}
+    assert {k.split(".")[1] for k in stored} == {"mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"}
+    assert not m.kept_aside
+    again = tmp / "again"
+    m.save_pretrained(again)
+    written = load_file(again / "model.safetensors")
+    for k, v in stored.items():
+        assert torch.equal(written[k], v), k
+    # the 300B-A47B-PT layout: linear_proj stored [2H, H]
+    tensors = load_file(path / "model.safetensors")
+    key = "model.mtp_linear_proj.0.weight"
+    tensors[key] = tensors[key].t().contiguous()
+    save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
+    flipped = moelm.AutoModelForCausalLM.from_pretrained(again)
+    assert torch.equal(flipped.model.mtp_linear_proj[0].weight, stored[key])
+    # a config asking for MTP, a checkpoint without it: said once, MTP off
+    tensors = {k: v for k, v in tensors.items() if ".mtp_" not in k}
+    save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((again / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (again / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    bare = moelm.AutoModelForCausalLM.from_pretrained(again)
+    assert bare.mtp is None and "no MTP tensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no MTP head"):
+        bare.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, speculative="mtp")
+
+
+def test_speculative_arguments_are_checked(tmp):
+    target = model("ernie4_5", tmp=tmp)
+    ids = torch.tensor([[5, 6, 7, 5, 6]])
+    other = model("ernie4_5", vocab=300, tmp=tmp)
+    cases = [(dict(assistant_model=other), "share the tokenizer"),
+             (dict(prompt_lookup_num_tokens=2, assistant_model=target), "one way of drafting"),
+             (dict(prompt_lookup_num_tokens=2, num_beams=2), "beam search"),
+             (dict(speculative="eagle"), "speculative must be 'mtp'"),
+             (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1"),
+             (dict(prompt_lookup_num_tokens=2, use_cache=False), "needs the KV cache"),
+             (dict(assistant_model=target, num_assistant_tokens_schedule="sometimes"), "num_assistant_tokens_sch")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            target.generate(ids, max_new_tokens=4, **kw)
