@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moelm
+from moelm.generation import speculative
 from moelm.nn.layers import DecoderLayer, DynamicCache
 from reference import randomise
 
@@ -41,6 +42,16 @@ def model(family: str, seed: int = 0, mtp: bool = False, vocab: int | None = Non
     return moelm.AutoModelForCausalLM.from_pretrained(path, fast=fast, **load)
 
 
+REAL_PACE = speculative.Pace
+
+
+@pytest.fixture(autouse=True)
+def always_draft(monkeypatch):
+    """Drafts at every step (generate's default Pace times plain steps first and stops drafting while it loses,
+    which would leave a check without drafts)."""
+    monkeypatch.setattr(speculative, "Pace", speculative.Always)
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("speculative")
@@ -63,7 +74,7 @@ def repetitive(batch: int = 1, seed: int = 1, vocab: int = 512) -> tuple[torch.T
 @pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
 @pytest.mark.parametrize("batch", (1, 3))
 @pytest.mark.parametrize("family", tuple(TINY))
-def test_greedy_drafts_give_the_plain_greedy_tokens(family, batch, fast, tmp):
+def test_greedy_drafts_give_the_plain_greedy_tokens(family, batch, fast, tmp, monkeypatch):
     target = model(family, tmp=tmp, fast=fast)
     draft = model("ernie4_5" if family != "ernie4_5" else "ernie4_5_moe", seed=7, tmp=tmp, fast=fast)
     ids, mask = repetitive(batch)
@@ -79,6 +90,9 @@ def test_greedy_drafts_give_the_plain_greedy_tokens(family, batch, fast, tmp):
         assert torch.equal(out, plain), kw
         out = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, **kw)
         assert torch.equal(out, plain_eos), (kw, "eos")
+    monkeypatch.setattr(speculative, "Pace", REAL_PACE)  # generate's default: drafting while it pays
+    out = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, assistant_model=draft)
+    assert torch.equal(out, plain)
 
 
 def test_drafts_are_used_and_checked_in_blocks(tmp, monkeypatch):
@@ -113,6 +127,28 @@ def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tmp):
     out = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache,
                           speculative="mtp")
     assert torch.equal(out, plain)
+
+
+def test_pace_stops_drafting_while_it_loses():
+    """Plain steps first; drafted steps slower a token than plain ones turn drafting off for 4, then 8 steps; a
+    drafted step that pays keeps it on and resets the back-off."""
+    now = [0.0]
+    pace = REAL_PACE(warmup=2, clock=lambda: now[0])
+
+    def step(seconds: float, tokens: int) -> bool:
+        drafting = pace.drafting()
+        pace.start()
+        now[0] += seconds
+        pace.done(drafting, tokens)
+        return drafting
+
+    assert [step(1.0, 1) for _ in range(2)] == [False, False]
+    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0)
+    assert [step(1.0, 1) for _ in range(4)] == [False] * 4
+    assert step(3.0, 2)  # tried again, still losing: off for 8
+    assert [step(1.0, 1) for _ in range(8)] == [False] * 8
+    assert step(1.2, 3) and step(1.2, 3) and step(1.2, 3)  # 0.4 s a token: drafting stays on
+    assert pace.backoff == 4
 
 
 # ------------------------------------------------------------------ sampling keeps the distribution

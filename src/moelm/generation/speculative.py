@@ -15,6 +15,7 @@ prediction head, one token a step).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Iterator
 
 import torch
@@ -124,19 +125,21 @@ class Mtp:
 
     def update(self, state, hidden: torch.Tensor, fed: int):
         """hidden [N, fed, H]: the main model's pre-norm states of the `fed` positions whose next tokens are now
-        the last `fed` tokens of state.input_ids."""
-        self.hidden = hidden
-        self.ids = state.input_ids[:, -fed:]
-        self.positions = state.position_ids[:, -fed - 1:-1]
+        the last `fed` tokens of state.input_ids; kept until the head runs (a step that drafts)."""
+        ids, positions = state.input_ids[:, -fed:], state.position_ids[:, -fed - 1:-1]
+        if self.hidden is not None:
+            hidden = torch.cat([self.hidden, hidden], 1)
+            ids, positions = torch.cat([self.ids, ids], 1), torch.cat([self.positions, positions], 1)
+        self.hidden, self.ids, self.positions = hidden, ids, positions
 
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not k:
+            return state.input_ids[:, :0], None
         fed = self.ids.shape[1]
         past = self.cache.get_seq_length()
         mask = None if state.attention_mask is None else state.attention_mask[:, :past + fed]
         logits = self.head(self.ids, self.hidden, self.positions, self.cache, mask)[:, -1].float()
         self.hidden = self.ids = self.positions = None
-        if not k:
-            return state.input_ids[:, :0], None
         scores = process(logits, state.input_ids)
         token = choose(scores, _sampling(process), generator)
         probs = scores.softmax(-1)[:, None] if _sampling(process).temperature else None
@@ -148,6 +151,47 @@ def _sampling(process):
 
 
 # ------------------------------------------------------------------ the loop
+
+
+class Pace:
+    """Drafting only while it pays. Seconds per new token are averaged for steps with drafts and for plain steps
+    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off for 4 steps,
+    then 8, ... 64 while it keeps losing, after which it is tried again. The first `warmup` steps are plain, to know
+    their pace. The tokens are the same either way (greedy) or follow the same distribution (sampling)."""
+
+    def __init__(self, warmup: int = 2, clock=time.perf_counter):
+        self.clock, self.off, self.backoff = clock, warmup, 4
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.t = 0.0
+
+    def drafting(self) -> bool:
+        return self.off <= 0
+
+    def start(self):
+        self.t = self.clock()
+
+    def done(self, drafted: bool, tokens: int):
+        took = (self.clock() - self.t) / max(tokens, 1)
+        old = self.rate[drafted]
+        self.rate[drafted] = took if old is None else 0.7 * old + 0.3 * took
+        if not drafted:
+            self.off -= 1
+            return
+        plain = self.rate[False]
+        if plain is not None and self.rate[True] > plain:
+            self.off, self.backoff, self.rate[True] = self.backoff, min(64, 2 * self.backoff), None
+        else:
+            self.backoff = 4
+
+
+class Always(Pace):
+    """Drafting at every step (tests, and measuring a drafter's own acceptance)."""
+
+    def __init__(self):
+        super().__init__(warmup=0)
+
+    def done(self, drafted: bool, tokens: int):
+        pass
 
 
 def _model_forward(model, state, input_ids, attention_mask, position_ids, keep: int, want_hidden: bool):
@@ -181,9 +225,10 @@ class _Process:
 
 @torch.no_grad()
 def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
-                       generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                       generator: torch.Generator | None = None, pace: "Pace | None" = None) -> Iterator[torch.Tensor]:
     """Like generate's decode_tokens (the next tokens [N] one at a time, pad for finished rows, state.input_ids
-    growing), with drafts checked a block at a time. process / advance / stopped: generate's."""
+    growing), with drafts checked a block at a time. process / advance / stopped: generate's; pace: when to draft
+    (default Pace())."""
     if not state.use_cache:
         raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
     proc = _Process(state, cfg, process)
@@ -217,9 +262,11 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
     yield _last(state)
     if hidden_too:
         drafter.update(state, hidden, hidden.shape[1])
+    pace = pace if pace is not None else Pace()
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
-        k = max(0, min(drafter.k, room))
+        k = max(0, min(drafter.k, room)) if pace.drafting() else 0
+        pace.start()
         drafts, q = drafter.propose(model, state, k, proc, generator)
         k = drafts.shape[1]
         past = state.cache.get_seq_length()
@@ -233,6 +280,7 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
         logits, hidden = _model_forward(model, state, fed, mask, pos, k + 1, hidden_too)
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
+        pace.done(k > 0, kept + 1)
         if hasattr(drafter, "accepted"):
             drafter.accepted(kept, k)
         for j in range(kept + 1):
