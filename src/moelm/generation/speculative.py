@@ -37,6 +37,8 @@ class PromptLookup:
 
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, None]:
         ids = state.input_ids
+        if not k:
+            return ids[:, :0], None
         rows = []
         for r in range(ids.shape[0]):
             if not bool(state.unfinished[r]):
@@ -224,11 +226,11 @@ class _Process:
 
 
 @torch.no_grad()
-def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
+def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tuned,
                        generator: torch.Generator | None = None, pace: "Pace | None" = None) -> Iterator[torch.Tensor]:
     """Like generate's decode_tokens (the next tokens [N] one at a time, pad for finished rows, state.input_ids
-    growing), with drafts checked a block at a time. process / advance / stopped: generate's; pace: when to draft
-    (default Pace())."""
+    growing), with drafts checked a block at a time. process / advance / stopped / tuned: generate's; pace: when to
+    draft (default Pace())."""
     if not state.use_cache:
         raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
     proc = _Process(state, cfg, process)
@@ -263,6 +265,11 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
     if hidden_too:
         drafter.update(state, hidden, hidden.shape[1])
     pace = pace if pace is not None else Pace()
+    with tuned(lambda run: run(), state) as step:  # the thread count timed as decode_tokens times it
+        yield from _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped)
+
+
+def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped):
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
         k = max(0, min(drafter.k, room)) if pace.drafting() else 0
@@ -277,7 +284,7 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped,
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
         steps = torch.arange(1, k + 1, device=fed.device)
         pos = torch.cat([state.position_ids[:, -1:], state.position_ids[:, -1:] + steps], 1)
-        logits, hidden = _model_forward(model, state, fed, mask, pos, k + 1, hidden_too)
+        logits, hidden = step(lambda: _model_forward(model, state, fed, mask, pos, k + 1, hidden_too))
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)

@@ -116,11 +116,12 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
 
 
 def moe_step(block, x: torch.Tensor, normed: torch.Tensor):
-    """A function computing x + the MoE block of `normed` (x, normed [B, 1, H] fp32: one token per row) and its
-    router logits [B, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
-    kernels.MAX_ROWS rows; not while compiling)."""
+    """A function computing x + the MoE block of `normed` (x, normed [B, S, H] fp32: each token routed on its own,
+    so a decoding step's rows or a few tokens of a sequence, as speculative decoding checks them) and its router
+    logits [B * S, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
+    kernels.MAX_ROWS tokens; not while compiling)."""
     b = normed.numel() // normed.shape[-1]
-    if torch.compiler.is_compiling() or b > kernels.MAX_ROWS or normed.dim() != 3 or normed.shape[1] != 1 \
+    if torch.compiler.is_compiling() or b > kernels.MAX_ROWS or normed.dim() != 3 \
             or normed.dtype != torch.float32 or x.dtype != torch.float32 or not kernels.usable(normed):
         return None
     plan = _moe_plan(block, normed)

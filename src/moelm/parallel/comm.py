@@ -17,32 +17,36 @@ KINDS = {"all_reduce": "all_reduce", "allreduce_": "all_reduce", "all_gather_int
 def comm_plan(config, tp: int, ep: int, tokens: int, logits: int, dtype: torch.dtype = torch.bfloat16,
               ep_implementation: str = "auto") -> dict[str, int]:
     """Payload bytes per rank for a forward of `tokens` tokens (per TP group) computing `logits` rows of logits:
-    decode is tokens = logits = batch; a prefill keeps the last row's logits. all_to_all counts the K routes of
-    this rank's TP slice of the tokens, sent out, plus the routes it receives, sent back (and the tiny per-expert
-    counts): per rank that depends on the routing, the mean over the EP group is what is given."""
+    decode is tokens = logits = batch; a prefill keeps the last row's logits, and its last layer's MLP / MoE block
+    runs on the kept rows only. all_to_all counts the K routes of this rank's TP slice of the tokens, sent out,
+    plus the routes it receives, sent back (and the tiny per-expert counts): per rank that depends on the routing,
+    the mean over the EP group is what is given."""
     h, size = config.hidden_size, dtype.itemsize
-    row = tokens * h * size
-    experts = getattr(config, "num_experts", None) or 0
-    moe = len(config.moe_layers())
-    shared = bool(moe and getattr(config, "moe_num_shared_experts", 0))
+    layers, experts = config.num_hidden_layers, getattr(config, "num_experts", None) or 0
+    moe_layers = set(config.moe_layers())
+    shared = bool(moe_layers and getattr(config, "moe_num_shared_experts", 0))
+    k = getattr(config, "num_experts_per_tok", 0)
+    how = ep_implementation if ep_implementation != "auto" else ("all_reduce" if ep == tp else "all_to_all")
     out = Counter()
     if tp > 1:
-        out["all_reduce"] += row * (1 + config.num_hidden_layers)  # the vocab-parallel embedding, each o_proj
-        out["all_reduce"] += row * (config.num_hidden_layers - moe)  # each dense MLP's down_proj
-        out["all_reduce"] += row * moe * shared  # the shared experts' down_proj
+        out["all_reduce"] += tokens * h * size * (1 + layers)  # the vocab-parallel embedding, each o_proj
         out["all_gather"] += logits * (config.vocab_size // tp) * size  # lm_head: colwise, output gathered
-    if moe and ep == 1 and tp > 1:
-        out["all_reduce"] += row * moe  # each expert's slices summed
-    elif moe and ep > 1:
-        how = ep_implementation if ep_implementation != "auto" else ("all_reduce" if ep == tp else "all_to_all")
-        if how == "all_reduce":
-            out["all_reduce"] += row * moe
-        else:
-            local = -(-tokens // tp)  # this rank's slice of its TP group's rows
-            k = config.num_experts_per_tok
-            out["all_to_all"] += moe * (2 * local * k * h * size + experts * 8)  # rows there and back; counts
+    for i in range(layers):
+        rows = min(logits, tokens) if i == layers - 1 else tokens  # the feed-forward's rows
+        row = rows * h * size
+        if i not in moe_layers:
             if tp > 1:
-                out["all_gather"] += moe * local * h * size  # the slices gathered back over TP
+                out["all_reduce"] += row  # the dense MLP's down_proj
+            continue
+        if tp > 1 and shared:
+            out["all_reduce"] += row  # the shared experts' down_proj
+        if ep == 1 and tp > 1 or ep > 1 and how == "all_reduce":
+            out["all_reduce"] += row  # each expert's slices summed
+        elif ep > 1:
+            local = -(-rows // tp)  # this rank's slice of its TP group's rows
+            out["all_to_all"] += 2 * local * k * h * size + experts * 8  # rows there and back; counts
+            if tp > 1:
+                out["all_gather"] += local * h * size  # the slices gathered back over TP
     return dict(out)
 
 
