@@ -51,3 +51,30 @@ def save_reference(model, path) -> None:
 
 def assert_close(a, b, atol=1e-4, rtol=1e-4, msg=""):
     torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}: {m}")
+
+
+def mtp_by_hand(m, ids: torch.Tensor) -> torch.Tensor:
+    """ERNIE's MTP formula (its training code) written out for a moelm model with a head, over whole sequences with
+    no padding: logits [B, L - 1, V] for the tokens at p + 2 of positions p = 0..L-2."""
+    from moelm.nn.layers import DecoderLayer
+
+    base, seen = m.model, []
+    hook = base.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        m.model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+    hidden = seen[-1][:, :-1]  # the last layer's output before the final norm, positions 0..L-2
+
+    def rms(x, w, eps):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    eps = m.config.rms_norm_eps
+    emb = base.embed_tokens.weight[ids[:, 1:]].clone()
+    emb[:, 0] = 0  # position 0
+    proj = base.mtp_linear_proj[0]
+    x = torch.cat([rms(emb, base.mtp_emb_norm[0].weight, eps), rms(hidden, base.mtp_hidden_norm[0].weight, eps)],
+                  -1) @ proj.weight.T + (0 if proj.bias is None else proj.bias)
+    pos = torch.arange(x.shape[1])[None]
+    x, _, _ = DecoderLayer.forward(base.mtp_block[0], x, base.rotary(x, pos), None, None)  # the layer op by op
+    return m.lm_head(rms(x, base.norm.weight, eps))

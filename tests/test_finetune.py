@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 
 from moelm import AutoModelForCausalLM
 from moelm.config import named_config
@@ -37,7 +38,7 @@ from moelm.text.tokenizer import AutoTokenizer
 from moelm.train.data import DataConfig, batch_length, collate, load_examples
 from moelm.train.recipe import build_recipe
 from moelm.train.trainer import Trainer
-from reference import randomise
+from reference import mtp_by_hand, randomise
 from test_finetune_dist import recipe_dict, write_hellaswag
 
 transformers = pytest.importorskip("transformers")
@@ -426,6 +427,46 @@ def test_aux_loss_reaches_the_router(family, ckpt, root, tmp_path):
         assert updates[0.0][name].abs().max() > 0, f"{name}: the router did not learn from the CE loss"
         change = (updates[0.5][name] - updates[0.0][name]).abs().max()
         assert change > 0.1 * updates[0.0][name].abs().max(), f"{name}: the aux loss did not reach the router"
+
+
+def test_mtp_head_trains_with_ernies_loss(ckpt, root, tmp_path):
+    """An ERNIE MoE checkpoint with an MTP head, one step: the logged mtp_loss is the head's cross-entropy on the
+    token after the next, computed here from the formula (reference.mtp_by_hand) over the step's micro-batches;
+    with moe.mtp_loss_coef 0 the head is saved as it was, with 0.3 every tensor of it moves and the main loss is
+    the same."""
+    base = ckpt("ernie4_5_moe")
+    model = AutoModelForCausalLM.from_pretrained(base, fast=False)
+    model.add_mtp()
+    randomise(model, seed=2)
+    path = tmp_path / "with-mtp"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, path / name)
+    before = {k: v for k, v in load_file(path / "model.safetensors").items() if ".mtp_" in k}
+    records, after = {}, {}
+    for coef in (0.0, 0.3):
+        out = tmp_path / f"mtp{coef}"
+        recipe = short_recipe("ernie4_5_moe", path, root / "train.jsonl", out, steps=1)
+        recipe.update(moe={"aux_loss_coef": None, "gate_bias_update_factor": 0.0, "mtp_loss_coef": coef},
+                      optimizer={"lr": 1e-2, "weight_decay": 0.0, "max_grad_norm": None},
+                      lr_scheduler={"warmup_steps": 0, "decay": "constant"},
+                      checkpoint={"dir": str(out), "every_steps": 0})
+        trainer = Trainer(build_recipe(copy.deepcopy(recipe)), progress=False)
+        batches = trainer.micro_batches(trainer.global_batch(0))
+        records[coef] = trainer.train()[0]
+        after[coef] = {k: v for k, v in load_file(out / "final" / "model.safetensors").items() if ".mtp_" in k}
+    assert all(torch.equal(after[0.0][k], v) for k, v in before.items())
+    assert all(not torch.equal(after[0.3][k], v) for k, v in before.items()), "a tensor of the head did not learn"
+    assert records[0.0]["loss"] == records[0.3]["loss"] and "mtp_loss" not in records[0.0]
+    with torch.no_grad():
+        total = count = 0
+        for batch in batches:
+            logits = mtp_by_hand(model, batch["input_ids"])  # right-padded: the real tokens never see the pads
+            labels = batch["labels"][:, 2:]
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="sum")
+            count += int((labels != -100).sum())
+    assert abs(records[0.3]["mtp_loss"] - float(total) / count) < 1e-4, (records[0.3]["mtp_loss"], total / count)
 
 
 # ------------------------------------------------------------------ 7. the command line

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import moelm
 from moelm.generation import speculative
-from moelm.nn.layers import DecoderLayer, DynamicCache
-from reference import randomise
+from moelm.nn.layers import DynamicCache
+from reference import mtp_by_hand, randomise
 
 TINY = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimoe": "phimoe-tiny"}
 
@@ -204,35 +204,12 @@ def test_sampling_keeps_the_model_distribution(method, tmp):
 # ------------------------------------------------------------------ the MTP head
 
 
-def by_hand(m, ids: torch.Tensor) -> torch.Tensor:
-    """ERNIE's MTP formula written out: logits [B, L - 1, V] for the tokens at p + 2 of positions p = 0..L-2."""
-    base = m.model
-    seen = []
-    hook = base.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    with torch.no_grad():
-        m.model(input_ids=ids, use_cache=False)
-        hook.remove()
-        hidden = seen[-1][:, :-1]  # the last layer's output before the final norm, positions 0..L-2
-
-        def rms(x, w, eps):
-            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-        eps = m.config.rms_norm_eps
-        emb = base.embed_tokens.weight[ids[:, 1:]].clone()
-        emb[:, 0] = 0  # position 0
-        x = torch.cat([rms(emb, base.mtp_emb_norm[0].weight, eps), rms(hidden, base.mtp_hidden_norm[0].weight, eps)],
-                      -1) @ base.mtp_linear_proj[0].weight.T
-        pos = torch.arange(x.shape[1])[None]
-        block = base.mtp_block[0]
-        x, _, _ = DecoderLayer.forward(block, x, base.rotary(x, pos), None, None)  # the layer op by op
-        return m.lm_head(rms(x, base.norm.weight, eps))
-
-
 @pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
 def test_mtp_logits_follow_the_formula_with_its_cache(fast, tmp):
     m = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
     ids = torch.randint(3, 512, (2, 11), generator=torch.Generator().manual_seed(3))
-    want = by_hand(m, ids)
+    with torch.no_grad():
+        want = mtp_by_hand(m, ids)
     seen = []
     hook = m.model.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():

@@ -161,3 +161,16 @@ class ErnieMtp:
         mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
         x, _, _ = base.mtp_block[depth](x, base.rotary(x, position_ids), mask, cache)
         return self.model.lm_head(base.norm(x))
+
+    def sequence_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training: the head over a whole sequence, no cache. input_ids [B, L], hidden [B, L, H] (the last decoder
+        layer's output before the final norm) -> logits [B, L - 1, V], row p for the token at p + 2 (its loss:
+        causal_lm_loss(logits, labels[:, 1:]), ERNIE's multi-token-prediction loss of depth 1)."""
+        mask = None if attention_mask is None else attention_mask[:, :-1]
+        if mask is None:
+            positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)[None].expand(
+                input_ids.shape[0], -1)
+        else:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self(input_ids[:, 1:], hidden[:, :-1], positions, None, mask)

@@ -69,6 +69,9 @@ class DistributedSection:
 class MoeSection:
     aux_loss_coef: float | None = None  # null: the config's router_aux_loss_coef
     gate_bias_update_factor: float = 0.0  # ERNIE's aux-free balancing (NeMo's default 0: off)
+    # ERNIE's MTP head (a checkpoint's model.mtp_*): its loss's weight; null: config.json's multi_token_pred_lambda,
+    # else 0.3 as in ERNIE's training code; 0: the head is not trained
+    mtp_loss_coef: float | None = None
 
 
 @dataclass

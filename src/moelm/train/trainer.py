@@ -111,6 +111,16 @@ class Trainer:
         self.aux_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef
         if self.aux_coef and self.num_experts is None:
             raise RecipeError(f"{recipe.source}: moe.aux_loss_coef is set but {cfg.model_type} has no experts")
+        self.mtp = getattr(self.model, "mtp", None)
+        coef = recipe.moe.mtp_loss_coef
+        self.mtp_coef = (getattr(cfg, "multi_token_pred_lambda", None) or 0.3 if coef is None else coef) \
+            if self.mtp is not None else 0.0
+        if coef and self.mtp is None:
+            raise RecipeError(f"{recipe.source}: moe.mtp_loss_coef is set but the model has no MTP head "
+                              "(ERNIE 4.5 MoE checkpoints with model.mtp_* tensors)")
+        if self.mtp_coef and self.layout.distributed:
+            raise RecipeError(f"{recipe.source}: training the MTP head across processes is not implemented; set "
+                              "moe.mtp_loss_coef: 0 (the head is then saved as loaded)")
         self.step = 0
         if self.resume_dir is not None:
             self.step = state.load(self, self.resume_dir)
@@ -164,15 +174,21 @@ class Trainer:
         moe = self.num_experts is not None
         loads = ExpertLoad()
         micro_total = self.accumulation * self.layout.fsdp
-        ce_sum = aux_sum = 0.0
+        mtp_targets = sum(sum(1 for t in ex.labels[2:] if t != -100) for ex in examples)
+        ce_sum = aux_sum = mtp_sum = 0.0
         for batch in self.micro_batches(examples):
-            with self.autocast():
+            with self.autocast(), self.last_hidden() as hidden:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False, output_router_logits=moe)
                 ce = causal_lm_loss(out.logits, batch["labels"], num_items_in_batch=1)  # a sum over tokens
                 loss = ce / targets
                 if moe and self.aux_coef:
                     loss = loss + self.aux_coef * out.aux_loss / micro_total
+                if self.mtp_coef:  # ERNIE's: the main loss + coef * the MTP head's (the token after the next)
+                    logits = self.mtp.sequence_logits(batch["input_ids"], hidden[-1], batch["attention_mask"])
+                    mtp = causal_lm_loss(logits, batch["labels"][:, 1:], num_items_in_batch=1)
+                    loss = loss + self.mtp_coef * mtp / max(mtp_targets, 1)
+                    mtp_sum += float(mtp.detach())
             loss.backward()
             ce_sum += float(ce.detach())
             aux_sum += float(out.aux_loss.detach()) if moe else 0.0
@@ -186,12 +202,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if loads.loads:
             update_correction_bias(self.biases, loads.reduce(), self.recipe.moe.gate_bias_update_factor)
-        ce_sum, aux_sum = all_sum([ce_sum, aux_sum], self.layout)
+        ce_sum, aux_sum, mtp_sum = all_sum([ce_sum, aux_sum, mtp_sum], self.layout)
         self.step += 1
         record = {"step": self.step, "loss": ce_sum / targets, "lr": lr, "grad_norm": norm, "tokens": tokens}
         if moe:
             record["aux_loss"] = aux_sum / micro_total
+        if self.mtp_coef:
+            record["mtp_loss"] = mtp_sum / max(mtp_targets, 1)
         return record
+
+    @contextlib.contextmanager
+    def last_hidden(self):
+        """The last decoder layer's output (the final norm's input) of the forwards inside, when the MTP head
+        trains (a list the forward appends to), else nothing is hooked."""
+        seen: list = []
+        if not self.mtp_coef:
+            yield seen
+            return
+        hook = self.model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            yield seen
+        finally:
+            hook.remove()
 
     def train(self) -> list[dict]:
         start, done_tokens = time.perf_counter(), 0
