@@ -154,6 +154,9 @@ def _sampling(process):
 
 # ------------------------------------------------------------------ the loop
 
+# the last speculative run's counts (for benchmarks): checks of the model, those with drafts, drafts proposed, kept
+last_run: dict[str, int] = {}
+
 
 class Pace:
     """Drafting only while it pays. Seconds per new token are averaged for steps with drafts and for plain steps
@@ -265,6 +268,8 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     if hidden_too:
         drafter.update(state, hidden, hidden.shape[1])
     pace = pace if pace is not None else Pace()
+    last_run.clear()
+    last_run.update(steps=0, drafted_steps=0, proposed=0, kept=0)
     with tuned(lambda run: run(), state) as step:  # the thread count timed as decode_tokens times it
         yield from _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped)
 
@@ -288,6 +293,10 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)
+        last_run["steps"] += 1
+        last_run["drafted_steps"] += k > 0
+        last_run["proposed"] += k
+        last_run["kept"] += kept
         if hasattr(drafter, "accepted"):
             drafter.accepted(kept, k)
         for j in range(kept + 1):

@@ -87,6 +87,7 @@ def _plan(model, ckpt, expected: dict) -> Iterator[tuple[str, torch.dtype, tuple
     seen, unexpected = set(), []
     for key in ckpt.keys():  # noqa: SIM118 (a checkpoint)
         if KEPT_ASIDE.match(key):
+            seen.add(key)
             yield key, ckpt.dtype(key), tuple(ckpt.shape(key)), lambda key=key: ckpt.get(key)
             continue
         ours, expert, part = hub_to_ours(model_type, key)

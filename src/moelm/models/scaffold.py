@@ -54,11 +54,25 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=N
     if config.vocab_size < 300:
         raise ValueError(f"vocab_size {config.vocab_size} of {name!r} is too small for a byte-level tokenizer")
     out = Path(out_dir)
+    mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)  # ERNIE -PT checkpoints carry an MTP head
     if quantization is None:
         model = AutoModelForCausalLM.from_config(config, seed=seed)
+        if mtp:
+            model.add_mtp(mtp)
+            head = {n: p for n, p in model.model.named_parameters() if n.startswith("mtp_")}
+            source = RandomCheckpoint(config, {n: (tuple(p.shape), p.dtype) for n, p in head.items()}, seed + 1, out)
+            with torch.no_grad():
+                for n, p in head.items():
+                    p.copy_(source.get(n))
     else:
         qconfig = resolve(quantization)
         model, expected = quantized_meta_model(AutoModelForCausalLM.class_for(config), config, torch.float32, qconfig)
+        if mtp:  # written as the real checkpoints store it: bf16, unquantized
+            with torch.device("meta"):
+                meta = AutoModelForCausalLM.class_for(config)(config)
+                meta.add_mtp(mtp)
+            expected.update({f"model.{n}": (tuple(p.shape), torch.bfloat16)
+                             for n, p in meta.model.named_parameters() if n.startswith("mtp_")})
     stop = specials.index("<|end_of_sentence|>" if family == "ernie" else "<|end|>")
     model.generation_config.update(eos_token_id=[config.eos_token_id, stop], do_sample=True, temperature=0.8,
                                    top_p=0.8)  # sample by default, as the real ERNIE 4.5 generation configs do
@@ -93,7 +107,7 @@ class RandomCheckpoint:
         module, _, leaf = key.rpartition(".")
         if leaf == "bias" or key.endswith("e_score_correction_bias"):
             return torch.zeros(shape, dtype=dtype)
-        if "norm" in module.rpartition(".")[2]:
+        if any("norm" in part for part in module.split(".")[-2:]):  # mtp_emb_norm.0 too
             return torch.ones(shape, dtype=dtype)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index[key])
         w = torch.empty(shape).normal_(0.0, self.config.initializer_range, generator=g).to(dtype)

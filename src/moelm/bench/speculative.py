@@ -1,0 +1,143 @@
+"""Speculative decoding measured: greedy decode tok/s with and without each drafting method on one model, in one
+process, alternating (plain, method A, method B, ..., plain, ...), with the drafts' acceptance and, for MoE models,
+the experts a check of several tokens reads (the union of their routed experts per layer) against one token's.
+
+    python -m moelm.bench.speculative --model demo/pydoc-moe --methods plain lookup:8 --new-tokens 128
+    python -m moelm.bench.speculative --model DIR --methods plain mtp assistant:DRAFT_DIR:4 --prompt-file p.txt
+
+Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head).
+Every method's tokens are checked equal to plain greedy decoding's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ..generation import speculative
+from .machine import machine_line
+
+
+def method_kwargs(spec: str, dtype) -> tuple[str, dict]:
+    from ..models.auto import AutoModelForCausalLM
+
+    name, _, rest = spec.partition(":")
+    if name == "plain":
+        return spec, {}
+    if name == "lookup":
+        return spec, dict(prompt_lookup_num_tokens=int(rest or 8))
+    if name == "mtp":
+        return spec, dict(speculative="mtp")
+    if name == "assistant":
+        path, _, k = rest.rpartition(":")
+        if not k.isdigit():
+            path, k = rest, ""
+        draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return spec, dict(assistant_model=draft, **({"num_assistant_tokens": int(k)} if k else {}))
+    raise ValueError(f"unknown method {spec!r}: plain, lookup:K, assistant:DIR[:K], mtp")
+
+
+class Union:
+    """Per MoE layer: the distinct routed experts of each forward, by the number of tokens it ran (ERNIE's routing:
+    top-k of softmax + correction bias)."""
+
+    def __init__(self, model):
+        self.seen: dict[int, list[int]] = {}
+        self.hooks = []
+        for layer in model.model.layers:
+            block = getattr(layer, "mlp", None)
+            if block is None or not hasattr(block, "moe_statics"):
+                continue
+            self.hooks.append(block.register_forward_hook(self.record))
+
+    def record(self, block, args, out):
+        logits = out[1].float()  # [T, E]
+        scores = logits.softmax(-1) + block.moe_statics.e_score_correction_bias.float()
+        chosen = scores.topk(block.config.moe_k, dim=-1).indices
+        self.seen.setdefault(chosen.shape[0], []).append(int(chosen.unique().numel()))
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeats: int, dtype, threads: int | None):
+    from ..models.auto import AutoModelForCausalLM
+    from ..text.tokenizer import AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    kwargs = dict(method_kwargs(m, dtype) for m in methods)
+    times: dict[str, list[float]] = {m: [] for m in kwargs}
+    counts, unions, plain = {}, {}, None
+    for rep in range(repeats + 1):  # the first round warms up (kernel paths timed)
+        for name, kw in kwargs.items():
+            union = Union(model) if rep == repeats else None
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kw)
+            took = time.perf_counter() - start
+            if union is not None:
+                union.close()
+                unions[name] = {t: statistics.mean(v) for t, v in sorted(union.seen.items())}
+            if rep:
+                times[name].append(took)
+            if name == "plain":
+                plain = out
+            elif plain is not None and not torch.equal(out, plain):
+                raise AssertionError(f"{name}: tokens differ from plain greedy decoding")
+            if kw:
+                counts[name] = dict(speculative.last_run)
+    rows = []
+    base = statistics.median(times["plain"]) if "plain" in times else None
+    for name, t in times.items():
+        med = statistics.median(t)
+        c = counts.get(name)
+        rows.append(dict(method=name, tok_s=new_tokens / med, speedup=base / med if base else None,
+                         checks=c["steps"] if c else new_tokens, drafted=c["drafted_steps"] if c else 0,
+                         acceptance=c["kept"] / c["proposed"] if c and c["proposed"] else None,
+                         per_check=(new_tokens - 1) / c["steps"] if c and c["steps"] else 1.0,
+                         union=unions.get(name, {})))
+    return dict(rows=rows, prompt_tokens=ids.shape[1], machine=machine_line(threads or torch.get_num_threads()))
+
+
+def table(result) -> str:
+    lines = ["| method | tok/s | × plain | checks | with drafts | drafts kept | tokens a check | experts a layer, "
+             "by tokens a forward |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        union = ", ".join(f"{t}: {u:.1f}" for t, u in r["union"].items()) or "—"
+        kept = "—" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        lines.append(f"| {r['method']} | {r['tok_s']:.1f} | {r['speedup'] or 1:.2f}× | {r['checks']} | "
+                     f"{r['drafted']} | {kept} | "
+                     f"{r['per_check']:.2f} | {union} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moelm.bench.speculative", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--methods", nargs="+", default=["plain", "lookup:8"])
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if not prompt:
+        p.error("give --prompt or --prompt-file")
+    result = run(args.model, args.methods, prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype),
+                 args.threads)
+    print(f"{args.model}, {result['prompt_tokens']}-token prompt, {args.new_tokens} new tokens, greedy — "
+          f"{result['machine']}\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
