@@ -250,7 +250,8 @@ def test_last_layer_feed_forward_runs_on_the_kept_positions_only(family):
     seen = []
     hook = block.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1]))
     try:
-        for keep, rows in ((1, (2, 1)), (3, (2, 3)), (torch.tensor([0, 4, 9]), (2, 3)), (10, (2, 10)), (0, (2, 10))):
+        for keep, rows in ((1, (2, 1)), (3, (2, 3)), (torch.tensor([0, 4, 9]), (2, 3)), (10, (2, 10)), (0, (2, 10)),
+                           (torch.tensor([], dtype=torch.long), (2, 0))):  # a server step that samples no row
             seen.clear()
             a, b = run_both(ref, ours, input_ids=ids, logits_to_keep=keep)
             close(a.logits, b.logits, f"logits_to_keep={keep}")

@@ -121,7 +121,7 @@ def moe_step(block, x: torch.Tensor, normed: torch.Tensor):
     logits [B * S, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
     kernels.MAX_ROWS tokens; not while compiling)."""
     b = normed.numel() // normed.shape[-1]
-    if torch.compiler.is_compiling() or b > kernels.MAX_ROWS or normed.dim() != 3 \
+    if torch.compiler.is_compiling() or not 0 < b <= kernels.MAX_ROWS or normed.dim() != 3 \
             or normed.dtype != torch.float32 or x.dtype != torch.float32 or not kernels.usable(normed):
         return None
     plan = _moe_plan(block, normed)
