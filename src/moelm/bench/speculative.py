@@ -102,7 +102,7 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
                          acceptance=c["kept"] / c["proposed"] if c and c["proposed"] else None,
                          per_check=(new_tokens - 1) / c["steps"] if c and c["steps"] else 1.0,
                          union=unions.get(name, {})))
-    return dict(rows=rows, prompt_tokens=ids.shape[1], machine=machine_line(threads or torch.get_num_threads()))
+    return dict(rows=rows, prompt_tokens=ids.shape[1], machine=machine_line(threads or torch.get_num_threads(), "cpu"))
 
 
 def table(result) -> str:
