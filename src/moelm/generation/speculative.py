@@ -94,9 +94,9 @@ class Assistant:
                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             prefix = torch.cat([ids, *[d[:, None] for d in drafts]], 1)
             scores = process(out.logits[:, -1].float(), prefix)
-            token = choose(scores, _sampling(process), generator)
+            token = choose(scores, process.sampling, generator)
             drafts.append(token)
-            if _sampling(process).temperature:
+            if process.sampling.temperature:
                 probs.append(scores.softmax(-1))
             feed = token[:, None]
             mask = None if mask is None else F.pad(mask, (0, 1), value=1)
@@ -143,13 +143,9 @@ class Mtp:
         logits = self.head(self.ids, self.hidden, self.positions, self.cache, mask)[:, -1].float()
         self.hidden = self.ids = self.positions = None
         scores = process(logits, state.input_ids)
-        token = choose(scores, _sampling(process), generator)
-        probs = scores.softmax(-1)[:, None] if _sampling(process).temperature else None
+        token = choose(scores, process.sampling, generator)
+        probs = scores.softmax(-1)[:, None] if process.sampling.temperature else None
         return token[:, None], probs
-
-
-def _sampling(process):
-    return process.sampling
 
 
 # ------------------------------------------------------------------ the loop
@@ -199,18 +195,18 @@ class Always(Pace):
         pass
 
 
-def _model_forward(model, state, input_ids, attention_mask, position_ids, keep: int, want_hidden: bool):
-    """logits [N, keep, V] fp32 of the last `keep` positions fed (and the pre-norm hidden states of those
-    positions when want_hidden: the MTP head's input)."""
+def _model_forward(model, state, inputs: dict, attention_mask, position_ids, keep: int, want_hidden: bool):
+    """logits [N, keep, V] fp32 of the last `keep` positions of `inputs` (input_ids= or inputs_embeds=), through
+    the KV cache, and, when want_hidden (the MTP head's input), the pre-norm hidden states of every position fed."""
     if not want_hidden:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=state.cache, use_cache=True, logits_to_keep=keep)
+        out = model(**inputs, attention_mask=attention_mask, position_ids=position_ids, past_key_values=state.cache,
+                    use_cache=True, logits_to_keep=keep)
         state.cache = out.past_key_values
         return out.logits.float(), None
     seen = []
     hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = model.model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=state.cache, use_cache=True)
     finally:
         hook.remove()
@@ -242,22 +238,9 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     prompt = state.input_ids if state.inputs_embeds is None else None
     if prompt is None and hidden_too:
         raise ValueError("the MTP head drafts from token ids: pass input_ids, not inputs_embeds")
-    kwargs = dict(inputs_embeds=state.inputs_embeds) if prompt is None else dict(input_ids=prompt)
-    if hidden_too:
-        seen = []
-        hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        try:
-            out = model.model(**kwargs, attention_mask=state.attention_mask, position_ids=state.position_ids,
-                              past_key_values=state.cache, use_cache=True)
-        finally:
-            hook.remove()
-        state.cache = out.past_key_values
-        logits, hidden = model.lm_head(out.last_hidden_state[:, -1:]).float()[:, -1], seen[-1]
-    else:
-        out = model(**kwargs, attention_mask=state.attention_mask, position_ids=state.position_ids,
-                    past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-        state.cache = out.past_key_values
-        logits, hidden = out.logits[:, -1].float(), None
+    inputs = dict(inputs_embeds=state.inputs_embeds) if prompt is None else dict(input_ids=prompt)
+    logits, hidden = _model_forward(model, state, inputs, state.attention_mask, state.position_ids, 1, hidden_too)
+    logits = logits[:, -1]
     # the prompt's next token, as plain decoding chooses it
     scores = process(logits, state, cfg)
     token = choose(scores, sampling, generator)
@@ -289,7 +272,8 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
         steps = torch.arange(1, k + 1, device=fed.device)
         pos = torch.cat([state.position_ids[:, -1:], state.position_ids[:, -1:] + steps], 1)
-        logits, hidden = step(lambda: _model_forward(model, state, fed, mask, pos, k + 1, hidden_too))
+        logits, hidden = step(lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1,
+                                                     hidden_too))
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)
