@@ -44,8 +44,10 @@ def curl(*args) -> str:
 def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     port = free_port()
     key = ["--api-key", "k"] if stop == signal.SIGINT else []  # SIGTERM's run takes the key from MOELM_API_KEY
+    # and drafts by n-gram lookup
+    spec = [] if key else ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
     proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
-                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key,
+                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key, *spec,
                  env=ENV if key else dict(ENV, MOELM_API_KEY="k"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -73,6 +75,7 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err and "moelm serve: stopped" in err
+    assert ("speculative: ngram" in err) == bool(spec)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -80,6 +83,12 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: no such file"),
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer, got 0"),
     (["--port", "70000"], "--port must be in 1..65535"),
+    (["--speculative-config", "{nope"], "--speculative-config is not JSON"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "acceptance": 1}'],
+     "--speculative-config: moelm does not support acceptance"),
+    (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'], "needs ERNIE's MTP head"),
+    (["--speculative-config", '{"model": "no-such-draft", "num_speculative_tokens": 2}'],
+     "model no-such-draft: no such checkpoint"),
 ])
 def test_startup_errors_are_one_line(tiny, args, message):
     proc = serve(str(tiny), *args)

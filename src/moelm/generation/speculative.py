@@ -44,7 +44,7 @@ class PromptLookup:
             if not bool(state.unfinished[r]):
                 continue
             start = int(state.pad_lengths[r]) if state.pad_lengths is not None else 0
-            rows.append(_lookup(ids[r, start:], self.max_ngram, k))
+            rows.append(lookup(ids[r, start:], self.max_ngram, k))
         n = min((len(r) for r in rows), default=0)
         drafts = torch.zeros(ids.shape[0], n, dtype=ids.dtype, device=ids.device)
         live = state.unfinished.nonzero().squeeze(1)
@@ -56,10 +56,11 @@ class PromptLookup:
         pass
 
 
-def _lookup(row: torch.Tensor, max_ngram: int, k: int) -> torch.Tensor:
-    """Up to k tokens following the latest earlier occurrence of row's last n tokens (the longest n that has one)."""
+def lookup(row: torch.Tensor, max_ngram: int, k: int, min_ngram: int = 1) -> torch.Tensor:
+    """Up to k tokens following the latest earlier occurrence of row's last n tokens (the longest n, from max_ngram
+    down to min_ngram, that has one)."""
     length = row.shape[0]
-    for n in range(min(max_ngram, length - 1), 0, -1):
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         windows = row.unfold(0, n, 1)[:-1]  # every n-gram but the last one itself
         hits = (windows == row[-n:]).all(-1).nonzero().squeeze(1)
         if hits.numel():
@@ -299,30 +300,40 @@ def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, s
     scores = [proc(logits[:, j], torch.cat([state.input_ids, drafts[:, :j]], 1)) for j in range(k + 1)]
     tokens, ok = [], []
     for j in range(k + 1):
-        if j == k or not proc.sampling.temperature:
-            choice = choose(scores[j], proc.sampling, generator)
-            tokens.append(choice)
-            if j < k:
-                ok.append(choice == drafts[:, j])
+        if j == k:
+            tokens.append(choose(scores[j], proc.sampling, generator))
             continue
-        p = scores[j].softmax(-1)
-        d = drafts[:, j]
-        pd = p.gather(1, d[:, None]).squeeze(1)
-        if q is None:  # a fixed draft: q is 1 on it
-            qd, residual = torch.ones_like(pd), p.scatter(1, d[:, None], 0.0)
-        else:
-            qd, residual = q[:, j].gather(1, d[:, None]).squeeze(1), (p - q[:, j]).clamp(min=0)
-        u = torch.rand(pd.shape, generator=generator, device=pd.device)
-        accept = u * qd < pd
-        total = residual.sum(-1, keepdim=True)
-        residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p)
-        drawn = torch.multinomial(residual, 1, generator=generator).squeeze(1)
-        tokens.append(torch.where(accept, d, drawn))
+        token, accept = judge_draft(scores[j], drafts[:, j], None if q is None else q[:, j], proc.sampling,
+                                    generator)
+        tokens.append(token)
         ok.append(accept)
     kept_rows = torch.cumprod(torch.stack(ok, 1).long(), 1).sum(1) if k else torch.zeros_like(tokens[0])
     live = state.unfinished if bool(state.unfinished.any()) else torch.ones_like(state.unfinished)
     kept = int(kept_rows[live].min())
     return torch.stack(tokens, 1), scores, kept
+
+
+def judge_draft(scores: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, sampling,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [N], accepted [N] bool) for one drafted position: scores [N, V] the model's processed scores there,
+    draft [N] the drafted tokens, q [N, V] the drafter's probabilities (None: a fixed draft, q = 1 on it). Greedy
+    accepts a draft equal to the model's choice; sampling accepts it with probability min(1, p/q) and otherwise
+    draws from the residual max(p - q, 0), renormalised."""
+    if not sampling.temperature:
+        choice = choose(scores, sampling, generator)
+        return choice, choice == draft
+    p = scores.softmax(-1)
+    pd = p.gather(1, draft[:, None]).squeeze(1)
+    if q is None:
+        qd, residual = torch.ones_like(pd), p.scatter(1, draft[:, None], 0.0)
+    else:
+        qd, residual = q.gather(1, draft[:, None]).squeeze(1), (p - q).clamp(min=0)
+    u = torch.rand(pd.shape, generator=generator, device=pd.device)
+    accept = u * qd < pd
+    total = residual.sum(-1, keepdim=True)
+    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p)
+    drawn = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return torch.where(accept, draft, drawn), accept
 
 
 def _emit(state, token: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor, advance, stopped) -> bool:

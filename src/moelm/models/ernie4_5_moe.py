@@ -149,10 +149,12 @@ class ErnieMtp:
         self.model = model
 
     def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, cache=None,
-                 attention_mask: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, depth: int = 0,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """next_ids [B, S] (the tokens at positions p + 1), hidden [B, S, H] (the last decoder layer's output at
         positions p, before the final norm), position_ids [B, S] (p); cache: the head's own (one layer);
-        attention_mask [B, past + S] over the head's positions -> logits [B, S, V] for the tokens at p + 2."""
+        attention_mask [B, past + S] over the head's positions (or a 4-D boolean mask) -> logits [B, S, V] for the
+        tokens at p + 2 (keep [K]: only those positions', [B, K, V])."""
         base = self.model.model
         emb = base.embed_tokens(next_ids).masked_fill((position_ids == 0)[..., None], 0)
         x = torch.cat([base.mtp_emb_norm[depth](emb), base.mtp_hidden_norm[depth](hidden.to(emb.dtype))], dim=-1)
@@ -160,7 +162,7 @@ class ErnieMtp:
         past = cache.get_seq_length() if cache is not None else 0
         mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
         x, _, _ = base.mtp_block[depth](x, base.rotary(x, position_ids), mask, cache)
-        return self.model.lm_head(base.norm(x))
+        return self.model.lm_head(base.norm(x if keep is None else x[:, keep]))
 
     def sequence_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ One thread owns the model. Requests come in through a bounded queue. Each step r
 sequence's next token plus chunks of waiting prompts (continuous batching, at most `max_num_batched_tokens` tokens);
 a sequence leaves the batch the step it finishes or is cancelled. KV lives in a SlotCache of `max_num_seqs` rows.
 Each sequence samples with its own parameters and its own seeded generator, so a seed reproduces an output whatever
-else runs."""
+else runs. With `speculative` (moelm.serve.speculation), a decoding sequence feeds its drafts with its last token and
+keeps those the model agrees with."""
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,10 @@ from typing import Callable
 import torch
 
 from ..generation.sampling import Sampling, SamplingError, apply_penalties, choose, warp
+from ..generation.speculative import Always, Pace, judge_draft
 from ..inference.slots import SlotCache
 from ..text import Detokenizer, StopStrings
+from .speculation import SpeculativeConfig, drafter_for
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the KV of max_num_seqs rows of this many positions is allocated at start
 
@@ -131,10 +134,13 @@ class Sequence:
 
 class Engine:
     """Continuous batching over a SlotCache; see the module docstring. `metrics`, if given, gets
-    prompt_tokens(n), generation_tokens(n), ttft(s), itl(s), finished(reason, e2e seconds)."""
+    prompt_tokens(n), generation_tokens(n), ttft(s), itl(s), finished(reason, e2e seconds) and, when speculating,
+    speculated(drafted, kept) for each checked draft. speculative: a SpeculativeConfig (or its JSON / dict);
+    draft_model: the loaded draft model of its method 'draft_model'."""
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None):
+                 max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None,
+                 speculative: SpeculativeConfig | str | dict | None = None, draft_model=None):
         config = model.config
         context = config.max_position_embeddings
         max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
@@ -178,6 +184,11 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            speculative = SpeculativeConfig.parse(speculative)
+        self.speculative = speculative
+        self.drafter = None if speculative is None else drafter_for(speculative, self, draft_model)
+        self.pace = Pace() if speculative is not None and speculative.adaptive else Always()
 
     # ------------------------------------------------------------ public API
 
@@ -198,10 +209,14 @@ class Engine:
         counts = [1 << i for i in range(self.max_num_batched_tokens.bit_length()) if 1 << i <= self.max_model_len]
         rows = [1 << i for i in range(self.max_num_seqs.bit_length())] + [self.max_num_seqs]
         steps = [[(r, 1) for r in range(n)] for n in sorted(set(rows))] + [[(0, c)] for c in counts]
+        if self.speculative is not None:  # each row with its last token and k drafts
+            k = self.speculative.num_speculative_tokens + 1
+            steps += [[(r, k) for r in range(n)] for n in sorted(set(rows)) if n * k <= self.max_num_batched_tokens]
         with torch.inference_mode():
             for segments in steps:
                 tokens = torch.randint(0, self.vocab_size, (sum(c for _, c in segments),), generator=g)
-                self._forward(segments, tokens.tolist(), [0], commit=False)
+                self._forward(segments, tokens.tolist(), [0], commit=False, hidden=self.drafter is not None
+                              and self.drafter.hidden)
                 if deadline is not None and time.perf_counter() > deadline:
                     break
 
@@ -330,51 +345,125 @@ class Engine:
             with self.cond:
                 self.queued -= 1
             self.running.append(seq)
+        self.pace.start()
         budget = self.max_num_batched_tokens
-        segments, tokens, keep, sampled = [], [], [], []
-        for seq in sorted((s for s in self.running if s.filled == len(s.prompt)), key=lambda s: s.row):
-            segments.append((seq.row, 1))
-            tokens.append(seq.tokens[-1])
-            keep.append(len(tokens) - 1)
-            sampled.append(seq)
+        decoding = sorted((s for s in self.running if s.filled == len(s.prompt)), key=lambda s: s.row)
+        parts = []  # (sequence, first token, tokens, drafts or None for a prompt chunk, their q)
+        segments, tokens, keep = [], [], []
+        for seq, (drafts, q) in zip(decoding, self._drafts(decoding, budget)):
+            parts.append((seq, len(tokens), 1 + len(drafts), drafts, q))
+            segments.append((seq.row, 1 + len(drafts)))
+            keep += range(len(tokens), len(tokens) + 1 + len(drafts))
+            tokens += [seq.tokens[-1]] + drafts
         budget -= len(tokens)
         for seq in (s for s in self.running if s.filled < len(s.prompt)):
             if budget <= 0:
                 break
             count = min(len(seq.prompt) - seq.filled, budget)
+            parts.append((seq, len(tokens), count, None, None))
             segments.append((seq.row, count))
             tokens += seq.prompt[seq.filled:seq.filled + count]
             seq.filled += count
             budget -= count
             if seq.filled == len(seq.prompt):
                 keep.append(len(tokens) - 1)
-                sampled.append(seq)
-        logits = self._forward(segments, tokens, keep)
+        hidden_too = self.drafter is not None and self.drafter.hidden
+        logits, hidden = self._forward(segments, tokens, keep, hidden=hidden_too)
         self.steps += 1
-        for seq, row in zip(sampled, logits):
-            self._advance(seq, row)
+        at, emitted, drafted = 0, 0, False
+        for seq, first, count, drafts, q in parts:
+            if drafts is None:  # a prompt chunk, and the first token where the prompt is done
+                if hidden_too:
+                    self.drafter.observe(seq, hidden[first:first + count])
+                if seq.filled == len(seq.prompt):
+                    self._advance(seq, logits[at])
+                    at += 1
+                continue
+            start = self.cache.lengths[seq.row] - count
+            kept = self._verify(seq, logits[at:at + count], drafts, q)
+            at += count
+            emitted += kept + 1
+            drafted |= bool(drafts)
+            if drafts and self.metrics is not None:
+                self.metrics.speculated(len(drafts), kept)
+            if self.drafter is not None and seq in self.running:
+                self.cache.lengths[seq.row] = start + 1 + kept  # the rejected drafts' positions are free again
+                self.drafter.verified(seq, start + 1 + kept)
+                if hidden_too:
+                    self.drafter.observe(seq, hidden[first:first + 1 + kept])
+        if self.drafter is not None and decoding and len(parts) == len(decoding):  # a decode-only step: timed
+            self.pace.done(drafted, emitted)
+
+    def _drafts(self, decoding: list[Sequence], budget: int) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Each decoding sequence's drafts (token ids) and their probabilities [k, V] (None: greedy or fixed
+        drafts), within the step's token budget, the sequence's max_tokens and its KV row."""
+        config = self.speculative
+        off = (config is None or not self.pace.drafting() or (config.disable_by_batch_size is not None and
+               len(self.running) + self.queued >= config.disable_by_batch_size))
+        if off or not decoding:
+            return [([], None)] * len(decoding)
+        spare = budget - len(decoding)
+        ks = []
+        for seq in decoding:
+            length = len(seq.prompt) + len(seq.tokens)  # the last token's KV is written this step
+            k = max(0, min(config.num_speculative_tokens, self.max_model_len - length, spare,
+                           seq.request.params.max_tokens - len(seq.tokens) - 1))
+            spare -= k
+            ks.append(k)
+        if not any(ks):
+            return [([], None)] * len(decoding)
+        return self.drafter.propose(self, decoding, ks)
+
+    def draft_token(self, seq: Sequence, logits: torch.Tensor, drafts: list[int]) -> tuple[int, torch.Tensor | None]:
+        """A drafter's next token for seq from its logits [V] after seq's tokens and `drafts`, chosen with seq's
+        parameters and generator, and the distribution it was drawn from [V] (None when greedy)."""
+        scores = self._scores(seq, logits, drafts)
+        token = int(choose(scores, seq.sampling, seq.generator)[0])
+        return token, None if seq.sampling.greedy else scores.softmax(-1)[0]
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None) -> int:
+        """Emit seq's tokens from the logits [1 + k, V] after its last token and its k drafts: each draft while it
+        is kept, then the model's token; returns the drafts kept (fewer when the sequence finishes among them)."""
+        for j, draft in enumerate(drafts):
+            accepted, finished = self._advance(seq, logits[j], draft, None if q is None else q[j])
+            if finished or not accepted:
+                return j
+        self._advance(seq, logits[len(drafts)])
+        return len(drafts)
 
     def _forward(self, segments: list[tuple[int, int]], tokens: list[int], keep: list[int],
-                 commit: bool = True) -> torch.Tensor:
+                 commit: bool = True, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model over one step laid out as `segments` (slot row, tokens): logits [len(keep), V] fp32 on CPU of
-        the tokens at `keep`; the positions written count from then on unless commit=False (warm-up)."""
+        the tokens at `keep`, and with hidden=True the last decoder layer's output [T, H] (before the final norm)
+        of every token; the positions written count from then on unless commit=False (warm-up)."""
         device = self.model.device
         plan = self.cache.schedule(segments)
+        inputs = dict(input_ids=torch.tensor([tokens], device=device), position_ids=plan.positions[None],
+                      attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
+                      use_cache=True)
+        rows = torch.tensor(keep, dtype=torch.long, device=device)
         try:
-            out = self.model(input_ids=torch.tensor([tokens], device=device), position_ids=plan.positions[None],
-                             attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
+            if not hidden:
+                return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None
+            seen = []
+            hook = self.model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            try:
+                out = self.model.model(**inputs)
+            finally:
+                hook.remove()
+            return self.model.lm_head(out.last_hidden_state[:, rows])[0].float().cpu(), seen[-1][0]
         finally:
             if commit:
                 self.cache.commit()
             else:
                 self.cache.plan = None
-        return out.logits[0].float().cpu()
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor):
-        """Sample seq's next token from its logits [V], emit it, finish the sequence if it ends here."""
+    def _advance(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None,
+                 q: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """Sample seq's next token from its logits [V] (or judge `draft` drawn from q [V]), emit it, finish the
+        sequence if it ends here; returns (the draft was kept, the sequence finished)."""
         p = seq.request.params
-        token, logprobs = self._sample(seq, logits)
+        token, accepted, logprobs = self._sample(seq, logits, draft, q)
         seq.ids[len(seq.prompt) + len(seq.tokens)] = token
         seq.tokens.append(token)
         seq.request.completion_tokens += 1
@@ -401,11 +490,14 @@ class Engine:
             seq.request.callback(Output(seq.index, [token], text, logprobs))
         else:
             self._finish(seq, reason, [token], text, logprobs)
+        return accepted, reason is not None
 
     def _finish(self, seq: Sequence, reason: str, token_ids=(), text: str = "", logprobs=(), error: str | None = None):
         if seq in self.running:
             self.running.remove(seq)
             self.cache.free(seq.row)
+            if self.drafter is not None:
+                self.drafter.free(seq.row)
             self.free_rows.append(seq.row)
         if reason in ("stop", "length"):
             text += seq.stops.feed(seq.detok.flush())
@@ -414,20 +506,36 @@ class Engine:
             self.metrics.finished(reason, time.perf_counter() - seq.submitted)
         seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error))
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, list[TokenLogprob]]:
-        """The next token from logits [V] (fp32) by generate's sampler (moelm.generation.sampling) with the
-        sequence's knobs, min_tokens' banned ids and generator. Logprobs are the model's (before any of these), as
-        vLLM reports them."""
-        p, s, generated = seq.request.params, seq.sampling, len(seq.tokens)
+    def _scores(self, seq: Sequence, logits: torch.Tensor, drafts: list[int] = ()) -> torch.Tensor:
+        """seq's processed scores [1, V] from logits [V] (fp32) after its tokens and `drafts`: generate's penalties,
+        min_tokens' banned ids and warpers with the sequence's knobs."""
+        p, s = seq.request.params, seq.sampling
+        generated = len(seq.tokens) + len(drafts)
+        at = len(seq.prompt) + len(seq.tokens)
+        if drafts:
+            seq.ids[at:at + len(drafts)] = torch.tensor(drafts)  # overwritten by the tokens emitted
         banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos) if generated < p.min_tokens else []
         scores = apply_penalties(logits[None], s, seq.ids[None, :len(seq.prompt) + generated], len(seq.prompt),
                                  banned=torch.tensor(banned) if banned else None)
-        token = int(choose(warp(scores, s), s, seq.generator)[0])
+        return warp(scores, s)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None,
+                q: torch.Tensor | None = None) -> tuple[int, bool, list[TokenLogprob]]:
+        """The next token from logits [V] (fp32) by generate's sampler (moelm.generation.sampling) with the
+        sequence's knobs, min_tokens' banned ids and generator, or the judgement of a draft (drawn from q [V], None
+        for a fixed draft); (token, the draft was kept, logprobs). Logprobs are the model's (before any of these), as
+        vLLM reports them."""
+        p, s = seq.request.params, seq.sampling
+        scores = self._scores(seq, logits)
+        if draft is None:
+            token, accepted = int(choose(scores, s, seq.generator)[0]), False
+        else:
+            chosen, ok = judge_draft(scores, torch.tensor([draft]), None if q is None else q[None], s, seq.generator)
+            token, accepted = int(chosen[0]), bool(ok[0])
         logprobs = []
         if p.logprobs is not None:
             lp = logits.log_softmax(-1)
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             logprobs = [TokenLogprob(token, float(lp[token]), [] if top is None else
                                      list(zip(top.indices.tolist(), top.values.tolist())))]
-        return token, logprobs
-
+        return token, accepted, logprobs

@@ -36,6 +36,20 @@ class Metrics:
         self._success = Counter("moelm:request_success", "Sequences finished, by reason.",
                                 ["model_name", "finished_reason"], registry=registry)
         self.model_name = model_name
+        self.spec = None
+        config = getattr(engine, "speculative", None)
+        if config is not None:  # vLLM's spec_decode counters
+            def counter(name, doc, extra=()):
+                return Counter(f"moelm:spec_decode_{name}", doc, list(labels) + list(extra), registry=registry)
+
+            self.spec = (counter("num_drafts", "Drafts checked (a sequence's drafted tokens of one step).")
+                         .labels(**labels),
+                         counter("num_draft_tokens", "Drafted tokens checked.").labels(**labels),
+                         counter("num_accepted_tokens", "Drafted tokens kept.").labels(**labels),
+                         counter("num_accepted_tokens_per_pos", "Drafted tokens kept, by their position in the "
+                                 "draft (0: the first).", ["position"]))
+            for position in range(config.num_speculative_tokens):
+                self.spec[3].labels(**labels, position=str(position))
 
     def prompt_tokens(self, n: int):
         self._prompt.inc(n)
@@ -52,6 +66,14 @@ class Metrics:
     def finished(self, reason: str, seconds: float):
         self._e2e.observe(seconds)
         self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def speculated(self, drafted: int, kept: int):
+        drafts, tokens, accepted, per_position = self.spec
+        drafts.inc()
+        tokens.inc(drafted)
+        accepted.inc(kept)
+        for position in range(kept):
+            per_position.labels(model_name=self.model_name, position=str(position)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,11 @@ def add_arguments(p):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MOELM_API_KEY)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests that give none")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s fields: {"method": "ngram" | "mtp" | "draft_model", '
+                        '"num_speculative_tokens": K, "prompt_lookup_min"/"prompt_lookup_max": N (ngram), "model": '
+                        'DIR and "quantization" (draft_model), "disable_by_batch_size": N; moelm\'s "adaptive": '
+                        'false drafts at every step}')
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
 
@@ -76,6 +81,7 @@ def run(args, load):
 
     from .app import create_app
     from .engine import Engine
+    from .speculation import SpeculativeConfig
 
     model_path = args.model_path or args.model
     if not model_path:
@@ -92,11 +98,20 @@ def run(args, load):
         if not path.is_file():
             raise FileNotFoundError(f"--chat-template {template}: no such file (and not a template)")
         template = path.read_text(encoding="utf-8")
+    speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     check_address(args.host, args.port)
     model, tokenizer = load(args)
+    draft = None
+    if speculative is not None and speculative.method == "draft_model":
+        from ..models.auto import AutoModelForCausalLM
+
+        if not Path(speculative.model).exists():
+            raise FileNotFoundError(f"--speculative-config: model {speculative.model}: no such checkpoint")
+        draft = AutoModelForCausalLM.from_pretrained(speculative.model, dtype=model.dtype, device=model.device,
+                                                     quantization=speculative.quantization)
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-                    seed=args.seed)
+                    seed=args.seed, speculative=speculative, draft_model=draft)
     configured = model.generation_config.to_dict()
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]
@@ -105,7 +120,8 @@ def run(args, load):
     print(f"moelm serve: {model_path} as {', '.join(names)} on http://{args.host}:{args.port} "
           f"({args.max_num_seqs} slots of {engine.max_model_len} positions, KV {kv / 2**20:.0f} MiB"
           f"{'; sampling defaults from generation_config: ' + str(defaults) if defaults else ''}"
-          f"{'; API key required' if api_key else ''})", file=sys.stderr, flush=True)
+          f"{'; API key required' if api_key else ''}"
+          f"{'; speculative: ' + speculative.method if speculative else ''})", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine.warmup()
     print(f"moelm serve: warmed up in {time.perf_counter() - started:.1f} s (kernel paths measured on a first start "
