@@ -700,6 +700,46 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
             _check_layer_steps(model, cache, F.pad(mask, (0, new.shape[1]), value=1), seed=batch)
 
 
+@pytest.mark.usefixtures("gemv_forced")
+@needs_kernels
+@pytest.mark.parametrize("mode", (None, "int4", "bfloat16"))
+@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+def test_decode_layer_checks_several_tokens_per_row(family, mode, monkeypatch):
+    """A step of S tokens per row after the prompt (a speculative check) runs each layer as one decode_layer call of
+    B * S rows, token j of row b at position past + j attending causally, with left padding; its logits and the
+    step after it (from the cache it wrote) equal the layer op by op."""
+    kwargs = {"dtype": torch.bfloat16} if mode == "bfloat16" else {"quantization": mode} if mode else {}
+    model = load(family, **kwargs)
+    rows = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: rows.append(a[1].shape[0]) or real(*a))
+    rel = {None: 1e-5, "int4": 1.5e-3, "bfloat16": 3e-2}[mode]
+    for batch, pads, s in ((1, (0,), 2), (1, (0,), 5), (3, (2, 0, 4), 3), (2, (0, 3), 8)):
+        ids, mask = prompts(batch=batch, seq=7, pads=pads, seed=40 + s)
+        new = torch.randint(3, VOCAB, (batch, s + 1), generator=torch.Generator().manual_seed(41 + s))
+
+        @torch.no_grad()
+        def run():
+            cache = static_cache(model, batch, 24)
+            out = model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+            m = F.pad(mask, (0, s), value=1)
+            pos = positions(m)[:, -s:]
+            check = model(new[:, :s], attention_mask=m, position_ids=pos, past_key_values=out.past_key_values,
+                          use_cache=True).logits
+            m = F.pad(m, (0, 1), value=1)
+            after = model(new[:, s:], attention_mask=m, position_ids=pos[:, -1:] + 1, past_key_values=cache,
+                          use_cache=True).logits
+            return torch.cat([check, after], 1).float()
+
+        rows.clear()
+        fast = run()
+        assert batch * s in rows, f"no decode_layer call of {batch} x {s} rows: {rows}"
+        with monkeypatch.context() as m:
+            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
+            per_op = run()
+        close(fast, per_op, rel, f"{family} {mode}: {batch} rows x {s} tokens, decode_layer vs op by op")
+
+
 def _close_fp32(a: torch.Tensor, b: torch.Tensor, what: str):
     close(a, b, 1e-5, what)
 

@@ -224,6 +224,12 @@ class _Process:
     def __call__(self, logits: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         return self.fn(logits, dataclasses.replace(self.state, input_ids=prefix), self.cfg)
 
+    def plain_greedy(self, length: int) -> bool:
+        """Whether the processors leave the logits of sequences of `length` tokens as they are, greedily."""
+        s, state = self.sampling, self.state
+        return (s.greedy and s.repetition_penalty == 1.0 and not s.logit_bias and not s.presence_penalty
+                and not s.frequency_penalty and (state.eos is None or length >= state.min_length))
+
 
 @torch.no_grad()
 def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tuned,
@@ -259,10 +265,22 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
 
 
 def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped):
+    from .generate import decode_step
+
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
         k = max(0, min(drafter.k, room)) if pace.drafting() else 0
         pace.start()
+        if not k and not hidden_too:  # a plain decoding step, as generate's own
+            logits = step(lambda: decode_step(model, state))
+            scores = proc.fn(logits, state, proc.cfg)
+            done = _emit(state, choose(scores, proc.sampling, generator), scores, logits, advance, stopped)
+            pace.done(False, 1)
+            last_run["steps"] += 1
+            yield _last(state)
+            if done:
+                return
+            continue
         drafts, q = drafter.propose(model, state, k, proc, generator)
         k = drafts.shape[1]
         past = state.cache.get_seq_length()
@@ -297,6 +315,11 @@ def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, s
     """(tokens [N, k + 1], scores per position, drafts kept): position j's token for every row (its draft where
     kept, else the model's choice or the residual's draw), and how many drafts every unfinished row kept."""
     k = drafts.shape[1]
+    if proc.plain_greedy(state.input_ids.shape[1]):  # the scores are the logits: one argmax
+        tokens = logits.argmax(-1)
+        kept_rows = torch.cumprod((tokens[:, :k] == drafts).long(), 1).sum(1)
+        live = state.unfinished if bool(state.unfinished.any()) else torch.ones_like(state.unfinished)
+        return tokens, list(logits.unbind(1)), int(kept_rows[live].min())
     scores = [proc(logits[:, j], torch.cat([state.input_ids, drafts[:, :j]], 1)) for j in range(k + 1)]
     tokens, ok = [], []
     for j in range(k + 1):

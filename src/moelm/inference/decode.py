@@ -18,18 +18,24 @@ from .quantization import QuantizedExperts, QuantizedLinear
 from .slots import SlotCache
 
 
-def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False):
-    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, rows, positions) for a C decoding step of this attention,
-    or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's fp32
-    rotation), a StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask of the
-    plain [B, 1, 1, K] form, not compiling. A SlotCache step of one token per sequence (x [1, B, n]) applies too:
-    rows and positions (int64 [B]) then say where each token's keys go, pos is the largest position. The contiguous
+def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False,
+                 several: bool = False):
+    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, rows, positions, new) for a C decoding step of this
+    attention, or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's
+    fp32 rotation), a StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask
+    of the plain [B, 1, 1, K] form, not compiling; `new` positions are then claimed in the cache. A SlotCache step of
+    one token per sequence (x [1, B, n]) applies too: rows and positions (int64 [B]) then say where each token's
+    keys go, pos is the largest position. With `several`, a StaticCache step of up to kernels.MAX_ROWS tokens per
+    row after the first (x [B, S, n], a speculative check) applies as B * S rows: token j of row b is row b at
+    position past + j, attending causally (and through the mask [B, 1, S, past + S], if any). The contiguous
     cos/sin/mask are made once per step (the model passes the same objects to every layer) and kept on the cache."""
     b, s, _ = x.shape
     slots = isinstance(cache, SlotCache)
+    static = isinstance(cache, StaticCache) and (s == 1 or several and s <= kernels.MAX_ROWS
+                                                 and cache.get_seq_length(attn.layer_idx) > 0)
     dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
     if torch.compiler.is_compiling() or not dtype_ok or x.device.type != "cpu" \
-            or not (slots and b == 1 and not cache.plan.chunks or isinstance(cache, StaticCache) and s == 1) \
+            or not (slots and b == 1 and not cache.plan.chunks or static) \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) \
             or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
             or not kernels.available():
@@ -44,19 +50,24 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
                 return None
             cos, sin = (t.reshape(s, half).contiguous() for t in (cos, sin))
             cache.step = step = (cos_sin, plan, (cos, sin, plan.step_mask, plan.max_position, plan.rows,
-                                                 plan.positions))
+                                                 plan.positions, 0))
         return step[2]
-    pos = cache.get_seq_length(attn.layer_idx)
+    past = cache.get_seq_length(attn.layer_idx)
+    pos = past + s - 1
     step = getattr(cache, "step", None)
     if step is None or step[0] is not cos_sin or step[1] is not mask or step[2] != pos:
         cos, sin = cos_sin
         half = attn.head_dim // 2
         if cos.shape[-1] != half or cos.dtype != torch.float32 or (
-                mask is not None and tuple(mask.shape) != (b, 1, 1, pos + 1)):
+                mask is not None and tuple(mask.shape) != (b, 1, s, pos + 1)):
             return None
-        cos, sin = (t.expand(b, 1, half).reshape(b, half).contiguous() for t in (cos, sin))
-        flat_mask = None if mask is None else mask.reshape(b, pos + 1).contiguous()
-        cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos, None, None))
+        cos, sin = (t.expand(b, s, half).reshape(b * s, half).contiguous() for t in (cos, sin))
+        flat_mask = None if mask is None else mask.reshape(b * s, pos + 1).contiguous()
+        rows = positions = None
+        if s > 1:
+            rows = torch.arange(b).repeat_interleave(s)
+            positions = torch.arange(past, past + s).repeat(b)
+        cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos, rows, positions, s))
     return step[3]
 
 
@@ -66,11 +77,11 @@ def decode_attention_step(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | N
     inputs = _step_inputs(attn, x, cos_sin, mask, cache)
     if inputs is None:
         return None
-    cos, sin, flat_mask, pos, rows, positions = inputs
+    cos, sin, flat_mask, pos, rows, positions, new = inputs
     b = cos.shape[0]
     qkv = attn.fused_qkv.module(x).reshape(b, -1)
-    if rows is None:
-        cache.reserve(attn.layer_idx, 1)
+    if new:
+        cache.reserve(attn.layer_idx, new)
     out = kernels.attend(qkv, attn.num_heads, attn.num_kv_heads, cos, sin, attn.rotate is rotate_interleaved,
                          cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask, attn.scaling,
                          rows, positions)
@@ -93,18 +104,18 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
     attn = layer.self_attn
     if (attn.training and attn.dropout) or attn.config.attn_implementation == "eager":  # eager: as Attention does
         return None
-    inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True)
+    inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True, several=True)
     plan = None if inputs is None else _layer_plan(layer, x)
     if plan is None:
         return None
-    cos, sin, flat_mask, pos, rows, positions = inputs
+    cos, sin, flat_mask, pos, rows, positions, new = inputs
     b = cos.shape[0]
     if b > kernels.MAX_ROWS:
         return None
 
     def run():
-        if rows is None:
-            cache.reserve(attn.layer_idx, 1)
+        if new:
+            cache.reserve(attn.layer_idx, new)
         y, h, logits = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin,
                                             cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask,
                                             rows, positions)
