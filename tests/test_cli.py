@@ -139,3 +139,26 @@ def test_pipeline_matches_transformers(tiny):
         for full in (True, False):
             kw = dict(max_new_tokens=10, do_sample=False, return_full_text=full)
             assert ours(prompt, **kw) == ref(prompt, **kw)
+
+
+def test_generate_speculative_flags(tmp_path):
+    """--prompt-lookup-num-tokens and --assistant-model give the greedy text of plain decoding (-v says how many
+    drafts were kept); a bad flag is a one-line error."""
+    from moelm.models.scaffold import new_checkpoint
+
+    path = str(new_checkpoint("ernie4_5-tiny", tmp_path / "tiny", seed=1))
+    base = ["generate", "--model", path, "--prompt", "Hello Hello Hello", "--max-new-tokens", "12", "--temperature",
+            "0"]
+    plain = moelm(*base)
+    assert plain.returncode == 0, plain.stderr
+    for extra in (["--prompt-lookup-num-tokens", "3"], ["--assistant-model", path, "--num-assistant-tokens", "2"]):
+        r = moelm(*base, *extra, "-v")
+        assert r.returncode == 0 and r.stdout == plain.stdout, (extra, r.stderr)
+        assert "moelm: speculative:" in r.stderr and "drafted tokens kept" in r.stderr, r.stderr
+    for extra, needle in ((["--speculative", "mtp"], "has no MTP head"),
+                          (["--prompt-lookup-num-tokens", "0"], "--prompt-lookup-num-tokens must be positive"),
+                          (["--assistant-model", str(tmp_path / "none")], "no such checkpoint"),
+                          (["--num-assistant-tokens", "2"], "--num-assistant-tokens is for --assistant-model")):
+        r = moelm(*base, *extra)
+        assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

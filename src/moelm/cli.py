@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--system", default=None, help="system message (chat template)")
+        p.add_argument("--speculative", default=None, choices=("mtp",),
+                       help="speculative decoding with ERNIE 4.5 MoE's multi-token-prediction head")
+        p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, metavar="K",
+                       help="speculative decoding: up to K drafted tokens by n-gram lookup in the sequence")
+        p.add_argument("--assistant-model", default=None, metavar="DIR",
+                       help="speculative decoding: a smaller draft model sharing the tokenizer")
+        p.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
+                       help="tokens the assistant model drafts a step (default 5, then adapted)")
 
     p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     model_args(p)
@@ -201,7 +209,29 @@ def generation_kwargs(args) -> dict:
         for key in ("temperature", "top_p", "top_k"):
             if getattr(args, key) is not None:
                 kwargs[key] = getattr(args, key)
+    for flag in ("prompt_lookup_num_tokens", "num_assistant_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+        if value is not None:
+            kwargs[flag] = value
+    if args.num_assistant_tokens is not None and args.assistant_model is None:
+        raise CliError("--num-assistant-tokens is for --assistant-model")
+    if args.speculative:
+        kwargs["speculative"] = args.speculative
     return kwargs
+
+
+def load_assistant(args, model) -> dict:
+    """generate's assistant_model= for --assistant-model, loaded as the model is (dtype, device, quantization)."""
+    if args.assistant_model is None:
+        return {}
+    from .models.auto import AutoModelForCausalLM
+
+    if not Path(args.assistant_model).exists():
+        raise CliError(f"--assistant-model {args.assistant_model}: no such checkpoint")
+    return {"assistant_model": AutoModelForCausalLM.from_pretrained(
+        args.assistant_model, dtype=model.dtype, device=model.device, quantization=args.quantization)}
 
 
 def encode(tokenizer, model, messages_or_text, chat: bool, max_new_tokens: int):
@@ -244,6 +274,7 @@ def cmd_generate(args):
         raise CliError("the prompt is empty")
     kwargs = generation_kwargs(args)
     model, tokenizer = load(args)
+    kwargs.update(load_assistant(args, model))
     if args.chat or args.system:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
@@ -261,6 +292,12 @@ def cmd_generate(args):
         new = out.shape[1] - ids.shape[1]
         print(f"moelm: {ids.shape[1]} prompt tokens, {new} generated in {seconds:.2f} s "
               f"({new / seconds:.1f} tokens/s, prefill included)", file=sys.stderr)
+        if {"speculative", "assistant_model", "prompt_lookup_num_tokens"} & set(kwargs):
+            from .generation.speculative import last_run
+
+            print(f"moelm: speculative: {last_run.get('kept', 0)} of {last_run.get('proposed', 0)} drafted tokens "
+                  f"kept, in {last_run.get('drafted_steps', 0)} of {last_run.get('steps', 0)} steps",
+                  file=sys.stderr)
 
 
 def cmd_chat(args):
@@ -268,6 +305,7 @@ def cmd_chat(args):
 
     kwargs = generation_kwargs(args)
     model, tokenizer = load(args)
+    kwargs.update(load_assistant(args, model))
     if tokenizer.chat_template is None:
         raise CliError(f"{args.model} has no chat template; use `moelm generate` instead")
     system = args.system

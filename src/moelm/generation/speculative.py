@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -121,10 +122,22 @@ class Mtp:
     needs_hidden = True
 
     def __init__(self, model):
+        self.head, self.k, self.cache = model.mtp, 1, None
+        self.hidden = self.ids = self.positions = None  # the positions not yet fed to the head
+
+    def _cache(self, state):
+        """The head's own cache: static (its one layer then runs as the model's decode steps do, in one C call)
+        when the model's is."""
+        from ..inference.cache import StaticCache
         from ..nn.layers import DynamicCache
 
-        self.head, self.k, self.cache = model.mtp, 1, DynamicCache()
-        self.hidden = self.ids = self.positions = None  # the positions not yet fed to the head
+        if not isinstance(state.cache, StaticCache):
+            return DynamicCache()
+        config = self.head.model.config
+        layout = SimpleNamespace(num_key_value_heads=config.num_key_value_heads, head_size=config.head_size,
+                                 num_hidden_layers=1)
+        return StaticCache(layout, state.input_ids.shape[0], state.cache.max_length, state.cache.keys[0].dtype,
+                           state.cache.keys[0].device)
 
     def update(self, state, hidden: torch.Tensor, fed: int):
         """hidden [N, fed, H]: the main model's pre-norm states of the `fed` positions whose next tokens are now
@@ -138,6 +151,8 @@ class Mtp:
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not k:
             return state.input_ids[:, :0], None
+        if self.cache is None:
+            self.cache = self._cache(state)
         fed = self.ids.shape[1]
         past = self.cache.get_seq_length()
         mask = None if state.attention_mask is None else state.attention_mask[:, :past + fed]
