@@ -130,8 +130,9 @@ def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tmp):
 
 
 def test_pace_stops_drafting_while_it_loses():
-    """Plain steps first; drafted steps slower a token than plain ones turn drafting off for 4, then 8 steps; a
-    drafted step that pays keeps it on and resets the back-off."""
+    """Plain steps first; drafted steps slower a token than plain ones turn drafting off for 4 steps, then twice as
+    long (four times after a try that kept nothing), at most 256; a drafted step that pays keeps it on and resets
+    the back-off."""
     now = [0.0]
     pace = REAL_PACE(warmup=2, clock=lambda: now[0])
 
@@ -143,12 +144,17 @@ def test_pace_stops_drafting_while_it_loses():
         return drafting
 
     assert [step(1.0, 1) for _ in range(2)] == [False, False]
-    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0)
+    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0), nothing kept
     assert [step(1.0, 1) for _ in range(4)] == [False] * 4
-    assert step(3.0, 2)  # tried again, still losing: off for 8
-    assert [step(1.0, 1) for _ in range(8)] == [False] * 8
+    assert step(3.0, 2)  # tried again, one draft kept, still losing: off for 16
+    assert [step(1.0, 1) for _ in range(16)] == [False] * 16
     assert step(1.2, 3) and step(1.2, 3) and step(1.2, 3)  # 0.4 s a token: drafting stays on
     assert pace.backoff == 4
+    for _ in range(6):  # losing tries that keep nothing: 4, 16, 64, 256, 256, ...
+        assert step(1.5, 1)
+        while not pace.drafting():
+            step(1.0, 1)
+    assert pace.backoff == 256
 
 
 # ------------------------------------------------------------------ sampling keeps the distribution

@@ -5,7 +5,8 @@ the experts a check of several tokens reads (the union of their routed experts p
     python -m moelm.bench.speculative --model demo/pydoc-moe --methods plain lookup:8 --new-tokens 128
     python -m moelm.bench.speculative --model DIR --methods plain mtp assistant:DRAFT_DIR:4 --prompt-file p.txt
 
-Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head).
+Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head); a
+method with "@always" drafts at every step (what a drafted step costs) instead of only while drafting pays.
 Every method's tokens are checked equal to plain greedy decoding's.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .machine import machine_line
 def method_kwargs(spec: str, dtype) -> tuple[str, dict]:
     from ..models.auto import AutoModelForCausalLM
 
-    name, _, rest = spec.partition(":")
+    name, _, rest = spec.removesuffix("@always").partition(":")
     if name == "plain":
         return spec, {}
     if name == "lookup":
@@ -78,9 +79,14 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
     for rep in range(repeats + 1):  # the first round warms up (kernel paths timed)
         for name, kw in kwargs.items():
             union = Union(model) if rep == repeats else None
-            start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kw)
-            took = time.perf_counter() - start
+            pace = speculative.Pace
+            speculative.Pace = speculative.Always if name.endswith("@always") else pace
+            try:
+                start = time.perf_counter()
+                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kw)
+                took = time.perf_counter() - start
+            finally:
+                speculative.Pace = pace
             if union is not None:
                 union.close()
                 unions[name] = {t: statistics.mean(v) for t, v in sorted(union.seen.items())}

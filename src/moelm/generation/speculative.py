@@ -172,9 +172,12 @@ last_run: dict[str, int] = {}
 
 class Pace:
     """Drafting only while it pays. Seconds per new token are averaged for steps with drafts and for plain steps
-    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off for 4 steps,
-    then 8, ... 64 while it keeps losing, after which it is tried again. The first `warmup` steps are plain, to know
-    their pace. The tokens are the same either way (greedy) or follow the same distribution (sampling)."""
+    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off for 4 steps, and
+    each further losing try for twice as long (four times, when it kept no draft), up to 256 steps. The first
+    `warmup` steps are plain, to know their pace. The tokens are the same either way (greedy) or follow the same
+    distribution (sampling)."""
+
+    LONGEST = 256
 
     def __init__(self, warmup: int = 2, clock=time.perf_counter):
         self.clock, self.off, self.backoff = clock, warmup, 4
@@ -196,7 +199,8 @@ class Pace:
             return
         plain = self.rate[False]
         if plain is not None and self.rate[True] > plain:
-            self.off, self.backoff, self.rate[True] = self.backoff, min(64, 2 * self.backoff), None
+            grow = 4 if tokens <= 1 else 2
+            self.off, self.backoff, self.rate[True] = self.backoff, min(self.LONGEST, grow * self.backoff), None
         else:
             self.backoff = 4
 
@@ -306,8 +310,8 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
         steps = torch.arange(1, k + 1, device=fed.device)
         pos = torch.cat([state.position_ids[:, -1:], state.position_ids[:, -1:] + steps], 1)
-        logits, hidden = step(lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1,
-                                                     hidden_too))
+        run = step if not k else getattr(step, "untimed", step)  # the thread count is timed on plain steps
+        logits, hidden = run(lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1, hidden_too))
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)

@@ -42,6 +42,14 @@ class ThreadTuner:
         self._record(self.clock() - start)
         return out
 
+    def untimed(self, *args, **kwargs):
+        """A step of another kind (a speculative check of several tokens) at the chosen count, not timed: the
+        choice compares like steps only."""
+        n = self.current
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return self.step(*args, **kwargs)
+
     def _record(self, seconds: float):
         if self.trial is not None:
             self.trial_times.append(seconds)
