@@ -7,7 +7,9 @@ the experts a check of several tokens reads (the union of their routed experts p
 
 Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head); a
 method with "@always" drafts at every step (what a drafted step costs) instead of only while drafting pays.
-Every method's tokens are checked equal to plain greedy decoding's.
+Every method's tokens are compared with plain greedy decoding's; where they differ (a check of several tokens computes
+in another order than one token at a time, which can turn a near tie), the table says where and by how much the plain
+run's two best logits were apart there.
 """
 from __future__ import annotations
 
@@ -75,27 +77,30 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     kwargs = dict(method_kwargs(m, dtype) for m in methods)
     times: dict[str, list[float]] = {m: [] for m in kwargs}
-    counts, unions, plain = {}, {}, None
-    for rep in range(repeats + 1):  # the first round warms up (kernel paths timed)
+    counts, unions, plain, differ = {}, {}, None, {}
+    for rep in range(repeats + 2):  # the first round warms up (kernel paths timed), the last counts experts
         for name, kw in kwargs.items():
-            union = Union(model) if rep == repeats else None
+            union = Union(model) if rep == repeats + 1 else None  # (its hooks keep the MoE blocks off the C path)
             pace = speculative.Pace
             speculative.Pace = speculative.Always if name.endswith("@always") else pace
             try:
                 start = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kw)
+                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True, **kw)
                 took = time.perf_counter() - start
             finally:
                 speculative.Pace = pace
             if union is not None:
                 union.close()
                 unions[name] = {t: statistics.mean(v) for t, v in sorted(union.seen.items())}
-            if rep:
+            if 0 < rep <= repeats:
                 times[name].append(took)
             if name == "plain":
                 plain = out
-            elif plain is not None and not torch.equal(out, plain):
-                raise AssertionError(f"{name}: tokens differ from plain greedy decoding")
+            elif plain is not None and name not in differ and not torch.equal(out.sequences, plain.sequences):
+                at = int((out.sequences[0] != plain.sequences[0]).nonzero()[0]) - ids.shape[1]
+                top = plain.scores[at][0].topk(2).values
+                differ[name] = f"no: token {at}, top-2 gap {float(top[0] - top[1]):.2g}"
             if kw:
                 counts[name] = dict(speculative.last_run)
     rows = []
@@ -107,19 +112,19 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
                          checks=c["steps"] if c else new_tokens, drafted=c["drafted_steps"] if c else 0,
                          acceptance=c["kept"] / c["proposed"] if c and c["proposed"] else None,
                          per_check=(new_tokens - 1) / c["steps"] if c and c["steps"] else 1.0,
-                         union=unions.get(name, {})))
+                         union=unions.get(name, {}), same=differ.get(name, "yes")))
     return dict(rows=rows, prompt_tokens=ids.shape[1], machine=machine_line(threads or torch.get_num_threads(), "cpu"))
 
 
 def table(result) -> str:
     lines = ["| method | tok/s | × plain | checks | with drafts | drafts kept | tokens a check | experts a layer, "
-             "by tokens a forward |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "by tokens a forward | tokens as plain |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         union = ", ".join(f"{t}: {u:.1f}" for t, u in r["union"].items()) or "—"
         kept = "—" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         lines.append(f"| {r['method']} | {r['tok_s']:.1f} | {r['speedup'] or 1:.2f}× | {r['checks']} | "
                      f"{r['drafted']} | {kept} | "
-                     f"{r['per_check']:.2f} | {union} |")
+                     f"{r['per_check']:.2f} | {union} | {r['same']} |")
     return "\n".join(lines)
 
 
