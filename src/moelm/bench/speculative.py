@@ -4,6 +4,7 @@ the experts a check of several tokens reads (the union of their routed experts p
 
     python -m moelm.bench.speculative --model demo/pydoc-moe --methods plain lookup:8 --new-tokens 128
     python -m moelm.bench.speculative --model DIR --methods plain mtp assistant:DRAFT_DIR:4 --prompt-file p.txt
+    python -m moelm.bench.speculative --model DIR --methods plain lookup:4 mtp --serve-streams 4 --prompt-file p.txt
 
 Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head); a
 method with "@always" drafts at every step (what a drafted step costs) instead of only while drafting pays.
@@ -116,6 +117,74 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
     return dict(rows=rows, prompt_tokens=ids.shape[1], machine=machine_line(threads or torch.get_num_threads(), "cpu"))
 
 
+def serve_config(spec: str) -> tuple[dict | None, str | None]:
+    """--speculative-config's dict for a method name (and the draft model's path), None for plain."""
+    name, _, rest = spec.removesuffix("@always").partition(":")
+    adaptive = not spec.endswith("@always")
+    if name == "plain":
+        return None, None
+    if name == "lookup":
+        return dict(method="ngram", num_speculative_tokens=int(rest or 8), prompt_lookup_min=1, prompt_lookup_max=3,
+                    adaptive=adaptive), None
+    if name == "mtp":
+        return dict(method="mtp", num_speculative_tokens=1, adaptive=adaptive), None
+    if name == "assistant":
+        path, _, k = rest.rpartition(":")
+        if not k.isdigit():
+            path, k = rest, "4"
+        return dict(method="draft_model", model=path, num_speculative_tokens=int(k), adaptive=adaptive), path
+    raise ValueError(f"unknown method {spec!r}")
+
+
+def serve(model_dir: str, methods: list[str], prompt: str, new_tokens: int, streams: int, repeats: int, dtype,
+          threads: int | None):
+    """The serving engine (moelm.serve) with each method's --speculative-config: `streams` greedy requests of the
+    prompt at once, aggregate tok/s (median of the repeats after a warm-up round) and the drafts kept."""
+    from ..models.auto import AutoModelForCausalLM
+    from ..serve.engine import Engine, SamplingParams
+    from ..text.tokenizer import AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    ids = tok(prompt)["input_ids"]
+    rows = []
+
+    class Counts:
+        def __init__(self):
+            self.drafted = self.kept = 0
+
+        def speculated(self, drafted, kept):
+            self.drafted, self.kept = self.drafted + drafted, self.kept + kept
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    base = None
+    for name in methods:
+        config, path = serve_config(name)
+        draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if path else None
+        counts = Counts()
+        engine = Engine(model, tok, max_num_seqs=streams, max_model_len=len(ids) + new_tokens + 8,
+                        max_num_batched_tokens=max(256, streams * 9), speculative=config, draft_model=draft,
+                        metrics=counts)
+        times = []
+        with engine.start():
+            for rep in range(repeats + 1):
+                params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+                start = time.perf_counter()
+                for r in [engine.submit(ids, params) for _ in range(streams)]:
+                    list(r)
+                if rep:
+                    times.append(time.perf_counter() - start)
+        tok_s = streams * new_tokens / statistics.median(times)
+        base = tok_s if name == "plain" else base
+        rows.append(dict(method=name, tok_s=tok_s, speedup=tok_s / base if base else None,
+                         acceptance=counts.kept / counts.drafted if counts.drafted else None))
+    return dict(rows=rows, prompt_tokens=len(ids), machine=machine_line(threads or torch.get_num_threads(), "cpu"))
+
+
 def table(result) -> str:
     lines = ["| method | tok/s | × plain | checks | with drafts | drafts kept | tokens a check | experts a layer, "
              "by tokens a forward | tokens as plain |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -138,10 +207,23 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--serve-streams", type=int, default=None, metavar="N",
+                   help="measure the serving engine instead: N greedy requests at once, each method as its "
+                        "--speculative-config (lookup: ngram with n-grams of 1-3)")
     args = p.parse_args(argv)
     prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
     if not prompt:
         p.error("give --prompt or --prompt-file")
+    if args.serve_streams:
+        result = serve(args.model, args.methods, prompt, args.new_tokens, args.serve_streams, args.repeats,
+                       getattr(torch, args.dtype), args.threads)
+        print(f"{args.model}, serving engine, {args.serve_streams} streams, {result['prompt_tokens']}-token prompt, "
+              f"{args.new_tokens} new tokens each, greedy — {result['machine']}\n")
+        print("| method | tok/s, all streams | × plain | drafts kept |\n|---|---:|---:|---:|")
+        for r in result["rows"]:
+            kept = "—" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+            print(f"| {r['method']} | {r['tok_s']:.1f} | {r['speedup'] or 1:.2f}× | {kept} |")
+        return 0
     result = run(args.model, args.methods, prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype),
                  args.threads)
     print(f"{args.model}, {result['prompt_tokens']}-token prompt, {args.new_tokens} new tokens, greedy — "
