@@ -427,7 +427,13 @@ def test_named_config_parameter_counts(name):
     config = named_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    n = model.num_parameters()
+    # the -PT configs' MTP head (from_config adds it): a dense decoder layer, a [H, 2H] projection and two norms,
+    # not counted in the models' names
+    head = sum(p.numel() for k, p in model.named_parameters() if ".mtp_" in k)
+    h = config.hidden_size
+    assert head == (sum(p.numel() for p in model.model.layers[0].parameters()) + 2 * h * h + 2 * h
+                    if getattr(config, "num_nextn_predict_layers", 0) else 0)
+    n = model.num_parameters() - head
     assert n == pytest.approx(total * 1e9, rel=0.03)
     if config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
