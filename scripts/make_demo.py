@@ -11,7 +11,8 @@ Steps 1-3 are skipped when their outputs are already in --work (unless --fresh):
     the ERNIE special tokens and chat template of `moelm new`);
  4. `moelm finetune recipes/demo_pydoc.yaml` (from scratch: a named config with config_overrides), timed;
  5. the final model copied to --out in bfloat16 with a sampling generation_config, the package's copyright file
-    (COPYRIGHT.python3.11-doc), training.json (time, CPU, losses, corpus sizes, samples) and README.md.
+    (COPYRIGHT.python3.11-doc), training.json (time, CPU, losses, corpus sizes, samples, the MTP head's acceptance
+    as a drafter on the validation pages) and README.md.
 Extra `--section.key=value` arguments are passed to the recipe (e.g. --step.max_steps=50 for a quick run).
 """
 from __future__ import annotations
@@ -324,15 +325,20 @@ def train(recipe_path: Path, overrides: list[str], run_dir: Path) -> dict:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     losses = [m for m in metrics if "loss" in m]
-    return {"wall_s": round(seconds, 1), "cpu_s": round(cpu_s, 1), "train_s": round(losses[-1]["elapsed_s"], 1),
-            "steps": summary["steps"], "last_loss": round(losses[-1]["loss"], 4),
-            "final_loss": round(sum(m["loss"] for m in losses[-10:]) / len(losses[-10:]), 4),
-            "val_loss": round(metrics[-1].get("val_loss", float("nan")), 4),
-            "val_perplexity": round(metrics[-1].get("val_perplexity", float("nan")), 2),
-            "tokens_per_s": round(losses[-1]["tokens_per_s"]), "tokens_seen": summary["steps"] * losses[-1]["tokens"],
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}
+    result = {"wall_s": round(seconds, 1), "cpu_s": round(cpu_s, 1), "train_s": round(losses[-1]["elapsed_s"], 1),
+              "steps": summary["steps"], "last_loss": round(losses[-1]["loss"], 4),
+              "final_loss": round(sum(m["loss"] for m in losses[-10:]) / len(losses[-10:]), 4),
+              "val_loss": round(metrics[-1].get("val_loss", float("nan")), 4),
+              "val_perplexity": round(metrics[-1].get("val_perplexity", float("nan")), 2)}
+    if "mtp_loss" in losses[-1]:  # the MTP head's loss (the token after the next), as the main loss's
+        result |= {"last_mtp_loss": round(losses[-1]["mtp_loss"], 4),
+                   "final_mtp_loss": round(sum(m["mtp_loss"] for m in losses[-10:]) / len(losses[-10:]), 4),
+                   "val_mtp_loss": round(metrics[-1].get("val_mtp_loss", float("nan")), 4)}
+    return result | {
+        "tokens_per_s": round(losses[-1]["tokens_per_s"]), "tokens_seen": summary["steps"] * losses[-1]["tokens"],
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}
 
 
 GENERATION = dict(do_sample=True, temperature=0.75, top_p=0.9, top_k=50, repetition_penalty=1.15,
@@ -373,17 +379,75 @@ def samples(model_dir: Path, dtype: str, seed: int = 0) -> list[dict]:
 
 
 def parameter_counts(model_dir: Path) -> dict:
-    """Total parameters (the checkpoint's tensors, the tied embedding once) and those active per token (the routed
-    experts beyond moe_k not counted)."""
+    """Total parameters (the checkpoint's tensors, the tied embedding once), those active per token (the routed
+    experts beyond moe_k and the MTP head, which only drafting runs, not counted) and the MTP head's."""
     from moelm.config import AutoConfig
     from moelm.io.weights import SafetensorsCheckpoint
 
     c = AutoConfig.from_pretrained(model_dir)
     with SafetensorsCheckpoint(model_dir) as ckpt:
         total = sum(math.prod(ckpt.shape(name)) for name in ckpt.keys())
+        mtp = sum(math.prod(ckpt.shape(name)) for name in ckpt.keys() if name.startswith("model.mtp_"))
     moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     idle = moe_layers * (c.moe_num_experts - c.moe_k) * 3 * c.hidden_size * c.moe_intermediate_size
-    return {"total": total, "active": total - idle, "embedding": c.vocab_size * c.hidden_size}
+    return {"total": total, "active": total - idle - mtp, "embedding": c.vocab_size * c.hidden_size,
+            "mtp_head": mtp}
+
+
+SPECULATIVE = dict(prompts_per_page=3, prompt_tokens=48, max_new_tokens=64)
+
+
+def mtp_acceptance(model_dir: Path, val_path: Path) -> dict | None:
+    """The MTP head as a drafter on the validation pages (None: the model has no head): greedy
+    generate(..., speculative="mtp") from prompts cut from each page (its prompt_tokens tokens from 1/4, 1/2 and 3/4
+    of the way in), drafting at every step (speculative.Always, as the tests measure a drafter's own acceptance;
+    generate's default Pace stops drafting while drafts do not pay), plain greedy and with the demo's repetition
+    penalty. From moelm.generation.speculative.last_run, summed over the prompts: drafts proposed and kept
+    (acceptance = kept / proposed) and the new tokens per check of the model; every run's tokens are checked equal
+    to plain greedy decoding's. In float32 (the stored bfloat16 weights, upcast exactly): in bfloat16 a check of
+    several tokens rounds differently from one-token steps, and near-ties (top-2 logits within one bfloat16 step)
+    then go the other way in a few of these runs."""
+    import torch
+
+    from moelm.generation import speculative
+    from moelm.models.auto import AutoModelForCausalLM
+    from moelm.text.tokenizer import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if model.mtp is None:
+        return None
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    n, size, new = SPECULATIVE["prompts_per_page"], SPECULATIVE["prompt_tokens"], SPECULATIVE["max_new_tokens"]
+    prompts = []
+    for text in read_texts(val_path):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for j in range(1, n + 1):
+            start = min(j * len(ids) // (n + 1), max(0, len(ids) - size))
+            prompts.append(torch.tensor([ids[start:start + size]]))
+    result = {"prompts": len(prompts), "prompt_tokens": size, "max_new_tokens": new, "dtype": "float32"}
+    real_pace = speculative.Pace
+    speculative.Pace = speculative.Always
+    try:
+        for label, penalty in (("greedy", 1.0), ("greedy_repetition_penalty", GENERATION["repetition_penalty"])):
+            counts = dict.fromkeys(("new_tokens", "checks", "proposed", "kept"), 0)
+            for ids in prompts:
+                kw = dict(max_new_tokens=new, do_sample=False, repetition_penalty=penalty)
+                plain = model.generate(ids, **kw)
+                speculative.last_run.clear()  # (not reset when the prompt's own next token ends generation)
+                drafted = model.generate(ids, speculative="mtp", **kw)
+                if not torch.equal(plain, drafted):
+                    raise AssertionError("speculative='mtp' gave other tokens than plain greedy decoding")
+                run = speculative.last_run
+                counts["new_tokens"] += drafted.shape[1] - ids.shape[1]
+                counts["checks"] += run.get("steps", 0) + 1  # the prompt's forward gives the first new token
+                counts["proposed"] += run.get("proposed", 0)
+                counts["kept"] += run.get("kept", 0)
+            counts["acceptance"] = round(counts["kept"] / max(counts["proposed"], 1), 4)
+            counts["tokens_per_check"] = round(counts["new_tokens"] / counts["checks"], 3)
+            result[label] = dict(counts, repetition_penalty=penalty)
+    finally:
+        speculative.Pace = real_pace
+    return result
 
 
 def main(argv=None) -> None:
@@ -442,6 +506,7 @@ def main(argv=None) -> None:
     info = {"out": os.path.relpath(out, ROOT), "command": f"python scripts/make_demo.py {command}".rstrip(),
             "recipe": os.path.relpath(recipe_path, ROOT), "data": data, "training": training,
             "parameters": parameter_counts(out), "dtype": args.dtype,
+            "speculative_mtp": mtp_acceptance(out, work / "val.jsonl"),
             "samples": samples(out, args.dtype) + samples(out, "float32")}
     (out / "training.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
     write_readme(out, info, recipe)
@@ -474,6 +539,35 @@ def write_readme(out: Path, info: dict, recipe) -> None:
         f"```\n$ moelm generate --model {info['out']} --prompt \"{s['prompt']}\" --seed 0 "
         f"--max-new-tokens {GENERATION['max_new_tokens']}{'' if s['dtype'] == info['dtype'] else ' --dtype ' + s['dtype']}"
         f"\n{s['prompt']}{s['output']}\n```\n" for s in shown)
+    spec = info.get("speculative_mtp")
+    head = n.get("mtp_head", 0)
+    mtp_intro = f"""
+It has ERNIE's multi-token-prediction (MTP) head ({head / 1e6:.2f}M parameters of the total), trained with the
+model, for speculative decoding: `model.generate(..., speculative="mtp")` (the head drafts the token after the next
+from the model's last hidden state, the model checks it in its next forward; greedy decoding gives the same tokens
+as without it in float32, and in bfloat16 up to rounding: a check of several tokens rounds differently from one-token
+steps, which can break a near-tie the other way).
+""" if head else ""
+    if head and spec:
+        g, r = spec["greedy"], spec["greedy_repetition_penalty"]
+        mtp_intro += f"""On {spec['prompts']} prompts cut from the validation pages, greedy in {spec['dtype']},
+the model kept {g['acceptance']:.0%} of the head's drafts ({g['tokens_per_check']:.2f} new tokens per forward of the
+model; {r['acceptance']:.0%} with the demo's repetition penalty {r['repetition_penalty']:g}).
+"""
+    head_part = f", {head:,} the MTP head's" if head else ""
+    mtp_train = (f" ERNIE's MTP head (`num_nextn_predict_layers: 1`: a dense decoder layer, a 2H -> H projection and "
+                 f"two norms, sharing the embedding, final norm and LM head) trained jointly, its loss (the token "
+                 f"after the next) weighted {recipe.moe.mtp_loss_coef:g}.") if head else ""
+    rows = ""
+    if "val_mtp_loss" in t:
+        rows += (f"| MTP head loss | {t['final_mtp_loss']:.3f} in training (averaged as the training loss); "
+                 f"{t['val_mtp_loss']:.3f} on the held-out pages (the token after the next) |\n")
+    if head and spec:
+        rows += (f"| MTP drafts kept | {g['acceptance']:.1%} ({g['kept']} of {g['proposed']}), greedy, "
+                 f"{g['tokens_per_check']:.2f} new tokens per forward; {r['acceptance']:.1%} with repetition penalty "
+                 f"{r['repetition_penalty']:g}: {spec['prompts']} prompts of {spec['prompt_tokens']} tokens from the "
+                 f"held-out pages, up to {spec['max_new_tokens']} new tokens each, a draft at every step, "
+                 f"{spec['dtype']}, the tokens checked equal to plain greedy decoding's |\n")
     text = f"""# pydoc-moe: a tiny ERNIE 4.5 MoE trained on the Python documentation
 
 A demo checkpoint for moelm: an `ernie4_5_moe` model of {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M
@@ -484,7 +578,7 @@ trying moelm offline (generate, chat, serve, finetune) with output that reads li
 ```
 moelm generate --model {info['out']} --prompt "The list"
 ```
-
+{mtp_intro}
 ## How it was made
 
 One command, from the repository root (needs `apt-get` and `dpkg-deb`, i.e. Debian or Ubuntu, and network access
@@ -511,11 +605,11 @@ to the Debian archive):
    hidden size {c.hidden_size}, {c.num_attention_heads} attention heads ({c.num_key_value_heads} KV heads) of
    {c.head_dim}, {c.moe_num_experts} routed experts (top-{c.moe_k}) of width {c.moe_intermediate_size} and
    {c.moe_num_shared_experts} shared expert per MoE layer, dense width {c.intermediate_size}, tied embeddings, vocabulary {c.vocab_size}. Parameters: {n['total']:,}
-   in all, {n['active']:,} active per token ({n['embedding']:,} of them the embedding).
+   in all, {n['active']:,} active per token ({n['embedding']:,} of them the embedding){head_part}.
    {t['steps']} steps of {step.global_batch_size} x {recipe.dataset.seq_length} tokens (packed text, pages joined
    with `</s>`): {t['tokens_seen']:,} tokens, {epochs:.2f} epochs; AdamW lr {recipe.optimizer.lr:g} (warmup
    {recipe.lr_scheduler.warmup_steps}, {recipe.lr_scheduler.decay} to {recipe.lr_scheduler.min_lr:g}), weight decay
-   {recipe.optimizer.weight_decay:g}, aux loss {recipe.moe.aux_loss_coef}, float32.
+   {recipe.optimizer.weight_decay:g}, aux loss {recipe.moe.aux_loss_coef}, float32.{mtp_train}
 4. Export: the final model in {info['dtype']} (moelm and transformers load it in any dtype) with a
    `generation_config.json` that samples (temperature {GENERATION['temperature']}, top_p {GENERATION['top_p']},
    top_k {GENERATION['top_k']}, repetition penalty {GENERATION['repetition_penalty']}, at most
@@ -530,7 +624,7 @@ to the Debian archive):
 | throughput | {t['tokens_per_s']} tokens/s (training steps) |
 | final training loss | {t['last_loss']:.3f} at step {t['steps']}; {t['final_loss']:.3f} averaged over the last 10 logged steps (every {step.log_every_steps}th) |
 | validation loss | {t['val_loss']:.3f} (perplexity {t['val_perplexity']:.1f}) on the {d['val_pages']} held-out pages |
-| size | {size / 1e6:.1f} MB on disk ({info['dtype']} weights {sum(f.stat().st_size for f in out.glob('*.safetensors')) / 1e6:.1f} MB) |
+{rows}| size | {size / 1e6:.1f} MB on disk ({info['dtype']} weights {sum(f.stat().st_size for f in out.glob('*.safetensors')) / 1e6:.1f} MB) |
 
 ## Samples
 

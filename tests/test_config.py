@@ -238,6 +238,27 @@ def test_hub_extra_fields_are_kept(tmp_path):
     assert config.to_dict()["moe_gate"] == "top2"
 
 
+def test_ernie_moe_optional_mtp_keys(tmp_path):
+    """num_nextn_predict_layers and multi_token_pred_lambda (the -PT config.json keys of the MTP head) are known to
+    Ernie4_5_MoeConfig without being written into every config.json: absent until set, then saved and read back."""
+    config = named_config("ernie4_5_moe-tiny")
+    for key in ("num_nextn_predict_layers", "multi_token_pred_lambda"):
+        assert config.has_field(key) and key not in config.to_dict()
+        assert getattr(config, key, None) is None
+    assert not named_config("ernie4_5-tiny").has_field("num_nextn_predict_layers")  # the dense family has no head
+    config.num_nextn_predict_layers, config.multi_token_pred_lambda = 2, 0.5
+    assert config.extra == {"num_nextn_predict_layers": 2, "multi_token_pred_lambda": 0.5}
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["num_nextn_predict_layers"], written["multi_token_pred_lambda"]) == (2, 0.5)
+    assert AutoConfig.from_pretrained(tmp_path) == config
+    built = Ernie4_5_MoeConfig(**TINY_KW["ernie4_5_moe"], num_nextn_predict_layers=1)  # as a recipe's overrides
+    assert built.num_nextn_predict_layers == 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+            Ernie4_5_MoeConfig(**TINY_KW["ernie4_5_moe"], num_nextn_predict_layers=bad)
+
+
 def test_moe_layer_index_lists():
     config = Ernie4_5_MoeConfig(**TINY_KW["ernie4_5_moe"], moe_layer_start_index=[2, 1],
                                 moe_layer_end_index=[1, 2])
@@ -406,7 +427,13 @@ def test_named_config_parameter_counts(name):
     config = named_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    n = model.num_parameters()
+    # the -PT configs' MTP head (from_config adds it): a dense decoder layer, a [H, 2H] projection and two norms,
+    # not counted in the models' names
+    head = sum(p.numel() for k, p in model.named_parameters() if ".mtp_" in k)
+    h = config.hidden_size
+    assert head == (sum(p.numel() for p in model.model.layers[0].parameters()) + 2 * h * h + 2 * h
+                    if getattr(config, "num_nextn_predict_layers", 0) else 0)
+    n = model.num_parameters() - head
     assert n == pytest.approx(total * 1e9, rel=0.03)
     if config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -469,6 +469,46 @@ def test_mtp_head_trains_with_ernies_loss(ckpt, root, tmp_path):
     assert abs(records[0.3]["mtp_loss"] - float(total) / count) < 1e-4, (records[0.3]["mtp_loss"], total / count)
 
 
+def test_mtp_head_from_a_named_config_trains_and_validates(ckpt, root, tmp_path):
+    """A named config with config_overrides num_nextn_predict_layers: 1 (as recipes/demo_pydoc.yaml): the model is
+    built with the head, which trains (mtp_loss logged, every tensor of it moves from the seed's initialisation);
+    validation reports the head's loss (val_mtp_loss, ERNIE's formula on the final model); final/ carries it."""
+    hellaswag = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": " ".join(r["endings"])}) + "\n" for r in hellaswag))
+    out = tmp_path / "run"
+    data = {"kind": "text", "path": str(text), "seq_length": 32}
+    recipe = make_recipe(ckpt("ernie4_5_moe"), text, out, dataset=data,
+                         validation_dataset=dict(data, num_samples_limit=3),
+                         model={"name_or_path": "ernie4_5_moe-tiny", "tokenizer": str(ckpt("ernie4_5_moe")),
+                                "config_overrides": {"num_nextn_predict_layers": 1}},
+                         step={"global_batch_size": 4, "local_batch_size": 2, "max_steps": 3},
+                         moe={"aux_loss_coef": 0.01, "gate_bias_update_factor": 0.0, "mtp_loss_coef": 0.3},
+                         checkpoint={"dir": str(out), "every_steps": 0})
+    trainer = Trainer(build_recipe(copy.deepcopy(recipe)), progress=False)
+    config = named_config("ernie4_5_moe-tiny")
+    config.num_nextn_predict_layers = 1
+    initial = AutoModelForCausalLM.from_config(config, seed=recipe["seed"], fast=False)  # the trainer's draw
+    assert trainer.mtp is not None and trainer.mtp_coef == 0.3
+    assert all(torch.equal(p, initial.state_dict()[k]) for k, p in trainer.model.state_dict().items())
+    history = trainer.train()
+    steps, final = [r for r in history if "loss" in r], history[-1]
+    assert len(steps) == 3 and all(math.isfinite(r["mtp_loss"]) and r["mtp_loss"] > 0 for r in steps)
+    assert json.loads((out / "final" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    trained = load_file(out / "final" / "model.safetensors")
+    head = {f"model.{k}": v for k, v in initial.model.state_dict().items() if k.startswith("mtp_")}
+    assert head and all(not torch.equal(trained[k], v) for k, v in head.items()), "a tensor of the head did not learn"
+    model = AutoModelForCausalLM.from_pretrained(out / "final", fast=False).eval()
+    assert model.mtp is not None and not model.kept_aside
+    tokenizer = AutoTokenizer.from_pretrained(ckpt("ernie4_5_moe"))
+    examples = load_examples(DataConfig(**data, num_samples_limit=3), tokenizer)
+    ids = torch.tensor([e.input_ids for e in examples])  # full chunks: no padding
+    with torch.no_grad():
+        logits = mtp_by_hand(model, ids)
+        want = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+    assert abs(final["val_mtp_loss"] - float(want)) < 1e-4, (final["val_mtp_loss"], float(want))
+
+
 # ------------------------------------------------------------------ 7. the command line
 
 def write_yaml(path: Path, recipe: dict) -> Path:

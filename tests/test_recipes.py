@@ -2,11 +2,13 @@
 names) through to its final directory: a hub checkpoint, or a PEFT adapter plus the merged checkpoint."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from moelm import AutoModelForCausalLM
+from moelm.config import named_config
 from moelm.models.scaffold import new_checkpoint
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer
@@ -18,7 +20,12 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("recipes")
-    return {"ernie4_5_moe": str(new_checkpoint("ernie4_5_moe-tiny", root / "moe")),
+    moe = new_checkpoint("ernie4_5_moe-tiny", root / "moe")
+    shutil.copytree(moe, root / "moe-mtp")  # the tokenizer; the weights with an MTP head (for moe.mtp_loss_coef)
+    config = named_config("ernie4_5_moe-tiny")
+    config.num_nextn_predict_layers = 1
+    AutoModelForCausalLM.from_config(config, seed=0, fast=False).save_pretrained(root / "moe-mtp")
+    return {"ernie4_5_moe": str(moe), "ernie4_5_moe_mtp": str(root / "moe-mtp"),
             "ernie4_5": str(new_checkpoint("ernie4_5-tiny", root / "dense"))}
 
 
@@ -33,7 +40,7 @@ def test_recipe_runs_two_steps(path, tiny, tmp_path, monkeypatch):
     recipe = load_recipe(path)
     if recipe.dataset.kind == "text" and not Path(recipe.dataset.path).exists():
         pytest.skip(f"{recipe.dataset.path} is made by the demo's script")
-    family = "ernie4_5" if "0p3b" in path.name else "ernie4_5_moe"
+    family = "ernie4_5" if "0p3b" in path.name else "ernie4_5_moe_mtp" if recipe.moe.mtp_loss_coef else "ernie4_5_moe"
     overrides = [f"--model.name_or_path={tiny[family]}", "--model.tokenizer=null", "--model.config_overrides={}",
                  "--step.max_steps=2", f"--checkpoint.dir={tmp_path}", "--step.val_every_steps=0"]
     if recipe.validation_dataset is not None:
@@ -41,9 +48,11 @@ def test_recipe_runs_two_steps(path, tiny, tmp_path, monkeypatch):
     recipe = load_recipe(path, overrides)
     history = Trainer(recipe, progress=False).train()
     assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    assert all(("mtp_loss" in r) == bool(recipe.moe.mtp_loss_coef) for r in history if "loss" in r)
     final = tmp_path / "final"
     if recipe.peft is None:
-        AutoModelForCausalLM.from_pretrained(final)
+        loaded = AutoModelForCausalLM.from_pretrained(final)
+        assert (getattr(loaded, "mtp", None) is not None) == (family == "ernie4_5_moe_mtp")
     else:
         assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
         if recipe.checkpoint.merge:

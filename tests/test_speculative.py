@@ -260,6 +260,40 @@ def test_mtp_checkpoint_round_trips(tmp, capsys):
         bare.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, speculative="mtp")
 
 
+def test_from_config_adds_the_mtp_head_a_config_asks_for(tmp_path):
+    """A config with num_nextn_predict_layers (as a -PT config.json, or a recipe's config_overrides) built with
+    from_config has the MTP head, initialised as the rest (normal(0, initializer_range) weights, unit norms) after
+    it, so the other weights are those of the same seed without a head; it round-trips bit-exactly and drafts."""
+    config = moelm.named_config(TINY["ernie4_5_moe"])
+    plain = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
+    assert plain.mtp is None
+    config.num_nextn_predict_layers = 1
+    m = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
+    assert m.mtp is not None and len(m.model.mtp_block) == 1
+    head = {n: p for n, p in m.model.named_parameters() if n.startswith("mtp_")}
+    assert {n.split(".")[0] for n in head} == {"mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"}
+    std = config.initializer_range
+    for name, p in head.items():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # not nn.Linear's default (uniform, std 1/sqrt(3 * fan_in): 0.07 here), not zero
+            assert p.std().item() == pytest.approx(std, rel=0.1) and abs(p.mean().item()) < std / 4, name
+    ours = m.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in plain.state_dict().items())
+    assert m.num_parameters() == plain.num_parameters() + sum(p.numel() for p in head.values())
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    back = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, fast=False)
+    assert back.mtp is not None and not back.kept_aside
+    theirs = back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(theirs[k], v) for k, v in ours.items())
+    half = moelm.AutoModelForCausalLM.from_config(config, seed=0, dtype=torch.bfloat16)  # fast paths on
+    assert half.model.mtp_linear_proj[0].weight.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(half.generate(ids, max_new_tokens=6, do_sample=False, speculative="mtp"),
+                       half.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_speculative_arguments_are_checked(tmp):
     target = model("ernie4_5", tmp=tmp)
     ids = torch.tensor([[5, 6, 7, 5, 6]])

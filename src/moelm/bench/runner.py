@@ -40,6 +40,7 @@ def bench_config(name: str):
         raise ValueError(f"unknown bench model {name!r}; known: {', '.join(BENCH_MODELS)}")
     base, overrides = BENCH_MODELS[name]
     data = named_config(base).to_dict()
+    data.pop("num_nextn_predict_layers", None)  # plain decoding: no MTP head (python -m moelm.bench.speculative)
     data.update(overrides)
     return AutoConfig.for_model(data.pop("model_type"), **data)
 

@@ -42,6 +42,9 @@ class PretrainedConfig:
     attribute_map: ClassVar[dict[str, str]] = {}
     top_level_original_max_wins: ClassVar[bool] = True
     hub_architectures: ClassVar[tuple[str, ...]] = ()  # config.json `architectures` names that mean this family
+    # Keys of the hub's config.json files that this family reads when present but are not fields (absent unless
+    # given, so config.json files without them are written unchanged): set, they are kept in `extra` and saved.
+    optional_keys: ClassVar[tuple[str, ...]] = ()
 
     architectures: list[str] | None = None
     dtype: str | None = None
@@ -70,14 +73,14 @@ class PretrainedConfig:
         self.__post_init__()
 
     def has_field(self, name: str) -> bool:
-        """Whether `name` is a field, an alias of one, or a key this config.json carried (from_pretrained may set
-        it)."""
+        """Whether `name` is a field, an alias of one, one of the family's optional_keys, or a key this config.json
+        carried (from_pretrained may set it)."""
         return name in {f.name for f in dataclasses.fields(self)} or name in type(self).attribute_map \
-            or name in self.extra
+            or name in type(self).optional_keys or name in self.extra
 
-    def __setattr__(self, name, value):  # aliases (num_experts, ...) write their field; extra keys stay extra
-        name = type(self).attribute_map.get(name, name)
-        if name in self.__dict__.get("extra", {}):
+    def __setattr__(self, name, value):  # aliases (num_experts, ...) write their field; extra and optional keys
+        name = type(self).attribute_map.get(name, name)  # go to extra (so config.json has them)
+        if name in self.__dict__.get("extra", {}) or name in type(self).optional_keys:
             self.extra[name] = value
         else:
             super().__setattr__(name, value)

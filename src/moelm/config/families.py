@@ -46,6 +46,9 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
     default_architecture: ClassVar[str] = "Ernie4_5_MoeForCausalLM"
     hub_architectures: ClassVar[tuple[str, ...]] = ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeModel")
     attribute_map: ClassVar[dict[str, str]] = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
+    # the -PT checkpoints' MTP head: its depth (from_config adds a head that deep; from_pretrained loads the
+    # checkpoint's model.mtp_* tensors) and its loss's weight in training (moelm.train: moe.mtp_loss_coef null)
+    optional_keys: ClassVar[tuple[str, ...]] = ("num_nextn_predict_layers", "multi_token_pred_lambda")
 
     vocab_size: int = 103424
     pad_token_id: int | None = 0
@@ -95,6 +98,9 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
             raise ValueError(f"moe_num_shared_experts must be >= 0, got {self.moe_num_shared_experts}")
         if self.moe_layer_interval <= 0:
             raise ValueError(f"moe_layer_interval must be positive, got {self.moe_layer_interval}")
+        mtp = self.extra.get("num_nextn_predict_layers")
+        if mtp is not None and (not isinstance(mtp, int) or isinstance(mtp, bool) or mtp < 0):
+            raise ValueError(f"num_nextn_predict_layers must be an integer >= 0, got {mtp!r}")
 
     def is_moe_layer(self, i: int) -> bool:
         return ((i + 1) % self.moe_layer_interval == 0

@@ -25,7 +25,9 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     """cls(config) initialised like the reference (normal(0, initializer_range)), in `dtype` on `device`;
     fast=False leaves out the inference fast paths. NeMo's backend=BackendConfig(...) picks each part's
     implementation (and leaves out the fast paths, which are implementations of their own); moe_config /
-    moe_overrides set MoE fields of a copy of the config under NeMo's names (moelm.loading.backend)."""
+    moe_overrides set MoE fields of a copy of the config under NeMo's names (moelm.loading.backend).
+    A config with num_nextn_predict_layers (ERNIE 4.5 MoE, as the -PT checkpoints' config.json) gets the MTP head
+    (add_mtp), initialised as the rest after it, so the other weights are those the same seed gives without it."""
     if moe_config is not None or moe_overrides:
         config = copy.deepcopy(config)
         apply_moe_overrides(config, moe_config, moe_overrides)
@@ -33,6 +35,10 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
         torch.manual_seed(seed)
     model = cls(config)
     model.init_weights()
+    mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    if mtp and hasattr(model, "add_mtp"):
+        model.add_mtp(mtp)
+        model.init_weights(prefix="model.mtp_")
     model._cast(dtype_from_str(dtype) if dtype else torch.float32)
     model = model.to(device) if device else model
     if backend is not None:

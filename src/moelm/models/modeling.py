@@ -121,9 +121,13 @@ class PreTrainedModel(nn.Module):
 
     # --- construction ---
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, prefix: str = ""):
+        """normal(0, initializer_range) weights, zero biases, unit norms, as the reference; prefix: only the modules
+        whose names start with it (a head added after the rest was initialised, e.g. "model.mtp_")."""
         std = self.config.initializer_range
         for name, module in self.named_modules():
+            if not name.startswith(prefix):
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)
                 if getattr(module, "bias", None) is not None:
@@ -138,7 +142,7 @@ class PreTrainedModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
         for name, p in self.named_parameters():
-            if name.endswith("e_score_correction_bias"):
+            if name.startswith(prefix) and name.endswith("e_score_correction_bias"):
                 p.zero_()
         self.tie_weights()
 

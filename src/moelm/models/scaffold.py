@@ -56,9 +56,8 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=N
     out = Path(out_dir)
     mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)  # ERNIE -PT checkpoints carry an MTP head
     if quantization is None:
-        model = AutoModelForCausalLM.from_config(config, seed=seed)
-        if mtp:
-            model.add_mtp(mtp)
+        model = AutoModelForCausalLM.from_config(config, seed=seed)  # with the MTP head the config asks for
+        if mtp:  # the head's tensors drawn as RandomCheckpoint draws them, from their own seed
             head = {n: p for n, p in model.model.named_parameters() if n.startswith("mtp_")}
             source = RandomCheckpoint(config, {n: (tuple(p.shape), p.dtype) for n, p in head.items()}, seed + 1, out)
             with torch.no_grad():

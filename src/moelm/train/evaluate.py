@@ -62,12 +62,25 @@ def choice_scores(model, choices: list[Choice], batch_size: int = 8) -> list[lis
     return scores
 
 
-def _token_nll(model, examples: list[Example], pad_id: int = 0) -> torch.Tensor:
-    """[B, S-1] fp32 negative log-likelihood of each label token (0 where the label is -100)."""
+def _token_nll(model, examples: list[Example], pad_id: int = 0, mtp: bool = False):
+    """[B, S-1] fp32 negative log-likelihood of each label token (0 where the label is -100); mtp: also the MTP
+    head's [B, S-2] for the tokens after the next (labels[:, 2:]), from the last layer's output before the final
+    norm, as the trainer computes its mtp_loss."""
     batch = {k: v.to(_device(model)) for k, v in collate(examples, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
-                           reduction="none")
+    seen: list = []
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0])) if mtp else None
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
+    finally:
+        if hook is not None:
+            hook.remove()
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                          reduction="none")
+    if not mtp:
+        return nll
+    logits = model.mtp.sequence_logits(batch["input_ids"], seen[-1], batch["attention_mask"])  # [B, S-1, V]
+    return nll, F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 2:], ignore_index=IGNORE,
+                                reduction="none")
 
 
 @torch.no_grad()
@@ -85,16 +98,29 @@ def multiple_choice(model, choices: list[Choice], batch_size: int = 8) -> dict:
 
 
 @torch.no_grad()
-def perplexity(model, examples: list[Example], batch_size: int = 8, pad_id: int = 0) -> dict:
+def perplexity(model, examples: list[Example], batch_size: int = 8, pad_id: int = 0, mtp: bool = False) -> dict:
     """{"loss", "perplexity", "tokens"}: loss is the mean negative log-likelihood over every label token of all
-    examples (token-weighted, not a mean of batch means); computed from the logits, so no MoE aux loss is in it."""
-    total, tokens = 0.0, 0
+    examples (token-weighted, not a mean of batch means); computed from the logits, so no MoE aux loss is in it.
+    mtp (a model with an MTP head, ERNIE's model.mtp, run without the inference fast paths): also "mtp_loss", the
+    head's mean negative log-likelihood of the token after the next over every label token from the third on
+    (the trainer's mtp_loss), and "mtp_tokens"."""
+    if mtp and getattr(model, "mtp", None) is None:
+        raise ValueError("perplexity(mtp=True) needs a model with an MTP head (model.mtp)")
+    total, tokens, mtp_total, mtp_tokens = 0.0, 0, 0.0, 0
     with _eval_mode(model):
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            total += _token_nll(model, batch, pad_id).sum().item()
+            nll = _token_nll(model, batch, pad_id, mtp)
+            if mtp:
+                nll, head = nll
+                mtp_total += head.sum().item()
+                mtp_tokens += sum(sum(label != IGNORE for label in e.labels[2:]) for e in batch)
+            total += nll.sum().item()
             tokens += sum(sum(label != IGNORE for label in e.labels[1:]) for e in batch)
     if tokens == 0:
         raise ValueError("perplexity needs at least one label token (-100 everywhere, or no examples)")
     loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+    if mtp:
+        result.update(mtp_loss=mtp_total / max(mtp_tokens, 1), mtp_tokens=mtp_tokens)
+    return result

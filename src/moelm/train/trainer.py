@@ -256,8 +256,11 @@ class Trainer:
     def validate(self) -> dict:
         local = self.recipe.step.local_batch_size
         with self.autocast():
-            result = perplexity(self.model, self.val_examples, batch_size=local, pad_id=pad_id(self.tokenizer))
+            result = perplexity(self.model, self.val_examples, batch_size=local, pad_id=pad_id(self.tokenizer),
+                                mtp=bool(self.mtp_coef))
             out = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+            if "mtp_loss" in result:  # the MTP head's, when it trains
+                out["val_mtp_loss"] = result["mtp_loss"]
             if self.val_choices is not None:
                 out["val_accuracy"] = multiple_choice(self.model, self.val_choices, batch_size=local)["accuracy_norm"]
         return out
@@ -274,10 +277,13 @@ class Trainer:
         bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
         text = f"\r[{bar}] {self.step}/{self.max_steps}"
         if "loss" in record:
-            text += (f" loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            mtp = f" mtp {record['mtp_loss']:.4f}" if "mtp_loss" in record else ""
+            text += (f" loss {record['loss']:.4f}{mtp} lr {record['lr']:.2e} "
                      f"{record['tokens_per_s']:.0f} tok/s ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
         if "val_loss" in record:
             text += f" val {record['val_loss']:.4f}"
+        if "val_mtp_loss" in record:
+            text += f" val mtp {record['val_mtp_loss']:.4f}"
         if self.progress == "lines":
             text = text.lstrip("\r")
         print(text, end="" if self.progress == "bar" else "\n", file=sys.stderr, flush=True)
@@ -327,8 +333,8 @@ def load_model(section, resume_dir: Path | None = None):
         path = str(resume_dir)
     if path in NAMED_CONFIGS and not Path(path).exists():
         base = named_config(path)
-        for key in section.config_overrides:
-            if not hasattr(base, key):
+        for key in section.config_overrides:  # fields, aliases, properties, optional hub keys (ERNIE's MTP)
+            if not (hasattr(base, key) or base.has_field(key)):
                 raise RecipeError(f"model.config_overrides: {base.model_type} has no config key {key!r}")
         cls, kwargs = NAMED_CONFIGS[path]  # built with the overrides, so derived keys follow them
         config = cls(**{**copy.deepcopy(kwargs), **section.config_overrides})
