@@ -34,6 +34,19 @@ def randomise(model, seed: int = 0):
     return model
 
 
+def randomise_scaled(model, seed: int, scale: float, mtp: bool = False):
+    """ERNIE's MTP head added first if asked (add_mtp), every weight random (randomise), then the matrices times
+    `scale`, so that greedy decoding wanders (4) or wanders and repeats itself (2)."""
+    if mtp:
+        model.add_mtp()
+    randomise(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and not name.endswith("bias"):
+                p.mul_(scale)
+    return model
+
+
 def reference_model(model_type: str, seed: int = 0, cls_name: str | None = None, attn: str = "eager", **kwargs):
     import transformers
 

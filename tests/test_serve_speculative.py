@@ -16,7 +16,7 @@ from moelm import AutoModelForCausalLM, AutoTokenizer
 from moelm.models.scaffold import new_checkpoint
 from moelm.serve.engine import Engine, SamplingParams
 from moelm.serve.speculation import SpeculativeConfig, SpeculativeConfigError
-from reference import randomise
+from reference import randomise_scaled
 from test_speculative import VOCAB, chi2, exact_marginals
 from test_speculative import model as tiny_model
 
@@ -27,14 +27,8 @@ def checkpoint(family: str, path, seed: int = 0, mtp: bool = False):
     """A tiny checkpoint with its tokenizer, every weight random, scaled so that greedy decoding both wanders and
     repeats itself (n-gram drafts are then sometimes right)."""
     new_checkpoint(NAMES[family], path, seed=seed)
-    m = AutoModelForCausalLM.from_pretrained(path, fast=False)
-    if mtp:
-        m.add_mtp()
-    randomise(m, seed)
+    m = randomise_scaled(AutoModelForCausalLM.from_pretrained(path, fast=False), seed, 2.0, mtp)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name and not name.endswith("bias"):
-                p.mul_(2.0)
         if mtp:  # a head that drafts the last token again (its block adds nothing, the projection keeps the
             base = m.model  # token's embedding), right where the model repeats itself
             block = base.mtp_block[0]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import moelm
 from moelm.generation import speculative
 from moelm.nn.layers import DynamicCache
-from reference import mtp_by_hand, randomise
+from reference import mtp_by_hand, randomise_scaled
 
 TINY = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimoe": "phimoe-tiny"}
 
@@ -27,14 +27,7 @@ def model(family: str, seed: int = 0, mtp: bool = False, vocab: int | None = Non
     config = moelm.named_config(TINY[family])
     if vocab:
         config.vocab_size = vocab
-    m = moelm.AutoModelForCausalLM.from_config(config, seed=seed, fast=False)
-    if mtp:
-        m.add_mtp()
-    randomise(m, seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name and not name.endswith("bias"):
-                p.mul_(4.0)
+    m = randomise_scaled(moelm.AutoModelForCausalLM.from_config(config, seed=seed, fast=False), seed, 4.0, mtp)
     if tmp is None:
         return m
     path = tmp / f"{family}-{seed}-{mtp}-{vocab}"

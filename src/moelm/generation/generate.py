@@ -435,7 +435,7 @@ class GenerationMixin:
             sequences, sequences_scores, beam_indices = beam_search(self, state, cfg)
         else:
             steps = decode_tokens(self, state, cfg) if drafter is None else \
-                speculative_tokens(self, state, cfg, drafter, process, advance, stopped, tuned)
+                speculative_tokens(self, state, cfg, drafter, process, advance, stopped, tuned, decode_step)
             for tokens in steps:
                 if streamer is not None:
                     streamer.put(tokens[:, None].cpu())

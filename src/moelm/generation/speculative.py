@@ -251,11 +251,11 @@ class _Process:
 
 
 @torch.no_grad()
-def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tuned,
+def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tuned, decode_step,
                        generator: torch.Generator | None = None, pace: "Pace | None" = None) -> Iterator[torch.Tensor]:
     """Like generate's decode_tokens (the next tokens [N] one at a time, pad for finished rows, state.input_ids
-    growing), with drafts checked a block at a time. process / advance / stopped / tuned: generate's; pace: when to
-    draft (default Pace())."""
+    growing), with drafts checked a block at a time. process / advance / stopped / tuned / decode_step:
+    generate's; pace: when to draft (default Pace())."""
     if not state.use_cache:
         raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
     proc = _Process(state, cfg, process)
@@ -280,12 +280,11 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     last_run.clear()
     last_run.update(steps=0, drafted_steps=0, proposed=0, kept=0)
     with tuned(lambda run: run(), state) as step:  # the thread count timed as decode_tokens times it
-        yield from _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped)
+        yield from _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped,
+                          decode_step)
 
 
-def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped):
-    from .generate import decode_step
-
+def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped, decode_step):
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
         k = max(0, min(drafter.k, room)) if pace.drafting() else 0
