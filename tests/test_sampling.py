@@ -98,7 +98,8 @@ def test_engine_sampling_matches_transformers_processors(engine, case, generated
     for row in range(ROWS):
         for seed in range(5):
             want = int(torch.multinomial(theirs[row].softmax(-1), 1, generator=torch.Generator().manual_seed(seed)))
-            token, _ = engine._sample(sequence(engine, ids[row], p, seed), logits[row])
+            token, accepted, _ = engine._sample(sequence(engine, ids[row], p, seed), logits[row])
+            assert not accepted  # no draft to keep
             assert token == want, (case, row, seed)
 
 
@@ -110,7 +111,8 @@ def test_engine_temperature_0_is_the_argmax_without_a_draw(engine, case):
     assert engine._generator(p, 0) is None
     state = torch.get_rng_state()
     for row in range(ROWS):
-        token, _ = engine._sample(sequence(engine, ids[row], p, None), logits[row])
+        token, accepted, _ = engine._sample(sequence(engine, ids[row], p, None), logits[row])
+        assert not accepted
         assert token == int(theirs[row].argmax()), (case, row)
         if p.repetition_penalty == 1.0 and not p.min_tokens:
             assert token == int(logits[row].argmax())
