@@ -292,7 +292,7 @@ def check_gemv(y, x, fmt, w, scale, group, dense, bias=None, select=None, msg=""
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", (1, 3, 4, 5, 6, 7, 8, 13, 16))
+@pytest.mark.parametrize("rows", (1, 2, 3, 4, 5, 6, 7, 8, 13, 16))
 @pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
 def test_gemv_matches_linear(fmt, rows, with_bias, threads):
     out_features, in_features = 37, 256  # 37: not a multiple of the 8-row output blocks
@@ -303,6 +303,20 @@ def test_gemv_matches_linear(fmt, rows, with_bias, threads):
     y = kernels.gemv(x, w, scale, group, bias)
     assert y.dtype == torch.float32 and y.shape == (rows, out_features)
     check_gemv(y, x, fmt, w, scale, group, dense, bias, msg=f"{fmt} rows={rows}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
+def test_gemv_bf16_two_rows_are_what_each_row_gets_alone(with_bias, threads):
+    """Two rows of x against a bf16 weight (a check of one drafted token) give each row bit for bit what a one-row
+    call gives it, so a speculative check computes what plain one-token steps compute."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(37, 192, generator=g).bfloat16()
+    x = torch.randn(2, 192, generator=g)
+    bias = torch.randn(37, generator=g) if with_bias else None
+    both = kernels.gemv(x, w, bias=bias)
+    assert torch.equal(both, torch.cat([kernels.gemv(x[r:r + 1], w, bias=bias) for r in range(2)]))
+    torch.testing.assert_close(both, x @ w.float().T + (0 if bias is None else bias), rtol=1e-5, atol=1e-4)
 
 
 @needs_kernels
