@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Iterator
 
@@ -123,7 +124,7 @@ class Mtp:
 
     def __init__(self, model):
         self.head, self.k, self.cache = model.mtp, 1, None
-        self.hidden = self.ids = self.positions = None  # the positions not yet fed to the head
+        self.pending: list[tuple] = []  # (hidden, ids, positions) of the positions not yet fed to the head
 
     def _cache(self, state):
         """The head's own cache: static (its one layer then runs as the model's decode steps do, in one C call)
@@ -142,22 +143,19 @@ class Mtp:
     def update(self, state, hidden: torch.Tensor, fed: int):
         """hidden [N, fed, H]: the main model's pre-norm states of the `fed` positions whose next tokens are now
         the last `fed` tokens of state.input_ids; kept until the head runs (a step that drafts)."""
-        ids, positions = state.input_ids[:, -fed:], state.position_ids[:, -fed - 1:-1]
-        if self.hidden is not None:
-            hidden = torch.cat([self.hidden, hidden], 1)
-            ids, positions = torch.cat([self.ids, ids], 1), torch.cat([self.positions, positions], 1)
-        self.hidden, self.ids, self.positions = hidden, ids, positions
+        self.pending.append((hidden, state.input_ids[:, -fed:], state.position_ids[:, -fed - 1:-1]))
 
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not k:
             return state.input_ids[:, :0], None
         if self.cache is None:
             self.cache = self._cache(state)
-        fed = self.ids.shape[1]
+        hidden, ids, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))
+        self.pending = []
         past = self.cache.get_seq_length()
-        mask = None if state.attention_mask is None else state.attention_mask[:, :past + fed]
-        logits = self.head(self.ids, self.hidden, self.positions, self.cache, mask)[:, -1].float()
-        self.hidden = self.ids = self.positions = None
+        mask = None if state.attention_mask is None else state.attention_mask[:, :past + ids.shape[1]]
+        last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+        logits = self.head(ids, hidden, positions, self.cache, mask, keep=last)[:, -1].float()
         scores = process(logits, state.input_ids)
         token = choose(scores, process.sampling, generator)
         probs = scores.softmax(-1)[:, None] if process.sampling.temperature else None
@@ -223,15 +221,29 @@ def _model_forward(model, state, inputs: dict, attention_mask, position_ids, kee
                     use_cache=True, logits_to_keep=keep)
         state.cache = out.past_key_values
         return out.logits.float(), None
-    seen = []
-    hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
+    with PreNorm(model) as seen:
         out = model.model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=state.cache, use_cache=True)
-    finally:
-        hook.remove()
     state.cache = out.past_key_values
-    return model.lm_head(out.last_hidden_state[:, -keep:]).float(), seen[-1]
+    return model.lm_head(out.last_hidden_state[:, -keep:]).float(), seen.last
+
+
+class PreNorm:
+    """While open: `last`, the input [N, S, H] of the main model's final norm in its latest forward (the MTP head's
+    input: the last decoder layer's output of every position the forward kept)."""
+
+    def __init__(self, model):
+        self.model, self.last, self.hook = model, None, None
+
+    def __enter__(self) -> "PreNorm":
+        self.hook = self.model.model.norm.register_forward_pre_hook(self._seen)
+        return self
+
+    def _seen(self, module, args):
+        self.last = args[0]
+
+    def __exit__(self, *exc):
+        self.hook.remove()
 
 
 class _Process:
@@ -279,17 +291,18 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     pace = pace if pace is not None else Pace()
     last_run.clear()
     last_run.update(steps=0, drafted_steps=0, proposed=0, kept=0)
-    with tuned(lambda run: run(), state) as step:  # the thread count timed as decode_tokens times it
-        yield from _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped,
-                          decode_step)
+    # the thread count timed as decode_tokens times it
+    with tuned(lambda run: run(), state) as step, PreNorm(model) if hidden_too else nullcontext() as seen:
+        yield from _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step)
 
 
-def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advance, stopped, decode_step):
+def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step):
+    """seen: the PreNorm of the model when the drafter reads its hidden states (MTP), else None."""
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
         k = max(0, min(drafter.k, room)) if pace.drafting() else 0
         pace.start()
-        if not k and not hidden_too:  # a plain decoding step, as generate's own
+        if not k:  # a plain decoding step, as generate's own
             logits = step(lambda: decode_step(model, state))
             scores = proc.fn(logits, state, proc.cfg)
             done = _emit(state, choose(scores, proc.sampling, generator), scores, logits, advance, stopped)
@@ -298,6 +311,8 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
             yield _last(state)
             if done:
                 return
+            if seen is not None:
+                drafter.update(state, seen.last, 1)
             continue
         drafts, q = drafter.propose(model, state, k, proc, generator)
         k = drafts.shape[1]
@@ -309,8 +324,9 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
         steps = torch.arange(1, k + 1, device=fed.device)
         pos = torch.cat([state.position_ids[:, -1:], state.position_ids[:, -1:] + steps], 1)
-        run = step if not k else getattr(step, "untimed", step)  # the thread count is timed on plain steps
-        logits, hidden = run(lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1, hidden_too))
+        # the thread count is timed on plain steps; every position's logits (and, through `seen`, hidden state)
+        logits = getattr(step, "untimed", step)(
+            lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1, False)[0])
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)
@@ -325,8 +341,8 @@ def _steps(model, state, drafter, proc, generator, pace, step, hidden_too, advan
             yield _last(state)
             if done:
                 return
-        if hidden_too:
-            drafter.update(state, hidden[:, :kept + 1], kept + 1)
+        if seen is not None:
+            drafter.update(state, seen.last[:, :kept + 1], kept + 1)
 
 
 def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, state, proc, generator):
