@@ -222,6 +222,46 @@ def test_mtp_logits_follow_the_formula_with_its_cache(fast, tmp):
     torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-4, rtol=1e-4)
 
 
+class EveryThird(speculative.Always):
+    """Drafting at one step in three: the head's input of the plain steps between is kept for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def drafting(self) -> bool:
+        self.step += 1
+        return self.step % 3 == 0
+
+
+@pytest.mark.parametrize("cache", ("static", "dynamic"))
+@pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
+def test_mtp_drafts_in_generate_are_the_formulas(fast, cache, tmp, monkeypatch):
+    """Each draft generate takes from the head, with plain steps between drafted ones, is the head's choice by the
+    formula over the whole sequence so far (mtp_by_hand): its input from the plain steps and the checks is
+    complete and in order."""
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
+    monkeypatch.setattr(speculative, "Pace", EveryThird)
+    proposals = []
+    real = speculative.Mtp.propose
+
+    def propose(self, model, state, k, process, generator):
+        drafts, q = real(self, model, state, k, process, generator)
+        if k:
+            proposals.append((state.input_ids.clone(), drafts[:, 0]))
+        return drafts, q
+
+    monkeypatch.setattr(speculative.Mtp, "propose", propose)
+    ids, _ = repetitive(1)
+    plain = m.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation=cache)
+    out = m.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation=cache, speculative="mtp")
+    assert torch.equal(out, plain) and len(proposals) >= 4
+    for seq, draft in proposals:
+        with torch.no_grad():
+            want = mtp_by_hand(m, seq)[:, -1]  # from the last position's hidden state and the last token
+        assert torch.equal(draft, want.argmax(-1)), seq.shape
+
+
 def test_mtp_checkpoint_round_trips(tmp, capsys):
     m = model("ernie4_5_moe", mtp=True, tmp=tmp)
     path = tmp / "ernie4_5_moe-0-True-None"
