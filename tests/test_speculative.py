@@ -123,9 +123,9 @@ def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tmp):
 
 
 def test_pace_stops_drafting_while_it_loses():
-    """Plain steps first; drafted steps slower a token than plain ones turn drafting off for 4 steps, then twice as
-    long (four times after a try that kept nothing), at most 256; a drafted step that pays keeps it on and resets
-    the back-off."""
+    """Plain steps first; drafted steps slower a token than plain ones turn drafting off: after a try that kept
+    nothing for 4 times as long as last time (16 steps at first), after one that kept some for the back-off, which
+    then doubles; at most 256; a drafted step that pays keeps it on and resets the back-off to 4."""
     now = [0.0]
     pace = REAL_PACE(warmup=2, clock=lambda: now[0])
 
@@ -137,17 +137,44 @@ def test_pace_stops_drafting_while_it_loses():
         return drafting
 
     assert [step(1.0, 1) for _ in range(2)] == [False, False]
-    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0), nothing kept
-    assert [step(1.0, 1) for _ in range(4)] == [False] * 4
-    assert step(3.0, 2)  # tried again, one draft kept, still losing: off for 16
+    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0), nothing kept: off for 16
     assert [step(1.0, 1) for _ in range(16)] == [False] * 16
+    assert step(3.0, 2)  # tried again, one draft kept, still losing: off for 16, then 32
+    assert [step(1.0, 1) for _ in range(16)] == [False] * 16
+    assert pace.backoff == 32
     assert step(1.2, 3) and step(1.2, 3) and step(1.2, 3)  # 0.4 s a token: drafting stays on
     assert pace.backoff == 4
-    for _ in range(6):  # losing tries that keep nothing: 4, 16, 64, 256, 256, ...
+    offs = []
+    # losing tries that keep nothing: two more on (the average a token still pays), then off 16, 64, 256, 256
+    for _ in range(6):
         assert step(1.5, 1)
+        offs.append(0)
         while not pace.drafting():
             step(1.0, 1)
-    assert pace.backoff == 256
+            offs[-1] += 1
+    assert offs == [0, 0, 16, 64, 256, 256] and pace.backoff == 256
+
+
+def test_lookup_takes_the_earliest_occurrence():
+    """The continuation of the earliest earlier occurrence of the longest matching n-gram (transformers' prompt
+    lookup, vLLM's n-gram proposer: [1, 2, 3, 4, 2, 3], n = 2, k = 4 -> [4, 2, 3]); in a loop that leaves k tokens."""
+    row = torch.tensor
+    assert speculative.lookup(row([1, 2, 3, 4, 2, 3]), 2, 4).tolist() == [4, 2, 3]
+    assert speculative.lookup(row([5, 7, 5, 7, 5, 7, 5, 7]), 2, 4).tolist() == [5, 7, 5, 7]
+    assert speculative.lookup(row([9, 1, 2, 8, 1, 2, 6, 2]), 3, 2).tolist() == [8, 1]  # n = 1: the first 2
+    assert speculative.lookup(row([9, 1, 2, 8, 1, 2]), 3, 3, min_ngram=3).tolist() == []
+    assert speculative.lookup(row([9, 1, 2, 8, 1, 2]), 3, 3).tolist() == [8, 1, 2]
+
+
+def test_prompt_lookup_drafts_more_while_they_are_kept():
+    """Prompt lookup drafts one token at first, two more after a step that kept all, one fewer after one that did
+    not, between 1 and prompt_lookup_num_tokens."""
+    drafter = speculative.PromptLookup(5)
+    ks = [drafter.k]
+    for kept in (1, 3, 5, 2, 0, 0, 0):
+        drafter.accepted(min(kept, drafter.k), drafter.k)
+        ks.append(drafter.k)
+    assert ks == [1, 3, 5, 5, 4, 3, 2, 1]
 
 
 # ------------------------------------------------------------------ sampling keeps the distribution

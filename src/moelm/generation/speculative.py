@@ -29,13 +29,14 @@ from .sampling import choose
 
 
 class PromptLookup:
-    """Drafts by n-gram lookup: the continuation of the latest earlier occurrence of the row's last n tokens
+    """Drafts by n-gram lookup: the continuation of the earliest occurrence of the row's last n tokens
     (n = max_ngram down to 1). A batch drafts as many tokens as its shortest row found."""
 
     needs_hidden = False
 
     def __init__(self, tokens: int, max_ngram: int = 2):
-        self.k, self.max_ngram = tokens, max_ngram
+        self.most, self.max_ngram = tokens, max_ngram
+        self.k = 1  # drafts a step: one at first, up to `tokens` while they are all kept (accepted())
 
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, None]:
         ids = state.input_ids
@@ -57,16 +58,24 @@ class PromptLookup:
     def update(self, state, hidden, fed: int):
         pass
 
+    def accepted(self, kept: int, proposed: int):
+        """Two more drafts after a step that kept all of them, one fewer otherwise (as transformers' heuristic
+        schedule for assistants), between 1 and `tokens`: a check of k + 1 tokens reads the union of their experts,
+        so a losing try costs least at k = 1."""
+        if proposed:
+            self.k = min(self.most, self.k + 2) if kept == proposed else max(1, self.k - 1)
+
 
 def lookup(row: torch.Tensor, max_ngram: int, k: int, min_ngram: int = 1) -> torch.Tensor:
-    """Up to k tokens following the latest earlier occurrence of row's last n tokens (the longest n, from max_ngram
-    down to min_ngram, that has one)."""
+    """Up to k tokens following the earliest occurrence of row's last n tokens before them (the longest n, from
+    max_ngram down to min_ngram, that has one), as transformers' prompt lookup and vLLM's n-gram proposer take it:
+    in a repeated stretch it has the most tokens after it."""
     length = row.shape[0]
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         windows = row.unfold(0, n, 1)[:-1]  # every n-gram but the last one itself
         hits = (windows == row[-n:]).all(-1).nonzero().squeeze(1)
         if hits.numel():
-            start = int(hits[-1]) + n
+            start = int(hits[0]) + n
             return row[start:start + k]
     return row[:0]
 
@@ -170,10 +179,10 @@ last_run: dict[str, int] = {}
 
 class Pace:
     """Drafting only while it pays. Seconds per new token are averaged for steps with drafts and for plain steps
-    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off for 4 steps, and
-    each further losing try for twice as long (four times, when it kept no draft), up to 256 steps. The first
-    `warmup` steps are plain, to know their pace. The tokens are the same either way (greedy) or follow the same
-    distribution (sampling)."""
+    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off: for 4 steps and
+    twice as long after each further losing try, or, when the try kept no draft, for 4 times as long as the last time
+    off (16 steps at first), up to 256 steps. The first `warmup` steps are plain, to know their pace. The tokens are
+    the same either way (greedy) or follow the same distribution (sampling)."""
 
     LONGEST = 256
 
@@ -197,8 +206,12 @@ class Pace:
             return
         plain = self.rate[False]
         if plain is not None and self.rate[True] > plain:
-            grow = 4 if tokens <= 1 else 2
-            self.off, self.backoff, self.rate[True] = self.backoff, min(self.LONGEST, grow * self.backoff), None
+            if tokens <= 1:  # nothing kept
+                self.backoff = min(self.LONGEST, 4 * self.backoff)
+                self.off = self.backoff
+            else:
+                self.off, self.backoff = self.backoff, min(self.LONGEST, 2 * self.backoff)
+            self.rate[True] = None
         else:
             self.backoff = 4
 

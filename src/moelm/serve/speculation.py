@@ -6,7 +6,7 @@ keeps drafts equal to the model's choice, sampling keeps a draft with probabilit
 plus the model's next token, and rolls the sequence's KV row back to what was kept. The drafters below keep state per
 KV row:
 
-- Ngram: the latest earlier occurrence of the sequence's last n tokens (n from prompt_lookup_max down to
+- Ngram: the earliest occurrence of the sequence's last n tokens (n from prompt_lookup_max down to
   prompt_lookup_min), its continuation as drafts;
 - Mtp: ERNIE's multi-token-prediction head (Ernie4_5_MoeForCausalLM.mtp), one draft a step, with its own one-layer
   slot cache fed every position the main model made final (prompt chunks and kept tokens);
