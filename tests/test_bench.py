@@ -119,3 +119,24 @@ def test_full_size_bench_arguments():
         cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b"]))
     with pytest.raises(ValueError, match="--workdir"):
         cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b", "--full-size", "--dtype", "int4"]))
+
+
+def test_speculative_bench_reports_each_method(capsys):
+    """python -m moelm.bench.speculative on the bundled demo: a table row per method, with its drafts and whether
+    its tokens are plain greedy's (fp32: they are); --repetition-penalty is generate's only."""
+    from pathlib import Path
+
+    from moelm.bench import speculative
+
+    demo = str(Path(__file__).resolve().parents[1] / "demo" / "pydoc-moe")
+    args = ["--model", demo, "--methods", "plain", "lookup:3", "mtp@always", "--prompt", "The list data type has",
+            "--new-tokens", "12", "--repeats", "1", "--threads", "1", "--repetition-penalty", "1.0"]
+    assert speculative.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| lookup:3", "| mtp@always"]
+    assert all(r.rstrip(" |").endswith("yes") for r in rows[1:]), rows
+    checks, drafted = (int(c) for c in rows[3].split(" | ")[3:5])
+    assert 0 < checks - 1 <= drafted <= checks  # mtp@always: a draft at every check but the first
+    with pytest.raises(SystemExit) as exit_:
+        speculative.main(["--model", demo, "--prompt", "x", "--serve-streams", "2", "--repetition-penalty", "1.1"])
+    assert exit_.value.code == 2

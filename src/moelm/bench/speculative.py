@@ -67,7 +67,8 @@ class Union:
             h.remove()
 
 
-def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeats: int, dtype, threads: int | None):
+def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeats: int, dtype, threads: int | None,
+        repetition_penalty: float | None = None):
     from ..models.auto import AutoModelForCausalLM
     from ..text.tokenizer import AutoTokenizer
 
@@ -77,6 +78,7 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     kwargs = dict(method_kwargs(m, dtype) for m in methods)
+    extra = {} if repetition_penalty is None else dict(repetition_penalty=repetition_penalty)
     times: dict[str, list[float]] = {m: [] for m in kwargs}
     counts, unions, plain, differ = {}, {}, None, {}
     for rep in range(repeats + 2):  # the first round warms up (kernel paths timed), the last counts experts
@@ -87,7 +89,7 @@ def run(model_dir: str, methods: list[str], prompt: str, new_tokens: int, repeat
             try:
                 start = time.perf_counter()
                 out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
-                                     return_dict_in_generate=True, **kw)
+                                     return_dict_in_generate=True, **extra, **kw)
                 took = time.perf_counter() - start
             finally:
                 speculative.Pace = pace
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="generate's repetition_penalty (default: the model's generation_config)")
     p.add_argument("--serve-streams", type=int, default=None, metavar="N",
                    help="measure the serving engine instead: N greedy requests at once, each method as its "
                         "--speculative-config (lookup: ngram with n-grams of 1-3)")
@@ -214,6 +218,8 @@ def main(argv=None) -> int:
     prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
     if not prompt:
         p.error("give --prompt or --prompt-file")
+    if args.serve_streams and args.repetition_penalty is not None:
+        p.error("--repetition-penalty is for generate; the serving engine's requests take the model's default")
     if args.serve_streams:
         result = serve(args.model, args.methods, prompt, args.new_tokens, args.serve_streams, args.repeats,
                        getattr(torch, args.dtype), args.threads)
@@ -225,7 +231,7 @@ def main(argv=None) -> int:
             print(f"| {r['method']} | {r['tok_s']:.1f} | {r['speedup'] or 1:.2f}× | {kept} |")
         return 0
     result = run(args.model, args.methods, prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype),
-                 args.threads)
+                 args.threads, args.repetition_penalty)
     print(f"{args.model}, {result['prompt_tokens']}-token prompt, {args.new_tokens} new tokens, greedy — "
           f"{result['machine']}\n")
     print(table(result))
