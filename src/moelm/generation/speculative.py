@@ -59,11 +59,17 @@ class PromptLookup:
         pass
 
     def accepted(self, kept: int, proposed: int):
-        """Two more drafts after a step that kept all of them, one fewer otherwise (as transformers' heuristic
-        schedule for assistants), between 1 and `tokens`: a check of k + 1 tokens reads the union of their experts,
-        so a losing try costs least at k = 1."""
-        if proposed:
-            self.k = min(self.most, self.k + 2) if kept == proposed else max(1, self.k - 1)
+        """The heuristic schedule up to `tokens`: a check of k + 1 tokens reads the union of their experts, so a
+        losing try costs least at k = 1."""
+        self.k = min(self.most, heuristic(self.k, kept, proposed))
+
+
+def heuristic(k: int, kept: int, proposed: int) -> int:
+    """transformers' "heuristic" draft length: 2 more drafts after a step that kept all it proposed, 1 fewer (at
+    least 1) after one that did not, k after a step without drafts."""
+    if not proposed:
+        return k
+    return k + 2 if kept == proposed else max(1, k - 1)
 
 
 def lookup(row: torch.Tensor, max_ngram: int, k: int, min_ngram: int = 1) -> torch.Tensor:
@@ -120,9 +126,8 @@ class Assistant:
         pass
 
     def accepted(self, kept: int, proposed: int):
-        """transformers' "heuristic" schedule: 2 more drafts after a step that kept them all, 1 fewer otherwise."""
-        if self.schedule == "heuristic" and proposed:
-            self.k = self.k + 2 if kept == proposed else max(1, self.k - 1)
+        if self.schedule == "heuristic":
+            self.k = heuristic(self.k, kept, proposed)
 
 
 class Mtp:

@@ -307,9 +307,12 @@ GEMV(gemv_bf16_perm, uint16_t, dot_bf16p(xm, wr, I), row_bf16)
 
 /* bf16, two rows of x against W (no wsel; a check of one drafted token): each weight row's 16-weight blocks
  * converted once and dotted with both rows, each row's sums kept as dot_bf16p keeps them, so a row of y is what
- * gemv_bf16_perm gives that row alone (the check computes what one-token steps compute). Measured on AMD Zen 4,
- * 2 threads, against converting each weight row to fp32 for both (gemv_bf16_rows): 8192 x 192 145 -> 74 us,
- * 6144 x 1024 480 -> 294 us, 103424 x 1024 9.7 -> 8.8 ms; with 3-4 rows the per-row dots lose on large matrices. */
+ * gemv_bf16_perm gives that row alone: a check of one draft computes what one-token steps compute, which is why
+ * two rows always take this path (linear() still picks gemv or another kernel per shape by measurement). Against
+ * converting each weight row to fp32 for both (gemv_bf16_rows), AMD Zen 4, 2 threads: 8192 x 192 136-145 -> 72-74
+ * us, 6144 x 1024 480 -> 282-294 us, 103424 x 1024 (from memory) even; the same CPU with AVX-512 compiled out:
+ * 158 -> 75 us, 683 -> 215 us, but 8.4-8.6 -> 8.9-9.2 ms from memory. With 3-4 rows the per-row dots lost on large
+ * matrices, so more rows keep gemv_bf16_rows. */
 static inline void dots_bf16p2(const float *x0, const float *x1, const uint16_t *w, int64_t n, float *y0,
                                float *y1) {
     v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
