@@ -1545,6 +1545,29 @@ def test_rmsnorm_kernel_matches_the_reference_formula(rows):
     assert xg.grad is not None
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler for moelm's kernels")
+def test_rmsnorm_kernel_on_bf16_is_rmsnorm_on_bf16():
+    """On bf16 (the final norm and the MTP head's norms of a bf16 model while decoding): the fp32 normalisation
+    rounded to bf16, times the bf16 weight, rounded again, as PyTorch's RMSNorm on bf16 computes it; only the sum of
+    squares is added in another order, so at most a rare element is one bf16 step away."""
+    from moelm.inference.modules import FastRMSNorm
+    from moelm.nn.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(50, 3, 192, generator=g) * 3).bfloat16(), torch.randn(192, generator=g).bfloat16()
+    plain, fast = RMSNorm(192, 1e-5).bfloat16(), FastRMSNorm(192, 1e-5).bfloat16()
+    with torch.no_grad():
+        plain.weight.copy_(w)
+        fast.weight.copy_(w)
+        want = torch.cat([plain(x[i:i + 1]) for i in range(50)])
+        got = torch.cat([fast(x[i:i + 1]) for i in range(50)])
+    assert torch.equal(kernels.rmsnorm(x[:1], w, 1e-5), got[:1]) and got.dtype == torch.bfloat16
+    differ = want != got
+    assert differ.float().mean() < 1e-3, differ.sum()
+    step = (want.float().abs() * 2 ** -7).clamp(min=2 ** -126)  # one bf16 step at the value
+    assert ((want.float() - got.float()).abs() <= step * 1.01).all()
+
+
 # ------------------------------------------------------------------ 7. bitsandbytes weights
 
 def _resolved(spec, device, monkeypatch, installed: bool):

@@ -3,6 +3,7 @@
 path)."""
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -152,6 +153,8 @@ class _LayerPlan:
     """What decode_layer_step hands to C for one layer, and what it was made from: `links` (container, key,
     object) and `ptrs` (tensor, data pointer) that must still hold for it to be valid."""
 
+    _objects = None  # valid()'s columns of links and ptrs, made at its first call
+
     def __init__(self, layer, projections: list, found: list, dense: bool, dtype: torch.dtype, moe=None):
         attn = layer.self_attn
         self.dtype = dtype
@@ -186,7 +189,12 @@ class _LayerPlan:
         self.ptrs = [(t, t.data_ptr()) for t in tensors]
 
     def valid(self) -> bool:
-        return all(d.get(k) is obj for d, k, obj in self.links) and all(t.data_ptr() == p for t, p in self.ptrs) \
+        """Asked at every decoding step, for every layer: the loops run in C (map), not in Python."""
+        if self._objects is None:
+            self._stores, self._keys, self._objects = (list(c) for c in zip(*self.links)) if self.links else ([],) * 3
+            self._tensors, self._pointers = [t for t, _ in self.ptrs], [p for _, p in self.ptrs]
+        return all(map(operator.is_, map(dict.get, self._stores, self._keys), self._objects)) \
+            and list(map(torch.Tensor.data_ptr, self._tensors)) == self._pointers \
             and all(t._version == v for t, v in self.copied) and (self.moe is None or self.moe.valid())
 
 
@@ -201,8 +209,8 @@ class _MoePlan(_LayerPlan):
         self.spec = kernels.moe(kind, self.mats[0], bias, top_k, norm_min, jitter, *self.mats[1:3],
                                 tuple(self.mats[3:]) or None)
         self.work, self.moe = self.spec.work, None
-        self.links = []
-        for module in block.modules():
+        self.links, self.modules = [], list(block.modules())
+        for module in self.modules:
             self.links += [(store, k, t) for store in (module._modules, module._parameters, module._buffers)
                            for k, t in store.items()]
             if "fused_gate_up" in module.__dict__:
@@ -211,6 +219,10 @@ class _MoePlan(_LayerPlan):
         tensors += [t for ts in (router, *experts, *shared) for t in ts if isinstance(t, torch.Tensor)]
         self.ptrs = [(t, t.data_ptr()) for t in tensors]
         self.dtype = dtype
+
+
+def _hooked(modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 _MOE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _MoePlan
@@ -227,12 +239,13 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     routing = None if spec is None else spec()
     bf16 = x.dtype == torch.bfloat16
     if x.dtype not in (torch.float32, torch.bfloat16) or routing is None or torch.is_grad_enabled() \
-            or (bf16 and routing[0] != "ernie") \
-            or any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+            or (bf16 and routing[0] != "ernie"):
         return None
     plan = _MOE_PLANS.get(block)
     if plan is not None and plan.valid() and plan.routing == routing and plan.dtype == x.dtype:
-        return plan
+        return None if _hooked(plan.modules) else plan  # the modules are the block's while the plan is valid
+    if _hooked(block.modules()):
+        return None
     router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
     routers = (torch.float32,) if bf16 else (torch.float32, torch.bfloat16)
     if router.dtype not in routers or not router.is_contiguous() \

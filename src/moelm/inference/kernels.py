@@ -64,8 +64,9 @@ def _compile() -> ctypes.CDLL | None:
     lib.dequant_i8.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i4.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.dequant_i8.restype = lib.dequant_i4.restype = None
-    lib.rmsnorm_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
-    lib.rmsnorm_f32.restype = None
+    for fn in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
+        fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
+        fn.restype = None
     lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
                                ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.attend_f32.restype = None
@@ -382,12 +383,14 @@ def _choose_unpack(mode: str) -> str:
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2, -1) + eps) for fp32 x [..., n] (n a multiple of 8) and fp32 weight [n]; one pass
-    in C instead of PyTorch's ~7 small ops (60 us per call for one token on this CPU)."""
+    """weight * x / sqrt(mean(x^2, -1) + eps) for x [..., n] (n a multiple of 8) and weight [n], both fp32 or both
+    bf16 (computed in fp32, the normalised x rounded to bf16 before the weight, as RMSNorm on bf16); one pass in C
+    instead of PyTorch's ~7 small ops (60 us per call for one token on this CPU)."""
     _require()
     x = x.contiguous()
     out = torch.empty_like(x)
-    _lib.rmsnorm_f32(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    fn = _lib.rmsnorm_bf16 if x.dtype == torch.bfloat16 else _lib.rmsnorm_f32
+    fn(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
     return out
 
 

@@ -18,7 +18,8 @@ from .slots import SlotCache, ragged_attention
 
 class FastRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32 and x.shape[-1] % 8 == 0 and kernels.usable(x, self.weight):
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 8 == 0 \
+                and self.weight.is_contiguous() and kernels.usable(x, self.weight):
             return kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # decode: one C pass
         return super().forward(x)
 

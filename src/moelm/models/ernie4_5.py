@@ -5,13 +5,15 @@ import torch
 
 from ..config import Ernie4_5Config
 from ..nn.layers import MLP, DecoderLayer, RMSNorm
-from ..nn.rope import cos_sin, inv_freq_and_scale, rotate_interleaved
+from ..nn.rope import SEQ_DEPENDENT, cos_sin, inv_freq_and_scale, rotate_interleaved
 from .modeling import CausalLM, DecoderModel
 
 
 def ernie_cos_sin(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin [B, S, D/2]; dynamic and longrope frequencies follow the batch's max position."""
-    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    seq_len = None
+    if config.rope_parameters["rope_type"] in SEQ_DEPENDENT:
+        seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
     inv_freq, scale = inv_freq_and_scale(config.rope_parameters, config.head_size, config.max_position_embeddings,
                                          seq_len)
     return cos_sin(inv_freq, position_ids, scale)

@@ -5,12 +5,28 @@ import math
 
 import torch
 
+SEQ_DEPENDENT = ("dynamic", "longrope")  # rope types whose frequencies depend on the sequence length
+_MEMO: dict = {}
+
 
 def inv_freq_and_scale(rope: dict, dim: int, max_pos: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] and the cos/sin scaling for `rope` (a standardised rope_parameters dict).
 
     `seq_len` (max position + 1) matters for dynamic (NTK grows past max_pos) and longrope (long factors past
-    original_max_position_embeddings)."""
+    original_max_position_embeddings). Remembered per parameters (decoding asks at every step), but dynamic's."""
+    if rope["rope_type"] == "dynamic":
+        return _inv_freq_and_scale(rope, dim, max_pos, seq_len)
+    original = rope.get("original_max_position_embeddings")
+    long = rope["rope_type"] == "longrope" and seq_len is not None and seq_len > original
+    key = (repr(rope), dim, max_pos, long)
+    if key not in _MEMO:
+        if len(_MEMO) > 64:
+            _MEMO.clear()
+        _MEMO[key] = _inv_freq_and_scale(rope, dim, max_pos, seq_len)
+    return _MEMO[key]
+
+
+def _inv_freq_and_scale(rope: dict, dim: int, max_pos: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
     kind, base = rope["rope_type"], rope["rope_theta"]
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # [dim/2]
     if kind == "default":

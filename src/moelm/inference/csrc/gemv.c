@@ -949,6 +949,16 @@ static void norm_rows(const float *x, const void *w, int bf16, int64_t rows, int
     }
 }
 
+/* RMSNorm of bf16 rows x [rows, n] with a bf16 weight, as norm_rows computes it (PyTorch's RMSNorm on bf16) */
+void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n, float eps, uint16_t *out) {
+    float xf[n], yf[n];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++) xf[i] = from_bf16(x[r * n + i]);
+        norm_rows(xf, w, 1, 1, n, eps, yf);
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = to_bf16(yf[i]);
+    }
+}
+
 static void round_all(float *x, int64_t n, int bf16) {
     if (bf16) for (int64_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
 }
