@@ -69,25 +69,49 @@ def assert_close(a, b, atol=1e-4, rtol=1e-4, msg=""):
 def mtp_by_hand(m, ids: torch.Tensor) -> torch.Tensor:
     """ERNIE's MTP formula (its training code) written out for a moelm model with a head, over whole sequences with
     no padding: logits [B, L - 1, V] for the tokens at p + 2 of positions p = 0..L-2."""
-    from moelm.nn.layers import DecoderLayer
+    return _mtp_layer_by_hand(m, ids[:, 1:], _prenorm(m, ids)[:, :-1])[1]
 
-    base, seen = m.model, []
-    hook = base.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+
+def mtp_chain_by_hand(m, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """k greedy drafts [B, k] after ids [B, L] as vLLM's MTP proposer makes them with a one-layer head: the first by
+    the formula above; each next one with the draft before as the next token and the head's own output (before the
+    final norm) at the last position as its hidden state, the whole sequence recomputed (no cache)."""
+    next_ids, hidden = ids[:, 1:], _prenorm(m, ids)[:, :-1]
+    drafts = []
+    for _ in range(k):
+        states, logits = _mtp_layer_by_hand(m, next_ids, hidden)
+        drafts.append(logits[:, -1].argmax(-1))
+        next_ids, hidden = torch.cat([next_ids, drafts[-1][:, None]], 1), torch.cat([hidden, states[:, -1:]], 1)
+    return torch.stack(drafts, 1)
+
+
+def _prenorm(m, ids: torch.Tensor) -> torch.Tensor:
+    """The main model's last decoder layer output before the final norm [B, L, H]."""
+    seen = []
+    hook = m.model.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     try:
         m.model(input_ids=ids, use_cache=False)
     finally:
         hook.remove()
-    hidden = seen[-1][:, :-1]  # the last layer's output before the final norm, positions 0..L-2
+    return seen[-1]
+
+
+def _mtp_layer_by_hand(m, next_ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the head's layer output [B, S, H], logits [B, S, V]) of positions 0..S-1 given the next tokens [B, S] and
+    the hidden states [B, S, H] there."""
+    from moelm.nn.layers import DecoderLayer
+
+    base = m.model
 
     def rms(x, w, eps):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     eps = m.config.rms_norm_eps
-    emb = base.embed_tokens.weight[ids[:, 1:]].clone()
+    emb = base.embed_tokens.weight[next_ids].clone()
     emb[:, 0] = 0  # position 0
     proj = base.mtp_linear_proj[0]
     x = torch.cat([rms(emb, base.mtp_emb_norm[0].weight, eps), rms(hidden, base.mtp_hidden_norm[0].weight, eps)],
                   -1) @ proj.weight.T + (0 if proj.bias is None else proj.bias)
     pos = torch.arange(x.shape[1])[None]
     x, _, _ = DecoderLayer.forward(base.mtp_block[0], x, base.rotary(x, pos), None, None)  # the layer op by op
-    return m.lm_head(rms(x, base.norm.weight, eps))
+    return x, m.lm_head(rms(x, base.norm.weight, eps))

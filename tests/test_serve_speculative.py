@@ -81,8 +81,11 @@ TEXTS = ["Hello world. Hello world. Hello world.", "The quick brown fox jumps ov
 @pytest.mark.parametrize("family,method,fast", [
     ("ernie4_5", "ngram", True), ("ernie4_5", "ngram", False), ("ernie4_5_moe", "ngram", True),
     ("phimoe", "ngram", True), ("ernie4_5", "draft_model", True), ("ernie4_5_moe", "draft_model", True),
-    ("phimoe", "draft_model", True), ("ernie4_5_moe", "mtp", True), ("ernie4_5_moe", "mtp", False)])
+    ("phimoe", "draft_model", True), ("ernie4_5_moe", "mtp", True), ("ernie4_5_moe", "mtp", False),
+    ("ernie4_5_moe", "mtp:3", True), ("ernie4_5_moe", "mtp:3", False)])
 def test_greedy_with_drafts_equals_greedy_without(family, method, fast, tmp):
+    """mtp: one draft a step; mtp:3: three, the 2nd and 3rd from the head's own output."""
+    method, _, tokens = method.partition(":")
     path = tmp / f"{family}-{method == 'mtp'}"
     if not path.exists():
         checkpoint(family, path, mtp=method == "mtp")
@@ -95,7 +98,7 @@ def test_greedy_with_drafts_equals_greedy_without(family, method, fast, tmp):
     stop = plain[1][0][9]
     params = SamplingParams(max_tokens=14, temperature=0, stop_token_ids=[stop])
     plain, _ = serve_all(model, tokenizer, prompts, params)
-    spec = {"method": method, "num_speculative_tokens": 1 if method == "mtp" else 3, "adaptive": False}
+    spec = {"method": method, "num_speculative_tokens": int(tokens or (1 if method == "mtp" else 3)), "adaptive": False}
     draft = None
     if method == "ngram":
         spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
@@ -117,7 +120,7 @@ def test_sampling_with_drafts_keeps_the_model_distribution(method, tmp):
     draft = tiny_model("ernie4_5", seed=5, vocab=VOCAB, tmp=tmp) if method == "draft_model" else None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint("ernie4_5", tmp / "tokenizer") if not
                                               (tmp / "tokenizer").exists() else tmp / "tokenizer")
-    spec = {"method": method, "num_speculative_tokens": 1 if method == "mtp" else 2, "adaptive": False,
+    spec = {"method": method, "num_speculative_tokens": 2, "adaptive": False,
             **({"prompt_lookup_min": 1, "prompt_lookup_max": 1} if method == "ngram" else {}),
             **({"model": "draft"} if method == "draft_model" else {})}
     prompt = torch.arange(VOCAB).repeat(2).tolist()  # every token occurs: lookup always finds a continuation
@@ -157,7 +160,6 @@ def test_the_config_takes_vllms_fields_and_names_the_fault():
          "does not support draft_tensor_parallel_size"),
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
          "prompt_lookup_min (4) is more than prompt_lookup_max (2)"),
-        ({"method": "mtp", "num_speculative_tokens": 3}, "drafts one token a step"),
         ({"method": "draft_model", "num_speculative_tokens": 3}, "needs model"),
         ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"}, "model is for method 'draft_model'"),
         ({"method": "mtp", "num_speculative_tokens": 1, "prompt_lookup_max": 2}, "are for method 'ngram'"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import moelm
 from moelm.generation import speculative
 from moelm.nn.layers import DynamicCache
-from reference import mtp_by_hand, randomise_scaled
+from reference import mtp_by_hand, mtp_chain_by_hand, randomise_scaled
 
 TINY = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimoe": "phimoe-tiny"}
 
@@ -112,14 +112,19 @@ def test_drafts_are_used_and_checked_in_blocks(tmp, monkeypatch):
 @pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
 @pytest.mark.parametrize("batch", (1, 3))
 @pytest.mark.parametrize("cache", ("static", "dynamic"))
-def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tmp):
+@pytest.mark.parametrize("tokens", (None, 3))
+def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tokens, tmp):
+    """One draft a step (default), or 3 (constant): the 2nd and 3rd from the head's own output."""
     target = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
     assert target.mtp is not None
     ids, mask = repetitive(batch)
     plain = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache)
     out = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache,
-                          speculative="mtp")
+                          speculative="mtp", num_assistant_tokens=tokens,
+                          num_assistant_tokens_schedule=tokens and "constant")
     assert torch.equal(out, plain)
+    if tokens:
+        assert speculative.last_run["proposed"] > speculative.last_run["drafted_steps"]  # more than one a step
 
 
 def test_pace_stops_drafting_while_it_loses():
@@ -207,15 +212,16 @@ def chi2(tokens: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((counts[seen] - e[seen]) ** 2 / e[seen]).sum())
 
 
-@pytest.mark.parametrize("method", ("lookup", "assistant", "mtp"))
+@pytest.mark.parametrize("method", ("lookup", "assistant", "mtp", "mtp:2"))
 def test_sampling_keeps_the_model_distribution(method, tmp):
-    family = "ernie4_5_moe" if method == "mtp" else "ernie4_5"
-    target = model(family, mtp=method == "mtp", vocab=VOCAB, tmp=tmp)
+    family = "ernie4_5_moe" if method.startswith("mtp") else "ernie4_5"
+    target = model(family, mtp=method.startswith("mtp"), vocab=VOCAB, tmp=tmp)
     prompt = torch.arange(VOCAB).repeat(2)[None]  # every token occurs: lookup always finds a continuation
     kw = {"lookup": dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=1),
           "assistant": dict(assistant_model=model("ernie4_5", seed=5, vocab=VOCAB, tmp=tmp), num_assistant_tokens=2,
                             num_assistant_tokens_schedule="constant"),
-          "mtp": dict(speculative="mtp")}[method]
+          "mtp": dict(speculative="mtp"),
+          "mtp:2": dict(speculative="mtp", num_assistant_tokens=2, num_assistant_tokens_schedule="constant")}[method]
     rows, temperature = 4000, 0.7
     torch.manual_seed(1234)
     ids = prompt.expand(rows, -1)
@@ -287,6 +293,35 @@ def test_mtp_drafts_in_generate_are_the_formulas(fast, cache, tmp, monkeypatch):
         with torch.no_grad():
             want = mtp_by_hand(m, seq)[:, -1]  # from the last position's hidden state and the last token
         assert torch.equal(draft, want.argmax(-1)), seq.shape
+
+
+@pytest.mark.parametrize("cache", ("static", "dynamic"))
+@pytest.mark.parametrize("fast", (True, False), ids=("fast", "plain"))
+def test_mtp_drafts_after_the_first_follow_the_chain_formula(fast, cache, tmp, monkeypatch):
+    """With num_assistant_tokens=3 (constant), each step's drafts are the head applied 3 times as vLLM's MTP
+    proposer does (mtp_chain_by_hand: the 2nd and 3rd from the head's own output and the draft before), and the
+    head's cache keeps only the positions of the main model's states afterwards."""
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast)
+    proposals = []
+    real = speculative.Mtp.propose
+
+    def propose(self, model, state, k, process, generator):
+        drafts, q = real(self, model, state, k, process, generator)
+        if k:
+            assert self.cache.get_seq_length() == state.input_ids.shape[1] - 1
+            proposals.append((state.input_ids.clone(), drafts))
+        return drafts, q
+
+    monkeypatch.setattr(speculative.Mtp, "propose", propose)
+    ids, _ = repetitive(1)
+    plain = m.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation=cache)
+    out = m.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation=cache, speculative="mtp",
+                     num_assistant_tokens=3, num_assistant_tokens_schedule="constant")
+    assert torch.equal(out, plain) and len(proposals) >= 4
+    for seq, drafts in proposals:
+        with torch.no_grad():
+            want = mtp_chain_by_hand(m, seq, drafts.shape[1])
+        assert torch.equal(drafts, want), seq.shape
 
 
 def test_mtp_checkpoint_round_trips(tmp, capsys):

@@ -10,7 +10,8 @@ block; it is cropped to what was kept.
 
 Drafters: PromptLookup (the sequence's own n-grams, transformers' prompt_lookup_num_tokens), Assistant (a smaller
 model with the same vocabulary and its own cache, transformers' assistant_model), Mtp (ERNIE's multi-token
-prediction head, one token a step).
+prediction head: one token a step, or up to num_assistant_tokens, its output fed back as vLLM's MTP
+proposer does).
 """
 from __future__ import annotations
 
@@ -131,13 +132,17 @@ class Assistant:
 
 
 class Mtp:
-    """ERNIE's MTP head (Ernie4_5_MoeForCausalLM.mtp): one draft a step from the main model's last hidden state of
-    the position before the last token and that token; the head's own cache holds every position fed so far."""
+    """ERNIE's MTP head (Ernie4_5_MoeForCausalLM.mtp): the first draft from the main model's last hidden state of
+    the position before the last token and that token; each further one (up to `tokens`, as vLLM's MTP proposer
+    drafts with a one-layer head) from the head's own output and the draft before it. The head's own cache holds
+    every position fed so far; the further drafts' positions are dropped from it after drafting. Schedule
+    "heuristic": one draft a step at first, two more while all are kept (as PromptLookup); "constant": `tokens`."""
 
     needs_hidden = True
 
-    def __init__(self, model):
-        self.head, self.k, self.cache = model.mtp, 1, None
+    def __init__(self, model, tokens: int = 1, schedule: str = "heuristic"):
+        self.head, self.most, self.schedule, self.cache = model.mtp, tokens, schedule, None
+        self.k = 1 if schedule == "heuristic" else tokens
         self.pending: list[tuple] = []  # (hidden, ids, positions) of the positions not yet fed to the head
 
     def _cache(self, state):
@@ -166,14 +171,24 @@ class Mtp:
             self.cache = self._cache(state)
         hidden, ids, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))
         self.pending = []
-        past = self.cache.get_seq_length()
-        mask = None if state.attention_mask is None else state.attention_mask[:, :past + ids.shape[1]]
-        last = torch.tensor([ids.shape[1] - 1], device=ids.device)
-        logits = self.head(ids, hidden, positions, self.cache, mask, keep=last)[:, -1].float()
-        scores = process(logits, state.input_ids)
-        token = choose(scores, process.sampling, generator)
-        probs = scores.softmax(-1)[:, None] if process.sampling.temperature else None
-        return token[:, None], probs
+        mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k - 1), value=1)
+        length = self.cache.get_seq_length() + ids.shape[1]  # the head's positions with the main model's states
+        x = self.head.states(ids, hidden, positions, self.cache, None if mask is None else mask[:, :length])[:, -1:]
+        drafts, probs = [], []
+        for j in range(k):
+            if j:  # the head's output and the draft before: the next position's input
+                x = self.head.states(drafts[-1], x, state.position_ids[:, -1:] + (j - 1), self.cache,
+                                     None if mask is None else mask[:, :length + j])
+            scores = process(self.head.logits(x)[:, -1].float(), torch.cat([state.input_ids, *drafts], 1))
+            drafts.append(choose(scores, process.sampling, generator)[:, None])
+            if process.sampling.temperature:
+                probs.append(scores.softmax(-1))
+        self.cache.crop(length)
+        return torch.cat(drafts, 1), torch.stack(probs, 1) if probs else None
+
+    def accepted(self, kept: int, proposed: int):
+        if self.schedule == "heuristic":
+            self.k = min(self.most, heuristic(self.k, kept, proposed))
 
 
 # ------------------------------------------------------------------ the loop
@@ -449,10 +464,7 @@ def drafter_for(model, cfg, assistant_model=None, speculative: str | None = None
         if getattr(model, "mtp", None) is None:
             raise ValueError(f"speculative='mtp': {type(model).__name__} has no MTP head (only ERNIE 4.5 MoE "
                              "checkpoints with model.mtp_* tensors do, loaded on one device without offload)")
-        if cfg.num_assistant_tokens not in (None, 1):
-            raise ValueError(f"speculative='mtp' drafts one token a step (ERNIE's head has one layer); got "
-                             f"num_assistant_tokens={cfg.num_assistant_tokens}")
-        return Mtp(model)
+        return Mtp(model, cfg.num_assistant_tokens or 1, cfg.num_assistant_tokens_schedule or "heuristic")
     if assistant_model is not None:
         if assistant_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"assistant_model has a vocabulary of {assistant_model.config.vocab_size} tokens, the "

@@ -155,6 +155,13 @@ class ErnieMtp:
         positions p, before the final norm), position_ids [B, S] (p); cache: the head's own (one layer);
         attention_mask [B, past + S] over the head's positions (or a 4-D boolean mask) -> logits [B, S, V] for the
         tokens at p + 2 (keep [K]: only those positions', [B, K, V])."""
+        x = self.states(next_ids, hidden, position_ids, cache, attention_mask, depth)
+        return self.logits(x if keep is None else x[:, keep])
+
+    def states(self, next_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, cache=None,
+               attention_mask: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        """The head's layer output [B, S, H] before the final norm (arguments as __call__). Drafting more than one
+        token, vLLM's MTP proposer feeds it back as the hidden state of the next position, with the drafted token."""
         base = self.model.model
         emb = base.embed_tokens(next_ids).masked_fill((position_ids == 0)[..., None], 0)
         x = torch.cat([base.mtp_emb_norm[depth](emb), base.mtp_hidden_norm[depth](hidden.to(emb.dtype))], dim=-1)
@@ -162,7 +169,11 @@ class ErnieMtp:
         past = cache.get_seq_length() if cache is not None else 0
         mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
         x, _, _ = base.mtp_block[depth](x, base.rotary(x, position_ids), mask, cache)
-        return self.model.lm_head(base.norm(x if keep is None else x[:, keep]))
+        return x
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The shared final norm and LM head over the head's states [B, S, H] -> [B, S, V]."""
+        return self.model.lm_head(self.model.model.norm(states))
 
     def sequence_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:

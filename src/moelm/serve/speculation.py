@@ -8,8 +8,9 @@ KV row:
 
 - Ngram: the earliest occurrence of the sequence's last n tokens (n from prompt_lookup_max down to
   prompt_lookup_min), its continuation as drafts;
-- Mtp: ERNIE's multi-token-prediction head (Ernie4_5_MoeForCausalLM.mtp), one draft a step, with its own one-layer
-  slot cache fed every position the main model made final (prompt chunks and kept tokens);
+- Mtp: ERNIE's multi-token-prediction head (Ernie4_5_MoeForCausalLM.mtp), with its own one-layer slot cache fed
+  every position the main model made final (prompt chunks and kept tokens); drafts after the first from the head's
+  own output and the draft before (as vLLM's MTP proposer runs a one-layer head k times);
 - DraftModel: a smaller model with the same vocabulary and its own slot cache, drafting k tokens one step at a time,
   greedily or sampled with the sequence's own parameters.
 """
@@ -99,9 +100,6 @@ class SpeculativeConfig:
                                              f"is more than prompt_lookup_max ({self.prompt_lookup_max})")
         elif self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
             raise SpeculativeConfigError("--speculative-config: prompt_lookup_min/max are for method 'ngram'")
-        if self.method == "mtp" and self.num_speculative_tokens != 1:
-            raise SpeculativeConfigError("--speculative-config: method 'mtp' drafts one token a step (ERNIE's head "
-                                         f"has one layer); got num_speculative_tokens={self.num_speculative_tokens}")
 
 
 def drafter_for(config: SpeculativeConfig, engine, draft_model=None):
@@ -167,7 +165,7 @@ class Ngram:
 class Mtp:
     """ERNIE's MTP head: `observe` collects the main model's pre-norm hidden states of each sequence's positions as
     they become final; `propose` runs the head over them (one ragged step over every drafting sequence) and drafts
-    the token after the sequence's last one."""
+    the token after the sequence's last one, then each further one from the head's output and that draft."""
 
     hidden = True
 
@@ -186,27 +184,42 @@ class Mtp:
         self.pending.setdefault(seq.row, []).append(hidden)
 
     def propose(self, engine, seqs, ks) -> list[tuple[list[int], torch.Tensor | None]]:
-        drafting = [seq for seq, k in zip(seqs, ks) if k]
+        drafting = [(seq, k) for seq, k in zip(seqs, ks) if k]
         if not drafting:
             return [([], None) for _ in seqs]
         segments, tokens, hidden, keep = [], [], [], []
-        for seq in drafting:
+        for seq, _ in drafting:
             h = torch.cat(self.pending.pop(seq.row))
             start = self.cache.lengths[seq.row]
             segments.append((seq.row, h.shape[0]))
             tokens += seq.ids[start + 1:start + 1 + h.shape[0]].tolist()  # the next token of each position
             hidden.append(h)
             keep.append(len(tokens) - 1)
+        lengths = {row: self.cache.lengths[row] + n for row, n in segments}
         device = engine.model.device
         ids, states = torch.tensor([tokens], device=device), torch.cat(hidden)[None]
-        logits = slot_forward(lambda pos, mask: self.head(ids, states, pos, self.cache, mask,
-                                                          keep=torch.tensor(keep, device=device)),
-                              self.cache, segments, keep, self.ragged)[0].float().cpu()
-        drafts = {}
-        for seq, row in zip(drafting, logits):
-            token, q = engine.draft_token(seq, row, [])
-            drafts[seq.row] = ([token], None if q is None else q[None])
-        return [drafts.get(seq.row, ([], None)) for seq in seqs]
+        drafts = {seq.row: [] for seq, _ in drafting}
+        probs = {seq.row: [] for seq, _ in drafting}
+        x = None  # the head's output at each drafting sequence's last position [1, n, H]
+        for j in range(max(k for _, k in drafting)):
+            if j:  # the head's output and the draft before: the next position's input (vLLM's MTP proposer)
+                step = [(seq, k) for seq, k in drafting if k > j]
+                picked = torch.tensor([i for i, (_, k) in enumerate(drafting) if k > j], device=device)
+                drafting, segments = step, [(seq.row, 1) for seq, _ in step]
+                ids = torch.tensor([[drafts[seq.row][-1] for seq, _ in step]], device=device)
+                states, keep = x[:, picked], list(range(len(step)))
+            x = slot_forward(lambda pos, mask: self.head.states(ids, states, pos, self.cache, mask), self.cache,
+                             segments, keep, self.ragged)[:, keep]  # [1, n, H]
+            logits = self.head.logits(x)[0].float().cpu()
+            for (seq, _), row in zip(drafting, logits):
+                token, q = engine.draft_token(seq, row, drafts[seq.row])
+                drafts[seq.row].append(token)
+                if q is not None:
+                    probs[seq.row].append(q)
+        for row, length in lengths.items():  # the further drafts' positions are not the sequence's
+            self.cache.lengths[row] = length
+        return [(drafts[seq.row], torch.stack(probs[seq.row]) if probs[seq.row] else None) if seq.row in drafts
+                else ([], None) for seq in seqs]
 
     def verified(self, seq, length: int):
         pass
