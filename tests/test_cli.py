@@ -158,7 +158,8 @@ def test_generate_speculative_flags(tmp_path):
     for extra, needle in ((["--speculative", "mtp"], "has no MTP head"),
                           (["--prompt-lookup-num-tokens", "0"], "--prompt-lookup-num-tokens must be positive"),
                           (["--assistant-model", str(tmp_path / "none")], "no such checkpoint"),
-                          (["--num-assistant-tokens", "2"], "--num-assistant-tokens is for --assistant-model")):
+                          (["--num-assistant-tokens", "2"],
+                           "--num-assistant-tokens is for --assistant-model or --speculative mtp")):
         r = moelm(*base, *extra)
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

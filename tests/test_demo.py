@@ -31,3 +31,15 @@ def test_demo_loads_in_transformers_with_the_same_logits():
     ours = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)(ids).logits
     ref = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_demo_mtp_drafts_from_the_command_line():
+    """The demo's MTP head drafting up to 3 tokens a step (--num-assistant-tokens): greedy gives plain greedy's text,
+    and -v says how many drafts were kept."""
+    base = [sys.executable, "-m", "moelm", "generate", "--model", str(DEMO), "--prompt", "The list data type has",
+            "--max-new-tokens", "32", "--temperature", "0"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    mtp = subprocess.run([*base, "--speculative", "mtp", "--num-assistant-tokens", "3", "-v"], capture_output=True,
+                         text=True, timeout=300)
+    assert plain.returncode == 0 and mtp.returncode == 0, (plain.stderr, mtp.stderr)
+    assert mtp.stdout == plain.stdout and "drafted tokens kept" in mtp.stderr, mtp.stderr

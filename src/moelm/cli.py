@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--assistant-model", default=None, metavar="DIR",
                        help="speculative decoding: a smaller draft model sharing the tokenizer")
         p.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
-                       help="tokens the assistant model drafts a step (default 5, then adapted)")
+                       help="tokens the assistant model drafts a step (default 5, then adapted), or the MTP head "
+                            "at most (default 1)")
 
     p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     model_args(p)
@@ -215,8 +216,8 @@ def generation_kwargs(args) -> dict:
             raise CliError(f"--{flag.replace('_', '-')} must be positive, got {value}")
         if value is not None:
             kwargs[flag] = value
-    if args.num_assistant_tokens is not None and args.assistant_model is None:
-        raise CliError("--num-assistant-tokens is for --assistant-model")
+    if args.num_assistant_tokens is not None and args.assistant_model is None and not args.speculative:
+        raise CliError("--num-assistant-tokens is for --assistant-model or --speculative mtp")
     if args.speculative:
         kwargs["speculative"] = args.speculative
     return kwargs

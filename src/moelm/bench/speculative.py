@@ -6,8 +6,9 @@ the experts a check of several tokens reads (the union of their routed experts p
     python -m moelm.bench.speculative --model DIR --methods plain mtp assistant:DRAFT_DIR:4 --prompt-file p.txt
     python -m moelm.bench.speculative --model DIR --methods plain lookup:4 mtp --serve-streams 4 --prompt-file p.txt
 
-Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp (the MTP head); a
-method with "@always" drafts at every step (what a drafted step costs) instead of only while drafting pays.
+Methods: plain, lookup:K (prompt_lookup_num_tokens=K), assistant:DIR[:K] (a draft model), mtp[:K] (the MTP head, up
+to K drafts a step, default 1); a method with "@always" drafts at every step (what a drafted step costs) instead of
+only while drafting pays.
 Every method's tokens are compared with plain greedy decoding's; where they differ (a check of several tokens computes
 in another order than one token at a time, which can turn a near tie), the table says where and by how much the plain
 run's two best logits were apart there.
@@ -33,14 +34,14 @@ def method_kwargs(spec: str, dtype) -> tuple[str, dict]:
     if name == "lookup":
         return spec, dict(prompt_lookup_num_tokens=int(rest or 8))
     if name == "mtp":
-        return spec, dict(speculative="mtp")
+        return spec, dict(speculative="mtp", **({"num_assistant_tokens": int(rest)} if rest else {}))
     if name == "assistant":
         path, _, k = rest.rpartition(":")
         if not k.isdigit():
             path, k = rest, ""
         draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return spec, dict(assistant_model=draft, **({"num_assistant_tokens": int(k)} if k else {}))
-    raise ValueError(f"unknown method {spec!r}: plain, lookup:K, assistant:DIR[:K], mtp")
+    raise ValueError(f"unknown method {spec!r}: plain, lookup:K, assistant:DIR[:K], mtp[:K]")
 
 
 class Union:
@@ -129,7 +130,7 @@ def serve_config(spec: str) -> tuple[dict | None, str | None]:
         return dict(method="ngram", num_speculative_tokens=int(rest or 8), prompt_lookup_min=1, prompt_lookup_max=3,
                     adaptive=adaptive), None
     if name == "mtp":
-        return dict(method="mtp", num_speculative_tokens=1, adaptive=adaptive), None
+        return dict(method="mtp", num_speculative_tokens=int(rest or 1), adaptive=adaptive), None
     if name == "assistant":
         path, _, k = rest.rpartition(":")
         if not k.isdigit():

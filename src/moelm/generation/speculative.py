@@ -175,11 +175,16 @@ class Mtp:
         length = self.cache.get_seq_length() + ids.shape[1]  # the head's positions with the main model's states
         x = self.head.states(ids, hidden, positions, self.cache, None if mask is None else mask[:, :length])[:, -1:]
         drafts, probs = [], []
+        plain = process.plain_greedy(state.input_ids.shape[1])  # the shortest prefix a draft has
         for j in range(k):
             if j:  # the head's output and the draft before: the next position's input
                 x = self.head.states(drafts[-1], x, state.position_ids[:, -1:] + (j - 1), self.cache,
                                      None if mask is None else mask[:, :length + j])
-            scores = process(self.head.logits(x)[:, -1].float(), torch.cat([state.input_ids, *drafts], 1))
+            logits = self.head.logits(x)[:, -1]
+            if plain:  # the scores are the logits
+                drafts.append(logits.argmax(-1, keepdim=True))
+                continue
+            scores = process(logits.float(), torch.cat([state.input_ids, *drafts], 1))
             drafts.append(choose(scores, process.sampling, generator)[:, None])
             if process.sampling.temperature:
                 probs.append(scores.softmax(-1))

@@ -96,6 +96,8 @@ def _llama3(rope: dict, inv_freq: torch.Tensor) -> torch.Tensor:
 def cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin [B, S, dim/2] for positions [B, S]."""
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, S, dim/2]
+    if scale == 1.0:
+        return freqs.cos(), freqs.sin()
     return freqs.cos() * scale, freqs.sin() * scale
 
 
