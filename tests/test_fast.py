@@ -307,15 +307,16 @@ def test_gemv_matches_linear(fmt, rows, with_bias, threads):
 
 @needs_kernels
 @pytest.mark.parametrize("with_bias", (False, True), ids=("nobias", "bias"))
-def test_gemv_bf16_two_rows_are_what_each_row_gets_alone(with_bias, threads):
-    """Two rows of x against a bf16 weight (a check of one drafted token) give each row bit for bit what a one-row
-    call gives it, so a speculative check computes what plain one-token steps compute."""
+@pytest.mark.parametrize("rows", (2, 3, 5, 8))
+def test_gemv_bf16_rows_are_what_each_row_gets_alone(rows, with_bias, threads):
+    """Up to 8 rows of x against a bf16 weight (a speculative check of up to 7 drafted tokens) give each row bit for
+    bit what a one-row call gives it, so a check computes what plain one-token steps compute."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(37, 192, generator=g).bfloat16()
-    x = torch.randn(2, 192, generator=g)
+    x = torch.randn(rows, 192, generator=g)
     bias = torch.randn(37, generator=g) if with_bias else None
     both = kernels.gemv(x, w, bias=bias)
-    assert torch.equal(both, torch.cat([kernels.gemv(x[r:r + 1], w, bias=bias) for r in range(2)]))
+    assert torch.equal(both, torch.cat([kernels.gemv(x[r:r + 1], w, bias=bias) for r in range(rows)]))
     torch.testing.assert_close(both, x @ w.float().T + (0 if bias is None else bias), rtol=1e-5, atol=1e-4)
 
 

@@ -8,6 +8,7 @@ MTP: its logits equal ERNIE's training-code formula written out here; checkpoint
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -322,6 +323,34 @@ def test_mtp_drafts_after_the_first_follow_the_chain_formula(fast, cache, tmp, m
         with torch.no_grad():
             want = mtp_chain_by_hand(m, seq, drafts.shape[1])
         assert torch.equal(drafts, want), seq.shape
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_mtp_step_is_the_head_in_fewer_calls(dtype, tmp):
+    """inference.mtp.MtpStep (the drafter's head while decoding: norms, projection and LM head straight to the C
+    kernels) gives the head's states and logits up to rounding, through its own static cache, for the first
+    positions (several rows) and one at a time after; it does not apply with gradients (the modules run then)."""
+    from moelm.inference.cache import StaticCache
+    from moelm.inference.mtp import MtpStep
+
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp, dtype=dtype)
+    ids = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(4))
+    hidden = torch.randn(1, 8, m.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
+    layout = SimpleNamespace(num_key_value_heads=m.config.num_key_value_heads, head_size=m.config.head_size,
+                             num_hidden_layers=1)  # the head's one layer
+    caches = [StaticCache(layout, 1, 16, dtype) for _ in range(2)]
+    fast = MtpStep(m)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    with torch.no_grad():
+        for a, b in ((0, 3), (3, 4), (4, 8)):  # prefix rows, then steps; the cache is written at position a
+            pos = torch.arange(a, b)[None]
+            want = m.mtp.states(ids[:, a + 1:b + 1], hidden[:, a:b], pos, caches[0])
+            got = fast.states(ids[:, a + 1:b + 1], hidden[:, a:b], pos, caches[1])
+            assert got is not None and got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+            torch.testing.assert_close(fast.logits(got), m.mtp.logits(want).float(), **tol)
+    with torch.enable_grad():
+        assert fast.states(ids[:, 1:2], hidden[:, :1], torch.zeros(1, 1, dtype=torch.long), None) is None
 
 
 def test_mtp_checkpoint_round_trips(tmp, capsys):

@@ -141,7 +141,10 @@ class Mtp:
     needs_hidden = True
 
     def __init__(self, model, tokens: int = 1, schedule: str = "heuristic"):
+        from ..inference.mtp import MtpStep
+
         self.head, self.most, self.schedule, self.cache = model.mtp, tokens, schedule, None
+        self.fast = MtpStep(model)  # the head in fewer calls while decoding (else its modules)
         self.k = 1 if schedule == "heuristic" else tokens
         self.pending: list[tuple] = []  # (hidden, ids, positions) of the positions not yet fed to the head
 
@@ -173,23 +176,27 @@ class Mtp:
         self.pending = []
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k - 1), value=1)
         length = self.cache.get_seq_length() + ids.shape[1]  # the head's positions with the main model's states
-        x = self.head.states(ids, hidden, positions, self.cache, None if mask is None else mask[:, :length])[:, -1:]
+        x = self._states(ids, hidden, positions, None if mask is None else mask[:, :length])[:, -1:]
         drafts, probs = [], []
         plain = process.plain_greedy(state.input_ids.shape[1])  # the shortest prefix a draft has
         for j in range(k):
             if j:  # the head's output and the draft before: the next position's input
-                x = self.head.states(drafts[-1], x, state.position_ids[:, -1:] + (j - 1), self.cache,
-                                     None if mask is None else mask[:, :length + j])
-            logits = self.head.logits(x)[:, -1]
+                x = self._states(drafts[-1], x, state.position_ids[:, -1:] + (j - 1),
+                                 None if mask is None else mask[:, :length + j])
+            logits = self.fast.logits(x)[:, -1]
             if plain:  # the scores are the logits
                 drafts.append(logits.argmax(-1, keepdim=True))
                 continue
-            scores = process(logits.float(), torch.cat([state.input_ids, *drafts], 1))
+            scores = process(logits, torch.cat([state.input_ids, *drafts], 1))
             drafts.append(choose(scores, process.sampling, generator)[:, None])
             if process.sampling.temperature:
                 probs.append(scores.softmax(-1))
         self.cache.crop(length)
         return torch.cat(drafts, 1), torch.stack(probs, 1) if probs else None
+
+    def _states(self, ids, hidden, positions, mask) -> torch.Tensor:
+        x = self.fast.states(ids, hidden, positions, self.cache, mask)
+        return self.head.states(ids, hidden, positions, self.cache, mask) if x is None else x
 
     def accepted(self, kept: int, proposed: int):
         if self.schedule == "heuristic":

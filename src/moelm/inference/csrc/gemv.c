@@ -305,14 +305,21 @@ static inline float dot_bf16p(const float *x, const uint16_t *w, int64_t n) {
 }
 GEMV(gemv_bf16_perm, uint16_t, dot_bf16p(xm, wr, I), row_bf16)
 
-/* bf16, two rows of x against W (no wsel; a check of one drafted token): each weight row's 16-weight blocks
- * converted once and dotted with both rows, each row's sums kept as dot_bf16p keeps them, so a row of y is what
- * gemv_bf16_perm gives that row alone: a check of one draft computes what one-token steps compute, which is why
- * two rows always take this path (linear() still picks gemv or another kernel per shape by measurement). Against
- * converting each weight row to fp32 for both (gemv_bf16_rows), AMD Zen 4, 2 threads: 8192 x 192 136-145 -> 72-74
- * us, 6144 x 1024 480 -> 282-294 us, 103424 x 1024 (from memory) even; the same CPU with AVX-512 compiled out:
- * 158 -> 75 us, 683 -> 215 us, but 8.4-8.6 -> 8.9-9.2 ms from memory. With 3-4 rows the per-row dots lost on large
- * matrices, so more rows keep gemv_bf16_rows. */
+/* bf16, two rows of x against W: each weight row's 16-weight blocks converted once and dotted with both rows, each
+ * row's sums kept as dot_bf16p keeps them, so a row of y is what gemv_bf16_perm gives that row alone. Up to
+ * EXACT_ROWS rows (no wsel) go by pairs (gemv_bf16_pairs): a speculative check of up to 7 drafted tokens then computes
+ * each row's projections as a one-token step does, bit for bit (the layer's projections are called from C; linear()
+ * still picks gemv or another kernel per shape by measurement). Against converting each weight row to fp32 for all
+ * rows (gemv_bf16_rows), AMD Zen 4, 2 threads, us (ms for the last): 8192 x 192 (in cache) 2 rows 136-145 -> 60-78,
+ * 3: 161-165 -> 90-150, 5: 205-235 -> 134-180, 8: 282-369 -> 202-279; 6144 x 1024: 2: 480 -> 210-280, 5: 726-732 ->
+ * 530-715, 8: 991-1039 -> 850-860; 103424 x 1024 (212 MB, from memory): 2: even, 3: 10.9-12.1 -> 6.0-7.3, 5: 13.2-14.0
+ * -> 13.7-16.2, 8: 17.9-20.0 -> 22.5-27.5 ms (the weight row read once, its conversion repeated per pair); with
+ * AVX-512 compiled out much the same (8192 x 192, 5 rows: 214-218 -> 134-172; 103424 x 1024, 3: 11.2-14.7 -> 6.5-7.0,
+ * 8: 18.8-18.9 -> 22.2-27.6 ms). More rows (serving batches) take gemv_bf16_rows: at 16, 27-29 ms there against 39-44
+ * by pairs. */
+#ifndef EXACT_ROWS
+#define EXACT_ROWS 8  /* bf16 rows of x (no wsel) computed by pairs, each as a one-row call computes it */
+#endif
 static inline void dots_bf16p2(const float *x0, const float *x1, const uint16_t *w, int64_t n, float *y0,
                                float *y1) {
     v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
@@ -329,28 +336,34 @@ static inline void dots_bf16p2(const float *x0, const float *x1, const uint16_t 
     *y1 = hsum((b0 + b1) + (b2 + b3));
 }
 
-static void gemv_bf16_perm2(const float *xp, int64_t I, const uint16_t *w, int64_t wrow, const float *bias,
-                            int64_t O, float *y, int nthreads) {
+/* M rows of x (no wsel): each weight row dotted with rows (0, 1), (2, 3), .. by dots_bf16p2 and the last of an odd M
+ * by dot_bf16p, so every row of y is what that row alone gets, and the weight row is read from memory once */
+static void gemv_bf16_pairs(const float *xp, int64_t M, int64_t I, const uint16_t *w, int64_t wrow,
+                            const float *bias, int64_t O, float *y, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t ob = 0; ob < (O + 7) / 8; ob++) {
         int64_t end = ob * 8 + 8 < O ? ob * 8 + 8 : O;
         for (int64_t o = ob * 8; o < end; o++) {
-            dots_bf16p2(xp, xp + I, w + o * wrow, I, y + o, y + O + o);
-            if (bias) { y[o] += bias[o]; y[O + o] += bias[o]; }
+            const uint16_t *wr = w + o * wrow;
+            int64_t m = 0;
+            for (; m + 1 < M; m += 2)
+                dots_bf16p2(xp + m * I, xp + (m + 1) * I, wr, I, y + m * O + o, y + (m + 1) * O + o);
+            if (m < M) y[m * O + o] = dot_bf16p(xp + m * I, wr, I);
+            if (bias) for (int64_t r = 0; r < M; r++) y[r * O + o] += bias[o];
         }
     }
 }
 
 void gemv_bf16(const float *x, int64_t M, int64_t I, const uint16_t *w, int64_t wrow, const void *scale, int half,
                int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
-    if (!wsel && M > 2) {
+    if (!wsel && M > EXACT_ROWS) {
         gemv_bf16_rows(x, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads);
         return;
     }
     float *xp = malloc(M * I * sizeof(float));
     for (int64_t i = 0; i < M * I; i++) xp[(i & ~15) + ((i & 1) << 3) + ((i & 15) >> 1)] = x[i];
-    if (!wsel && M == 2)
-        gemv_bf16_perm2(xp, I, w, wrow, bias, O, y, nthreads);
+    if (!wsel && M >= 2)
+        gemv_bf16_pairs(xp, M, I, w, wrow, bias, O, y, nthreads);
     else
         gemv_bf16_perm(xp, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads);
     free(xp);
