@@ -129,9 +129,10 @@ def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tokens, tm
 
 
 def test_pace_stops_drafting_while_it_loses():
-    """Plain steps first; drafted steps slower a token than plain ones turn drafting off: after a try that kept
-    nothing for 4 times as long as last time (16 steps at first), after one that kept some for the back-off, which
-    then doubles; at most 256; a drafted step that pays keeps it on and resets the back-off to 4."""
+    """Plain steps first; a try of drafted steps slower a token than plain ones turns drafting off: a step that kept
+    nothing at once, for 4 times as long as last time (16 steps at first); one that kept some after its window of 4
+    steps, for the back-off, which then doubles; at most 256. A try that pays keeps drafting on and resets the
+    back-off to 4; after 32 drafted steps in a row, 2 plain ones."""
     now = [0.0]
     pace = REAL_PACE(warmup=2, clock=lambda: now[0])
 
@@ -143,22 +144,25 @@ def test_pace_stops_drafting_while_it_loses():
         return drafting
 
     assert [step(1.0, 1) for _ in range(2)] == [False, False]
-    assert step(1.5, 1)  # drafted, slower than plain (1.5 s a token against 1.0), nothing kept: off for 16
+    assert step(1.5, 1)  # drafted, slower than a plain step, nothing kept: off for 16
     assert [step(1.0, 1) for _ in range(16)] == [False] * 16
-    assert step(3.0, 2)  # tried again, one draft kept, still losing: off for 16, then 32
-    assert [step(1.0, 1) for _ in range(16)] == [False] * 16
-    assert pace.backoff == 32
-    assert step(1.2, 3) and step(1.2, 3) and step(1.2, 3)  # 0.4 s a token: drafting stays on
-    assert pace.backoff == 4
+    # a try that keeps some is judged on its 4 steps together: 8.0 s for 8 tokens ties with plain and stays on
+    assert step(1.2, 2) and step(1.9, 2) and step(1.9, 2) and step(3.0, 2)
+    assert pace.drafting() and pace.backoff == 4
+    assert [step(2.4, 2) for _ in range(4)] == [True] * 4  # 1.2 s a token over the window: off for 4, then 8
+    assert [step(1.0, 1) for _ in range(4)] == [False] * 4
+    assert pace.backoff == 8
+    assert [step(0.8, 2) for _ in range(32)] == [True] * 32  # pays: on, and after 32 in a row, 2 plain steps
+    assert [step(1.0, 1) for _ in range(2)] == [False, False] and pace.drafting() and pace.backoff == 4
     offs = []
-    # losing tries that keep nothing: two more on (the average a token still pays), then off 16, 64, 256, 256
-    for _ in range(6):
+    # tries that keep nothing: off 16, 64, 256, 256
+    for _ in range(4):
         assert step(1.5, 1)
         offs.append(0)
         while not pace.drafting():
             step(1.0, 1)
             offs[-1] += 1
-    assert offs == [0, 0, 16, 64, 256, 256] and pace.backoff == 256
+    assert offs == [16, 64, 256, 256] and pace.backoff == 256
 
 
 def test_lookup_takes_the_earliest_occurrence():
@@ -323,6 +327,33 @@ def test_mtp_drafts_after_the_first_follow_the_chain_formula(fast, cache, tmp, m
         with torch.no_grad():
             want = mtp_chain_by_hand(m, seq, drafts.shape[1])
         assert torch.equal(drafts, want), seq.shape
+
+
+@pytest.mark.parametrize("cache", ("static", "dynamic"))
+@pytest.mark.parametrize("batch", (1, 3))
+def test_mtp_head_starts_again_from_recent_positions(batch, cache, tmp, monkeypatch):
+    """With more than 2 * CONTEXT positions waiting (a long prompt, a stretch without drafts) the head is fed only
+    the last CONTEXT of them, from a fresh cache whose mask columns follow (left-padded rows): greedy still gives
+    plain greedy's tokens, and the drafts are the head's over those positions."""
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp)
+    monkeypatch.setattr(speculative.Mtp, "CONTEXT", 4)
+    monkeypatch.setattr(speculative, "Pace", EveryThird)
+    seen = []
+    real = speculative.Mtp.propose
+
+    def propose(self, model, state, k, process, generator):
+        drafts, q = real(self, model, state, k, process, generator)
+        seen.append((self.start, self.cache.get_seq_length(), state.input_ids.shape[1]))
+        return drafts, q
+
+    monkeypatch.setattr(speculative.Mtp, "propose", propose)
+    ids, mask = repetitive(batch)
+    plain = m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation=cache,
+                     speculative="mtp")
+    assert torch.equal(out, plain)
+    assert seen and all(start + length == total - 1 for start, length, total in seen)  # up to the last token
+    assert seen[0][0] > 0 and seen[0][1] <= 4 + 2  # from the prompt's last 4 positions and 2 plain steps after
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

@@ -135,10 +135,14 @@ class Mtp:
     """ERNIE's MTP head (Ernie4_5_MoeForCausalLM.mtp): the first draft from the main model's last hidden state of
     the position before the last token and that token; each further one (up to `tokens`, as vLLM's MTP proposer
     drafts with a one-layer head) from the head's own output and the draft before it. The head's own cache holds
-    every position fed so far; the further drafts' positions are dropped from it after drafting. Schedule
-    "heuristic": one draft a step at first, two more while all are kept (as PromptLookup); "constant": `tokens`."""
+    the positions fed so far; the further drafts' positions are dropped from it after drafting. More than CONTEXT
+    positions waiting for the head (a long prompt, or a long stretch with drafting off) are not all fed: the head
+    starts again from the last CONTEXT of them, so that a model that does not draft much pays little for its head
+    (the drafts then see less context; the model checks them all the same). Schedule "heuristic": one draft a step
+    at first, two more while all are kept (as PromptLookup); "constant": `tokens`."""
 
     needs_hidden = True
+    CONTEXT = 64
 
     def __init__(self, model, tokens: int = 1, schedule: str = "heuristic"):
         from ..inference.mtp import MtpStep
@@ -146,7 +150,10 @@ class Mtp:
         self.head, self.most, self.schedule, self.cache = model.mtp, tokens, schedule, None
         self.fast = MtpStep(model)  # the head in fewer calls while decoding (else its modules)
         self.k = 1 if schedule == "heuristic" else tokens
+        self.last = None  # the head's output at the last position fed [N, 1, H]
         self.pending: list[tuple] = []  # (hidden, ids, positions) of the positions not yet fed to the head
+        self.waiting = 0  # positions in pending
+        self.start, self.restart = 0, False  # the sequence index of the head cache's first position; start again
 
     def _cache(self, state):
         """The head's own cache: static (its one layer then runs as the model's decode steps do, in one C call)
@@ -166,23 +173,48 @@ class Mtp:
         """hidden [N, fed, H]: the main model's pre-norm states of the `fed` positions whose next tokens are now
         the last `fed` tokens of state.input_ids; kept until the head runs (a step that drafts)."""
         self.pending.append((hidden, state.input_ids[:, -fed:], state.position_ids[:, -fed - 1:-1]))
+        self.waiting += fed
+        if self.waiting > 2 * self.CONTEXT:  # the head will start again from the last CONTEXT positions
+            self.pending = [tuple(torch.cat(parts, 1)[:, -self.CONTEXT:] for parts in zip(*self.pending))]
+            self.waiting, self.restart = self.CONTEXT, True
+
+    def feed(self, state) -> torch.Tensor:
+        """The pending positions through the head into its cache (after the prompt: the head's own prefill, done
+        before drafting starts, so that the first drafted step is timed as any other); the head's output at the
+        last one [N, 1, H]."""
+        if self.cache is None:
+            self.cache = self._cache(state)
+        if self.pending:
+            hidden, ids, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))
+            if self.waiting > self.CONTEXT:
+                hidden, ids, positions = (t[:, -self.CONTEXT:] for t in (hidden, ids, positions))
+                self.restart = True
+            self.pending, self.waiting = [], 0
+            if self.restart:
+                self.cache.crop(0)
+                self.start, self.restart = state.input_ids.shape[1] - 1 - ids.shape[1], False
+            mask = self._mask(state, self.cache.get_seq_length() + ids.shape[1])
+            self.last = self._states(ids, hidden, positions, mask)[:, -1:]
+        return self.last
+
+    def _mask(self, state, length: int, extra: int = 0) -> torch.Tensor | None:
+        """The attention mask [N, length] over the head cache's positions (`extra` past the sequence: drafts)."""
+        if state.attention_mask is None:
+            return None
+        mask = F.pad(state.attention_mask, (0, extra), value=1) if extra else state.attention_mask
+        return mask[:, self.start:self.start + length]
 
     def propose(self, model, state, k: int, process, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not k:
             return state.input_ids[:, :0], None
-        if self.cache is None:
-            self.cache = self._cache(state)
-        hidden, ids, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))
-        self.pending = []
-        mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k - 1), value=1)
-        length = self.cache.get_seq_length() + ids.shape[1]  # the head's positions with the main model's states
-        x = self._states(ids, hidden, positions, None if mask is None else mask[:, :length])[:, -1:]
+        x = self.feed(state)
+        length = self.cache.get_seq_length()  # the head's positions with the main model's states
         drafts, probs = [], []
         plain = process.plain_greedy(state.input_ids.shape[1])  # the shortest prefix a draft has
         for j in range(k):
             if j:  # the head's output and the draft before: the next position's input
                 x = self._states(drafts[-1], x, state.position_ids[:, -1:] + (j - 1),
-                                 None if mask is None else mask[:, :length + j])
+                                 self._mask(state, length + j, k - 1))
             logits = self.fast.logits(x)[:, -1]
             if plain:  # the scores are the logits
                 drafts.append(logits.argmax(-1, keepdim=True))
@@ -210,18 +242,23 @@ last_run: dict[str, int] = {}
 
 
 class Pace:
-    """Drafting only while it pays. Seconds per new token are averaged for steps with drafts and for plain steps
-    (k = 0: the drafter skipped); a step with drafts slower than the plain ones turns drafting off: for 4 steps and
-    twice as long after each further losing try, or, when the try kept no draft, for 4 times as long as the last time
-    off (16 steps at first), up to 256 steps. The first `warmup` steps are plain, to know their pace. The tokens are
-    the same either way (greedy) or follow the same distribution (sampling)."""
+    """Drafting only while it pays. Plain steps' seconds a token are averaged (k = 0: the drafter skipped); drafted
+    steps are judged a try at a time, by the seconds a token of up to WINDOW drafted steps together (one step keeps
+    one draft, the next none: a single step says little). A try slower a token than the plain steps turns drafting
+    off for the back-off (4 steps at first, twice as long after each further losing try); a drafted step that keeps
+    nothing and is slower than a plain one ends its try at once, off for 4 times as long as last time (16 steps at
+    first); at most 256 steps. A try that pays keeps drafting on and the back-off at 4; after every RECHECK drafted
+    steps in a row, 2 plain ones keep the plain pace recent. The first `warmup` steps are plain, to know their pace.
+    The tokens are the same either way (greedy) or follow the same distribution (sampling)."""
 
-    LONGEST = 256
+    LONGEST, WINDOW, RECHECK = 256, 4, 32
 
     def __init__(self, warmup: int = 2, clock=time.perf_counter):
         self.clock, self.off, self.backoff = clock, warmup, 4
-        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.plain: float | None = None  # seconds a token of plain steps (moving average)
         self.t = 0.0
+        self.trial = [0.0, 0, 0]  # the current try: seconds, tokens, drafted steps
+        self.run = 0  # drafted steps since the last plain one
 
     def drafting(self) -> bool:
         return self.off <= 0
@@ -230,22 +267,30 @@ class Pace:
         self.t = self.clock()
 
     def done(self, drafted: bool, tokens: int):
-        took = (self.clock() - self.t) / max(tokens, 1)
-        old = self.rate[drafted]
-        self.rate[drafted] = took if old is None else 0.7 * old + 0.3 * took
+        took = self.clock() - self.t
         if not drafted:
-            self.off -= 1
+            rate = took / max(tokens, 1)
+            self.plain = rate if self.plain is None else 0.7 * self.plain + 0.3 * rate
+            self.off, self.run = self.off - 1, 0
             return
-        plain = self.rate[False]
-        if plain is not None and self.rate[True] > plain:
-            if tokens <= 1:  # nothing kept
-                self.backoff = min(self.LONGEST, 4 * self.backoff)
-                self.off = self.backoff
+        trial = self.trial
+        trial[0], trial[1], trial[2] = trial[0] + took, trial[1] + tokens, trial[2] + 1
+        if self.plain is None:
+            return
+        if tokens <= 1 and took > self.plain:  # nothing kept, and slower than a plain step
+            self.backoff = min(self.LONGEST, 4 * self.backoff)
+            self._pause(self.backoff)
+        elif trial[2] >= self.WINDOW:
+            if trial[0] / trial[1] > self.plain:
+                self._pause(self.backoff)
+                self.backoff = min(self.LONGEST, 2 * self.backoff)
             else:
-                self.off, self.backoff = self.backoff, min(self.LONGEST, 2 * self.backoff)
-            self.rate[True] = None
-        else:
-            self.backoff = 4
+                self.backoff, self.run, self.trial = 4, self.run + trial[2], [0.0, 0, 0]
+                if self.run >= self.RECHECK:
+                    self.off = 2
+
+    def _pause(self, steps: int):
+        self.off, self.trial = steps, [0.0, 0, 0]
 
 
 class Always(Pace):
@@ -333,6 +378,7 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     yield _last(state)
     if hidden_too:
         drafter.update(state, hidden, hidden.shape[1])
+        drafter.feed(state)
     pace = pace if pace is not None else Pace()
     last_run.clear()
     last_run.update(steps=0, drafted_steps=0, proposed=0, kept=0)
@@ -374,18 +420,22 @@ def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, st
             lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1, False)[0])
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
         state.cache.crop(past + 1 + kept)
-        pace.done(k > 0, kept + 1)
+        emitted, done = [], False
+        for j in range(kept + 1):
+            done = _emit(state, tokens[:, j], all_scores[j], logits[:, j], advance, stopped)
+            emitted.append(_last(state))
+            if done:
+                break
+        pace.done(k > 0, kept + 1)  # its tokens appended, as a plain step's time has its one
         last_run["steps"] += 1
         last_run["drafted_steps"] += k > 0
         last_run["proposed"] += k
         last_run["kept"] += kept
         if hasattr(drafter, "accepted"):
             drafter.accepted(kept, k)
-        for j in range(kept + 1):
-            done = _emit(state, tokens[:, j], all_scores[j], logits[:, j], advance, stopped)
-            yield _last(state)
-            if done:
-                return
+        yield from emitted
+        if done:
+            return
         if seen is not None:
             drafter.update(state, seen.last[:, :kept + 1], kept + 1)
 
