@@ -129,9 +129,9 @@ def test_mtp_greedy_gives_the_plain_greedy_tokens(batch, cache, fast, tokens, tm
 
 
 def test_pace_stops_drafting_while_it_loses():
-    """Plain steps first; a try of drafted steps slower a token than plain ones turns drafting off: a step that kept
-    nothing at once, for 4 times as long as last time (16 steps at first); one that kept some after its window of 4
-    steps, for the back-off, which then doubles; at most 256. A try that pays keeps drafting on and resets the
+    """Plain steps first; a try of drafted steps slower a token than plain ones turns drafting off: at a step that
+    kept nothing, at once, for 4 times as long as last time (16 steps at first); else after its window of 4 steps,
+    for the back-off, which then doubles; at most 256. A try that pays keeps drafting on and resets the
     back-off to 4; after 32 drafted steps in a row, 2 plain ones."""
     now = [0.0]
     pace = REAL_PACE(warmup=2, clock=lambda: now[0])
@@ -154,6 +154,8 @@ def test_pace_stops_drafting_while_it_loses():
     assert pace.backoff == 8
     assert [step(0.8, 2) for _ in range(32)] == [True] * 32  # pays: on, and after 32 in a row, 2 plain steps
     assert [step(1.0, 1) for _ in range(2)] == [False, False] and pace.drafting() and pace.backoff == 4
+    # a step that keeps nothing in a try that pays so far (0.5 s for 3 tokens, then 1.2 s for 1) does not stop it
+    assert step(0.5, 3) and step(1.2, 1) and step(0.8, 2) and step(0.8, 2) and pace.drafting()
     offs = []
     # tries that keep nothing: off 16, 64, 256, 256
     for _ in range(4):

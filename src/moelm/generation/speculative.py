@@ -246,7 +246,7 @@ class Pace:
     steps are judged a try at a time, by the seconds a token of up to WINDOW drafted steps together (one step keeps
     one draft, the next none: a single step says little). A try slower a token than the plain steps turns drafting
     off for the back-off (4 steps at first, twice as long after each further losing try); a drafted step that keeps
-    nothing and is slower than a plain one ends its try at once, off for 4 times as long as last time (16 steps at
+    nothing while its try so far loses ends the try at once, off for 4 times as long as last time (16 steps at
     first); at most 256 steps. A try that pays keeps drafting on and the back-off at 4; after every RECHECK drafted
     steps in a row, 2 plain ones keep the plain pace recent. The first `warmup` steps are plain, to know their pace.
     The tokens are the same either way (greedy) or follow the same distribution (sampling)."""
@@ -277,7 +277,7 @@ class Pace:
         trial[0], trial[1], trial[2] = trial[0] + took, trial[1] + tokens, trial[2] + 1
         if self.plain is None:
             return
-        if tokens <= 1 and took > self.plain:  # nothing kept, and slower than a plain step
+        if tokens <= 1 and trial[0] / trial[1] > self.plain:  # nothing kept, and the try so far loses
             self.backoff = min(self.LONGEST, 4 * self.backoff)
             self._pause(self.backoff)
         elif trial[2] >= self.WINDOW:
