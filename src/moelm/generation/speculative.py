@@ -142,7 +142,7 @@ class Mtp:
     at first, two more while all are kept (as PromptLookup); "constant": `tokens`."""
 
     needs_hidden = True
-    CONTEXT = 64
+    CONTEXT = 16
 
     def __init__(self, model, tokens: int = 1, schedule: str = "heuristic"):
         from ..inference.mtp import MtpStep
