@@ -243,7 +243,7 @@ last_run: dict[str, int] = {}
 
 class Pace:
     """Drafting only while it pays. Plain steps' seconds a token are averaged (k = 0: the drafter skipped); drafted
-    steps are judged a try at a time, by the seconds a token of up to WINDOW drafted steps together (one step keeps
+    steps are judged a try at a time, by the seconds a token of WINDOW (2) drafted steps together (one step keeps
     one draft, the next none: a single step says little). A try slower a token than the plain steps turns drafting
     off for the back-off (4 steps at first, twice as long after each further losing try); a drafted step that keeps
     nothing while its try so far loses ends the try at once, off for 4 times as long as last time (16 steps at
@@ -251,7 +251,7 @@ class Pace:
     steps in a row, 2 plain ones keep the plain pace recent. The first `warmup` steps are plain, to know their pace.
     The tokens are the same either way (greedy) or follow the same distribution (sampling)."""
 
-    LONGEST, WINDOW, RECHECK = 256, 4, 32
+    LONGEST, WINDOW, RECHECK = 256, 2, 32
 
     def __init__(self, warmup: int = 2, clock=time.perf_counter):
         self.clock, self.off, self.backoff = clock, warmup, 4
