@@ -242,6 +242,15 @@ static inline void row_i4(const uint8_t *w, const float *scale, int64_t n, int64
         }
 }
 
+/* With AVX-512 every row of fp32 x, one row alone too, goes through dots4_* (one sum of 16 lanes per row and weight
+ * row, whatever the rows beside it): a speculative check then computes each row as a one-token step does. Without,
+ * one row keeps dot_f32 (four sums), and several rows can differ from one in the last bits. */
+#ifdef __AVX512F__
+#define F32_BLOCKS_ONE_ROW 1
+#else
+#define F32_BLOCKS_ONE_ROW 0
+#endif
+
 /* With wsel NULL all M rows of x share W: a weight row is read once (converted to fp32 once when M > 1) and used
  * for every row of x. With wsel, row m of x uses matrix wsel[m] of the stacked [E, O, I]. wrow = elements of WT per
  * weight row, srow = scales per weight row (int8: 1, int4: I / G). Output rows go to threads in blocks of 8. */
@@ -253,7 +262,7 @@ void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const
     for (int64_t m0 = 0; m0 < mats; m0++)                                                                    \
         for (int64_t ob = 0; ob < (O + 7) / 8; ob++) {                                                       \
             int64_t end = ob * 8 + 8 < O ? ob * 8 + 8 : O;                                                   \
-            if (wsel || M == 1) {                                                                            \
+            if (wsel || (M == 1 && (sizeof(WT) != 4 || !F32_BLOCKS_ONE_ROW))) {                             \
                 for (int64_t o = ob * 8; o < end; o++) {                                                     \
                     int64_t row = (wsel ? wsel[m0] * O : 0) + o;                                             \
                     const WT *wr = w + row * wrow;                                                           \
