@@ -3,7 +3,8 @@
 PyTorch's CPU kernels for one row of activations read fp32/bf16 weights at ~60-70% of memory bandwidth and int8/int4
 weights far slower (`_weight_int8pack_mm` needs bf16 activations, `_weight_int4pack_mm_for_cpu` is compute-bound).
 gemv.c reads every format once, at close to the streaming bandwidth, for a few rows of fp32 activations. The shared
-library is built with `cc -O3 -march=native -fopenmp` into ~/.cache/moelm (or $MOELM_CACHE) and loaded with ctypes;
+library is built with `cc -O3 -march=native -ffast-math -fopenmp` (linked without -ffast-math, so no process-wide
+flush-to-zero) into ~/.cache/moelm (or $MOELM_CACHE) and loaded with ctypes;
 without a compiler (or with MOELM_NO_KERNELS=1) `available()` is False and callers use PyTorch's kernels instead.
 """
 from __future__ import annotations
@@ -23,12 +24,20 @@ import torch
 from . import cpu
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c", "intgemm.c", "repack.c")]
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-LIBS = ["-lm"]  # after the source: the vectorised expf of -ffast-math lives in libm's libmvec
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+# Linked in a second step without -ffast-math: linking with it adds crtfastmath.o, whose start-up code turns on
+# flush-to-zero and denormals-are-zero for the whole process (subnormals would vanish in Python, numpy, torch).
+LINK = ["-shared", "-fopenmp"]
+LIBS = ["-lm"]  # after the objects: the vectorised expf of -ffast-math lives in libm's libmvec
 MAX_ROWS = 16  # more rows of activations than this: a dense matmul is faster
 GRAIN = 1 << 16  # multiply-adds (or elements) per OpenMP thread at least: smaller calls run on one thread
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _ONEDNN_OK: dict[tuple, bool] = {}
+
+
+def _finish(job: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = job.communicate()
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
 def _compile() -> ctypes.CDLL | None:
@@ -36,7 +45,7 @@ def _compile() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = b"".join(path.read_bytes() for path in SOURCES)
-    flags = " ".join([compiler, *FLAGS, *LIBS])
+    flags = " ".join([compiler, *FLAGS, "|", *LINK, *LIBS])
     # -march=native: a library built on one CPU is never loaded on another (a cache shared between machines)
     machine = f"{os.uname().machine}|{cpu.info().model}|{' '.join(sorted(cpu.info().flags))}"
     key = hashlib.sha256(source + flags.encode() + machine.encode()).hexdigest()
@@ -45,8 +54,13 @@ def _compile() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / "gemv.so"
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), *LIBS],
-                                    capture_output=True, text=True)
+            objects = [str(Path(tmp) / f"{path.stem}.o") for path in SOURCES]
+            jobs = [subprocess.Popen([compiler, *FLAGS, "-c", "-o", obj, str(path)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for path, obj in zip(SOURCES, objects)]
+            result = next((r for r in (_finish(job) for job in jobs) if r.returncode != 0), None)
+            if result is None:
+                result = subprocess.run([compiler, *LINK, "-o", str(built), *objects, *LIBS],
+                                        capture_output=True, text=True)
             if result.returncode != 0:
                 warnings.warn(f"moelm: could not compile {', '.join(p.name for p in SOURCES)} with {compiler} "
                               f"(falling back to PyTorch "
