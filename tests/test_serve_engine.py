@@ -55,10 +55,12 @@ def run(engine, prompt, params):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("window", [None, 6])
-def test_slot_steps_equal_the_full_forward(name, fast, window):
+@pytest.mark.parametrize("block", [None, 4])
+def test_slot_steps_equal_the_full_forward(name, fast, window, block):
     """Ragged steps (a prompt in chunks, one-token rows, rows at other lengths) give the logits of each sequence's
     own full forward, through FastAttention's in-row attention and through the plain attention's concatenated
-    keys with the block-diagonal mask; with a sliding window too."""
+    keys with the block-diagonal mask; with a sliding window too; contiguous rows and a paged pool whose blocks the
+    rows take in turns (so no row's blocks are adjacent)."""
     config = named_config(name)
     if window is not None:
         config.sliding_window = window
@@ -70,9 +72,11 @@ def test_slot_steps_equal_the_full_forward(name, fast, window):
     b = torch.randint(0, config.vocab_size, (9,), generator=g)
     with torch.no_grad():
         full_a, full_b = model(a[None]).logits[0], model(b[None]).logits[0]
-    cache = SlotCache(config, 4, 32, torch.float32, sliding_window=window)
+    cache = SlotCache(config, 4, 32, torch.float32, sliding_window=window, block_size=block)
 
     def step(segments, ids):
+        for row, count in segments:
+            assert cache.grow(row, cache.lengths[row] + count)
         plan = cache.schedule(segments)
         extra = {} if fast else {"attention_mask": cache.mask()}
         with torch.no_grad():
@@ -92,14 +96,19 @@ def test_slot_steps_equal_the_full_forward(name, fast, window):
     for got_, want in pairs:
         torch.testing.assert_close(got_, want, atol=1e-4, rtol=1e-4)
     assert cache.lengths == [2, 9, 0, 14]
+    if block is not None:
+        assert [len(b) for b in cache.blocks] == [1, 3, 0, 4] and sorted(sum(cache.blocks, [])) == list(range(8))
+        assert cache.blocks[3] != sorted(cache.blocks[3]) or cache.blocks[3][-1] - cache.blocks[3][0] > 3
 
 
-@pytest.mark.parametrize("name,dtype", [(name, torch.float32) for name in FAMILIES]
-                         + [("ernie4_5-tiny", torch.bfloat16)])
-def test_slot_decode_steps_take_the_c_kernels(name, dtype, monkeypatch):
+@pytest.mark.parametrize("name,dtype,block", [(name, torch.float32, None) for name in FAMILIES]
+                         + [(name, torch.float32, 4) for name in FAMILIES]
+                         + [("ernie4_5-tiny", torch.bfloat16, None), ("ernie4_5-tiny", torch.bfloat16, 4)])
+def test_slot_decode_steps_take_the_c_kernels(name, dtype, block, monkeypatch):
     """Steps of one token per sequence, rows in any order with holes between them, run the decoder layer (ERNIE)
-    or its attention (PhiMoE) in one C call writing each row at its own position; the logits are each sequence's
-    own forward's (bf16: within bf16's rounding; a dense model, as an MoE's routing may flip on a rounding)."""
+    or its attention (PhiMoE) in one C call writing each row at its own position, contiguous rows or reading
+    through the rows' block tables; the logits are each sequence's own forward's (bf16: within bf16's rounding; a
+    dense model, as an MoE's routing may flip on a rounding)."""
     from moelm.inference import cpu, kernels
 
     if not kernels.available():
@@ -114,16 +123,18 @@ def test_slot_decode_steps_take_the_c_kernels(name, dtype, monkeypatch):
     calls = []
     for fn in ("decode_layer", "attend"):
         original = getattr(kernels, fn)
-        monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append((_n, k.get("rows") is not
-                                                                                            None or a[-2] is not None))
-                            or _f(*a, **k))
-    cache = SlotCache(config, 6, 32, dtype)
+        monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append((_n, k.get("table") is
+                                                                                            not None or a[-2] is not
+                                                                                            None)) or _f(*a, **k))
+    cache = SlotCache(config, 6, 32, dtype, block_size=block)
     fed = {row: 0 for row in seqs}
     steps = [[(2, 8), (0, 5)], [(0, 1), (2, 1)], [(2, 1), (0, 1), (5, 4)], [(5, 1), (2, 1), (0, 1)],
              [(0, 1), (5, 1)], [(2, 1), (5, 1), (0, 1)]]
     try:
         for segments in steps:
             ids = torch.cat([seqs[row][fed[row]:fed[row] + count] for row, count in segments])
+            for row, count in segments:
+                assert cache.grow(row, cache.lengths[row] + count)
             plan = cache.schedule(segments)
             with torch.no_grad():
                 got = model(input_ids=ids[None], position_ids=plan.positions[None], past_key_values=cache,
@@ -146,6 +157,13 @@ def test_slot_cache_refuses_more_than_a_row_holds():
     cache = SlotCache(named_config("ernie4_5-tiny"), 2, 8, torch.float32)
     with pytest.raises(ValueError, match="slot 1 holds 8 positions; 9"):
         cache.schedule([(1, 9)])
+    paged = SlotCache(named_config("ernie4_5-tiny"), 2, 8, torch.float32, block_size=4)
+    assert paged.grow(1, 3)
+    with pytest.raises(ValueError, match="slot 1 holds 4 positions; 5"):
+        paged.schedule([(1, 5)])
+    assert not paged.grow(1, 9)  # past max_length
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        SlotCache(named_config("ernie4_5-tiny"), 2, 8, torch.float32, block_size=4, num_blocks=1)
 
 
 # ---------------------------------------------------------------- continuous batching

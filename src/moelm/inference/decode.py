@@ -21,13 +21,13 @@ from .slots import SlotCache
 
 def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False,
                  several: bool = False):
-    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, rows, positions, new) for a C decoding step of this
+    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, table, positions, new) for a C decoding step of this
     attention, or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's
     fp32 rotation), a StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask
     of the plain [B, 1, 1, K] form, not compiling; `new` positions are then claimed in the cache. A SlotCache step of
-    one token per sequence (x [1, B, n]) applies too: rows and positions (int64 [B]) then say where each token's
-    keys go, pos is the largest position. With `several`, a StaticCache step of up to kernels.MAX_ROWS tokens per
-    row after the first (x [B, S, n], a speculative check) applies as B * S rows: token j of row b is row b at
+    one token per sequence (x [1, B, n]) applies too: its block tables (int64 [B, n]) and positions (int64 [B])
+    then say where each token's keys go, pos is the largest position. With `several`, a StaticCache step of up to
+    kernels.MAX_ROWS tokens per row after the first (x [B, S, n], a speculative check) applies as B * S rows: token j of row b is row b at
     position past + j, attending causally (and through the mask [B, 1, S, past + S], if any). The contiguous
     cos/sin/mask are made once per step (the model passes the same objects to every layer) and kept on the cache."""
     b, s, _ = x.shape
@@ -50,7 +50,7 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
             if cos.shape[-1] != half or cos.dtype != torch.float32:
                 return None
             cos, sin = (t.reshape(s, half).contiguous() for t in (cos, sin))
-            cache.step = step = (cos_sin, plan, (cos, sin, plan.step_mask, plan.max_position, plan.rows,
+            cache.step = step = (cos_sin, plan, (cos, sin, plan.step_mask, plan.max_position, plan.tables,
                                                  plan.positions, 0))
         return step[2]
     past = cache.get_seq_length(attn.layer_idx)
@@ -66,7 +66,7 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
         flat_mask = None if mask is None else mask.reshape(b * s, pos + 1).contiguous()
         rows = positions = None
         if s > 1:
-            rows = torch.arange(b).repeat_interleave(s)
+            rows = torch.arange(b).repeat_interleave(s)[:, None]  # a block table: row b is block b
             positions = torch.arange(past, past + s).repeat(b)
         cache.step = step = (cos_sin, mask, pos, (cos, sin, flat_mask, pos, rows, positions, s))
     return step[3]

@@ -82,11 +82,11 @@ def _compile() -> ctypes.CDLL | None:
         fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         fn.restype = None
     lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
-                               ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
+                               ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.attend_f32.restype = None
     for fn in (lib.decode_layer, lib.decode_layer_bf16):
-        fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr,
-                       ptr, ptr, ctypes.c_int]
+        fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64,
+                       ptr, ptr, ptr, ctypes.c_int]
         fn.restype = None
     lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
                                                      ctypes.c_int], None
@@ -410,12 +410,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
            keys: torch.Tensor, values: torch.Tensor, pos: int, mask: torch.Tensor | None,
-           scale: float, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+           scale: float, table: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step of attention in one C call: qkv [B, (H + 2 Hkv) * D] fp32 (the fused projection's output),
     cos/sin [B, D/2] fp32; rotates q and k (interleaved pairs or halves), writes k and v at position `pos` of the
     fp32 cache keys/values [B, Hkv, T, D], and attends over positions 0..pos allowed by mask [B, pos + 1] (bool,
-    None: all) -> [B, H * D]. With rows / positions (int64 [B]; a serving engine's slots), row b is cache row
-    rows[b] at position positions[b] <= pos."""
+    None: all) -> [B, H * D]. With table (int64 [B, n], contiguous) and positions (int64 [B]; a serving engine's
+    paged cache), keys/values are blocks [N, Hkv, T, D] and row b is at position positions[b] <= pos, its position
+    t in block table[b, t // T] at t % T."""
     _require()
     b, d = qkv.shape[0], keys.shape[-1]
     if qkv.stride(-1) != 1:  # rows of 5-16 come out of oneDNN transposed
@@ -424,8 +425,9 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
     q = qkv.data_ptr()
     k, v = q + heads * d * 4, q + (heads + kv_heads) * d * 4
     _lib.attend_f32(q, k, v, qkv.stride(0), b, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), int(interleaved),
-                    keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(rows), _ptr(positions), _ptr(mask),
-                    0 if mask is None else mask.stride(0), scale, out.data_ptr(), threads(b * heads * d * (pos + 1)))
+                    keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(table), _tstride(table),
+                    _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0), scale, out.data_ptr(),
+                    threads(b * heads * d * (pos + 1)))
     return out
 
 
@@ -472,7 +474,7 @@ def moe_block(spec: Moe, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, pos: int, mask: torch.Tensor | None, rows: torch.Tensor | None = None,
+                 values: torch.Tensor, pos: int, mask: torch.Tensor | None, table: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A whole decoder layer for one new position per row in one C call (gemv.c decode_layer): x [B, n] fp32, or
     bf16 with a bf16 cache and every step rounded to bf16 as PyTorch's bf16 ops do (decode_layer_bf16); the rest as
@@ -486,8 +488,8 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     logits = None if spec.experts is None else torch.empty(b, spec.experts, dtype=torch.float32)
     fn = _lib.decode_layer_bf16 if x.dtype == torch.bfloat16 else _lib.decode_layer
     fn(spec, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2],
-       pos, _ptr(rows), _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0), y.data_ptr(), h.data_ptr(),
-       _ptr(logits), threads(b * spec.work))
+       pos, _ptr(table), _tstride(table), _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0),
+       y.data_ptr(), h.data_ptr(), _ptr(logits), threads(b * spec.work))
     return y, h, logits
 
 
@@ -540,6 +542,10 @@ def threads(work: int) -> int:
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()  # callers pass contiguous CPU tensors
+
+
+def _tstride(table: torch.Tensor | None) -> int:
+    return 0 if table is None else table.shape[1]  # a block table [B, n], contiguous
 
 
 @torch.library.custom_op("moelm::gemv", mutates_args=())

@@ -3,7 +3,12 @@
 
 One thread owns the model. Requests come in through a bounded queue. Each step runs one forward over every running
 sequence's next token plus chunks of waiting prompts (continuous batching, at most `max_num_batched_tokens` tokens);
-a sequence leaves the batch the step it finishes or is cancelled. KV lives in a SlotCache of `max_num_seqs` rows.
+a sequence leaves the batch the step it finishes or is cancelled. KV lives in a paged SlotCache: `max_num_seqs`
+rows, each holding blocks of `block_size` positions from one pool as it grows. With prefix caching, a new sequence
+starts from the longest run of full blocks another sequence left with the same tokens (its prompt's last token is
+always computed). When a step needs a block and none is free, the sequence admitted last is preempted: its blocks go
+back (those remembered stay until needed), and it waits at the head of the queue to be prefilled again (prompt and
+tokens so far), then goes on where it was.
 Each sequence samples with its own parameters and its own seeded generator, so a seed reproduces an output whatever
 else runs. With `speculative` (moelm.serve.speculation), a decoding sequence feeds its drafts with its last token and
 keeps those the model agrees with."""
@@ -96,6 +101,7 @@ class Request:
         self.queue: queue.Queue | None = None if callback is not None else queue.Queue()
         self.callback = callback or self.queue.put
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache (its first choice's)
 
     @property
     def prompt_tokens(self) -> int:
@@ -123,7 +129,8 @@ class Sequence:
         self.prompt = request.prompt
         self.tokens: list[int] = []
         self.row: int | None = None
-        self.filled = 0  # prompt tokens in the cache
+        self.filled = 0  # positions in the cache, while prefilling
+        self.target = len(self.prompt)  # positions to prefill (after a preemption: the prompt and tokens but the last)
         self.detok = Detokenizer(tokenizer, self.prompt, p.skip_special_tokens)
         self.stops = StopStrings(p.stop)
         self.sampling = p.sampling()
@@ -136,17 +143,26 @@ class Engine:
     """Continuous batching over a SlotCache; see the module docstring. `metrics`, if given, gets
     prompt_tokens(n), generation_tokens(n), ttft(s), itl(s), finished(reason, e2e seconds) and, when speculating,
     speculated(drafted, kept) for each checked draft. speculative: a SpeculativeConfig (or its JSON / dict);
-    draft_model: the loaded draft model of its method 'draft_model'."""
+    draft_model: the loaded draft model of its method 'draft_model'. KV: blocks of `block_size` positions (None:
+    one contiguous row of max_model_len per sequence), `num_blocks` of them, or as many as `kv_cache_memory` bytes
+    hold, by default enough for every row to reach max_model_len; `enable_prefix_caching` (default: on, except
+    with MTP drafting, whose head needs the hidden states of every position)."""
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None,
-                 speculative: SpeculativeConfig | str | dict | None = None, draft_model=None):
+                 speculative: SpeculativeConfig | str | dict | None = None, draft_model=None,
+                 block_size: int | None = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool | None = None):
         config = model.config
         context = config.max_position_embeddings
         max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
-                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting)):
-            if not isinstance(value, int) or value < 1:
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting),
+                            ("block_size", block_size), ("num_blocks", num_blocks),
+                            ("kv_cache_memory", kv_cache_memory)):
+            if value is None and name in ("block_size", "num_blocks", "kv_cache_memory"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_model_len > context:
             raise ValueError(f"max_model_len {max_model_len} is more than the model's context of {context} positions")
@@ -168,8 +184,24 @@ class Engine:
             eos.append(tokenizer.eos_token_id)
         self.eos = eos
         dtype = model.get_input_embeddings().weight.dtype
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            speculative = SpeculativeConfig.parse(speculative)
+        mtp = speculative is not None and speculative.method == "mtp"
+        if enable_prefix_caching and mtp:
+            raise ValueError("prefix caching cannot be combined with MTP drafting: the MTP head needs the model's "
+                             "hidden states of every prompt position, which a cached prefix skips")
+        if block_size is None and (num_blocks or kv_cache_memory or enable_prefix_caching):
+            raise ValueError("num_blocks, kv_cache_memory and prefix caching need a block_size")
+        if block_size is not None and num_blocks is None and kv_cache_memory is not None:
+            per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_size * block_size \
+                * dtype.itemsize
+            num_blocks = kv_cache_memory // per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes is less than one KV block "
+                                 f"({per_block} bytes)")
         self.cache = SlotCache(config, max_num_seqs, max_model_len, dtype, model.device,
-                               getattr(model.model, "sliding_window", None))
+                               getattr(model.model, "sliding_window", None), block_size, num_blocks,
+                               block_size is not None and enable_prefix_caching is not False and not mtp)
         from ..inference.modules import FastAttention
 
         self.ragged = all(isinstance(m, FastAttention) for m in model.modules() if hasattr(m, "q_proj"))
@@ -184,8 +216,6 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0
-        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
-            speculative = SpeculativeConfig.parse(speculative)
         self.speculative = speculative
         self.drafter = None if speculative is None else drafter_for(speculative, self, draft_model)
         self.pace = Pace() if speculative is not None and speculative.adaptive else Always()
@@ -215,8 +245,12 @@ class Engine:
         with torch.inference_mode():
             for segments in steps:
                 tokens = torch.randint(0, self.vocab_size, (sum(c for _, c in segments),), generator=g)
+                for row, count in segments:
+                    self.cache.grow(row, count)
                 self._forward(segments, tokens.tolist(), [0], commit=False, hidden=self.drafter is not None
                               and self.drafter.hidden)
+                for row, _ in segments:
+                    self.cache.free(row)
                 if deadline is not None and time.perf_counter() > deadline:
                     break
 
@@ -292,8 +326,8 @@ class Engine:
         return self.queued
 
     def kv_usage(self) -> float:
-        """Fraction of the slot cache's positions in use."""
-        return self.cache.used() / (self.max_num_seqs * self.max_model_len)
+        """Fraction of the KV cache's positions held by sequences (paged: whole blocks)."""
+        return self.cache.used() / self.cache.capacity()
 
     # ------------------------------------------------------------ the loop
 
@@ -338,16 +372,64 @@ class Engine:
                 self.queued -= 1
             self._finish(seq, "abort")
 
-    def _step(self):
+    def _admit(self):
+        """Waiting sequences into free rows, each from its longest cached prefix, while the cache has room for
+        their next position."""
+        cache = self.cache
         while self.waiting and self.free_rows:
-            seq = self.waiting.popleft()
-            seq.row = self.free_rows.pop(self.free_rows.index(min(self.free_rows)))
+            seq = self.waiting[0]
+            row = min(self.free_rows)
+            reused = cache.reuse(row, seq.ids[:seq.target])
+            if cache.room(row) <= reused:  # no block for its next position: wait for sequences to finish
+                cache.free(row)
+                break
+            self.waiting.popleft()
+            self.free_rows.remove(row)
+            seq.row, seq.filled = row, reused
             with self.cond:
                 self.queued -= 1
             self.running.append(seq)
+            if cache.prefix_caching and self.metrics is not None:
+                self.metrics.prefix_cache(seq.target, reused)
+            if not seq.tokens and seq.index == 0:
+                seq.request.cached_tokens = reused
+
+    def _preempt(self, seq: Sequence):
+        """Give seq's blocks back and queue it first, to be prefilled again with its tokens so far."""
+        self.running.remove(seq)
+        self.cache.free(seq.row)
+        if self.drafter is not None:
+            self.drafter.free(seq.row)
+        self.free_rows.append(seq.row)
+        seq.row, seq.filled = None, 0
+        seq.target = len(seq.prompt) + max(len(seq.tokens) - 1, 0)
+        self.waiting.appendleft(seq)
+        with self.cond:
+            self.queued += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
+
+    def _decoding(self) -> list[Sequence]:
+        """The decoding sequences (by row), each given the block of its next position: when none is free, the
+        sequence admitted last is preempted, this one included."""
+        out = []
+        for seq in [s for s in self.running if s.filled == s.target]:  # admission order: the oldest first
+            if seq.row is None:  # preempted for an older one
+                continue
+            while not self.cache.grow(seq.row, self.cache.lengths[seq.row] + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                out.append(seq)
+        return sorted(out, key=lambda s: s.row)
+
+    def _step(self):
+        self._admit()
         self.pace.start()
         budget = self.max_num_batched_tokens
-        decoding = sorted((s for s in self.running if s.filled == len(s.prompt)), key=lambda s: s.row)
+        decoding = self._decoding()
         parts = []  # (sequence, first token, tokens, drafts or None for a prompt chunk, their q)
         segments, tokens, keep = [], [], []
         for seq, (drafts, q) in zip(decoding, self._drafts(decoding, budget)):
@@ -356,17 +438,22 @@ class Engine:
             keep += range(len(tokens), len(tokens) + 1 + len(drafts))
             tokens += [seq.tokens[-1]] + drafts
         budget -= len(tokens)
-        for seq in (s for s in self.running if s.filled < len(s.prompt)):
+        for seq in [s for s in self.running if s.filled < s.target]:
             if budget <= 0:
                 break
-            count = min(len(seq.prompt) - seq.filled, budget)
+            count = min(seq.target - seq.filled, budget, self.cache.room(seq.row) - seq.filled)
+            if count <= 0 or not self.cache.grow(seq.row, seq.filled + count):
+                continue  # no block free: it waits
             parts.append((seq, len(tokens), count, None, None))
             segments.append((seq.row, count))
-            tokens += seq.prompt[seq.filled:seq.filled + count]
+            tokens += seq.ids[seq.filled:seq.filled + count].tolist()
             seq.filled += count
             budget -= count
-            if seq.filled == len(seq.prompt):
+            if seq.filled == seq.target and not seq.tokens:
                 keep.append(len(tokens) - 1)
+        if not segments:  # every running sequence waits for a block: the last admitted holding some gives its back
+            self._preempt(next(s for s in reversed(self.running) if self.cache.blocks[s.row]))
+            return
         hidden_too = self.drafter is not None and self.drafter.hidden
         logits, hidden = self._forward(segments, tokens, keep, hidden=hidden_too)
         self.steps += 1
@@ -375,7 +462,7 @@ class Engine:
             if drafts is None:  # a prompt chunk, and the first token where the prompt is done
                 if hidden_too:
                     self.drafter.observe(seq, hidden[first:first + count])
-                if seq.filled == len(seq.prompt):
+                if seq.filled == seq.target and not seq.tokens:
                     self._advance(seq, logits[at])
                     at += 1
                 continue
@@ -393,6 +480,10 @@ class Engine:
                     self.drafter.observe(seq, hidden[first:first + 1 + kept])
         if self.drafter is not None and decoding and len(parts) == len(decoding):  # a decode-only step: timed
             self.pace.done(drafted, emitted)
+        if self.cache.prefix_caching:
+            for seq, *_ in parts:
+                if seq.row is not None and seq in self.running:
+                    self.cache.remember(seq.row, seq.ids)
 
     def _drafts(self, decoding: list[Sequence], budget: int) -> list[tuple[list[int], torch.Tensor | None]]:
         """Each decoding sequence's drafts (token ids) and their probabilities [k, V] (None: greedy or fixed
@@ -406,8 +497,9 @@ class Engine:
         ks = []
         for seq in decoding:
             length = len(seq.prompt) + len(seq.tokens)  # the last token's KV is written this step
-            k = max(0, min(config.num_speculative_tokens, self.max_model_len - length, spare,
+            k = max(0, min(config.num_speculative_tokens, self.cache.room(seq.row) - length, spare,
                            seq.request.params.max_tokens - len(seq.tokens) - 1))
+            k = k if self.cache.grow(seq.row, length + k) else 0
             spare -= k
             ks.append(k)
         if not any(ks):

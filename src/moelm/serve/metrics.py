@@ -21,7 +21,7 @@ class Metrics:
         gauge("moelm:num_requests_running", "Sequences in a KV slot (prefilling or decoding): the slots in use.",
               engine.num_running)
         gauge("moelm:num_requests_waiting", "Sequences waiting for a KV slot.", engine.num_waiting)
-        gauge("moelm:kv_cache_usage_perc", "Fraction of the KV slot cache's positions in use (1 = full).",
+        gauge("moelm:kv_cache_usage_perc", "Fraction of the KV cache's positions held by sequences (1 = full).",
               engine.kv_usage)
         self._prompt = Counter("moelm:prompt_tokens", "Prompt tokens submitted.", list(labels),
                                registry=registry).labels(**labels)
@@ -35,6 +35,12 @@ class Metrics:
                               list(labels), buckets=LATENCY_BUCKETS, registry=registry).labels(**labels)
         self._success = Counter("moelm:request_success", "Sequences finished, by reason.",
                                 ["model_name", "finished_reason"], registry=registry)
+        self._queries = Counter("moelm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                list(labels), registry=registry).labels(**labels)
+        self._hits = Counter("moelm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", list(labels),
+                             registry=registry).labels(**labels)
+        self._preemptions = Counter("moelm:num_preemptions", "Sequences preempted for lack of KV blocks (they are "
+                                    "prefilled again).", list(labels), registry=registry).labels(**labels)
         self.model_name = model_name
         self.spec = None
         config = getattr(engine, "speculative", None)
@@ -66,6 +72,13 @@ class Metrics:
     def finished(self, reason: str, seconds: float):
         self._e2e.observe(seconds)
         self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def prefix_cache(self, queried: int, hit: int):
+        self._queries.inc(queried)
+        self._hits.inc(hit)
+
+    def preempted(self):
+        self._preemptions.inc()
 
     def speculated(self, drafted: int, kept: int):
         drafts, tokens, accepted, per_position = self.spec

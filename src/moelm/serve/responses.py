@@ -76,7 +76,9 @@ class Generation:
     def usage(self) -> dict:
         prompt = sum(r.prompt_tokens for r in self.requests)
         completion = sum(r.completion_tokens for r in self.requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(r.cached_tokens for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(data: dict) -> str:

@@ -697,12 +697,13 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
     }
 }
 
-/* One new position per batch row against a static KV cache (decoding), fp32:
+/* One new position per batch row against a KV cache (decoding), fp32:
  *   rotary embedding of q and k (interleaved: pairs (2i, 2i+1) as ERNIE; else halves (i, i + D/2) as Llama/PhiMoE),
  *   k and v written at position `pos` of kc/vc [B, Hkv, T, D], then out = softmax(scale * q.k) v over the positions
  *   0..pos that mask [B, mstride] (uint8, NULL: all) allows, GQA head h reading kv head h / (H / Hkv).
- *   With `rows` / `positions` (a serving engine's slots; NULL: row b, position pos): row b of the batch is cache
- *   row rows[b] at position positions[b] <= pos, attending over 0..positions[b].
+ *   With `table` / `positions` (a serving engine's paged cache; NULL: row b, position pos): kc/vc are blocks
+ *   [N, Hkv, T, D] of T positions, row b of the batch is at position positions[b] <= pos, attending over
+ *   0..positions[b], and its position t lives in block table[b * tstride + t / T] at t % T.
  * q/k/v: rows of the projections' output, row b at q + b * xstride ([H, D], [Hkv, D], [Hkv, D]); cos/sin [B, D/2];
  * out [B, H, D]. Masked positions are skipped (a row with none allowed gives zeros). */
 static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
@@ -715,18 +716,28 @@ static void rotate(const float *x, const float *c, const float *s, int64_t D, in
     }
 }
 
+/* Positions t..*end - 1 of batch row b's kv head hk are contiguous from the returned element / D (up to the end of
+ * t's block, or Lb). */
+static inline int64_t kv_run(const int64_t *tb, int64_t b, int64_t Hkv, int64_t hk, int64_t T, int64_t t,
+                             int64_t Lb, int64_t *end) {
+    if (!tb) { *end = Lb; return (b * Hkv + hk) * T + t; }
+    int64_t off = t % T;
+    *end = t - off + T < Lb ? t - off + T : Lb;
+    return (tb[t / T] * Hkv + hk) * T + off;
+}
+
 /* CT: the cache's element type; LD/ST convert it to/from fp32; RND rounds a rotated q or k as the model's dtype
  * does (bf16: q and k are bf16 tensors after the rotation); the output is rounded by RND too. */
 #define ATTEND(NAME, CT, LD, ST, RND)                                                                            \
 void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,   \
           int64_t D, const float *cos, const float *sin, int interleaved, CT *kc, CT *vc, int64_t T,            \
-          int64_t pos, const int64_t *rows, const int64_t *positions, const uint8_t *mask, int64_t mstride,     \
-          float scale, float *out, int nthreads) {                                                              \
+          int64_t pos, const int64_t *table, int64_t tstride, const int64_t *positions, const uint8_t *mask,     \
+          int64_t mstride, float scale, float *out, int nthreads) {                                             \
     int64_t L = pos + 1, group = H / Hkv, half = D / 2;                                                         \
     for (int64_t b = 0; b < B; b++)                                                                             \
         for (int64_t h = 0; h < Hkv; h++) {                                                                     \
-            int64_t cb = rows ? rows[b] : b, pb = positions ? positions[b] : pos;                               \
-            int64_t at = ((cb * Hkv + h) * T + pb) * D;                                                         \
+            int64_t pb = positions ? positions[b] : pos, cb = table ? table[b * tstride + pb / T] : b;           \
+            int64_t at = ((cb * Hkv + h) * T + (table ? pb % T : pb)) * D;                                      \
             float kr[D];                                                                                        \
             rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, kr);               \
             for (int64_t i = 0; i < D; i++) {                                                                   \
@@ -741,25 +752,31 @@ void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64
             float qr[D], acc[D];                                                                                \
             rotate(q + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, qr);               \
             for (int64_t i = 0; i < D; i++) qr[i] = RND(qr[i]);                                                 \
-            int64_t cb = rows ? rows[b] : b, Lb = (positions ? positions[b] : pos) + 1;                         \
-            const CT *kh = kc + (cb * Hkv + h / group) * T * D, *vh = vc + (cb * Hkv + h / group) * T * D;     \
+            int64_t Lb = (positions ? positions[b] : pos) + 1, hk = h / group;                                  \
+            const int64_t *tb = table ? table + b * tstride : 0;                                                \
             const uint8_t *mb = mask ? mask + b * mstride : 0;                                                  \
             float *sc = scores + (b * H + h) * L, top = -3.4e38f, total = 0.0f;                                 \
             int any = 0;                                                                                        \
-            for (int64_t t = 0; t < Lb; t++) {                                                                  \
-                if (mb && !mb[t]) continue;                                                                     \
-                float d = 0.0f;                                                                                 \
-                for (int64_t i = 0; i < D; i++) d += qr[i] * LD(kh[t * D + i]);                                 \
-                sc[t] = d * scale;                                                                              \
-                top = sc[t] > top ? sc[t] : top;                                                                \
-                any = 1;                                                                                        \
+            for (int64_t t = 0, end; t < Lb;) {                                                                 \
+                const CT *kt = kc + kv_run(tb, b, Hkv, hk, T, t, Lb, &end) * D;                                 \
+                for (; t < end; t++, kt += D) {                                                                 \
+                    if (mb && !mb[t]) continue;                                                                 \
+                    float d = 0.0f;                                                                             \
+                    for (int64_t i = 0; i < D; i++) d += qr[i] * LD(kt[i]);                                     \
+                    sc[t] = d * scale;                                                                          \
+                    top = sc[t] > top ? sc[t] : top;                                                            \
+                    any = 1;                                                                                    \
+                }                                                                                               \
             }                                                                                                   \
             for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;                                                      \
-            for (int64_t t = 0; any && t < Lb; t++) {                                                           \
-                if (mb && !mb[t]) continue;                                                                     \
-                float p = expf(sc[t] - top);                                                                    \
-                total += p;                                                                                     \
-                for (int64_t i = 0; i < D; i++) acc[i] += p * LD(vh[t * D + i]);                                \
+            for (int64_t t = 0, end; any && t < Lb;) {                                                          \
+                const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, Lb, &end) * D;                                 \
+                for (; t < end; t++, vt += D) {                                                                 \
+                    if (mb && !mb[t]) continue;                                                                 \
+                    float p = expf(sc[t] - top);                                                                \
+                    total += p;                                                                                 \
+                    for (int64_t i = 0; i < D; i++) acc[i] += p * LD(vt[i]);                                    \
+                }                                                                                               \
             }                                                                                                   \
             float inv = any ? 1.0f / total : 0.0f;                                                              \
             for (int64_t i = 0; i < D; i++) out[(b * H + h) * D + i] = RND(acc[i] * inv);                       \
@@ -994,9 +1011,9 @@ static void round_all(float *x, int64_t n, int bf16) {
  *                                                       block on h)
  * qkv's output is [q (H D) | k (Hkv D) | v (Hkv D)]; gate_up's [gate (F) | up (F)]. */
 static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int64_t n, const float *cos,
-                       const float *sin, void *kc, void *vc, int64_t T, int64_t pos, const int64_t *rows,
-                       const int64_t *positions, const uint8_t *mask, int64_t mstride, float *y, float *h,
-                       float *logits, int nt) {
+                       const float *sin, void *kc, void *vc, int64_t T, int64_t pos, const int64_t *table,
+                       int64_t tstride, const int64_t *positions, const uint8_t *mask, int64_t mstride, float *y,
+                       float *h, float *logits, int nt) {
     int64_t H = L->H, Hkv = L->Hkv, D = L->D, F = L->gate_up ? L->gate_up->O / 2 : 0, width = L->qkv->O;
     int64_t big = width > 2 * F ? width : 2 * F;
     float *proj = malloc(B * (big > n ? big : n) * sizeof(float));
@@ -1006,10 +1023,10 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
     round_all(proj, B * width, bf16);
     if (bf16)
         attend_bf16(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
-                    kc, vc, T, pos, rows, positions, mask, mstride, L->scale, att, nt);
+                    kc, vc, T, pos, table, tstride, positions, mask, mstride, L->scale, att, nt);
     else
         attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
-                   kc, vc, T, pos, rows, positions, mask, mstride, L->scale, att, nt);
+                   kc, vc, T, pos, table, tstride, positions, mask, mstride, L->scale, att, nt);
     mat_apply(L->o, att, B, H * D, y, nt);
     for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(y[i]) + x[i]) : y[i] + x[i];
     norm_rows(y, L->n2, bf16, B, n, L->eps2, h);
@@ -1035,19 +1052,21 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
 }
 
 void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const float *cos, const float *sin,
-                  float *kc, float *vc, int64_t T, int64_t pos, const int64_t *rows, const int64_t *positions,
-                  const uint8_t *mask, int64_t mstride, float *y, float *h, float *logits, int nt) {
-    layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, y, h, logits, nt);
+                  float *kc, float *vc, int64_t T, int64_t pos, const int64_t *table, int64_t tstride,
+                  const int64_t *positions, const uint8_t *mask, int64_t mstride, float *y, float *h, float *logits,
+                  int nt) {
+    layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, table, tstride, positions, mask, mstride, y, h, logits, nt);
 }
 
 /* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
 void decode_layer_bf16(const Layer *L, const uint16_t *x, int64_t B, int64_t n, const float *cos, const float *sin,
-                       uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const int64_t *rows,
+                       uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const int64_t *table, int64_t tstride,
                        const int64_t *positions, const uint8_t *mask, int64_t mstride, uint16_t *y, uint16_t *h,
                        float *logits, int nt) {
     float *xf = malloc(3 * B * n * sizeof(float)), *yf = xf + B * n, *hf = yf + B * n;
     for (int64_t i = 0; i < B * n; i++) xf[i] = from_bf16(x[i]);
-    layer_step(L, 1, xf, B, n, cos, sin, kc, vc, T, pos, rows, positions, mask, mstride, yf, hf, logits, nt);
+    layer_step(L, 1, xf, B, n, cos, sin, kc, vc, T, pos, table, tstride, positions, mask, mstride, yf, hf, logits,
+               nt);
     for (int64_t i = 0; i < B * n; i++) { y[i] = to_bf16(yf[i]); h[i] = to_bf16(hf[i]); }
     free(xf);
 }
