@@ -233,6 +233,30 @@ def test_metrics_count_tokens(server, client):
         assert name in text
 
 
+def test_a_conversation_resent_reuses_its_prefix(server, client):
+    """A chat client re-sends the conversation each turn: the second turn's prompt tokens up to the last whole
+    block of the first turn's come from the prefix cache (usage.prompt_tokens_details.cached_tokens, vLLM's
+    prefix_cache_queries/hits), and the answer is the one a cold engine gives."""
+    url, engine, _ = server
+    history = [{"role": "user", "content": "Tell me about mixture-of-experts models, " * 6}]
+    first = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And how are they served?"}]
+    before = metric(url, "moelm:prefix_cache_hits_total"), metric(url, "moelm:prefix_cache_queries_total")
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    size = engine.cache.block_size
+    assert first.usage.prompt_tokens // size * size - size <= cached < second.usage.prompt_tokens
+    assert cached > 0 and cached % size == 0
+    after = metric(url, "moelm:prefix_cache_hits_total"), metric(url, "moelm:prefix_cache_queries_total")
+    assert after[0] - before[0] == cached and after[1] - before[1] == second.usage.prompt_tokens
+    engine.cache.pool.__init__(engine.cache.num_blocks)  # forget every prefix (no row holds a block now)
+    cold = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == second.choices[0].message.content
+
+
 # ---------------------------------------------------------------- bad input
 
 BAD = [

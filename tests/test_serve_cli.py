@@ -46,8 +46,9 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     key = ["--api-key", "k"] if stop == signal.SIGINT else []  # SIGTERM's run takes the key from MOELM_API_KEY
     # and drafts by n-gram lookup
     spec = [] if key else ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
+    kv = ["--kv-cache-memory-bytes", "1MiB"] if key else ["--no-enable-prefix-caching", "--block-size", "8"]
     proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
-                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key, *spec,
+                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key, *spec, *kv,
                  env=ENV if key else dict(ENV, MOELM_API_KEY="k"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -76,12 +77,17 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     assert proc.returncode == 0, err
     assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err and "moelm serve: stopped" in err
     assert ("speculative: ngram" in err) == bool(spec)
+    assert ("blocks of 16 positions, prefix caching on" if key else "blocks of 8 positions, prefix caching off") \
+        in err, err
 
 
 @pytest.mark.parametrize("args,message", [
     (["--max-model-len", "100000"], "max_model_len 100000 is more than the model's context of 2048"),
     (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: no such file"),
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer, got 0"),
+    (["--block-size", "0"], "block_size must be a positive integer, got 0"),
+    (["--num-gpu-blocks-override", "3"], "3 KV blocks of 16 positions cannot hold one sequence of 2048 positions"),
+    (["--kv-cache-memory-bytes", "1k"], "kv_cache_memory 1000 bytes is less than one KV block"),
     (["--port", "70000"], "--port must be in 1..65535"),
     (["--speculative-config", "{nope"], "--speculative-config is not JSON"),
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "acceptance": 1}'],

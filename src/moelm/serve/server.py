@@ -1,7 +1,9 @@
 """`moelm serve`: load the model, start the engine, run the app under uvicorn."""
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -33,6 +35,14 @@ def add_arguments(p):
     p.add_argument("--max-num-batched-tokens", type=int, default=256,
                    help="tokens per step: running sequences' next tokens plus prompt chunks")
     p.add_argument("--max-waiting", type=int, default=256, help="sequences queued for a slot before 503s")
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV block (paged KV cache)")
+    p.add_argument("--kv-cache-memory-bytes", type=byte_size, default=None, metavar="SIZE",
+                   help="the KV block pool's size (e.g. 4GiB, 500M; default: every sequence can reach "
+                        "--max-model-len)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None, metavar="N",
+                   help="the KV block pool's size in blocks (vLLM's name; on every device)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of full blocks of earlier prompts (default: on, off with MTP drafting)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MOELM_API_KEY)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests that give none")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
@@ -43,6 +53,17 @@ def add_arguments(p):
                         'false drafts at every step}')
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def byte_size(text: str) -> int:
+    """'4GiB', '4G', '500M', '1.5GB', '1000000' -> bytes: k, M, G, T (and kB/KB, MB, GB, TB) powers of 1000, with
+    'i' (KiB, Mi, ..) powers of 1024, as vLLM reads its sizes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKMGT]?)(i?)B?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 500M, 1000000)")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper()) if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 def check_extra():
@@ -111,14 +132,19 @@ def run(args, load):
                                                      quantization=speculative.quantization)
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-                    seed=args.seed, speculative=speculative, draft_model=draft)
+                    seed=args.seed, speculative=speculative, draft_model=draft, block_size=args.block_size,
+                    num_blocks=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory_bytes,
+                    enable_prefix_caching=args.enable_prefix_caching)
     configured = model.generation_config.to_dict()
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]
     app = create_app(engine, tokenizer, names, api_key=api_key, chat_template=template, defaults=defaults)
-    kv = sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
+    cache = engine.cache
+    kv = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
     print(f"moelm serve: {model_path} as {', '.join(names)} on http://{args.host}:{args.port} "
-          f"({args.max_num_seqs} slots of {engine.max_model_len} positions, KV {kv / 2**20:.0f} MiB"
+          f"({args.max_num_seqs} sequences of up to {engine.max_model_len} positions; KV {kv / 2**20:.0f} MiB: "
+          f"{cache.num_blocks} blocks of {cache.block_size} positions, "
+          f"prefix caching {'on' if cache.prefix_caching else 'off'}"
           f"{'; sampling defaults from generation_config: ' + str(defaults) if defaults else ''}"
           f"{'; API key required' if api_key else ''}"
           f"{'; speculative: ' + speculative.method if speculative else ''})", file=sys.stderr, flush=True)
