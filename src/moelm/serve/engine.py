@@ -32,6 +32,7 @@ from ..generation.speculative import Always, Pace, judge_draft
 from ..inference.slots import SlotCache
 from ..text import Detokenizer, StopStrings
 from .speculation import SpeculativeConfig, drafter_for
+from .structured import GrammarError, Grammars, allowed
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the KV of max_num_seqs rows of this many positions is allocated at start
 
@@ -62,6 +63,8 @@ class SamplingParams(Sampling):
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True
     n: int = 1
+    structured: tuple[str, object, str] | None = None  # (kind, spec, request field): see moelm.serve.structured
+    grammar: str | None = None  # its compiled grammar (Engine.check sets it)
 
     def __post_init__(self):
         """Checked when the engine takes the request (sampling()), where a bad knob becomes a RequestError."""
@@ -135,6 +138,7 @@ class Sequence:
         self.stops = StopStrings(p.stop)
         self.sampling = p.sampling()
         self.ids = torch.tensor(self.prompt + [0] * p.max_tokens)  # prompt + tokens, as generate's input_ids
+        self.matcher = None  # structured output: the grammar's state
         self.submitted = time.perf_counter()
         self.last_time: float | None = None
 
@@ -177,12 +181,14 @@ class Engine:
         self.max_waiting = max_waiting
         self.vocab_size = config.vocab_size
         self.metrics = metrics
+        self.grammars = Grammars(tokenizer, config.vocab_size, [])  # its eos: self.eos, below
         self.random = random.Random(seed)
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos = eos
+        self.grammars.eos = eos
         dtype = model.get_input_embeddings().weight.dtype
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             speculative = SpeculativeConfig.parse(speculative)
@@ -277,6 +283,9 @@ class Engine:
         self.check(prompt, params)
         request = Request(self, next(self.ids), list(prompt), params, callback)
         seqs = [Sequence(request, i, self._generator(params, i), self.tokenizer) for i in range(params.n)]
+        if params.grammar is not None:
+            for seq in seqs:
+                seq.matcher = self.grammars.matcher(params.grammar)
         with self.cond:
             if not self.alive():
                 raise RuntimeError("the engine is not running")
@@ -314,6 +323,12 @@ class Engine:
             if bad is not None:
                 raise RequestError(f"{name}: token id {bad} is outside the vocabulary (size {self.vocab_size})",
                                    name)
+        if params.structured is not None and params.grammar is None:
+            kind, spec, name = params.structured
+            try:
+                params.grammar = self.grammars.compile(kind, spec)
+            except GrammarError as e:
+                raise RequestError(f"{name}: {e}", name) from None
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise RequestError(f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
                                f"{len(prompt) + params.max_tokens} is more than the model's context of "
@@ -499,6 +514,7 @@ class Engine:
             length = len(seq.prompt) + len(seq.tokens)  # the last token's KV is written this step
             k = max(0, min(config.num_speculative_tokens, self.cache.room(seq.row) - length, spare,
                            seq.request.params.max_tokens - len(seq.tokens) - 1))
+            k = 0 if seq.matcher is not None else k  # a grammar's mask is known one token at a time
             k = k if self.cache.grow(seq.row, length + k) else 0
             spare -= k
             ks.append(k)
@@ -556,6 +572,9 @@ class Engine:
         sequence if it ends here; returns (the draft was kept, the sequence finished)."""
         p = seq.request.params
         token, accepted, logprobs = self._sample(seq, logits, draft, q)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._finish(seq, "error", error=f"the grammar refused token {token}: {seq.matcher.get_error()}")
+            return False, True
         seq.ids[len(seq.prompt) + len(seq.tokens)] = token
         seq.tokens.append(token)
         seq.request.completion_tokens += 1
@@ -576,6 +595,8 @@ class Engine:
             if seq.stops.hit is not None:
                 reason = "stop"
         full = len(seq.prompt) + len(seq.tokens) >= self.max_model_len
+        if reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            reason = "stop"  # the grammar is complete and nothing may follow
         if reason is None and (len(seq.tokens) >= p.max_tokens or full):
             reason = "length"
         if reason is None:
@@ -607,6 +628,12 @@ class Engine:
         if drafts:
             seq.ids[at:at + len(drafts)] = torch.tensor(drafts)  # overwritten by the tokens emitted
         banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos) if generated < p.min_tokens else []
+        if seq.matcher is not None:  # the grammar's tokens only (min_tokens yields to a grammar that must end)
+            logits = logits.masked_fill(~allowed(seq.matcher, logits.shape[-1]), float("-inf"))
+            if banned:
+                free = torch.ones(logits.shape[-1], dtype=torch.bool)
+                free[banned] = False
+                banned = banned if logits[free].isfinite().any() else []
         scores = apply_penalties(logits[None], s, seq.ids[None, :len(seq.prompt) + generated], len(seq.prompt),
                                  banned=torch.tensor(banned) if banned else None)
         return warp(scores, s)

@@ -2,11 +2,13 @@
 and known fields that moelm does not run are refused by `unsupported()` (never dropped)."""
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .engine import SamplingParams
+from .structured import KINDS as STRUCTURED
 
 
 class Body(BaseModel):
@@ -62,6 +64,14 @@ class SamplingRequest(Body):
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -83,6 +93,55 @@ class SamplingRequest(Body):
             raise ValueError("stop strings must not be empty")
         return value
 
+    def constraint(self) -> tuple[str, object, str] | None:
+        """(kind, spec, field) of the structured-output constraint asked for (kinds: moelm.serve.structured.KINDS),
+        None for none; ValueError(field, message) for an unsupported or a second one."""
+        found = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(("json_object", None, "response_format"))
+            elif kind == "json_schema":
+                schema = rf.get("json_schema")
+                if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+                    raise ValueError("response_format", "response_format json_schema needs json_schema.schema, an "
+                                                        "object")
+                found.append(("json", schema["schema"], "response_format"))
+            elif kind != "text":
+                raise ValueError("response_format", f"response_format type {kind!r} is not supported (text, "
+                                                    "json_object, json_schema)")
+        options = dict(self.structured_outputs or {})
+        compact = bool(options.pop("disable_any_whitespace", False))
+        for key, value in options.items():
+            if key in STRUCTURED and value is not None and value is not False:
+                found.append((key, value, "structured_outputs"))
+            elif key not in STRUCTURED and value not in (None, False):
+                raise ValueError("structured_outputs", f"structured_outputs.{key} is not supported by moelm serve "
+                                                       f"(only one of {', '.join(STRUCTURED)})")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                found.append((name[len("guided_"):], getattr(self, name), name))
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+            raise ValueError("guided_decoding_backend", f"guided_decoding_backend {self.guided_decoding_backend!r} "
+                                                        "is not available (moelm serve runs llguidance: 'guidance')")
+        if len(found) > 1:
+            raise ValueError(found[1][2], "give one structured-output constraint, not "
+                                          f"{' and '.join(f'{field} ({kind})' for kind, _, field in found)}")
+        if not found:
+            return None
+        kind, spec, field = found[0]
+        if compact and kind in ("json", "json_object"):  # vLLM's disable_any_whitespace: llguidance's option
+            if kind == "json" and not isinstance(spec, dict):
+                try:
+                    spec = json.loads(spec)
+                except ValueError:
+                    return kind, spec, field  # the engine names the fault
+            if isinstance(spec, dict) or spec is None:
+                spec = {**(spec or {}), "x-guidance": {**(spec or {}).get("x-guidance", {}),
+                                                       "whitespace_flexible": False}}
+        return kind, spec, field
+
     def params(self, max_tokens: int, logprobs: int | None, defaults: dict) -> SamplingParams:
         """SamplingParams with the model's generation_config defaults where the request sets nothing."""
         def pick(name, fallback):
@@ -98,7 +157,15 @@ class SamplingRequest(Body):
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), seed=self.seed, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, n=self.n)
+            skip_special_tokens=self.skip_special_tokens, n=self.n, structured=self.constraint())
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a set field that moelm does not run, else None."""
+        try:
+            self.constraint()
+        except ValueError as e:
+            return e.args[0], e.args[1]
+        return None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -116,7 +183,6 @@ class ChatRequest(SamplingRequest):
     tool_choice: Any = None
     functions: Optional[list[Any]] = None
     function_call: Any = None
-    response_format: Optional[dict[str, Any]] = None
     audio: Any = None
     prediction: Any = None
 
@@ -127,12 +193,9 @@ class ChatRequest(SamplingRequest):
                 return name, f"{name} is not supported by moelm serve"
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool_choice is not supported by moelm serve (no tools)"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", (f"response_format {self.response_format.get('type')!r} is not supported "
-                                       "by moelm serve (text only)")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
-        return None
+        return super().unsupported()
 
 
 class CompletionRequest(SamplingRequest):
@@ -150,7 +213,7 @@ class CompletionRequest(SamplingRequest):
             return "suffix", "suffix (insertion) is not supported by moelm serve"
         if self.echo and self.logprobs is not None:
             return "echo", "echo with logprobs (prompt logprobs) is not supported by moelm serve"
-        return None
+        return super().unsupported()
 
 
 class TokenizeRequest(Body):
