@@ -153,3 +153,26 @@ def test_http_fields_and_errors(loaded):
             assert r.status_code == 400, (body, r.text)
             error = r.json()["error"]
             assert error["param"] == field and message in error["message"], (body, error)
+
+
+def test_a_vocabulary_that_cannot_spell_the_constraint_is_a_request_error(tmp_path):
+    """A word-level tokenizer (no byte fallback) cannot spell what a regex needs: a 400, never a forbidden token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = new_checkpoint("ernie4_5-tiny", tmp_path, seed=0)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(path / "tokenizer.json"))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    with Engine(model, tokenizer, max_model_len=64).start() as engine:  # no decoder: llguidance refuses it
+        with pytest.raises(RequestError, match="cannot use this model's tokenizer"):
+            engine.submit([3, 4], SamplingParams(structured=("choice", ["hello"], "guided_choice")))
+    words.decoder = decoders.ByteLevel()
+    words.save(str(path / "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with Engine(model, tokenizer, max_model_len=64).start() as engine:
+        with pytest.raises(RequestError, match="allows no first token"):
+            engine.submit([3, 4], SamplingParams(structured=("regex", "[0-9]+", "guided_regex")))
+        assert answer(engine, [3, 4], SamplingParams(max_tokens=3, structured=("choice", ["hello"], "x")))[0] \
+            == "hello"
+

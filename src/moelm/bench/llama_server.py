@@ -47,7 +47,7 @@ def binary(version_: str | None = None, log=lambda *a: None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp = Path(tmp)
         log(f"llama-server: downloading the llama-cpp-python {version_} sdist")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "-d", str(tmp), f"llama-cpp-python=={version_}"], "pip download")
         sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"), None)
         if sdist is None:

@@ -139,6 +139,7 @@ class Sequence:
         self.sampling = p.sampling()
         self.ids = torch.tensor(self.prompt + [0] * p.max_tokens)  # prompt + tokens, as generate's input_ids
         self.matcher = None  # structured output: the grammar's state
+        self.mask: torch.Tensor | None = None  # and the tokens it allows next [V] bool
         self.submitted = time.perf_counter()
         self.last_time: float | None = None
 
@@ -329,6 +330,11 @@ class Engine:
                 params.grammar = self.grammars.compile(kind, spec)
             except GrammarError as e:
                 raise RequestError(f"{name}: {e}", name) from None
+            matcher = self.grammars.matcher(params.grammar)
+            if not allowed(matcher, self.vocab_size).any() or matcher.is_error():
+                raise RequestError(f"{name}: the constraint allows no first token of this model's vocabulary "
+                                   "(llguidance needs a tokenizer that can spell every byte string): "
+                                   f"{matcher.get_error().splitlines()[0] if matcher.is_error() else ''}", name)
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise RequestError(f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
                                f"{len(prompt) + params.max_tokens} is more than the model's context of "
@@ -571,6 +577,13 @@ class Engine:
         """Sample seq's next token from its logits [V] (or judge `draft` drawn from q [V]), emit it, finish the
         sequence if it ends here; returns (the draft was kept, the sequence finished)."""
         p = seq.request.params
+        if seq.matcher is not None:
+            seq.mask = allowed(seq.matcher, logits.shape[-1])
+            if not seq.mask.any() or seq.matcher.is_error():
+                self._finish(seq, "error", error="the grammar allows no token of the model's vocabulary here (its "
+                                                 f"matcher: {seq.matcher.get_error() or 'no error'}); llguidance "
+                                                 "needs a tokenizer that can spell every byte string")
+                return False, True
         token, accepted, logprobs = self._sample(seq, logits, draft, q)
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             self._finish(seq, "error", error=f"the grammar refused token {token}: {seq.matcher.get_error()}")
@@ -629,7 +642,7 @@ class Engine:
             seq.ids[at:at + len(drafts)] = torch.tensor(drafts)  # overwritten by the tokens emitted
         banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos) if generated < p.min_tokens else []
         if seq.matcher is not None:  # the grammar's tokens only (min_tokens yields to a grammar that must end)
-            logits = logits.masked_fill(~allowed(seq.matcher, logits.shape[-1]), float("-inf"))
+            logits = logits.masked_fill(~seq.mask, float("-inf"))
             if banned:
                 free = torch.ones(logits.shape[-1], dtype=torch.bool)
                 free[banned] = False

@@ -33,8 +33,11 @@ class Grammars:
             backend = copy(self.tokenizer.backend_tokenizer)
             backend.no_padding()
             backend.no_truncation()
-            self._lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=max(self.vocab_size, len(self.tokenizer)),
-                                                 eos_token=self.eos or None)
+            try:
+                self._lltok = llguidance.LLTokenizer(backend.to_str(), eos_token=self.eos or None,
+                                                     n_vocab=max(self.vocab_size, len(self.tokenizer)))
+            except ValueError as e:
+                raise GrammarError(f"structured output cannot use this model's tokenizer: {e}") from None
         return self._lltok
 
     def compile(self, kind: str, spec) -> str:
