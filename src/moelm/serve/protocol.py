@@ -28,6 +28,8 @@ class Message(Body):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant's calls
+    tool_call_id: Optional[str] = None  # a tool message's answer to a call
 
     def text(self) -> str | None:
         """The content as one string (text parts joined); ValueError for a part that is not text."""
@@ -178,9 +180,10 @@ class ChatRequest(SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
-    # OpenAI fields moelm does not run
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    # OpenAI fields moelm does not run
     functions: Optional[list[Any]] = None
     function_call: Any = None
     audio: Any = None
@@ -188,11 +191,9 @@ class ChatRequest(SamplingRequest):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a set field that moelm does not run, else None."""
-        for name in ("tools", "functions", "function_call", "audio", "prediction"):
+        for name in ("functions", "function_call", "audio", "prediction"):
             if getattr(self, name):
-                return name, f"{name} is not supported by moelm serve"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool_choice is not supported by moelm serve (no tools)"
+                return name, f"{name} is not supported by moelm serve" + (" (use tools)" if "func" in name else "")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()

@@ -21,7 +21,8 @@ class Generation:
     """Prompts submitted to the engine (`field` names them in errors): their requests, the queue their outputs
     arrive on, and how many choices they make."""
 
-    def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str):
+    def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str,
+                 constraint: tuple | None = None):
         engine, loop = state.engine, asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
@@ -32,6 +33,8 @@ class Generation:
                     raise APIError(400, f"the prompt is {len(prompt)} tokens: nothing is left of the model's "
                                         f"context of {engine.max_model_len} tokens", field)
                 params = body.params(tokens, logprobs, state.defaults)
+                if constraint is not None:  # the caller's own (tool_choice), in place of the body's
+                    params.structured = constraint
 
                 def deliver(out: Output, i=i):
                     try:

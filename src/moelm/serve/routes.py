@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
+from . import tools
 from .errors import APIError, error_response
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .responses import Generation, respond
@@ -59,14 +60,25 @@ async def page():
 
 # ---------------------------------------------------------------- tokens
 
-def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | None, tool_list=None,
+                functions=()) -> list[int]:
+    """The prompt's token ids; with tools (the request's `tool_list`, checked as `functions`), rendered by the
+    template when it knows tools, else by moelm.serve.tools' fallback (also for tool calls and tool messages in the
+    conversation, which such a template would drop)."""
     kwargs = dict(kwargs or {})
     clash = sorted(set(kwargs) & TEMPLATE_ARGS)
     if clash:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     try:
-        conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                        for m in messages]
+        conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
+                         **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                         **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in messages]
+        template = state.chat_template or getattr(state.tokenizer, "chat_template", None) or ""
+        native = tools.uses_tools(template)
+        if not native and (functions or any(m.get("tool_calls") or m["role"] == "tool" for m in conversation)):
+            conversation = tools.fallback(conversation, list(functions))
+        elif native and functions:
+            kwargs["tools"] = tool_list
         text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                    tokenize=False, chat_template=state.chat_template, **kwargs)
     except Exception as e:  # the template's own raise_exception, a missing template, a part that is not text
@@ -111,13 +123,42 @@ def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
 async def chat(body: ChatRequest, http: Request):
     state = http.app.state
     name = checked(state, body)
-    prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    try:
+        functions, forced = tools.check(body.tools, body.tool_choice)
+    except tools.ToolError as e:
+        raise APIError(400, str(e), e.param) from None
+    active = bool(functions) and body.tool_choice != "none"
+    constraint = None
+    if active and (body.tool_choice == "required" or forced):
+        if body.constraint() is not None:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
+                                "structured-output constraint", "tool_choice")
+        constraint = ("grammar", tools.grammar(functions, forced, body.parallel_tool_calls), "tool_choice")
+    prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                         body.tools if active else None, functions if active else ())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages")
+    gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages",
+                     constraint)
+    streams = [tools.Stream() for _ in range(gen.choices)]
+    called = [0] * gen.choices
 
     def choice(c: int, text: str, entries, finish, streamed: bool) -> dict:
-        content = ({"delta": {"content": text} if text else {}} if streamed
-                   else {"message": {"role": "assistant", "content": text}})
+        if not active:
+            content = ({"delta": {"content": text} if text else {}} if streamed
+                       else {"message": {"role": "assistant", "content": text}})
+        elif streamed:
+            text, calls = streams[c].feed(text, final=finish is not None)
+            delta = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = [{"index": called[c] + i, **call} for i, call in enumerate(calls)]
+                called[c] += len(calls)
+            content = {"delta": delta}
+        else:
+            text, calls = tools.parse(text)
+            called[c] = len(calls)
+            content = {"message": {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}}
+        if finish == "stop" and called[c]:
+            finish = "tool_calls"
         return {"index": c, **content,
                 "logprobs": chat_logprobs(state.token_text, entries) if logprobs is not None else None,
                 "finish_reason": finish}
