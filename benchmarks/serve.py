@@ -1,4 +1,5 @@
-"""Serving benchmark: `moelm serve` against llama-cpp-python's OpenAI server and `transformers serve`, over HTTP.
+"""Serving benchmark: `moelm serve` against llama.cpp's `llama-server`, llama-cpp-python's OpenAI server and
+`transformers serve`, over HTTP.
 
 A random checkpoint of a named shape (moelm.bench's BENCH_MODELS) is written once, with a synthetic tokenizer, to a
 temporary directory; each server runs on it as a subprocess on 127.0.0.1 (llama.cpp on the same weights written as
@@ -19,7 +20,10 @@ prompt lengths are checked on every server before the run.
     python benchmarks/serve.py --model ernie-0.3b --clients 1 4 8 --requests 4
     python benchmarks/serve.py --model ernie-tiny --clients 1 2 --requests 2 --gen-tokens 8 --peers moelm
 
-The peers as they are: llama-cpp-python's server runs one request at a time (no batching; the others queue; started
+The peers as they are: llama-server (llama.cpp's own, built by moelm.bench.llama_server from the llama-cpp-python
+sdist's vendored source) runs with --parallel (the highest client count) and --cont-batching, its prompt cache on
+(`llama-server`) or off per request (`llama-server-nocache`), prompts sent as token ids; llama-cpp-python's server
+runs one request at a time (no batching; the others queue; started
 with --interrupt_requests False, else a new request ends the running stream early; it has no ignore_eos, a request
 that stops early is counted with the tokens it made and reported); `transformers serve` runs with
 --continuous-batching, --cb-num-blocks and --cb-max-batch-tokens set (on CPU its default sizes the KV from 60% of
@@ -42,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PEERS = ("moelm", "llama.cpp", "transformers")
+PEERS = ("moelm", "llama-server", "llama-server-nocache", "llama.cpp", "transformers")
 SPECIALS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]  # ids 0..4, as moelm new
 
 
@@ -195,7 +199,9 @@ class Server:
 
     # -- requests: one body and one prompt per server, so that every server gets exactly P prompt tokens
 
-    def prompt(self, ids: list[int]) -> str:
+    def prompt(self, ids: list[int]):
+        if self.name.startswith("llama-server"):
+            return ids  # token ids as the prompt: the same tokens as moelm's
         if self.name == "llama.cpp":
             # the GGUF's vocabulary (moelm.bench.gguf) has no merges: each ASCII letter is one byte token
             return "".join(chr(97 + i % 26) for i in ids)
@@ -205,6 +211,9 @@ class Server:
         if self.name == "moelm":
             return {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if self.name.startswith("llama-server"):
+            return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "cache_prompt": self.name == "llama-server", "stream_options": {"include_usage": True}}
         if self.name == "llama.cpp":
             # no ignore_eos: a request that stops early is counted with the tokens it made (and reported)
             return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "top_p": 1.0, "top_k": 0,
@@ -218,6 +227,8 @@ class Server:
         """Raise if this server does not see the prompt as `tokens` tokens (where it has an endpoint to ask)."""
         import httpx
 
+        if self.name.startswith("llama-server"):
+            return  # token ids
         if self.name == "moelm":
             got = httpx.post(self.url + "/tokenize", json={"prompt": prompt}, timeout=30).json()["count"]
         elif self.name == "llama.cpp":
@@ -264,6 +275,31 @@ def llamacpp_server(directory: Path, args, logs: Path, log) -> Server:
            "--interrupt_requests", "False"]
     return Server("llama.cpp", f"llama.cpp {ftype}", cmd, "/v1/models", logs / "llama.cpp.log",
                   env=_thread_env(args.threads), note="one request at a time (no batching)")
+
+
+def llama_server(directory: Path, args, logs: Path, log, caching: bool) -> Server:
+    """llama.cpp's own server, built from the llama-cpp-python sdist's vendored source (moelm.bench.llama_server),
+    with --parallel (the highest client count) and --cont-batching; its prompt cache on or off per request."""
+    from moelm.bench import gguf
+    from moelm.bench import llama_server as build
+
+    try:
+        binary = build.binary(log=log)
+    except RuntimeError as e:
+        raise Unavailable(str(e)) from None
+    fmt = args.quantization if args.quantization != "none" else args.dtype
+    ftype = gguf.FORMATS[fmt]
+    path = directory / f"model-{ftype}.gguf"
+    if not path.exists():
+        gguf.write_gguf(directory, path, ftype)
+    slots = max(args.clients)
+    cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
+           "-tb", str(args.threads), "-c", str(args.context * slots), "--parallel", str(slots), "--cont-batching",
+           "-b", "512", "--no-webui"]
+    name = "llama-server" if caching else "llama-server-nocache"
+    return Server(name, f"llama-server {ftype}" + ("" if caching else ", no prompt cache"), cmd, "/health",
+                  logs / f"{name}.log", env=_thread_env(args.threads),
+                  note=f"--parallel {slots} --cont-batching, {'with' if caching else 'without'} its prompt cache")
 
 
 def transformers_server(directory: Path, args, logs: Path) -> Server:
@@ -594,6 +630,8 @@ def run(args, model: str) -> dict:
                         s = moelm_server(directory, args, logs)
                     elif name == "llama.cpp":
                         s = llamacpp_server(directory, args, logs, log)
+                    elif name.startswith("llama-server"):
+                        s = llama_server(directory, args, logs, log, name == "llama-server")
                     else:
                         s = transformers_server(directory, args, logs)
                     s.port = free_port()

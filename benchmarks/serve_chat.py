@@ -38,25 +38,8 @@ def moelm_server(directory: Path, args, logs: Path, caching: bool) -> sb.Server:
 
 
 def llama_server(directory: Path, args, logs: Path, caching: bool) -> sb.Server:
-    from moelm.bench import gguf
-    from moelm.bench import llama_server as build
-
-    try:
-        binary = build.binary(log=sb.log)
-    except RuntimeError as e:
-        raise sb.Unavailable(str(e)) from None
-    fmt = args.quantization if args.quantization != "none" else args.dtype
-    path = directory / f"model-{gguf.FORMATS[fmt]}.gguf"
-    if not path.exists():
-        gguf.write_gguf(directory, path, gguf.FORMATS[fmt])
-    cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
-           "-tb", str(args.threads), "-c", str(args.context * args.chats), "--parallel", str(args.chats),
-           "--cont-batching", "-b", "512", "--no-webui"]
-    label = f"llama-server {gguf.FORMATS[fmt]}, " + ("prompt cache" if caching else "no prompt cache")
-    server = sb.Server("llama-server", label, cmd, "/health", logs / f"llama-server-{int(caching)}.log",
-                       env=sb._thread_env(args.threads))
-    server.caching = caching
-    return server
+    args.clients, args.max_batched_tokens = [args.chats], args.max_batched
+    return sb.llama_server(directory, args, logs, sb.log, caching)
 
 
 def turn(client, server: sb.Server, prompt: list[int], answer: int, tokenizer) -> tuple[list[int], float]:
@@ -70,7 +53,7 @@ def turn(client, server: sb.Server, prompt: list[int], answer: int, tokenizer) -
     else:
         r = client.post(server.url + "/completion", json={
             "prompt": prompt, "n_predict": answer, "temperature": 0, "ignore_eos": True, "return_tokens": True,
-            "cache_prompt": server.caching})
+            "cache_prompt": server.name == "llama-server"})
         r.raise_for_status()
         ids = r.json()["tokens"]
     seconds = time.perf_counter() - t

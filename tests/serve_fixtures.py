@@ -16,14 +16,16 @@ import uvicorn  # noqa: E402
 from moelm import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from moelm.serve.app import create_app  # noqa: E402
 from moelm.serve.engine import Engine  # noqa: E402
+from moelm.serve.lora import Adapters  # noqa: E402
 
 
 @contextlib.contextmanager
 def running_server(path, names=None, api_key=None, chat_template=None, defaults=None, fast=True, dtype="auto",
-                   **engine_kwargs):
+                   lora_modules=None, **engine_kwargs):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, fast=fast, dtype=dtype)
-    engine = Engine(model, tokenizer, **engine_kwargs).start()
+    adapters = Adapters.load(model, lora_modules) if lora_modules else None
+    engine = Engine(model, tokenizer, adapters=adapters, **engine_kwargs).start()
     app = create_app(engine, tokenizer, names or ["tiny"], api_key=api_key, chat_template=chat_template,
                      defaults=defaults)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",

@@ -325,3 +325,10 @@ def _mat_tensors(module):
     if type(module) is QuantizedLinear and module.qweight.is_contiguous() and module.qweight.device.type == "cpu":
         return module.qweight, module.scale, module.group_size, bias
     return None
+
+
+def forget_plans():
+    """Drop every layer's and MoE block's plan: modules changed in place (a class swapped, as per-request LoRA does)
+    are planned again, or found unfit, at their next step."""
+    _PLANS.clear()
+    _MOE_PLANS.clear()

@@ -126,6 +126,7 @@ class SlotCache:
         self.blocks: list[list[int]] = [[] for _ in range(slots)] if self.paged else [[r] for r in range(slots)]
         self.table = torch.tensor([b + [0] * (self.width - len(b)) for b in self.blocks], dtype=torch.int64)
         self.digests: list[list[bytes]] = [[] for _ in range(slots)]  # of each row's first remembered blocks
+        self.salts: list[bytes] = [b""] * slots
         self.lengths = [0] * slots
         self.max_length = max_length
         self.window = sliding_window
@@ -172,12 +173,14 @@ class SlotCache:
             self.digests[row] = []
             self.table[row] = 0
 
-    def reuse(self, row: int, tokens: torch.Tensor) -> int:
+    def reuse(self, row: int, tokens: torch.Tensor, salt: bytes = b"") -> int:
         """Start an empty row from the longest remembered prefix of `tokens` [n] in whole blocks, leaving at least
-        its last token to compute; returns the positions reused."""
+        its last token to compute; returns the positions reused. `salt` starts the row's digests: what else its KV
+        depends on (a LoRA adapter), so that rows with another salt share none of its blocks."""
+        self.salts[row] = salt
         if not self.prefix_caching or self.blocks[row]:
             return 0
-        size, digest = self.block_size, b""
+        size, digest = self.block_size, salt
         for i in range((len(tokens) - 1) // size):
             digest = chain(digest, tokens[i * size:(i + 1) * size])
             block = self.pool.find(digest)
@@ -196,7 +199,7 @@ class SlotCache:
             return
         size, digests = self.block_size, self.digests[row]
         for i in range(len(digests), self.lengths[row] // size):
-            digests.append(chain(digests[-1] if digests else b"", tokens[i * size:(i + 1) * size]))
+            digests.append(chain(digests[-1] if digests else self.salts[row], tokens[i * size:(i + 1) * size]))
             self.pool.remember(self.blocks[row][i], digests[-1])
 
     def schedule(self, segments: list[tuple[int, int]]) -> Schedule:

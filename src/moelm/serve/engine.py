@@ -65,6 +65,7 @@ class SamplingParams(Sampling):
     n: int = 1
     structured: tuple[str, object, str] | None = None  # (kind, spec, request field): see moelm.serve.structured
     grammar: str | None = None  # its compiled grammar (Engine.check sets it)
+    adapter: int = 0  # the LoRA adapter it runs with (Engine's `adapters`; 0: none)
 
     def __post_init__(self):
         """Checked when the engine takes the request (sampling()), where a bad knob becomes a RequestError."""
@@ -151,13 +152,14 @@ class Engine:
     draft_model: the loaded draft model of its method 'draft_model'. KV: blocks of `block_size` positions (None:
     one contiguous row of max_model_len per sequence), `num_blocks` of them, or as many as `kv_cache_memory` bytes
     hold, by default enough for every row to reach max_model_len; `enable_prefix_caching` (default: on, except
-    with MTP drafting, whose head needs the hidden states of every position)."""
+    with MTP drafting, whose head needs the hidden states of every position). adapters: the LoRA adapters loaded
+    onto the model (moelm.serve.lora.Adapters), chosen per request by SamplingParams.adapter."""
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None,
                  speculative: SpeculativeConfig | str | dict | None = None, draft_model=None,
                  block_size: int | None = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool | None = None):
+                 enable_prefix_caching: bool | None = None, adapters=None):
         config = model.config
         context = config.max_position_embeddings
         max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
@@ -213,6 +215,8 @@ class Engine:
 
         self.ragged = all(isinstance(m, FastAttention) for m in model.modules() if hasattr(m, "q_proj"))
         self.free_rows = list(range(max_num_seqs))
+        self.adapters = adapters
+        self.row_adapter = [0] * max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in a slot: prefilling (filled < prompt) or decoding
         self.inbox: list[Sequence] = []
@@ -335,6 +339,8 @@ class Engine:
                 raise RequestError(f"{name}: the constraint allows no first token of this model's vocabulary "
                                    "(llguidance needs a tokenizer that can spell every byte string): "
                                    f"{matcher.get_error().splitlines()[0] if matcher.is_error() else ''}", name)
+        if params.adapter and (self.adapters is None or params.adapter not in self.adapters.names.values()):
+            raise RequestError(f"no LoRA adapter {params.adapter} is loaded", "model")
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise RequestError(f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
                                f"{len(prompt) + params.max_tokens} is more than the model's context of "
@@ -400,13 +406,15 @@ class Engine:
         while self.waiting and self.free_rows:
             seq = self.waiting[0]
             row = min(self.free_rows)
-            reused = cache.reuse(row, seq.ids[:seq.target])
+            adapter = seq.request.params.adapter
+            reused = cache.reuse(row, seq.ids[:seq.target], b"" if not adapter else f"lora:{adapter}".encode())
             if cache.room(row) <= reused:  # no block for its next position: wait for sequences to finish
                 cache.free(row)
                 break
             self.waiting.popleft()
             self.free_rows.remove(row)
             seq.row, seq.filled = row, reused
+            self.row_adapter[row] = adapter
             with self.cond:
                 self.queued -= 1
             self.running.append(seq)
@@ -556,6 +564,9 @@ class Engine:
                       attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
                       use_cache=True)
         rows = torch.tensor(keep, dtype=torch.long, device=device)
+        if self.adapters is not None:  # each token's adapter
+            self.adapters.rows.set(torch.tensor([self.row_adapter[r] for r, n in segments for _ in range(n)]),
+                                   torch.tensor(keep))
         try:
             if not hidden:
                 return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None
@@ -567,6 +578,8 @@ class Engine:
                 hook.remove()
             return self.model.lm_head(out.last_hidden_state[:, rows])[0].float().cpu(), seen[-1][0]
         finally:
+            if self.adapters is not None:
+                self.adapters.rows.clear()
             if commit:
                 self.cache.commit()
             else:

@@ -22,7 +22,7 @@ class Generation:
     arrive on, and how many choices they make."""
 
     def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str,
-                 constraint: tuple | None = None):
+                 constraint: tuple | None = None, adapter: int = 0):
         engine, loop = state.engine, asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
@@ -35,6 +35,7 @@ class Generation:
                 params = body.params(tokens, logprobs, state.defaults)
                 if constraint is not None:  # the caller's own (tool_choice), in place of the body's
                     params.structured = constraint
+                params.adapter = adapter
 
                 def deliver(out: Output, i=i):
                     try:

@@ -18,12 +18,20 @@ PAGE_POLICY = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe
 
 
 def model_name(state, requested: str | None) -> str:
+    """The served name a request asks for (the first one by default): a name of the model or of a LoRA adapter."""
     if requested is None or requested == "":
         return state.names[0]
-    if requested not in state.names:
-        raise APIError(404, f"the model {requested!r} is not served here (served: {', '.join(state.names)})",
+    adapters = state.engine.adapters
+    if requested not in state.names and (adapters is None or requested not in adapters.names):
+        served = state.names + (list(adapters.names) if adapters is not None else [])
+        raise APIError(404, f"the model {requested!r} is not served here (served: {', '.join(served)})",
                        "model", "model_not_found", "not_found_error")
     return requested
+
+
+def adapter_of(state, name: str) -> int:
+    adapters = state.engine.adapters
+    return 0 if adapters is None else adapters.id(name)
 
 
 def checked(state, body) -> str:
@@ -49,9 +57,13 @@ async def metrics(request: Request):
 
 async def models(request: Request):
     state = request.app.state
+    adapters = state.engine.adapters
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": state.created, "owned_by": "moelm", "root": state.names[0],
-         "max_model_len": state.engine.max_model_len} for name in state.names]}
+         "parent": None, "max_model_len": state.engine.max_model_len} for name in state.names] + [
+        {"id": name, "object": "model", "created": state.created, "owned_by": "moelm", "root": adapters.paths[name],
+         "parent": state.names[0], "max_model_len": state.engine.max_model_len}
+        for name in (adapters.names if adapters is not None else ())]}
 
 
 async def page():
@@ -138,7 +150,7 @@ async def chat(body: ChatRequest, http: Request):
                          body.tools if active else None, functions if active else ())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages",
-                     constraint)
+                     constraint, adapter_of(state, name))
     streams = [tools.Stream() for _ in range(gen.choices)]
     called = [0] * gen.choices
 
@@ -182,7 +194,7 @@ async def completions(body: CompletionRequest, http: Request):
     state = http.app.state
     name = checked(state, body)
     prompts = prompts_of(state.tokenizer, body.prompt)
-    gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt")
+    gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt", adapter=adapter_of(state, name))
     echo = [state.tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(gen.choices)]
     offsets = [Offsets(state.token_text, len(e)) for e in echo]
 

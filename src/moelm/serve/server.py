@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -41,6 +42,9 @@ def add_arguments(p):
                         "--max-model-len)")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None, metavar="N",
                    help="the KV block pool's size in blocks (vLLM's name; on every device)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served beside the model: a request whose model is NAME "
+                        "runs with it (also vLLM's JSON form {\"name\": ..., \"path\": ...})")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of full blocks of earlier prompts (default: on, off with MTP drafting)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MOELM_API_KEY)")
@@ -64,6 +68,26 @@ def byte_size(text: str) -> int:
     number, unit, binary = match.groups()
     power = " KMGT".index(unit.upper()) if unit else 0
     return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def lora_modules(specs: list[str] | None) -> dict[str, str]:
+    """--lora-modules NAME=PATH (or vLLM's JSON {"name", "path"}) -> {name: path}; ValueError naming a bad one."""
+    out = {}
+    for spec in specs or []:
+        if spec.lstrip().startswith("{"):
+            try:
+                d = json.loads(spec)
+                name, path = d["name"], d["path"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules {spec}: the JSON form needs \"name\" and \"path\"") from None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {spec}: give NAME=PATH")
+        if name in out:
+            raise ValueError(f"--lora-modules: the name {name} is given twice")
+        out[name] = path
+    return out
 
 
 def check_extra():
@@ -121,7 +145,13 @@ def run(args, load):
         template = path.read_text(encoding="utf-8")
     speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     check_address(args.host, args.port)
+    modules = lora_modules(args.lora_modules)
     model, tokenizer = load(args)
+    adapters = None
+    if modules:
+        from .lora import Adapters
+
+        adapters = Adapters.load(model, modules)
     draft = None
     if speculative is not None and speculative.method == "draft_model":
         from ..models.auto import AutoModelForCausalLM
@@ -134,7 +164,7 @@ def run(args, load):
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                     seed=args.seed, speculative=speculative, draft_model=draft, block_size=args.block_size,
                     num_blocks=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory_bytes,
-                    enable_prefix_caching=args.enable_prefix_caching)
+                    enable_prefix_caching=args.enable_prefix_caching, adapters=adapters)
     configured = model.generation_config.to_dict()
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]

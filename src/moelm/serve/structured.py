@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from copy import copy
 
+import numpy as np
 import torch
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -91,7 +91,7 @@ class Grammars:
 
 
 def allowed(matcher, vocab_size: int) -> torch.Tensor:
-    """The tokens the matcher accepts next: bool [vocab_size]."""
-    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-    bits = (words[:, None] >> _BITS) & 1  # [W, 32]: token 32 w + b
-    return bits.flatten()[:vocab_size].bool()
+    """The tokens the matcher accepts next: bool [vocab_size] (unpacked by numpy: one pass, no threads)."""
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), count=vocab_size,
+                         bitorder="little")  # token 8 i + b is bit b of byte i
+    return torch.from_numpy(bits.view(np.bool_))

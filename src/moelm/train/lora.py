@@ -510,6 +510,50 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
     return config
 
 
+def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, dict[str, tuple]]]:
+    """An adapter directory's config and tensors in moelm's layouts, without applying it: {module name: {"weight":
+    (A [r, in], B [out, r])}} for a Linear, {module name: {parameter: (A [E, r, in], B [E, out, r])}} for stacked
+    experts; B not scaled. Errors name a missing, unexpected or misshapen tensor."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory / CONFIG_NAME} not found (not a LoRA adapter directory)")
+    config = LoraConfig.from_peft(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
+    if not (directory / WEIGHTS_NAME).exists():
+        raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (moelm reads safetensors adapters only)")
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    linears, experts = _targets(model, config)
+    out, used = {}, set()
+
+    def take(key: str, shape: tuple) -> torch.Tensor:
+        if key not in tensors:
+            raise ValueError(f"adapter {directory}: missing tensor {key}")
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise ValueError(f"adapter {directory}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                             f"{tuple(shape)}")
+        used.add(key)
+        return tensors[key]
+
+    for name in sorted(linears):
+        module, key = model.get_submodule(name), f"base_model.model.{_peft_name(model, name)}"
+        out[name] = {"weight": (take(f"{key}.lora_A.weight", (config.r, module.in_features)),
+                                take(f"{key}.lora_B.weight", (module.out_features, config.r)))}
+    for name, params in sorted(experts.items()):
+        module, key = model.get_submodule(name), f"base_model.model.{_peft_name(model, name)}"
+        out[name] = {}
+        for i, p in enumerate(params):
+            e, rows, cols = _expert_shape(module, p)
+            nest = "base_layer." * (len(params) - 1 - i)
+            a = take(f"{key}.{nest}lora_A.weight", (e * config.r, cols))
+            b = take(f"{key}.{nest}lora_B.weight", (rows, config.r * e))
+            out[name][p] = (_from_peft("expert_A", a, e), _from_peft("expert_B", b, e))
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise ValueError(f"adapter {directory}: unexpected tensors {unexpected[:8]}{'...' * (len(unexpected) > 8)}")
+    return config, out
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += scale * B @ A; experts batched over E) and give the modules
