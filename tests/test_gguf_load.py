@@ -502,3 +502,32 @@ def test_q4_0_from_a_compressed_checkpoint(family, hub, tmp_path):
     for name, (q, scale, group) in want.items():
         assert group == got[name][2] == 32 and torch.equal(got[name][0], q), name
         assert torch.equal(got[name][1], scale.half().float()), name
+
+
+def test_served_as_loaded(tmp_path):
+    """A q4_0 GGUF file and the compressed-tensors int4 checkpoint moelm writes, served by the engine as loaded
+    (int4 weights kept): each greedy answer is `generate`'s on the same model (one request at a time: batched, a
+    step's row count picks the int4 path, whose activation rounding differs, see docs/serving.md)."""
+    from moelm.inference.quantization import QuantizedLinear
+    from moelm.serve.engine import Engine, SamplingParams
+
+    ck = tiny_checkpoint("ernie4_5_moe", tmp_path / "hub")
+    tok_dir = build_sentencepiece_dir(tmp_path / "tok", model_type="bpe")
+    shutil.copy(tok_dir / "tokenizer.model", ck / "tokenizer.model")
+    shutil.copy(tok_dir / "tokenizer_config.json", ck / "tokenizer_config.json")
+    gguf = write_gguf(ck, tmp_path / "m.gguf", "q4_0")
+    compressed = tmp_path / "ct"
+    AutoModelForCausalLM.from_pretrained(ck, quantization="int4").save_pretrained(compressed)
+    shutil.copy(tok_dir / "tokenizer.model", compressed / "tokenizer.model")
+    shutil.copy(tok_dir / "tokenizer_config.json", compressed / "tokenizer_config.json")
+    for path, extra in ((None, {"gguf_file": gguf}), (compressed, {})):
+        model = AutoModelForCausalLM.from_pretrained(path, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+        prompts = [tokenizer(t)["input_ids"] for t in ("Hello world", "a b c d e f", "x")]
+        want = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(p):]
+                .tolist() for p in prompts]
+        with Engine(model, tokenizer, max_num_seqs=3, max_model_len=64).start() as engine:
+            for p, w in zip(prompts, want):
+                request = engine.submit(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+                assert [t for out in request for t in out.token_ids] == w
