@@ -121,8 +121,8 @@ def test_server_lists_and_serves_adapters(served):
     del model
 
 
-def test_cli_lora_modules_errors_are_one_line(served):
-    path, dirs = served
+def test_cli_lora_modules_errors_are_one_line(tmp_path):
+    path = new_checkpoint("ernie4_5-tiny", tmp_path, seed=0)
     for args, message in [(["--lora-modules", "nameonly"], "--lora-modules nameonly: give NAME=PATH"),
                           (["--lora-modules", "x=/no/such/adapter"], "LoRA adapter x (/no/such/adapter)")]:
         r = subprocess.run([sys.executable, "-m", "moelm.cli", "serve", str(path), *args], capture_output=True,
