@@ -40,12 +40,7 @@ class Counting:
 def greedy(engine, prompts, max_tokens=10):
     requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
                 for p in prompts]
-    outs = []
-    for r in requests:
-        tokens = []
-        for out in r:
-            tokens += out.token_ids
-        outs.append(tokens)
+    outs = [[t for out in r for t in out.token_ids] for r in requests]
     return outs, [r.cached_tokens for r in requests]
 
 
