@@ -481,7 +481,9 @@ class Engine:
             if seq.filled == seq.target and not seq.tokens:
                 keep.append(len(tokens) - 1)
         if not segments:  # every running sequence waits for a block: the last admitted holding some gives its back
-            self._preempt(next(s for s in reversed(self.running) if self.cache.blocks[s.row]))
+            holder = next((s for s in reversed(self.running) if self.cache.blocks[s.row]), None)
+            if holder is not None:
+                self._preempt(holder)
             return
         hidden_too = self.drafter is not None and self.drafter.hidden
         logits, hidden = self._forward(segments, tokens, keep, hidden=hidden_too)
@@ -566,7 +568,7 @@ class Engine:
         rows = torch.tensor(keep, dtype=torch.long, device=device)
         if self.adapters is not None:  # each token's adapter
             self.adapters.rows.set(torch.tensor([self.row_adapter[r] for r, n in segments for _ in range(n)]),
-                                   torch.tensor(keep))
+                                   rows.cpu())
         try:
             if not hidden:
                 return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None

@@ -54,6 +54,7 @@ class MultiLoraLinear:
         flat_x, shape = x.reshape(-1, x.shape[-1]), out.shape
         flat = out.reshape(-1, shape[-1]).clone()
         for a, tokens in self.lora_rows.of(flat_x.shape[0])[1]:
+            tokens = tokens.to(flat_x.device)
             h = F.linear(F.linear(flat_x[tokens].to(self.lora_A.dtype), self.lora_A[a]), self.lora_B[a])
             flat.index_add_(0, tokens, h.to(flat.dtype))
         return flat.view(shape)
