@@ -166,6 +166,33 @@ def test_quantized_linear_forced_integer_paths(mode):
 
 
 @pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_independent_rows_may_take_the_integer_path(mode):
+    """Few rows are offered the integer paths only inside independent_rows (a server's step of one token of each
+    of several sequences); one row never: forced onto int8dot there, 2..16 rows give the kernel's result, outside
+    they keep gemv."""
+    from moelm.inference.quantization import independent_rows
+
+    g = torch.Generator().manual_seed(4)
+    m = QuantizedLinear(128, 40, True, mode, 64)
+    with torch.no_grad():
+        m.load_weight(torch.randn(40, 128, generator=g))
+        m.bias.copy_(torch.randn(40, generator=g))
+        x = torch.randn(1, 8, 128, generator=g)
+        for variant in VARIANTS:
+            path = f"int8dot_{variant}"
+            with forced(f"quantized={path}"):
+                want = kernels.intgemm(x, m.qweight, m.scale, m.group_size, variant) + m.bias
+                with independent_rows():
+                    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+                    m(x[:, :1])
+                assert sum(v == path for v in cpu.choices(True).values()) == 1  # 8 rows, not the one row
+                cpu.reset()
+                m(x)
+                assert path not in cpu.choices(True).values()
+                cpu.reset()
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
 @pytest.mark.parametrize("e", (6, 12))
 def test_quantized_experts_integer_path(mode, e, monkeypatch):
     """Prefill of stacked quantized experts forced onto each integer path equals each chosen expert's rows through

@@ -14,6 +14,7 @@ else runs. With `speculative` (moelm.serve.speculation), a decoding sequence fee
 keeps those the model agrees with."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import random
@@ -29,6 +30,7 @@ import torch
 
 from ..generation.sampling import Sampling, SamplingError, apply_penalties, choose, warp
 from ..generation.speculative import Always, Pace, judge_draft
+from ..inference.quantization import independent_rows
 from ..inference.slots import SlotCache
 from ..text import Detokenizer, StopStrings
 from .speculation import SpeculativeConfig, drafter_for
@@ -566,19 +568,26 @@ class Engine:
                       attention_mask=None if self.ragged else self.cache.mask(), past_key_values=self.cache,
                       use_cache=True)
         rows = torch.tensor(keep, dtype=torch.long, device=device)
+        # one token of each of several sequences: its rows need not round as each would alone (int8/int4 weights
+        # may take the integer path); a prompt chunk's rows are one sequence's, as in generate
+        rows_apart = independent_rows() if len(segments) > 1 and all(n == 1 for _, n in segments) \
+            else contextlib.nullcontext()
         if self.adapters is not None:  # each token's adapter
             self.adapters.rows.set(torch.tensor([self.row_adapter[r] for r, n in segments for _ in range(n)]),
                                    rows.cpu())
         try:
             if not hidden:
-                return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None
+                with rows_apart:
+                    return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None
             seen = []
             hook = self.model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
             try:
-                out = self.model.model(**inputs)
+                with rows_apart:
+                    out = self.model.model(**inputs)
+                    head = self.model.lm_head(out.last_hidden_state[:, rows])
             finally:
                 hook.remove()
-            return self.model.lm_head(out.last_hidden_state[:, rows])[0].float().cpu(), seen[-1][0]
+            return head[0].float().cpu(), seen[-1][0]
         finally:
             if self.adapters is not None:
                 self.adapters.rows.clear()
