@@ -28,9 +28,14 @@ import serve as sb  # noqa: E402  (benchmarks/serve.py: the checkpoint, the toke
 KINDS = ("moelm", "moelm-uncached", "llama-server", "llama-server-uncached")
 
 
+def sized(args):
+    """The fields benchmarks/serve.py's servers read: sized for --chats sequences."""
+    args.clients, args.max_batched_tokens = [args.chats], args.max_batched
+    return args
+
+
 def moelm_server(directory: Path, args, logs: Path, caching: bool) -> sb.Server:
-    args.clients, args.quantization, args.max_batched_tokens = [args.chats], args.quantization, args.max_batched
-    server = sb.moelm_server(directory, args, logs)
+    server = sb.moelm_server(directory, sized(args), logs)
     server.cmd += [] if caching else ["--no-enable-prefix-caching"]
     server.name, server.label = ("moelm", "moelm, prefix caching" if caching else "moelm, no prefix caching")
     server.log_path = logs / f"moelm-{int(caching)}.log"
@@ -38,8 +43,7 @@ def moelm_server(directory: Path, args, logs: Path, caching: bool) -> sb.Server:
 
 
 def llama_server(directory: Path, args, logs: Path, caching: bool) -> sb.Server:
-    args.clients, args.max_batched_tokens = [args.chats], args.max_batched
-    return sb.llama_server(directory, args, logs, sb.log, caching)
+    return sb.llama_server(directory, sized(args), logs, sb.log, caching)
 
 
 def turn(client, server: sb.Server, prompt: list[int], answer: int, tokenizer) -> tuple[list[int], float]:

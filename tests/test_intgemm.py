@@ -141,16 +141,22 @@ def test_unknown_variant_is_an_error():
         kernels.intgemm(torch.randn(20, 64), q, s, 0, "amx")
 
 
-@pytest.mark.parametrize("mode", ("int8", "int4"))
-def test_quantized_linear_forced_integer_paths(mode):
-    """QuantizedLinear with > 16 rows forced onto each int8dot path: the kernel's result plus the bias, bf16
-    activations too; fewer rows keep the gemv kernel (the integer paths are prefill only)."""
-    g = torch.Generator().manual_seed(3)
+def random_linear(mode: str, rows: tuple, seed: int) -> tuple[QuantizedLinear, torch.Tensor]:
+    """A QuantizedLinear 128 -> 40 of random weight and bias (group 64), and random x [*rows, 128]."""
+    g = torch.Generator().manual_seed(seed)
     m = QuantizedLinear(128, 40, True, mode, 64)
     with torch.no_grad():
         m.load_weight(torch.randn(40, 128, generator=g))
         m.bias.copy_(torch.randn(40, generator=g))
-        x = torch.randn(2, 20, 128, generator=g)
+    return m, torch.randn(*rows, 128, generator=g)
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_quantized_linear_forced_integer_paths(mode):
+    """QuantizedLinear with > 16 rows forced onto each int8dot path: the kernel's result plus the bias, bf16
+    activations too; fewer rows keep the gemv kernel (the integer paths are prefill only)."""
+    m, x = random_linear(mode, (2, 20), seed=3)
+    with torch.no_grad():
         for variant in VARIANTS:
             path = f"int8dot_{variant}"
             with forced(f"quantized={path}"):
@@ -172,12 +178,8 @@ def test_independent_rows_may_take_the_integer_path(mode):
     they keep gemv."""
     from moelm.inference.quantization import independent_rows
 
-    g = torch.Generator().manual_seed(4)
-    m = QuantizedLinear(128, 40, True, mode, 64)
+    m, x = random_linear(mode, (1, 8), seed=4)
     with torch.no_grad():
-        m.load_weight(torch.randn(40, 128, generator=g))
-        m.bias.copy_(torch.randn(40, generator=g))
-        x = torch.randn(1, 8, 128, generator=g)
         for variant in VARIANTS:
             path = f"int8dot_{variant}"
             with forced(f"quantized={path}"):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..inference.quantization import QuantizedExperts
 from ..nn.moe import Experts, grouped_linear, sort_by_expert
+from ..train.lora import HEADS, TrainableQuantizedExperts, read_adapter
 
 
 class Rows:
@@ -23,9 +24,7 @@ class Rows:
     len(keep)), its rows' adapters [n] and [(adapter, row indices)] for the adapters > 0 among them."""
 
     def __init__(self):
-        self.index: torch.Tensor | None = None
-        self.keep: torch.Tensor | None = None
-        self._of: dict[int, tuple] = {}
+        self.set(None)
 
     def set(self, index: torch.Tensor | None, keep: torch.Tensor | None = None):
         self.index, self.keep, self._of = index, keep, {}
@@ -96,8 +95,6 @@ class MultiLoraExperts:
 def base_project(module, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The base projection of rows sorted by expert (int8/int4 experts: dequantized, as LoRA training does)."""
     if isinstance(module, QuantizedExperts):
-        from ..train.lora import TrainableQuantizedExperts
-
         return TrainableQuantizedExperts.project(module, name, x, counts)
     return grouped_linear(x, getattr(module, name), counts, module.path)
 
@@ -118,14 +115,12 @@ class Adapters:
         self.names: dict[str, int] = {}
         self.paths: dict[str, str] = {}
         self.rows = Rows()
-        self.rows.clear()
 
     @classmethod
     def load(cls, model: nn.Module, directories: dict[str, str]) -> Adapters:
         """Read the adapters and stack them onto `model`'s targeted modules (in place). Errors name the adapter
         and what is wrong with it."""
         from ..inference import decode
-        from ..train.lora import HEADS, read_adapter
 
         self = cls()
         read = {}
