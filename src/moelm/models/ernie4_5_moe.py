@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Ernie4_5_MoeConfig
 from ..nn.layers import MLP, DecoderLayer, RMSNorm, attention_mask_4d
-from ..nn.moe import Experts, ernie_route
+from ..nn.moe import Experts, ernie_choose, ernie_route
 from ..nn.rope import rotate_interleaved
 from .ernie4_5 import Ernie4_5Model
 from .modeling import CausalLM, Router
@@ -39,6 +39,11 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
     def routing_spec(self) -> tuple[str, int, float, float]:
         """(routing kind, top-k, norm_min, jitter) for kernels that run the block whole (moelm.inference)."""
         return "ernie", self.config.moe_k, self.config.moe_norm_min, 0.0
+
+    def routed(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing forward does, from its router logits [T, E]: weights [T, K] fp32, index [T, K]."""
+        return ernie_choose(logits, self.moe_statics.e_score_correction_bias, self.config.moe_k,
+                            self.config.moe_norm_min)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = x.shape

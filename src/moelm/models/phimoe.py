@@ -23,6 +23,10 @@ class PhimoeSparseMoeBlock(nn.Module):
         in training (jitter noise, sampled picks)."""
         return None if self.training else ("sparsemixer", 2, 0.0, self.config.router_jitter_noise)
 
+    def routed(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing forward does at inference, from its router logits [T, E]: weights [T, 2], index [T, 2]."""
+        return sparsemixer(logits, self.config.router_jitter_noise, False)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = x.shape
         noise = self.config.input_jitter_noise

@@ -104,11 +104,18 @@ def ernie_route(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: tor
     x [T, H] -> logits [T, E] fp32, weights [T, K] in x's dtype, index [T, K]."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = F.linear(x.float(), gate_weight.float())
-        probs = F.softmax(logits, dim=-1, dtype=torch.float)
-        _, index = torch.topk(probs + correction_bias.reshape(-1).float(), k, dim=-1)
-        weights = probs.gather(-1, index)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min)
+        weights, index = ernie_choose(logits, correction_bias, k, norm_min)
     return logits, weights.to(x.dtype), index
+
+
+def ernie_choose(logits: torch.Tensor, correction_bias: torch.Tensor, k: int, norm_min: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE's choice from router logits [T, E]: top-k of softmax + bias, weights the chosen (unbiased)
+    probabilities renormalised -> weights [T, K] fp32, index [T, K]."""
+    probs = F.softmax(logits.float(), dim=-1, dtype=torch.float)
+    _, index = torch.topk(probs + correction_bias.reshape(-1).float(), k, dim=-1)
+    weights = probs.gather(-1, index)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min), index
 
 
 class _SparseMixerGrad(torch.autograd.Function):
