@@ -308,7 +308,8 @@ def test_loss_curve_equals_transformers(family, ckpt, root, tmp_path):
 # ------------------------------------------------------------------ 3. exact resume, 4. activation checkpointing
 
 def short_recipe(family, path, data, out, steps=6) -> dict:
-    """6 steps of 2 micro-batches, warmup + cosine, a checkpoint every 2 steps (step_2 and step_4 kept)."""
+    """6 steps of 2 micro-batches, warmup + cosine, a checkpoint every 2 steps (step_2, step_4 and the last, step_6,
+    kept)."""
     moe = {"ernie4_5": None, "ernie4_5_moe": {"aux_loss_coef": None, "gate_bias_update_factor": 0.01},
            "phimoe": {"aux_loss_coef": None, "gate_bias_update_factor": 0.0}}[family]
     return make_recipe(path, data, out,
@@ -340,7 +341,7 @@ def safetensors_state(directory) -> dict:
 @pytest.mark.parametrize("family", ["ernie4_5_moe", "phimoe"])
 def test_resume_equals_uninterrupted_run_to_the_bit(family, full_run, tmp_path):
     recipe, history, out = full_run(family)
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step_")) == ["step_2", "step_4"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step_")) == ["step_2", "step_4", "step_6"]
     again = copy.deepcopy(recipe)
     again["checkpoint"]["dir"] = str(tmp_path / "again")
     resumed = train(again, resume=str(out / "step_4"))

@@ -1,9 +1,11 @@
 """ERNIE's aux-free load balancing: after each optimizer step, e_score_correction_bias += factor *
 sign(mean load - load), the load being the tokens each expert was chosen for, summed over the step's micro-batches
 and the data-parallel ranks, padding excluded, in fp32 (as NeMo's gate_bias_update_factor; 0 turns it off); and
-NeMo's load-balance metrics of such loads (balance_metrics)."""
+NeMo's load-balance metrics of such loads (balance_metrics). RoutedLoad counts them from the choice the forward made."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import statistics
 
@@ -111,3 +113,49 @@ def balance_metrics(loads: list[torch.Tensor], detailed: bool = False, top_k: in
             out[f"moe/layer_{i}/dead_expert_frac"] = s["dead_expert_frac"]
             out[f"moe/layer_{i}/expert_diversity"] = s["expert_diversity"]
     return out
+
+
+class RoutedLoad(ExpertLoad):
+    """The loads [E] of the MoE blocks given (in layer order), counted from the expert index [T, K] each block hands
+    its experts module (a forward pre-hook): the choice the forward made, PhiMoE's sampled one included. Only the
+    forwards inside `recording(mask)` count, so an activation-checkpointing recomputation in the backward does not;
+    a 0 in the mask [B, S] (T = B * S) drops that token."""
+
+    def __init__(self, blocks: list, num_experts: int, device=None):
+        super().__init__()
+        self.num_experts, self.device = num_experts, device
+        self.mask: torch.Tensor | None = None
+        self.on = False
+        self.hooks = [block.experts.register_forward_pre_hook(functools.partial(self._count, i))
+                      for i, block in enumerate(blocks)]
+        self.clear()
+
+    def clear(self):
+        self.loads = [torch.zeros(self.num_experts, device=self.device) for _ in self.hooks]
+
+    @contextlib.contextmanager
+    def recording(self, attention_mask: torch.Tensor | None = None):
+        self.on, self.mask = True, attention_mask
+        try:
+            yield self
+        finally:
+            self.on, self.mask = False, None
+
+    @torch.no_grad()
+    def _count(self, i: int, module, args):
+        if not self.on:
+            return
+        index = args[1]  # experts(x [T, H], index [T, K], weights [T, K])
+        if self.mask is None:
+            weight = torch.ones(index.numel(), device=index.device)
+        else:
+            if self.mask.numel() != index.shape[0]:
+                raise RuntimeError(f"expert load: layer {i} routed {index.shape[0]} tokens, the attention mask "
+                                   f"has {self.mask.numel()}")
+            weight = self.mask.reshape(-1, 1).float().to(index.device).expand(index.shape).reshape(-1)
+        load = self.loads[i]
+        load.index_add_(0, index.reshape(-1).to(load.device), weight.to(load.device))
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_finetune_arguments(p):
@@ -78,8 +77,8 @@ def evaluate(args):
     if args.kind == "hellaswag":
         result = multiple_choice(model, load_choices(args.data, tokenizer, args.limit), batch_size=args.batch_size)
     else:
-        config = DataConfig(kind=args.kind, path=args.data, seq_length=args.seq_length, truncation="right" if args.kind == "chat" else "error",
-                            num_samples_limit=args.limit)
+        config = DataConfig(kind=args.kind, path=args.data, seq_length=args.seq_length,
+                            truncation="right" if args.kind == "chat" else "error", num_samples_limit=args.limit)
         result = perplexity(model, load_examples(config, tokenizer), batch_size=args.batch_size,
                             pad_id=pad_id(tokenizer))
     print(json.dumps(result))
@@ -91,4 +90,4 @@ def merge(args):
     from .state import merge_to
 
     out = merge_to(args.model, args.adapter, args.out, dtype=getattr(torch, args.dtype))
-    print(out, file=sys.stderr)
+    print(out)

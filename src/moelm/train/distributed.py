@@ -45,6 +45,9 @@ def layout_for(section, world: int, rank: int, config, source: str) -> Layout:
         check_sizes(config, 1, section.ep)
     except ValueError as e:
         raise ValueError(f"{source}: distributed.{e}") from None
+    if world == 1 and section.ep > 1:
+        raise ValueError(f"{source}: distributed.ep={section.ep} needs {section.ep} processes or a multiple: launch "
+                         f"with `torchrun --nproc-per-node {section.ep} -m moelm finetune ...`")
     if world % section.ep:
         raise ValueError(f"{source}: distributed.ep={section.ep} must divide the number of processes ({world})")
     return Layout(world=world, rank=rank, fsdp=fsdp, ep=section.ep)

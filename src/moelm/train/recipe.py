@@ -1,6 +1,7 @@
 """A finetune recipe: YAML in NeMo AutoModel's spirit (model, dataset, validation_dataset, step, optimizer,
-lr_scheduler, distributed, moe, peft, checkpoint, seed), read into dataclasses whose fields are the keys. An unknown
-key, a wrong type or an inconsistent size is an error naming the key; `--section.key=value` overrides a key."""
+lr_scheduler, distributed, moe, moe_metrics, peft, checkpoint, seed), read into dataclasses whose fields are the
+keys. An unknown key, a wrong type or an inconsistent size is an error naming the key; `--section.key=value`
+overrides a key."""
 from __future__ import annotations
 
 import dataclasses
@@ -75,6 +76,15 @@ class MoeSection:
 
 
 @dataclass
+class MoeMetricsSection:
+    """NeMo AutoModel's moe_metrics: the experts' load balance in metrics.jsonl (MoE models, logged steps)."""
+    enabled: bool = True  # NeMo's default is false; moelm logs the brief metrics unless told not to
+    mode: str = "brief"  # brief: aggregates and the top/bottom experts; detailed: per layer too
+    detailed_every_steps: int | None = None  # detailed mode: per layer on these steps only; null: every logged step
+    top_k_experts: int = 5  # the most and least used experts logged one by one; 0: none
+
+
+@dataclass
 class PeftSection:
     r: int = 8
     lora_alpha: int = 16
@@ -102,6 +112,7 @@ class Recipe:
     lr_scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     moe: MoeSection = field(default_factory=MoeSection)
+    moe_metrics: MoeMetricsSection = field(default_factory=MoeMetricsSection)
     peft: PeftSection | None = None  # absent: full-parameter fine-tuning
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     seed: int = 1234
@@ -115,7 +126,7 @@ class Recipe:
 
 CHOICES = {"optimizer.name": ("AdamW", "Adam"), "lr_scheduler.decay": ("constant", "linear", "cosine"),
            "model.dtype": ("float32", "bfloat16"), "model.autocast": (None, "bfloat16"),
-           "model.quantization": (None, "int8", "int4")}
+           "model.quantization": (None, "int8", "int4"), "moe_metrics.mode": ("brief", "detailed")}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -229,3 +240,9 @@ def check(recipe: Recipe) -> None:
                           "needs a peft section (LoRA)")
     if recipe.checkpoint.keep_last < 1:
         raise RecipeError(f"{src}: checkpoint.keep_last must be >= 1")
+    metrics = recipe.moe_metrics
+    if metrics.top_k_experts < 0:
+        raise RecipeError(f"{src}: moe_metrics.top_k_experts must be >= 0, got {metrics.top_k_experts}")
+    if metrics.detailed_every_steps is not None and metrics.detailed_every_steps < 1:
+        raise RecipeError(f"{src}: moe_metrics.detailed_every_steps must be >= 1 or null, got "
+                          f"{metrics.detailed_every_steps}")

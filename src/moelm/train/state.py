@@ -1,11 +1,14 @@
-"""Training checkpoints: every N steps a directory step_N (written as .tmp-step_N, then renamed, so an interrupted
-save leaves the previous one intact) holding the model as a hub checkpoint (or the LoRA adapter in PEFT's format),
-the tokenizer, trainer_state.json (step, scheduler, layout) and per rank its optimizer shard and RNG state; the
-last `keep_last` are kept. `resume` reads the newest (or a given one) back, so the run continues exactly."""
+"""Training checkpoints: every N steps and at the last step a directory step_N (written as .tmp-step_N, then
+renamed, so an interrupted save leaves the previous one intact) holding the model as a hub checkpoint (or the LoRA
+adapter in PEFT's format), the tokenizer, trainer_state.json (step, scheduler, layout) and per rank its optimizer
+shard and RNG state; the last `keep_last` are kept. `resume` reads the newest (or a given one) back, so the run
+continues exactly (a finished one too, with a larger max_steps), and cuts metrics.jsonl back to its step."""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -56,7 +59,8 @@ def find(out: Path, resume: str) -> Path:
     if resume in ("auto", "latest"):
         found = steps(out)
         if not found:
-            raise FileNotFoundError(f"--resume: no step_N checkpoint under {out}")
+            raise FileNotFoundError(f"--resume: no step_N checkpoint under {out} (a run writes them when "
+                                    "checkpoint.every_steps > 0)")
         return found[-1][1]
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
@@ -117,6 +121,24 @@ def load(trainer, directory: Path) -> int:
     return int(info["step"])
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl without the records of steps after `step` (rewritten atomically), as a resumed run logs
+    them again; a line cut short by an interrupted run goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and record_step(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def to_local(tree):
     if isinstance(tree, dict):
         return {k: to_local(v) for k, v in tree.items()}
@@ -138,18 +160,41 @@ def attach_lora(model, section, resume_dir: Path | None):
     return config
 
 
-def save_final(trainer) -> Path:
-    """checkpoint.dir/final: the hub checkpoint (or the adapter); with LoRA and checkpoint.merge, also
-    checkpoint.dir/merged, the base with the adapter folded in."""
+def save_final(trainer, last: Path | None = None) -> Path:
+    """checkpoint.dir/final: the hub checkpoint (or the adapter), hard links to the files of `last` (the step
+    checkpoint of the same weights) when given; with LoRA and checkpoint.merge, also checkpoint.dir/merged, the base
+    with the adapter folded in."""
     target = trainer.out / "final"
     with atomic_dir(trainer, target) as tmp:
-        write_model(trainer, tmp)
+        if last is None:
+            write_model(trainer, tmp)
+        elif trainer.rank == 0:
+            link_model(last, tmp)
     if trainer.lora is not None and trainer.recipe.checkpoint.merge:
         if trainer.rank == 0:
             merge_to(trainer.recipe.model.name_or_path, target, trainer.out / "merged",
                      dtype=getattr(torch, trainer.recipe.model.dtype))
         barrier(trainer)
     return target
+
+
+def link_model(step_dir: Path, out: Path) -> None:
+    """The model and tokenizer files of a step checkpoint into `out` (hard links, or copies where the file system
+    has none), without its training state."""
+    for path in step_dir.iterdir():
+        if path.name == "trainer_state.json" or re.fullmatch(r"rank\d+\.pt", path.name):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, out / path.name, copy_function=link_or_copy)
+        else:
+            link_or_copy(path, out / path.name)
+
+
+def link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def merge_to(base: str, adapter: str | Path, out: str | Path, dtype=torch.float32) -> Path:

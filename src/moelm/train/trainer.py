@@ -1,6 +1,6 @@
 """The finetune loop: a recipe's model, data and optimizer; gradient accumulation with the loss normalised by the
 global label-token count; the aux loss; ERNIE's aux-free balancing; clipping; validation; progress, JSONL metrics
-and atomic checkpoints with exact resume (state.py)."""
+(with NeMo's MoE load-balance metrics) and atomic checkpoints with exact resume (state.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.modeling import causal_lm_loss
 from . import state
-from .balance import ExpertLoad, update_correction_bias
+from .balance import RoutedLoad, balance_metrics, update_correction_bias
 from .data import batch_length, collate, load_examples
 from .distributed import all_sum, clip_grad_norm, layout_for, reduce_replicated, shard, split_experts
 from .evaluate import load_choices, multiple_choice, perplexity
@@ -102,11 +102,15 @@ class Trainer:
                               weight_decay=opt.weight_decay, **({"fused": True} if opt.fused else {"foreach": False}))
         factor = lr_lambda(recipe.lr_scheduler, self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: factor(s, opt.lr))
-        self.biases = [m.mlp.moe_statics.e_score_correction_bias for m in self.model.model.layers
-                       if hasattr(getattr(m, "mlp", None), "moe_statics")]
+        blocks = moe_blocks(self.model)  # [(decoder layer index, MoE block)]
+        self.biases = [b.moe_statics.e_score_correction_bias for _, b in blocks if hasattr(b, "moe_statics")]
         if recipe.moe.gate_bias_update_factor and not self.biases:
             raise RecipeError(f"{recipe.source}: moe.gate_bias_update_factor is ERNIE MoE's aux-free balancing; "
                               f"{cfg.model_type} has no e_score_correction_bias")
+        self.moe_layers = [i for i, _ in blocks]
+        self.balance = recipe.moe_metrics.enabled and bool(blocks)
+        self.loads = RoutedLoad([b for _, b in blocks], self.num_experts, self.model.device) \
+            if self.balance or (self.biases and recipe.moe.gate_bias_update_factor) else None
         coef = recipe.moe.aux_loss_coef
         self.aux_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef
         if self.aux_coef and self.num_experts is None:
@@ -124,6 +128,8 @@ class Trainer:
         self.step = 0
         if self.resume_dir is not None:
             self.step = state.load(self, self.resume_dir)
+            if self.rank == 0:  # the records after the checkpoint are logged again
+                state.truncate_metrics(self.out / "metrics.jsonl", self.step)
         elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run's log; a resumed run appends to its own
 
@@ -172,14 +178,16 @@ class Trainer:
         targets = sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in examples)  # shifted labels
         tokens = sum(len(ex.input_ids) for ex in examples)
         moe = self.num_experts is not None
-        loads = ExpertLoad()
+        bias_update = bool(self.biases and self.recipe.moe.gate_bias_update_factor)
+        count = self.loads is not None and (bias_update or self.balance and self.logs(self.step + 1))
         micro_total = self.accumulation * self.layout.fsdp
         mtp_targets = sum(sum(1 for t in ex.labels[2:] if t != -100) for ex in examples)
         ce_sum = aux_sum = mtp_sum = 0.0
         for batch in self.micro_batches(examples):
             with self.autocast(), self.last_hidden() as hidden:
-                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False, output_router_logits=moe)
+                with self.loads.recording(batch["attention_mask"]) if count else contextlib.nullcontext():
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False, output_router_logits=moe)
                 ce = causal_lm_loss(out.logits, batch["labels"], num_items_in_batch=1)  # a sum over tokens
                 loss = ce / targets
                 if moe and self.aux_coef:
@@ -192,16 +200,15 @@ class Trainer:
             loss.backward()
             ce_sum += float(ce.detach())
             aux_sum += float(out.aux_loss.detach()) if moe else 0.0
-            if self.biases and self.recipe.moe.gate_bias_update_factor:
-                loads.add(out.router_logits, self.biases, self.model.config.moe_k, batch["attention_mask"])
         reduce_replicated(self.layout)
         norm = clip_grad_norm(self.params, self.recipe.optimizer.max_grad_norm, self.layout)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if loads.loads:
-            update_correction_bias(self.biases, loads.reduce(), self.recipe.moe.gate_bias_update_factor)
+        loads = self.loads.reduce() if count else None  # every rank's tokens (a collective)
+        if bias_update:
+            update_correction_bias(self.biases, loads, self.recipe.moe.gate_bias_update_factor)
         ce_sum, aux_sum, mtp_sum = all_sum([ce_sum, aux_sum, mtp_sum], self.layout)
         self.step += 1
         record = {"step": self.step, "loss": ce_sum / targets, "lr": lr, "grad_norm": norm, "tokens": tokens}
@@ -209,7 +216,23 @@ class Trainer:
             record["aux_loss"] = aux_sum / micro_total
         if self.mtp_coef:
             record["mtp_loss"] = mtp_sum / max(mtp_targets, 1)
+        if self.balance and self.logs(self.step):
+            record.update(self.balance_record(loads))
+        if count:
+            self.loads.clear()
         return record
+
+    def logs(self, step: int) -> bool:
+        """Whether step `step` (1-based) is a logged one."""
+        return step % self.recipe.step.log_every_steps == 0 or step == self.max_steps
+
+    def balance_record(self, loads: list[torch.Tensor]) -> dict[str, float]:
+        """NeMo's brief (or detailed) load-balance metrics of the step's loads, layers named by decoder index."""
+        section = self.recipe.moe_metrics
+        every = section.detailed_every_steps
+        detailed = section.mode == "detailed" and (every is None or self.step % every == 0)
+        return balance_metrics([load.cpu() for load in loads], detailed=detailed, top_k=section.top_k_experts,
+                               layers=self.moe_layers)
 
     @contextlib.contextmanager
     def last_hidden(self):
@@ -227,7 +250,7 @@ class Trainer:
 
     def train(self) -> list[dict]:
         start, done_tokens = time.perf_counter(), 0
-        first_step = self.step
+        first_step, saved = self.step, None
         every = self.recipe.checkpoint.every_steps
         val_every = self.recipe.step.val_every_steps
         while self.step < self.max_steps:
@@ -240,17 +263,19 @@ class Trainer:
                     and self.step < self.max_steps:
                 record.update(self.validate())
             self.history.append(record)
-            if self.step % self.recipe.step.log_every_steps == 0 or self.step == self.max_steps:
+            if self.logs(self.step):
                 self.log(record, (self.max_steps - self.step) * elapsed / (self.step - first_step))
-            if every and self.step % every == 0 and self.step < self.max_steps:
-                state.save(self, self.step)
+            if every and (self.step % every == 0 or self.step == self.max_steps):  # the last step too: resumable
+                saved = state.save(self, self.step)  # the loop ends on a saved step
         if self.val_examples is not None:
             final = {"step": self.step, **self.validate()}
             self.history.append(final)
             self.log(final, 0.0)
         if self.progress == "bar":
             print(file=sys.stderr)
-        state.save_final(self)
+        state.save_final(self, saved)  # final/ from the last step's checkpoint when there is one
+        if self.loads is not None:
+            self.loads.remove()
         return self.history
 
     def validate(self) -> dict:
@@ -302,6 +327,16 @@ def checkpoint_layers(model):
     PhiMoE's jitter and sparsemixer draw the same numbers again)."""
     for layer in model.model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def moe_blocks(model) -> list[tuple[int, torch.nn.Module]]:
+    """The decoder layers' MoE blocks (those with routed experts) and their layer indices."""
+    found = []
+    for i, layer in enumerate(model.model.layers):
+        block = getattr(layer, getattr(layer, "mlp_name", "mlp"), None)
+        if hasattr(block, "experts") and hasattr(block, "routed"):
+            found.append((i, block))
+    return found
 
 
 def pad_id(tokenizer) -> int:
