@@ -27,7 +27,7 @@ LAYERS = [
     ["loading"],
     ["models"],
     ["train"],
-    ["serve"],
+    ["serve", "experts"],
     ["bench"],
     ["pipelines", "cli"],
     ["__main__", "moelm"],

@@ -1,5 +1,5 @@
-"""The `moelm` command: generate, chat, serve, info, new, quantize, bench, finetune, eval, merge. Errors print one
-line and exit non-zero, no traceback."""
+"""The `moelm` command: generate, chat, serve, info, new, quantize, bench, finetune, eval, merge, experts, prune.
+Errors print one line and exit non-zero, no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a hub checkpoint with tokenizer")
     commands.add_merge_arguments(p)
     p.set_defaults(run=commands.merge)
+
+    from .experts import commands as expert_commands
+
+    p = sub.add_parser("experts", help="what each MoE layer's experts do on a data file: report.json, report.html, "
+                       "plots", description="Run the model over a data file and report, per MoE layer and expert, "
+                       "the routing it does: load, gate mass, output norm, REAP saliency, balance (NeMo's metrics), "
+                       "adjacent-token overlap and co-activation; writes OUT/report.json, report.html and PNGs.")
+    expert_commands.add_experts_arguments(p)
+    runtime_args(p)
+    p.set_defaults(run=lambda a: expert_commands.experts(a, load))
+
+    p = sub.add_parser("prune", help="fewer experts per MoE layer, chosen from an expert report: a hub checkpoint")
+    expert_commands.add_prune_arguments(p)
+    p.set_defaults(run=expert_commands.prune)
 
     from .bench.cli import add_arguments
 
