@@ -5,7 +5,6 @@ kept in every layer: config.json has one expert count for all layers."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -78,16 +77,6 @@ def prune(model, keep: dict[int, list[int]]) -> nn.Module:
 def save(model, out, tokenizer_from, files: dict[str, str] | None = None) -> Path:
     """The model as a hub checkpoint at `out` with the tokenizer (and chat template) of `tokenizer_from` and the
     text `files` (name -> text), written to a temporary directory and renamed into place."""
-    from ..text.tokenizer import AutoTokenizer
+    from ..train.state import write_checkpoint
 
-    out = Path(out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return write_checkpoint(model, out, [tokenizer_from], files)

@@ -201,22 +201,32 @@ def merge_to(base: str, adapter: str | Path, out: str | Path, dtype=torch.float3
     """`moelm merge`: base checkpoint + PEFT adapter -> a hub checkpoint at `out` with the adapter folded in, the
     base's tokenizer, chat template and generation config carried over (written atomically)."""
     from ..models.auto import AutoModelForCausalLM
-    from ..text.tokenizer import AutoTokenizer
     from .lora import load_adapter, merge_lora
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, fast=False)
     load_adapter(model, adapter)
     merge_lora(model)
+    return write_checkpoint(model, out, [adapter, base])  # the adapter's tokenizer (saved by finetune) or the base's
+
+
+def write_checkpoint(model, out: str | Path, tokenizer_sources: list, files: dict[str, str] | None = None) -> Path:
+    """The model as a hub checkpoint at `out` with the tokenizer (and chat template) of the first of
+    tokenizer_sources that has one and the text `files` (name -> text), written to a temporary directory beside
+    it and renamed into place (an existing `out` is replaced)."""
+    from ..text.tokenizer import AutoTokenizer
+
     out = Path(out)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    for source in (Path(adapter), Path(base)):  # the adapter's tokenizer (saved by finetune) or the base's
+    for source in tokenizer_sources:
         try:
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
             break
         except (OSError, ValueError):
             continue
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
