@@ -16,7 +16,7 @@ from moelm.cli import main
 from moelm.config import named_config
 from moelm.experts import prune as pr
 from moelm.experts import report as rp
-from moelm.experts.record import moe_blocks
+from moelm.models.modeling import moe_blocks
 from moelm.models.scaffold import new_checkpoint
 from moelm.train.data import Example
 from reference import randomise

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .record import moe_blocks
+from ..models.modeling import moe_blocks
 
 BY = ("reap", "frequency")
 EXPERT_COUNT = {"ernie4_5_moe": "moe_num_experts", "phimoe": "num_local_experts"}

@@ -6,15 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def moe_blocks(model) -> list[tuple[int, torch.nn.Module]]:
-    """(decoder layer index, MoE block) of every MoE layer: the blocks that route (they have `routed`)."""
-    out = []
-    for i, layer in enumerate(model.model.layers):
-        block = getattr(layer, layer.mlp_name)
-        if hasattr(block, "routed"):
-            out.append((i, block))
-    return out
+from ..models.modeling import moe_blocks
 
 
 class Recorder:

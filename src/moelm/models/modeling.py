@@ -325,6 +325,17 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         return result if return_dict else result.to_tuple()
 
 
+def moe_blocks(model) -> list[tuple[int, nn.Module]]:
+    """(decoder layer index, MoE block) of a causal LM's MoE layers: the blocks that route (they have `routed`,
+    the routing their forward does, from router logits)."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        block = getattr(layer, layer.mlp_name, None)
+        if hasattr(block, "routed"):
+            out.append((i, block))
+    return out
+
+
 def logits_kept(logits_to_keep, seq: int):
     """logits_to_keep as transformers reads it (an int k > 0: the last k positions; 0: all; a 1-D tensor: those
     indices) -> an index of the sequence, or None for all of it in order."""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..models.modeling import causal_lm_loss
+from ..models.modeling import causal_lm_loss, moe_blocks
 from . import state
 from .balance import RoutedLoad, balance_metrics, update_correction_bias
 from .data import batch_length, collate, load_examples
@@ -327,16 +327,6 @@ def checkpoint_layers(model):
     PhiMoE's jitter and sparsemixer draw the same numbers again)."""
     for layer in model.model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def moe_blocks(model) -> list[tuple[int, torch.nn.Module]]:
-    """The decoder layers' MoE blocks (those with routed experts) and their layer indices."""
-    found = []
-    for i, layer in enumerate(model.model.layers):
-        block = getattr(layer, getattr(layer, "mlp_name", "mlp"), None)
-        if hasattr(block, "experts") and hasattr(block, "routed"):
-            found.append((i, block))
-    return found
 
 
 def pad_id(tokenizer) -> int:
