@@ -32,6 +32,7 @@ from ..generation.sampling import Sampling, SamplingError, apply_penalties, choo
 from ..generation.speculative import Always, Pace, judge_draft
 from ..inference.quantization import independent_rows
 from ..inference.slots import SlotCache
+from ..models.modeling import logits_kept, moe_blocks
 from ..text import Detokenizer, StopStrings
 from .speculation import SpeculativeConfig, drafter_for
 from .structured import GrammarError, Grammars, allowed
@@ -155,13 +156,15 @@ class Engine:
     one contiguous row of max_model_len per sequence), `num_blocks` of them, or as many as `kv_cache_memory` bytes
     hold, by default enough for every row to reach max_model_len; `enable_prefix_caching` (default: on, except
     with MTP drafting, whose head needs the hidden states of every position). adapters: the LoRA adapters loaded
-    onto the model (moelm.serve.lora.Adapters), chosen per request by SamplingParams.adapter."""
+    onto the model (moelm.serve.lora.Adapters), chosen per request by SamplingParams.adapter. expert_metrics: count
+    in `expert_counts` [MoE layers, E] int64 the experts each token the model runs is routed to (by its MoE block's
+    `routed`, in `expert_layers`, the decoder layers of those blocks); warm-up steps do not count."""
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 256, max_waiting: int = 256, seed: int | None = None, metrics=None,
                  speculative: SpeculativeConfig | str | dict | None = None, draft_model=None,
                  block_size: int | None = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool | None = None, adapters=None):
+                 enable_prefix_caching: bool | None = None, adapters=None, expert_metrics: bool = False):
         config = model.config
         context = config.max_position_embeddings
         max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
@@ -180,6 +183,10 @@ class Engine:
             limit = reset - 1
             raise ValueError(f"max_model_len {max_model_len}: past {limit} positions this model's rotary embedding "
                              f"switches scaling and the reference re-runs the whole sequence; serve up to {limit}")
+        blocks = moe_blocks(model) if expert_metrics else []
+        if expert_metrics and not blocks:
+            raise ValueError(f"expert_metrics: {type(model).__name__} is a dense model (no MoE layers): it has no "
+                             "experts to count")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs + 1)
@@ -232,6 +239,10 @@ class Engine:
         self.speculative = speculative
         self.drafter = None if speculative is None else drafter_for(speculative, self, draft_model)
         self.pace = Pace() if speculative is not None and speculative.adaptive else Always()
+        self.expert_layers = [i for i, _ in blocks]
+        self.expert_blocks = [b for _, b in blocks]
+        self.expert_counts = torch.zeros(len(blocks), blocks[0][1].gate.weight.shape[0], dtype=torch.long) \
+            if blocks else None
 
     # ------------------------------------------------------------ public API
 
@@ -575,19 +586,27 @@ class Engine:
         if self.adapters is not None:  # each token's adapter
             self.adapters.rows.set(torch.tensor([self.row_adapter[r] for r, n in segments for _ in range(n)]),
                                    rows.cpu())
+        count = commit and self.expert_counts is not None
         try:
-            if not hidden:
+            if not hidden and not count:
                 with rows_apart:
                     return self.model(**inputs, logits_to_keep=rows).logits[0].float().cpu(), None
+            # the body and the head as the model's forward runs them (without its aux loss, the last layer trimmed
+            # to the kept rows unless every hidden state is wanted), with the router logits of each MoE layer
             seen = []
-            hook = self.model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            hook = self.model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0])) \
+                if hidden else None
             try:
                 with rows_apart:
-                    out = self.model.model(**inputs)
-                    head = self.model.lm_head(out.last_hidden_state[:, rows])
+                    out = self.model.model(**inputs, output_router_logits=count,
+                                           keep=None if hidden else logits_kept(rows, len(tokens)))
+                    head = self.model.lm_head(out.last_hidden_state[:, rows] if hidden else out.last_hidden_state)
             finally:
-                hook.remove()
-            return head[0].float().cpu(), seen[-1][0]
+                if hook is not None:
+                    hook.remove()
+            if count:
+                self._count_experts(out.router_logits or ())
+            return head[0].float().cpu(), seen[-1][0] if hidden else None
         finally:
             if self.adapters is not None:
                 self.adapters.rows.clear()
@@ -595,6 +614,18 @@ class Engine:
                 self.cache.commit()
             else:
                 self.cache.plan = None
+
+    def _count_experts(self, router_logits: tuple[torch.Tensor, ...]):
+        """Add to expert_counts the experts each MoE block chose (its `routed`) from its router logits [T, E] (the
+        last layer's: of the tokens it ran, see _forward)."""
+        if len(router_logits) != len(self.expert_blocks):
+            raise RuntimeError(f"the model returned router logits of {len(router_logits)} layers for its "
+                               f"{len(self.expert_blocks)} MoE layers")
+        experts = self.expert_counts.shape[1]
+        picks = [block.routed(logits.reshape(-1, experts))[1].reshape(-1) + i * experts
+                 for i, (block, logits) in enumerate(zip(self.expert_blocks, router_logits))]
+        counts = torch.bincount(torch.cat(picks).cpu(), minlength=self.expert_counts.numel())
+        self.expert_counts += counts.view_as(self.expert_counts)  # in place: a scrape reads it as it is
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None,
                  q: torch.Tensor | None = None) -> tuple[bool, bool]:

@@ -2,9 +2,32 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
+
+
+class ExpertTokens:
+    """moelm:expert_tokens_total{model_name, layer, expert}: the engine's expert_counts [MoE layers, E], read when
+    scraped (the engine adds each step's routing to that tensor; no counter is touched per step)."""
+
+    NAME, DOC = "moelm:expert_tokens", "Tokens routed to each expert of each MoE layer (layer: the decoder layer)."
+
+    def __init__(self, engine, model_name: str):
+        self.engine = engine
+        experts = engine.expert_counts.shape[1]
+        self.labels = [[[model_name, str(layer), str(e)] for e in range(experts)] for layer in engine.expert_layers]
+
+    def describe(self):
+        return [CounterMetricFamily(self.NAME, self.DOC, labels=["model_name", "layer", "expert"])]
+
+    def collect(self):
+        family = self.describe()[0]
+        for labels, counts in zip(self.labels, self.engine.expert_counts.tolist()):
+            for label, n in zip(labels, counts):
+                family.add_metric(label, n)
+        yield family
 
 
 class Metrics:
@@ -56,6 +79,8 @@ class Metrics:
                                  "draft (0: the first).", ["position"]))
             for position in range(config.num_speculative_tokens):
                 self.spec[3].labels(**labels, position=str(position))
+        if getattr(engine, "expert_counts", None) is not None:  # moelm serve --expert-metrics
+            registry.register(ExpertTokens(engine, model_name))
 
     def prompt_tokens(self, n: int):
         self._prompt.inc(n)

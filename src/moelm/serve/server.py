@@ -55,6 +55,9 @@ def add_arguments(p):
                         '"num_speculative_tokens": K, "prompt_lookup_min"/"prompt_lookup_max": N (ngram), "model": '
                         'DIR and "quantization" (draft_model), "disable_by_batch_size": N; moelm\'s "adaptive": '
                         'false drafts at every step}')
+    p.add_argument("--expert-metrics", action="store_true",
+                   help="count in /metrics the tokens routed to each expert of each MoE layer "
+                        "(moelm:expert_tokens_total; an MoE model)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
 
@@ -124,6 +127,7 @@ def run(args, load):
     check_extra()
     import uvicorn
 
+    from ..models.modeling import moe_blocks
     from .app import create_app
     from .engine import Engine
     from .speculation import SpeculativeConfig
@@ -152,6 +156,8 @@ def run(args, load):
         from .lora import Adapters
 
         adapters = Adapters.load(model, modules)
+    if args.expert_metrics and not moe_blocks(model):
+        raise ValueError(f"--expert-metrics: {model_path} is a dense model (no MoE layers): it has no experts to count")
     draft = None
     if speculative is not None and speculative.method == "draft_model":
         from ..models.auto import AutoModelForCausalLM
@@ -164,7 +170,8 @@ def run(args, load):
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                     seed=args.seed, speculative=speculative, draft_model=draft, block_size=args.block_size,
                     num_blocks=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory_bytes,
-                    enable_prefix_caching=args.enable_prefix_caching, adapters=adapters)
+                    enable_prefix_caching=args.enable_prefix_caching, adapters=adapters,
+                    expert_metrics=args.expert_metrics)
     configured = model.generation_config.to_dict()
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]
@@ -177,7 +184,8 @@ def run(args, load):
           f"prefix caching {'on' if cache.prefix_caching else 'off'}"
           f"{'; sampling defaults from generation_config: ' + str(defaults) if defaults else ''}"
           f"{'; API key required' if api_key else ''}"
-          f"{'; speculative: ' + speculative.method if speculative else ''})", file=sys.stderr, flush=True)
+          f"{'; speculative: ' + speculative.method if speculative else ''}"
+          f"{'; expert metrics' if args.expert_metrics else ''})", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine.warmup()
     print(f"moelm serve: warmed up in {time.perf_counter() - started:.1f} s (kernel paths measured on a first start "
