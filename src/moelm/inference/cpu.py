@@ -150,7 +150,11 @@ def _code_key() -> str:
 
 
 def cache_file() -> Path:
-    return cache_dir() / f"choices-{info().key}-{_code_key()}.json"
+    """The choices of this CPU and code; those made without the C kernels (MOELM_NO_KERNELS, no compiler) apart,
+    so that neither names a path the other cannot take."""
+    from . import kernels
+
+    return cache_dir() / f"choices-{info().key}-{_code_key()}{'' if kernels.available() else '-nokernels'}.json"
 
 
 def _load():

@@ -1,0 +1,56 @@
+"""`MOELM_NO_KERNELS=1 moelm serve` (no C kernels: PyTorch's ops everywhere, as `moelm generate` with the same
+variable) starts and answers, greedy, what the server with the kernels answers: ERNIE-MoE in fp32, and int8 weights
+(whose matmuls are the kernels' otherwise)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from moelm.models.scaffold import new_checkpoint
+
+PROMPTS = ["hello world", "the list of", "a b c d e f g"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(path, port: int, env: dict, *args) -> list[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "moelm.cli", "serve", str(path), "--port", str(port),
+                             "--max-num-seqs", "2", "--max-model-len", "64", "--uvicorn-log-level", "warning", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        r = httpx.post(url + "/v1/completions", json={"model": str(path), "prompt": PROMPTS, "max_tokens": 8,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("quantization", [[], ["--quantization", "int8"]])
+def test_no_kernels_serves_as_the_kernels_do(tmp_path, quantization):
+    path = new_checkpoint("ernie4_5_moe-tiny", tmp_path / "m", seed=0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    plain = answers(path, free_port(), dict(env, MOELM_NO_KERNELS="1"), *quantization)
+    fast = answers(path, free_port(), env, *quantization)
+    assert plain == fast and all(plain)
