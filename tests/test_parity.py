@@ -1093,3 +1093,25 @@ def test_every_gradient_matches(family, overrides):
             close(q.grad, p.grad, f"grad {name}")
             compared += 1
     assert compared == sum(1 for p in ref.parameters() if p.grad is not None) > 10
+
+
+@pytest.mark.parametrize("family", list(BASE))
+def test_auto_model_is_the_base_model(family):
+    """moelm.AutoModel, as transformers' AutoModel: the family's base model from a causal-LM checkpoint (its head
+    left out), the same last hidden state, hidden states and (MoE) router logits."""
+    ref, _, path = build(family)
+    base = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    ours = moelm.AutoModel.from_pretrained(path)
+    assert type(ours).__name__ == type(base).__name__ and not hasattr(ours, "lm_head")
+    ids = tokens()
+    kwargs = dict(input_ids=ids, output_hidden_states=True)
+    if family in MOE_FAMILIES:
+        kwargs["output_router_logits"] = True
+    with torch.no_grad():
+        a, b = base(**kwargs), ours(**kwargs)
+    close(a.last_hidden_state, b.last_hidden_state, "last_hidden_state")
+    close_seq(a.hidden_states, b.hidden_states, "hidden_states")
+    if family in MOE_FAMILIES:
+        close_seq(a.router_logits, b.router_logits, "router_logits")
+    fresh = moelm.AutoModel.from_config(ours.config, seed=0)
+    assert type(fresh) is type(ours)

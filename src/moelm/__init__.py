@@ -8,7 +8,7 @@ from .inference import StaticCache
 from .inference.quantization import BitsAndBytesConfig, QuantizationConfig
 from .io.weights import CheckpointError
 from .loading.backend import BackendConfig, ModelCapabilities, get_capabilities
-from .models.auto import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from .models.auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from .models.ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .models.phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
@@ -20,7 +20,7 @@ from .text.tokenizer import AutoTokenizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoConfig", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "CheckpointError", "DynamicCache",
+    "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "CheckpointError", "DynamicCache",
     "Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
     "Ernie4_5_MoeModel", "PhimoeConfig", "PhimoeForCausalLM", "PhimoeForSequenceClassification", "PhimoeModel",
     "named_config", "pipeline", "GenerationConfig", "AutoTokenizer", "TextStreamer", "TextIteratorStreamer",

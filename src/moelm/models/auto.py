@@ -1,14 +1,15 @@
-"""AutoModelForCausalLM: the class named by config.json's model_type / architectures."""
+"""AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification: the class for config.json's model_type."""
 from __future__ import annotations
 
 from ..config import AutoConfig, PretrainedConfig, config_class_for, read_config_json
 from ..io.hub import resolve_model_dir, with_revision
-from .ernie4_5 import Ernie4_5ForCausalLM
-from .ernie4_5_moe import Ernie4_5_MoeForCausalLM
-from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
+from .ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
+from .ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
+from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
 
 CAUSAL_LM = {"ernie4_5": Ernie4_5ForCausalLM, "ernie4_5_moe": Ernie4_5_MoeForCausalLM, "phimoe": PhimoeForCausalLM}
 SEQUENCE_CLASSIFICATION = {"phimoe": PhimoeForSequenceClassification}
+BASE = {"ernie4_5": Ernie4_5Model, "ernie4_5_moe": Ernie4_5_MoeModel, "phimoe": PhimoeModel}
 
 
 class _Auto:
@@ -35,6 +36,13 @@ class _Auto:
         return cls.class_for(config).from_pretrained(path, config=config, **kwargs)
 
 
+class AutoModel(_Auto):
+    """The base model of the family (the decoder without a head: last_hidden_state), as transformers' AutoModel;
+    from a causal-LM checkpoint its head is left out."""
+
+    mapping = BASE
+
+
 class AutoModelForCausalLM(_Auto):
     mapping = CAUSAL_LM
 
@@ -43,4 +51,4 @@ class AutoModelForSequenceClassification(_Auto):
     mapping = SEQUENCE_CLASSIFICATION
 
 
-__all__ = ["AutoConfig", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]
+__all__ = ["AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]
