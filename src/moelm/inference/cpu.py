@@ -150,11 +150,10 @@ def _code_key() -> str:
 
 
 def cache_file() -> Path:
-    """The choices of this CPU and code; those made without the C kernels (MOELM_NO_KERNELS, no compiler) apart,
-    so that neither names a path the other cannot take."""
-    from . import kernels
-
-    return cache_dir() / f"choices-{info().key}-{_code_key()}{'' if kernels.available() else '-nokernels'}.json"
+    """The choices of this CPU and code; those made with MOELM_NO_KERNELS set apart, so that neither names a path
+    the other cannot take."""
+    off = "-nokernels" if os.environ.get("MOELM_NO_KERNELS") else ""
+    return cache_dir() / f"choices-{info().key}-{_code_key()}{off}.json"
 
 
 def _load():
