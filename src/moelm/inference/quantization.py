@@ -8,13 +8,15 @@ nibble and input j + group_size/2 in the high one (csrc/gemv.c).
 Decoding (a few rows of activations) runs csrc/gemv.c on the packed weights; longer inputs (prefill) dequantize one
 layer's weight (experts: one chosen expert at a time) to the activations' dtype and use PyTorch's matmul, or round
 the activations to int8 and multiply int8 pairs on the packed weights (csrc/intgemm.c, "int8dot_*" paths), whichever
-was measured faster on this CPU. Every Linear of the decoder, the stacked experts and the LM head are quantized; embeddings, norms and routers stay as they are.
+was measured faster on this CPU. Every Linear of the decoder, the stacked experts and the LM head are quantized;
+embeddings, norms and routers stay as they are.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -33,7 +35,12 @@ MODES = ("int8", "int4")
 @dataclass
 class QuantizationConfig:
     """mode "int8" | "int4". backend "moelm" (its own packing and kernels) or "bitsandbytes" (see bnb.py: 4-bit
-    `quant_type` nf4 / fp4 computed in `compute_dtype`, 8-bit LLM.int8 with `llm_int8_threshold`)."""
+    `quant_type` nf4 / fp4 computed in `compute_dtype`, 8-bit LLM.int8 with `llm_int8_threshold`).
+
+    moelm's only: `experts` gives the routed experts another mode than `mode`; with `hot_experts` and `report` (an
+    expert report: the directory `moelm experts --out DIR` wrote, or its report.json), the ceil(hot_fraction x E)
+    routed experts of each MoE layer that got the most tokens, and the shared experts, are in `hot_experts` instead
+    (mixed.MixedExperts), e.g. mode "int8", experts "int4", hot_experts "int8", hot_fraction 0.2 (the default)."""
 
     mode: str = "int8"
     group_size: int = 64  # int4 only
@@ -44,11 +51,35 @@ class QuantizationConfig:
     llm_int8_threshold: float = 6.0  # bitsandbytes 8-bit only
     # module name -> (mode, group size), read from a compressed-tensors checkpoint: only these are quantized
     modules: dict[str, tuple[str, int]] | None = None
+    experts: str | None = None  # the routed experts' mode; None: `mode`
+    hot_experts: str | None = None  # the hot routed experts' and the shared experts' mode (needs `report`)
+    report: str | os.PathLike | None = None
+    hot_fraction: float | None = None  # with hot_experts; None: 0.2
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.mode == "int4" and (self.group_size < 32 or self.group_size % 32):
+        for field in ("experts", "hot_experts"):
+            if getattr(self, field) not in (None, *MODES):
+                raise ValueError(f"quantization {field} must be one of {', '.join(MODES)}, got "
+                                 f"{getattr(self, field)!r}")
+        if self.hot_experts is None:
+            given = [f for f in ("report", "hot_fraction") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"quantization {given[0]} is given without hot_experts (the mode of the hot experts)")
+        else:
+            if self.report is None:
+                raise ValueError("quantization hot_experts needs report: the expert report (moelm experts --out DIR) "
+                                 "that says which experts are hot")
+            if self.hot_fraction is None:
+                self.hot_fraction = 0.2
+            if isinstance(self.hot_fraction, bool) or not isinstance(self.hot_fraction, (int, float)) \
+                    or not 0 < self.hot_fraction <= 1:
+                raise ValueError(f"quantization hot_fraction must be in (0, 1], got {self.hot_fraction!r}")
+        if (self.experts or self.hot_experts) and (self.backend != "moelm" or self.modules is not None):
+            raise ValueError("quantization experts / hot_experts are for moelm's own int8/int4 weights quantized "
+                             "while loading, not bitsandbytes nor a checkpoint stored quantized")
+        if "int4" in (self.mode, self.experts, self.hot_experts) and (self.group_size < 32 or self.group_size % 32):
             raise ValueError(f"int4 group_size must be a multiple of 32, got {self.group_size}")
         if self.backend not in ("moelm", "bitsandbytes"):
             raise ValueError(f"quantization backend must be 'moelm' or 'bitsandbytes', got {self.backend!r}")
@@ -153,18 +184,20 @@ def dequantized(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: to
     return kernels.dequantize(q, scale, group_size, out=scratch(name, (*q.shape[:-1], features)))
 
 
-def group_for(name: str, in_features: int, config: "QuantizationConfig") -> int:
-    """The int4 group size for a weight with in_features inputs: the configured one, or 32 when it does not divide."""
+def group_for(name: str, in_features: int, config: "QuantizationConfig", mode: str | None = None) -> int:
+    """The int4 group size for a weight with in_features inputs quantized in `mode` (default config.mode): the
+    configured one, or 32 when it does not divide."""
     if in_features % 32:
         raise ValueError(f"cannot quantize {name}: its {in_features} input features are not a multiple of 32")
-    if config.mode == "int4" and in_features % config.group_size:
+    if (mode or config.mode) == "int4" and in_features % config.group_size:
         return 32
     return config.group_size
 
 
-def experts_group_for(name: str, hidden: int, inter: int, config: "QuantizationConfig") -> int:
+def experts_group_for(name: str, hidden: int, inter: int, config: "QuantizationConfig", mode: str | None = None
+                      ) -> int:
     """One int4 group size for both stacked expert products (inputs `hidden` and `inter`)."""
-    return min(group_for(name, hidden, config), group_for(name, inter, config))
+    return min(group_for(name, hidden, config, mode), group_for(name, inter, config, mode))
 
 
 # ---------------------------------------------------------------- modules
@@ -350,12 +383,13 @@ class QuantizedLinear(PackedLinear):
 
 
 class QuantizedExperts(nn.Module):
-    """Stacked experts (gate_up [E, 2I, H], down [E, H, I]) stored quantized."""
+    """Stacked experts (gate_up [E, 2I, H], down [E, H, I]) stored quantized; num_experts: E when it is not that of
+    `experts` (a share of its experts: mixed.MixedExperts)."""
 
-    def __init__(self, experts: nn.Module, mode: str, group_size: int):
+    def __init__(self, experts: nn.Module, mode: str, group_size: int, num_experts: int | None = None):
         super().__init__()
-        self.num_experts = experts.num_experts
-        e, two_i, h = experts.gate_up_proj.shape
+        self.num_experts = experts.num_experts if num_experts is None else num_experts
+        e, (two_i, h) = self.num_experts, experts.gate_up_proj.shape[1:]
         self.mode, self.group_size = mode, group_size if mode == "int4" else 0
         self.gate_up = self.packed(h, e * two_i, experts.gate_up_proj.device)
         self.down = self.packed(two_i // 2, e * h, experts.down_proj.device)

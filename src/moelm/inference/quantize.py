@@ -11,6 +11,7 @@ from torch import nn
 from ..nn.moe import Experts
 from . import bnb
 from .bnb import BnbExperts, BnbLinear
+from .mixed import MixedExperts, hot_experts
 from .quantization import (
     BitsAndBytesConfig,
     PackedLinear,
@@ -25,7 +26,9 @@ from .quantization import (
 def resolve(quantization=None, quantization_config=None, device=None) -> QuantizationConfig | None:
     """from_pretrained's `quantization="int8"|"int4"` or `quantization_config=` (a QuantizationConfig, a
     BitsAndBytesConfig or its dict) -> a QuantizationConfig, or None. A BitsAndBytesConfig uses bitsandbytes when
-    the model goes to CUDA and bitsandbytes is installed, and moelm's own int8 / int4 otherwise (said on stderr)."""
+    the model goes to CUDA and bitsandbytes is installed, and moelm's own int8 / int4 otherwise (said on stderr).
+    A dict with a key of QuantizationConfig's OWN_KEYS is a QuantizationConfig's (only those keys), e.g.
+    {"experts": "int4", "hot_experts": "int8", "report": DIR, "hot_fraction": 0.2}."""
     if quantization is not None and quantization_config is not None:
         raise ValueError("pass either quantization= or quantization_config=, not both")
     spec = quantization if quantization is not None else quantization_config
@@ -35,6 +38,12 @@ def resolve(quantization=None, quantization_config=None, device=None) -> Quantiz
         return spec
     if isinstance(spec, str):
         return QuantizationConfig(spec)
+    if isinstance(spec, dict) and spec.keys() & OWN_KEYS:
+        unknown = sorted(map(str, spec.keys() - OWN_KEYS))
+        if unknown:
+            raise ValueError(f"unknown quantization key(s) {', '.join(map(repr, unknown))}: a moelm quantization "
+                             f"dict takes {', '.join(OWN_KEYS)}")
+        return QuantizationConfig(**spec)
     if isinstance(spec, dict):
         spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
     if not (isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig"):
@@ -62,13 +71,24 @@ def resolve(quantization=None, quantization_config=None, device=None) -> Quantiz
 
 
 _BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}
+OWN_KEYS = ("mode", "group_size", "experts", "hot_experts", "report", "hot_fraction")  # a dict of QuantizationConfig
+
+
+def per_expert(spec) -> bool:
+    """Whether a quantization spec (as from_pretrained takes it) gives experts modes of their own."""
+    if isinstance(spec, dict):
+        return bool(spec.keys() & {"experts", "hot_experts", "report", "hot_fraction"})
+    return isinstance(spec, QuantizationConfig) and (spec.experts or spec.hot_experts) is not None
 
 
 def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     """Replace every nn.Linear (LM head included; routers are not Linear) and every Experts module by its quantized
-    form, on whatever device the model is (the meta device while loading: nothing is allocated twice)."""
+    form, on whatever device the model is (the meta device while loading: nothing is allocated twice). The routed
+    experts are in config.experts (default config.mode); with config.hot_experts, each MoE layer's hot experts
+    (mixed.hot_experts, from config.report) and the shared experts are in that mode."""
     device = next(model.parameters()).device
     bnb = config.backend == "bitsandbytes"
+    hot = hot_experts(model, config) if config.hot_experts is not None else {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -87,16 +107,16 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
                 setattr(module, child_name, BnbLinear(child.in_features, child.out_features, child.bias is not None,
                                                       config, dtype=child.weight.dtype, device=device))
             elif isinstance(child, nn.Linear):
-                group = group_for(full, child.in_features, config)
+                shared = config.hot_experts is not None and "shared_experts" in full.split(".")
+                mode = config.hot_experts if shared else config.mode
+                group = group_for(full, child.in_features, config, mode)
                 setattr(module, child_name, QuantizedLinear(child.in_features, child.out_features,
-                                                            child.bias is not None, config.mode, group,
+                                                            child.bias is not None, mode, group,
                                                             dtype=child.weight.dtype, device=device))
             elif isinstance(child, Experts) and bnb:
                 setattr(module, child_name, BnbExperts(child, config))
             elif isinstance(child, Experts):
-                _, inter, hidden = child.down_proj.shape[0], child.down_proj.shape[2], child.down_proj.shape[1]
-                group = experts_group_for(full, hidden, inter, config)
-                setattr(module, child_name, QuantizedExperts(child, config.mode, group))
+                setattr(module, child_name, quantized_experts(child, full, config, hot.get(full)))
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None),
                                                                           PackedLinear):
         model.quantized_tied_head = True  # lm_head is filled from the embedding after loading
@@ -104,14 +124,31 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     return model
 
 
+def quantized_experts(experts: Experts, name: str, config: QuantizationConfig, hot: list[int] | None) -> nn.Module:
+    """An Experts module's quantized form: QuantizedExperts in the routed experts' mode, or in hot_experts' when all
+    are hot; MixedExperts when some are hot in another mode."""
+    hidden, inter = experts.down_proj.shape[1:]
+    cold = config.experts or config.mode
+    if hot is not None and len(hot) == experts.num_experts:
+        cold = config.hot_experts
+    if hot is None or cold == config.hot_experts:
+        return QuantizedExperts(experts, cold, experts_group_for(name, hidden, inter, config, cold))
+    return MixedExperts(experts, hot, config.hot_experts,
+                        experts_group_for(name, hidden, inter, config, config.hot_experts),
+                        cold, experts_group_for(name, hidden, inter, config, cold))
+
+
 def load_targets(model: nn.Module) -> dict[str, tuple]:
     """Checkpoint names of quantized weights -> (module, stacked name or None, full [.., O, I] shape)."""
     targets = {}
+    inside = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MixedExperts))
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if inside and name.startswith(inside):  # a MixedExperts' stacks: filled through it
+            continue
         if isinstance(module, PackedLinear) and not name.endswith((".gate_up", ".down")):
             targets[f"{prefix}weight"] = (module, None, module.weight_shape)
-        elif isinstance(module, QuantizedExperts):
+        elif isinstance(module, (QuantizedExperts, MixedExperts)):
             for stacked, shape in module.shapes.items():
                 targets[f"{prefix}{stacked}"] = (module, stacked, shape)
     return targets

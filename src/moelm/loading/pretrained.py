@@ -11,7 +11,7 @@ from ..config import AutoConfig, PretrainedConfig, dtype_from_str, read_config_j
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
 from ..inference import optimize
 from ..inference.quantization import BitsAndBytesConfig
-from ..inference.quantize import fill_tied_head, quantize_modules, resolve
+from ..inference.quantize import fill_tied_head, per_expert, quantize_modules, resolve
 from ..io.hub import resolve_model_dir, with_revision
 from ..io.weights import SafetensorsCheckpoint
 from .backend import apply_backend, apply_moe_overrides
@@ -79,6 +79,10 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     if gguf_file is not None:
         from .gguf_load import from_gguf
 
+        if per_expert(quantization) or per_expert(quantization_config):
+            raise NotImplementedError("quantization= with experts / hot_experts is not implemented for GGUF files "
+                                      "in moelm; load a hub checkpoint")
+
         if load_in_4bit or load_in_8bit:
             quantization_config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
         return from_gguf(cls, with_revision(path, revision) if path is not None else None, gguf_file,
@@ -133,6 +137,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         model._cast(dtype)
         stored = config.extra.get("quantization_config")
         if stored is not None:  # the checkpoint's weights are quantized already
+            if qconfig is not None and per_expert(qconfig):
+                raise ValueError(f"quantization experts / hot_experts were requested, but {directory} is stored "
+                                 "quantized; load an unquantized checkpoint")
             if layout is not None or split:
                 raise NotImplementedError("quantized checkpoints under tensor/expert parallelism or with disk offload "
                                           "are not implemented in moelm")

@@ -40,6 +40,9 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
                          " quantize its unquantized original")
     if quantization.backend != "moelm":
         raise ValueError("moelm quantize writes moelm's own int8 / int4 weights only")
+    if quantization.hot_experts is not None:
+        raise ValueError("moelm quantize cannot write experts of two modes in one layer (hot_experts): load the "
+                         "unquantized checkpoint with the same quantization= instead")
     config = config_class_for(data).from_dict(data)
     config.validate()
     with SafetensorsCheckpoint(directory) as ckpt:
