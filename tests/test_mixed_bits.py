@@ -137,6 +137,13 @@ def test_hot_experts_int8_the_others_int4(family, tmp_path):
         if shared is not None:  # hot: int8
             assert {p.mode for p in (shared.gate_proj, shared.up_proj, shared.down_proj)} == {"int8"}
     assert model.model.layers[0].self_attn.q_proj.mode == "int8" and model.lm_head.mode == "int8"
+    from moelm.bench.runner import bytes_per_token
+
+    before = bytes_per_token(model, model.config)["bytes_per_token"]
+    for m in model.modules():  # each layer's two stacks count as k of its E experts, not k of each stack's
+        if isinstance(m, MixedExperts):
+            m.hot.num_experts = m.cold.num_experts = 1
+    assert bytes_per_token(model, model.config)["bytes_per_token"] == before
 
 
 @pytest.mark.parametrize("family", CASES)

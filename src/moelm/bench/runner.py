@@ -48,7 +48,9 @@ def bench_config(name: str):
 def bytes_per_token(model, config) -> dict:
     """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
     scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
-    stacked-experts module counted for its top-k of E experts only."""
+    stacked-experts module counted for its top-k of E experts only (as if every expert were chosen as often: a
+    mixed-bit layer's routing-weighted figure is benchmarks/mixed_bits.py's)."""
+    from ..inference.mixed import MixedExperts
     from ..inference.quantization import QuantizedExperts
     from ..nn.moe import Experts
 
@@ -63,9 +65,11 @@ def bytes_per_token(model, config) -> dict:
     seen = set()
     for name, (module, own) in per_module.items():
         expert_share = None
-        for owner, (m, _) in per_module.items():
-            if isinstance(m, (Experts, QuantizedExperts)) and (name == owner or name.startswith(owner + ".")):
+        for owner, (m, _) in per_module.items():  # the outermost stack (a mixed-bit one holds two inside)
+            if isinstance(m, (Experts, QuantizedExperts, MixedExperts)) and (name == owner or
+                                                                           name.startswith(owner + ".")):
                 expert_share = k / m.num_experts
+                break
         for _, t in own:
             if id(t) in seen:
                 continue
