@@ -8,9 +8,10 @@ import time
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from . import routes
+from . import openapi, routes
 from .engine import Engine
 from .errors import APIError, error_response, validation_message
 from .metrics import Metrics
@@ -29,6 +30,11 @@ ROUTES = [  # path, endpoint, methods, in the OpenAPI schema
     ("/v1/completions", routes.completions, ["POST"], True),
     ("/completions", routes.completions, ["POST"], False),
 ]
+DOCUMENTED = {  # what the schema says of an endpoint's 200 when it is not JSON, its other statuses
+    routes.health: dict(response_class=Response, responses={200: {"description": "The engine runs (an empty body)."},
+                                                            503: {"description": "The engine thread is not running."}}),
+    routes.metrics: dict(response_class=PlainTextResponse, responses={200: {"description": "Prometheus' format."}}),
+}
 
 
 class RequireKey:
@@ -61,7 +67,7 @@ async def invalid(request, exc: RequestValidationError):
 
 async def http_error(request, exc: HTTPException):
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(APIError(exc.status_code, str(exc.detail), kind=kind))
+    return error_response(APIError(exc.status_code, str(exc.detail), kind=kind), exc.headers)  # a 405's Allow
 
 
 async def bug(request, exc: Exception):
@@ -69,9 +75,10 @@ async def bug(request, exc: Exception):
 
 
 def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key: str | None = None,
-               chat_template: str | None = None, defaults: dict | None = None) -> FastAPI:
+               chat_template: str | None = None, defaults: dict | None = None, tokenizer_info: bool = False) -> FastAPI:
     """The FastAPI app. The engine must be started by the caller; `defaults` are sampling defaults (the model's
-    generation_config) for fields a request leaves unset."""
+    generation_config) for fields a request leaves unset; tokenizer_info: serve GET /tokenizer_info (off by default,
+    as vLLM's --enable-tokenizer-info-endpoint: it shows the chat template)."""
     app = FastAPI(title="moelm", version="1", docs_url="/docs")
     if api_key:
         app.add_middleware(RequireKey, key=api_key)
@@ -88,5 +95,8 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
                          (Exception, bug)):
         app.add_exception_handler(exc, handler)
     for path, endpoint, methods, public in ROUTES:
-        app.add_api_route(path, endpoint, methods=methods, include_in_schema=public)
+        app.add_api_route(path, endpoint, methods=methods, include_in_schema=public, **DOCUMENTED.get(endpoint, {}))
+    if tokenizer_info:
+        app.add_api_route("/tokenizer_info", routes.tokenizer_info, methods=["GET"])
+    app.openapi = functools.lru_cache(maxsize=1)(functools.partial(openapi.build, app, PUBLIC, routes.TEMPLATE_ARGS))
     return app

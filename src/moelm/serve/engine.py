@@ -55,7 +55,8 @@ class EngineFull(RuntimeError):
 @dataclass
 class SamplingParams(Sampling):
     """Per-request decoding: the sampler's knobs (moelm.generation.Sampling: temperature 0 is greedy, top_k 0 off),
-    OpenAI's other fields and vLLM's usual extensions."""
+    OpenAI's other fields and vLLM's usual extensions. max_tokens 0: the prompt alone (its logprobs), nothing
+    sampled."""
 
     max_tokens: int = 16
     min_tokens: int = 0
@@ -64,6 +65,7 @@ class SamplingParams(Sampling):
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and rank, and the k most likely
     skip_special_tokens: bool = True
     n: int = 1
     structured: tuple[str, object, str] | None = None  # (kind, spec, request field): see moelm.serve.structured
@@ -81,14 +83,16 @@ class SamplingParams(Sampling):
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it)
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int | None = None  # a prompt token's: 1 + the tokens more likely (ties count)
 
 
 @dataclass
 class Output:
     """One event of choice `index`: its new token (none in a final flush) and the text that became final; a
-    finish_reason ("stop", "length", "abort" or "error" with `error`) on its last event."""
+    finish_reason ("stop", "length", "abort" or "error" with `error`) on its last event; on its first event, with
+    SamplingParams.prompt_logprobs, the prompt tokens' logprobs (one per prompt token)."""
 
     index: int
     token_ids: list[int]
@@ -96,6 +100,7 @@ class Output:
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Request:
@@ -144,8 +149,15 @@ class Sequence:
         self.ids = torch.tensor(self.prompt + [0] * p.max_tokens)  # prompt + tokens, as generate's input_ids
         self.matcher = None  # structured output: the grammar's state
         self.mask: torch.Tensor | None = None  # and the tokens it allows next [V] bool
+        # the prompt's logprobs so far (position i: token i given those before); sent on its first event
+        self.scores = None if p.prompt_logprobs is None else [TokenLogprob(self.prompt[0], None, [])]
+        self.scores_sent = False
         self.submitted = time.perf_counter()
         self.last_time: float | None = None
+
+    def scoring(self) -> bool:
+        """Its prompt logprobs are asked for and not all computed yet."""
+        return self.scores is not None and len(self.scores) < len(self.prompt)
 
 
 class Engine:
@@ -335,6 +347,12 @@ class Engine:
             params.sampling()
         except SamplingError as e:
             raise RequestError(str(e), e.field) from None
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 0:
+            raise RequestError(f"max_tokens must be an integer >= 0, got {params.max_tokens!r}", "max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= self.vocab_size):
+                raise RequestError(f"{name} must be an integer in [0, {self.vocab_size}], got {value!r}", name)
         for name in ("logit_bias", "stop_token_ids"):
             ids = getattr(params, name)
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -420,7 +438,10 @@ class Engine:
             seq = self.waiting[0]
             row = min(self.free_rows)
             adapter = seq.request.params.adapter
-            reused = cache.reuse(row, seq.ids[:seq.target], b"" if not adapter else f"lora:{adapter}".encode())
+            # a sequence still owing prompt logprobs computes every position (it leaves its blocks for others)
+            fresh = seq.scoring()
+            reused = cache.reuse(row, seq.ids[:1 if fresh else seq.target],
+                                 b"" if not adapter else f"lora:{adapter}".encode())
             if cache.room(row) <= reused:  # no block for its next position: wait for sequences to finish
                 cache.free(row)
                 break
@@ -431,7 +452,7 @@ class Engine:
             with self.cond:
                 self.queued -= 1
             self.running.append(seq)
-            if cache.prefix_caching and self.metrics is not None:
+            if cache.prefix_caching and self.metrics is not None and not fresh:
                 self.metrics.prefix_cache(seq.target, reused)
             if not seq.tokens and seq.index == 0:
                 seq.request.cached_tokens = reused
@@ -472,10 +493,11 @@ class Engine:
         self.pace.start()
         budget = self.max_num_batched_tokens
         decoding = self._decoding()
-        parts = []  # (sequence, first token, tokens, drafts or None for a prompt chunk, their q)
+        # (sequence, first token, tokens, drafts or None for a prompt chunk, their q, prompt positions scored)
+        parts = []
         segments, tokens, keep = [], [], []
         for seq, (drafts, q) in zip(decoding, self._drafts(decoding, budget)):
-            parts.append((seq, len(tokens), 1 + len(drafts), drafts, q))
+            parts.append((seq, len(tokens), 1 + len(drafts), drafts, q, 0))
             segments.append((seq.row, 1 + len(drafts)))
             keep += range(len(tokens), len(tokens) + 1 + len(drafts))
             tokens += [seq.tokens[-1]] + drafts
@@ -486,12 +508,17 @@ class Engine:
             count = min(seq.target - seq.filled, budget, self.cache.room(seq.row) - seq.filled)
             if count <= 0 or not self.cache.grow(seq.row, seq.filled + count):
                 continue  # no block free: it waits
-            parts.append((seq, len(tokens), count, None, None))
+            scored = 0
+            if seq.scoring():  # the rows of the positions whose next prompt token has no logprob yet
+                start = max(seq.filled, len(seq.scores) - 1)
+                scored = max(0, min(seq.filled + count, len(seq.prompt) - 1) - start)
+                keep += range(len(tokens) + start - seq.filled, len(tokens) + start - seq.filled + scored)
+            parts.append((seq, len(tokens), count, None, None, scored))
             segments.append((seq.row, count))
             tokens += seq.ids[seq.filled:seq.filled + count].tolist()
             seq.filled += count
             budget -= count
-            if seq.filled == seq.target and not seq.tokens:
+            if seq.filled == seq.target and not seq.tokens and seq.request.params.max_tokens:
                 keep.append(len(tokens) - 1)
         if not segments:  # every running sequence waits for a block: the last admitted holding some gives its back
             holder = next((s for s in reversed(self.running) if self.cache.blocks[s.row]), None)
@@ -502,13 +529,20 @@ class Engine:
         logits, hidden = self._forward(segments, tokens, keep, hidden=hidden_too)
         self.steps += 1
         at, emitted, drafted = 0, 0, False
-        for seq, first, count, drafts, q in parts:
+        for seq, first, count, drafts, q, scored in parts:
             if drafts is None:  # a prompt chunk, and the first token where the prompt is done
                 if hidden_too:
                     self.drafter.observe(seq, hidden[first:first + count])
+                if scored:
+                    self._score(seq, logits[at:at + scored])
+                    at += scored
                 if seq.filled == seq.target and not seq.tokens:
-                    self._advance(seq, logits[at])
-                    at += 1
+                    self.cache.remember(seq.row, seq.ids)  # before a first token that may finish it
+                    if seq.request.params.max_tokens:
+                        self._advance(seq, logits[at])
+                        at += 1
+                    else:
+                        self._finish(seq, "length")
                 continue
             start = self.cache.lengths[seq.row] - count
             kept = self._verify(seq, logits[at:at + count], drafts, q)
@@ -668,7 +702,7 @@ class Engine:
         if reason is None and (len(seq.tokens) >= p.max_tokens or full):
             reason = "length"
         if reason is None:
-            seq.request.callback(Output(seq.index, [token], text, logprobs))
+            seq.request.callback(Output(seq.index, [token], text, logprobs, prompt_logprobs=self._prompt_out(seq)))
         else:
             self._finish(seq, reason, [token], text, logprobs)
         return accepted, reason is not None
@@ -685,7 +719,29 @@ class Engine:
             text += seq.stops.flush()
         if self.metrics is not None:
             self.metrics.finished(reason, time.perf_counter() - seq.submitted)
-        seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error))
+        seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error,
+                                    self._prompt_out(seq)))
+
+    def _score(self, seq: Sequence, logits: torch.Tensor):
+        """Record the logprobs of seq's next prompt tokens from the logits [k, V] (fp32) of the k positions before
+        them: each token's logprob and rank and the prompt_logprobs most likely."""
+        lp = logits.log_softmax(-1)
+        at = len(seq.scores)
+        ids = seq.ids[at:at + len(lp)]
+        chosen = lp.gather(1, ids[:, None])
+        ranks = (lp >= chosen).sum(-1).tolist()
+        k = seq.request.params.prompt_logprobs
+        top = lp.topk(k) if k else None
+        for j, (token, value) in enumerate(zip(ids.tolist(), chosen[:, 0].tolist())):
+            seq.scores.append(TokenLogprob(token, value, [] if top is None else
+                                           list(zip(top.indices[j].tolist(), top.values[j].tolist())), ranks[j]))
+
+    def _prompt_out(self, seq: Sequence) -> list[TokenLogprob] | None:
+        """seq's prompt logprobs, once (on its first event), when they are complete."""
+        if seq.scores is None or seq.scoring() or seq.scores_sent:
+            return None
+        seq.scores_sent = True
+        return seq.scores
 
     def _scores(self, seq: Sequence, logits: torch.Tensor, drafts: list[int] = ()) -> torch.Tensor:
         """seq's processed scores [1, V] from logits [V] (fp32) after its tokens and `drafts`: generate's penalties,

@@ -15,12 +15,39 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}  # the body above, as JSON Schema (/openapi.json)
+
+
+# The `code` of a 400 refusing a request that its operation's schema allows: the rules JSON Schema cannot state.
+REFUSALS = {
+    "context_length_exceeded": "the prompt's tokens plus max_tokens (max_completion_tokens) are more than the "
+                               "model's context (max_model_len), or the prompt alone fills it",
+    "chat_template_error": "the model's chat template refuses the conversation (a role it does not know, the order "
+                           "of the messages, content it cannot render)",
+    "invalid_structured_output": "a structured-output constraint (response_format, structured_outputs, guided_*, "
+                                 "the tools of tool_choice 'required' or a named function) that llguidance cannot "
+                                 "compile, or that allows no first token",
+    "conflicting_fields": "fields that do not go together: top_logprobs without logprobs, best_of other than n, "
+                          "max_tokens 0 without echo, prompt_logprobs with stream, two structured-output "
+                          "constraints, tool_choice naming no function of tools or 'required' without tools or with "
+                          "another constraint, two tools of one name",
+    "too_many_choices": "the prompts times n are more sequences than the server's queue holds (--max-waiting)",
+}
+ENGINE_CODES = {"max_tokens": "context_length_exceeded", **dict.fromkeys(  # an engine RequestError's, by its param
+    ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+     "tool_choice"), "invalid_structured_output")}
+
+
 class ClientGone(Exception):
     pass
 
 
-def error_response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 503 else None
+def error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
+    if e.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 

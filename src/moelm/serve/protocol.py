@@ -3,16 +3,43 @@ and known fields that moelm does not run are refused by `unsupported()` (never d
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine import SamplingParams
 from .structured import KINDS as STRUCTURED
 
+RESPONSE_FORMATS = [  # response_format as constraint() takes it
+    {"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "json_object"}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {"type": {"const": "json_schema"},
+                                                                           "json_schema": {
+        "type": "object", "required": ["schema"], "properties": {"schema": {"type": "object"}}}}}]
+EPS = 1e-5  # a temperature below is greedy (vLLM's rule), a repetition_penalty below refused: both overflow fp32
+FALSY = [None, False, 0, "", [], {}]  # what a field moelm does not run may be
+TOOL = {"type": "object", "required": ["function"], "properties": {"type": {"const": "function"}, "function": {
+    "type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1},
+                                                           "parameters": {"type": "object"}}}}}  # tools.check's
+TOOL_CHOICE = [{"enum": [None, "none", "auto", "required"]},
+               {"type": "object", "required": ["function"], "properties": {"function": {"type": "object"}}}]
+
+
+def whole(value):
+    """JSON Schema's integers include 2.0: such floats as ints (strict mode takes no float for an int)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return [whole(v) for v in value] if isinstance(value, list) else value
+
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # strict: false is no 0, "1" no number
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole(cls, data):
+        return {k: whole(v) for k, v in data.items()} if isinstance(data, dict) else data
 
 
 class StreamOptions(Body):
@@ -20,6 +47,8 @@ class StreamOptions(Body):
 
 
 class TextPart(Body):
+    model_config = ConfigDict(json_schema_extra={"properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                                                 "required": ["type", "text"]})  # what Message.text() takes
     type: str
     text: Optional[str] = None
 
@@ -47,44 +76,55 @@ class SamplingRequest(Body):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, le=2)
-    top_p: Optional[float] = None
+    temperature: Optional[float] = Field(None, le=2, json_schema_extra={"minimum": 0}, description=(
+        "0 (or below 1e-5, as in vLLM) is greedy"))  # >= 0: Sampling's check
+    top_p: Optional[float] = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
     n: int = Field(1, ge=1, le=128)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = Field(None, json_schema_extra={"minLength": 1, "items": {"minLength": 1}})
+    seed: Optional[int] = None  # any integer: one outside torch's range is taken modulo 2**64
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, json_schema_extra={"additionalProperties": {
+        "type": "number", "minimum": -100, "maximum": 100}})
     user: Optional[str] = None
     # the usual extensions (vLLM's names)
     top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = Field(None, le=10)
+    min_p: Optional[float] = Field(None, json_schema_extra={"minimum": 0, "maximum": 1})
+    repetition_penalty: Optional[float] = Field(None, le=10, json_schema_extra={"minimum": EPS})
     min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
-    response_format: Optional[dict[str, Any]] = None
-    structured_outputs: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = Field(None, json_schema_extra={"anyOf": RESPONSE_FORMATS})
+    structured_outputs: Optional[dict[str, Any]] = Field(None, json_schema_extra={"anyOf": [{"type": "null"}, {
+        "type": "object", "properties": {k: {} for k in (*STRUCTURED, "disable_any_whitespace")},
+        "additionalProperties": {"enum": [None, False, 0]}}]})
     guided_json: Union[str, dict[str, Any], None] = None
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
-    guided_decoding_backend: Optional[str] = None
+    guided_decoding_backend: Optional[str] = Field(None, json_schema_extra={"enum": [None, "auto", "guidance",
+                                                                                     "llguidance"]})
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value):
         for key, bias in (value or {}).items():
-            try:
-                int(key)
-            except ValueError:
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}") from None
+            if not re.search(r"^[0-9]+$", key):  # the schema's pattern (with the vocabulary's bound)
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _penalty(cls, value):
+        if value is not None and 0 < value < EPS:  # <= 0: Sampling's check
+            raise ValueError(f"repetition_penalty must be at least {EPS} (a smaller one overflows the scores)")
         return value
 
     @field_validator("stop")
@@ -117,7 +157,7 @@ class SamplingRequest(Body):
         compact = bool(options.pop("disable_any_whitespace", False))
         for key, value in options.items():
             if key in STRUCTURED and value is not None and value is not False:
-                found.append((key, value, "structured_outputs"))
+                found.append((key, None if key == "json_object" else value, "structured_outputs"))  # a flag
             elif key not in STRUCTURED and value not in (None, False):
                 raise ValueError("structured_outputs", f"structured_outputs.{key} is not supported by moelm serve "
                                                        f"(only one of {', '.join(STRUCTURED)})")
@@ -129,7 +169,8 @@ class SamplingRequest(Body):
                                                         "is not available (moelm serve runs llguidance: 'guidance')")
         if len(found) > 1:
             raise ValueError(found[1][2], "give one structured-output constraint, not "
-                                          f"{' and '.join(f'{field} ({kind})' for kind, _, field in found)}")
+                                          f"{' and '.join(f'{field} ({kind})' for kind, _, field in found)}",
+                             "conflicting_fields")
         if not found:
             return None
         kind, spec, field = found[0]
@@ -150,23 +191,28 @@ class SamplingRequest(Body):
             value = getattr(self, name)
             return value if value is not None else defaults.get(name, fallback)
 
-        top_k = pick("top_k", 0)
+        top_k, temperature = pick("top_k", 0), pick("temperature", 1.0)
         return SamplingParams(
-            max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            max_tokens=max_tokens, temperature=0.0 if 0 < temperature < EPS else temperature, top_p=pick("top_p", 1.0),
             top_k=0 if top_k in (-1, None) else top_k, min_p=pick("min_p", 0.0),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=list(self.stop_token_ids or []), seed=self.seed, logprobs=logprobs,
+            stop_token_ids=list(self.stop_token_ids or []), logprobs=logprobs,
+            seed=self.seed if self.seed is None or -2**63 <= self.seed < 2**64 else self.seed % 2**64,
             skip_special_tokens=self.skip_special_tokens, n=self.n, structured=self.constraint())
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(field, message) for a set field that moelm does not run, else None."""
+    def unsupported(self) -> tuple | None:
+        """(field, message[, code]) for a set field that moelm does not run, else None; the code names a refusal the
+        schema cannot state (moelm.serve.errors.REFUSALS)."""
+        if self.prompt_logprobs is not None and self.stream:
+            return ("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)",
+                    "conflicting_fields")
         try:
             self.constraint()
         except ValueError as e:
-            return e.args[0], e.args[1]
+            return e.args
         return None
 
     def include_usage(self) -> bool:
@@ -180,47 +226,52 @@ class ChatRequest(SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
-    tools: Optional[list[Any]] = None
-    tool_choice: Any = None
+    tools: Optional[list[Any]] = Field(None, json_schema_extra={"items": TOOL})
+    tool_choice: Any = Field(None, json_schema_extra={"anyOf": TOOL_CHOICE})
     parallel_tool_calls: bool = True
-    # OpenAI fields moelm does not run
-    functions: Optional[list[Any]] = None
-    function_call: Any = None
-    audio: Any = None
-    prediction: Any = None
+    # OpenAI fields moelm does not run (refused unless falsy)
+    functions: Optional[list[Any]] = Field(None, json_schema_extra={"enum": [None, []]})
+    function_call: Any = Field(None, json_schema_extra={"enum": FALSY})
+    audio: Any = Field(None, json_schema_extra={"enum": FALSY})
+    prediction: Any = Field(None, json_schema_extra={"enum": FALSY})
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(field, message) for a set field that moelm does not run, else None."""
+    def unsupported(self) -> tuple | None:
+        """(field, message[, code]) for a set field that moelm does not run, else None."""
         for name in ("functions", "function_call", "audio", "prediction"):
             if getattr(self, name):
                 return name, f"{name} is not supported by moelm serve" + (" (use tools)" if "func" in name else "")
         if self.top_logprobs is not None and not self.logprobs:
-            return "top_logprobs", "top_logprobs needs logprobs: true"
+            return "top_logprobs", "top_logprobs needs logprobs: true", "conflicting_fields"
         return super().unsupported()
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(json_schema_extra={
+        "minLength": 1, "minItems": 1, "items": {"minLength": 1, "minItems": 1}})  # prompts_of's "empty"
+    max_tokens: Optional[int] = Field(16, ge=0)  # 0: with echo only, the prompt alone
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    suffix: Optional[str] = Field(None, json_schema_extra={"maxLength": 0})
 
-    def unsupported(self) -> tuple[str, str] | None:
+    def unsupported(self) -> tuple | None:
         if self.best_of is not None and self.best_of != self.n:
-            return "best_of", "best_of is not supported by moelm serve (use n)"
+            return "best_of", "best_of is not supported by moelm serve (use n)", "conflicting_fields"
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported by moelm serve"
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs (prompt logprobs) is not supported by moelm serve"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt alone)", \
+                "conflicting_fields"
         return super().unsupported()
 
 
 class TokenizeRequest(Body):
+    model_config = ConfigDict(json_schema_extra={"oneOf": [  # one of prompt and messages (null is none)
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[Message]] = None
+    messages: Optional[list[Message]] = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -10,8 +10,8 @@ from typing import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from .engine import EngineFull, Output, RequestError
-from .errors import APIError, ClientGone
+from .engine import EngineFull, Output, RequestError, TokenLogprob
+from .errors import ENGINE_CODES, APIError, ClientGone
 from .protocol import SamplingRequest
 
 DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
@@ -19,24 +19,37 @@ DISCONNECT_POLL = 0.2  # seconds between checks that the client is still there
 
 class Generation:
     """Prompts submitted to the engine (`field` names them in errors): their requests, the queue their outputs
-    arrive on, and how many choices they make."""
+    arrive on, how many choices they make and, with `prompt_logprobs`, each choice's prompt logprobs (`prompts`,
+    once its first output came)."""
 
     def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str,
-                 constraint: tuple | None = None, adapter: int = 0):
+                 constraint: tuple | None = None, adapter: int = 0, prompt_logprobs: int | None = None):
         engine, loop = state.engine, asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
+        self.prompts: list[list[TokenLogprob] | None] = [None] * self.choices
+        ready = []
         try:
-            for i, prompt in enumerate(prompts):
+            for prompt in prompts:
                 tokens = max_tokens if max_tokens is not None else engine.max_model_len - len(prompt)
-                if tokens < 1:
+                if max_tokens is None and tokens < 1:
                     raise APIError(400, f"the prompt is {len(prompt)} tokens: nothing is left of the model's "
-                                        f"context of {engine.max_model_len} tokens", field)
+                                        f"context of {engine.max_model_len} tokens", field, "context_length_exceeded")
                 params = body.params(tokens, logprobs, state.defaults)
                 if constraint is not None:  # the caller's own (tool_choice), in place of the body's
                     params.structured = constraint
                 params.adapter = adapter
-
+                params.prompt_logprobs = prompt_logprobs
+                engine.check(prompt, params)  # each prompt before any is submitted: a refusal leaves none running
+                ready.append((prompt, params))
+            seqs = len(prompts) * body.n
+            if seqs > engine.max_waiting:
+                raise APIError(400, f"{len(prompts)} prompt(s) times n={body.n} are {seqs} sequences, more than the "
+                                    f"queue holds ({engine.max_waiting})", "n", "too_many_choices")
+            if engine.queued + seqs > engine.max_waiting:  # as submit would find it, before any is submitted
+                raise EngineFull(f"{engine.queued} sequences are waiting (the queue holds {engine.max_waiting}); "
+                                 "try again later")
+            for i, (prompt, params) in enumerate(ready):
                 def deliver(out: Output, i=i):
                     try:
                         loop.call_soon_threadsafe(self.events.put_nowait, (i, out))
@@ -48,7 +61,7 @@ class Generation:
             for r in self.requests:
                 r.cancel()
             if isinstance(e, RequestError):
-                raise APIError(400, str(e), e.param) from None
+                raise APIError(400, str(e), e.param, ENGINE_CODES.get(e.param)) from None
             if isinstance(e, EngineFull):
                 raise APIError(503, str(e), kind="server_overloaded") from None
             raise
@@ -71,7 +84,10 @@ class Generation:
                 if out.error:
                     raise APIError(500, f"generation failed: {out.error}", kind="internal_error")
                 left -= out.finish_reason is not None
-                yield i * self.requests[i].params.n + out.index, out
+                c = i * self.requests[i].params.n + out.index
+                if out.prompt_logprobs is not None:
+                    self.prompts[c] = out.prompt_logprobs
+                yield c, out
         finally:
             if left:
                 for r in self.requests:
@@ -83,6 +99,20 @@ class Generation:
         cached = sum(r.cached_tokens for r in self.requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def prompt_logprobs_json(token_text, entries: list[TokenLogprob]) -> list[dict | None]:
+    """vLLM's prompt_logprobs: None for the first token, then per position {token id: {"logprob", "rank",
+    "decoded_token"}} of the prompt's token and the most likely ones."""
+    out = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        ranked = [(e.token_id, e.logprob, e.rank)] + [(t, lp, r) for r, (t, lp) in enumerate(e.top, 1)]
+        out.append({str(t): {"logprob": max(lp, -9999.0), "rank": r, "decoded_token": token_text(t)[0]}
+                    for t, lp, r in ranked})
+    return out
 
 
 def sse(data: dict) -> str:

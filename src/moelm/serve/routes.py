@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from . import tools
 from .errors import APIError, error_response
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .responses import Generation, respond
+from .responses import Generation, prompt_logprobs_json, respond
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_POLICY = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -39,7 +39,7 @@ def checked(state, body) -> str:
     name = model_name(state, body.model)
     refused = body.unsupported()
     if refused:
-        raise APIError(400, refused[1], refused[0])
+        raise APIError(400, refused[1], refused[0], *refused[2:])
     return name
 
 
@@ -94,7 +94,8 @@ def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | Non
         text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                    tokenize=False, chat_template=state.chat_template, **kwargs)
     except Exception as e:  # the template's own raise_exception, a missing template, a part that is not text
-        raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "chat_template_error") \
+            from None
     return state.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -120,6 +121,27 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     return {"prompt": state.tokenizer.decode(body.tokens)}
 
 
+async def tokenizer_info(request: Request):
+    """vLLM's GET /tokenizer_info (behind --enable-tokenizer-info-endpoint): the tokenizer's configuration as its
+    tokenizer_config.json gives it (special tokens, limits), its class and the chat template served."""
+    state = request.app.state
+    tok = state.tokenizer
+    info = dict(getattr(tok, "special_tokens_map", {}))
+    for name in TOKENIZER_INFO:
+        value = getattr(tok, name, None)
+        if value is not None and value != []:
+            info[name] = value
+    info["tokenizer_class"] = type(tok).__name__
+    template = state.chat_template or getattr(tok, "chat_template", None)
+    if template:
+        info["chat_template"] = template
+    return info
+
+
+TOKENIZER_INFO = ("extra_special_tokens", "add_bos_token", "add_eos_token", "model_max_length",
+                  "clean_up_tokenization_spaces", "padding_side", "truncation_side", "name_or_path")
+
+
 def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     """A token's text and its bytes (a byte-fallback piece <0xHH> is that byte); create_app caches it per app."""
     piece = tokenizer.convert_ids_to_tokens([token])[0] or ""
@@ -138,19 +160,19 @@ async def chat(body: ChatRequest, http: Request):
     try:
         functions, forced = tools.check(body.tools, body.tool_choice)
     except tools.ToolError as e:
-        raise APIError(400, str(e), e.param) from None
+        raise APIError(400, str(e), e.param, "conflicting_fields") from None  # the schema has the tools' shape
     active = bool(functions) and body.tool_choice != "none"
     constraint = None
     if active and (body.tool_choice == "required" or forced):
         if body.constraint() is not None:
             raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
-                                "structured-output constraint", "tool_choice")
+                                "structured-output constraint", "tool_choice", "conflicting_fields")
         constraint = ("grammar", tools.grammar(functions, forced, body.parallel_tool_calls), "tool_choice")
     prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs,
                          body.tools if active else None, functions if active else ())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages",
-                     constraint, adapter_of(state, name))
+                     constraint, adapter_of(state, name), body.prompt_logprobs)
     streams = [tools.Stream() for _ in range(gen.choices)]
     called = [0] * gen.choices
 
@@ -177,8 +199,11 @@ async def chat(body: ChatRequest, http: Request):
 
     opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                for c in range(gen.choices)]
-    return await respond(http, gen, body, name, "chatcmpl", ("chat.completion", "chat.completion.chunk"), choice,
-                         [""] * gen.choices, opening)
+    response = await respond(http, gen, body, name, "chatcmpl", ("chat.completion", "chat.completion.chunk"),
+                             choice, [""] * gen.choices, opening)
+    if body.prompt_logprobs is not None and isinstance(response, dict):  # vLLM's place: the response's
+        response["prompt_logprobs"] = prompt_logprobs_json(state.token_text, gen.prompts[0])
+    return response
 
 
 def chat_logprobs(token_text, entries) -> dict:
@@ -194,13 +219,19 @@ async def completions(body: CompletionRequest, http: Request):
     state = http.app.state
     name = checked(state, body)
     prompts = prompts_of(state.tokenizer, body.prompt)
-    gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt", adapter=adapter_of(state, name))
+    scored = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs if body.echo else None
+    gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt", adapter=adapter_of(state, name),
+                     prompt_logprobs=scored)
     echo = [state.tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(gen.choices)]
-    offsets = [Offsets(state.token_text, len(e)) for e in echo]
+    offsets = [Offsets(state.token_text, body.logprobs) for _ in echo]
 
     def choice(c: int, text: str, entries, finish, streamed: bool) -> dict:
-        return {"index": c, "text": text, "logprobs": offsets[c].add(entries) if body.logprobs is not None else None,
-                "finish_reason": finish}
+        prompt = gen.prompts[c]
+        logprobs = None if body.logprobs is None else offsets[c].add(entries, prompt if body.echo else None)
+        out = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if prompt is not None and not streamed:  # vLLM's field
+            out["prompt_logprobs"] = prompt_logprobs_json(state.token_text, prompt)
+        return out
 
     return await respond(http, gen, body, name, "cmpl", ("text_completion", "text_completion"), choice, echo)
 
@@ -222,18 +253,26 @@ def prompts_of(tokenizer, prompt) -> list[list[int]]:
 
 
 class Offsets:
-    """The completions logprobs shape, built token by token (text_offset counts from the text's start)."""
+    """The completions logprobs shape, built chunk by chunk (text_offset: the sum of the tokens' texts before, from
+    the first token sent): each token, its logprob and top_logprobs, the token and the `count` most likely (up to
+    count + 1, as OpenAI and vLLM give them); with echo, the prompt's entries first (the first token's null)."""
 
-    def __init__(self, token_text, start: int):
-        self.token_text, self.offset = token_text, start
+    def __init__(self, token_text, count: int | None):
+        self.token_text, self.count, self.offset, self.echoed = token_text, count, 0, False
 
-    def add(self, entries) -> dict:
+    def add(self, entries, prompt=None) -> dict:
+        if prompt is not None and not self.echoed:
+            entries, self.echoed = [*prompt, *entries], True
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
             piece = self.token_text(e.token_id)[0]
+            top = None
+            if e.logprob is not None:
+                ranked = list({e.token_id: e.logprob, **dict(e.top)}.items())[:self.count + 1]
+                top = {self.token_text(t)[0]: max(lp, -9999.0) for t, lp in ranked}
             out["tokens"].append(piece)
-            out["token_logprobs"].append(e.logprob)
-            out["top_logprobs"].append({self.token_text(t)[0]: lp for t, lp in e.top})
+            out["token_logprobs"].append(None if e.logprob is None else max(e.logprob, -9999.0))
+            out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
             self.offset += len(piece)
         return out

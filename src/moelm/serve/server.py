@@ -55,6 +55,9 @@ def add_arguments(p):
                         '"num_speculative_tokens": K, "prompt_lookup_min"/"prompt_lookup_max": N (ngram), "model": '
                         'DIR and "quantization" (draft_model), "disable_by_batch_size": N; moelm\'s "adaptive": '
                         'false drafts at every step}')
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (the tokenizer's configuration and chat template, as vLLM does; "
+                        "lm-eval's tokenizer_backend=remote reads it)")
     p.add_argument("--expert-metrics", action="store_true",
                    help="count in /metrics the tokens routed to each expert of each MoE layer "
                         "(moelm:expert_tokens_total; an MoE model)")
@@ -175,7 +178,8 @@ def run(args, load):
     configured = model.generation_config.to_dict()
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]
-    app = create_app(engine, tokenizer, names, api_key=api_key, chat_template=template, defaults=defaults)
+    app = create_app(engine, tokenizer, names, api_key=api_key, chat_template=template, defaults=defaults,
+                     tokenizer_info=args.enable_tokenizer_info_endpoint)
     cache = engine.cache
     kv = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
     print(f"moelm serve: {model_path} as {', '.join(names)} on http://{args.host}:{args.port} "

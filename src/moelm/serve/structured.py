@@ -71,11 +71,11 @@ class Grammars:
         elif kind == "grammar":
             if not isinstance(spec, str) or not spec.strip():
                 raise GrammarError("the grammar must be a non-empty string")
-            from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+            from llguidance.gbnf_to_lark import any_to_lark
 
             try:
                 grammar = llguidance.LLMatcher.grammar_from_lark(any_to_lark(spec))
-            except GbnfToLarkError as e:
+            except Exception as e:  # GbnfToLarkError, or a bare Exception ("No 'root' rule found")
                 raise GrammarError(f"the GBNF grammar: {e}") from None
         else:
             raise GrammarError(f"unknown constraint {kind!r}")
