@@ -233,8 +233,8 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
             (["experts", str(path), "--data", str(text), "--out", str(tmp_path / "x"), "--coact-layer", "0",
               "--seq-length", "32"], "--coact-layer 0"),
             (["experts", str(path), "--data", str(text), "--out", str(tmp_path / "x"), "--compare",
-              str(text)], "not a JSON expert report"),
-            (["prune", str(path), str(tmp_path / "p"), "--report", str(tmp_path / "none")], "no such expert report")):
+              str(text)], "is not JSON"),
+            (["prune", str(path), str(tmp_path / "p"), "--report", str(tmp_path / "none")], "no such file")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("moelm: error:") and message in err and "Traceback" not in err

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
+from ..inference.mixed import SCHEMA, load_report
 from ..io.files import atomic_write_bytes, atomic_write_text
 from ..train.balance import balance_metrics, layer_balance
 from .record import Recorder
-
-SCHEMA = "moelm.experts/1"
 
 
 def load_data(path, kind: str, tokenizer, limit: int | None, seq_length: int) -> list:
@@ -99,17 +98,7 @@ def build(rec: Recorder, model, model_name: str, data: dict) -> dict:
 
 def read(path) -> dict:
     """A report.json (or the directory holding it), checked to be one."""
-    path = Path(path)
-    path = path / "report.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such expert report (moelm experts writes DIR/report.json)")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON expert report ({e})") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA or not isinstance(report.get("layers"), list):
-        raise ValueError(f"{path}: not an expert report of schema {SCHEMA}")
-    return report
+    return load_report(path)[1]
 
 
 def compare(report: dict, other: dict, other_name: str) -> dict:

@@ -17,9 +17,9 @@ SCHEMA = "moelm.experts/1"
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def read_report(path) -> dict:
-    """An expert report (its directory or report.json) -> {"path", "model_type", "tokens": {decoder layer index:
-    [E] tokens routed to each expert}}. Only layers[*].layer, num_experts and tokens are read."""
+def load_report(path) -> tuple[Path, dict]:
+    """An expert report (`moelm experts`' report.json, or its directory) -> (its path, its JSON), checked to be
+    one of SCHEMA."""
     path = Path(path)
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
@@ -30,6 +30,13 @@ def read_report(path) -> dict:
         raise ValueError(f"expert report {path} is not JSON ({e})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("layers"), list):
         raise ValueError(f"{path} is not an expert report of schema {SCHEMA}")
+    return path, data
+
+
+def read_report(path) -> dict:
+    """An expert report (its directory or report.json) -> {"path", "model_type", "tokens": {decoder layer index:
+    [E] tokens routed to each expert}}. Only layers[*].layer, num_experts and tokens are read."""
+    path, data = load_report(path)
     tokens = {}
     for entry in data["layers"]:
         layer, e, counts = (entry.get(k) if isinstance(entry, dict) else None for k in ("layer", "num_experts",
