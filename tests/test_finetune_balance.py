@@ -24,19 +24,12 @@ from moelm import AutoModelForCausalLM
 from moelm.models.scaffold import new_checkpoint
 from moelm.train.recipe import build_recipe
 from moelm.train.trainer import Trainer
+from test_finetune import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_finetune_dist import recipe_dict, write_hellaswag
 from test_parallel import launch
 
 ERNIE_CHOICE = {1: (0, 1), 2: (0, 5)}  # MoE layer -> the two experts its bias chooses (of 8)
 PHI_LOGITS = [30.0, 10.0, 10.0, -30.0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

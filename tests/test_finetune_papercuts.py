@@ -23,15 +23,8 @@ from moelm.train.recipe import DistributedSection, build_recipe
 from moelm.train.state import truncate_metrics
 from moelm.train.trainer import Trainer
 from reference import randomise
+from test_finetune import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_finetune_dist import recipe_dict, write_hellaswag
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
