@@ -115,3 +115,13 @@ def _mtp_layer_by_hand(m, next_ids: torch.Tensor, hidden: torch.Tensor) -> tuple
     pos = torch.arange(x.shape[1])[None]
     x, _, _ = DecoderLayer.forward(base.mtp_block[0], x, base.rotary(x, pos), None, None)  # the layer op by op
     return x, m.lm_head(rms(x, base.norm.weight, eps))
+
+
+@torch.no_grad()
+def constant_moe_input(layer):
+    """A PhiMoE decoder layer's MoE block made to see the same input for every token: its LayerNorm's weight 0 and
+    bias e_0, so the router's scores are the gate's column 0."""
+    norm = layer.post_attention_layernorm
+    norm.weight.zero_()
+    norm.bias.zero_()
+    norm.bias[0] = 1.0

@@ -19,7 +19,7 @@ from moelm.experts import report as rp
 from moelm.models.modeling import moe_blocks
 from moelm.models.scaffold import new_checkpoint
 from moelm.train.data import Example
-from reference import randomise
+from reference import constant_moe_input, randomise
 
 
 def ernie(seed=0, fast=True):
@@ -139,11 +139,8 @@ def phimoe():
     model = AutoModelForCausalLM.from_config(named_config("phimoe-tiny"), seed=0)
     randomise(model, 0)
     with torch.no_grad():
-        for _, layer in enumerate(model.model.layers):
-            norm = layer.post_attention_layernorm
-            norm.weight.zero_()
-            norm.bias.zero_()
-            norm.bias[0] = 1.0
+        for layer in model.model.layers:
+            constant_moe_input(layer)
             layer.block_sparse_moe.gate.weight[:, 0] = torch.tensor([2.0, 1.0, -50.0, -50.0])
     return model.eval()
 

@@ -51,16 +51,22 @@ def recipe_dict(ckpt: str, data: str, out: str, steps: int = 4, variant: str = "
     }
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_moe_run(root):
+    """root with model/ (the tiny ERNIE-MoE, every weight randomised) and train.jsonl (HellaSwag records)."""
     from reference import randomise
 
-    root = tmp_path_factory.mktemp("finetune_dist")
     path = new_checkpoint("ernie4_5_moe-tiny", root / "model", seed=0)
     model = AutoModelForCausalLM.from_pretrained(path, fast=False)
     randomise(model, seed=1)
     model.save_pretrained(path)
     write_hellaswag(root / "train.jsonl")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tiny_moe_run(tmp_path_factory.mktemp("finetune_dist"))
+    path = root / "model"
     losses = {}
     for variant in ("full", "lora", "bf16"):
         out = root / f"one-{variant}"

@@ -16,26 +16,18 @@ from moelm import AutoModelForCausalLM
 from moelm.cli import main
 from moelm.config import named_config
 from moelm.io.weights import SafetensorsCheckpoint
-from moelm.models.scaffold import new_checkpoint
 from moelm.train import LoraConfig, apply_lora, save_adapter
 from moelm.train.distributed import layout_for
 from moelm.train.recipe import DistributedSection, build_recipe
 from moelm.train.state import truncate_metrics
 from moelm.train.trainer import Trainer
-from reference import randomise
 from test_finetune import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from test_finetune_dist import recipe_dict, write_hellaswag
+from test_finetune_dist import recipe_dict, tiny_moe_run
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("papercuts")
-    path = new_checkpoint("ernie4_5_moe-tiny", root / "model", seed=0)
-    model = AutoModelForCausalLM.from_pretrained(path, fast=False)
-    randomise(model, seed=1)
-    model.save_pretrained(path)
-    write_hellaswag(root / "train.jsonl")
-    return root
+    return tiny_moe_run(tmp_path_factory.mktemp("papercuts"))
 
 
 def make_recipe(root: Path, out: Path, steps: int, every: int) -> dict:

@@ -21,6 +21,7 @@ from moelm import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from moelm.inference import kernels  # noqa: E402
 from moelm.models.scaffold import new_checkpoint  # noqa: E402
 from moelm.serve.engine import Engine  # noqa: E402
+from reference import constant_moe_input  # noqa: E402
 from serve_fixtures import running_server  # noqa: E402
 from test_fast import kernels_forced  # noqa: E402
 from test_serve_api import metric  # noqa: E402
@@ -55,10 +56,7 @@ def phi_router(path):
     model = AutoModelForCausalLM.from_pretrained(path, fast=False)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            norm = layer.post_attention_layernorm
-            norm.weight.zero_()
-            norm.bias.zero_()
-            norm.bias[0] = 1.0
+            constant_moe_input(layer)
             first, second = PHI_PICKS[i]
             gate = layer.block_sparse_moe.gate.weight
             gate.normal_()
