@@ -4,7 +4,6 @@ variable) starts and answers, greedy, what the server with the kernels answers: 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ import httpx
 import pytest
 
 from moelm.models.scaffold import new_checkpoint
+from test_serve_cli import free_port
 
 PROMPTS = ["hello world", "the list of", "a b c d e f g"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answers(path, port: int, env: dict, *args) -> list[str]:
