@@ -637,6 +637,55 @@ def test_attend_kernel_matches_rotate_cache_and_attention(interleaved, heads, kv
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("d", (128, 80))
+@pytest.mark.parametrize("masking", ("none", "window", "padded"))
+def test_attend_kernel_past_a_chunk_through_block_tables(dtype, d, masking, threads):
+    """kernels.attend splits the positions into chunks of 256 and merges them: rows 700, 256 and 31 positions in,
+    through a paged cache's block tables (blocks in shuffled order), fp32 or bf16 cache, give softmax attention over
+    each row's positions in order; a chunk with no position allowed (a sliding window, left padding) adds nothing."""
+    from moelm.inference.attention import decode_attention
+    from moelm.nn.rope import rotate_interleaved
+
+    g = torch.Generator().manual_seed(d + len(masking))
+    heads, kv_heads, size = 8, 2, 16
+    positions = torch.tensor([700, 256, 31])
+    b, pos = len(positions), int(positions.max())
+    per_row = pos // size + 1
+    keys = torch.randn(b * per_row + 3, kv_heads, size, d, generator=g).to(dtype)
+    values = torch.randn(b * per_row + 3, kv_heads, size, d, generator=g).to(dtype)
+    table = torch.randperm(len(keys), generator=g)[:b * per_row].view(b, per_row).contiguous()
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g)
+    angles = torch.rand(b, d // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    mask = None
+    if masking == "window":  # row 0 sees 401..700: its first chunk not at all
+        mask = torch.arange(pos + 1)[None] > positions[:, None] - 300
+    elif masking == "padded":
+        mask = torch.ones(b, pos + 1, dtype=torch.bool)
+        mask[0, :300] = False
+        mask[2, :10] = False
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = rotate_interleaved(q.view(b, 1, heads, d).transpose(1, 2), cos[:, None], sin[:, None]).to(dtype).float()
+    k = rotate_interleaved(k.view(b, 1, kv_heads, d).transpose(1, 2), cos[:, None], sin[:, None]).to(dtype)
+    v = v.view(b, 1, kv_heads, d).transpose(1, 2).to(dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = []
+    for row, p in enumerate(positions.tolist()):
+        block, at = table[row, p // size], p % size
+        ref_keys[block, :, at], ref_values[block, :, at] = k[row, :, 0], v[row, :, 0]
+        order = table[row, :p // size + 1]
+        rk, rv = (c[order].transpose(0, 1).reshape(kv_heads, -1, d)[None, :, :p + 1].float()
+                  for c in (ref_keys, ref_values))
+        m = None if mask is None else mask[row:row + 1, None, None, :p + 1]
+        expected.append(decode_attention(q[row:row + 1], rk, rv, m, 0.3).to(dtype).float().reshape(heads * d))
+    out = kernels.attend(qkv, heads, kv_heads, cos, sin, True, keys, values, pos, mask, 0.3, table, positions)
+    close(out, torch.stack(expected), 1e-5 if dtype == torch.float32 else 1e-2, f"{masking} attention output")
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # a rotated k rounds to bf16: a tie may go either way
+    torch.testing.assert_close(keys.float(), ref_keys.float(), rtol=tol, atol=tol)  # written at each row's position
+    assert torch.equal(values.float(), ref_values.float())
+
+@needs_kernels
 def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatch):
     """PhiMoE with a sliding window shorter than the cached sequence: the decode steps run kernels.attend (with
     the window's mask) and give the reference path's logits."""

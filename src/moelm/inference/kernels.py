@@ -81,9 +81,10 @@ def _compile() -> ctypes.CDLL | None:
     for fn in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
         fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         fn.restype = None
-    lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64,
-                               ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
-    lib.attend_f32.restype = None
+    for fn in (lib.attend_f32, lib.attend_bf16):
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64, ptr, i64,
+                       ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
+        fn.restype = None
     for fn in (lib.decode_layer, lib.decode_layer_bf16):
         fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64,
                        ptr, ptr, ptr, ctypes.c_int]
@@ -413,8 +414,9 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
            scale: float, table: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step of attention in one C call: qkv [B, (H + 2 Hkv) * D] fp32 (the fused projection's output),
     cos/sin [B, D/2] fp32; rotates q and k (interleaved pairs or halves), writes k and v at position `pos` of the
-    fp32 cache keys/values [B, Hkv, T, D], and attends over positions 0..pos allowed by mask [B, pos + 1] (bool,
-    None: all) -> [B, H * D]. With table (int64 [B, n], contiguous) and positions (int64 [B]; a serving engine's
+    cache keys/values [B, Hkv, T, D] (fp32, or bf16: q and k then rounded to bf16 after the rotation and the output
+    too, as a bf16 model's ops round), and attends over positions 0..pos allowed by mask [B, pos + 1] (bool, None:
+    all) -> [B, H * D] fp32. With table (int64 [B, n], contiguous) and positions (int64 [B]; a serving engine's
     paged cache), keys/values are blocks [N, Hkv, T, D] and row b is at position positions[b] <= pos, its position
     t in block table[b, t // T] at t % T."""
     _require()
@@ -424,10 +426,10 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
     out = torch.empty(b, heads * d, dtype=torch.float32)
     q = qkv.data_ptr()
     k, v = q + heads * d * 4, q + (heads + kv_heads) * d * 4
-    _lib.attend_f32(q, k, v, qkv.stride(0), b, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), int(interleaved),
-                    keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(table), _tstride(table),
-                    _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0), scale, out.data_ptr(),
-                    threads(b * heads * d * (pos + 1)))
+    fn = _lib.attend_bf16 if keys.dtype == torch.bfloat16 else _lib.attend_f32
+    fn(q, k, v, qkv.stride(0), b, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), int(interleaved),
+       keys.data_ptr(), values.data_ptr(), keys.shape[2], pos, _ptr(table), _tstride(table), _ptr(positions),
+       _ptr(mask), 0 if mask is None else mask.stride(0), scale, out.data_ptr(), threads(b * heads * d * (pos + 1)))
     return out
 
 

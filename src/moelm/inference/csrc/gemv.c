@@ -705,7 +705,12 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
  *   [N, Hkv, T, D] of T positions, row b of the batch is at position positions[b] <= pos, attending over
  *   0..positions[b], and its position t lives in block table[b * tstride + t / T] at t % T.
  * q/k/v: rows of the projections' output, row b at q + b * xstride ([H, D], [Hkv, D], [Hkv, D]); cos/sin [B, D/2];
- * out [B, H, D]. Masked positions are skipped (a row with none allowed gives zeros). */
+ * out [B, H, D]. Masked positions are skipped (a row with none allowed gives zeros).
+ * Split as flash-decoding does: the positions in chunks of ATT_CHUNK (from position 0, so a row's result does not
+ * depend on the batch, the block layout or the threads), each chunk of a kv head read once for all the query heads
+ * of its group (a running max, sum and weighted sum of v per head), then the chunks merged per head. */
+#define ATT_CHUNK 256
+#define ATT_BLOCK 32
 static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
     int64_t half = D / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -726,14 +731,130 @@ static inline int64_t kv_run(const int64_t *tb, int64_t b, int64_t Hkv, int64_t 
     return (tb[t / T] * Hkv + hk) * T + off;
 }
 
-/* CT: the cache's element type; LD/ST convert it to/from fp32; RND rounds a rotated q or k as the model's dtype
- * does (bf16: q and k are bf16 tensors after the rotation); the output is rounded by RND too. */
-#define ATTEND(NAME, CT, LD, ST, RND)                                                                            \
+static inline void st_f32(float *p, v8f v) { memcpy(p, &v, 32); }
+/* 8 bf16 as fp32 (ld_bf16, which GCC lowers to shuffles inside the loops below) */
+static inline v8f ld_bf16x(const uint16_t *p) {
+#ifdef __AVX2__
+    return from_m256(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)),
+                                                           16)));
+#else
+    return ld_bf16(p);
+#endif
+}
+/* the sums of 8 vectors, as one vector */
+static inline v8f hsum8(const v8f a[8]) {
+#ifdef __AVX__
+    __m256 r[8];
+    memcpy(r, a, sizeof r);
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+    v8f out;
+    memcpy(&out, &sum, 32);
+    return out;
+#else
+    v8f out;
+    for (int g = 0; g < 8; g++) out[g] = hsum(a[g]);
+    return out;
+#endif
+}
+#define ATT_MASKED -1e30f  /* the score of a masked position: exp(it - max) is 0 */
+
+/* CT: the cache's element type; LD/ST convert it to/from fp32, LDV loads 8 of it as fp32; RND rounds a rotated q
+ * or k as the model's dtype does (bf16: q and k are bf16 tensors after the rotation); the output is rounded by RND
+ * too. */
+#define ATTEND(NAME, CT, LD, ST, RND, LDV)                                                                       \
+/* acc[0..64) += sum over the allowed t in [t0, t1) of p[t - t0] * v_t[i0..i0 + 64), in registers */           \
+static void NAME##_pv64(const float *p, int64_t t0, int64_t t1, const CT *vc, int64_t T, const int64_t *tb,     \
+                        int64_t b, int64_t Hkv, int64_t hk, int64_t D, int64_t i0, const uint8_t *mb,           \
+                        float *acc) {                                                                           \
+    v8f c0 = ld_f32(acc), c1 = ld_f32(acc + 8), c2 = ld_f32(acc + 16), c3 = ld_f32(acc + 24);                   \
+    v8f c4 = ld_f32(acc + 32), c5 = ld_f32(acc + 40), c6 = ld_f32(acc + 48), c7 = ld_f32(acc + 56);             \
+    for (int64_t t = t0, end; t < t1;) {                                                                        \
+        const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, t1, &end) * D + i0;                                    \
+        for (; t < end; t++, vt += D) {                                                                         \
+            if (mb && !mb[t]) continue;                                                                         \
+            float w = p[t - t0];                                                                                \
+            c0 += w * LDV(vt); c1 += w * LDV(vt + 8); c2 += w * LDV(vt + 16); c3 += w * LDV(vt + 24);           \
+            c4 += w * LDV(vt + 32); c5 += w * LDV(vt + 40); c6 += w * LDV(vt + 48); c7 += w * LDV(vt + 56);     \
+        }                                                                                                       \
+    }                                                                                                           \
+    st_f32(acc, c0); st_f32(acc + 8, c1); st_f32(acc + 16, c2); st_f32(acc + 24, c3);                           \
+    st_f32(acc + 32, c4); st_f32(acc + 40, c5); st_f32(acc + 48, c6); st_f32(acc + 56, c7);                     \
+}                                                                                                               \
+/* the same for a last piece of w < 64 elements */                                                          \
+static void NAME##_pv(const float *p, int64_t t0, int64_t t1, const CT *vc, int64_t T, const int64_t *tb,       \
+                      int64_t b, int64_t Hkv, int64_t hk, int64_t D, int64_t i0, int64_t w, const uint8_t *mb,  \
+                      float *acc) {                                                                             \
+    for (int64_t t = t0, end; t < t1;) {                                                                        \
+        const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, t1, &end) * D + i0;                                    \
+        for (; t < end; t++, vt += D) {                                                                         \
+            if (mb && !mb[t]) continue;                                                                         \
+            for (int64_t i = 0; i < w; i++) acc[i] += p[t - t0] * LD(vt[i]);                                    \
+        }                                                                                                       \
+    }                                                                                                           \
+}                                                                                                               \
+/* one chunk [t0, t1) of row b's kv head hk for its G query heads (rotated, qr [G8, D]: G rounded up to 8 with  \
+ * zero rows): per head the max score pm[g], the sum of exp(score - max) pl[g] (0: no position allowed) and the  \
+ * sum of v weighted so pa [G, D]. Each key is read once for 8 heads (8 sums in registers); each head's weighted \
+ * sum is kept in registers 64 elements at a time. */                                                           \
+static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, const CT *vc, int64_t T,          \
+                         const int64_t *tb, int64_t b, int64_t Hkv, int64_t hk, int64_t t0, int64_t t1,         \
+                         const uint8_t *mb, float scale, float *pm, float *pl, float *pa) {                     \
+    int64_t n = t1 - t0, D8 = D & ~(int64_t)7;                                                                  \
+    float s[G * n];                                                                                             \
+    int any = 0;                                                                                                \
+    for (int64_t g = 0; g < G; g++) { pm[g] = ATT_MASKED; pl[g] = 0.0f; }                                      \
+    for (int64_t i = 0; i < G * D; i++) pa[i] = 0.0f;                                                           \
+    for (int64_t t = t0, end; t < t1;) {                                                                        \
+        const CT *kt = kc + kv_run(tb, b, Hkv, hk, T, t, t1, &end) * D;                                         \
+        for (; t < end; t++, kt += D) {                                                                         \
+            if (mb && !mb[t]) {                                                                                 \
+                for (int64_t g = 0; g < G; g++) s[g * n + t - t0] = ATT_MASKED;                                 \
+                continue;                                                                                       \
+            }                                                                                                   \
+            any = 1;                                                                                            \
+            for (int64_t g0 = 0; g0 < G; g0 += 8) {                                                             \
+                const float *qg = qr + g0 * D;                                                                  \
+                v8f a[8] = {{0}};                                                                               \
+                for (int64_t i = 0; i < D8; i += 8) {                                                           \
+                    v8f kv = LDV(kt + i);                                                                       \
+                    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) a[g] += ld_f32(qg + g * D + i) * kv;   \
+                }                                                                                               \
+                v8f d = hsum8(a);                                                                               \
+                for (int g = 0; g < 8 && g0 + g < G; g++) {                                                     \
+                    float x = d[g];                                                                             \
+                    for (int64_t i = D8; i < D; i++) x += qg[g * D + i] * LD(kt[i]);                            \
+                    x *= scale;                                                                                 \
+                    s[(g0 + g) * n + t - t0] = x;                                                               \
+                    pm[g0 + g] = x > pm[g0 + g] ? x : pm[g0 + g];                                               \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    if (!any) return;                                                                                           \
+    for (int64_t g = 0; g < G; g++) {                                                                           \
+        float *sg = s + g * n, top = pm[g], total = 0.0f;                                                       \
+        for (int64_t j = 0; j < n; j++) sg[j] = expf(sg[j] - top);                                              \
+        for (int64_t j = 0; j < n; j++) total += sg[j];                                                         \
+        pl[g] = total;                                                                                          \
+    }                                                                                                           \
+    for (int64_t ta = t0; ta < t1; ta += ATT_BLOCK) {  /* a block of v stays in L1 for all the heads */         \
+        int64_t te = ta + ATT_BLOCK < t1 ? ta + ATT_BLOCK : t1;                                                 \
+        for (int64_t g = 0; g < G; g++)                                                                         \
+            for (int64_t i0 = 0; i0 < D; i0 += 64) {                                                            \
+                int64_t w = D - i0 < 64 ? D - i0 : 64;                                                          \
+                const float *sg = s + g * n + ta - t0;                                                          \
+                if (w == 64) NAME##_pv64(sg, ta, te, vc, T, tb, b, Hkv, hk, D, i0, mb, pa + g * D + i0);        \
+                else NAME##_pv(sg, ta, te, vc, T, tb, b, Hkv, hk, D, i0, w, mb, pa + g * D + i0);               \
+            }                                                                                                   \
+    }                                                                                                           \
+}                                                                                                               \
 void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,   \
           int64_t D, const float *cos, const float *sin, int interleaved, CT *kc, CT *vc, int64_t T,            \
           int64_t pos, const int64_t *table, int64_t tstride, const int64_t *positions, const uint8_t *mask,     \
           int64_t mstride, float scale, float *out, int nthreads) {                                             \
-    int64_t L = pos + 1, group = H / Hkv, half = D / 2;                                                         \
+    int64_t G = H / Hkv, half = D / 2, chunks = pos / ATT_CHUNK + 1, tasks = B * Hkv * chunks;                  \
     for (int64_t b = 0; b < B; b++)                                                                             \
         for (int64_t h = 0; h < Hkv; h++) {                                                                     \
             int64_t pb = positions ? positions[b] : pos, cb = table ? table[b * tstride + pb / T] : b;           \
@@ -745,43 +866,49 @@ void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64
                 vc[at + i] = ST(v[b * xstride + h * D + i]);                                                    \
             }                                                                                                   \
         }                                                                                                       \
-    float *scores = malloc(B * H * L * sizeof(float));                                                          \
-    _Pragma("omp parallel for num_threads(nthreads) schedule(static) collapse(2)")                             \
-    for (int64_t b = 0; b < B; b++)                                                                             \
-        for (int64_t h = 0; h < H; h++) {                                                                       \
-            float qr[D], acc[D];                                                                                \
-            rotate(q + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, qr);               \
-            for (int64_t i = 0; i < D; i++) qr[i] = RND(qr[i]);                                                 \
-            int64_t Lb = (positions ? positions[b] : pos) + 1, hk = h / group;                                  \
-            const int64_t *tb = table ? table + b * tstride : 0;                                                \
-            const uint8_t *mb = mask ? mask + b * mstride : 0;                                                  \
-            float *sc = scores + (b * H + h) * L, top = -3.4e38f, total = 0.0f;                                 \
-            int any = 0;                                                                                        \
-            for (int64_t t = 0, end; t < Lb;) {                                                                 \
-                const CT *kt = kc + kv_run(tb, b, Hkv, hk, T, t, Lb, &end) * D;                                 \
-                for (; t < end; t++, kt += D) {                                                                 \
-                    if (mb && !mb[t]) continue;                                                                 \
-                    float d = 0.0f;                                                                             \
-                    for (int64_t i = 0; i < D; i++) d += qr[i] * LD(kt[i]);                                     \
-                    sc[t] = d * scale;                                                                          \
-                    top = sc[t] > top ? sc[t] : top;                                                            \
-                    any = 1;                                                                                    \
-                }                                                                                               \
+    float *parts = malloc(tasks * G * (D + 2) * sizeof(float));  /* per task: max [G], sum [G], acc [G, D] */   \
+    _Pragma("omp parallel num_threads(nthreads)")                                                              \
+    {                                                                                                           \
+        _Pragma("omp for schedule(static, 1)")                                                                 \
+        for (int64_t task = 0; task < tasks; task++) {                                                          \
+            int64_t c = task % chunks, hk = task / chunks % Hkv, b = task / chunks / Hkv;                       \
+            int64_t Lb = (positions ? positions[b] : pos) + 1, t0 = c * ATT_CHUNK;                              \
+            float *pm = parts + task * G * (D + 2), *pl = pm + G, *pa = pl + G;                                 \
+            if (t0 >= Lb) { for (int64_t g = 0; g < G; g++) pl[g] = 0.0f; continue; }                          \
+            float qr[(G + 7) / 8 * 8 * D];                                                                      \
+            for (int64_t i = G * D; i < (G + 7) / 8 * 8 * D; i++) qr[i] = 0.0f;                                 \
+            for (int64_t g = 0; g < G; g++) {                                                                   \
+                rotate(q + b * xstride + (hk * G + g) * D, cos + b * half, sin + b * half, D, interleaved,      \
+                       qr + g * D);                                                                             \
+                for (int64_t i = 0; i < D; i++) qr[g * D + i] = RND(qr[g * D + i]);                             \
+            }                                                                                                   \
+            NAME##_chunk(qr, G, D, kc, vc, T, table ? table + b * tstride : 0, b, Hkv, hk, t0,                  \
+                         t0 + ATT_CHUNK < Lb ? t0 + ATT_CHUNK : Lb, mask ? mask + b * mstride : 0, scale,       \
+                         pm, pl, pa);                                                                           \
+        }                                                                                                       \
+        _Pragma("omp for schedule(static)")                                                                    \
+        for (int64_t bh = 0; bh < B * H; bh++) {                                                                \
+            int64_t b = bh / H, h = bh % H, hk = h / G, g = h % G;                                              \
+            const float *first = parts + (b * Hkv + hk) * chunks * G * (D + 2);                                 \
+            float top = -3.4e38f, total = 0.0f, acc[D];                                                         \
+            for (int64_t c = 0; c < chunks; c++) {                                                              \
+                const float *pm = first + c * G * (D + 2);                                                      \
+                if (pm[G + g] > 0.0f && pm[g] > top) top = pm[g];                                               \
             }                                                                                                   \
             for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;                                                      \
-            for (int64_t t = 0, end; any && t < Lb;) {                                                          \
-                const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, Lb, &end) * D;                                 \
-                for (; t < end; t++, vt += D) {                                                                 \
-                    if (mb && !mb[t]) continue;                                                                 \
-                    float p = expf(sc[t] - top);                                                                \
-                    total += p;                                                                                 \
-                    for (int64_t i = 0; i < D; i++) acc[i] += p * LD(vt[i]);                                    \
-                }                                                                                               \
+            for (int64_t c = 0; c < chunks; c++) {                                                              \
+                const float *pm = first + c * G * (D + 2);                                                      \
+                if (pm[G + g] <= 0.0f) continue;                                                                \
+                float w = expf(pm[g] - top);                                                                    \
+                total += w * pm[G + g];                                                                         \
+                const float *pa = pm + 2 * G + g * D;                                                           \
+                for (int64_t i = 0; i < D; i++) acc[i] += w * pa[i];                                            \
             }                                                                                                   \
-            float inv = any ? 1.0f / total : 0.0f;                                                              \
+            float inv = total > 0.0f ? 1.0f / total : 0.0f;                                                     \
             for (int64_t i = 0; i < D; i++) out[(b * H + h) * D + i] = RND(acc[i] * inv);                       \
         }                                                                                                       \
-    free(scores);                                                                                               \
+    }                                                                                                           \
+    free(parts);                                                                                                \
 }
 
 /* bf16 <-> fp32: round to nearest even, as PyTorch's .to(torch.bfloat16) */
@@ -793,8 +920,8 @@ static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; floa
 static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 static inline float same(float f) { return f; }
 
-ATTEND(attend_f32, float, same, same, same)
-ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16)
+ATTEND(attend_f32, float, same, same, same, ld_f32)
+ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16, ld_bf16x)
 
 /* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4, 4 int4 with fp16 scales (the formats of
  * gemv_*); w [O, I] in that format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
