@@ -732,6 +732,11 @@ static inline int64_t kv_run(const int64_t *tb, int64_t b, int64_t Hkv, int64_t 
 }
 
 static inline void st_f32(float *p, v8f v) { memcpy(p, &v, 32); }
+/* the cache lines of one position's row of `bytes` at element `at` of c: into the caches ahead of use */
+static inline void fetch_row(const void *c, int64_t at, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)c + at + off, 0, 3);
+}
+#define ATT_AHEAD 32  /* positions: the keys and values this far ahead are prefetched */
 /* 8 bf16 as fp32 (ld_bf16, which GCC lowers to shuffles inside the loops below) */
 static inline v8f ld_bf16x(const uint16_t *p) {
 #ifdef __AVX2__
@@ -758,46 +763,33 @@ static inline v8f hsum8(const v8f a[8]) {
     return out;
 #endif
 }
+/* acc[0..64) += sum over t < n of p[t] * v[t * D + 0..64): 64 sums in registers (a block of v rows, fp32) */
+static void att_pv64(const float *p, int64_t n, const float *v, int64_t D, float *acc) {
+    v8f c0 = ld_f32(acc), c1 = ld_f32(acc + 8), c2 = ld_f32(acc + 16), c3 = ld_f32(acc + 24);
+    v8f c4 = ld_f32(acc + 32), c5 = ld_f32(acc + 40), c6 = ld_f32(acc + 48), c7 = ld_f32(acc + 56);
+    for (int64_t t = 0; t < n; t++, v += D) {
+        float w = p[t];
+        c0 += w * ld_f32(v); c1 += w * ld_f32(v + 8); c2 += w * ld_f32(v + 16); c3 += w * ld_f32(v + 24);
+        c4 += w * ld_f32(v + 32); c5 += w * ld_f32(v + 40); c6 += w * ld_f32(v + 48); c7 += w * ld_f32(v + 56);
+    }
+    st_f32(acc, c0); st_f32(acc + 8, c1); st_f32(acc + 16, c2); st_f32(acc + 24, c3);
+    st_f32(acc + 32, c4); st_f32(acc + 40, c5); st_f32(acc + 48, c6); st_f32(acc + 56, c7);
+}
+/* the same for a last piece of w < 64 elements */
+static void att_pv(const float *p, int64_t n, const float *v, int64_t D, int64_t w, float *acc) {
+    for (int64_t t = 0; t < n; t++, v += D)
+        for (int64_t i = 0; i < w; i++) acc[i] += p[t] * v[i];
+}
 #define ATT_MASKED -1e30f  /* the score of a masked position: exp(it - max) is 0 */
 
 /* CT: the cache's element type; LD/ST convert it to/from fp32, LDV loads 8 of it as fp32; RND rounds a rotated q
  * or k as the model's dtype does (bf16: q and k are bf16 tensors after the rotation); the output is rounded by RND
  * too. */
 #define ATTEND(NAME, CT, LD, ST, RND, LDV)                                                                       \
-/* acc[0..64) += sum over the allowed t in [t0, t1) of p[t - t0] * v_t[i0..i0 + 64), in registers */           \
-static void NAME##_pv64(const float *p, int64_t t0, int64_t t1, const CT *vc, int64_t T, const int64_t *tb,     \
-                        int64_t b, int64_t Hkv, int64_t hk, int64_t D, int64_t i0, const uint8_t *mb,           \
-                        float *acc) {                                                                           \
-    v8f c0 = ld_f32(acc), c1 = ld_f32(acc + 8), c2 = ld_f32(acc + 16), c3 = ld_f32(acc + 24);                   \
-    v8f c4 = ld_f32(acc + 32), c5 = ld_f32(acc + 40), c6 = ld_f32(acc + 48), c7 = ld_f32(acc + 56);             \
-    for (int64_t t = t0, end; t < t1;) {                                                                        \
-        const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, t1, &end) * D + i0;                                    \
-        for (; t < end; t++, vt += D) {                                                                         \
-            if (mb && !mb[t]) continue;                                                                         \
-            float w = p[t - t0];                                                                                \
-            c0 += w * LDV(vt); c1 += w * LDV(vt + 8); c2 += w * LDV(vt + 16); c3 += w * LDV(vt + 24);           \
-            c4 += w * LDV(vt + 32); c5 += w * LDV(vt + 40); c6 += w * LDV(vt + 48); c7 += w * LDV(vt + 56);     \
-        }                                                                                                       \
-    }                                                                                                           \
-    st_f32(acc, c0); st_f32(acc + 8, c1); st_f32(acc + 16, c2); st_f32(acc + 24, c3);                           \
-    st_f32(acc + 32, c4); st_f32(acc + 40, c5); st_f32(acc + 48, c6); st_f32(acc + 56, c7);                     \
-}                                                                                                               \
-/* the same for a last piece of w < 64 elements */                                                          \
-static void NAME##_pv(const float *p, int64_t t0, int64_t t1, const CT *vc, int64_t T, const int64_t *tb,       \
-                      int64_t b, int64_t Hkv, int64_t hk, int64_t D, int64_t i0, int64_t w, const uint8_t *mb,  \
-                      float *acc) {                                                                             \
-    for (int64_t t = t0, end; t < t1;) {                                                                        \
-        const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, t1, &end) * D + i0;                                    \
-        for (; t < end; t++, vt += D) {                                                                         \
-            if (mb && !mb[t]) continue;                                                                         \
-            for (int64_t i = 0; i < w; i++) acc[i] += p[t - t0] * LD(vt[i]);                                    \
-        }                                                                                                       \
-    }                                                                                                           \
-}                                                                                                               \
 /* one chunk [t0, t1) of row b's kv head hk for its G query heads (rotated, qr [G8, D]: G rounded up to 8 with  \
  * zero rows): per head the max score pm[g], the sum of exp(score - max) pl[g] (0: no position allowed) and the  \
- * sum of v weighted so pa [G, D]. Each key is read once for 8 heads (8 sums in registers); each head's weighted \
- * sum is kept in registers 64 elements at a time. */                                                           \
+ * sum of v weighted so pa [G, D]. Each key is read once for 8 heads (8 sums in registers); each value once into \
+ * a block of fp32 rows that every head then reads, 64 sums in registers at a time. */                                                           \
 static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, const CT *vc, int64_t T,          \
                          const int64_t *tb, int64_t b, int64_t Hkv, int64_t hk, int64_t t0, int64_t t1,         \
                          const uint8_t *mb, float scale, float *pm, float *pl, float *pa) {                     \
@@ -814,6 +806,11 @@ static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, co
                 continue;                                                                                       \
             }                                                                                                   \
             any = 1;                                                                                            \
+            if (t + ATT_AHEAD < t1) {                                                                           \
+                int64_t e;                                                                                      \
+                fetch_row(kc, kv_run(tb, b, Hkv, hk, T, t + ATT_AHEAD, t1, &e) * D * (int64_t)sizeof(CT),       \
+                          D * (int64_t)sizeof(CT));                                                             \
+            }                                                                                                   \
             for (int64_t g0 = 0; g0 < G; g0 += 8) {                                                             \
                 const float *qg = qr + g0 * D;                                                                  \
                 v8f a[8] = {{0}};                                                                               \
@@ -839,14 +836,27 @@ static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, co
         for (int64_t j = 0; j < n; j++) total += sg[j];                                                         \
         pl[g] = total;                                                                                          \
     }                                                                                                           \
-    for (int64_t ta = t0; ta < t1; ta += ATT_BLOCK) {  /* a block of v stays in L1 for all the heads */         \
+    float vb[ATT_BLOCK * D];                                                                                    \
+    for (int64_t ta = t0; ta < t1; ta += ATT_BLOCK) {  /* a block of v as fp32 (masked rows 0), in L1 for all heads */ \
         int64_t te = ta + ATT_BLOCK < t1 ? ta + ATT_BLOCK : t1;                                                 \
+        for (int64_t t = ta, end; t < te;) {                                                                    \
+            const CT *vt = vc + kv_run(tb, b, Hkv, hk, T, t, te, &end) * D;                                     \
+            for (; t < end; t++, vt += D) {                                                                     \
+                float *row = vb + (t - ta) * D;                                                                 \
+                if (t + ATT_AHEAD < t1) {                                                                       \
+                    int64_t e;                                                                                  \
+                    fetch_row(vc, kv_run(tb, b, Hkv, hk, T, t + ATT_AHEAD, t1, &e) * D * (int64_t)sizeof(CT),   \
+                              D * (int64_t)sizeof(CT));                                                         \
+                }                                                                                               \
+                if (mb && !mb[t]) for (int64_t i = 0; i < D; i++) row[i] = 0.0f;                                \
+                else for (int64_t i = 0; i < D; i++) row[i] = LD(vt[i]);                                        \
+            }                                                                                                   \
+        }                                                                                                       \
         for (int64_t g = 0; g < G; g++)                                                                         \
             for (int64_t i0 = 0; i0 < D; i0 += 64) {                                                            \
-                int64_t w = D - i0 < 64 ? D - i0 : 64;                                                          \
                 const float *sg = s + g * n + ta - t0;                                                          \
-                if (w == 64) NAME##_pv64(sg, ta, te, vc, T, tb, b, Hkv, hk, D, i0, mb, pa + g * D + i0);        \
-                else NAME##_pv(sg, ta, te, vc, T, tb, b, Hkv, hk, D, i0, w, mb, pa + g * D + i0);               \
+                if (D - i0 >= 64) att_pv64(sg, te - ta, vb + i0, D, pa + g * D + i0);                           \
+                else att_pv(sg, te - ta, vb + i0, D, D - i0, pa + g * D + i0);                                  \
             }                                                                                                   \
     }                                                                                                           \
 }                                                                                                               \
