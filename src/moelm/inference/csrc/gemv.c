@@ -710,7 +710,7 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
  * depend on the batch, the block layout or the threads), each chunk of a kv head read once for all the query heads
  * of its group (a running max, sum and weighted sum of v per head), then the chunks merged per head. */
 #define ATT_CHUNK 256
-#define ATT_BLOCK 32
+#define ATT_BLOCK 32  /* positions of v converted to fp32 at a time */
 static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
     int64_t half = D / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -732,7 +732,7 @@ static inline int64_t kv_run(const int64_t *tb, int64_t b, int64_t Hkv, int64_t 
 }
 
 static inline void st_f32(float *p, v8f v) { memcpy(p, &v, 32); }
-/* the cache lines of one position's row of `bytes` at element `at` of c: into the caches ahead of use */
+/* the cache lines of `bytes` from byte `at` of c (a position's row): into the caches ahead of their use */
 static inline void fetch_row(const void *c, int64_t at, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)c + at + off, 0, 3);
 }
