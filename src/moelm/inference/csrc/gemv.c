@@ -21,14 +21,14 @@ typedef uint16_t v8u16 __attribute__((vector_size(16)));
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
 
 static inline v8f ld_f32(const float *p) { v8f v; memcpy(&v, p, 32); return v; }
-static inline v8f ld_bf16(const uint16_t *p) {
-    v8u16 h; memcpy(&h, p, 16);
-    v8u32 u = __builtin_convertvector(h, v8u32) << 16;
-    v8f v; memcpy(&v, &u, 32); return v;
-}
 #ifdef __AVX2__
 #include <immintrin.h>
 static inline v8f from_m256(__m256 a) { v8f v; memcpy(&v, &a, 32); return v; }
+/* 8 bf16 as fp32 (written out: inside some loops GCC lowers the generic form to shuffles) */
+static inline v8f ld_bf16(const uint16_t *p) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return from_m256(_mm256_castsi256_ps(u));
+}
 static inline v8f ld_i8(const int8_t *p) {
     return from_m256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))));
 }
@@ -41,6 +41,11 @@ static inline void ld_i4(const uint8_t *p, v8f out[4]) {
     out[2] = u8_to_f32(hi); out[3] = u8_to_f32(_mm_srli_si128(hi, 8));
 }
 #else
+static inline v8f ld_bf16(const uint16_t *p) {
+    v8u16 h; memcpy(&h, p, 16);
+    v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+    v8f v; memcpy(&v, &u, 32); return v;
+}
 static inline v8f ld_i8(const int8_t *p) {
     v8f v; for (int k = 0; k < 8; k++) v[k] = p[k]; return v;
 }
@@ -737,15 +742,6 @@ static inline void fetch_row(const void *c, int64_t at, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)c + at + off, 0, 3);
 }
 #define ATT_AHEAD 32  /* positions: the keys and values this far ahead are prefetched */
-/* 8 bf16 as fp32 (ld_bf16, which GCC lowers to shuffles inside the loops below) */
-static inline v8f ld_bf16x(const uint16_t *p) {
-#ifdef __AVX2__
-    return from_m256(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)),
-                                                           16)));
-#else
-    return ld_bf16(p);
-#endif
-}
 /* the sums of 8 vectors, as one vector */
 static inline v8f hsum8(const v8f a[8]) {
 #ifdef __AVX__
@@ -931,7 +927,7 @@ static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 static inline float same(float f) { return f; }
 
 ATTEND(attend_f32, float, same, same, same, ld_f32)
-ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16, ld_bf16x)
+ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16, ld_bf16)
 
 /* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4, 4 int4 with fp16 scales (the formats of
  * gemv_*); w [O, I] in that format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
