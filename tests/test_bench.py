@@ -45,6 +45,18 @@ def test_bytes_per_token_counts_quantized_weights_and_active_experts(tmp_path):
     assert 0.12 < int4["bytes_per_token"] / fp32["bytes_per_token"] < 0.22
 
 
+def test_bytes_per_token_leaves_out_the_mtp_head(tmp_path):
+    import moelm
+
+    config = runner.bench_config("ernie4_5_moe-tiny")
+    runner.write_checkpoint(config, str(tmp_path))
+    model = moelm.AutoModelForCausalLM.from_pretrained(tmp_path)
+    before = runner.bytes_per_token(model, config)
+    model.add_mtp()  # loaded with the model, read only when drafting
+    after = runner.bytes_per_token(model, config)
+    assert after["bytes_total"] > before["bytes_total"] and after["bytes_per_token"] == before["bytes_per_token"]
+
+
 def test_bench_reports_the_cpu_and_the_paths_chosen():
     result = runner.run(model="ernie-tiny", dtype="float32", prompt_lens=(16,), decode_tokens=2, batches=(1,),
                        repeats=1, threads=1, decode_context=8, bandwidth_bytes=2**22, transformers=False, log=None)

@@ -47,9 +47,10 @@ def bench_config(name: str):
 
 def bytes_per_token(model, config) -> dict:
     """Bytes of weights read per decoded token (batch 1): every parameter and buffer (quantized weights and their
-    scales included) except the input embedding (a row gather; counted once when tied to lm_head), with each
-    stacked-experts module counted for its top-k of E experts only (as if every expert were chosen as often: a
-    mixed-bit layer's routing-weighted figure is benchmarks/mixed_bits.py's)."""
+    scales included) except the input embedding (a row gather; counted once when tied to lm_head) and ERNIE's MTP
+    head (model.mtp_*: loaded, but read only when drafting), with each stacked-experts module counted for its top-k
+    of E experts only (as if every expert were chosen as often: a mixed-bit layer's routing-weighted figure is
+    benchmarks/mixed_bits.py's)."""
     from ..inference.mixed import MixedExperts
     from ..inference.quantization import QuantizedExperts
     from ..nn.moe import Experts
@@ -77,7 +78,7 @@ def bytes_per_token(model, config) -> dict:
             nbytes = t.numel() * t.element_size()
             total += nbytes
             params += t.numel() if t.is_floating_point() or t.dtype == torch.int8 else 2 * t.numel()
-            if t is embed and t is not head:
+            if (t is embed and t is not head) or name.startswith("model.mtp_"):
                 continue
             read += nbytes * (expert_share if expert_share is not None else 1)
     return {"params_total": params, "bytes_total": total, "bytes_per_token": int(read)}
