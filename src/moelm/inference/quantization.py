@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.moe import sort_by_expert
+from ..nn.moe import Experts, grouped_linear, needs_grad, sort_by_expert
 from . import cpu, kernels
 from .experts import each_expert
 from .matmul import linear
@@ -156,6 +156,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torc
     g = q.reshape(*lead, o, half_i * 2 // group_size, group_size // 2)
     n = torch.cat([g & 15, g >> 4], dim=-1).to(dtype) - 8  # [..., O, groups, group_size]
     return (n * scale[..., None].to(dtype)).reshape(*lead, o, half_i * 2)
+
+
+class Dequantized(torch.autograd.Function):
+    """x [N, in] times a quantized weight (q, scale) dequantized to x's dtype and viewed as `shape`: [O, in]
+    (F.linear), or [E, O, in] with counts [E] (grouped_linear of rows sorted by expert). The weight is made again in
+    the backward rather than kept, so a forward that tracks gradients holds no dequantized copy (for ERNIE-4.5-21B
+    in int4 that copy was 12 GB on top of the model's 12). Differentiable w.r.t. x."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, group_size, shape, counts=None):
+        ctx.save_for_backward(q, scale, counts)
+        ctx.group_size, ctx.shape = group_size, shape
+        w = dequantize(q, scale, group_size, x.dtype).view(shape)
+        return F.linear(x, w) if counts is None else grouped_linear(x, w, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale, counts = ctx.saved_tensors
+        w = dequantize(q, scale, ctx.group_size, grad.dtype).view(ctx.shape)
+        return (grad @ w if counts is None else grouped_linear(grad, w.transpose(1, 2), counts)), *[None] * 5
 
 
 KERNEL_SCALES = {torch.int8: (torch.float32,), torch.uint8: (torch.float32, torch.float16)}
@@ -356,6 +376,9 @@ class QuantizedLinear(PackedLinear):
         return kernels.gemv(x, self.qweight, self.scale, self.group_size, bias).to(x.dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):
+            y = Dequantized.apply(x, self.qweight, self.scale, self.group_size, (self.out_features, self.in_features))
+            return y if self.bias is None else y + self.bias
         return F.linear(x, dequantize(self.qweight, self.scale, self.group_size, x.dtype), self.bias)
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
@@ -426,6 +449,8 @@ class QuantizedExperts(nn.Module):
         """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
         experts dequantized one at a time, whichever was measured faster for few pairs; for a prefill, also each
         chosen expert's rows in integers (csrc/intgemm.c)."""
+        if needs_grad(x, weights):  # the grouped form, each stacked projection dequantized whole (project)
+            return Experts.forward(self, x, index, weights)
         t, k = index.shape
         if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too
             path = self.prefill_path(x, index, weights, ints)
@@ -433,6 +458,12 @@ class QuantizedExperts(nn.Module):
         if t * k <= 64 and kernels.usable(x[:1]) and self.path(x, index, weights) == "gemv":
             return self.selected(x, index, weights)
         return self.dense(x, index, weights)
+
+    def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Experts.forward's projection (rows x [N, in] sorted by expert, counts [E]) when gradients are needed: the
+        stacked weights dequantized whole, made again in the backward (Dequantized)."""
+        m = self.gate_up if name == "gate_up_proj" else self.down
+        return Dequantized.apply(x, m.qweight, m.scale, self.group_size, self.shapes[name], counts)
 
     def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
         """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'

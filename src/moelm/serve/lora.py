@@ -15,7 +15,7 @@ from torch import nn
 
 from ..inference.quantization import QuantizedExperts
 from ..nn.moe import Experts, grouped_linear, sort_by_expert
-from ..train.lora import HEADS, TrainableQuantizedExperts, read_adapter
+from ..train.lora import HEADS, read_adapter
 
 
 class Rows:
@@ -95,7 +95,7 @@ class MultiLoraExperts:
 def base_project(module, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The base projection of rows sorted by expert (int8/int4 experts: dequantized, as LoRA training does)."""
     if isinstance(module, QuantizedExperts):
-        return TrainableQuantizedExperts.project(module, name, x, counts)
+        return QuantizedExperts.project(module, name, x, counts)
     return grouped_linear(x, getattr(module, name), counts, module.path)
 
 

@@ -32,9 +32,9 @@ from torch.distributed.tensor import DTensor
 
 from ..inference.bnb import BnbExperts, BnbLinear
 from ..inference.modules import FastExperts
-from ..inference.quantization import PackedLinear, QuantizedExperts, dequantize
+from ..inference.quantization import PackedLinear, QuantizedExperts
 from ..io.files import fsync_dir, fsync_file
-from ..nn.moe import Experts, grouped_linear, needs_grad
+from ..nn.moe import Experts, grouped_linear
 from ..parallel.experts import ExpertsEP, ExpertsTP, full_tensor
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -138,35 +138,14 @@ class LoraExpertsMixin:
 LORA = (LoraLinearMixin, LoraExpertsMixin)
 
 
-class _DequantizedGrouped(torch.autograd.Function):
-    """grouped_linear of x [N, in] with a quantized stack (q, scale, dequantized to [E, out, in] in x's dtype, again
-    in the backward rather than kept): differentiable w.r.t. x."""
-
-    @staticmethod
-    def forward(ctx, x, counts, q, scale, group_size, shape):
-        ctx.save_for_backward(counts, q, scale)
-        ctx.group_size, ctx.shape = group_size, shape
-        return grouped_linear(x, dequantize(q, scale, group_size, x.dtype).view(shape), counts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        counts, q, scale = ctx.saved_tensors
-        w = dequantize(q, scale, ctx.group_size, grad.dtype).view(ctx.shape)
-        return grouped_linear(grad, w.transpose(1, 2), counts), None, None, None, None, None
-
-
 class TrainableQuantizedExperts(QuantizedExperts):
-    """int8/int4 experts that gradients pass through: the grouped form (Experts.forward) with each stacked projection
-    dequantized whole, when gradients are needed or LoRA is on them; QuantizedExperts' own kernels otherwise."""
+    """int8/int4 experts with LoRA on them: the grouped form (Experts.forward, each stacked projection dequantized
+    whole: QuantizedExperts.project), which QuantizedExperts itself takes only when gradients are needed."""
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if isinstance(self, LoraExpertsMixin) or needs_grad(x, weights):
+        if isinstance(self, LoraExpertsMixin):
             return Experts.forward(self, x, index, weights)
         return super().forward(x, index, weights)
-
-    def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        m = self.gate_up if name == "gate_up_proj" else self.down
-        return _DequantizedGrouped.apply(x, counts, m.qweight, m.scale, self.group_size, self.shapes[name])
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
