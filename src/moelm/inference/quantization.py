@@ -461,9 +461,12 @@ class QuantizedExperts(nn.Module):
 
     def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Experts.forward's projection (rows x [N, in] sorted by expert, counts [E]) when gradients are needed: the
-        stacked weights dequantized whole, made again in the backward (Dequantized)."""
-        m = self.gate_up if name == "gate_up_proj" else self.down
-        return Dequantized.apply(x, m.qweight, m.scale, self.group_size, self.shapes[name], counts)
+        chosen experts' weights dequantized, made again in the backward (Dequantized)."""
+        q, scale = self.stacked(name)
+        hit = counts.nonzero().squeeze(1)
+        if len(hit) < len(counts):
+            q, scale, counts = q[hit], scale[hit], counts[hit]
+        return Dequantized.apply(x, q, scale, self.group_size, (len(hit), *self.shapes[name][1:]), counts)
 
     def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
         """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'
