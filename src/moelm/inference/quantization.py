@@ -160,22 +160,33 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torc
 
 class Dequantized(torch.autograd.Function):
     """x [N, in] times a quantized weight (q, scale) dequantized to x's dtype and viewed as `shape`: [O, in]
-    (F.linear), or [E, O, in] with counts [E] (grouped_linear of rows sorted by expert). The weight is made again in
-    the backward rather than kept, so a forward that tracks gradients holds no dequantized copy (for ERNIE-4.5-21B
-    in int4 that copy was 12 GB on top of the model's 12). Differentiable w.r.t. x."""
+    (F.linear), or [E, O, in] with counts [E] (grouped_linear of rows sorted by expert; `hit` [E'] picks the
+    experts of a stack [E', ...] that are dequantized). The weight is made again in the backward rather than kept,
+    and q and scale are kept as the module's own (no copy), so a forward that tracks gradients holds no weight of its
+    own (for ERNIE-4.5-21B in int4 the dequantized copies were 12 GB on top of the model's 12). Differentiable
+    w.r.t. x."""
 
     @staticmethod
-    def forward(ctx, x, q, scale, group_size, shape, counts=None):
-        ctx.save_for_backward(q, scale, counts)
+    def forward(ctx, x, q, scale, group_size, shape, counts=None, hit=None):
+        ctx.save_for_backward(q, scale, counts, hit)
         ctx.group_size, ctx.shape = group_size, shape
-        w = dequantize(q, scale, group_size, x.dtype).view(shape)
-        return F.linear(x, w) if counts is None else grouped_linear(x, w, counts)
+        return Dequantized.apply_to(x, Dequantized.weight(q, scale, hit, group_size, x.dtype, shape), counts)
 
     @staticmethod
     def backward(ctx, grad):
-        q, scale, counts = ctx.saved_tensors
-        w = dequantize(q, scale, ctx.group_size, grad.dtype).view(ctx.shape)
-        return (grad @ w if counts is None else grouped_linear(grad, w.transpose(1, 2), counts)), *[None] * 5
+        q, scale, counts, hit = ctx.saved_tensors
+        w = Dequantized.weight(q, scale, hit, ctx.group_size, grad.dtype, ctx.shape)
+        return Dequantized.apply_to(grad, w.transpose(-1, -2), counts), *[None] * 6
+
+    @staticmethod
+    def weight(q, scale, hit, group_size, dtype, shape):
+        if hit is not None:
+            q, scale = q[hit], scale[hit]
+        return dequantize(q, scale, group_size, dtype).view(shape)
+
+    @staticmethod
+    def apply_to(x, w, counts):
+        return F.linear(x, w) if counts is None else grouped_linear(x, w, counts)
 
 
 KERNEL_SCALES = {torch.int8: (torch.float32,), torch.uint8: (torch.float32, torch.float16)}
@@ -464,9 +475,7 @@ class QuantizedExperts(nn.Module):
         chosen experts' weights dequantized, made again in the backward (Dequantized)."""
         q, scale = self.stacked(name)
         hit = counts.nonzero().squeeze(1)
-        if len(hit) < len(counts):
-            q, scale, counts = q[hit], scale[hit], counts[hit]
-        return Dequantized.apply(x, q, scale, self.group_size, (len(hit), *self.shapes[name][1:]), counts)
+        return Dequantized.apply(x, q, scale, self.group_size, (len(hit), *self.shapes[name][1:]), counts[hit], hit)
 
     def path(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> str:
         """"gemv" (selected) or "torch" (dense) for x's (token, choice) pairs, timed on the first pairs whose experts'
