@@ -98,3 +98,27 @@ def test_half_to_float_is_exact_for_every_fp16_value():
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, signed zeros too
+
+
+@pytest.mark.skipif(not WIDE, reason="no AVX-512BW: no 512-bit kernels")
+@pytest.mark.parametrize("group", (32, 64))
+def test_a_row_alone_is_computed_as_beside_others(group):
+    """In the 512-bit kernels a run of one row of x (a decoding step, whose weight rows go by pairs) gives each
+    output bit for bit what the same row gets in a run of several (each weight row alone). 37 output rows: a row
+    left over at the end of the last block of 8. (The 256-bit kernels' one-row and four-row code, inlined apart,
+    differ in the last bits.)"""
+    path = "zmm"
+    g = torch.Generator().manual_seed(11 + group)
+    e, o, i = 3, 37, 384
+    q, s = quantize(torch.randn(e * o, i, generator=g), "int4", group)
+    q, s = q.view(e, o, -1), s.view(e, o, -1)
+    x = torch.randn(4, i, generator=g)
+    for m in range(e):
+        several = product(path, x, q[m], s[m], group=group)
+        alone = torch.cat([product(path, x[r:r + 1], q[m], s[m], group=group) for r in range(4)])
+        assert torch.equal(alone, several)
+    select = torch.tensor([2, 0, 0, 1])  # runs of 1, 2 and 1 rows
+    several = product(path, x, q, s, select, group)
+    assert torch.equal(several[[0, 3]], torch.cat([product(path, x[r:r + 1], q, s, select[r:r + 1], group)
+                                                   for r in (0, 3)]))
+    assert torch.equal(several[1:3], product(path, x[1:3], q[0], s[0], group=group))
