@@ -13,7 +13,7 @@ from test_fast import kernels_forced as forced
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: no kernels")
 WIDE = kernels.available() and kernels.library().gemv_wide(-1) >= 0
-PATHS = ("ymm", "zmm") if WIDE else ("ymm",)  # without AVX-512BW only the 256-bit kernels are built
+PATHS = ("ymm", "zmm", "zmm2") if WIDE else ("ymm",)  # without AVX-512BW only the 256-bit kernels are built
 
 
 def product(path: str, x, q, s, select=None, group: int = 64):
@@ -41,6 +41,8 @@ def test_512_bit_kernel_matches(rows, group, features):
         assert (y[:, 5] == 0).all()
     if features % 128 and WIDE:
         assert torch.equal(ys["ymm"], ys["zmm"])
+    if WIDE:  # the pairs sum each row as the single rows do
+        assert torch.equal(ys["zmm"], ys["zmm2"])
 
 
 @pytest.mark.parametrize("group", (32, 64))
@@ -63,7 +65,7 @@ def test_measured_once_and_forced_by_name():
         cpu.reset()
         kernels._WIDTH[0] = "unset"
         kernels.gemv(torch.randn(2, 128), *quantize(torch.randn(8, 128), "int4", 64), 64)
-        assert cpu.choices(True)["int4_g64|()"] in ("ymm", "zmm")
+        assert cpu.choices(True)["int4_g64|()"] in PATHS
     with pytest.raises(ValueError, match="int4_g64"):
         with forced("int4_g64=xmm"):
             kernels.gemv(torch.randn(2, 128), *quantize(torch.randn(8, 128), "int4", 64), 64)
@@ -102,12 +104,12 @@ def test_half_to_float_is_exact_for_every_fp16_value():
 
 @pytest.mark.skipif(not WIDE, reason="no AVX-512BW: no 512-bit kernels")
 @pytest.mark.parametrize("group", (32, 64))
-def test_a_row_alone_is_computed_as_beside_others(group):
-    """In the 512-bit kernels a run of one row of x (a decoding step, whose weight rows go by pairs) gives each
-    output bit for bit what the same row gets in a run of several (each weight row alone). 37 output rows: a row
-    left over at the end of the last block of 8. (The 256-bit kernels' one-row and four-row code, inlined apart,
+@pytest.mark.parametrize("path", ("zmm", "zmm2"))
+def test_a_row_alone_is_computed_as_beside_others(path, group):
+    """In the 512-bit kernels a run of one row of x (a decoding step; with "zmm2" its weight rows go by pairs) gives
+    each output bit for bit what the same row gets in a run of several (each weight row alone). 37 output rows: a
+    row left over at the end of the last block of 8. (The 256-bit kernels' one-row and four-row code, inlined apart,
     differ in the last bits.)"""
-    path = "zmm"
     g = torch.Generator().manual_seed(11 + group)
     e, o, i = 3, 37, 384
     q, s = quantize(torch.randn(e * o, i, generator=g), "int4", group)

@@ -231,17 +231,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     return _gemv(x, weight, scale, group_size, bias, select)
 
 
-cpu.register("int4_g64", ("ymm", "zmm"))
+cpu.register("int4_g64", ("ymm", "zmm", "zmm2"))
 _WIDTH = ["unset"]  # the int4_g64 path gemv.c was last told (gemv_wide)
+_WIDE = {"ymm": 0, "zmm": 1, "zmm2": 2}
 
 
 def _int4_width() -> None:
-    """gemv.c's int4 group-64 kernel (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or, where the CPU
-    has AVX-512BW, 512-bit vectors ("zmm"; the same int16 products, summed in another order): measured once per
-    CPU on a probe that stays in cache (what differs is the arithmetic, which bounds batches > 1) and remembered."""
+    """gemv.c's int4 kernel for groups of 64 and 32 (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or,
+    where the CPU has AVX-512BW, 512-bit vectors ("zmm"; the same int16 products, summed in another order), or those
+    with a one-row run's weight rows taken by pairs ("zmm2": each row summed as "zmm" sums it): measured once per CPU
+    and remembered. The probe times 4 rows of x in cache (the arithmetic, which bounds batches > 1) and one row of x
+    a call over 48 MB of stacked experts, six a call (a decoding step's MoE block, from memory)."""
     path = cpu.chosen("int4_g64", ()) or _choose_int4_width()
     if path != _WIDTH[0]:
-        _lib.gemv_wide(int(path == "zmm"))
+        _lib.gemv_wide(_WIDE[path])
         _WIDTH[0] = path
 
 
@@ -252,13 +255,20 @@ def _choose_int4_width() -> str:
     q = torch.randint(0, 256, (512, 1280), dtype=torch.uint8, generator=g)
     scale = torch.rand(512, 40, generator=g).half()  # int4 scales are fp16 unless a checkpoint's do not fit
     x, y = torch.randn(4, 2560, generator=g), torch.empty(4, 512)
+    experts = torch.randint(0, 256, (24, 1536, 1280), dtype=torch.uint8, generator=g)  # 24 x [1536, 2560]: 47 MB
+    escale = torch.rand(24, 1536, 40, generator=g).half()
+    picks = torch.arange(24).view(4, 6)  # four calls of six experts, one row of x each
+    rows, out = torch.randn(6, 2560, generator=g), torch.empty(6, 1536)
     _WIDTH[0] = "probe"
 
     def run(wide: int):
         _lib.gemv_wide(wide)
         _lib.gemv_i4(x.data_ptr(), 4, 2560, q.data_ptr(), 1280, scale.data_ptr(), 1, 40, 64, None, None, 512,
                      y.data_ptr(), threads(4 * 2560 * 512))
-    return cpu.choose("int4_g64", (), {"ymm": lambda: run(0), "zmm": lambda: run(1)})
+        for sel in picks:
+            _lib.gemv_i4(rows.data_ptr(), 6, 2560, experts.data_ptr(), 1280, escale.data_ptr(), 1, 40, 64, None,
+                         sel.data_ptr(), 1536, out.data_ptr(), threads(6 * 2560 * 1536))
+    return cpu.choose("int4_g64", (), {name: functools.partial(run, wide) for name, wide in _WIDE.items()})
 
 
 def _gemv(x, weight, scale, group_size, bias, select):

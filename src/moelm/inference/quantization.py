@@ -460,7 +460,7 @@ class QuantizedExperts(nn.Module):
         """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
         experts dequantized one at a time, whichever was measured faster for few pairs; for a prefill, also each
         chosen expert's rows in integers (csrc/intgemm.c)."""
-        if needs_grad(x, weights):  # the grouped form, each stacked projection dequantized whole (project)
+        if needs_grad(x, weights):  # the grouped form, the chosen experts dequantized (project)
             return Experts.forward(self, x, index, weights)
         t, k = index.shape
         if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too

@@ -139,8 +139,8 @@ LORA = (LoraLinearMixin, LoraExpertsMixin)
 
 
 class TrainableQuantizedExperts(QuantizedExperts):
-    """int8/int4 experts with LoRA on them: the grouped form (Experts.forward, each stacked projection dequantized
-    whole: QuantizedExperts.project), which QuantizedExperts itself takes only when gradients are needed."""
+    """int8/int4 experts with LoRA on them: always the grouped form (Experts.forward, the chosen experts dequantized:
+    QuantizedExperts.project), which QuantizedExperts itself takes only when gradients are needed."""
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if isinstance(self, LoraExpertsMixin):

@@ -60,7 +60,7 @@ static inline void ld_i4(const uint8_t *p, v8f out[4]) {
  * decoding step here (it slows the fp32 and bf16 kernels down, which have it not). */
 #define PREFETCH 4096
 static inline void prefetch(const void *p) { __builtin_prefetch((const char *)p + PREFETCH, 0, 3); }
-/* The 512-bit int4 kernels prefetch further, into L2 (see dot_i4sw2) */
+/* The pairs of the 512-bit int4 kernel prefetch further, into L2 (see dot_i4sw2) */
 static inline void prefetch_l2(const void *p) { __builtin_prefetch((const char *)p + 8192, 0, 2); }
 static inline float hsum(v8f a) { return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]; }
 
@@ -526,9 +526,8 @@ INLINE void dot_i4sw(const int16_t *xq, int64_t I, const float *xs, const float 
         offset[r] = group_scales(scale, xs + r * groups, xsum + r * groups, n / g, sc[r]);
     }
     for (int64_t s = 0; s < n / g; s += 2 * per) {
-        prefetch_l2(w + s * (g / 2));
+        prefetch(w + s * (g / 2));
         __m512i b = _mm512_loadu_si512((const void *)(w + s * (g / 2)));
-        __asm__("" : "+v"(b));  /* one load (GCC would fold one into each unpacking op) */
         __m512i q0 = _mm512_and_si512(b, mask), q1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
         __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 8), mask), q3 = _mm512_srli_epi16(b, 12);
         for (int r = 0; r < NR; r++) {
@@ -545,10 +544,11 @@ INLINE void dot_i4sw(const int16_t *xq, int64_t I, const float *xs, const float 
     for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]) - 8.0f * offset[r];
 }
 /* One row of x against two weight rows w0, w1, each summed exactly as dot_i4sw sums it, so a row's result does not
- * depend on the rows beside it: each load of x serves both weight rows. With one row of x (decoding) this and the
- * single load of b take the 512-bit kernel from 3.99 to 2.94 ns a 64-byte step in L2 on Zen 4, whose 512-bit ops take
- * two cycles and which was bound by its instructions there; the prefetch into L2 8 KB ahead goes with it (into L1,
- * 4 KB ahead, the pairs read memory slower than the single rows did). */
+ * depend on the rows beside it: each load of x serves both weight rows, and each 64 bytes of codes are loaded once
+ * (GCC folds a load into each unpacking op otherwise). On Zen 4, whose 512-bit ops take two cycles, the one-row
+ * kernel was bound by its instructions: 3.3-4.0 -> 2.5-2.7 ns a 64-byte step in L2. The prefetch into L2 8 KB ahead
+ * goes with it (into L1 4 KB ahead the pairs read memory slower than single rows there). Used where measured faster
+ * (gemv_wide 2: kernels.py's "zmm2"). */
 INLINE void dot_i4sw2(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w0, const uint8_t *w1,
                       const float *scale0, const float *scale1, int64_t n, int64_t g, float *d, const int per) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -637,6 +637,10 @@ INLINE void dot_i4q(const int16_t *xq, int64_t I, const float *xs, const float *
     for (int r = 0; r < NR; r++) d[r] = dot_i4q1(xq + r * I, xs + r * groups, xsum + r * groups, w, scale, n, g);
 }
 
+/* Whether int4 weights in groups of 64 or 32 with I a multiple of 128 take the 512-bit kernel (1), and with it a
+ * run of one row of x the weight rows by pairs (2); kernels.py sets it from a measurement on this CPU; 0 until then */
+static int wide_i4 = 0;
+
 /* A DOT2 for the kernels without one (never called) */
 INLINE void no_pair(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w0, const uint8_t *w1,
                     const float *scale0, const float *scale1, int64_t n, int64_t g, float *d) {
@@ -667,7 +671,7 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
                 const WT *wr = w + row * wrow;                                                               \
                 float tmp[srow];                                                                             \
                 const float *sr = row_scales(scale, half, row, srow, tmp);                                   \
-                if (PAIRS && rows == 1 && o + 1 < ob * 8 + 8 && o + 1 < O) {                                 \
+                if (PAIRS && wide_i4 == 2 && rows == 1 && o + 1 < ob * 8 + 8 && o + 1 < O) {                 \
                     float tmp1[srow], d[2];                                                                  \
                     const float *sr1 = row_scales(scale, half, row + 1, srow, tmp1);                         \
                     DOT2(xq + m0 * I, xs + m0 * groups, xsum + m0 * groups, (const uint8_t *)wr,             \
@@ -706,9 +710,6 @@ GEMV_INT(gemv_i4_g32w, uint8_t, dot_i4hw, pos_i4hw, 32, 0, dot_i4hw2, 1)
 #endif
 #endif
 
-/* Whether int4 group-64 weights with I a multiple of 128 take the 512-bit kernel (kernels.py sets it from a
- * measurement on this CPU; 0 until then) */
-static int wide_i4 = 0;
 int gemv_wide(int on) {
 #ifdef WIDE_I4
     if (on >= 0) wide_i4 = on;
