@@ -189,6 +189,30 @@ def gemv_forced():
         yield
 
 
+def count_layer_calls(monkeypatch, record):
+    """record(Layer spec, x) for each decoder layer run in one C call: by kernels.decode_layer, or as part of a
+    whole step of kernels.decode_layers."""
+    one, whole = kernels.decode_layer, kernels.decode_layers
+
+    def layer(spec, x, *args):
+        record(spec, x)
+        return one(spec, x, *args)
+
+    def layers(specs, threads, x, *args):
+        for i in range(specs.count):
+            record(specs.specs[i].contents, x)
+        return whole(specs, threads, x, *args)
+
+    monkeypatch.setattr(kernels, "decode_layer", layer)
+    monkeypatch.setattr(kernels, "decode_layers", layers)
+
+
+def op_by_op(m):
+    """In the monkeypatch context m, the decoder layers op by op (no C call for a layer or a whole step)."""
+    m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
+    m.setattr(moelm.inference.modules, "layers_step", lambda *a: None)
+
+
 def static_cache(model, batch: int, length: int) -> StaticCache:
     return StaticCache(model.config, batch, length, model.get_input_embeddings().weight.dtype)
 
@@ -739,8 +763,7 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
     dense = sum(isinstance(getattr(layer, layer.mlp_name), MLP) for layer in model.model.layers)
     assert 0 < dense and (dense < layers) == (family == "ernie4_5_moe")
     calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(bool(a[0].gate_up)) or real(*a))
+    count_layer_calls(monkeypatch, lambda spec, x: calls.append(bool(spec.gate_up)))
     limit = kernels.MAX_ROWS  # the gemv kernel is forced wherever it applies
     # Whole decodes: the C SiLU and PyTorch's differ in the last bit, and with int8/int4 weights that can move an
     # activation across an int16 rounding boundary (see check_gemv) in a later layer or step: then the bound of
@@ -759,7 +782,7 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
             prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         assert not calls, f"{batch} rows: the op-by-op layer was chosen, yet decode_layer ran"
         with monkeypatch.context() as m:
-            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
+            op_by_op(m)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         close(fast, per_op, rel, f"{family} {mode} batch {batch}: decode_layer vs op by op")
         if mode is None:
@@ -779,8 +802,7 @@ def test_decode_layer_checks_several_tokens_per_row(family, mode, monkeypatch):
     kwargs = {"dtype": torch.bfloat16} if mode == "bfloat16" else {"quantization": mode} if mode else {}
     model = load(family, **kwargs)
     rows = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: rows.append(a[1].shape[0]) or real(*a))
+    count_layer_calls(monkeypatch, lambda spec, x: rows.append(x.shape[0]))
     rel = {None: 1e-5, "int4": 1.5e-3, "bfloat16": 3e-2}[mode]
     for batch, pads, s in ((1, (0,), 2), (1, (0,), 5), (3, (2, 0, 4), 3), (2, (0, 3), 8)):
         ids, mask = prompts(batch=batch, seq=7, pads=pads, seed=40 + s)
@@ -803,9 +825,88 @@ def test_decode_layer_checks_several_tokens_per_row(family, mode, monkeypatch):
         fast = run()
         assert batch * s in rows, f"no decode_layer call of {batch} x {s} rows: {rows}"
         with monkeypatch.context() as m:
-            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
+            op_by_op(m)
             per_op = run()
         close(fast, per_op, rel, f"{family} {mode}: {batch} rows x {s} tokens, decode_layer vs op by op")
+
+
+@pytest.mark.usefixtures("gemv_forced")
+@needs_kernels
+@pytest.mark.parametrize("mode", (None, "int8", "int4", "bfloat16"))
+@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+def test_whole_step_in_one_call_is_the_layers_calls(family, mode, monkeypatch):
+    """A decoding step through every layer in one kernels.decode_layers call gives bit for bit what the layers'
+    own decode_layer calls give (MOELM_KERNELS=decode_step=layers): each step's logits and router logits and the
+    cache, one token per row with padding, then several per row (a speculative check). A hook on a layer takes the
+    step back to the layers' own calls (the hook runs); removed, the whole step returns."""
+    kwargs = {"dtype": torch.bfloat16} if mode == "bfloat16" else {"quantization": mode} if mode else {}
+    model = load(family, **kwargs)
+    whole = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: whole.append(a[2].shape[0]) or real(*a))
+    ids, mask = prompts(batch=3, seq=7, pads=(2, 0, 4), seed=61)
+    new = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(62))
+    moe = family == "ernie4_5_moe"
+
+    @torch.no_grad()
+    def run(new=new):
+        cache = static_cache(model, 3, 24)
+        out = model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+        m, logits, routers = mask, [], []
+        for t in range(3):
+            m = F.pad(m, (0, 1), value=1)
+            out = model(new[:, t:t + 1], attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1,
+                        past_key_values=cache, use_cache=True, output_router_logits=moe)
+            logits.append(out.logits)
+            routers += list(out.router_logits or ())
+        m = F.pad(m, (0, 3), value=1)
+        out = model(new[:, 3:], attention_mask=m, position_ids=positions(m)[:, -3:], past_key_values=cache,
+                    use_cache=True, output_router_logits=moe)
+        logits.append(out.logits)
+        routers += list(out.router_logits or ())
+        return torch.cat(logits, 1), routers, [cache.keys[i].clone() for i in range(len(cache.keys))]
+
+    run(new.flip(0))  # the layers' paths chosen (forced: gemv) at the first steps, on other tokens
+    whole.clear()
+    one = run()
+    assert whole == [3] * 3 + [9], f"steps in one decode_layers call: {whole}"
+    with kernels_forced("gemv,decode_step=layers"):
+        whole.clear()
+        each = run()
+        assert not whole
+    for a, b in zip([one[0], *one[1], *one[2]], [each[0], *each[1], *each[2]], strict=True):
+        assert torch.equal(a, b)
+    assert len(one[1]) == (4 * sum(hasattr(layer.mlp, "experts") for layer in model.model.layers) if moe else 0)
+    hooked = []
+    handle = model.model.layers[1].register_forward_hook(lambda *a: hooked.append(1))
+    try:
+        whole.clear()
+        with_hook = run()
+        assert not whole and len(hooked) == 5
+    finally:
+        handle.remove()
+    assert torch.equal(with_hook[0], one[0])
+    whole.clear()
+    run()
+    assert whole == [3] * 3 + [9]
+
+
+def test_optimized_model_pickles_and_copies():
+    """optimize() makes the base model a FastDecoderModel subclass named in moelm.inference.modules: a model
+    pickles (torch.save), copies and unpickles to the same class and outputs."""
+    import io
+    import pickle
+
+    model = load("ernie4_5_moe")
+    assert type(model.model).__name__ == "FastErnie4_5_MoeModel"
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(twin.model) is type(model.model)
+        with torch.no_grad():
+            close(twin(ids).logits, model(ids).logits, 1e-6, "a copy")
 
 
 def _close_fp32(a: torch.Tensor, b: torch.Tensor, what: str):
@@ -867,8 +968,7 @@ def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
     model = load(family, dtype="bfloat16")
     layers = model.config.num_hidden_layers
     calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[1].dtype) or real(*a))
+    count_layer_calls(monkeypatch, lambda spec, x: calls.append(x.dtype))
     for batch, pads in ((1, (0,)), (3, (2, 0, 4))):
         ids, mask = prompts(batch=batch, seq=7, pads=pads, seed=51 + batch)
         new = torch.randint(3, VOCAB, (batch, 6), generator=torch.Generator().manual_seed(52 + batch))
@@ -877,7 +977,7 @@ def test_decode_layer_bf16_rounds_where_pytorch_does(family, monkeypatch):
         fast = prefill_then_decode(model, ids, mask, new, cache)
         assert calls == [torch.bfloat16] * 6 * layers
         with monkeypatch.context() as m:
-            m.setattr(moelm.inference.modules, "layer_step", lambda *a: None)
+            op_by_op(m)
             per_op = prefill_then_decode(model, ids, mask, new, static_cache(model, batch, 16))
         assert torch.equal(fast.argmax(-1), per_op.argmax(-1))
         close(fast, per_op, 2e-2, f"{family} bf16 batch {batch}: decode_layer vs op by op")
@@ -917,6 +1017,7 @@ def test_decode_layer_not_used_with_eager_attention(monkeypatch):
     as the attention-only C step does."""
     model = load("ernie4_5", attn_implementation="eager")
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: pytest.fail("decode_layer used with eager attention"))
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: pytest.fail("decode_layers used with eager attention"))
     ids, mask = prompts(batch=2, seq=5, pads=(1, 0), seed=44)
     new = torch.randint(3, VOCAB, (2, 2), generator=torch.Generator().manual_seed(45))
     prefill_then_decode(model, ids, mask, new, static_cache(model, 2, 8))

@@ -18,6 +18,7 @@ from moelm.inference import StaticCache, decode, kernels
 from moelm.nn.layers import DecoderLayer
 from moelm.nn.moe import ernie_route, sparsemixer
 from reference import randomise
+from test_fast import count_layer_calls
 from test_fast import kernels_forced as forced
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -191,8 +192,7 @@ def test_bf16_model_rounds_where_pytorch_does(case, monkeypatch):
     1e-5; a block's output equal but for rare one-step differences."""
     model = load(case, "bf16-model")
     calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(bool(a[0].moe)) or real(*a))
+    count_layer_calls(monkeypatch, lambda spec, x: calls.append(bool(spec.moe)))
     ids, mask, new = prompts(3, seed=11)
     with forced(ONE_CALL):
         fast, fast_routers = steps(model, ids, mask, new)
@@ -261,9 +261,8 @@ def test_decode_matches_op_by_op(case, fmt, batch, monkeypatch):
     model = load(case, fmt)
     layers = len(moe_layers(model))
     calls = []
-    real_layer, real_block = kernels.decode_layer, kernels.moe_block
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append("layer" if a[0].moe else "attention")
-                        or real_layer(*a))
+    real_block = kernels.moe_block
+    count_layer_calls(monkeypatch, lambda spec, x: calls.append("layer" if spec.moe else "attention"))
     monkeypatch.setattr(kernels, "moe_block", lambda *a: calls.append("block") or real_block(*a))
     ids, mask, new = prompts(batch, seed=batch)
     with forced(ONE_CALL):

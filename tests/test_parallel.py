@@ -311,9 +311,11 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
     # 2. generation (min_new_tokens: ranks with different batches must step together, none stopping early)
     from moelm.inference import kernels
 
-    attend, layer, calls = kernels.attend, kernels.decode_layer, []  # the attention alone, or a whole layer
+    # the attention alone, a whole layer, or a whole step
+    attend, layer, layers, calls = kernels.attend, kernels.decode_layer, kernels.decode_layers, []
     kernels.attend = lambda *a, **k: calls.append(1) or attend(*a, **k)
     kernels.decode_layer = lambda *a, **k: calls.append(1) or layer(*a, **k)
+    kernels.decode_layers = lambda *a, **k: calls.append(1) or layers(*a, **k)
     for what, kwargs in (("greedy", dict(do_sample=False)), ("sampled", dict(do_sample=True))):
         outs = []
         for m in (model, ref):
@@ -326,7 +328,7 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
         report.true(f"{family}/{what}", torch.equal(outs[0], outs[1]), f"new tokens {new[0]}, one process {new[1]}")
         report.done(f"{family}/{what}")
 
-    kernels.attend, kernels.decode_layer = attend, layer
+    kernels.attend, kernels.decode_layer, kernels.decode_layers = attend, layer, layers
 
     # 2b. ranks whose batches end at different steps (batch 0 at its first token): the others' collectives still
     # meet theirs (generate keeps the ranks in step) and every rank's tokens are one process's

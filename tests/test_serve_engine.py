@@ -121,7 +121,7 @@ def test_slot_decode_steps_take_the_c_kernels(name, dtype, block, monkeypatch):
     seqs = {0: torch.randint(0, config.vocab_size, (16,), generator=g), 2: torch.randint(0, config.vocab_size, (16,),
             generator=g), 5: torch.randint(0, config.vocab_size, (16,), generator=g)}
     calls = []
-    for fn in ("decode_layer", "attend"):
+    for fn in ("decode_layer", "decode_layers", "attend"):
         original = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append((_n, k.get("table") is
                                                                                             not None or a[-2] is not

@@ -89,6 +89,9 @@ def _compile() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.POINTER(Layer), ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64,
                        ptr, ptr, ptr, ctypes.c_int]
         fn.restype = None
+    lib.decode_layers.argtypes = [ptr, ptr, i64, ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64,
+                                  ptr, ptr, i64, ptr, ptr]
+    lib.decode_layers.restype = None
     lib.moe_block.argtypes, lib.moe_block.restype = [ctypes.POINTER(Moe), ptr, i64, i64, ptr, ptr, ptr, ptr,
                                                      ctypes.c_int], None
     _intgemm_types(lib)
@@ -503,6 +506,36 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
        pos, _ptr(table), _tstride(table), _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0),
        y.data_ptr(), h.data_ptr(), _ptr(logits), threads(b * spec.work))
     return y, h, logits
+
+
+class Layers:
+    """What decode_layers takes for a run of layers, made once: their Layer specs and caches' pointers as C arrays
+    (the caller keeps the specs and caches alive)."""
+
+    def __init__(self, specs: list[Layer], keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.specs = (ctypes.POINTER(Layer) * len(specs))(*(ctypes.pointer(s) for s in specs))
+        self.keys = (ctypes.c_void_p * len(keys))(*(k.data_ptr() for k in keys))
+        self.values = (ctypes.c_void_p * len(values))(*(v.data_ptr() for v in values))
+        self.count, self.T = len(specs), keys[0].shape[2]
+        self.experts = [s.experts for s in specs if s.experts is not None]
+
+
+def decode_layers(layers: Layers, threads_per_layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
+                  mask: torch.Tensor | None, table: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A whole decoding step through consecutive decoder layers in one C call (gemv.c decode_layers), each as
+    decode_layer computes it with its MLP or MoE block: x [B, n] -> (y [B, n], the MoE layers' router logits
+    [L_moe, B, E] fp32 or None). threads_per_layer: a ctypes int array."""
+    _require()
+    _int4_width()
+    b, n = x.shape
+    y = torch.empty_like(x)
+    logits = torch.empty(len(layers.experts), b, layers.experts[0], dtype=torch.float32) if layers.experts else None
+    _lib.decode_layers(layers.specs, threads_per_layer, layers.count, int(x.dtype == torch.bfloat16), x.data_ptr(), b,
+                       n, cos.data_ptr(), sin.data_ptr(), layers.keys, layers.values, layers.T, pos, _ptr(table),
+                       _tstride(table), _ptr(positions), _ptr(mask), 0 if mask is None else mask.stride(0),
+                       y.data_ptr(), _ptr(logits))
+    return y, logits
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor | None = None

@@ -10,7 +10,7 @@ from ..nn.moe import Experts
 from . import cpu, kernels
 from .attention import decode_attention
 from .cache import StaticCache
-from .decode import decode_attention_step, layer_step, moe_step
+from .decode import decode_attention_step, layer_step, layers_step, moe_step
 from .experts import FastExperts
 from .linear import FastLinear, Fused, fuse_projections, fused_ready
 from .slots import SlotCache, ragged_attention
@@ -117,7 +117,35 @@ class FastDecoderLayer(DecoderLayer):
         return super().feed_forward(x, normed)
 
 
+class FastDecoderModel:
+    """Mixed by optimize into a family's DecoderModel (what has run_layers), as FastErnie4_5_MoeModel, ...: a
+    decoding step runs all its layers in one C call where decode.layers_step applies (each layer by itself would
+    run in one call), else the layers one by one."""
+
+    def run_layers(self, h, cos_sin, mask, cache, output_attentions=False, output_hidden_states=False, keep=None):
+        if not (output_attentions or output_hidden_states) and keep is None:
+            step = layers_step(self.layers, h, cos_sin, mask, cache)
+            if step is not None:
+                return step[0], [], [], step[1]
+        return super().run_layers(h, cos_sin, mask, cache, output_attentions, output_hidden_states, keep)
+
+
+_MODELS: dict[type, type] = {}
+
+
+def fast_model_class(base: type) -> type:
+    """FastDecoderModel mixed into `base`, made once and named in this module (models with it pickle)."""
+    if base not in _MODELS:
+        name = f"Fast{base.__name__}"
+        while name in globals():
+            name += "_"
+        globals()[name] = _MODELS[base] = type(name, (FastDecoderModel, base),
+                                               {"__module__": __name__, "__qualname__": name})
+    return _MODELS[base]
+
+
 cpu.register("decode_layer", ("gemv", "torch"))
+cpu.register("decode_step", ("gemv", "layers"))  # forced only: "layers" runs each layer's call by itself
 cpu.register("moe_block", ("gemv", "torch"))
 
 
@@ -130,6 +158,8 @@ def optimize(model: nn.Module, fuse: bool = True, keep=lambda module: False, mak
     fused by `make` (a sharded model fuses its shards: moelm.parallel)."""
     for module in model.modules():
         fast = FAST.get(type(module))
+        if hasattr(module, "run_layers") and not isinstance(module, FastDecoderModel):  # a DecoderModel
+            fast = fast_model_class(type(module))
         if fast is not None and not keep(module):
             module.__class__ = fast
     if fuse:

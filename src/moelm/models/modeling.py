@@ -253,19 +253,8 @@ class DecoderModel(PreTrainedModel):
         mask = attention_mask_4d(attention_mask, batch, seq, int(cache_position[0]), self.sliding_window,
                                  inputs_embeds.device)
         cos_sin = self.rotary(inputs_embeds, position_ids)
-        h = inputs_embeds
-        hidden_states, attentions, router_logits = [], [], []
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                hidden_states.append(h)
-            if keep is not None and i == last:
-                h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions, keep=keep)
-            else:
-                h, weights, logits = layer(h, cos_sin, mask, past_key_values, output_attentions)
-            attentions.append(weights)
-            if logits is not None:
-                router_logits.append(logits)
+        h, hidden_states, attentions, router_logits = self.run_layers(inputs_embeds, cos_sin, mask, past_key_values,
+                                                                      output_attentions, output_hidden_states, keep)
         h = self.norm(h)
         if output_hidden_states:
             hidden_states.append(h)
@@ -274,6 +263,23 @@ class DecoderModel(PreTrainedModel):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
             router_logits=tuple(router_logits) if output_router_logits and router_logits else None)
+
+    def run_layers(self, h, cos_sin, mask, cache, output_attentions=False, output_hidden_states=False, keep=None):
+        """The decoder layers in order over h [B, S, H] -> (h, each layer's input if output_hidden_states, attention
+        weights, router logits of the MoE layers)."""
+        hidden_states, attentions, router_logits = [], [], []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(h)
+            if keep is not None and i == last:
+                h, weights, logits = layer(h, cos_sin, mask, cache, output_attentions, keep=keep)
+            else:
+                h, weights, logits = layer(h, cos_sin, mask, cache, output_attentions)
+            attentions.append(weights)
+            if logits is not None:
+                router_logits.append(logits)
+        return h, hidden_states, attentions, router_logits
 
 
 class CausalLM(PreTrainedModel, GenerationMixin):

@@ -1328,6 +1328,29 @@ void decode_layer(const Layer *L, const float *x, int64_t B, int64_t n, const fl
     layer_step(L, 0, x, B, n, cos, sin, kc, vc, T, pos, table, tstride, positions, mask, mstride, y, h, logits, nt);
 }
 
+/* A whole decoding step through `layers` decoder layers in one call, each as decode_layer computes it with its
+ * dense MLP or MoE block (L[l]->moe) included: x [B, n] -> y [B, n] (fp32, or with bf16 a bf16 model's values, as
+ * decode_layer_bf16: rounded where its PyTorch ops round, so chaining in fp32 is exact), layer l with its own cache
+ * kc[l] / vc[l] and nt[l] threads; the MoE layers' router logits [B, E] one after another in `logits`. */
+void decode_layers(const Layer *const *L, const int *nt, int64_t layers, int bf16, const void *x, int64_t B, int64_t n,
+                   const float *cos, const float *sin, void *const *kc, void *const *vc, int64_t T, int64_t pos,
+                   const int64_t *table, int64_t tstride, const int64_t *positions, const uint8_t *mask,
+                   int64_t mstride, void *y, float *logits) {
+    float *a = malloc(3 * B * n * sizeof(float)), *b = a + B * n, *h = b + B * n;
+    for (int64_t i = 0; i < B * n; i++) a[i] = bf16 ? from_bf16(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    for (int64_t l = 0; l < layers; l++) {
+        layer_step(L[l], bf16, a, B, n, cos, sin, kc[l], vc[l], T, pos, table, tstride, positions, mask, mstride, b, h,
+                   logits, nt[l]);
+        if (L[l]->moe) logits += B * L[l]->moe->E;
+        float *t = a; a = b; b = t;
+    }
+    for (int64_t i = 0; i < B * n; i++) {
+        if (bf16) ((uint16_t *)y)[i] = to_bf16(a[i]);
+        else ((float *)y)[i] = a[i];
+    }
+    free(a < b ? a : b);
+}
+
 /* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
 void decode_layer_bf16(const Layer *L, const uint16_t *x, int64_t B, int64_t n, const float *cos, const float *sin,
                        uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const int64_t *table, int64_t tstride,
