@@ -23,8 +23,9 @@ TINY = {"ernie4_5": "ernie4_5-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "phimo
 
 
 def model(family: str, seed: int = 0, mtp: bool = False, vocab: int | None = None, tmp=None, fast: bool = True,
-          **load):
-    """A tiny random model saved and loaded back (every weight randomised, scaled so greedy decoding wanders)."""
+          built: bool = True, **load):
+    """A tiny random model saved and loaded back (every weight randomised, scaled so greedy decoding wanders); with
+    `built`, its MTP head is built (from_pretrained leaves it in the checkpoint until model.mtp is first used)."""
     config = moelm.named_config(TINY[family])
     if vocab:
         config.vocab_size = vocab
@@ -33,7 +34,9 @@ def model(family: str, seed: int = 0, mtp: bool = False, vocab: int | None = Non
         return m
     path = tmp / f"{family}-{seed}-{mtp}-{vocab}"
     m.save_pretrained(path)
-    return moelm.AutoModelForCausalLM.from_pretrained(path, fast=fast, **load)
+    m = moelm.AutoModelForCausalLM.from_pretrained(path, fast=fast, **load)
+    assert not (mtp and built) or m.mtp is not None
+    return m
 
 
 REAL_PACE = speculative.Pace
@@ -404,7 +407,7 @@ def test_mtp_checkpoint_round_trips(tmp, capsys):
     tensors[key] = tensors[key].t().contiguous()
     save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
     flipped = moelm.AutoModelForCausalLM.from_pretrained(again)
-    assert torch.equal(flipped.model.mtp_linear_proj[0].weight, stored[key])
+    assert flipped.mtp is not None and torch.equal(flipped.model.mtp_linear_proj[0].weight, stored[key])
     # a config asking for MTP, a checkpoint without it: said once, MTP off
     tensors = {k: v for k, v in tensors.items() if ".mtp_" not in k}
     save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
@@ -416,6 +419,37 @@ def test_mtp_checkpoint_round_trips(tmp, capsys):
     assert bare.mtp is None and "no MTP tensors" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no MTP head"):
         bare.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, speculative="mtp")
+
+
+@pytest.mark.parametrize("fast", (True, False))
+def test_the_mtp_head_is_built_at_its_first_use(tmp, fast):
+    """from_pretrained leaves the MTP tensors in the checkpoint (mapped, kept aside: no parameters, 0.49 GB of
+    fp32 on ERNIE-4.5-21B-A3B) until model.mtp is first asked for; the head is then built with the fast paths the
+    rest of the model has, its weights the stored ones, and drafts as one built by hand. Saved before its use, the
+    head is written as stored."""
+    m = model("ernie4_5_moe", mtp=True, tmp=tmp, fast=fast, built=False)
+    path = tmp / "ernie4_5_moe-0-True-None"
+    stored = {k: v for k, v in load_file(path / "model.safetensors").items() if ".mtp_" in k}
+    assert not hasattr(m.model, "mtp_block") and not [n for n, _ in m.named_parameters() if ".mtp_" in n]
+    assert sorted(m.kept_aside) == sorted(stored)
+    early = tmp / f"early-{fast}"
+    m.save_pretrained(early)
+    written = load_file(early / "model.safetensors")
+    assert all(torch.equal(written[k], v) and written[k].dtype == v.dtype for k, v in stored.items())
+    head = m.mtp
+    assert head is not None and not m.kept_aside and m.mtp is not None
+    block = m.model.mtp_block[0]
+    assert (type(block).__name__ == "FastDecoderLayer") == fast
+    assert (getattr(block.self_attn, "fused_qkv", None) is not None) == fast
+    params = dict(m.named_parameters())
+    assert all(torch.equal(params[k], v.float()) for k, v in stored.items())
+    by_hand = moelm.AutoModelForCausalLM.from_pretrained(path, fast=False)
+    by_hand.kept_aside = by_hand.take_mtp(by_hand.kept_aside)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(mtp_by_hand(m, ids), mtp_by_hand(by_hand, ids), rtol=1e-5, atol=1e-5)
+        drafts = m.generate(ids, max_new_tokens=6, do_sample=False, speculative="mtp")
+        assert torch.equal(drafts, by_hand.generate(ids, max_new_tokens=6, do_sample=False, speculative="mtp"))
 
 
 def test_from_config_adds_the_mtp_head_a_config_asks_for(tmp_path):

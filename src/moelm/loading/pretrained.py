@@ -3,6 +3,7 @@ loading and the inference fast paths, all applied to the unchanged model classes
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -159,23 +160,38 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
             model.tie_weights()
             model.kept_aside = load_checkpoint(model, ckpt, progress=progress, mmap=mmap)
         fill_tied_head(model)
-        if hasattr(model, "take_mtp") and not disk and layout is None:  # ERNIE's MTP head, when it has one
-            model.kept_aside = model.take_mtp(model.kept_aside)
+        # ERNIE's MTP head, when the checkpoint has one: left in the file (mapped) until its first use
+        mtp = hasattr(model, "mtp_in") and not disk and layout is None and model.mtp_in(model.kept_aside)
     finally:
         ckpt.close()
     if backend is not None:
-        apply_backend(model, backend)
+        prepare = functools.partial(apply_backend, backend=backend)
     elif fast and layout is not None:
         from ..parallel.apply import optimize_sharded
 
-        optimize_sharded(model)
+        prepare = optimize_sharded
     elif fast and not disk:  # offloaded models run the plain modules
-        optimize(model)
+        prepare = optimize
+    else:
+        prepare = None
+    if prepare is not None:
+        prepare(model)
+    if mtp:
+        model.build_mtp = functools.partial(build_mtp, prepare=prepare)
     if isinstance(model, GenerationMixin) and (directory / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.name_or_path = str(path)
     model.hf_device_map = placed
     return model.eval()
+
+
+def build_mtp(model, prepare=None) -> None:
+    """ERNIE's MTP head from the tensors loading kept aside (model.mtp builds it at its first use, so that decoding
+    without it holds none of its weights: 0.49 GB in fp32 on ERNIE-4.5-21B-A3B), given the fast paths (or the
+    backend) the rest of the model has."""
+    model.kept_aside = model.take_mtp(model.kept_aside)
+    if prepare is not None:
+        prepare(model)
 
 
 def apply_kwargs(config, kwargs: dict, attn_implementation: str | None = None) -> None:

@@ -78,16 +78,21 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
 
     @property
     def mtp(self) -> "ErnieMtp | None":
-        """The multi-token-prediction head when the checkpoint has one (add_mtp / take_mtp), else None."""
+        """The multi-token-prediction head when the checkpoint has one (add_mtp / take_mtp), else None. A head
+        loading left in the checkpoint (build_mtp, see from_pretrained) is built at the first use."""
+        build = self.__dict__.pop("build_mtp", None)
+        if build is not None:
+            build(self)
         return ErnieMtp(self) if hasattr(self.model, "mtp_block") else None
 
-    def add_mtp(self, layers: int = 1, bias: bool | None = None):
+    def add_mtp(self, layers: int = 1, bias: bool | None = None, device=None):
         """The MTP head's modules on `model`, under the hub's names (model.mtp_emb_norm.0, model.mtp_hidden_norm.0,
         model.mtp_linear_proj.0 [H, 2H], model.mtp_block.0: a decoder layer with a dense MLP), in this model's
-        dtype and device, weights to be loaded or initialised by the caller."""
+        dtype and device (or `device`), weights to be loaded or initialised by the caller."""
         cfg, base = self.config, self.model
         h, bias = cfg.hidden_size, cfg.use_bias if bias is None else bias
         like = base.embed_tokens.weight
+        device = like.device if device is None else device
 
         def norm():
             return RMSNorm(h, cfg.rms_norm_eps)
@@ -96,7 +101,7 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
             mlp = MLP(h, cfg.intermediate_size, bias=cfg.use_bias)
             return DecoderLayer(cfg, 0, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)  # its own cache
 
-        with torch.device(like.device):
+        with torch.device(device):
             base.mtp_emb_norm = nn.ModuleList(norm() for _ in range(layers))
             base.mtp_hidden_norm = nn.ModuleList(norm() for _ in range(layers))
             base.mtp_linear_proj = nn.ModuleList(nn.Linear(2 * h, h, bias=bias) for _ in range(layers))
@@ -104,42 +109,62 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
         for name in ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"):
             getattr(base, name).to(like.dtype)
 
-    def take_mtp(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The MTP head built from a checkpoint's model.mtp_* tensors (the ones loading keeps aside), when they are
-        complete; returns the tensors still kept aside. A config asking for MTP (num_nextn_predict_layers) without
-        them, or an incomplete set, is said once on stderr, and MTP is off. A linear_proj stored [2H, H] (as the
-        300B-A47B-PT checkpoint is reported to) is transposed."""
-        wanted = int(getattr(self.config, "num_nextn_predict_layers", 0) or 0)
-        found = {k: t for k, t in tensors.items() if MTP_KEY.match(k)}
-        layers = 1 + max((int(MTP_KEY.match(k)[2]) for k in found), default=-1)
+    def mtp_in(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether a checkpoint's model.mtp_* tensors (the ones loading keeps aside) make a whole MTP head (checked
+        on the meta device: names and shapes). A config asking for MTP (num_nextn_predict_layers) without them, or
+        an incomplete or misshapen set, is said once on stderr: then MTP is off and they are kept as they are."""
+        found = self._mtp_tensors(tensors)
         if not found:
+            wanted = int(getattr(self.config, "num_nextn_predict_layers", 0) or 0)
             if wanted:
                 print(f"moelm: config.json has num_nextn_predict_layers={wanted} but the checkpoint has no MTP "
                       "tensors (model.mtp_*): the MTP head is off", file=sys.stderr)
-            return tensors
-        bias = any(k.startswith("model.mtp_linear_proj.") and k.endswith(".bias") for k in found)
-        self.add_mtp(layers, bias)
-        h = self.config.hidden_size
-        params = dict(self.model.named_parameters())
-        needed = {n for n in params if n.startswith("mtp_")}
-        given = {k.removeprefix("model."): t for k, t in found.items()}
-        missing, extra = sorted(needed - given.keys()), sorted(given.keys() - needed)
-        if missing or extra:
+            return False
+        self._add_mtp_for(found, "meta")
+        try:
+            params = {n: p for n, p in self.model.named_parameters() if n.startswith("mtp_")}
+        finally:
             for name in ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"):
                 delattr(self.model, name)
+        missing, extra = sorted(params.keys() - found.keys()), sorted(found.keys() - params.keys())
+        if missing or extra:
             print(f"moelm: the checkpoint's MTP tensors do not make a head (missing: {missing[:4]}, unexpected: "
                   f"{extra[:4]}): they are kept as they are and the MTP head is off", file=sys.stderr)
+            return False
+        wrong = [f"model.{n}: checkpoint {list(t.shape)} vs model {list(params[n].shape)}"
+                 for n, t in found.items() if tuple(t.shape) != tuple(params[n].shape)]
+        if wrong:
+            raise ValueError(f"MTP tensor {wrong[0]}")
+        return True
+
+    def take_mtp(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The MTP head built from a checkpoint's model.mtp_* tensors when they make one (mtp_in); returns the
+        tensors still kept aside."""
+        if not self.mtp_in(tensors):
             return tensors
+        found = self._mtp_tensors(tensors)
+        self._add_mtp_for(found)
+        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, t in given.items():
+            for name, t in found.items():
+                params[name].copy_(t)
+        return {k: t for k, t in tensors.items() if not MTP_KEY.match(k)}
+
+    def _mtp_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The MTP tensors under the model's names (mtp_...). A linear_proj stored [2H, H] (as the 300B-A47B-PT
+        checkpoint is reported to) is transposed."""
+        h, found = self.config.hidden_size, {}
+        for key, t in tensors.items():
+            if MTP_KEY.match(key):
+                name = key.removeprefix("model.")
                 if name.startswith("mtp_linear_proj.") and name.endswith(".weight") and tuple(t.shape) == (2 * h, h):
                     t = t.t()
-                param = params[name]
-                if tuple(t.shape) != tuple(param.shape):
-                    raise ValueError(f"MTP tensor model.{name}: checkpoint {list(t.shape)} vs model "
-                                     f"{list(param.shape)}")
-                param.copy_(t)
-        return {k: t for k, t in tensors.items() if k not in found}
+                found[name] = t
+        return found
+
+    def _add_mtp_for(self, found: dict[str, torch.Tensor], device=None):
+        layers = 1 + max(int(MTP_KEY.match("model." + n)[2]) for n in found)
+        self.add_mtp(layers, any(n.startswith("mtp_linear_proj.") and n.endswith(".bias") for n in found), device)
 
 
 class ErnieMtp:

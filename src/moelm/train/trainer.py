@@ -85,6 +85,9 @@ class Trainer:
             raise NotImplementedError(f"{recipe.source}: model.quantization ({recipe.model.quantization}, QLoRA) runs "
                                       "in one process; FSDP2/EP shard float weights (drop the quantization under "
                                       "torchrun)")
+        # ERNIE's MTP head (loading leaves it in the checkpoint until its first use): built now, before adapters and
+        # the optimizer take the parameters, unless its loss is off (then it is saved as loaded)
+        self.mtp = getattr(self.model, "mtp", None) if recipe.moe.mtp_loss_coef != 0 else None
         self.model.train()
         if self.layout.distributed:
             split_experts(self.model, self.layout)
@@ -115,7 +118,6 @@ class Trainer:
         self.aux_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef
         if self.aux_coef and self.num_experts is None:
             raise RecipeError(f"{recipe.source}: moe.aux_loss_coef is set but {cfg.model_type} has no experts")
-        self.mtp = getattr(self.model, "mtp", None)
         coef = recipe.moe.mtp_loss_coef
         self.mtp_coef = (getattr(cfg, "multi_token_pred_lambda", None) or 0.3 if coef is None else coef) \
             if self.mtp is not None else 0.0
