@@ -892,13 +892,15 @@ def test_whole_step_in_one_call_is_the_layers_calls(family, mode, monkeypatch):
 
 
 def test_optimized_model_pickles_and_copies():
-    """optimize() makes the base model a FastDecoderModel subclass named in moelm.inference.modules: a model
-    pickles (torch.save), copies and unpickles to the same class and outputs."""
+    """optimize() makes the base model a FastDecoderModel subclass kept in moelm.inference.modules (under the
+    family's class name, as type(model).__name__ and the repr show it): a model pickles (torch.save), copies and
+    unpickles to the same class and outputs."""
     import io
     import pickle
 
     model = load("ernie4_5_moe")
-    assert type(model.model).__name__ == "FastErnie4_5_MoeModel"
+    assert isinstance(model.model, moelm.inference.modules.FastDecoderModel)
+    assert type(model.model).__name__ == "Ernie4_5_MoeModel" and "(model): Ernie4_5_MoeModel(" in repr(model)
     ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
     buffer = io.BytesIO()
     torch.save(model, buffer)

@@ -134,12 +134,14 @@ _MODELS: dict[type, type] = {}
 
 
 def fast_model_class(base: type) -> type:
-    """FastDecoderModel mixed into `base`, made once and named in this module (models with it pickle)."""
+    """FastDecoderModel mixed into `base`, made once and kept in this module under Fast<name> (its __qualname__, so
+    that models with it pickle); its __name__ is the base's (type(model).__name__ and the repr are the family's,
+    as transformers' AutoModel gives)."""
     if base not in _MODELS:
         name = f"Fast{base.__name__}"
         while name in globals():
             name += "_"
-        globals()[name] = _MODELS[base] = type(name, (FastDecoderModel, base),
+        globals()[name] = _MODELS[base] = type(base.__name__, (FastDecoderModel, base),
                                                {"__module__": __name__, "__qualname__": name})
     return _MODELS[base]
 
