@@ -366,6 +366,13 @@ class _StepPlan:
 
     valid = _LayerPlan.valid
 
+    def chosen(self, dtype: torch.dtype, rows: int) -> bool:
+        """Whether the layers' one-call path is the one chosen for their shapes (not yet measured: the layers by
+        themselves measure it first)."""
+        threads = torch.get_num_threads()
+        return all(cpu.chosen("decode_layer", (str(dtype), cpu.rows_bucket(rows), *kind, threads)) == "gemv"
+                   for kind in self.kinds)
+
     def run_threads(self, rows: int):
         """The threads each layer's call would take (kernels.threads of its work), a C int array."""
         key = (rows, torch.get_num_threads())
@@ -399,16 +406,14 @@ def layers_step(layers, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cac
     if b > kernels.MAX_ROWS:
         return None
     plan = _STEPS.get(layers)
+    if isinstance(plan, _StepPlan) and not plan.chosen(x.dtype, b):
+        return None  # asked first: a layer path measured slower than op by op leaves every step here
     if plan is None or not plan.valid_for(cache) or plan.dtype != x.dtype or _hooked(plan.hooked) \
             or any(block.routing_spec() != routing for block, routing in plan.blocks) \
             or not all(fused_ready(f, x) for f in plan.fused):
         plan = _step_plan(layers, x, cos_sin, mask, cache)
-        if plan is None:
+        if plan is None or not plan.chosen(x.dtype, b):
             return None
-    threads = torch.get_num_threads()
-    if any(cpu.chosen("decode_layer", (str(x.dtype), cpu.rows_bucket(b), *kind, threads)) != "gemv"
-           for kind in plan.kinds):
-        return None  # not measured yet (the layers by themselves measure it), or measured slower
     if new:
         for i in range(len(layers)):
             cache.reserve(i, new)

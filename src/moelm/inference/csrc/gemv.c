@@ -1336,7 +1336,7 @@ void decode_layers(const Layer *const *L, const int *nt, int64_t layers, int bf1
                    const float *cos, const float *sin, void *const *kc, void *const *vc, int64_t T, int64_t pos,
                    const int64_t *table, int64_t tstride, const int64_t *positions, const uint8_t *mask,
                    int64_t mstride, void *y, float *logits) {
-    float *a = malloc(3 * B * n * sizeof(float)), *b = a + B * n, *h = b + B * n;
+    float *base = malloc(3 * B * n * sizeof(float)), *a = base, *b = a + B * n, *h = b + B * n;
     for (int64_t i = 0; i < B * n; i++) a[i] = bf16 ? from_bf16(((const uint16_t *)x)[i]) : ((const float *)x)[i];
     for (int64_t l = 0; l < layers; l++) {
         layer_step(L[l], bf16, a, B, n, cos, sin, kc[l], vc[l], T, pos, table, tstride, positions, mask, mstride, b, h,
@@ -1348,7 +1348,7 @@ void decode_layers(const Layer *const *L, const int *nt, int64_t layers, int bf1
         if (bf16) ((uint16_t *)y)[i] = to_bf16(a[i]);
         else ((float *)y)[i] = a[i];
     }
-    free(a < b ? a : b);
+    free(base);
 }
 
 /* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
