@@ -72,6 +72,43 @@ def test_generate_restores_the_thread_count_and_gives_the_same_tokens():
     assert torch.equal(one, two)
 
 
+def test_a_resumed_tuner_keeps_its_choice_and_period():
+    clock = FakeClock({1: 2.0, 2: 1.0})
+    tuner = ThreadTuner(clock.step, most=2, clock=clock)
+    for _ in range(FIRST_PERIOD + PROBE + 1):  # one probe at half, rejected: the period doubles
+        tuner()
+    period, left = tuner.period, tuner.left
+    assert period == 2 * FIRST_PERIOD
+    tuner.restore()
+    assert tuner.resume(clock.step) is tuner and (tuner.period, tuner.left) == (period, left)
+    used = [tuner() for _ in range(left)]
+    assert used == [2] * left  # no probe before the carried-over period runs out
+    tuner.restore()
+
+
+def test_generate_keeps_a_tuner_per_model_across_calls():
+    """Each generate call used to start its thread tuner over, probing half the threads at its 8th step: 8-12%
+    of a 64-token call at full size. The tuner of a model (per kind of step, thread count and batch rows) now
+    carries over, so its probes grow rarer across calls."""
+    from moelm.generation import generate as gen
+
+    model = moelm.AutoModelForCausalLM.from_config(moelm.named_config("ernie4_5-tiny"), seed=0).eval()
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model.generate(ids, max_new_tokens=12, do_sample=False)
+        (key, tuner), = gen._TUNERS[model].items()
+        assert key == ("decode", 2, 1)
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert list(gen._TUNERS[model]) == [key] and gen._TUNERS[model][key] is tuner
+        model.generate(ids.repeat(2, 1), max_new_tokens=4, do_sample=False)  # another batch: its own tuner
+        assert set(gen._TUNERS[model]) == {key, ("decode", 2, 2)}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_wait_policy_chosen_at_import_keeps_the_users_and_measures_otherwise():
     code = "import moelm.omp as o, moelm, os; print(o.chosen, '|', os.environ.get('OMP_WAIT_POLICY'))"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -238,7 +239,7 @@ def decode_tokens(model, state: DecodeState, cfg: GenerationConfig, step: Callab
         raise ValueError("decode_tokens does greedy decoding and sampling; use beam_search for num_beams > 1")
     logits = prefill(model, state)
     sync, sampling = synced(model), cfg.sampling()
-    with tuned(step, state) as step:
+    with tuned(step, state, model) as step:
         while True:
             scores = process(logits, state, cfg)
             if state.scores is not None:
@@ -275,17 +276,26 @@ def decoding_ends(done: bool, model, sync) -> bool:
     return False
 
 
+_TUNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(kind, threads, rows): ThreadTuner}
+
+
 @contextlib.contextmanager
-def tuned(step: Callable, state: DecodeState):
+def tuned(step: Callable, state: DecodeState, model=None, kind: str = "decode"):
     """On CPU with several torch threads: the step under a ThreadTuner (the thread count measured while decoding,
     so that a machine whose cores other processes use does not stall every step), torch's count restored after;
-    otherwise the step itself."""
+    otherwise the step itself. The tuner of `model` for this kind of step, torch thread count and batch rows carries
+    over from its last call (its probes stay rare)."""
     if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1:
         yield step
         return
     from ..inference.threads import ThreadTuner
 
-    tuner = ThreadTuner(step)
+    try:
+        tuners = _TUNERS.setdefault(model, {}) if model is not None else {}
+    except TypeError:  # an object without weak references: a tuner for this call only
+        tuners = {}
+    key = (kind, torch.get_num_threads(), state.input_ids.shape[0])
+    tuner = tuners[key].resume(step) if key in tuners else tuners.setdefault(key, ThreadTuner(step))
     try:
         yield tuner
     finally:
@@ -331,7 +341,7 @@ def beam_search(model, state: DecodeState, cfg: GenerationConfig, step: Callable
 
     logits = prefill(model, state)
     sync = synced(model)
-    with tuned(step, state) as step:
+    with tuned(step, state, model) as step:
         while True:
             log_probs = process(F.log_softmax(logits, dim=-1), state, cfg)
             if state.scores is not None:

@@ -383,7 +383,8 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     last_run.clear()
     last_run.update(steps=0, drafted_steps=0, proposed=0, kept=0)
     # the thread count timed as decode_tokens times it
-    with tuned(lambda run: run(), state) as step, PreNorm(model) if hidden_too else nullcontext() as seen:
+    with (tuned(lambda run: run(), state, model, "speculative") as step,
+          PreNorm(model) if hidden_too else nullcontext() as seen):
         yield from _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step)
 
 
