@@ -851,8 +851,12 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
  * Split as flash-decoding does: the positions in chunks of ATT_CHUNK (from position 0, so a row's result does not
  * depend on the batch, the block layout or the threads), each chunk of a kv head read once for all the query heads
  * of its group (a running max, sum and weighted sum of v per head), then the chunks merged per head. */
+#ifndef ATT_CHUNK
 #define ATT_CHUNK 256
+#endif
+#ifndef ATT_BLOCK
 #define ATT_BLOCK 32  /* positions of v converted to fp32 at a time */
+#endif
 static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
     int64_t half = D / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -878,7 +882,9 @@ static inline void st_f32(float *p, v8f v) { memcpy(p, &v, 32); }
 static inline void fetch_row(const void *c, int64_t at, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)c + at + off, 0, 3);
 }
+#ifndef ATT_AHEAD
 #define ATT_AHEAD 32  /* positions: the keys and values this far ahead are prefetched */
+#endif
 /* the sums of 8 vectors, as one vector */
 static inline v8f hsum8(const v8f a[8]) {
 #ifdef __AVX__
