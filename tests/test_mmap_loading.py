@@ -62,11 +62,12 @@ def test_mapped_weights_are_the_stored_ones_and_nothing_is_lost(dtype, tmp_path)
     ids = torch.randint(3, 32768, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model(ids).logits)
-        # bf16: the logits come out rounded to bf16, and the fast and plain paths sum in different orders (AVX2
-        # and AVX-512 kernels differ too), so one bf16 step (2^-7 relative) apart where they round apart
-        torch.testing.assert_close(model(ids).logits.float(), plain(ids).logits.float(),
-                                   rtol=0 if dtype == torch.float32 else 2 ** -7,
-                                   atol=1e-4 if dtype == torch.float32 else 2e-2)
+        # bf16: every op rounds to bf16 and the fast and plain paths (and the kernels a CPU's measurement picks)
+        # sum in different orders: up to one bf16 step of the largest logit apart (0.03-0.04 of 8.4 seen; both
+        # are 0.17 from an fp32 computation of the same weights)
+        expected = plain(ids).logits.float()
+        atol = 1e-4 if dtype == torch.float32 else 2 ** -7 * float(expected.abs().max())
+        torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0, atol=atol)
         embed.add_(1.0)  # as an optimizer step would
     assert torch.equal(load_file(str(path / "model.safetensors"))["model.embed_tokens.weight"],
                        stored["model.embed_tokens.weight"]), "an in-place change reached the file"
