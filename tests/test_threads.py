@@ -2,9 +2,11 @@
 policy chosen at import (moelm.omp)."""
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import torch
 
@@ -105,8 +107,15 @@ def test_generate_keeps_a_tuner_per_model_across_calls():
         model.generate(ids.repeat(2, 1), max_new_tokens=4, do_sample=False)  # another batch: its own tuner
         assert set(gen._TUNERS[model]) == {key, ("decode", 2, 2)}
         assert torch.get_num_threads() == 2
+        # a step that holds the model (generate_tokens takes any step) does not keep it alive through its tuner
+        list(gen.generate_tokens(model, ids, max_new_tokens=4, do_sample=False,
+                                 step=lambda m, state, _model=model: gen.decode_step(m, state)))
     finally:
         torch.set_num_threads(before)
+    gone = weakref.ref(model)
+    del model, tuner
+    gc.collect()
+    assert gone() is None
 
 
 def test_wait_policy_chosen_at_import_keeps_the_users_and_measures_otherwise():

@@ -300,6 +300,7 @@ def tuned(step: Callable, state: DecodeState, model=None, kind: str = "decode"):
         yield tuner
     finally:
         tuner.restore()
+        tuner.step = None  # kept by _TUNERS between calls: a step holding the model would keep it alive
 
 
 def generate_tokens(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
