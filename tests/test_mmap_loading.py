@@ -65,6 +65,8 @@ def test_mapped_weights_are_the_stored_ones_and_nothing_is_lost(dtype, tmp_path)
         # bf16: every op rounds to bf16 and the fast and plain paths (and the kernels a CPU's measurement picks)
         # sum in different orders: up to one bf16 step of the largest logit apart (0.03-0.04 of 8.4 seen; both
         # are 0.17 from an fp32 computation of the same weights)
+        unmapped = moelm.AutoModelForCausalLM.from_pretrained(path)  # the same kernels, the weights copied
+        assert torch.equal(model(ids).logits, unmapped(ids).logits), "mapping changed a weight"
         expected = plain(ids).logits.float()
         atol = 1e-4 if dtype == torch.float32 else 2 ** -7 * float(expected.abs().max())
         torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0, atol=atol)
