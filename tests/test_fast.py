@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -710,9 +711,11 @@ def test_attend_kernel_past_a_chunk_through_block_tables(dtype, d, masking, thre
     assert torch.equal(values.float(), ref_values.float())
 
 @needs_kernels
+@needs_kernels
 def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatch):
-    """PhiMoE with a sliding window shorter than the cached sequence: the decode steps run kernels.attend (with
-    the window's mask) and give the reference path's logits."""
+    """PhiMoE with a sliding window shorter than the cached sequence: the decode steps run in one C call a layer
+    (kernels.decode_layer) or a step (kernels.decode_layers), or with the layers op by op kernels.attend, each with
+    the window's mask, and give the reference path's logits."""
     config = tiny_config("phimoe")
     config.sliding_window = 5
     ref = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False).eval()
@@ -720,14 +723,21 @@ def test_decode_attention_step_used_and_matches_past_a_sliding_window(monkeypatc
     fast = moelm.AutoModelForCausalLM.from_config(config).eval()
     fast.load_state_dict(ref.state_dict())  # copied into the fused tensors' views
     calls = []
-    real = kernels.attend
-    monkeypatch.setattr(kernels, "attend", lambda *a: calls.append(a[9] is not None) or real(*a))
+    attend, layer, layers = kernels.attend, kernels.decode_layer, kernels.decode_layers
+    monkeypatch.setattr(kernels, "attend", lambda *a: calls.append(("attend", a[9] is not None)) or attend(*a))
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(("layer", a[7] is not None)) or layer(*a))
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(("layers", a[6] is not None)) or layers(*a))
     ids, mask = prompts(batch=2, seq=6, pads=(2, 0), seed=21)
     new = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(22))
-    a = prefill_then_decode(fast, ids, mask, new, static_cache(fast, 2, 16))
     b = prefill_then_decode(ref, ids, mask, new, DynamicCache())
-    assert len(calls) == 5 * config.num_hidden_layers and all(calls), "decode steps did not use kernels.attend"
-    close(a, b, 1e-5, "sliding-window decode")
+    # the first step runs each layer's call (they are measured first; here forced), the whole step in one after
+    for forced, want in (("gemv", [("layer", True)] * config.num_hidden_layers + [("layers", True)] * 4),
+                         ("gemv,decode_layer=torch", [("attend", True)] * 5 * config.num_hidden_layers)):
+        calls.clear()
+        with kernels_forced(forced):
+            a = prefill_then_decode(fast, ids, mask, new, static_cache(fast, 2, 16))
+        assert calls == want, f"MOELM_KERNELS={forced}: decode steps' C calls {calls}"
+        close(a, b, 1e-5, f"sliding-window decode, MOELM_KERNELS={forced}")
 
 
 def fp32_scales(quantize):
@@ -742,11 +752,11 @@ def fp32_scales(quantize):
 @pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
 @pytest.mark.parametrize("mode", (None, "int8", "int4", "int4-fp32"), ids=("fp32", "int8", "int4", "int4-fp32"))
-@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe", "phimoe"))
 def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch):
-    """Decode steps of the RMSNorm families run each decoder layer as one kernels.decode_layer call (the dense
-    SwiGLU inside it, an MoE block after it) for up to 16 rows when that is the path chosen for the layer (here
-    forced; forced the other way, the layer goes op by op), with padding.
+    """Decode steps run each decoder layer as one kernels.decode_layer call (the dense SwiGLU or the MoE block
+    inside it) for up to 16 rows when that is the path chosen for the layer (here forced; forced the other way,
+    the layer goes op by op), with padding: the RMSNorm families, and PhiMoE with its LayerNorms (with biases).
     Each layer's step equals the same layer run op by op; whole decodes equal the op-by-op model (and in fp32 the
     reference path). int4 scales are fp16 (what moelm quantizes to), or fp32 (int4-fp32)."""
     if mode == "int4-fp32":
@@ -761,7 +771,8 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
     ref = load(family, fast=False)
     layers = model.config.num_hidden_layers
     dense = sum(isinstance(getattr(layer, layer.mlp_name), MLP) for layer in model.model.layers)
-    assert 0 < dense and (dense < layers) == (family == "ernie4_5_moe")
+    assert (0 < dense, dense < layers) == {"ernie4_5": (True, False), "ernie4_5_moe": (True, True),
+                                           "phimoe": (False, True)}[family]
     calls = []
     count_layer_calls(monkeypatch, lambda spec, x: calls.append(bool(spec.gate_up)))
     limit = kernels.MAX_ROWS  # the gemv kernel is forced wherever it applies
@@ -793,8 +804,8 @@ def test_decode_layer_used_and_matches_the_per_op_path(family, mode, monkeypatch
 
 @pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
-@pytest.mark.parametrize("mode", (None, "int4", "bfloat16"))
-@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+@pytest.mark.parametrize("family, mode", [(f, m) for f in ("ernie4_5", "ernie4_5_moe")
+                                          for m in (None, "int4", "bfloat16")] + [("phimoe", None), ("phimoe", "int4")])
 def test_decode_layer_checks_several_tokens_per_row(family, mode, monkeypatch):
     """A step of S tokens per row after the prompt (a speculative check) runs each layer as one decode_layer call of
     B * S rows, token j of row b at position past + j attending causally, with left padding; its logits and the
@@ -832,8 +843,9 @@ def test_decode_layer_checks_several_tokens_per_row(family, mode, monkeypatch):
 
 @pytest.mark.usefixtures("gemv_forced")
 @needs_kernels
-@pytest.mark.parametrize("mode", (None, "int8", "int4", "bfloat16"))
-@pytest.mark.parametrize("family", ("ernie4_5", "ernie4_5_moe"))
+@pytest.mark.parametrize("family, mode", [(f, m) for f in ("ernie4_5", "ernie4_5_moe")
+                                          for m in (None, "int8", "int4", "bfloat16")]
+                         + [("phimoe", m) for m in (None, "int8", "int4")])
 def test_whole_step_in_one_call_is_the_layers_calls(family, mode, monkeypatch):
     """A decoding step through every layer in one kernels.decode_layers call gives bit for bit what the layers'
     own decode_layer calls give (MOELM_KERNELS=decode_step=layers): each step's logits and router logits and the
@@ -846,7 +858,7 @@ def test_whole_step_in_one_call_is_the_layers_calls(family, mode, monkeypatch):
     monkeypatch.setattr(kernels, "decode_layers", lambda *a: whole.append(a[2].shape[0]) or real(*a))
     ids, mask = prompts(batch=3, seq=7, pads=(2, 0, 4), seed=61)
     new = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(62))
-    moe = family == "ernie4_5_moe"
+    moe = family != "ernie4_5"
 
     @torch.no_grad()
     def run(new=new):
@@ -876,7 +888,7 @@ def test_whole_step_in_one_call_is_the_layers_calls(family, mode, monkeypatch):
         assert not whole
     for a, b in zip([one[0], *one[1], *one[2]], [each[0], *each[1], *each[2]], strict=True):
         assert torch.equal(a, b)
-    assert len(one[1]) == (4 * sum(hasattr(layer.mlp, "experts") for layer in model.model.layers) if moe else 0)
+    assert len(one[1]) == 4 * sum(hasattr(getattr(layer, layer.mlp_name), "experts") for layer in model.model.layers)
     hooked = []
     handle = model.model.layers[1].register_forward_hook(lambda *a: hooked.append(1))
     try:
@@ -1745,6 +1757,32 @@ def test_rmsnorm_kernel_matches_the_reference_formula(rows):
     with torch.enable_grad():
         xg = x.clone().requires_grad_(True)
         norm(xg).sum().backward()  # with gradients: the PyTorch formula, which has a backward
+    assert xg.grad is not None
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler for moelm's kernels")
+@pytest.mark.parametrize("rows", (1, 3, 16))
+@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no-bias"))
+def test_layernorm_kernel_matches_torch(rows, bias):
+    """kernels.layernorm (PhiMoE's norms for few fp32 rows without gradients, FastLayerNorm) == nn.LayerNorm, on
+    rows with a large mean (the variance taken about it); bf16 and gradients take PyTorch's."""
+    from moelm.inference.norms import FastLayerNorm
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 96, generator=g) * 3 + torch.randn(rows, 1, 1, generator=g) * 50
+    plain, fast = nn.LayerNorm(96, eps=1e-5, bias=bias), FastLayerNorm(96, eps=1e-5, bias=bias)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        fast.load_state_dict(plain.state_dict())
+        want = plain(x)
+        close(kernels.layernorm(x, plain.weight, plain.bias, 1e-5), want, 1e-5, "layernorm kernel")
+        with mock.patch.object(kernels, "layernorm", wraps=kernels.layernorm) as used:
+            close(fast(x), want, 1e-5, "FastLayerNorm")
+            assert used.call_count == 1
+            assert torch.equal(fast(x.bfloat16()), plain(x.bfloat16())) and used.call_count == 1
+    xg = x.clone().requires_grad_(True)
+    fast(xg).sum().backward()  # with gradients: PyTorch's LayerNorm, which has a backward
     assert xg.grad is not None
 
 

@@ -1,5 +1,5 @@
-"""The MoE block at decode in one C call (gemv.c moe_block; folded into decode_layer for ERNIE's RMSNorm layers,
-on its own for PhiMoE's LayerNorm ones) against the block op by op: routing (ERNIE's softmax + correction-bias
+"""The MoE block at decode in one C call (gemv.c moe_block; folded into decode_layer for ERNIE's RMSNorm layers
+and PhiMoE's LayerNorm ones) against the block op by op: routing (ERNIE's softmax + correction-bias
 top-k + norm_min, PhiMoE's sparsemixer), the chosen experts, the shared experts and the weighted sum, with every
 weight random (norms, biases, correction bias), experts in fp32, bf16, int8 and int4; whole greedy decodes with
 padding against the op-by-op model and, in fp32, against transformers."""
@@ -256,8 +256,8 @@ def prompts(batch: int, seed: int):
 @pytest.mark.parametrize("case", ("ernie-k2-shared1-bias", "ernie-k6-shared2-i64", "phimoe-jitter"))
 def test_decode_matches_op_by_op(case, fmt, batch, monkeypatch):
     """Greedy generation and per-step logits with the one-call MoE forced == the layers op by op forced, with
-    padding; the router logits of every decode step equal. ERNIE's MoE layers run whole in decode_layer, PhiMoE's
-    blocks (LayerNorm: no decode_layer) in moe_block."""
+    padding; the router logits of every decode step equal. The MoE layers run whole in decode_layer (PhiMoE's with
+    its LayerNorms), a short prompt's MoE blocks in moe_block."""
     model = load(case, fmt)
     layers = len(moe_layers(model))
     calls = []
@@ -268,13 +268,7 @@ def test_decode_matches_op_by_op(case, fmt, batch, monkeypatch):
     with forced(ONE_CALL):
         fast, fast_routers = steps(model, ids, mask, new)
         fast_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    whole = "layer" if "ernie" in case else "block"
-    # + the prefills (steps' and generate's): a prompt of at most 16 tokens in all runs its MoE blocks as one call
-    # each; generate's last layer runs on the kept position of each row (for ERNIE these count as blocks)
-    short = ids.numel() <= kernels.MAX_ROWS
-    prefills = (2 * layers if short else 1) if whole == "block" else 0
-    assert calls.count(whole) == layers * (new.shape[1] + 4) + prefills, \
-        f"{case}: the one-call MoE was not used: {calls}"
+    assert calls.count("layer") == layers * (new.shape[1] + 4), f"{case}: the one-call MoE was not used: {calls}"
     calls.clear()
     with forced(PER_OP):
         per_op, per_op_routers = steps(model, ids, mask, new)

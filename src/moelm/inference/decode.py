@@ -16,6 +16,7 @@ from .cache import StaticCache
 from .experts import FastExperts
 from .linear import FastLinear, fused_ready
 from .matmul import KERNEL_DTYPES
+from .norms import FastLayerNorm
 from .quantization import QuantizedExperts, QuantizedLinear
 from .slots import SlotCache
 
@@ -165,7 +166,9 @@ class _LayerPlan:
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
-        self.spec = kernels.layer((n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon), *self.mats,
+        norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon) if isinstance(n1, RMSNorm) else \
+            (n1.weight, n1.eps, n2.weight, n2.eps, n1.bias, n2.bias)
+        self.spec = kernels.layer(norms, *self.mats,
                                   attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
                                   attn.scaling, min(p.in_features * p.out_features for p in projections),
                                   None if moe is None else moe.spec)
@@ -298,8 +301,7 @@ def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
     if plan is not None and plan.valid() and plan.dtype == x.dtype and plan.moe is moe:
         return plan
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if any(not isinstance(n, RMSNorm) or n.weight.dtype != x.dtype or not n.weight.is_contiguous()
-           or n.weight.shape[0] % 8 for n in norms):
+    if not all(_rms_norm(n, x) for n in norms) and not all(_layer_norm(n, x) for n in norms):
         return None
     attn = layer.self_attn
     dense = isinstance(mlp, MLP) and fused_ready(mlp.fused_gate_up, x)
@@ -310,6 +312,16 @@ def _layer_plan(layer, x: torch.Tensor) -> _LayerPlan | None:
         return None
     _PLANS[layer] = plan = _LayerPlan(layer, projections, found, dense, x.dtype, moe)
     return plan
+
+
+def _rms_norm(norm, x: torch.Tensor) -> bool:
+    return isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype and norm.weight.is_contiguous() \
+        and norm.weight.shape[0] % 8 == 0
+
+
+def _layer_norm(norm, x: torch.Tensor) -> bool:
+    """A LayerNorm with a bias that decode_layer computes as the layer op by op does (FastLayerNorm's C pass)."""
+    return type(norm) is FastLayerNorm and norm.bias is not None and norm.usable(x)
 
 
 def _mat_tensors(module):

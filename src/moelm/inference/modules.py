@@ -7,21 +7,14 @@ from torch import nn
 
 from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
 from ..nn.moe import Experts
-from . import cpu, kernels
+from . import cpu
 from .attention import decode_attention
 from .cache import StaticCache
 from .decode import decode_attention_step, layer_step, layers_step, moe_step
 from .experts import FastExperts
 from .linear import FastLinear, Fused, fuse_projections, fused_ready
+from .norms import FastLayerNorm, FastRMSNorm
 from .slots import SlotCache, ragged_attention
-
-
-class FastRMSNorm(RMSNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 8 == 0 \
-                and self.weight.is_contiguous() and kernels.usable(x, self.weight):
-            return kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # decode: one C pass
-        return super().forward(x)
 
 
 class FastMLP(MLP):
@@ -151,8 +144,8 @@ cpu.register("decode_step", ("gemv", "layers"))  # forced only: "layers" runs ea
 cpu.register("moe_block", ("gemv", "torch"))
 
 
-FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLP: FastMLP, Attention: FastAttention,
-        DecoderLayer: FastDecoderLayer, Experts: FastExperts}
+FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, nn.LayerNorm: FastLayerNorm, MLP: FastMLP,
+        Attention: FastAttention, DecoderLayer: FastDecoderLayer, Experts: FastExperts}
 
 
 def optimize(model: nn.Module, fuse: bool = True, keep=lambda module: False, make=Fused) -> nn.Module:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..nn.layers import attention_mask_4d
 from . import kernels
 from .decode import _mat_tensors
-from .modules import FastRMSNorm
+from .norms import FastRMSNorm
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -839,6 +839,24 @@ void rmsnorm_f32(const float *x, const float *w, int64_t rows, int64_t n, float 
     }
 }
 
+/* LayerNorm of fp32 rows (torch.nn.LayerNorm): out = (x - mean) / sqrt(var + eps) * w + b, the variance biased;
+ * b NULL: no bias; rows of n, a multiple of 8. */
+void layernorm_f32(const float *x, const float *w, const float *b, int64_t rows, int64_t n, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        v8f acc = {0}, sq = {0};
+        for (int64_t i = 0; i < n; i += 8) acc += ld_f32(xr + i);
+        float mean = hsum(acc) / (float)n;
+        for (int64_t i = 0; i < n; i += 8) { v8f d = ld_f32(xr + i) - mean; sq += d * d; }
+        float inv = 1.0f / sqrtf(hsum(sq) / (float)n + eps);
+        for (int64_t i = 0; i < n; i += 8) {
+            v8f v = (ld_f32(xr + i) - mean) * inv * ld_f32(w + i);
+            if (b) v += ld_f32(b + i);
+            memcpy(out + r * n + i, &v, 32);
+        }
+    }
+}
+
 /* One new position per batch row against a KV cache (decoding), fp32:
  *   rotary embedding of q and k (interleaved: pairs (2i, 2i+1) as ERNIE; else halves (i, i + D/2) as Llama/PhiMoE),
  *   k and v written at position `pos` of kc/vc [B, Hkv, T, D], then out = softmax(scale * q.k) v over the positions
@@ -1240,7 +1258,8 @@ void moe_block(const Moe *M, const float *h, int64_t B, int64_t n, float *y, flo
 }
 
 /* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
- * the projections (gate_up NULL: the layer has an MoE block), head counts and size, rotary kind, attention scale. */
+ * the projections (gate_up NULL: the layer has an MoE block), head counts and size, rotary kind, attention scale;
+ * b1 / b2 the norms' fp32 biases where they are LayerNorms (fp32 only; NULL: RMSNorms). */
 typedef struct {
     const void *n1, *n2;
     float eps1, eps2;
@@ -1248,11 +1267,15 @@ typedef struct {
     int64_t H, Hkv, D, interleaved;
     float scale;
     const Moe *moe;
+    const float *b1, *b2;
 } Layer;
 
-/* RMSNorm rows as the model computes it: fp32 w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16):
- * the fp32 normalisation rounded to bf16, times the bf16 weight, rounded again */
-static void norm_rows(const float *x, const void *w, int bf16, int64_t rows, int64_t n, float eps, float *out) {
+/* The norm rows as the model computes it: with a bias b, fp32 LayerNorm (layernorm_f32); else RMSNorm: fp32
+ * w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16): the fp32 normalisation rounded to bf16, times the
+ * bf16 weight, rounded again */
+static void norm_rows(const float *x, const void *w, const float *b, int bf16, int64_t rows, int64_t n, float eps,
+                      float *out) {
+    if (b) { layernorm_f32(x, w, b, rows, n, eps, out); return; }
     if (!bf16) { rmsnorm_f32(x, w, rows, n, eps, out); return; }
     const uint16_t *wb = w;
     for (int64_t r = 0; r < rows; r++) {
@@ -1269,7 +1292,7 @@ void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n,
     float xf[n], yf[n];
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t i = 0; i < n; i++) xf[i] = from_bf16(x[r * n + i]);
-        norm_rows(xf, w, 1, 1, n, eps, yf);
+        norm_rows(xf, w, NULL, 1, 1, n, eps, yf);
         for (int64_t i = 0; i < n; i++) out[r * n + i] = to_bf16(yf[i]);
     }
 }
@@ -1280,8 +1303,9 @@ static void round_all(float *x, int64_t n, int bf16) {
 
 /* One decoder layer for one new position per row (decoding), activations x [B, n] (fp32 values; with bf16, values
  * of bf16 and every step rounded to bf16 as PyTorch's bf16 ops round their results):
- *   y = x + o(attention(qkv(rmsnorm(x, n1))))           (attention as attend_f32 / attend_bf16, static cache)
- *   h = rmsnorm(y, n2)
+ *   y = x + o(attention(qkv(norm(x, n1))))              (attention as attend_f32 / attend_bf16, static cache;
+ *                                                       norm: RMSNorm, or LayerNorm with b1 / b2, see norm_rows)
+ *   h = norm(y, n2)
  *   y += down(silu(gate) * up), gate|up = gate_up(h)   (only with gate_up: a dense SwiGLU MLP)
  *   y += moe(h), router logits [B, E] to `logits`       (only with moe; with neither, the caller runs its MoE
  *                                                       block on h)
@@ -1294,7 +1318,7 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
     int64_t big = width > 2 * F ? width : 2 * F;
     float *proj = malloc(B * (big > n ? big : n) * sizeof(float));
     float *att = malloc(B * (H * D > F ? H * D : F) * sizeof(float));
-    norm_rows(x, L->n1, bf16, B, n, L->eps1, h);
+    norm_rows(x, L->n1, L->b1, bf16, B, n, L->eps1, h);
     mat_apply(L->qkv, h, B, n, proj, nt);
     round_all(proj, B * width, bf16);
     if (bf16)
@@ -1305,7 +1329,7 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
                    kc, vc, T, pos, table, tstride, positions, mask, mstride, L->scale, att, nt);
     mat_apply(L->o, att, B, H * D, y, nt);
     for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(y[i]) + x[i]) : y[i] + x[i];
-    norm_rows(y, L->n2, bf16, B, n, L->eps2, h);
+    norm_rows(y, L->n2, L->b2, bf16, B, n, L->eps2, h);
     if (L->moe) {
         int64_t *index = malloc(B * L->moe->K * sizeof(int64_t));
         float *weight = malloc(B * L->moe->K * sizeof(float));
