@@ -1,6 +1,7 @@
 """Smoke test of the benchmark script on a tiny config (speed figures themselves are not checked)."""
 import pytest
 
+import moelm
 from moelm.bench import report, runner
 from moelm.bench.machine import cpu_model
 
@@ -131,6 +132,27 @@ def test_full_size_bench_arguments():
         cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b"]))
     with pytest.raises(ValueError, match="--workdir"):
         cli.main_from_args(p.parse_args(["--model", "ernie-4.5-21b-a3b", "--full-size", "--dtype", "int4"]))
+    with pytest.raises(ValueError, match="--layers is for --full-size"):
+        cli.main_from_args(p.parse_args(["--model", "ernie-0.3b", "--layers", "2"]))
+
+
+def test_full_size_checkpoint_of_the_first_layers(tmp_path):
+    """--layers N (bench.fullsize.prepare): a quantized checkpoint of the named config's first N layers at full width
+    (ERNIE's MoE layer range cut to them), named for it, that loads; N out of range is an error naming it."""
+    from moelm.bench import fullsize
+    from moelm.config import named_config
+
+    full = named_config("ernie4_5_moe-tiny")
+    ckpt, gguf = fullsize.prepare("ernie4_5_moe-tiny", "int4", tmp_path, log=lambda *a: None, peer=False, layers=2)
+    assert ckpt.name == "ernie4_5_moe-tiny-int4-2l" and gguf is None
+    model = moelm.AutoModelForCausalLM.from_pretrained(ckpt)
+    config = model.config
+    assert config.num_hidden_layers == 2 and len(model.model.layers) == 2 < full.num_hidden_layers
+    assert config.moe_layer_end_index == 1 and config.hidden_size == full.hidden_size
+    assert hasattr(model.model.layers[1].mlp, "experts")
+    for bad in (0, full.num_hidden_layers + 1):
+        with pytest.raises(ValueError, match=f"layers must be 1 to {full.num_hidden_layers}.*not {bad}"):
+            fullsize.prepare("ernie4_5_moe-tiny", "int4", tmp_path, peer=False, layers=bad)
 
 
 def test_speculative_bench_reports_each_method(capsys):

@@ -33,6 +33,8 @@ def _full_size(args) -> int:
             str(args.decode_tokens), "--decode-context", str(args.decode_context), "--reload"]
     if args.peer is None:
         argv.append("--no-peer")
+    if args.layers is not None:
+        argv += ["--layers", str(args.layers)]
     if args.markdown:
         argv += ["--markdown", args.markdown]
     return fullsize.main(argv)
@@ -60,9 +62,14 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--rounds", type=int, default=2, help="--full-size: rounds of (moelm, llama.cpp) processes")
     p.add_argument("--group-size", type=int, default=32,
                    help="--full-size: int4 group size (32: the GGUF's q4_0 blocks hold moelm's own codes)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="--full-size: only the model's first N decoder layers, at full width (where the whole model "
+                        "does not fit in memory, as Phi-3.5-MoE on 24 GB)")
 
 
 def main_from_args(args) -> int:
+    if args.layers is not None and not args.full_size:
+        raise ValueError("--layers is for --full-size runs (the slices have their own --model names)")
     if args.full_size or args.model in FULL_SIZE:
         return _full_size(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

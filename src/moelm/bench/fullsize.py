@@ -28,18 +28,20 @@ import torch
 from .machine import bandwidth, machine_line, peak_rss_bytes, rss_bytes
 
 
-def prepare(model: str, mode: str, workdir: Path, log=print, group_size: int = 32, peer: bool = True
-            ) -> tuple[Path, Path | None]:
+def prepare(model: str, mode: str, workdir: Path, log=print, group_size: int = 32, peer: bool = True,
+            layers: int | None = None) -> tuple[Path, Path | None]:
     """(checkpoint dir, GGUF path or None without the peer) in workdir, written once (kept for later runs: delete
-    workdir when done). int4 in groups other than 32: the GGUF is q4_0 of the dequantized weights (other codes)."""
+    workdir when done). int4 in groups other than 32: the GGUF is q4_0 of the dequantized weights (other codes).
+    layers: only the model's first `layers` decoder layers, at full width (where the whole model does not fit)."""
     from ..inference.quantization import QuantizationConfig
     from ..models.scaffold import new_checkpoint
     from . import gguf
 
-    ckpt = workdir / (f"{model}-{mode}" + (f"-g{group_size}" if mode == "int4" and group_size != 32 else ""))
+    ckpt = workdir / (f"{model}-{mode}" + (f"-g{group_size}" if mode == "int4" and group_size != 32 else "")
+                      + (f"-{layers}l" if layers else ""))
     if not (ckpt / "config.json").is_file():
         t = time.perf_counter()
-        new_checkpoint(model, ckpt, quantization=QuantizationConfig(mode, group_size=group_size))
+        new_checkpoint(model, ckpt, quantization=QuantizationConfig(mode, group_size=group_size), layers=layers)
         log(f"wrote {ckpt} in {time.perf_counter() - t:.0f} s")
     path = workdir / f"{ckpt.name}-{gguf.FORMATS[mode]}.gguf".replace(f"-{mode}-", "-")
     if not peer:
@@ -148,7 +150,7 @@ def run(args, log=print) -> dict:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt, path = prepare(args.model, args.dtype, workdir, log, args.group_size, not args.no_peer)
+    ckpt, path = prepare(args.model, args.dtype, workdir, log, args.group_size, not args.no_peer, args.layers)
     bw = bandwidth(2**30)
     log(f"streaming-read bandwidth: {bw / 1e9:.1f} GB/s")
     results = {"moelm": [], "llama.cpp": []}
@@ -159,7 +161,7 @@ def run(args, log=print) -> dict:
             if not args.no_peer:
                 results["llama.cpp"].append(_child("llama", path, args, {}, log))
     return dict(machine=machine_line(args.threads, "cpu"), cpu=cpu.info().line(), bandwidth=bw, model=args.model,
-                dtype=args.dtype, results=results, checkpoint_gb=_size(ckpt),
+                layers=args.layers, dtype=args.dtype, results=results, checkpoint_gb=_size(ckpt),
                 gguf_gb=path.stat().st_size / 1e9 if path else None, group_size=args.group_size,
                 prompt_lens=args.prompt_lens, batches=args.batches)
 
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
             q.add_argument("--workdir", required=True)
             q.add_argument("--rounds", type=int, default=2)
             q.add_argument("--no-peer", action="store_true")
+            q.add_argument("--layers", type=int, default=None,
+                           help="only the model's first N decoder layers, at full width (what fits in memory)")
             q.add_argument("--group-size", type=int, default=32,
                            help="int4 group size (32: the GGUF holds the same codes)")
             q.add_argument("--json", default=None, help="write the results here")
@@ -236,7 +240,8 @@ def markdown(result: dict) -> str:
     def cell(rs, key, fmt):
         vals = [r[key] for r in rs if key in r]
         return format(statistics.median(vals), fmt) if vals else "—"
-    lines = [f"\n## {result['model']} full size, {result['dtype']} (random weights), {result['machine']}\n",
+    width = f"its first {result['layers']} layers at full width" if result.get("layers") else "full size"
+    lines = [f"\n## {result['model']} {width}, {result['dtype']} (random weights), {result['machine']}\n",
              f"CPU: {result['cpu']}. Streaming-read bandwidth {result['bandwidth'] / 1e9:.1f} GB/s. Checkpoint "
              f"{result['checkpoint_gb']:.1f} GB (compressed-tensors"
              + (f", int4 group {result['group_size']}" if result["dtype"] == "int4" else "") + ")"

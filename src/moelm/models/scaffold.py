@@ -42,13 +42,15 @@ def train_tokenizer(vocab_size: int, specials: list[str], corpus=None):
     return tok
 
 
-def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=None) -> Path:
+def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=None, layers: int | None = None
+                   ) -> Path:
     """A random checkpoint of the named config in out_dir. quantization ("int8" | "int4" | a QuantizationConfig):
     written directly with moelm's quantized weights in the compressed-tensors format, one tensor at a time (each
-    drawn as init_weights draws it, then quantized), so a full-size model never exists in memory or on disk."""
+    drawn as init_weights draws it, then quantized), so a full-size model never exists in memory or on disk.
+    layers: only the first `layers` decoder layers (at most the config's), at full width."""
     from .auto import AutoModelForCausalLM
 
-    config = named_config(name)
+    config = named_config(name) if layers is None else first_layers(named_config(name), layers)
     family = family_of(config)
     specials = SPECIALS[family]
     if config.vocab_size < 300:
@@ -81,6 +83,20 @@ def new_checkpoint(name: str, out_dir: str | Path, seed: int = 0, quantization=N
         write_quantized(model, RandomCheckpoint(config, expected, seed, out), expected, out, model.saved_files())
     save_tokenizer(train_tokenizer(config.vocab_size, specials), config, out)
     return out
+
+
+def first_layers(config, layers: int):
+    """The config with only its first `layers` decoder layers (ERNIE's MoE layer range cut to them)."""
+    from ..config import AutoConfig
+
+    if not 0 < layers <= config.num_hidden_layers:
+        raise ValueError(f"layers must be 1 to {config.num_hidden_layers} (the config's num_hidden_layers), "
+                         f"not {layers}")
+    data = config.to_dict()
+    data["num_hidden_layers"] = layers
+    if "moe_layer_end_index" in data and data["moe_layer_end_index"] >= layers:
+        data["moe_layer_end_index"] = layers - 1
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 class RandomCheckpoint:
