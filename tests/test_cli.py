@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 def moelm(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "moelm.cli", *args], input=stdin, capture_output=True, text=True,
                           timeout=300, env=env or ENV)
+
+
+def moelm_all(*calls):
+    """Independent `moelm` commands at once (each is mostly one core's import and load): calls are argument tuples,
+    or (arguments, keyword arguments of moelm()); the results in order."""
+    calls = [c if len(c) == 2 and isinstance(c[1], dict) else (c, {}) for c in calls]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda c: moelm(*c[0], **c[1]), calls))
 
 
 @pytest.fixture(scope="module", params=["ernie4_5_moe-tiny", "phimoe-tiny", "ernie4_5-tiny"])
@@ -29,7 +38,8 @@ def test_generate_streams_the_same_text_as_the_python_api(tiny):
     from moelm import AutoModelForCausalLM
     from moelm.text.tokenizer import AutoTokenizer
 
-    r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0")
+    greedy = ("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0")
+    r, one = moelm_all(greedy, (*greedy, "--threads", "1"))
     assert r.returncode == 0, r.stderr
     model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     enc = tok("Hello", return_tensors="pt")
@@ -37,8 +47,6 @@ def test_generate_streams_the_same_text_as_the_python_api(tiny):
     expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert r.stdout.rstrip("\n") == expected.rstrip("\n")
     assert "Traceback" not in r.stderr
-    one = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
-                "--threads", "1")
     assert one.returncode == 0 and one.stdout == r.stdout, one.stderr
 
 
@@ -47,25 +55,23 @@ def test_generate_quantized_matches_the_python_api(tiny, mode):
     from moelm import AutoModelForCausalLM
     from moelm.text.tokenizer import AutoTokenizer
 
-    r = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0",
-              "--quantization", mode)
+    r, bad = moelm_all(("generate", "--model", str(tiny), "--prompt", "Hello", "--max-new-tokens", "8",
+                        "--temperature", "0", "--quantization", mode),
+                       ("generate", "--model", str(tiny), "--prompt", "Hello", "--quantization", "int3"))
     assert r.returncode == 0, r.stderr
     model = AutoModelForCausalLM.from_pretrained(tiny, quantization=mode)
     tok = AutoTokenizer.from_pretrained(tiny)
     enc = tok("Hello", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    assert r.stdout.rstrip("\n") == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).rstrip("\n")
-    bad = moelm("generate", "--model", str(tiny), "--prompt", "Hello", "--quantization", "int3")
+    want = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert r.stdout.rstrip("\n") == want.rstrip("\n")
     assert bad.returncode == 2 and "int3" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_generate_chat_stdin_and_seed(tiny):
-    a = moelm("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.",
-              "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3",
-              stdin="What is 2+2?")
-    b = moelm("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.",
-              "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3",
-              stdin="What is 2+2?")
+    args = ("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.", "--max-new-tokens",
+            "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3")
+    a, b = moelm_all((args, dict(stdin="What is 2+2?")), (args, dict(stdin="What is 2+2?")))
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
 
@@ -111,19 +117,21 @@ def test_errors_are_one_line_without_traceback(args, needle, tmp_path):
 
 
 def test_errors_with_a_model(tiny):
-    r = moelm("generate", "--model", str(tiny), "--prompt", "word " * 3000, "--max-new-tokens", "4")
-    assert r.returncode == 1 and "exceeds the model's context" in r.stderr and "Traceback" not in r.stderr
-    r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--dtype", "int3")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    base = ("generate", "--model", str(tiny), "--prompt", "x")
+    long, int3, cuda, tpu, kernels, threads = moelm_all(
+        ("generate", "--model", str(tiny), "--prompt", "word " * 3000, "--max-new-tokens", "4"),
+        (*base, "--dtype", "int3"), (*base, "--device", "cuda"), (*base, "--device", "tpu"),
+        (base, dict(env=dict(ENV, MOELM_KERNELS="linear=fastest"))),
+        (("chat", "--model", str(tiny), "--threads", "0"), dict(stdin="/exit\n")))
+    assert long.returncode == 1 and "exceeds the model's context" in long.stderr and "Traceback" not in long.stderr
+    assert int3.returncode == 2 and "invalid choice" in int3.stderr
     if not torch.cuda.is_available():
-        r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "cuda")
-        assert r.returncode == 1 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
-    r = moelm("generate", "--model", str(tiny), "--prompt", "x", "--device", "tpu")
-    assert r.returncode == 1 and "unknown --device" in r.stderr
-    r = moelm("generate", "--model", str(tiny), "--prompt", "x", env=dict(ENV, MOELM_KERNELS="linear=fastest"))
-    assert r.returncode == 1 and "MOELM_KERNELS asks for 'fastest'" in r.stderr and "Traceback" not in r.stderr
-    r = moelm("chat", "--model", str(tiny), "--threads", "0", stdin="/exit\n")
-    assert r.returncode == 1 and "--threads must be at least 1" in r.stderr and "Traceback" not in r.stderr
+        assert cuda.returncode == 1 and "no CUDA GPU" in cuda.stderr and "Traceback" not in cuda.stderr
+    assert tpu.returncode == 1 and "unknown --device" in tpu.stderr
+    assert kernels.returncode == 1 and "MOELM_KERNELS asks for 'fastest'" in kernels.stderr \
+        and "Traceback" not in kernels.stderr
+    assert threads.returncode == 1 and "--threads must be at least 1" in threads.stderr \
+        and "Traceback" not in threads.stderr
 
 
 def test_pipeline_matches_transformers(tiny):
@@ -149,17 +157,16 @@ def test_generate_speculative_flags(tmp_path):
     path = str(new_checkpoint("ernie4_5-tiny", tmp_path / "tiny", seed=1))
     base = ["generate", "--model", path, "--prompt", "Hello Hello Hello", "--max-new-tokens", "12", "--temperature",
             "0"]
-    plain = moelm(*base)
+    extras = (["--prompt-lookup-num-tokens", "3"], ["--assistant-model", path, "--num-assistant-tokens", "2"])
+    bad = ((["--speculative", "mtp"], "has no MTP head"),
+           (["--prompt-lookup-num-tokens", "0"], "--prompt-lookup-num-tokens must be positive"),
+           (["--assistant-model", str(tmp_path / "none")], "no such checkpoint"),
+           (["--num-assistant-tokens", "2"], "--num-assistant-tokens is for --assistant-model or --speculative mtp"))
+    plain, *runs = moelm_all(base, *[(*base, *extra, "-v") for extra in extras], *[(*base, *b) for b, _ in bad])
     assert plain.returncode == 0, plain.stderr
-    for extra in (["--prompt-lookup-num-tokens", "3"], ["--assistant-model", path, "--num-assistant-tokens", "2"]):
-        r = moelm(*base, *extra, "-v")
+    for extra, r in zip(extras, runs):
         assert r.returncode == 0 and r.stdout == plain.stdout, (extra, r.stderr)
         assert "moelm: speculative:" in r.stderr and "drafted tokens kept" in r.stderr, r.stderr
-    for extra, needle in ((["--speculative", "mtp"], "has no MTP head"),
-                          (["--prompt-lookup-num-tokens", "0"], "--prompt-lookup-num-tokens must be positive"),
-                          (["--assistant-model", str(tmp_path / "none")], "no such checkpoint"),
-                          (["--num-assistant-tokens", "2"],
-                           "--num-assistant-tokens is for --assistant-model or --speculative mtp")):
-        r = moelm(*base, *extra)
+    for (extra, needle), r in zip(bad, runs[len(extras):]):
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -81,7 +82,7 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
         in err, err
 
 
-@pytest.mark.parametrize("args,message", [
+STARTUP_ERRORS = [
     (["--max-model-len", "100000"], "max_model_len 100000 is more than the model's context of 2048"),
     (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: no such file"),
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer, got 0"),
@@ -95,11 +96,26 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'], "needs ERNIE's MTP head"),
     (["--speculative-config", '{"model": "no-such-draft", "num_speculative_tokens": 2}'],
      "model no-such-draft: no such checkpoint"),
-])
-def test_startup_errors_are_one_line(tiny, args, message):
-    proc = serve(str(tiny), *args)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and message in err and "Traceback" not in err, err
+]
+
+
+@pytest.fixture(scope="module")
+def startup_errors(tiny):
+    """Every STARTUP_ERRORS case's server started, a few at once (each is one core's import and load, then fails):
+    (return code, stderr) in order."""
+    def run(args):
+        proc = serve(str(tiny), *args)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(run, [args for args, _ in STARTUP_ERRORS]))
+
+
+@pytest.mark.parametrize("case", range(len(STARTUP_ERRORS)), ids=[m for _, m in STARTUP_ERRORS])
+def test_startup_errors_are_one_line(startup_errors, case):
+    code, err = startup_errors[case]
+    assert code == 1 and STARTUP_ERRORS[case][1] in err and "Traceback" not in err, err
     assert err.strip().count("\n") == 0, err
 
 
