@@ -601,6 +601,25 @@ def test_fast_matches_reference_one_token_decode(family):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_stepping_through_left_padding_with_a_dynamic_cache(family):
+    """One token at a time through a DynamicCache from the first (padding) position: the padding steps attend to
+    nothing; their rows must come out as SDPA's zeros, not NaN that the next layer's cache would carry into the
+    real positions. The fast model (decode_attention) against the reference path (SDPA)."""
+    fast, ref = load(family), load(family, fast=False)
+    ids, mask = prompts(batch=2, seq=6, pads=(2, 0))
+    out = []
+    for model in (fast, ref):
+        cache, logits = DynamicCache(), []
+        with torch.no_grad():
+            for t in range(ids.shape[1]):
+                step = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+                logits.append(step.logits[:, 0])
+        out.append(torch.stack(logits, 1))
+    assert torch.isfinite(out[0]).all(), f"{family}: NaN from a fully masked step"
+    close(out[0], out[1], 1e-5, f"{family} padded steps")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_fast_generate_matches_reference(family):
     fast, ref = load(family), load(family, fast=False)
     ids, mask = prompts(batch=2, seq=8, pads=(3, 0))

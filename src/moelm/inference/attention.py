@@ -8,7 +8,8 @@ import torch.nn.functional as F
 def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     """One query per row against the cache, as two batched matmuls (on CPU several times faster than SDPA's flash
     kernel for a single query; half precision computed in fp32). q [B, H, 1, D], k/v [B, Hkv, T, D],
-    mask [B, 1, 1, T] bool or None -> [B, H, 1, D]."""
+    mask [B, 1, 1, T] bool or None -> [B, H, 1, D]. A row whose mask is all False (a padding position stepped
+    through a cache) gets zeros, as SDPA gives it (not NaN, which the next layer's cache would carry on)."""
     b, h, _, d = q.shape
     kv, dtype = k.shape[1], q.dtype
     if dtype in (torch.bfloat16, torch.float16):  # half-precision matmuls are slow on CPUs without them
@@ -17,4 +18,6 @@ def decode_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # [B, 1, 1, T] broadcasts over [B, Hkv, G, T]
     weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    if mask is not None:
+        weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return torch.matmul(weights, v).view(b, h, 1, d).to(dtype)
