@@ -364,6 +364,19 @@ def test_ernie_moe_layer_placement():
         assert got == want == expected, (overrides, got, want)
 
 
+def test_ernie_moe_without_a_moe_layer_has_no_aux_loss():
+    """A layer range that holds no MoE layer (one layer, MoE from layer 1): router logits asked for give none, an
+    aux loss of 0 and the plain loss (transformers fails there: its loss indexes the first layer's logits)."""
+    ref, ours, _ = build("ernie4_5_moe", num_hidden_layers=1, moe_layer_start_index=1)
+    assert not hasattr(ours.model.layers[0].mlp, "experts")
+    ids = tokens(seq=5)
+    with torch.no_grad():
+        out = ours(ids, labels=ids, output_router_logits=True)
+        want = ref(ids, labels=ids)
+    assert not out.router_logits and float(out.aux_loss) == 0.0
+    close(out.loss, want.loss, "loss")
+
+
 def test_ernie_moe_list_valued_layer_indices():
     """Hub configs of the multimodal ERNIE give per-modality lists; the text layers span min(start)..max(end).
 

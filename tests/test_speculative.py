@@ -92,6 +92,52 @@ def test_greedy_drafts_give_the_plain_greedy_tokens(family, batch, fast, tmp, mo
     assert torch.equal(out, plain)
 
 
+FACTORS = ([1.0, 1.2, 1.5, 1.9, 2.4, 3.0, 3.7, 4.5], [1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0, 20.0])
+LENGTH_ROPES = [  # frequencies that change with the forward's length: past 20 positions
+    ("ernie4_5", dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0), 20),
+    ("ernie4_5_moe", dict(rope_type="longrope", short_factor=FACTORS[0], long_factor=FACTORS[1],
+                          original_max_position_embeddings=20, rope_theta=10000.0), 64),
+    ("phimoe", dict(rope_type="longrope", short_factor=FACTORS[0], long_factor=FACTORS[1], short_mscale=1.15,
+                    long_mscale=1.45, original_max_position_embeddings=20, rope_theta=10000.0), 64),
+]
+
+
+@pytest.mark.parametrize("family,rope,max_pos", LENGTH_ROPES, ids=[f"{f}-{r['rope_type']}" for f, r, _ in LENGTH_ROPES])
+def test_drafts_across_a_length_dependent_rope(family, rope, max_pos, tmp_path, monkeypatch):
+    """Past the length where the rotation changes (ERNIE's dynamic / longrope frequencies follow a forward's largest
+    position; PhiMoE drops its cache for long RoPE), a check of several drafts in one forward would rotate them
+    otherwise than plain steps do: the drafts are cut to what one forward checks the same, and greedy decoding
+    still gives the plain tokens. The assistant has the target's weights, so every draft is kept."""
+    config = moelm.named_config(TINY[family]).to_dict()
+    config.update(rope_parameters=rope, max_position_embeddings=max_pos)
+    config = type(moelm.named_config(TINY[family]))(**config)
+    m = randomise_scaled(moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False), 0, 4.0)
+    m.save_pretrained(tmp_path / "m")
+    target, twin = (moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "m") for _ in range(2))
+    ids, _ = repetitive(1)
+    plain = target.generate(ids, max_new_tokens=20, do_sample=False)
+    fed, real = [], type(target).forward
+
+    def counted(self, *args, **kwargs):
+        if self is target:
+            cache = kwargs["past_key_values"]
+            fed.append((0 if cache is None else cache.get_seq_length(), kwargs["input_ids"].shape[1]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "forward", counted)
+    for kw in (dict(prompt_lookup_num_tokens=4),
+               dict(assistant_model=twin, num_assistant_tokens=4, num_assistant_tokens_schedule="constant")):
+        fed.clear()
+        assert torch.equal(target.generate(ids, do_sample=False, max_new_tokens=20, **kw), plain), kw
+    checks = [(past, n) for past, n in fed if n > 1 and past]  # the twin's checks (not a whole-sequence forward)
+    assert any(past + n <= 20 for past, n in checks), f"no drafts checked before the change: weak test {fed}"
+    assert not any(past < 20 < past + n for past, n in checks), f"a check across the change: {fed}"
+    if rope["rope_type"] == "dynamic":  # its frequencies change at every length past max_position_embeddings
+        assert not any(past + n > 20 for past, n in checks), fed
+    else:  # long RoPE's are the same past it
+        assert any(past >= 20 for past, n in checks), f"no drafts checked after the change: weak test {fed}"
+
+
 def test_drafts_are_used_and_checked_in_blocks(tmp, monkeypatch):
     """The target checks the drafts of a step in one forward: with an assistant that always agrees (the same
     weights), 16 new tokens take the prompt's forward and three of 5 tokens (4 drafts + 1 of its own)."""

@@ -388,11 +388,24 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
         yield from _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step)
 
 
+def _checkable(model, state, k: int) -> int:
+    """The most of k drafts that one forward checks as plain steps would compute them: not past the length at which
+    the model drops its cache (PhiMoE's long RoPE: a plain step then runs the whole sequence again), nor where its
+    rotation follows the forward's length (ERNIE's dynamic / longrope RoPE)."""
+    past = state.cache.get_seq_length() if state.cache is not None else None
+    last = int(state.position_ids[:, -1].max()) + 1  # the fed token's largest position + 1
+    while k and (past is None or model.needs_cache_reset(past, past + k + 1)
+                 or model.model.rotation_changes(last, last + k)):
+        k -= 1
+    return k
+
+
 def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step):
     """seen: the PreNorm of the model when the drafter reads its hidden states (MTP), else None."""
     while True:
         room = state.max_length - state.input_ids.shape[1] - 1
         k = max(0, min(drafter.k, room)) if pace.drafting() else 0
+        k = _checkable(model, state, k)
         pace.start()
         if not k:  # a plain decoding step, as generate's own
             logits = step(lambda: decode_step(model, state))
@@ -409,9 +422,6 @@ def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, st
         drafts, q = drafter.propose(model, state, k, proc, generator)
         k = drafts.shape[1]
         past = state.cache.get_seq_length()
-        if model.needs_cache_reset(past, past + k + 1):
-            raise ValueError("speculative decoding reached a length at which this model recomputes its cache "
-                             "(PhiMoE's long RoPE); generate without speculation past it")
         fed = torch.cat([state.input_ids[:, -1:], drafts], 1)
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
         steps = torch.arange(1, k + 1, device=fed.device)

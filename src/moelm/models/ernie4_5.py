@@ -38,6 +38,15 @@ class Ernie4_5Model(DecoderModel):
     def rotary(self, x, position_ids):
         return ernie_cos_sin(self.config, position_ids)
 
+    def rotation_changes(self, length: int, longer: int) -> bool:
+        """dynamic and longrope frequencies follow the forward's largest position (ernie_cos_sin)."""
+        rope = self.config.rope_parameters
+        if rope["rope_type"] not in SEQ_DEPENDENT:
+            return False
+        a, b = (inv_freq_and_scale(rope, self.config.head_size, self.config.max_position_embeddings, n)
+                for n in (length, longer))
+        return a[1] != b[1] or not torch.equal(a[0], b[0])
+
 
 class Ernie4_5ForCausalLM(CausalLM):
     config_class = Ernie4_5Config

@@ -232,6 +232,11 @@ class DecoderModel(PreTrainedModel):
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def rotation_changes(self, length: int, longer: int) -> bool:
+        """Whether a position is rotated otherwise in a forward whose largest position is longer - 1 than in one
+        whose largest is length - 1 (a speculative check runs several positions in one forward). No by default."""
+        return False
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=False,
                 output_hidden_states=False, output_router_logits=False, keep=None, **kwargs) -> MoeModelOutputWithPast:

@@ -169,11 +169,13 @@ def sparsemixer(scores: torch.Tensor, jitter_eps: float, training: bool) -> tupl
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...] | None, num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor | int:
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss over all MoE layers' logits [T = B * S, E]; padding excluded by the 2D mask
-    [B, K]. With a cache K > S (the mask covers the past too): its last S columns are this forward's tokens."""
+    [B, K]. With a cache K > S (the mask covers the past too): its last S columns are this forward's tokens. No MoE
+    layer (an ERNIE config whose layer range holds none): 0."""
     if not router_logits:
-        return 0
+        return torch.zeros((), dtype=torch.float32, device=attention_mask.device if attention_mask is not None
+                           else None)
     if attention_mask is not None:
         rows, tokens = attention_mask.shape[0], router_logits[0].shape[0] // max(attention_mask.shape[0], 1)
         if attention_mask.dim() != 2 or rows * tokens != router_logits[0].shape[0] or attention_mask.shape[1] < tokens:
