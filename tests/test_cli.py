@@ -116,6 +116,57 @@ def test_errors_are_one_line_without_traceback(args, needle, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_user_errors_name_what_is_at_fault(tmp_path, capsys, monkeypatch):
+    """Bytes that are not UTF-8 (argv, standard input), a chat template that does not compile or fails, tokenizer
+    files that are not JSON or not a tokenizer, rope_parameters that is no dict: one line naming it, exit 1."""
+    import io
+    import json
+    import shutil
+
+    from moelm.cli import main
+    from moelm.models.scaffold import new_checkpoint
+
+    good = new_checkpoint("ernie4_5-tiny", tmp_path / "good", seed=0)
+    argv = subprocess.run([sys.executable, "-m", "moelm.cli", "generate", "--model", str(good), "--prompt", b"ab\xff"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert argv.returncode == 1 and argv.stderr == "moelm: error: --prompt is not valid UTF-8: it holds 0xff at " \
+        "character 2\n", argv.stderr
+
+    def broken(name, file, change):
+        shutil.copytree(good, tmp_path / name)
+        path = tmp_path / name / file
+        path.write_text(change(json.loads(path.read_text())) if callable(change) else change)
+        return tmp_path / name
+
+    tpl = lambda text: lambda cfg: json.dumps({**cfg, "chat_template": text})  # noqa: E731
+    cases = [
+        (["--model", str(broken("syntax", "tokenizer_config.json", tpl("{{ messages[0].content "))), "--chat"],
+         f"the chat template in {tmp_path / 'syntax' / 'tokenizer_config.json'} does not compile: unexpected end of "
+         "template"),
+        (["--model", str(broken("undefined", "tokenizer_config.json", tpl("{{ messages[5].content }}"))), "--chat"],
+         f"the chat template in {tmp_path / 'undefined' / 'tokenizer_config.json'} failed: UndefinedError"),
+        (["--model", str(broken("kind", "tokenizer.json", '{"model": {"type": "Nope"}}'))],
+         f"{tmp_path / 'kind' / 'tokenizer.json'} is not a tokenizer the tokenizers library reads"),
+        (["--model", str(broken("tok", "tokenizer.json", "{oops"))],
+         f"{tmp_path / 'tok' / 'tokenizer.json'} is not valid JSON"),
+        (["--model", str(broken("cfg", "tokenizer_config.json", '{"a": 1,'))],
+         f"{tmp_path / 'cfg' / 'tokenizer_config.json'} is not valid JSON"),
+        (["--model", str(broken("rope", "config.json", lambda cfg: json.dumps({**cfg, "rope_parameters": "x"})))],
+         "rope_parameters must be a dict"),
+        (["--model", str(good), "--prompt", "-"], "the prompt (standard input) is not valid UTF-8: it holds 0xff"),
+        (["--model", str(good), "--system", "x\udcfe"], "--system is not valid UTF-8: it holds 0xfe at character 1"),
+    ]
+    for args, message in cases:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xff"), encoding="utf-8"))
+        prompt = [] if "--prompt" in args else ["--prompt", "hi"]
+        assert main(["generate", *args, *prompt, "--max-new-tokens", "2"]) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("moelm: error: ") and message in err and err.count("\n") == 1, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xff\n/exit\n"), encoding="utf-8"))
+    assert main(["chat", "--model", str(good), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == "moelm: the line is not valid UTF-8: it holds 0xff at character 2; skipped\n"
+
+
 def test_errors_with_a_model(tiny):
     base = ("generate", "--model", str(tiny), "--prompt", "x")
     long, int3, cuda, tpu, kernels, threads = moelm_all(

@@ -312,6 +312,8 @@ BAD = [
     (Ernie4_5Config, dict(rope_parameters={"rope_type": "bogus"}), "rope type 'bogus'"),
     (Ernie4_5Config, dict(rope_scaling={"type": "bogus"}), "rope type 'bogus'"),
     (Ernie4_5Config, dict(rope_scaling={"type": "linear"}), "factor"),
+    (Ernie4_5Config, dict(rope_parameters="x"), "rope_parameters must be a dict .*got str 'x'"),
+    (PhimoeConfig, dict(rope_scaling=["longrope"]), "rope_scaling must be a dict"),
     (PhimoeConfig, dict(rope_scaling=dict(LONGROPE, short_factor=[1.0] * 3, long_factor=[1.0] * 64)),
      "short_factor.*64"),
     (PhimoeConfig, dict(rope_scaling=dict(LONGROPE, short_factor=[1.0] * 64, long_factor=[1.0] * 65)),

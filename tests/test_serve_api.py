@@ -297,6 +297,32 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "suffix", "suffix"),
     ("/v1/completions", {"max_tokens": 3}, "prompt", "prompt"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [100000]}, "stop_token_ids", "stop_token_ids"),
+    # text that is not Unicode (JSON's lone surrogate escapes)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}, "lone surrogate U+D800",
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udcff"}], "stream": True}, "lone surrogate",
+     "messages"),
+    ("/v1/completions", {"prompt": "a\ud800b"}, "lone surrogate U+D800", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}, "lone surrogate", "stop"),
+    ("/tokenize", {"prompt": "\ud800"}, "lone surrogate", "prompt"),
+    # fields of vLLM and OpenAI that moelm does not run, at a value that would change the output
+    ("/v1/chat/completions", {"messages": MESSAGES, "allowed_token_ids": [1, 2]},
+     "allowed_token_ids is not supported by moelm serve (only null)", "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["x"]}, "bad_words is not supported", "bad_words"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "use_beam_search": True}, "use_beam_search", "use_beam_search"),
+    ("/v1/completions", {"prompt": "hi", "length_penalty": 0.5}, "(only null or 1)", "length_penalty"),
+    ("/v1/completions", {"prompt": "hi", "include_stop_str_in_output": True}, "include_stop_str_in_output",
+     "include_stop_str_in_output"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "truncate_prompt_tokens": 4}, "truncate_prompt_tokens",
+     "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "echo": True}, "echo is not supported", "echo"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "reasoning_effort": "low"}, "reasoning_effort", "reasoning_effort"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "modalities": ["text", "audio"]}, 'only null or ["text"]',
+     "modalities"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "continue_final_message": True},
+     "continue_final_message needs add_generation_prompt: false", "continue_final_message"),
+    ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, "needs add_generation_prompt: false",
+     "continue_final_message"),
 ]
 
 
@@ -311,6 +337,37 @@ def test_bad_input_is_a_400_with_openai_error_json(server, path, body, message, 
     assert message in error["message"], error["message"]
     assert error["param"] == param
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_idle_fields_that_change_nothing_are_accepted(server):
+    url = server[0]
+    same = dict(allowed_token_ids=None, bad_words=[], use_beam_search=False, length_penalty=1.0,
+                include_stop_str_in_output=False, truncate_prompt_tokens=None)
+    for path, body, extra in (
+            ("/v1/chat/completions", {"messages": MESSAGES}, dict(echo=False, reasoning_effort=None,
+                                                                  modalities=["text"])),
+            ("/v1/completions", {"prompt": "Hello there"}, {})):
+        body = dict(body, max_tokens=6, temperature=0)
+        plain, given = (httpx.post(url + path, json=b) for b in (body, {**body, **same, **extra}))
+        assert plain.status_code == given.status_code == 200, given.text
+        assert plain.json()["choices"] == given.json()["choices"]
+
+
+def test_continue_final_message_as_vllm(server, client):
+    """The last message left open (the template's render with continue_final_message), continued, not answered."""
+    url, engine, tokenizer = server
+    partial = MESSAGES + [{"role": "assistant", "content": "Hello, I"}]
+    text = tokenizer.apply_chat_template(partial, continue_final_message=True, tokenize=False,
+                                         chat_template=ERNIE_TEMPLATE)
+    assert text.endswith("Assistant: Hello, I")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _, want = greedy(engine, tokenizer, ids, 6)
+    r = client.chat.completions.create(model="tiny", messages=partial, max_tokens=6, temperature=0,
+                                       extra_body=dict(continue_final_message=True, add_generation_prompt=False))
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == want
+    got = httpx.post(url + "/tokenize", json={"messages": partial, "continue_final_message": True,
+                                              "add_generation_prompt": False}).json()
+    assert got["tokens"] == ids
 
 
 def test_bad_input_through_the_client_is_not_retried(server, client):

@@ -96,6 +96,8 @@ STARTUP_ERRORS = [
     (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'], "needs ERNIE's MTP head"),
     (["--speculative-config", '{"model": "no-such-draft", "num_speculative_tokens": 2}'],
      "model no-such-draft: no such checkpoint"),
+    (["--chat-template", "{% for m in messages %}{{ m.content "],
+     "--chat-template does not compile: unexpected end of template, expected 'end of print statement' (line 1)"),
 ]
 
 
@@ -117,6 +119,27 @@ def test_startup_errors_are_one_line(startup_errors, case):
     code, err = startup_errors[case]
     assert code == 1 and STARTUP_ERRORS[case][1] in err and "Traceback" not in err, err
     assert err.strip().count("\n") == 0, err
+
+
+def test_chat_templates_that_do_not_compile_refuse_to_start(tiny, tmp_path, capsys, monkeypatch):
+    """--chat-template FILE, and without it the checkpoint's own template: one line naming the template, exit 1."""
+    import uvicorn
+
+    from moelm.cli import main
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: pytest.fail("the server started"))
+    broken = "{% for m in messages %}{{ m.content "
+    (tmp_path / "t.jinja").write_text(broken)
+    own = tmp_path / "own"
+    shutil.copytree(tiny, own)
+    config = json.loads((own / "tokenizer_config.json").read_text())
+    (own / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": broken}))
+    for args, message in (([str(tiny), "--chat-template", str(tmp_path / "t.jinja")],
+                           f"--chat-template {tmp_path / 't.jinja'} does not compile: unexpected end of template"),
+                          ([str(own)], f"the chat template in {own / 'tokenizer_config.json'} does not compile")):
+        assert main(["serve", *args, "--port", str(free_port())]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
 
 
 def test_port_in_use_is_one_line(tiny):

@@ -253,6 +253,74 @@ def test_chat_template_files_and_lists(dirs, tmp_path):
         AutoTokenizer.from_pretrained(none_dir).apply_chat_template(CHATS[0])
 
 
+MASKED = ("{% for m in messages %}{% if m.role == 'assistant' %}A: {% generation %}{{ m.content }}{{ eos_token }}"
+          "{% endgeneration %}\n{% else %}U: {{ m.content }}\n{% endif %}{% endfor %}")
+
+
+def test_assistant_tokens_mask_and_tokenizer_kwargs_like_transformers(pairs):
+    ours, ref = pairs["ernie"]
+    chats = [CHATS[2] + [{"role": "assistant", "content": "Six."}], CHATS[3]]
+    for chat, kw in ((chats, {}), (chats, dict(padding=True, return_tensors="pt")), (chats[1], {}),
+                     (chats[1], dict(return_tensors="pt")), (chats, dict(truncation=True, max_length=12))):
+        kw = dict(chat_template=MASKED, return_assistant_tokens_mask=True, **kw)
+        a, b = ours.apply_chat_template(chat, **kw), ref.apply_chat_template(chat, **kw)
+        _same(a, b)
+        masks = a["assistant_masks"]
+        assert "1" in str(masks.tolist() if isinstance(masks, torch.Tensor) else masks)
+    kw = dict(chat_template=MASKED, tokenizer_kwargs={"return_attention_mask": False})
+    _same(ours.apply_chat_template(CHATS[3], **kw), ref.apply_chat_template(CHATS[3], **kw))
+    with pytest.raises(TypeError, match="bogus"):
+        ours.apply_chat_template(CHATS[3], tokenizer_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="return_dict=True and tokenize=True"):
+        ours.apply_chat_template(CHATS[3], return_assistant_tokens_mask=True, tokenize=False)
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
+        ours.apply_chat_template(CHATS[3], return_assistant_tokens_mask=True, continue_final_message=True)
+    with pytest.warns(UserWarning, match="generation"):
+        plain = ours.apply_chat_template(CHATS[3], return_assistant_tokens_mask=True)
+    assert plain["assistant_masks"] == [0] * len(plain["input_ids"])
+    with pytest.raises(ValueError, match="sanitize_control_tokens"):
+        ours.apply_chat_template(CHATS[3], sanitize_control_tokens=True)
+
+
+def test_text_that_is_not_utf8_is_a_value_error(pairs):
+    ours, _ = pairs["ernie"]
+    chat = [{"role": "user", "content": "\ud800"}]
+    for call in (lambda: ours("ab\ud800"), lambda: ours(["ok", "\udcff"]), lambda: ours.encode("x", "y\ud800"),
+                 lambda: ours.tokenize("\ud800"), lambda: ours.apply_chat_template(chat)):
+        with pytest.raises(ValueError, match="not encodable as UTF-8.*U\\+D"):
+            call()
+    with pytest.raises(ValueError, match="must be a string"):
+        ours(["ok", None])
+
+
+def test_broken_files_and_templates_are_named(dirs, tmp_path):
+    bad = {}
+    for name, file, text in (("tok", "tokenizer.json", "{oops"), ("cfg", "tokenizer_config.json", '{"a": 1,'),
+                             ("kind", "tokenizer.json", '{"model": {"type": "Nope"}}'),
+                             ("syntax", "chat_template.jinja", "{% for m in messages %}{{ m.content "),
+                             ("undefined", "chat_template.jinja", "{{ messages[5].content }}")):
+        bad[name] = tmp_path / name
+        shutil.copytree(dirs["ernie"], bad[name])
+        (bad[name] / file).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{bad['tok'] / 'tokenizer.json'} is not valid JSON"):
+        AutoTokenizer.from_pretrained(bad["tok"])
+    with pytest.raises(ValueError, match=f"{bad['cfg'] / 'tokenizer_config.json'} is not valid JSON"):
+        AutoTokenizer.from_pretrained(bad["cfg"])
+    with pytest.raises(ValueError, match=f"{bad['kind'] / 'tokenizer.json'} is not a tokenizer"):
+        AutoTokenizer.from_pretrained(bad["kind"])
+    syntax = AutoTokenizer.from_pretrained(bad["syntax"])
+    with pytest.raises(ValueError, match=f"chat template in {bad['syntax'] / 'chat_template.jinja'} does not compile: "
+                                         "unexpected end of template.*line 1"):
+        syntax.apply_chat_template(CHATS[0])
+    with pytest.raises(jinja2.TemplateError, match="^the chat template does not compile"):  # not the file's
+        syntax.apply_chat_template(CHATS[0], chat_template="{% if %}")
+    with pytest.raises(jinja2.exceptions.UndefinedError, match=f"chat template in {bad['undefined']}.* failed: "
+                                                                "UndefinedError: list object has no element 5"):
+        AutoTokenizer.from_pretrained(bad["undefined"]).apply_chat_template(CHATS[0])
+    with pytest.raises(ValueError, match="chat template in .*tokenizer_config.json failed: TypeError"):
+        AutoTokenizer.from_pretrained(dirs["ernie"]).apply_chat_template([{"role": "user", "content": 5}])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_pretrained_round_trip(pairs, kind, tmp_path):
     ours, ref = pairs[kind]

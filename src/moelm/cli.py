@@ -263,6 +263,27 @@ def encode(tokenizer, model, messages_or_text, chat: bool, max_new_tokens: int):
     return ids.to(model.device), enc["attention_mask"].to(model.device)
 
 
+def utf8(text: str, what: str) -> str:
+    """`text` as argv or stdin decoded it (bytes that are not UTF-8 become lone surrogates): a CliError naming the
+    bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        try:
+            shown = " ".join(f"0x{b:02x}" for b in bad.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            shown = " ".join(f"U+{ord(c):04X}" for c in bad)
+        raise CliError(f"{what} is not valid UTF-8: it holds {shown} at character {e.start}") from None
+    return text
+
+
+def lenient_stdin():
+    """Standard input decoded with undecodable bytes kept (as lone surrogates) for utf8() to name them."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def make_streamer(tokenizer, echo: bool = True):
     from .text.streamers import TextStreamer
 
@@ -284,9 +305,14 @@ def make_streamer(tokenizer, echo: bool = True):
 def cmd_generate(args):
     import torch
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        lenient_stdin()
+    prompt = utf8(sys.stdin.read(), "the prompt (standard input)") if args.prompt == "-" else \
+        utf8(args.prompt, "--prompt")
     if not prompt:
         raise CliError("the prompt is empty")
+    if args.system:
+        utf8(args.system, "--system")
     kwargs = generation_kwargs(args)
     model, tokenizer = load(args)
     kwargs.update(load_assistant(args, model))
@@ -319,11 +345,12 @@ def cmd_chat(args):
     import torch
 
     kwargs = generation_kwargs(args)
+    system = utf8(args.system, "--system") if args.system else args.system
     model, tokenizer = load(args)
     kwargs.update(load_assistant(args, model))
     if tokenizer.chat_template is None:
         raise CliError(f"{args.model} has no chat template; use `moelm generate` instead")
-    system = args.system
+    lenient_stdin()
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -341,6 +368,11 @@ def cmd_chat(args):
             continue
         line = line.strip()
         if not line:
+            continue
+        try:
+            utf8(line, "the line")
+        except CliError as e:
+            print(f"moelm: {e}; skipped", file=sys.stderr)
             continue
         if line in ("/exit", "/quit"):
             return 0

@@ -241,8 +241,12 @@ def _normalise_keys(config: PretrainedConfig, kwargs: dict) -> dict:
     num_labels = kwargs.pop("num_labels", None)
     if num_labels is not None and kwargs.get("id2label") is None:
         kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
-    rope = kwargs.pop("rope_scaling", None) or kwargs.get("rope_parameters") or {}
-    rope = dict(rope)
+    for key in ("rope_scaling", "rope_parameters"):
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{key} must be a dict (a JSON object of rope_type, rope_theta, ...), got "
+                             f"{type(value).__name__} {value!r}")
+    rope = dict(kwargs.pop("rope_scaling", None) or kwargs.get("rope_parameters") or {})
     theta = kwargs.pop("rope_theta", None)
     if theta is not None:
         rope.setdefault("rope_theta", theta)

@@ -31,9 +31,9 @@ REFUSALS = {
                                  "the tools of tool_choice 'required' or a named function) that llguidance cannot "
                                  "compile, or that allows no first token",
     "conflicting_fields": "fields that do not go together: top_logprobs without logprobs, best_of other than n, "
-                          "max_tokens 0 without echo, prompt_logprobs with stream, two structured-output "
-                          "constraints, tool_choice naming no function of tools or 'required' without tools or with "
-                          "another constraint, two tools of one name",
+                          "max_tokens 0 without echo, prompt_logprobs with stream, continue_final_message with "
+                          "add_generation_prompt, two structured-output constraints, tool_choice naming no function "
+                          "of tools or 'required' without tools or with another constraint, two tools of one name",
     "too_many_choices": "the prompts times n are more sequences than the server's queue holds (--max-waiting)",
 }
 ENGINE_CODES = {"max_tokens": "context_length_exceeded", **dict.fromkeys(  # an engine RequestError's, by its param

@@ -75,6 +75,8 @@ def refusals(props: dict) -> list[str]:
         out += ["context_length_exceeded", "invalid_structured_output", "conflicting_fields", "too_many_choices"]
     if "messages" in props:
         out.append("chat_template_error")
+    if "continue_final_message" in props and "conflicting_fields" not in out:
+        out.append("conflicting_fields")
     return sorted(out)
 
 

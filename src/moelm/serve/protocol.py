@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +24,33 @@ TOOL = {"type": "object", "required": ["function"], "properties": {"type": {"con
                                                            "parameters": {"type": "object"}}}}}  # tools.check's
 TOOL_CHOICE = [{"enum": [None, "none", "auto", "required"]},
                {"type": "object", "required": ["function"], "properties": {"function": {"type": "object"}}}]
+IDLE = {  # vLLM's fields that moelm does not run -> the values that change nothing (any other is refused)
+    "allowed_token_ids": [None], "bad_words": [None, []], "use_beam_search": [None, False],
+    "length_penalty": [None, 1], "include_stop_str_in_output": [None, False], "truncate_prompt_tokens": [None]}
+CHAT_IDLE = {"echo": [None, False], "reasoning_effort": [None], "modalities": [None, ["text"]]}  # chat's (OpenAI's)
+
+
+def idle(name: str):
+    return Field(None, json_schema_extra={"enum": {**IDLE, **CHAT_IDLE}[name]})
+
+
+def lone_surrogate(value) -> str | None:
+    """The first lone surrogate (text that is not UTF-8, which JSON's \\ud800 escapes can give) in the strings of
+    a JSON value, None for none."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return v[e.start]
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return None
 
 
 def whole(value):
@@ -40,6 +67,14 @@ class Body(BaseModel):
     @classmethod
     def _whole(cls, data):
         return {k: whole(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode(cls, value):
+        bad = lone_surrogate(value)
+        if bad is not None:
+            raise ValueError(f"text must be valid Unicode (encodable as UTF-8): a lone surrogate U+{ord(bad):04X}")
+        return value
 
 
 class StreamOptions(Body):
@@ -109,6 +144,14 @@ class SamplingRequest(Body):
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = Field(None, json_schema_extra={"enum": [None, "auto", "guidance",
                                                                                      "llguidance"]})
+    # vLLM's fields that moelm does not run (refused but at a value that changes nothing)
+    idle_fields: ClassVar[dict] = IDLE
+    allowed_token_ids: Any = idle("allowed_token_ids")
+    bad_words: Any = idle("bad_words")
+    use_beam_search: Any = idle("use_beam_search")
+    length_penalty: Any = idle("length_penalty")
+    include_stop_str_in_output: Any = idle("include_stop_str_in_output")
+    truncate_prompt_tokens: Any = idle("truncate_prompt_tokens")
 
     @field_validator("logit_bias")
     @classmethod
@@ -206,6 +249,10 @@ class SamplingRequest(Body):
     def unsupported(self) -> tuple | None:
         """(field, message[, code]) for a set field that moelm does not run, else None; the code names a refusal the
         schema cannot state (moelm.serve.errors.REFUSALS)."""
+        for name, harmless in self.idle_fields.items():
+            value = getattr(self, name)
+            if not any(type(value) is type(h) and value == h for h in harmless):
+                return name, f"{name} is not supported by moelm serve (only {' or '.join(map(json.dumps, harmless))})"
         if self.prompt_logprobs is not None and self.stream:
             return ("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)",
                     "conflicting_fields")
@@ -226,6 +273,7 @@ class ChatRequest(SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the last message is continued (with add_generation_prompt false)
     tools: Optional[list[Any]] = Field(None, json_schema_extra={"items": TOOL})
     tool_choice: Any = Field(None, json_schema_extra={"anyOf": TOOL_CHOICE})
     parallel_tool_calls: bool = True
@@ -234,6 +282,10 @@ class ChatRequest(SamplingRequest):
     function_call: Any = Field(None, json_schema_extra={"enum": FALSY})
     audio: Any = Field(None, json_schema_extra={"enum": FALSY})
     prediction: Any = Field(None, json_schema_extra={"enum": FALSY})
+    idle_fields: ClassVar[dict] = {**IDLE, **CHAT_IDLE}
+    echo: Any = idle("echo")
+    reasoning_effort: Any = idle("reasoning_effort")
+    modalities: Any = idle("modalities")
 
     def unsupported(self) -> tuple | None:
         """(field, message[, code]) for a set field that moelm does not run, else None."""
@@ -242,7 +294,13 @@ class ChatRequest(SamplingRequest):
                 return name, f"{name} is not supported by moelm serve" + (" (use tools)" if "func" in name else "")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true", "conflicting_fields"
+        if self.continue_final_message and self.add_generation_prompt:
+            return CONTINUE_CONFLICT
         return super().unsupported()
+
+
+CONTINUE_CONFLICT = ("continue_final_message", "continue_final_message needs add_generation_prompt: false (the last "
+                     "message is continued, no new one begun)", "conflicting_fields")
 
 
 class CompletionRequest(SamplingRequest):
@@ -274,6 +332,7 @@ class TokenizeRequest(Body):
     messages: Optional[list[Message]] = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(Body):

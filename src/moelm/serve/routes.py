@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from . import tools
 from .errors import APIError, error_response
-from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import CONTINUE_CONFLICT, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .responses import Generation, prompt_logprobs_json, respond
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -73,10 +73,10 @@ async def page():
 # ---------------------------------------------------------------- tokens
 
 def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | None, tool_list=None,
-                functions=()) -> list[int]:
+                functions=(), continue_final_message: bool = False) -> list[int]:
     """The prompt's token ids; with tools (the request's `tool_list`, checked as `functions`), rendered by the
     template when it knows tools, else by moelm.serve.tools' fallback (also for tool calls and tool messages in the
-    conversation, which such a template would drop)."""
+    conversation, which such a template would drop); continue_final_message: the last message left open."""
     kwargs = dict(kwargs or {})
     clash = sorted(set(kwargs) & TEMPLATE_ARGS)
     if clash:
@@ -92,7 +92,8 @@ def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | Non
         elif native and functions:
             kwargs["tools"] = tool_list
         text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                   tokenize=False, chat_template=state.chat_template, **kwargs)
+                                                   continue_final_message=continue_final_message, tokenize=False,
+                                                   chat_template=state.chat_template, **kwargs)
     except Exception as e:  # the template's own raise_exception, a missing template, a part that is not text
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "chat_template_error") \
             from None
@@ -105,7 +106,11 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        ids = render_chat(state, body.messages, body.add_generation_prompt, None)
+        if body.continue_final_message and body.add_generation_prompt:
+            field, message, code = CONTINUE_CONFLICT
+            raise APIError(400, message, field, code)
+        ids = render_chat(state, body.messages, body.add_generation_prompt, None,
+                          continue_final_message=body.continue_final_message)
     else:
         ids = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
     return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
@@ -169,7 +174,7 @@ async def chat(body: ChatRequest, http: Request):
                                 "structured-output constraint", "tool_choice", "conflicting_fields")
         constraint = ("grammar", tools.grammar(functions, forced, body.parallel_tool_calls), "tool_choice")
     prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                         body.tools if active else None, functions if active else ())
+                         body.tools if active else None, functions if active else (), body.continue_final_message)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages",
                      constraint, adapter_of(state, name), body.prompt_logprobs)

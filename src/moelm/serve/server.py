@@ -131,6 +131,7 @@ def run(args, load):
     import uvicorn
 
     from ..models.modeling import moe_blocks
+    from ..text.chat_template import compile_chat_template
     from .app import create_app
     from .engine import Engine
     from .speculation import SpeculativeConfig
@@ -149,11 +150,21 @@ def run(args, load):
         path = Path(template)
         if not path.is_file():
             raise FileNotFoundError(f"--chat-template {template}: no such file (and not a template)")
-        template = path.read_text(encoding="utf-8")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--chat-template {path}: not UTF-8 text: {e}") from None
+        compile_chat_template(template, f"--chat-template {path}")
+    elif template is not None:
+        compile_chat_template(template, "--chat-template")
     speculative = None if args.speculative_config is None else SpeculativeConfig.parse(args.speculative_config)
     check_address(args.host, args.port)
     modules = lora_modules(args.lora_modules)
     model, tokenizer = load(args)
+    own = getattr(tokenizer, "chat_template", None)
+    if template is None and own:  # the checkpoint's (each of them, tool_use's included)
+        for text in own.values() if isinstance(own, dict) else [own]:
+            compile_chat_template(text, tokenizer.template_origin(text))
     adapters = None
     if modules:
         from .lora import Adapters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import threading
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -15,7 +16,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class TemplateError(jinja2.exceptions.TemplateError, ValueError):
-    """Raised by a chat template's `raise_exception(message)`."""
+    """Raised by a chat template's `raise_exception(message)`, and for a template that does not compile or fails."""
+
+
+class UndefinedError(jinja2.exceptions.UndefinedError, TemplateError):
+    """A chat template used something undefined (jinja's error, also a ValueError)."""
+
+
+class SecurityError(jinja2.exceptions.SecurityError, TemplateError):
+    """A chat template reached outside the sandbox (jinja's error, also a ValueError)."""
 
 
 def _raise_exception(message):
@@ -57,8 +66,12 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
 
 
+_tracked = threading.local()  # the blocks rendered so far and the generation spans, while _render_spans runs
+
+
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for assistant masks)."""
+    """`{% generation %}...{% endgeneration %}` renders its body and, while tracked, records its characters' span
+    (transformers' assistant masks)."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -67,17 +80,56 @@ class _GenerationTag(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
     def _body(self, caller):
-        return caller()
+        text = caller()
+        blocks = getattr(_tracked, "blocks", None)
+        if blocks is not None:
+            start = len("".join(blocks))
+            _tracked.spans.append((start, start + len(text)))
+        return text
 
 
 @lru_cache(maxsize=32)
-def compile_chat_template(template: str) -> jinja2.Template:
+def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_Namespace)
     return env.from_string(template)
+
+
+def compile_chat_template(template: str, name: str = "the chat template") -> jinja2.Template:
+    """The compiled template; a TemplateError naming it (`name`) and the line where it does not compile."""
+    try:
+        return _compile(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TemplateError(f"{name} does not compile: {(e.message or '').rstrip('.')} (line {e.lineno})") \
+            from None
+
+
+def _render_spans(compiled: jinja2.Template, **variables) -> tuple[str, list[tuple[int, int]]]:
+    """The text and the character spans of its {% generation %} blocks, as transformers tracks them."""
+    blocks, spans = [], []
+    _tracked.blocks, _tracked.spans = blocks, spans
+    try:
+        for block in compiled.generate(**variables):
+            blocks.append(block)
+    finally:
+        _tracked.blocks = _tracked.spans = None
+    return "".join(blocks), spans
+
+
+def _failed(e: Exception, name: str) -> TemplateError:
+    """A failure while rendering as a TemplateError naming the template (jinja's undefined and sandbox errors keep
+    their class); the template's own raise_exception as it is."""
+    if isinstance(e, TemplateError):
+        return e
+    kind = TemplateError
+    if isinstance(e, jinja2.exceptions.UndefinedError):
+        kind = UndefinedError
+    elif isinstance(e, jinja2.exceptions.SecurityError):
+        kind = SecurityError
+    return kind(f"{name} failed: {type(e).__name__}: {e}")
 
 
 def _plain(value):
@@ -111,9 +163,12 @@ _REASONING = ("reasoning_content", "thinking", "reasoning")
 
 def render_chat_template(template: str, conversations: list, tools=None, documents=None,
                          add_generation_prompt: bool = False, continue_final_message: bool | str = False,
-                         **kwargs) -> list[str]:
-    """Render each conversation as transformers' `render_jinja_template` does."""
-    compiled = compile_chat_template(template)
+                         variables: dict | None = None, name: str = "the chat template",
+                         spans: list | None = None) -> list[str]:
+    """Render each conversation as transformers' `render_jinja_template` does; `variables` are the template's
+    others, `name` names the template in errors; a list as `spans` gets each text's {% generation %} spans."""
+    compiled = compile_chat_template(template, name)
+    kwargs = variables or {}
     if tools is not None:
         if not all(isinstance(t, dict) for t in tools):
             raise ValueError("tools must be JSON schema dicts")
@@ -147,8 +202,16 @@ def render_chat_template(template: str, conversations: list, tools=None, documen
             else:
                 for f in fields:
                     chat[-1][f] = chat[-1][f] + tag
-        text = compiled.render(messages=chat, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **kwargs)
+        context = dict(messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                       **kwargs)
+        try:
+            if spans is None:
+                text = compiled.render(**context)
+            else:
+                text, found = _render_spans(compiled, **context)
+                spans.append(found)
+        except Exception as e:
+            raise _failed(e, name) from None
         if continue_final_message:
             if final.strip() not in text or tag.strip() not in text:
                 raise ValueError("continue_final_message is set but the final message does not appear in the "

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
+from ..config import read_json_object
 from ..io.hub import resolve_gguf, resolve_model_dir
+from ..io.weights import CheckpointError
 from .chat_template import render_chat_template
 from .gguf import read_gguf_tokenizer
 from .sentencepiece import sentencepiece_backend
@@ -41,14 +45,30 @@ class BatchEncoding(dict):
                 self[k] = v.to(device=device, non_blocking=non_blocking)
         return self
 
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
+        """The index of the token holding a character of the text (of sequence `batch_or_char_index` when
+        char_index is given), None for none; as transformers' BatchEncoding.char_to_token."""
+        encodings = self.__dict__.get("_encodings")
+        if encodings is None:
+            raise ValueError("char_to_token() is only available on what the tokenizer's __call__ returns")
+        batch, char = (0, batch_or_char_index) if char_index is None else (batch_or_char_index, char_index)
+        return encodings[batch].char_to_token(char, sequence_index)
+
 
 def _as_list(ids):
     return ids.tolist() if hasattr(ids, "tolist") else ids
 
 
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _check_text(text, what: str = "text"):
+    """A ValueError for text the tokenizers library cannot take: not a string, or a lone surrogate (not UTF-8)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string or a list of strings, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} is not encodable as UTF-8: it holds the lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at index {e.start}") from None
 
 
 def _added_tokens(obj):
@@ -122,6 +142,7 @@ class Tokenizer:
         if isinstance(template, (list, tuple)):
             template = {t["name"]: t["template"] for t in template}
         self.chat_template = template
+        self._template_files: dict[str, str] = {}  # template text -> the file it was read from (for errors)
 
         # register added / special tokens in the backend exactly as TokenizersBackend.__init__ does
         existing = set(backend.get_added_tokens_decoder().values())
@@ -274,10 +295,16 @@ class Tokenizer:
             if isinstance(text_pair, str) or (text_pair is not None and len(text_pair) != len(text)):
                 raise ValueError("text_pair must be a list as long as text when text is a batch")
             inputs = list(zip(text, text_pair)) if text_pair is not None else list(text)
+            pairs = list(text_pair or [])
         elif not isinstance(text, str):
             raise ValueError("text must be a string or a list of strings")
         else:
             inputs = [(text, text_pair)] if text_pair else [text]
+            pairs = [text_pair] if text_pair else []
+        for t in (text if batched else [text]):
+            _check_text(t)
+        for t in pairs:
+            _check_text(t, "text_pair")
         self._configure(padding, truncation, max_length, padding_side, pad_to_multiple_of, stride)
         split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
         self._backend.encode_special_tokens = split
@@ -287,12 +314,17 @@ class Tokenizer:
             data["attention_mask"] = [e.attention_mask for e in encodings]
         if not batched and return_tensors is None:
             data = {k: v[0] for k, v in data.items()}
-        return BatchEncoding(_to_tensors(data, return_tensors))
+        out = BatchEncoding(_to_tensors(data, return_tensors))
+        out._encodings = encodings
+        return out
 
     def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True, **kwargs):
         return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
+        _check_text(text)
+        if pair is not None:
+            _check_text(pair, "pair")
         self._configure(False, False, None, None, None)
         self._backend.encode_special_tokens = self.split_special_tokens
         return self._backend.encode(text, pair, add_special_tokens=add_special_tokens).tokens
@@ -339,12 +371,27 @@ class Tokenizer:
             return self.chat_template
         return chat_template
 
+    def template_origin(self, template: str) -> str:
+        """How errors name `template`: "the chat template in FILE" for one this tokenizer read from FILE."""
+        file = self._template_files.get(template)
+        return f"the chat template in {file}" if file else "the chat template"
+
     def apply_chat_template(self, conversation, tools=None, documents=None, add_generation_prompt: bool = False,
                             continue_final_message: bool | str = False, tokenize: bool = True,
                             padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
                             return_tensors: str | None = None, return_dict: bool = True,
-                            chat_template: str | None = None, **template_kwargs):
-        """Render (and by default tokenize) chats; a list of conversations gives a list."""
+                            chat_template: str | None = None, return_assistant_tokens_mask: bool = False,
+                            tokenizer_kwargs: dict | None = None, sanitize_control_tokens: bool = False,
+                            **template_kwargs):
+        """Render (and by default tokenize) chats; a list of conversations gives a list. As transformers:
+        return_assistant_tokens_mask adds `assistant_masks` (1 for the tokens of the template's {% generation %}
+        blocks), tokenizer_kwargs go to the tokenizer's call."""
+        if sanitize_control_tokens:
+            raise ValueError("apply_chat_template: sanitize_control_tokens=True is not supported by moelm")
+        if not tokenize:
+            return_dict = False
+        if return_assistant_tokens_mask and not return_dict:
+            raise ValueError("return_assistant_tokens_mask=True requires return_dict=True and tokenize=True")
         template = self.get_chat_template(chat_template, tools)
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
@@ -353,17 +400,42 @@ class Tokenizer:
         chats = [[{k: v for k, v in m.items() if v is not None} for m in getattr(c, "messages", c)] for c in chats]
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+        if return_assistant_tokens_mask and not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+            warnings.warn("return_assistant_tokens_mask=True but the chat template has no {% generation %} block: "
+                          "the mask is all 0", stacklevel=2)
+        spans = [] if return_assistant_tokens_mask else None
         rendered = render_chat_template(template, chats, tools=tools, documents=documents,
                                         add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message,
-                                        **{**self.special_tokens_map, **template_kwargs})
+                                        variables={**self.special_tokens_map, **template_kwargs},
+                                        name=self.template_origin(template), spans=spans)
         if not batched:
             rendered = rendered[0]
         if not tokenize:
             return rendered
         out = self(rendered, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
-                   return_tensors=return_tensors)
-        return out if return_dict else out["input_ids"]
+                   return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        if not return_dict:
+            return out["input_ids"]
+        if spans is not None:
+            ids = out["input_ids"] if batched or return_tensors else [out["input_ids"]]
+            masks = []
+            for i, found in enumerate(spans):
+                mask = [0] * len(ids[i])
+                for start, end in found:  # transformers' loop, its bounds included
+                    first, last = out.char_to_token(i, start), out.char_to_token(i, end - 1)
+                    if first is None:
+                        break
+                    for t in range(first, last + 1 if last else len(ids[i])):
+                        mask[t] = 1
+                masks.append(mask)
+            if return_tensors:
+                out["assistant_masks"] = _to_tensors({"m": masks}, return_tensors)["m"]
+            else:
+                out["assistant_masks"] = masks if batched else masks[0]
+        return out
 
     # -- saving --
     def save_pretrained(self, directory) -> tuple[str, ...]:
@@ -468,7 +540,10 @@ class AutoTokenizer:
             file = resolve_gguf(path_or_hub_id, gguf_file)
             backend, cfg = read_gguf_tokenizer(file, **kwargs)
             name = os.fspath(path_or_hub_id) if path_or_hub_id is not None else str(file)
-            return Tokenizer(backend, cfg, name_or_path=name, vocab_file=str(file))
+            tokenizer = Tokenizer(backend, cfg, name_or_path=name, vocab_file=str(file))
+            if isinstance(cfg.get("chat_template"), str):
+                tokenizer._template_files = {cfg["chat_template"]: str(file)}
+            return tokenizer
         directory = resolve_model_dir(path_or_hub_id)
         return load_tokenizer(directory, name_or_path=os.fspath(path_or_hub_id), **kwargs)
 
@@ -482,18 +557,25 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
     if not json_file.is_file() and not spm_file.is_file():
         raise TokenizerFilesNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}")
     cfg_file = directory / "tokenizer_config.json"
-    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    cfg = read_json_object(cfg_file) if cfg_file.is_file() else {}
     cfg.pop("tokenizer_class", None)
     if json_file.is_file():  # the post-processor in tokenizer.json decides about bos/eos
         cfg.pop("add_bos_token", None)
         cfg.pop("add_eos_token", None)
+    files = {}  # template text -> the file it came from, for errors
+    own = cfg.get("chat_template")
+    for text in [t.get("template") for t in own if isinstance(t, dict)] if isinstance(own, list) else [own]:
+        if isinstance(text, str):
+            files[text] = str(cfg_file)
     templates = {}
     if (directory / "chat_template.jinja").is_file():
-        templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        templates["default"] = text = _read_text(directory / "chat_template.jinja")
+        files[text] = str(directory / "chat_template.jinja")
     extra_dir = directory / "additional_chat_templates"
     if extra_dir.is_dir():
         for f in sorted(extra_dir.glob("*.jinja")):
-            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+            templates[f.name.removesuffix(".jinja")] = text = _read_text(f)
+            files.setdefault(text, str(f))
     if templates:
         cfg["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
     cfg.update(kwargs)
@@ -514,7 +596,7 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
             decoder[int(idx)] = token
     else:  # legacy: special_tokens_map.json and tokenizer.json's added tokens
         smap_file = directory / "special_tokens_map.json"
-        for key, value in (_read_json(smap_file) if smap_file.is_file() else {}).items():
+        for key, value in (read_json_object(smap_file) if smap_file.is_file() else {}).items():
             if kwargs.get(key):
                 continue
             if isinstance(value, dict) and key != "extra_special_tokens":
@@ -530,7 +612,7 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
         if isinstance(cfg.get("extra_special_tokens"), dict):
             specific.update(cfg.pop("extra_special_tokens"))
         if json_file.is_file():
-            for tok in _read_json(json_file).get("added_tokens", []):
+            for tok in read_json_object(json_file).get("added_tokens", []):
                 tok = dict(tok)
                 idx = tok.pop("id")
                 decoder[idx] = AddedToken(**tok)
@@ -542,8 +624,21 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
             cfg[key] = by_content.get(str(cfg[key]), cfg[key])
 
     if json_file.is_file():
-        backend = _Backend.from_file(str(json_file))
+        try:
+            backend = _Backend.from_file(str(json_file))
+        except Exception as e:  # the library raises a bare Exception for a file it cannot read
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{json_file} is not a tokenizer the tokenizers library reads: {message}") from None
     else:
         backend = sentencepiece_backend(spm_file, cfg)
-    return Tokenizer(backend, cfg, name_or_path=name_or_path or str(directory),
-                     vocab_file=str(spm_file) if spm_file.is_file() else None)
+    tokenizer = Tokenizer(backend, cfg, name_or_path=name_or_path or str(directory),
+                          vocab_file=str(spm_file) if spm_file.is_file() else None)
+    tokenizer._template_files = files
+    return tokenizer
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text: {e}") from None
