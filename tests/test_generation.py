@@ -595,6 +595,80 @@ def test_generation_config_update_and_copy_semantics():
     assert ours.generation_config.to_dict() == before  # generate works on a copy
 
 
+def test_generation_config_keys_moelm_does_not_implement(tmp_path):
+    """generation_config.json keys that transformers honours and moelm does not implement load, but generate() refuses
+    them, naming them and where they came from, when they would change the output; keys transformers ignores (ERNIE's
+    frequency_penalty / presence_penalty) and sampling warpers under greedy search pass."""
+    ref = reference("ernie4_5")
+    ref.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "generation_config.json").read_text())
+    data.update(no_repeat_ngram_size=2, bad_words_ids=[[5]], typical_p=0.5, frequency_penalty=0.5,
+                presence_penalty=0.0, do_sample=False)
+    (tmp_path / "generation_config.json").write_text(json.dumps(data))
+    ours = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    ids = prompt()
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2, bad_words_ids=\[\[5\]\] \(from "
+                                         r"model.generation_config: the checkpoint's generation_config.json") as e:
+        ours.generate(input_ids=ids, max_new_tokens=3)
+    assert "typical_p" not in str(e.value) and "penalty=" not in str(e.value)
+    with pytest.raises(ValueError, match="typical_p=0.5"):
+        ours.generate(input_ids=ids, max_new_tokens=3, do_sample=True)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):  # the model's keys count under a passed config too
+        ours.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=3))
+    with pytest.raises(ValueError, match="does not use the arguments \\['no_repeat_ngram_size'\\]"):
+        ours.generate(input_ids=ids, max_new_tokens=3, no_repeat_ngram_size=3)
+    # at transformers' defaults (set by hand, removed, or as generate()'s arguments) they pass: transformers' tokens
+    ours.generation_config.no_repeat_ngram_size = 0
+    assert ours.generation_config.to_dict()["no_repeat_ngram_size"] == 0
+    want = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5, bad_words_ids=None), want)
+    del ours.generation_config.bad_words_ids
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5), want)
+    ours.generation_config.no_repeat_ngram_size = 2  # set by hand
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=2"):
+        ours.generate(input_ids=ids, max_new_tokens=3)
+
+
+def test_generation_config_argument_may_be_transformers_or_a_dict():
+    """generate(generation_config=) takes transformers' GenerationConfig and a dict too: their unset keys come from
+    the model's, as transformers merges them; keys moelm does not implement are refused as from the json file."""
+    ref, ours = build("ernie4_5")
+    ids, mask = padded()
+    theirs = transformers.GenerationConfig(max_new_tokens=4, num_beams=2, repetition_penalty=1.3)
+    want = ref.generate(input_ids=ids, attention_mask=mask, generation_config=theirs)
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=theirs), want)
+    as_dict = {"max_new_tokens": 4, "num_beams": 2, "repetition_penalty": 1.3}
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=as_dict), want)
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2 \(from the generation_config passed to generate"):
+        ours.generate(input_ids=ids, generation_config=transformers.GenerationConfig(no_repeat_ngram_size=2))
+    with pytest.raises(ValueError, match="sequence_bias"):
+        ours.generate(input_ids=ids, generation_config={"max_new_tokens": 2, "sequence_bias": {(5,): -1.0}})
+    with pytest.raises(ValueError, match="dict has key\\(s\\) \\['max_new_token'\\]"):
+        ours.generate(input_ids=ids, generation_config={"max_new_token": 2})
+    with pytest.raises(TypeError, match="a moelm GenerationConfig, a transformers GenerationConfig or a dict, got int"):
+        ours.generate(input_ids=ids, generation_config=4)
+
+
+def test_stop_strings_match_token_bytes_as_transformers(tmp_path):
+    """A byte-level vocabulary: a token holding part of a UTF-8 character decodes alone to U+FFFD, but transformers
+    matches stop strings on the tokens' bytes: U+FFFD does not match it, and "é" matches its two byte tokens."""
+    from tokenizer_fixtures import build_bpe_tokenizer_dir
+
+    path = build_bpe_tokenizer_dir(tmp_path / "tokenizer")
+    ours, theirs = AutoTokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    lead, cont = ours.convert_tokens_to_ids("Ã"), ours.convert_tokens_to_ids("©")  # "é" is C3 A9
+    word = ours.encode("hello", add_special_tokens=False)
+    assert ours.decode([lead, lead]) == "\ufffd\ufffd"
+    cases = [([lead, lead], ["\ufffd"], False), ([*word, lead, cont], ["é"], True), ([lead, cont, lead], ["é"], False),
+             ([cont, lead, cont], ["\ufffdé"], False), ([*word, lead], ["lo"], False),
+             ([*word, lead, cont], ["oé"], True)]
+    for row, stops, hit in cases:
+        ids = torch.tensor([row])
+        assert bool(transformers.StopStringCriteria(theirs, stops)(ids, None)[0]) is hit, (row, stops)
+        for tokenizer in (ours, theirs):
+            assert stop_string_hits(ids, stops, tokenizer).tolist() == [hit], (row, stops, type(tokenizer))
+
+
 INVALID = [  # (generate kwargs, error match); the last ones depend on the call, not on the config alone
     (dict(do_sample=True, temperature=0.0), "temperature"),
     (dict(do_sample=True, top_p=0.0), "top_p"),

@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from moelm import AutoModelForCausalLM, pipeline
+from moelm import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, Ernie4_5_MoeForCausalLM, pipeline
+from moelm.config import Ernie4_5Config
+from moelm.inference.quantize import resolve
 from moelm.loading.pretrained import place
 from moelm.models.scaffold import new_checkpoint
 
@@ -152,3 +154,92 @@ def test_bench_knows_the_named_configs_and_phimoe():
         assert name in BENCH_MODELS
     assert bench_config("phi-3.5-moe-1l").model_type == "phimoe"
     assert bench_config("phi-3.5-moe-1l").num_hidden_layers == 1
+
+
+def test_config_argument_replaces_config_json(tiny):
+    """from_pretrained(path, config=...) as transformers: the given config (or one read from a path) is used instead
+    of config.json's, on a copy; the weights must fit it."""
+    config = AutoConfig.from_pretrained(tiny)
+    config.moe_k = 1
+    model = AutoModelForCausalLM.from_pretrained(tiny, config=config)
+    assert model.config.moe_k == 1 and model.config is not config
+    default = AutoModelForCausalLM.from_pretrained(tiny, config=str(tiny))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, default(ids).logits)  # top-1 routing: the config is used
+    assert type(Ernie4_5_MoeForCausalLM.from_pretrained(tiny, config=config)) is Ernie4_5_MoeForCausalLM
+    config.num_hidden_layers += 1
+    with pytest.raises(Exception, match="does not match"):
+        AutoModelForCausalLM.from_pretrained(tiny, config=config)
+    with pytest.raises(TypeError, match="takes a Ernie4_5_MoeConfig, got Ernie4_5Config"):
+        Ernie4_5_MoeForCausalLM.from_pretrained(tiny, config=Ernie4_5Config())
+
+
+def test_subfolder(tiny, tmp_path, monkeypatch):
+    """subfolder= as transformers: the checkpoint in that folder of a directory or of a (cached) hub repository."""
+    shutil.copytree(tiny, tmp_path / "repo" / "sub")
+    want = AutoModelForCausalLM.from_pretrained(tiny)
+    for model in (AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub"),
+                  Ernie4_5_MoeForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")):
+        assert torch.equal(model.lm_head.weight, want.lm_head.weight)
+    with pytest.raises(Exception, match="has no subfolder 'nope'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="nope")
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = cache / "models--baidu--tiny-sub"
+    shutil.copytree(tmp_path / "repo", repo / "snapshots" / ("b" * 40))  # no config.json at the top
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    model = AutoModelForCausalLM.from_pretrained("baidu/tiny-sub", subfolder="sub")
+    assert torch.equal(model.lm_head.weight, want.lm_head.weight)
+
+
+def test_pipeline_with_a_loaded_model_moves_it_and_refuses_a_dtype(tiny):
+    """As transformers: device moves a loaded model there (-1 is the CPU); a dtype other than the loaded model's is
+    an error (it applies when pipeline() loads the model)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    assert pipeline("text-generation", model=model, device=-1).model.device.type == "cpu"
+    assert pipeline("text-generation", model=str(tiny), device=-1).model.device.type == "cpu"
+    assert pipeline("text-generation", model=model, dtype=torch.float32).model is model
+    with pytest.raises(ValueError, match="dtype=torch.bfloat16 applies when pipeline\\(\\) loads the model"):
+        pipeline("text-generation", model=model, dtype=torch.bfloat16)
+    other = AutoModelForCausalLM.from_pretrained(tiny)
+    assert pipeline("text-generation", model=other, tokenizer=str(tiny), device="meta").model.device.type == "meta"
+
+
+def test_pipeline_empty_prompt_generates_from_bos_as_transformers(tiny):
+    transformers = pytest.importorskip("transformers")
+    ours = pipeline("text-generation", model=str(tiny), max_new_tokens=4, do_sample=False)
+    theirs = transformers.pipeline("text-generation", model=str(tiny), device=-1, max_new_tokens=4, do_sample=False)
+    for prompt in ("", ["", "Hello"]):
+        assert ours(prompt) == theirs(prompt)
+    assert ours("")[0]["generated_text"]
+
+
+def test_quantization_config_dict_keys_are_checked(tiny):
+    with pytest.raises(ValueError, match="unknown quantization_config key\\(s\\) 'bnb_4bit_quant_typ'"):
+        AutoModelForCausalLM.from_pretrained(tiny, quantization_config={"load_in_4bit": True,
+                                                                        "bnb_4bit_quant_typ": "nf4"})
+    with pytest.raises(ValueError, match="quant_method='gptq' is not supported"):
+        AutoModelForCausalLM.from_pretrained(tiny, quantization_config={"load_in_8bit": True, "quant_method": "gptq",
+                                                                        "bits": 3})
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config={
+        "quant_method": "bitsandbytes", "_load_in_8bit": True, "llm_int8_has_fp16_weight": False})
+    assert type(model.lm_head).__name__ == "QuantizedLinear"
+
+
+def test_bitsandbytes_settings_moelm_does_not_apply_are_named(capsys):
+    """Without bitsandbytes (or off CUDA) a BitsAndBytesConfig gets moelm's int4 / int8; the note names each setting
+    that is not applied (those at their defaults, or for the other bits, are not named)."""
+    spec = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
+            "bnb_4bit_use_double_quant": True, "llm_int8_threshold": 3.0, "bnb_4bit_quant_storage": "uint8"}
+    assert resolve(quantization_config=spec, device="cpu").mode == "int4"
+    err = capsys.readouterr().err
+    assert "moelm int4 weights" in err and "not applied: bnb_4bit_quant_type='nf4', " \
+        "bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True" in err
+    assert "llm_int8_threshold" not in err and "quant_storage" not in err
+    assert resolve(quantization_config={"load_in_8bit": True, "llm_int8_threshold": 3.0}).mode == "int8"
+    assert "not applied: llm_int8_threshold=3.0" in capsys.readouterr().err
+    resolve(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert "not applied" not in capsys.readouterr().err

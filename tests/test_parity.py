@@ -6,6 +6,7 @@ compared with eager and sdpa with sdpa. Tolerance: atol = rtol = 1e-4 everywhere
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -417,7 +418,7 @@ def test_ernie_moe_correction_bias_changes_choice(k, attn):
     close(a.aux_loss, b.aux_loss, "aux_loss")
     close_seq(a.router_logits, b.router_logits, "router_logits")
     changed = 0
-    for logits, layer in zip(a.router_logits, [l for l in ref.model.layers if hasattr(l.mlp, "experts")]):
+    for logits, layer in zip(a.router_logits, [x for x in ref.model.layers if hasattr(x.mlp, "experts")]):
         probs = logits.softmax(-1)
         bias = layer.mlp.gate.moe_statics.e_score_correction_bias
         plain = probs.topk(k, dim=-1).indices.sort(-1).values
@@ -1128,3 +1129,62 @@ def test_auto_model_is_the_base_model(family):
         close_seq(a.router_logits, b.router_logits, "router_logits")
     fresh = moelm.AutoModel.from_config(ours.config, seed=0)
     assert type(fresh) is type(ours)
+
+
+# ------------------------------------------------------------------ forward keywords and embedding accessors
+
+@pytest.mark.parametrize("family", list(BASE))
+def test_unknown_forward_keywords_are_errors(family):
+    """A misspelt or unknown keyword is a TypeError naming it (transformers' **kwargs would drop it silently); for
+    the causal LM, its base model and (PhiMoE) the classifier."""
+    _, ours, _ = build(family)
+    ids, mask = left_padded()
+    models = [ours, ours.model] + ([_classifier(3)[1]] if family == "phimoe" else [])
+    for model in models:
+        with pytest.raises(TypeError, match=rf"{type(model).__name__}\.forward\(\) got unexpected keyword "
+                                            r"argument\(s\) 'attenion_mask', 'totally_bogus'"):
+            model(input_ids=ids, attenion_mask=mask, totally_bogus=123)
+        with pytest.raises(TypeError, match="does not take NeMo's attn_kwargs.*'cu_seqlens'"):
+            model(input_ids=ids, attention_mask=mask, attn_kwargs={"cu_seqlens": None})
+
+
+@pytest.mark.parametrize("family", list(BASE))
+def test_nemo_padding_mask_is_the_attention_masks_complement(family):
+    """NeMo AutoModel's padding_mask (True at padding) and empty attn_kwargs: accepted where they say what
+    attention_mask says (the same logits, loss and aux loss), else a TypeError saying to pass attention_mask."""
+    _, ours, _ = build(family)
+    ids, mask = left_padded()
+    kwargs = forward_kwargs(family, input_ids=ids, attention_mask=mask, labels=labels_for(ids))
+    with torch.no_grad():
+        want, got = ours(**kwargs), ours(**kwargs, padding_mask=mask == 0, attn_kwargs={})
+        plain = ours.model(input_ids=ids[1:2], padding_mask=torch.zeros(1, ids.shape[1], dtype=torch.bool))
+    assert torch.equal(want.logits, got.logits) and torch.equal(want.loss, got.loss)
+    assert family not in MOE_FAMILIES or torch.equal(want.aux_loss, got.aux_loss)
+    assert plain.last_hidden_state.shape[:2] == (1, ids.shape[1])
+    for bad in (dict(input_ids=ids, padding_mask=mask == 0),  # padding that attention_mask does not say
+                dict(input_ids=ids, attention_mask=mask, padding_mask=mask == 1),
+                dict(input_ids=ids, attention_mask=mask, padding_mask=(mask == 0)[:, 1:])):
+        with pytest.raises(TypeError, match="padding_mask.*pass attention_mask=~padding_mask instead"):
+            ours(**bad)
+
+
+@pytest.mark.parametrize("family", list(BASE))
+def test_embedding_accessors_as_transformers(family):
+    """get_output_embeddings, set_input_embeddings and set_output_embeddings (causal LM; the base model's input
+    embeddings too) replace the modules forward uses, as transformers' do."""
+    ref, ours, _ = build(family, cache=False, tie_word_embeddings=False)
+    assert ours.get_output_embeddings() is ours.lm_head and ours.model.get_output_embeddings() is None
+    hidden = ref.config.hidden_size
+    emb, head = torch.nn.Embedding(VOCAB, hidden), torch.nn.Linear(hidden, VOCAB, bias=ref.lm_head.bias is not None)
+    torch.nn.init.normal_(emb.weight)
+    for model in (ref, ours):
+        model.set_input_embeddings(copy.deepcopy(emb))
+        model.set_output_embeddings(copy.deepcopy(head))
+    assert isinstance(ours.get_output_embeddings(), torch.nn.Linear)
+    assert torch.equal(ours.get_input_embeddings().weight, emb.weight)
+    ids = tokens()
+    with torch.no_grad():
+        close(ref(input_ids=ids).logits, ours(input_ids=ids).logits, "logits with the new embeddings and head")
+    base = ours.model
+    base.set_input_embeddings(emb)
+    assert base.get_input_embeddings() is emb and ours.get_input_embeddings() is emb

@@ -47,10 +47,12 @@ class TextGenerationPipeline:
             enc = self.tokenizer(prompt, return_tensors="pt")
         device = self.model.device
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        if ids.shape[1] == 0:  # an empty prompt: generate from the BOS token, as transformers
+            ids = mask = None
         out = self.model.generate(ids, attention_mask=mask, tokenizer=self.tokenizer, **generate_kwargs)
         results = []
         for row in out:
-            text = self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)
+            text = self.tokenizer.decode(row[0 if ids is None else ids.shape[1]:], skip_special_tokens=True)
             if not return_full_text:
                 results.append({"generated_text": text})
             elif prefill:
@@ -76,18 +78,28 @@ def pipeline(task: str, model=None, tokenizer=None, device=None, dtype="auto", t
         raise ValueError(f"unsupported pipeline task {task!r}; moelm provides 'text-generation'")
     if model is None:
         raise ValueError("pipeline needs a model (a loaded model, a path or a hub id)")
+    from .config import dtype_from_str
     from .models.auto import AutoModelForCausalLM
     from .text.tokenizer import AutoTokenizer
 
     pipe_kwargs = check_generate_kwargs({k: v for k, v in kwargs.items() if k != "return_full_text"}, "pipeline()")
+    if isinstance(device, int) and not isinstance(device, bool):  # transformers' convention: -1 is the CPU
+        device = "cpu" if device < 0 else device
+    dtype = torch_dtype or dtype
     if isinstance(model, str):
-        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype or dtype, device=device,
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device=device,
                                                      device_map=device_map, revision=revision,
                                                      **(model_kwargs or {}))
         tokenizer = tokenizer or model.name_or_path
-    elif model_kwargs or device_map is not None or revision is not None:
-        raise ValueError("model_kwargs, device_map and revision apply when pipeline() loads the model; "
-                         "this one is already loaded")
+    else:
+        if model_kwargs or device_map is not None or revision is not None:
+            raise ValueError("model_kwargs, device_map and revision apply when pipeline() loads the model; "
+                             "this one is already loaded")
+        if dtype not in ("auto", None) and dtype_from_str(dtype) != model.dtype:
+            raise ValueError(f"dtype={dtype} applies when pipeline() loads the model; this one is already loaded "
+                             f"in {model.dtype}: convert it first (model.to({dtype}))")
+        if device is not None:  # as transformers: the loaded model moves to `device`
+            model = model.to(device)
     if tokenizer is None:
         name = getattr(model, "name_or_path", None)
         if name is None:

@@ -17,13 +17,36 @@ from .sampling import Sampling
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new_tokens set, 20 new tokens
 
+# transformers 5.23's GenerationConfig fields that moelm does not implement: those that change the tokens, with the
+# values that leave them as without the field (transformers' defaults), ...
+UNIMPLEMENTED = {
+    "max_time": (None,), "use_mtp": (None, False), "top_h": (None,), "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "renormalize_logits": (None, False), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "sequence_bias": (None, {}),
+    "token_healing": (None, False), "guidance_scale": (None, 1.0), "watermarking_config": (None,),
+    "output_attentions": (None, False), "output_hidden_states": (None, False), "assistant_early_exit": (None,),
+    "assistant_ensemble_weight": (None,), "speculation_type": (None,), "penalty_alpha": (None, 0),
+    "dola_layers": (None,), "diversity_penalty": (None, 0), "num_beam_groups": (None, 1), "constraints": (None,),
+    "force_words_ids": (None,),
+}
+SAMPLING_ONLY = {"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}  # warpers: no effect on greedy search
+# ... and those that never do (caching, compilation, drafting heuristics, encoder-decoder models, metadata)
+INERT = {"cache_config", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
+         "continuous_batching_config", "low_memory", "is_assistant", "assistant_confidence_threshold",
+         "assistant_lookbehind", "target_lookbehind", "decoder_start_token_id", "transformers_version",
+         "_from_model_config", "_commit_hash"}
+
 
 @dataclass
 class GenerationConfig:
     """transformers' field names with their effective defaults (the subset moelm implements).
 
     `max_length=None` means 20 new tokens capped at max_position_embeddings, which is what transformers 5.x does when
-    neither max_length nor max_new_tokens is set. Other generation_config.json keys are kept in `extra`."""
+    neither max_length nor max_new_tokens is set. Other generation_config.json keys (and attributes set that are not
+    fields) are kept in `extra`; generate() refuses those of UNIMPLEMENTED set to a value that changes the output."""
 
     max_length: int | None = None
     max_new_tokens: int | None = None
@@ -57,6 +80,29 @@ class GenerationConfig:
 
     def __post_init__(self):
         self.validate()
+
+    def __setattr__(self, name, value):  # not a field: kept in extra, as transformers keeps unknown attributes
+        if name in FIELDS or name == "extra":
+            super().__setattr__(name, value)
+        else:
+            self.extra[name] = value
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra", {})
+        if name.startswith("__") or name not in extra:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return extra[name]
+
+    def __delattr__(self, name):
+        if name in self.__dict__.get("extra", {}):
+            del self.extra[name]
+        else:
+            super().__delattr__(name)
+
+    def unimplemented(self) -> dict:
+        """The extra keys that moelm does not implement and whose values would change the output."""
+        return {k: v for k, v in self.extra.items()
+                if k in UNIMPLEMENTED and not no_op(k, v) and (self.do_sample or k not in SAMPLING_ONLY)}
 
     def validate(self):
         def check(ok: bool, message: str):
@@ -114,9 +160,8 @@ class GenerationConfig:
     # --- dict / json ---
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names and v is not None}
-        extra = {k: v for k, v in data.items() if k not in names and k != "transformers_version"}
+        known = {k: v for k, v in data.items() if k in FIELDS and v is not None}
+        extra = {k: v for k, v in data.items() if k not in FIELDS and k != "transformers_version"}
         return cls(**known, extra=copy.deepcopy(extra))
 
     def to_dict(self) -> dict:
@@ -133,10 +178,9 @@ class GenerationConfig:
 
     def update(self, **kwargs) -> dict:
         """Set the fields named in kwargs; returns the kwargs that are not fields."""
-        names = {f.name for f in dataclasses.fields(self)} - {"extra"}
-        for key in names & kwargs.keys():
+        for key in FIELDS & kwargs.keys():
             setattr(self, key, kwargs[key])
-        return {k: v for k, v in kwargs.items() if k not in names}
+        return {k: v for k, v in kwargs.items() if k not in FIELDS}
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
@@ -158,3 +202,11 @@ class GenerationConfig:
     def save_pretrained(self, directory: str | os.PathLike):
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
+
+
+def no_op(key: str, value) -> bool:
+    """Whether value of an UNIMPLEMENTED key leaves the output as without it."""
+    return any(value is n or value == n and not isinstance(value, bool) for n in UNIMPLEMENTED[key])
+
+
+FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"}

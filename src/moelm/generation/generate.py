@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_NEW_TOKENS, GenerationConfig
+from .config import DEFAULT_NEW_TOKENS, FIELDS, INERT, UNIMPLEMENTED, GenerationConfig, no_op
 from .sampling import apply_penalties, choose, warp
 
 
@@ -119,15 +119,92 @@ def stopped(state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def stop_string_hits(input_ids: torch.Tensor, stop_strings: list[str], tokenizer) -> torch.Tensor:
-    """Rows [N] whose last token completes a stop string: it occurs in the decoded tail and ends inside the last
-    token's text (like transformers' StopStringCriteria, it may run on into the rest of that token)."""
-    longest = max(len(s) for s in stop_strings)
+    """Rows [N] whose last token completes a stop string: it occurs in the tail of the sequence and ends inside the
+    last token (like transformers' StopStringCriteria, it may run on into the rest of that token). A byte-level or
+    byte-fallback vocabulary is matched on the tokens' bytes as transformers does (a token holding part of a
+    character is its bytes, not the U+FFFD that decoding it alone gives), others on the decoded text."""
+    piece = token_bytes(tokenizer)
+    targets = [s.encode() for s in stop_strings] if piece is not None else stop_strings
+    longest = max(len(s) for s in targets)
     hits = []
     for row in input_ids.tolist():
         tail = row[-(longest + 1):]
-        text, before = tokenizer.decode(tail), tokenizer.decode(tail[:-1])
-        hits.append(any(s in text[max(0, len(before) - len(s) + 1):] for s in stop_strings))
+        if piece is None:
+            text, before = tokenizer.decode(tail), len(tokenizer.decode(tail[:-1]))
+        else:
+            parts = [piece(t) for t in tail]
+            text, before = b"".join(parts), sum(len(p) for p in parts[:-1])
+        hits.append(any(s in text[max(0, before - len(s) + 1):] for s in targets))
     return torch.tensor(hits, dtype=torch.bool)
+
+
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its token_bytes (or None)
+_PREFIX = "abcdef"  # what transformers puts before a token to decode it with its leading space
+
+
+def token_bytes(tokenizer) -> Callable[[int], bytes] | None:
+    """token id -> its bytes as transformers' StopStringCriteria reads them, for a tokenizer (its `tokenizers`
+    backend) whose decoder is byte-level or byte-fallback; None for other tokenizers."""
+    try:
+        if tokenizer in _PIECES:
+            return _PIECES[tokenizer]
+    except TypeError:  # not weakly referenceable, or unhashable
+        return _token_bytes(tokenizer)
+    _PIECES[tokenizer] = piece = _token_bytes(tokenizer)
+    return piece
+
+
+def _token_bytes(tokenizer) -> Callable[[int], bytes] | None:
+    import functools
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return None
+    try:
+        state = json.loads(decoder.__getstate__())
+    except Exception:  # noqa: BLE001 - a decoder without a JSON state
+        state = None
+    text = json.dumps(state)
+    if type(decoder).__name__ == "ByteLevel":
+        mode = "byte_level"
+    elif '"type": "ByteFallback"' in text:
+        mode = "byte_fallback"
+    elif '"type": "ByteLevel"' in text:
+        mode = "byte_level"
+    else:
+        return None
+    base = backend.encode(_PREFIX, add_special_tokens=False).tokens
+    chars = _byte_decoder()
+
+    @functools.lru_cache(maxsize=None)
+    def piece(index: int) -> bytes:
+        token = backend.id_to_token(index)
+        if token is None:
+            return b""
+        if mode == "byte_level" and all(c in chars for c in token):
+            return bytes(chars[c] for c in token)
+        if mode == "byte_fallback" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        string = decoder.decode(base + [token])
+        return string[string.index(_PREFIX) + len(_PREFIX):].encode() if _PREFIX in string else string.encode()
+    return piece
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 # ------------------------------------------------------------------ preparing a run
@@ -203,18 +280,61 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
     return cfg, state
 
 
-def merge_config(model, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
-    """A validated copy: generation_config (its unset None fields filled from the model's) or the model's own,
-    updated with kwargs. Unknown kwargs are an error."""
+def merge_config(model, generation_config, kwargs: dict) -> GenerationConfig:
+    """A validated copy: generation_config (its unset None fields and its missing extra keys filled from the model's)
+    or the model's own, updated with kwargs. generation_config may be moelm's GenerationConfig, transformers' (its
+    to_dict) or a dict: their unset (None or missing) keys come from the model's. Unknown kwargs are an error, and so
+    is a key moelm does not implement set to a value that would change the output (config.UNIMPLEMENTED)."""
     base = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-    cfg = copy.deepcopy(generation_config if generation_config is not None else base)
-    for f in dataclasses.fields(cfg):
-        if f.default is None and getattr(cfg, f.name) is None:
-            setattr(cfg, f.name, copy.deepcopy(getattr(base, f.name)))
-    unused = cfg.update(**kwargs)
+    given = as_generation_config(generation_config, base)
+    cfg = copy.deepcopy(given if given is not None else base)
+    if given is not None:
+        for f in dataclasses.fields(cfg):
+            if f.default is None and getattr(cfg, f.name) is None:
+                setattr(cfg, f.name, copy.deepcopy(getattr(base, f.name)))
+        for key, value in base.extra.items():  # as transformers carries the model's custom entries over
+            cfg.extra.setdefault(key, copy.deepcopy(value))
+    # a key moelm does not implement may be set to its no-op value (to override the model's)
+    overrides = {k: v for k, v in kwargs.items() if k in UNIMPLEMENTED and no_op(k, v)}
+    cfg.extra.update(overrides)
+    unused = cfg.update(**{k: v for k, v in kwargs.items() if k not in overrides})
     if unused:
         raise ValueError(f"generate() does not use the arguments {sorted(unused)} (typos show up here too)")
+    refused = cfg.unimplemented()
+    if refused:
+        passed = [k for k in refused if given is not None and k in given.extra]
+        sources = {"model.generation_config: the checkpoint's generation_config.json or set on it":
+                   [k for k in refused if k not in passed], "the generation_config passed to generate()": passed}
+        parts = [f"{', '.join(f'{k}={refused[k]!r}' for k in keys)} (from {where})"
+                 for where, keys in sources.items() if keys]
+        defaults = ", ".join(f"{k}={UNIMPLEMENTED[k][-1]!r}" for k in refused)
+        raise ValueError(f"generation config key(s) that moelm does not implement, set to values that would change "
+                         f"the output: {'; '.join(parts)}. Remove them, or set them to transformers' defaults "
+                         f"({defaults})")
     cfg.validate()
+    return cfg
+
+
+def as_generation_config(value, base: GenerationConfig) -> GenerationConfig | None:
+    """generate()'s generation_config argument as moelm's GenerationConfig: a dict or transformers' GenerationConfig
+    (its to_dict) sets its keys that are not None on a copy of base (the model's)."""
+    if value is None or isinstance(value, GenerationConfig):
+        return value
+    if type(value).__name__ == "GenerationConfig" and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()
+    elif not isinstance(value, dict):
+        raise TypeError(f"generation_config must be a moelm GenerationConfig, a transformers GenerationConfig or a "
+                        f"dict, got {type(value).__name__}")
+    else:  # a dict is checked as generate()'s keyword arguments are
+        unknown = sorted(map(str, value.keys() - FIELDS - UNIMPLEMENTED.keys() - INERT))
+        if unknown:
+            raise ValueError(f"the generation_config dict has key(s) {unknown} that are no generation parameters "
+                             "(typos show up here too)")
+    cfg = copy.deepcopy(base)
+    cfg.extra = {}
+    for key, item in value.items():
+        if item is not None and key not in INERT:
+            setattr(cfg, key, copy.deepcopy(item))
     return cfg
 
 

@@ -45,7 +45,7 @@ def resolve(quantization=None, quantization_config=None, device=None) -> Quantiz
                              f"dict takes {', '.join(OWN_KEYS)}")
         return QuantizationConfig(**spec)
     if isinstance(spec, dict):
-        spec = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
+        spec = bnb_config(spec)
     if not (isinstance(spec, BitsAndBytesConfig) or type(spec).__name__ == "BitsAndBytesConfig"):
         raise ValueError(f"unsupported quantization spec {spec!r}: use 'int8', 'int4' or a BitsAndBytesConfig")
     four, eight = getattr(spec, "load_in_4bit", False), getattr(spec, "load_in_8bit", False)
@@ -59,15 +59,64 @@ def resolve(quantization=None, quantization_config=None, device=None) -> Quantiz
         if four and getattr(spec, "bnb_4bit_use_double_quant", False):
             print("moelm: bnb_4bit_use_double_quant is not applied (the 4-bit block maxima stay fp32)",
                   file=sys.stderr)
+        others = unapplied(spec, four, ("bnb_4bit_quant_storage", "llm_int8_has_fp16_weight",
+                                        "llm_int8_enable_fp32_cpu_offload"))
         print(f"moelm: BitsAndBytesConfig({what}=True) -> bitsandbytes "
-              f"{quant_type if four else 'LLM.int8'} weights", file=sys.stderr)
+              f"{quant_type if four else 'LLM.int8'} weights{others}", file=sys.stderr)
         return QuantizationConfig(mode, modules_to_not_convert=skip, backend="bitsandbytes", quant_type=quant_type,
                                   compute_dtype=getattr(spec, "bnb_4bit_compute_dtype", None),
                                   llm_int8_threshold=getattr(spec, "llm_int8_threshold", 6.0))
     why = "bitsandbytes is not installed" if cuda else "bitsandbytes is used for CUDA models only"
     kind = "int4 weights (group size 64)" if four else "int8 weights (per-row scales)"
-    print(f"moelm: BitsAndBytesConfig({what}=True) -> moelm {kind}: {why}", file=sys.stderr)
+    print(f"moelm: BitsAndBytesConfig({what}=True) -> moelm {kind}: {why}{unapplied(spec, four, BNB_DEFAULTS)}",
+          file=sys.stderr)
     return QuantizationConfig(mode, modules_to_not_convert=skip)
+
+
+# transformers' BitsAndBytesConfig settings that moelm's int4 / int8 do not apply, with their no-op values (those of
+# a transformers BitsAndBytesConfig() included); the bnb_4bit_ ones count with load_in_4bit only, llm_int8_threshold and
+# llm_int8_has_fp16_weight with load_in_8bit only
+BNB_DEFAULTS = {"bnb_4bit_quant_type": ("fp4",), "bnb_4bit_compute_dtype": (torch.float32, "float32"),
+                "bnb_4bit_use_double_quant": (False,), "bnb_4bit_quant_storage": (torch.uint8, "uint8"),
+                "llm_int8_threshold": (6.0,), "llm_int8_has_fp16_weight": (False,),
+                "llm_int8_enable_fp32_cpu_offload": (False,)}
+# keys of transformers' BitsAndBytesConfig.to_dict() that are not settings
+BNB_META = {"quant_method", "_load_in_4bit", "_load_in_8bit"}
+
+
+def unapplied(spec, four: bool, names) -> str:
+    """'; not applied: name=value, ...' for the settings of spec among names that are set to something else than
+    their no-op values (None: not set) and that count for its bits (see BNB_DEFAULTS)."""
+    out = []
+    for name in names:
+        value = getattr(spec, name, None)
+        counts = name.startswith("bnb_4bit_") == four or name == "llm_int8_enable_fp32_cpu_offload"
+        if counts and value is not None and not any(value is v or value == v for v in BNB_DEFAULTS[name]):
+            out.append(f"{name}={value!r}")
+    return f"; not applied: {', '.join(out)}" if out else ""
+
+
+def bnb_config(spec: dict):
+    """A BitsAndBytesConfig dict (transformers' to_dict() included) -> moelm's BitsAndBytesConfig; an unknown key or
+    another quant_method is an error naming it."""
+    method = spec.get("quant_method", "bitsandbytes")
+    if str(getattr(method, "value", method)).lower() != "bitsandbytes":  # transformers' to_dict(): an enum
+        raise ValueError(f"quantization_config quant_method={method!r} is not supported by moelm: it quantizes "
+                         "while loading with a BitsAndBytesConfig (load_in_4bit / load_in_8bit) or "
+                         "quantization='int8' / 'int4'")
+    unknown = sorted(map(str, spec.keys() - _BNB_FIELDS - BNB_DEFAULTS.keys() - BNB_META))
+    if unknown:
+        raise ValueError(f"unknown quantization_config key(s) {', '.join(map(repr, unknown))}: a BitsAndBytesConfig "
+                         f"dict takes {', '.join(sorted(_BNB_FIELDS | BNB_DEFAULTS.keys()))}")
+    config = BitsAndBytesConfig(**{k: v for k, v in spec.items() if k in _BNB_FIELDS})
+    for key in ("load_in_4bit", "load_in_8bit"):  # transformers' to_dict() writes both forms
+        if spec.get(f"_{key}") and not getattr(config, key):
+            setattr(config, key, True)
+    for key in BNB_DEFAULTS.keys() - _BNB_FIELDS:  # transformers' settings moelm's dataclass has no field for
+        if key in spec:
+            setattr(config, key, spec[key])
+    config.__post_init__()
+    return config
 
 
 _BNB_FIELDS = {f.name for f in dataclasses.fields(BitsAndBytesConfig)}

@@ -41,7 +41,7 @@ def _parse_hub_id(s: str) -> tuple[str, str | None] | None:
     return f"{m.group(1)}/{m.group(2)}", m.group(3)
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
+def _cached_snapshot(repo_id: str, revision: str | None, cache: Path, subfolder: str = "") -> Path | None:
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo / "snapshots"
     ref = repo / "refs" / (revision or "main")
@@ -53,11 +53,12 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | 
     elif revision is None and snapshots.is_dir():
         snaps = [p for p in snapshots.iterdir() if p.is_dir()]
         if len(snaps) != 1:
-            snaps = sorted((p for p in snaps if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+            snaps = sorted((p for p in snaps if (p / subfolder / "config.json").is_file()),
+                           key=lambda p: p.stat().st_mtime)
         snap = snaps[-1] if snaps else None
     else:
         snap = None
-    return snap if snap is not None and (snap / "config.json").is_file() else None
+    return snap / subfolder if snap is not None and (snap / subfolder / "config.json").is_file() else None
 
 
 def with_revision(name_or_path: str | os.PathLike, revision: str | None) -> str | os.PathLike:
@@ -69,10 +70,20 @@ def with_revision(name_or_path: str | os.PathLike, revision: str | None) -> str 
     return f"{os.fspath(name_or_path)}@{revision}"
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local model directory for a path, a path to its config.json, or a hub id (`owner/name[@revision]`)."""
+def resolve_model_dir(name_or_path: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """A local model directory for a path, a path to its config.json, or a hub id (`owner/name[@revision]`);
+    with subfolder (from_pretrained's subfolder=), that folder of the directory or of the hub repository."""
     s = os.fspath(name_or_path)
     path = Path(s).expanduser()
+    if subfolder:
+        if Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
+            raise ValueError(f"subfolder={subfolder!r} must be a relative path inside the model")
+        if path.is_dir():
+            if not (path / subfolder).is_dir():
+                raise ModelNotFoundError(f"model directory {s!r} has no subfolder {subfolder!r}")
+            return (path / subfolder).resolve()
+        if path.is_file():
+            raise ModelNotFoundError(f"subfolder={subfolder!r} needs a model directory or a hub id, not the file {s!r}")
     if path.is_dir():
         return path.resolve()
     if path.is_file():
@@ -85,7 +96,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"model path {s!r} does not exist")
     repo_id, revision = parsed
     cache = hf_cache_dir()
-    snap = _cached_snapshot(repo_id, revision, cache)
+    subfolder = subfolder or ""
+    snap = _cached_snapshot(repo_id, revision, cache, subfolder)
     if snap is not None:
         return snap
 
@@ -99,12 +111,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             reason = "huggingface_hub is not installed, so no download was tried"
         else:
             try:
+                patterns = [f"{subfolder}/{p}" for p in DOWNLOAD_PATTERNS] if subfolder else DOWNLOAD_PATTERNS
                 return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache),
-                                              allow_patterns=DOWNLOAD_PATTERNS))
+                                              allow_patterns=patterns)) / subfolder
             except Exception as e:
                 lines = str(e).strip().splitlines()
                 reason = f"download failed: {type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    cmd = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    cmd = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "") + \
+        (f" --include '{subfolder}/*'" if subfolder else "")
     raise ModelNotFoundError(
         f"model {s!r} is not a local directory and is not in the Hugging Face cache ({cache}); "
         f"{reason}; download it with `{cmd}` or pass a local path")

@@ -53,7 +53,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
                     load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
                     device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, backend=None,
-                    gguf_file=None, mmap: bool = False, **kwargs):
+                    gguf_file=None, mmap: bool = False, subfolder: str | None = None, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -76,8 +76,20 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     tp_plan="auto" (or a dict of rules), tp_size, device_mesh or distributed_config=DistributedConfig(...) shard
     the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices.
 
-    gguf_file= reads a llama.cpp GGUF file (a path, or a name in `path`) instead: see moelm.loading.gguf_load."""
+    gguf_file= reads a llama.cpp GGUF file (a path, or a name in `path`) instead: see moelm.loading.gguf_load.
+    config= replaces config.json's (a copy of it is used; the weights must fit it); subfolder= is the folder of
+    `path` (a directory or a hub repository) that holds the checkpoint."""
+    if isinstance(config, (str, os.PathLike)):
+        config = cls.config_class.from_pretrained(config)
+    if config is not None:
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__}.from_pretrained(config=...) takes a {cls.config_class.__name__}, got "
+                            f"{type(config).__name__}")
+        config = copy.deepcopy(config)
     if gguf_file is not None:
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r} is not supported with gguf_file in moelm; pass the GGUF "
+                             "file's path (or its directory) instead")
         from .gguf_load import from_gguf
 
         if per_expert(quantization) or per_expert(quantization_config):
@@ -119,7 +131,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         device = place(device_map, device)
     qconfig = resolve(quantization, quantization_config, device)
     path = with_revision(path, revision)
-    directory = resolve_model_dir(path)
+    directory = resolve_model_dir(path, subfolder)
     if config is None:
         data = read_config_json(directory)
         config = cls.config_class.from_dict(data) if cls.config_class is not PretrainedConfig else \

@@ -1,6 +1,8 @@
 """AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification: the class for config.json's model_type."""
 from __future__ import annotations
 
+import os
+
 from ..config import AutoConfig, PretrainedConfig, config_class_for, read_config_json
 from ..io.hub import resolve_model_dir, with_revision
 from .ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
@@ -29,10 +31,18 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
+        """config= (a config, or a path / hub id to read one from) replaces the checkpoint's config.json."""
         path = with_revision(path, kwargs.pop("revision", None))
-        gguf_file = kwargs.get("gguf_file")  # a GGUF's config is in its metadata
-        data = read_config_json(resolve_model_dir(path) if gguf_file is None else path, gguf_file)
-        config = config_class_for(data).from_dict(data)
+        config = kwargs.pop("config", None)
+        if isinstance(config, (str, os.PathLike)):
+            config = AutoConfig.from_pretrained(config)
+        elif config is None:
+            gguf_file = kwargs.get("gguf_file")  # a GGUF's config is in its metadata
+            directory = resolve_model_dir(path, kwargs.get("subfolder")) if gguf_file is None else path
+            data = read_config_json(directory, gguf_file)
+            config = config_class_for(data).from_dict(data)
+        elif not isinstance(config, PretrainedConfig):
+            raise TypeError(f"config must be a moelm config or a path to one, got {type(config).__name__}")
         return cls.class_for(config).from_pretrained(path, config=config, **kwargs)
 
 

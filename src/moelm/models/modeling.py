@@ -114,6 +114,14 @@ class PreTrainedModel(nn.Module):
         base = getattr(self, self.base_model_prefix, self)
         return base.embed_tokens
 
+    def set_input_embeddings(self, value: nn.Module):
+        base = getattr(self, self.base_model_prefix, self)
+        base.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head (None for a model without one), as transformers."""
+        return getattr(self, "lm_head", None)
+
     def tie_weights(self):
         if getattr(self.config, "tie_word_embeddings", False) and isinstance(getattr(self, "lm_head", None),
                                                                               nn.Linear):
@@ -241,9 +249,11 @@ class DecoderModel(PreTrainedModel):
                 inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=False,
                 output_hidden_states=False, output_router_logits=False, keep=None, **kwargs) -> MoeModelOutputWithPast:
         """keep (a slice or indices of the sequence): the positions whose last hidden state is wanted; the last
-        layer's MLP / MoE block runs on those only and last_hidden_state has those only."""
+        layer's MLP / MoE block runs on those only and last_hidden_state has those only. Other keywords: see
+        check_kwargs."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -301,10 +311,16 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         self.tie_weights()
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.lm_head = new_embeddings
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=False,
                 output_hidden_states=False, output_router_logits=None, logits_to_keep=0, return_dict=True,
                 num_items_in_batch=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
         moe = hasattr(self.config, "router_aux_loss_coef")
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
@@ -334,6 +350,31 @@ class CausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits)
         return result if return_dict else result.to_tuple()
+
+
+def check_kwargs(kwargs: dict, attention_mask, inputs: torch.Tensor, cls: type):
+    """forward's keywords beyond its named arguments: NeMo AutoModel's attn_kwargs when empty, and its padding_mask
+    (bool [B, S], True at padding) when it says what attention_mask says (moelm takes the padding, for attention and
+    the MoE aux loss alike, from attention_mask). Anything else is a TypeError naming it."""
+    where = f"{cls.__name__}.forward()"
+    unknown = sorted(set(kwargs) - {"padding_mask", "attn_kwargs"})
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if kwargs.get("attn_kwargs"):
+        raise TypeError(f"{where} does not take NeMo's attn_kwargs (got {sorted(kwargs['attn_kwargs'])}): moelm's "
+                        "attention takes attention_mask and position_ids only")
+    padding = kwargs.get("padding_mask")
+    if padding is None:
+        return
+    seq = inputs.shape[:2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise TypeError(f"{where}: padding_mask goes with a 2D attention_mask only; pass attention_mask alone")
+    want = torch.zeros(seq, dtype=torch.bool, device=padding.device) if attention_mask is None else \
+        attention_mask[:, -seq[1]:].to(padding.device) == 0
+    if tuple(padding.shape) != tuple(seq) or not torch.equal(padding.bool(), want):
+        raise TypeError(f"{where} takes the padding from attention_mask (1 at tokens, 0 at padding), for attention "
+                        "and the MoE aux loss alike; NeMo's padding_mask is accepted only where it is "
+                        "~attention_mask: pass attention_mask=~padding_mask instead")
 
 
 def moe_blocks(model) -> list[tuple[int, nn.Module]]:
@@ -371,6 +412,7 @@ class SequenceClassification(PreTrainedModel):
 
     base_class: type[DecoderModel]
     new_heads = ("score.",)
+    accepts_loss_kwargs = False  # transformers' Trainer: no num_items_in_batch (the loss is a mean over rows)
 
     def __init__(self, config):
         super().__init__(config)
@@ -381,6 +423,9 @@ class SequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                 output_hidden_states=False, return_dict=True, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
@@ -405,8 +450,9 @@ def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config) -> t
     n = config.num_labels
     kind = config.problem_type
     if kind is None:
-        kind = "regression" if n == 1 else ("single_label_classification"
-                                            if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+        integer = labels.dtype in (torch.long, torch.int)
+        kind = "regression" if n == 1 else ("single_label_classification" if integer
+                                            else "multi_label_classification")
         config.problem_type = kind
     labels = labels.to(pooled.device)
     if kind == "regression":
