@@ -1072,6 +1072,21 @@ def ref_name(name: str) -> str:
     return name
 
 
+def test_negative_pad_token_id_is_the_last_row():
+    """pad_token_id -1 (transformers keeps it: nn.Embedding's padding_idx counts from the end): the last row of the
+    embedding is the padding row and gets no gradient."""
+    ref, ours, _ = build("ernie4_5", cache=False, pad_token_id=-1, tie_word_embeddings=False)
+    last = ours.config.vocab_size - 1
+    ids = tokens(seq=8)
+    ids[:, ::3] = last
+    for m in (ref, ours):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = [m.model.embed_tokens.weight.grad for m in (ref, ours)]
+    assert float(grads[1][last].abs().max()) == 0.0
+    close(grads[0], grads[1], "embedding gradient")
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("ernie4_5", dict(use_bias=True, tie_word_embeddings=False)),
     ("ernie4_5_moe", dict(use_bias=True, moe_num_shared_experts=1, router_aux_loss_coef=0.3)),

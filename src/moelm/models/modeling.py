@@ -230,8 +230,8 @@ class DecoderModel(PreTrainedModel):
     def __init__(self, config, make_layer, make_norm):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
-        pad = config.pad_token_id if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size \
-            else None
+        pad = config.pad_token_id  # a negative one counts from the end, as nn.Embedding's padding_idx
+        pad = pad if pad is not None and -config.vocab_size <= pad < config.vocab_size else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad,  # init_weights initialises it
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
