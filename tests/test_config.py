@@ -307,6 +307,9 @@ def test_old_architecture_names(tmp_path, arch, family):
 
 BAD = [
     (Ernie4_5_MoeConfig, dict(moe_k=9, moe_num_experts=8), "moe_k"),
+    (PhimoeConfig, dict(router_jitter_noise=None), "router_jitter_noise must be a number, got None"),
+    (Ernie4_5_MoeConfig, dict(router_aux_loss_coef="0.1"), "router_aux_loss_coef must be a number, got '0.1'"),
+    (Ernie4_5_MoeConfig, dict(moe_num_shared_experts=None), "moe_num_shared_experts must be an integer, got None"),
     (Ernie4_5Config, dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
     (PhimoeConfig, dict(num_attention_heads=32, num_key_value_heads=3), "num_key_value_heads"),
     (Ernie4_5Config, dict(rope_parameters={"rope_type": "bogus"}), "rope type 'bogus'"),

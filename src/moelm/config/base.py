@@ -164,6 +164,13 @@ class PretrainedConfig:
 
     def validate(self):
         self._check_sizes()
+        for f in dataclasses.fields(self):  # a null or a string where a number goes fails here, not in a forward
+            value = getattr(self, f.name)
+            if f.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be a number, got {value!r}")
+        shared = getattr(self, "moe_num_shared_experts", 0)
+        if not isinstance(shared, int) or isinstance(shared, bool):
+            raise ValueError(f"{type(self).__name__}.moe_num_shared_experts must be an integer, got {shared!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads})")
