@@ -486,3 +486,16 @@ def test_text_iterator_streamer_from_a_thread(dirs):
     thread.join()
     assert "".join(pieces) == ours.decode(generated)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_apply_chat_template_parameters_in_transformers_order():
+    """The same parameters in the same order as transformers' (so positional calls mean the same)."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    from moelm.text.tokenizer import Tokenizer
+
+    ours = list(inspect.signature(Tokenizer.apply_chat_template).parameters)
+    theirs = list(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    assert ours[:-1] == theirs[:-1] and ours[-1] == "template_kwargs" and theirs[-1] == "kwargs"

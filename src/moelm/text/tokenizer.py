@@ -376,12 +376,12 @@ class Tokenizer:
         file = self._template_files.get(template)
         return f"the chat template in {file}" if file else "the chat template"
 
-    def apply_chat_template(self, conversation, tools=None, documents=None, add_generation_prompt: bool = False,
-                            continue_final_message: bool | str = False, tokenize: bool = True,
-                            padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+                            tokenize: bool = True, sanitize_control_tokens: bool = False, padding: bool | str = False,
+                            truncation: bool = False, max_length: int | None = None,
                             return_tensors: str | None = None, return_dict: bool = True,
-                            chat_template: str | None = None, return_assistant_tokens_mask: bool = False,
-                            tokenizer_kwargs: dict | None = None, sanitize_control_tokens: bool = False,
+                            return_assistant_tokens_mask: bool = False, tokenizer_kwargs: dict | None = None,
                             **template_kwargs):
         """Render (and by default tokenize) chats; a list of conversations gives a list. As transformers:
         return_assistant_tokens_mask adds `assistant_masks` (1 for the tokens of the template's {% generation %}
