@@ -289,6 +289,21 @@ def test_wrong_shape(broken):
                "model.safetensors")
 
 
+def test_wrong_shape_is_not_also_missing(broken):
+    edit_single_file(broken, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
+    assert "missing" not in load_error(broken, "1 tensor(s) with the wrong shape", "model.norm.weight")
+
+
+def test_wrong_dtype(broken):
+    """An integer or bool tensor where the model has a float weight is an error, never cast silently."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    edit_single_file(broken, lambda t: t.update({key: (t[key] * 100).to(torch.int32),
+                                                 "model.norm.weight": t["model.norm.weight"] > 0}))
+    msg = load_error(broken, "2 tensor(s) with the wrong dtype", f"{key}: checkpoint int32", "model.norm.weight: "
+                     "checkpoint bool", "model.safetensors")
+    assert "missing" not in msg
+
+
 def test_all_problems_in_one_message(broken):
     def edit(t):
         t.pop(EXPERT)

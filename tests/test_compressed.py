@@ -237,6 +237,42 @@ def test_unsupported_schemes_name_the_field(path, value, field):
         resolve_config({**GOOD, "quant_method": "gptq"}, model, {})
 
 
+@pytest.mark.parametrize("field,value", [("config_groups", "group_0"), ("config_groups", {"group_0": "Linear"}),
+                                         ("targets", "Linear"), ("ignore", "lm_head"), ("ignore", [1])])
+def test_malformed_config_is_a_clear_error(field, value):
+    """Wrong JSON types: an error naming the field, never an AttributeError nor a string read letter by letter."""
+    from moelm.config import named_config
+    from moelm.models.auto import AutoModelForCausalLM as Auto
+
+    with torch.device("meta"):
+        model = Auto.from_config(named_config("ernie4_5-tiny"), fast=False)
+    bad = copy.deepcopy(GOOD)
+    if field == "targets":
+        bad["config_groups"]["group_0"]["targets"] = value
+    else:
+        bad[field] = value
+    with pytest.raises(CompressedTensorsError, match=rf"{field}.*(not an object|expected a list of strings)"):
+        resolve_config(bad, model, {})
+
+
+@pytest.mark.parametrize("value", [torch.tensor([64.5, 64.0]), torch.tensor([[64, 64]])])
+def test_bad_weight_shape_tensor_is_named(tmp_path, value):
+    """X.weight_shape must be 1-D integers: a float one is not truncated, a 2-D one is no TypeError."""
+    from safetensors.torch import load_file, save_file
+
+    from moelm.io.weights import CheckpointError
+
+    model = AutoModelForCausalLM.from_pretrained(source(tmp_path, "ernie4_5"), quantization="int8")
+    model.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(path)
+    key = "model.layers.0.self_attn.q_proj.weight_shape"
+    tensors[key] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}: .*expected 1-D integers"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
 # ---------------------------------------------------------------- moelm quantize
 
 

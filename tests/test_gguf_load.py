@@ -406,6 +406,36 @@ def test_errors_name_the_problem(hub, tmp_path):
         gguf_tokenizer_of_model(tmp_path, "gpt2")
 
 
+def test_corrupt_gguf_is_one_clear_error(hub, tmp_path):
+    """Truncated or corrupt files: a CheckpointError naming the file (and the tensor), never an IndexError,
+    MemoryError or a reshape error, nor a shifted tensor read silently."""
+    import struct
+
+    from moelm import CheckpointError
+
+    path = write_gguf(hub["ernie4_5"], tmp_path / "m.gguf", "f32")
+    data = path.read_bytes()
+    first = min(GGUFReader(path).tensors, key=lambda t: t.data_offset)
+    name = first.name.encode()
+    info = data.rindex(struct.pack("<Q", len(name)) + name, 0, first.data_offset) + 8 + len(name)
+    offset = info + 4 + 8 * len(first.shape) + 4  # after ndim, the dims and the type
+    cases = {"truncated tensor": (data[:-10], "file is truncated"),
+             "truncated header": (data[:300], "corrupt header"),
+             "huge count": (data[:16] + struct.pack("<Q", 10**12) + data[24:], "corrupt header"),
+             "bad kv type": (data[:24] + struct.pack("<Q", 10**15) + data[32:], "corrupt header"),
+             "bad tensor type": (data[:offset - 4] + struct.pack("<I", 99) + data[offset:], "GGML type 99"),
+             "unaligned": (data[:offset] + struct.pack("<Q", 1) + data[offset + 8:], "alignment")}
+    for case, (blob, match) in cases.items():
+        bad = tmp_path / f"{case.replace(' ', '_')}.gguf"
+        bad.write_bytes(blob)
+        with pytest.raises(CheckpointError, match=match) as e:
+            load(None, gguf_file=bad)
+        assert str(bad) in str(e.value), case
+    llama = regguf(path, tmp_path / "llama.gguf", arch="llama")
+    with pytest.raises(CheckpointError, match=f"{llama}: GGUF architecture 'llama'"):
+        moelm.Ernie4_5ForCausalLM.from_pretrained(None, gguf_file=llama)
+
+
 def test_missing_gguf_package_is_named(monkeypatch, hub, tmp_path):
     path = write_gguf(hub["ernie4_5"], tmp_path / "m.gguf", "f32")
     monkeypatch.setitem(sys.modules, "gguf", None)

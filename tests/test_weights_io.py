@@ -119,6 +119,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_disk_full_is_an_oserror_naming_the_directory(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (no OSError, so a CLI traceback): re-raised as an
+    OSError naming the directory, nothing left behind."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(weights, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot save the checkpoint in {tmp_path}: .*No space left"):
+        save_sharded({"a": torch.ones(3)}, tmp_path)
+    assert listing(tmp_path) == []
+
+    def stream_full(*args, **kwargs):  # the streamed (layout) writer's own writes: an OSError naming no file
+        raise OSError(28, "No space left on device")
+
+    layout = [("a", torch.float32, (3,))]
+    monkeypatch.setattr(weights, "_stream_shards", stream_full)
+    with pytest.raises(OSError, match=f"cannot save the checkpoint in {tmp_path}: No space left") as e:
+        save_sharded([("a", torch.ones(3))], tmp_path, layout=layout)
+    assert e.value.errno == 28 and listing(tmp_path) == []
+
+
 def test_duplicate_names_rejected(tmp_path):
     with pytest.raises(ValueError, match="duplicate tensor name 'a'"):
         save_sharded([("a", torch.ones(1)), ("a", torch.ones(1))], tmp_path)
@@ -130,6 +153,16 @@ def test_truncated_file(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-3])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'b'.*truncated"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_overlapping_tensors(tmp_path):
+    """Two tensors whose data_offsets overlap would read each other's bytes: a corrupt header."""
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"tensor 'b': corrupt header: data_offsets \[8, 16\] overlap .*'a'"):
         SafetensorsCheckpoint(tmp_path)
 
 
@@ -156,6 +189,13 @@ def test_index_missing_shard(tmp_path):
     save_sharded({"a": torch.ones(100), "b": torch.ones(100)}, tmp_path, max_shard_size=400)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors.*missing.*index\.json"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_index_with_empty_weight_map(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match=r"index\.json: corrupt index: 'weight_map' lists no tensors"):
         SafetensorsCheckpoint(tmp_path)
 
 

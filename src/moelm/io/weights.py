@@ -92,6 +92,7 @@ def read_header(path: Path) -> dict:
         return off[0] if isinstance(off, list) and off and isinstance(off[0], int) else -1
 
     # Check in file order so a truncated file reports the first tensor that is cut short.
+    last, end = None, 0
     for name, info in sorted(header.items(), key=offsets):
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict):
@@ -113,6 +114,10 @@ def read_header(path: Path) -> dict:
             raise CheckpointError(
                 f"{where}: file is truncated: tensor data ends at byte {8 + n + off[1]} "
                 f"but the file has {size} bytes")
+        if off[0] < end and off[1] > off[0]:
+            raise CheckpointError(f"{where}: corrupt header: data_offsets {off} overlap those of tensor {last!r}")
+        if off[1] > off[0]:
+            last, end = name, off[1]
         out[name] = (_DTYPES[dtype], tuple(shape), 8 + n + off[0])
     return out
 
@@ -176,6 +181,8 @@ class SafetensorsCheckpoint:
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{path}: corrupt index: 'weight_map' must map tensor names to file names")
+        if not wm:
+            raise CheckpointError(f"{path}: corrupt index: 'weight_map' lists no tensors")
         for v in set(wm.values()):
             if Path(v).name != v:
                 raise CheckpointError(f"{path}: corrupt index: shard name {v!r} is not a plain file name")
@@ -375,8 +382,13 @@ def save_sharded(
         for fname in final:
             os.replace(tmp / fname, directory / fname)
         fsync_dir(directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors' own SafetensorError (disk full while it writes) and OSErrors naming no file: say where
+        if type(e).__name__ == "SafetensorError" or isinstance(e, OSError) and e.filename is None:
+            errno = getattr(e, "errno", None)
+            text = f"cannot save the checkpoint in {directory}: {e.strerror if errno else e}"
+            raise (OSError(errno, text) if errno else OSError(text)) from e
         raise
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -79,7 +79,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     elsewhere = {n for n in params if only is not None and not only(n)}
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, wrong_dtype = [], [], []
     stored = stored_groups(ckpt)  # X.weight -> X.weight_packed / weight_scale / weight_shape: quantized as stored
     companions = {k for keys in stored.values() for k in keys.values()} - {
         keys.get("weight_packed", keys.get("weight")) for keys in stored.values()}
@@ -124,9 +124,15 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                     elif view[2] != shape:
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(view[2])} "
                                           f"(in {ckpt.file_of(key).name})")
+                        filled[ours].add((expert, part))  # reported here, not as missing too
                     elif codes is not None and ours not in quantized:
                         mismatched.append(f"{key}: stored quantized, but the model's {ours} is not (its "
                                           "quantization_config leaves it out)")
+                        filled[ours].add((expert, part))
+                    elif codes is None and not ckpt.dtype(key).is_floating_point:
+                        wrong_dtype.append(f"{key}: checkpoint {str(ckpt.dtype(key)).removeprefix('torch.')}, "
+                                           f"the model needs a float (in {ckpt.file_of(key).name})")
+                        filled[ours].add((expert, part))
                     else:
                         target, index, _ = view
                         if codes is not None:
@@ -172,6 +178,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} tensor(s) with the wrong shape: {_listing(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} tensor(s) with the wrong dtype: {_listing(wrong_dtype)}")
     if problems:
         where = ckpt.files[0].parent
         raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "

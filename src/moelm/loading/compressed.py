@@ -117,9 +117,20 @@ _SCHEME_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dy
                   "block_structure", "observer_kwargs", "zp_dtype", "scale_dtype"}
 
 
+def _names(value, field: str) -> list[str]:
+    """A list of module names or patterns (targets, ignore) from the config; None is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CompressedTensorsError(f"quantization_config.{field} {value!r}: expected a list of strings")
+    return value
+
+
 def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
     """One config group -> moelm (mode, group size) or CompressedTensorsError naming the field."""
     where = f"quantization_config.config_groups.{name}"
+    if not isinstance(group, dict):
+        raise CompressedTensorsError(f"{where} is a {type(group).__name__}, not an object")
     fmt = group.get("format") or fmt
     if fmt not in (PACKED, *INT8):
         raise CompressedTensorsError(f"{where}.format {fmt!r}: moelm reads {PACKED}, int-quantized and "
@@ -193,13 +204,16 @@ def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> Quan
                                      "checkpoints only")
     fmt = data.get("format") or PACKED
     groups = data.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise CompressedTensorsError(f"quantization_config.config_groups is a {type(groups).__name__}, not an object")
     if not groups:
         raise CompressedTensorsError("quantization_config.config_groups is empty")
     schemes = []  # (target, (mode, group))
     for name, group in groups.items():
         scheme = parse_scheme(name, group, fmt)
-        schemes += [(t, scheme) for t in group.get("targets") or []]
-    ignore = data.get("ignore") or []
+        targets = _names(group.get("targets"), f"config_groups.{name}.targets")
+        schemes += [(t, scheme) for t in targets]
+    ignore = _names(data.get("ignore"), "ignore")
     modules = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -308,7 +322,12 @@ def stored_groups(ckpt) -> dict[str, dict[str, str]]:
 def stored_shape(ckpt, keys: dict[str, str], mode: str) -> tuple[int, ...]:
     """The [O, I] of a stored quantized weight (weight_shape, else the int8 weight's or the packed one's)."""
     if "weight_shape" in keys:
-        return tuple(int(d) for d in ckpt.get(keys["weight_shape"]).tolist())
+        key = keys["weight_shape"]
+        dtype, dims = ckpt.dtype(key), ckpt.shape(key)
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool or len(dims) != 1:
+            raise CheckpointError(f"{key}: {str(dtype).removeprefix('torch.')} {list(dims)}, expected 1-D integers "
+                                  f"(in {ckpt.file_of(key).name})")
+        return tuple(ckpt.get(key).tolist())
     if "weight_packed" in keys:
         o, words = ckpt.shape(keys["weight_packed"])
         return o, words * (4 if mode == "int8" else 8)

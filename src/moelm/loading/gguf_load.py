@@ -36,7 +36,12 @@ EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K")  # re-quantized to int8; every othe
 
 
 def _config(g: GGUFFile, config_class=None):
-    data = config_dict(g.meta, g.shapes, g.floats)
+    try:
+        data = config_dict(g.meta, g.shapes, g.floats)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as e:  # an unknown architecture, missing or inconsistent metadata
+        raise CheckpointError(f"{g.path}: {e}") from None
     kind = config_class_for(data)
     if config_class is not None and config_class is not kind and config_class.__name__ != "PretrainedConfig":
         raise ValueError(f"{g.path.name} holds a {data['model_type']} model, not one for {config_class.__name__}")
