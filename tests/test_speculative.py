@@ -454,6 +454,11 @@ def test_mtp_checkpoint_round_trips(tmp, capsys):
     save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
     flipped = moelm.AutoModelForCausalLM.from_pretrained(again)
     assert flipped.mtp is not None and torch.equal(flipped.model.mtp_linear_proj[0].weight, stored[key])
+    # an MTP weight stored as integers is refused, not cast
+    tensors[key] = stored[key].mul(10).to(torch.int32)
+    save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"MTP tensor {key} is torch.int32, not a float tensor"):
+        moelm.AutoModelForCausalLM.from_pretrained(again).mtp
     # a config asking for MTP, a checkpoint without it: said once, MTP off
     tensors = {k: v for k, v in tensors.items() if ".mtp_" not in k}
     save_file(tensors, again / "model.safetensors", metadata={"format": "pt"})

@@ -133,6 +133,7 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
             return False
         wrong = [f"model.{n}: checkpoint {list(t.shape)} vs model {list(params[n].shape)}"
                  for n, t in found.items() if tuple(t.shape) != tuple(params[n].shape)]
+        wrong += [f"model.{n} is {t.dtype}, not a float tensor" for n, t in found.items() if not t.is_floating_point()]
         if wrong:
             raise ValueError(f"MTP tensor {wrong[0]}")
         return True
