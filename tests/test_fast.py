@@ -558,6 +558,19 @@ def test_int4_packing_layout(group):
         torch.testing.assert_close(n, (w[r] / s).round().clamp(-8, 7))
 
 
+@pytest.mark.parametrize("mode", (None, "int8", "int4"))
+@pytest.mark.parametrize("family", ("ernie4_5_moe", "phimoe"))
+def test_no_position_kept(family, mode):
+    """logits_to_keep with no position (a serving chunk that needs no logits): the last layer's MoE block gets no
+    rows, and the forward gives no logits, with the cache of every position."""
+    model = load(family, quantization=mode) if mode else load(family)
+    ids, mask = prompts(batch=1, seq=20, pads=(0,))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, logits_to_keep=torch.tensor([], dtype=torch.long), use_cache=True)
+    assert out.logits.shape == (1, 0, model.config.vocab_size)
+    assert out.past_key_values.get_seq_length() == 20
+
+
 def test_quantize_zero_rows_and_groups():
     w = torch.zeros(3, 64)
     w[1, 40] = 2.0

@@ -133,6 +133,17 @@ def test_stop_strings(server, client):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_stop_string_in_the_held_back_text_is_a_stop(server):
+    url, engine, tokenizer = server
+    lead = tokenizer.convert_tokens_to_ids("\u00e4")  # byte 0xE4 alone: half a character, held until the end
+    body = {"prompt": "Hello", "max_tokens": 1, "temperature": 0, "logit_bias": {str(lead): 100}, "stop": ["\ufffd"]}
+    for stream in (False, True):
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": stream}, timeout=60)
+        chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")] if stream else [r.json()]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == ""
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_logprobs_shapes(server, client):
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
                                        top_logprobs=3)

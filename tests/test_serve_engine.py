@@ -205,6 +205,16 @@ def test_alone_equals_generate_in_every_weight_format(checkpoint, kind):
     assert got == want[0, len(prompt):].tolist()
 
 
+def test_a_prompt_chunk_without_logits_on_int8_experts(tmp_path):
+    """A step whose prompt chunk ends no prompt wants no logits: an empty last layer failed with int8 experts."""
+    path = new_checkpoint("ernie4_5_moe-tiny", tmp_path, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization="int8")
+    with Engine(model, AutoTokenizer.from_pretrained(path), max_num_seqs=2, max_model_len=64,
+                max_num_batched_tokens=4).start() as engine:
+        out = engine.submit(list(range(10, 21)), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert [(o.error, len(o.token_ids)) for o in out] == [(None, 1)] * 3
+
+
 def test_warmup_leaves_the_slots_empty(loaded):
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64)

@@ -463,6 +463,8 @@ class QuantizedExperts(nn.Module):
         if needs_grad(x, weights):  # the grouped form, the chosen experts dequantized (project)
             return Experts.forward(self, x, index, weights)
         t, k = index.shape
+        if t == 0:  # no tokens (a forward whose kept positions are none)
+            return x.new_zeros(x.shape)
         if t > kernels.MAX_ROWS and (ints := int_paths(x)):  # prefill: the integer paths too
             path = self.prefill_path(x, index, weights, ints)
             return self.dense(x, index, weights) if path == "torch" else self.integer(x, index, weights, ints[path])

@@ -717,6 +717,8 @@ class Engine:
         if reason in ("stop", "length"):
             text += seq.stops.feed(seq.detok.flush())
             text += seq.stops.flush()
+            if seq.stops.hit is not None:  # a stop string completed by the text held back until now
+                reason = "stop"
         if self.metrics is not None:
             self.metrics.finished(reason, time.perf_counter() - seq.submitted)
         seq.request.callback(Output(seq.index, list(token_ids), text, list(logprobs), reason, error,
