@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -155,9 +157,6 @@ def token_bytes(tokenizer) -> Callable[[int], bytes] | None:
 
 
 def _token_bytes(tokenizer) -> Callable[[int], bytes] | None:
-    import functools
-    import json
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
     if decoder is None:

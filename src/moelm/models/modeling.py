@@ -250,10 +250,8 @@ class DecoderModel(PreTrainedModel):
                 output_hidden_states=False, output_router_logits=False, keep=None, **kwargs) -> MoeModelOutputWithPast:
         """keep (a slice or indices of the sequence): the positions whose last hidden state is wanted; the last
         layer's MLP / MoE block runs on those only and last_hidden_state has those only. Other keywords: see
-        check_kwargs."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
+        check_inputs."""
+        check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -318,9 +316,7 @@ class CausalLM(PreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=False,
                 output_hidden_states=False, output_router_logits=None, logits_to_keep=0, return_dict=True,
                 num_items_in_batch=None, **kwargs):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
+        check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
         moe = hasattr(self.config, "router_aux_loss_coef")
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
@@ -352,10 +348,14 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         return result if return_dict else result.to_tuple()
 
 
-def check_kwargs(kwargs: dict, attention_mask, inputs: torch.Tensor, cls: type):
-    """forward's keywords beyond its named arguments: NeMo AutoModel's attn_kwargs when empty, and its padding_mask
-    (bool [B, S], True at padding) when it says what attention_mask says (moelm takes the padding, for attention and
-    the MoE aux loss alike, from attention_mask). Anything else is a TypeError naming it."""
+def check_inputs(kwargs: dict, attention_mask, input_ids, inputs_embeds, cls: type):
+    """Exactly one of input_ids and inputs_embeds; forward's keywords beyond its named arguments: NeMo AutoModel's
+    attn_kwargs when empty, and its padding_mask (bool [B, S], True at padding) when it says what attention_mask says
+    (moelm takes the padding, for attention and the MoE aux loss alike, from attention_mask). Anything else is a
+    TypeError naming it."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    inputs = input_ids if input_ids is not None else inputs_embeds
     where = f"{cls.__name__}.forward()"
     unknown = sorted(set(kwargs) - {"padding_mask", "attn_kwargs"})
     if unknown:
@@ -423,9 +423,7 @@ class SequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                 output_hidden_states=False, return_dict=True, **kwargs):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        check_kwargs(kwargs, attention_mask, input_ids if input_ids is not None else inputs_embeds, type(self))
+        check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
