@@ -1203,3 +1203,54 @@ def test_embedding_accessors_as_transformers(family):
     base = ours.model
     base.set_input_embeddings(emb)
     assert base.get_input_embeddings() is emb and ours.get_input_embeddings() is emb
+
+
+@pytest.mark.parametrize("family,overrides", [("ernie4_5", dict(tie_word_embeddings=True)),
+                                              ("ernie4_5_moe", dict(tie_word_embeddings=False, use_bias=True)),
+                                              ("phimoe", dict(lm_head_bias=True))])
+@pytest.mark.parametrize("new,pad,mean", [(340, None, True), (340, 64, False), (250, None, True), (None, 128, True)])
+def test_resize_token_embeddings_as_transformers(family, overrides, new, pad, mean):
+    """resize_token_embeddings grows or cuts the embedding and an untied head (bias included) as transformers does:
+    the kept rows unchanged, the added ones around the old mean (mean_resizing: 1e-9 times the covariance, so within
+    1e-4 of transformers' own draw), config.vocab_size, padding_idx and the tie followed; the resized model saves and
+    transformers loads it."""
+    ref, ours, _ = build(family, cache=False, **overrides)
+    torch.manual_seed(0)
+    expected = ref.resize_token_embeddings(new, pad_to_multiple_of=pad, mean_resizing=mean)
+    got = ours.resize_token_embeddings(new, pad_to_multiple_of=pad, mean_resizing=mean)
+    size = ref.config.vocab_size
+    assert got is ours.get_input_embeddings() and ours.config.vocab_size == size and got.num_embeddings == size
+    assert got.padding_idx == expected.padding_idx and ours.lm_head.out_features == size
+    assert (ours.lm_head.weight is got.weight) == (ref.lm_head.weight is expected.weight)
+    kept = min(size, VOCAB)
+    for a, b in ((expected.weight, got.weight), (ref.lm_head.weight, ours.lm_head.weight),
+                 (ref.lm_head.bias, ours.lm_head.bias)):
+        if a is None:
+            assert b is None
+            continue
+        assert b.shape == a.shape and b.requires_grad
+        assert torch.equal(a[:kept], b[:kept])
+        if mean and size > VOCAB:
+            close(a[kept:], b[kept:], "rows added around the old mean")
+    with torch.no_grad():  # transformers' draw for the added rows, then the same logits for every token
+        got.weight.copy_(expected.weight)
+        ours.lm_head.weight.copy_(ref.lm_head.weight)
+        ids = torch.randint(1, size, (2, 9), generator=torch.Generator().manual_seed(3))
+        close(ref(input_ids=ids).logits, ours(input_ids=ids).logits, "logits after resizing")
+        path = new_dir()
+        ours.save_pretrained(path)
+        again = type(ref).from_pretrained(path, attn_implementation="eager")
+        close(ref(input_ids=ids).logits, again(input_ids=ids).logits, "the resized model saved by moelm")
+
+
+def test_resize_token_embeddings_errors():
+    _, ours, path = build("ernie4_5", cache=False)
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings() and ours.config.vocab_size == VOCAB
+    for bad in (dict(new_num_tokens=0), dict(new_num_tokens="320"), dict(new_num_tokens=320.0),
+                dict(pad_to_multiple_of=0), dict(pad_to_multiple_of=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ours.resize_token_embeddings(**bad)
+    quantized = moelm.AutoModelForCausalLM.from_pretrained(path, quantization="int8")
+    with pytest.raises(TypeError, match="LM head.*QuantizedLinear.*before quantizing"):
+        quantized.resize_token_embeddings(320)
+    assert quantized.config.vocab_size == VOCAB

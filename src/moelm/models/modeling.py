@@ -127,6 +127,47 @@ class PreTrainedModel(nn.Module):
                                                                               nn.Linear):
             self.lm_head.weight = self.get_input_embeddings().weight
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' resize_token_embeddings: the embedding and an untied LM head grown or cut at the end to
+        new_num_tokens (rounded up to a multiple of pad_to_multiple_of); added rows drawn around the old rows'
+        mean with 1e-9 times their covariance (mean_resizing), else normal(0, initializer_range); config.vocab_size
+        follows. Returns the input embedding."""
+        embed = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embed
+        for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        new = embed.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
+        head = self.get_output_embeddings()
+        for part, module, kind in (("input embedding", embed, nn.Embedding), ("LM head", head, nn.Linear)):
+            weight = getattr(module, "weight", None)
+            if module is not None and (not isinstance(module, kind) or type(weight.data) is not torch.Tensor):
+                what = type(module).__name__ + ("" if weight is None else f" with a {type(weight.data).__name__}")
+                raise TypeError(f"resize_token_embeddings needs a plain {kind.__name__} as the {part}, not {what}: "
+                                "resize before quantizing or parallelizing the model")
+        embed.weight.data = resized_rows(embed.weight, new, mean_resizing, self.config.initializer_range)
+        embed.num_embeddings = new
+        if embed.padding_idx is not None and embed.padding_idx >= new:
+            embed.padding_idx = None
+        if head is not None and head.weight is not embed.weight:
+            weight = resized_rows(head.weight, new, mean_resizing, self.config.initializer_range)
+            bias = None if head.bias is None else resized_bias(head.bias, new, mean_resizing)
+            resized = type(head)(head.in_features, new, bias=bias is not None, device="meta")
+            resized.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
+            if bias is not None:
+                resized.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
+            self.set_output_embeddings(resized)
+        elif head is not None:
+            head.out_features = new
+        self.config.vocab_size = new
+        self.tie_weights()
+        return embed
+
     # --- construction ---
     @torch.no_grad()
     def init_weights(self, prefix: str = ""):
@@ -375,6 +416,37 @@ def check_inputs(kwargs: dict, attention_mask, input_ids, inputs_embeds, cls: ty
         raise TypeError(f"{where} takes the padding from attention_mask (1 at tokens, 0 at padding), for attention "
                         "and the MoE aux loss alike; NeMo's padding_mask is accepted only where it is "
                         "~attention_mask: pass attention_mask=~padding_mask instead")
+
+
+def resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """weight [V, D] cut or grown to [rows, D]: added rows from N(mean, 1e-9 cov) of the old rows (their mean where
+    that covariance is not positive definite), or N(0, std), as transformers resizes."""
+    old = weight.shape[0]
+    if rows <= old:
+        return weight.data[:rows].clone()
+    added = rows - old
+    if mean_resizing:
+        w = weight.data.float()
+        mean = w.mean(0)
+        cov = 1e-9 * (w - mean).T @ (w - mean) / old
+        if torch.distributions.constraints.positive_definite.check(cov).all():
+            extra = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).sample((added,))
+        else:
+            extra = mean.expand(added, -1)
+    else:
+        extra = torch.empty(added, weight.shape[1]).normal_(0.0, std)
+    return torch.cat([weight.data, extra.to(weight.device, weight.dtype)])
+
+
+def resized_bias(bias: torch.Tensor, rows: int, mean_resizing: bool) -> torch.Tensor:
+    """An LM head's bias [V] cut or grown to [rows]: added entries near the old mean (mean_resizing) or 0."""
+    if rows <= bias.shape[0]:
+        return bias.data[:rows].clone()
+    extra = torch.zeros(rows - bias.shape[0])
+    if mean_resizing:
+        b = bias.data.float()
+        extra.normal_(b.mean().item(), 1e-9 * b.std().item())
+    return torch.cat([bias.data, extra.to(bias.device, bias.dtype)])
 
 
 def moe_blocks(model) -> list[tuple[int, nn.Module]]:
