@@ -138,6 +138,8 @@ def test_user_errors_name_what_is_at_fault(tmp_path, capsys, monkeypatch):
         path.write_text(change(json.loads(path.read_text())) if callable(change) else change)
         return tmp_path / name
 
+    empty = tmp_path / "empty"  # its config is what is missing first, not its tokenizer
+    empty.mkdir()
     tpl = lambda text: lambda cfg: json.dumps({**cfg, "chat_template": text})  # noqa: E731
     cases = [
         (["--model", str(broken("syntax", "tokenizer_config.json", tpl("{{ messages[0].content "))), "--chat"],
@@ -153,6 +155,7 @@ def test_user_errors_name_what_is_at_fault(tmp_path, capsys, monkeypatch):
          f"{tmp_path / 'cfg' / 'tokenizer_config.json'} is not valid JSON"),
         (["--model", str(broken("rope", "config.json", lambda cfg: json.dumps({**cfg, "rope_parameters": "x"})))],
          "rope_parameters must be a dict"),
+        (["--model", str(empty)], f"no config.json in {empty}"),
         (["--model", str(good), "--prompt", "-"], "the prompt (standard input) is not valid UTF-8: it holds 0xff"),
         (["--model", str(good), "--system", "x\udcfe"], "--system is not valid UTF-8: it holds 0xfe at character 1"),
     ]

@@ -432,8 +432,9 @@ def test_corrupt_gguf_is_one_clear_error(hub, tmp_path):
             load(None, gguf_file=bad)
         assert str(bad) in str(e.value), case
     llama = regguf(path, tmp_path / "llama.gguf", arch="llama")
-    with pytest.raises(CheckpointError, match=f"{llama}: GGUF architecture 'llama'"):
-        moelm.Ernie4_5ForCausalLM.from_pretrained(None, gguf_file=llama)
+    for read in (moelm.Ernie4_5ForCausalLM.from_pretrained, moelm.AutoConfig.from_pretrained):
+        with pytest.raises(CheckpointError, match=f"{llama}: GGUF architecture 'llama'"):
+            read(None, gguf_file=llama)
 
 
 def test_missing_gguf_package_is_named(monkeypatch, hub, tmp_path):

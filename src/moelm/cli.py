@@ -198,6 +198,7 @@ def load(args):
         import torch
 
         torch.set_num_threads(args.threads)
+    from .config.base import AutoConfig
     from .models.auto import AutoModelForCausalLM
     from .text.tokenizer import AutoTokenizer
 
@@ -205,6 +206,7 @@ def load(args):
     if gguf is None and str(path).endswith(".gguf") and Path(path).is_file():
         path, gguf = None, path
     extra = {"gguf_file": gguf} if gguf is not None else {}
+    AutoConfig.from_pretrained(path, gguf)  # a missing or broken config named before the tokenizer's files
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
                                                  quantization=args.quantization, **extra)

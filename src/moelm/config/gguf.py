@@ -90,9 +90,21 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
     return out
 
 
+def gguf_config(g) -> dict:
+    """config_dict of an open GGUFFile; an unknown architecture, missing or inconsistent metadata is a
+    CheckpointError naming the file."""
+    from ..io.weights import CheckpointError
+
+    try:
+        return config_dict(g.meta, g.shapes, g.floats)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{g.path}: {e}") from None
+
+
 def read_gguf_config(path) -> dict:
     """config_dict of a GGUF file."""
     from ..io.gguf import GGUFFile
 
-    g = GGUFFile(path)
-    return config_dict(g.meta, g.shapes, g.floats)
+    return gguf_config(GGUFFile(path))

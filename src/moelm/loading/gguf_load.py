@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import config_class_for, dtype_from_str
-from ..config.gguf import config_dict
+from ..config.gguf import gguf_config
 from ..inference import optimize
 from ..inference.quantization import QuantizationConfig
 from ..inference.quantize import load_targets, quantize_modules, resolve
@@ -36,12 +36,7 @@ EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K", "Q6_K")  # re-quantized to int8; every othe
 
 
 def _config(g: GGUFFile, config_class=None):
-    try:
-        data = config_dict(g.meta, g.shapes, g.floats)
-    except CheckpointError:
-        raise
-    except (KeyError, ValueError) as e:  # an unknown architecture, missing or inconsistent metadata
-        raise CheckpointError(f"{g.path}: {e}") from None
+    data = gguf_config(g)
     kind = config_class_for(data)
     if config_class is not None and config_class is not kind and config_class.__name__ != "PretrainedConfig":
         raise ValueError(f"{g.path.name} holds a {data['model_type']} model, not one for {config_class.__name__}")
