@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moelm
 from moelm import AutoModelForCausalLM, BackendConfig, Ernie4_5_MoeForCausalLM, get_capabilities, named_config
 from reference import randomise
 
@@ -97,6 +98,13 @@ def test_capabilities_per_family():
     assert moe.supports_tp and moe.supports_ep and phi.supports_ep
     assert not (moe.supports_pp or moe.supports_cp)
     assert Ernie4_5_MoeForCausalLM.get_capabilities(named_config("ernie4_5_moe-tiny")) == moe
+
+
+def test_each_model_file_names_its_model_class_as_nemo():
+    from moelm.models import ernie4_5, ernie4_5_moe, phimoe
+
+    assert ernie4_5.ModelClass is moelm.Ernie4_5ForCausalLM and phimoe.ModelClass is moelm.PhimoeForCausalLM
+    assert ernie4_5_moe.ModelClass is Ernie4_5_MoeForCausalLM
 
 
 def test_moe_overrides_use_nemo_names_on_a_copy():

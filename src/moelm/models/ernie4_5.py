@@ -51,3 +51,6 @@ class Ernie4_5Model(DecoderModel):
 class Ernie4_5ForCausalLM(CausalLM):
     config_class = Ernie4_5Config
     base_class = Ernie4_5Model
+
+
+ModelClass = Ernie4_5ForCausalLM  # the name NeMo AutoModel's model registry reads from a model file

@@ -218,3 +218,6 @@ class ErnieMtp:
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return self(input_ids[:, 1:], hidden[:, :-1], positions, None, mask)
+
+
+ModelClass = Ernie4_5_MoeForCausalLM  # the name NeMo AutoModel's model registry reads from a model file

@@ -88,3 +88,6 @@ class PhimoeForCausalLM(CausalLM):
 class PhimoeForSequenceClassification(SequenceClassification):
     config_class = PhimoeConfig
     base_class = PhimoeModel
+
+
+ModelClass = PhimoeForCausalLM  # the name NeMo AutoModel's model registry reads from a model file
