@@ -203,6 +203,45 @@ def test_pipeline_matches_transformers(tiny):
             assert ours(prompt, **kw) == ref(prompt, **kw)
 
 
+def test_pipeline_parameters_as_transformers(tiny):
+    """transformers' text-generation parameters (return types, prefix, stop_sequence, max_length reaching the
+    tokenizer, truncation, handle_long_generation, continue_final_message, skip_special_tokens, documents,
+    tokenizer_encode_kwargs, batch_size), its default of 256 new tokens, and generate()'s dict outputs in the
+    records: the same records as transformers' pipeline."""
+    import transformers
+
+    import moelm
+
+    ours = moelm.pipeline("text-generation", model=str(tiny))
+    ref = transformers.pipeline("text-generation", model=str(tiny), dtype=torch.float32)
+    chat = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Sure, here"}]
+    prompts = ["Once upon a time", ["Hi", "A much longer prompt of a few words"], chat]
+    variants = [dict(return_tensors=True), dict(return_text=True),
+                dict(return_type=transformers.pipelines.text_generation.ReturnType.NEW_TEXT),
+                dict(prefix="Start: ", max_length=30), dict(stop_sequence="e"), dict(max_length=12),
+                dict(truncation=True, max_length=14), dict(handle_long_generation="hole"),
+                dict(continue_final_message=False), dict(skip_special_tokens=False),
+                dict(clean_up_tokenization_spaces=True), dict(documents=[{"title": "t", "text": "x"}]),
+                dict(tokenizer_encode_kwargs={"add_special_tokens": False}), dict(add_special_tokens=True),
+                dict(batch_size=2, num_return_sequences=2, num_beams=2)]
+    for prompt in prompts:
+        for variant in variants:
+            kw = {"max_new_tokens": 6, "do_sample": False, **variant}
+            assert ours(prompt, **kw) == ref(prompt, **kw), (prompt, variant)
+    kw = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    got, expected = ours("Once upon a time", **kw)[0], ref("Once upon a time", **kw)[0]
+    assert got["generated_text"] == expected["generated_text"]
+    torch.testing.assert_close(torch.tensor(got["scores"]), torch.tensor(expected["scores"]), atol=1e-4, rtol=1e-4)
+    kw = dict(do_sample=False, return_tensors=True)  # no max_new_tokens: the pipeline's 256
+    assert ours("Once upon a time", **kw) == ref("Once upon a time", **kw)
+    for bad, message in ((dict(return_text=True, return_full_text=True), "mutually exclusive"),
+                         (dict(return_tensors=True, return_full_text=False), "mutually exclusive"),
+                         (dict(handle_long_generation="tail"), "handle_long_generation"),
+                         (dict(bogus=1), "'bogus'")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            ours("Hi", **bad)
+
+
 def test_generate_speculative_flags(tmp_path):
     """--prompt-lookup-num-tokens and --assistant-model give the greedy text of plain decoding (-v says how many
     drafts were kept); a bad flag is a one-line error."""
