@@ -21,13 +21,13 @@ from moelm.serve.lora import Adapters  # noqa: E402
 
 @contextlib.contextmanager
 def running_server(path, names=None, api_key=None, chat_template=None, defaults=None, fast=True, dtype="auto",
-                   lora_modules=None, **engine_kwargs):
+                   lora_modules=None, trust_request_chat_template=False, **engine_kwargs):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, fast=fast, dtype=dtype)
     adapters = Adapters.load(model, lora_modules) if lora_modules else None
     engine = Engine(model, tokenizer, adapters=adapters, **engine_kwargs).start()
     app = create_app(engine, tokenizer, names or ["tiny"], api_key=api_key, chat_template=chat_template,
-                     defaults=defaults)
+                     defaults=defaults, trust_request_chat_template=trust_request_chat_template)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -334,6 +334,49 @@ BAD = [
      "continue_final_message needs add_generation_prompt: false", "continue_final_message"),
     ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, "needs add_generation_prompt: false",
      "continue_final_message"),
+    # more of vLLM's (and OpenAI's) that moelm does not run
+    ("/v1/completions", {"prompt": "hi", "spaces_between_special_tokens": False}, "(only null or true)",
+     "spaces_between_special_tokens"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1}, "priority is not supported", "priority"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprob_token_ids": [1]}, "logprob_token_ids",
+     "logprob_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "watermarking": True}, "watermarking", "watermarking"),
+    ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"do_remote_decode": True}}, "kv_transfer_params",
+     "kv_transfer_params"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "vllm_xargs": {"a": 1}}, "vllm_xargs", "vllm_xargs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "repetition_detection": {"max_pattern_size": 4}},
+     "repetition_detection", "repetition_detection"),
+    ("/v1/completions", {"prompt": "hi", "thinking_token_budget": 8}, "(only null or -1)", "thinking_token_budget"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream_interval": 4}, "stream_interval", "stream_interval"),
+    ("/v1/completions", {"prompt": "hi", "truncation_side": "middle"}, "truncation_side", "truncation_side"),
+    ("/v1/completions", {"prompt": "hi", "logits_processors": ["x.y"]}, "logits_processors", "logits_processors"),
+    ("/v1/completions", {"prompt": "hi", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern",
+     "guided_whitespace_pattern"),
+    ("/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, "prompt_embeds", "prompt_embeds"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "mm_processor_kwargs": {"num_crops": 4}}, "mm_processor_kwargs",
+     "mm_processor_kwargs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "include_reasoning": False}, "include_reasoning",
+     "include_reasoning"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "return_prompt_text": True}, "return_prompt_text",
+     "return_prompt_text"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "store": True}, "store is not supported", "store"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "service_tier": "flex"}, 'only null or "auto" or "default"',
+     "service_tier"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "verbosity": "low"}, "verbosity", "verbosity"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "web_search_options": {}}, "web_search_options",
+     "web_search_options"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_cache_retention": "24h"}, "prompt_cache_retention",
+     "prompt_cache_retention"),
+    ("/tokenize", {"messages": MESSAGES, "mm_processor_kwargs": {"a": 1}}, "mm_processor_kwargs",
+     "mm_processor_kwargs"),
+    # a request's chat template needs --trust-request-chat-template, documents a template that uses them
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template": "{{ messages }}"},
+     "--trust-request-chat-template", "chat_template"),
+    ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ messages }}"}, "--trust-request-chat-template",
+     "chat_template"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "documents": [{"title": "a", "text": "b"}]},
+     "the chat template does not use documents", "documents"),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": ""}, "cache_salt", "cache_salt"),
 ]
 
 
@@ -353,11 +396,20 @@ def test_bad_input_is_a_400_with_openai_error_json(server, path, body, message, 
 def test_idle_fields_that_change_nothing_are_accepted(server):
     url = server[0]
     same = dict(allowed_token_ids=None, bad_words=[], use_beam_search=False, length_penalty=1.0,
-                include_stop_str_in_output=False, truncate_prompt_tokens=None)
+                include_stop_str_in_output=False, truncate_prompt_tokens=None, truncation_side="left",
+                spaces_between_special_tokens=True, logprob_token_ids=None, watermarking=False, priority=0,
+                routed_experts_prompt_start=0, return_token_offsets=False, return_mm_kwargs=True,
+                kv_transfer_params={}, ec_transfer_params=None, vllm_xargs={}, repetition_detection=None,
+                thinking_token_budget=-1, stream_interval=1, return_token_ids=False, session_id="s", user="u",
+                return_tokens_as_token_ids=False, logits_processors=[], guided_whitespace_pattern=None)
     for path, body, extra in (
-            ("/v1/chat/completions", {"messages": MESSAGES}, dict(echo=False, reasoning_effort=None,
-                                                                  modalities=["text"])),
-            ("/v1/completions", {"prompt": "Hello there"}, {})):
+            ("/v1/chat/completions", {"messages": MESSAGES}, dict(
+                echo=False, reasoning_effort=None, modalities=["text"], store=False, service_tier="auto",
+                prompt_cache_retention="in_memory", verbosity=None, web_search_options=None, moderation=None,
+                prompt_cache_options=None, include_reasoning=True, media_io_kwargs={}, mm_processor_kwargs={},
+                return_prompt_text=False, metadata={"k": "v"}, safety_identifier="x", prompt_cache_key="k",
+                add_special_tokens=False, chat_template=None, documents=None)),
+            ("/v1/completions", {"prompt": "Hello there"}, dict(prompt_embeds=None, add_special_tokens=True))):
         body = dict(body, max_tokens=6, temperature=0)
         plain, given = (httpx.post(url + path, json=b) for b in (body, {**body, **same, **extra}))
         assert plain.status_code == given.status_code == 200, given.text

@@ -48,8 +48,9 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
     # and drafts by n-gram lookup
     spec = [] if key else ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
     kv = ["--kv-cache-memory-bytes", "1MiB"] if key else ["--no-enable-prefix-caching", "--block-size", "8"]
+    trust = ["--trust-request-chat-template"] if key else []
     proc = serve(str(tiny), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
-                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key, *spec, *kv,
+                 "--max-model-len", "128", "--uvicorn-log-level", "warning", *key, *spec, *kv, *trust,
                  env=ENV if key else dict(ENV, MOELM_API_KEY="k"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -70,6 +71,11 @@ def test_serve_answers_curl_and_stops_on_ctrl_c(tiny, stop):
         events = [line[len("data: "):] for line in out.split("\n\n") if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
         assert sum(json.loads(e)["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 1
+        own = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                          "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})
+        answer = json.loads(curl(url + "/v1/chat/completions", "-H", "Authorization: Bearer k", "-H",
+                                 "Content-Type: application/json", "-d", own))  # taken with the flag only
+        assert answer["usage"]["prompt_tokens"] == 2 if trust else answer["error"]["param"] == "chat_template"
         denied = curl("-w", "\n%{http_code}", url + "/v1/models")
         assert denied.endswith("\n401") and json.loads(denied.rsplit("\n", 1)[0])["error"]["code"] == "invalid_api_key"
     finally:

@@ -18,7 +18,7 @@ from openai import BadRequestError, OpenAI  # noqa: E402
 from moelm import AutoTokenizer  # noqa: E402
 from moelm.models.scaffold import new_checkpoint  # noqa: E402
 from moelm.serve import tools  # noqa: E402
-from moelm.serve.protocol import Message  # noqa: E402
+from moelm.serve.protocol import ChatRequest  # noqa: E402
 from moelm.serve.routes import render_chat  # noqa: E402
 from serve_fixtures import running_server  # noqa: E402
 
@@ -62,12 +62,12 @@ def test_fallback_and_native_rendering(tmp_path):
     path = new_checkpoint("ernie4_5_moe-tiny", tmp_path, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(path)
     functions, _ = tools.check(TOOLS, "auto")
-    conversation = [Message(**m) for m in ASK + [
+    conversation = ChatRequest(messages=ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "3"}]]
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}])
     state = SimpleNamespace(tokenizer=tokenizer, chat_template=None)
-    text = tokenizer.decode(render_chat(state, conversation, True, None, TOOLS, functions))
+    text = tokenizer.decode(render_chat(state, conversation, TOOLS, functions))
     assert "You can call these tools:" in text and '"name": "get_weather"' in text
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in text
     assert "User: <tool_response>\n3\n</tool_response>" in text and text.endswith("Assistant: ")
@@ -75,7 +75,7 @@ def test_fallback_and_native_rendering(tmp_path):
         "{% for t in tools %}TOOL {{ t.function.name }};{% endfor %}"
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% for c in m.tool_calls or [] %} CALL "
         "{{ c.function.name }}{% endfor %}\n{% endfor %}"))
-    text = tokenizer.decode(render_chat(native, conversation, True, None, TOOLS, functions))
+    text = tokenizer.decode(render_chat(native, conversation, TOOLS, functions))
     assert text.startswith("TOOL get_weather;TOOL add;[user]") and "CALL add" in text and "[tool] 3" in text
     assert "You can call these tools" not in text
 

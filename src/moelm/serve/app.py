@@ -75,10 +75,12 @@ async def bug(request, exc: Exception):
 
 
 def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key: str | None = None,
-               chat_template: str | None = None, defaults: dict | None = None, tokenizer_info: bool = False) -> FastAPI:
+               chat_template: str | None = None, defaults: dict | None = None, tokenizer_info: bool = False,
+               trust_request_chat_template: bool = False) -> FastAPI:
     """The FastAPI app. The engine must be started by the caller; `defaults` are sampling defaults (the model's
     generation_config) for fields a request leaves unset; tokenizer_info: serve GET /tokenizer_info (off by default,
-    as vLLM's --enable-tokenizer-info-endpoint: it shows the chat template)."""
+    as vLLM's --enable-tokenizer-info-endpoint: it shows the chat template); trust_request_chat_template: take a
+    request's chat_template (off by default, as vLLM's --trust-request-chat-template)."""
     app = FastAPI(title="moelm", version="1", docs_url="/docs")
     if api_key:
         app.add_middleware(RequireKey, key=api_key)
@@ -89,6 +91,7 @@ def create_app(engine: Engine, tokenizer, served_model_names: list[str], api_key
     state = app.state
     state.engine, state.tokenizer, state.names, state.metrics = engine, tokenizer, names, metrics
     state.api_key, state.chat_template, state.defaults = api_key, chat_template, defaults or {}
+    state.trust_request_chat_template = trust_request_chat_template
     state.created = int(time.time())
     state.token_text = functools.lru_cache(maxsize=65536)(functools.partial(routes.token_text, tokenizer))
     for exc, handler in ((APIError, api_error), (RequestValidationError, invalid), (HTTPException, http_error),

@@ -71,6 +71,7 @@ class SamplingParams(Sampling):
     structured: tuple[str, object, str] | None = None  # (kind, spec, request field): see moelm.serve.structured
     grammar: str | None = None  # its compiled grammar (Engine.check sets it)
     adapter: int = 0  # the LoRA adapter it runs with (Engine's `adapters`; 0: none)
+    cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
 
     def __post_init__(self):
         """Checked when the engine takes the request (sampling()), where a bad knob becomes a RequestError."""
@@ -78,6 +79,14 @@ class SamplingParams(Sampling):
     def sampling(self) -> Sampling:
         """The sampler's knobs alone (SamplingError naming the field for a bad one)."""
         return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
+
+
+def salt_of(params: SamplingParams) -> bytes:
+    """What starts a sequence's prefix-cache digests: its LoRA adapter and its cache_salt (none: b"")."""
+    salt = b"" if not params.adapter else f"lora:{params.adapter}".encode()
+    if params.cache_salt is not None:
+        salt += b"\0salt:" + params.cache_salt.encode()
+    return salt
 
 
 @dataclass
@@ -440,8 +449,7 @@ class Engine:
             adapter = seq.request.params.adapter
             # a sequence still owing prompt logprobs computes every position (it leaves its blocks for others)
             fresh = seq.scoring()
-            reused = cache.reuse(row, seq.ids[:1 if fresh else seq.target],
-                                 b"" if not adapter else f"lora:{adapter}".encode())
+            reused = cache.reuse(row, seq.ids[:1 if fresh else seq.target], salt_of(seq.request.params))
             if cache.room(row) <= reused:  # no block for its next position: wait for sequences to finish
                 cache.free(row)
                 break

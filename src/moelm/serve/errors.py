@@ -26,14 +26,16 @@ REFUSALS = {
     "context_length_exceeded": "the prompt's tokens plus max_tokens (max_completion_tokens) are more than the "
                                "model's context (max_model_len), or the prompt alone fills it",
     "chat_template_error": "the model's chat template refuses the conversation (a role it does not know, the order "
-                           "of the messages, content it cannot render)",
+                           "of the messages, content it cannot render), or does not use the documents given; a "
+                           "request's chat_template that does not compile",
     "invalid_structured_output": "a structured-output constraint (response_format, structured_outputs, guided_*, "
                                  "the tools of tool_choice 'required' or a named function) that llguidance cannot "
                                  "compile, or that allows no first token",
     "conflicting_fields": "fields that do not go together: top_logprobs without logprobs, best_of other than n, "
                           "max_tokens 0 without echo, prompt_logprobs with stream, continue_final_message with "
                           "add_generation_prompt, two structured-output constraints, tool_choice naming no function "
-                          "of tools or 'required' without tools or with another constraint, two tools of one name",
+                          "of tools or 'required' without tools or with another constraint, two tools of one name, "
+                          "/tokenize's chat_template, chat_template_kwargs or tools with a prompt",
     "too_many_choices": "the prompts times n are more sequences than the server's queue holds (--max-waiting)",
 }
 ENGINE_CODES = {"max_tokens": "context_length_exceeded", **dict.fromkeys(  # an engine RequestError's, by its param

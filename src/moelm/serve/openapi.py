@@ -53,7 +53,14 @@ def limits(state, template_args) -> dict:
         "logit_bias": ("object", lambda node: node.update(propertyNames={"pattern": below(engine.vocab_size)})),
         "chat_template_kwargs": ("object", lambda node: node.update(
             propertyNames={"not": {"enum": sorted(template_args)}})),
+        "chat_template": ("string", lambda node: None if state.trust_request_chat_template else untrusted(node)),
     }
+
+
+def untrusted(node: dict):
+    """A request's chat_template without --trust-request-chat-template: null only."""
+    node.clear()
+    node["type"] = "null"
 
 
 def patch(node, kind: str, fix):

@@ -26,12 +26,34 @@ TOOL_CHOICE = [{"enum": [None, "none", "auto", "required"]},
                {"type": "object", "required": ["function"], "properties": {"function": {"type": "object"}}}]
 IDLE = {  # vLLM's fields that moelm does not run -> the values that change nothing (any other is refused)
     "allowed_token_ids": [None], "bad_words": [None, []], "use_beam_search": [None, False],
-    "length_penalty": [None, 1], "include_stop_str_in_output": [None, False], "truncate_prompt_tokens": [None]}
-CHAT_IDLE = {"echo": [None, False], "reasoning_effort": [None], "modalities": [None, ["text"]]}  # chat's (OpenAI's)
+    "length_penalty": [None, 1], "include_stop_str_in_output": [None, False], "truncate_prompt_tokens": [None],
+    "truncation_side": [None, "left", "right"],  # without truncate_prompt_tokens, either changes nothing
+    "spaces_between_special_tokens": [None, True], "logprob_token_ids": [None], "watermarking": [None, False],
+    "priority": [None, 0], "routed_experts_prompt_start": [None, 0], "return_token_offsets": [None, False],
+    "return_mm_kwargs": [None, True], "kv_transfer_params": [None, {}], "ec_transfer_params": [None, {}],
+    "vllm_xargs": [None, {}], "repetition_detection": [None], "thinking_token_budget": [None, -1],
+    "stream_interval": [None, 1], "guided_whitespace_pattern": [None], "logits_processors": [None, []]}  # older
+CHAT_IDLE = {  # chat's: OpenAI's, then vLLM's
+    "echo": [None, False], "reasoning_effort": [None], "modalities": [None, ["text"]], "store": [None, False],
+    "service_tier": [None, "auto", "default"], "prompt_cache_retention": [None, "in_memory"], "verbosity": [None],
+    "web_search_options": [None], "moderation": [None], "prompt_cache_options": [None],
+    "include_reasoning": [None, True], "media_io_kwargs": [None, {}], "mm_processor_kwargs": [None, {}],
+    "return_prompt_text": [None, False]}
+COMPLETION_IDLE = {"prompt_embeds": [None]}
+TOKENIZE_IDLE = {"media_io_kwargs": [None, {}], "mm_processor_kwargs": [None, {}]}
 
 
 def idle(name: str):
-    return Field(None, json_schema_extra={"enum": {**IDLE, **CHAT_IDLE}[name]})
+    return Field(None, json_schema_extra={"enum": {**IDLE, **CHAT_IDLE, **COMPLETION_IDLE}[name]})
+
+
+def refused(body, fields: dict) -> tuple | None:
+    """(field, message) for the first of `fields` (name -> the values that change nothing) set otherwise."""
+    for name, harmless in fields.items():
+        value = getattr(body, name)
+        if not any(type(value) is type(h) and value == h for h in harmless):
+            return name, f"{name} is not supported by moelm serve (only {' or '.join(map(json.dumps, harmless))})"
+    return None
 
 
 def lone_surrogate(value) -> str | None:
@@ -144,6 +166,14 @@ class SamplingRequest(Body):
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = Field(None, json_schema_extra={"enum": [None, "auto", "guidance",
                                                                                      "llguidance"]})
+    # vLLM's per-request extras
+    add_special_tokens: bool = True  # for a text prompt (chat: False, the template adds them)
+    request_id: Optional[str] = Field(None, description="the response's id: its prefix and this (as vLLM)")
+    session_id: Optional[str] = None  # accepted, not used (one engine: no routing)
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024, description=(
+        "the prefix cache shares blocks only between requests of the same salt (none: unsalted ones)"))
+    return_tokens_as_token_ids: Optional[bool] = None
+    return_token_ids: Optional[bool] = None  # the choices' token_ids and the prompt's prompt_token_ids
     # vLLM's fields that moelm does not run (refused but at a value that changes nothing)
     idle_fields: ClassVar[dict] = IDLE
     allowed_token_ids: Any = idle("allowed_token_ids")
@@ -152,6 +182,22 @@ class SamplingRequest(Body):
     length_penalty: Any = idle("length_penalty")
     include_stop_str_in_output: Any = idle("include_stop_str_in_output")
     truncate_prompt_tokens: Any = idle("truncate_prompt_tokens")
+    truncation_side: Any = idle("truncation_side")
+    spaces_between_special_tokens: Any = idle("spaces_between_special_tokens")
+    logprob_token_ids: Any = idle("logprob_token_ids")
+    watermarking: Any = idle("watermarking")
+    priority: Any = idle("priority")
+    routed_experts_prompt_start: Any = idle("routed_experts_prompt_start")
+    return_token_offsets: Any = idle("return_token_offsets")
+    return_mm_kwargs: Any = idle("return_mm_kwargs")
+    kv_transfer_params: Any = idle("kv_transfer_params")
+    ec_transfer_params: Any = idle("ec_transfer_params")
+    vllm_xargs: Any = idle("vllm_xargs")
+    repetition_detection: Any = idle("repetition_detection")
+    thinking_token_budget: Any = idle("thinking_token_budget")
+    stream_interval: Any = idle("stream_interval")
+    guided_whitespace_pattern: Any = idle("guided_whitespace_pattern")
+    logits_processors: Any = idle("logits_processors")
 
     @field_validator("logit_bias")
     @classmethod
@@ -244,15 +290,15 @@ class SamplingRequest(Body):
             ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), logprobs=logprobs,
             seed=self.seed if self.seed is None or -2**63 <= self.seed < 2**64 else self.seed % 2**64,
-            skip_special_tokens=self.skip_special_tokens, n=self.n, structured=self.constraint())
+            skip_special_tokens=self.skip_special_tokens, n=self.n, structured=self.constraint(),
+            cache_salt=self.cache_salt)
 
     def unsupported(self) -> tuple | None:
         """(field, message[, code]) for a set field that moelm does not run, else None; the code names a refusal the
         schema cannot state (moelm.serve.errors.REFUSALS)."""
-        for name, harmless in self.idle_fields.items():
-            value = getattr(self, name)
-            if not any(type(value) is type(h) and value == h for h in harmless):
-                return name, f"{name} is not supported by moelm serve (only {' or '.join(map(json.dumps, harmless))})"
+        idle_field = refused(self, self.idle_fields)
+        if idle_field:
+            return idle_field
         if self.prompt_logprobs is not None and self.stream:
             return ("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)",
                     "conflicting_fields")
@@ -282,10 +328,29 @@ class ChatRequest(SamplingRequest):
     function_call: Any = Field(None, json_schema_extra={"enum": FALSY})
     audio: Any = Field(None, json_schema_extra={"enum": FALSY})
     prediction: Any = Field(None, json_schema_extra={"enum": FALSY})
+    add_special_tokens: bool = False  # on top of the template's (vLLM's default for chat)
+    chat_template: Optional[str] = Field(None, description="a Jinja template for this request (with "
+                                                           "--trust-request-chat-template)")
+    documents: Optional[list[dict[str, str]]] = None  # for the template (one that uses documents)
+    # OpenAI's that only label the request: accepted, not used
+    metadata: Optional[dict[str, str]] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
     idle_fields: ClassVar[dict] = {**IDLE, **CHAT_IDLE}
     echo: Any = idle("echo")
     reasoning_effort: Any = idle("reasoning_effort")
     modalities: Any = idle("modalities")
+    store: Any = idle("store")
+    service_tier: Any = idle("service_tier")
+    prompt_cache_retention: Any = idle("prompt_cache_retention")
+    verbosity: Any = idle("verbosity")
+    web_search_options: Any = idle("web_search_options")
+    moderation: Any = idle("moderation")
+    prompt_cache_options: Any = idle("prompt_cache_options")
+    include_reasoning: Any = idle("include_reasoning")
+    media_io_kwargs: Any = idle("media_io_kwargs")
+    mm_processor_kwargs: Any = idle("mm_processor_kwargs")
+    return_prompt_text: Any = idle("return_prompt_text")
 
     def unsupported(self) -> tuple | None:
         """(field, message[, code]) for a set field that moelm does not run, else None."""
@@ -311,6 +376,8 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = Field(None, json_schema_extra={"maxLength": 0})
+    idle_fields: ClassVar[dict] = {**IDLE, **COMPLETION_IDLE}
+    prompt_embeds: Any = idle("prompt_embeds")
 
     def unsupported(self) -> tuple | None:
         if self.best_of is not None and self.best_of != self.n:
@@ -330,9 +397,21 @@ class TokenizeRequest(Body):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[Message]] = Field(None, min_length=1)
-    add_special_tokens: bool = True
+    add_special_tokens: Optional[bool] = Field(None, description="default: true for prompt, false for messages "
+                                                                  "(as vLLM)")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = Field(None, json_schema_extra={"items": TOOL})
+    return_token_strs: Optional[bool] = None
+    media_io_kwargs: Any = idle("media_io_kwargs")
+    mm_processor_kwargs: Any = idle("mm_processor_kwargs")
+
+    def unsupported(self) -> tuple | None:
+        if self.continue_final_message and self.add_generation_prompt:
+            return CONTINUE_CONFLICT
+        return refused(self, TOKENIZE_IDLE)
 
 
 class DetokenizeRequest(Body):

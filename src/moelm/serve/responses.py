@@ -120,40 +120,55 @@ def sse(data: dict) -> str:
 
 
 async def respond(http: Request, gen: Generation, body: SamplingRequest, model: str, prefix: str,
-                  objects: tuple[str, str], choice: Callable, start: list[str], opening: list[dict] = ()):
+                  objects: tuple[str, str], choice: Callable, start: list[str], opening: list[dict] = (),
+                  top: dict | None = None):
     """The response of a completions-like endpoint. `choice(index, text, logprob entries, finish reason, streamed)`
     is one choice's JSON; `start` is each choice's text before the generated one; `objects` the response's and a
-    chunk's "object"; streamed, `opening` choice chunks come first."""
-    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": objects[1], "created": int(time.time()), "model": model}
+    chunk's "object"; streamed, `opening` choice chunks come first; `top`: fields of the response (streamed: of its
+    first chunk)."""
+    head = {"id": f"{prefix}-{body.request_id or uuid.uuid4().hex}", "object": objects[1],
+            "created": int(time.time()), "model": model}
     if body.stream:
-        return StreamingResponse(stream(http, gen, head, body.include_usage(), choice, start, opening),
+        return StreamingResponse(stream(http, gen, head, body.include_usage(), choice, start, opening,
+                                        bool(body.return_token_ids), top or {}),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, finish, entries = list(start), [None] * gen.choices, [[] for _ in range(gen.choices)]
+    tokens = [[] for _ in range(gen.choices)]
     try:
         async for c, out in gen.outputs(http):
             text[c] += out.text
             entries[c] += out.logprobs
+            tokens[c] += out.token_ids
             finish[c] = out.finish_reason or finish[c]
     except ClientGone:
         return Response(status_code=499)
-    return {**head, "object": objects[0], "choices": [choice(c, text[c], entries[c], finish[c], False)
-                                                      for c in range(gen.choices)], "usage": gen.usage()}
+    choices = [choice(c, text[c], entries[c], finish[c], False) for c in range(gen.choices)]
+    if body.return_token_ids:
+        for c, out in enumerate(choices):
+            out["token_ids"] = tokens[c]
+    return {**head, "object": objects[0], "choices": choices, "usage": gen.usage(), **(top or {})}
 
 
-async def stream(http, gen: Generation, head: dict, with_usage: bool, choice, start: list[str], opening):
-    """The SSE stream: the opening chunks, a chunk per output with something to send, the usage chunk if asked for,
-    [DONE]; an error event ends it."""
+async def stream(http, gen: Generation, head: dict, with_usage: bool, choice, start: list[str], opening,
+                 token_ids: bool = False, top: dict | None = None):
+    """The SSE stream: the opening chunks, a chunk per output with something to send (token_ids: each output, its
+    tokens in the choice's token_ids), the usage chunk if asked for, [DONE]; an error event ends it. `top`: fields
+    of the first chunk."""
     extra, sent = {"usage": None} if with_usage else {}, [False] * gen.choices
-    for chunk in opening:
-        yield sse({**head, "choices": [chunk], **extra})
+    for i, chunk in enumerate(opening):
+        yield sse({**head, "choices": [chunk], **extra, **(top if i == 0 else {})})
     try:
         async for c, out in gen.outputs(http):
-            if not out.text and not out.finish_reason and not (out.logprobs and gen.logprobs is not None):
+            if not out.text and not out.finish_reason and not (out.logprobs and gen.logprobs is not None) \
+                    and not (token_ids and out.token_ids):
                 continue
             text = out.text if sent[c] else start[c] + out.text
             sent[c] = True
-            yield sse({**head, "choices": [choice(c, text, out.logprobs, out.finish_reason, True)], **extra})
+            data = choice(c, text, out.logprobs, out.finish_reason, True)
+            if token_ids:
+                data["token_ids"] = out.token_ids
+            yield sse({**head, "choices": [data], **extra})
         if with_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
     except ClientGone:

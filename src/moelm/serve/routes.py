@@ -8,9 +8,10 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 
+from ..text.chat_template import TemplateError, compile_chat_template
 from . import tools
 from .errors import APIError, error_response
-from .protocol import CONTINUE_CONFLICT, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .responses import Generation, prompt_logprobs_json, respond
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -37,10 +38,15 @@ def adapter_of(state, name: str) -> int:
 def checked(state, body) -> str:
     """The model name of a generation request that asks for nothing unsupported."""
     name = model_name(state, body.model)
+    refuse(body)
+    return name
+
+
+def refuse(body):
+    """A 400 for a field the body sets that moelm does not run (or fields that do not go together)."""
     refused = body.unsupported()
     if refused:
         raise APIError(400, refused[1], refused[0], *refused[2:])
-    return name
 
 
 # ---------------------------------------------------------------- info
@@ -72,32 +78,53 @@ async def page():
 
 # ---------------------------------------------------------------- tokens
 
-def render_chat(state, messages, add_generation_prompt: bool, kwargs: dict | None, tool_list=None,
-                functions=(), continue_final_message: bool = False) -> list[int]:
-    """The prompt's token ids; with tools (the request's `tool_list`, checked as `functions`), rendered by the
-    template when it knows tools, else by moelm.serve.tools' fallback (also for tool calls and tool messages in the
-    conversation, which such a template would drop); continue_final_message: the last message left open."""
-    kwargs = dict(kwargs or {})
+def render_chat(state, body, tool_list=None, functions=()) -> list[int]:
+    """The prompt's token ids of a chat or /tokenize body (its messages, add_generation_prompt,
+    continue_final_message, chat_template_kwargs, chat_template, documents, add_special_tokens); with tools (the
+    request's `tool_list`, checked as `functions`), rendered by the template when it knows tools, else by
+    moelm.serve.tools' fallback (also for tool calls and tool messages in the conversation, which such a template
+    would drop)."""
+    kwargs = dict(body.chat_template_kwargs or {})
     clash = sorted(set(kwargs) & TEMPLATE_ARGS)
     if clash:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+    template = request_template(state, body.chat_template)
+    documents = getattr(body, "documents", None)
+    if documents is not None and not re.search(r"\bdocuments\b", template):
+        raise APIError(400, "documents: the chat template does not use documents", "documents",
+                       "chat_template_error")
     try:
         conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
                          **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
-                         **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in messages]
-        template = state.chat_template or getattr(state.tokenizer, "chat_template", None) or ""
+                         **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in body.messages]
         native = tools.uses_tools(template)
         if not native and (functions or any(m.get("tool_calls") or m["role"] == "tool" for m in conversation)):
             conversation = tools.fallback(conversation, list(functions))
         elif native and functions:
             kwargs["tools"] = tool_list
-        text = state.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                   continue_final_message=continue_final_message, tokenize=False,
-                                                   chat_template=state.chat_template, **kwargs)
+        text = state.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=body.add_generation_prompt, documents=documents,
+            continue_final_message=body.continue_final_message, tokenize=False,
+            chat_template=body.chat_template or state.chat_template, **kwargs)
     except Exception as e:  # the template's own raise_exception, a missing template, a part that is not text
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages", "chat_template_error") \
             from None
-    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return state.tokenizer(text, add_special_tokens=bool(body.add_special_tokens))["input_ids"]
+
+
+def request_template(state, template: str | None) -> str:
+    """The template a chat renders with: the request's (checked: allowed by --trust-request-chat-template, and
+    compiling), else (also for an empty one, as vLLM) the server's."""
+    if template is not None and not state.trust_request_chat_template:
+        raise APIError(400, "chat_template: this server takes no chat template from a request (start it with "
+                            "--trust-request-chat-template)", "chat_template", "chat_template_error")
+    if not template:
+        return state.chat_template or getattr(state.tokenizer, "chat_template", None) or ""
+    try:
+        compile_chat_template(template, "the request's chat_template")
+    except TemplateError as e:
+        raise APIError(400, str(e), "chat_template", "chat_template_error") from None
+    return template
 
 
 async def tokenize(body: TokenizeRequest, request: Request):
@@ -105,15 +132,22 @@ async def tokenize(body: TokenizeRequest, request: Request):
     model_name(state, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
+    refuse(body)
     if body.messages is not None:
-        if body.continue_final_message and body.add_generation_prompt:
-            field, message, code = CONTINUE_CONFLICT
-            raise APIError(400, message, field, code)
-        ids = render_chat(state, body.messages, body.add_generation_prompt, None,
-                          continue_final_message=body.continue_final_message)
+        try:
+            functions, _ = tools.check(body.tools, None)
+        except tools.ToolError as e:
+            raise APIError(400, str(e), e.param, "conflicting_fields") from None
+        ids = render_chat(state, body, body.tools if functions else None, functions)
     else:
-        ids = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-    return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+        chat_only = next((f for f in ("chat_template", "chat_template_kwargs", "tools") if getattr(body, f)), None)
+        if chat_only:
+            raise APIError(400, f"{chat_only} applies to messages, not to a prompt", chat_only, "conflicting_fields")
+        ids = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"]
+    out = {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+    if body.return_token_strs:
+        out["token_strs"] = state.tokenizer.convert_ids_to_tokens(ids)
+    return out
 
 
 async def detokenize(body: DetokenizeRequest, request: Request):
@@ -147,6 +181,18 @@ TOKENIZER_INFO = ("extra_special_tokens", "add_bos_token", "add_eos_token", "mod
                   "clean_up_tokenization_spaces", "padding_side", "truncation_side", "name_or_path")
 
 
+def texts_of(state, body):
+    """token_text for the logprobs of a request: with return_tokens_as_token_ids, "token_id:<id>" (vLLM's form)."""
+    if not body.return_tokens_as_token_ids:
+        return state.token_text
+    return token_id_text
+
+
+def token_id_text(token: int) -> tuple[str, list[int]]:
+    text = f"token_id:{token}"
+    return text, list(text.encode())
+
+
 def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     """A token's text and its bytes (a byte-fallback piece <0xHH> is that byte); create_app caches it per app."""
     piece = tokenizer.convert_ids_to_tokens([token])[0] or ""
@@ -173,9 +219,9 @@ async def chat(body: ChatRequest, http: Request):
             raise APIError(400, "tool_choice 'required' or a named function cannot be combined with another "
                                 "structured-output constraint", "tool_choice", "conflicting_fields")
         constraint = ("grammar", tools.grammar(functions, forced, body.parallel_tool_calls), "tool_choice")
-    prompt = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                         body.tools if active else None, functions if active else (), body.continue_final_message)
+    prompt = render_chat(state, body, body.tools if active else None, functions if active else ())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    token_text = texts_of(state, body)
     gen = Generation(state, [prompt], body, body.max_completion_tokens or body.max_tokens, logprobs, "messages",
                      constraint, adapter_of(state, name), body.prompt_logprobs)
     streams = [tools.Stream() for _ in range(gen.choices)]
@@ -199,13 +245,14 @@ async def chat(body: ChatRequest, http: Request):
         if finish == "stop" and called[c]:
             finish = "tool_calls"
         return {"index": c, **content,
-                "logprobs": chat_logprobs(state.token_text, entries) if logprobs is not None else None,
+                "logprobs": chat_logprobs(token_text, entries) if logprobs is not None else None,
                 "finish_reason": finish}
 
     opening = [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                for c in range(gen.choices)]
     response = await respond(http, gen, body, name, "chatcmpl", ("chat.completion", "chat.completion.chunk"),
-                             choice, [""] * gen.choices, opening)
+                             choice, [""] * gen.choices, opening,
+                             {"prompt_token_ids": prompt} if body.return_token_ids else None)
     if body.prompt_logprobs is not None and isinstance(response, dict):  # vLLM's place: the response's
         response["prompt_logprobs"] = prompt_logprobs_json(state.token_text, gen.prompts[0])
     return response
@@ -223,12 +270,13 @@ def chat_logprobs(token_text, entries) -> dict:
 async def completions(body: CompletionRequest, http: Request):
     state = http.app.state
     name = checked(state, body)
-    prompts = prompts_of(state.tokenizer, body.prompt)
+    prompts = prompts_of(state.tokenizer, body.prompt, body.add_special_tokens)
     scored = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs if body.echo else None
     gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt", adapter=adapter_of(state, name),
                      prompt_logprobs=scored)
     echo = [state.tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(gen.choices)]
-    offsets = [Offsets(state.token_text, body.logprobs) for _ in echo]
+    offsets = [Offsets(texts_of(state, body), body.logprobs) for _ in echo]
+    told = set()  # the choices given their prompt_token_ids (return_token_ids: on a choice's first chunk)
 
     def choice(c: int, text: str, entries, finish, streamed: bool) -> dict:
         prompt = gen.prompts[c]
@@ -236,12 +284,15 @@ async def completions(body: CompletionRequest, http: Request):
         out = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if prompt is not None and not streamed:  # vLLM's field
             out["prompt_logprobs"] = prompt_logprobs_json(state.token_text, prompt)
+        if body.return_token_ids and c not in told:
+            out["prompt_token_ids"] = prompts[c // body.n]
+            told.add(c)
         return out
 
     return await respond(http, gen, body, name, "cmpl", ("text_completion", "text_completion"), choice, echo)
 
 
-def prompts_of(tokenizer, prompt) -> list[list[int]]:
+def prompts_of(tokenizer, prompt, add_special_tokens: bool = True) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -250,7 +301,7 @@ def prompts_of(tokenizer, prompt) -> list[list[int]]:
         return [list(prompt)]
     out = []
     for p in prompt:
-        ids = p if isinstance(p, list) else tokenizer(p)["input_ids"]
+        ids = p if isinstance(p, list) else tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
         out.append(list(ids))

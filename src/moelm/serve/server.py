@@ -50,6 +50,8 @@ def add_arguments(p):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MOELM_API_KEY)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests that give none")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="take a request's chat_template (off by default, as in vLLM: a template runs in the sandbox)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s fields: {"method": "ngram" | "mtp" | "draft_model", '
                         '"num_speculative_tokens": K, "prompt_lookup_min"/"prompt_lookup_max": N (ngram), "model": '
@@ -190,7 +192,8 @@ def run(args, load):
     defaults = {k: configured[k] for k in SAMPLING_DEFAULTS if k in configured}
     names = args.served_model_name or [model_path]
     app = create_app(engine, tokenizer, names, api_key=api_key, chat_template=template, defaults=defaults,
-                     tokenizer_info=args.enable_tokenizer_info_endpoint)
+                     tokenizer_info=args.enable_tokenizer_info_endpoint,
+                     trust_request_chat_template=args.trust_request_chat_template)
     cache = engine.cache
     kv = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
     print(f"moelm serve: {model_path} as {', '.join(names)} on http://{args.host}:{args.port} "
