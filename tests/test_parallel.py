@@ -37,7 +37,7 @@ LAYOUTS = {
     "tp2-ep2-all_to_all": (2, dict(tp_size=2, ep_size=2, ep_implementation="all_to_all"), MOE),
     "tp2-fsdp2-ep4": (4, dict(tp_size=2, fsdp_size=2, ep_size=4), MOE),  # all_to_all across TP slices
 }
-CHECKS = ("logits", "loss", "aux_loss", "router_logits", "greedy", "sampled", "uneven_stop", "grads")
+CHECKS = ("logits", "loss", "aux_loss", "router_logits", "attentions", "greedy", "sampled", "uneven_stop", "grads")
 TIMEOUT = 240  # seconds for one spawn, then its processes are killed
 # The ranks are forked from a forkserver that has imported torch (with the torch._dynamo that building a model on the
 # meta device first pulls in: 3.5 s), moelm and this module once, instead of paying ~8 s of CPU per rank per spawn
@@ -131,7 +131,8 @@ def test_layout_matches_one_process(layout, checkpoints, tmp_path):
     world, fields, families = LAYOUTS[layout]
     launch(layout_worker, world, fields, {f: checkpoints[f] for f in families}, str(tmp_path))
     found = reports(tmp_path, world)
-    assert_clean(found, [f"{f}/{c}" for f in families for c in CHECKS])
+    checks = CHECKS + (("attention_plan",) if layout == "tp2" else ())
+    assert_clean(found, [f"{f}/{c}" for f in families for c in checks])
     tp, ep = fields.get("tp_size", 1), fields.get("ep_size", 1)
     for family in families:
         sizes = found[0]["bytes"][family]
@@ -163,12 +164,28 @@ def reference_loads(saved: Path, checkpoints: dict[str, str]) -> None:
                                        msg=lambda m: f"{family}: {m}")
 
 
-def test_fsdp2_over_tensor_parallel(checkpoints, tmp_path):
+@pytest.fixture(scope="session")
+def phimoe_tp4(tmp_path_factory) -> str:
+    """PhiMoE that takes tp=4: 4 kv heads; experts 24 wide, so 6 per rank (24 bytes in fp32, narrower than
+    torch._grouped_mm's 16-byte rows); attention and LM head biases, a sliding window."""
+    from reference import randomise
+
+    config = named_config("phimoe-tiny")
+    config.num_key_value_heads, config.intermediate_size, config.sliding_window = 4, 24, 5
+    config.attention_bias = config.lm_head_bias = True
+    path = tmp_path_factory.mktemp("phimoe_tp4")
+    randomise(AutoModelForCausalLM.from_config(config, seed=0, fast=False), seed=2).save_pretrained(path)
+    return str(path)
+
+
+def test_four_ranks(checkpoints, phimoe_tp4, tmp_path):
     """fully_shard over dp_shard of a tp=2 x fsdp=2 model: each rank's loss is one process's on its batch, and the
-    gathered gradients are the average of one process's over the two data-parallel batches."""
-    launch(fsdp_worker, 4, checkpoints["ernie4_5"], str(tmp_path))
+    gathered gradients are the average of one process's over the two data-parallel batches. Then tp=4 (experts
+    sliced narrow) and tp=4 x ep=4 with all_to_all over 22 rows, which DTensor lays 6, 6, 6, 4 over the TP slices:
+    logits, loss, gradients and greedy tokens are one process's. Then a user's (dp, tp) device_mesh."""
+    launch(fsdp_worker, 4, checkpoints["ernie4_5"], phimoe_tp4, str(tmp_path))
     found = reports(tmp_path, 4)
-    assert_clean(found, ["mesh", "loss", "grads"])
+    assert_clean(found, ["mesh", "loss", "grads", "2d_mesh"] + [f"{what}/{c}" for what in TP4 for c in TP4_CHECKS])
 
 
 BAD = {  # what -> (the error each rank must raise, a pattern of its message)
@@ -176,18 +193,29 @@ BAD = {  # what -> (the error each rank must raise, a pattern of its message)
     "experts": ("ValueError", r"ep=2 must divide the experts \(3\)"),
     "world": ("ValueError", r"needs dp_replicate_size \* fsdp_size \* tp_size = 1 \* 2 \* 2 = 4"),
     "dense": ("ValueError", "ernie4_5 has no experts"),
+    "part of attention": ("ValueError", r"plan for model\.layers\.0\.self_attn: q_proj colwise, k_proj unsharded, "
+                          r"v_proj unsharded, o_proj unsharded; moelm shards it as q_proj colwise, k_proj colwise"),
+    "one tied end": ("ValueError", "model.embed_tokens and lm_head are tied"),
+    "head not gathered": ("ValueError", "plan for lm_head: 'colwise'; moelm shards it as 'colwise_gather_output'"),
+    "mlp width": ("ValueError", r"tp=2 must divide the intermediate size of model\.layers\.0\.mlp \(129\)"),
+    "rule naming nothing": ("ValueError", r"plan rule 'layers\.\*\.self_attn\.q_proj' names no module"),
 }
 
 
 def test_layouts_a_model_or_the_world_cannot_take(checkpoints, tmp_path):
-    """Each rank raises a ValueError naming the numbers, before any collective."""
+    """Each rank raises a ValueError naming the numbers (or the modules of a tp_plan one process would not compute
+    alike), before any collective."""
     kv = named_config("ernie4_5-tiny")
     kv.num_key_value_heads = 1
     AutoModelForCausalLM.from_config(kv, seed=0, fast=False).save_pretrained(tmp_path / "kv1")
     three = named_config("phimoe-tiny")
     three.num_local_experts = 3
     AutoModelForCausalLM.from_config(three, seed=0, fast=False).save_pretrained(tmp_path / "three")
-    dirs = {"kv1": str(tmp_path / "kv1"), "three": str(tmp_path / "three"), "dense": checkpoints["ernie4_5"]}
+    wide = named_config("ernie4_5-tiny")
+    wide.intermediate_size = 129
+    AutoModelForCausalLM.from_config(wide, seed=0, fast=False).save_pretrained(tmp_path / "wide")
+    dirs = {"kv1": str(tmp_path / "kv1"), "three": str(tmp_path / "three"), "dense": checkpoints["ernie4_5"],
+            "wide": str(tmp_path / "wide")}
     launch(bad_worker, 2, dirs, str(tmp_path))
     for rank, rep in enumerate(reports(tmp_path, 2)):
         for what, (kind, pattern) in BAD.items():
@@ -307,6 +335,21 @@ def check_family(family: str, path: str, fields: dict, rank: int, out: str, repo
     else:
         report.true(f"{family}/aux_loss", got.aux_loss is None and want.aux_loss is None, "a dense model's aux loss")
     report.done(f"{family}/aux_loss", f"{family}/router_logits")
+    with torch.no_grad():  # every head's weights, not this rank's
+        heads, ref_heads = (m(ids, output_attentions=True).attentions for m in (model, ref))
+    report.true(f"{family}/attentions", len(heads) == len(ref_heads), f"{len(heads)} vs {len(ref_heads)}")
+    for i, (a, b) in enumerate(zip(heads, ref_heads)):
+        report.close(f"{family}/attentions[{i}]", a, b)
+    report.done(f"{family}/attentions")
+
+    if (tp, ep) == (2, 1):  # a tp_plan of the attention only: the rest whole on every rank, experts included
+        from moelm.parallel.plans import ATTENTION
+
+        plan = DistributedConfig(tp_size=2, tp_plan=ATTENTION)
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(path, distributed_config=plan)(ids).logits
+        report.close(f"{family}/attention_plan", logits, want.logits)
+        report.done(f"{family}/attention_plan")
 
     # 2. generation (min_new_tokens: ranks with different batches must step together, none stopping early)
     from moelm.inference import kernels
@@ -386,7 +429,7 @@ def layout_worker(rank: int, world: int, port: int, fields: dict, paths: dict[st
     leave_world()
 
 
-def fsdp_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+def fsdp_worker(rank: int, world: int, port: int, path: str, tp4_path: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     join_world(rank, world, port)
@@ -411,8 +454,49 @@ def fsdp_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     for name, p in model.named_parameters():
         report.close(f"grads {name}", p.grad.full_tensor(), (expected[0][name] + expected[1][name]) / 2)
     report.done("grads")
+    tp4_checks(tp4_path, report)
+    two_d_mesh(path, rank, report)
     report.write(out, rank)
     leave_world()
+
+
+def two_d_mesh(path: str, rank: int, report: Report) -> None:
+    """A user's (dp, tp) mesh, as transformers takes it: TP over its tp groups, each dp replica its own batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ref = AutoModelForCausalLM.from_pretrained(path, fast=False)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", device_mesh=mesh)
+    ids = tokens(rank // 2)
+    with torch.no_grad():
+        report.close("2d_mesh", model(ids).logits, ref(ids).logits)
+    outs = [m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False) for m in (model, ref)]
+    report.true("2d_mesh", torch.equal(*outs), f"{outs[0].tolist()} vs {outs[1].tolist()}")
+    report.done("2d_mesh")
+
+
+TP4 = {"tp4": dict(tp_size=4), "tp4-ep4-all_to_all": dict(tp_size=4, ep_size=4, ep_implementation="all_to_all")}
+TP4_CHECKS = ("logits", "loss", "grads", "greedy")
+
+
+def tp4_checks(path: str, report: Report) -> None:
+    """Every rank holds the same batch of 2 x 11 rows."""
+    ref = AutoModelForCausalLM.from_pretrained(path, fast=False)
+    ids = torch.randint(10, 512, (2, 11), generator=torch.Generator().manual_seed(3))
+    expected = grads_on(ref, ids)
+    with torch.no_grad():
+        want = ref(ids, labels=ids, output_router_logits=True)
+    for what, fields in TP4.items():
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(**fields))
+        got = model(ids, labels=ids, output_router_logits=True)
+        report.close(f"{what}/logits", got.logits, want.logits)
+        report.close(f"{what}/loss", got.loss, want.loss)
+        got.loss.backward()
+        for name, p in model.named_parameters():
+            report.close(f"{what}/grads {name}", model.parallel.full(name, p.grad), expected[name])
+        outs = [m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False) for m in (model, ref)]
+        report.true(f"{what}/greedy", torch.equal(*outs), f"{outs[0].tolist()} vs {outs[1].tolist()}")
+        report.done(*(f"{what}/{c}" for c in TP4_CHECKS))
 
 
 def bad_worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str) -> None:
@@ -422,6 +506,13 @@ def bad_worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str)
         "experts": (dirs["three"], DistributedConfig(ep_size=2, fsdp_size=2)),
         "world": (dirs["dense"], DistributedConfig(tp_size=2, fsdp_size=2)),
         "dense": (dirs["dense"], DistributedConfig(ep_size=2, fsdp_size=2)),
+        "part of attention": (dirs["dense"], DistributedConfig(tp_size=2, tp_plan={
+            "model.layers.*.self_attn.q_proj": "colwise"})),
+        "one tied end": (dirs["dense"], DistributedConfig(tp_size=2, tp_plan={"lm_head": "colwise_gather_output"})),
+        "head not gathered": (dirs["three"], DistributedConfig(tp_size=2, tp_plan={"lm_head": "colwise"})),
+        "mlp width": (dirs["wide"], DistributedConfig(tp_size=2)),
+        "rule naming nothing": (dirs["dense"], DistributedConfig(tp_size=2, tp_plan={  # relative to the base model
+            f"layers.*.self_attn.{p}_proj": "rowwise" if p == "o" else "colwise" for p in "qkvo"})),
     }
     errors = {}
     for what, (path, config) in attempts.items():

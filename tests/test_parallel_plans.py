@@ -2,6 +2,7 @@
 against the parameters of real (tiny) models, unsharded and quantized, and `moelm info --tp/--ep`."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -128,3 +129,70 @@ def test_info_prints_the_per_rank_plan():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "tp=3 must divide the attention heads (20)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_narrower_than_grouped_mm_rows(dtype):
+    """An expert sliced over tp ranks can be narrower than torch._grouped_mm's 16-byte rows (24 wide at tp=4: 6
+    fp32, 24 bytes): the stacked experts still run, forward and backward, as the padded bmm computes them."""
+    from moelm.nn.moe import Experts
+
+    torch.manual_seed(0)
+    auto, bmm = Experts(4, 32, 6), Experts(4, 32, 6)
+    with torch.no_grad():
+        for p in auto.parameters():
+            p.normal_(0, 0.1)
+    bmm.load_state_dict(auto.state_dict())
+    auto, bmm = auto.to(dtype), bmm.to(dtype)
+    bmm.path = "bmm"
+    x = torch.randn(10, 32, dtype=dtype)
+    index, weights = torch.randint(0, 4, (10, 2)), torch.rand(10, 2, dtype=dtype)
+    for experts in (auto, bmm):
+        experts(x, index, weights).float().square().sum().backward()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x, index, weights), bmm(x, index, weights), **tol)
+    for name in ("gate_up_proj", "down_proj"):
+        torch.testing.assert_close(getattr(auto, name).grad, getattr(bmm, name).grad, **tol)
+
+
+def test_plans_one_process_would_not_compute_alike():
+    """check_plan (parallelize's and memory_plan's): the family's plans pass; a block sharded in part, an end sharded
+    otherwise, one of two tied ends, a module moelm does not shard, or a width tp does not divide is a ValueError
+    naming it."""
+    from moelm.parallel.plans import check_plan
+
+    config = named_config("ernie4_5_moe-tiny")
+    model = meta_model(config)
+    check_plan(model, plan_for(config, 2, 2), 2)
+    check_plan(model, {}, 3)
+    check_plan(model, plan_for(config, 4, 8), 4)  # whole experts: their width need not divide
+    bad = {
+        "plan for model.layers.0.mlp: gate_proj colwise, up_proj unsharded": {
+            "model.layers.*.mlp.gate_proj": "colwise"},
+        r"plan for model.layers.1.mlp.shared_experts: .* down_proj colwise; moelm shards it as .* down_proj rowwise": {
+            f"model.layers.*.mlp.shared_experts.{p}_proj": "colwise" for p in ("gate", "up", "down")},
+        "plan for model.embed_tokens: 'rowwise'": {"model.embed_tokens": "rowwise", "lm_head": "colwise_gather_output"},
+        "are tied": {"model.embed_tokens": "vocab_parallel"},
+    }
+    for message, plan in bad.items():
+        with pytest.raises(ValueError, match=message):
+            check_plan(model, plan, 2)
+    with pytest.raises(ValueError, match=r"tp=3 must divide the intermediate size of model.layers.1.mlp.experts \("):
+        check_plan(model, plan_for(config, 3, 1), 3)
+    dense = {f"model.layers.*.mlp.{p}_proj": "rowwise" if p == "down" else "colwise" for p in ("gate", "up", "down")}
+    with pytest.raises(ValueError, match=r"tp=3 must divide the intermediate size of model.layers.0.mlp \(128\)"):
+        check_plan(model, dense, 3)
+
+
+def test_a_users_rule_must_name_a_module():
+    from moelm.parallel.plans import check_rules_match
+
+    model = meta_model(named_config("phimoe-tiny"))
+    check_rules_match(model, {"model.layers.*.block_sparse_moe.experts.gate_up_proj": "grouped_gemm", "lm_head": "x"})
+    config = named_config("ernie4_5_moe-tiny")
+    config.moe_layer_start_index, config.moe_num_shared_experts = 0, 0  # no dense MLP, no shared experts
+    check_rules_match(meta_model(config), TP_PLANS["ernie4_5_moe"])  # the family's own rules
+    for typo in ("model.layers.*.block_sparse_moe.experts.w1", "layers.*.self_attn.q_proj", "model.lm_head"):
+        with pytest.raises(ValueError, match=f"plan rule '{re.escape(typo)}' names no module of PhimoeForCausalLM"):
+            check_rules_match(model, {typo: "colwise"})

@@ -40,13 +40,20 @@ def _contiguous(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()  # torch._grouped_mm's backward rejects an expanded gradient (strides 0)
 
 
+def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these widths: rows of 16 bytes, the input's and, for the backward, the
+    output's (a tensor-parallel slice of an expert can be narrower)."""
+    widths = (w.shape[2], w.shape[1]) if needs_grad(x, w) else (w.shape[2],)
+    return all(n * w.element_size() % 16 == 0 for n in widths)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """Rows of x [N, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [N, out].
     path: "grouped_mm" (torch._grouped_mm), "bmm" (padded batched matmul) or "auto" (the first where it runs)."""
     if path == "grouped_mm" and not _grouped_mm_works(x, w):
         raise RuntimeError(f"torch._grouped_mm does not run here ({x.device.type}, {x.dtype}"
                            f"{', with gradients' if needs_grad(x, w) else ''}); choose experts='torch' or 'bmm'")
-    if path != "bmm" and _grouped_mm_works(x, w):
+    if path != "bmm" and _grouped_mm_works(x, w) and (path == "grouped_mm" or _aligned(x, w)):
         offs = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         if out.requires_grad:

@@ -3,12 +3,14 @@ ColwiseParallel / RowwiseParallel (DTensor parameters) for the linear layers and
 (parallel/experts.py) for the stacked experts; then what loading and saving need to know of each parameter."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -18,7 +20,7 @@ from ..nn.layers import Attention
 from ..nn.moe import Experts
 from .config import DistributedConfig
 from .experts import full_tensor, shard_experts
-from .plans import check_sizes, plan_for, sharded_modules
+from .plans import check_plan, check_rules_match, check_sizes, plan_for, sharded_modules
 
 LINEAR_STYLES = {"colwise": lambda: ColwiseParallel(), "rowwise": lambda: RowwiseParallel(),
                  "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
@@ -92,8 +94,9 @@ class ParallelState:
             index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
             return local, index, tuple(param.shape)
         layout = self.layouts.get(name)
-        if expert is None or layout is None:
-            return param, None, tuple(param.shape)
+        if expert is None or layout is None:  # whole on every rank: the expert's part, as one process loads it
+            target = param if expert is None else param[expert].chunk(num_parts, dim=0)[part]
+            return target, None, tuple(target.shape)
         kind, dim, mesh = layout
         if dim == 0:  # whole experts per rank
             first = mesh.get_local_rank() * param.shape[0]
@@ -119,6 +122,14 @@ def waited(module, args, out):
     return out.wait() if isinstance(out, AsyncCollectiveTensor) and not out.requires_grad else out
 
 
+def gather_heads(module, args, out, mesh: DeviceMesh):
+    """Attention weights [B, H, Q, K] of every head (output_attentions), from this rank's heads."""
+    out, weights = out
+    if weights is None:
+        return None
+    return out, DTensor.from_local(weights.contiguous(), mesh, [Shard(1)]).full_tensor()
+
+
 def meshes(config: DistributedConfig, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
     """The dense mesh (dp_replicate, dp_shard, tp) and the expert mesh (dp_replicate, efsdp, ep) over the same
     ranks: an EP group is ep consecutive ranks, whole TP groups."""
@@ -139,11 +150,10 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
     as `config` lays it out; sets model.parallel."""
     cfg = model.config
     check_sizes(cfg, config.tp_size, config.ep_size)
-    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    if config.tp_size > 1 and width % config.tp_size:
-        raise ValueError(f"tp={config.tp_size} must divide the experts' intermediate size ({width})")
-    dense, experts_mesh = meshes(config, device_type)
     plan = plan_for(cfg, config.tp_size, config.ep_size, config.tp_plan, config.ep_plan)
+    check_plan(model, plan, config.tp_size)
+    check_rules_match(model, user_rules(config))
+    dense, experts_mesh = meshes(config, device_type)
     state = ParallelState(config, dense, experts_mesh, plan)
     shares_batch = state.shares_batch
     dispatcher = getattr(getattr(model, "backend", None), "dispatcher", "torch")  # NeMo's BackendConfig
@@ -166,8 +176,15 @@ def parallelize(model: nn.Module, config: DistributedConfig, device_type: str = 
         if isinstance(module, Attention) and isinstance(module.q_proj.weight, DTensor):
             module.num_heads //= config.tp_size
             module.num_kv_heads //= config.tp_size
+            module.register_forward_hook(functools.partial(gather_heads, mesh=state.tp_mesh))
     model.parallel = state
     return model
+
+
+def user_rules(config: DistributedConfig) -> dict[str, str]:
+    """The rules of the plans a user gave (a dict tp_plan, an ep_plan) that apply at these sizes."""
+    rules = dict(config.tp_plan) if isinstance(config.tp_plan, dict) and config.tp_size > 1 else {}
+    return {**rules, **(config.ep_plan or {})} if config.ep_size > 1 else rules
 
 
 def optimize_sharded(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ def comm_plan(config, tp: int, ep: int, tokens: int, logits: int, dtype: torch.d
     out = Counter()
     if tp > 1:
         out["all_reduce"] += tokens * h * size * (1 + layers)  # the vocab-parallel embedding, each o_proj
-        out["all_gather"] += logits * (config.vocab_size // tp) * size  # lm_head: colwise, output gathered
+        out["all_gather"] += logits * -(-config.vocab_size // tp) * size  # lm_head: colwise, gathered (padded)
     for i in range(layers):
         rows = min(logits, tokens) if i == layers - 1 else tokens  # the feed-forward's rows
         row = rows * h * size

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..nn.moe import Experts
 
@@ -104,7 +105,8 @@ class ExpertsEP(Experts):
         tokens, hidden = x.shape
         tp = self.tp_mesh
         if tp.size() > 1:  # this rank's slice of the rows its TP group shares; their gradients summed over TP
-            x, index, weights = (t.tensor_split(tp.size())[tp.get_local_rank()] for t in (
+            mine = shard_rows(tokens, tp)
+            x, index, weights = (t[mine] for t in (
                 _SumBackward.apply(x, tp.get_group()), index, _SumBackward.apply(weights, tp.get_group())))
         group, ep, local = self.ep_mesh.get_group(), self.ep_mesh.size(), self.num_experts
         k = index.shape[1]
@@ -124,6 +126,13 @@ class ExpertsEP(Experts):
             return out
         return DTensor.from_local(out.contiguous(), tp, [Shard(0)], shape=(tokens, hidden),
                                   stride=(hidden, 1)).full_tensor()
+
+
+def shard_rows(rows: int, mesh) -> slice:
+    """This rank's rows of `rows` as DTensor's Shard(0) lays them out (as torch.chunk: ceil(rows / n) each, the
+    last ones short or empty), so that gathering them back as a DTensor puts each where it came from."""
+    (size,), (start,) = compute_local_shape_and_global_offset((rows,), mesh, [Shard(0)])
+    return slice(start, start + size)
 
 
 def shard_experts(experts: Experts, style: str, tp_mesh, ep_mesh, ep_implementation: str = "auto",

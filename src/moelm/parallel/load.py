@@ -14,6 +14,7 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
     distributed_config=), at least one of them given (distributed_config may be a dict; tp_plan, tp_size and the
     mesh's tp size beside it must agree with it); torch.distributed is initialised from torchrun's variables when it
     is not yet."""
+    replicas = None
     if device_mesh is not None:
         names = device_mesh.mesh_dim_names or ()
         if device_mesh.ndim != 1 and "tp" not in names:
@@ -27,9 +28,11 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
         if tp_size is not None and tp_size != mesh_tp:
             raise ValueError(f"tp_size={tp_size} disagrees with the device_mesh's tp size {mesh_tp}")
         tp_size = mesh_tp
+        replicas = replicas_of(device_mesh, mesh_tp)
         device = device if device is not None else device_mesh.device_type
     if distributed_config is None:
-        config = DistributedConfig(tp_size=tp_size, tp_plan=tp_plan if tp_plan is not None else "auto")
+        config = DistributedConfig(tp_size=tp_size, tp_plan=tp_plan if tp_plan is not None else "auto",
+                                   dp_replicate_size=replicas)
     else:
         config = DistributedConfig(**distributed_config) if isinstance(distributed_config, dict) else distributed_config
         if not isinstance(config, DistributedConfig):
@@ -48,3 +51,16 @@ def distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device
     device = torch.device(device)
     init_process_group(device)
     return config, device
+
+
+def replicas_of(device_mesh, tp: int) -> int:
+    """The data-parallel replicas of a mesh with a 'tp' dimension (transformers shards over its tp groups only),
+    whose tp groups must be the consecutive ranks moelm's own mesh groups."""
+    if device_mesh.ndim == 1:
+        return 1
+    names = list(device_mesh.mesh_dim_names)
+    groups = device_mesh.mesh.movedim(names.index("tp"), -1).reshape(-1, tp)
+    if not torch.equal(groups.cpu(), torch.arange(device_mesh.size()).reshape(-1, tp)):
+        raise NotImplementedError(f"device_mesh: its tp groups {groups.tolist()} are not consecutive ranks, as moelm "
+                                  "lays them out; use a mesh whose last dimension is 'tp'")
+    return device_mesh.size() // tp

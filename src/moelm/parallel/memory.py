@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..inference.quantization import QuantizationConfig, experts_group_for, group_for
-from .plans import check_sizes, parameter_styles, plan_for
+from .plans import check_plan, check_sizes, parameter_styles, plan_for
 
 SHARDED_DIM = {"colwise": 0, "vocab_parallel": 0, "colwise_gather_output": 0, "packed_colwise": 1}
 
@@ -48,7 +48,9 @@ def memory_plan(model, tp: int = 1, ep: int = 1, dtype: torch.dtype = torch.bflo
     max(tp, ep): with ep > tp the dense parts are replicated in each of the ep / tp groups)."""
     config = model.config
     check_sizes(config, tp, ep)
-    styles = parameter_styles(model, plan_for(config, tp, ep))
+    plan = plan_for(config, tp, ep)
+    check_plan(model, plan, tp)
+    styles = parameter_styles(model, plan)
     size = dtype.itemsize
     dense = experts = 0
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..nn.layers import MLP, Attention
 from ..nn.moe import Experts
 
 ATTENTION = {
@@ -96,6 +97,71 @@ def sharded_modules(model: nn.Module, plan: dict[str, str]) -> Iterator[tuple[st
             continue
         if style is not None:
             yield name, module, style
+
+
+BLOCKS = {Attention: {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
+          MLP: {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}}
+
+
+def check_plan(model: nn.Module, plan: dict[str, str], tp: int):
+    """ValueError naming the module for a plan the model cannot run as one process does: an attention block or an
+    MLP sharded in part or otherwise than q/k/v (gate/up) colwise and o (down) rowwise; the embedding other than
+    vocab_parallel, the LM head other than colwise_gather_output, or only one of them when they are tied; any other
+    nn.Linear; an MLP or experts sliced along an intermediate width that tp does not divide."""
+    styles, done = {}, set()
+    for name, module, style in sharded_modules(model, plan):
+        if isinstance(module, Experts):
+            if style == "packed_colwise" and module.down_proj.shape[2] % tp:
+                raise ValueError(f"tp={tp} must divide the intermediate size of {name} ({module.down_proj.shape[2]})")
+        else:
+            styles[name] = style
+    for name, module in model.named_modules():
+        want = next((v for k, v in BLOCKS.items() if isinstance(module, k)), None)
+        if want is None:
+            continue
+        got = {leaf: styles.get(f"{name}.{leaf}") for leaf in want}
+        if any(got.values()) and got != want:
+            raise ValueError(f"plan for {name}: {_listed(got)}; moelm shards it as {_listed(want)}, or not at all")
+        if isinstance(module, MLP) and any(got.values()) and module.gate_proj.out_features % tp:
+            raise ValueError(f"tp={tp} must divide the intermediate size of {name} ({module.gate_proj.out_features})")
+        done.update(f"{name}.{leaf}" for leaf in want)
+    ends = {_name_of(model, model.get_input_embeddings()): "vocab_parallel",
+            _name_of(model, model.get_output_embeddings()): "colwise_gather_output"}
+    ends.pop(None, None)
+    for name, style in ends.items():
+        if styles.get(name, style) != style:
+            raise ValueError(f"plan for {name}: {styles[name]!r}; moelm shards it as {style!r}, or not at all")
+    if getattr(model.config, "tie_word_embeddings", False) and len({n in styles for n in ends}) > 1:
+        raise ValueError(f"plan: {' and '.join(ends)} are tied (tie_word_embeddings); shard both or neither")
+    rest = sorted(set(styles) - done - set(ends))
+    if rest:
+        raise ValueError(f"plan rule for {rest[0]}: moelm does not shard it (attention, MLPs, experts, the "
+                         "embedding and the LM head only)")
+
+
+def check_rules_match(model: nn.Module, rules: dict[str, str]):
+    """ValueError for a rule of a user's plan that names no module of the model (a rule for stacked experts names
+    their gate_up_proj or down_proj): it would shard nothing. The family's own rules may (an MoE-only model has no
+    dense MLP)."""
+    kind = model.config.model_type
+    family = {**TP_PLANS.get(kind, {}), **EP_PLANS.get(kind, {})}
+    names = set()
+    for name, module in model.named_modules():
+        names.add(name)
+        if isinstance(module, Experts):
+            names.update({f"{name}.gate_up_proj", f"{name}.down_proj"})
+    for pattern in rules:
+        if pattern not in family and not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"plan rule {pattern!r} names no module of {type(model).__name__}; moelm's patterns are "
+                             "relative to the causal LM, e.g. 'model.layers.*.self_attn.q_proj'")
+
+
+def _listed(styles: dict[str, str | None]) -> str:
+    return ", ".join(f"{leaf} {style or 'unsharded'}" for leaf, style in styles.items())
+
+
+def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
 
 
 def parameter_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
