@@ -11,12 +11,14 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import socket
 import time
 import traceback
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 
@@ -199,6 +201,8 @@ BAD = {  # what -> (the error each rank must raise, a pattern of its message)
     "head not gathered": ("ValueError", "plan for lm_head: 'colwise'; moelm shards it as 'colwise_gather_output'"),
     "mlp width": ("ValueError", r"tp=2 must divide the intermediate size of model\.layers\.0\.mlp \(129\)"),
     "rule naming nothing": ("ValueError", r"plan rule 'layers\.\*\.self_attn\.q_proj' names no module"),
+    "misshapen expert": ("CheckpointError", r"experts\.7\.down_proj\.weight: checkpoint \[64, 31\] vs model "
+                                            r"\[64, 32\]"),
 }
 
 
@@ -214,8 +218,14 @@ def test_layouts_a_model_or_the_world_cannot_take(checkpoints, tmp_path):
     wide = named_config("ernie4_5-tiny")
     wide.intermediate_size = 129
     AutoModelForCausalLM.from_config(wide, seed=0, fast=False).save_pretrained(tmp_path / "wide")
+    misshapen = tmp_path / "misshapen"  # the last expert's down_proj one column short: rank 0 must see it too
+    shutil.copytree(checkpoints["ernie4_5_moe"], misshapen)
+    weights = safetensors.torch.load_file(misshapen / "model.safetensors")
+    key = next(k for k in weights if k.endswith("experts.7.down_proj.weight"))
+    weights[key] = weights[key][:, :-1].contiguous()
+    safetensors.torch.save_file(weights, misshapen / "model.safetensors", metadata={"format": "pt"})
     dirs = {"kv1": str(tmp_path / "kv1"), "three": str(tmp_path / "three"), "dense": checkpoints["ernie4_5"],
-            "wide": str(tmp_path / "wide")}
+            "wide": str(tmp_path / "wide"), "misshapen": str(misshapen)}
     launch(bad_worker, 2, dirs, str(tmp_path))
     for rank, rep in enumerate(reports(tmp_path, 2)):
         for what, (kind, pattern) in BAD.items():
@@ -511,6 +521,7 @@ def bad_worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str)
         "one tied end": (dirs["dense"], DistributedConfig(tp_size=2, tp_plan={"lm_head": "colwise_gather_output"})),
         "head not gathered": (dirs["three"], DistributedConfig(tp_size=2, tp_plan={"lm_head": "colwise"})),
         "mlp width": (dirs["wide"], DistributedConfig(tp_size=2)),
+        "misshapen expert": (dirs["misshapen"], DistributedConfig(ep_size=2, fsdp_size=2)),
         "rule naming nothing": (dirs["dense"], DistributedConfig(tp_size=2, tp_plan={  # relative to the base model
             f"layers.*.self_attn.{p}_proj": "rowwise" if p == "o" else "colwise" for p in "qkvo"})),
     }
@@ -524,4 +535,8 @@ def bad_worker(rank: int, world: int, port: int, dirs: dict[str, str], out: str)
     report = Report()
     report.extra["errors"] = errors
     report.write(out, rank)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a rank leaving first would cut off the other's gloo connections still being made
+        dist.barrier()
     leave_world()

@@ -119,9 +119,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                         view = target, None, tuple(target.shape)
                     shape = tuple(ckpt.shape(key)) if codes is None else stored_shape(ckpt, codes, _mode(quantized,
                                                                                                           ours))
-                    if view is None:  # an expert of another rank
-                        filled[ours].add((expert, part))
-                    elif view[2] != shape:
+                    if view[2] != shape:
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(view[2])} "
                                           f"(in {ckpt.file_of(key).name})")
                         filled[ours].add((expert, part))  # reported here, not as missing too
@@ -132,6 +130,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                     elif codes is None and not ckpt.dtype(key).is_floating_point:
                         wrong_dtype.append(f"{key}: checkpoint {str(ckpt.dtype(key)).removeprefix('torch.')}, "
                                            f"the model needs a float (in {ckpt.file_of(key).name})")
+                        filled[ours].add((expert, part))
+                    elif view[0] is None:  # an expert of another rank
                         filled[ours].add((expert, part))
                     else:
                         target, index, _ = view

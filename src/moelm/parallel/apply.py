@@ -87,7 +87,7 @@ class ParallelState:
 
     def local_view(self, name: str, param: torch.Tensor, expert: int | None, part: int | None, num_parts: int):
         """Where a hub tensor goes on this rank: (target view, index into the hub tensor or None for all of it,
-        the hub tensor's whole shape), or None when it belongs to other ranks."""
+        the hub tensor's whole shape); the target is None when it belongs to other ranks (its shape still checked)."""
         if isinstance(param, DTensor):
             local = param.to_local()
             shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
@@ -101,7 +101,7 @@ class ParallelState:
         if dim == 0:  # whole experts per rank
             first = mesh.get_local_rank() * param.shape[0]
             if not first <= expert < first + param.shape[0]:
-                return None
+                return None, None, tuple(param[0].chunk(num_parts, dim=0)[part].shape)
             target = param[expert - first].chunk(num_parts, dim=0)[part]
             return target, None, tuple(target.shape)
         target = param[expert].chunk(num_parts, dim=0)[part]  # [I/tp, H] of gate or up, or down's [H, I/tp]
