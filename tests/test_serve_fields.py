@@ -72,6 +72,9 @@ def test_add_special_tokens_as_vllm(server, client):
                                       logprobs=0, extra_body=extra)
         assert r.usage.prompt_tokens == len(want)
         assert r.choices[0].logprobs.tokens[:len(want)] == [tokenizer.decode([t]) for t in want]
+        assert r.choices[0].text.startswith("Hello there") and "<s>" not in r.choices[0].text  # as given (vLLM)
+        ids = client.completions.create(model="tiny", prompt=want, max_tokens=1, temperature=0, echo=True)
+        assert ids.choices[0].text.startswith(tokenizer.decode(want))  # token ids: decoded
         assert post(url, "/tokenize", {"prompt": "Hello there", **extra}).json()["tokens"] == want
     ids = rendered_ids(tokenizer, ERNIE_TEMPLATE)
     for flag, want in ((None, ids), (False, ids), (True, [bos] + ids)):

@@ -274,7 +274,9 @@ async def completions(body: CompletionRequest, http: Request):
     scored = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs if body.echo else None
     gen = Generation(state, prompts, body, body.max_tokens, body.logprobs, "prompt", adapter=adapter_of(state, name),
                      prompt_logprobs=scored)
-    echo = [state.tokenizer.decode(prompts[c // body.n]) if body.echo else "" for c in range(gen.choices)]
+    texts = [body.prompt] if isinstance(body.prompt, str) else [p if isinstance(p, str) else None for p in body.prompt]
+    echo = [(texts[c // body.n] if texts[c // body.n] is not None else state.tokenizer.decode(prompts[c // body.n]))
+            if body.echo else "" for c in range(gen.choices)]  # a text prompt as given (vLLM's), token ids decoded
     offsets = [Offsets(texts_of(state, body), body.logprobs) for _ in echo]
     told = set()  # the choices given their prompt_token_ids (return_token_ids: on a choice's first chunk)
 
