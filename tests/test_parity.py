@@ -969,6 +969,24 @@ def test_sequence_classification_regression():
     assert ours.config.problem_type == ref.config.problem_type == "regression"
 
 
+def test_classifier_from_a_causal_lm_checkpoint_with_num_labels():
+    """from_pretrained(causal LM checkpoint, num_labels=3), as a classification fine-tune starts: the base weights
+    read, a new 3-label head; with transformers' head copied in, the same logits. label2id names the labels."""
+    _, _, path = build("phimoe", pad_token_id=5)  # the family with a classification head
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3,
+                                                                          attn_implementation="eager")
+    ours = moelm.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, attn_implementation="eager")
+    assert ours.score.weight.shape == (3, ref.config.hidden_size) and ours.config.id2label == ref.config.id2label
+    with torch.no_grad():
+        ours.score.weight.copy_(ref.score.weight)
+    ids, mask = _classification_batch()
+    close(*(m(input_ids=ids, attention_mask=mask).logits for m in (ref, ours)), "logits of the new head")
+    named = moelm.AutoModelForSequenceClassification.from_pretrained(path, label2id={"neg": 0, "pos": 1, "mid": 2})
+    assert named.config.id2label == {0: "neg", 1: "pos", 2: "mid"} and named.score.out_features == 3
+    with pytest.raises(ValueError, match="num_labels=2 but id2label / label2id name 3 labels"):
+        moelm.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, label2id={"a": 0, "b": 1, "c": 2})
+
+
 # ------------------------------------------------------------------ training: gradients
 
 def _grads(model, names):

@@ -207,7 +207,9 @@ def build_mtp(model, prepare=None) -> None:
 
 
 def apply_kwargs(config, kwargs: dict, attn_implementation: str | None = None) -> None:
-    """from_pretrained's other keyword arguments, which must be config fields, set on the config."""
+    """from_pretrained's other keyword arguments, which must be config fields, set on the config; as transformers,
+    num_labels or label2id give the labels (id2label) too."""
+    kwargs = labels(config, dict(kwargs))
     unknown = sorted(k for k in kwargs if not config.has_field(k))
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not "
@@ -216,6 +218,22 @@ def apply_kwargs(config, kwargs: dict, attn_implementation: str | None = None) -
         setattr(config, key, value)
     if attn_implementation:
         config.attn_implementation = attn_implementation
+
+
+def labels(config, kwargs: dict) -> dict:
+    """kwargs with num_labels / label2id turned into id2label (LABEL_i names for a new count, as transformers)."""
+    count, label2id = kwargs.pop("num_labels", None), kwargs.pop("label2id", None)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"num_labels must be a positive integer, got {count!r}")
+    if label2id is not None and kwargs.get("id2label") is None:
+        kwargs["id2label"] = {i: label for label, i in label2id.items()}
+    if kwargs.get("id2label") is not None:
+        kwargs["id2label"] = {int(i): label for i, label in kwargs["id2label"].items()}
+        if count is not None and count != len(kwargs["id2label"]):
+            raise ValueError(f"num_labels={count} but id2label / label2id name {len(kwargs['id2label'])} labels")
+    elif count is not None and count != config.num_labels:
+        kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(count)}
+    return kwargs
 
 
 def load_offloaded(model, ckpt, device, disk: list[str], folder, progress) -> dict:
