@@ -36,6 +36,7 @@ from moelm.io.weights import SafetensorsCheckpoint
 from moelm.models.scaffold import new_checkpoint
 from moelm.text.tokenizer import AutoTokenizer
 from moelm.train.data import DataConfig, batch_length, collate, load_examples
+from moelm.train.lora import load_adapter
 from moelm.train.recipe import build_recipe
 from moelm.train.trainer import Trainer
 from reference import mtp_by_hand, randomise
@@ -358,6 +359,30 @@ def test_resume_equals_uninterrupted_run_to_the_bit(family, full_run, tmp_path):
                           resume=str(out / "step_4"), progress=False)
         torch.manual_seed(12345)
         assert losses(trainer.train()) != losses(history)[4:]
+
+
+def test_lora_adapter_carries_the_balanced_biases(ckpt, root, tmp_path):
+    """LoRA with ERNIE's aux-free balancing: the correction biases it moves are in the adapter (peft's
+    modules_to_save), so a resumed run continues exactly and peft's model with the adapter is the trained one."""
+    path = ckpt("ernie4_5_moe")
+    recipe = short_recipe("ernie4_5_moe", path, root / "train.jsonl", tmp_path / "out", steps=4)
+    recipe["moe"]["gate_bias_update_factor"] = 0.05
+    recipe["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    history = train(recipe)
+    again = copy.deepcopy(recipe)
+    again["checkpoint"]["dir"] = str(tmp_path / "again")
+    assert losses(train(again, resume=str(tmp_path / "out" / "step_2"))) == losses(history)[2:]
+    final = tmp_path / "out" / "final"
+    saved, base = safetensors_state(final), final_state(path)
+    names = biases_of(saved)
+    assert names and all(not torch.equal(saved[n], base[n.removeprefix("base_model.model.")]) for n in names)
+    ids = torch.randint(50, (2, 7), generator=torch.Generator().manual_seed(0))
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), final).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path, fast=False).eval()
+    load_adapter(ours, final)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["ernie4_5_moe", "phimoe"])

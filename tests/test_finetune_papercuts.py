@@ -145,3 +145,39 @@ def test_ep_without_torchrun_says_how_to_launch(root, tmp_path, capsys):
     assert main(["finetune", str(recipe), "--distributed.ep=2", "--no-progress"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moelm: error: ") and "torchrun --nproc-per-node 2" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def lora_run(root) -> dict:
+    """A 2-step LoRA run with step_1 and step_2: its recipe."""
+    recipe = make_recipe(root, root / "lora", 2, 1)
+    recipe["peft"] = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    Trainer(build_recipe(recipe), progress=False).train()
+    return recipe
+
+
+def write_bytes(name: str, data: bytes):
+    return lambda d: (d / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("corrupt, override, message", [
+    (write_bytes("rank0.pt", b"not a torch file" * 8), None, "rank0.pt is not a readable torch file"),
+    (write_bytes("trainer_state.json", b"{"), None, "trainer_state.json is not valid JSON"),
+    (write_bytes("trainer_state.json", b'{"step": 2}'), None, "trainer_state.json lacks scheduler"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:64]),
+     None, "adapter_model.safetensors is not a readable safetensors file"),
+    (write_bytes("adapter_config.json", b"{"), None, "adapter_config.json is not valid JSON"),
+    (None, "--peft.r=4", "the recipe's peft.r is 4"),  # not silently the checkpoint's r=2
+    (None, "--step.max_steps=1", "(step 2) is past the run's last step (1"),
+], ids=["rank0.pt", "state-json", "state-keys", "adapter-weights", "adapter-config", "peft.r", "past-max-steps"])
+def test_a_bad_resume_is_one_error_naming_what_is_wrong(corrupt, override, message, lora_run, tmp_path, capsys):
+    step = shutil.copytree(Path(lora_run["checkpoint"]["dir"]) / "step_2", tmp_path / "step_2")
+    if corrupt is not None:
+        corrupt(step)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(lora_run, checkpoint={"dir": str(tmp_path / "out"), "every_steps": 1})))
+    capsys.readouterr()
+    args = ["finetune", str(recipe), "--resume", str(step), "--no-progress"] + ([override] if override else [])
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moelm: error: ") and message in err[0], err

@@ -220,6 +220,22 @@ def test_load_adapter_written_by_peft(family, paths, tmp_path):
     assert_close(logits(model, ids), logits(peft_model.eval(), ids), msg=f"{family} logits, peft's adapter")
 
 
+@pytest.mark.parametrize("family", ["ernie4_5", "phimoe"])
+def test_load_peft_adapter_on_the_lm_head(family, paths, tmp_path):
+    """peft saves an adapted lm_head's base weights too (as an embedding layer's, base_layer.weight); moelm loads
+    them as peft does."""
+    from safetensors.torch import load_file
+
+    peft_model = peft.get_peft_model(theirs(paths[family]), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    model = ours(paths[family])
+    load_adapter(model, tmp_path / "adapter")
+    ids = tokens()
+    assert_close(logits(model, ids), logits(peft_model.eval(), ids), msg=f"{family} logits, peft's lm_head adapter")
+
+
 def test_peft_layout_of_expert_adapters():
     """ParamWrapper's: lora_A [E*r, in] expert-slowest, lora_B [out, r*E] expert-fastest; the first registered
     parameter (gate_up_proj) under the inner wrapper (base_layer)."""
@@ -362,6 +378,17 @@ def test_targets_that_cannot_be_adapted(kwargs, message):
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("option", [{"layers_to_transform": 0}, {"layers_to_transform": [1]},
+                                    {"modules_to_save": ["lm_head"]}, {"lora_bias": True}])
+def test_peft_options_moelm_lacks_are_refused_by_name(option):
+    """0 is a value, not an option turned off: layers_to_transform=0 adapts layer 0 only."""
+    (key, value), = option.items()
+    settings = dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=None,
+                    rank_pattern={}, use_dora=False)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        LoraConfig.from_peft({**settings, key: value})
 
 
 def test_applied_twice_is_an_error():

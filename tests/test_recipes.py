@@ -2,6 +2,7 @@
 names) through to its final directory: a hub checkpoint, or a PEFT adapter plus the merged checkpoint."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from moelm import AutoModelForCausalLM
 from moelm.config import named_config
 from moelm.models.scaffold import new_checkpoint
-from moelm.train.recipe import load_recipe
+from moelm.train.recipe import RecipeError, build_recipe, load_recipe
 from moelm.train.trainer import Trainer
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -57,3 +58,44 @@ def test_recipe_runs_two_steps(path, tiny, tmp_path, monkeypatch):
         assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
         if recipe.checkpoint.merge:
             AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer.betas", [0.9], "optimizer.betas must be 2 values"),
+    ("optimizer.betas", ["a", 0.9], "optimizer.betas must be float, got 'a'"),
+    ("optimizer.betas", [1.5, 0.9], "optimizer.betas must be in [0, 1)"),
+    ("optimizer.lr", -1, "optimizer.lr must be >= 0"),
+    ("optimizer.lr", "nan", "optimizer.lr must be >= 0"),
+    ("optimizer.max_grad_norm", 0, "optimizer.max_grad_norm must be > 0 or null"),  # 0 would zero every gradient
+    ("step.num_epochs", 0, "step.num_epochs must be >= 1 or null"),
+    ("step.val_every_steps", -2, "step.val_every_steps must be >= 0"),
+    ("checkpoint.every_steps", -1, "checkpoint.every_steps must be >= 0"),
+    ("checkpoint.dir", "", "checkpoint.dir"),
+    ("lr_scheduler.warmup_steps", -3, "lr_scheduler.warmup_steps must be >= 0"),
+    ("lr_scheduler.min_lr", 1e-4, "lr_scheduler.min_lr applies to decay cosine, not linear"),
+    ("moe_metrics.detailed_every_steps", 2, "moe_metrics.detailed_every_steps applies to mode detailed"),
+    ("distributed.fsdp", 0, "distributed.fsdp must be >= 1 or null"),
+    ("seed", 2 ** 64, "seed must be in [0, 2**63)"),
+])
+def test_values_out_of_range_are_errors_naming_the_key(key, value, message):
+    """Refused when the recipe is read, not left to a run that silently does something else (no clipping, no
+    training, a checkpoint every step, min_lr ignored) or to torch's error without the key."""
+    data = {"model": {"name_or_path": "x"}, "dataset": {"kind": "text", "path": "x.txt"},
+            "lr_scheduler": {"decay": "linear"}}
+    section, _, name = key.rpartition(".")
+    (data.setdefault(section, {}) if section else data)[name] = value
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        build_recipe(data)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optimizer:\n  lr: 1.0e-3\n  lr: 1.0e-5\n", "line 5: key 'lr' is given twice"),
+    ("optimizer: {lr: 1.0e-3}\nstep: {max_steps: 3}\noptimizer: {lr: 2.0e-3}\n",
+     "line 5: key 'optimizer' is given twice"),
+])
+def test_a_key_given_twice_is_an_error(text, message, tmp_path):
+    """YAML itself keeps the last value silently; a recipe names the repeated key."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {name_or_path: x}\ndataset: {kind: text, path: x.txt}\n" + text)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)

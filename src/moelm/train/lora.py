@@ -41,7 +41,11 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # registration order, as in transformers' experts modules
 HEADS = ("lm_head", "score")  # left out of "all-linear", as peft leaves out the output layer
 # moelm (hub) module names -> transformers 5's, by model type (what peft's file names)
-RENAMES = {"phimoe": ((".block_sparse_moe.", ".mlp."),)}
+RENAMES = {"phimoe": ((".block_sparse_moe.", ".mlp."),),
+           "ernie4_5_moe": ((".mlp.moe_statics", ".mlp.gate.moe_statics"),)}
+# modules peft's modules_to_save may name (their tensors saved whole in the adapter): ERNIE's correction biases, which
+# the aux-free balancing updates during a LoRA fine-tune
+SAVABLE = ("moe_statics",)
 # peft >= 0.18 on transformers 5 rewrites these target_modules names of ERNIE 4.5 MoE into its experts' parameters
 # (a v4 -> v5 conversion, qwen2_moe's), so Linears with these names are written as target_parameters "<path>.weight"
 PEFT_REWRITTEN = {"ernie4_5_moe": ("gate_proj", "up_proj", "down_proj")}
@@ -51,7 +55,8 @@ PEFT_REWRITTEN = {"ernie4_5_moe": ("gate_proj", "up_proj", "down_proj")}
 class LoraConfig:
     """peft's LoraConfig fields that moelm implements. target_modules: module-name suffixes (or full names), a regex
     string (re.fullmatch), or "all-linear" (every Linear but the output head); target_parameters: parameter-name
-    suffixes of stacked experts (e.g. "experts.gate_up_proj") or of a Linear's "weight"."""
+    suffixes of stacked experts (e.g. "experts.gate_up_proj") or of a Linear's "weight"; modules_to_save: only
+    "moe_statics" (ERNIE's correction biases, saved whole in the adapter as peft saves such modules)."""
 
     r: int = 8
     lora_alpha: float = 16
@@ -61,12 +66,15 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False
     init_lora_weights: bool = True
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -75,6 +83,10 @@ class LoraConfig:
             raise ValueError(f"bias={self.bias!r} is not supported: moelm LoRA trains no biases (bias='none')")
         if self.init_lora_weights not in (True, False):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported (True or False)")
+        if not (self.modules_to_save is None or isinstance(self.modules_to_save, list)
+                and all(m in SAVABLE for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r} is not supported: only "
+                             f"{', '.join(SAVABLE)} (ERNIE's correction biases)")
         if not (self.target_modules or self.target_parameters):
             raise ValueError("LoraConfig needs target_modules or target_parameters")
         for name, value in (("target_modules", self.target_modules), ("target_parameters", self.target_parameters)):
@@ -94,11 +106,15 @@ class LoraConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"peft_type {d.get('peft_type')!r} is not supported (LORA only)")
         ours = {f.name for f in fields(cls)}
-        bad = {k: v for k, v in d.items() if k not in ours and k not in PEFT_METADATA and v not in (None, False, {},
-                                                                                                   [], "")}
+        bad = {k: v for k, v in d.items() if k not in ours and k not in PEFT_METADATA and not _off(v)}
         if bad:
             raise ValueError(f"unsupported peft LoRA options: {', '.join(f'{k}={v!r}' for k, v in bad.items())}")
         return cls(**{k: v for k, v in d.items() if k in ours})
+
+
+def _off(value) -> bool:
+    """Whether a peft option's value turns it off (0 is a value: layers_to_transform=0 is layer 0)."""
+    return value is None or value is False or isinstance(value, (dict, list, str)) and not value
 
 
 PEFT_METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version", "auto_mapping",
@@ -175,8 +191,11 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             raise NotImplementedError(f"{name}: bitsandbytes weights are not supported by moelm LoRA; load the base "
                                       "with quantization='int8' or 'int4' (moelm's) instead")
     linears, experts = _targets(model, config)
+    saved = _saved_modules(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in saved:
+        model.get_submodule(name).lora_saved = True
     for name, module in list(model.named_modules()):
         if name in linears:
             _add_linear(module, config)
@@ -191,6 +210,17 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                                                                  for p in parts):
                 setattr(module, fused, None)
     return model
+
+
+def _saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules named by modules_to_save (name suffixes), each entry matching at least one."""
+    out = []
+    for target in config.modules_to_save or []:
+        hit = [n for n, _ in model.named_modules() if _matches((n,), target)]
+        if not hit:
+            raise ValueError(f"modules_to_save entry {target!r} matches no module of the model")
+        out += hit
+    return out
 
 
 def _peft_name(model: nn.Module, name: str) -> str:
@@ -343,7 +373,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _entries(model: nn.Module):
     """For every adapter tensor: (peft key, parameter name, parameter, owning module, kind); kind "linear" (same
-    layout), "expert_A" or "expert_B" (see _to_peft)."""
+    layout), "expert_A" or "expert_B" (see _to_peft), "saved" (a tensor of a modules_to_save module, whole)."""
     for name, module in model.named_modules():
         key = f"base_model.model.{_peft_name(model, name)}"
         if isinstance(module, LoraLinearMixin):
@@ -355,6 +385,9 @@ def _entries(model: nn.Module):
                 nest = "base_layer." * (len(targeted) - 1 - i)
                 yield f"{key}.{nest}lora_A.weight", f"{name}.lora_A.{p}", module.lora_A[p], module, "expert_A"
                 yield f"{key}.{nest}lora_B.weight", f"{name}.lora_B.{p}", module.lora_B[p], module, "expert_B"
+        if getattr(module, "lora_saved", False):  # peft's modules_to_save: the module's own tensors, whole
+            for p, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                yield f"{key}.{p}", f"{name}.{p}", t, module, "saved"
 
 
 def _to_peft(kind: str, t: torch.Tensor) -> torch.Tensor:
@@ -432,7 +465,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
                       "such an adapter only with lora_dropout=0", stacklevel=2)
     peft_config = dict(asdict(config), peft_type="LORA", base_model_name_or_path=base_model_name_or_path,
                        target_modules=modules, target_parameters=params, fan_in_fan_out=False, inference_mode=True,
-                       modules_to_save=None, revision=None, lora_bias=False, use_dora=False,
+                       revision=None, lora_bias=False, use_dora=False,
                        task_type="CAUSAL_LM" if hasattr(model, "lm_head") else None)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -457,18 +490,60 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
-    """Apply the LoRA of an adapter directory (save_adapter's, or peft's for the same targets) and load its tensors.
-    Returns its config. Errors name missing, unexpected or misshapen tensors."""
+def read_files(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter directory's config and tensors (peft's layouts); errors name the file at fault."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = LoraConfig.from_peft(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
-    if not (directory / WEIGHTS_NAME).exists():
-        raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (moelm reads safetensors adapters only)")
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (not a LoRA adapter directory)")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    try:
+        config = LoraConfig.from_peft(settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (moelm reads safetensors adapters only)")
+    try:
+        return config, load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
+    """Apply the LoRA of an adapter directory (save_adapter's, or peft's for the same targets) and load its tensors.
+    Returns its config. Errors name missing, unexpected or misshapen tensors."""
+    config, tensors = read_files(directory)
     apply_lora(model, config)
+    load_tensors(model, tensors, directory)
+    return config
+
+
+def _base_entries(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """The base weights of adapted Linears that the adapter holds too (peft saves an adapted lm_head's
+    `base_layer.weight`/`.bias`, as an embedding layer's; loading it puts them in the model, as peft does)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinearMixin):
+            for p, t in module.named_parameters(recurse=False):
+                key = f"base_model.model.{_peft_name(model, name)}.base_layer.{p}"
+                if key in tensors and not p.startswith("lora_"):
+                    out[key] = (f"{name}.{p}", t, module, "linear")
+    return out
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+    """An adapter's tensors (peft's keys and layouts) into the adapters applied to `model`."""
     entries = {key: rest for key, *rest in _entries(model)}
+    entries.update(_base_entries(model, tensors))
     missing = sorted(set(entries) - set(tensors))
     unexpected = sorted(set(tensors) - set(entries))
     if missing or unexpected:
@@ -483,25 +558,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
             if t.shape != full_shape:
                 raise ValueError(f"adapter {directory}: {key} has shape {tuple(t.shape)}, the model's "
                                  f"{name} needs {tuple(full_shape)}")
-            if kind != "linear":
+            if kind.startswith("expert"):
                 t = _from_peft(kind, t, local * ranks)[rank * local:(rank + 1) * local]
             param.copy_(t)
-    return config
 
 
 def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, dict[str, tuple]]]:
     """An adapter directory's config and tensors in moelm's layouts, without applying it: {module name: {"weight":
     (A [r, in], B [out, r])}} for a Linear, {module name: {parameter: (A [E, r, in], B [E, out, r])}} for stacked
     experts; B not scaled. Errors name a missing, unexpected or misshapen tensor."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory / CONFIG_NAME} not found (not a LoRA adapter directory)")
-    config = LoraConfig.from_peft(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
-    if not (directory / WEIGHTS_NAME).exists():
-        raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (moelm reads safetensors adapters only)")
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    config, tensors = read_files(directory)
+    if config.modules_to_save:
+        raise ValueError(f"adapter {directory}: modules_to_save={config.modules_to_save!r} replaces base tensors, "
+                         "which a per-request adapter cannot; merge it into the base (moelm merge)")
     linears, experts = _targets(model, config)
     out, used = {}, set()
 
@@ -561,4 +631,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is TrainableQuantizedExperts:
             module.__class__ = QuantizedExperts
+        module.__dict__.pop("lora_saved", None)
     return model

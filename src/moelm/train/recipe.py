@@ -5,6 +5,7 @@ overrides a key."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,14 +136,35 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"no recipe at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except DuplicateKey as e:
+        raise RecipeError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for item in overrides:
         apply_override(data, item, path)
     return build_recipe(data, str(path))
+
+
+class DuplicateKey(Exception):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one section")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_override(data: dict, item: str, source) -> None:
@@ -210,7 +232,10 @@ def _value(hint, value, source: str, key: str):
                 errors.append(kind)
                 continue
         if origin in (tuple, list) and isinstance(value, (list, tuple)):
-            return origin(float(v) if typing.get_args(kind)[:1] == (float,) else v for v in value)
+            items = typing.get_args(kind)
+            if origin is tuple and len(value) != len(items):
+                raise RecipeError(f"{source}: {key} must be {len(items)} values, got {value!r}")
+            return origin(_value(items[0], v, source, key) if items else v for v in value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool, dict) and isinstance(value, origin):
@@ -240,9 +265,38 @@ def check(recipe: Recipe) -> None:
                           "needs a peft section (LoRA)")
     if recipe.checkpoint.keep_last < 1:
         raise RecipeError(f"{src}: checkpoint.keep_last must be >= 1")
+    _check_numbers(recipe)
     metrics = recipe.moe_metrics
     if metrics.top_k_experts < 0:
         raise RecipeError(f"{src}: moe_metrics.top_k_experts must be >= 0, got {metrics.top_k_experts}")
     if metrics.detailed_every_steps is not None and metrics.detailed_every_steps < 1:
         raise RecipeError(f"{src}: moe_metrics.detailed_every_steps must be >= 1 or null, got "
                           f"{metrics.detailed_every_steps}")
+    if metrics.detailed_every_steps is not None and metrics.mode != "detailed":
+        raise RecipeError(f"{src}: moe_metrics.detailed_every_steps applies to mode detailed, not {metrics.mode}")
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    """Values out of their range, named (rather than a run that silently does something else, or torch's error)."""
+    src, opt, sched = recipe.source, recipe.optimizer, recipe.lr_scheduler
+    minimum = {"step.num_epochs": (recipe.step.num_epochs, 1), "step.val_every_steps": (recipe.step.val_every_steps, 0),
+               "checkpoint.every_steps": (recipe.checkpoint.every_steps, 0),
+               "lr_scheduler.warmup_steps": (sched.warmup_steps, 0), "optimizer.lr": (opt.lr, 0),
+               "optimizer.eps": (opt.eps, 0), "optimizer.weight_decay": (opt.weight_decay, 0),
+               "lr_scheduler.min_lr": (sched.min_lr, 0), "distributed.fsdp": (recipe.distributed.fsdp, 1)}
+    for key, (value, low) in minimum.items():
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise RecipeError(f"{src}: {key} must be >= {low}{' or null' * (key in NULLABLE)}, got {value}")
+    if not all(0 <= b < 1 for b in opt.betas):
+        raise RecipeError(f"{src}: optimizer.betas must be in [0, 1), got {list(opt.betas)}")
+    if opt.max_grad_norm is not None and not (math.isfinite(opt.max_grad_norm) and opt.max_grad_norm > 0):
+        raise RecipeError(f"{src}: optimizer.max_grad_norm must be > 0 or null (no clipping), got {opt.max_grad_norm}")
+    if sched.min_lr and sched.decay != "cosine":
+        raise RecipeError(f"{src}: lr_scheduler.min_lr applies to decay cosine, not {sched.decay}")
+    if not 0 <= recipe.seed < 2 ** 63:
+        raise RecipeError(f"{src}: seed must be in [0, 2**63), got {recipe.seed}")
+    if not recipe.checkpoint.dir:
+        raise RecipeError(f"{src}: checkpoint.dir must be a directory, got an empty string")
+
+
+NULLABLE = ("step.num_epochs", "distributed.fsdp")

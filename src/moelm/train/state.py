@@ -85,8 +85,10 @@ def save(trainer, step: int) -> Path:
     target = out / f"step_{step}"
     with atomic_dir(trainer, target) as tmp:
         write_model(trainer, tmp)
-        torch.save({"optimizer": to_local(trainer.optimizer.state_dict()), "rng": torch.get_rng_state()},
-                   tmp / f"rank{trainer.rank}.pt")
+        rng = {"rng": torch.get_rng_state()}
+        if trainer.model.device.type == "cuda":  # PhiMoE's jitter and LoRA dropout draw on the GPU there
+            rng["cuda_rng"] = torch.cuda.get_rng_state(trainer.model.device)
+        torch.save({"optimizer": to_local(trainer.optimizer.state_dict()), **rng}, tmp / f"rank{trainer.rank}.pt")
         if trainer.rank == 0:
             info = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world": trainer.world,
                     "fsdp": trainer.layout.fsdp, "ep": trainer.layout.ep, "recipe": trainer.recipe.to_dict()}
@@ -100,13 +102,14 @@ def save(trainer, step: int) -> Path:
 
 def load(trainer, directory: Path) -> int:
     """Optimizer, scheduler and RNG from a step checkpoint (the weights were loaded with the model); the step."""
-    info = json.loads((directory / "trainer_state.json").read_text())
+    info = read_state(directory)
     layout = (info["world"], info["fsdp"], info["ep"])
     now = (trainer.world, trainer.layout.fsdp, trainer.layout.ep)
     if layout != now:
         raise ValueError(f"--resume: {directory} was written by world {layout[0]} (fsdp {layout[1]}, ep {layout[2]}); "
                          f"this run is world {now[0]} (fsdp {now[1]}, ep {now[2]}): resume with the same layout")
-    shard = torch.load(directory / f"rank{trainer.rank}.pt", weights_only=True)
+    path = directory / f"rank{trainer.rank}.pt"
+    shard = read_shard(path)
     optim = shard["optimizer"]
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]  # state_dict's numbering
     for index, values in optim["state"].items():
@@ -115,10 +118,49 @@ def load(trainer, directory: Path) -> int:
             if isinstance(param, DTensor) and value.dim() > 0:
                 values[key] = DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
                                                  stride=param.stride())
-    trainer.optimizer.load_state_dict(optim)
-    trainer.scheduler.load_state_dict(info["scheduler"])
-    torch.set_rng_state(shard["rng"])
-    return int(info["step"])
+    try:
+        trainer.optimizer.load_state_dict(optim)
+        trainer.scheduler.load_state_dict(info["scheduler"])
+        torch.set_rng_state(shard["rng"])
+        if "cuda_rng" in shard and trainer.model.device.type == "cuda":
+            torch.cuda.set_rng_state(shard["cuda_rng"], trainer.model.device)
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+        raise ValueError(f"--resume: {path}: its optimizer, scheduler or RNG state does not fit this run's "
+                         f"trainable parameters ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return info["step"]
+
+
+STATE_KEYS = {"step": int, "scheduler": dict, "world": int, "fsdp": int, "ep": int}
+
+
+def read_state(directory: Path) -> dict:
+    """trainer_state.json, checked to hold what resuming needs."""
+    path = directory / "trainer_state.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    bad = [k for k, kind in STATE_KEYS.items() if not isinstance(info, dict) or not isinstance(info.get(k), kind)]
+    if bad:
+        raise ValueError(f"--resume: {path} lacks {', '.join(bad)} (or has the wrong type); the checkpoint is "
+                         "corrupt or not moelm's")
+    return info
+
+
+def read_shard(path: Path) -> dict:
+    """A rank's optimizer and RNG state, checked to be one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found (each rank's optimizer and RNG state; the checkpoint "
+                                "is incomplete or was written by more ranks)")
+    try:
+        shard = torch.load(path, weights_only=True)
+    except Exception as e:  # torch's zip reader and unpickler raise many kinds
+        raise ValueError(f"--resume: {path} is not a readable torch file (truncated or corrupt): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not (isinstance(shard, dict) and isinstance(shard.get("optimizer"), dict)
+            and isinstance(shard.get("rng"), torch.Tensor)):
+        raise ValueError(f"--resume: {path} holds no optimizer and RNG state; the checkpoint is corrupt")
+    return shard
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -147,16 +189,24 @@ def to_local(tree):
     return tree.to_local() if isinstance(tree, DTensor) else tree
 
 
-def attach_lora(model, section, resume_dir: Path | None):
-    """LoRA as the recipe's peft section asks, or the adapter of the checkpoint being resumed."""
-    from .lora import LoraConfig, apply_lora, load_adapter
+def attach_lora(model, section, resume_dir: Path | None, modules_to_save: list[str] | None = None):
+    """LoRA as the recipe's peft section asks (with modules_to_save: the modules whose tensors the adapter carries
+    whole), or the adapter of the checkpoint being resumed."""
+    from .lora import LoraConfig, apply_lora, load_tensors, read_files
 
-    if resume_dir is not None:
-        return load_adapter(model, resume_dir)
     config = LoraConfig(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
                         target_modules=section.target_modules, target_parameters=list(section.target_parameters),
-                        use_rslora=section.use_rslora)
+                        use_rslora=section.use_rslora, modules_to_save=modules_to_save)
+    saved = read_files(resume_dir) if resume_dir is not None else None
+    if saved is not None:  # the checkpoint's adapter is the recipe's, or the run would silently train another one
+        for key in ("r", "lora_alpha", "lora_dropout", "use_rslora"):
+            if getattr(saved[0], key) != getattr(config, key):
+                raise ValueError(f"--resume: the adapter in {resume_dir} has {key}={getattr(saved[0], key)!r}, the "
+                                 f"recipe's peft.{key} is {getattr(config, key)!r}; resume with the recipe it was "
+                                 "trained with")
     apply_lora(model, config)
+    if saved is not None:  # other targets: its tensors are named as missing or unexpected
+        load_tensors(model, saved[1], resume_dir)
     return config
 
 

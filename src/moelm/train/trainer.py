@@ -92,8 +92,11 @@ class Trainer:
         if self.layout.distributed:
             split_experts(self.model, self.layout)
         self.lora = None
-        if recipe.peft is not None:
-            self.lora = state.attach_lora(self.model, recipe.peft, self.resume_dir)
+        if recipe.peft is not None:  # the aux-free balancing's biases change: the adapter carries them (peft's way)
+            statics = recipe.moe.gate_bias_update_factor and any(hasattr(b, "moe_statics")
+                                                                 for _, b in moe_blocks(self.model))
+            self.lora = state.attach_lora(self.model, recipe.peft, self.resume_dir,
+                                          ["moe_statics"] if statics else None)
         if recipe.distributed.activation_checkpointing:
             checkpoint_layers(self.model)
         if self.layout.distributed:
@@ -130,6 +133,9 @@ class Trainer:
         self.step = 0
         if self.resume_dir is not None:
             self.step = state.load(self, self.resume_dir)
+            if self.step > self.max_steps:
+                raise RecipeError(f"{recipe.source}: --resume from {self.resume_dir} (step {self.step}) is past the "
+                                  f"run's last step ({self.max_steps}: step.max_steps, step.num_epochs)")
             if self.rank == 0:  # the records after the checkpoint are logged again
                 state.truncate_metrics(self.out / "metrics.jsonl", self.step)
         elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
