@@ -499,3 +499,114 @@ def test_apply_chat_template_parameters_in_transformers_order():
     ours = list(inspect.signature(Tokenizer.apply_chat_template).parameters)
     theirs = list(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
     assert ours[:-1] == theirs[:-1] and ours[-1] == "template_kwargs" and theirs[-1] == "kwargs"
+
+
+def test_pad_to_multiple_of_must_divide_the_truncation_length(pairs):
+    ours, ref = pairs["ernie"]
+    kwargs = dict(padding=True, truncation=True, max_length=9, pad_to_multiple_of=8)
+    with pytest.raises(ValueError, match=r"truncation length \(9\) is not a multiple of pad_to_multiple_of \(8\)"):
+        ours(TEXTS[:2], **kwargs)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        ref(TEXTS[:2], **kwargs)
+    _same(ours(TEXTS[:2], **{**kwargs, "max_length": 16}), ref(TEXTS[:2], **{**kwargs, "max_length": 16}))
+
+
+def test_ragged_batches_as_tensors(pairs):
+    """np: an object array of arrays as transformers makes; pt: an error, where torch.tensor([[], [5]]) would
+    silently give an empty (2, 0) tensor (transformers returns that one)."""
+    ours, ref = pairs["phi"]
+    batch = ["", "Hello world!", "你好"]
+    a = ours(batch, add_special_tokens=False, return_tensors="np")["input_ids"]
+    b = ref(batch, add_special_tokens=False, return_tensors="np")["input_ids"]
+    assert a.dtype == b.dtype == object and a.shape == b.shape
+    assert all(x.dtype == y.dtype and x.tolist() == y.tolist() for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="tensor"):
+        ours(batch, add_special_tokens=False, return_tensors="pt")
+
+
+def test_a_stride_too_long_for_the_truncation_is_a_value_error(pairs):
+    ours, _ = pairs["ernie"]
+    with pytest.raises(ValueError, match="stride"):
+        ours(["Hello world! This is a test."], truncation=True, max_length=4, stride=3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_tokens_to_string_like_transformers(pairs, kind):
+    ours, ref = pairs[kind]
+    for text in TEXTS:
+        tokens = ref.convert_ids_to_tokens(ref(text)["input_ids"])
+        assert ours.convert_tokens_to_string(tokens) == ref.convert_tokens_to_string(tokens)
+
+
+def test_setting_special_tokens_keeps_transformers_order(dirs):
+    for kind, changes in (("spm", [("pad_token", "</s>"), ("eos_token", "<s>"), ("mask_token", None)]),
+                          ("ernie", [("sys_start_token", "<mask:5>"), ("sys_end_token_id", 3), ("cls_token_id", 2),
+                                     ("sys_start_token", None)])):
+        ours, ref = AutoTokenizer.from_pretrained(dirs[kind]), transformers.AutoTokenizer.from_pretrained(dirs[kind])
+        for name, value in changes:
+            setattr(ours, name, value)
+            setattr(ref, name, value)
+            for attr in ("special_tokens_map", "all_special_tokens", "all_special_ids", name.removesuffix("_id")):
+                assert getattr(ours, attr) == getattr(ref, attr), (kind, name, attr)
+
+
+def test_sentencepiece_scores_like_transformers(tmp_path):
+    """transformers deep-copies the converted backend (a JSON round trip that moves some scores by one ulp)."""
+    if not HAS_PROTOBUF:
+        pytest.skip("transformers needs protobuf to read tokenizer.model")
+    path = build_sentencepiece_dir(tmp_path / "spm", add_dummy_prefix=True)
+    assert _backend_json(AutoTokenizer.from_pretrained(path)) == _backend_json(
+        transformers.AutoTokenizer.from_pretrained(path))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_of_pairs_and_of_tensors_like_transformers(pairs, kind):
+    ours, ref = pairs[kind]
+    batch = [("Hello world!", "second part"), ["你好", ""]]
+    _same(ours(batch), ref(batch))
+    ids = [torch.tensor(ref(text)["input_ids"]) for text in TEXTS[:3]]
+    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids) == ref.decode(ids)
+    with pytest.raises(ValueError, match="too short"):
+        ours([("a b c d e", "c d e f")], truncation="only_second", max_length=6)
+
+
+@pytest.mark.parametrize("names", [["input_ids", "token_type_ids", "attention_mask"], ["input_ids"]])
+def test_model_input_names_like_transformers(dirs, names, tmp_path):
+    ours = AutoTokenizer.from_pretrained(dirs["phi"], model_input_names=names)
+    ref = transformers.AutoTokenizer.from_pretrained(dirs["phi"], model_input_names=names)
+    for kwargs in (dict(padding=True), dict(return_attention_mask=True), dict(return_tensors="pt", padding=True)):
+        _same(ours(TEXTS[:3], **kwargs), ref(TEXTS[:3], **kwargs))
+    _same(ours("first part", "second part"), ref("first part", "second part"))
+    _same(ours.apply_chat_template(CHATS[1]), ref.apply_chat_template(CHATS[1]))
+    ours.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).model_input_names == names
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).model_input_names == names
+
+
+def test_corrupt_sentencepiece_models_and_config_values_name_the_file(dirs, tmp_path):
+    from moelm.io.weights import CheckpointError
+
+    model = (dirs["spm"] / "tokenizer.model").read_bytes()
+    for name, data in (("garbage", b"garbage\x00\x01\x02"), ("half", model[:len(model) // 2]), ("cut", model[:-3])):
+        shutil.copytree(dirs["spm"], tmp_path / name)
+        (tmp_path / name / "tokenizer.model").write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name / 'tokenizer.model'} is not a SentencePiece"):
+            AutoTokenizer.from_pretrained(tmp_path / name)
+    for i, (kind, file, key, value) in enumerate((
+            ("phi", "tokenizer_config.json", "added_tokens_decoder", {"x": {"content": "a"}}),
+            ("phi", "tokenizer_config.json", "added_tokens_decoder", {"3": "a"}),
+            ("phi", "tokenizer_config.json", "model_max_length", "big"),
+            ("phi", "tokenizer_config.json", "padding_side", "up"),
+            ("phi", "tokenizer_config.json", "chat_template", 5),
+            ("phi", "tokenizer_config.json", "chat_template", [{"name": "x"}]),
+            ("phi", "tokenizer_config.json", "model_input_names", "input_ids"),
+            ("phi", "tokenizer_config.json", "extra_special_tokens", 5),
+            ("phi", "tokenizer_config.json", "eos_token", 5),
+            ("ernie", "special_tokens_map.json", "bos_token", 5))):
+        path = shutil.copytree(dirs[kind], tmp_path / f"cfg{i}")
+        cfg = json.loads((path / file).read_text())
+        cfg[key] = value
+        (path / file).write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=f"{path / file}: {key} must be"):
+            AutoTokenizer.from_pretrained(path)

@@ -78,7 +78,8 @@ def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 def sentencepiece_backend(path: Path, cfg: dict) -> _Backend:
     """Build the backend as TokenizersBackend._convert_from_sentencepiece does; fills cfg's token defaults."""
-    return spec_backend(read_sentencepiece_model(path), cfg)
+    backend = spec_backend(read_sentencepiece_model(path), cfg)
+    return _Backend.from_str(backend.to_str())  # transformers deep-copies it so: some scores move by one ulp
 
 
 def spec_backend(spec: dict, cfg: dict) -> _Backend:

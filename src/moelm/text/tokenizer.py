@@ -23,6 +23,7 @@ from .sentencepiece import sentencepiece_backend
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 _LOADER_KWARGS = ("use_fast", "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "_from_auto")
 
 
@@ -82,6 +83,25 @@ def _added_tokens(obj):
     return obj
 
 
+def _encode_batch(backend: _Backend, inputs: list, add_special_tokens: bool):
+    """backend.encode_batch; the library's bare Exceptions (a pair too short to truncate) and panics (a stride not
+    below the length truncated to) as ValueErrors."""
+    try:
+        return backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+    except BaseException as e:
+        if type(e) is not Exception and type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"the tokenizers library cannot encode this: {str(e).splitlines()[0]}") from None
+
+
+def _split_pairs(batch) -> tuple[list, list]:
+    """A batch of (text, text_pair) tuples -> the texts and the pairs, as transformers reads it."""
+    if not all(len(t) == 2 for t in batch):
+        raise ValueError("a batch of tuples must hold (text, text_pair) pairs; pretokenized input "
+                         "(is_split_into_words) is not supported")
+    return [t[0] for t in batch], [t[1] for t in batch]
+
+
 # ---- the tokenizer ----------------------------------------------------------------------------------------------
 
 class Tokenizer:
@@ -138,6 +158,7 @@ class Tokenizer:
         self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
         self._clean_up_bpe = bool(cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
         self.split_special_tokens = bool(cfg.get("split_special_tokens", False))
+        self.model_input_names = list(cfg.get("model_input_names") or MODEL_INPUT_NAMES)
         template = cfg.get("chat_template")
         if isinstance(template, (list, tuple)):
             template = {t["name"]: t["template"] for t in template}
@@ -176,8 +197,24 @@ class Tokenizer:
         if name.endswith("_token_id") and name[:-3] in special:
             return self._token_id(name[:-3])
         if name.endswith("_token") and name in special:
-            return str(special[name])
+            return None if special[name] is None else str(special[name])
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value):
+        token = name.removesuffix("_id")
+        if token.endswith("_token") and token in self.__dict__.get("_special", {}) and token not in SPECIAL_TOKENS:
+            if token != name and value is not None:  # a model-specific token (sys_start_token, ...) by id
+                value = self.convert_ids_to_tokens(int(value))
+            self._set_special(token, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set_special(self, name: str, value):
+        if value is not None and not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"cannot set a non-string value as the {name}")
+        self._special[name] = value
+        # the named tokens first, in transformers' order, then the model-specific ones
+        self._special = {k: self._special[k] for k in (*SPECIAL_TOKENS, *self._special) if k in self._special}
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -272,6 +309,10 @@ class Tokenizer:
         if padding != "do_not_pad" and (self.pad_token is None or self.pad_token_id is None or self.pad_token_id < 0):
             raise ValueError("Asking to pad but the tokenizer does not have a padding token; set "
                              "`tokenizer.pad_token = tokenizer.eos_token` (for example)")
+        if (truncation != "do_not_truncate" and padding != "do_not_pad" and pad_to_multiple_of is not None
+                and max_length is not None and max_length % pad_to_multiple_of != 0):
+            raise ValueError(f"Truncation and padding are both activated but truncation length ({max_length}) is not "
+                             f"a multiple of pad_to_multiple_of ({pad_to_multiple_of}).")
         if truncation == "do_not_truncate":
             self._backend.no_truncation()
         else:
@@ -287,10 +328,12 @@ class Tokenizer:
     def __call__(self, text: str | list[str], text_pair: str | list[str] | None = None,
                  add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
                  max_length: int | None = None, return_tensors: str | None = None,
-                 return_attention_mask: bool = True, padding_side: str | None = None,
+                 return_attention_mask: bool | None = None, padding_side: str | None = None,
                  pad_to_multiple_of: int | None = None, split_special_tokens: bool | None = None,
                  stride: int = 0) -> BatchEncoding:
         batched = isinstance(text, (list, tuple))
+        if batched and text_pair is None and text and all(isinstance(t, (list, tuple)) for t in text):
+            text, text_pair = _split_pairs(text)
         if batched:
             if isinstance(text_pair, str) or (text_pair is not None and len(text_pair) != len(text)):
                 raise ValueError("text_pair must be a list as long as text when text is a batch")
@@ -308,9 +351,11 @@ class Tokenizer:
         self._configure(padding, truncation, max_length, padding_side, pad_to_multiple_of, stride)
         split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
         self._backend.encode_special_tokens = split
-        encodings = self._backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        encodings = _encode_batch(self._backend, inputs, add_special_tokens)
         data = {"input_ids": [e.ids for e in encodings]}
-        if return_attention_mask:
+        if "token_type_ids" in self.model_input_names:
+            data["token_type_ids"] = [e.type_ids for e in encodings]
+        if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
             data["attention_mask"] = [e.attention_mask for e in encodings]
         if not batched and return_tensors is None:
             data = {k: v[0] for k, v in data.items()}
@@ -329,6 +374,10 @@ class Tokenizer:
         self._backend.encode_special_tokens = self.split_special_tokens
         return self._backend.encode(text, pair, add_special_tokens=add_special_tokens).tokens
 
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self._backend.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
     # -- decoding --
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None):
         ids = _as_list(ids)
@@ -336,7 +385,7 @@ class Tokenizer:
             ids = ids["input_ids"]
         if isinstance(ids, int):
             ids = [ids]
-        if ids and isinstance(ids[0], (list, tuple)):
+        if ids and (isinstance(ids[0], (list, tuple)) or getattr(ids[0], "ndim", 0) > 0):  # a batch (of tensors)
             return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in ids]
         text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         clean = clean_up_tokenization_spaces
@@ -449,6 +498,8 @@ class Tokenizer:
                   "padding_side": self.padding_side, "truncation_side": self.truncation_side}
         if self._extra:
             config["extra_special_tokens"] = self.extra_special_tokens
+        if tuple(self.model_input_names) != MODEL_INPUT_NAMES:
+            config["model_input_names"] = self.model_input_names
         template = self.chat_template
         if isinstance(template, dict):
             config["chat_template"] = [{"name": k, "template": v} for k, v in template.items()]
@@ -481,9 +532,7 @@ def _special_property(name: str) -> property:
         return None if token is None else str(token)
 
     def set_(self, value):
-        if value is not None and not isinstance(value, (str, AddedToken)):
-            raise ValueError(f"cannot set a non-string value as the {name}")
-        self._special[name] = value
+        self._set_special(name, value)
 
     return property(get, set_)
 
@@ -515,14 +564,24 @@ def _to_tensors(data: dict, return_tensors: str | None) -> dict:
         return data
     if return_tensors not in ("pt", "np"):
         raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
-    try:
-        if return_tensors == "pt":
-            import torch
-            return {k: torch.tensor(v, dtype=torch.int64) for k, v in data.items()}
-        import numpy as np
-        return {k: np.asarray(v, dtype=np.int64) for k, v in data.items()}
-    except ValueError as e:
-        raise ValueError("Unable to create tensor: sequences have different lengths; use padding=True") from e
+    if return_tensors == "np":
+        return {k: _as_numpy(v) for k, v in data.items()}
+    import torch
+    if any(_ragged(v) for v in data.values()):  # torch.tensor([[], [5]]) would silently give an empty tensor
+        raise ValueError("Unable to create tensor: sequences have different lengths; use padding=True")
+    return {k: torch.tensor(v, dtype=torch.int64) for k, v in data.items()}
+
+
+def _ragged(value) -> bool:
+    return bool(value) and isinstance(value[0], list) and len({len(v) for v in value}) > 1
+
+
+def _as_numpy(value):
+    """An int64 array; sequences of different lengths become an object array of arrays, as transformers makes."""
+    import numpy as np
+    if _ragged(value):
+        return np.asarray([np.asarray(v) for v in value], dtype=object)
+    return np.asarray(value, dtype=np.int64)
 
 
 class AutoTokenizer:
@@ -558,6 +617,7 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
         raise TokenizerFilesNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}")
     cfg_file = directory / "tokenizer_config.json"
     cfg = read_json_object(cfg_file) if cfg_file.is_file() else {}
+    _check_config(cfg, cfg_file)
     cfg.pop("tokenizer_class", None)
     if json_file.is_file():  # the post-processor in tokenizer.json decides about bos/eos
         cfg.pop("add_bos_token", None)
@@ -596,7 +656,9 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
             decoder[int(idx)] = token
     else:  # legacy: special_tokens_map.json and tokenizer.json's added tokens
         smap_file = directory / "special_tokens_map.json"
-        for key, value in (read_json_object(smap_file) if smap_file.is_file() else {}).items():
+        smap = read_json_object(smap_file) if smap_file.is_file() else {}
+        _check_config(smap, smap_file)
+        for key, value in smap.items():
             if kwargs.get(key):
                 continue
             if isinstance(value, dict) and key != "extra_special_tokens":
@@ -630,11 +692,47 @@ def load_tokenizer(directory, name_or_path: str | None = None, **kwargs) -> Toke
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{json_file} is not a tokenizer the tokenizers library reads: {message}") from None
     else:
-        backend = sentencepiece_backend(spm_file, cfg)
+        try:
+            backend = sentencepiece_backend(spm_file, cfg)
+        except Exception as e:  # a truncated or corrupt protobuf fails anywhere in the reading
+            raise CheckpointError(f"{spm_file} is not a SentencePiece model moelm reads: {type(e).__name__}: "
+                                  f"{str(e).replace(str(spm_file), 'it')}") from None
     tokenizer = Tokenizer(backend, cfg, name_or_path=name_or_path or str(directory),
                           vocab_file=str(spm_file) if spm_file.is_file() else None)
     tokenizer._template_files = files
     return tokenizer
+
+
+def _check_config(cfg: dict, file: Path):
+    """A CheckpointError naming `file` for a value of the wrong kind in tokenizer_config.json or
+    special_tokens_map.json (rather than a TypeError from deep inside the loading)."""
+    def token(v):
+        return v is None or isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+
+    def template(v):
+        return v is None or isinstance(v, str) or (isinstance(v, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in v))
+
+    checks = {
+        "model_max_length": (lambda v: v is None or isinstance(v, (int, float)), "a number"),
+        "padding_side": (lambda v: v in ("left", "right"), "'left' or 'right'"),
+        "truncation_side": (lambda v: v in ("left", "right"), "'left' or 'right'"),
+        "chat_template": (template, "a string or a list of {name, template} objects"),
+        "model_input_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                              "a list of strings"),
+        "added_tokens_decoder": (lambda v: isinstance(v, dict) and all(
+            k.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for k, t in v.items()),
+            "an object of token ids to {content, ...} objects"),
+        "additional_special_tokens": (lambda v: v is None or (isinstance(v, list) and all(map(token, v))),
+                                      "a list of tokens"),
+        "extra_special_tokens": (lambda v: v is None or (isinstance(v, list) and all(map(token, v)))
+                                 or (isinstance(v, dict) and all(map(token, v.values()))),
+                                 "a list or object of tokens"),
+        **{k: (token, "a string or a {content, ...} object") for k in SPECIAL_TOKENS},
+    }
+    for key, (ok, what) in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            raise CheckpointError(f"{file}: {key} must be {what}, got {json.dumps(cfg[key])[:80]}")
 
 
 def _read_text(file: Path) -> str:
