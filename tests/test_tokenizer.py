@@ -610,3 +610,35 @@ def test_corrupt_sentencepiece_models_and_config_values_name_the_file(dirs, tmp_
         (path / file).write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=f"{path / file}: {key} must be"):
             AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_tokens_and_special_tokens_like_transformers(dirs, kind, tmp_path):
+    """add_tokens / add_special_tokens (transformers' keys, additional_special_tokens, replace_extra_special_tokens)
+    add what transformers adds and return the same counts; text with them encodes and decodes alike, before and
+    after a save_pretrained that both read back."""
+    from tokenizers import AddedToken
+
+    ours, ref = AutoTokenizer.from_pretrained(dirs[kind]), transformers.AutoTokenizer.from_pretrained(dirs[kind])
+    calls = [("add_tokens", (["hello_world", "foo"],), {}), ("add_tokens", ("<x>",), {"special_tokens": True}),
+             ("add_special_tokens", ({"pad_token": "[PAD]", "additional_special_tokens": ["<a>", "<b>"]},), {}),
+             ("add_special_tokens", ({"extra_special_tokens": ["<c>", "<a>"]},),
+              {"replace_extra_special_tokens": False}),
+             ("add_tokens", ([AddedToken(" zz", lstrip=True)],), {}), ("add_tokens", (["foo"],), {})]
+    for name, args, kwargs in calls:
+        assert getattr(ours, name)(*args, **kwargs) == getattr(ref, name)(*args, **kwargs), (name, args)
+        assert len(ours) == len(ref)
+    assert ours.pad_token_id == ref.pad_token_id and ours.all_special_tokens == ref.all_special_tokens
+    assert ours.extra_special_tokens == ref.extra_special_tokens
+    text = "say hello_world foo<x> [PAD] <a><b><c> zz end hello_worldfoo"
+    for skip in (True, False):
+        assert ours.decode(ours(text)["input_ids"], skip_special_tokens=skip) == \
+            ref.decode(ref(text)["input_ids"], skip_special_tokens=skip)
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    ours.save_pretrained(tmp_path)
+    for again in (AutoTokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)):
+        assert again(text)["input_ids"] == ref(text)["input_ids"] and again.pad_token == "[PAD]"
+    with pytest.raises(ValueError, match="Key bogus_token is not a valid special token"):
+        ours.add_special_tokens({"bogus_token": "<y>"})
+    with pytest.raises(TypeError, match="add_tokens takes strings or AddedTokens, got int"):
+        ours.add_tokens([5])

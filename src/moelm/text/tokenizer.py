@@ -251,6 +251,46 @@ class Tokenizer:
         self._backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                                      special_tokens=specials)
 
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """transformers' add_tokens: the tokens (str or AddedToken) not yet in the vocabulary get the next ids
+        (len(tokenizer) grows; resize the model's embeddings to match); returns how many were added."""
+        if not new_tokens:
+            return 0
+        tokens = list(new_tokens) if isinstance(new_tokens, (list, tuple)) else [new_tokens]
+        bad = [t for t in tokens if not isinstance(t, (str, AddedToken))]
+        if bad:
+            raise TypeError(f"add_tokens takes strings or AddedTokens, got {type(bad[0]).__name__} {bad[0]!r}")
+        return self._backend.add_special_tokens(tokens) if special_tokens else self._backend.add_tokens(tokens)
+
+    def add_special_tokens(self, special_tokens_dict: dict, replace_extra_special_tokens: bool = True) -> int:
+        """transformers' add_special_tokens: {bos_token / eos_token / ... / extra_special_tokens (or
+        additional_special_tokens): token(s)} set as the tokenizer's and added as special tokens; returns how many
+        were new to the vocabulary."""
+        if not special_tokens_dict:
+            return 0
+        given = dict(special_tokens_dict)
+        if "additional_special_tokens" in given and not given.get("extra_special_tokens"):
+            given["extra_special_tokens"] = given.pop("additional_special_tokens")
+        allowed = (*SPECIAL_TOKENS, "extra_special_tokens")
+        new = []
+        for key, value in given.items():
+            if key not in allowed:
+                raise ValueError(f"Key {key} is not a valid special token. Valid keys are: {', '.join(allowed)}")
+            values = value if key == "extra_special_tokens" else [value]
+            if not isinstance(values, (list, tuple)) or not all(isinstance(t, (str, AddedToken)) for t in values):
+                raise ValueError(f"Tokens {value!r} for key {key} should all be str or AddedToken instances")
+            tokens = [AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=True)
+                      if isinstance(t, str) else t for t in values]
+            if key != "extra_special_tokens":
+                self._set_special(key, tokens[0])
+            elif replace_extra_special_tokens:
+                self._extra = tokens or self._extra
+            else:
+                tokens = [t for t in tokens if str(t) not in self.extra_special_tokens]
+                self._extra += tokens
+            new += tokens
+        return self.add_tokens(new, special_tokens=True)
+
     # -- vocabulary --
     @property
     def backend_tokenizer(self) -> _Backend:
