@@ -584,6 +584,29 @@ def test_generation_config_json_read_and_written(tmp_path):
     assert moelm.Ernie4_5ForCausalLM.from_config(ours.config).generation_config == bare
 
 
+def test_generation_config_argument_overrides_only_the_fields_it_sets(tmp_path):
+    """As transformers': generate(generation_config=GenerationConfig(max_new_tokens=4)) keeps the model's sampling
+    settings (ERNIE ships do_sample, temperature, top_p); a field set, even to its default, overrides the model's."""
+    ref = reference("ernie4_5")
+    ref.generation_config.update(do_sample=True, temperature=0.6, top_p=0.8, top_k=9, repetition_penalty=1.3)
+    ref.save_pretrained(tmp_path)
+    ours = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    ids, mask = padded()
+    for settings in [dict(max_new_tokens=4), dict(max_new_tokens=4, temperature=1.0, top_k=50)]:
+        torch.manual_seed(0)
+        a = ref.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
+                         generation_config=transformers.GenerationConfig(**settings))
+        torch.manual_seed(0)
+        b = ours.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
+                          generation_config=GenerationConfig(**settings))
+        assert torch.equal(a.sequences, b.sequences), settings
+        for i, (x, y) in enumerate(zip(a.scores, b.scores)):
+            assert_close(y, x, msg=f"{settings} scores[{i}]")
+    late = GenerationConfig(max_new_tokens=4)
+    late.do_sample = False  # set after construction: set too
+    assert late.is_set("do_sample") and not late.is_set("temperature") and not GenerationConfig().is_set("top_k")
+
+
 def test_generation_config_update_and_copy_semantics():
     cfg = GenerationConfig(max_new_tokens=3)
     assert cfg.update(top_k=4, foo=1, bar=2) == {"foo": 1, "bar": 2} and cfg.top_k == 4
@@ -615,7 +638,7 @@ def test_generation_config_keys_moelm_does_not_implement(tmp_path):
         ours.generate(input_ids=ids, max_new_tokens=3, do_sample=True)
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):  # the model's keys count under a passed config too
         ours.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=3))
-    with pytest.raises(ValueError, match="does not use the arguments \\['no_repeat_ngram_size'\\]"):
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=3 \(from the arguments of generate\(\)\)"):
         ours.generate(input_ids=ids, max_new_tokens=3, no_repeat_ngram_size=3)
     # at transformers' defaults (set by hand, removed, or as generate()'s arguments) they pass: transformers' tokens
     ours.generation_config.no_repeat_ngram_size = 0
@@ -647,6 +670,56 @@ def test_generation_config_argument_may_be_transformers_or_a_dict():
         ours.generate(input_ids=ids, generation_config={"max_new_token": 2})
     with pytest.raises(TypeError, match="a moelm GenerationConfig, a transformers GenerationConfig or a dict, got int"):
         ours.generate(input_ids=ids, generation_config=4)
+
+
+def test_none_arguments_leave_processors_off_as_transformers():
+    """generate(temperature=None, ...) overrides the generation config with None, which transformers reads as that
+    processor left out (early_stopping: False); None for use_cache or length_penalty is refused, naming it."""
+    ref, ours = build("ernie4_5")
+    ids, mask = padded()
+    config = transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.7, repetition_penalty=1.4,
+                                           min_length=11, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
+    off = dict(temperature=None, top_p=None, repetition_penalty=None, min_length=None, early_stopping=None)
+    a, b = both(ref, ours, input_ids=ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True,
+                output_scores=True, **off)
+    assert torch.equal(a.sequences, b.sequences)
+    for i, (x, y) in enumerate(zip(a.scores, b.scores)):
+        assert_close(y, x, msg=f"scores[{i}]")
+    for name in ("use_cache", "length_penalty"):
+        with pytest.raises(ValueError, match=name):
+            ours.generate(input_ids=ids, num_beams=2, max_new_tokens=2, **{name: None})
+
+
+def test_transformers_generate_arguments_at_their_defaults_pass():
+    """transformers' own generate() arguments (inputs=, logits_processor=None, synced_gpus=False, ...) and inert
+    generation config fields (disable_compile) are accepted; a custom processor or criterion is refused, named."""
+    _, ours = build("ernie4_5")
+    ids = prompt()
+    want = ours.generate(input_ids=ids, max_new_tokens=3)
+    got = ours.generate(inputs=ids, max_new_tokens=3, logits_processor=transformers.LogitsProcessorList(),
+                        stopping_criteria=None, prefix_allowed_tokens_fn=None, synced_gpus=False,
+                        negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
+                        disable_compile=True, low_memory=None)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="logits_processor"):
+        ours.generate(input_ids=ids, max_new_tokens=3,
+                      logits_processor=[transformers.generation.logits_process.TemperatureLogitsWarper(0.5)])
+    with pytest.raises(ValueError, match="inputs and input_ids"):
+        ours.generate(ids, inputs=ids, max_new_tokens=3)
+
+
+def test_special_token_ids_may_be_tensors_or_tuples():
+    """eos / pad token ids as a tensor, a numpy integer or a tuple, as transformers takes them."""
+    import numpy as np
+
+    ref, ours = build("ernie4_5")
+    ids, mask = padded()
+    eos = pick_eos(ours, 2, input_ids=ids, attention_mask=mask)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    want = ref.generate(**kwargs, eos_token_id=eos, pad_token_id=PAD)
+    for eos_ids, pad in [(torch.tensor(eos), torch.tensor(PAD)), (tuple(eos), np.int64(PAD))]:
+        assert torch.equal(ours.generate(**kwargs, eos_token_id=eos_ids, pad_token_id=pad), want)
+    assert GenerationConfig(eos_token_id=torch.tensor(eos[0])).eos_token_id == eos[0]
 
 
 def test_stop_strings_match_token_bytes_as_transformers(tmp_path):

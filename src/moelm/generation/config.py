@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ class GenerationConfig:
 
     `max_length=None` means 20 new tokens capped at max_position_embeddings, which is what transformers 5.x does when
     neither max_length nor max_new_tokens is set. Other generation_config.json keys (and attributes set that are not
-    fields) are kept in `extra`; generate() refuses those of UNIMPLEMENTED set to a value that changes the output."""
+    fields) are kept in `extra`; generate() refuses those of UNIMPLEMENTED set to a value that changes the output.
+    As generate()'s generation_config, only its set fields (is_set) override the model's, as transformers' do."""
 
     max_length: int | None = None
     max_new_tokens: int | None = None
@@ -82,7 +84,11 @@ class GenerationConfig:
         self.validate()
 
     def __setattr__(self, name, value):  # not a field: kept in extra, as transformers keeps unknown attributes
-        if name in FIELDS or name == "extra":
+        if name in FIELDS:
+            super().__setattr__(name, plain(name, value))
+            if "_given" in self.__dict__:
+                self.__dict__["_given"] = self._given | {name}
+        elif name == "extra":
             super().__setattr__(name, value)
         else:
             self.extra[name] = value
@@ -98,6 +104,11 @@ class GenerationConfig:
             del self.extra[name]
         else:
             super().__delattr__(name)
+
+    def is_set(self, name: str) -> bool:
+        """Whether field `name` was given a value other than None (to the constructor or since), as transformers'
+        GenerationConfig tells its set fields from those that generate() fills from the model's."""
+        return name in self.__dict__.get("_given", FIELDS) and getattr(self, name) is not None
 
     def unimplemented(self) -> dict:
         """The extra keys that moelm does not implement and whose values would change the output."""
@@ -125,6 +136,9 @@ class GenerationConfig:
               "num_assistant_tokens_schedule must be 'heuristic' or 'constant', got "
               f"{self.num_assistant_tokens_schedule!r}")
         count("num_beams", 1)
+        check(isinstance(self.use_cache, bool), f"use_cache must be True or False, got {self.use_cache!r}")
+        check(self.num_beams == 1 or isinstance(self.length_penalty, (int, float)) and not isinstance(
+            self.length_penalty, bool), f"length_penalty must be a number, got {self.length_penalty!r}")
         count("num_return_sequences", 1)
         check(self.cache_implementation in (None, "static", "dynamic"),
               f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}")
@@ -204,9 +218,32 @@ class GenerationConfig:
         atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
 
 
+def plain(name: str, value):
+    """Special token ids given as a tensor, numpy value or tuple as Python ints / a list, as transformers takes them."""
+    if not name.endswith("_token_id") or isinstance(value, (int, list)):
+        return value
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
 def no_op(key: str, value) -> bool:
     """Whether value of an UNIMPLEMENTED key leaves the output as without it."""
     return any(value is n or value == n and not isinstance(value, bool) for n in UNIMPLEMENTED[key])
 
 
 FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"extra"}
+
+
+def _recording(init):
+    """GenerationConfig.__init__ that records the fields it is given (is_set)."""
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.__dict__["_given"] = frozenset(names[:len(args)]) | kwargs.keys() & FIELDS
+    return __init__
+
+
+GenerationConfig.__init__ = _recording(GenerationConfig.__init__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import weakref
@@ -19,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_NEW_TOKENS, FIELDS, INERT, UNIMPLEMENTED, GenerationConfig, no_op
+from .config import DEFAULT_NEW_TOKENS, FIELDS, INERT, UNIMPLEMENTED, GenerationConfig
 from .sampling import apply_penalties, choose, warp
 
 
@@ -280,30 +279,32 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
 
 
 def merge_config(model, generation_config, kwargs: dict) -> GenerationConfig:
-    """A validated copy: generation_config (its unset None fields and its missing extra keys filled from the model's)
-    or the model's own, updated with kwargs. generation_config may be moelm's GenerationConfig, transformers' (its
-    to_dict) or a dict: their unset (None or missing) keys come from the model's. Unknown kwargs are an error, and so
-    is a key moelm does not implement set to a value that would change the output (config.UNIMPLEMENTED)."""
+    """A validated copy: generation_config (its fields not set, see GenerationConfig.is_set, and its missing extra
+    keys filled from the model's) or the model's own, updated with kwargs. generation_config may be moelm's
+    GenerationConfig, transformers' (its to_dict) or a dict: their unset (None or missing) keys come from the model's.
+    Unknown kwargs are an error, and so is a key moelm does not implement set to a value that would change the output
+    (config.UNIMPLEMENTED)."""
     base = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
     given = as_generation_config(generation_config, base)
     cfg = copy.deepcopy(given if given is not None else base)
     if given is not None:
-        for f in dataclasses.fields(cfg):
-            if f.default is None and getattr(cfg, f.name) is None:
-                setattr(cfg, f.name, copy.deepcopy(getattr(base, f.name)))
+        for name in FIELDS - {name for name in FIELDS if given.is_set(name)}:
+            setattr(cfg, name, copy.deepcopy(getattr(base, name)))
         for key, value in base.extra.items():  # as transformers carries the model's custom entries over
             cfg.extra.setdefault(key, copy.deepcopy(value))
-    # a key moelm does not implement may be set to its no-op value (to override the model's)
-    overrides = {k: v for k, v in kwargs.items() if k in UNIMPLEMENTED and no_op(k, v)}
-    cfg.extra.update(overrides)
-    unused = cfg.update(**{k: v for k, v in kwargs.items() if k not in overrides})
+    kwargs = transformers_arguments(kwargs)
+    # keys moelm does not implement go to extra (refused below unless their values change nothing), inert ones away
+    cfg.extra.update({k: v for k, v in kwargs.items() if k in UNIMPLEMENTED})
+    unused = cfg.update(**{k: v for k, v in kwargs.items() if k not in UNIMPLEMENTED and k not in INERT})
     if unused:
         raise ValueError(f"generate() does not use the arguments {sorted(unused)} (typos show up here too)")
     refused = cfg.unimplemented()
     if refused:
-        passed = [k for k in refused if given is not None and k in given.extra]
+        argued = [k for k in refused if k in kwargs]
+        passed = [k for k in refused if given is not None and k in given.extra and k not in argued]
         sources = {"model.generation_config: the checkpoint's generation_config.json or set on it":
-                   [k for k in refused if k not in passed], "the generation_config passed to generate()": passed}
+                   [k for k in refused if k not in passed and k not in argued],
+                   "the generation_config passed to generate()": passed, "the arguments of generate()": argued}
         parts = [f"{', '.join(f'{k}={refused[k]!r}' for k in keys)} (from {where})"
                  for where, keys in sources.items() if keys]
         defaults = ", ".join(f"{k}={UNIMPLEMENTED[k][-1]!r}" for k in refused)
@@ -312,6 +313,27 @@ def merge_config(model, generation_config, kwargs: dict) -> GenerationConfig:
                          f"({defaults})")
     cfg.validate()
     return cfg
+
+
+# transformers' generate() arguments that moelm has no use for, with the values that change nothing
+TRANSFORMERS_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                          "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate"}
+# fields that transformers' generate(field=None) leaves off (its processor out, or False), as these values do
+NONE_IS_OFF = {"min_length": 0, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
+               "early_stopping": False, "output_scores": False, "output_logits": False,
+               "return_dict_in_generate": False}
+
+
+def transformers_arguments(kwargs: dict) -> dict:
+    """kwargs without transformers' own generate() arguments at their no-op values (None, False or an empty list;
+    others are an error naming them), and with None for a field that it leaves off as that field's off value."""
+    out = {}
+    for key, value in kwargs.items():
+        if key not in TRANSFORMERS_ARGUMENTS:
+            out[key] = NONE_IS_OFF[key] if value is None and key in NONE_IS_OFF else value
+        elif not (value is None or value is False or isinstance(value, list) and not value):
+            raise ValueError(f"generate() does not implement {key} (got {value!r}); leave it unset")
+    return out
 
 
 def as_generation_config(value, base: GenerationConfig) -> GenerationConfig | None:
@@ -552,6 +574,10 @@ class GenerationMixin:
         prompt_lookup_num_tokens= (n-grams of the sequence), or speculative="mtp" (ERNIE's MTP head)."""
         from .speculative import drafter_for, speculative_tokens
 
+        if "inputs" in kwargs:  # transformers' name for the prompt
+            if input_ids is not None:
+                raise ValueError("generate() got both inputs and input_ids: pass one of them")
+            input_ids = kwargs.pop("inputs")
         cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
         drafter = drafter_for(self, cfg, assistant_model, speculative)
         if streamer is not None:
