@@ -263,3 +263,14 @@ def test_generate_speculative_flags(tmp_path):
     for (extra, needle), r in zip(bad, runs[len(extras):]):
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_pipeline_reads_the_fields_a_generation_config_sets():
+    """A call's generation_config counts as setting the fields it was given, a default value included (so the
+    pipeline's own defaults do not replace them), as transformers' to_diff_dict does for its config."""
+    from moelm.generation import GenerationConfig
+    from moelm.pipelines import _set_fields
+
+    assert _set_fields(GenerationConfig(temperature=1.0, max_new_tokens=4)) == {"temperature": 1.0,
+                                                                                 "max_new_tokens": 4}
+    assert _set_fields({"do_sample": False, "top_k": None}) == {"do_sample": False}

@@ -183,7 +183,9 @@ def _set_fields(config) -> dict:
         return {}
     if isinstance(config, dict):
         return {k: v for k, v in config.items() if v is not None}
-    return config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict()
+    if hasattr(config, "is_set"):  # moelm's: the fields it was given
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if config.is_set(f.name)}
+    return config.to_diff_dict()
 
 
 def _per_row(value, rows: int):
