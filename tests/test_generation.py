@@ -662,6 +662,9 @@ def test_generation_config_argument_may_be_transformers_or_a_dict():
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=theirs), want)
     as_dict = {"max_new_tokens": 4, "num_beams": 2, "repetition_penalty": 1.3}
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, generation_config=as_dict), want)
+    assert torch.equal(ours.generate(ids, theirs, attention_mask=mask), ref.generate(ids, theirs, attention_mask=mask))
+    with pytest.raises(TypeError, match="positional"):  # transformers' third is logits_processor: keywords from here
+        ours.generate(ids, theirs, mask)
     with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2 \(from the generation_config passed to generate"):
         ours.generate(input_ids=ids, generation_config=transformers.GenerationConfig(no_repeat_ngram_size=2))
     with pytest.raises(ValueError, match="sequence_bias"):

@@ -561,11 +561,12 @@ class GenerationMixin:
         return False
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+    def generate(self, input_ids=None, generation_config: GenerationConfig | None = None, *, attention_mask=None,
                  streamer=None, tokenizer=None, inputs_embeds=None, assistant_model=None, speculative=None,
                  **kwargs):
         """Prompt + new tokens [B * num_return_sequences, L] like transformers' generate (greedy, sampling, beam
-        search), or a GenerateOutput with return_dict_in_generate. kwargs override generation_config fields.
+        search), or a GenerateOutput with return_dict_in_generate. kwargs override generation_config fields. As
+        transformers', the prompt and generation_config may be positional, the rest are keywords.
 
         Finished rows are filled with pad_token_id (default: the first EOS). `streamer.put` gets the prompt, then
         each new token [1, 1]; `streamer.end()` closes (batch 1, no beams). stop_strings need `tokenizer`.
