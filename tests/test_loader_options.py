@@ -84,6 +84,36 @@ def test_load_in_8bit_maps_to_the_quantization_config(tiny):
         AutoModelForCausalLM.from_pretrained(tiny, load_in_4bit=True, quantization="int8")
 
 
+def test_hub_arguments_as_transformers(tiny, tmp_path, monkeypatch):
+    """cache_dir, local_files_only, token, force_download and revision reach the hub resolution of the model, its
+    config, generation config and tokenizer (the tokenizer used to drop them: revision= loaded the default)."""
+    from moelm import AutoTokenizer, GenerationConfig
+    from moelm.io.hub import ModelNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    cache = tmp_path / "own"
+    repo = cache / "models--baidu--tiny-moe"
+    shutil.copytree(tiny, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "dev").write_text("a" * 40)
+    hub = dict(cache_dir=cache, local_files_only=True, token="hf_unused")
+    model = AutoModelForCausalLM.from_pretrained("baidu/tiny-moe", **hub)
+    assert model.config.model_type == "ernie4_5_moe"
+    assert AutoConfig.from_pretrained("baidu/tiny-moe", **hub).model_type == "ernie4_5_moe"
+    assert GenerationConfig.from_pretrained("baidu/tiny-moe", **hub).eos_token_id is not None
+    tokenizer = AutoTokenizer.from_pretrained("baidu/tiny-moe", revision="dev", **hub)
+    assert tokenizer("Hello")["input_ids"] == AutoTokenizer.from_pretrained(tiny)("Hello")["input_ids"]
+    for load in (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained):
+        with pytest.raises(ModelNotFoundError, match="local_files_only=True, so no download was tried"):
+            load("baidu/tiny-moe", revision="v2", **hub)
+        with pytest.raises(ModelNotFoundError, match="local_files_only=True"):
+            load("baidu/not-cached", local_files_only=True)
+    with pytest.raises(TypeError, match="local_files_only must be True or False, got 'yes'"):
+        AutoModelForCausalLM.from_pretrained("baidu/tiny-moe", local_files_only="yes")
+
+
 def test_revision(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="revision='main' applies to hub ids"):
         AutoModelForCausalLM.from_pretrained(tiny, revision="main")

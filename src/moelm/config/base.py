@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..io.files import atomic_write_text
-from ..io.hub import resolve_gguf, resolve_model_dir
+from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options
 from ..io.weights import CheckpointError, CheckpointNotFoundError
 
 CONFIG_CLASSES: dict[str, type["PretrainedConfig"]] = {}  # model_type -> class, filled as families are defined
@@ -216,6 +216,7 @@ class PretrainedConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
+    @takes_hub_options
     def from_pretrained(cls, path: str | os.PathLike, gguf_file=None) -> "PretrainedConfig":
         """Read config.json from a directory, a config.json path, or a hub id in the local HF cache (or, with
         gguf_file=, the config a GGUF's metadata describes: config/gguf.py)."""
@@ -336,6 +337,7 @@ def read_json_object(file: Path) -> dict:
 
 class AutoConfig:
     @staticmethod
+    @takes_hub_options
     def from_pretrained(path, gguf_file=None) -> PretrainedConfig:
         data = read_config_json(path, gguf_file)
         return config_class_for(data).from_dict(data)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import read_config_json, read_json_object
 from ..io.files import atomic_write_text
-from ..io.hub import resolve_model_dir
+from ..io.hub import resolve_model_dir, takes_hub_options
 from .sampling import Sampling
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -204,6 +204,7 @@ class GenerationConfig:
                    pad_token_id=get("pad_token_id"))
 
     @classmethod
+    @takes_hub_options
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
         """generation_config.json of a checkpoint directory (or hub id in the local cache); without one, the
         defaults with config.json's special tokens."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
 import re
 from pathlib import Path
@@ -19,7 +22,51 @@ class ModelNotFoundError(CheckpointNotFoundError):
     """A model is neither a local directory nor available from the Hugging Face hub."""
 
 
+HUB = contextvars.ContextVar("moelm_hub_options", default={})  # the hub arguments of the from_pretrained running
+
+
+def takes_hub_options(fn):
+    """fn also takes transformers' hub arguments, in effect for the model resolutions and downloads inside it:
+    cache_dir (the Hugging Face cache to use), local_files_only (no download), token and force_download (passed to
+    huggingface_hub's downloads; force_download skips the cache)."""
+    @functools.wraps(fn)
+    def wrapper(*args, cache_dir=None, local_files_only=False, token=None, force_download=False, **kwargs):
+        for name, value in (("local_files_only", local_files_only), ("force_download", force_download)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
+        if token is not None and not isinstance(token, (str, bool)):
+            raise TypeError(f"token must be a string or a bool, got {type(token).__name__}")
+        outer = HUB.get()
+        options = {**outer, **{k: v for k, v in (("cache_dir", cache_dir), ("local_files_only", local_files_only),
+                                                 ("token", token), ("force_download", force_download)) if v}}
+        with _hub(options):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _hub(options: dict):
+    reset = HUB.set(options)
+    try:
+        yield
+    finally:
+        HUB.reset(reset)
+
+
+def _no_download() -> str | None:
+    """Why no download is tried (local_files_only, offline mode), or None."""
+    if HUB.get().get("local_files_only"):
+        return "local_files_only=True, so no download was tried"
+    if _offline():
+        return "offline mode is set (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so no download was tried"
+    return None
+
+
 def hf_cache_dir() -> Path:
+    if HUB.get().get("cache_dir"):
+        return Path(os.fspath(HUB.get()["cache_dir"])).expanduser()
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
@@ -97,14 +144,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike, subfolder: str | None = N
     repo_id, revision = parsed
     cache = hf_cache_dir()
     subfolder = subfolder or ""
+    reason = _no_download()
     snap = _cached_snapshot(repo_id, revision, cache, subfolder)
-    if snap is not None:
+    if snap is not None and (reason or not HUB.get().get("force_download")):
         return snap
-
-    reason = None
-    if _offline():
-        reason = "offline mode is set (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE), so no download was tried"
-    else:
+    if not reason:
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -113,7 +157,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, subfolder: str | None = N
             try:
                 patterns = [f"{subfolder}/{p}" for p in DOWNLOAD_PATTERNS] if subfolder else DOWNLOAD_PATTERNS
                 return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache),
-                                              allow_patterns=patterns)) / subfolder
+                                              allow_patterns=patterns, token=HUB.get().get("token"),
+                                              force_download=HUB.get().get("force_download", False))) / subfolder
             except Exception as e:
                 lines = str(e).strip().splitlines()
                 reason = f"download failed: {type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -140,14 +185,15 @@ def resolve_gguf(name_or_path: str | os.PathLike | None, gguf_file: str | os.Pat
         repo_id, revision = parsed
         repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
         cached = sorted(repo.glob(f"*/{own}")) if repo.is_dir() and revision is None else []
-        if cached:
+        if cached and (_no_download() or not HUB.get().get("force_download")):
             return cached[-1]
-        if not _offline():
+        if not _no_download():
             try:
                 from huggingface_hub import hf_hub_download
 
                 return Path(hf_hub_download(repo_id, os.fspath(gguf_file), revision=revision,
-                                            cache_dir=str(hf_cache_dir())))
+                                            cache_dir=str(hf_cache_dir()), token=HUB.get().get("token"),
+                                            force_download=HUB.get().get("force_download", False)))
             except Exception as e:  # noqa: BLE001 - any failure: reported as not found, with its reason
                 reason = f" (download: {type(e).__name__})"
     where = f" nor in {s!r}" if s else ""

@@ -13,7 +13,7 @@ from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMix
 from ..inference import optimize
 from ..inference.quantization import BitsAndBytesConfig
 from ..inference.quantize import fill_tied_head, per_expert, quantize_modules, resolve
-from ..io.hub import resolve_model_dir, with_revision
+from ..io.hub import resolve_model_dir, takes_hub_options, with_revision
 from ..io.weights import SafetensorsCheckpoint
 from .backend import apply_backend, apply_moe_overrides
 from .checkpoint import EXPERT_PARTS, load_checkpoint
@@ -47,6 +47,7 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
     return optimize(model) if fast else model
 
 
+@takes_hub_options
 def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, progress: bool | None = None,
                     config: PretrainedConfig | None = None, attn_implementation: str | None = None,
                     torch_dtype=None, quantization=None, quantization_config=None, fast: bool = True,
@@ -71,7 +72,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
     transformers' loader options: device_map puts the whole model on one device ("auto" is the GPU if there is
     one, else the CPU; see place()); revision picks a cached hub revision; load_in_4bit / load_in_8bit are
     BitsAndBytesConfig's; low_cpu_mem_usage (loading always is) and trust_remote_code (nothing remote ever runs) are
-    accepted. Other keyword arguments must be config fields, which they update; anything else is a TypeError.
+    accepted; cache_dir, local_files_only, token and force_download act on the hub resolution and downloads
+    (moelm.io.hub.takes_hub_options). Other keyword arguments must be config fields, which they update; anything
+    else is a TypeError.
 
     tp_plan="auto" (or a dict of rules), tp_size, device_mesh or distributed_config=DistributedConfig(...) shard
     the model over the processes torchrun launched (moelm.parallel): each rank reads only its slices.

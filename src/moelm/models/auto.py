@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..config import AutoConfig, PretrainedConfig, config_class_for, read_config_json
-from ..io.hub import resolve_model_dir, with_revision
+from ..io.hub import resolve_model_dir, takes_hub_options, with_revision
 from .ernie4_5 import Ernie4_5ForCausalLM, Ernie4_5Model
 from .ernie4_5_moe import Ernie4_5_MoeForCausalLM, Ernie4_5_MoeModel
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification, PhimoeModel
@@ -30,6 +30,7 @@ class _Auto:
         return cls.class_for(config).from_config(config, **kwargs)
 
     @classmethod
+    @takes_hub_options
     def from_pretrained(cls, path, **kwargs):
         """config= (a config, or a path / hub id to read one from) replaces the checkpoint's config.json."""
         path = with_revision(path, kwargs.pop("revision", None))

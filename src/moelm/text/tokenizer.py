@@ -14,7 +14,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
 from ..config import read_json_object
-from ..io.hub import resolve_gguf, resolve_model_dir
+from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options, with_revision
 from ..io.weights import CheckpointError
 from .chat_template import render_chat_template
 from .gguf import read_gguf_tokenizer
@@ -24,7 +24,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
-_LOADER_KWARGS = ("use_fast", "trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "_from_auto")
+_LOADER_KWARGS = ("use_fast", "trust_remote_code", "_from_auto")  # moelm's tokenizer is the fast one; no remote code
 
 
 class TokenizerFilesNotFoundError(FileNotFoundError):
@@ -631,7 +631,11 @@ class AutoTokenizer:
         raise OSError("use AutoTokenizer.from_pretrained(path_or_hub_id)")
 
     @staticmethod
-    def from_pretrained(path_or_hub_id, **kwargs) -> Tokenizer:
+    @takes_hub_options
+    def from_pretrained(path_or_hub_id, revision: str | None = None, **kwargs) -> Tokenizer:
+        """A tokenizer directory, hub id or (gguf_file=) GGUF file; revision and the hub arguments as the model's."""
+        if revision is not None:
+            path_or_hub_id = with_revision(path_or_hub_id, revision)
         gguf_file = kwargs.pop("gguf_file", None)
         if gguf_file is not None:  # the vocabulary in a llama.cpp file's metadata (text/gguf.py)
             for k in _LOADER_KWARGS:
