@@ -288,8 +288,9 @@ def merge_config(model, generation_config, kwargs: dict) -> GenerationConfig:
     given = as_generation_config(generation_config, base)
     cfg = copy.deepcopy(given if given is not None else base)
     if given is not None:
-        for name in FIELDS - {name for name in FIELDS if given.is_set(name)}:
-            setattr(cfg, name, copy.deepcopy(getattr(base, name)))
+        for name in FIELDS:
+            if not given.is_set(name):
+                setattr(cfg, name, copy.deepcopy(getattr(base, name)))
         for key, value in base.extra.items():  # as transformers carries the model's custom entries over
             cfg.extra.setdefault(key, copy.deepcopy(value))
     kwargs = transformers_arguments(kwargs)
