@@ -1,4 +1,4 @@
-"""A bounded soak of `moelm serve`: four clients for ~40 s sending streaming and plain requests of random sizes,
+"""A bounded soak of `moelm serve`: four clients for ~25 s sending streaming and plain requests of random sizes,
 a third of them abandoned mid-way; afterwards every slot is free and the process's memory stayed flat."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from moelm.models.scaffold import new_checkpoint  # noqa: E402
 
-SOAK_SECONDS = 40
+SOAK_SECONDS = 25
 
 
 def rss() -> int:
