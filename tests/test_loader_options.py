@@ -14,6 +14,7 @@ import torch
 from moelm import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, Ernie4_5_MoeForCausalLM, pipeline
 from moelm.config import Ernie4_5Config
 from moelm.inference.quantize import resolve
+from moelm.io.weights import CheckpointError
 from moelm.loading.pretrained import place
 from moelm.models.scaffold import new_checkpoint
 
@@ -156,15 +157,20 @@ def moelm(*args):
                           env=ENV)
 
 
-def test_new_refuses_a_directory_in_use_and_lists_the_names(tmp_path):
+def test_new_refuses_a_directory_in_use_and_lists_the_names(tmp_path, capsys):
+    from moelm.cli import main
+
     out = tmp_path / "m"
-    assert moelm("new", "ernie4_5-tiny", str(out)).returncode == 0
-    again = moelm("new", "ernie4_5-tiny", str(out))
+    assert main(["new", "ernie4_5-tiny", str(out)]) == 0
+    again = moelm("new", "ernie4_5-tiny", str(out))  # as a user runs it
     assert again.returncode == 1 and "pass --force" in again.stderr and "Traceback" not in again.stderr
-    assert moelm("new", "ernie4_5-tiny", str(out), "--force").returncode == 0
+    assert main(["new", "ernie4_5-tiny", str(out), "--force"]) == 0
     (tmp_path / "empty").mkdir()
-    assert moelm("new", "ernie4_5-tiny", str(tmp_path / "empty")).returncode == 0
-    help_text = moelm("new", "--help").stdout
+    assert main(["new", "ernie4_5-tiny", str(tmp_path / "empty")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["new", "--help"])
+    help_text = capsys.readouterr().out
     assert all(name in help_text for name in ("ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "phi-3.5-moe", "phimoe-tiny"))
 
 
@@ -273,3 +279,37 @@ def test_bitsandbytes_settings_moelm_does_not_apply_are_named(capsys):
     assert "not applied: llm_int8_threshold=3.0" in capsys.readouterr().err
     resolve(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     assert "not applied" not in capsys.readouterr().err
+
+
+def test_loading_info_and_mismatched_sizes_as_transformers(tiny, tmp_path):
+    """output_loading_info=True gives transformers' dict (the other head's tensors unexpected, a new head missing);
+    ignore_mismatched_sizes=True starts a classifier of another num_labels from random weights (reported as
+    mismatched), without it the error says so; use_safetensors=False is refused."""
+    import transformers
+
+    import moelm
+
+    phimoe = new_checkpoint("phimoe-tiny", tmp_path / "p", seed=0)
+    cases = [(phimoe, "AutoModelForCausalLM"), (phimoe, "AutoModelForSequenceClassification"), (phimoe, "AutoModel"),
+             (tiny, "AutoModel")]
+    for path, cls in cases:
+        _, ours = getattr(moelm, cls).from_pretrained(path, output_loading_info=True)
+        _, theirs = getattr(transformers, cls).from_pretrained(path, output_loading_info=True)
+        assert ours == theirs, (path.name, cls, ours, theirs)
+    three = tmp_path / "three"
+    transformers.AutoModelForSequenceClassification.from_pretrained(phimoe, num_labels=3).save_pretrained(three)
+    with pytest.raises(CheckpointError, match=r"score.weight: checkpoint \[3, 64\] vs model \[5, 64\].*"
+                                              "ignore_mismatched_sizes=True"):
+        moelm.AutoModelForSequenceClassification.from_pretrained(three, num_labels=5)
+    kw = dict(num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    ours, info = moelm.AutoModelForSequenceClassification.from_pretrained(three, **kw)
+    theirs, expected = transformers.AutoModelForSequenceClassification.from_pretrained(three, **kw)
+    assert info == expected and ours.score.weight.shape == (5, 64)
+    assert 0.01 < ours.score.weight.std() < 0.03  # normal(0, initializer_range), not the empty tensor's bytes
+    with torch.no_grad():
+        ours.score.weight.copy_(theirs.score.weight)  # the rest was read from the checkpoint
+        ids = torch.tensor([[3, 1, 4, 1, 5]])
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=False)
+    AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True)

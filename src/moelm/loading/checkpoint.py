@@ -56,7 +56,8 @@ def _part_view(param: torch.Tensor, expert: int | None, part: int | None, num_pa
 
 
 def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = None,
-                    only=None, mmap: bool = False) -> dict[str, torch.Tensor]:
+                    only=None, mmap: bool = False, ignore_mismatched_sizes: bool = False,
+                    report: dict | None = None) -> dict[str, torch.Tensor]:
     """Copy every checkpoint tensor into `model`'s already allocated parameters, one tensor at a time. A model
     sharded over ranks (model.parallel, see moelm.parallel) reads only its own slices, with safetensors' slicing.
 
@@ -64,7 +65,11 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     used as stored are mapped from the file (SafetensorsCheckpoint.mapped) instead of read; kept-aside tensors and
     an untied input embedding used as stored always are (only its looked-up rows are ever read: 1 GB of RSS saved
     on ERNIE-4.5-21B-A3B in fp32).
-    Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors."""
+    Returns the tensors kept aside (MTP). Raises CheckpointError for missing, unexpected or misshapen tensors;
+    ignore_mismatched_sizes: a tensor of another shape leaves its module (not quantized, not sharded) to random
+    weights instead, as transformers. `report` gets transformers' loading info: missing_keys (new heads started from
+    random weights), unexpected_keys (another head's tensors, skipped), mismatched_keys ((key, checkpoint shape,
+    model shape) of those left to random weights)."""
     from ..inference.quantize import load_targets
 
     parallel = getattr(model, "parallel", None)
@@ -80,6 +85,8 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     filled: dict[str, set] = {k: set() for k in params}
     kept: dict[str, torch.Tensor] = {}
     unexpected, mismatched, wrong_dtype = [], [], []
+    info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}
+    reinit: set[str] = set()  # parameters whose modules start from random weights (ignore_mismatched_sizes)
     stored = stored_groups(ckpt)  # X.weight -> X.weight_packed / weight_scale / weight_shape: quantized as stored
     companions = {k for keys in stored.values() for k in keys.values()} - {
         keys.get("weight_packed", keys.get("weight")) for keys in stored.values()}
@@ -98,8 +105,9 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
             kept[key] = ckpt.get(key) if (mapped := ckpt.mapped(key)) is None else mapped
         elif key in companions:  # read with their weight
             pass
-        elif (hub := _adapt_key(key.removesuffix("_packed") if codes else key, strip_prefix, skip_heads)) \
-                is not None:
+        elif (hub := _adapt_key(key.removesuffix("_packed") if codes else key, strip_prefix, skip_heads)) is None:
+            info["unexpected_keys"].add(key)  # another head's tensor (or the base model's lm_head): skipped
+        else:
             ours, expert, part = hub_to_ours(model_type, hub)
             if ours in elsewhere:
                 pass
@@ -119,7 +127,11 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                         view = target, None, tuple(target.shape)
                     shape = tuple(ckpt.shape(key)) if codes is None else stored_shape(ckpt, codes, _mode(quantized,
                                                                                                           ours))
-                    if view[2] != shape:
+                    if view[2] != shape and ignore_mismatched_sizes and ours not in quantized and parallel is None:
+                        info["mismatched_keys"].add((key, torch.Size(shape), torch.Size(view[2])))
+                        reinit.add(ours)
+                        filled[ours].add((expert, part))
+                    elif view[2] != shape:
                         mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(view[2])} "
                                           f"(in {ckpt.file_of(key).name})")
                         filled[ours].add((expert, part))  # reported here, not as missing too
@@ -162,6 +174,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                   file=sys.stderr)
             with torch.no_grad():
                 params[name].normal_(0.0, model.config.initializer_range)
+            info["missing_keys"].add(name)
             continue
         prefix, _, last = name.rpartition(".")
         parts = EXPERT_PARTS.get(model_type, {}).get(last) if prefix.endswith(".experts") else None
@@ -177,13 +190,19 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} tensor(s) with the wrong shape: {_listing(mismatched)}")
+        problems.append(f"{len(mismatched)} tensor(s) with the wrong shape: {_listing(mismatched)} (pass "
+                        "ignore_mismatched_sizes=True to start their modules from random weights)")
     if wrong_dtype:
         problems.append(f"{len(wrong_dtype)} tensor(s) with the wrong dtype: {_listing(wrong_dtype)}")
     if problems:
         where = ckpt.files[0].parent
         raise CheckpointError(f"checkpoint in {where} does not match {type(model).__name__} "
                               f"({model_type}): " + "; ".join(problems))
+    if reinit:
+        model.init_weights(modules={name.rpartition(".")[0] for name in reinit})
+    if report is not None:
+        for k, v in info.items():
+            report.setdefault(k, set()).update(v)
     return kept
 
 

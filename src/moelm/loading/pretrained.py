@@ -54,7 +54,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
                     device_map=None, revision: str | None = None, low_cpu_mem_usage=None, trust_remote_code=None,
                     load_in_4bit: bool = False, load_in_8bit: bool = False, tp_plan=None, tp_size=None,
                     device_mesh=None, distributed_config=None, max_memory=None, offload_folder=None, backend=None,
-                    gguf_file=None, mmap: bool = False, subfolder: str | None = None, **kwargs):
+                    gguf_file=None, mmap: bool = False, subfolder: str | None = None,
+                    output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
+                    use_safetensors: bool | None = None, **kwargs):
     """Load a hub-format checkpoint directory (or a hub id in the local cache) into cls.
 
     The model is built on the meta device and each tensor is read straight into place, so the peak memory is about
@@ -81,7 +83,15 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
 
     gguf_file= reads a llama.cpp GGUF file (a path, or a name in `path`) instead: see moelm.loading.gguf_load.
     config= replaces config.json's (a copy of it is used; the weights must fit it); subfolder= is the folder of
-    `path` (a directory or a hub repository) that holds the checkpoint."""
+    `path` (a directory or a hub repository) that holds the checkpoint.
+
+    As transformers: ignore_mismatched_sizes=True starts the modules of tensors with another shape from random
+    weights (a classifier loaded with another num_labels) instead of raising; output_loading_info=True returns
+    (model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}); use_safetensors=False is refused
+    (moelm reads safetensors only, never pickled weights)."""
+    if use_safetensors is False:
+        raise ValueError("use_safetensors=False: moelm reads only safetensors checkpoints (pickled weights are never "
+                         "loaded)")
     if isinstance(config, (str, os.PathLike)):
         config = cls.config_class.from_pretrained(config)
     if config is not None:
@@ -109,7 +119,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
                          refused={"device_map": device_map, "tp_plan": tp_plan, "tp_size": tp_size,
                                   "device_mesh": device_mesh, "distributed_config": distributed_config,
                                   "max_memory": max_memory, "offload_folder": offload_folder, "backend": backend,
-                                  "mmap": mmap})
+                                  "mmap": mmap, "output_loading_info": output_loading_info,
+                                  "ignore_mismatched_sizes": ignore_mismatched_sizes})
     layout = None
     if any(v is not None for v in (tp_plan, tp_size, device_mesh, distributed_config)):
         from ..parallel.load import distributed_layout
@@ -117,6 +128,9 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         if quantization is not None or quantization_config is not None or load_in_4bit or load_in_8bit:
             raise NotImplementedError("quantized weights under tensor/expert parallelism are not implemented in "
                                       "moelm; load the checkpoint's own dtype")
+        if ignore_mismatched_sizes:
+            raise NotImplementedError("ignore_mismatched_sizes under tensor/expert parallelism is not implemented in "
+                                      "moelm; load the model in one process and save it first")
         layout, device = distributed_layout(tp_plan, tp_size, device_mesh, distributed_config, device_map, device)
         device_map = None
     if load_in_4bit or load_in_8bit:
@@ -168,12 +182,14 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
             parallelize(model, layout, device.type)
         placed = plan(model, device_map, device, max_memory, offload_folder) if split else {"": str(device)}
         disk = disk_layers(placed)
+        report = {}
+        loading = dict(ignore_mismatched_sizes=ignore_mismatched_sizes, report=report)
         if disk:
-            model.kept_aside = load_offloaded(model, ckpt, device, disk, offload_folder, progress)
+            model.kept_aside = load_offloaded(model, ckpt, device, disk, offload_folder, progress, loading)
         else:
             model.to_empty(device=device)
             model.tie_weights()
-            model.kept_aside = load_checkpoint(model, ckpt, progress=progress, mmap=mmap)
+            model.kept_aside = load_checkpoint(model, ckpt, progress=progress, mmap=mmap, **loading)
         fill_tied_head(model)
         # ERNIE's MTP head, when the checkpoint has one: left in the file (mapped) until its first use
         mtp = hasattr(model, "mtp_in") and not disk and layout is None and model.mtp_in(model.kept_aside)
@@ -197,6 +213,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.name_or_path = str(path)
     model.hf_device_map = placed
+    if output_loading_info:
+        return model.eval(), {**report, "error_msgs": []}
     return model.eval()
 
 
@@ -239,19 +257,20 @@ def labels(config, kwargs: dict) -> dict:
     return kwargs
 
 
-def load_offloaded(model, ckpt, device, disk: list[str], folder, progress) -> dict:
-    """Load the resident parameters, then each disk layer alone: allocated, read, written to `folder`, freed."""
+def load_offloaded(model, ckpt, device, disk: list[str], folder, progress, loading: dict) -> dict:
+    """Load the resident parameters, then each disk layer alone: allocated, read, written to `folder`, freed
+    (loading: load_checkpoint's keyword arguments)."""
     def under(names):
         return lambda n: any(n.startswith(d + ".") for d in names)
 
     on_disk = under(disk)
     materialize(model, device, skip=on_disk)
     model.tie_weights()
-    kept = load_checkpoint(model, ckpt, progress=progress, only=lambda n: not on_disk(n))
+    kept = load_checkpoint(model, ckpt, progress=progress, only=lambda n: not on_disk(n), **loading)
     for name in disk:
         layer = model.get_submodule(name)
         materialize(layer, torch.device("cpu"))
-        load_checkpoint(model, ckpt, progress=False, only=under([name]))
+        load_checkpoint(model, ckpt, progress=False, only=under([name]), **loading)
         offload(layer, name, folder, device)
     return kept
 

@@ -170,12 +170,13 @@ class PreTrainedModel(nn.Module):
 
     # --- construction ---
     @torch.no_grad()
-    def init_weights(self, prefix: str = ""):
+    def init_weights(self, prefix: str = "", modules: set[str] | None = None):
         """normal(0, initializer_range) weights, zero biases, unit norms, as the reference; prefix: only the modules
-        whose names start with it (a head added after the rest was initialised, e.g. "model.mtp_")."""
+        whose names start with it (a head added after the rest was initialised, e.g. "model.mtp_"); modules: only
+        those named."""
         std = self.config.initializer_range
         for name, module in self.named_modules():
-            if not name.startswith(prefix):
+            if not name.startswith(prefix) or modules is not None and name not in modules:
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)
@@ -191,7 +192,9 @@ class PreTrainedModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
         for name, p in self.named_parameters():
-            if name.startswith(prefix) and name.endswith("e_score_correction_bias"):
+            owner = name.rpartition(".")[0]
+            if name.startswith(prefix) and name.endswith("e_score_correction_bias") and \
+                    (modules is None or owner in modules):
                 p.zero_()
         self.tie_weights()
 
