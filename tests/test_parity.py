@@ -7,6 +7,7 @@ compared with eager and sdpa with sdpa. Tolerance: atol = rtol = 1e-4 everywhere
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -287,6 +288,43 @@ def test_return_dict_false(family):
     assert isinstance(b, tuple) and len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         close(x, y, f"tuple[{i}]")
+
+
+@pytest.mark.parametrize("family", list(BASE))
+def test_output_flags_from_the_config_as_transformers(family):
+    """With the config's output_attentions / output_hidden_states / output_router_logits on: a flag not given is
+    the config's, one given as None (as peft passes them) is off (router logits of a causal LM: the config's),
+    return_dict=None is a dict; output_hidden_states as indices selects hidden states; the causal LM and the base
+    model alike, as transformers 5."""
+    import transformers
+
+    ref, ours, _ = build(family, cache=False)  # its configs change
+    moe = family in MOE_FAMILIES
+    ids = tokens()
+    for config in (ref.config, ours.config):
+        config.output_attentions = config.output_hidden_states = config.output_router_logits = True
+    base = getattr(transformers, type(ref.model).__name__)(ref.config).eval()
+    base.load_state_dict(ref.model.state_dict())
+    fields = ("hidden_states", "attentions", "router_logits", "last_hidden_state", "logits")
+    none = dict(output_attentions=None, output_hidden_states=None, return_dict=None)
+    calls = [{}, none, {**none, "output_router_logits": None}, dict(output_hidden_states=[0, -1, 99]),
+             dict(output_hidden_states=-2), dict(output_hidden_states=0), dict(output_hidden_states=[])]
+    for (theirs, mine), kwargs in itertools.product(((ref, ours), (base, ours.model)), calls):
+        if not moe:
+            kwargs = {k: v for k, v in kwargs.items() if k != "output_router_logits"}
+        a, b = run_both(theirs, mine, input_ids=ids, **kwargs)
+        for field in fields:
+            x, y = getattr(a, field, None), getattr(b, field, None)
+            assert (x is None) == (y is None), (field, kwargs, type(mine).__name__)
+            if isinstance(x, tuple):
+                assert [t is None for t in x] == [t is None for t in y], (field, kwargs)
+                close_seq([t for t in x if t is not None], [t for t in y if t is not None], field)
+            elif x is not None:
+                close(x, y, field)
+    a, b = run_both(base, ours.model, input_ids=ids, use_cache=False, return_dict=False, output_attentions=False,
+                    output_hidden_states=False, output_router_logits=False)
+    assert isinstance(b, tuple) and len(a) == len(b)
+    close(a[0], b[0], "tuple[0]")
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

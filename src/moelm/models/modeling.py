@@ -70,6 +70,38 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class Unset:
+    """A forward argument not given (as transformers 5 tells `f(x=None)` from `f()`): the config's value."""
+
+    def __repr__(self):
+        return "<the config's>"
+
+
+UNSET = Unset()
+
+
+def configured(config, **flags) -> tuple:
+    """forward's output flags as transformers 5 takes them: one not given (UNSET) is the config's; None is off
+    (return_dict None: the config's, on by default)."""
+    def value(name, given):
+        if given is UNSET or given is None and name == "return_dict":
+            return getattr(config, name, name == "return_dict")
+        return given
+    return tuple(value(name, given) for name, given in flags.items())
+
+
+def select_hidden(states: list, flag) -> tuple | None:
+    """hidden_states as output_hidden_states asks: all (True), or, for an int or a list of them (indices as into the
+    whole tuple, negative ones too, out-of-range ones ignored), a whole-length tuple with None at the others."""
+    if not flag:
+        return None
+    if isinstance(flag, bool):
+        return tuple(states)
+    n = len(states)
+    chosen = {i % n for i in ([flag] if isinstance(flag, int) else flag) if -n <= i < n}
+    return tuple(h if i in chosen else None for i, h in enumerate(states))
+
+
 class Router(nn.Module):
     """Holds a router's weight [E, H]; the routing itself is a function of the family."""
 
@@ -290,12 +322,17 @@ class DecoderModel(PreTrainedModel):
         return False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=False,
-                output_hidden_states=False, output_router_logits=False, keep=None, **kwargs) -> MoeModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache_position=None, output_attentions=UNSET,
+                output_hidden_states=UNSET, output_router_logits=UNSET, keep=None, return_dict=None,
+                **kwargs) -> MoeModelOutputWithPast:
         """keep (a slice or indices of the sequence): the positions whose last hidden state is wanted; the last
-        layer's MLP / MoE block runs on those only and last_hidden_state has those only. Other keywords: see
+        layer's MLP / MoE block runs on those only and last_hidden_state has those only. Output flags not given
+        are the config's (configured); output_hidden_states may select indices (select_hidden). Other keywords: see
         check_inputs."""
         check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
+        output_attentions, output_hidden_states, output_router_logits, return_dict = configured(
+            self.config, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, return_dict=return_dict)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -315,11 +352,12 @@ class DecoderModel(PreTrainedModel):
         h = self.norm(h)
         if output_hidden_states:
             hidden_states.append(h)
-        return MoeModelOutputWithPast(
+        result = MoeModelOutputWithPast(
             last_hidden_state=h, past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=select_hidden(hidden_states, output_hidden_states),
             attentions=tuple(attentions) if output_attentions else None,
             router_logits=tuple(router_logits) if output_router_logits and router_logits else None)
+        return result if return_dict else result.to_tuple()
 
     def run_layers(self, h, cos_sin, mask, cache, output_attentions=False, output_hidden_states=False, keep=None):
         """The decoder layers in order over h [B, S, H] -> (h, each layer's input if output_hidden_states, attention
@@ -357,13 +395,15 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=False,
-                output_hidden_states=False, output_router_logits=None, logits_to_keep=0, return_dict=True,
+                inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=UNSET,
+                output_hidden_states=UNSET, output_router_logits=None, logits_to_keep=0, return_dict=None,
                 num_items_in_batch=None, **kwargs):
         check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
         moe = hasattr(self.config, "router_aux_loss_coef")
-        if output_router_logits is None:
-            output_router_logits = getattr(self.config, "output_router_logits", False)
+        output_attentions, output_hidden_states, output_router_logits, return_dict = configured(
+            self.config, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=UNSET if output_router_logits is None else output_router_logits,
+            return_dict=return_dict)
         seq = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         keep = logits_kept(logits_to_keep, seq)
         # the last layer's feed-forward for the kept positions only, unless every position's output is asked for
@@ -372,7 +412,8 @@ class CausalLM(PreTrainedModel, GenerationMixin):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          cache_position=cache_position, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states,
-                         output_router_logits=moe and output_router_logits, keep=keep if trim else None)
+                         output_router_logits=moe and output_router_logits, keep=keep if trim else None,
+                         return_dict=True)
         h = out.last_hidden_state
         if keep is not None and not trim:
             h = h[:, keep]
@@ -496,12 +537,16 @@ class SequenceClassification(PreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=UNSET,
+                output_hidden_states=UNSET, return_dict=None, **kwargs):
         check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
+        output_attentions, output_hidden_states, return_dict = configured(
+            self.config, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         output_router_logits=False, return_dict=True)
         logits = self.score(out.last_hidden_state)  # [B, S, L]
         batch = logits.shape[0]
         pad = self.config.pad_token_id
