@@ -14,9 +14,11 @@ What llama.cpp cannot express is refused:
   or a moe_layer_end_index before the last layer is refused. Its weight normalisation clamps the sum at 6.1e-5
   (the reference at moe_norm_min), the same result since a top-k sum of softmax probabilities is >= k/E.
 - phimoe: llama.cpp normalises with RMSNorm + bias (the reference: LayerNorm with bias) and routes by softmax top-2
-  renormalised (the reference: sparsemixer), so its logits differ from moelm's (written all the same). LongRoPE:
-  llama.cpp picks the long factors by context size (n_ctx > original) and keeps one attention factor (written: the
-  short mscale); the reference switches both by sequence length.
+  renormalised (the reference: sparsemixer), and attends to the whole context whatever sliding_window says (written,
+  as its converter writes it), so its logits differ from moelm's (written all the same). LongRoPE:
+  llama.cpp picks the long factors by context size (n_ctx, which it pads to a multiple of 256, > original) and keeps
+  one attention factor (written: the short mscale); the reference keeps the short factors and switches the mscale by
+  sequence length.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 ARCH = {"ernie4_5": "ernie4_5", "ernie4_5_moe": "ernie4_5-moe", "phimoe": "phimoe"}  # model_type -> GGUF arch
+SPM_DEFAULTS = {"bos_token_id": 1, "eos_token_id": 2}  # llama.cpp's special ids of a "llama" vocabulary naming none
 
 
 def model_type_of(arch: str) -> str:
@@ -28,11 +29,12 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
     float32 data of a small tensor (rope factors, a bias to test for zeros).
 
     What llama.cpp's converter writes: {arch}.block_count, embedding_length, feed_forward_length,
-    attention.head_count(_kv), attention.key_length, attention.layer_norm_rms_epsilon, rope.freq_base,
-    context_length; ERNIE MoE: expert_count, expert_used_count, expert_feed_forward_length, expert_shared_count,
-    leading_dense_block_count, interleave_moe_layer_step; PhiMoE: expert_count, expert_used_count,
-    attention.sliding_window, rope.scaling.original_context_length and attn_factor with the rope_factors tensors
-    (LongRoPE). The vocabulary size is the token embedding's; tied embeddings: no output.weight."""
+    attention.head_count(_kv), attention.key_length, attention.layer_norm_rms_epsilon, rope.freq_base (llama.cpp's
+    default when absent: 10000), context_length; ERNIE MoE: expert_count, expert_used_count,
+    expert_feed_forward_length, expert_shared_count, leading_dense_block_count, interleave_moe_layer_step; PhiMoE:
+    expert_count, expert_used_count, attention.sliding_window, rope.scaling.original_context_length and attn_factor
+    with the rope_factors tensors (LongRoPE). The vocabulary size is the token embedding's; tied embeddings: no
+    output.weight."""
     kind = model_type_of(meta["general.architecture"])
     arch = ARCH[kind]
 
@@ -50,10 +52,11 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
            "rms_norm_eps": _decimal(get("attention.layer_norm_rms_epsilon")),
            "max_position_embeddings": int(get("context_length")),
            "tie_word_embeddings": "output.weight" not in shapes,
-           "rope_parameters": {"rope_type": "default", "rope_theta": _decimal(get("rope.freq_base"))}}
+           "rope_parameters": {"rope_type": "default", "rope_theta": _decimal(get("rope.freq_base", 10000.0))}}
+    defaults = SPM_DEFAULTS if meta.get("tokenizer.ggml.model") == "llama" else {}
     for field, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                        ("pad_token_id", "padding_token_id")):
-        out[field] = meta.get(f"tokenizer.ggml.{key}")
+        out[field] = meta.get(f"tokenizer.ggml.{key}", defaults.get(key))
     head_dim = int(get("attention.key_length", hidden // heads))
     if kind == "phimoe":
         if head_dim * heads != hidden:

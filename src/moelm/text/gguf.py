@@ -2,18 +2,24 @@
 (tokenizer.ggml.model "llama": tokens, scores, token types, special token ids, add_bos/add_eos, the chat template)
 and read back for a moelm Tokenizer: AutoTokenizer.from_pretrained(path, gguf_file=...).
 
-Read as transformers reads a "llama" GGUF vocabulary: a BPE model over the pieces (merges recovered from the
-vocabulary's order), byte fallback when there are byte tokens, control (3) and user-defined (4) pieces added as
-tokens. Not read: a "gpt2" (byte-level BPE) or other tokenizer model (refused by name), tokenizer.ggml.add_space_prefix
-(moelm's SentencePiece conversion for these families adds no dummy prefix), and the cls token (GGUF has no key for it).
+Read as llama.cpp tokenizes a "llama" vocabulary: a BPE model over the pieces (merges recovered from the vocabulary's
+order), byte fallback when there are byte tokens, control (3) and user-defined (4) pieces added as tokens, a space
+before every run of text when tokenizer.ggml.add_space_prefix is true or absent (llama.cpp's default; decoding drops
+the first token's leading space), no normalizer (tokenizer.ggml.precompiled_charsmap is not applied), unused
+pieces decoded as nothing, bos 1 and eos 2 when the file names none. Not read: a "gpt2" (byte-level BPE) or other
+tokenizer model (refused by name), and the cls token (GGUF has no key for it).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
+from tokenizers import Regex, decoders, normalizers
+
+from ..config.gguf import SPM_DEFAULTS
 from ..io.gguf import GGUFFile
 from .sentencepiece import read_sentencepiece_model, spec_backend
 
@@ -48,8 +54,6 @@ def write_sentencepiece(w, directory: str | os.PathLike, vocab_size: int) -> boo
     w.add_token_scores([float(s) for _, s, _ in pieces])
     w.add_token_types([int(t) for _, _, t in pieces])
     w.add_add_space_prefix(spec["add_dummy_prefix"])
-    if spec["precompiled_charsmap"]:
-        w.add_precompiled_charsmap(spec["precompiled_charsmap"])
     gguf.SpecialVocab(directory, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
     if (directory / "chat_template.jinja").is_file():
         w.add_chat_template((directory / "chat_template.jinja").read_text(encoding="utf-8"))
@@ -74,7 +78,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
     pieces = list(zip(tokens, meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
 
     def special(key):
-        tid = meta.get(f"tokenizer.ggml.{key}")
+        tid = meta.get(f"tokenizer.ggml.{key}", SPM_DEFAULTS.get(key))
         return tid if tid is not None and 0 <= tid < len(tokens) else None
 
     unknown = [i for i, (_, _, t) in enumerate(pieces) if t == 2]  # llama.cpp's default unk: the UNKNOWN piece
@@ -82,7 +86,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
     unk = unk if unk is not None else unknown[0] if unknown else None
     ids = {"unk": unk, "bos": special("bos_token_id"), "eos": special("eos_token_id")}
     spec = {"pieces": pieces, "model_type": 2, "byte_fallback": any(t == 6 for _, _, t in pieces),
-            "precompiled_charsmap": bytes(meta.get("tokenizer.ggml.precompiled_charsmap", b""))}
+            "precompiled_charsmap": b""}  # llama.cpp's SPM tokenizer does not normalize
     for name, tid in ids.items():
         spec[f"{name}_id"], spec[f"{name}_piece"] = (tid, tokens[tid]) if tid is not None else (-1, None)
     cfg = {"add_bos_token": meta.get("tokenizer.ggml.add_bos_token", True),
@@ -95,4 +99,15 @@ def read_gguf_tokenizer(path: str | os.PathLike, **kwargs):
     if "tokenizer.chat_template" in meta:
         cfg["chat_template"] = meta["tokenizer.chat_template"]
     cfg.update(kwargs)
-    return spec_backend(spec, cfg), cfg
+    backend = spec_backend(spec, cfg)
+    steps = [backend.decoder]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default: a space before each text run,
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), backend.normalizer])
+        steps = [decoders.Metaspace(prepend_scheme="always", split=False)]  # and none on the first token's text
+        if spec["byte_fallback"]:
+            steps += [decoders.ByteFallback(), decoders.Fuse()]
+    unused = [re.escape(p) for p, _, t in pieces if t == UNUSED]
+    if unused:  # llama.cpp renders unused pieces (the converter's [PAD{i}] padding) as nothing
+        steps.insert(0, decoders.Replace(Regex(f"^(?:{'|'.join(unused)})$"), ""))
+    backend.decoder = decoders.Sequence(steps)
+    return backend, cfg
