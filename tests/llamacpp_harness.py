@@ -65,7 +65,8 @@ def roundtrip_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, ftype:
 
 def llamacpp_semantics(model) -> None:
     """Turn a moelm PhiMoE into what llama.cpp's phimoe computes: RMSNorm + bias instead of LayerNorm, softmax
-    top-2 renormalised instead of sparsemixer. (ERNIE needs nothing: llama.cpp computes the reference.)"""
+    top-2 renormalised instead of sparsemixer, no sliding window (it attends to the whole context). (ERNIE needs
+    nothing: llama.cpp computes the reference.)"""
 
     class RMSNormBias(nn.Module):
         def __init__(self, ln: nn.LayerNorm):
@@ -93,6 +94,8 @@ def llamacpp_semantics(model) -> None:
                 setattr(parent, name, RMSNormBias(child))
         if hasattr(parent, "gate") and hasattr(parent, "experts"):
             parent.forward = softmax_top2(parent)
+    if getattr(model.model, "sliding_window", None) is not None:
+        model.model.sliding_window = None
 
 
 def _record_margins(model, margins: list) -> None:
