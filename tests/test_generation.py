@@ -380,6 +380,7 @@ def test_warpers_match_transformers(keep):
         (dict(top_k=1), [lp.TopKLogitsWarper(1, min_tokens_to_keep=keep)]),
         (dict(top_p=0.3), [lp.TopPLogitsWarper(0.3, min_tokens_to_keep=keep)]),
         (dict(top_p=1e-6), [lp.TopPLogitsWarper(1e-6, min_tokens_to_keep=keep)]),
+        (dict(top_p=0.0), [lp.TopPLogitsWarper(0.0, min_tokens_to_keep=keep)]),  # transformers takes 0
         (dict(top_p=0.5), [lp.TopPLogitsWarper(0.5, min_tokens_to_keep=keep)]),
         (dict(min_p=0.2), [lp.MinPLogitsWarper(0.2, min_tokens_to_keep=keep)]),
         (dict(min_p=1.0), [lp.MinPLogitsWarper(1.0, min_tokens_to_keep=keep)]),
@@ -625,30 +626,30 @@ def test_generation_config_keys_moelm_does_not_implement(tmp_path):
     ref = reference("ernie4_5")
     ref.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "generation_config.json").read_text())
-    data.update(no_repeat_ngram_size=2, bad_words_ids=[[5]], typical_p=0.5, frequency_penalty=0.5,
+    data.update(guidance_scale=1.5, max_time=5.0, top_h=0.5, frequency_penalty=0.5,
                 presence_penalty=0.0, do_sample=False)
     (tmp_path / "generation_config.json").write_text(json.dumps(data))
     ours = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
     ids = prompt()
-    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2, bad_words_ids=\[\[5\]\] \(from "
+    with pytest.raises(ValueError, match=r"guidance_scale=1.5, max_time=5.0 \(from "
                                          r"model.generation_config: the checkpoint's generation_config.json") as e:
         ours.generate(input_ids=ids, max_new_tokens=3)
-    assert "typical_p" not in str(e.value) and "penalty=" not in str(e.value)
-    with pytest.raises(ValueError, match="typical_p=0.5"):
+    assert "top_h" not in str(e.value) and "penalty=" not in str(e.value)
+    with pytest.raises(ValueError, match="top_h=0.5"):
         ours.generate(input_ids=ids, max_new_tokens=3, do_sample=True)
-    with pytest.raises(ValueError, match="no_repeat_ngram_size"):  # the model's keys count under a passed config too
+    with pytest.raises(ValueError, match="guidance_scale"):  # the model's keys count under a passed config too
         ours.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=3))
-    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=3 \(from the arguments of generate\(\)\)"):
-        ours.generate(input_ids=ids, max_new_tokens=3, no_repeat_ngram_size=3)
+    with pytest.raises(ValueError, match=r"guidance_scale=3 \(from the arguments of generate\(\)\)"):
+        ours.generate(input_ids=ids, max_new_tokens=3, guidance_scale=3)
     # at transformers' defaults (set by hand, removed, or as generate()'s arguments) they pass: transformers' tokens
-    ours.generation_config.no_repeat_ngram_size = 0
-    assert ours.generation_config.to_dict()["no_repeat_ngram_size"] == 0
+    ours.generation_config.guidance_scale = 1.0
+    assert ours.generation_config.to_dict()["guidance_scale"] == 1.0
     want = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5, bad_words_ids=None), want)
-    del ours.generation_config.bad_words_ids
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5, max_time=None), want)
+    del ours.generation_config.max_time
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5), want)
-    ours.generation_config.no_repeat_ngram_size = 2  # set by hand
-    with pytest.raises(ValueError, match="no_repeat_ngram_size=2"):
+    ours.generation_config.guidance_scale = 2.0  # set by hand
+    with pytest.raises(ValueError, match="guidance_scale=2.0"):
         ours.generate(input_ids=ids, max_new_tokens=3)
 
 
@@ -665,10 +666,10 @@ def test_generation_config_argument_may_be_transformers_or_a_dict():
     assert torch.equal(ours.generate(ids, theirs, attention_mask=mask), ref.generate(ids, theirs, attention_mask=mask))
     with pytest.raises(TypeError, match="positional"):  # transformers' third is logits_processor: keywords from here
         ours.generate(ids, theirs, mask)
-    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=2 \(from the generation_config passed to generate"):
-        ours.generate(input_ids=ids, generation_config=transformers.GenerationConfig(no_repeat_ngram_size=2))
-    with pytest.raises(ValueError, match="sequence_bias"):
-        ours.generate(input_ids=ids, generation_config={"max_new_tokens": 2, "sequence_bias": {(5,): -1.0}})
+    with pytest.raises(ValueError, match=r"guidance_scale=2.0 \(from the generation_config passed to generate"):
+        ours.generate(input_ids=ids, generation_config=transformers.GenerationConfig(guidance_scale=2.0))
+    with pytest.raises(ValueError, match="dola_layers"):
+        ours.generate(input_ids=ids, generation_config={"max_new_tokens": 2, "dola_layers": "low"})
     with pytest.raises(ValueError, match="dict has key\\(s\\) \\['max_new_token'\\]"):
         ours.generate(input_ids=ids, generation_config={"max_new_token": 2})
     with pytest.raises(TypeError, match="a moelm GenerationConfig, a transformers GenerationConfig or a dict, got int"):
@@ -681,8 +682,10 @@ def test_none_arguments_leave_processors_off_as_transformers():
     ref, ours = build("ernie4_5")
     ids, mask = padded()
     config = transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.7, repetition_penalty=1.4,
-                                           min_length=11, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
-    off = dict(temperature=None, top_p=None, repetition_penalty=None, min_length=None, early_stopping=None)
+                                           min_length=11, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD,
+                                           typical_p=0.5, no_repeat_ngram_size=1, renormalize_logits=True)
+    off = dict(temperature=None, top_p=None, repetition_penalty=None, min_length=None, early_stopping=None,
+               typical_p=None, no_repeat_ngram_size=None, renormalize_logits=None)
     a, b = both(ref, ours, input_ids=ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True,
                 output_scores=True, **off)
     assert torch.equal(a.sequences, b.sequences)
@@ -747,7 +750,7 @@ def test_stop_strings_match_token_bytes_as_transformers(tmp_path):
 
 INVALID = [  # (generate kwargs, error match); the last ones depend on the call, not on the config alone
     (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=-0.1), r"top_p must be in \[0, 1\]"),
     (dict(do_sample=True, top_p=1.5), "top_p"),
     (dict(do_sample=True, top_k=-1), "top_k"),
     (dict(do_sample=True, min_p=1.5), "min_p"),

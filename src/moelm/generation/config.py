@@ -13,6 +13,7 @@ from typing import Any
 from ..config import read_config_json, read_json_object
 from ..io.files import atomic_write_text
 from ..io.hub import resolve_model_dir, takes_hub_options
+from . import processors
 from .sampling import Sampling
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -21,19 +22,14 @@ DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new
 # transformers 5.23's GenerationConfig fields that moelm does not implement: those that change the tokens, with the
 # values that leave them as without the field (transformers' defaults), ...
 UNIMPLEMENTED = {
-    "max_time": (None,), "use_mtp": (None, False), "top_h": (None,), "typical_p": (None, 1.0),
-    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-    "renormalize_logits": (None, False), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
-    "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "sequence_bias": (None, {}),
-    "token_healing": (None, False), "guidance_scale": (None, 1.0), "watermarking_config": (None,),
-    "output_attentions": (None, False), "output_hidden_states": (None, False), "assistant_early_exit": (None,),
-    "assistant_ensemble_weight": (None,), "speculation_type": (None,), "penalty_alpha": (None, 0),
-    "dola_layers": (None,), "diversity_penalty": (None, 0), "num_beam_groups": (None, 1), "constraints": (None,),
-    "force_words_ids": (None,),
+    "max_time": (None,), "use_mtp": (None, False), "top_h": (None,), "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0), "token_healing": (None, False), "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,), "output_attentions": (None, False), "output_hidden_states": (None, False),
+    "assistant_early_exit": (None,), "assistant_ensemble_weight": (None,), "speculation_type": (None,),
+    "penalty_alpha": (None, 0), "dola_layers": (None,), "diversity_penalty": (None, 0), "num_beam_groups": (None, 1),
+    "constraints": (None,), "force_words_ids": (None,),
 }
-SAMPLING_ONLY = {"typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}  # warpers: no effect on greedy search
+SAMPLING_ONLY = {"top_h"}  # a warper: no effect on greedy search
 # ... and those that never do (caching, compilation, drafting heuristics, encoder-decoder models, metadata)
 INERT = {"cache_config", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
          "continuous_batching_config", "low_memory", "is_assistant", "assistant_confidence_threshold",
@@ -60,6 +56,20 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    # transformers' other logits processors (moelm.generation.processors), off at these values
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: dict | list | None = None         # {(ids...): bias} or [[[ids...], bias], ...]
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    exponential_decay_length_penalty: tuple | list | None = None  # (start, factor)
+    remove_invalid_values: bool = False
+    renormalize_logits: bool = False
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -129,6 +139,7 @@ class GenerationConfig:
             if getattr(self, name) is not None:
                 count(name, low)
         count("min_length", 0)
+        processors.check(self)
         for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens"):
             if getattr(self, name) is not None:
                 count(name, 1)
@@ -153,6 +164,8 @@ class GenerationConfig:
                   f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
         check(not self.do_sample or self.temperature > 0, f"temperature must be > 0 when sampling, got "
               f"{self.temperature} (for greedy decoding set do_sample=False)")
+        check(not self.do_sample or not isinstance(self.top_p, (int, float)) or 0 <= self.top_p <= 1,
+              f"top_p must be in [0, 1], got {self.top_p!r}")
         self.sampling()  # the sampler's own checks
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # negative ids are allowed, as transformers
             value = getattr(self, name)
@@ -168,7 +181,10 @@ class GenerationConfig:
         """The sampler's knobs: greedy (temperature 0, no warpers) unless do_sample."""
         if not self.do_sample:
             return Sampling(temperature=0.0, repetition_penalty=self.repetition_penalty)
-        return Sampling(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+        # transformers takes top_p 0 (the best token only); the sampler's top_p is > 0: the smallest float drops the
+        # same tokens (1 - top_p is 1.0 either way)
+        top_p = self.top_p if self.top_p != 0 else 5e-324
+        return Sampling(temperature=self.temperature, top_k=self.top_k or 0, top_p=top_p,
                         min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty)
 
     # --- dict / json ---
@@ -185,6 +201,8 @@ class GenerationConfig:
             value = getattr(self, f.name)
             if f.name != "extra" and (value != f.default or f.name.endswith("_token_id") and value is not None):
                 out[f.name] = copy.deepcopy(value)
+        if isinstance(out.get("sequence_bias"), dict):  # JSON has no tuple keys: transformers' list form
+            out["sequence_bias"] = [[list(k), v] for k, v in out["sequence_bias"].items()]
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import processors
 from .config import DEFAULT_NEW_TOKENS, FIELDS, INERT, UNIMPLEMENTED, GenerationConfig
 from .sampling import apply_penalties, choose, warp
 
@@ -99,14 +100,22 @@ def advance(state: DecodeState, input_ids: torch.Tensor):
 
 
 def process(logits: torch.Tensor, state: DecodeState, cfg: GenerationConfig) -> torch.Tensor:
-    """The scores [N, V] of logits [N, V] through transformers' logits processors in its order: repetition penalty,
-    min length / min new tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min-p."""
+    """The scores [N, V] of logits [N, V] through transformers' logits processors in its order: sequence bias,
+    repetition penalty, no-repeat n-grams and bad words (after min length / min new tokens, EOS masked: the same),
+    forced BOS / EOS, invalid values, the exponential decay length penalty, suppressed tokens, then, when sampling,
+    temperature, top-k, top-p, min-p, typical, epsilon and eta; and renormalisation last."""
     s = cfg.sampling()
+    if cfg.sequence_bias is not None:
+        logits = processors.sequence_bias(logits, state.input_ids, processors.biases(cfg.sequence_bias))
     banned = state.eos if state.eos is not None and state.input_ids.shape[1] < state.min_length else None
     scores = apply_penalties(logits, s, state.input_ids, state.prompt_length, state.pad_lengths, banned)
+    scores = processors.constrain(scores, state, cfg)
     # beam sampling keeps one more token than there are EOS tokens
     keep = 1 if cfg.num_beams == 1 else (len(state.eos) + 1 if state.eos is not None else 2)
-    return warp(scores, s, keep)
+    scores = warp(scores, s, keep)
+    if cfg.do_sample:
+        scores = processors.cut(scores, cfg, keep)
+    return scores.log_softmax(-1) if cfg.renormalize_logits else scores
 
 
 def stopped(state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
@@ -322,7 +331,7 @@ TRANSFORMERS_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allow
 # fields that transformers' generate(field=None) leaves off (its processor out, or False), as these values do
 NONE_IS_OFF = {"min_length": 0, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0,
                "early_stopping": False, "output_scores": False, "output_logits": False,
-               "return_dict_in_generate": False}
+               "return_dict_in_generate": False, **{k: v for k, v in processors.FIELDS.items() if v is not None}}
 
 
 def transformers_arguments(kwargs: dict) -> dict:
@@ -582,6 +591,9 @@ class GenerationMixin:
             input_ids = kwargs.pop("inputs")
         cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
         drafter = drafter_for(self, cfg, assistant_model, speculative)
+        if drafter is not None and processors.active(cfg):
+            raise ValueError(f"speculative decoding does not implement {', '.join(processors.active(cfg))}: "
+                             "generate without a draft (assistant_model, prompt_lookup_num_tokens, speculative)")
         if streamer is not None:
             if cfg.num_beams > 1:
                 raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
