@@ -570,6 +570,39 @@ class GenerationMixin:
         past_length of them cached). No by default; PhiMoE's LongRoPE overrides it."""
         return False
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        """forward's keyword arguments for one step of a decoding loop of one's own (or peft's), as transformers'
+        GenerationMixin makes them: the last next_sequence_length input_ids (inputs_embeds instead on the first
+        iteration), past_key_values, position_ids cut to their length, the 2-D attention_mask as given (moelm's
+        forward takes it whatever the cache), then every other keyword but labels; tensors on the model's device.
+        moelm's own generate() does not call it."""
+        inputs: dict[str, Any] = {}
+        if inputs_embeds is not None and is_first_iteration:
+            embeds = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:]
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = embeds.clone(memory_format=torch.contiguous_format)
+            length = embeds.shape[1]
+        else:
+            ids = input_ids if next_sequence_length is None else input_ids[:, -next_sequence_length:]
+            inputs["input_ids"] = ids.clone(memory_format=torch.contiguous_format)
+            length = ids.shape[1]
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids if position_ids.shape[-1] == length else \
+                position_ids[..., -length:].clone(memory_format=torch.contiguous_format)
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        inputs.update({k: v for k, v in kwargs.items() if k not in ("labels", "next_sequence_length")
+                       and k not in inputs})
+        first = inputs.get("inputs_embeds", inputs["input_ids"])
+        device = self.device
+        if device.type != "meta" and first is not None and first.device != device:
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return inputs
+
     @torch.no_grad()
     def generate(self, input_ids=None, generation_config: GenerationConfig | None = None, *, attention_mask=None,
                  streamer=None, tokenizer=None, inputs_embeds=None, assistant_model=None, speculative=None,

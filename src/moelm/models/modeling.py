@@ -3,6 +3,7 @@ and from_config / from_pretrained / save_pretrained."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import PretrainedConfig
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig, GenerationMixin
@@ -68,6 +70,24 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     past_key_values: DynamicCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def checkpointed(forward, kwargs: dict, offload: bool = False):
+    """A decoder layer's forward(h, cos_sin, mask, cache, ...) run under torch.utils.checkpoint when its module
+    trains with gradients on, without the cache (the recompute would write it twice), as transformers' checkpointed
+    layers; the forward as is otherwise. Set as the layer's instance forward, so its module hooks run once."""
+    layer = forward.__self__
+
+    @functools.wraps(forward)
+    def run(h, cos_sin, mask, cache=None, *args, **more):
+        if not (layer.training and torch.is_grad_enabled()):
+            return forward(h, cos_sin, mask, cache, *args, **more)
+        if offload and h.device.type != "cpu":
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return checkpoint(forward, h, cos_sin, mask, None, *args, **more, **kwargs)
+        return checkpoint(forward, h, cos_sin, mask, None, *args, **more, **kwargs)
+    run.checkpointed = True
+    return run
 
 
 class Unset:
@@ -128,6 +148,65 @@ class PreTrainedModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(p for n, p in self.named_parameters() if not n.endswith(self.keep_in_fp32 or ("\0",))).dtype
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    # --- activation checkpointing and input gradients, as transformers' (HF Trainer, TRL and peft call these) ---
+    supports_gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """Each decoder layer (every every_n_layers-th) recomputed in the backward when training: its forward under
+        torch.utils.checkpoint with activation_checkpointing_kwargs (default use_reentrant=False, RNG states kept, so
+        PhiMoE's jitter draws the same numbers again), writing no KV cache; offload=True keeps what it saves in host
+        memory (save_on_cpu). Input gradients are enabled, as transformers does (enable_input_require_grads)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else \
+            dict(activation_checkpointing_kwargs)
+        base = getattr(self, self.base_model_prefix, self)
+        for i, layer in enumerate(base.layers):
+            layer.__dict__.pop("forward", None)
+            if i % every_n_layers == 0:
+                layer.forward = checkpointed(layer.forward, kwargs, offload)
+        self.enable_input_require_grads()
+
+    def activation_checkpointing_disable(self):
+        base = getattr(self, self.base_model_prefix, self)
+        for layer in base.layers:
+            layer.__dict__.pop("forward", None)
+        self.disable_input_require_grads()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        base = getattr(self, self.base_model_prefix, self)
+        return any(getattr(layer.__dict__.get("forward"), "checkpointed", False) for layer in base.layers)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """transformers' older name of activation_checkpointing_enable."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
+
+    def enable_input_require_grads(self):
+        """The input embedding's output requires grad (so that checkpointed layers and adapters on a frozen model
+        pass gradients back), through a forward hook, as transformers."""
+        self.disable_input_require_grads()
+        self.input_grads_hook = self.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True))
+
+    def disable_input_require_grads(self):
+        hook = self.__dict__.pop("input_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for n, p in self.named_parameters() if not (exclude_embeddings and "embed" in n)}
@@ -336,6 +415,11 @@ class DecoderModel(PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and torch.is_grad_enabled() and \
+                any(getattr(layer.__dict__.get("forward"), "checkpointed", False) for layer in self.layers):
+            if past_key_values is not None:  # checkpointed layers write no cache (see checkpointed)
+                raise ValueError("past_key_values cannot be used with activation checkpointing while training")
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         batch, seq = inputs_embeds.shape[:2]

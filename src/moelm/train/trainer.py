@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import math
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from ..models.modeling import causal_lm_loss, moe_blocks
 from . import state
@@ -97,8 +95,8 @@ class Trainer:
                                                                  for _, b in moe_blocks(self.model))
             self.lora = state.attach_lora(self.model, recipe.peft, self.resume_dir,
                                           ["moe_statics"] if statics else None)
-        if recipe.distributed.activation_checkpointing:
-            checkpoint_layers(self.model)
+        if recipe.distributed.activation_checkpointing:  # RNG states kept: PhiMoE's jitter draws the same again
+            self.model.activation_checkpointing_enable()
         if self.layout.distributed:
             shard(self.model, self.layout)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -328,13 +326,6 @@ def param_groups(params: list) -> list[dict]:
     for p in params:
         groups.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
     return [{"params": group} for group in groups.values()]
-
-
-def checkpoint_layers(model):
-    """Each decoder layer's activations recomputed in the backward (torch.utils.checkpoint, RNG state kept, so
-    PhiMoE's jitter and sparsemixer draw the same numbers again)."""
-    for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def pad_id(tokenizer) -> int:
