@@ -467,6 +467,7 @@ class CausalLM(PreTrainedModel, GenerationMixin):
 
     base_class: type[DecoderModel]
     lm_head_bias = False
+    loss_type = "ForCausalLM"  # transformers' name of the loss (HF Trainer counts shifted labels for it)
 
     def __init__(self, config):
         super().__init__(config)
@@ -613,6 +614,7 @@ class SequenceClassification(PreTrainedModel):
     base_class: type[DecoderModel]
     new_heads = ("score.",)
     accepts_loss_kwargs = False  # transformers' Trainer: no num_items_in_batch (the loss is a mean over rows)
+    loss_type = "ForSequenceClassification"
 
     def __init__(self, config):
         super().__init__(config)

@@ -15,14 +15,17 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 def _grouped_mm_works(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm runs here for these dtypes (and its backward, when gradients are needed): probed
-    once per device, dtypes and grad mode (CPU: fp32/bf16 forward and, from torch 2.10 or so, backward)."""
+    once per device, dtypes and grad mode (CPU: fp32/bf16 forward and, from torch 2.10 or so, backward). The probe
+    saves its tensors past any saved-tensor hooks around it: under activation checkpointing the first forward
+    probes and its recompute does not, and the checkpoint must see the same saves in both."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     grad = needs_grad(x, w)
     key = (x.device.type, x.dtype, w.dtype, grad)
     if key not in _GROUPED_MM_OK:
         try:
-            with torch.enable_grad() if grad else torch.no_grad():
+            with torch.enable_grad() if grad else torch.no_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 probe_w = torch.ones(2, 16, 16, dtype=w.dtype, device=w.device, requires_grad=grad)
                 probe_x = torch.ones(16, 16, dtype=x.dtype, device=x.device, requires_grad=grad)
                 offs = torch.tensor([8, 16], dtype=torch.int32, device=x.device)
