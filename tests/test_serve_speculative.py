@@ -123,7 +123,8 @@ def test_sampling_with_drafts_keeps_the_model_distribution(method, tmp):
     spec = {"method": method, "num_speculative_tokens": 2, "adaptive": False,
             **({"prompt_lookup_min": 1, "prompt_lookup_max": 1} if method == "ngram" else {}),
             **({"model": "draft"} if method == "draft_model" else {})}
-    prompt = torch.arange(VOCAB).repeat(2).tolist()  # every token occurs: lookup always finds a continuation
+    # ngram: every token occurs before, so lookup always finds a continuation; the others: short, so cheap
+    prompt = (torch.arange(VOCAB + 1) % VOCAB).tolist() if method == "ngram" else [3, 4, 5, 6]
     temperature, n, requests = 0.7, 50, 80
     counts = Counts()
     new = []
@@ -161,6 +162,7 @@ def test_the_config_takes_vllms_fields_and_names_the_fault():
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
          "prompt_lookup_min (4) is more than prompt_lookup_max (2)"),
         ({"method": "draft_model", "num_speculative_tokens": 3}, "needs model"),
+        ({"model": "d", "num_speculative_tokens": 3, "quantization": "int3"}, "quantization must be one of int8, int4"),
         ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"}, "model is for method 'draft_model'"),
         ({"method": "mtp", "num_speculative_tokens": 1, "prompt_lookup_max": 2}, "are for method 'ngram'"),
         ({"method": "ngram", "num_speculative_tokens": 1, "adaptive": "yes"}, "adaptive must be true or false"),

@@ -138,6 +138,73 @@ def test_drafts_across_a_length_dependent_rope(family, rope, max_pos, tmp_path, 
         assert any(past >= 20 for past, n in checks), f"no drafts checked after the change: weak test {fed}"
 
 
+def test_finished_rows_are_fed_pad_and_score_as_plain_steps(tmp):
+    """A row that ends (EOS) inside a run of kept drafts is pad from then on, and plain steps feed it pad: the
+    check feeds it pad too and keeps no token past the one after its end, so the scores and logits of every row,
+    finished ones included, are plain decoding's."""
+    target = model("ernie4_5_moe", mtp=True, tmp=tmp)
+    ids, mask = repetitive(3)
+    free = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=int(free[1, ids.shape[1] + 3]),
+              return_dict_in_generate=True, output_scores=True, output_logits=True, repetition_penalty=1.2)
+    plain = target.generate(ids, **kw)
+    new = plain.sequences[:, ids.shape[1]:]
+    ended = (new == kw["eos_token_id"]).any(1)
+    assert ended.tolist() == [False, True, False] and new[1, -1] == 0  # one row ends early, the others run on
+    for sk in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=target, num_assistant_tokens=4),
+               dict(speculative="mtp", num_assistant_tokens=3, num_assistant_tokens_schedule="constant")):
+        out = target.generate(ids, **kw, **sk)
+        assert torch.equal(out.sequences, plain.sequences), sorted(sk)
+        for name in ("scores", "logits"):
+            for a, b in zip(getattr(out, name), getattr(plain, name), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{sorted(sk)} {name}: {m}")
+
+
+def test_rows_past_a_stop_string_decode_on_without_eos(tmp):
+    """Without EOS a row that meets a stop string is not padded: it decodes on (as plain decoding and transformers
+    do) until every row has stopped, so its drafts are checked as any other row's."""
+    from moelm.models.scaffold import new_checkpoint
+
+    path = tmp / "tokenizer"
+    if not path.exists():
+        new_checkpoint(TINY["ernie4_5"], path)
+    tokenizer = moelm.AutoTokenizer.from_pretrained(path)
+    target = model("ernie4_5", tmp=tmp)
+    ids, mask = repetitive(2, seed=10)  # row 1's own n-grams draft for it after row 0 has stopped
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    free = target.generate(ids, **kw)[:, ids.shape[1]:]
+    texts = [tokenizer.decode(row) for row in free.tolist()]
+    stop = next(t for t in (tokenizer.decode(free[0, j:j + 1]) for j in range(2, 6)) if t.strip()
+                and t not in texts[1])  # row 0 stops after a few tokens, row 1 runs to the end
+    kw.update(stop_strings=[stop], tokenizer=tokenizer)
+    plain = target.generate(ids, **kw)
+    assert torch.equal(plain[:, ids.shape[1]:], free)
+    for sk in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=model("ernie4_5_moe", seed=7, tmp=tmp),
+                                                        num_assistant_tokens=3)):
+        assert torch.equal(target.generate(ids, **kw, **sk), plain), sorted(sk)
+
+
+@pytest.mark.parametrize("quantization", ("int8", "int4"))
+def test_quantized_checks_keep_a_decoding_steps_rows(quantization, tmp):
+    """With int8 / int4 weights on CPU a forward of more than kernels.MAX_ROWS rows takes the prefill's paths, which
+    round the activations to int8: a check (3 rows of 6 tokens) is cut to MAX_ROWS rows, and the MTP head's
+    prompt forward runs the last layer on no more rows than a plain prompt forward, so the logits are plain
+    decoding's up to rounding (not the ~1 apart that rounded activations give; int4 kernels for 2-16 rows, chosen
+    by timing, round up to ~1e-2 away from the one-row kernel's)."""
+    target = model("ernie4_5_moe", mtp=True, tmp=tmp, quantization=quantization)
+    ids, mask = repetitive(3)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    plain = target.generate(ids, **kw)
+    for sk in (dict(assistant_model=target, num_assistant_tokens=5, num_assistant_tokens_schedule="constant"),
+               dict(speculative="mtp", num_assistant_tokens=5, num_assistant_tokens_schedule="constant")):
+        out = target.generate(ids, **kw, **sk)
+        assert speculative.last_run["drafted_steps"] > 0
+        for a, b in zip(out.logits, plain.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-2 if quantization == "int8" else 5e-2, rtol=0,
+                                       msg=lambda m: f"{sorted(sk)}: {m}")
+
+
 def test_drafts_are_used_and_checked_in_blocks(tmp, monkeypatch):
     """The target checks the drafts of a step in one forward: with an assistant that always agrees (the same
     weights), 16 new tokens take the prompt's forward and three of 5 tokens (4 drafts + 1 of its own)."""
@@ -269,21 +336,28 @@ def chi2(tokens: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((counts[seen] - e[seen]) ** 2 / e[seen]).sum())
 
 
-@pytest.mark.parametrize("method", ("lookup", "assistant", "mtp", "mtp:2"))
+@pytest.mark.parametrize("method", ("lookup", "assistant", "twin", "mtp", "mtp:2"))
 def test_sampling_keeps_the_model_distribution(method, tmp):
+    """A batch keeps the fewest drafts any of its rows kept: over 4000 rows nearly always none, so the others check
+    the first draft's judgement. twin: the model as its own assistant (p = q), so every row keeps every draft, and
+    the tokens after the first come from the later drafts (each judged by its own q) and the token after them."""
     family = "ernie4_5_moe" if method.startswith("mtp") else "ernie4_5"
     target = model(family, mtp=method.startswith("mtp"), vocab=VOCAB, tmp=tmp)
-    prompt = torch.arange(VOCAB).repeat(2)[None]  # every token occurs: lookup always finds a continuation
+    # lookup: every token occurs before, so lookup always finds a continuation; the others: short, so cheap
+    prompt = torch.arange(VOCAB + 1)[None] % VOCAB if method == "lookup" else torch.arange(3, 7)[None]
     kw = {"lookup": dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=1),
           "assistant": dict(assistant_model=model("ernie4_5", seed=5, vocab=VOCAB, tmp=tmp), num_assistant_tokens=2,
                             num_assistant_tokens_schedule="constant"),
+          "twin": dict(assistant_model=target, num_assistant_tokens=2, num_assistant_tokens_schedule="constant"),
           "mtp": dict(speculative="mtp"),
           "mtp:2": dict(speculative="mtp", num_assistant_tokens=2, num_assistant_tokens_schedule="constant")}[method]
     rows, temperature = 4000, 0.7
     torch.manual_seed(1234)
     ids = prompt.expand(rows, -1)
-    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True,
-                          temperature=temperature, top_k=None, eos_token_id=None, pad_token_id=0, **kw)
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4 if method == "twin" else 3,
+                          do_sample=True, temperature=temperature, top_k=None, eos_token_id=None, pad_token_id=0, **kw)
+    if method == "twin":  # one check of 2 drafts, both kept
+        assert speculative.last_run == dict(steps=1, drafted_steps=1, proposed=2, kept=2), speculative.last_run
     new = out[:, prompt.shape[1]:]
     for i, expected in enumerate(exact_marginals(target, prompt, temperature)):
         # 15 degrees of freedom: P(chi2 > 45) ~ 8e-5; the seed is fixed, so this is not flaky
@@ -549,7 +623,9 @@ def test_speculative_arguments_are_checked(tmp):
              (dict(speculative="eagle"), "speculative must be 'mtp'"),
              (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1"),
              (dict(prompt_lookup_num_tokens=2, use_cache=False), "needs the KV cache"),
-             (dict(assistant_model=target, num_assistant_tokens_schedule="sometimes"), "num_assistant_tokens_sch")]
+             (dict(assistant_model=target, num_assistant_tokens_schedule="sometimes"), "num_assistant_tokens_sch"),
+             (dict(assistant_model=torch.nn.Linear(2, 2)), "assistant_model must be a moelm model .* got "
+                                                           "torch.nn.modules.linear.Linear")]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             target.generate(ids, max_new_tokens=4, **kw)

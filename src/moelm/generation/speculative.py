@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import processors
 from .sampling import choose
 
 # ------------------------------------------------------------------ drafters
@@ -43,15 +44,15 @@ class PromptLookup:
         ids = state.input_ids
         if not k:
             return ids[:, :0], None
-        rows = []
+        rows, live = [], open_rows(state)
         for r in range(ids.shape[0]):
-            if not bool(state.unfinished[r]):
+            if not bool(live[r]):
                 continue
             start = int(state.pad_lengths[r]) if state.pad_lengths is not None else 0
             rows.append(lookup(ids[r, start:], self.max_ngram, k))
         n = min((len(r) for r in rows), default=0)
         drafts = torch.zeros(ids.shape[0], n, dtype=ids.dtype, device=ids.device)
-        live = state.unfinished.nonzero().squeeze(1)
+        live = live.nonzero().squeeze(1)
         if n:
             drafts[live] = torch.stack([r[:n] for r in rows])
         return drafts, None
@@ -311,9 +312,14 @@ def _model_forward(model, state, inputs: dict, attention_mask, position_ids, kee
                     use_cache=True, logits_to_keep=keep)
         state.cache = out.past_key_values
         return out.logits.float(), None
+    # every position's state for the head; with int8 / int4 weights only as many of the last as keep the last
+    # layer's feed-forward on the rows a plain forward of `keep` positions has (_row_limit), so that the logits are
+    # a plain step's (the head then starts from those)
+    rows, fed = _row_limit(model, state), next(iter(inputs.values())).shape[1]
+    last = None if rows is None else slice(-min(fed, max(keep, rows // state.input_ids.shape[0])), None)
     with PreNorm(model) as seen:
         out = model.model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=state.cache, use_cache=True)
+                          past_key_values=state.cache, use_cache=True, keep=last)
     state.cache = out.past_key_values
     return model.lm_head(out.last_hidden_state[:, -keep:]).float(), seen.last
 
@@ -349,7 +355,8 @@ class _Process:
         """Whether the processors leave the logits of sequences of `length` tokens as they are, greedily."""
         s, state = self.sampling, self.state
         return (s.greedy and s.repetition_penalty == 1.0 and not s.logit_bias and not s.presence_penalty
-                and not s.frequency_penalty and (state.eos is None or length >= state.min_length))
+                and not s.frequency_penalty and (state.eos is None or length >= state.min_length)
+                and not processors.active(self.cfg))
 
 
 @torch.no_grad()
@@ -378,6 +385,7 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
     yield _last(state)
     if hidden_too:
         drafter.update(state, hidden, hidden.shape[1])
+        drafter.restart = drafter.restart or hidden.shape[1] < state.prompt_length  # the prompt's last positions
         drafter.feed(state)
     pace = pace if pace is not None else Pace()
     last_run.clear()
@@ -388,10 +396,25 @@ def speculative_tokens(model, state, cfg, drafter, process, advance, stopped, tu
         yield from _steps(model, state, drafter, proc, generator, pace, step, seen, advance, stopped, decode_step)
 
 
+def _row_limit(model, state) -> int | None:
+    """The most rows a forward computes as a decoding step does (kernels.MAX_ROWS) for a model with int8 / int4
+    weights on CPU, whose forwards of more rows take the prefill's paths, which round the activations to int8;
+    None for others."""
+    if getattr(model, "quantization", None) is None or state.input_ids.device.type != "cpu":
+        return None
+    from ..inference import kernels
+
+    return kernels.MAX_ROWS
+
+
 def _checkable(model, state, k: int) -> int:
     """The most of k drafts that one forward checks as plain steps would compute them: not past the length at which
     the model drops its cache (PhiMoE's long RoPE: a plain step then runs the whole sequence again), nor where its
-    rotation follows the forward's length (ERNIE's dynamic / longrope RoPE)."""
+    rotation follows the forward's length (ERNIE's dynamic / longrope RoPE), nor, with int8 / int4 weights on CPU,
+    more rows in all than kernels.MAX_ROWS (more take the prefill's paths, which round the activations to int8)."""
+    rows = _row_limit(model, state)
+    if rows is not None:
+        k = min(k, rows // state.input_ids.shape[0] - 1)
     past = state.cache.get_seq_length() if state.cache is not None else None
     last = int(state.position_ids[:, -1].max()) + 1  # the fed token's largest position + 1
     while k and (past is None or model.needs_cache_reset(past, past + k + 1)
@@ -421,6 +444,8 @@ def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, st
             continue
         drafts, q = drafter.propose(model, state, k, proc, generator)
         k = drafts.shape[1]
+        if state.eos is not None:  # finished rows are fed pad, as plain steps feed them
+            drafts = torch.where(state.unfinished[:, None], drafts, state.pad)
         past = state.cache.get_seq_length()
         fed = torch.cat([state.input_ids[:, -1:], drafts], 1)
         mask = None if state.attention_mask is None else F.pad(state.attention_mask, (0, k), value=1)
@@ -430,13 +455,17 @@ def _steps(model, state, drafter, proc, generator, pace, step, seen, advance, st
         logits = getattr(step, "untimed", step)(
             lambda: _model_forward(model, state, dict(input_ids=fed), mask, pos, k + 1, False)[0])
         tokens, all_scores, kept = _judge(logits, drafts, q, state, proc, generator)
-        state.cache.crop(past + 1 + kept)
-        emitted, done = [], False
-        for j in range(kept + 1):
+        emitted, done, j = [], False, 0
+        while j <= kept and not done:
+            before = state.unfinished.clone()
             done = _emit(state, tokens[:, j], all_scores[j], logits[:, j], advance, stopped)
             emitted.append(_last(state))
-            if done:
-                break
+            if state.eos is not None and not torch.equal(before, state.unfinished):
+                # a row that ends here is pad from the next token on: its position after that one was fed a draft
+                kept = min(kept, j + 1)
+            j += 1
+        kept = j - 1
+        state.cache.crop(past + 1 + kept)
         pace.done(k > 0, kept + 1)  # its tokens appended, as a plain step's time has its one
         last_run["steps"] += 1
         last_run["drafted_steps"] += k > 0
@@ -458,8 +487,7 @@ def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, s
     if proc.plain_greedy(state.input_ids.shape[1]):  # the scores are the logits: one argmax
         tokens = logits.argmax(-1)
         kept_rows = torch.cumprod((tokens[:, :k] == drafts).long(), 1).sum(1)
-        live = state.unfinished if bool(state.unfinished.any()) else torch.ones_like(state.unfinished)
-        return tokens, list(logits.unbind(1)), int(kept_rows[live].min())
+        return tokens, list(logits.unbind(1)), int(kept_rows[open_rows(state)].min())
     scores = [proc(logits[:, j], torch.cat([state.input_ids, drafts[:, :j]], 1)) for j in range(k + 1)]
     tokens, ok = [], []
     for j in range(k + 1):
@@ -471,9 +499,15 @@ def _judge(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, s
         tokens.append(token)
         ok.append(accept)
     kept_rows = torch.cumprod(torch.stack(ok, 1).long(), 1).sum(1) if k else torch.zeros_like(tokens[0])
-    live = state.unfinished if bool(state.unfinished.any()) else torch.ones_like(state.unfinished)
-    kept = int(kept_rows[live].min())
-    return torch.stack(tokens, 1), scores, kept
+    return torch.stack(tokens, 1), scores, int(kept_rows[open_rows(state)].min())
+
+
+def open_rows(state) -> torch.Tensor:
+    """Rows [N] bool whose next tokens are the model's: the unfinished ones, or every row without EOS (a row that
+    met a stop string then decodes on, as in transformers, its tokens not replaced by pad)."""
+    if state.eos is None or not bool(state.unfinished.any()):
+        return torch.ones_like(state.unfinished)
+    return state.unfinished
 
 
 def judge_draft(scores: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, sampling,
@@ -539,6 +573,12 @@ def drafter_for(model, cfg, assistant_model=None, speculative: str | None = None
                              "checkpoints with model.mtp_* tensors do, loaded on one device without offload)")
         return Mtp(model, cfg.num_assistant_tokens or 1, cfg.num_assistant_tokens_schedule or "heuristic")
     if assistant_model is not None:
+        from ..config import PretrainedConfig
+
+        if not isinstance(getattr(assistant_model, "config", None), PretrainedConfig):  # a moelm model's
+            kind = type(assistant_model)
+            raise ValueError(f"assistant_model must be a moelm model (moelm.AutoModelForCausalLM.from_pretrained), got "
+                             f"{kind.__module__}.{kind.__qualname__}")
         if assistant_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"assistant_model has a vocabulary of {assistant_model.config.vocab_size} tokens, the "
                              f"model {model.config.vocab_size}: they must share the tokenizer")

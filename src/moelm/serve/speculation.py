@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from ..generation.speculative import lookup
+from ..inference.quantization import MODES
 from ..inference.slots import SlotCache
 
 
@@ -86,6 +87,9 @@ class SpeculativeConfig:
         if self.method == "draft_model":
             if not self.model:
                 raise SpeculativeConfigError("--speculative-config: method 'draft_model' needs model (its path)")
+            if self.quantization is not None and self.quantization not in MODES:
+                raise SpeculativeConfigError(f"--speculative-config: quantization must be one of {', '.join(MODES)} "
+                                             f"(the draft model's weights), got {self.quantization!r}")
         elif self.model is not None or self.quantization is not None:
             field = "model" if self.model is not None else "quantization"
             raise SpeculativeConfigError(f"--speculative-config: {field} is for method 'draft_model', not "
