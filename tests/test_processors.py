@@ -79,9 +79,23 @@ def test_unimplemented_keys_are_refused_by_name():
     for key in UNIMPLEMENTED:
         with pytest.raises(ValueError, match=f"{key}=0.5"):
             ours.generate(input_ids=ids, max_new_tokens=2, do_sample=key in SAMPLING_ONLY, **{key: 0.5})
-    with pytest.raises(ValueError, match="speculative decoding does not implement suppress_tokens"):
-        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, prompt_lookup_num_tokens=2,
-                      suppress_tokens=[5])
+
+
+
+@pytest.mark.parametrize("settings", [dict(suppress_tokens=[5, 9]), dict(no_repeat_ngram_size=2),
+                                      dict(bad_words_ids=[[7], [3, 4]], sequence_bias={(6,): 2.0}),
+                                      dict(forced_eos_token_id=4, renormalize_logits=True)])
+def test_speculative_decoding_applies_them(settings):
+    """Greedy with drafts (n-gram lookup, an assistant) gives the tokens and scores of plain greedy decoding."""
+    _, ours, ids, mask, _ = _tokens()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+              output_scores=True, **settings)
+    plain = ours.generate(**kw)
+    for drafts in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=ours, num_assistant_tokens=3)):
+        got = ours.generate(**kw, **drafts)
+        assert torch.equal(got.sequences, plain.sequences), drafts
+        for x, y in zip(got.scores, plain.scores):
+            assert_close(x, y)
 
 
 @pytest.mark.parametrize("settings, name", [

@@ -624,9 +624,6 @@ class GenerationMixin:
             input_ids = kwargs.pop("inputs")
         cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
         drafter = drafter_for(self, cfg, assistant_model, speculative)
-        if drafter is not None and processors.active(cfg):
-            raise ValueError(f"speculative decoding does not implement {', '.join(processors.active(cfg))}: "
-                             "generate without a draft (assistant_model, prompt_lookup_num_tokens, speculative)")
         if streamer is not None:
             if cfg.num_beams > 1:
                 raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
