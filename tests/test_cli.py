@@ -1,4 +1,5 @@
 """The `moelm` command through subprocess calls, as a user runs it; and pipeline("text-generation")."""
+import io
 import os
 import subprocess
 import sys
@@ -66,38 +67,50 @@ def test_generate_quantized_matches_the_python_api(tiny, mode):
     assert r.stdout.rstrip("\n") == want.rstrip("\n") and "Traceback" not in r.stderr
 
 
-def test_generate_chat_stdin_and_seed(tiny):
+def in_process(args, capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
+    """The command's main() in this process (what `moelm ...` runs, less the interpreter's start): (code, out, err)."""
+    from moelm.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_chat_stdin_and_seed(tiny, capsys, monkeypatch):
     args = ("generate", "--model", str(tiny), "--prompt", "-", "--chat", "--system", "Be brief.", "--max-new-tokens",
             "8", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3")
-    a, b = moelm_all((args, dict(stdin="What is 2+2?")), (args, dict(stdin="What is 2+2?")))
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout
+    a, b = (in_process(args, capsys, monkeypatch, stdin="What is 2+2?") for _ in range(2))
+    assert a[0] == 0, a[2]
+    assert a[1] == b[1] and a[1].strip()
 
 
-def test_chat_repl_commands(tiny):
+def test_chat_repl_commands(tiny, capsys, monkeypatch):
     script = "Hi there\n/system You are terse.\nAnd again\n/reset\nOne more\n/exit\n"
-    r = moelm("chat", "--model", str(tiny), "--max-new-tokens", "6", "--temperature", "0", stdin=script)
-    assert r.returncode == 0, r.stderr
-    assert "conversation cleared" in r.stderr
-    assert "system message set" in r.stderr
+    code, _, err = in_process(("chat", "--model", str(tiny), "--max-new-tokens", "6", "--temperature", "0"), capsys,
+                              monkeypatch, stdin=script)
+    assert code == 0, err
+    assert "conversation cleared" in err
+    assert "system message set" in err
 
 
-def test_info(tiny):
-    r = moelm("info", "--model", str(tiny))
-    assert r.returncode == 0, r.stderr
-    assert "parameters" in r.stdout and "active per token" in r.stdout
+def test_info(tiny, capsys, monkeypatch):
+    code, out, err = in_process(("info", "--model", str(tiny)), capsys, monkeypatch)
+    assert code == 0, err
+    assert "parameters" in out and "active per token" in out
     if "moe" in tiny.name:
-        assert "experts" in r.stdout
+        assert "experts" in out
 
 
-def test_info_on_a_real_size_config_needs_no_weights(tmp_path):
+def test_info_on_a_real_size_config_needs_no_weights(tmp_path, capsys, monkeypatch):
     import moelm as m
 
     m.named_config("ernie-4.5-21b-a3b").save_pretrained(tmp_path)
-    r = moelm("info", "--model", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "21.8G total" in r.stdout, r.stdout
-    assert "64 experts, top-6, 2 shared" in r.stdout
+    code, out, err = in_process(("info", "--model", str(tmp_path)), capsys, monkeypatch)
+    assert code == 0, err
+    assert "21.8G total" in out, out
+    assert "64 experts, top-6, 2 shared" in out
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -168,28 +181,30 @@ def test_user_errors_name_what_is_at_fault(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "moelm: the line is not valid UTF-8: it holds 0xff at character 2; skipped\n"
 
 
-def test_errors_with_a_model(tmp_path):
-    """Argument errors once a model is found (the same code for every family: one is enough)."""
+def test_errors_with_a_model(tmp_path, capsys, monkeypatch):
+    """Argument errors once a model is found (the same code for every family: one is enough); the first as a user
+    runs it, the others in this process (the same main())."""
     from moelm.models.scaffold import new_checkpoint
 
     tiny = new_checkpoint("ernie4_5_moe-tiny", tmp_path / "m", seed=1)
-    base = ("generate", "--model", str(tiny), "--prompt", "x")
-    long, int3, qint3, cuda, tpu, kernels, threads = moelm_all(
-        ("generate", "--model", str(tiny), "--prompt", "word " * 3000, "--max-new-tokens", "4"),
-        (*base, "--dtype", "int3"), (*base, "--quantization", "int3"), (*base, "--device", "cuda"),
-        (*base, "--device", "tpu"),
-        (base, dict(env=dict(ENV, MOELM_KERNELS="linear=fastest"))),
-        (("chat", "--model", str(tiny), "--threads", "0"), dict(stdin="/exit\n")))
+    long = moelm("generate", "--model", str(tiny), "--prompt", "word " * 3000, "--max-new-tokens", "4")
     assert long.returncode == 1 and "exceeds the model's context" in long.stderr and "Traceback" not in long.stderr
-    assert int3.returncode == 2 and "invalid choice" in int3.stderr
-    assert qint3.returncode == 2 and "int3" in qint3.stderr and "Traceback" not in qint3.stderr
+    base = ("generate", "--model", str(tiny), "--prompt", "x")
+    for flag in ("--dtype", "--quantization"):  # argparse's own refusal: exit 2
+        with pytest.raises(SystemExit) as e:
+            in_process((*base, flag, "int3"), capsys, monkeypatch)
+        assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    cases = [(base + ("--device", "tpu"), "unknown --device", {}),
+             (base, "MOELM_KERNELS asks for 'fastest'", {"MOELM_KERNELS": "linear=fastest"}),
+             (("chat", "--model", str(tiny), "--threads", "0"), "--threads must be at least 1", {})]
     if not torch.cuda.is_available():
-        assert cuda.returncode == 1 and "no CUDA GPU" in cuda.stderr and "Traceback" not in cuda.stderr
-    assert tpu.returncode == 1 and "unknown --device" in tpu.stderr
-    assert kernels.returncode == 1 and "MOELM_KERNELS asks for 'fastest'" in kernels.stderr \
-        and "Traceback" not in kernels.stderr
-    assert threads.returncode == 1 and "--threads must be at least 1" in threads.stderr \
-        and "Traceback" not in threads.stderr
+        cases.append((base + ("--device", "cuda"), "no CUDA GPU", {}))
+    for args, message, env in cases:
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            code, _, err = in_process(args, capsys, monkeypatch, stdin="/exit\n")
+        assert code == 1 and message in err and "Traceback" not in err and err.count("\n") == 1, (args, err)
 
 
 def test_pipeline_matches_transformers(tiny):
