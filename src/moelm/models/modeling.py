@@ -90,6 +90,11 @@ def checkpointed(forward, kwargs: dict, offload: bool = False):
     return run
 
 
+def is_checkpointed(layer: nn.Module) -> bool:
+    """Whether activation_checkpointing_enable wrapped this layer's forward."""
+    return getattr(layer.__dict__.get("forward"), "checkpointed", False)
+
+
 class Unset:
     """A forward argument not given (as transformers 5 tells `f(x=None)` from `f()`): the config's value."""
 
@@ -149,6 +154,11 @@ class PreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(p for n, p in self.named_parameters() if not n.endswith(self.keep_in_fp32 or ("\0",))).dtype
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder under a head (self for the base model itself), as transformers."""
+        return getattr(self, self.base_model_prefix, self)
+
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes of the parameters (and buffers), as transformers counts them."""
         tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
@@ -167,23 +177,20 @@ class PreTrainedModel(nn.Module):
             raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
         kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else \
             dict(activation_checkpointing_kwargs)
-        base = getattr(self, self.base_model_prefix, self)
-        for i, layer in enumerate(base.layers):
+        for i, layer in enumerate(self.base_model.layers):
             layer.__dict__.pop("forward", None)
             if i % every_n_layers == 0:
                 layer.forward = checkpointed(layer.forward, kwargs, offload)
         self.enable_input_require_grads()
 
     def activation_checkpointing_disable(self):
-        base = getattr(self, self.base_model_prefix, self)
-        for layer in base.layers:
+        for layer in self.base_model.layers:
             layer.__dict__.pop("forward", None)
         self.disable_input_require_grads()
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        base = getattr(self, self.base_model_prefix, self)
-        return any(getattr(layer.__dict__.get("forward"), "checkpointed", False) for layer in base.layers)
+        return any(map(is_checkpointed, self.base_model.layers))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
         """transformers' older name of activation_checkpointing_enable."""
@@ -222,12 +229,10 @@ class PreTrainedModel(nn.Module):
         return self.num_parameters() - inactive
 
     def get_input_embeddings(self) -> nn.Embedding:
-        base = getattr(self, self.base_model_prefix, self)
-        return base.embed_tokens
+        return self.base_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Module):
-        base = getattr(self, self.base_model_prefix, self)
-        base.embed_tokens = value
+        self.base_model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Module | None:
         """The LM head (None for a model without one), as transformers."""
@@ -416,7 +421,7 @@ class DecoderModel(PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and torch.is_grad_enabled() and \
-                any(getattr(layer.__dict__.get("forward"), "checkpointed", False) for layer in self.layers):
+                any(map(is_checkpointed, self.layers)):
             if past_key_values is not None:  # checkpointed layers write no cache (see checkpointed)
                 raise ValueError("past_key_values cannot be used with activation checkpointing while training")
             use_cache = False
