@@ -569,3 +569,103 @@ def test_served_as_loaded(tmp_path):
             for p, w in zip(prompts, want):
                 request = engine.submit(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
                 assert [t for out in request for t in out.token_ids] == w
+
+
+# ---------------------------------------------------------------- metadata llama.cpp reads, odd shapes
+
+
+def rekey(src: Path, dst: Path, drop=(), tensors: dict | None = None, **keys) -> Path:
+    """A copy of a GGUF with metadata keys (arch.KEY, dots as "__") set or dropped and tensors replaced."""
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    keys = {f"{arch}.{k.replace('__', '.')}": v for k, v in keys.items()}
+    w = GGUFWriter(dst, arch)
+    for key, f in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture" and key not in keys and key not in drop:
+            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for key, value in keys.items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, {str: GGUFValueType.STRING, int: GGUFValueType.UINT32}.get(
+                type(value), GGUFValueType.FLOAT32))
+    for t in reader.tensors:
+        x = (tensors or {}).get(t.name)
+        w.add_tensor(t.name, np.asarray(t.data) if x is None else x, raw_dtype=t.tensor_type if x is None else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_metadata_as_llamacpp_reads_it(hub, tmp_path):
+    """Head counts and feed_forward_length as per-layer arrays (llama.cpp takes either), rope.scaling.factor (or
+    rope.scale_linear; type "linear" when absent, "none" turns it off) as linear rope scaling; what moelm cannot
+    compute as llama.cpp does is one error naming the key: a partial rotary dimension_count, another value_length,
+    per-layer values that differ, another rope scaling, interleave step 0. A LongRoPE file without
+    rope.scaling.attn_factor: 1.0, as llama.cpp takes it. The linear factor and that file against llama.cpp."""
+    from moelm import CheckpointError
+
+    path = write_gguf(hub["ernie4_5"], tmp_path / "m.gguf", "f32")
+    base = moelm.AutoConfig.from_pretrained(None, gguf_file=path).to_dict()
+    arrays = rekey(path, tmp_path / "a.gguf", attention__head_count_kv=[2, 2], attention__head_count=[4, 4],
+                   feed_forward_length=[128, 128])
+    assert moelm.AutoConfig.from_pretrained(None, gguf_file=arrays).to_dict() == base
+    errors = {"attention.head_count_kv differs per layer": dict(attention__head_count_kv=[2, 1]),
+              "rope.dimension_count 8": dict(rope__dimension_count=8),
+              "attention.value_length 8": dict(attention__value_length=8),
+              "rope scaling 'yarn' with factor 4.0": dict(rope__scaling__type="yarn", rope__scaling__factor=4.0)}
+    for match, keys in errors.items():
+        with pytest.raises(CheckpointError, match=match):
+            load(None, gguf_file=rekey(path, tmp_path / "e.gguf", **keys))
+    none = rekey(path, tmp_path / "n.gguf", rope__scaling__type="none", rope__scaling__factor=4.0)
+    assert moelm.AutoConfig.from_pretrained(None, gguf_file=none).to_dict() == base
+    old = rekey(path, tmp_path / "o.gguf", rope__scale_linear=4.0)
+    assert moelm.AutoConfig.from_pretrained(None, gguf_file=old).rope_parameters == {
+        "rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}
+    moe = write_gguf(hub["ernie4_5_moe"], tmp_path / "moe.gguf", "f32")
+    with pytest.raises(CheckpointError, match="interleave_moe_layer_step must be at least 1, got 0"):
+        load(None, gguf_file=rekey(moe, tmp_path / "s.gguf", interleave_moe_layer_step=0))
+    phi = write_gguf(hub["phimoe"], tmp_path / "phi.gguf", "f32")
+    with pytest.raises(CheckpointError, match="rope scaling 'linear' with factor 4.0"):
+        load(None, gguf_file=rekey(phi, tmp_path / "p.gguf", rope__scaling__factor=4.0))
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "long_factor": [1.0 + 0.1 * i for i in range(8)], "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "short_mscale": 1.19, "long_mscale": 1.19}
+    longrope = rekey(write_gguf(tiny_checkpoint("phimoe", tmp_path / "lr", rope_parameters=rope), tmp_path / "lr.gguf",
+                                "f32"), tmp_path / "lr-bare.gguf", drop=["phimoe.rope.scaling.attn_factor"])
+    assert moelm.AutoConfig.from_pretrained(None, gguf_file=longrope).rope_parameters["short_mscale"] == 1.0
+    if not llamacpp.available():
+        return
+    from llamacpp_harness import llamacpp_semantics
+
+    linear = rekey(path, tmp_path / "l.gguf", rope__scaling__factor=4.0)
+    for file in (linear, longrope):  # measured 2e-6; moelm before: 1.2 (rope unscaled), 1.1 (mscale 1.17)
+        cpp = LlamaCppModel(file, threads=2, n_ctx=32, n_batch=32, logits_all=True, kv_type="f32")
+        try:
+            want = cpp.logits(IDS[0].tolist())
+        finally:
+            cpp.close()
+        model = load(None, gguf_file=file)
+        if file == longrope:
+            llamacpp_semantics(model)
+        got = logits(model)[0].numpy()
+        assert np.abs(got - want).max() < 1e-3 * np.sqrt(np.mean(want**2)), file.name
+
+
+def test_tensor_of_the_wrong_shape_is_named(hub, tmp_path):
+    """A stacked expert tensor holding fewer experts than expert_count (read past its end before) and a correction
+    bias of the wrong size: a CheckpointError naming the tensor, in float and quantized loads."""
+    from moelm import CheckpointError
+
+    path = write_gguf(hub["ernie4_5_moe"], tmp_path / "m.gguf", "f32")
+    data = {t.name: np.asarray(t.data) for t in GGUFReader(path).tensors}
+    cases = {"blk.1.ffn_up_exps.weight": ("holds 7 experts, the model 8", data["blk.1.ffn_up_exps.weight"][:7]),
+             "blk.1.exp_probs_b.bias": (r"\[7\] vs model", data["blk.1.exp_probs_b.bias"][:7])}
+    for name, (match, x) in cases.items():
+        bad = rekey(path, tmp_path / "bad.gguf", tensors={name: np.ascontiguousarray(x)})
+        for quantization in (None, "int8"):
+            with pytest.raises(CheckpointError, match=f"{name}.*{match}"):
+                load(None, gguf_file=bad, quantization=quantization)

@@ -2,7 +2,6 @@
 MoE and PhiMoE (general.architecture -> model_type: ARCH)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -34,7 +33,8 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
     expert_feed_forward_length, expert_shared_count, leading_dense_block_count, interleave_moe_layer_step; PhiMoE:
     expert_count, expert_used_count, attention.sliding_window, rope.scaling.original_context_length and attn_factor
     with the rope_factors tensors (LongRoPE). The vocabulary size is the token embedding's; tied embeddings: no
-    output.weight."""
+    output.weight. Head counts and feed_forward_length may be per-layer arrays (one value); rope.scaling.factor (or
+    rope.scale_linear) is ERNIE's linear rope scaling (_rope_scaling)."""
     kind = model_type_of(meta["general.architecture"])
     arch = ARCH[kind]
 
@@ -42,6 +42,12 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"GGUF metadata has no {arch}.{key}")
+        if isinstance(value, list):  # per layer, as llama.cpp reads head counts and feed_forward_length too
+            if not value or value.count(value[0]) != len(value):
+                raise ValueError(f"GGUF {arch}.{key} differs per layer ({value}): moelm has one value for all layers")
+            value = value[0]
+        if isinstance(value, (str, bool)):
+            raise ValueError(f"GGUF {arch}.{key} must be a number, got {value!r}")
         return value
 
     heads = int(get("attention.head_count"))
@@ -58,6 +64,11 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
                        ("pad_token_id", "padding_token_id")):
         out[field] = meta.get(f"tokenizer.ggml.{key}", defaults.get(key))
     head_dim = int(get("attention.key_length", hidden // heads))
+    for key, what in (("attention.value_length", "value heads of another size"),
+                      ("rope.dimension_count", "a rotary part of each head")):  # llama.cpp's ernie4_5: asserted
+        if int(get(key, head_dim)) != head_dim:
+            raise ValueError(f"GGUF {arch}.{key} {get(key)} is not the key length {head_dim}: {what} is not read")
+    out["rope_parameters"].update(_rope_scaling(meta, arch, kind))
     if kind == "phimoe":
         if head_dim * heads != hidden:
             raise ValueError("PhiMoE GGUF with key_length * head_count != embedding_length is not read")
@@ -68,9 +79,7 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
         out["sliding_window"] = window or None
         if "rope_factors_long.weight" in shapes:
             orig = int(get("rope.scaling.original_context_length"))
-            scale = out["max_position_embeddings"] / orig
-            mscale = get("rope.scaling.attn_factor", math.sqrt(1 + math.log(scale) / math.log(orig))
-                         if scale > 1 else 1.0)
+            mscale = get("rope.scaling.attn_factor", 1.0)  # llama.cpp's when absent (its converter writes it)
             out["rope_parameters"].update(
                 rope_type="longrope", original_max_position_embeddings=orig, short_mscale=_decimal(mscale),
                 long_mscale=_decimal(mscale), long_factor=[_decimal(x) for x in read("rope_factors_long.weight")],
@@ -81,6 +90,8 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
         n = out["num_hidden_layers"]
         lead = int(get("leading_dense_block_count", 0))
         step = int(get("interleave_moe_layer_step", 1))
+        if step < 1:
+            raise ValueError(f"GGUF {arch}.interleave_moe_layer_step must be at least 1, got {step}")
         out.update(moe_num_experts=int(get("expert_count")), moe_k=int(get("expert_used_count")),
                    moe_intermediate_size=int(get("expert_feed_forward_length")),
                    moe_num_shared_experts=int(get("expert_shared_count", 0)), moe_layer_start_index=lead,
@@ -91,6 +102,20 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
             raise ValueError(f"GGUF MoE blocks {[i for i in range(n) if has[i]]} do not follow its "
                              f"leading_dense_block_count {lead} and interleave_moe_layer_step {step}")
     return out
+
+
+def _rope_scaling(meta: dict, arch: str, kind: str) -> dict:
+    """rope_parameters for llama.cpp's rope scaling keys: rope.scaling.factor (or the older rope.scale_linear),
+    rope.scaling.type ("linear" when absent; "none" turns the factor off). ERNIE reads linear scaling; any other
+    scaling with a factor is refused by name (PhiMoE's LongRoPE comes from its rope_factors tensors)."""
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 0.0))
+    scaling = meta.get(f"{arch}.rope.scaling.type", "linear")
+    if scaling == "none" or factor in (0.0, 1.0):
+        return {}
+    if kind == "phimoe" or scaling != "linear":
+        raise ValueError(f"GGUF rope scaling {scaling!r} with factor {factor} ({arch}.rope.scaling.*) is not read for "
+                         f"{kind}" + (" (ERNIE: linear only)" if kind != "phimoe" else ""))
+    return {"rope_type": "linear", "factor": _decimal(factor)}
 
 
 def gguf_config(g) -> dict:

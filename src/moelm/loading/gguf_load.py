@@ -141,6 +141,9 @@ def _load(model, g: GGUFFile, plan, progress) -> None:
                 raise CheckpointError(f"{g.path.name}: {name} differs from what the config implies "
                                       f"(a non-zero bias the model has no place for, or other rope factors)")
             continue
+        if combine is _stack and g.shapes[name][0] != len(keys):
+            raise CheckpointError(f"{g.path.name}: {name} {g.shapes[name]} holds {g.shapes[name][0]} experts, the "
+                                  f"model {len(keys)}")
         for e, key in enumerate(keys):
             ours, expert, part = hub_to_ours(kind, key)
             index = e if combine is _stack else None
@@ -152,7 +155,7 @@ def _load(model, g: GGUFFile, plan, progress) -> None:
                 view = view[expert].chunk(len(EXPERT_PARTS[kind][ours.rpartition(".")[2]]), dim=0)[part]
             x = g.floats(name, index)
             shape = list(view.shape)
-            if combine is _flat:
+            if combine is _flat and x.size == view.numel():
                 x = x.reshape(shape)
             if list(x.shape) != shape:
                 raise CheckpointError(f"{g.path.name}: {name} {list(x.shape)} vs model {ours} {shape}")
