@@ -207,7 +207,7 @@ GOOD = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quant
     ("weights.num_bits", 2, "num_bits"),
     ("weights.type", "float", "type"),
     ("weights.group_size", 16, "group_size"),
-    ("weights.strategy", "tensor", "strategy"),
+    ("weights.strategy", "block", "strategy"),
     ("input_activations", {"num_bits": 8, "type": "int"}, "input_activations"),
     ("format", "float-quantized", "format"),
     ("format", "nvfp4-pack-quantized", "format"),

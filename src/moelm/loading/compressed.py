@@ -5,7 +5,7 @@ where every one of a weight's is an fp16 value (else fp32); nothing is dequantiz
 moelm int4 (group G): nibble n = code + 8; a group's G/2 bytes hold input j (low nibble) and j + G/2 (high).
 pack-quantized: code + 2^(bits-1) packed little-endian into int32 words, input j at bit bits * j of the row:
     int4 -> byte k holds inputs 2k (low nibble) and 2k + 1 (high); int8 -> byte j holds input j (+ 128).
-int-quantized / naive-quantized (int8 only): `weight` int8 [O, I] as is.
+int-quantized / naive-quantized: `weight` int8 [O, I], the codes as they are (int4 ones in -8..7).
 A weight X [O, I] is stored as X.weight_packed int32 [O, I * bits / 32], X.weight_scale [O, I / G] (channel-wise:
 [O, 1]) and X.weight_shape [2] = [O, I].
 """
@@ -25,6 +25,7 @@ from ..nn.moe import Experts
 PACKED, INT8 = "pack-quantized", ("int-quantized", "naive-quantized")
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 ROUTERS = r"re:.*\.(gate|router)$"
+CLASSES = ("Linear", "Module")  # the class names a Linear matches as a target or in ignore (its class and base)
 
 
 class CompressedTensorsError(ValueError):
@@ -64,9 +65,15 @@ def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size
     return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale
 
 
-def from_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int-quantized int8 weight [O, I] and scale [O, 1] -> moelm int8 (q, scale fp32 [O])."""
-    return weight, scale.float().reshape(weight.shape[0])
+def from_int8(weight: torch.Tensor, scale: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """int-quantized / naive-quantized codes int8 [O, I] and scale [O, groups] -> moelm (q, scale) as from_packed:
+    int8 (group_size 0) as they are, scale fp32 [O]; int4 (codes in -8..7) packed in groups of group_size."""
+    o = weight.shape[0]
+    if not group_size:
+        return weight, scale.float().reshape(o)
+    nibbles = (weight + 8).to(torch.uint8).reshape(o, -1, group_size)
+    half = group_size // 2
+    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale.reshape(o, -1)
 
 
 # ---------------------------------------------------------------- config.json
@@ -103,6 +110,8 @@ def quantization_config(model, parts: dict[str, tuple[str, ...]]) -> dict:
         groups[f"group_{i}"] = {"targets": names, "format": PACKED, "weights": weights,
                                 "input_activations": None, "output_activations": None}
     ignore = sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    ignore += [rf"re:^{re.escape(name)}\.\d+\.({projections})$" for name, m in model.named_modules()
+               if isinstance(m, Experts)]  # routed experts left unquantized ("Linear" would target them)
     if any(type(m).__name__ == "Router" for m in model.modules()):
         ignore.append(ROUTERS)
     if getattr(model, "kept_aside", None) or hasattr(getattr(model, "model", None), "mtp_block"):
@@ -123,6 +132,11 @@ def _names(value, field: str) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise CompressedTensorsError(f"quantization_config.{field} {value!r}: expected a list of strings")
+    for v in value:
+        try:
+            re.compile(v[3:]) if v.startswith("re:") else None
+        except re.error as e:
+            raise CompressedTensorsError(f"quantization_config.{field} {v!r}: not a regular expression ({e})") from None
     return value
 
 
@@ -149,19 +163,17 @@ def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
         raise CompressedTensorsError(f"{where}.weights.num_bits {bits!r}: moelm reads 4- and 8-bit weights")
     if w.get("symmetric", True) is not True:
         raise CompressedTensorsError(f"{where}.weights.symmetric is false: moelm has no zero points")
-    if w.get("actorder") not in (None, False):
+    if w.get("actorder") not in (None, False, "weight", "static"):  # weight / static: no g_idx, groups in order
         raise CompressedTensorsError(f"{where}.weights.actorder {w['actorder']!r}: moelm reads weights in input "
                                      "order only (no g_idx)")
     if w.get("dynamic", False) not in (False, None):
         raise CompressedTensorsError(f"{where}.weights.dynamic {w['dynamic']!r}: moelm reads static weights")
-    if bits == 8 and strategy != "channel":
+    if bits == 8 and strategy not in ("channel", "tensor"):  # tensor: its one scale repeated for every row
         raise CompressedTensorsError(f"{where}.weights.strategy {strategy!r}: moelm's int8 has one scale per output "
-                                     "row (strategy 'channel')")
-    if bits == 4 and strategy not in ("group", "channel"):
-        raise CompressedTensorsError(f"{where}.weights.strategy {strategy!r}: moelm's int4 has group or channel "
-                                     "scales")
-    if bits == 4 and fmt != PACKED:
-        raise CompressedTensorsError(f"{where}.format {fmt!r}: 4-bit weights are read from {PACKED} only")
+                                     "row (strategy 'channel' or 'tensor')")
+    if bits == 4 and strategy not in ("group", "channel", "tensor"):
+        raise CompressedTensorsError(f"{where}.weights.strategy {strategy!r}: moelm's int4 has group, channel or "
+                                     "tensor scales")
     if bits == 4 and strategy == "group" and (not isinstance(size, int) or size < 32 or size % 32):
         raise CompressedTensorsError(f"{where}.weights.group_size {size!r}: moelm's int4 kernels need a multiple "
                                      "of 32")
@@ -170,7 +182,7 @@ def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
         raise CompressedTensorsError(f"{where}.weights.{unknown[0]} is not read by moelm")
     if bits == 8:
         return "int8", 0
-    return "int4", size if strategy == "group" else -1  # -1: one group per row (in_features)
+    return "int4", size if strategy == "group" else -1  # -1: one group per row (in_features), as for "tensor"
 
 
 def read_quantization_config(data, model, requested: QuantizationConfig | None, parts: dict[str, tuple[str, ...]]
@@ -208,11 +220,11 @@ def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> Quan
         raise CompressedTensorsError(f"quantization_config.config_groups is a {type(groups).__name__}, not an object")
     if not groups:
         raise CompressedTensorsError("quantization_config.config_groups is empty")
-    schemes = []  # (target, (mode, group))
+    schemes = {}  # target -> (mode, group); a target named again by a later group is that group's (as in CT)
     for name, group in groups.items():
         scheme = parse_scheme(name, group, fmt)
-        targets = _names(group.get("targets"), f"config_groups.{name}.targets")
-        schemes += [(t, scheme) for t in targets]
+        for t in _names(group.get("targets"), f"config_groups.{name}.targets"):
+            schemes[t] = scheme
     ignore = _names(data.get("ignore"), "ignore")
     modules = {}
     for name, module in model.named_modules():
@@ -236,6 +248,10 @@ def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> Quan
                 modules[name] = first
     if not modules:
         raise CompressedTensorsError("quantization_config targets none of the model's Linear layers or experts")
+    if "lm_head" in modules and getattr(model.config, "tie_word_embeddings", False):
+        raise CompressedTensorsError("quantization_config quantizes lm_head, but tie_word_embeddings is true (the head "
+                                     "is the input embedding, and a stored lm_head would not be read): set "
+                                     "tie_word_embeddings to false in config.json to read the stored head")
     modes = sorted({m for m, _ in modules.values()})
     sizes = sorted({g for m, g in modules.values() if m == "int4"})
     return QuantizationConfig(modes[-1] if len(modes) == 1 else modes[0], sizes[0] if sizes else 64,
@@ -254,15 +270,14 @@ def _check_group(name: str, scheme: tuple[str, int], in_features: int) -> tuple[
     return mode, group
 
 
-def _scheme_for(name: str, schemes, ignore) -> tuple[str, int] | None:
-    """compressed-tensors' matching: ignored -> None; else the first exact name, then regex, then "Linear"."""
-    if any(_matches(name, t) for t in ignore):
+def _scheme_for(name: str, schemes: dict, ignore: list[str]) -> tuple[str, int] | None:
+    """compressed-tensors' matching of a Linear (match_targets): ignored -> None; else the exact name, then the
+    regexes in alphabetical order, then a class name (Linear, Module)."""
+    if any(_matches(name, t) or t in CLASSES for t in ignore):
         return None
-    ranked = sorted(schemes, key=lambda ts: (ts[0] == "Linear", ts[0].startswith("re:")))
-    for target, scheme in ranked:
-        if target == "Linear" or _matches(name, target):
-            return scheme
-    return None
+    ranked = sorted(schemes, key=lambda t: ("re:" in t, t))
+    target = next((t for t in ranked if _matches(name, t)), None) or next((t for t in ranked if t in CLASSES), None)
+    return None if target is None else schemes[target]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -313,9 +328,13 @@ def stored_groups(ckpt) -> dict[str, dict[str, str]]:
     out = {}
     for key in ckpt.keys():  # noqa: SIM118 (a checkpoint, not a dict)
         prefix, _, last = key.rpartition(".")
-        if last == "weight_scale":
+        if last in ("weight_scale", "weight_packed"):
             names = ("weight_packed", "weight", "weight_scale", "weight_shape")
-            out[f"{prefix}.weight"] = {n: f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in ckpt}
+            keys = {n: f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in ckpt}
+            if "weight_scale" not in keys or ("weight_packed" in keys) == ("weight" in keys):
+                raise CheckpointError(f"{prefix}: stored {', '.join(keys)}; a quantized weight is weight_packed or "
+                                      f"weight (unpacked codes), with weight_scale (in {ckpt.file_of(key).name})")
+            out[f"{prefix}.weight"] = keys
     return out
 
 
@@ -354,31 +373,39 @@ def read_codes(ckpt, keys: dict[str, str], module, shape: tuple[int, int], rows:
             raise CheckpointError(f"{key}: shape {list(ckpt.shape(key))} does not hold {bits}-bit codes of [{o}, {i}]")
     else:
         key = keys["weight"]
-        if ckpt.dtype(key) != torch.int8 or mode != "int8":
-            raise CheckpointError(f"{key}: a {ckpt.dtype(key)} weight beside {scale_key}; moelm reads int8 weights "
+        if ckpt.dtype(key) != torch.int8:
+            raise CheckpointError(f"{key}: a {ckpt.dtype(key)} weight beside {scale_key}; moelm reads int8 codes "
                                   "stored unpacked")
         o, i = ckpt.shape(key)
     want = (o,) if mode == "int8" else (o, i // group)
     stored = tuple(ckpt.shape(scale_key))
+    scale = None
+    if stored and math.prod(stored) == 1 and len(stored) <= 2:  # strategy tensor: one scale for every group
+        scale, stored = ckpt.get(scale_key).reshape(1, 1).expand(o, math.prod(want) // o).reshape(want), want
     if math.prod(stored) != math.prod(want) or not stored or stored[0] != o:
         raise CheckpointError(f"{scale_key}: shape {list(stored)}, expected {list(want)} for a {mode} weight "
                               f"[{o}, {i}]" + (f" in groups of {group}" if mode == "int4" else ""))
-    if rows is not None and kernels.available() and sys.byteorder == "little" and (bits == 8 or group % 4 == 0):
+    repacked = bits == 8 or group % 4 == 0 and "weight_packed" in keys  # (unpacked int4 codes: from_int8)
+    if rows is not None and kernels.available() and sys.byteorder == "little" and repacked:
         q = module.qweight[rows]
         if "weight_packed" in keys:
             kernels.repack(_mapped_or_read(ckpt, key).view(torch.uint8)[:, :i * bits // 8], q, bits, group)
         else:
             ckpt.read_into(key, q)
-        if ckpt.dtype(scale_key) == module.scale.dtype and stored == want:
+        if scale is None and ckpt.dtype(scale_key) == module.scale.dtype and stored == want:
             ckpt.read_into(scale_key, module.scale[rows])
         else:
-            module.load_scales(ckpt.get(scale_key).reshape(want), rows)
+            module.load_scales((ckpt.get(scale_key) if scale is None else scale).reshape(want), rows)
         return None
-    scale = ckpt.get(scale_key)
+    scale = ckpt.get(scale_key) if scale is None else scale
     if "weight_packed" in keys:
         value = from_packed(ckpt.get(key), scale.reshape(o, -1), bits, group, i)
     else:
-        value = from_int8(ckpt.get(key), scale)
+        codes = ckpt.get(key)
+        if bits == 4 and codes.numel() and not -8 <= codes.min() <= codes.max() <= 7:
+            raise CheckpointError(f"{key}: codes from {codes.min().item()} to {codes.max().item()}, not 4-bit "
+                                  "(-8..7)")
+        value = from_int8(codes, scale, 0 if bits == 8 else group)
     if rows is None:
         return value
     module.load_packed(*value, rows)
