@@ -162,3 +162,21 @@ def test_bad_regex_is_named(field):
         config["config_groups"]["group_0"]["targets"] = ["re:(x"]
     with pytest.raises(CompressedTensorsError, match=rf"{field} 're:.*': not a regular expression"):
         resolve_config(config, _tiny_tied(), {})
+
+
+def test_projections_stored_differently_are_not_fused(tmp_path):
+    """q int4 g32, k/v int8, gate int8 and up as floats (a checkpoint may quantize each projection its own way):
+    moelm fuses q/k/v and gate/up only when they are stored alike (it raised an AttributeError or a size mismatch
+    while concatenating them); the logits are transformers'. moelm's own save with q_proj left out reloads so too."""
+    _write(tmp_path, "ernie4_5", {"group_0": {"targets": [r"re:.*q_proj$"], "weights": W4},
+                                  "group_1": {"targets": [r"re:.*(k_proj|v_proj|gate_proj)$"], "weights": W8}},
+           ["lm_head"])
+    ours = _same_as_transformers(tmp_path)
+    attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
+    assert attn.q_proj.mode == "int4" and attn.k_proj.mode == "int8" and type(mlp.up_proj).__name__ != \
+        "QuantizedLinear" and getattr(attn, "fused_qkv", None) is None and getattr(mlp, "fused_gate_up", None) is None
+    model = AutoModelForCausalLM.from_pretrained(source(tmp_path, "ernie4_5"), quantization=QuantizationConfig(
+        "int4", 32, modules_to_not_convert=("q_proj",)))
+    model.save_pretrained(tmp_path / "q")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), logits(model),
+                               atol=0, rtol=0)

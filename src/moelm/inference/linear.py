@@ -71,15 +71,29 @@ def _fuse(modules: list[nn.Module]) -> nn.Module:
 def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
     """Attention q/k/v and SwiGLU gate/up as one matmul each, made by `make` (inference only: see Attention / MLP
     forward)."""
-    def fusable(m: nn.Module) -> bool:  # bitsandbytes' packing has no concatenation of rows
-        return isinstance(m, nn.Linear) or type(m) is QuantizedLinear
+    def fusable(ms: list[nn.Module]) -> bool:
+        """Projections stored alike: all nn.Linear of one dtype, or all QuantizedLinear of one mode, group size and
+        scale dtype (a checkpoint may quantize q and not k/v); biases on all or none. bitsandbytes' packing has no
+        concatenation of rows."""
+        def kind(m: nn.Module) -> tuple | None:
+            if isinstance(m, nn.Linear):
+                return nn.Linear, m.weight.dtype, m.weight.device, m.bias is None
+            if type(m) is QuantizedLinear:
+                return QuantizedLinear, m.mode, m.group_size, m.scale.dtype, m.qweight.device, m.bias is None
+            return None
+
+        same = [kind(m) for m in ms]
+        return same[0] is not None and same.count(same[0]) == len(same)
 
     for module in model.modules():
-        if isinstance(module, Attention) and getattr(module, "fused_qkv", None) is None and fusable(module.q_proj):
-            module.fused_qkv = make([module.q_proj, module.k_proj, module.v_proj])
-        elif isinstance(module, MLP) and getattr(module, "fused_gate_up", None) is None and \
-                fusable(module.gate_proj):
-            module.fused_gate_up = make([module.gate_proj, module.up_proj])
+        if isinstance(module, Attention) and getattr(module, "fused_qkv", None) is None:
+            projections = [module.q_proj, module.k_proj, module.v_proj]
+            if fusable(projections):
+                module.fused_qkv = make(projections)
+        elif isinstance(module, MLP) and getattr(module, "fused_gate_up", None) is None:
+            projections = [module.gate_proj, module.up_proj]
+            if fusable(projections):
+                module.fused_gate_up = make(projections)
     return model
 
 
