@@ -180,3 +180,14 @@ def test_projections_stored_differently_are_not_fused(tmp_path):
     model.save_pretrained(tmp_path / "q")
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), logits(model),
                                atol=0, rtol=0)
+
+
+def test_targeted_but_stored_as_float_is_named(tmp_path):
+    """A config that targets a projection the file stores as floats (llm-compressor leaves transformers 5's fused
+    experts so): an error naming it, not quantized silently at load time."""
+    _write(tmp_path, "ernie4_5", {"group_0": {"targets": [r"re:.*q_proj$"], "weights": W4}}, ["lm_head"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"] = [r"re:.*(q|k)_proj$"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"k_proj.weight: stored unquantized, but the quantization_config"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -76,6 +76,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
     model_type = model.config.model_type
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = load_targets(model)  # name -> (module, stacked name, full shape): quantized as they are read
+    as_stored = getattr(getattr(model, "quantization", None), "modules", None) is not None  # compressed-tensors
     params.update({name: torch.empty(shape, device="meta") for name, (_, _, shape) in quantized.items()})
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
     # an untied input embedding is only ever gathered from (a few rows a token): mapped even without mmap
@@ -137,7 +138,12 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
                         filled[ours].add((expert, part))  # reported here, not as missing too
                     elif codes is not None and ours not in quantized:
                         mismatched.append(f"{key}: stored quantized, but the model's {ours} is not (its "
-                                          "quantization_config leaves it out)")
+                                          "quantization_config leaves it out, or moelm keeps it unquantized: "
+                                          "routers, norms and embeddings are floats)")
+                        filled[ours].add((expert, part))
+                    elif codes is None and ours in quantized and as_stored:
+                        mismatched.append(f"{key}: stored unquantized, but the quantization_config quantizes the "
+                                          f"model's {ours} (add it to the config's ignore to read it as stored)")
                         filled[ours].add((expert, part))
                     elif codes is None and not ckpt.dtype(key).is_floating_point:
                         wrong_dtype.append(f"{key}: checkpoint {str(ckpt.dtype(key)).removeprefix('torch.')}, "
