@@ -278,6 +278,7 @@ def _choose_int4_width() -> str:
 
 def _gemv(x, weight, scale, group_size, bias, select):
     _require()
+    _check("gemv", x, weight, scale, bias, multiple=32)
     if weight.dtype == torch.uint8:
         _int4_width()
     shape = x.shape
@@ -295,10 +296,29 @@ def _gemv(x, weight, scale, group_size, bias, select):
     return y.view(*shape[:-1], out_features)
 
 
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+           multiple: int = 1) -> None:
+    """What the C kernels read without checking: x [..., I] against weight [.., O, I] (int4: [.., O, I/2]), I a
+    `multiple`; weight and scale contiguous; bias fp32 [O], contiguous. A ValueError naming the input at fault
+    (else a silently wrong result, or memory read past the tensors)."""
+    features = weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
+    if x.shape[-1] != features or features % multiple:
+        raise ValueError(f"{op}: x has {x.shape[-1]} input features and the weight {features}"
+                         + (f"; they must be equal and a multiple of {multiple}" if multiple > 1 else ""))
+    for name, t in (("weight", weight), ("scale", scale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: the {name} must be contiguous")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[-2:-1]):
+        raise ValueError(f"{op}: the bias must be fp32 [{weight.shape[-2]}], got {bias.dtype} {list(bias.shape)}")
+
+
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 x [..., I] @ weight [O, I].T (+ fp32 bias [O]) -> [..., O] with csrc/gemm.c (for many rows: prefill);
     weight and bias contiguous."""
     _require()
+    _check("gemm", x, weight, None, bias)
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError(f"gemm: x and the weight must be fp32, got {x.dtype} and {weight.dtype}")
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()
     rows, features, out_features = x.shape[0], shape[-1], weight.shape[0]
@@ -417,6 +437,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     bf16 (computed in fp32, the normalised x rounded to bf16 before the weight, as RMSNorm on bf16); one pass in C
     instead of PyTorch's ~7 small ops (60 us per call for one token on this CPU)."""
     _require()
+    _check_norm("rmsnorm", x, weight, None)
     x = x.contiguous()
     out = torch.empty_like(x)
     fn = _lib.rmsnorm_bf16 if x.dtype == torch.bfloat16 else _lib.rmsnorm_f32
@@ -424,10 +445,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """x [..., n] (n a multiple of 8), weight and bias [n] contiguous of x's dtype: a ValueError naming the input at
+    fault (else memory written past the output)."""
+    n = x.shape[-1]
+    if n % 8:
+        raise ValueError(f"{op}: {n} features; the kernel takes a multiple of 8")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (n,) or t.dtype != x.dtype or not t.is_contiguous()):
+            raise ValueError(f"{op}: the {name} must be contiguous {x.dtype} [{n}], got {t.dtype} {list(t.shape)}")
+
+
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """torch.nn.LayerNorm over the last dimension of fp32 x [..., n] (n a multiple of 8; weight, bias fp32 [n],
     bias None: none) in one pass in C, as rmsnorm() for the RMSNorm families (PhiMoE's norms when decoding)."""
     _require()
+    _check_norm("layernorm", x, weight, bias)
     x = x.contiguous()
     out = torch.empty_like(x)
     _lib.layernorm_f32(x.data_ptr(), weight.data_ptr(), _ptr(bias), x.numel() // x.shape[-1], x.shape[-1], eps,

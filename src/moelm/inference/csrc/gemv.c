@@ -11,6 +11,7 @@
  * attend_f32 is the rest of a decoding step's attention: rotary embedding, KV-cache write, softmax attention.
  * Written with GCC vector extensions so the compiler emits the machine's SIMD; threads via OpenMP (the same
  * libgomp that PyTorch uses). x and y are fp32 and contiguous; I is a multiple of 32. */
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -407,7 +408,8 @@ static inline void quantize_x(const float *x, int64_t groups, int64_t g, int64_t
         const float *xr = x + r * g;
         float big = 0.0f, total = 0.0f;
         for (int64_t i = 0; i < g; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
-        float step = big > 0.0f ? big / 32767.0f : 1.0f, inv = 1.0f / step;
+        /* at least FLT_MIN: a smaller step has no finite inverse (rows of |x| < 4e-34) */
+        float step = big > 0.0f ? fmaxf(big / 32767.0f, FLT_MIN) : 1.0f, inv = 1.0f / step;
         for (int64_t i = 0; i < g; i++) xq[pos(r * g + i)] = (int16_t)lrintf(xr[i] * inv);
         xs[r] = step; xsum[r] = total;
     }
@@ -1161,8 +1163,10 @@ static void route(const Moe *M, const float *logit, int64_t *index, float *weigh
             int64_t pick = argmax_from(logit, E, taken);
             float top = logit[pick], total = 0.0f;
             for (int64_t e = 0; e < E; e++) {
+                /* factor 0 (logit and top 0): PyTorch's 0 / 0 is NaN, not far; -ffast-math assumes no NaN */
                 float factor = fabsf(logit[e]) > top ? fabsf(logit[e]) : top;
-                if (!taken[e] && !((top - logit[e]) / factor > 2.0f * M->jitter)) total += expf(logit[e] - top);
+                int far = factor > 0.0f && (top - logit[e]) / factor > 2.0f * M->jitter;
+                if (!taken[e] && !far) total += expf(logit[e] - top);
             }
             index[k] = pick; weight[k] = 1.0f / total;
             taken[pick] = 1;
@@ -1181,6 +1185,10 @@ static void route(const Moe *M, const float *logit, int64_t *index, float *weigh
     for (int64_t k = 0; k < K; k++) weight[k] = p[index[k]] / norm;
 }
 
+/* g / (1 + exp(-g)), exp's argument at most 88: exp(89) is inf, and -ffast-math divides by a reciprocal refined by
+ * a Newton step, which makes g / inf NaN instead of -0 */
+static inline float silu(float g) { return g / (1.0f + expf(fminf(-g, 88.0f))); }
+
 /* silu(gate) * up for rows of [gate (F) | up (F)]; bf16: the inputs, silu and the product rounded as PyTorch's bf16
  * ops round them */
 static void swiglu_rows(const float *gu, int64_t rows, int64_t F, int bf16, float *out) {
@@ -1188,7 +1196,7 @@ static void swiglu_rows(const float *gu, int64_t rows, int64_t F, int bf16, floa
         for (int64_t i = 0; i < F; i++) {
             float g = gu[r * 2 * F + i], up = gu[r * 2 * F + F + i];
             if (bf16) { g = round_bf16(g); up = round_bf16(up); }
-            float a = g / (1.0f + expf(-g));
+            float a = silu(g);
             out[r * F + i] = bf16 ? round_bf16(round_bf16(a) * up) : a * up;
         }
 }
@@ -1341,7 +1349,7 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
         round_all(proj, B * 2 * F, bf16);
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < F; i++) {
-                float g = proj[b * 2 * F + i], a = g / (1.0f + expf(-g)), up = proj[b * 2 * F + F + i];
+                float g = proj[b * 2 * F + i], a = silu(g), up = proj[b * 2 * F + F + i];
                 att[b * F + i] = bf16 ? round_bf16(round_bf16(a) * up) : a * up;
             }
         float *out = proj;  /* the gate_up output is no longer needed */

@@ -21,6 +21,7 @@
  * of whole 32-byte row pieces (unpack_t), as the caller says (kernels.py measures which is faster on this CPU).
  * Threads split the tiles (output rows) in intgemm, whole experts in intgemm_experts. No AMX path: it could not be
  * tested on the machines this was written on. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -49,7 +50,8 @@ int intgemm_variants(void) {
 static inline void quantize_block(const float *xb, int8_t *xq, float *d, int32_t *xsum) {
     float big = 0.0f;
     for (int i = 0; i < QB; i++) big = fmaxf(big, fabsf(xb[i]));
-    float step = big * (1.0f / 127.0f), inv = step > 0.0f ? 1.0f / step : 0.0f;
+    /* at least FLT_MIN: a smaller step has no finite inverse (blocks of |x| < 1.5e-36) */
+    float step = big > 0.0f ? fmaxf(big * (1.0f / 127.0f), FLT_MIN) : 0.0f, inv = step > 0.0f ? 1.0f / step : 0.0f;
     int32_t total = 0;
     for (int i = 0; i < QB; i++) {
         float q = nearbyintf(xb[i] * inv);
@@ -419,9 +421,9 @@ int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64
             Weight G = {gw + e * 2 * I * gwrow, gwrow, gs + e * 2 * I * gsrow * (ghalf ? 2 : 4), ghalf, gsrow, g4,
                         2 * I};
             run_tiles(&v, &G, xq, d, xsum, c, H, h, transposed, 0, (2 * I + v.NW - 1) / v.NW, tile, ts);
-            for (int64_t r = 0; r < c; r++) {  /* silu(gate) * up -> xs [c, I] */
+            for (int64_t r = 0; r < c; r++) {  /* silu(gate) * up -> xs [c, I]; exp(89) is inf: see gemv.c's silu */
                 const float *gate = h + r * 2 * I, *up = gate + I;
-                for (int64_t i = 0; i < I; i++) xs[r * I + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+                for (int64_t i = 0; i < I; i++) xs[r * I + i] = gate[i] / (1.0f + expf(fminf(-gate[i], 88.0f))) * up[i];
             }
             quantize_rows1(xs, c, I, xq, d, xsum);
             Weight D = {dw + e * H * dwrow, dwrow, ds + e * H * dsrow * (dhalf ? 2 : 4), dhalf, dsrow, g4, H};
