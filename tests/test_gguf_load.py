@@ -669,3 +669,14 @@ def test_tensor_of_the_wrong_shape_is_named(hub, tmp_path):
         for quantization in (None, "int8"):
             with pytest.raises(CheckpointError, match=f"{name}.*{match}"):
                 load(None, gguf_file=bad, quantization=quantization)
+
+
+def test_ernie_linear_rope_written_and_read(tmp_path):
+    """ERNIE's linear rope_scaling written as llama.cpp's converter writes it (rope.scaling.type / factor) and read
+    back: the same config and logits (the writer refused it before)."""
+    rope = {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}
+    ck = tiny_checkpoint("ernie4_5", tmp_path / "hub", rope_parameters=rope)
+    path = write_gguf(ck, tmp_path / "m.gguf", "f32")
+    got = load(None, gguf_file=path, dtype=torch.float32)
+    assert got.config.rope_parameters == rope
+    assert torch.equal(logits(got), logits(load(ck, dtype=torch.float32)))

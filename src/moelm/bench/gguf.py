@@ -210,9 +210,11 @@ def _metadata(w, config, ftype: str, checkpoint_dir: Path) -> None:
             w.add_rope_scaling_attn_factors(rope["short_mscale"])
         elif rope["rope_type"] != "default":
             raise ValueError(f"phimoe rope_type {rope['rope_type']!r} is not converted (default, longrope are)")
-    else:
-        if rope["rope_type"] != "default":
-            raise ValueError(f"ERNIE rope_type {rope['rope_type']!r} is not converted (only default)")
+    elif rope["rope_type"] == "linear":  # as llama.cpp's converter writes a linear rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] != "default":
+        raise ValueError(f"ERNIE rope_type {rope['rope_type']!r} is not converted (default, linear are)")
     if kind == "ernie4_5_moe":
         w.add_expert_count(config.moe_num_experts)
         w.add_expert_used_count(config.moe_k)
