@@ -188,7 +188,7 @@ class Engine:
                  enable_prefix_caching: bool | None = None, adapters=None, expert_metrics: bool = False):
         config = model.config
         context = config.max_position_embeddings
-        max_model_len = max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        max_model_len = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting),
                             ("block_size", block_size), ("num_blocks", num_blocks),

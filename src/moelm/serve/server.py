@@ -25,7 +25,9 @@ def add_arguments(p):
     """vLLM's flag names."""
     p.add_argument("model_path", nargs="?", metavar="MODEL",
                    help="checkpoint directory or hub id in the local HF cache")
-    p.add_argument("--model", default=None, help="the same as MODEL")
+    p.add_argument("--model", default=None, help="the same as MODEL (or a llama.cpp .gguf file)")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file in MODEL to load (as from_pretrained's gguf_file=): "
+                   "config, weights, tokenizer and chat template from it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
@@ -55,8 +57,8 @@ def add_arguments(p):
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s fields: {"method": "ngram" | "mtp" | "draft_model", '
                         '"num_speculative_tokens": K, "prompt_lookup_min"/"prompt_lookup_max": N (ngram), "model": '
-                        'DIR and "quantization" (draft_model), "disable_by_batch_size": N; moelm\'s "adaptive": '
-                        'false drafts at every step}')
+                        'DIR or a .gguf file and "quantization" (draft_model), "disable_by_batch_size": N; '
+                        'moelm\'s "adaptive": false drafts at every step}')
     p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info (the tokenizer's configuration and chat template, as vLLM does; "
                         "lm-eval's tokenizer_backend=remote reads it)")
@@ -127,6 +129,18 @@ def check_address(host: str, port: int):
             raise OSError(f"could not listen on {host}:{port}: {e.strerror}") from None
 
 
+def load_draft(speculative, model):
+    """The draft model of --speculative-config, loaded as the model is (dtype, device): a directory or a .gguf file."""
+    from ..models.auto import AutoModelForCausalLM
+
+    path = Path(speculative.model)
+    if not path.exists():
+        raise FileNotFoundError(f"--speculative-config: model {speculative.model}: no such checkpoint")
+    gguf = {"gguf_file": str(path)} if path.is_file() and path.suffix == ".gguf" else {}
+    return AutoModelForCausalLM.from_pretrained(None if gguf else speculative.model, dtype=model.dtype,
+                                                device=model.device, quantization=speculative.quantization, **gguf)
+
+
 def run(args, load):
     """The command; `load(args)` returns (model, tokenizer) as the other commands load them."""
     check_extra()
@@ -176,12 +190,7 @@ def run(args, load):
         raise ValueError(f"--expert-metrics: {model_path} is a dense model (no MoE layers): it has no experts to count")
     draft = None
     if speculative is not None and speculative.method == "draft_model":
-        from ..models.auto import AutoModelForCausalLM
-
-        if not Path(speculative.model).exists():
-            raise FileNotFoundError(f"--speculative-config: model {speculative.model}: no such checkpoint")
-        draft = AutoModelForCausalLM.from_pretrained(speculative.model, dtype=model.dtype, device=model.device,
-                                                     quantization=speculative.quantization)
+        draft = load_draft(speculative, model)
     engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                     seed=args.seed, speculative=speculative, draft_model=draft, block_size=args.block_size,
