@@ -38,6 +38,18 @@ def tiny_checkpoint(model_type: str, directory: str | Path, seed: int = 0, **ove
     return Path(directory)
 
 
+def write_tensors(w, reader, tensors: dict | None = None) -> None:
+    """The tensors of a GGUFReader (or replacements by name: numpy arrays) and the header into GGUFWriter `w`, which
+    has its metadata: a copy of the file with other keys."""
+    for t in reader.tensors:
+        x = (tensors or {}).get(t.name)
+        w.add_tensor(t.name, np.asarray(t.data) if x is None else x, raw_dtype=t.tensor_type if x is None else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def roundtrip_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, ftype: str) -> Path:
     """A copy of the hub checkpoint whose weights are what the GGUF of `ftype` stores, dequantized to float32.
 

@@ -26,7 +26,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from tokenizers import normalizers
 
 import moelm
-from llamacpp_harness import roundtrip_checkpoint, tiny_checkpoint
+from llamacpp_harness import roundtrip_checkpoint, tiny_checkpoint, write_tensors
 from moelm import AutoModelForCausalLM, AutoTokenizer, QuantizationConfig
 from moelm.bench import llamacpp
 from moelm.bench.gguf import write_gguf
@@ -590,13 +590,7 @@ def rekey(src: Path, dst: Path, drop=(), tensors: dict | None = None, **keys) ->
         else:
             w.add_key_value(key, value, {str: GGUFValueType.STRING, int: GGUFValueType.UINT32}.get(
                 type(value), GGUFValueType.FLOAT32))
-    for t in reader.tensors:
-        x = (tensors or {}).get(t.name)
-        w.add_tensor(t.name, np.asarray(t.data) if x is None else x, raw_dtype=t.tensor_type if x is None else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors(w, reader, tensors)
     return dst
 
 

@@ -17,7 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 from gguf import GGUFReader, GGUFValueType, GGUFWriter  # noqa: E402
 
-from llamacpp_harness import tiny_checkpoint  # noqa: E402
+from llamacpp_harness import tiny_checkpoint, write_tensors  # noqa: E402
 from moelm import AutoConfig, AutoTokenizer  # noqa: E402
 from moelm.bench import llamacpp  # noqa: E402
 from moelm.bench.gguf import write_gguf  # noqa: E402
@@ -77,12 +77,7 @@ def converter_vocab(src, directory, dst, drop=(), **keys):
     gguf.SpecialVocab(directory, n_vocab=n).add_to_gguf(w, quiet=True)
     for key, value in keys.items():
         getattr(w, f"add_{key}")(value)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors(w, reader)
     return dst
 
 
