@@ -117,7 +117,7 @@ def test_info_on_a_real_size_config_needs_no_weights(tmp_path, capsys, monkeypat
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
     (["generate", "--model", "someorg/not-cached-model", "--prompt", "x"], "someorg/not-cached-model"),
     (["info", "--model", "/no/such/dir"], "does not exist"),
-    (["new", "no-such-config", "/tmp/x"], "unknown config name"),
+    (["new", "no-such-config", "/no/such/dir/x"], "unknown config name"),
 ])
 def test_errors_are_one_line_without_traceback(args, needle, tmp_path):
     env = dict(ENV, HF_HUB_CACHE=str(tmp_path))

@@ -16,6 +16,14 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules are imported, or while it runs
+        print(file=sys.stderr)
+        return 130
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "command", None) != "finetune":
@@ -25,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        check_cache()
         return args.run(args) or 0
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
     except (CliError, OSError, ValueError, RuntimeError, ImportError) as e:
@@ -36,6 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
             print(f"moelm: error: {message}", file=sys.stderr)
         return 1
+
+
+def check_cache():
+    """MOELM_CACHE, where set, must be a directory this process can write (compiled kernels are kept there)."""
+    cache = os.environ.get("MOELM_CACHE")
+    if not cache:
+        return
+    path = Path(cache).absolute()
+    while not path.exists() and path != path.parent:  # the directory it would be made in
+        path = path.parent
+    if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+        raise CliError(f"MOELM_CACHE={cache} is not a writable directory")
+
+
+def check_seed(seed):
+    if seed is not None and not 0 <= seed < 2**64:  # torch.manual_seed's range; -1 is no "random seed" here
+        raise CliError(f"--seed must be in 0..2**64-1, got {seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id in the local HF cache")
     p.add_argument("out_dir", metavar="OUT")
     p.add_argument("--quantization", required=True, choices=("int8", "int4"))
-    p.add_argument("--group-size", type=int, default=64, help="int4: inputs per scale (a multiple of 32; 32 where "
-                                                              "it does not divide a layer's inputs)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (a multiple of 32, default "
+                                                                "64; 32 where it does not divide a layer's inputs)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     p.set_defaults(run=cmd_quantize)
@@ -170,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed of moelm vs transformers on a random model (prefill, decode, RSS)")
     add_arguments(p)
     p.set_defaults(run=cmd_bench)
+    for p in sub.choices.values():  # `chat --prompt 3` must not be taken for --prompt-lookup-num-tokens 3
+        p.allow_abbrev = False
     return parser
 
 
@@ -195,6 +220,8 @@ def load(args):
     if args.threads is not None:
         if args.threads < 1:
             raise CliError(f"--threads must be at least 1, got {args.threads}")
+        if args.threads > (os.cpu_count() or 1):
+            raise CliError(f"--threads {args.threads} is more than the {os.cpu_count()} CPU cores")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -217,6 +244,9 @@ def generation_kwargs(args) -> dict:
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     kwargs = {"max_new_tokens": args.max_new_tokens}
+    check_seed(args.seed)
+    if args.system == "":
+        raise CliError("--system is empty")
     if args.temperature is not None and args.temperature < 0:
         raise CliError(f"--temperature must be >= 0, got {args.temperature}")
     if args.temperature == 0:
@@ -408,6 +438,9 @@ def cmd_chat(args):
 def cmd_info(args):
     from .models.info import info
 
+    for flag in ("tp", "ep", "tokens"):
+        if getattr(args, flag) < 1:
+            raise CliError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for key, value in info(args.model, args.dtype, args.tp, args.ep, args.quantization, args.tokens, args.load):
         print(f"{key:>11}: {value}")
 
@@ -415,8 +448,11 @@ def cmd_info(args):
 def cmd_new(args):
     from pathlib import Path
 
+    from .config import named_config
     from .models.scaffold import new_checkpoint
 
+    named_config(args.config_name)  # an unknown name is the first thing to say
+    check_seed(args.seed)
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
@@ -434,7 +470,9 @@ def cmd_quantize(args):
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
-    config = QuantizationConfig(args.quantization, args.group_size)
+    if args.group_size is not None and args.quantization != "int4":
+        raise CliError("--group-size is for --quantization int4 (int8 has one scale per output row)")
+    config = QuantizationConfig(args.quantization, args.group_size or 64)
     files = quantize_checkpoint(AutoModelForCausalLM.class_for, args.model, out, config, args.max_shard_size)
     size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
     print(f"wrote {args.quantization} weights of {args.model} to {out} ({size / 2**30:.2f} GiB)")
@@ -443,6 +481,7 @@ def cmd_quantize(args):
 def cmd_serve(args):
     from .serve.server import run
 
+    check_seed(args.seed)
     return run(args, load)
 
 

@@ -27,7 +27,7 @@ def _full_size(args) -> int:
     if args.dtype not in ("int4", "int8") or not args.workdir:
         raise ValueError("--full-size needs --dtype int4 or int8 and --workdir (tens of GB are written there)")
     argv = ["run", "--model", args.model, "--dtype", args.dtype, "--workdir", args.workdir, "--rounds",
-            str(args.rounds), "--group-size", str(args.group_size),
+            str(args.rounds or 2), "--group-size", str(args.group_size or 32),
             "--threads", str(args.threads or os.cpu_count() or 1), "--prompt-lens",
             *map(str, args.prompt_lens), "--batches", *map(str, args.batches), "--decode-tokens",
             str(args.decode_tokens), "--decode-context", str(args.decode_context), "--reload"]
@@ -59,17 +59,33 @@ def add_arguments(p: argparse.ArgumentParser):
                    help=f"{' / '.join(FULL_SIZE)} at full size: a random int4/int8 checkpoint and its GGUF written "
                         "once to --workdir, moelm and llama.cpp timed in alternating fresh processes (bench.fullsize)")
     p.add_argument("--workdir", default=None, help="--full-size: where the checkpoint and GGUF are written and kept")
-    p.add_argument("--rounds", type=int, default=2, help="--full-size: rounds of (moelm, llama.cpp) processes")
-    p.add_argument("--group-size", type=int, default=32,
-                   help="--full-size: int4 group size (32: the GGUF's q4_0 blocks hold moelm's own codes)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="--full-size: rounds of (moelm, llama.cpp) processes (default 2)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="--full-size: int4 group size (default 32: the GGUF's q4_0 blocks hold moelm's own codes)")
     p.add_argument("--layers", type=int, default=None,
                    help="--full-size: only the model's first N decoder layers, at full width (where the whole model "
                         "does not fit in memory, as Phi-3.5-MoE on 24 GB)")
 
 
+def check_numbers(args):
+    """Counts below 1 are a ValueError naming the option."""
+    for name in ("prompt_lens", "batches", "decode_tokens", "decode_context", "repeats", "threads", "rounds",
+                 "group_size", "layers"):
+        for value in getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]:
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def main_from_args(args) -> int:
+    check_numbers(args)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"unknown --device {args.device!r}; expected cpu, cuda or cuda:N")
     if args.layers is not None and not args.full_size:
         raise ValueError("--layers is for --full-size runs (the slices have their own --model names)")
+    for name in ("workdir", "rounds", "group_size"):
+        if getattr(args, name) is not None and not args.full_size:
+            raise ValueError(f"--{name.replace('_', '-')} is for --full-size runs")
     if args.full_size or args.model in FULL_SIZE:
         return _full_size(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -79,8 +79,8 @@ def prune(args):
     from .report import load_data, read
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} exists and is not empty (--force replaces it)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"{out} exists and is {'not empty' if out.is_dir() else 'a file'} (--force replaces it)")
     report = read(args.report)
     keep = pr.chosen(report, args.keep, args.by)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, fast=False)
