@@ -112,3 +112,14 @@ def test_swiglu_of_large_negative_gates():
         want = kernels.intgemm(torch.nn.functional.silu(gate) * up, dq[0], ds[0], 0, variant)
         assert torch.isfinite(out).all(), f"NaN from intgemm_experts ({variant})"
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_moelm_kernels_that_contradicts_itself_is_an_error(monkeypatch):
+    """MOELM_KERNELS naming two paths for one op: an error naming both (the last one was taken silently)."""
+    from moelm.inference import cpu
+
+    monkeypatch.setenv("MOELM_KERNELS", "linear=torch, linear=gemv")
+    with pytest.raises(ValueError, match="'torch' and 'gemv' for linear"):
+        cpu.forced()
+    monkeypatch.setenv("MOELM_KERNELS", "linear=torch,linear=torch,torch")
+    assert cpu.forced() == {"linear": "torch", "*": "torch"}

@@ -209,6 +209,9 @@ def forced() -> dict[str, str]:
         if path not in known:
             raise ValueError(f"MOELM_KERNELS asks for {path!r} for {op if op != '*' else 'every op'}; "
                              f"the paths are {', '.join(sorted(known))}")
+        if op in out and out[op] != path:
+            raise ValueError(f"MOELM_KERNELS asks for {out[op]!r} and {path!r} for "
+                             f"{op if op != '*' else 'every op'}: one path per op")
         out[op] = path
     return out
 
