@@ -60,9 +60,7 @@ def from_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, group_size
     raw = raw[:, :in_features * bits // 8]
     if bits == 8:
         return (raw.to(torch.int16) - 128).to(torch.int8), scale.float().reshape(o)
-    nibbles = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(o, -1, group_size)  # [O, groups, G]
-    half = group_size // 2
-    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale
+    return _moelm_int4(torch.stack([raw & 15, raw >> 4], dim=-1).reshape(o, -1), group_size), scale
 
 
 def from_int8(weight: torch.Tensor, scale: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +69,15 @@ def from_int8(weight: torch.Tensor, scale: torch.Tensor, group_size: int = 0) ->
     o = weight.shape[0]
     if not group_size:
         return weight, scale.float().reshape(o)
-    nibbles = (weight + 8).to(torch.uint8).reshape(o, -1, group_size)
+    return _moelm_int4((weight + 8).to(torch.uint8), group_size), scale.reshape(o, -1)
+
+
+def _moelm_int4(nibbles: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Nibbles (code + 8) uint8 [O, I] in input order -> moelm's int4 bytes [O, I/2]: within each group, input j
+    in the low nibble and j + G/2 in the high one."""
+    groups = nibbles.reshape(nibbles.shape[0], -1, group_size)
     half = group_size // 2
-    return (nibbles[..., :half] | (nibbles[..., half:] << 4)).reshape(o, -1), scale.reshape(o, -1)
+    return (groups[..., :half] | (groups[..., half:] << 4)).reshape(nibbles.shape[0], -1)
 
 
 # ---------------------------------------------------------------- config.json
