@@ -66,3 +66,16 @@ def test_ctrl_c_while_the_commands_are_imported(capsys, monkeypatch):
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main()")
     assert code == 130 and err == "\n"
+
+
+def test_the_command_starts_before_torch_loads():
+    """`import moelm.cli` (what the console script and `python -m moelm.cli` run before main()) loads no torch, so
+    a Ctrl-C in the seconds torch takes to load lands in main(): exit 130, no traceback. The exports still work."""
+    import subprocess
+    import sys
+    code = ("import sys, moelm.cli; assert 'torch' not in sys.modules, 'torch'; "
+            "from moelm import AutoModelForCausalLM, pipeline; import moelm; moelm.inference.cache; "
+            "assert sorted(moelm.__all__) == sorted(n for n in dir(moelm) if n[0].isupper() or n in "
+            "('named_config', 'pipeline', 'get_capabilities')), dir(moelm)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
