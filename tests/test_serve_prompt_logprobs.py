@@ -334,3 +334,35 @@ def test_tokenizer_info(served, tmp_path):
     add_arguments(parser)
     assert parser.parse_args(["m", "--enable-tokenizer-info-endpoint"]).enable_tokenizer_info_endpoint
     assert not parser.parse_args(["m"]).enable_tokenizer_info_endpoint
+
+
+def test_lm_eval_through_the_server_equals_lm_eval_on_transformers(served, monkeypatch):
+    """The real client: lm-evaluation-harness's `local-completions` (tokenizing through the server's /tokenize,
+    /detokenize and /tokenizer_info: tokenizer_backend=remote) on docs/lm_eval's multiple-choice task gives, document
+    for document, the loglikelihoods (within 1e-4), greedy flags and accuracies of lm-eval's `hf` model running the
+    transformers twin of the served checkpoint."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    root = serve_fixtures.__file__.rpartition("/tests/")[0]
+    monkeypatch.chdir(root)  # the task's data_files are relative to the repository root
+    s = served("ernie4_5_moe-tiny")
+    tasks = TaskManager(include_path=f"{root}/docs/lm_eval", include_defaults=False)
+    client = get_model("local-completions").create_from_arg_string(
+        f"model=tiny,base_url={s.url}/v1/completions,tokenizer_backend=remote,num_concurrent=1,max_retries=1,"
+        f"batch_size=8")
+    reference = HFLM(pretrained=s.ref, tokenizer=transformers.AutoTokenizer.from_pretrained(s.path), batch_size=8)
+    runs = [evaluate(lm, get_task_dict(["moelm_tiny_mc"], tasks), limit=8, log_samples=True)
+            for lm in (client, reference)]
+    got, want = ([resp[0] for r in run["samples"]["moelm_tiny_mc"] for resp in r["resps"]] for run in runs)
+    assert len(got) == len(want) == 32
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in want]
+    torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in want]), atol=1e-4,
+                               rtol=0)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert runs[0]["results"]["moelm_tiny_mc"][metric] == runs[1]["results"]["moelm_tiny_mc"][metric]
