@@ -68,7 +68,10 @@ def prefill(model, state: DecodeState) -> torch.Tensor:
     """The prompt's forward pass; returns the next-token logits [N, V] in fp32."""
     if state.inputs_embeds is not None:
         return _forward(model, state, inputs_embeds=state.inputs_embeds)
-    return _forward(model, state, input_ids=state.input_ids)
+    past = 0 if state.cache is None else state.cache.get_seq_length()  # a continued cache's positions are not fed
+    if past and model.needs_cache_reset(past, state.input_ids.shape[1]):
+        state.cache, past = None, 0
+    return _forward(model, state, input_ids=state.input_ids[:, past:])
 
 
 def decode_step(model, state: DecodeState) -> torch.Tensor:
@@ -217,10 +220,16 @@ def _byte_decoder() -> dict[str, int]:
 # ------------------------------------------------------------------ preparing a run
 
 def prepare(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-            inputs_embeds=None, tokenizer=None, **kwargs) -> tuple[GenerationConfig, DecodeState]:
+            inputs_embeds=None, tokenizer=None, past_key_values=None, logits_to_keep: int | None = None,
+            **kwargs) -> tuple[GenerationConfig, DecodeState]:
     """The run's config (model defaults < generation_config < kwargs) and its starting state: special tokens, the
-    default attention mask and positions, rows repeated for beams / return sequences, and the length limits."""
+    default attention mask and positions, rows repeated for beams / return sequences, the length limits, and the
+    cache (past_key_values continued, see continued_cache). logits_to_keep (transformers passes it to the model) may
+    be any integer: generation reads the last position's logits only."""
     cfg = merge_config(model, generation_config, kwargs)
+    if logits_to_keep is not None and not (isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool)
+                                           and logits_to_keep >= 0):  # an int changes nothing: the last is read
+        raise ValueError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
     getattr(getattr(model, "parallel", None), "align_rng", lambda: None)()  # TP ranks must sample alike
     device = model.device
     eos = None if cfg.eos_token_id is None else torch.tensor(cfg.eos_token_id, device=device).reshape(-1)
@@ -278,13 +287,59 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         stop_strings=[cfg.stop_strings] if isinstance(cfg.stop_strings, str) else cfg.stop_strings, tokenizer=tokenizer,
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
         scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
-    if state.use_cache and cfg.cache_implementation != "dynamic":
+    if past_key_values is not None:
+        if inputs_embeds is not None:
+            raise ValueError("generate() does not take past_key_values with inputs_embeds; pass input_ids")
+        state.cache = continued_cache(model, cfg, past_key_values, input_ids, n, max_length)
+    elif state.use_cache and cfg.cache_implementation != "dynamic":
         from ..inference.cache import StaticCache
 
         dtype = model.get_input_embeddings().weight.dtype
         tp = getattr(getattr(model, "parallel", None), "tp_size", 1)  # a sharded model holds its local kv heads
         state.cache = StaticCache(model.config, input_ids.shape[0], max_length + embeds_length, dtype, device, tp)
     return cfg, state
+
+
+def continued_cache(model, cfg: GenerationConfig, cache, input_ids: torch.Tensor, n: int, max_length: int):
+    """generate(past_key_values=cache): moelm's cache of an earlier run (its out.past_key_values) or forward, as
+    transformers continues it: input_ids [B * n, L] are the whole sequence so far (its first rows cached, not fed
+    again), each prompt's cached row is repeated n times for beams / return sequences, and a static cache grows to
+    max_length."""
+    from ..inference.cache import StaticCache
+    from ..nn.layers import DynamicCache
+
+    if isinstance(cache, (tuple, list)):
+        raise ValueError("past_key_values as a tuple (the legacy cache format) is not supported, as in transformers "
+                         "5: pass the cache object (out.past_key_values)")
+    if not isinstance(cache, (DynamicCache, StaticCache)):
+        kind = type(cache)
+        raise TypeError(f"past_key_values must be a moelm DynamicCache or StaticCache (the past_key_values of moelm's "
+                        f"generate or forward), got {kind.__module__}.{kind.__qualname__}")
+    if cfg.cache_implementation is not None:
+        raise ValueError(f"generate() takes past_key_values or cache_implementation (got "
+                         f"{cfg.cache_implementation!r}), not both")
+    if not cfg.use_cache:
+        raise ValueError("generate() got past_key_values with use_cache=False: drop one of them")
+    past, length = cache.get_seq_length(), input_ids.shape[1]
+    if past >= length:
+        raise ValueError(f"past_key_values holds {past} positions but input_ids has {length}: pass the whole "
+                         "sequence so far (out.sequences) and at least one new token")
+    config, batch = model.config, input_ids.shape[0] // n
+    tp = getattr(getattr(model, "parallel", None), "tp_size", 1)
+    want = (config.num_hidden_layers, batch, config.num_key_value_heads // tp, config.head_size)
+    if cache.keys:
+        got = (len(cache.keys), *cache.keys[0].shape[:2], cache.keys[0].shape[-1])
+        if got != want:
+            raise ValueError("past_key_values does not fit this model and input: it holds {} layers, batch {}, {} "
+                             "key/value heads of size {}; they need {} layers, batch {}, {} heads of size {}"
+                             .format(*got, *want))
+    rows = torch.arange(batch, device=input_ids.device).repeat_interleave(n) if n > 1 else None
+    if isinstance(cache, StaticCache):
+        if rows is not None or cache.max_length < max_length:
+            cache.resize(max(cache.max_length, max_length), rows)
+    elif rows is not None:
+        cache.reorder_cache(rows)
+    return cache
 
 
 def merge_config(model, generation_config, kwargs: dict) -> GenerationConfig:
@@ -613,6 +668,8 @@ class GenerationMixin:
 
         Finished rows are filled with pad_token_id (default: the first EOS). `streamer.put` gets the prompt, then
         each new token [1, 1]; `streamer.end()` closes (batch 1, no beams). stop_strings need `tokenizer`.
+        past_key_values= (an earlier run's out.past_key_values, with the whole sequence so far as the prompt)
+        continues that cache as transformers does (see continued_cache).
         Speculative decoding (moelm.generation.speculative; the same tokens as without it when greedy, the same
         distribution when sampling): assistant_model= (a draft model sharing the tokenizer; num_assistant_tokens),
         prompt_lookup_num_tokens= (n-grams of the sequence), or speculative="mtp" (ERNIE's MTP head)."""
@@ -624,6 +681,8 @@ class GenerationMixin:
             input_ids = kwargs.pop("inputs")
         cfg, state = prepare(self, input_ids, attention_mask, generation_config, inputs_embeds, tokenizer, **kwargs)
         drafter = drafter_for(self, cfg, assistant_model, speculative)
+        if drafter is not None and kwargs.get("past_key_values") is not None:
+            raise ValueError("speculative decoding does not continue a cache: drop past_key_values")
         if streamer is not None:
             if cfg.num_beams > 1:
                 raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")

@@ -41,6 +41,18 @@ class StaticCache:
         for t in self.keys + self.values:
             t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
+    def resize(self, max_length: int, rows: torch.Tensor | None = None):
+        """Room for max_length positions, holding the cached rows `rows` [N] in that order (all when None), as a
+        continued generation needs: longer, or with each prompt's row repeated for beams."""
+        if max_length < max(self.lengths):
+            raise ValueError(f"the static KV cache holds {max(self.lengths)} positions, more than {max_length}")
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                t = t if rows is None else t.index_select(0, rows.to(t.device))
+                store[i] = t.new_zeros(*t.shape[:2], max_length, t.shape[-1])
+                store[i][:, :, :self.lengths[i]] = t[:, :, :self.lengths[i]]
+        self.max_length = max_length
+
     def crop(self, length: int):
         """Keep the first `length` positions (a negative length drops that many from the end, as DynamicCache)."""
         self.lengths = [min(n, length) if length >= 0 else max(n + length, 0) for n in self.lengths]
