@@ -117,3 +117,14 @@ def test_moe_overrides_use_nemo_names_on_a_copy():
         AutoModelForCausalLM.from_config(config, moe_overrides={"route_scale": 2.0})
     with pytest.raises(ValueError, match="ernie4_5, which has no experts"):
         AutoModelForCausalLM.from_config(named_config("ernie4_5-tiny"), moe_overrides={"n_routed_experts": 4})
+
+
+def test_nemo_0_7_names_capabilities_and_the_gmm_alias():
+    """nemo_automodel 0.7.0 (its wheel): ModelCapabilities also has supports_thd, supports_mtp_cp, supports_mtp_cp_pp
+    and supports_cp_vision_frame_sharding (moelm runs none of them), and BackendConfig(experts="gmm") is its
+    deprecated name for torch_mm (a FutureWarning), not an error."""
+    caps = get_capabilities(named_config("ernie4_5_moe-tiny"))
+    assert not (caps.supports_thd or caps.supports_mtp_cp or caps.supports_mtp_cp_pp
+                or caps.supports_cp_vision_frame_sharding)
+    with pytest.warns(FutureWarning, match="experts='gmm' is deprecated; use experts='torch_mm'"):
+        assert BackendConfig(experts="gmm").experts == "torch_mm"

@@ -99,3 +99,51 @@ def test_a_key_given_twice_is_an_error(text, message, tmp_path):
     path.write_text("model: {name_or_path: x}\ndataset: {kind: text, path: x.txt}\n" + text)
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(path)
+
+
+# NeMo AutoModel's own ERNIE recipe (NVIDIA-NeMo/Automodel examples/llm_finetune/ernie4_5/
+# ernie4_5_21b_a3b_hellaswag.yaml, its ci section left out), the data paths made local ones.
+NEMO_RECIPE = """
+recipe: TrainFinetuneRecipeForNextTokenPrediction
+step_scheduler: {global_batch_size: 8, local_batch_size: 1, ckpt_every_steps: 25, val_every_steps: 100,
+                 max_steps: 100, num_epochs: 1}
+dist_env: {backend: nccl, timeout_minutes: 60}
+rng: {_target_: nemo_automodel.components.training.rng.StatefulRNG, seed: 1111, ranked: true}
+model:
+  _target_: nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained
+  pretrained_model_name_or_path: demo/pydoc-moe
+  torch_dtype: bfloat16
+  backend: {_target_: nemo_automodel.components.models.common.BackendConfig, attn: te, experts: torch_mm}
+checkpoint: {enabled: true, checkpoint_dir: checkpoints/x/, model_save_format: safetensors, save_consolidated: false}
+distributed: {strategy: fsdp2, tp_size: 1, cp_size: 1, pp_size: 1, ep_size: 8, sequence_parallel: false,
+              activation_checkpointing: true}
+loss_fn: {_target_: nemo_automodel.components.loss.masked_ce.MaskedCrossEntropy}
+dataset: {_target_: nemo_automodel.components.datasets.llm.hellaswag.HellaSwag,
+          path_or_dataset: recipes/data/hellaswag_train.jsonl, split: train}
+packed_sequence: {packed_sequence_size: 0}
+dataloader: {_target_: torchdata.stateful_dataloader.StatefulDataLoader, shuffle: true}
+validation_dataset: {_target_: nemo_automodel.components.datasets.llm.hellaswag.HellaSwag,
+                     path_or_dataset: recipes/data/hellaswag_val.jsonl, split: validation, num_samples_limit: 64}
+optimizer: {_target_: torch.optim.Adam, betas: [0.9, 0.95], eps: 1e-7, lr: 1.0e-5, weight_decay: 0.0}
+moe_metrics: {enabled: true, mode: detailed, detailed_every_steps: 10, top_k_experts: 3}
+"""
+
+
+def test_a_nemo_recipe_is_one_error_naming_every_key_moelm_does_not_take(tmp_path):
+    path = tmp_path / "nemo.yaml"
+    path.write_text(NEMO_RECIPE)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert "\n" not in message
+    unsupported = ["recipe", "step_scheduler", "dist_env", "rng", "loss_fn", "packed_sequence", "dataloader",
+                   "model._target_", "model.pretrained_model_name_or_path", "model.torch_dtype", "model.backend",
+                   "checkpoint.enabled", "checkpoint.checkpoint_dir", "checkpoint.model_save_format",
+                   "distributed.strategy", "distributed.cp_size", "distributed.ep_size",
+                   "distributed.sequence_parallel", "dataset._target_", "dataset.path_or_dataset", "dataset.split",
+                   "validation_dataset.split", "optimizer._target_"]
+    assert all(f"'{key}'" in message for key in unsupported), message
+    for key in ("'optimizer.lr'", "'optimizer.betas'", "'moe_metrics", "'validation_dataset.num_samples_limit'",
+                "'distributed.activation_checkpointing'", "'model.backend.", "'step_scheduler."):
+        assert key not in message  # moelm's own keys, and the keys under a section it does not take at all
+    assert "step_scheduler is step" in message and "checkpoint.checkpoint_dir is checkpoint.dir" in message

@@ -18,7 +18,7 @@ CHOICES = {
     "experts": ("torch", "torch_mm", "grouped_mm", "bmm"),  # torch: grouped_mm where it runs, else bmm
     "dispatcher": ("torch", "all_to_all", "all_reduce"),
 }
-ELSEWHERE = {"te": "Transformer Engine", "gmm": "grouped_gemm", "deepep": "DeepEP", "uccl_ep": "UCCL-EP",
+ELSEWHERE = {"te": "Transformer Engine", "deepep": "DeepEP", "uccl_ep": "UCCL-EP",
              "hybridep": "HybridEP", "tilelang": "TileLang", "torch_mm_mxfp8": "torchao MXFP8"}
 
 
@@ -39,6 +39,9 @@ class BackendConfig:
     enable_hf_state_dict_adapter: bool = True
 
     def __post_init__(self):
+        if self.experts == "gmm":  # as nemo_automodel 0.7.0
+            warnings.warn("experts='gmm' is deprecated; use experts='torch_mm' instead.", FutureWarning, stacklevel=3)
+            self.experts = "torch_mm"
         for name, allowed in (*CHOICES.items(), ("linear", ("torch",))):
             value = getattr(self, name)
             if value in ELSEWHERE:
@@ -56,10 +59,17 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class ModelCapabilities:
+    """NeMo's fields: those of nemo_automodel 0.7.0 (supports_thd ... supports_cp_vision_frame_sharding) and of its
+    main branch (cp_style, cp_layout)."""
+
     supports_tp: bool = False
     supports_cp: bool = False
     supports_pp: bool = False
     supports_ep: bool = False
+    supports_thd: bool = False
+    supports_mtp_cp: bool = False
+    supports_mtp_cp_pp: bool = False
+    supports_cp_vision_frame_sharding: bool = False
     cp_style: str = "none"
     cp_layout: str = "none"
 

@@ -184,21 +184,58 @@ def apply_override(data: dict, item: str, source) -> None:
 
 
 def build_recipe(data: dict, source: str = "recipe") -> Recipe:
+    _refuse_unknown(data, source)
     recipe = _build(Recipe, data, source, "")
     recipe.source = source
     check(recipe)
     return recipe
 
 
+# NeMo AutoModel's recipe keys that moelm takes under another name
+NEMO_NAMES = {"step_scheduler": "step", "rng": "seed", "model.pretrained_model_name_or_path": "model.name_or_path",
+              "model.torch_dtype": "model.dtype", "checkpoint.checkpoint_dir": "checkpoint.dir",
+              "distributed.ep_size": "distributed.ep", "distributed.tp_size": "distributed.tp",
+              "dataset.path_or_dataset": "dataset.path",
+              "validation_dataset.path_or_dataset": "validation_dataset.path"}
+
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "source"}
+
+
+def _unknown_keys(cls, data, prefix: str = "") -> dict[str, tuple[type, list[str]]]:
+    """{section prefix: (its dataclass, the keys given there that it does not take)}, through every section."""
+    if not isinstance(data, dict):
+        return {}
+    fields, found = _fields(cls), {}
+    for key, value in data.items():
+        if key not in fields:
+            found.setdefault(prefix, (cls, []))[1].append(prefix + str(key))
+            continue
+        for kind in typing.get_args(fields[key]) or (fields[key],):
+            if dataclasses.is_dataclass(kind):
+                found.update(_unknown_keys(kind, value, f"{prefix}{key}."))
+    return found
+
+
+def _refuse_unknown(data, source: str) -> None:
+    """One error naming every key the recipe has that moelm does not take (a NeMo AutoModel recipe has many)."""
+    found = _unknown_keys(Recipe, data)
+    if not found:
+        return
+    keys = [k for _, ks in found.values() for k in ks]
+    takes = [f"{prefix.rstrip('.') or 'a recipe'} takes {', '.join(sorted(_fields(cls)))}"
+             for prefix, (cls, _) in found.items()]
+    renamed = [f"{k} is {NEMO_NAMES[k]}" for k in keys if k in NEMO_NAMES]
+    raise RecipeError(f"{source}: unknown key{'s' * (len(keys) > 1)} {', '.join(map(repr, keys))}; "
+                      + "; ".join(takes) + (f" (NeMo AutoModel's {', '.join(renamed)} here)" if renamed else ""))
+
+
 def _build(cls, data, source: str, prefix: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise RecipeError(f"{source}: unknown key {prefix + unknown[0]!r}; {prefix.rstrip('.') or 'a recipe'} takes "
-                          f"{', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)  # unknown keys: refused before (_refuse_unknown)
     values = {}
     for name, value in data.items():
         values[name] = _value(hints[name], value, source, prefix + name)
