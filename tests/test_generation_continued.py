@@ -105,3 +105,43 @@ def test_continued_cache_errors():
     fresh = ours.generate(input_ids=ids, max_new_tokens=3, eos_token_id=None)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=3, eos_token_id=None,
                                      past_key_values=DynamicCache()), fresh)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_cache_row_methods_as_transformers(kind):
+    """batch_repeat_interleave, batch_select_indices and reset do to moelm's caches what they do to transformers'
+    DynamicCache: the same rows and lengths, and a reset cache fills again from position 0."""
+    from transformers import DynamicCache as Reference
+
+    from moelm import named_config
+    from moelm.inference.cache import StaticCache
+
+    config = named_config("ernie4_5-tiny")
+    g = torch.Generator().manual_seed(0)
+    shape = (2, config.num_key_value_heads, 3, config.head_size)
+    kv = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(config.num_hidden_layers)]
+    ours = DynamicCache() if kind == "dynamic" else StaticCache(config, 2, 8, torch.float32)
+    ref = Reference()
+    for i, (k, v) in enumerate(kv):
+        ours.update(k, v, i)
+        ref.update(k, v, i)
+
+    def same():
+        assert ours.get_seq_length() == ref.get_seq_length()
+        n = ref.get_seq_length()
+        for i, layer in enumerate(ref.layers):
+            assert torch.equal(ours.keys[i][:, :, :n], layer.keys)
+            assert torch.equal(ours.values[i][:, :, :n], layer.values)
+
+    for call, arg in (("batch_repeat_interleave", 3), ("batch_select_indices", torch.tensor([5, 0, 2]))):
+        getattr(ours, call)(arg)
+        getattr(ref, call)(arg)
+        same()
+    ours.reset()
+    ref.reset()
+    assert ours.get_seq_length() == ref.get_seq_length() == 0
+    k, v = (t[:1].repeat(3, 1, 1, 1) for t in kv[0])
+    ours.update(k, v, 0)
+    ref.update(k, v, 0)
+    assert ours.get_seq_length() == ref.get_seq_length() == 3
+    assert torch.equal(ours.keys[0][:, :, :3], ref.layers[0].keys)

@@ -57,3 +57,17 @@ class StaticCache:
         """Keep the first `length` positions (a negative length drops that many from the end, as DynamicCache)."""
         self.lengths = [min(n, length) if length >= 0 else max(n + length, 0) for n in self.lengths]
 
+    def batch_repeat_interleave(self, repeats: int):
+        """Each row repeated `repeats` times (transformers' name: for beams or several samples)."""
+        self.resize(self.max_length, torch.arange(self.keys[0].shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Keep the rows `indices` [N], in that order."""
+        self.resize(self.max_length, torch.as_tensor(indices))
+
+    def reset(self):
+        """Empty, as when allocated."""
+        for t in self.keys + self.values:
+            t.zero_()
+        self.lengths = [0] * len(self.lengths)
+

@@ -65,6 +65,20 @@ class DynamicCache:
         self.keys = [k[..., :length, :] for k in self.keys]
         self.values = [v[..., :length, :] for v in self.values]
 
+    def batch_repeat_interleave(self, repeats: int):
+        """Each row repeated `repeats` times in place (transformers' name: for beams or several samples)."""
+        if self.keys:
+            self.reorder_cache(torch.arange(self.keys[0].shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Keep the rows `indices` [N], in that order."""
+        if self.keys:
+            self.reorder_cache(torch.as_tensor(indices))
+
+    def reset(self):
+        """Empty, as a new cache."""
+        self.keys, self.values = [], []
+
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int,
                       sliding_window: int | None, device) -> torch.Tensor | None:
