@@ -128,3 +128,18 @@ def test_nemo_0_7_names_capabilities_and_the_gmm_alias():
                 or caps.supports_cp_vision_frame_sharding)
     with pytest.warns(FutureWarning, match="experts='gmm' is deprecated; use experts='torch_mm'"):
         assert BackendConfig(experts="gmm").experts == "torch_mm"
+
+
+def test_from_config_takes_nemos_positional_order():
+    """NeMo AutoModel's from_config(config, moe_config, backend) (MoE) / (config, backend) (dense ERNIE) by position;
+    anything more by position, or a name given twice, is a TypeError naming the order (it was torch's .to() error)."""
+    moe = AutoModelForCausalLM.from_config(named_config("ernie4_5_moe-tiny"), None, BackendConfig(), seed=0)
+    keyword = AutoModelForCausalLM.from_config(named_config("ernie4_5_moe-tiny"), backend=BackendConfig(), seed=0)
+    assert type(moe) is type(keyword) and moe.backend == keyword.backend
+    assert all(torch.equal(a, b) for a, b in zip(moe.state_dict().values(), keyword.state_dict().values()))
+    dense = AutoModelForCausalLM.from_config(named_config("ernie4_5-tiny"), BackendConfig(attn="eager"))
+    assert dense.backend.attn == "eager"
+    with pytest.raises(TypeError, match=r"takes config, moe_config, backend by position .* pass dtype="):
+        AutoModelForCausalLM.from_config(named_config("ernie4_5_moe-tiny"), None, BackendConfig(), torch.float32)
+    with pytest.raises(TypeError, match="got backend by position and by keyword"):
+        AutoModelForCausalLM.from_config(named_config("ernie4_5-tiny"), BackendConfig(), backend=BackendConfig())

@@ -26,8 +26,8 @@ class _Auto:
         return cls.mapping[config.model_type]
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, **kwargs):
-        return cls.class_for(config).from_config(config, **kwargs)
+    def from_config(cls, config: PretrainedConfig, *nemo, **kwargs):
+        return cls.class_for(config).from_config(config, *nemo, **kwargs)
 
     @classmethod
     @takes_hub_options

@@ -321,13 +321,22 @@ class PreTrainedModel(nn.Module):
         return self
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: int | None = None,
+    def from_config(cls, config: PretrainedConfig, *nemo, dtype=None, device=None, seed: int | None = None,
                     fast: bool = True, **options):
         """A randomly initialised model (normal(0, initializer_range) like the reference). fast=False leaves out
         the inference fast paths (moelm.inference.optimize); NeMo's backend / moe_config / moe_overrides: see
-        moelm.loading.pretrained.from_config."""
+        moelm.loading.pretrained.from_config. Arguments after config by position are NeMo AutoModel's: (moe_config,
+        backend) for a MoE family, (backend,) for dense ERNIE; the others are keywords, as in transformers."""
         from ..loading.pretrained import from_config
 
+        names = ("moe_config", "backend") if getattr(config, "num_experts", None) else ("backend",)
+        if len(nemo) > len(names):
+            raise TypeError(f"{cls.__name__}.from_config takes config, {', '.join(names)} by position (NeMo "
+                            f"AutoModel's order), got {len(nemo) + 1}: pass dtype=, device=, seed= by keyword")
+        for name, value in zip(names, nemo):
+            if name in options:
+                raise TypeError(f"{cls.__name__}.from_config got {name} by position and by keyword")
+            options[name] = value
         return from_config(cls, config, dtype=dtype, device=device, seed=seed, fast=fast, **options)
 
     @classmethod
