@@ -502,3 +502,48 @@ def check_expert_parallel(family: str, path: str, rank: int, out: Path, report) 
     load_adapter(fresh, out / f"adapter-{family}")
     report.close(f"{family}/load_adapter", logits(fresh, batches[rank]), logits(one, batches[rank]))
     report.done(f"{family}/load_adapter")
+
+
+def test_an_adapter_of_the_mtp_head_loads_onto_a_fresh_model(tmp_path):
+    """A fine-tune that trains the MTP loss adapts the MTP block's Linears too (model.mtp is built before LoRA).
+    from_pretrained leaves the head to its first use; load_adapter, read_adapter (the server's) and a resume build
+    it when the adapter names it, and the adapted model equals the trained one, MTP logits included."""
+    from moelm.serve.lora import Adapters
+    from moelm.train.state import attach_lora
+    from reference import randomise_scaled
+
+    base = randomise_scaled(moelm.AutoModelForCausalLM.from_config(named_config("ernie4_5_moe-tiny"), seed=0,
+                                                                   fast=False), 0, 1.0, mtp=True)
+    base.save_pretrained(tmp_path / "base")
+    trained = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "base", fast=False)
+    assert trained.mtp is not None
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    apply_lora(trained, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(trained):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    assert any(n.startswith("model.mtp_block.") and "lora_" in n for n, _ in trained.named_parameters())
+    save_adapter(trained, tmp_path / "adapter", config)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, trained.config.vocab_size, (2, 7), generator=g)
+    hidden = torch.randn(2, 7, trained.config.hidden_size, generator=g)  # the head's input, fixed
+
+    def outputs(m):
+        with torch.no_grad():
+            return m(ids).logits, m.mtp.sequence_logits(ids, hidden, torch.ones_like(ids))
+
+    want = outputs(trained)
+    fresh = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "base", fast=False)
+    load_adapter(fresh, tmp_path / "adapter")
+    for got, expected in zip(outputs(fresh), want):
+        assert_close(got, expected, atol=1e-5)
+    served = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "base", fast=False)
+    Adapters.load(served, {"a": str(tmp_path / "adapter")})
+    assert served.__dict__.get("build_mtp") is None and hasattr(served.model, "mtp_block")
+    resumed = moelm.AutoModelForCausalLM.from_pretrained(tmp_path / "base", fast=False)
+    section = type("Peft", (), dict(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "down_proj"],
+                                    target_parameters=(), use_rslora=False))()
+    attach_lora(resumed, section, tmp_path / "adapter")
+    for got, expected in zip(outputs(resumed), want):
+        assert_close(got, expected, atol=1e-5)

@@ -522,9 +522,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
     """Apply the LoRA of an adapter directory (save_adapter's, or peft's for the same targets) and load its tensors.
     Returns its config. Errors name missing, unexpected or misshapen tensors."""
     config, tensors = read_files(directory)
+    build_named_mtp(model, tensors)
     apply_lora(model, config)
     load_tensors(model, tensors, directory)
     return config
+
+
+def build_named_mtp(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Build ERNIE's MTP head (from_pretrained leaves it to its first use) when an adapter's tensors adapt it, as a
+    fine-tune that trained the MTP loss writes them: its Linears are then targets like the decoder's."""
+    if any(".mtp_" in key for key in tensors):
+        getattr(model, "mtp", None)
 
 
 def _base_entries(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
@@ -569,6 +577,7 @@ def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[LoraCo
     experts; B not scaled. Errors name a missing, unexpected or misshapen tensor."""
     directory = Path(directory)
     config, tensors = read_files(directory)
+    build_named_mtp(model, tensors)
     if config.modules_to_save:
         raise ValueError(f"adapter {directory}: modules_to_save={config.modules_to_save!r} replaces base tensors, "
                          "which a per-request adapter cannot; merge it into the base (moelm merge)")

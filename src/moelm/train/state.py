@@ -192,7 +192,7 @@ def to_local(tree):
 def attach_lora(model, section, resume_dir: Path | None, modules_to_save: list[str] | None = None):
     """LoRA as the recipe's peft section asks (with modules_to_save: the modules whose tensors the adapter carries
     whole), or the adapter of the checkpoint being resumed."""
-    from .lora import LoraConfig, apply_lora, load_tensors, read_files
+    from .lora import LoraConfig, apply_lora, build_named_mtp, load_tensors, read_files
 
     config = LoraConfig(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
                         target_modules=section.target_modules, target_parameters=list(section.target_parameters),
@@ -204,6 +204,8 @@ def attach_lora(model, section, resume_dir: Path | None, modules_to_save: list[s
                 raise ValueError(f"--resume: the adapter in {resume_dir} has {key}={getattr(saved[0], key)!r}, the "
                                  f"recipe's peft.{key} is {getattr(config, key)!r}; resume with the recipe it was "
                                  "trained with")
+    if saved is not None:
+        build_named_mtp(model, saved[1])
     apply_lora(model, config)
     if saved is not None:  # other targets: its tensors are named as missing or unexpected
         load_tensors(model, saved[1], resume_dir)
