@@ -309,3 +309,72 @@ def test_cli_prune_with_eval(checkpoint, tmp_path, capsys):
     for bad, message in ((["--keep", "1.0"], "--keep"), (["--keep", "0.1"], "fewer than the 2")):
         assert main(["prune", str(path), str(tmp_path / "q"), "--report", str(tmp_path / "r"), *bad]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_keep_that_prunes_nothing_or_below_top_k_refused():
+    report = {"num_experts": 8, "top_k": 3, "layers": [{"layer": 1, "reap": [1.0] * 8, "tokens": [1] * 8}]}
+    for keep, message in ((0.9, "--keep 0.9 keeps all 8 experts"), (0.99, "--keep 0.99 keeps all 8"),
+                          (0.25, "--keep 0.25 keeps 2 of 8 experts, fewer than the 3")):
+        with pytest.raises(ValueError, match=message):
+            pr.chosen(report, keep)
+    assert pr.chosen(report, 0.875) == {1: [0, 1, 2, 3, 4, 5, 6]} and len(pr.chosen(report, 0.3)[1]) == 3
+
+
+def test_quantized_checkpoint_reported_and_not_pruned(checkpoint, tmp_path, capsys):
+    _, text = checkpoint
+    path = new_checkpoint("ernie4_5_moe-tiny", tmp_path / "q", seed=0, quantization="int8")
+    assert main(["experts", str(path), "--data", str(text), "--out", str(tmp_path / "r"), "--seq-length", "32",
+                 "--limit", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["quantization"] == "int8"
+    assert main(["prune", str(path), str(tmp_path / "p"), "--report", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "layer 1's experts are QuantizedExperts: pruning needs the unquantized" in err and "Traceback" not in err
+
+
+def test_text_data_keeps_its_last_short_chunk(checkpoint, tmp_path):
+    path, text = checkpoint
+    tok = AutoTokenizer.from_pretrained(path)
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "hello world"}) + "\n", encoding="utf-8")
+    assert [e.input_ids for e in rp.load_data(short, "text", tok, None, 512)] == [tok("hello world")["input_ids"]]
+    stream = sum(len(tok(json.loads(line)["text"])["input_ids"]) + 1 for line in text.read_text().splitlines()) - 1
+    lengths = [len(e.input_ids) for e in rp.load_data(text, "text", tok, None, 32)]
+    assert sum(lengths) == stream and set(lengths[:-1]) == {32} and 1 < lengths[-1] < 32
+
+
+def test_malformed_report_refused_in_one_line(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    good = {"schema": "moelm.experts/1", "model_type": "ernie4_5_moe", "num_experts": 8, "top_k": 2,
+            "layers": [{"layer": 1, "tokens": [1] * 8, "load_share": [0.125] * 8, "reap": [0.5] * 8, "cv": 0.0,
+                        "dead_expert_frac": 0.0, "expert_diversity": 1.0, "adjacent_overlap": 1.0}]}
+    for change, message in (({"num_experts": None}, "num_experts and top_k must be positive integers"),
+                            ({"layers": [{**good["layers"][0], "reap": [0.5] * 3}]}, "a layers entry without"),
+                            ({"layers": good["layers"] * 2}, "a layers entry without a new int layer")):
+        (tmp_path / "r").mkdir(exist_ok=True)
+        (tmp_path / "r" / "report.json").write_text(json.dumps({**good, **change}), encoding="utf-8")
+        assert main(["prune", str(path), str(tmp_path / "p"), "--report", str(tmp_path / "r")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("moelm: error:") and message in err and "Traceback" not in err
+
+
+def test_out_that_is_a_file_refused_before_running(checkpoint, tmp_path, capsys):
+    path, text = checkpoint
+    (tmp_path / "f").write_text("", encoding="utf-8")
+    for argv in (["prune", str(path), str(tmp_path / "f"), "--report", str(tmp_path / "none"), "--force"],
+                 ["experts", str(path), "--data", str(text), "--out", str(tmp_path / "f")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("moelm: error:") and "is a file, not a directory" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_chat_cut_before_the_answer_still_reported(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hello there " * 6},
+                                                     {"role": "assistant", "content": f"fine {i}"}]}) + "\n"
+                            for i in range(3)), encoding="utf-8")
+    assert main(["experts", str(path), "--data", str(chat), "--kind", "chat", "--seq-length", "8",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 3 * 8

@@ -54,9 +54,11 @@ def experts(args, load):
 
     for name in ("limit", "batch_size", "seq_length"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory")
     other = rp.read(args.compare) if args.compare else None
     model, tokenizer = load(args)
-    examples = rp.load_data(args.data, args.kind, tokenizer, args.limit, args.seq_length)
+    examples = rp.load_data(args.data, args.kind, tokenizer, args.limit, args.seq_length, labelled=False)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     rec = rp.record(model, examples, args.batch_size, pad_id(tokenizer), progress)
     if not rec.seen:
@@ -64,7 +66,8 @@ def experts(args, load):
     report = rp.build(rec, model, str(args.model), {"path": str(args.data), "kind": args.kind,
                                                      "examples": len(examples)})
     report["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    report["quantization"] = args.quantization
+    quantization = getattr(model, "quantization", None)  # --quantization, or the checkpoint's own
+    report["quantization"] = None if quantization is None else quantization.mode
     if other is not None:
         report["compare"] = rp.compare(report, other, str(args.compare))
     paths = rp.write(report, args.out, args.coact_layer)
@@ -79,8 +82,10 @@ def prune(args):
     from .report import load_data, read
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise ValueError(f"{out} exists and is {'not empty' if out.is_dir() else 'a file'} (--force replaces it)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} exists and is not empty (--force replaces it)")
     report = read(args.report)
     keep = pr.chosen(report, args.keep, args.by)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, fast=False)

@@ -23,8 +23,12 @@ def chosen(report: dict, keep: float, by: str = "reap") -> dict[int, list[int]]:
         raise ValueError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     if isinstance(keep, bool) or not 0 < keep < 1:
         raise ValueError(f"--keep must be a fraction of the experts between 0 and 1 (exclusive), got {keep!r}")
-    e = report["num_experts"]
+    e, k = report["num_experts"], report["top_k"]
     n = math.ceil(keep * e - 1e-9)
+    if n >= e:
+        raise ValueError(f"--keep {keep} keeps all {e} experts (ceil({keep} x {e}) = {n}): nothing would be pruned")
+    if n < k:
+        raise ValueError(f"--keep {keep} keeps {n} of {e} experts, fewer than the {k} each token is routed to")
     out = {}
     for x in report["layers"]:
         score = x["reap"] if by == "reap" else x["tokens"]
@@ -34,7 +38,7 @@ def chosen(report: dict, keep: float, by: str = "reap") -> dict[int, list[int]]:
 
 
 def check(model, report: dict, name: str):
-    """The report is of this model: the same MoE layers and expert count."""
+    """The report is of this model: the same MoE layers and expert count; and its experts are not quantized."""
     layers = [i for i, _ in moe_blocks(model)]
     experts = {b.experts.num_experts for _, b in moe_blocks(model)}
     theirs = [x["layer"] for x in report["layers"]]
@@ -42,6 +46,10 @@ def check(model, report: dict, name: str):
         raise ValueError(f"{name}: the report is of a {report.get('model_type')} with MoE layers {theirs} of "
                          f"{report['num_experts']} experts, not this model ({model.config.model_type}, MoE layers "
                          f"{layers} of {sorted(experts)} experts)")
+    for layer, block in moe_blocks(model):
+        if not isinstance(getattr(block.experts, "gate_up_proj", None), torch.Tensor):
+            raise ValueError(f"layer {layer}'s experts are {type(block.experts).__name__}: pruning needs the "
+                             "unquantized checkpoint (prune it first, then quantize the pruned one)")
 
 
 @torch.no_grad()

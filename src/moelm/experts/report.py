@@ -29,14 +29,18 @@ from ..train.balance import balance_metrics, layer_balance
 from .record import Recorder
 
 
-def load_data(path, kind: str, tokenizer, limit: int | None, seq_length: int) -> list:
-    """The examples of a data file as fine-tuning reads it (kind text: packed into seq_length chunks; chat and
-    hellaswag: one example each, cut to seq_length)."""
-    from ..train.data import DataConfig, load_examples
+def load_data(path, kind: str, tokenizer, limit: int | None, seq_length: int, labelled: bool = True) -> list:
+    """The examples of a data file as fine-tuning reads it (kind text: packed into seq_length chunks, the last one
+    shorter; chat and hellaswag: one example each, cut to seq_length). labelled=False (a report, which counts every
+    token): a chat or hellaswag example cut before its labelled tokens is kept."""
+    from ..train.data import DataConfig, Example, load_examples
 
-    truncation = "error" if kind == "text" else "right"
-    return load_examples(DataConfig(kind=kind, path=str(path), seq_length=seq_length, truncation=truncation,
-                                    num_samples_limit=limit), tokenizer)
+    text = kind == "text"
+    cut = labelled or text
+    examples = load_examples(DataConfig(kind=kind, path=str(path), seq_length=seq_length if cut else sys.maxsize,
+                                        num_samples_limit=limit, truncation="error" if text else "right",
+                                        drop_last=not text), tokenizer)
+    return examples if cut else [Example(e.input_ids[:seq_length], e.labels[:seq_length]) for e in examples]
 
 
 @torch.no_grad()
@@ -96,9 +100,28 @@ def build(rec: Recorder, model, model_name: str, data: dict) -> dict:
             "layers": layers}
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read(path) -> dict:
-    """A report.json (or the directory holding it), checked to be one."""
-    return load_report(path)[1]
+    """A report.json (or the directory holding it), checked to be one: what compare and prune read of it."""
+    path, report = load_report(path)
+    e = report.get("num_experts")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (e, report.get("top_k"))):
+        raise ValueError(f"expert report {path}: num_experts and top_k must be positive integers")
+    seen = set()
+    for x in report["layers"]:
+        if not (isinstance(x, dict) and isinstance(x.get("layer"), int) and x["layer"] not in seen
+                and all(isinstance(x.get(k), list) and len(x[k]) == e and all(map(_number, x[k]))
+                        for k in ("tokens", "load_share", "reap"))
+                and all(_number(x.get(k)) for k in ("cv", "dead_expert_frac", "expert_diversity",
+                                                     "adjacent_overlap"))):
+            raise ValueError(f"expert report {path}: a layers entry without a new int layer, {e} tokens, load_share "
+                             f"and reap, and cv, dead_expert_frac, expert_diversity, adjacent_overlap: "
+                             f"{str(x)[:120]}")
+        seen.add(x["layer"])
+    return report
 
 
 def compare(report: dict, other: dict, other_name: str) -> dict:
