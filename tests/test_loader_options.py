@@ -314,3 +314,23 @@ def test_loading_info_and_mismatched_sizes_as_transformers(tiny, tmp_path):
     with pytest.raises(ValueError, match="use_safetensors=False"):
         AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=False)
     AutoModelForCausalLM.from_pretrained(tiny, use_safetensors=True)
+
+
+def test_device_map_dict_with_gpu_indices_and_bad_dtypes_name_the_fault(tiny):
+    """{"": 0} is GPU 0, as accelerate's maps write it (here: no such GPU, not 'not a device'); a dtype per submodule
+    or a dtype that is not floating point is one error naming it."""
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device_map='cuda:0': no such CUDA device here"):
+            place({"": 0})
+    else:
+        assert place({"model": 0, "lm_head": "cuda:0"}) == torch.device("cuda:0")
+    with pytest.raises(NotImplementedError, match="dtype=.*a dtype per submodule"):
+        AutoModelForCausalLM.from_pretrained(tiny, dtype={"": torch.bfloat16})
+    with pytest.raises(ValueError, match="dtype=torch.int8: the model's weights need a floating-point dtype"):
+        AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.int8)
+
+
+def test_a_checkpoint_that_does_not_fit_the_overridden_config_names_the_override(tiny):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*from_pretrained\(num_hidden_layers=1\) changed "
+                                              "config.json's config"):
+        AutoModelForCausalLM.from_pretrained(tiny, num_hidden_layers=1)

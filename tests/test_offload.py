@@ -2,6 +2,8 @@
 max_memory), loaded around their forward; the outputs equal the resident model's, and bad maps name the fault."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,81 @@ def test_bad_maps_name_the_fault(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="no budget for the compute device cpu"):
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map="auto", max_memory={0: "1GB"},
                                              offload_folder=tmp_path)
+
+
+def test_a_second_load_into_the_same_folder_leaves_the_first_intact(checkpoint, tmp_path):
+    """Each model reads its layers from the files it wrote: another load into the folder (here in another dtype)
+    replaces them there without changing what the first one reads."""
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, fast=False)
+    placed = {"": "cpu", "model.layers.1": "disk"}
+    first = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=placed, offload_folder=tmp_path)
+    second = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=placed, offload_folder=tmp_path,
+                                                  dtype=torch.bfloat16)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(first(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+        assert second(ids).logits.dtype == torch.bfloat16
+
+
+def in_a_map_of(tensor: torch.Tensor, file) -> bool:
+    """Whether the tensor's bytes lie in a memory map of `file` (/proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps").read().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end and len(rest) == 5 and rest[4] == str(file):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_mmap_maps_the_resident_weights_of_an_offloaded_model(tmp_path):
+    """mmap=True with layers on disk maps the resident weights used as stored (here the 1 MiB LM head) from the
+    checkpoint, as it does without offload."""
+    from moelm import named_config
+
+    config = named_config("ernie4_5-tiny")
+    config.vocab_size, config.tie_word_embeddings = 4096, False
+    AutoModelForCausalLM.from_config(config, fast=False).save_pretrained(tmp_path / "ckpt")
+    file = (tmp_path / "ckpt" / "model.safetensors").resolve()
+    kw = dict(device_map={"": "cpu", "model.layers.1": "disk"}, offload_folder=tmp_path / "off", fast=False)
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", mmap=True, **kw)
+    assert in_a_map_of(mapped.lm_head.weight, file)
+    read = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", **kw)
+    assert not in_a_map_of(read.lm_head.weight, file)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(ids).logits, read(ids).logits)
+
+
+def test_maps_naming_no_module_or_splitting_a_disk_layer_are_refused(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"\['model.layers.7'\] name no module or parameter"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"": "cpu", "model.layers.7": "disk"},
+                                             offload_folder=tmp_path)
+    with pytest.raises(ValueError, match=r"\['model.layers.1.self_attn'\] lie in a decoder layer it sends to disk"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"": "cpu", "model.layers.1": "disk",
+                                                                     "model.layers.1.self_attn": "cpu"},
+                                             offload_folder=tmp_path)
+
+
+def test_max_memory_counts_a_tied_head_once_and_plans_base_models(tmp_path):
+    """The budget holds the resident weights with a tied embedding bigger than a layer (counted once, not
+    subtracted again), and the base model (layers.N) and a classifier are planned too."""
+    from moelm import AutoModel, named_config
+
+    config = named_config("ernie4_5-tiny")
+    config.vocab_size, config.tie_word_embeddings = 4096, True
+    AutoModelForCausalLM.from_config(config, fast=False).save_pretrained(tmp_path / "ckpt")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", fast=False)
+    ends = sum(p.numel() * p.element_size() for n, p in plain.named_parameters() if ".layers." not in n)
+    budget = ends + layer_bytes(plain, 0) + 10
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="auto", max_memory={"cpu": budget},
+                                                 offload_folder=tmp_path / "off")
+    assert model.hf_device_map == {"": "cpu", "model.layers.1": "disk"}
+    assert sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta) <= budget
+    base = AutoModel.from_pretrained(tmp_path / "ckpt", device_map="auto", max_memory={"cpu": budget},
+                                     offload_folder=tmp_path / "off2")
+    assert base.hf_device_map == {"": "cpu", "layers.1": "disk"}
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, plain.model(ids).last_hidden_state)

@@ -132,14 +132,14 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{d}: checkpoint directory does not exist")
         index_path = d / INDEX_NAME
         weight_map: dict[str, str] | None = None
-        if index_path.is_file():
+        if (d / SINGLE_NAME).is_file():  # before an index, as transformers
+            self.files = [d / SINGLE_NAME]
+        elif index_path.is_file():
             weight_map = self._read_index(index_path)
             self.files = [d / f for f in sorted(set(weight_map.values()))]
             for f in self.files:
                 if not f.is_file():
                     raise CheckpointError(f"{f}: shard is missing (referenced by {index_path})")
-        elif (d / SINGLE_NAME).is_file():
-            self.files = [d / SINGLE_NAME]
         else:
             self.files = sorted(p for p in d.glob("*.safetensors") if p.is_file())
         if not self.files:
@@ -153,21 +153,20 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{d}: no safetensors checkpoint found ({SINGLE_NAME}, {INDEX_NAME})")
 
         self._headers = {f: read_header(f) for f in self.files}
+        # every tensor of the files (an index's weight_map picks the files, and the file of a tensor in two)
         self._where: dict[str, Path] = {}
-        if weight_map is not None:
-            for name, fname in weight_map.items():
-                f = d / fname
-                if name not in self._headers[f]:
-                    raise CheckpointError(f"{f}: tensor {name!r} is listed in {index_path} but not in this file")
+        for f, header in self._headers.items():
+            for name in header:
+                if name == "__metadata__":
+                    continue
+                if name in self._where and name not in (weight_map or {}):
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {self._where[name]}")
                 self._where[name] = f
-        else:
-            for f, header in self._headers.items():
-                for name in header:
-                    if name == "__metadata__":
-                        continue
-                    if name in self._where:
-                        raise CheckpointError(f"{f}: tensor {name!r} also appears in {self._where[name]}")
-                    self._where[name] = f
+        for name, fname in (weight_map or {}).items():
+            f = d / fname
+            if name not in self._headers[f]:
+                raise CheckpointError(f"{f}: tensor {name!r} is listed in {index_path} but not in this file")
+            self._where[name] = f
         self._keys = sorted(self._where)
         self._handles: dict[Path, object] = {}
         self._slicers: dict[Path, object] = {}  # safetensors' safe_open, for read_slice_into

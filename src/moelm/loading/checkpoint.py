@@ -24,6 +24,8 @@ EXPERT_PARTS = {
 }
 # Hub tensors moelm does not compute with but keeps, to write them back on save (ERNIE multi-token prediction).
 KEPT_ASIDE = re.compile(r"^model\.mtp_")
+# Buffers older checkpoints saved, computed from the config: skipped, as transformers
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<part>\w+)\.weight$")
 
 
@@ -104,7 +106,7 @@ def load_checkpoint(model, ckpt: SafetensorsCheckpoint, progress: bool | None = 
         codes = stored.get(key.removesuffix("_packed"))
         if KEPT_ASIDE.match(key):  # mapped where it can be: only read again when the model is saved
             kept[key] = ckpt.get(key) if (mapped := ckpt.mapped(key)) is None else mapped
-        elif key in companions:  # read with their weight
+        elif key in companions or IGNORED.search(key):  # read with their weight; skipped
             pass
         elif (hub := _adapt_key(key.removesuffix("_packed") if codes else key, strip_prefix, skip_heads)) is None:
             info["unexpected_keys"].add(key)  # another head's tensor (or the base model's lm_head): skipped

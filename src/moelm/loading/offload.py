@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io.files import parse_size
 
-LAYER = re.compile(r"^model\.layers\.(\d+)$")
+LAYER = re.compile(r"^(model\.)?layers\.(\d+)$")  # a base model's are layers.N
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -35,9 +36,16 @@ def plan(model: nn.Module, device_map, device: torch.device, max_memory, offload
     if isinstance(device_map, dict):
         placed = {str(k): ("disk" if str(v) == "disk" else str(torch.device(f"cuda:{v}" if isinstance(v, int) else v)))
                   for k, v in device_map.items()}
+        names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        unknown = [k for k in placed if k not in names]
+        if unknown:
+            raise ValueError(f"device_map: {unknown} name no module or parameter of {type(model).__name__}")
         bad = [k for k, v in placed.items() if v == "disk" and not LAYER.match(k)]
         if bad:
             raise ValueError(f"device_map: only whole decoder layers (model.layers.N) go to disk, not {bad}")
+        inside = [k for k in placed for d in placed if placed[d] == "disk" and k.startswith(d + ".")]
+        if inside:
+            raise ValueError(f"device_map: {inside} lie in a decoder layer it sends to disk (whole layers go there)")
         if "disk" in placed.values() and offload_folder is None:
             raise ValueError("device_map sends layers to 'disk': pass offload_folder= (a directory for them)")
         names = [n for n, _ in model.named_parameters()]
@@ -52,10 +60,9 @@ def plan(model: nn.Module, device_map, device: torch.device, max_memory, offload
     if key not in budgets and str(device) not in budgets:
         raise ValueError(f"max_memory gives no budget for the compute device {device} (keys: {sorted(budgets)})")
     budget = budgets.get(key, budgets.get(str(device)))
+    # named_parameters counts a tied head once
     resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                   if not n.startswith("model.layers."))
-    if model.lm_head.weight is model.get_input_embeddings().weight:
-        resident -= model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+                   if not any(n.startswith(layer + ".") for layer in layers))
     if resident > budget:
         raise ValueError(f"max_memory[{key!r}] = {budget} bytes cannot hold the embeddings, final norm and head "
                          f"({resident} bytes)")
@@ -98,14 +105,16 @@ def offload(module: nn.Module, name: str, folder: str | os.PathLike, device: tor
     tmp = path.with_suffix(".tmp")
     save_file({k: p.detach().contiguous() for k, p in module.named_parameters()}, tmp)
     os.replace(tmp, path)
+    # read through this handle: a later load into the same folder replaces the file, not what this one reads
+    stored = safe_open(path, framework="pt", device=str(device))
 
     def drop(*_):
         for k, (shape, dtype) in shapes.items():
             _set(module, k, torch.empty(shape, dtype=dtype, device="meta"), False)
 
     def load(*_):
-        for k, t in load_file(path, device=str(device)).items():
-            _set(module, k, t, False)
+        for k in shapes:
+            _set(module, k, stored.get_tensor(k), False)
 
     drop()
     module.register_forward_pre_hook(load)

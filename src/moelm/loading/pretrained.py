@@ -14,7 +14,7 @@ from ..inference import optimize
 from ..inference.quantization import BitsAndBytesConfig
 from ..inference.quantize import fill_tied_head, per_expert, quantize_modules, resolve
 from ..io.hub import resolve_model_dir, takes_hub_options, with_revision
-from ..io.weights import SafetensorsCheckpoint
+from ..io.weights import CheckpointError, SafetensorsCheckpoint
 from .backend import apply_backend, apply_moe_overrides
 from .checkpoint import EXPERT_PARTS, load_checkpoint
 from .compressed import read_quantization_config
@@ -160,7 +160,12 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         dtype = torch_dtype if torch_dtype is not None and dtype == "auto" else dtype
         if dtype == "auto" or dtype is None:
             dtype = config.torch_dtype or checkpoint_dtype(ckpt)
+        if isinstance(dtype, dict):
+            raise NotImplementedError(f"dtype={dtype!r}: a dtype per submodule is not implemented in moelm; pass one")
         dtype = dtype_from_str(dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype}: the model's weights need a floating-point dtype")
+        config.dtype = str(dtype).removeprefix("torch.")  # the loaded one, as transformers
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
@@ -185,7 +190,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         report = {}
         loading = dict(ignore_mismatched_sizes=ignore_mismatched_sizes, report=report)
         if disk:
-            model.kept_aside = load_offloaded(model, ckpt, device, disk, offload_folder, progress, loading)
+            model.kept_aside = load_offloaded(model, ckpt, device, disk, offload_folder, progress, mmap, loading)
         else:
             model.to_empty(device=device)
             model.tie_weights()
@@ -193,6 +198,12 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         fill_tied_head(model)
         # ERNIE's MTP head, when the checkpoint has one: left in the file (mapped) until its first use
         mtp = hasattr(model, "mtp_in") and not disk and layout is None and model.mtp_in(model.kept_aside)
+    except CheckpointError as e:
+        if not kwargs:
+            raise
+        changed = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise type(e)(f"{e} (from_pretrained({changed}) changed config.json's config; the checkpoint must "
+                       "fit the changed one)") from None
     finally:
         ckpt.close()
     if backend is not None:
@@ -257,16 +268,16 @@ def labels(config, kwargs: dict) -> dict:
     return kwargs
 
 
-def load_offloaded(model, ckpt, device, disk: list[str], folder, progress, loading: dict) -> dict:
-    """Load the resident parameters, then each disk layer alone: allocated, read, written to `folder`, freed
-    (loading: load_checkpoint's keyword arguments)."""
+def load_offloaded(model, ckpt, device, disk: list[str], folder, progress, mmap: bool, loading: dict) -> dict:
+    """Load the resident parameters (mapped with mmap), then each disk layer alone: allocated, read, written to
+    `folder`, freed (loading: load_checkpoint's keyword arguments)."""
     def under(names):
         return lambda n: any(n.startswith(d + ".") for d in names)
 
     on_disk = under(disk)
     materialize(model, device, skip=on_disk)
     model.tie_weights()
-    kept = load_checkpoint(model, ckpt, progress=progress, only=lambda n: not on_disk(n), **loading)
+    kept = load_checkpoint(model, ckpt, progress=progress, only=lambda n: not on_disk(n), mmap=mmap, **loading)
     for name in disk:
         layer = model.get_submodule(name)
         materialize(layer, torch.device("cpu"))
@@ -280,7 +291,7 @@ def place(device_map, device=None) -> torch.device:
     "balanced_low_0" / "sequential" (the GPU when there is one, else the CPU), or a dict whose values all name one
     device. A map that would split the model over several devices or offload it to disk is not implemented yet."""
     if isinstance(device_map, dict):
-        targets = {str(v) for v in device_map.values()}
+        targets = {f"cuda:{v}" if isinstance(v, int) else str(v) for v in device_map.values()}
         if len(targets) != 1:
             raise NotImplementedError(f"device_map places modules on {sorted(targets)}: splitting a model over "
                                       "several devices is not implemented in moelm yet")
