@@ -205,11 +205,20 @@ def test_tied_embeddings(tmp_path, family):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     embed = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(model.lm_head.weight, embed)
-    # a checkpoint that also stores lm_head.weight still loads; the head stays tied to the embeddings
-    edit_single_file(tmp_path, lambda t: t.update({"lm_head.weight": torch.randn_like(embed)}))
+    # a checkpoint that also stores lm_head.weight: tied where it equals the embedding; where it differs, the stored
+    # head is used and the config says untied, as transformers 5.23 does (logits equal, a line on stderr)
+    edit_single_file(tmp_path, lambda t: t.update({"lm_head.weight": embed.clone()}))
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert torch.equal(model.lm_head.weight, embed)
+    head = torch.randn_like(embed)
+    edit_single_file(tmp_path, lambda t: t.update({"lm_head.weight": head}))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not model.config.tie_word_embeddings and torch.equal(model.lm_head.weight, head)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    ref = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
 
 
 MTP = {"model.mtp_block.0.self_attn.q_proj.weight": (64, 64), "model.mtp_block.0.mlp.up_proj.weight": (96, 64),

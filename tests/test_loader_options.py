@@ -334,3 +334,18 @@ def test_a_checkpoint_that_does_not_fit_the_overridden_config_names_the_override
     with pytest.raises(CheckpointError, match=r"unexpected tensor.*from_pretrained\(num_hidden_layers=1\) changed "
                                               "config.json's config"):
         AutoModelForCausalLM.from_pretrained(tiny, num_hidden_layers=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_one_error(tiny):
+    """device="cuda" / device=0 (from_pretrained, from_config, pipeline) where there is no GPU: a ValueError naming
+    it, as device_map= gives (they were torch's 'Torch not compiled with CUDA enabled' AssertionError)."""
+    calls = [lambda: AutoModelForCausalLM.from_pretrained(tiny, device="cuda"),
+             lambda: AutoModelForCausalLM.from_pretrained(tiny, device=0),
+             lambda: AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny), device="cuda:1"),
+             lambda: pipeline("text-generation", model=str(tiny), device=0)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"device='cuda(:\d)?': no such CUDA device here \(0 GPUs\)"):
+            call()
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        AutoModelForCausalLM.from_pretrained(tiny, device="gpu")

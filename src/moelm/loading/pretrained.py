@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import sys
 
 import torch
 
@@ -41,7 +42,7 @@ def from_config(cls, config: PretrainedConfig, dtype=None, device=None, seed: in
         model.add_mtp(mtp)
         model.init_weights(prefix="model.mtp_")
     model._cast(dtype_from_str(dtype) if dtype else torch.float32)
-    model = model.to(device) if device else model
+    model = model.to(compute_device(device)) if device is not None else model
     if backend is not None:
         return apply_backend(model, backend)
     return optimize(model) if fast else model
@@ -166,7 +167,8 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
         if not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype}: the model's weights need a floating-point dtype")
         config.dtype = str(dtype).removeprefix("torch.")  # the loaded one, as transformers
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = compute_device(device) if device is not None else torch.device("cpu")
+        untie_a_stored_head(config, ckpt)
         with torch.device("meta"):
             model = cls(config)
         model._cast(dtype)
@@ -308,17 +310,38 @@ def place(device_map, device=None) -> torch.device:
         device_map = "cuda:0" if gpus else "cpu"
     if device_map == "disk":
         raise NotImplementedError("device_map='disk' (offloading) is not implemented in moelm yet")
-    try:
-        target = torch.device(device_map)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device_map={device_map!r} is not a device, 'auto', 'balanced', 'sequential' or a dict "
-                         "of module -> device") from None
-    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device_map={device_map!r}: no such CUDA device here ({torch.cuda.device_count()} GPUs)")
-    if target.type not in ("cpu", "cuda"):
-        raise ValueError(f"device_map={device_map!r}: moelm runs on cpu and cuda")
+    target = compute_device(device_map, "device_map", "a device, 'auto', 'balanced', 'sequential' or a dict of "
+                                                      "module -> device")
     if device is not None and torch.device(device) != target:
         raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one of them")
+    return target
+
+
+def untie_a_stored_head(config, ckpt) -> None:
+    """A config that ties the LM head to the embedding, and a checkpoint that stores both with different values: the
+    stored head is used (config.tie_word_embeddings = False), as transformers 5 does, said on stderr."""
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if getattr(config, "tie_word_embeddings", False) and {head, embedding} <= set(ckpt.keys()) and \
+            not torch.equal(ckpt.get(head), ckpt.get(embedding)):
+        print(f"moelm: config.json ties {head} to {embedding}, but the checkpoint stores both with different "
+              f"values: the stored {head} is used (as transformers); set tie_word_embeddings: false to say so",
+              file=sys.stderr)
+        config.tie_word_embeddings = False
+
+
+def compute_device(spec, what: str = "device", kinds: str = "a device") -> torch.device:
+    """torch.device(spec) where moelm can compute: the CPU, or a CUDA device this machine has (an int is a GPU, as
+    transformers); anything else is a ValueError naming `what`."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = f"cuda:{spec}"
+    try:
+        target = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what}={spec!r} is not {kinds}") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{what}={spec!r}: no such CUDA device here ({torch.cuda.device_count()} GPUs)")
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}={spec!r}: moelm runs on cpu and cuda")
     return target
 
 
