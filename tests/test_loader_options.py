@@ -349,3 +349,20 @@ def test_a_cuda_device_on_a_machine_without_one_is_one_error(tiny):
             call()
     with pytest.raises(ValueError, match="device='gpu' is not a device"):
         AutoModelForCausalLM.from_pretrained(tiny, device="gpu")
+
+
+def test_output_switches_as_from_pretrained_arguments(tiny, tmp_path):
+    """from_pretrained(path, output_hidden_states=True, output_attentions=True) as transformers: the config's
+    switches (saved in config.json), so a plain forward returns hidden states and attentions equal to transformers'."""
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    ours = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager", **kwargs)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager", **kwargs)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        a, b = ours(ids), ref(ids)
+    assert len(a.hidden_states) == len(b.hidden_states) and len(a.attentions) == len(b.attentions)
+    for x, y in zip(a.hidden_states + a.attentions, b.hidden_states + b.attentions):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    ours.save_pretrained(tmp_path / "saved")
+    assert AutoConfig.from_pretrained(tmp_path / "saved").output_hidden_states is True

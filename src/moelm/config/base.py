@@ -44,7 +44,8 @@ class PretrainedConfig:
     hub_architectures: ClassVar[tuple[str, ...]] = ()  # config.json `architectures` names that mean this family
     # Keys of the hub's config.json files that this family reads when present but are not fields (absent unless
     # given, so config.json files without them are written unchanged): set, they are kept in `extra` and saved.
-    optional_keys: ClassVar[tuple[str, ...]] = ()
+    # transformers' output switches every config has (from_pretrained(path, output_hidden_states=True))
+    optional_keys: ClassVar[tuple[str, ...]] = ("output_attentions", "output_hidden_states")
 
     architectures: list[str] | None = None
     dtype: str | None = None

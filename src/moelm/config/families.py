@@ -48,7 +48,8 @@ class Ernie4_5_MoeConfig(PretrainedConfig):
     attribute_map: ClassVar[dict[str, str]] = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
     # the -PT checkpoints' MTP head: its depth (from_config adds a head that deep; from_pretrained loads the
     # checkpoint's model.mtp_* tensors) and its loss's weight in training (moelm.train: moe.mtp_loss_coef null)
-    optional_keys: ClassVar[tuple[str, ...]] = ("num_nextn_predict_layers", "multi_token_pred_lambda")
+    optional_keys: ClassVar[tuple[str, ...]] = PretrainedConfig.optional_keys + ("num_nextn_predict_layers",
+                                                                                 "multi_token_pred_lambda")
 
     vocab_size: int = 103424
     pad_token_id: int | None = 0
