@@ -366,3 +366,22 @@ def test_output_switches_as_from_pretrained_arguments(tiny, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
     ours.save_pretrained(tmp_path / "saved")
     assert AutoConfig.from_pretrained(tmp_path / "saved").output_hidden_states is True
+
+
+def test_generation_settings_of_config_json_without_generation_config(tiny, tmp_path):
+    """A checkpoint whose config.json carries generation settings and has no generation_config.json: the model's
+    generation config takes them, as transformers' from_model_config (they were ignored)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "m"
+    shutil.copytree(tiny, path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    data = json.loads((path / "config.json").read_text())
+    data.update(temperature=0.3, top_k=7, top_p=0.9, do_sample=True, max_length=50, repetition_penalty=1.2)
+    (path / "config.json").write_text(json.dumps(data))
+    ours = AutoModelForCausalLM.from_pretrained(path).generation_config
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).generation_config
+    for key in ("temperature", "top_k", "top_p", "do_sample", "max_length", "repetition_penalty", "eos_token_id",
+                "bos_token_id", "pad_token_id"):
+        assert getattr(ours, key) == getattr(ref, key), key

@@ -216,10 +216,12 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
-        """Defaults with the model config's (an object or a config.json dict) bos/eos/pad tokens."""
-        get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
-        return cls(bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
-                   pad_token_id=get("pad_token_id"))
+        """Defaults with the model config's (an object or a config.json dict) generation keys, as transformers'
+        from_model_config: the special tokens, and what older config.json files carry (temperature, top_k,
+        do_sample, max_length, ...); not the output switches (output_hidden_states ... are the forward's)."""
+        data = config if isinstance(config, dict) else config.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names and v is not None and not k.startswith("output_")})
 
     @classmethod
     @takes_hub_options
