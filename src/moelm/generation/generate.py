@@ -333,12 +333,10 @@ def continued_cache(model, cfg: GenerationConfig, cache, input_ids: torch.Tensor
             raise ValueError("past_key_values does not fit this model and input: it holds {} layers, batch {}, {} "
                              "key/value heads of size {}; they need {} layers, batch {}, {} heads of size {}"
                              .format(*got, *want))
-    rows = torch.arange(batch, device=input_ids.device).repeat_interleave(n) if n > 1 else None
-    if isinstance(cache, StaticCache):
-        if rows is not None or cache.max_length < max_length:
-            cache.resize(max(cache.max_length, max_length), rows)
-    elif rows is not None:
-        cache.reorder_cache(rows)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    if isinstance(cache, StaticCache) and cache.max_length < max_length:
+        cache.resize(max_length)
     return cache
 
 

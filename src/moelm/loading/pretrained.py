@@ -298,8 +298,6 @@ def place(device_map, device=None) -> torch.device:
             raise NotImplementedError(f"device_map places modules on {sorted(targets)}: splitting a model over "
                                       "several devices is not implemented in moelm yet")
         device_map = targets.pop()
-    if isinstance(device_map, int):
-        device_map = f"cuda:{device_map}"
     if isinstance(device_map, torch.device):
         device_map = str(device_map)
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
@@ -321,8 +319,13 @@ def untie_a_stored_head(config, ckpt) -> None:
     """A config that ties the LM head to the embedding, and a checkpoint that stores both with different values: the
     stored head is used (config.tie_word_embeddings = False), as transformers 5 does, said on stderr."""
     head, embedding = "lm_head.weight", "model.embed_tokens.weight"
-    if getattr(config, "tie_word_embeddings", False) and {head, embedding} <= set(ckpt.keys()) and \
-            not torch.equal(ckpt.get(head), ckpt.get(embedding)):
+    if not (getattr(config, "tie_word_embeddings", False) and {head, embedding} <= set(ckpt.keys())):
+        return
+    same = ckpt.shape(head) == ckpt.shape(embedding) and ckpt.dtype(head) == ckpt.dtype(embedding)
+    if same:  # the files' pages, compared a block of rows at a time (no copy of a 1 GB embedding)
+        a, b = (m if (m := ckpt.mapped(k)) is not None else ckpt.get(k) for k in (head, embedding))
+        same = all(torch.equal(a[i:i + 4096], b[i:i + 4096]) for i in range(0, a.shape[0], 4096))
+    if not same:
         print(f"moelm: config.json ties {head} to {embedding}, but the checkpoint stores both with different "
               f"values: the stored {head} is used (as transformers); set tie_word_embeddings: false to say so",
               file=sys.stderr)
