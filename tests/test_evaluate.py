@@ -46,7 +46,7 @@ def test_load_choices(tiny, swag, tmp_path):
     _, tok = tiny
     choices = load_choices(swag, tok)
     assert [c.label for c in choices] == [1, 0, 2]
-    assert choices[1].ending_chars == [24, 16, 7]  # bytes: 14 letters, two of them 2-byte
+    assert choices[1].ending_chars == [24, 14, 7]  # characters, as lm-eval's acc_norm counts (not utf-8 bytes: 16)
     assert tok.decode(choices[0].context) == RECORDS[0]["ctx"]
     assert tok.decode(choices[2].endings[2]) == " 数学 语言 模型"
     assert len(load_choices(swag, tok, limit=2)) == 2
@@ -107,3 +107,67 @@ def test_perplexity_is_token_weighted_and_keeps_the_training_flag(tiny, swag, tm
     assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
     assert perplexity(model, examples, batch_size=1)["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+LM_EVAL_TASK = """task: hellaswag_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: multiple_choice
+validation_split: validation
+process_docs: !function utils.process_docs
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+    aggregation: mean
+  - metric: acc_norm
+    aggregation: mean
+"""
+
+
+def test_dataset_rows_score_as_lm_eval_hellaswag(tmp_path, monkeypatch):
+    """Rows of the HellaSwag dataset itself (activity_label, ctx_a, ctx_b, WikiHow's [tags], non-ASCII endings):
+    every ending's score, acc and acc_norm equal lm-evaluation-harness's own hellaswag task (its process_docs) run
+    with its `hf` model on the transformers twin of the checkpoint."""
+    pytest.importorskip("lm_eval")
+    import transformers
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    path = new_checkpoint("ernie4_5_moe-tiny", tmp_path / "m", seed=3)
+    rows = [{"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+             "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                         "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
+            {"activity_label": "Home and Garden [title] Café", "ctx_a": "[header] How to clean a naïve tile.",
+             "ctx_b": "you should [step] first", "endings": ["rinse it [title] Then dry it.", "数学 语言 [step] 模型",
+                                                             "sweep the café floor.", "go."], "label": 0},
+            {"activity_label": "Making a cake", "ctx_a": "She mixes the flour.", "ctx_b": "",
+             "endings": ["then she bakes it.", "the oven is cold [substeps] now.", "é"], "label": 1}]
+    for r in rows:
+        r["ctx"] = f"{r['ctx_a']} {r['ctx_b']}".strip()
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "hellaswag_local.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    (task / "utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lm = HFLM(pretrained=ref, tokenizer=transformers.AutoTokenizer.from_pretrained(path), batch_size=4)
+    out = evaluate(lm, get_task_dict(["hellaswag_local"], TaskManager(include_path=str(task),
+                                                                      include_defaults=False)), log_samples=True)
+    samples = sorted(out["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
+    want = [[resp[0][0] for resp in s["resps"]] for s in samples]
+
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    choices = load_choices(data, tok)
+    assert [c.ending_chars for c in choices] == [[len(e) for e in s["doc"]["choices"]] for s in samples]
+    got = choice_scores(model, choices)
+    torch.testing.assert_close(torch.tensor(sum(got, [])), torch.tensor(sum(want, [])), atol=1e-4, rtol=0)
+    result, results = multiple_choice(model, choices), out["results"]["hellaswag_local"]
+    assert (result["accuracy"], result["accuracy_norm"]) == (results["acc,none"], results["acc_norm,none"])

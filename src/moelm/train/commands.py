@@ -18,7 +18,8 @@ def add_eval_arguments(p):
     p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local cache")
     p.add_argument("--data", required=True, help="a local JSONL file (--kind text: or a .txt file)")
     p.add_argument("--kind", required=True, choices=("hellaswag", "text", "chat"),
-                   help="hellaswag: multiple-choice accuracy; text/chat: perplexity")
+                   help="hellaswag: multiple-choice accuracy as lm-eval's hellaswag task scores it (acc, acc_norm); "
+                        "text/chat: perplexity")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) applied to the model")
     p.add_argument("--limit", type=int, default=None, help="the first N records only")
     p.add_argument("--batch-size", type=int, default=8)

@@ -3,6 +3,7 @@ files, scored as lm-evaluation-harness scores them) and perplexity of a list of 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,19 +17,36 @@ from .data import IGNORE, DataError, Example, collate, hellaswag_record, hellasw
 class Choice:
     context: list[int]  # token ids
     endings: list[list[int]]  # token ids of each ending
-    ending_chars: list[int]  # length in bytes (utf-8) of each ending's text, for accuracy_norm
+    ending_chars: list[int]  # length in characters of each ending's text, for accuracy_norm
     label: int
 
 
+def lm_eval_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag clean-up: WikiHow's " [title]" becomes ". ", other [tags] go."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+
+def lm_eval_record(record: dict, ctx: str, endings: list[str]) -> tuple[str, list[str]]:
+    """A row of the HellaSwag dataset itself (with activity_label, ctx_a, ctx_b) as lm-evaluation-harness's hellaswag
+    task poses it: "label: ctx_a Ctx_b" and the endings, cleaned; a row with only ctx and endings as it is."""
+    parts = [record.get(k) for k in ("activity_label", "ctx_a", "ctx_b")]
+    if not all(isinstance(p, str) for p in parts):
+        return ctx, endings
+    label, a, b = parts
+    return lm_eval_text(f"{label}: {a} {b.capitalize()}"), [lm_eval_text(e) for e in endings]
+
+
 def load_choices(path, tokenizer, limit: int | None = None) -> list[Choice]:
-    """The first `limit` records of a HellaSwag file (ctx, endings, label; as kind hellaswag reads them)."""
+    """The first `limit` records of a HellaSwag file (ctx, endings, label; as kind hellaswag reads them), rows of the
+    dataset itself posed as lm-evaluation-harness poses them (lm_eval_record)."""
     choices = []
     for where, record in read_records(path, limit, "hellaswag"):
         ctx, endings, label = hellaswag_record(record, where)
+        ctx, endings = lm_eval_record(record, ctx, endings)
         context, ends = hellaswag_tokens(tokenizer, ctx, endings, where)
         if not context:
             raise DataError(f"{where}: ctx has no tokens, so the first token of an ending has nothing to follow")
-        choices.append(Choice(context, ends, [len(e.encode("utf-8")) for e in endings], label))
+        choices.append(Choice(context, ends, [len(e) for e in endings], label))
     return choices
 
 
@@ -86,7 +104,7 @@ def _token_nll(model, examples: list[Example], pad_id: int = 0, mtp: bool = Fals
 @torch.no_grad()
 def multiple_choice(model, choices: list[Choice], batch_size: int = 8) -> dict:
     """{"accuracy", "accuracy_norm", "count"}: accuracy picks the ending of highest log-probability sum,
-    accuracy_norm the highest sum / byte length of the ending text (lm-evaluation-harness's acc_norm for HellaSwag).
+    accuracy_norm the highest sum / character length of the ending text (lm-evaluation-harness's acc_norm).
     Ties go to the first ending."""
     if not choices:
         raise ValueError("multiple_choice needs at least one choice")
