@@ -95,6 +95,48 @@ def test_chat_repl_commands(tiny, capsys, monkeypatch):
     assert "system message set" in err
 
 
+def test_chat_prefills_only_the_new_turn_and_replies_as_fresh_runs(tiny, capsys, monkeypatch):
+    """Each turn continues the last turn's KV cache (cut to the tokens the new prompt shares with it), so only the
+    new tokens are prefilled; the replies are those of a fresh greedy generate() over the whole conversation."""
+    import moelm.cli as cli
+    from moelm import AutoModelForCausalLM
+    from moelm.text.tokenizer import AutoTokenizer
+
+    fed = []
+    load = cli.load
+
+    def observed(args):
+        model, tok = load(args)
+        model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        return model, tok
+
+    monkeypatch.setattr(cli, "load", observed)
+    turns = ["Hi there", "And again", "One more"]
+    script = f"{turns[0]}\n{turns[1]}\n/system Be terse.\n{turns[2]}\n/exit\n"
+    code, out, err = in_process(("chat", "--model", str(tiny), "--max-new-tokens", "5", "--temperature", "0"), capsys,
+                                monkeypatch, stdin=script)
+    assert code == 0, err
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
+    history, replies, prompts, runs = [], [], [], []
+    for i, turn in enumerate(turns):
+        system = [{"role": "system", "content": "Be terse."}] if i == 2 else []
+        history = (history if i < 2 else []) + [{"role": "user", "content": turn}]
+        enc = tok.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        ids = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        replies.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        prompts.append(enc["input_ids"].shape[1])
+        runs.append((enc["input_ids"][0], ids[0, :-1]))  # the prompt; what the cache holds after the reply
+        history.append({"role": "assistant", "content": replies[-1].strip()})
+    assert out.splitlines() == [r.rstrip("\n") for r in replies]
+    starts = [i for i, n in enumerate(fed) if n > 1 or i == 0]  # each turn's prefill, then one token a step
+    for turn in (1, 2):  # each prefill feeds the prompt past what it shares with the last turn's cached tokens
+        prompt, held = runs[turn][0], runs[turn - 1][1]
+        shared = next((i for i, (a, b) in enumerate(zip(prompt, held)) if a != b), min(len(prompt), len(held)))
+        assert fed[starts[turn]] == prompts[turn] - shared
+    assert fed[0] == prompts[0] and fed[starts[1]] <= prompts[1] - prompts[0]  # not the first turn's prompt again
+
+
 def test_info(tiny, capsys, monkeypatch):
     code, out, err = in_process(("info", "--model", str(tiny)), capsys, monkeypatch)
     assert code == 0, err

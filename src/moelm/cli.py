@@ -384,6 +384,8 @@ def cmd_chat(args):
         raise CliError(f"{args.model} has no chat template; use `moelm generate` instead")
     lenient_stdin()
     history: list[dict] = []
+    cache = None  # (the last reply's KV cache, the token ids it holds): the next turn prefills only what is new
+    speculative = next((k for k in ("assistant_model", "prompt_lookup_num_tokens", "speculative") if k in kwargs), None)
     interactive = sys.stdin.isatty()
     if interactive:
         print("moelm chat — /reset clears the conversation, /system TEXT sets the system message, /exit quits; "
@@ -425,14 +427,33 @@ def cmd_chat(args):
             print(f"moelm: {e}; /reset to start over", file=sys.stderr)
             continue
         streamer = make_streamer(tokenizer)
+        past = reusable(cache, ids[0])
+        cache = None  # a reply cut short leaves the cache between two states
         try:
             with torch.inference_mode():
-                model.generate(ids, attention_mask=mask, streamer=streamer, tokenizer=tokenizer, **kwargs)
+                out = model.generate(ids, attention_mask=mask, streamer=streamer, tokenizer=tokenizer,
+                                     past_key_values=past, return_dict_in_generate=True, **kwargs)
         except KeyboardInterrupt:
             print("\n(reply interrupted)", file=sys.stderr)
             continue
+        if speculative is None and out.past_key_values is not None:
+            cache = (out.past_key_values, out.sequences[0, :out.past_key_values.get_seq_length()])
         history = messages[len(messages) - len(history) - 1:] + [
             {"role": "assistant", "content": "".join(streamer.text).strip()}]
+
+
+def reusable(cache, ids):
+    """The cache of the last turn cut to the tokens it shares with this turn's prompt ids [L] (at least one left to
+    feed), or None where it shares none."""
+    if cache is None:
+        return None
+    past, held = cache
+    n = int((held[:len(ids)] == ids[:len(held)]).long().cumprod(0).sum())
+    n = min(n, len(ids) - 1)
+    if n == 0:
+        return None
+    past.crop(n)
+    return past
 
 
 def cmd_info(args):
