@@ -57,7 +57,7 @@ def test_moelm_cache_that_is_no_directory(kind, tmp_path, capsys, monkeypatch):
 def test_ctrl_c_while_the_commands_are_imported(capsys, monkeypatch):
     import moelm.cli
 
-    def interrupted():
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(moelm.cli, "build_parser", interrupted)  # where Ctrl-C lands in the first seconds
@@ -79,3 +79,18 @@ def test_the_command_starts_before_torch_loads():
             "('named_config', 'pipeline', 'get_capabilities')), dir(moelm)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], [], ["generate", "--help"], ["chat", "--help"], ["info", "--help"],
+                                  ["quantize", "--help"], ["generate", "--model", "m"]])
+def test_help_and_usage_errors_do_not_wait_for_torch(args):
+    """`moelm --help`, a command's own --help and a usage error answer without importing torch (seconds on a busy
+    machine): only the named command's arguments are built, and these need no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom moelm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: moelm" in r.stdout + r.stderr

@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(argv: list[str] | None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) and not hasattr(args, "run"):  # the command came later (`moelm -- new ...`)
+        parser = build_parser(args.command)
+        args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "command", None) != "finetune":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra  # finetune: --section.key=value overrides of the recipe (load_recipe checks them)
@@ -61,9 +65,17 @@ def check_seed(seed):
         raise CliError(f"--seed must be in 0..2**64-1, got {seed}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+ALL = "*"
+
+
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The whole parser, or with `command` (the subcommand given, None for none) only that subcommand's arguments:
+    the others' come from modules that import torch, which `moelm --help` need not wait for."""
     parser = argparse.ArgumentParser(prog="moelm", description="ERNIE 4.5 / ERNIE 4.5 MoE / PhiMoE in PyTorch")
     sub = parser.add_subparsers(dest="command")
+
+    def wanted(*names: str) -> bool:
+        return command == ALL or command in names
 
     def model_args(p):
         p.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache (or a "
@@ -124,12 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "and its peak")
     p.set_defaults(run=cmd_info)
 
-    from .config import NAMED_CONFIGS
-
+    names = ", ".join(__import__("moelm.config", fromlist=["NAMED_CONFIGS"]).NAMED_CONFIGS) if wanted("new") else ""
     p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template",
                        description="Write a random-weight checkpoint of a named config, with a tokenizer and chat "
-                                   f"template. Config names: {', '.join(NAMED_CONFIGS)}.")
-    p.add_argument("config_name", metavar="CONFIG", help=f"one of: {', '.join(NAMED_CONFIGS)}")
+                                   f"template. Config names: {names}.")
+    p.add_argument("config_name", metavar="CONFIG", help=f"one of: {names}")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
@@ -150,49 +161,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     p.set_defaults(run=cmd_quantize)
 
-    from .serve.server import add_arguments as serve_arguments
-
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
-    serve_arguments(p)
-    runtime_args(p)
-    p.set_defaults(run=cmd_serve)
+    if wanted("serve"):
+        from .serve.server import add_arguments as serve_arguments
 
-    from .train import commands
+        serve_arguments(p)
+        runtime_args(p)
+        p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("finetune", help="fine-tune from a recipe (full or LoRA; torchrun for FSDP2/EP)",
-                       description="Fine-tune as a recipe says; `--section.key=value` after the recipe overrides a "
-                                   "key. One process as is, several with `torchrun --nproc-per-node N -m moelm "
-                                   "finetune ...`.")
-    commands.add_finetune_arguments(p)
-    p.set_defaults(run=lambda a: commands.finetune(a, a.overrides))
+    parsers = {name: sub.add_parser(name, **kw) for name, kw in (
+        ("finetune", dict(help="fine-tune from a recipe (full or LoRA; torchrun for FSDP2/EP)",
+                          description="Fine-tune as a recipe says; `--section.key=value` after the recipe overrides "
+                                      "a key. One process as is, several with `torchrun --nproc-per-node N -m moelm "
+                                      "finetune ...`.")),
+        ("eval", dict(help="multiple-choice accuracy (hellaswag-style) or perplexity on a local file")),
+        ("merge", dict(help="fold a LoRA adapter into its base: a hub checkpoint with tokenizer")))}
+    if wanted(*parsers):
+        from .train import commands
 
-    p = sub.add_parser("eval", help="multiple-choice accuracy (hellaswag-style) or perplexity on a local file")
-    commands.add_eval_arguments(p)
-    p.set_defaults(run=commands.evaluate)
-
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a hub checkpoint with tokenizer")
-    commands.add_merge_arguments(p)
-    p.set_defaults(run=commands.merge)
-
-    from .experts import commands as expert_commands
+        commands.add_finetune_arguments(parsers["finetune"])
+        parsers["finetune"].set_defaults(run=lambda a: commands.finetune(a, a.overrides))
+        commands.add_eval_arguments(parsers["eval"])
+        parsers["eval"].set_defaults(run=commands.evaluate)
+        commands.add_merge_arguments(parsers["merge"])
+        parsers["merge"].set_defaults(run=commands.merge)
 
     p = sub.add_parser("experts", help="what each MoE layer's experts do on a data file: report.json, report.html, "
                        "plots", description="Run the model over a data file and report, per MoE layer and expert, "
                        "the routing it does: load, gate mass, output norm, REAP saliency, balance (NeMo's metrics), "
                        "adjacent-token overlap and co-activation; writes OUT/report.json, report.html and PNGs.")
-    expert_commands.add_experts_arguments(p)
-    runtime_args(p)
-    p.set_defaults(run=lambda a: expert_commands.experts(a, load))
+    q = sub.add_parser("prune", help="fewer experts per MoE layer, chosen from an expert report: a hub checkpoint")
+    if wanted("experts", "prune"):
+        from .experts import commands as expert_commands
 
-    p = sub.add_parser("prune", help="fewer experts per MoE layer, chosen from an expert report: a hub checkpoint")
-    expert_commands.add_prune_arguments(p)
-    p.set_defaults(run=expert_commands.prune)
-
-    from .bench.cli import add_arguments
+        expert_commands.add_experts_arguments(p)
+        runtime_args(p)
+        p.set_defaults(run=lambda a: expert_commands.experts(a, load))
+        expert_commands.add_prune_arguments(q)
+        q.set_defaults(run=expert_commands.prune)
 
     p = sub.add_parser("bench", help="speed of moelm vs transformers on a random model (prefill, decode, RSS)")
-    add_arguments(p)
-    p.set_defaults(run=cmd_bench)
+    if wanted("bench"):
+        from .bench.cli import add_arguments
+
+        add_arguments(p)
+        p.set_defaults(run=cmd_bench)
     for p in sub.choices.values():  # `chat --prompt 3` must not be taken for --prompt-lookup-num-tokens 3
         p.allow_abbrev = False
     return parser
