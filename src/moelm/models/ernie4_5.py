@@ -19,6 +19,12 @@ def ernie_cos_sin(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, tor
     return cos_sin(inv_freq, position_ids, scale)
 
 
+def no_attention_dropout(layer: DecoderLayer) -> DecoderLayer:
+    """transformers' ERNIE attention has no dropout, whatever attention_dropout a config.json carries."""
+    layer.self_attn.dropout = 0.0
+    return layer
+
+
 class Ernie4_5Model(DecoderModel):
     config_class = Ernie4_5Config
 
@@ -27,7 +33,8 @@ class Ernie4_5Model(DecoderModel):
             return RMSNorm(config.hidden_size, config.rms_norm_eps)
 
         def layer(cfg, i):
-            return DecoderLayer(cfg, i, norm, self.make_mlp(cfg, i), "mlp", cfg.use_bias, rotate_interleaved)
+            return no_attention_dropout(DecoderLayer(cfg, i, norm, self.make_mlp(cfg, i), "mlp", cfg.use_bias,
+                                                     rotate_interleaved))
 
         super().__init__(config, layer, norm)
 

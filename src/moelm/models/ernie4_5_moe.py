@@ -12,8 +12,8 @@ from ..config import Ernie4_5_MoeConfig
 from ..nn.layers import MLP, DecoderLayer, RMSNorm, attention_mask_4d
 from ..nn.moe import Experts, ernie_choose, ernie_route
 from ..nn.rope import rotate_interleaved
-from .ernie4_5 import Ernie4_5Model
-from .modeling import CausalLM, Router
+from .ernie4_5 import Ernie4_5Model, no_attention_dropout
+from .modeling import CausalLM, Router, boolean_mask
 
 MTP_KEY = re.compile(r"^model\.(mtp_emb_norm|mtp_hidden_norm|mtp_linear_proj|mtp_block)\.(\d+)\.(.+)$")
 
@@ -99,7 +99,8 @@ class Ernie4_5_MoeForCausalLM(CausalLM):
 
         def block():
             mlp = MLP(h, cfg.intermediate_size, bias=cfg.use_bias)
-            return DecoderLayer(cfg, 0, norm, mlp, "mlp", cfg.use_bias, rotate_interleaved)  # its own cache
+            return no_attention_dropout(DecoderLayer(cfg, 0, norm, mlp, "mlp", cfg.use_bias,
+                                                     rotate_interleaved))  # its own cache
 
         with torch.device(device):
             base.mtp_emb_norm = nn.ModuleList(norm() for _ in range(layers))
@@ -198,7 +199,7 @@ class ErnieMtp:
         x = torch.cat([base.mtp_emb_norm[depth](emb), base.mtp_hidden_norm[depth](hidden.to(emb.dtype))], dim=-1)
         x = base.mtp_linear_proj[depth](x)
         past = cache.get_seq_length() if cache is not None else 0
-        mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
+        mask = attention_mask_4d(boolean_mask(attention_mask), x.shape[0], x.shape[1], past, None, x.device)
         x, _, _ = base.mtp_block[depth](x, base.rotary(x, position_ids), mask, cache)
         return x
 

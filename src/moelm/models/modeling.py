@@ -440,10 +440,16 @@ class DecoderModel(PreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + seq, device=inputs_embeds.device)
+        elif not torch.equal(cache_position.reshape(-1).cpu(), torch.arange(past, past + seq)):
+            raise ValueError(f"cache_position must be {past}..{past + seq - 1} (the cache holds {past} positions, "
+                             f"{seq} come now; transformers 5 does not read it), got {cache_position.tolist()}")
+        packed = position_ids is not None and attention_mask is None and past_key_values is None
         if position_ids is None:
             position_ids = cache_position[None]
-        mask = attention_mask_4d(attention_mask, batch, seq, int(cache_position[0]), self.sliding_window,
-                                 inputs_embeds.device)
+        mask = packed_mask(position_ids, batch, self.sliding_window) if packed else None
+        if mask is None:
+            mask = attention_mask_4d(boolean_mask(attention_mask), batch, seq, int(cache_position[0]),
+                                     self.sliding_window, inputs_embeds.device)
         cos_sin = self.rotary(inputs_embeds, position_ids)
         h, hidden_states, attentions, router_logits = self.run_layers(inputs_embeds, cos_sin, mask, past_key_values,
                                                                       output_attentions, output_hidden_states, keep)
@@ -496,8 +502,11 @@ class CausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, cache_position=None, output_attentions=UNSET,
                 output_hidden_states=UNSET, output_router_logits=None, logits_to_keep=0, return_dict=None,
-                num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, shift_labels=None, **kwargs):
         check_inputs(kwargs, attention_mask, input_ids, inputs_embeds, type(self))
+        if shift_labels is not None and labels is None:
+            raise ValueError(f"{type(self).__name__}.forward(): shift_labels (labels already shifted, as "
+                             "transformers' loss takes them) go with labels; pass labels too")
         moe = hasattr(self.config, "router_aux_loss_coef")
         output_attentions, output_hidden_states, output_router_logits, return_dict = configured(
             self.config, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -519,7 +528,7 @@ class CausalLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
         aux_loss = None
         if moe and output_router_logits:
             aux_loss = load_balancing_loss(out.router_logits, self.config.num_experts,
@@ -530,6 +539,37 @@ class CausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits)
         return result if return_dict else result.to_tuple()
+
+
+def boolean_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 4D float attention_mask is additive, as transformers adds it to the scores: 0 where a query attends, a large
+    negative value (-inf, the dtype's min, -1e4) where it does not; moelm takes it as the boolean mask it stands for.
+    Any other value is a ValueError (a float mask of ones and zeros, or a bias)."""
+    if attention_mask is None or attention_mask.dim() != 4 or not attention_mask.is_floating_point():
+        return attention_mask
+    attend = attention_mask == 0
+    if not bool((attend | (attention_mask <= -1e4)).all()):
+        raise ValueError("a 4D float attention_mask is additive, as transformers takes it: 0 where a query attends "
+                         "and -inf (or the dtype's min) where it does not; pass a boolean mask (True = attend) "
+                         "otherwise")
+    return attend
+
+
+def packed_mask(position_ids: torch.Tensor, batch: int, sliding_window: int | None) -> torch.Tensor | None:
+    """With no attention_mask and no cache, transformers reads packed sequences from position_ids: a position that
+    is not the one before plus 1 starts a new sequence, attended to on its own (causal, windowed). None when no row
+    has more than one sequence (plain causal)."""
+    positions = position_ids.expand(batch, -1)
+    starts = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
+    sequence = starts.cumsum(-1)  # [B, S]
+    if not bool(sequence[:, -1].any()):
+        return None
+    q_idx = torch.arange(positions.shape[1], device=positions.device)[:, None]
+    kv_idx = q_idx.T
+    mask = kv_idx <= q_idx
+    if sliding_window is not None:
+        mask = mask & (kv_idx > q_idx - sliding_window)
+    return (mask & (sequence[:, :, None] == sequence[:, None, :]))[:, None]
 
 
 def check_inputs(kwargs: dict, attention_mask, input_ids, inputs_embeds, cls: type):
@@ -613,9 +653,13 @@ def logits_kept(logits_to_keep, seq: int):
     return logits_to_keep
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; labels are shifted here, -100 ignored."""
-    labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(logits.device)
+def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = -100,
+                   shift_labels=None) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; labels are shifted here (shift_labels: already shifted, taken as
+    they are, as transformers' loss), -100 ignored."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    labels = shift_labels.reshape(-1).to(logits.device)
     logits = logits.float().reshape(-1, logits.shape[-1])
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
