@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import json
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -481,6 +482,7 @@ def decoding_ends(done: bool, model, sync) -> bool:
 
 
 _TUNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(kind, threads, rows): ThreadTuner}
+_TUNING = threading.Lock()  # held by the one call whose tuner sets torch's (process-wide) thread count
 
 
 @contextlib.contextmanager
@@ -488,23 +490,27 @@ def tuned(step: Callable, state: DecodeState, model=None, kind: str = "decode"):
     """On CPU with several torch threads: the step under a ThreadTuner (the thread count measured while decoding,
     so that a machine whose cores other processes use does not stall every step), torch's count restored after;
     otherwise the step itself. The tuner of `model` for this kind of step, torch thread count and batch rows carries
-    over from its last call (its probes stay rare)."""
-    if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1:
+    over from its last call (its probes stay rare). One call tunes at a time: calls in other threads meanwhile run
+    the step itself (a tuner shared between calls, or two setting and restoring the count, would race)."""
+    if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1 or not _TUNING.acquire(blocking=False):
         yield step
         return
     from ..inference.threads import ThreadTuner
 
     try:
-        tuners = _TUNERS.setdefault(model, {}) if model is not None else {}
-    except TypeError:  # an object without weak references: a tuner for this call only
-        tuners = {}
-    key = (kind, torch.get_num_threads(), state.input_ids.shape[0])
-    tuner = tuners[key].resume(step) if key in tuners else tuners.setdefault(key, ThreadTuner(step))
-    try:
-        yield tuner
+        try:
+            tuners = _TUNERS.setdefault(model, {}) if model is not None else {}
+        except TypeError:  # an object without weak references: a tuner for this call only
+            tuners = {}
+        key = (kind, torch.get_num_threads(), state.input_ids.shape[0])
+        tuner = tuners[key].resume(step) if key in tuners else tuners.setdefault(key, ThreadTuner(step))
+        try:
+            yield tuner
+        finally:
+            tuner.restore()
+            tuner.step = None  # kept by _TUNERS between calls: a step holding the model would keep it alive
     finally:
-        tuner.restore()
-        tuner.step = None  # kept by _TUNERS between calls: a step holding the model would keep it alive
+        _TUNING.release()
 
 
 def generate_tokens(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,

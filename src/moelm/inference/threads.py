@@ -7,10 +7,14 @@ the steps run at the current count, and now and then a few run at the neighbouri
 most); the faster one stays. When the choice holds, the probes grow rarer (every 8, 16, ... 256 steps), also across the
 calls of one model (generation.generate keeps a tuner per model): a probe at half the threads costs a memory-bound
 step up to 1.6x, and starting over each call cost 8-12% of a 64-token generate (full-size ERNIE-4.5-21B-A3B, Zen 3).
+While other Python threads are alive the steps run at the count the caller had, untimed: torch's thread count is
+the whole process's, and an op's result (its reduction order, the kernel path chosen for it) depends on it, so
+tuning would change what a forward in another thread computes.
 """
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -36,6 +40,8 @@ class ThreadTuner:
         self.down = True  # the direction of the next probe
 
     def __call__(self, *args, **kwargs):
+        if threading.active_count() > 1:  # torch's count is the process's: others' results would change with it
+            return self._at(self.before, args, kwargs)
         n = self.trial or self.current
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
@@ -56,7 +62,9 @@ class ThreadTuner:
     def untimed(self, *args, **kwargs):
         """A step of another kind (a speculative check of several tokens) at the chosen count, not timed: the
         choice compares like steps only."""
-        n = self.current
+        return self._at(self.before if threading.active_count() > 1 else self.current, args, kwargs)
+
+    def _at(self, n: int, args, kwargs):
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         return self.step(*args, **kwargs)
