@@ -626,12 +626,12 @@ def test_generation_config_keys_moelm_does_not_implement(tmp_path):
     ref = reference("ernie4_5")
     ref.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "generation_config.json").read_text())
-    data.update(guidance_scale=1.5, max_time=5.0, top_h=0.5, frequency_penalty=0.5,
+    data.update(guidance_scale=1.5, token_healing=True, top_h=0.5, frequency_penalty=0.5,
                 presence_penalty=0.0, do_sample=False)
     (tmp_path / "generation_config.json").write_text(json.dumps(data))
     ours = moelm.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
     ids = prompt()
-    with pytest.raises(ValueError, match=r"guidance_scale=1.5, max_time=5.0 \(from "
+    with pytest.raises(ValueError, match=r"guidance_scale=1.5, token_healing=True \(from "
                                          r"model.generation_config: the checkpoint's generation_config.json") as e:
         ours.generate(input_ids=ids, max_new_tokens=3)
     assert "top_h" not in str(e.value) and "penalty=" not in str(e.value)
@@ -645,8 +645,8 @@ def test_generation_config_keys_moelm_does_not_implement(tmp_path):
     ours.generation_config.guidance_scale = 1.0
     assert ours.generation_config.to_dict()["guidance_scale"] == 1.0
     want = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5, max_time=None), want)
-    del ours.generation_config.max_time
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5, token_healing=None), want)
+    del ours.generation_config.token_healing
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=5), want)
     ours.generation_config.guidance_scale = 2.0  # set by hand
     with pytest.raises(ValueError, match="guidance_scale=2.0"):
@@ -777,3 +777,20 @@ def test_invalid_settings_raise(index):
     if index < len(INVALID) - 3:
         with pytest.raises(ValueError, match=match):
             GenerationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3), dict(do_sample=True, top_k=5)])
+def test_max_time_stops_as_transformers(mode):
+    """max_time (transformers' MaxTimeCriteria: every row stops once that many seconds have passed since the call
+    began): 0 gives transformers' one new token in greedy, beam and sampled runs; an ample one changes nothing."""
+    ref, ours = build("ernie4_5")
+    ids, mask = padded()
+    for max_time, new in ((0.0, 1), (600.0, 6)):
+        torch.manual_seed(0)
+        want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, max_time=max_time, **mode)
+        torch.manual_seed(0)
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, max_time=max_time, **mode)
+        assert torch.equal(got, want), (max_time, got, want)
+        assert got.shape[1] == ids.shape[1] + new
+    with pytest.raises(ValueError, match="max_time must be a number of seconds >= 0, got -1"):
+        ours.generate(input_ids=ids, max_new_tokens=2, max_time=-1)

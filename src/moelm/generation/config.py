@@ -22,7 +22,7 @@ DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new
 # transformers 5.23's GenerationConfig fields that moelm does not implement: those that change the tokens, with the
 # values that leave them as without the field (transformers' defaults), ...
 UNIMPLEMENTED = {
-    "max_time": (None,), "use_mtp": (None, False), "top_h": (None,), "encoder_repetition_penalty": (None, 1.0),
+    "use_mtp": (None, False), "top_h": (None,), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0), "token_healing": (None, False), "guidance_scale": (None, 1.0),
     "watermarking_config": (None,), "output_attentions": (None, False), "output_hidden_states": (None, False),
     "assistant_early_exit": (None,), "assistant_ensemble_weight": (None,), "speculation_type": (None,),
@@ -78,6 +78,7 @@ class GenerationConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     stop_strings: str | list[str] | None = None
+    max_time: float | None = None  # seconds from the call's start, after which every row stops (MaxTimeCriteria)
     output_scores: bool = False
     output_logits: bool = False
     return_dict_in_generate: bool = False
@@ -146,6 +147,8 @@ class GenerationConfig:
         check(self.num_assistant_tokens_schedule in (None, "heuristic", "constant"),
               "num_assistant_tokens_schedule must be 'heuristic' or 'constant', got "
               f"{self.num_assistant_tokens_schedule!r}")
+        check(self.max_time is None or isinstance(self.max_time, (int, float)) and not isinstance(self.max_time, bool)
+              and self.max_time >= 0, f"max_time must be a number of seconds >= 0, got {self.max_time!r}")
         count("num_beams", 1)
         check(isinstance(self.use_cache, bool), f"use_cache must be True or False, got {self.use_cache!r}")
         check(self.num_beams == 1 or isinstance(self.length_penalty, (int, float)) and not isinstance(

@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -60,6 +61,7 @@ class DecodeState:
     use_cache: bool = True
     stop_strings: list[str] | None = None
     tokenizer: Any = None                       # decodes rows for stop_strings
+    deadline: float | None = None               # time.monotonic() past which every row stops (max_time)
     unfinished: torch.Tensor | None = None      # [N] bool
     scores: list | None = None                  # filled when return_dict_in_generate and output_scores
     logits: list | None = None                  # filled when return_dict_in_generate and output_logits
@@ -129,6 +131,8 @@ def stopped(state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
         done |= torch.isin(input_ids[:, -1], state.eos)
     if state.stop_strings:
         done |= stop_string_hits(input_ids, state.stop_strings, state.tokenizer).to(done.device)
+    if state.deadline is not None and time.monotonic() > state.deadline:
+        done[:] = True
     return done
 
 
@@ -227,7 +231,10 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
     default attention mask and positions, rows repeated for beams / return sequences, the length limits, and the
     cache (past_key_values continued, see continued_cache). logits_to_keep (transformers passes it to the model) may
     be any integer: generation reads the last position's logits only."""
+    start = time.monotonic()
     cfg = merge_config(model, generation_config, kwargs)
+    if cfg.max_time is not None and getattr(model, "parallel", None) is not None:
+        raise ValueError("max_time on a sharded model would stop its ranks at different steps; use max_new_tokens")
     if logits_to_keep is not None and not (isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool)
                                            and logits_to_keep >= 0):  # an int changes nothing: the last is read
         raise ValueError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
@@ -287,7 +294,8 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         inputs_embeds=inputs_embeds, use_cache=cfg.use_cache or inputs_embeds is not None,
         stop_strings=[cfg.stop_strings] if isinstance(cfg.stop_strings, str) else cfg.stop_strings, tokenizer=tokenizer,
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
-        scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None)
+        scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None,
+        deadline=None if cfg.max_time is None else start + cfg.max_time)
     if past_key_values is not None:
         if inputs_embeds is not None:
             raise ValueError("generate() does not take past_key_values with inputs_embeds; pass input_ids")
