@@ -794,3 +794,43 @@ def test_max_time_stops_as_transformers(mode):
         assert got.shape[1] == ids.shape[1] + new
     with pytest.raises(ValueError, match="max_time must be a number of seconds >= 0, got -1"):
         ours.generate(input_ids=ids, max_new_tokens=2, max_time=-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_and_attentions_of_each_step_as_transformers(family):
+    """generate(return_dict_in_generate=True, output_hidden_states=True, output_attentions=True): each step's forward's
+    hidden states (embeddings + every layer, the prompt's positions at the first step) and attention weights, as
+    transformers (eager attention) returns them, for greedy, beam and sampled runs over a padded batch."""
+    ref, ours = build(family)
+    before = ref.config._attn_implementation
+    ref.set_attn_implementation("eager")
+    ids, mask = padded()
+    runs = []
+    try:
+        for mode in (dict(do_sample=False), dict(num_beams=2), dict(do_sample=True, top_k=4)):
+            kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True,
+                      output_hidden_states=True, output_attentions=True, **mode)
+            torch.manual_seed(0)
+            want = ref.generate(**kw)
+            torch.manual_seed(0)
+            got = ours.generate(**kw)
+            assert torch.equal(got.sequences, want.sequences)
+            runs.append(got)
+            for name in ("hidden_states", "attentions"):
+                a, b = getattr(got, name), getattr(want, name)
+                assert [len(step) for step in a] == [len(step) for step in b] and len(a) == len(b) == 3, name
+                for x, y in zip(sum(a, ()), sum(b, ())):
+                    torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    finally:
+        ref.set_attn_implementation(before)
+    plain = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, output_hidden_states=True)
+    assert torch.equal(plain, runs[0].sequences)  # without return_dict_in_generate: the tokens, as transformers
+    ours.config.output_hidden_states = True  # the forward's default; generate's switch is generation_config's
+    try:
+        out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
+    finally:
+        ours.config.extra.pop("output_hidden_states")
+    assert out.hidden_states is None and torch.equal(out.sequences, runs[0].sequences)
+    with pytest.raises(ValueError, match="speculative decoding does not record output_hidden_states"):
+        ours.generate(input_ids=ids[:1], max_new_tokens=3, prompt_lookup_num_tokens=2, return_dict_in_generate=True,
+                      output_hidden_states=True)

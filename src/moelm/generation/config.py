@@ -24,7 +24,7 @@ DEFAULT_NEW_TOKENS = 20  # transformers 5.x: with neither max_length nor max_new
 UNIMPLEMENTED = {
     "use_mtp": (None, False), "top_h": (None,), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0), "token_healing": (None, False), "guidance_scale": (None, 1.0),
-    "watermarking_config": (None,), "output_attentions": (None, False), "output_hidden_states": (None, False),
+    "watermarking_config": (None,),
     "assistant_early_exit": (None,), "assistant_ensemble_weight": (None,), "speculation_type": (None,),
     "penalty_alpha": (None, 0), "dola_layers": (None,), "diversity_penalty": (None, 0), "num_beam_groups": (None, 1),
     "constraints": (None,), "force_words_ids": (None,),
@@ -81,6 +81,8 @@ class GenerationConfig:
     max_time: float | None = None  # seconds from the call's start, after which every row stops (MaxTimeCriteria)
     output_scores: bool = False
     output_logits: bool = False
+    output_hidden_states: bool = False  # each step's forward's, with return_dict_in_generate
+    output_attentions: bool = False
     return_dict_in_generate: bool = False
     use_cache: bool = True
     cache_implementation: str | None = None  # moelm: "static" (the default here) or "dynamic"

@@ -36,6 +36,8 @@ class GenerateOutput:
     logits: tuple[torch.Tensor, ...] | None = None       # raw logits per step, each [B * n, V]
     beam_indices: torch.Tensor | None = None             # [B * num_return_sequences, new tokens]
     past_key_values: Any = None
+    hidden_states: tuple | None = None  # per step, the forward's (embeddings + each layer), each [N, fed, H]
+    attentions: tuple | None = None     # per step, each layer's [N, heads, fed, T]
 
     def __getitem__(self, key):
         return getattr(self, key)
@@ -62,6 +64,8 @@ class DecodeState:
     stop_strings: list[str] | None = None
     tokenizer: Any = None                       # decodes rows for stop_strings
     deadline: float | None = None               # time.monotonic() past which every row stops (max_time)
+    hidden_states: list | None = None           # filled when return_dict_in_generate and output_hidden_states
+    attentions: list | None = None              # filled when return_dict_in_generate and output_attentions
     unfinished: torch.Tensor | None = None      # [N] bool
     scores: list | None = None                  # filled when return_dict_in_generate and output_scores
     logits: list | None = None                  # filled when return_dict_in_generate and output_logits
@@ -92,8 +96,13 @@ def _forward(model, state: DecodeState, input_ids=None, inputs_embeds=None) -> t
     fed = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
     out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=state.attention_mask,
                 position_ids=state.position_ids[:, -fed:], past_key_values=state.cache, use_cache=state.use_cache,
-                logits_to_keep=1)
+                logits_to_keep=1, output_hidden_states=state.hidden_states is not None,
+                output_attentions=state.attentions is not None)  # not config.json's switches, as transformers'
     state.cache = out.past_key_values
+    if state.hidden_states is not None:
+        state.hidden_states.append(out.hidden_states)
+    if state.attentions is not None:
+        state.attentions.append(out.attentions)
     return out.logits[:, -1].float()
 
 
@@ -295,7 +304,9 @@ def prepare(model, input_ids=None, attention_mask=None, generation_config: Gener
         stop_strings=[cfg.stop_strings] if isinstance(cfg.stop_strings, str) else cfg.stop_strings, tokenizer=tokenizer,
         unfinished=torch.ones(input_ids.shape[0], dtype=torch.bool, device=device),
         scores=[] if record and cfg.output_scores else None, logits=[] if record and cfg.output_logits else None,
-        deadline=None if cfg.max_time is None else start + cfg.max_time)
+        deadline=None if cfg.max_time is None else start + cfg.max_time,
+        hidden_states=[] if record and cfg.output_hidden_states else None,
+        attentions=[] if record and cfg.output_attentions else None)
     if past_key_values is not None:
         if inputs_embeds is not None:
             raise ValueError("generate() does not take past_key_values with inputs_embeds; pass input_ids")
@@ -695,6 +706,8 @@ class GenerationMixin:
         drafter = drafter_for(self, cfg, assistant_model, speculative)
         if drafter is not None and kwargs.get("past_key_values") is not None:
             raise ValueError("speculative decoding does not continue a cache: drop past_key_values")
+        if drafter is not None and (state.hidden_states is not None or state.attentions is not None):
+            raise ValueError("speculative decoding does not record output_hidden_states / output_attentions")
         if streamer is not None:
             if cfg.num_beams > 1:
                 raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
@@ -719,4 +732,6 @@ class GenerationMixin:
             sequences=sequences, sequences_scores=sequences_scores if cfg.output_scores else None,
             scores=None if state.scores is None else tuple(state.scores),
             logits=None if state.logits is None else tuple(state.logits), beam_indices=beam_indices,
-            past_key_values=state.cache)
+            past_key_values=state.cache,
+            hidden_states=None if state.hidden_states is None else tuple(state.hidden_states),
+            attentions=None if state.attentions is None else tuple(state.attentions))
