@@ -1,11 +1,19 @@
-"""Files written atomically (a temporary file in the same folder, fsync, rename, fsync of the folder) and sizes
-given as "5GB" / "2GiB"."""
+"""Files written atomically (a temporary file in the same folder, fsync, rename, fsync of the folder), folders
+locked, swapped and made for a writer (those of killed writers swept), and sizes given as "5GB" / "2GiB"."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: folders are not locked
+    fcntl = None
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -45,6 +53,85 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_HELD: set[tuple[int, int]] = set()  # the folders this process holds locked
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock (flock) on a folder for the block (already held by this process: nothing more); the
+    system drops it when its process dies."""
+    fd = os.open(path, os.O_RDONLY)
+    stat = os.fstat(fd)
+    key = (stat.st_dev, stat.st_ino)
+    try:
+        if key in _HELD:
+            yield
+            return
+        with contextlib.suppress(OSError, AttributeError):  # a file system (or system) without locks: unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)
+
+
+def remove_stale(directory: Path, pattern: str) -> None:
+    """The folders `pattern` in `directory` that no process holds locked (left by a killed writer)."""
+    for path in directory.glob(pattern):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (OSError, AttributeError):
+            continue  # its writer is alive (or nothing tells: left alone)
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def temp_folder(directory: Path, prefix: str):
+    """A new folder `prefix`* in `directory` for the block, then removed; locked meanwhile, so that the next
+    writer removes those that killed writers left."""
+    with contextlib.ExitStack() as stack:
+        with locked(directory):
+            remove_stale(directory, f"{prefix}*")
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on a folder swapped into place
+            stack.enter_context(locked(tmp))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_dirs(new: Path, target: Path) -> None:
+    """Folder `new` becomes `target`. An existing target is exchanged with it in one step (renameat2) where the
+    system can, else renamed aside first; either way the old one, now at `new`, is then removed."""
+    if target.exists():
+        try:
+            exchange = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+        except (OSError, TypeError):  # no C library to ask (Windows)
+            exchange = None
+        if exchange is None or exchange(-100, bytes(new), -100, bytes(target), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+            aside = new.with_name(new.name + "-old")
+            target.rename(aside)
+            new.rename(target)
+            new = aside
+        fsync_dir(target.parent)
+        shutil.rmtree(new, ignore_errors=True)  # what a kill leaves here, the next writer sweeps
+    else:
+        new.rename(target)
+        fsync_dir(target.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -7,16 +7,14 @@ import math
 import mmap
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .files import fsync_dir, fsync_file, parse_size
+from .files import fsync_dir, fsync_file, locked, parse_size, temp_folder
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -142,6 +140,9 @@ class SafetensorsCheckpoint:
                     raise CheckpointError(f"{f}: shard is missing (referenced by {index_path})")
         else:
             self.files = sorted(p for p in d.glob("*.safetensors") if p.is_file())
+            if any(_is_ours(f.name) for f in self.files):  # as transformers: shards are read through their index
+                raise CheckpointError(f"{d}: shards {self.files[0].name}... without {INDEX_NAME} (an interrupted "
+                                      "save?); save the checkpoint again")
         if not self.files:
             pickled = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             if pickled:
@@ -350,56 +351,67 @@ def save_sharded(
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=directory))
     try:
-        if layout is None:
-            shards, total = _write_shards(items, tmp, limit, meta)
-        else:
-            shards, total = _stream_shards(items, layout, tmp, limit, meta)
-        n = len(shards)
-        final = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for i, fname in enumerate(final):
-            os.replace(tmp / f"part-{i}", tmp / fname)
-            os.chmod(tmp / fname, 0o644)  # safetensors creates files 0600; make them readable like config.json
-            fsync_file(tmp / fname)
-        if n > 1:
-            weight_map = {name: fname for fname, shard_names in zip(final, shards) for name in shard_names}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            fsync_file(tmp / INDEX_NAME)
-            final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
-        for fname, content in (extra_files or {}).items():
-            if isinstance(content, bytes):
-                (tmp / fname).write_bytes(content)
+        with temp_folder(directory, ".tmp-save-") as tmp:
+            if layout is None:
+                shards, total = _write_shards(items, tmp, limit, meta)
             else:
-                (tmp / fname).write_text(content, encoding="utf-8")
-            os.chmod(tmp / fname, 0o644)
-            fsync_file(tmp / fname)
-            final.append(fname)
-        fsync_dir(tmp)
-
-        for fname in final:
-            os.replace(tmp / fname, directory / fname)
-        fsync_dir(directory)
+                shards, total = _stream_shards(items, layout, tmp, limit, meta)
+            n = len(shards)
+            final = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            for i, fname in enumerate(final):
+                os.replace(tmp / f"part-{i}", tmp / fname)
+                os.chmod(tmp / fname, 0o644)  # safetensors creates files 0600; make them readable like config.json
+                fsync_file(tmp / fname)
+            if n > 1:
+                weight_map = {name: fname for fname, shard_names in zip(final, shards) for name in shard_names}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                fsync_file(tmp / INDEX_NAME)
+                final.append(INDEX_NAME)  # moved last, so readers never see an index before its shards
+            for fname, content in (extra_files or {}).items():
+                if isinstance(content, bytes):
+                    (tmp / fname).write_bytes(content)
+                else:
+                    (tmp / fname).write_text(content, encoding="utf-8")
+                os.chmod(tmp / fname, 0o644)
+                fsync_file(tmp / fname)
+                final.append(fname)
+            fsync_dir(tmp)
+            with locked(directory):  # one writer at a time swaps its files in
+                _move_in(tmp, directory, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         # safetensors' own SafetensorError (disk full while it writes) and OSErrors naming no file: say where
         if type(e).__name__ == "SafetensorError" or isinstance(e, OSError) and e.filename is None:
             errno = getattr(e, "errno", None)
             text = f"cannot save the checkpoint in {directory}: {e.strerror if errno else e}"
             raise (OSError(errno, text) if errno else OSError(text)) from e
         raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    return [directory / f for f in final]
 
-    # Stale files from an earlier save; the old index goes first so it never points at deleted shards.
-    keep = set(final)
-    stale = sorted((p for p in directory.iterdir() if _is_ours(p.name) and p.name not in keep),
+
+def _move_in(tmp: Path, directory: Path, final: list[str]) -> None:
+    """tmp/`final` into `directory` in an order where a reader (moelm or transformers) finds the whole old weights,
+    the whole new ones, or no config.json / shards without an index (an error), never a mixture; then an earlier
+    save's files go."""
+    index, config = directory / INDEX_NAME, directory / "config.json"
+    if INDEX_NAME in final and index.exists() and any((directory / f).exists() for f in final if f != INDEX_NAME):
+        index.unlink()  # the old index would point at new shards beside old ones
+    if "config.json" in final and config.exists() and config.read_bytes() != (tmp / "config.json").read_bytes():
+        config.unlink()  # nor another config stand beside the new weights
+    fsync_dir(directory)
+    for fname in final:
+        os.replace(tmp / fname, directory / fname)
+        if fname == INDEX_NAME:  # the new weights are whole: an old model.safetensors would be read before them
+            (directory / SINGLE_NAME).unlink(missing_ok=True)
+    fsync_dir(directory)
+    # the old index goes first so it never points at deleted shards
+    stale = sorted((p for p in directory.iterdir() if _is_ours(p.name) and p.name not in final),
                    key=lambda p: p.name != INDEX_NAME)
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
         fsync_dir(directory)
-    return [directory / f for f in final]
 
 
 def _write_shards(items, tmp: Path, limit: int, meta: dict) -> tuple[list[list[str]], int]:

@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from ..inference.bnb import BnbExperts, BnbLinear
 from ..inference.modules import FastExperts
 from ..inference.quantization import PackedLinear, QuantizedExperts
-from ..io.files import fsync_dir, fsync_file
+from ..io.files import fsync_dir, fsync_file, locked, temp_folder
 from ..nn.moe import Experts, grouped_linear
 from ..parallel.experts import ExpertsEP, ExpertsTP, full_tensor
 
@@ -467,26 +465,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
                        target_modules=modules, target_parameters=params, fan_in_fan_out=False, inference_mode=True,
                        revision=None, lora_bias=False, use_dora=False,
                        task_type="CAUSAL_LM" if hasattr(model, "lm_head") else None)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    directory.mkdir(parents=True, exist_ok=True)
+    fsync_dir(directory.parent)
+    with temp_folder(directory, ".tmp-adapter-") as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(tmp / f, 0o644)
             fsync_file(tmp / f)
-        fsync_dir(tmp)
-        if directory.exists():  # other files in it stay; ours are replaced one by one, the config last
+        with locked(directory):  # other files in it stay; ours are replaced one by one, the config last
+            if (directory / CONFIG_NAME).exists():  # not beside the new weights, even for a moment
+                (directory / CONFIG_NAME).unlink()
+                fsync_dir(directory)
             for f in (WEIGHTS_NAME, CONFIG_NAME):
                 os.replace(tmp / f, directory / f)
             fsync_dir(directory)
-            tmp.rmdir()
-        else:
-            os.rename(tmp, directory)
-        fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

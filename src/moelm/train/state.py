@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..io.files import atomic_write_text
+from ..io.files import atomic_write_text, locked, swap_dirs, temp_folder
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LEFT = re.compile(r"^\.tmp-(step_\d+|final)(-old)?$")
 
 
 def barrier(trainer):
@@ -29,23 +30,19 @@ def barrier(trainer):
 
 @contextlib.contextmanager
 def atomic_dir(trainer, target: Path):
-    """Every rank writes into a temporary sibling of `target`; rank 0 renames it into place at the end."""
+    """Every rank writes into a temporary sibling of `target`; rank 0 swaps it into place at the end (and first
+    sweeps those a killed save left)."""
     tmp = target.parent / f".tmp-{target.name}"
     if trainer.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for left in target.parent.glob(".tmp-*"):  # by a killed save
+            if LEFT.match(left.name):
+                shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(trainer)
     yield tmp
     barrier(trainer)
     if trainer.rank == 0:
-        if target.exists():
-            old = target.parent / f".old-{target.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        swap_dirs(tmp, target)
     barrier(trainer)
 
 
@@ -268,18 +265,17 @@ def write_checkpoint(model, out: str | Path, tokenizer_sources: list, files: dic
     from ..text.tokenizer import AutoTokenizer
 
     out = Path(out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for source in tokenizer_sources:
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-            break
-        except (OSError, ValueError):
-            continue
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with temp_folder(out.parent, f".tmp-{out.name}-") as tmp:
+        model.save_pretrained(tmp)
+        for source in tokenizer_sources:
+            try:
+                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+                break
+            except (OSError, ValueError):
+                continue
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        with locked(out.parent):
+            swap_dirs(tmp, out)
     return out
