@@ -77,7 +77,6 @@ def from_gguf(cls, path, gguf_file, dtype="auto", device=None, progress=None, co
     model.to_empty(device=torch.device("cpu"))
     model.tie_weights()
     _load(model, g, plan, progress)
-    model.quantized_tied_head = False  # loaded from token_embd's own blocks
     if fast:
         optimize(model)
     model.name_or_path = str(path if path is not None else g.path)
