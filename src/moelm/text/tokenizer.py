@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
 from ..config import read_json_object
+from ..io.files import atomic_write_bytes, atomic_write_text
 from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options, with_revision
 from ..io.weights import CheckpointError
 from .chat_template import render_chat_template
@@ -546,18 +546,18 @@ class Tokenizer:
         elif template is not None:
             config["chat_template"] = template
             if (directory / "chat_template.jinja").is_file():  # it would take priority over the config's
-                (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+                atomic_write_text(directory / "chat_template.jinja", template)
         smap = {**special, **({"extra_special_tokens": self.extra_special_tokens} if self._extra else {})}
         files = [directory / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
         self._backend.no_padding()  # calls set these; the saved file carries none
         self._backend.no_truncation()
-        self._backend.save(str(files[0]))
+        atomic_write_text(files[0], self._backend.to_str(pretty=True))  # a killed save leaves the old files whole
         for path, obj in zip(files[1:], (config, smap)):
-            path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+            atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         if self.vocab_file and Path(self.vocab_file).is_file():
             target = directory / "tokenizer.model"
             if not target.exists() or not target.samefile(self.vocab_file):
-                shutil.copyfile(self.vocab_file, target)
+                atomic_write_bytes(target, Path(self.vocab_file).read_bytes())
             files.append(target)
         return tuple(str(f) for f in files)
 
