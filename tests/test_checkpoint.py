@@ -495,3 +495,11 @@ def test_base_model_and_classifier_load_a_causal_lm_checkpoint(tmp_path, capfd):
     assert "score.weight" in capfd.readouterr().err
     torch.testing.assert_close(clf.model.embed_tokens.weight, lm.model.embed_tokens.weight)
     assert clf(ids).logits.shape == (1, 2)
+
+
+def test_an_adapter_folder_given_as_a_model_says_so(tmp_path):
+    """A LoRA adapter's folder (adapter_config.json, no config.json) given where a model goes: the error says what
+    it is and how an adapter is applied."""
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"no config.json in .*; it holds a LoRA adapter .*--adapter"):
+        moelm.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -321,7 +321,11 @@ def read_config_json(path: str | os.PathLike, gguf_file=None) -> dict:
     p = Path(path)
     file = p if p.is_file() else resolve_model_dir(path) / "config.json"
     if not file.is_file():
-        raise CheckpointNotFoundError(f"no config.json in {file.parent}")
+        hint = ""
+        if (file.parent / "adapter_config.json").is_file():
+            hint = ("; it holds a LoRA adapter (adapter_config.json): load its base model and apply the adapter "
+                    "(moelm eval --adapter, moelm merge, moelm serve --lora-modules, moelm.train.load_adapter)")
+        raise CheckpointNotFoundError(f"no config.json in {file.parent}{hint}")
     return read_json_object(file)
 
 
