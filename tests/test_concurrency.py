@@ -53,9 +53,11 @@ def test_threads_sharing_a_model_get_what_each_call_gets_alone(two_threads):
     assert torch.get_num_threads() == 2 and not gen._TUNING.locked()
 
 
-def test_the_tuner_leaves_the_thread_count_alone_while_other_threads_run(two_threads):
+def test_the_tuner_leaves_the_thread_count_alone_while_other_calls_run(two_threads):
     """torch's thread count is the process's, and a result depends on it (reduction order, the kernel chosen per
-    count): a generate probing 1 thread at its 9th step changed what a forward in another thread computed."""
+    count): a generate probing 1 thread at its 9th step changed what a generate in another thread computed. While
+    another generate runs, the tuner does not probe; a thread that only exists (a server's, a pool's) does not stop
+    it."""
     model, counts = tiny("ernie4_5-tiny"), []
 
     def step(m, state):
@@ -64,14 +66,28 @@ def test_the_tuner_leaves_the_thread_count_alone_while_other_threads_run(two_thr
 
     ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0))
     waiting, release = threading.Event(), threading.Event()
-    other = threading.Thread(target=lambda: (waiting.set(), release.wait(60)))
+
+    def held(m, state):  # the other call, held inside its decoding loop
+        waiting.set()
+        release.wait(60)
+        return gen.decode_step(m, state)
+
+    idle = threading.Thread(target=release.wait, args=(60,))
+    idle.start()
+    counts.clear()
+    list(gen.generate_tokens(model, ids, max_new_tokens=24, do_sample=False, step=step))
+    assert 1 in counts  # another thread alive, no other call: tuned
+    other = threading.Thread(target=lambda: list(gen.generate_tokens(model, ids, max_new_tokens=3, do_sample=False,
+                                                                     step=held)))
     other.start()
+    counts.clear()
     try:
         waiting.wait(60)
         list(gen.generate_tokens(model, ids, max_new_tokens=24, do_sample=False, step=step))
     finally:
         release.set()
         other.join(60)
+        idle.join(60)
     assert len(counts) == 23 and set(counts) == {2}
     counts.clear()
     list(gen.generate_tokens(model, ids, max_new_tokens=24, do_sample=False, step=step))  # alone: tuned again

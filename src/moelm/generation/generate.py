@@ -502,6 +502,7 @@ def decoding_ends(done: bool, model, sync) -> bool:
 
 _TUNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(kind, threads, rows): ThreadTuner}
 _TUNING = threading.Lock()  # held by the one call whose tuner sets torch's (process-wide) thread count
+_RUNNING = [0, threading.Lock()]  # CPU generate calls running now (in any thread), and its lock
 
 
 @contextlib.contextmanager
@@ -510,8 +511,27 @@ def tuned(step: Callable, state: DecodeState, model=None, kind: str = "decode"):
     so that a machine whose cores other processes use does not stall every step), torch's count restored after;
     otherwise the step itself. The tuner of `model` for this kind of step, torch thread count and batch rows carries
     over from its last call (its probes stay rare). One call tunes at a time: calls in other threads meanwhile run
-    the step itself (a tuner shared between calls, or two setting and restoring the count, would race)."""
-    if state.input_ids.device.type != "cpu" or torch.get_num_threads() == 1 or not _TUNING.acquire(blocking=False):
+    the step itself (a tuner shared between calls, or two setting and restoring the count, would race), and while
+    they run the tuner does not probe (their results would change with the count)."""
+    if state.input_ids.device.type != "cpu":
+        yield step
+        return
+    with _RUNNING[1]:
+        _RUNNING[0] += 1
+    try:
+        if torch.get_num_threads() == 1:
+            yield step
+        else:
+            with _tuner(step, state, model, kind) as step:
+                yield step
+    finally:
+        with _RUNNING[1]:
+            _RUNNING[0] -= 1
+
+
+@contextlib.contextmanager
+def _tuner(step: Callable, state: DecodeState, model, kind: str):
+    if not _TUNING.acquire(blocking=False):
         yield step
         return
     from ..inference.threads import ThreadTuner
@@ -523,6 +543,7 @@ def tuned(step: Callable, state: DecodeState, model=None, kind: str = "decode"):
             tuners = {}
         key = (kind, torch.get_num_threads(), state.input_ids.shape[0])
         tuner = tuners[key].resume(step) if key in tuners else tuners.setdefault(key, ThreadTuner(step))
+        tuner.shared = lambda: _RUNNING[0] > 1
         try:
             yield tuner
         finally:

@@ -7,14 +7,13 @@ the steps run at the current count, and now and then a few run at the neighbouri
 most); the faster one stays. When the choice holds, the probes grow rarer (every 8, 16, ... 256 steps), also across the
 calls of one model (generation.generate keeps a tuner per model): a probe at half the threads costs a memory-bound
 step up to 1.6x, and starting over each call cost 8-12% of a 64-token generate (full-size ERNIE-4.5-21B-A3B, Zen 3).
-While other Python threads are alive the steps run at the count the caller had, untimed: torch's thread count is
-the whole process's, and an op's result (its reduction order, the kernel path chosen for it) depends on it, so
-tuning would change what a forward in another thread computes.
+While `shared()` says other calls are running (generate calls in other Python threads), the steps run at the count
+the caller had, untimed: torch's thread count is the whole process's, and an op's result (its reduction order, the
+kernel path chosen for it) depends on it, so a probe would change what the other calls compute.
 """
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from typing import Callable
 
@@ -38,9 +37,10 @@ class ThreadTuner:
         self.trial: int | None = None  # the count being probed
         self.trial_times: list[float] = []
         self.down = True  # the direction of the next probe
+        self.shared: Callable[[], bool] = lambda: False  # whether other calls run now (then: no probes)
 
     def __call__(self, *args, **kwargs):
-        if threading.active_count() > 1:  # torch's count is the process's: others' results would change with it
+        if self.shared():  # torch's count is the process's: the others' results would change with it
             return self._at(self.before, args, kwargs)
         n = self.trial or self.current
         if torch.get_num_threads() != n:
@@ -62,7 +62,7 @@ class ThreadTuner:
     def untimed(self, *args, **kwargs):
         """A step of another kind (a speculative check of several tokens) at the chosen count, not timed: the
         choice compares like steps only."""
-        return self._at(self.before if threading.active_count() > 1 else self.current, args, kwargs)
+        return self._at(self.before if self.shared() else self.current, args, kwargs)
 
     def _at(self, n: int, args, kwargs):
         if torch.get_num_threads() != n:
