@@ -136,7 +136,11 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
                                                        "and its peak")
     p.set_defaults(run=cmd_info)
 
-    names = ", ".join(__import__("moelm.config", fromlist=["NAMED_CONFIGS"]).NAMED_CONFIGS) if wanted("new") else ""
+    names = ""
+    if wanted("new"):
+        from .config import NAMED_CONFIGS
+
+        names = ", ".join(NAMED_CONFIGS)
     p = sub.add_parser("new", help="write a random checkpoint of a named config, with tokenizer and chat template",
                        description="Write a random-weight checkpoint of a named config, with a tokenizer and chat "
                                    f"template. Config names: {names}.")
