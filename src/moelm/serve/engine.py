@@ -256,6 +256,7 @@ class Engine:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.aborting = False  # abort(): cancel every request in the engine at its next step
         self.steps = 0
         self.speculative = speculative
         self.drafter = None if speculative is None else drafter_for(speculative, self, draft_model)
@@ -345,6 +346,12 @@ class Engine:
             self.cancels.add(request.id)
             self.cond.notify()
 
+    def abort(self):
+        """Cancel every request submitted so far, as cancel() does each (a server shutting down)."""
+        with self.cond:
+            self.aborting = True
+            self.cond.notify()
+
     def check(self, prompt: list[int], params: SamplingParams):
         """RequestError naming the field for a prompt or parameters the engine cannot run."""
         if not prompt:
@@ -411,13 +418,17 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not (self.inbox or self.cancels or self.running or self.waiting or self.stopping):
+                    while not (self.inbox or self.cancels or self.running or self.waiting or self.stopping
+                               or self.aborting):
                         self.cond.wait()
                     if self.stopping:
                         break
                     self.waiting.extend(self.inbox)
                     self.inbox = []
                     cancels, self.cancels = self.cancels, set()
+                    if self.aborting:
+                        cancels |= {s.request.id for s in [*self.running, *self.waiting]}
+                        self.aborting = False
                 if cancels:
                     self._cancel(cancels)
                 if self.running or self.waiting:

@@ -25,6 +25,7 @@ class Generation:
     def __init__(self, state, prompts: list[list[int]], body: SamplingRequest, max_tokens, logprobs, field: str,
                  constraint: tuple | None = None, adapter: int = 0, prompt_logprobs: int | None = None):
         engine, loop = state.engine, asyncio.get_running_loop()
+        self.engine = engine
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests, self.logprobs, self.choices = [], logprobs, len(prompts) * body.n
         self.prompts: list[list[TokenLogprob] | None] = [None] * self.choices
@@ -75,6 +76,9 @@ class Generation:
                     i, out = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL)
                 except asyncio.TimeoutError:
                     i = out = None
+                    if not self.engine.alive():  # it died (a bug: its log says which) or stopped without a word
+                        raise APIError(500, "the engine thread stopped: the request cannot finish",
+                                       kind="internal_error")
                 if time.monotonic() - checked >= DISCONNECT_POLL:
                     checked = time.monotonic()
                     if await http.is_disconnected():

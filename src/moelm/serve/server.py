@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -65,6 +66,9 @@ def add_arguments(p):
     p.add_argument("--expert-metrics", action="store_true",
                    help="count in /metrics the tokens routed to each expert of each MoE layer "
                         "(moelm:expert_tokens_total; an MoE model)")
+    p.add_argument("--shutdown-timeout", type=float, default=5, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long the requests in flight may run on before they are aborted "
+                        "(a stream ends with finish_reason 'abort'; vLLM's flag, whose default is 0)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
 
@@ -129,6 +133,27 @@ def check_address(host: str, port: int):
             raise OSError(f"could not listen on {host}:{port}: {e.strerror}") from None
 
 
+def drain_then_abort(server, engine, seconds: float):
+    """Make uvicorn's shutdown abort the requests still running after `seconds` (or at a second Ctrl-C) in the
+    engine, so that each ends its response (a stream: finish_reason "abort", [DONE]) rather than being cancelled
+    mid-way."""
+    shutdown = server.shutdown
+
+    async def drain(sockets=None):
+        task = asyncio.ensure_future(shutdown(sockets))
+        deadline = time.monotonic() + seconds
+        while not task.done() and time.monotonic() < deadline and not server.force_exit:
+            await asyncio.wait([task], timeout=0.1)
+        engine.abort()  # what still runs (nothing after a drain; all of it after a forced exit)
+        await task
+        for _ in range(20):  # after a forced exit too, the aborted requests end their responses
+            if not server.server_state.tasks:
+                break
+            await asyncio.sleep(0.05)
+
+    server.shutdown = drain
+
+
 def load_draft(speculative, model):
     """The draft model of --speculative-config, loaded as the model is (dtype, device): a directory or a .gguf file."""
     from ..models.auto import AutoModelForCausalLM
@@ -161,6 +186,8 @@ def run(args, load):
     api_key = args.api_key or os.environ.get("MOELM_API_KEY") or None
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     template = args.chat_template
     if template is not None and "{" not in template:
         path = Path(template)
@@ -220,8 +247,9 @@ def run(args, load):
     engine.start()
     try:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off")
         server = uvicorn.Server(config)
+        drain_then_abort(server, engine, args.shutdown_timeout)
         signal.signal(signal.SIGTERM, _terminate)
         try:
             server.run()
@@ -229,6 +257,9 @@ def run(args, load):
             pass
         except SystemExit:  # uvicorn exits when it cannot start (it logged why)
             pass
+        finally:  # shut down: a further signal (a supervisor's second) ends the process at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if not server.started:
             raise OSError(f"could not listen on {args.host}:{args.port} (see above)")
     finally:
