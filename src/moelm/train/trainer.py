@@ -189,7 +189,11 @@ class Trainer:
         micro_total = self.accumulation * self.layout.fsdp
         mtp_targets = sum(sum(1 for t in ex.labels[2:] if t != -100) for ex in examples)
         ce_sum = aux_sum = mtp_sum = 0.0
-        for batch in self.micro_batches(examples):
+        first = self.rank * self.accumulation  # this rank's first micro-batch in the global batch
+        for i, batch in enumerate(self.micro_batches(examples)):
+            # the random numbers of a micro-batch (PhiMoE's routing, LoRA dropout) from the seed, the step and its
+            # place in the global batch, whichever rank runs it: a sharded run draws what one process draws
+            torch.manual_seed(hash((self.recipe.seed, self.step, first + i)) % 2 ** 63)
             with self.autocast(), self.last_hidden() as hidden:
                 with self.loads.recording(batch["attention_mask"]) if count else contextlib.nullcontext():
                     out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
