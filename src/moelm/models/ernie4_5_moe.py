@@ -48,11 +48,13 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, h = x.shape
         flat = x.reshape(-1, h)  # [T, H]
+        # the shared experts first, as transformers: a bf16 backward sums the input's gradients in its order
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
         logits, weights, index = ernie_route(flat, self.gate.weight, self.moe_statics.e_score_correction_bias,
                                              self.config.moe_k, self.config.moe_norm_min)
         out = self.experts(flat, index, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        if shared is not None:
+            out = out + shared
         return out.reshape(b, s, h).to(x.dtype), logits
 
 

@@ -448,7 +448,7 @@ class DecoderModel(PreTrainedModel):
             position_ids = cache_position[None]
         mask = packed_mask(position_ids, batch, self.sliding_window) if packed else None
         if mask is None:
-            mask = attention_mask_4d(boolean_mask(attention_mask), batch, seq, int(cache_position[0]),
+            mask = attention_mask_4d(boolean_mask(attention_mask), batch, seq, past,
                                      self.sliding_window, inputs_embeds.device)
         cos_sin = self.rotary(inputs_embeds, position_ids)
         h, hidden_states, attentions, router_logits = self.run_layers(inputs_embeds, cos_sin, mask, past_key_values,

@@ -86,7 +86,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: in
     kv_len = past + q_len
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
-    padded = attention_mask is not None and not bool(attention_mask[:, :kv_len].all())
+    padded = attention_mask is not None and (torch.compiler.is_compiling()  # no shortcut on the mask's values
+                                             or not bool(attention_mask[:, :kv_len].all()))
     windowed = sliding_window is not None and kv_len > sliding_window
     if not padded and not windowed and (q_len == 1 or past == 0):
         return None

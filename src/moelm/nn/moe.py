@@ -56,20 +56,68 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, path:
     if path == "grouped_mm" and not _grouped_mm_works(x, w):
         raise RuntimeError(f"torch._grouped_mm does not run here ({x.device.type}, {x.dtype}"
                            f"{', with gradients' if needs_grad(x, w) else ''}); choose experts='torch' or 'bmm'")
+    if torch.compiler.is_compiling() and path != "grouped_mm":
+        # the compiler's torch._grouped_mm takes bf16 only, and the padded bmm has data-dependent shapes: an op
+        # opaque to it instead (transformers falls back likewise), so that fullgraph=True compiles too
+        return _padded_bmm_op(x, w, counts)
     if path != "bmm" and _grouped_mm_works(x, w) and (path == "grouped_mm" or _aligned(x, w)):
         offs = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         if out.requires_grad:
             out.register_hook(_contiguous)
         return out
-    # Autograd-friendly equivalent: pad each expert's rows to the largest group and run one bmm.
-    n, num_experts = x.shape[0], w.shape[0]
+    return _padded_bmm(x, w.transpose(1, 2), counts)
+
+
+def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, transpose_x: bool = False) -> torch.Tensor:
+    """Autograd-friendly equivalent of grouped_mm: pad each expert's rows to the largest group and run one bmm.
+    x [N, in], w [E, in, out] -> [N, out]; transpose_x: w is [N, out] too, and the result [E, in, out] is each
+    expert's x rows transposed times its w rows (a weight gradient)."""
+    n, num_experts = x.shape[0], counts.shape[0]
     starts = counts.cumsum(0) - counts  # [E]
     expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=n)  # [N]
     slot = torch.arange(n, device=x.device) - starts[expert]  # [N]
     width = int(counts.max()) if n else 0
     padded = x.new_zeros(num_experts, width, x.shape[1]).index_put((expert, slot), x)  # [E, C, in]
-    return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [N, out]
+    if transpose_x:
+        other = w.new_zeros(num_experts, width, w.shape[1]).index_put((expert, slot), w)  # [E, C, out]
+        return torch.bmm(padded.transpose(1, 2), other)
+    return torch.bmm(padded, w)[expert, slot]  # [N, out]
+
+
+@torch.library.custom_op("moelm::padded_bmm", mutates_args=())
+def _padded_bmm_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_linear's bmm path (w [E, out, in]) as one op the compiler does not look into."""
+    return _padded_bmm(x, w.transpose(1, 2), counts)
+
+
+@_padded_bmm_op.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moelm::padded_bmm_weight_grad", mutates_args=())
+def _weight_grad_op(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return _padded_bmm(grad, x, counts, transpose_x=True)  # [E, out, in]
+
+
+@_weight_grad_op.register_fake
+def _(grad, x, counts):
+    return grad.new_empty(counts.shape[0], grad.shape[1], x.shape[1])
+
+
+def _padded_bmm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _padded_bmm_backward(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    grad_x = _padded_bmm_op(grad, w.transpose(1, 2).contiguous(), counts) if ctx.needs_input_grad[0] else None
+    grad_w = _weight_grad_op(grad, x, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_padded_bmm_op.register_autograd(_padded_bmm_backward, setup_context=_padded_bmm_setup)
 
 
 class Experts(nn.Module):

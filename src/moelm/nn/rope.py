@@ -102,7 +102,12 @@ def cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, scale: float) ->
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """ERNIE: rotate pairs (x0, x1), (x2, x3), ... in fp32. x [B, H, S, D]; cos/sin [B, S, D/2]."""
+    """ERNIE: rotate pairs (x0, x1), (x2, x3), ... in fp32. x [B, H, S, D]; cos/sin [B, S, D/2]. Half precision:
+    transformers' ops, so that the backward rounds where its backward does."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        cos, sin = (t.repeat_interleave(2, dim=-1)[:, None] for t in (cos, sin))
+        turned = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        return ((x.float() * cos) + (turned.float() * sin)).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, H, S, D/2] even + i odd
     turned = pairs * torch.complex(cos, sin)[:, None]  # (even cos - odd sin) + i (odd cos + even sin)
     return torch.view_as_real(turned).flatten(-2).to(x.dtype)
