@@ -49,14 +49,15 @@ def run_command(argv: list[str] | None) -> int:
 
 
 def check_cache():
-    """MOELM_CACHE, where set, must be a directory this process can write (compiled kernels are kept there)."""
+    """MOELM_CACHE, where set, must be a directory, or a path where one can be made (compiled kernels and measured
+    choices are kept there). One this process cannot write (read-only, full) is not an error: nothing is kept."""
     cache = os.environ.get("MOELM_CACHE")
     if not cache:
         return
     path = Path(cache).absolute()
     while not path.exists() and path != path.parent:  # the directory it would be made in
         path = path.parent
-    if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+    if not path.is_dir():
         raise CliError(f"MOELM_CACHE={cache} is not a writable directory")
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..io.files import atomic_write_text
+from ..io.files import atomic_write_text, make_dir
 from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options
 from ..io.weights import CheckpointError, CheckpointNotFoundError
 
@@ -227,8 +227,7 @@ class PretrainedConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(directory) / "config.json", self.to_json_string())
+        atomic_write_text(make_dir(directory) / "config.json", self.to_json_string())
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

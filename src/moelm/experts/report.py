@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..inference.mixed import SCHEMA, load_report
-from ..io.files import atomic_write_bytes, atomic_write_text
+from ..io.files import atomic_write_files
 from ..train.balance import balance_metrics, layer_balance
 from .record import Recorder
 
@@ -143,19 +143,13 @@ def compare(report: dict, other: dict, other_name: str) -> dict:
 
 
 def write(report: dict, out, coact_layer: int | None = None) -> list[Path]:
-    """report.json, the plots and report.html into `out` (created), each written atomically; returns the paths."""
+    """report.json, the plots and report.html into `out` (created), all or none (a full disk leaves the old report
+    whole); their paths."""
     from . import plots
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     images = plots.render(report, coact_layer)
-    written = []
-    for name, data in images.items():
-        atomic_write_bytes(out / name, data)
-        written.append(out / name)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    atomic_write_text(out / "report.html", page(report, images))
-    return written + [out / "report.json", out / "report.html"]
+    return atomic_write_files(out, {**images, "report.json": json.dumps(report, indent=1) + "\n",
+                                    "report.html": page(report, images)})
 
 
 def _row(cells, head: bool = False) -> str:

@@ -7,11 +7,10 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import read_config_json, read_json_object
-from ..io.files import atomic_write_text
+from ..io.files import atomic_write_text, make_dir
 from ..io.hub import resolve_model_dir, takes_hub_options
 from . import processors
 from .sampling import Sampling
@@ -240,8 +239,7 @@ class GenerationConfig:
         return cls.from_dict(read_json_object(file))
 
     def save_pretrained(self, directory: str | os.PathLike):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
+        atomic_write_text(make_dir(directory) / GENERATION_CONFIG_NAME, self.to_json_string())
 
 
 def plain(name: str, value):

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..io.files import atomic_write_text
 
 # flags worth reporting, in /proc/cpuinfo's spelling
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -180,9 +181,7 @@ def _save(entry: str, path: str):
         except (OSError, ValueError):
             known = {}
         known[entry] = path
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
-            json.dump(known, f, indent=0, sort_keys=True)
-        os.replace(f.name, target)
+        atomic_write_text(target, json.dumps(known, indent=0, sort_keys=True))  # its temporary file goes on failure
     except OSError:
         pass  # a read-only cache: choices are measured again by the next process
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.files import atomic_write_bytes
 from . import cpu
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "gemm.c", "intgemm.c", "repack.c")]
@@ -51,8 +52,7 @@ def _compile() -> ctypes.CDLL | None:
     key = hashlib.sha256(source + flags.encode() + machine.encode()).hexdigest()
     target = cpu.cache_dir() / key[:16] / "gemv.so"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # the system's: the cache may be read-only or full
             built = Path(tmp) / "gemv.so"
             objects = [str(Path(tmp) / f"{path.stem}.o") for path in SOURCES]
             jobs = [subprocess.Popen([compiler, *FLAGS, "-c", "-o", obj, str(path)], stdout=subprocess.PIPE,
@@ -66,8 +66,25 @@ def _compile() -> ctypes.CDLL | None:
                               f"(falling back to PyTorch "
                               f"kernels): {result.stderr.strip()[:500]}")
                 return None
-            os.replace(built, target)  # atomic: concurrent processes see the whole library or none
-    lib = ctypes.CDLL(str(target))
+            return _declare(ctypes.CDLL(str(_kept(built, target))))
+    return _declare(ctypes.CDLL(str(target)))
+
+
+def _kept(built: Path, target: Path) -> Path:
+    """target, the library just `built` copied there (atomically: concurrent processes see the whole library or
+    none); where the cache cannot be written (read-only, full), `built` itself, with a warning."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, built.read_bytes())
+        return target
+    except OSError as e:
+        warnings.warn(f"moelm: cannot keep the compiled kernels in {cpu.cache_dir()} ({e.strerror or e}); each "
+                      "process compiles them again", stacklevel=2)
+        return built
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The library with its functions' argument and result types set."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4"):
         fn = getattr(lib, name)
@@ -169,7 +186,11 @@ _FUNCTIONS: dict = {}  # weight dtype -> the library's function for it
 def library() -> ctypes.CDLL | None:
     global _lib
     if _lib is False:
-        _lib = None if os.environ.get("MOELM_NO_KERNELS") else _compile()
+        try:
+            _lib = None if os.environ.get("MOELM_NO_KERNELS") else _compile()
+        except OSError as e:  # no temporary folder to compile in, or the library will not load from it
+            warnings.warn(f"moelm: cannot compile the CPU kernels (falling back to PyTorch kernels): {e}")
+            _lib = None
         if _lib is not None:
             _FUNCTIONS.update({dtype: getattr(_lib, name) for dtype, name in _FORMATS.items()})
     return _lib

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import re
 import shutil
@@ -140,15 +141,63 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     fsync_dir(path.parent)
+
+
+def atomic_write_files(directory: str | os.PathLike, files: dict[str, str | bytes]) -> list[Path]:
+    """`files` (name -> text or bytes) into `directory` (made): all written to a temporary folder in it, then renamed
+    into place, so that a full disk leaves the old ones whole, not some old and some new; their paths."""
+    directory = make_dir(directory)
+    with writing(directory), temp_folder(directory, ".tmp-files-") as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+            os.chmod(tmp / name, 0o644)
+            fsync_file(tmp / name)
+        for name in files:
+            os.replace(tmp / name, directory / name)
+    fsync_dir(directory)
+    return [directory / name for name in files]
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """The block writes `path`: an error of the file system in it (an OSError, or safetensors' "... (os error N)")
+    becomes an OSError naming `path` and the cause ("No space left on device"), whatever temporary file it was
+    at; other errors pass as they are."""
+    try:
+        yield
+    except Exception as e:
+        code = e.errno if isinstance(e, OSError) else None
+        if type(e).__name__ == "SafetensorError":
+            found = re.search(r"os error (\d+)", str(e))
+            code = int(found.group(1)) if found else None
+            if code is None:
+                raise OSError(f"cannot write {path}: {e}") from e
+        if not code:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Path(path).mkdir(parents=True, exist_ok=True); a file or a dangling symbolic link in its place is an error
+    saying so (mkdir's says "File exists")."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        what = f"a symbolic link to {os.readlink(path)}, which does not exist" if path.is_symlink() \
+            else "Not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, what, str(path)) from None
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .files import fsync_dir, fsync_file, locked, parse_size, temp_folder
+from .files import fsync_dir, fsync_file, locked, make_dir, parse_size, temp_folder
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -349,8 +349,7 @@ def save_sharded(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_dir(directory)
     try:
         with temp_folder(directory, ".tmp-save-") as tmp:
             if layout is None:
@@ -381,10 +380,13 @@ def save_sharded(
             with locked(directory):  # one writer at a time swaps its files in
                 _move_in(tmp, directory, final)
     except BaseException as e:
-        # safetensors' own SafetensorError (disk full while it writes) and OSErrors naming no file: say where
-        if type(e).__name__ == "SafetensorError" or isinstance(e, OSError) and e.filename is None:
-            errno = getattr(e, "errno", None)
-            text = f"cannot save the checkpoint in {directory}: {e.strerror if errno else e}"
+        # safetensors' own SafetensorError (disk full while it writes) and OSErrors naming no file or a temporary
+        # one: say where
+        if type(e).__name__ == "SafetensorError" or isinstance(e, OSError) and (
+                e.filename is None or Path(e.filename).parent == directory):
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            errno = int(found.group(1)) if found else getattr(e, "errno", None)
+            text = f"cannot save the checkpoint in {directory}: {os.strerror(errno) if errno else e}"
             raise (OSError(errno, text) if errno else OSError(text)) from e
         raise
     return [directory / f for f in final]
@@ -395,9 +397,14 @@ def _move_in(tmp: Path, directory: Path, final: list[str]) -> None:
     the whole new ones, or no config.json / shards without an index (an error), never a mixture; then an earlier
     save's files go."""
     index, config = directory / INDEX_NAME, directory / "config.json"
-    if INDEX_NAME in final and index.exists() and any((directory / f).exists() for f in final if f != INDEX_NAME):
+    # decided (files read) before anything goes: a failure here (no file descriptors left) leaves the old whole
+    drop_index = INDEX_NAME in final and index.exists() and any((directory / f).exists() for f in final
+                                                                  if f != INDEX_NAME)
+    drop_config = "config.json" in final and config.exists() and \
+        config.read_bytes() != (tmp / "config.json").read_bytes()
+    if drop_index:
         index.unlink()  # the old index would point at new shards beside old ones
-    if "config.json" in final and config.exists() and config.read_bytes() != (tmp / "config.json").read_bytes():
+    if drop_config:
         config.unlink()  # nor another config stand beside the new weights
     fsync_dir(directory)
     for fname in final:

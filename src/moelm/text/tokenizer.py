@@ -13,7 +13,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
 from ..config import read_json_object
-from ..io.files import atomic_write_bytes, atomic_write_text
+from ..io.files import atomic_write_files, make_dir
 from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options, with_revision
 from ..io.weights import CheckpointError
 from .chat_template import render_chat_template
@@ -529,8 +529,7 @@ class Tokenizer:
     # -- saving --
     def save_pretrained(self, directory) -> tuple[str, ...]:
         """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dir(directory)
         special = self.special_tokens_map
         config = {"tokenizer_class": "TokenizersBackend", **special,
                   "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
@@ -545,21 +544,22 @@ class Tokenizer:
             config["chat_template"] = [{"name": k, "template": v} for k, v in template.items()]
         elif template is not None:
             config["chat_template"] = template
-            if (directory / "chat_template.jinja").is_file():  # it would take priority over the config's
-                atomic_write_text(directory / "chat_template.jinja", template)
         smap = {**special, **({"extra_special_tokens": self.extra_special_tokens} if self._extra else {})}
-        files = [directory / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
         self._backend.no_padding()  # calls set these; the saved file carries none
         self._backend.no_truncation()
-        atomic_write_text(files[0], self._backend.to_str(pretty=True))  # a killed save leaves the old files whole
-        for path, obj in zip(files[1:], (config, smap)):
-            atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        files = {"tokenizer.json": self._backend.to_str(pretty=True)}
+        for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", smap)):
+            files[name] = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        names = list(files)
+        if isinstance(template, str) and (directory / "chat_template.jinja").is_file():  # it would take priority
+            files["chat_template.jinja"] = template  # over the config's
         if self.vocab_file and Path(self.vocab_file).is_file():
             target = directory / "tokenizer.model"
             if not target.exists() or not target.samefile(self.vocab_file):
-                atomic_write_bytes(target, Path(self.vocab_file).read_bytes())
-            files.append(target)
-        return tuple(str(f) for f in files)
+                files["tokenizer.model"] = Path(self.vocab_file).read_bytes()
+            names.append("tokenizer.model")
+        atomic_write_files(directory, files)  # all or none: a full disk leaves the old files whole
+        return tuple(str(directory / name) for name in names)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "

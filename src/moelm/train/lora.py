@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from ..inference.bnb import BnbExperts, BnbLinear
 from ..inference.modules import FastExperts
 from ..inference.quantization import PackedLinear, QuantizedExperts
-from ..io.files import fsync_dir, fsync_file, locked, temp_folder
+from ..io.files import fsync_dir, fsync_file, locked, make_dir, temp_folder, writing
 from ..nn.moe import Experts, grouped_linear
 from ..parallel.experts import ExpertsEP, ExpertsTP, full_tensor
 
@@ -465,9 +465,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraCon
                        target_modules=modules, target_parameters=params, fan_in_fan_out=False, inference_mode=True,
                        revision=None, lora_bias=False, use_dora=False,
                        task_type="CAUSAL_LM" if hasattr(model, "lm_head") else None)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory)
     fsync_dir(directory.parent)
-    with temp_folder(directory, ".tmp-adapter-") as tmp:
+    with writing(directory), temp_folder(directory, ".tmp-adapter-") as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (WEIGHTS_NAME, CONFIG_NAME):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..io.files import atomic_write_text, locked, swap_dirs, temp_folder
+from ..io.files import atomic_write_text, locked, make_dir, swap_dirs, temp_folder, writing
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LEFT = re.compile(r"^\.tmp-(step_\d+|final)(-old)?$")
@@ -39,10 +39,16 @@ def atomic_dir(trainer, target: Path):
                 shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(trainer)
-    yield tmp
-    barrier(trainer)
-    if trainer.rank == 0:
-        swap_dirs(tmp, target)
+    with writing(target):  # a full disk is said of target, not of tmp
+        try:
+            yield tmp
+        except BaseException:
+            if trainer.rank == 0:  # the space it took goes back at once
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        barrier(trainer)
+        if trainer.rank == 0:
+            swap_dirs(tmp, target)
     barrier(trainer)
 
 
@@ -85,7 +91,7 @@ def save(trainer, step: int) -> Path:
         rng = {"rng": torch.get_rng_state()}
         if trainer.model.device.type == "cuda":  # PhiMoE's jitter and LoRA dropout draw on the GPU there
             rng["cuda_rng"] = torch.cuda.get_rng_state(trainer.model.device)
-        torch.save({"optimizer": to_local(trainer.optimizer.state_dict()), **rng}, tmp / f"rank{trainer.rank}.pt")
+        save_torch({"optimizer": to_local(trainer.optimizer.state_dict()), **rng}, tmp / f"rank{trainer.rank}.pt")
         if trainer.rank == 0:
             info = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world": trainer.world,
                     "fsdp": trainer.layout.fsdp, "ep": trainer.layout.ep, "recipe": trainer.recipe.to_dict()}
@@ -95,6 +101,18 @@ def save(trainer, step: int) -> Path:
             shutil.rmtree(old)
     barrier(trainer)
     return target
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file, whose OSError (disk full: "No space left on device") is raised instead of
+    the RuntimeError torch makes of it ("unexpected pos ...")."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from e
+        raise
 
 
 def load(trainer, directory: Path) -> int:
@@ -264,16 +282,21 @@ def write_checkpoint(model, out: str | Path, tokenizer_sources: list, files: dic
     it and renamed into place (an existing `out` is replaced)."""
     from ..text.tokenizer import AutoTokenizer
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with temp_folder(out.parent, f".tmp-{out.name}-") as tmp:
+    tokenizer = None
+    for source in tokenizer_sources:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            break
+        except (OSError, ValueError):
+            continue
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)  # where a link points: written there
+    if out.exists() and not out.is_dir():  # swap_dirs would exchange it with the checkpoint, then hide it
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    make_dir(out.parent)
+    with writing(out), temp_folder(out.parent, f".tmp-{out.name}-") as tmp:
         model.save_pretrained(tmp)
-        for source in tokenizer_sources:
-            try:
-                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-                break
-            except (OSError, ValueError):
-                continue
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         with locked(out.parent):
