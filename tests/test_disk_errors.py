@@ -258,3 +258,17 @@ def test_an_unwritable_kernel_cache_is_not_an_error(disk, tmp_path, capsys, monk
         cpu._save(f"test|{i}" + "x" * 8192, "torch")
     assert list(cpu.cache_dir().iterdir()) == []
     cpu.reset()
+
+
+def test_a_gguf_is_written_whole_or_not_at_all(tmp_path):
+    """write_gguf over an earlier GGUF, with a file size limit below the new one's size: the error names the file,
+    the old GGUF is whole, no temporary file stays."""
+    from moelm.bench.gguf import write_gguf
+
+    source = new_checkpoint("ernie4_5-tiny", tmp_path / "src")
+    out = tmp_path / "model.gguf"
+    write_gguf(source, out, "q8_0")
+    before = snapshot(tmp_path)
+    with limited(fsize=len(before["model.gguf"]) // 2), pytest.raises(OSError, match=re.escape(f"write {out}")):
+        write_gguf(source, out, "f32")
+    assert snapshot(tmp_path) == before

@@ -128,6 +128,11 @@ def test_merge_prints_the_merged_checkpoint_on_stdout(root, tmp_path, capsys):
     assert captured.out == f"{out}\n"
     assert str(out) not in captured.err
     assert (out / "config.json").is_file()
+    # a folder that is not empty (here: the last merge) is replaced only with --force, as `moelm prune`'s
+    args = ["merge", "--model", str(root / "model"), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+    assert main(args) == 1
+    assert f"--out {out} exists and is not empty (--force replaces it)" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0 and (out / "config.json").is_file()
 
 
 def test_ep_without_torchrun_says_how_to_launch(root, tmp_path, capsys):

@@ -23,11 +23,14 @@ What llama.cpp cannot express is refused:
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
+from ..io.files import fsync_file, make_dir, writing
 from ..loading.gguf import (
     ARCH,
     FORMATS,  # noqa: F401 - re-exported: the bench and its tests name them here
@@ -272,10 +275,13 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
     checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
     ggml_types(ftype)
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    with ExitStack() as stack:
+    with ExitStack() as stack, writing(out_path):
         ckpt = _Checkpoint(checkpoint_dir, stack)
         plan = gguf_plan(config, set(ckpt.where))
-        w = gguf.GGUFWriter(out_path, ARCH[config.model_type])
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=make_dir(out_path.parent))
+        os.close(fd)
+        stack.callback(Path(tmp).unlink, missing_ok=True)  # gone once renamed; on failure, no partial file left
+        w = gguf.GGUFWriter(tmp, ARCH[config.model_type])
         _metadata(w, config, ftype, checkpoint_dir)
         for item in plan:
             shape = _shape(item, ckpt)
@@ -295,6 +301,9 @@ def write_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f
             w.write_tensor_data(data)
             del data
         w.close()
+        fsync_file(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)  # atomic: the old file, or the whole new one
     return out_path
 
 

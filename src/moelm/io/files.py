@@ -186,6 +186,8 @@ def writing(path: str | os.PathLike):
             if code is None:
                 raise OSError(f"cannot write {path}: {e}") from e
         if not code:
+            if isinstance(e, OSError):  # numpy's short write: no errno
+                raise OSError(f"cannot write {path}: {e}") from e
             raise
         raise OSError(code, os.strerror(code), str(path)) from e
 

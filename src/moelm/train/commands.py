@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_finetune_arguments(p):
@@ -32,6 +33,7 @@ def add_merge_arguments(p):
     p.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format)")
     p.add_argument("--out", required=True, help="where to write the merged hub checkpoint")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
 
 
 def finetune(args, overrides: list[str]):
@@ -90,5 +92,8 @@ def merge(args):
 
     from .state import merge_to
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {out} exists and is not empty (--force replaces it)")
     out = merge_to(args.model, args.adapter, args.out, dtype=getattr(torch, args.dtype))
     print(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..io.files import make_dir
 from ..models.modeling import causal_lm_loss, moe_blocks
 from . import state
 from .balance import RoutedLoad, balance_metrics, update_correction_bias
@@ -303,7 +304,7 @@ class Trainer:
     def log(self, record: dict, eta_s: float):
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dir(self.out)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.progress:
