@@ -73,9 +73,11 @@ def _fp32_tiles(x, weight, bias):
     the whole weight), each tile by the fp32 path chosen for its shape: for CPUs without fast half-precision
     matmuls."""
     xf = x.float()
-    tiles = [linear(xf, weight[r:r + TILE_ROWS].float(), None if bias is None else bias[r:r + TILE_ROWS].float())
-             for r in range(0, weight.shape[0], TILE_ROWS)]
-    return torch.cat(tiles, dim=-1).to(x.dtype)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # each tile written in x's dtype: no fp32 copy of it all
+    for r in range(0, weight.shape[0], TILE_ROWS):
+        out[..., r:r + TILE_ROWS] = linear(xf, weight[r:r + TILE_ROWS].float(),
+                                           None if bias is None else bias[r:r + TILE_ROWS].float())
+    return out
 
 
 def _gemm(x, weight, bias):

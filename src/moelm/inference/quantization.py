@@ -190,6 +190,7 @@ class Dequantized(torch.autograd.Function):
 
 
 KERNEL_SCALES = {torch.int8: (torch.float32,), torch.uint8: (torch.float32, torch.float16)}
+LOAD_ELEMENTS = 1 << 18  # weight elements quantized at a time while loading (1 MB in fp32)
 TILE_ROWS = 512  # weight rows dequantized at a time by the "tiles" path: a few MB, reused, kept in the caches
 _scratch = threading.local()
 
@@ -313,7 +314,13 @@ class QuantizedLinear(PackedLinear):
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=scale_dtype, device=device))
 
     def load_weight(self, w: torch.Tensor, rows: slice = slice(None)):
-        self.load_packed(*quantize(w, self.mode, self.group_size), rows)
+        """w [O', I] quantized into rows `rows`, LOAD_ELEMENTS at a time: quantize's fp32 temporaries stay a few MB
+        (whole, an fp32 copy of a 400 MB LM head and its quotients, 4x the int8 model's size at the peak)."""
+        start = rows.indices(self.out_features)[0]
+        step = max(1, LOAD_ELEMENTS // max(w.shape[-1], 1))
+        for r in range(0, w.shape[0], step):
+            part = w[r:r + step]
+            self.load_packed(*quantize(part, self.mode, self.group_size), slice(start + r, start + r + len(part)))
 
     def load_packed(self, q: torch.Tensor, scale: torch.Tensor, rows: slice = slice(None)):
         """Rows already in this module's packing (quantize's output layout), copied as they are."""

@@ -23,7 +23,7 @@ import torch
 from ..config import config_class_for, dtype_from_str
 from ..config.gguf import gguf_config
 from ..inference import optimize
-from ..inference.quantization import QuantizationConfig
+from ..inference.quantization import LOAD_ELEMENTS, QuantizationConfig
 from ..inference.quantize import load_targets, quantize_modules, resolve
 from ..io.gguf import GGUFFile
 from ..io.hub import resolve_gguf
@@ -152,8 +152,13 @@ def _load(model, g: GGUFFile, plan, progress) -> None:
             view = params[ours]
             if expert is not None:
                 view = view[expert].chunk(len(EXPERT_PARTS[kind][ours.rpartition(".")[2]]), dim=0)[part]
+            got, shape = list(g.shapes[name][1:] if index is not None else g.shapes[name]), list(view.shape)
+            if len(got) == 2 and got == shape:  # a matrix (the embedding): a block of rows at a time
+                for r, x in _row_blocks(g, name, index):
+                    with torch.no_grad():
+                        view[r:r + len(x)].copy_(torch.from_numpy(x))
+                continue
             x = g.floats(name, index)
-            shape = list(view.shape)
             if combine is _flat and x.size == view.numel():
                 x = x.reshape(shape)
             if list(x.shape) != shape:
@@ -179,12 +184,35 @@ def _load_packed(target, g: GGUFFile, name: str, index, expert, part, kind: str)
         raise CheckpointError(f"{g.path.name}: {name} {list(got)} vs model {list(shape)}")
     if g.qtype(name) == "Q4_0" and module.mode == "int4" and module.group_size == 32:
         q, scale = q4_0_codes(g.raw(name, index).reshape(shape[0], -1))
-        args = (torch.from_numpy(q), torch.from_numpy(scale))
-    else:
-        args = (torch.from_numpy(np.ascontiguousarray(g.floats(name, index))),)
-    if stacked is None:
-        (module.load_packed if len(args) == 2 else module.load_weight)(*args, rows)
-    elif len(args) == 2:
-        module.load_packed(stacked, *args, expert, rows)
-    else:
-        module.load_weight(stacked, *args, expert, rows)
+        if stacked is None:
+            module.load_packed(torch.from_numpy(q), torch.from_numpy(scale), rows)
+        else:
+            module.load_packed(stacked, torch.from_numpy(q), torch.from_numpy(scale), expert, rows)
+        return
+    start = rows.start or 0
+    for r, x in _row_blocks(g, name, index):
+        part = slice(start + r, start + r + len(x))
+        if stacked is None:
+            module.load_weight(torch.from_numpy(x), part)
+        else:
+            module.load_weight(stacked, torch.from_numpy(x), expert, part)
+
+
+def _row_blocks(g: GGUFFile, name: str, index):
+    """(first row, float32 rows) of a matrix (or expert `index` of a stack), dequantized LOAD_ELEMENTS at a time:
+    never a whole fp32 copy of a 400 MB embedding, nor gguf's temporaries of it."""
+    from gguf.quants import dequantize
+
+    rows, cols = g.shapes[name][-2:]
+    step = max(1, LOAD_ELEMENTS // cols)
+    width = int(g.gguf.quant_shape_to_byte_shape((cols,), g.types[name])[0])
+    start = g.offsets[name] + (index or 0) * rows * width
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        raw = np.fromfile(g.path, dtype=np.uint8, count=n * width, offset=start + r * width).reshape(n, width)
+        try:
+            x = dequantize(raw, g.types[name])
+        except NotImplementedError:
+            g.floats(name, index)  # its error, naming the type
+            raise
+        yield r, np.ascontiguousarray(x.reshape(-1, cols))
