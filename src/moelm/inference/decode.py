@@ -38,7 +38,7 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
     static = isinstance(cache, StaticCache) and (s == 1 or several and s <= kernels.MAX_ROWS
                                                  and cache.get_seq_length(attn.layer_idx) > 0)
     dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
-    if torch.compiler.is_compiling() or not dtype_ok or x.device.type != "cpu" \
+    if kernels.plain_only(x) or not dtype_ok or x.device.type != "cpu" \
             or not (slots and b == 1 and not cache.plan.chunks or static) \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) \
             or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
@@ -136,7 +136,7 @@ def moe_step(block, x: torch.Tensor, normed: torch.Tensor):
     logits [B * S, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
     kernels.MAX_ROWS tokens; not while compiling)."""
     b = normed.numel() // normed.shape[-1]
-    if torch.compiler.is_compiling() or not 0 < b <= kernels.MAX_ROWS or normed.dim() != 3 \
+    if kernels.plain_only(x) or not 0 < b <= kernels.MAX_ROWS or normed.dim() != 3 \
             or normed.dtype != torch.float32 or x.dtype != torch.float32 or not kernels.usable(normed):
         return None
     plan = _moe_plan(block, normed)

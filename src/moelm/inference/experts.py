@@ -11,8 +11,8 @@ from . import cpu, kernels
 def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ w [out, in].T -> [M, out] on CPU, no autograd; x and w contiguous; by the path chosen for this
     CPU and shape: PyTorch's F.linear, the gemv kernel for few rows (w read once at close to memory bandwidth),
-    csrc/gemm.c, oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear for the
-    tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
+    csrc/gemm.c, oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear
+    for the tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
     op = "experts" if w.dtype == torch.float32 else f"experts.{str(w.dtype).removeprefix('torch.')}"
     n = cpu.probe_rows(*w.shape)  # measured on n rows of w at a time
     key = (str(x.dtype), cpu.rows_bucket(x.shape[0]), n, w.shape[1], torch.get_num_threads())
@@ -53,7 +53,7 @@ def each_expert(x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: t
     weights once. x [T, H]; token, w, counts from moe.sort_by_expert; expert_weights(e) -> (gate_up [2I, H],
     down [H, I]), multiplied by linear(x, weight) (default expert_linear)."""
     linear = linear or expert_linear
-    out = torch.zeros_like(x)
+    out = x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))  # summed in fp32, rounded once
     hit = counts.nonzero().squeeze(1)
     start = 0
     for e, c in zip(hit.tolist(), counts[hit].tolist()):
@@ -61,16 +61,16 @@ def each_expert(x: torch.Tensor, token: torch.Tensor, w: torch.Tensor, counts: t
         gate_up, down = expert_weights(e)
         gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)
         y = linear(F.silu(gate).mul_(up), down)  # [c, H]
-        out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype))
+        out.index_add_(0, rows, y.mul_(w[start:start + c].to(y.dtype)).to(x.dtype).to(out.dtype))
         start += c
-    return out
+    return out.to(x.dtype)
 
 
 class FastExperts(Experts):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """On CPU without gradients: the chosen experts one at a time (each_expert)."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        if x.device.type == "cpu" and gate_up.is_contiguous() and down.is_contiguous() \
-                and not needs_grad(x, weights, gate_up, down):
+        if x.device.type == "cpu" and not kernels.plain_only(x) and gate_up.is_contiguous() \
+                and down.is_contiguous() and not needs_grad(x, weights, gate_up, down):
             return each_expert(x, *sort_by_expert(index, weights, self.num_experts), lambda e: (gate_up[e], down[e]))
         return super().forward(x, index, weights)

@@ -205,6 +205,12 @@ def _require():
         raise RuntimeError("moelm's CPU kernels are not available (no C compiler, or MOELM_NO_KERNELS is set)")
 
 
+def plain_only(x: torch.Tensor) -> bool:
+    """Whether only the model's plain PyTorch ops may run on x: while torch.compile traces (the kernels' data
+    pointers and oneDNN calls are opaque to it) or under autocast for x's device (which the fast paths ignore)."""
+    return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether gemv() can take these activations [..., I] and weights: CPU, few rows, I a multiple of 32, no
     gradients needed (the kernels have no backward), kernels built."""

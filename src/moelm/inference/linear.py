@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..nn.layers import MLP, Attention
+from .kernels import plain_only
 from .matmul import linear
 from .quantization import QuantizedLinear
 
@@ -100,7 +101,7 @@ def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
 def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
     """Use the fused projection: it exists, no gradients are needed, and the projections still view its tensor
     (moving or casting the model afterwards replaces them, and the separate projections are used)."""
-    if fused is None or torch.is_grad_enabled():
+    if fused is None or torch.is_grad_enabled() or plain_only(x):
         return False
     name = "qweight" if fused.quantized else "weight"
     first = getattr(fused.first, name)

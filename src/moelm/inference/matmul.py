@@ -21,7 +21,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear(x, weight, bias) on CPU without gradients by the path chosen for this CPU, shape and dtype among
     those that apply (paths()): the same result up to rounding; PyTorch's own op is always one of them."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows == 0 or (torch.is_grad_enabled() and (
+    if x.device.type != "cpu" or rows == 0 or kernels.plain_only(x) or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)
     return PATHS[path_for(x, weight, bias)](x, weight, bias)

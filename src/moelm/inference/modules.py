@@ -7,7 +7,7 @@ from torch import nn
 
 from ..nn.layers import MLP, Attention, DecoderLayer, RMSNorm
 from ..nn.moe import Experts
-from . import cpu
+from . import cpu, kernels
 from .attention import decode_attention
 from .cache import StaticCache
 from .decode import decode_attention_step, layer_step, layers_step, moe_step
@@ -45,7 +45,7 @@ class FastAttention(Attention):
         return super().qkv(x)
 
     def attend(self, q, k, v, mask, dropout: float) -> torch.Tensor:
-        if q.shape[2] == 1 and q.device.type == "cpu" and not dropout:
+        if q.shape[2] == 1 and q.device.type == "cpu" and not dropout and not kernels.plain_only(q):
             return decode_attention(q, k, v, mask, self.scaling)
         # SDPA's flash kernel needs each row of D in order; a projection computed with the roles swapped gives
         # [D, S] (oneDNN's w @ x.T), which would send it to the math path (3x slower at 1024 tokens, S x S scores)

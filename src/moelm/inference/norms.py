@@ -11,14 +11,14 @@ from . import kernels
 class FastRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] % 8 == 0 \
-                and self.weight.is_contiguous() and kernels.usable(x, self.weight):
+                and self.weight.is_contiguous() and not kernels.plain_only(x) and kernels.usable(x, self.weight):
             return kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # decode: one C pass
         return super().forward(x)
 
 
 class FastLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.usable(x) and kernels.usable(x, self.weight, self.bias):
+        if self.usable(x) and not kernels.plain_only(x) and kernels.usable(x, self.weight, self.bias):
             return kernels.layernorm(x, self.weight, self.bias, self.eps)  # decode: one C pass
         return super().forward(x)
 

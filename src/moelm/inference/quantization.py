@@ -148,7 +148,8 @@ def fits_fp16(scale: torch.Tensor) -> bool:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """Inverse of quantize: [..., O, I] in dtype."""
-    if q.device.type == "cpu" and kernels.available() and scale.dtype in KERNEL_SCALES[q.dtype]:
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and kernels.available() \
+            and scale.dtype in KERNEL_SCALES[q.dtype]:
         return kernels.dequantize(q, scale, group_size).to(dtype)
     if q.dtype == torch.int8:
         return (q.to(dtype) * scale[..., None].to(dtype))
@@ -341,6 +342,8 @@ class QuantizedLinear(PackedLinear):
         ("int8dot_<instruction set>", csrc/intgemm.c); or for int8, where PyTorch dispatches to its AVX-512 kernels, its
         int8-weight matmul (torch._weight_int8pack_mm, the same products; PyTorch has a blocked kernel for it only
         there, its fallback ran 36x slower than dequantizing on the AVX2 EPYC)."""
+        if kernels.plain_only(x):  # compiling or autocast: the dequantized weight and F.linear, no measured choice
+            return self._dense(x)
         rows = x.numel() // x.shape[-1]
         paths = {"torch": self._dense}
         if kernels.usable(x, self.bias):
@@ -467,7 +470,7 @@ class QuantizedExperts(nn.Module):
         """x [T, H], index/weights [T, K] -> [T, H]: every (token, choice) pair through the gemv kernel or the chosen
         experts dequantized one at a time, whichever was measured faster for few pairs; for a prefill, also each
         chosen expert's rows in integers (csrc/intgemm.c)."""
-        if needs_grad(x, weights):  # the grouped form, the chosen experts dequantized (project)
+        if needs_grad(x, weights) or kernels.plain_only(x):  # the grouped form, the chosen experts dequantized
             return Experts.forward(self, x, index, weights)
         t, k = index.shape
         if t == 0:  # no tokens (a forward whose kept positions are none)

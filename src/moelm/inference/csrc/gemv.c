@@ -994,6 +994,7 @@ static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, co
         for (int64_t j = 0; j < n; j++) sg[j] = expf(sg[j] - top);                                              \
         for (int64_t j = 0; j < n; j++) total += sg[j];                                                         \
         pl[g] = total;                                                                                          \
+        for (int64_t j = 0; j < n; j++) sg[j] = RND(sg[j]);  /* bf16: rounded before v, as SDPA's kernel */     \
     }                                                                                                           \
     float vb[ATT_BLOCK * D];                                                                                    \
     for (int64_t ta = t0; ta < t1; ta += ATT_BLOCK) {  /* a block of v as fp32 (masked rows 0), in L1 for all heads */ \
@@ -1206,7 +1207,8 @@ static void swiglu_rows(const float *gu, int64_t rows, int64_t F, int bf16, floa
  * expert, so each chosen expert's weights are read once for all the rows that chose it: int8/int4 experts in one
  * gemv call per projection (its runs of equal wsel), fp32/bf16 ones in a call per expert.
  * bf16 (a bf16 model; h and y bf16 values): rounded where PyTorch's bf16 ops round, the experts' outputs times the
- * bf16 weights summed per row in ascending expert order (as the op-by-op experts' index_add_), then + shared. */
+ * bf16 weights summed per row in fp32 in ascending expert order and rounded once (as the op-by-op experts' fp32
+ * index_add_), then + shared. */
 static void moe_apply(const Moe *M, int bf16, const float *h, int64_t B, int64_t n, float *y, float *logits,
                       int64_t *index, float *weight, int nt) {
     int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K, c = 0;
@@ -1246,10 +1248,12 @@ static void moe_apply(const Moe *M, int bf16, const float *h, int64_t B, int64_t
         memset(acc, 0, B * n * sizeof(float));
         for (int64_t r = 0; r < pairs; r++) {
             float w = round_bf16(weight[order[r]]), *a = acc + (order[r] / K) * n;
-            for (int64_t i = 0; i < n; i++) a[i] = round_bf16(a[i] + round_bf16(round_bf16(xg[r * n + i]) * w));
+            for (int64_t i = 0; i < n; i++) a[i] += round_bf16(round_bf16(xg[r * n + i]) * w);
         }
-        for (int64_t i = 0; i < B * n; i++)
-            y[i] = round_bf16(y[i] + (shared ? round_bf16(acc[i] + round_bf16(shared[i])) : acc[i]));
+        for (int64_t i = 0; i < B * n; i++) {
+            float routed = round_bf16(acc[i]);
+            y[i] = round_bf16(y[i] + (shared ? round_bf16(routed + round_bf16(shared[i])) : routed));
+        }
     } else
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < n; i++) {
