@@ -10,6 +10,7 @@ in all (said once on stderr), not for minutes. MOELM_KERNELS forces paths: "torc
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import itertools
@@ -264,6 +265,8 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], tim
             path = _FILE.get(entry)
             if path not in candidates:
                 times = _timed(entry, timer, candidates) if len(candidates) > 1 else {}
+                if times and not _MEASURING:
+                    trim()
                 path = min(times, key=times.get) if times else next(iter(candidates))
                 _FILE[entry] = path
                 _save(entry, path)
@@ -283,6 +286,23 @@ def _timed(entry: str, timer, candidates) -> dict[str, float]:
     finally:
         _MEASURING.pop()
         MEASURED.append((entry, time.perf_counter() - start, len(_MEASURING)))
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def trim() -> None:
+    """Return the allocator's free memory to the system (glibc's malloc_trim; nothing elsewhere). After timing:
+    its candidates' temporaries (tens of MB of fp32 per shape class, see probe_elements) are freed, but glibc keeps
+    freed chunks below its grown mmap threshold in its arenas, so each new shape class timed would keep RSS up."""
+    lib = _libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(0)
 
 
 def measuring() -> tuple[str, ...]:
