@@ -44,3 +44,18 @@ def running_server(path, names=None, api_key=None, chat_template=None, defaults=
         server.should_exit = True
         thread.join(10)
         engine.stop()
+
+
+def wait_healthy(proc, url: str, timeout: float = 60):
+    """Until the server process `proc` answers GET url/health with 200; fails with its stderr if it exits first."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, "the server did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)

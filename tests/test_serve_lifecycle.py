@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve_fixtures import running_server
+from serve_fixtures import running_server, wait_healthy
 from test_serve_cli import free_port, serve
 
 httpx = pytest.importorskip("httpx")
@@ -54,15 +54,7 @@ def test_shutdown_ends_the_requests_in_flight(tiny):
                  "--max-model-len", "2048", "--shutdown-timeout", "30", "--uvicorn-log-level", "warning")
     url, results = f"http://127.0.0.1:{port}", {}
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.time() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(proc, url)
         threads = in_flight(url, results)
         wait_running(url, time.time() + 20)
         started = time.time()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from moelm.models.scaffold import new_checkpoint
+from serve_fixtures import wait_healthy
 from test_serve_cli import free_port
 
 PROMPTS = ["hello world", "the list of", "a b c d e f g"]
@@ -24,15 +24,7 @@ def answers(path, port: int, env: dict, *args) -> list[str]:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.time() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(proc, url, timeout=90)
         r = httpx.post(url + "/v1/completions", json={"model": str(path), "prompt": PROMPTS, "max_tokens": 8,
                                                        "temperature": 0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
