@@ -18,15 +18,17 @@ from moelm.bench.gguf import write_gguf
 VOCAB, HIDDEN = 131072, 64  # an embedding / LM head of 8M elements: 32 MB in fp32
 MB = 1 << 20
 
-CHILD = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from moelm import AutoModelForCausalLM
-
-    def status(key):
+STATUS = textwrap.dedent("""
+    def status(key):  # bytes of /proc/self/status's VmRSS / VmHWM
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
+""")
+
+CHILD = STATUS + textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from moelm import AutoModelForCausalLM
 
     def load(path):
         gguf = path.endswith(".gguf")
@@ -85,15 +87,10 @@ def test_gguf_q8_0_embedding_read_a_block_at_a_time(dirs):
     assert got["peak"] < got["weights"] + 48 * MB, got
 
 
-TILES = textwrap.dedent("""
+TILES = STATUS + textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from moelm.inference.matmul import _fp32_tiles
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
 
     x, w = torch.randn(4096, 64).bfloat16(), torch.randn(4096, 64).bfloat16()
     _fp32_tiles(x[:8], w, None)
