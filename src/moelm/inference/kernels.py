@@ -356,7 +356,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return yt[:, :rows].T.reshape(*shape[:-1], out_features)
 
 
-INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni")  # csrc/intgemm.c's variants, in its numbering
+INT_VARIANTS = ("avx2", "avxvnni", "avx512vnni", "amx")  # csrc/intgemm.c's variants, in its numbering
 
 
 def int_variants() -> list[str]:

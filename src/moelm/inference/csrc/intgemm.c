@@ -19,18 +19,36 @@
  *     (off = 128 for int8, 8 for int4: the stored nibble), and off * sum(xq of the block) is taken off each block.
  * The weights are unpacked by gathers (int4) or 4 bytes of a row at a time (int8) (unpack), or by 8 x 8 transposes
  * of whole 32-byte row pieces (unpack_t), as the caller says (kernels.py measures which is faster on this CPU).
- * Threads split the tiles (output rows) in intgemm, whole experts in intgemm_experts. No AMX path: it could not be
- * tested on the machines this was written on. */
+ *   3 AMX-INT8: signed codes on both sides (int4 n - 8 in the tile), no offset to take off; the tile as AMX B tiles
+ *     of 16 rows a block (8 x 64 bytes), 16 rows of x an A tile (16 x 32 bytes), one tdpbssd per block into a C
+ *     tile, stored and scaled in AVX-512 as the other variants scale their sums (the same integers, the same fp32
+ *     operations: equal bits). x's buffers are padded to 16 rows. Linux lends a process the tile registers only on request (arch_prctl), made
+ *     once by intgemm_variants(); each thread configures its tiles in the call and releases them after.
+ * Threads split the tiles (output rows) in intgemm, whole experts in intgemm_experts. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define QB 32  /* inputs per activation block */
+
+#ifdef HAVE_AMX
+/* Whether Linux lets this process use the AMX tile data (asked once; granted for every thread) */
+static int amx_allowed(void) {
+    static int allowed = -1;
+    if (allowed < 0) allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return allowed;
+}
+#endif
 
 int intgemm_variants(void) {
     int mask = 0;
@@ -42,6 +60,9 @@ int intgemm_variants(void) {
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     mask |= 4;
+#endif
+#ifdef HAVE_AMX
+    if (amx_allowed()) mask |= 8;
 #endif
     return mask;
 }
@@ -130,7 +151,8 @@ static void tile_scales(const void *scale, int half, int64_t srow, int64_t group
     }
 }
 
-/* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] (code + off as a byte) and their scales ts [groups][NW]
+/* Rows n0 .. n0 + nw of w (nw <= NW) -> tile [K/4][NW][4] and their scales ts [groups][NW]; a byte of the tile is
+ * the int8 code xor each byte of off (0x80: + 128), or the int4 nibble + each byte of off (0xF8: - 8, signed)
  * (groups = K / G, G = K for int8); rows past nw repeat row nw - 1 with scale 0. g4 = 0: int8 rows of wrow bytes,
  * 4 bytes at a time; else int4 pairs with group size g4, 4 bytes of 8 rows at a time by one gather (on Zen 5 1.7x
  * the scalar loop for 6 rows of x, the same for 64, with the weights in cache; slower than it for int8). */
@@ -151,7 +173,7 @@ static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, i
         return;
     }
     const uint8_t *base = w + n0 * wrow;
-    const __m256i low = _mm256_set1_epi8(15);
+    const __m256i low = _mm256_set1_epi8(15), add = _mm256_set1_epi32((int32_t)off);
     for (int r0 = 0; r0 < NW; r0 += 8) {
         int32_t at[8];
         for (int i = 0; i < 8; i++) at[i] = (int32_t)((r0 + i < nw ? r0 + i : nw - 1) * wrow);
@@ -160,16 +182,17 @@ static void unpack(const uint8_t *w, int64_t wrow, const void *scale, int f16, i
         for (int64_t s = 0; s < groups; s++)
             for (int64_t j = 0; j < half; j += 4) {
                 __m256i v = _mm256_i32gather_epi32((const int *)(base + s * half + j), idx, 1);
-                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4), _mm256_and_si256(v, low));
+                _mm256_storeu_si256((__m256i *)(t + (s * g4 + j) / 4 * NW * 4),
+                                    _mm256_add_epi8(_mm256_and_si256(v, low), add));
                 _mm256_storeu_si256((__m256i *)(t + (s * g4 + half + j) / 4 * NW * 4),
-                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+                                    _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), add));
             }
     }
 }
 
 /* unpack without gathers or a row's 4-byte steps: 32 bytes of each of 8 rows loaded and transposed as 8 x 8 dwords,
- * each column what one gather of unpack gives (int8: 4 bytes of each row, + off; int4: split into its low and high
- * nibbles); every row read in order, which the hardware prefetchers follow (on Zen 5 with int4 weights in memory,
+ * each column what one gather of unpack gives (int8: 4 bytes of each row; int4: split into its low and high
+ * nibbles; with off as unpack applies it); every row read in order, which the hardware prefetchers follow (on Zen 5 with int4 weights in memory,
  * not cache: 2.3x the gathers for 24 rows of x). All NW rows at each step, so that each line of the tile is written
  * whole at once (a quarter at a time, it came back from L2 four times), and the next tile's rows prefetched into L2
  * as these are read (into L1 they evicted the tile). int4 needs K a multiple of 64 (whole 32-byte loads); otherwise
@@ -197,8 +220,9 @@ static void unpack_t(const uint8_t *w, int64_t wrow, const void *scale, int f16,
             int64_t s1 = s, j1 = j;
             for (int k = 0; k < 8; k++) {
                 uint8_t *lo = tile + (s1 * g4 + j1) * NW + r0 * 4, *hi = lo + half * NW;
-                _mm256_storeu_si256((__m256i *)lo, _mm256_and_si256(c[k], low));
-                _mm256_storeu_si256((__m256i *)hi, _mm256_and_si256(_mm256_srli_epi16(c[k], 4), low));
+                _mm256_storeu_si256((__m256i *)lo, _mm256_add_epi8(_mm256_and_si256(c[k], low), flip));
+                _mm256_storeu_si256((__m256i *)hi,
+                                    _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(c[k], 4), low), flip));
                 if ((j1 += 4) == half) { j1 = 0; s1++; }
             }
         }
@@ -283,16 +307,79 @@ KERNEL(kern_vnni512, __m512i, __m512, 16, 2, _mm512_setzero_si512(), _mm512_set1
        _mm512_mul_ps, _mm512_storeu_ps)
 #endif
 
+#ifdef HAVE_AMX
+typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+/* The tiles: 0 and 4 A (16 rows of x, one block of QB bytes each), 1 and 5 B (a block of the weight tile: QB / 4
+ * rows of 16 x 4 bytes), 2 and 3 C (16 x 16 int32). Static: a configuration on the stack can lose its stores, the
+ * compiler not seeing ldtilecfg read them (llama.cpp's AMX kernels crashed so, its PR 26954). */
+static const TileConfig amx_config __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {QB, 64, 64, 64, QB, 64}, .rows = {16, QB / 4, 16, 16, 16, QB / 4}};
+
+static void amx_begin(void) { _tile_loadconfig(&amx_config); }
+
+/* One block's C tile (stored in c) scaled into the 16 rows' sums, as KERNEL_R scales its int32 lanes */
+static inline void amx_scale(__m512 *acc, int32_t (*c)[16], const float *sg, const float *d, int64_t blocks,
+                             int64_t b) {
+    __m512 s = _mm512_loadu_ps(sg);
+    _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[r])),
+                                 _mm512_mul_ps(s, _mm512_set1_ps(d[r * blocks + b])), acc[r]);
+}
+
+/* Rows m0 .. m0 + mr of x (mr <= 16; x's buffers hold 16 rows from m0) against a tile of 16 weight rows, two blocks
+ * at a time in two C tiles, so that one block's products overlap the other's scaling */
+static void kern_amx(const uint8_t *tile, const float *ts, int64_t gblocks, const int8_t *xq, const float *d,
+                     const int32_t *xsum, int64_t K, int64_t m0, int mr, int32_t off, int64_t n0, int nw, float *y,
+                     int64_t N) {
+    int64_t blocks = K / QB, b = 0;
+    const int8_t *x = xq + m0 * K;
+    const float *dm = d + m0 * blocks;
+    int32_t c0[16][16] __attribute__((aligned(64))), c1[16][16] __attribute__((aligned(64)));
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (; b + 1 < blocks; b += 2) {
+        _tile_loadd(0, x + b * QB, K);
+        _tile_loadd(1, tile + b * QB * 16, 64);
+        _tile_loadd(4, x + (b + 1) * QB, K);
+        _tile_loadd(5, tile + (b + 1) * QB * 16, 64);
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_dpbssd(2, 0, 1);
+        _tile_dpbssd(3, 4, 5);
+        _tile_stored(2, c0, 64);
+        amx_scale(acc, c0, ts + (b / gblocks) * 16, dm, blocks, b);
+        _tile_stored(3, c1, 64);
+        amx_scale(acc, c1, ts + ((b + 1) / gblocks) * 16, dm, blocks, b + 1);
+    }
+    if (b < blocks) {
+        _tile_loadd(0, x + b * QB, K);
+        _tile_loadd(1, tile + b * QB * 16, 64);
+        _tile_zero(2);
+        _tile_dpbssd(2, 0, 1);
+        _tile_stored(2, c0, 64);
+        amx_scale(acc, c0, ts + (b / gblocks) * 16, dm, blocks, b);
+    }
+    for (int r = 0; r < mr; r++) {
+        float out[16];
+        _mm512_storeu_ps(out, acc[r]);
+        memcpy(y + (m0 + r) * N + n0, out, nw * sizeof(float));
+    }
+}
+#endif
+
 typedef void (*kernel_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const float *, const int32_t *,
                           int64_t, int64_t, int, int32_t, int64_t, int, float *, int64_t);
 
 /* A variant's kernel for int8 (g4 = 0) or int4 weights, its tile width and offsets; kern = 0 if not compiled */
-typedef struct { kernel_fn kern, kern2, kern1; int NW; int32_t off; uint32_t tile_off; } Variant;  /* R = 4, 2, 1 */
+/* R: the rows of x a kern call takes (kern2 and kern1 take 2 and 1); AMX: 16, any number up to it in one kernel, x's
+ * buffers padded to it */
+typedef struct { kernel_fn kern, kern2, kern1; int NW; int32_t off; uint32_t tile_off; int R, amx; } Variant;
 
 #define SET_KERNELS(v, NAME) ((v).kern = NAME##_4, (v).kern2 = NAME##_2, (v).kern1 = NAME##_1)
 
 static Variant variant_for(int variant, int64_t g4) {
-    Variant v = {0, 0, 0, 8, g4 ? 8 : 128, g4 ? 0 : 0x80808080u};
+    Variant v = {0, 0, 0, 8, g4 ? 8 : 128, g4 ? 0 : 0x80808080u, 4, 0};
     if (variant == 0) {
         if (g4) SET_KERNELS(v, kern_avx2_i4);
         else SET_KERNELS(v, kern_avx2_i8);
@@ -305,8 +392,44 @@ static Variant variant_for(int variant, int64_t g4) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (variant == 2) { SET_KERNELS(v, kern_vnni512); v.NW = 32; }
 #endif
+#ifdef HAVE_AMX
+    if (variant == 3) {
+        v.kern = v.kern2 = v.kern1 = kern_amx;
+        v.NW = 16, v.R = 16, v.amx = 1, v.off = 0, v.tile_off = g4 ? 0xF8F8F8F8u : 0;
+    }
+#endif
     return v;
 }
+
+/* The calling thread's tiles, around its share of a call: configured for kern_amx, then left as they were found
+ * (another library's configuration reloaded, or released), so that code that configures a thread's tiles once and
+ * keeps them (llama.cpp's AMX kernels do) still finds its own in that thread */
+#ifdef HAVE_AMX
+typedef struct { TileConfig before; } Tiles;
+#else
+typedef struct { char unused; } Tiles;
+#endif
+
+static void tiles_on(const Variant *v, Tiles *t) {
+#ifdef HAVE_AMX
+    if (v->amx) {
+        _tile_storeconfig(&t->before);
+        amx_begin();
+    }
+#endif
+}
+
+static void tiles_off(const Variant *v, Tiles *t) {
+#ifdef HAVE_AMX
+    if (v->amx) {
+        if (t->before.palette) _tile_loadconfig(&t->before);
+        else _tile_release();
+    }
+#endif
+}
+
+/* Rows of x's buffers for M rows: padded to a whole kern call */
+static int64_t padded_rows(const Variant *v, int64_t M) { return (M + v->R - 1) / v->R * v->R; }
 
 /* A packed weight: int8 w [N, wrow] (g4 = 0, scale [N]) or int4 pairs (group size g4, scale [N, srow], fp16 when
  * half) */
@@ -325,7 +448,7 @@ static void run_tiles(const Variant *v, const Weight *W, const int8_t *xq, const
             W->w, W->wrow, W->scale, W->half, W->srow, W->g4, K, n0, nw, v->NW, v->tile_off, tile, ts);
         for (int64_t m0 = 0; m0 < M;) {  /* 4 rows at a time (3 left: 4 with one unused), then 2, then 1 */
             int64_t left = M - m0;
-            int mr = left >= 3 ? (left < 4 ? 3 : 4) : (int)left;
+            int mr = v->R > 4 ? (int)(left < v->R ? left : v->R) : left >= 3 ? (left < 4 ? 3 : 4) : (int)left;
             (mr >= 3 ? v->kern : mr == 2 ? v->kern2 : v->kern1)(tile, ts, gblocks, xq, d, xsum, K, m0, mr, v->off,
                                                                  n0, nw, y, W->N);
             m0 += mr;
@@ -347,18 +470,21 @@ int intgemm(const float *x, int64_t M, int64_t K, const void *w, int64_t wrow, c
     Variant v = variant_for(variant, g4);
     if (!v.kern) return -1;
     Weight W = {w, wrow, scale, half, srow, g4, N};
-    int64_t blocks = K / QB;
-    int8_t *xq = malloc(M * K);
-    float *d = malloc(M * blocks * sizeof(float));
-    int32_t *xsum = malloc(M * blocks * sizeof(int32_t));
+    int64_t blocks = K / QB, Mp = padded_rows(&v, M);
+    int8_t *xq = calloc(Mp * K, 1);
+    float *d = calloc(Mp * blocks, sizeof(float));
+    int32_t *xsum = calloc(Mp * blocks, sizeof(int32_t));
     intgemm_quantize(x, M, K, xq, d, xsum, nthreads);
     int64_t tiles = (N + v.NW - 1) / v.NW;
     _Pragma("omp parallel num_threads(nthreads)")
     {
         uint8_t *tile = aligned_alloc(64, K * v.NW);
         float *ts = aligned_alloc(64, ts_bytes(K, g4, v.NW));
+        Tiles state __attribute__((aligned(64)));
+        tiles_on(&v, &state);
         _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < tiles; t++) run_tiles(&v, &W, xq, d, xsum, M, K, y, transposed, t, t + 1, tile, ts);
+        tiles_off(&v, &state);
         free(tile);
         free(ts);
     }
@@ -395,6 +521,7 @@ int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64
         most = counts[e] > most ? counts[e] : most;
     }
     total = start[E];
+    most = padded_rows(&v, most);
     /* expert e to the thread whose share of the pairs its middle falls in */
     for (int64_t e = 0; e < E; e++) owner[e] = (start[e] + start[e + 1]) * nthreads / (2 * (total ? total : 1));
     float *parts = calloc((size_t)(nthreads > 1 ? nthreads - 1 : 0) * T * H + 1, sizeof(float));
@@ -409,9 +536,11 @@ int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64
         uint8_t *tile = aligned_alloc(64, kmax * v.NW);
         float *ts = aligned_alloc(64, ts_bytes(kmax, g4, v.NW));
         float *xs = malloc(most * wide * sizeof(float)), *h = malloc(most * wide * sizeof(float));
-        int8_t *xq = malloc(most * kmax);
-        float *d = malloc(most * (kmax / QB) * sizeof(float));
-        int32_t *xsum = malloc(most * (kmax / QB) * sizeof(int32_t));
+        int8_t *xq = calloc(most * kmax, 1);
+        float *d = calloc(most * (kmax / QB), sizeof(float));
+        int32_t *xsum = calloc(most * (kmax / QB), sizeof(int32_t));
+        Tiles state __attribute__((aligned(64)));
+        tiles_on(&v, &state);
         for (int64_t e = 0; e < E; e++) {
             int64_t c = counts[e];
             if (!c || owner[e] != me) continue;
@@ -434,6 +563,7 @@ int intgemm_experts(const float *x, int64_t T, int64_t H, int64_t I, const int64
                 for (int64_t j = 0; j < H; j++) o[j] += y[j] * wt;
             }
         }
+        tiles_off(&v, &state);
         free(tile); free(ts); free(xs); free(h); free(xq); free(d); free(xsum);
     }
     for (int t = 1; t < nthreads; t++) {
