@@ -2,6 +2,8 @@
 class, so that measuring is bounded whatever the model's size; and what it chooses does not change the outputs."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,7 +133,24 @@ def test_probe_rows_classes():
     assert cpu.probe_rows(40, 64) == 64
     assert cpu.probe_rows(10**6, 2560) == cpu.probe_rows(4 * 10**6, 2560) <= most // 2560
     assert cpu.probe_rows(10**6, 2560) * 2560 > most // 2
+    # many tokens: a probe call does at most PROBE_MACS multiply-adds, on 256 weight rows at least
+    assert cpu.probe_rows(10**6, 12288, 1) == cpu.probe_rows(10**6, 12288)
+    n = cpu.probe_rows(10**6, 2560, 2048)
+    assert n * 2048 * 2560 <= cpu.PROBE_MACS < 2 * n * 2048 * 2560
+    assert cpu.probe_rows(10**6, 12288, 8192) == 256 and cpu.probe_rows(100, 12288, 8192) == 128
     start = cpu.probe_starts(10, 4)
     assert [start() for _ in range(5)] == [0, 4, 6, 0, 4]
     start = cpu.probe_starts(3, 4)
     assert [start() for _ in range(2)] == [0, 0]
+
+
+def test_probe_elements_bounded_whatever_the_cache(monkeypatch):
+    """Twice the largest cache in fp32, within 64..128 MiB: a virtual machine may report its host's whole L3
+    (480 MiB on an Intel Xeon with 2 cores), and probes of twice that made a first prefill measure for half a
+    minute."""
+    def with_l3(mib):
+        monkeypatch.setattr(cpu, "info", lambda: dataclasses.replace(real, caches={"L3": mib << 20}))
+        return cpu.probe_elements() * 4 >> 20
+
+    real = cpu.info()
+    assert (with_l3(480), with_l3(48), with_l3(8)) == (128, 96, 64)

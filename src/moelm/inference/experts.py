@@ -14,7 +14,7 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     csrc/gemm.c, oneDNN with the roles swapped (w @ x.T, w read in its own layout: 1.6x the MKL sgemm behind F.linear
     for the tens of rows an expert gets at prefill on the EPYC), or half-precision weights computed in fp32."""
     op = "experts" if w.dtype == torch.float32 else f"experts.{str(w.dtype).removeprefix('torch.')}"
-    n = cpu.probe_rows(*w.shape)  # measured on n rows of w at a time
+    n = cpu.probe_rows(*w.shape, x.shape[0])  # measured on n rows of w at a time
     key = (str(x.dtype), cpu.rows_bucket(x.shape[0]), n, w.shape[1], torch.get_num_threads())
     path = cpu.pick(op, key, lambda: cpu.probes(paths(x, w), w.shape[0], n,
                                                 lambda name, r: PATHS[name](x, w[r])))

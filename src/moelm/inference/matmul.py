@@ -32,7 +32,7 @@ def path_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     cpu.probe_rows() rows of the weight at a time."""
     rows = x.numel() // x.shape[-1]
     op = "linear" if weight.dtype == torch.float32 else f"linear.{str(weight.dtype).removeprefix('torch.')}"
-    n = cpu.probe_rows(*weight.shape)
+    n = cpu.probe_rows(*weight.shape, rows)
     key = (str(x.dtype), cpu.rows_bucket(rows), n, weight.shape[1], weight.is_contiguous(), bias is not None,
            torch.get_num_threads())
     return cpu.pick(op, key, lambda: cpu.probes(paths(x, weight), weight.shape[0], n, lambda name, r: PATHS[name](

@@ -364,7 +364,7 @@ class QuantizedLinear(PackedLinear):
         if len(paths) == 1:
             return next(iter(paths.values()))(x)
         # the candidates differ with the rows and grad mode within one rows bucket: they are part of the key
-        n = cpu.probe_rows(self.out_features, self.in_features)
+        n = cpu.probe_rows(self.out_features, self.in_features, rows)
         path = _path(f"{self.mode}.{'+'.join(sorted(paths))}", x, rows, (n, self.qweight.shape[1]),
                      lambda: cpu.probes(paths, self.out_features, n,
                                         lambda name, r: self._on(self.probe(r), paths[name], x)))
