@@ -1,7 +1,8 @@
 """gemv.c's int4 group-64 and group-32 kernels in 512-bit vectors ("zmm", AVX-512BW) against the 256-bit ones
 ("ymm"): the same int16 products summed in another order, both within the activations' int16 rounding of the dense
 product; chosen by measurement once per CPU (MOELM_KERNELS=int4_g64=... forces it). The group-32 kernels (two or
-four groups a step) take I a multiple of 64 (ymm) or 128 (zmm), the one-group-at-a-time kernel the rest."""
+four groups a step) take I a multiple of 64 (ymm) or 128 (zmm), the one-group-at-a-time kernel the rest. int8 has
+a 512-bit kernel too (I a multiple of 64), chosen the same way (int8_width=ymm|zmm)."""
 from __future__ import annotations
 
 import pytest
@@ -154,3 +155,38 @@ def test_threads_share_the_rows_whoever_takes_them(mode):
         for threads in (2, 3, 7):
             for _ in range(5):
                 assert torch.equal(run(threads, rows), one)
+
+
+WIDE8 = kernels.available() and kernels.library().gemv_wide_i8(-1) >= 0
+PATHS8 = ("ymm", "zmm") if WIDE8 else ("ymm",)
+
+
+@pytest.mark.parametrize("features", (2560, 320, 96))
+@pytest.mark.parametrize("rows", (1, 3, 8, 16))
+def test_512_bit_int8_kernel_matches(rows, features):
+    """int8 weights, 512-bit ("zmm") against 256-bit ("ymm"): both within the activations' int16 rounding of the
+    dense product, the same where features are not a multiple of 64 (the 256-bit kernel runs either way); stacked
+    experts with a matrix chosen per row too."""
+    g = torch.Generator().manual_seed(features + rows)
+    w = torch.randn(3 * 40, features, generator=g)
+    w[5] = 0
+    q, s = quantize(w, "int8", 64)
+    x = torch.randn(rows, features, generator=g) * torch.logspace(-2, 1, features)
+    dense = dequantize(q, s, 0).double()
+    select = torch.arange(rows) % 3
+    experts = dense.view(3, 40, features)
+    ys = {}
+    for path in PATHS8:
+        with forced(f"int8_width={path}"):
+            ys[path] = kernels.gemv(x, q, s)
+            picked = kernels.gemv(x, q.view(3, 40, -1), s.view(3, 40), select=select)
+            assert kernels._WIDTH8[0] == path or not WIDE8
+        for y, want, weights in ((ys[path], x.double() @ dense.T, dense),
+                                 (picked, torch.stack([x[r].double() @ experts[select[r]].T for r in range(rows)]),
+                                  None)):
+            ref = (x.abs().double() @ dense.abs().T) if weights is not None else \
+                torch.stack([x[r].abs().double() @ experts[select[r]].abs().T for r in range(rows)])
+            assert ((y.double() - want).abs() <= 1e-4 * ref + 1e-30).all(), path
+        assert (ys[path][:, 5] == 0).all()
+    if features % 64 and WIDE8:
+        assert torch.equal(ys["ymm"], ys["zmm"])

@@ -208,14 +208,10 @@ def test_llamacpp_model_timing_api(checkpoints, tmp_path):
     grown = [list(c) for c in contexts]
     assert m.decode_batch(grown, steps=3) > 0
     for context, row in zip(contexts, grown):
-        m._clear()
-        m.llm.eval(context)
-        alone = []
-        for _ in range(len(row) - len(context)):
-            alone.append(m._last_argmax())
-            m.llm.eval([alone[-1]])
-        assert row[len(context):] == alone
+        assert row[len(context):] == m.greedy(context, len(row) - len(context))
     m.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        m.prefill(ids)
     full = llamacpp.LlamaCppModel(path, threads=1, n_ctx=128, n_batch=64, logits_all=True)
     a, b = full.logits(ids), full.logits(ids)  # a fresh KV cache each call
     full.close()

@@ -106,7 +106,7 @@ def child_llama(path: str, prompt_lens: list[int], batches: list[int], steps: in
 
     out = {}
     t = time.perf_counter()
-    m = llamacpp.LlamaCppModel(path, threads, n_ctx=max(512, *prompt_lens, context + steps + 4),
+    m = llamacpp.LocalModel(path, threads, n_ctx=max(512, *prompt_lens, context + steps + 4),  # its own process
                                n_batch=max(prompt_lens))
     out["load_s"] = time.perf_counter() - t
     out["rss_gb"], out["peak_rss_gb"] = rss_bytes() / 1e9, peak_rss_bytes() / 1e9

@@ -1,12 +1,21 @@
-"""llama.cpp as a benchmark peer: a GGUF file (see gguf.write_gguf) timed through llama-cpp-python.
+"""llama.cpp as a benchmark peer: a GGUF file (see gguf.write_gguf) timed through llama-cpp-python, in a worker
+process of its own (moelm runs beside it, one at a time: the timings alternate as in one process).
 
     m = LlamaCppModel("model.gguf", threads=2)
-    m.prefill(ids), m.decode(ids[:64], 16)                 # seconds, seconds per token
+    m.prefill(ids), m.decode(ids[:64], 16)                 # seconds, seconds per token (timed in the worker)
     m = LlamaCppModel("model.gguf", threads=2, logits_all=True, kv_type="f32"); m.logits(ids)   # [len(ids), vocab]
+
+Why a process: llama.cpp's AMX kernels configure a thread's tile registers once, on its first call, and assume they
+stay configured; oneDNN's AMX kernels (PyTorch's bf16 matmuls) release them after each call, and in one process the
+next llama.cpp matmul died of SIGILL.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +39,9 @@ def build_info() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}; {info.strip()}"
 
 
-class LlamaCppModel:
-    """One llama.cpp model + context. kv_type: "f16" (llama.cpp's default) or "f32" (for the parity check)."""
+class LocalModel:
+    """One llama.cpp model + context, in this process. kv_type: "f16" (llama.cpp's default) or "f32" (for the
+    parity check)."""
 
     def __init__(self, path: str | Path, threads: int, n_ctx: int = 512, n_batch: int = 256,
                  logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False):
@@ -130,8 +140,128 @@ class LlamaCppModel:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
+    def greedy(self, ids: list[int], steps: int) -> list[int]:
+        """The `steps` greedy tokens after `ids`, decoded alone (one sequence, a fresh KV cache)."""
+        self._clear()
+        self.llm.eval(ids)
+        out = []
+        for _ in range(steps):
+            out.append(self._last_argmax())
+            self.llm.eval([out[-1]])
+        return out
+
     def close(self) -> None:
         self.llm.close()
+
+
+def _worker() -> None:
+    """The worker process: a LocalModel(*args), then its methods called as the parent asks, until "close". Pickles
+    over stdin and the original stdout (anything printed goes to stderr)."""
+    out, inp = os.fdopen(os.dup(1), "wb"), sys.stdin.buffer
+    os.dup2(2, 1)
+
+    def send(ok: bool, value) -> None:
+        pickle.dump((ok, value), out)
+        out.flush()
+
+    from .machine import peak_rss_bytes, rss_bytes
+
+    try:
+        before = rss_bytes()
+        model = LocalModel(*pickle.load(inp))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        return send(False, f"{type(e).__name__}: {e}")
+    send(True, (model.n_vocab, model.logits_all))
+    while True:
+        name, args = pickle.load(inp)
+        try:
+            if name == "close":
+                return send(True, model.close())
+            if name == "memory":
+                now = rss_bytes()
+                send(True, (now - before if now is not None and before is not None else None, peak_rss_bytes()))
+                continue
+            if name == "decode_batch":  # the grown contexts go back: the caller's lists grow as in one process
+                send(True, (model.decode_batch(*args), args[0]))
+            else:
+                send(True, getattr(model, name)(*args))
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            send(False, f"{type(e).__name__}: {e}")
+
+
+class LlamaCppModel:
+    """One llama.cpp model + context in a worker process (see the module's docstring); the methods of LocalModel, the
+    times measured in the worker. kv_type: "f16" (llama.cpp's default) or "f32" (for the parity check)."""
+
+    def __init__(self, path: str | Path, threads: int, n_ctx: int = 512, n_batch: int = 256,
+                 logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False):
+        self._proc = subprocess.Popen([sys.executable, "-c", "from moelm.bench.llamacpp import _worker; _worker()"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._send((str(path), threads, n_ctx, n_batch, logits_all, kv_type, flash_attn))
+        self.n_vocab, self.logits_all = self._reply()
+
+    def _send(self, message) -> None:
+        pickle.dump(message, self._proc.stdin)
+        self._proc.stdin.flush()
+
+    def _reply(self):
+        try:
+            ok, value = pickle.load(self._proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            code = self._proc.wait(10)
+            self._proc = None
+            raise RuntimeError(f"llama.cpp's worker process died (exit code {code})") from None
+        if not ok:
+            raise RuntimeError(f"llama.cpp: {value}")
+        return value
+
+    def _call(self, name: str, *args):
+        if self._proc is None:
+            raise RuntimeError("this LlamaCppModel is closed")
+        try:
+            self._send((name, args))
+        except OSError:
+            pass  # the worker is gone: _reply says so
+        return self._reply()
+
+    def prefill(self, ids: list[int]) -> float:
+        return self._call("prefill", list(ids))
+
+    def decode(self, ids_context: list[int], steps: int) -> float:
+        return self._call("decode", list(ids_context), steps)
+
+    def decode_batch(self, contexts: list[list[int]], steps: int) -> float:
+        seconds, grown = self._call("decode_batch", [list(c) for c in contexts], steps)
+        for c, g in zip(contexts, grown):
+            c[:] = g
+        return seconds
+
+    def greedy(self, ids: list[int], steps: int) -> list[int]:
+        return self._call("greedy", list(ids), steps)
+
+    def memory(self) -> tuple[int | None, int]:
+        """(RSS the model added to the worker process, the worker's peak RSS), bytes."""
+        return self._call("memory")
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self._call("logits", list(ids))
+
+    def close(self) -> None:
+        if self._proc is not None:
+            proc = self._proc
+            try:
+                self._call("close")
+            finally:
+                proc.stdin.close()
+                proc.wait(10)
+                proc.stdout.close()
+                self._proc = None
+
+    def __del__(self):
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def measure(path: str | Path, threads: int, prompt_len: int = 256, context: int = 64, steps: int = 16,

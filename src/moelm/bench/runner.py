@@ -243,10 +243,9 @@ def run(model: str = "ernie-0.3b", dtype: str = "float32", prompt_lens=(256,), d
         write_checkpoint(config, tmp, seed=seed)
         log(f"wrote random {model} checkpoint in {time.perf_counter() - t:.1f} s")
         models, rss = load_models(tmp, dtype, dev, transformers)
-        if peer:
-            before = rss_bytes()
+        if peer:  # llama.cpp runs in a worker process: its own memory figures
             label, models[label] = load_peer(tmp, dtype, threads, prompt_lens, decode_context, decode_tokens, log)
-            rss[label] = (rss_bytes() - before if before is not None else None, peak_rss_bytes())
+            rss[label] = models[label].memory()
     labels = list(models)
     weights = {label: bytes_per_token(m, config) for label, m in models.items() if label.startswith("moelm")}
     main = weights[labels[0]]

@@ -114,6 +114,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                      ctypes.c_int], None
     _intgemm_types(lib)
     lib.gemv_wide.argtypes, lib.gemv_wide.restype = [ctypes.c_int], ctypes.c_int
+    lib.gemv_wide_i8.argtypes, lib.gemv_wide_i8.restype = [ctypes.c_int], ctypes.c_int
     lib.unpair_i4.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.unsign_i8.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     lib.unpair_i4.restype = lib.unsign_i8.restype = None
@@ -303,11 +304,57 @@ def _choose_int4_width() -> str:
     return cpu.choose("int4_g64", (), {name: functools.partial(run, wide) for name, wide in _WIDE.items()})
 
 
+cpu.register("int8_width", ("ymm", "zmm"))
+_WIDTH8 = ["unset"]  # the int8_width path gemv.c was last told (gemv_wide_i8)
+
+
+def _int8_width() -> None:
+    """gemv.c's int8 kernel (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or, where the CPU has
+    AVX-512BW, 512-bit vectors ("zmm": the same int16 products, summed in another order; VNNI's vpdpwssd where the
+    CPU has it): measured once per CPU and remembered, on the probe of int4_g64 in int8 (4 rows of x in cache, and
+    one row a call over 94 MB of stacked experts, six a call)."""
+    path = cpu.chosen("int8_width", ()) or _choose_int8_width()
+    if path != _WIDTH8[0]:
+        _lib.gemv_wide_i8(int(path == "zmm"))
+        _WIDTH8[0] = path
+
+
+def _choose_int8_width() -> str:
+    if _lib.gemv_wide_i8(-1) < 0:
+        return cpu.choose("int8_width", (), {"ymm": lambda: None})
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (512, 2560), dtype=torch.int8, generator=g)
+    scale = torch.rand(512, generator=g)
+    x, y = torch.randn(4, 2560, generator=g), torch.empty(4, 512)
+    experts = torch.randint(-127, 128, (24, 1536, 2560), dtype=torch.int8, generator=g)  # 94 MB
+    escale = torch.rand(24, 1536, generator=g)
+    picks = torch.arange(24).view(4, 6)
+    rows, out = torch.randn(6, 2560, generator=g), torch.empty(6, 1536)
+    _WIDTH8[0] = "probe"
+
+    def run(wide: int):
+        _lib.gemv_wide_i8(wide)
+        _lib.gemv_i8(x.data_ptr(), 4, 2560, q.data_ptr(), 2560, scale.data_ptr(), 0, 1, 0, None, None, 512,
+                     y.data_ptr(), threads(4 * 2560 * 512))
+        for sel in picks:
+            _lib.gemv_i8(rows.data_ptr(), 6, 2560, experts.data_ptr(), 2560, escale.data_ptr(), 0, 1, 0, None,
+                         sel.data_ptr(), 1536, out.data_ptr(), threads(6 * 2560 * 1536))
+    return cpu.choose("int8_width", (), {"ymm": functools.partial(run, 0), "zmm": functools.partial(run, 1)})
+
+
+def _widths() -> None:
+    """gemv.c told the int4 and int8 kernel widths chosen for this CPU (measured the first time)"""
+    _int4_width()
+    _int8_width()
+
+
 def _gemv(x, weight, scale, group_size, bias, select):
     _require()
     _check("gemv", x, weight, scale, bias, multiple=32)
     if weight.dtype == torch.uint8:
         _int4_width()
+    elif weight.dtype == torch.int8:
+        _int8_width()
     shape = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -553,7 +600,7 @@ def moe_block(spec: Moe, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     experts (each once, on the rows that chose it), the shared experts, the weighted sum, added into y [B, H] fp32
     (in place). Returns (router logits [B, E] fp32, index [B, K] int64, weights [B, K] fp32)."""
     _require()
-    _int4_width()
+    _widths()
     b, n = h.shape
     logits = torch.empty(b, spec.E, dtype=torch.float32)
     index, weights = torch.empty(b, spec.K, dtype=torch.int64), torch.empty(b, spec.K, dtype=torch.float32)
@@ -571,7 +618,7 @@ def decode_layer(spec: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     (then its router logits [B, E] fp32, else None), else the output after attention only, with h = the
     post-attention RMSNorm of y for the caller's MoE block."""
     _require()
-    _int4_width()
+    _widths()
     b, n = x.shape
     y, h = torch.empty_like(x), torch.empty_like(x)
     logits = None if spec.experts is None else torch.empty(b, spec.experts, dtype=torch.float32)
@@ -601,7 +648,7 @@ def decode_layers(layers: Layers, threads_per_layer, x: torch.Tensor, cos: torch
     decode_layer computes it with its MLP or MoE block: x [B, n] -> (y [B, n], the MoE layers' router logits
     [L_moe, B, E] fp32 or None). threads_per_layer: a ctypes int array."""
     _require()
-    _int4_width()
+    _widths()
     b, n = x.shape
     y = torch.empty_like(x)
     logits = torch.empty(len(layers.experts), b, layers.experts[0], dtype=torch.float32) if layers.experts else None

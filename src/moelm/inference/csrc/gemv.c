@@ -611,6 +611,32 @@ INLINE void dot_i4hw(const int16_t *xq, int64_t I, const float *xs, const float 
                      const uint8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
     dot_i4sw(xq, I, xs, xsum, groups, w, scale, n, g, NR, d, 2);
 }
+/* int8 in 512-bit vectors (dot_i8q's sums, 64 bytes a step): xq in blocks of 64 inputs, the 32 even ones' lanes and
+ * then the 32 odd ones'; I a multiple of 64 */
+static inline int64_t pos_i8w(int64_t i) { return (i & ~63) + ((i & 1) << 5) + ((i & 63) >> 1); }
+INLINE void dot_i8w(const int16_t *xq, int64_t I, const float *xs, const float *xsum, int64_t groups,
+                    const int8_t *w, const float *scale, int64_t n, int64_t g, const int NR, float *d) {
+    (void)xsum; (void)scale;
+    __m512 acc[4];
+    for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n / g; s++) {
+        __m512i isum[4];
+        for (int r = 0; r < NR; r++) isum[r] = _mm512_setzero_si512();
+        for (int64_t j = s * g; j < s * g + g; j += 64) {
+            prefetch(w + j);
+            __m512i b = _mm512_loadu_si512((const void *)(w + j));
+            __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(b, 8), 8), odd = _mm512_srai_epi16(b, 8);
+            for (int r = 0; r < NR; r++) {
+                const int16_t *xr = xq + r * I + j;
+                isum[r] = dp16w(isum[r], even, _mm512_loadu_si512((const void *)xr));
+                isum[r] = dp16w(isum[r], odd, _mm512_loadu_si512((const void *)(xr + 32)));
+            }
+        }
+        for (int r = 0; r < NR; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_set1_ps(xs[r * groups + s]), acc[r]);
+    }
+    for (int r = 0; r < NR; r++) d[r] = _mm512_reduce_add_ps(acc[r]);
+}
 #define WIDE_I4 1
 #endif
 
@@ -645,6 +671,10 @@ INLINE void dot_i4q(const int16_t *xq, int64_t I, const float *xs, const float *
 /* Whether int4 weights in groups of 64 or 32 with I a multiple of 128 take the 512-bit kernel (1), and with it a
  * run of one row of x the weight rows by pairs (2); kernels.py sets it from a measurement on this CPU; 0 until then */
 static int wide_i4 = 0;
+#ifdef WIDE_I4
+/* Whether int8 weights with I a multiple of 64 take the 512-bit kernel (1): kernels.py measures it; 0 until then */
+static int wide_i8 = 0;
+#endif
 
 /* A DOT2 for the kernels without one (never called) */
 INLINE void no_pair(const int16_t *xq, const float *xs, const float *xsum, const uint8_t *w0, const uint8_t *w1,
@@ -771,6 +801,7 @@ GEMV_INT(gemv_i4_g32, uint8_t, dot_i4h, pos_i4h, 32, 0, no_pair, 0)
 #ifdef WIDE_I4
 GEMV_INT(gemv_i4_g64w, uint8_t, dot_i4w, pos_i4w, 64, 0, dot_i4w2, 1)
 GEMV_INT(gemv_i4_g32w, uint8_t, dot_i4hw, pos_i4hw, 32, 0, dot_i4hw2, 1)
+GEMV_INT(gemv_i8_intw, int8_t, dot_i8w, pos_i8w, I8_GROUP, 1, no_pair, 0)
 #endif
 #endif
 
@@ -784,11 +815,27 @@ int gemv_wide(int on) {
 #endif
 }
 
+int gemv_wide_i8(int on) {
+#ifdef WIDE_I4
+    if (on >= 0) wide_i8 = on;
+    return wide_i8;
+#else
+    (void)on;
+    return -1;
+#endif
+}
+
 #define ARGS x, M, I, w, wrow, scale, half, srow, G, bias, wsel, O, y, nthreads
 void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const void *scale, int half,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
-    if (wsel || M <= INT_ROWS) { gemv_i8_int(ARGS); return; }
+    if (wsel || M <= INT_ROWS) {
+#ifdef WIDE_I4
+        if (wide_i8 && I % 64 == 0) { gemv_i8_intw(ARGS); return; }
+#endif
+        gemv_i8_int(ARGS);
+        return;
+    }
 #endif
     gemv_i8_float(ARGS);
 }
