@@ -97,6 +97,7 @@ def test_first_run_times_probes_and_changes_no_output(quantization, checkpoint, 
     stack of experts, would be), says so once on stderr, and gives exactly what the next run with the remembered
     choices gives."""
     torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "_USED", set())  # the formats of the Mats made: this model's only
     model = moelm.AutoModelForCausalLM.from_pretrained(checkpoint, quantization=quantization)
     ids = torch.randint(3, 16384, (1, 20), generator=torch.Generator().manual_seed(1))
     seen = watch_weights(monkeypatch)
@@ -116,6 +117,9 @@ def test_first_run_times_probes_and_changes_no_output(quantization, checkpoint, 
     probes = [s for s in seen if not s[0].startswith(real)]
     assert max(n for *_, n in probes) <= max(PROBE, 3 * 512 * 256), sorted(probes, key=lambda s: -s[2])[:5]
     assert max((n for *_, n in trials), default=0) <= 2 * 1024 * 256, sorted(trials, key=lambda s: -s[2])[:5]
+    # the decode kernels' widths of this model's format only (an int4 or fp32 model never times the int8 kernels)
+    widths = {key.split("|")[0] for key, _, _ in measured} & {"int4_g64", "int8_width"}
+    assert widths == {"int4": {"int4_g64"}, "int8": {"int8_width"}, None: set()}[quantization], widths
     lm_head = [key for key, _, _ in measured if not key.startswith("decode_layer|") and ", 16384, " in key]
     assert not lm_head, f"the LM head's own rows in a key: {lm_head}"
     cpu.reset()  # a new process: the choices come from the file

@@ -20,7 +20,7 @@ PATHS = ("ymm", "zmm", "zmm2") if WIDE else ("ymm",)  # without AVX-512BW only t
 def product(path: str, x, q, s, select=None, group: int = 64):
     with forced(f"int4_g64={path}"):
         y = kernels.gemv(x, q, s, group, select=select)
-        assert kernels._WIDTH[0] == path or not WIDE
+        assert kernels._TOLD.get("int4_g64") == path or not WIDE
     return y
 
 
@@ -64,7 +64,7 @@ def test_512_bit_kernel_with_experts_selected(group):
 def test_measured_once_and_forced_by_name():
     with forced(""):
         cpu.reset()
-        kernels._WIDTH[0] = "unset"
+        kernels._TOLD.pop("int4_g64", None)
         kernels.gemv(torch.randn(2, 128), *quantize(torch.randn(8, 128), "int4", 64), 64)
         assert cpu.choices(True)["int4_g64|()"] in PATHS
     with pytest.raises(ValueError, match="int4_g64"):
@@ -180,7 +180,7 @@ def test_512_bit_int8_kernel_matches(rows, features):
         with forced(f"int8_width={path}"):
             ys[path] = kernels.gemv(x, q, s)
             picked = kernels.gemv(x, q.view(3, 40, -1), s.view(3, 40), select=select)
-            assert kernels._WIDTH8[0] == path or not WIDE8
+            assert kernels._TOLD.get("int8_width") == path or not WIDE8
         for y, want, weights in ((ys[path], x.double() @ dense.T, dense),
                                  (picked, torch.stack([x[r].double() @ experts[select[r]].T for r in range(rows)]),
                                   None)):

@@ -168,6 +168,8 @@ def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int
     keeps the tensors alive."""
     srow = scale.shape[-1] if scale is not None and group_size else 1
     fmt = 4 if _half(weight, scale) else MAT_FORMATS[weight.dtype]
+    if weight.dtype in WIDTHS:
+        _USED.add(weight.dtype)
     return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, _ptr(bias), weight.shape[0])
 
 
@@ -264,97 +266,77 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     return _gemv(x, weight, scale, group_size, bias, select)
 
 
-cpu.register("int4_g64", ("ymm", "zmm", "zmm2"))
-_WIDTH = ["unset"]  # the int4_g64 path gemv.c was last told (gemv_wide)
-_WIDE = {"ymm": 0, "zmm": 1, "zmm2": 2}
+# gemv.c's decode kernels for int4 (groups of 64 and 32) and int8 weights in 256-bit ("ymm") or, where the CPU has
+# AVX-512BW, 512-bit vectors ("zmm": the same int16 products summed in another order; int8 by VNNI's vpdpwssd
+# where the CPU has it), for int4 also with a one-row run's weight rows taken by pairs ("zmm2": each row summed as
+# "zmm" sums it). Per weight dtype: the choice, and its paths as gemv_wide / gemv_wide_i8 number them.
+WIDTHS = {torch.uint8: ("int4_g64", {"ymm": 0, "zmm": 1, "zmm2": 2}), torch.int8: ("int8_width", {"ymm": 0, "zmm": 1})}
+for _op, _paths in WIDTHS.values():
+    cpu.register(_op, tuple(_paths))
+_TOLD: dict[str, str] = {}  # choice -> the path gemv.c was last told
+_USED: set = set()  # the weight dtypes of WIDTHS a Mat was made for: decode_layer and moe_block tell only theirs
 
 
-def _int4_width() -> None:
-    """gemv.c's int4 kernel for groups of 64 and 32 (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or,
-    where the CPU has AVX-512BW, 512-bit vectors ("zmm"; the same int16 products, summed in another order), or those
-    with a one-row run's weight rows taken by pairs ("zmm2": each row summed as "zmm" sums it): measured once per CPU
-    and remembered. The probe times 4 rows of x in cache (the arithmetic, which bounds batches > 1) and one row of x
-    a call over 48 MB of stacked experts, six a call (a decoding step's MoE block, from memory)."""
-    path = cpu.chosen("int4_g64", ()) or _choose_int4_width()
-    if path != _WIDTH[0]:
-        _lib.gemv_wide(_WIDE[path])
-        _WIDTH[0] = path
+def _width(dtype: torch.dtype) -> None:
+    """gemv.c told the kernel width chosen for `dtype` weights on this CPU: measured once per CPU and remembered."""
+    op, paths = WIDTHS[dtype]
+    path = cpu.chosen(op, ()) or _choose_width(dtype)
+    if _TOLD.get(op) != path:
+        _set_width(dtype, paths[path])
+        _TOLD[op] = path
 
 
-def _choose_int4_width() -> str:
-    if _lib.gemv_wide(-1) < 0:
-        return cpu.choose("int4_g64", (), {"ymm": lambda: None})
+def _set_width(dtype: torch.dtype, value: int) -> int:
+    return (_lib.gemv_wide if dtype == torch.uint8 else _lib.gemv_wide_i8)(value)
+
+
+def _choose_width(dtype: torch.dtype) -> str:
+    """The probe times 4 rows of x in cache (the arithmetic, which bounds batches > 1) and one row of x a call over
+    stacked experts (24 of [1536, 2560]: 47 MB in int4, 94 MB in int8), six a call (a decoding step's MoE block, from
+    memory)."""
+    op, paths = WIDTHS[dtype]
+    if _set_width(dtype, -1) < 0:  # no AVX-512BW: only the 256-bit kernels are built
+        return cpu.choose(op, (), {"ymm": lambda: None})
+    int4 = dtype == torch.uint8
+    width, (half, srow, group) = (1280, (1, 40, 64)) if int4 else (2560, (0, 1, 0))
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 256, (512, 1280), dtype=torch.uint8, generator=g)
-    scale = torch.rand(512, 40, generator=g).half()  # int4 scales are fp16 unless a checkpoint's do not fit
+
+    def codes(*shape):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) if int4 else \
+            torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+
+    def scales(*shape):  # int4 scales are fp16 unless a checkpoint's do not fit
+        return torch.rand(*shape, 40, generator=g).half() if int4 else torch.rand(*shape, generator=g)
+
+    q, scale = codes(512, width), scales(512)
     x, y = torch.randn(4, 2560, generator=g), torch.empty(4, 512)
-    experts = torch.randint(0, 256, (24, 1536, 1280), dtype=torch.uint8, generator=g)  # 24 x [1536, 2560]: 47 MB
-    escale = torch.rand(24, 1536, 40, generator=g).half()
+    experts, escale = codes(24, 1536, width), scales(24, 1536)
     picks = torch.arange(24).view(4, 6)  # four calls of six experts, one row of x each
     rows, out = torch.randn(6, 2560, generator=g), torch.empty(6, 1536)
-    _WIDTH[0] = "probe"
+    fn = _lib.gemv_i4 if int4 else _lib.gemv_i8
+    _TOLD[op] = "probe"
 
-    def run(wide: int):
-        _lib.gemv_wide(wide)
-        _lib.gemv_i4(x.data_ptr(), 4, 2560, q.data_ptr(), 1280, scale.data_ptr(), 1, 40, 64, None, None, 512,
-                     y.data_ptr(), threads(4 * 2560 * 512))
+    def run(value: int):
+        _set_width(dtype, value)
+        fn(x.data_ptr(), 4, 2560, q.data_ptr(), width, scale.data_ptr(), half, srow, group, None, None, 512,
+           y.data_ptr(), threads(4 * 2560 * 512))
         for sel in picks:
-            _lib.gemv_i4(rows.data_ptr(), 6, 2560, experts.data_ptr(), 1280, escale.data_ptr(), 1, 40, 64, None,
-                         sel.data_ptr(), 1536, out.data_ptr(), threads(6 * 2560 * 1536))
-    return cpu.choose("int4_g64", (), {name: functools.partial(run, wide) for name, wide in _WIDE.items()})
-
-
-cpu.register("int8_width", ("ymm", "zmm"))
-_WIDTH8 = ["unset"]  # the int8_width path gemv.c was last told (gemv_wide_i8)
-
-
-def _int8_width() -> None:
-    """gemv.c's int8 kernel (decode: gemv, decode_layer, moe_block) in 256-bit ("ymm") or, where the CPU has
-    AVX-512BW, 512-bit vectors ("zmm": the same int16 products, summed in another order; VNNI's vpdpwssd where the
-    CPU has it): measured once per CPU and remembered, on the probe of int4_g64 in int8 (4 rows of x in cache, and
-    one row a call over 94 MB of stacked experts, six a call)."""
-    path = cpu.chosen("int8_width", ()) or _choose_int8_width()
-    if path != _WIDTH8[0]:
-        _lib.gemv_wide_i8(int(path == "zmm"))
-        _WIDTH8[0] = path
-
-
-def _choose_int8_width() -> str:
-    if _lib.gemv_wide_i8(-1) < 0:
-        return cpu.choose("int8_width", (), {"ymm": lambda: None})
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(-127, 128, (512, 2560), dtype=torch.int8, generator=g)
-    scale = torch.rand(512, generator=g)
-    x, y = torch.randn(4, 2560, generator=g), torch.empty(4, 512)
-    experts = torch.randint(-127, 128, (24, 1536, 2560), dtype=torch.int8, generator=g)  # 94 MB
-    escale = torch.rand(24, 1536, generator=g)
-    picks = torch.arange(24).view(4, 6)
-    rows, out = torch.randn(6, 2560, generator=g), torch.empty(6, 1536)
-    _WIDTH8[0] = "probe"
-
-    def run(wide: int):
-        _lib.gemv_wide_i8(wide)
-        _lib.gemv_i8(x.data_ptr(), 4, 2560, q.data_ptr(), 2560, scale.data_ptr(), 0, 1, 0, None, None, 512,
-                     y.data_ptr(), threads(4 * 2560 * 512))
-        for sel in picks:
-            _lib.gemv_i8(rows.data_ptr(), 6, 2560, experts.data_ptr(), 2560, escale.data_ptr(), 0, 1, 0, None,
-                         sel.data_ptr(), 1536, out.data_ptr(), threads(6 * 2560 * 1536))
-    return cpu.choose("int8_width", (), {"ymm": functools.partial(run, 0), "zmm": functools.partial(run, 1)})
+            fn(rows.data_ptr(), 6, 2560, experts.data_ptr(), width, escale.data_ptr(), half, srow, group, None,
+               sel.data_ptr(), 1536, out.data_ptr(), threads(6 * 2560 * 1536))
+    return cpu.choose(op, (), {name: functools.partial(run, value) for name, value in paths.items()})
 
 
 def _widths() -> None:
-    """gemv.c told the int4 and int8 kernel widths chosen for this CPU (measured the first time)"""
-    _int4_width()
-    _int8_width()
+    """gemv.c told the widths for the quantized formats whose Mats were made (decode_layer, moe_block)."""
+    for dtype in _USED:
+        _width(dtype)
 
 
 def _gemv(x, weight, scale, group_size, bias, select):
     _require()
     _check("gemv", x, weight, scale, bias, multiple=32)
-    if weight.dtype == torch.uint8:
-        _int4_width()
-    elif weight.dtype == torch.int8:
-        _int8_width()
+    if weight.dtype in WIDTHS:
+        _width(weight.dtype)
     shape = x.shape
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
