@@ -184,7 +184,8 @@ def test_not_used_where_it_cannot_run():
         assert decode._layer_plan(layer, x).moe is not None
 
 
-@pytest.mark.parametrize("case", ("ernie-k2-shared1-bias", "ernie-k4-noshared-normmin", "ernie-k6-shared2-i64"))
+@pytest.mark.parametrize("case", ("ernie-k2-shared1-bias", "ernie-k4-noshared-normmin", "ernie-k6-shared2-i64",
+                                  "phimoe", "phimoe-jitter"))
 def test_bf16_model_rounds_where_pytorch_does(case, monkeypatch):
     """A bf16 ERNIE model: its MoE layers run whole in decode_layer_bf16, rounding to bf16 where the op-by-op block's
     bf16 ops round (gate/up, SiLU, the product, down, times the bf16 weight, the per-expert sum in expert order, +
@@ -220,6 +221,39 @@ def test_bf16_model_rounds_where_pytorch_does(case, monkeypatch):
     differ = y != want
     assert float(differ.float().mean()) <= 0.01, f"{case}: {float(differ.float().mean()):.1%} of elements differ"
     assert bool(((y - want).abs() <= want.abs() * 2**-7 + 1e-6 * float(want.abs().max())).all())
+
+
+def test_bf16_sparsemixer_rounds_as_its_bf16_ops():
+    """A bf16 PhiMoE routes on bf16 logits with its ops' bf16 rounding: (top - s) / factor is rounded to bf16 and
+    compared with 2 * jitter rounded to bf16. Logits set exactly (the post-attention norm gives its bias, the router
+    reads one feature) where that decision differs from fp32's: 1 - 0.19921875 = 0.80078125 = bf16(0.8), masked in
+    fp32 (> 0.8) but not in bf16; the one-call layer weighs the experts as the op-by-op block does."""
+    model = load.__wrapped__("phimoe-jitter", "bf16-model")  # its own copy: jitter 0.4, 6 experts
+    layer = moe_layers(model)[0]
+    block, n = layer.block_sparse_moe, model.config.hidden_size
+    values = torch.tensor([1.0, 0.19921875, -0.5, 0.0, 0.625, -2.0]).bfloat16()
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.zero_()
+        layer.post_attention_layernorm.bias.copy_(F.one_hot(torch.tensor(0), n).bfloat16())
+        block.gate.weight.zero_()
+        block.gate.weight[:, 0] = values
+    fp32_w, fp32_i = sparsemixer(values.float()[None], 0.4, training=False)
+    bf16_w, bf16_i = sparsemixer(values[None], 0.4, training=False)
+    assert torch.equal(fp32_i, bf16_i) and not torch.allclose(fp32_w, bf16_w.float(), rtol=1e-2, atol=0)
+    cache = StaticCache(model.config, 2, 8, torch.bfloat16)
+    x = (torch.randn(2, 1, n, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    cos_sin = model.model.rotary(x, torch.zeros(2, 1, dtype=torch.long))
+    with torch.no_grad(), forced(ONE_CALL):
+        y, h, logits = decode.decode_layer_step(layer, x, cos_sin, None, cache)
+        assert h is None and logits.dtype == torch.bfloat16
+        cache.lengths[layer.self_attn.layer_idx] = 0
+        a, _ = layer.self_attn(layer.input_layernorm(x), cos_sin, None, cache)
+        want, want_logits = DecoderLayer.feed_forward(layer, x + a, layer.post_attention_layernorm(x + a))
+        moe, _ = block(layer.post_attention_layernorm(x + a))
+    assert torch.equal(logits, want_logits) and torch.equal(logits[0], values)
+    assert torch.equal(y, want)
+    assert not torch.equal(moe, block.experts(layer.post_attention_layernorm(x + a).reshape(2, n), fp32_i.expand(2, 2),
+                                              fp32_w.bfloat16().expand(2, 2)).reshape(2, 1, n))
 
 
 @torch.no_grad()

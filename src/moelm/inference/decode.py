@@ -23,12 +23,13 @@ from .slots import SlotCache
 
 def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache, bf16: bool = False,
                  several: bool = False):
-    """(cos [B, D/2], sin, mask [B, pos + 1] or None, pos, table, positions, new) for a C decoding step of this
-    attention, or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16 and ERNIE's
-    fp32 rotation), a StaticCache of x's dtype, the fused q/k/v, no gradients, a rotation the kernel knows, a mask
-    of the plain [B, 1, 1, K] form, not compiling; `new` positions are then claimed in the cache. A SlotCache step of
-    one token per sequence (x [1, B, n]) applies too: its block tables (int64 [B, n]) and positions (int64 [B])
-    then say where each token's keys go, pos is the largest position. With `several`, a StaticCache step of up to
+    """(cos [B, D/2] fp32, sin, mask [B, pos + 1] or None, pos, table, positions, new) for a C decoding step of this
+    attention, or None where it does not apply: one new token per row, fp32 on CPU (or with `bf16`, bf16: ERNIE's
+    rotation in fp32, PhiMoE's in bf16 from cos/sin in bf16), a StaticCache of x's dtype, the fused q/k/v, no
+    gradients, a rotation the kernel knows, a mask of the plain [B, 1, 1, K] form, not compiling; `new` positions
+    are then claimed in the cache. A SlotCache step of one token per sequence (x [1, B, n]) applies too: its block
+    tables (int64 [B, n]) and positions (int64 [B]) then say where each token's keys go, pos is the largest
+    position. With `several`, a StaticCache step of up to
     kernels.MAX_ROWS tokens per row after the first (x [B, S, n], a speculative check) applies as B * S rows: token
     j of row b is row b at position past + j, attending causally (and through the mask [B, 1, S, past + S], if
     any). The contiguous cos/sin/mask are made once per step (the model passes the same objects to every layer) and
@@ -37,7 +38,8 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
     slots = isinstance(cache, SlotCache)
     static = isinstance(cache, StaticCache) and (s == 1 or several and s <= kernels.MAX_ROWS
                                                  and cache.get_seq_length(attn.layer_idx) > 0)
-    dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and attn.rotate is rotate_interleaved)
+    dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16)
+    rope = x.dtype if attn.rotate is rotate_half_split else torch.float32  # the dtype of the model's cos/sin
     if kernels.plain_only(x) or not dtype_ok or x.device.type != "cpu" \
             or not (slots and b == 1 and not cache.plan.chunks or static) \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) \
@@ -50,9 +52,9 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
         if step is None or step[0] is not cos_sin or step[1] is not plan:
             cos, sin = cos_sin
             half = attn.head_dim // 2
-            if cos.shape[-1] != half or cos.dtype != torch.float32:
+            if cos.shape[-1] != half or cos.dtype != rope:
                 return None
-            cos, sin = (t.reshape(s, half).contiguous() for t in (cos, sin))
+            cos, sin = (t.reshape(s, half).float().contiguous() for t in (cos, sin))
             cache.step = step = (cos_sin, plan, (cos, sin, plan.step_mask, plan.max_position, plan.tables,
                                                  plan.positions, 0))
         return step[2]
@@ -62,10 +64,10 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
     if step is None or step[0] is not cos_sin or step[1] is not mask or step[2] != pos:
         cos, sin = cos_sin
         half = attn.head_dim // 2
-        if cos.shape[-1] != half or cos.dtype != torch.float32 or (
+        if cos.shape[-1] != half or cos.dtype != rope or (
                 mask is not None and tuple(mask.shape) != (b, 1, s, pos + 1)):
             return None
-        cos, sin = (t.expand(b, s, half).reshape(b * s, half).contiguous() for t in (cos, sin))
+        cos, sin = (t.expand(b, s, half).reshape(b * s, half).float().contiguous() for t in (cos, sin))
         flat_mask = None if mask is None else mask.reshape(b * s, pos + 1).contiguous()
         rows = positions = None
         if s > 1:
@@ -123,6 +125,8 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
         y, h, logits = kernels.decode_layer(plan.spec, x.reshape(b, -1).contiguous(), cos, sin,
                                             cache.keys[attn.layer_idx], cache.values[attn.layer_idx], pos, flat_mask,
                                             rows, positions)
+        if logits is not None:
+            logits = logits.to(plan.moe.logits_dtype)
         return y.view_as(x), None if plan.whole else h.view_as(x), logits
 
     run.key = (str(x.dtype), cpu.rows_bucket(b), plan.work, plan.dense, plan.experts, torch.get_num_threads())
@@ -166,11 +170,17 @@ class _LayerPlan:
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
-        norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon) if isinstance(n1, RMSNorm) else \
-            (n1.weight, n1.eps, n2.weight, n2.eps, n1.bias, n2.bias)
+        if isinstance(n1, RMSNorm):
+            norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
+        else:  # LayerNorms: their biases as fp32 (copies of bf16 ones), valid while not changed in place
+            self.biases = [n.bias.float() for n in (n1, n2)]
+            self.copied += [(n.bias, n.bias._version) for n in (n1, n2) if n.bias.dtype != torch.float32]
+            norms = (n1.weight, n1.eps, n2.weight, n2.eps, *self.biases)
+        # rotation: 1 ERNIE's pairs, 0 halves (PhiMoE), 2 halves in bf16 arithmetic (a bf16 PhiMoE)
+        rotation = 1 if attn.rotate is rotate_interleaved else 2 if dtype == torch.bfloat16 else 0
         self.spec = kernels.layer(norms, *self.mats,
-                                  attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rotate is rotate_interleaved,
-                                  attn.scaling, min(p.in_features * p.out_features for p in projections),
+                                  attn.num_heads, attn.num_kv_heads, attn.head_dim, rotation, attn.scaling,
+                                  min(p.in_features * p.out_features for p in projections),
                                   None if moe is None else moe.spec)
         self.work = self.spec.work
         self.dense, self.whole, self.experts = dense, dense or moe is not None, None if moe is None else moe.work
@@ -208,6 +218,8 @@ class _MoePlan(_LayerPlan):
 
     def __init__(self, block, router: tuple, experts: list, shared: list, projections: list, bias, dtype):
         self.routing = kind, top_k, norm_min, jitter = block.routing_spec()
+        # the op-by-op block's router logits: ERNIE's fp32, PhiMoE's of its Linear (x's dtype)
+        self.logits_dtype = torch.float32 if kind == "ernie" else dtype
         # biases handed over as fp32 copies: valid while not changed in place
         self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, shared) if ts[3] is not p.bias]
         self.mats = [kernels.mat(*ts) for ts in (router, *experts, *shared)]
@@ -237,14 +249,14 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     """The block's _MoePlan (rebuilt when something it was made from was replaced), or None for a block the
     kernels cannot run: a block that names its routing (routing_spec: ERNIE's or PhiMoE's, not training); fp32
     activations, the router weight fp32 or bf16, the experts FastExperts (fp32/bf16) or QuantizedExperts
-    (int8/int4); or bf16 activations (decode_layer_bf16 only), ERNIE's fp32 router, bf16 FastExperts and shared
-    experts; all contiguous on CPU (a sharded MoE has other classes: moelm.parallel); shared experts, if any, a fused
-    SwiGLU MLP of FastLinear / QuantizedLinear; no hooks on any of its modules; sizes multiples of 32."""
+    (int8/int4); or bf16 activations (decode_layer_bf16 only), ERNIE's fp32 router or PhiMoE's bf16 one, bf16
+    FastExperts and shared experts; all contiguous on CPU (a sharded MoE has other classes: moelm.parallel);
+    shared experts, if any, a fused SwiGLU MLP of FastLinear / QuantizedLinear; no hooks on any of its modules;
+    sizes multiples of 32."""
     spec = getattr(block, "routing_spec", None)
     routing = None if spec is None else spec()
     bf16 = x.dtype == torch.bfloat16
-    if x.dtype not in (torch.float32, torch.bfloat16) or routing is None or torch.is_grad_enabled() \
-            or (bf16 and routing[0] != "ernie"):
+    if x.dtype not in (torch.float32, torch.bfloat16) or routing is None or torch.is_grad_enabled():
         return None
     plan = _MOE_PLANS.get(block)
     if plan is not None and plan.valid() and plan.routing == routing and plan.dtype == x.dtype:
@@ -252,7 +264,8 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
     if _hooked(block.modules()):
         return None
     router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
-    routers = (torch.float32,) if bf16 else (torch.float32, torch.bfloat16)
+    routers = ((torch.float32,) if routing[0] == "ernie" else (torch.bfloat16,)) if bf16 else \
+        (torch.float32, torch.bfloat16)
     if router.dtype not in routers or not router.is_contiguous() \
             or type(router) not in (torch.Tensor, torch.nn.Parameter) or router.device.type != "cpu":
         return None
@@ -368,6 +381,7 @@ class _StepPlan:
         self.ptrs = [ptr for p in parts for ptr in p.ptrs]
         self.copied = [c for p in parts for c in p.copied]
         self.moe = None
+        self.logits_dtype = next((p.moe.logits_dtype for p in plans if p.moe is not None), None)
         self.cached = self.cache_pointers(cache)  # the cache is not kept alive by the plan
 
     def cache_pointers(self, cache) -> list[int]:
@@ -431,7 +445,7 @@ def layers_step(layers, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cac
             cache.reserve(i, new)
     y, logits = kernels.decode_layers(plan.layers, plan.run_threads(b), x.reshape(b, -1).contiguous(), cos, sin, pos,
                                       flat_mask, rows, positions)
-    return y.view_as(x), [] if logits is None else list(logits.unbind(0))
+    return y.view_as(x), [] if logits is None else list(logits.to(plan.logits_dtype).unbind(0))
 
 
 def _step_plan(layers, x, cos_sin, mask, cache) -> _StepPlan | None:

@@ -98,7 +98,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn in (lib.rmsnorm_f32, lib.rmsnorm_bf16):
         fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         fn.restype = None
-    lib.layernorm_f32.argtypes, lib.layernorm_f32.restype = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr], None
+    for fn in (lib.layernorm_f32, lib.layernorm_bf16):
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr], None
     for fn in (lib.attend_f32, lib.attend_bf16):
         fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64, ptr, i64,
                        ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
@@ -155,7 +156,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
                 ("qkv", ctypes.POINTER(Mat)), ("o", ctypes.POINTER(Mat)), ("gate_up", ctypes.POINTER(Mat)),
                 ("down", ctypes.POINTER(Mat)), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
-                ("interleaved", ctypes.c_int64), ("scale", ctypes.c_float), ("moe", ctypes.POINTER(Moe)),
+                ("rotation", ctypes.c_int64), ("scale", ctypes.c_float), ("moe", ctypes.POINTER(Moe)),
                 ("b1", ctypes.c_void_p), ("b2", ctypes.c_void_p)]
 
 
@@ -502,9 +503,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """x [..., n] (n a multiple of 8), weight and bias [n] contiguous of x's dtype: a ValueError naming the input at
-    fault (else memory written past the output)."""
+    """x [..., n] fp32 or bf16 (n a multiple of 8), weight and bias [n] contiguous of x's dtype: a ValueError naming
+    the input at fault (else memory read or written past the tensors)."""
     n = x.shape[-1]
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{op}: x is {x.dtype}; the kernel takes float32 or bfloat16")
     if n % 8:
         raise ValueError(f"{op}: {n} features; the kernel takes a multiple of 8")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -513,13 +516,15 @@ def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """torch.nn.LayerNorm over the last dimension of fp32 x [..., n] (n a multiple of 8; weight, bias fp32 [n],
-    bias None: none) in one pass in C, as rmsnorm() for the RMSNorm families (PhiMoE's norms when decoding)."""
+    """torch.nn.LayerNorm over the last dimension of x [..., n] (n a multiple of 8; weight, bias [n] of x's dtype,
+    bias None: none), fp32 or bf16 (computed in fp32 and rounded once, as LayerNorm on bf16), in one pass in C, as
+    rmsnorm() for the RMSNorm families (PhiMoE's norms when decoding)."""
     _require()
     _check_norm("layernorm", x, weight, bias)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _lib.layernorm_f32(x.data_ptr(), weight.data_ptr(), _ptr(bias), x.numel() // x.shape[-1], x.shape[-1], eps,
+    fn = _lib.layernorm_bf16 if x.dtype == torch.bfloat16 else _lib.layernorm_f32
+    fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), x.numel() // x.shape[-1], x.shape[-1], eps,
                        out.data_ptr())
     return out
 
@@ -549,15 +554,16 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
 
 
 def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None, heads: int, kv_heads: int,
-          head_dim: int, interleaved: bool, scale: float, work: int, moe: Moe | None = None) -> Layer:
-    """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), or for LayerNorms (fp32
-    only) the same and their biases (input bias, post-attention bias), the projections (gate_up and down None for an
-    MoE layer), `work` the multiply-adds of its smallest projection per row (threads), `moe` the layer's MoE block
-    run in the same call (None: the caller runs it); the caller keeps the tensors, Mats and Moe alive."""
+          head_dim: int, rotation: int, scale: float, work: int, moe: Moe | None = None) -> Layer:
+    """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), or for LayerNorms the same
+    and their biases as fp32 (input bias, post-attention bias), the projections (gate_up and down None for an MoE
+    layer), `rotation` as gemv.c's rotate() takes it (1 ERNIE's pairs, 0 halves, 2 halves in bf16 arithmetic), `work`
+    the multiply-adds of its smallest projection per row (threads), `moe` the layer's MoE block run in the same call
+    (None: the caller runs it); the caller keeps the tensors, Mats and Moe alive."""
     mats = [None if m is None else ctypes.pointer(m) for m in (qkv, o, gate_up, down)]
     biases = [t.data_ptr() for t in norms[4:6]] or [None, None]
     spec = Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,
-                 int(interleaved), scale, None if moe is None else ctypes.pointer(moe), *biases)
+                 rotation, scale, None if moe is None else ctypes.pointer(moe), *biases)
     spec.work, spec.experts = work, None if moe is None else moe.E
     return spec
 

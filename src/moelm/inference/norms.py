@@ -23,7 +23,9 @@ class FastLayerNorm(nn.LayerNorm):
         return super().forward(x)
 
     def usable(self, x: torch.Tensor) -> bool:
-        """Whether kernels.layernorm computes this norm of x (fp32, affine, over its last dimension only)."""
-        return x.dtype == torch.float32 and self.weight is not None and self.weight.dtype == torch.float32 \
-            and len(self.normalized_shape) == 1 and x.shape[-1] % 8 == 0 and self.weight.is_contiguous() \
-            and (self.bias is None or self.bias.dtype == torch.float32 and self.bias.is_contiguous())
+        """Whether kernels.layernorm computes this norm of x (fp32 or bf16 with weights of its dtype, affine, over
+        its last dimension only)."""
+        return x.dtype in (torch.float32, torch.bfloat16) and self.weight is not None \
+            and self.weight.dtype == x.dtype and len(self.normalized_shape) == 1 and x.shape[-1] % 8 == 0 \
+            and self.weight.is_contiguous() and (self.bias is None or self.bias.dtype == x.dtype
+                                                 and self.bias.is_contiguous())

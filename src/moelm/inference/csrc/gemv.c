@@ -907,7 +907,7 @@ void layernorm_f32(const float *x, const float *w, const float *b, int64_t rows,
 }
 
 /* One new position per batch row against a KV cache (decoding), fp32:
- *   rotary embedding of q and k (interleaved: pairs (2i, 2i+1) as ERNIE; else halves (i, i + D/2) as Llama/PhiMoE),
+ *   rotary embedding of q and k (`rotation` as rotate() takes it),
  *   k and v written at position `pos` of kc/vc [B, Hkv, T, D], then out = softmax(scale * q.k) v over the positions
  *   0..pos that mask [B, mstride] (uint8, NULL: all) allows, GQA head h reading kv head h / (H / Hkv).
  *   With `table` / `positions` (a serving engine's paged cache; NULL: row b, position pos): kc/vc are blocks
@@ -924,13 +924,31 @@ void layernorm_f32(const float *x, const float *w, const float *b, int64_t rows,
 #ifndef ATT_BLOCK
 #define ATT_BLOCK 32  /* positions of v converted to fp32 at a time */
 #endif
-static void rotate(const float *x, const float *c, const float *s, int64_t D, int interleaved, float *y) {
+/* bf16 <-> fp32: round to nearest even, as PyTorch's .to(torch.bfloat16) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+static void round_all(float *x, int64_t n, int bf16) {
+    if (bf16) for (int64_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
+}
+
+/* rotation 1: pairs (2i, 2i+1) as ERNIE; 0: halves (i, i + D/2) as Llama/PhiMoE; 2: halves in bf16 arithmetic (each
+ * product and the sum rounded, as a bf16 PhiMoE's ops in its dtype) */
+static void rotate(const float *x, const float *c, const float *s, int64_t D, int rotation, float *y) {
     int64_t half = D / 2;
     for (int64_t i = 0; i < half; i++) {
-        int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        int64_t a = rotation == 1 ? 2 * i : i, b = rotation == 1 ? 2 * i + 1 : i + half;
         float xa = x[a], xb = x[b];
-        y[a] = xa * c[i] - xb * s[i];
-        y[b] = xb * c[i] + xa * s[i];
+        if (rotation == 2) {
+            y[a] = round_bf16(round_bf16(xa * c[i]) - round_bf16(xb * s[i]));
+            y[b] = round_bf16(round_bf16(xb * c[i]) + round_bf16(xa * s[i]));
+        } else {
+            y[a] = xa * c[i] - xb * s[i];
+            y[b] = xb * c[i] + xa * s[i];
+        }
     }
 }
 
@@ -1068,7 +1086,7 @@ static void NAME##_chunk(const float *qr, int64_t G, int64_t D, const CT *kc, co
     }                                                                                                           \
 }                                                                                                               \
 void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64_t B, int64_t H, int64_t Hkv,   \
-          int64_t D, const float *cos, const float *sin, int interleaved, CT *kc, CT *vc, int64_t T,            \
+          int64_t D, const float *cos, const float *sin, int rotation, CT *kc, CT *vc, int64_t T,               \
           int64_t pos, const int64_t *table, int64_t tstride, const int64_t *positions, const uint8_t *mask,     \
           int64_t mstride, float scale, float *out, int nthreads) {                                             \
     int64_t G = H / Hkv, half = D / 2, chunks = pos / ATT_CHUNK + 1, tasks = B * Hkv * chunks;                  \
@@ -1077,7 +1095,7 @@ void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64
             int64_t pb = positions ? positions[b] : pos, cb = table ? table[b * tstride + pb / T] : b;           \
             int64_t at = ((cb * Hkv + h) * T + (table ? pb % T : pb)) * D;                                      \
             float kr[D];                                                                                        \
-            rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, interleaved, kr);               \
+            rotate(k + b * xstride + h * D, cos + b * half, sin + b * half, D, rotation, kr);               \
             for (int64_t i = 0; i < D; i++) {                                                                   \
                 kc[at + i] = ST(RND(kr[i]));                                                                    \
                 vc[at + i] = ST(v[b * xstride + h * D + i]);                                                    \
@@ -1095,7 +1113,7 @@ void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64
             float qr[(G + 7) / 8 * 8 * D];                                                                      \
             for (int64_t i = G * D; i < (G + 7) / 8 * 8 * D; i++) qr[i] = 0.0f;                                 \
             for (int64_t g = 0; g < G; g++) {                                                                   \
-                rotate(q + b * xstride + (hk * G + g) * D, cos + b * half, sin + b * half, D, interleaved,      \
+                rotate(q + b * xstride + (hk * G + g) * D, cos + b * half, sin + b * half, D, rotation,         \
                        qr + g * D);                                                                             \
                 for (int64_t i = 0; i < D; i++) qr[g * D + i] = RND(qr[g * D + i]);                             \
             }                                                                                                   \
@@ -1128,13 +1146,6 @@ void NAME(const float *q, const float *k, const float *v, int64_t xstride, int64
     free(parts);                                                                                                \
 }
 
-/* bf16 <-> fp32: round to nearest even, as PyTorch's .to(torch.bfloat16) */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 static inline float same(float f) { return f; }
 
 ATTEND(attend_f32, float, same, same, same, ld_f32)
@@ -1201,19 +1212,23 @@ static int64_t argmax_from(const float *s, int64_t E, const uint8_t *skip) {
     return best;
 }
 
-static void route(const Moe *M, const float *logit, int64_t *index, float *weight) {
+/* bf16: a bf16 model's sparsemixer (logits of bf16; the difference, the ratio and 2 * jitter rounded to bf16, as its
+ * ops in bf16 round them); ERNIE's routing is fp32 in either */
+static void route(const Moe *M, int bf16, const float *logit, int64_t *index, float *weight) {
     int64_t E = M->E, K = M->K;
     float p[E], score[E];
     uint8_t taken[E];
     memset(taken, 0, E);
     if (M->kind == 1) {
+        float limit = bf16 ? round_bf16(2.0f * M->jitter) : 2.0f * M->jitter;
         for (int64_t k = 0; k < 2; k++) {
             int64_t pick = argmax_from(logit, E, taken);
             float top = logit[pick], total = 0.0f;
             for (int64_t e = 0; e < E; e++) {
                 /* factor 0 (logit and top 0): PyTorch's 0 / 0 is NaN, not far; -ffast-math assumes no NaN */
                 float factor = fabsf(logit[e]) > top ? fabsf(logit[e]) : top;
-                int far = factor > 0.0f && (top - logit[e]) / factor > 2.0f * M->jitter;
+                float ratio = bf16 ? round_bf16(round_bf16(top - logit[e]) / factor) : (top - logit[e]) / factor;
+                int far = factor > 0.0f && ratio > limit;
                 if (!taken[e] && !far) total += expf(logit[e] - top);
             }
             index[k] = pick; weight[k] = 1.0f / total;
@@ -1260,7 +1275,8 @@ static void moe_apply(const Moe *M, int bf16, const float *h, int64_t B, int64_t
                       int64_t *index, float *weight, int nt) {
     int64_t E = M->E, K = M->K, F = M->gate_up->O / 2, pairs = B * K, c = 0;
     mat_apply(M->router, h, B, n, logits, nt);
-    for (int64_t b = 0; b < B; b++) route(M, logits + b * E, index + b * K, weight + b * K);
+    round_all(logits, B * E, bf16 && M->kind == 1);  /* PhiMoE's router is a bf16 model's bf16 Linear */
+    for (int64_t b = 0; b < B; b++) route(M, bf16, logits + b * E, index + b * K, weight + b * K);
     int64_t *order = malloc(2 * pairs * sizeof(int64_t)), *sel = order + pairs;
     float *xg = malloc(pairs * (n + 3 * F + n) * sizeof(float)), *gu = xg + pairs * n, *act = gu + 2 * pairs * F;
     float *out = act + pairs * F;
@@ -1318,22 +1334,30 @@ void moe_block(const Moe *M, const float *h, int64_t B, int64_t n, float *y, flo
 
 /* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
  * the projections (gate_up NULL: the layer has an MoE block), head counts and size, rotary kind, attention scale;
- * b1 / b2 the norms' fp32 biases where they are LayerNorms (fp32 only; NULL: RMSNorms). */
+ * b1 / b2 the norms' biases (fp32 values) where they are LayerNorms (NULL: RMSNorms). */
 typedef struct {
     const void *n1, *n2;
     float eps1, eps2;
     const Mat *qkv, *o, *gate_up, *down;
-    int64_t H, Hkv, D, interleaved;
+    int64_t H, Hkv, D, rotation;
     float scale;
     const Moe *moe;
     const float *b1, *b2;
 } Layer;
 
-/* The norm rows as the model computes it: with a bias b, fp32 LayerNorm (layernorm_f32); else RMSNorm: fp32
+/* The norm rows as the model computes it: with a bias b (fp32 values), LayerNorm (layernorm_f32; bf16: the bf16
+ * weight's values, the result rounded to bf16); else RMSNorm: fp32
  * w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16): the fp32 normalisation rounded to bf16, times the
  * bf16 weight, rounded again */
 static void norm_rows(const float *x, const void *w, const float *b, int bf16, int64_t rows, int64_t n, float eps,
                       float *out) {
+    if (b && bf16) {  /* PyTorch's LayerNorm on bf16: computed in fp32 (the bf16 weight's values), rounded once */
+        float wf[n];
+        for (int64_t i = 0; i < n; i++) wf[i] = from_bf16(((const uint16_t *)w)[i]);
+        layernorm_f32(x, wf, b, rows, n, eps, out);
+        round_all(out, rows * n, 1);
+        return;
+    }
     if (b) { layernorm_f32(x, w, b, rows, n, eps, out); return; }
     if (!bf16) { rmsnorm_f32(x, w, rows, n, eps, out); return; }
     const uint16_t *wb = w;
@@ -1347,17 +1371,24 @@ static void norm_rows(const float *x, const void *w, const float *b, int bf16, i
 }
 
 /* RMSNorm of bf16 rows x [rows, n] with a bf16 weight, as norm_rows computes it (PyTorch's RMSNorm on bf16) */
-void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n, float eps, uint16_t *out) {
+static void norm_bf16(const uint16_t *x, const uint16_t *w, const float *b, int64_t rows, int64_t n, float eps,
+                      uint16_t *out) {
     float xf[n], yf[n];
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t i = 0; i < n; i++) xf[i] = from_bf16(x[r * n + i]);
-        norm_rows(xf, w, NULL, 1, 1, n, eps, yf);
+        norm_rows(xf, w, b, 1, 1, n, eps, yf);
         for (int64_t i = 0; i < n; i++) out[r * n + i] = to_bf16(yf[i]);
     }
 }
-
-static void round_all(float *x, int64_t n, int bf16) {
-    if (bf16) for (int64_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
+void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n, float eps, uint16_t *out) {
+    norm_bf16(x, w, NULL, rows, n, eps, out);
+}
+/* LayerNorm of bf16 rows x [rows, n], bf16 weight and bias (NULL: none), as norm_rows computes it (PyTorch's LayerNorm on bf16) */
+void layernorm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, int64_t rows, int64_t n, float eps,
+                    uint16_t *out) {
+    float bf[n];
+    for (int64_t i = 0; i < n; i++) bf[i] = b ? from_bf16(b[i]) : 0.0f;
+    norm_bf16(x, w, bf, rows, n, eps, out);
 }
 
 /* One decoder layer for one new position per row (decoding), activations x [B, n] (fp32 values; with bf16, values
@@ -1381,10 +1412,10 @@ static void layer_step(const Layer *L, int bf16, const float *x, int64_t B, int6
     mat_apply(L->qkv, h, B, n, proj, nt);
     round_all(proj, B * width, bf16);
     if (bf16)
-        attend_bf16(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
+        attend_bf16(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->rotation,
                     kc, vc, T, pos, table, tstride, positions, mask, mstride, L->scale, att, nt);
     else
-        attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->interleaved,
+        attend_f32(proj, proj + H * D, proj + (H + Hkv) * D, width, B, H, Hkv, D, cos, sin, (int)L->rotation,
                    kc, vc, T, pos, table, tstride, positions, mask, mstride, L->scale, att, nt);
     mat_apply(L->o, att, B, H * D, y, nt);
     for (int64_t i = 0; i < B * n; i++) y[i] = bf16 ? round_bf16(round_bf16(y[i]) + x[i]) : y[i] + x[i];
