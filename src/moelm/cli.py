@@ -511,7 +511,7 @@ def cmd_quantize(args):
         raise CliError(f"{out} exists and is not an empty directory; pass --force to write into it")
     if args.group_size is not None and args.quantization != "int4":
         raise CliError("--group-size is for --quantization int4 (int8 has one scale per output row)")
-    config = QuantizationConfig(args.quantization, args.group_size or 64)
+    config = QuantizationConfig(args.quantization, 64 if args.group_size is None else args.group_size)
     files = quantize_checkpoint(AutoModelForCausalLM.class_for, args.model, out, config, args.max_shard_size)
     size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
     print(f"wrote {args.quantization} weights of {args.model} to {out} ({size / 2**30:.2f} GiB)")

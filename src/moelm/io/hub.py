@@ -112,6 +112,8 @@ def with_revision(name_or_path: str | os.PathLike, revision: str | None) -> str 
     """A hub id at `revision` (from_pretrained's revision=), for resolve_model_dir; a local path takes none."""
     if revision is None:
         return name_or_path
+    if name_or_path is None:
+        raise ValueError(f"revision={revision!r} applies to hub ids; no model path or hub id was given")
     if Path(os.fspath(name_or_path)).expanduser().exists():
         raise ValueError(f"revision={revision!r} applies to hub ids; {name_or_path} is a local directory")
     return f"{os.fspath(name_or_path)}@{revision}"

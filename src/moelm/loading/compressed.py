@@ -161,6 +161,8 @@ def parse_scheme(name: str, group: dict, fmt: str) -> tuple[str, int]:
         raise CompressedTensorsError(f"{where}.weights: missing; moelm reads weight-quantized schemes only")
     w = {k: v for k, v in w.items() if v is not None}
     bits, strategy, size = w.get("num_bits"), w.get("strategy"), w.get("group_size")
+    if strategy is None:  # compressed-tensors infers it from group_size
+        strategy = "tensor" if size is None else "channel" if size == -1 else "group"
     if w.get("type", "int") != "int":
         raise CompressedTensorsError(f"{where}.weights.type {w['type']!r}: moelm reads int weights only")
     if bits not in (4, 8):
@@ -202,7 +204,17 @@ def read_quantization_config(data, model, requested: QuantizationConfig | None, 
         raise ValueError(f"quantization {asked!r} was requested, but the checkpoint is stored quantized "
                          f"({'/'.join(modes)}, compressed-tensors); load it without quantization= (its "
                          "config.json says how it is quantized)")
+    kept = _stored_but_kept(config.modules, requested.modules_to_not_convert if requested is not None else ())
+    if kept:
+        raise ValueError(f"modules_to_not_convert names {kept[0]}, which the checkpoint stores quantized "
+                         "(compressed-tensors): moelm does not dequantize it; load it without modules_to_not_convert")
     return config
+
+
+def _stored_but_kept(modules: dict, skip: tuple[str, ...]) -> list[str]:
+    """The stored quantized modules that `skip` names, matched as quantize_modules matches modules_to_not_convert."""
+    return [name for name in modules
+            if any(name == s or name.startswith(s + ".") or name.rpartition(".")[2] == s for s in skip)]
 
 
 def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> QuantizationConfig:
@@ -212,7 +224,7 @@ def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> Quan
         raise CompressedTensorsError(f"quantization_config.quant_method {data.get('quant_method')!r}: moelm reads "
                                      "compressed-tensors and its own int8/int4 only")
     for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
-        if data.get(field):
+        if data.get(field) and not (field == "sparsity_config" and _dense(data[field])):
             raise CompressedTensorsError(f"quantization_config.{field} is set: moelm does not read it")
     status = data.get("quantization_status", "compressed")
     if status != "compressed":
@@ -260,6 +272,11 @@ def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> Quan
     sizes = sorted({g for m, g in modules.values() if m == "int4"})
     return QuantizationConfig(modes[-1] if len(modes) == 1 else modes[0], sizes[0] if sizes else 64,
                               modules=modules)
+
+
+def _dense(sparsity) -> bool:
+    """A sparsity_config of format "dense": the weights are stored as they are (no sparse compression)."""
+    return isinstance(sparsity, dict) and sparsity.get("format") == "dense"
 
 
 def _check_group(name: str, scheme: tuple[str, int], in_features: int) -> tuple[str, int]:

@@ -116,8 +116,9 @@ def _mode(types: set[str], qconfig: QuantizationConfig | None) -> tuple[str, int
 def _quantize(model, types: dict[str, set[str]], qconfig) -> None:
     """quantize_modules once per (mode, group) with every other module left out."""
     modes = {m: _mode(t, qconfig) for m, t in types.items()}
+    kept = qconfig.modules_to_not_convert if qconfig is not None else ()  # floats, dequantized where stored so
     for choice in sorted({c for c in modes.values() if c is not None}):
-        others = tuple(m for m, c in modes.items() if c != choice)
+        others = tuple(m for m, c in modes.items() if c != choice) + kept
         quantize_modules(model, QuantizationConfig(choice[0], group_size=choice[1], modules_to_not_convert=others))
     if any(c is not None for c in modes.values()):
         model.quantization = qconfig or QuantizationConfig(

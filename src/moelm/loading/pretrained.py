@@ -112,7 +112,7 @@ def from_pretrained(cls, path: str | os.PathLike, dtype="auto", device=None, pro
 
         if load_in_4bit or load_in_8bit:
             quantization_config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
-        return from_gguf(cls, with_revision(path, revision) if path is not None else None, gguf_file,
+        return from_gguf(cls, with_revision(path, revision), gguf_file,
                          dtype=torch_dtype if torch_dtype is not None and dtype == "auto" else dtype, device=device,
                          progress=progress, config=config, quantization=quantization,
                          quantization_config=quantization_config, fast=fast,

@@ -17,7 +17,7 @@ from ..io.hub import resolve_model_dir
 from ..io.weights import INDEX_NAME, CheckpointError, SafetensorsCheckpoint, save_sharded
 from .checkpoint import EXPERT_PARTS, KEPT_ASIDE, hub_to_ours, ours_to_hub, packed_module
 from .compressed import to_packed
-from .pretrained import checkpoint_dtype
+from .pretrained import checkpoint_dtype, untie_a_stored_head
 
 # files of a model directory that are not copied: the weights (rewritten) and what save_pretrained writes
 _NOT_COPIED = ("config.json", GENERATION_CONFIG_NAME, INDEX_NAME)
@@ -33,11 +33,11 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
     class_for(config) is the model class. Atomic: `out` gets the whole result or nothing new."""
     directory = resolve_model_dir(path)
     data = read_config_json(directory)
-    if "quantization_config" in data:
+    if data.get("quantization_config") is not None:  # (null: not quantized, as from_pretrained reads it)
         method = data["quantization_config"].get("quant_method") if isinstance(data["quantization_config"],
                                                                                 dict) else None
-        raise ValueError(f"{directory} is already quantized (config.json has a {method or ''} quantization_config);"
-                         " quantize its unquantized original")
+        raise ValueError(f"{directory} is already quantized (config.json has a {method + ' ' if method else ''}"
+                         "quantization_config); quantize its unquantized original")
     if quantization.backend != "moelm":
         raise ValueError("moelm quantize writes moelm's own int8 / int4 weights only")
     if quantization.hot_experts is not None:
@@ -46,6 +46,7 @@ def quantize_checkpoint(class_for: Callable, path: str | os.PathLike, out: str |
     config = config_class_for(data).from_dict(data)
     config.validate()
     with SafetensorsCheckpoint(directory) as ckpt:
+        untie_a_stored_head(config, ckpt)
         dtype = dtype_from_str(config.torch_dtype or checkpoint_dtype(ckpt))
         model, expected = quantized_meta_model(class_for(config), config, dtype, quantization)
         model.kept_aside = {k: None for k in ckpt.keys() if KEPT_ASIDE.match(k)}  # noqa: SIM118
@@ -87,14 +88,19 @@ def _plan(model, ckpt, expected: dict) -> Iterator[tuple[str, torch.dtype, tuple
     targets = load_targets(model)
     params = dict(model.named_parameters())
     tied = getattr(model, "quantized_tied_head", False)
-    seen, unexpected = set(), []
+    seen, unexpected, wrong = set(), [], []
     for key in ckpt.keys():  # noqa: SIM118 (a checkpoint)
         if KEPT_ASIDE.match(key):
             seen.add(key)
             yield key, ckpt.dtype(key), tuple(ckpt.shape(key)), lambda key=key: ckpt.get(key)
             continue
         ours, expert, part = hub_to_ours(model_type, key)
-        if ours in targets:
+        seen.add(key)
+        if key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):  # = the embedding
+            continue
+        if key in expected and tuple(ckpt.shape(key)) != expected[key][0]:
+            wrong.append(f"{key} {list(ckpt.shape(key))} (expected {list(expected[key][0])})")
+        elif ours in targets:
             num_parts = len(EXPERT_PARTS[model_type][ours.rpartition(".")[2]]) if expert is not None else 1
             module, _ = packed_module(targets[ours], expert, part, num_parts)
             yield from _packed(key.removesuffix(".weight"), module, tuple(ckpt.shape(key)),
@@ -104,13 +110,15 @@ def _plan(model, ckpt, expected: dict) -> Iterator[tuple[str, torch.dtype, tuple
                 params[ours].dtype)
         else:
             unexpected.append(key)
-        seen.add(key)
-    if tied:  # a quantized copy of the embedding, as from_pretrained makes it
-        embed = "model.embed_tokens.weight"
+    embed = "model.embed_tokens.weight"
+    if tied and embed in ckpt.keys():  # noqa: SIM118 (the head: a quantized copy of the embedding; else missing)
         seen.add("lm_head.weight")
         yield from _packed("lm_head", model.lm_head, tuple(ckpt.shape(embed)),
                            lambda: ckpt.get(embed).to(params[embed].dtype))
     missing = sorted(set(expected) - seen)
+    if wrong:
+        raise CheckpointError(f"checkpoint in {ckpt.directory} does not match {type(model).__name__}: "
+                              f"{len(wrong)} tensor(s) with the wrong shape: {', '.join(wrong[:8])}")
     if missing or unexpected:
         raise CheckpointError(f"checkpoint in {ckpt.directory} does not match {type(model).__name__}: "
                               f"{len(missing)} missing tensor(s) {missing[:8]}, {len(unexpected)} unexpected "
