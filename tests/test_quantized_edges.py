@@ -195,3 +195,50 @@ def test_modules_to_not_convert_of_a_stored_quantized_module_is_refused(tiny, tm
             "load_in_4bit": True, "llm_int8_skip_modules": ["down_proj"]})
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "float_head", quantization_config=head, fast=False)
     assert type(model.lm_head).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("patterns", [("lm_head",), ("q_proj", "experts"), ("model.layers.1",), ("model.layers.1.mlp",),
+                                      (r"model\.layers\.\d+\.self_attn",), ("model.layers.*.mlp.shared_experts",),
+                                      ("proj",), ("self_attn",), ("model.layers.1.self",)])
+def test_modules_to_not_convert_matches_as_transformers(patterns):
+    """modules_to_not_convert keeps exactly the modules transformers' own matcher keeps: from the start up to a module
+    boundary, as a regular expression, or as a suffix (a parent's short name keeps nothing below it, as there)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from moelm import AutoConfig
+    from moelm.inference.quantization import QuantizedExperts, QuantizedLinear
+    from moelm.inference.quantize import quantize_modules
+    from moelm.nn.moe import Experts
+
+    config = AutoConfig.for_model("ernie4_5_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=256,
+                                  moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
+    plain = AutoModelForCausalLM.from_config(config, seed=0)
+    quantized = quantize_modules(copy.deepcopy(plain), QuantizationConfig("int8", modules_to_not_convert=patterns))
+    names = [n for n, m in plain.named_modules() if isinstance(m, (torch.nn.Linear, Experts))]
+    kept = {n for n, m in quantized.named_modules() if n in names and not isinstance(m, (QuantizedLinear,
+                                                                                          QuantizedExperts))}
+    assert kept == {n for n in names if not should_convert_module(n, list(patterns))}
+
+
+def test_modules_to_not_convert_with_a_bad_pattern():
+    with pytest.raises(ValueError, match=r"modules_to_not_convert: 'experts\[' is not a module name or regular"):
+        QuantizationConfig("int8", modules_to_not_convert=("experts[",))
+
+
+def test_info_plans_a_stored_quantized_checkpoint(tiny, tmp_path, capsys):
+    """moelm info plans a checkpoint stored quantized at its stored size (it planned fp32: 3x the int4 bytes) and
+    refuses what loading refuses: another --quantization, --tp."""
+    from moelm.models.info import info
+
+    assert _cli("quantize", tiny, tmp_path / "q", "--quantization", "int4") == 0
+    on_disk = (tmp_path / "q" / "model.safetensors").stat().st_size
+    plan = dict(info(str(tmp_path / "q")))["memory"]
+    assert "stored int4" in plan and "compressed-tensors" in plan, plan
+    weights = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    size = sum(t.numel() * t.element_size() for t in (*weights.parameters(), *weights.buffers()))
+    value, unit = plan.removeprefix("plan: ").split(" of weights")[0][:-2], plan.split(" of weights")[0][-2]
+    assert abs(float(value) * {"K": 1e3, "M": 1e6}[unit] - size) <= 0.001 * size and size < 1.2 * on_disk
+    assert dict(info(str(tmp_path / "q"), quantization="int4"))["memory"] == plan  # the stored mode: redundant
+    assert "stored quantized (int4" in _one_error(capsys, "info", "--model", tmp_path / "q", "--quantization", "int8")
+    assert "parallelism" in _one_error(capsys, "info", "--model", tmp_path / "q", "--tp", "2")

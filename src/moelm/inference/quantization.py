@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -81,12 +82,26 @@ class QuantizationConfig:
                              "while loading, not bitsandbytes nor a checkpoint stored quantized")
         if "int4" in (self.mode, self.experts, self.hot_experts) and (self.group_size < 32 or self.group_size % 32):
             raise ValueError(f"int4 group_size must be a multiple of 32, got {self.group_size}")
+        for pattern in self.modules_to_not_convert:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"modules_to_not_convert: {pattern!r} is not a module name or regular expression "
+                                 f"({e})") from None
         if self.backend not in ("moelm", "bitsandbytes"):
             raise ValueError(f"quantization backend must be 'moelm' or 'bitsandbytes', got {self.backend!r}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if isinstance(self.compute_dtype, str):
             self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."))
+
+
+def kept_as_float(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether modules_to_not_convert `patterns` keep the module `name` (its full name) unquantized, matched as
+    transformers matches them: from the start up to a module boundary, also as a regular expression
+    ("model.layers.1" keeps "model.layers.1.mlp", not "model.layers.11"; "model.layers.*.self_attn"), or as a suffix
+    ("q_proj", "lm_head"). A parent's short name ("self_attn") keeps nothing below it, as in transformers."""
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
 
 
 @dataclass

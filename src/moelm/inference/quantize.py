@@ -20,6 +20,7 @@ from .quantization import (
     QuantizedLinear,
     experts_group_for,
     group_for,
+    kept_as_float,
 )
 
 
@@ -142,7 +143,7 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             skip = config.modules_to_not_convert + ("score",)  # a classifier's new head stays trainable
-            if any(full == s or full.startswith(s + ".") or child_name == s for s in skip):
+            if kept_as_float(full, skip):
                 continue
             if config.modules is not None:  # from a compressed-tensors checkpoint: its modules, its schemes
                 if isinstance(child, (nn.Linear, Experts)) and full in config.modules:

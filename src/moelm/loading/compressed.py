@@ -18,7 +18,7 @@ import sys
 import torch
 
 from ..inference import kernels
-from ..inference.quantization import PackedLinear, QuantizationConfig, QuantizedExperts
+from ..inference.quantization import PackedLinear, QuantizationConfig, QuantizedExperts, kept_as_float
 from ..io.weights import CheckpointError
 from ..nn.moe import Experts
 
@@ -213,8 +213,7 @@ def read_quantization_config(data, model, requested: QuantizationConfig | None, 
 
 def _stored_but_kept(modules: dict, skip: tuple[str, ...]) -> list[str]:
     """The stored quantized modules that `skip` names, matched as quantize_modules matches modules_to_not_convert."""
-    return [name for name in modules
-            if any(name == s or name.startswith(s + ".") or name.rpartition(".")[2] == s for s in skip)]
+    return [name for name in modules if kept_as_float(name, skip)]
 
 
 def resolve_config(data: dict, model, parts: dict[str, tuple[str, ...]]) -> QuantizationConfig:

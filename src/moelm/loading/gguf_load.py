@@ -15,6 +15,7 @@ one expert matrix (or one embedding) in fp32. Tensors are read with plain file r
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -118,7 +119,7 @@ def _quantize(model, types: dict[str, set[str]], qconfig) -> None:
     modes = {m: _mode(t, qconfig) for m, t in types.items()}
     kept = qconfig.modules_to_not_convert if qconfig is not None else ()  # floats, dequantized where stored so
     for choice in sorted({c for c in modes.values() if c is not None}):
-        others = tuple(m for m, c in modes.items() if c != choice) + kept
+        others = tuple(re.escape(m) for m, c in modes.items() if c != choice) + kept  # names, as patterns
         quantize_modules(model, QuantizationConfig(choice[0], group_size=choice[1], modules_to_not_convert=others))
     if any(c is not None for c in modes.values()):
         model.quantization = qconfig or QuantizationConfig(

@@ -11,6 +11,10 @@ import torch
 
 from ..config import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
 from ..inference import cpu
+from ..inference.quantization import QuantizationConfig
+from ..inference.quantize import quantize_modules
+from ..loading.checkpoint import EXPERT_PARTS
+from ..loading.compressed import read_quantization_config
 from ..io.hub import resolve_model_dir
 from ..parallel.comm import comm_plan
 from ..parallel.memory import memory_plan
@@ -36,16 +40,38 @@ def info(name: str, dtype: str = "auto", tp: int = 1, ep: int = 1, quantization:
     dtype = dtype_from_str((config.dtype or "float32") if dtype == "auto" else dtype)
     files = sorted(directory.glob("*.safetensors")) if directory else []
     on_disk = sum(f.stat().st_size for f in files)
+    stored = stored_quantization(model, config, dtype, quantization, tp, ep)
+    weights = total * dtype.itemsize if stored is None else stored[0]
     lines = [("model", str(directory or f"named config {name}")), *config.summary().items(),
              ("parameters", f"{human(total)} total, {human(model.num_active_parameters())} active per token"),
              ("dtype", f"{str(dtype).removeprefix('torch.')} (config: {config.dtype or 'unset'})"),
-             ("memory", f"plan: {human(total * dtype.itemsize, 'B')} of weights"
+             ("memory", f"plan: {human(weights, 'B')} of weights" + (f" (stored {stored[1]})" if stored else "")
                         + (f"; {human(on_disk, 'B')} on disk in {len(files)} file(s)" if files else ""))]
-    if tp > 1 or ep > 1 or quantization:
+    if stored is None and (tp > 1 or ep > 1 or quantization):
         lines += layout_lines(model, tp, ep, dtype, quantization, tokens)
     if load:
         lines.append(("loaded", loaded(CAUSAL_LM[config.model_type], directory, dtype, quantization)))
     return lines
+
+
+def stored_quantization(model, config, dtype: torch.dtype, quantization: str | None, tp: int, ep: int
+                        ) -> tuple[int, str] | None:
+    """For a checkpoint stored quantized (config.json's quantization_config), the bytes of its weights as loaded and
+    its modes, checked as from_pretrained checks them (another --quantization, --tp / --ep: the same errors); else
+    None. `model` (on the meta device) is quantized in place."""
+    data = config.extra.get("quantization_config")
+    if data is None:
+        return None
+    if tp > 1 or ep > 1:
+        raise ValueError("quantized checkpoints under tensor/expert parallelism are not implemented in moelm")
+    requested = QuantizationConfig(quantization) if quantization else None
+    qconfig = read_quantization_config(data, model, requested, EXPERT_PARTS.get(config.model_type, {}))
+    model._cast(dtype)
+    quantize_modules(model, qconfig)
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    modes = sorted({f"{mode} group {group}" if mode == "int4" and group > 0 else mode
+                    for mode, group in qconfig.modules.values()})
+    return size, f"{', '.join(modes)}, compressed-tensors"
 
 
 def loaded(cls, directory: Path, dtype: torch.dtype, quantization: str | None) -> str:
