@@ -598,7 +598,7 @@ def test_metadata_as_llamacpp_reads_it(hub, tmp_path):
     """Head counts and feed_forward_length as per-layer arrays (llama.cpp takes either), rope.scaling.factor (or
     rope.scale_linear; type "linear" when absent, "none" turns it off) as linear rope scaling; what moelm cannot
     compute as llama.cpp does is one error naming the key: a partial rotary dimension_count, another value_length,
-    per-layer values that differ, another rope scaling, interleave step 0. A LongRoPE file without
+    per-layer values that differ, another rope scaling, interleave step 0, no heads. A LongRoPE file without
     rope.scaling.attn_factor: 1.0, as llama.cpp takes it. The linear factor and that file against llama.cpp."""
     from moelm import CheckpointError
 
@@ -610,7 +610,8 @@ def test_metadata_as_llamacpp_reads_it(hub, tmp_path):
     errors = {"attention.head_count_kv differs per layer": dict(attention__head_count_kv=[2, 1]),
               "rope.dimension_count 8": dict(rope__dimension_count=8),
               "attention.value_length 8": dict(attention__value_length=8),
-              "rope scaling 'yarn' with factor 4.0": dict(rope__scaling__type="yarn", rope__scaling__factor=4.0)}
+              "rope scaling 'yarn' with factor 4.0": dict(rope__scaling__type="yarn", rope__scaling__factor=4.0),
+              "attention.head_count must be at least 1, got 0": dict(attention__head_count=0)}  # was ZeroDivision
     for match, keys in errors.items():
         with pytest.raises(CheckpointError, match=match):
             load(None, gguf_file=rekey(path, tmp_path / "e.gguf", **keys))

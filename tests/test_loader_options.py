@@ -103,10 +103,11 @@ def test_hub_arguments_as_transformers(tiny, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained("baidu/tiny-moe", **hub)
     assert model.config.model_type == "ernie4_5_moe"
     assert AutoConfig.from_pretrained("baidu/tiny-moe", **hub).model_type == "ernie4_5_moe"
+    assert AutoConfig.from_pretrained("baidu/tiny-moe", revision="dev", **hub).model_type == "ernie4_5_moe"
     assert GenerationConfig.from_pretrained("baidu/tiny-moe", **hub).eos_token_id is not None
     tokenizer = AutoTokenizer.from_pretrained("baidu/tiny-moe", revision="dev", **hub)
     assert tokenizer("Hello")["input_ids"] == AutoTokenizer.from_pretrained(tiny)("Hello")["input_ids"]
-    for load in (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained):
+    for load in (AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained, AutoConfig.from_pretrained):
         with pytest.raises(ModelNotFoundError, match="local_files_only=True, so no download was tried"):
             load("baidu/tiny-moe", revision="v2", **hub)
         with pytest.raises(ModelNotFoundError, match="local_files_only=True"):
@@ -116,8 +117,9 @@ def test_hub_arguments_as_transformers(tiny, tmp_path, monkeypatch):
 
 
 def test_revision(tiny, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="revision='main' applies to hub ids"):
-        AutoModelForCausalLM.from_pretrained(tiny, revision="main")
+    for load in (AutoModelForCausalLM.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match="revision='main' applies to hub ids"):
+            load(tiny, revision="main")
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

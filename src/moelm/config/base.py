@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..io.files import atomic_write_text, make_dir
-from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options
+from ..io.hub import resolve_gguf, resolve_model_dir, takes_hub_options, with_revision
 from ..io.weights import CheckpointError, CheckpointNotFoundError
 
 CONFIG_CLASSES: dict[str, type["PretrainedConfig"]] = {}  # model_type -> class, filled as families are defined
@@ -218,10 +218,11 @@ class PretrainedConfig:
 
     @classmethod
     @takes_hub_options
-    def from_pretrained(cls, path: str | os.PathLike, gguf_file=None) -> "PretrainedConfig":
-        """Read config.json from a directory, a config.json path, or a hub id in the local HF cache (or, with
-        gguf_file=, the config a GGUF's metadata describes: config/gguf.py)."""
-        data = read_config_json(path, gguf_file)
+    def from_pretrained(cls, path: str | os.PathLike, gguf_file=None, revision: str | None = None
+                        ) -> "PretrainedConfig":
+        """Read config.json from a directory, a config.json path, or a hub id in the local HF cache (at `revision`),
+        or, with gguf_file=, the config a GGUF's metadata describes: config/gguf.py."""
+        data = read_config_json(with_revision(path, revision), gguf_file)
         if cls is PretrainedConfig:
             return config_class_for(data).from_dict(data)
         return cls.from_dict(data)
@@ -342,8 +343,8 @@ def read_json_object(file: Path) -> dict:
 class AutoConfig:
     @staticmethod
     @takes_hub_options
-    def from_pretrained(path, gguf_file=None) -> PretrainedConfig:
-        data = read_config_json(path, gguf_file)
+    def from_pretrained(path, gguf_file=None, revision: str | None = None) -> PretrainedConfig:
+        data = read_config_json(with_revision(path, revision), gguf_file)
         return config_class_for(data).from_dict(data)
 
     @staticmethod

@@ -52,6 +52,8 @@ def config_dict(meta: dict, shapes: dict[str, list[int]], read: Callable[[str], 
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
+    if heads < 1:
+        raise ValueError(f"GGUF {arch}.attention.head_count must be at least 1, got {heads}")
     out = {"model_type": kind, "vocab_size": shapes["token_embd.weight"][0], "hidden_size": hidden,
            "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
            "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
