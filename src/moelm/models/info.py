@@ -13,9 +13,9 @@ from ..config import NAMED_CONFIGS, AutoConfig, dtype_from_str, named_config
 from ..inference import cpu
 from ..inference.quantization import QuantizationConfig
 from ..inference.quantize import quantize_modules
+from ..io.hub import resolve_model_dir
 from ..loading.checkpoint import EXPERT_PARTS
 from ..loading.compressed import read_quantization_config
-from ..io.hub import resolve_model_dir
 from ..parallel.comm import comm_plan
 from ..parallel.memory import memory_plan
 from .auto import CAUSAL_LM
