@@ -14,7 +14,7 @@ from ..nn.rope import rotate_half_split, rotate_interleaved
 from . import cpu, kernels
 from .cache import StaticCache
 from .experts import FastExperts
-from .linear import FastLinear, fused_ready
+from .linear import FastLinear, fused_ready, global_hooks, hook_dicts, hooked
 from .matmul import KERNEL_DTYPES
 from .norms import FastLayerNorm
 from .quantization import QuantizedExperts, QuantizedLinear
@@ -40,7 +40,7 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
                                                  and cache.get_seq_length(attn.layer_idx) > 0)
     dtype_ok = x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16)
     rope = x.dtype if attn.rotate is rotate_half_split else torch.float32  # the dtype of the model's cos/sin
-    if kernels.plain_only(x) or not dtype_ok or x.device.type != "cpu" \
+    if kernels.plain_only(x) or not dtype_ok or x.device.type != "cpu" or global_hooks() \
             or not (slots and b == 1 and not cache.plan.chunks or static) \
             or attn.rotate not in (rotate_interleaved, rotate_half_split) \
             or not fused_ready(attn.fused_qkv, x) or cache.keys[attn.layer_idx].dtype != x.dtype \
@@ -112,7 +112,7 @@ def layer_step(layer, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cache
         return None
     inputs = _step_inputs(attn, x, cos_sin, mask, cache, bf16=True, several=True)
     plan = None if inputs is None else _layer_plan(layer, x)
-    if plan is None:
+    if plan is None or any(plan.watched):  # a hook on a part of the layer: its modules are called op by op
         return None
     cos, sin, flat_mask, pos, rows, positions, new = inputs
     b = cos.shape[0]
@@ -140,7 +140,7 @@ def moe_step(block, x: torch.Tensor, normed: torch.Tensor):
     logits [B * S, E] in one C call (kernels.moe_block), or None where it does not apply (see _moe_plan; at most
     kernels.MAX_ROWS tokens; not while compiling)."""
     b = normed.numel() // normed.shape[-1]
-    if kernels.plain_only(x) or not 0 < b <= kernels.MAX_ROWS or normed.dim() != 3 \
+    if kernels.plain_only(x) or not 0 < b <= kernels.MAX_ROWS or normed.dim() != 3 or global_hooks() \
             or normed.dtype != torch.float32 or x.dtype != torch.float32 or not kernels.usable(normed):
         return None
     plan = _moe_plan(block, normed)
@@ -166,16 +166,10 @@ class _LayerPlan:
         attn = layer.self_attn
         self.dtype = dtype
         self.moe = moe
-        # biases handed over as fp32 copies: valid while not changed in place (views share the version counter)
-        self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, found) if ts[3] is not p.bias]
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.mats = [kernels.mat(*ts) for ts in found] + ([None, None] if not dense else [])
-        if isinstance(n1, RMSNorm):
-            norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
-        else:  # LayerNorms: their biases as fp32 (copies of bf16 ones), valid while not changed in place
-            self.biases = [n.bias.float() for n in (n1, n2)]
-            self.copied += [(n.bias, n.bias._version) for n in (n1, n2) if n.bias.dtype != torch.float32]
-            norms = (n1.weight, n1.eps, n2.weight, n2.eps, *self.biases)
+        norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon) if isinstance(n1, RMSNorm) else \
+            (n1.weight, n1.eps, n2.weight, n2.eps, n1.bias, n2.bias)
         # rotation: 1 ERNIE's pairs, 0 halves (PhiMoE), 2 halves in bf16 arithmetic (a bf16 PhiMoE)
         rotation = 1 if attn.rotate is rotate_interleaved else 2 if dtype == torch.bfloat16 else 0
         self.spec = kernels.layer(norms, *self.mats,
@@ -184,6 +178,8 @@ class _LayerPlan:
                                   None if moe is None else moe.spec)
         self.work = self.spec.work
         self.dense, self.whole, self.experts = dense, dense or moe is not None, None if moe is None else moe.work
+        mlp = getattr(layer, layer.mlp_name)
+        self.watched = hook_dicts(m for part in (attn, n1, n2, *([mlp] if dense else [])) for m in part.modules())
         paths = [("input_layernorm",), ("post_attention_layernorm",), ("self_attn", "o_proj"), (layer.mlp_name,)]
         self.links = [(attn.__dict__, "fused_qkv", attn.fused_qkv)]
         if dense:
@@ -210,7 +206,7 @@ class _LayerPlan:
             self._tensors, self._pointers = [t for t, _ in self.ptrs], [p for _, p in self.ptrs]
         return all(map(operator.is_, map(dict.get, self._stores, self._keys), self._objects)) \
             and list(map(torch.Tensor.data_ptr, self._tensors)) == self._pointers \
-            and all(t._version == v for t, v in self.copied) and (self.moe is None or self.moe.valid())
+            and (self.moe is None or self.moe.valid())
 
 
 class _MoePlan(_LayerPlan):
@@ -220,8 +216,6 @@ class _MoePlan(_LayerPlan):
         self.routing = kind, top_k, norm_min, jitter = block.routing_spec()
         # the op-by-op block's router logits: ERNIE's fp32, PhiMoE's of its Linear (x's dtype)
         self.logits_dtype = torch.float32 if kind == "ernie" else dtype
-        # biases handed over as fp32 copies: valid while not changed in place
-        self.copied = [(p.bias, p.bias._version) for p, ts in zip(projections, shared) if ts[3] is not p.bias]
         self.mats = [kernels.mat(*ts) for ts in (router, *experts, *shared)]
         self.spec = kernels.moe(kind, self.mats[0], bias, top_k, norm_min, jitter, *self.mats[1:3],
                                 tuple(self.mats[3:]) or None)
@@ -236,10 +230,6 @@ class _MoePlan(_LayerPlan):
         tensors += [t for ts in (router, *experts, *shared) for t in ts if isinstance(t, torch.Tensor)]
         self.ptrs = [(t, t.data_ptr()) for t in tensors]
         self.dtype = dtype
-
-
-def _hooked(modules) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 _MOE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _MoePlan
@@ -260,8 +250,8 @@ def _moe_plan(block, x: torch.Tensor) -> _MoePlan | None:
         return None
     plan = _MOE_PLANS.get(block)
     if plan is not None and plan.valid() and plan.routing == routing and plan.dtype == x.dtype:
-        return None if _hooked(plan.modules) else plan  # the modules are the block's while the plan is valid
-    if _hooked(block.modules()):
+        return None if hooked(plan.modules) else plan  # the modules are the block's while the plan is valid
+    if hooked(block.modules()):
         return None
     router, experts, shared = block.gate.weight, block.experts, getattr(block, "shared_experts", None)
     routers = ((torch.float32,) if routing[0] == "ernie" else (torch.bfloat16,)) if bf16 else \
@@ -338,12 +328,11 @@ def _layer_norm(norm, x: torch.Tensor) -> bool:
 
 
 def _mat_tensors(module):
-    """(weight, scale, group size, fp32 bias) of a FastLinear / QuantizedLinear the decode kernels can read, else
-    None. A bf16 bias comes as an fp32 copy (the kernels add it in fp32, as FastLinear does)."""
+    """(weight, scale, group size, bias) of a FastLinear / QuantizedLinear the decode kernels can read, else None.
+    The bias is the module's own, fp32 or bf16 (kernels.mat reads either where it is, adding it in fp32 as
+    FastLinear does)."""
     bias = module.bias
-    if bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous():
-        bias = bias.float()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if bias is not None and (bias.dtype not in (torch.float32, torch.bfloat16) or not bias.is_contiguous()):
         return None
     if type(module) is FastLinear and module.weight.dtype in KERNEL_DTYPES and module.weight.is_contiguous() \
             and module.weight.device.type == "cpu":
@@ -374,12 +363,12 @@ class _StepPlan:
         self.kinds = sorted({(p.work, p.dense, p.experts) for p in plans}, key=repr)
         self.blocks = [(getattr(layer, layer.mlp_name), p.moe.routing) for layer, p in zip(layers, plans)
                        if p.moe is not None]
-        self.hooked = list(layers) + [m for p in plans if p.moe is not None for m in p.moe.modules]
+        self.hooked = hook_dicts([*layers, *(m for p in plans if p.moe is not None for m in p.moe.modules)]) + [
+            d for p in plans for d in p.watched]
         parts = [p for plan in plans for p in (plan, plan.moe) if p is not None]
         self.links = [(layers._modules, str(i), layer) for i, layer in enumerate(layers)] + [
             link for p in parts for link in p.links]
         self.ptrs = [ptr for p in parts for ptr in p.ptrs]
-        self.copied = [c for p in parts for c in p.copied]
         self.moe = None
         self.logits_dtype = next((p.moe.logits_dtype for p in plans if p.moe is not None), None)
         self.cached = self.cache_pointers(cache)  # the cache is not kept alive by the plan
@@ -418,7 +407,7 @@ def layers_step(layers, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cac
     the faster path for its shape on this CPU (the layers by themselves measure it first), and no hooks, training,
     or gradients (MOELM_KERNELS=decode_step=layers: never). The same results as the layers one by one; only the
     Python between them is gone (on ERNIE-4.5-21B-A3B about 0.1 ms a layer of a ~60 ms step)."""
-    if not layers or torch.is_grad_enabled() or _global_hooks() or not isinstance(cache, (StaticCache, SlotCache)) \
+    if not layers or torch.is_grad_enabled() or global_hooks() or not isinstance(cache, (StaticCache, SlotCache)) \
             or cpu.forced().get("decode_step") == "layers":
         return None
     first = layers[0].self_attn
@@ -434,7 +423,7 @@ def layers_step(layers, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cac
     plan = _STEPS.get(layers)
     if isinstance(plan, _StepPlan) and not plan.chosen(x.dtype, b):
         return None  # asked first: a layer path measured slower than op by op leaves every step here
-    if plan is None or not plan.valid_for(cache) or plan.dtype != x.dtype or _hooked(plan.hooked) \
+    if plan is None or not plan.valid_for(cache) or plan.dtype != x.dtype or any(plan.hooked) \
             or any(block.routing_spec() != routing for block, routing in plan.blocks) \
             or not all(fused_ready(f, x) for f in plan.fused):
         plan = _step_plan(layers, x, cos_sin, mask, cache)
@@ -458,7 +447,7 @@ def _step_plan(layers, x, cos_sin, mask, cache) -> _StepPlan | None:
     for i in order:
         layer = layers[i]
         run = layer_step(layer, x, cos_sin, mask, cache)
-        if run is None or not run.whole or _hooked([layer]) or cache.keys[i].dtype != x.dtype:
+        if run is None or not run.whole or hooked([layer]) or cache.keys[i].dtype != x.dtype:
             _STEPS[layers] = _Failed(cache, i)
             return None
         plans[i] = _PLANS[layer]
@@ -477,9 +466,3 @@ class _Failed:
 
     def valid_for(self, cache) -> bool:
         return False
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

@@ -140,7 +140,7 @@ class Mat(ctypes.Structure):
     """A projection's weight for decode_layer (gemv.c's Mat): format, pointers and sizes."""
     _fields_ = [("fmt", ctypes.c_int64), ("w", ctypes.c_void_p), ("wrow", ctypes.c_int64),
                 ("scale", ctypes.c_void_p), ("srow", ctypes.c_int64), ("G", ctypes.c_int64),
-                ("bias", ctypes.c_void_p), ("O", ctypes.c_int64)]
+                ("bias", ctypes.c_void_p), ("O", ctypes.c_int64), ("bias16", ctypes.c_void_p)]
 
 
 class Moe(ctypes.Structure):
@@ -165,13 +165,15 @@ MAT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 
 
 def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int = 0,
         bias: torch.Tensor | None = None) -> Mat:
-    """The Mat of a contiguous CPU weight [O, I] in one of gemv()'s formats (bias: fp32 contiguous); the caller
-    keeps the tensors alive."""
+    """The Mat of a contiguous CPU weight [O, I] in one of gemv()'s formats (bias: fp32 or bf16, contiguous, read
+    where it is: a bf16 model's bias edited in place is seen); the caller keeps the tensors alive."""
     srow = scale.shape[-1] if scale is not None and group_size else 1
     fmt = 4 if _half(weight, scale) else MAT_FORMATS[weight.dtype]
     if weight.dtype in WIDTHS:
         _USED.add(weight.dtype)
-    return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, _ptr(bias), weight.shape[0])
+    half = bias is not None and bias.dtype == torch.bfloat16
+    return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, None if half else _ptr(bias),
+               weight.shape[0], _ptr(bias) if half else None)
 
 
 def _half(weight: torch.Tensor, scale: torch.Tensor | None) -> int:
@@ -556,10 +558,10 @@ def attend(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin:
 def layer(norms: tuple, qkv: Mat, o: Mat, gate_up: Mat | None, down: Mat | None, heads: int, kv_heads: int,
           head_dim: int, rotation: int, scale: float, work: int, moe: Moe | None = None) -> Layer:
     """The Layer for decode_layer: norms (input weight, eps, post-attention weight, eps), or for LayerNorms the same
-    and their biases as fp32 (input bias, post-attention bias), the projections (gate_up and down None for an MoE
-    layer), `rotation` as gemv.c's rotate() takes it (1 ERNIE's pairs, 0 halves, 2 halves in bf16 arithmetic), `work`
-    the multiply-adds of its smallest projection per row (threads), `moe` the layer's MoE block run in the same call
-    (None: the caller runs it); the caller keeps the tensors, Mats and Moe alive."""
+    and their biases (input bias, post-attention bias; of the norms' dtype), the projections (gate_up and down None
+    for an MoE layer), `rotation` as gemv.c's rotate() takes it (1 ERNIE's pairs, 0 halves, 2 halves in bf16
+    arithmetic), `work` the multiply-adds of its smallest projection per row (threads), `moe` the layer's MoE block
+    run in the same call (None: the caller runs it); the caller keeps the tensors, Mats and Moe alive."""
     mats = [None if m is None else ctypes.pointer(m) for m in (qkv, o, gate_up, down)]
     biases = [t.data_ptr() for t in norms[4:6]] or [None, None]
     spec = Layer(norms[0].data_ptr(), norms[2].data_ptr(), norms[1], norms[3], *mats, heads, kv_heads, head_dim,

@@ -29,7 +29,7 @@ class Fused:
     def __init__(self, modules: list[nn.Module]):
         self.splits = [m.out_features for m in modules]
         self.quantized = not isinstance(modules[0], nn.Linear)
-        self.first = modules[0]
+        self.first, self.parts = modules[0], modules
         self.module = _fuse(modules)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -98,10 +98,30 @@ def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
     return model
 
 
+def hooked(modules) -> bool:
+    """Whether any of `modules` has a forward hook or pre-hook (a path that does not call them must not run)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def hook_dicts(modules) -> list[dict]:
+    """The dicts `modules` keep their forward hooks and pre-hooks in (registering a hook adds to them): any() of
+    them is hooked(modules) in one C loop, for checks made at every decoding step."""
+    return [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (torch.nn.modules.module.register_module_forward_hook): every
+    module call must then happen as the model op by op makes it."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
-    """Use the fused projection: it exists, no gradients are needed, and the projections still view its tensor
-    (moving or casting the model afterwards replaces them, and the separate projections are used)."""
-    if fused is None or torch.is_grad_enabled() or plain_only(x):
+    """Use the fused projection: it exists, no gradients are needed, the projections still view its tensor
+    (moving or casting the model afterwards replaces them, and the separate projections are used), and no hook
+    waits for a projection's own call (nor a global one)."""
+    if fused is None or torch.is_grad_enabled() or plain_only(x) or hooked(fused.parts) or global_hooks():
         return False
     name = "qweight" if fused.quantized else "weight"
     first = getattr(fused.first, name)

@@ -50,7 +50,7 @@ class MtpStep:
         a, b, _ = self.norms
         x = torch.cat([kernels.rmsnorm(emb, a.weight, a.variance_epsilon),
                        kernels.rmsnorm(hidden.to(emb.dtype), b.weight, b.variance_epsilon)], dim=-1)
-        x = kernels.gemv(x, *proj[:3], bias=proj[3]).to(emb.dtype)
+        x = kernels.gemv(x, *proj[:3], bias=None if proj[3] is None else proj[3].float()).to(emb.dtype)
         past = cache.get_seq_length() if cache is not None else 0
         mask = attention_mask_4d(attention_mask, x.shape[0], x.shape[1], past, None, x.device)
         x, _, _ = self.block(x, self.base.rotary(x, position_ids), mask, cache)
@@ -64,4 +64,5 @@ class MtpStep:
         rows = states.numel() // states.shape[-1]
         if head is None or not self._ready(rows, states.shape[-1], states.dtype, states.device):
             return self.head.logits(states).float()
-        return kernels.gemv(kernels.rmsnorm(states, norm.weight, norm.variance_epsilon), *head[:3], bias=head[3])
+        return kernels.gemv(kernels.rmsnorm(states, norm.weight, norm.variance_epsilon), *head[:3],
+                            bias=None if head[3] is None else head[3].float())

@@ -1152,7 +1152,8 @@ ATTEND(attend_f32, float, same, same, same, ld_f32)
 ATTEND(attend_bf16, uint16_t, from_bf16, to_bf16, round_bf16, ld_bf16)
 
 /* A projection for decode_layer: fmt 0 f32, 1 bf16, 2 int8, 3 int4, 4 int4 with fp16 scales (the formats of
- * gemv_*); w [O, I] in that format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL. */
+ * gemv_*); w [O, I] in that format with wrow elements per row, scale/srow/G as for gemv_*; bias fp32 [O] or NULL;
+ * bias16 a bf16 bias [O] or NULL (a bf16 model's own tensor, added in fp32 as the kernels add `bias`). */
 typedef struct {
     int64_t fmt;
     const void *w;
@@ -1161,6 +1162,7 @@ typedef struct {
     int64_t srow, G;
     const float *bias;
     int64_t O;
+    const uint16_t *bias16;
 } Mat;
 
 /* wsel: as for gemv_* (NULL: one matrix) */
@@ -1174,6 +1176,9 @@ static void mat_sel(const Mat *m, const float *x, int64_t M, int64_t I, const in
     default: gemv_i4(ARGS); break;
     }
 #undef ARGS
+    if (m->bias16)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t o = 0; o < m->O; o++) y[r * m->O + o] += from_bf16(m->bias16[o]);
 }
 static void mat_apply(const Mat *m, const float *x, int64_t M, int64_t I, float *y, int nt) {
     mat_sel(m, x, M, I, 0, y, nt);
@@ -1334,7 +1339,7 @@ void moe_block(const Moe *M, const float *h, int64_t B, int64_t n, float *y, flo
 
 /* A decoder layer's fixed parts for decode_layer: RMSNorm weights (fp32, or bf16 for decode_layer_bf16) and eps,
  * the projections (gate_up NULL: the layer has an MoE block), head counts and size, rotary kind, attention scale;
- * b1 / b2 the norms' biases (fp32 values) where they are LayerNorms (NULL: RMSNorms). */
+ * b1 / b2 the norms' biases (fp32, or bf16 for decode_layer_bf16) where they are LayerNorms (NULL: RMSNorms). */
 typedef struct {
     const void *n1, *n2;
     float eps1, eps2;
@@ -1342,19 +1347,22 @@ typedef struct {
     int64_t H, Hkv, D, rotation;
     float scale;
     const Moe *moe;
-    const float *b1, *b2;
+    const void *b1, *b2;
 } Layer;
 
 /* The norm rows as the model computes it: with a bias b (fp32 values), LayerNorm (layernorm_f32; bf16: the bf16
  * weight's values, the result rounded to bf16); else RMSNorm: fp32
  * w * x / sqrt(mean(x^2) + eps); bf16 (PyTorch's RMSNorm on bf16): the fp32 normalisation rounded to bf16, times the
  * bf16 weight, rounded again */
-static void norm_rows(const float *x, const void *w, const float *b, int bf16, int64_t rows, int64_t n, float eps,
+static void norm_rows(const float *x, const void *w, const void *b, int bf16, int64_t rows, int64_t n, float eps,
                       float *out) {
     if (b && bf16) {  /* PyTorch's LayerNorm on bf16: computed in fp32 (the bf16 weight's values), rounded once */
-        float wf[n];
-        for (int64_t i = 0; i < n; i++) wf[i] = from_bf16(((const uint16_t *)w)[i]);
-        layernorm_f32(x, wf, b, rows, n, eps, out);
+        float wf[n], bf[n];
+        for (int64_t i = 0; i < n; i++) {
+            wf[i] = from_bf16(((const uint16_t *)w)[i]);
+            bf[i] = from_bf16(((const uint16_t *)b)[i]);
+        }
+        layernorm_f32(x, wf, bf, rows, n, eps, out);
         round_all(out, rows * n, 1);
         return;
     }
@@ -1371,7 +1379,7 @@ static void norm_rows(const float *x, const void *w, const float *b, int bf16, i
 }
 
 /* RMSNorm of bf16 rows x [rows, n] with a bf16 weight, as norm_rows computes it (PyTorch's RMSNorm on bf16) */
-static void norm_bf16(const uint16_t *x, const uint16_t *w, const float *b, int64_t rows, int64_t n, float eps,
+static void norm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, int64_t rows, int64_t n, float eps,
                       uint16_t *out) {
     float xf[n], yf[n];
     for (int64_t r = 0; r < rows; r++) {
@@ -1383,12 +1391,13 @@ static void norm_bf16(const uint16_t *x, const uint16_t *w, const float *b, int6
 void rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n, float eps, uint16_t *out) {
     norm_bf16(x, w, NULL, rows, n, eps, out);
 }
-/* LayerNorm of bf16 rows x [rows, n], bf16 weight and bias (NULL: none), as norm_rows computes it (PyTorch's LayerNorm on bf16) */
+/* LayerNorm of bf16 rows x [rows, n], bf16 weight and bias (NULL: none), as norm_rows computes it (PyTorch's
+ * LayerNorm on bf16) */
 void layernorm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, int64_t rows, int64_t n, float eps,
                     uint16_t *out) {
-    float bf[n];
-    for (int64_t i = 0; i < n; i++) bf[i] = b ? from_bf16(b[i]) : 0.0f;
-    norm_bf16(x, w, bf, rows, n, eps, out);
+    uint16_t zero[n];  /* bf16 +0 */
+    memset(zero, 0, sizeof(zero));
+    norm_bf16(x, w, b ? b : zero, rows, n, eps, out);
 }
 
 /* One decoder layer for one new position per row (decoding), activations x [B, n] (fp32 values; with bf16, values
@@ -1471,7 +1480,7 @@ void decode_layers(const Layer *const *L, const int *nt, int64_t layers, int bf1
     free(base);
 }
 
-/* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, fp32 biases) */
+/* decode_layer for a bf16 model: x, y, h and the cache bf16; norms bf16; projections bf16 (fmt 1, bf16 biases) */
 void decode_layer_bf16(const Layer *L, const uint16_t *x, int64_t B, int64_t n, const float *cos, const float *sin,
                        uint16_t *kc, uint16_t *vc, int64_t T, int64_t pos, const int64_t *table, int64_t tstride,
                        const int64_t *positions, const uint8_t *mask, int64_t mstride, uint16_t *y, uint16_t *h,
