@@ -17,6 +17,18 @@ def reference_config(model_type: str, **kwargs):
     return cls(**kwargs)
 
 
+def random_checkpoint(name: str, overrides: dict, path):
+    """named_config(name) with `overrides`, every weight randomised (randomise), saved in hub format at `path`."""
+
+    config = moelm.named_config(name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
+    randomise(model, seed=1)
+    model.save_pretrained(path)
+    return path
+
+
 @torch.no_grad()
 def randomise(model, seed: int = 0):
     """Every parameter away from its init: norms around 1, biases and the correction bias non-zero."""

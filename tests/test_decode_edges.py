@@ -6,9 +6,7 @@ by op with a sliding window, padding, speculative decoding and odd shapes, and s
 against transformers at head_dim 96; 16 and 17 rows."""
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import tempfile
 from pathlib import Path
 
@@ -17,8 +15,9 @@ import torch
 from torch.nn.modules import module as torch_module
 
 import moelm
-from moelm.inference import cpu, kernels
-from reference import randomise
+from moelm.inference import kernels
+from reference import random_checkpoint, randomise
+from test_fast import kernels_forced as forced
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(not kernels.available(), reason="csrc/gemv.c kernels not available")]
@@ -46,32 +45,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def forced(spec: str):
-    before = os.environ.get("MOELM_KERNELS")
-    os.environ["MOELM_KERNELS"] = spec
-    cpu.reset()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MOELM_KERNELS"]
-        else:
-            os.environ["MOELM_KERNELS"] = before
-        cpu.reset()
-
-
 @functools.cache
 def checkpoint(case: str) -> Path:
-    name, overrides = CASES[case]
-    config = moelm.named_config(name)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
-    randomise(model, seed=1)
-    path = Path(_TMP.name) / case
-    model.save_pretrained(path)
-    return path
+    return random_checkpoint(*CASES[case], Path(_TMP.name) / case)
 
 
 def load(case: str, dtype=torch.float32):

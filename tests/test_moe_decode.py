@@ -17,7 +17,7 @@ import moelm
 from moelm.inference import StaticCache, decode, kernels
 from moelm.nn.layers import DecoderLayer
 from moelm.nn.moe import ernie_route, sparsemixer
-from reference import randomise
+from reference import random_checkpoint
 from test_fast import count_layer_calls
 from test_fast import kernels_forced as forced
 
@@ -54,15 +54,7 @@ PER_OP = "gemv,decode_layer=torch,moe_block=torch"  # the layers op by op, on th
 
 @functools.cache
 def checkpoint(case: str) -> Path:
-    name, overrides = CASES[case]
-    config = moelm.named_config(name)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model = moelm.AutoModelForCausalLM.from_config(config, seed=0, fast=False)
-    randomise(model, seed=1)
-    path = Path(_TMP.name) / case
-    model.save_pretrained(path)
-    return path
+    return random_checkpoint(*CASES[case], Path(_TMP.name) / case)
 
 
 @functools.cache
