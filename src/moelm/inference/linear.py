@@ -30,6 +30,7 @@ class Fused:
         self.splits = [m.out_features for m in modules]
         self.quantized = not isinstance(modules[0], nn.Linear)
         self.first, self.parts = modules[0], modules
+        self.own_hooks: set = set()  # ids of the parts' hooks the fused call may skip (moelm.parallel's)
         self.module = _fuse(modules)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -100,7 +101,7 @@ def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
 
 def hooked(modules) -> bool:
     """Whether any of `modules` has a forward hook or pre-hook (a path that does not call them must not run)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(hook_dicts(modules))
 
 
 def hook_dicts(modules) -> list[dict]:
@@ -121,7 +122,8 @@ def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
     """Use the fused projection: it exists, no gradients are needed, the projections still view its tensor
     (moving or casting the model afterwards replaces them, and the separate projections are used), and no hook
     waits for a projection's own call (nor a global one)."""
-    if fused is None or torch.is_grad_enabled() or plain_only(x) or hooked(fused.parts) or global_hooks():
+    if fused is None or torch.is_grad_enabled() or plain_only(x) or global_hooks() \
+            or any(k not in fused.own_hooks for d in hook_dicts(fused.parts) for k in d):
         return False
     name = "qweight" if fused.quantized else "weight"
     first = getattr(fused.first, name)
