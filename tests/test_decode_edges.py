@@ -115,6 +115,8 @@ def _hooked_decode(case: str, dtype, part: str, spec: str):
     ("phimoe", torch.float32, "self_attn"),
     ("ernie", torch.float32, "self_attn.q_proj"),  # fused with k/v: called alone only while it has a hook
     ("ernie", torch.bfloat16, "mlp.up_proj"),  # fused with gate_proj
+    ("ernie-moe", torch.float32, "mlp.gate"),  # the routers: modules called on the hidden states (their logits)
+    ("phimoe", torch.bfloat16, "block_sparse_moe.gate"),
 ])
 def test_hook_on_a_layer_part_fires_at_every_step(case, dtype, part):
     """A forward hook on a part of a decoder layer runs at the prefill and at each of the 5 decoding steps, and the

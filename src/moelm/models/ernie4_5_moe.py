@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Ernie4_5_MoeConfig
 from ..nn.layers import MLP, DecoderLayer, RMSNorm, attention_mask_4d
-from ..nn.moe import Experts, ernie_choose, ernie_route
+from ..nn.moe import Experts, ernie_choose
 from ..nn.rope import rotate_interleaved
 from .ernie4_5 import Ernie4_5Model, no_attention_dropout
 from .modeling import CausalLM, Router, boolean_mask
@@ -29,7 +29,7 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
     def __init__(self, config: Ernie4_5_MoeConfig):
         super().__init__()
         self.config = config
-        self.gate = Router(config.moe_num_experts, config.hidden_size, dtype=torch.float32)
+        self.gate = Router(config.moe_num_experts, config.hidden_size, dtype=torch.float32, fp32=True)
         self.moe_statics = MoeStatics(config.moe_num_experts)
         self.experts = Experts(config.moe_num_experts, config.hidden_size, config.moe_intermediate_size)
         shared = config.moe_num_shared_experts
@@ -50,8 +50,10 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         flat = x.reshape(-1, h)  # [T, H]
         # the shared experts first, as transformers: a bf16 backward sums the input's gradients in its order
         shared = self.shared_experts(flat) if self.shared_experts is not None else None
-        logits, weights, index = ernie_route(flat, self.gate.weight, self.moe_statics.e_score_correction_bias,
-                                             self.config.moe_k, self.config.moe_norm_min)
+        logits = self.gate(flat)  # fp32, as ernie_route computes them
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            weights, index = self.routed(logits)
+        weights = weights.to(x.dtype)
         out = self.experts(flat, index, weights)
         if shared is not None:
             out = out + shared

@@ -128,11 +128,19 @@ def select_hidden(states: list, flag) -> tuple | None:
 
 
 class Router(nn.Module):
-    """Holds a router's weight [E, H]; the routing itself is a function of the family."""
+    """A router's weight [E, H]; called on hidden states [T, H], the router logits [T, E] (in fp32 with `fp32`, as
+    ERNIE's, else in x's dtype), so that hooks on it see them; the routing itself is a function of the family."""
 
-    def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype | None = None, fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype))
+        self.fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight)
 
 
 class PreTrainedModel(nn.Module):

@@ -35,7 +35,7 @@ class PhimoeSparseMoeBlock(nn.Module):
         flat = x.reshape(-1, h)  # [T, H]
         if self.training and noise > 0:
             flat = flat * torch.empty_like(flat).uniform_(1.0 - noise, 1.0 + noise)
-        logits = nn.functional.linear(flat, self.gate.weight)  # [T, E]
+        logits = self.gate(flat)  # [T, E]
         weights, index = sparsemixer(logits, self.config.router_jitter_noise, self.training)
         return self.experts(flat, index, weights).reshape(b, s, h), logits
 
