@@ -17,6 +17,7 @@ from torch.nn.modules import module as torch_module
 import moelm
 from moelm.inference import kernels
 from reference import random_checkpoint, randomise
+from test_fast import _one_thread  # noqa: F401 (one thread for the module, as test_fast's)
 from test_fast import kernels_forced as forced
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -35,14 +36,6 @@ CASES = {
                                     "intermediate_size": 96, "vocab_size": 499, "sliding_window": 5,
                                     "attention_bias": True}),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

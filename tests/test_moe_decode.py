@@ -18,7 +18,10 @@ from moelm.inference import StaticCache, decode, kernels
 from moelm.nn.layers import DecoderLayer
 from moelm.nn.moe import ernie_route, sparsemixer
 from reference import random_checkpoint
-from test_fast import count_layer_calls
+from test_fast import (
+    _one_thread,  # noqa: F401 (one thread for the module, as test_fast's)
+    count_layer_calls,
+)
 from test_fast import kernels_forced as forced
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -36,14 +39,6 @@ CASES = {
 }
 VOCAB = 512
 _TMP = tempfile.TemporaryDirectory(prefix="moelm-moe-decode-")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

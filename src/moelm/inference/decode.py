@@ -29,9 +29,9 @@ def _step_inputs(attn, x: torch.Tensor, cos_sin, mask: torch.Tensor | None, cach
     gradients, a rotation the kernel knows, a mask of the plain [B, 1, 1, K] form, not compiling; `new` positions
     are then claimed in the cache. A SlotCache step of one token per sequence (x [1, B, n]) applies too: its block
     tables (int64 [B, n]) and positions (int64 [B]) then say where each token's keys go, pos is the largest
-    position. With `several`, a StaticCache step of up to
-    kernels.MAX_ROWS tokens per row after the first (x [B, S, n], a speculative check) applies as B * S rows: token
-    j of row b is row b at position past + j, attending causally (and through the mask [B, 1, S, past + S], if
+    position. With `several`, a StaticCache step of up to kernels.MAX_ROWS tokens per row after the first
+    (x [B, S, n], a speculative check) applies as B * S rows: token j of row b is row b at position past + j,
+    attending causally (and through the mask [B, 1, S, past + S], if
     any). The contiguous cos/sin/mask are made once per step (the model passes the same objects to every layer) and
     kept on the cache."""
     b, s, _ = x.shape

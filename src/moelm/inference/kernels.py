@@ -171,9 +171,9 @@ def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, group_size: int
     fmt = 4 if _half(weight, scale) else MAT_FORMATS[weight.dtype]
     if weight.dtype in WIDTHS:
         _USED.add(weight.dtype)
-    half = bias is not None and bias.dtype == torch.bfloat16
-    return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, None if half else _ptr(bias),
-               weight.shape[0], _ptr(bias) if half else None)
+    bf16 = bias is not None and bias.dtype == torch.bfloat16
+    return Mat(fmt, weight.data_ptr(), weight.shape[-1], _ptr(scale), srow, group_size, None if bf16 else _ptr(bias),
+               weight.shape[0], _ptr(bias) if bf16 else None)
 
 
 def _half(weight: torch.Tensor, scale: torch.Tensor | None) -> int:
@@ -526,8 +526,7 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     x = x.contiguous()
     out = torch.empty_like(x)
     fn = _lib.layernorm_bf16 if x.dtype == torch.bfloat16 else _lib.layernorm_f32
-    fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), x.numel() // x.shape[-1], x.shape[-1], eps,
-                       out.data_ptr())
+    fn(x.data_ptr(), weight.data_ptr(), _ptr(bias), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
     return out
 
 

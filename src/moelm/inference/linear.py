@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..nn.layers import MLP, Attention
 from .kernels import plain_only
@@ -22,6 +23,23 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def hooked(modules) -> bool:
+    """Whether any of `modules` has a forward hook or pre-hook (a path that does not call them must not run)."""
+    return any(hook_dicts(modules))
+
+
+def hook_dicts(modules) -> list[dict]:
+    """The dicts `modules` keep their forward hooks and pre-hooks in (registering a hook adds to them): any() of
+    them is hooked(modules) in one C loop, for checks made at every decoding step."""
+    return [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (torch.nn.modules.module.register_module_forward_hook): every
+    module call must then happen as the model op by op makes it."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 class Fused:
     """Several projections of the same input as one: `weight` [sum O, I] (or a quantized module's buffers),
     `splits` the output sizes."""
@@ -29,7 +47,7 @@ class Fused:
     def __init__(self, modules: list[nn.Module]):
         self.splits = [m.out_features for m in modules]
         self.quantized = not isinstance(modules[0], nn.Linear)
-        self.first, self.parts = modules[0], modules
+        self.first, self.hooks = modules[0], hook_dicts(modules)
         self.own_hooks: set = set()  # ids of the parts' hooks the fused call may skip (moelm.parallel's)
         self.module = _fuse(modules)
 
@@ -99,31 +117,12 @@ def fuse_projections(model: nn.Module, make=Fused) -> nn.Module:
     return model
 
 
-def hooked(modules) -> bool:
-    """Whether any of `modules` has a forward hook or pre-hook (a path that does not call them must not run)."""
-    return any(hook_dicts(modules))
-
-
-def hook_dicts(modules) -> list[dict]:
-    """The dicts `modules` keep their forward hooks and pre-hooks in (registering a hook adds to them): any() of
-    them is hooked(modules) in one C loop, for checks made at every decoding step."""
-    return [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-
-
-def global_hooks() -> bool:
-    """Whether a global module hook is registered (torch.nn.modules.module.register_module_forward_hook): every
-    module call must then happen as the model op by op makes it."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
-
-
 def fused_ready(fused: Fused | None, x: torch.Tensor) -> bool:
     """Use the fused projection: it exists, no gradients are needed, the projections still view its tensor
     (moving or casting the model afterwards replaces them, and the separate projections are used), and no hook
     waits for a projection's own call (nor a global one)."""
     if fused is None or torch.is_grad_enabled() or plain_only(x) or global_hooks() \
-            or any(k not in fused.own_hooks for d in hook_dicts(fused.parts) for k in d):
+            or any(fused.hooks) and any(k not in fused.own_hooks for d in fused.hooks for k in d):
         return False
     name = "qweight" if fused.quantized else "weight"
     first = getattr(fused.first, name)

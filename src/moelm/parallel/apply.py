@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..inference.linear import FastLinear, Fused
+from ..inference.linear import FastLinear, Fused, hook_dicts
 from ..inference.modules import optimize
 from ..nn.layers import Attention
 from ..nn.moe import Experts
@@ -203,10 +203,10 @@ def fuse_shards(modules: list[nn.Linear]) -> Fused:
     becomes a view of it (no second copy; saving gathers the same values)."""
     names = ["weight"] + (["bias"] if modules[0].bias is not None else [])
     fused = Fused.__new__(Fused)
-    fused.quantized, fused.first, fused.parts = False, modules[0], modules
+    fused.quantized, fused.first, fused.hooks = False, modules[0], hook_dicts(modules)
     # the sharding's own hooks (torch's styles: inputs and outputs redistributed; waited): the fused call over the
     # local shards needs none of them, so only hooks added later keep the projections apart
-    fused.own_hooks = {k for m in modules for d in (m._forward_hooks, m._forward_pre_hooks) for k in d}
+    fused.own_hooks = {k for d in fused.hooks for k in d}
     fused.splits = [m.weight.to_local().shape[0] for m in modules]
     fused.module = FastLinear(modules[0].in_features, sum(fused.splits), bias=len(names) == 2, device="meta")
     with torch.no_grad():
