@@ -28,22 +28,26 @@ static float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_hadd_ps(a, a); a = _mm_hadd_ps(a, a); return _mm_cvtss_f32(a);
 }
-/* gemv.c's loop: the codes unpacked by shifts within 16-bit lanes, int16 activations in that order */
-__attribute__((noinline)) float int16(const void *xv, const uint8_t *w, const float *sc) {
-    const int16_t *xq = xv; __m256 acc = _mm256_setzero_ps(); const __m256i m = _mm256_set1_epi16(15);
-    for (int s = 0; s < G; s++) {
-        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * 32)); const int16_t *x = xq + s * 64;
-        __m256i i = _mm256_madd_epi16(_mm256_and_si256(b, m), _mm256_loadu_si256((const __m256i *)x));
-        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), m),
-                                                  _mm256_loadu_si256((const __m256i *)(x + 16))));
-        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 8), m),
-                                                  _mm256_loadu_si256((const __m256i *)(x + 32))));
-        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_srli_epi16(b, 12),
-                                                  _mm256_loadu_si256((const __m256i *)(x + 48))));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(sc + s), acc);
-    }
-    return hsum(acc);
+/* gemv.c's loop: the codes unpacked by shifts within 16-bit lanes, int16 activations in that order; PF runs at the
+ * top of each 32-byte step (a prefetch of w + s * 32 + something: benchmarks/int4_pages.py) */
+#define INT16(NAME, PF)                                                                                           \
+__attribute__((noinline)) float NAME(const void *xv, const uint8_t *w, const float *sc) {                         \
+    const int16_t *xq = xv; __m256 acc = _mm256_setzero_ps(); const __m256i m = _mm256_set1_epi16(15);            \
+    for (int s = 0; s < G; s++) {                                                                                 \
+        PF;                                                                                                       \
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + s * 32)); const int16_t *x = xq + s * 64;            \
+        __m256i i = _mm256_madd_epi16(_mm256_and_si256(b, m), _mm256_loadu_si256((const __m256i *)x));            \
+        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), m),                   \
+                                                  _mm256_loadu_si256((const __m256i *)(x + 16))));                \
+        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 8), m),                   \
+                                                  _mm256_loadu_si256((const __m256i *)(x + 32))));                \
+        i = _mm256_add_epi32(i, _mm256_madd_epi16(_mm256_srli_epi16(b, 12),                                       \
+                                                  _mm256_loadu_si256((const __m256i *)(x + 48))));                \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(sc + s), acc);                           \
+    }                                                                                                             \
+    return hsum(acc);                                                                                             \
 }
+INT16(int16, (void)0)
 /* int8 activations: low nibbles (inputs 0-31 of a group) and high ones (32-63) by vpmaddubsw; blocks of 64 share
  * one scale (their int16 sums added), blocks of 32 have one each */
 #define INT8(NAME, PER)                                                                                           \
