@@ -67,10 +67,25 @@ int intgemm_variants(void) {
     return mask;
 }
 
-/* One block of QB inputs -> its int8 codes, step and code sum */
+/* One block of QB inputs -> its int8 codes, step and code sum; a block holding a NaN gets a NaN step, so the
+ * rows' outputs are NaN as a float product's would be (fmaxf drops NaNs, and -ffast-math folds isnan away: a bit
+ * test finds them) */
 static inline void quantize_block(const float *xb, int8_t *xq, float *d, int32_t *xsum) {
     float big = 0.0f;
-    for (int i = 0; i < QB; i++) big = fmaxf(big, fabsf(xb[i]));
+    uint32_t worst = 0;
+    for (int i = 0; i < QB; i++) {
+        uint32_t u;
+        memcpy(&u, xb + i, 4);
+        u &= 0x7fffffffu;
+        worst = u > worst ? u : worst;
+        big = fmaxf(big, fabsf(xb[i]));
+    }
+    if (worst > 0x7f800000u) {
+        memset(xq, 0, QB);
+        memcpy(d, &worst, 4);  /* a NaN */
+        *xsum = 0;
+        return;
+    }
     /* at least FLT_MIN: a smaller step has no finite inverse (blocks of |x| < 1.5e-36) */
     float step = big > 0.0f ? fmaxf(big * (1.0f / 127.0f), FLT_MIN) : 0.0f, inv = step > 0.0f ? 1.0f / step : 0.0f;
     int32_t total = 0;
@@ -281,8 +296,11 @@ static void NAME(const uint8_t *tile, const float *ts, int64_t gblocks, const in
 
 #define LD256(p) _mm256_loadu_si256((const __m256i *)(p))
 #define ST256F(p, v) _mm256_storeu_ps(p, v)
+/* signed int8 x signed int8 by vpmaddubsw (unsigned x signed): |w| (read as unsigned, so a code of -128 is 128)
+ * against x with w's sign (x is in [-127, 127], so its negation never wraps); a pair's sum is at most 2 x 128 x 127,
+ * within int16 */
 static inline __m256i a2_step8(__m256i acc, __m256i w, __m256i xb) {
-    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb));
+    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xb, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 static inline __m256i a2_step4(__m256i acc, __m256i w, __m256i xb) {
