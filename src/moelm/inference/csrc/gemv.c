@@ -401,15 +401,34 @@ static inline int64_t pos_i8(int64_t i) { return (i & ~31) + ((i & 1) << 4) + ((
 static inline int64_t pos_i4(int64_t i) { return (i & ~63) + 16 * (((i & 63) >= 32) + 2 * (i & 1)) + ((i & 31) >> 1); }
 static inline int64_t pos_id(int64_t i) { return i; }
 
-/* inlined into each kernel, so `pos` is a constant and inlines too */
+/* Whether the integer kernels can take x [n]: every value finite (NaN and inf have no int16 code; the float path
+ * gives what PyTorch gives), and no group of g whose largest |x| is below 32767 * FLT_MIN but not 0 (its step would
+ * be under FLT_MIN, whose inverse is not finite: its codes would round to nothing). Bit tests, which -ffast-math
+ * keeps (it folds isnan and isinf away). */
+static int int_ready(const float *x, int64_t n, int64_t g) {
+    const uint32_t least = 0x07fffe00u;  /* the bits of 32767 * FLT_MIN in fp32: below it a group goes to floats */
+    int bad = 0;
+    for (int64_t r = 0; r < n / g && !bad; r++) {
+        uint32_t big = 0;
+        for (int64_t i = 0; i < g; i++) {
+            uint32_t u;
+            memcpy(&u, x + r * g + i, 4);
+            u &= 0x7fffffffu;
+            big = u > big ? u : big;  /* |x| orders as its bits; inf and NaN above every finite value */
+        }
+        bad = big >= 0x7f800000u || (big && big < least);
+    }
+    return !bad;
+}
+
+/* inlined into each kernel, so `pos` is a constant and inlines too; x as int_ready takes it */
 static inline void quantize_x(const float *x, int64_t groups, int64_t g, int64_t (*pos)(int64_t), int16_t *xq,
                               float *xs, float *xsum) {
     for (int64_t r = 0; r < groups; r++) {
         const float *xr = x + r * g;
         float big = 0.0f, total = 0.0f;
         for (int64_t i = 0; i < g; i++) { big = fmaxf(big, fabsf(xr[i])); total += xr[i]; }
-        /* at least FLT_MIN: a smaller step has no finite inverse (rows of |x| < 4e-34) */
-        float step = big > 0.0f ? fmaxf(big / 32767.0f, FLT_MIN) : 1.0f, inv = 1.0f / step;
+        float step = big > 0.0f ? big / 32767.0f : 1.0f, inv = 1.0f / step;
         for (int64_t i = 0; i < g; i++) xq[pos(r * g + i)] = (int16_t)lrintf(xr[i] * inv);
         xs[r] = step; xsum[r] = total;
     }
@@ -738,10 +757,11 @@ static int64_t share_next(Share *sh, int me, int team) {
  * MoE kernel sorts its rows by expert); SCALED multiplies an int8 row's result by its scale. A run of one row of x
  * takes its weight rows by pairs through DOT2 where the kernel has one (PAIRS). */
 #define GEMV_INT(NAME, WT, DOT, POS, XG, SCALED, DOT2, PAIRS)                                                        \
-static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const void *scale,         \
-                 int half, int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O,        \
-                 float *y, int nthreads) {                                                                    \
+static int NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow, const void *scale,          \
+                int half, int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O,         \
+                float *y, int nthreads) {                                                                     \
     int64_t xg = (XG), groups = I / xg;                                                                      \
+    if (!int_ready(x, M * I, xg)) return 0;                                                                   \
     int16_t *xq = malloc(M * I * sizeof(int16_t));                                                           \
     float *xs = malloc(M * groups * sizeof(float)), *xsum = malloc(M * groups * sizeof(float));              \
     quantize_x(x, M * groups, xg, POS, xq, xs, xsum);                                                        \
@@ -791,6 +811,7 @@ static void NAME(const float *x, int64_t M, int64_t I, const WT *w, int64_t wrow
             }                                                                                                \
     }                                                                                                        \
     free(xq); free(xs); free(xsum); free(run); free(share);                                                  \
+    return 1;                                                                                                \
 }
 /* int8: activation groups of 256 inputs (or the largest power of two dividing I): int32 sums stay below 2^28 */
 #define I8_GROUP (I % 256 == 0 ? 256 : I % 128 == 0 ? 128 : I % 64 == 0 ? 64 : 32)
@@ -829,12 +850,14 @@ int gemv_wide_i8(int on) {
 void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow, const void *scale, int half,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
+    /* the integer kernels return 0 for an x they cannot round to int16 (int_ready): the float path takes it */
     if (wsel || M <= INT_ROWS) {
 #ifdef WIDE_I4
-        if (wide_i8 && I % 64 == 0) { gemv_i8_intw(ARGS); return; }
+        if (wide_i8 && I % 64 == 0) {
+            if (gemv_i8_intw(ARGS)) return;
+        } else
 #endif
-        gemv_i8_int(ARGS);
-        return;
+        if (gemv_i8_int(ARGS)) return;
     }
 #endif
     gemv_i8_float(ARGS);
@@ -843,15 +866,13 @@ void gemv_i8(const float *x, int64_t M, int64_t I, const int8_t *w, int64_t wrow
 void gemv_i4(const float *x, int64_t M, int64_t I, const uint8_t *w, int64_t wrow, const void *scale, int half,
              int64_t srow, int64_t G, const float *bias, const int64_t *wsel, int64_t O, float *y, int nthreads) {
 #ifdef __AVX2__
-    if (wsel || M <= INT_ROWS) {
+    if (wsel || M <= INT_ROWS) {  /* as in gemv_i8 */
 #ifdef WIDE_I4
         if ((G == 64 || G == 32) && wide_i4 && I % 128 == 0) {
-            (G == 64 ? gemv_i4_g64w : gemv_i4_g32w)(ARGS);
-            return;
-        }
+            if ((G == 64 ? gemv_i4_g64w : gemv_i4_g32w)(ARGS)) return;
+        } else
 #endif
-        (G == 64 ? gemv_i4_g64 : G == 32 && I % 64 == 0 ? gemv_i4_g32 : gemv_i4_int)(ARGS);
-        return;
+        if ((G == 64 ? gemv_i4_g64 : G == 32 && I % 64 == 0 ? gemv_i4_g32 : gemv_i4_int)(ARGS)) return;
     }
 #endif
     gemv_i4_float(ARGS);
