@@ -191,29 +191,38 @@ def test_served_bf16_phimoe_equals_generate(tmp_path):
 @pytest.mark.parametrize("case", ("phimoe", "phimoe-hd96"))
 def test_bf16_phimoe_one_call_matches_op_by_op(case, monkeypatch):
     """A bf16 PhiMoE (LayerNorms, half-split rotation in bf16, sparsemixer in bf16) decoding past its sliding
-    window with left padding, greedy and with an assistant (several tokens a row checked at once): the one-call
-    layers (counted) give the op-by-op tokens; logits within 2e-2 of the largest (a few bf16 steps of 2^-8: a rare
-    last-bit difference in one layer moves later roundings by a step)."""
+    window with left padding: the one-call layers (counted) give the op-by-op tokens and logits. Several tokens a row
+    (an assistant's check) are checked one step at a time from the same cache: there the attention of the op-by-op
+    layers is PyTorch's over several queries, whose sums round differently from the one-call step's (1-2 bf16 steps
+    of a logit; both as far from the whole sequence's forward), so logits within 2e-2 of the largest, not bit for bit,
+    and whole assisted generations may part at a near tie of the router (seen on an AVX2-only CPU)."""
+    from moelm.inference.cache import StaticCache
+
     model = load(case, torch.bfloat16)
-    draft = load(case, torch.bfloat16)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.mul_(0.9)
     ids, mask = prompts(3, vocab=model.config.vocab_size)
     calls = counting(monkeypatch)
     with forced(ONE_CALL):
         fast = greedy(model, ids, mask, new=8)
         assert len(calls) == model.config.num_hidden_layers * 7  # every layer of the 7 decoding steps
-        fast_assisted = greedy(model, ids, mask, new=6, assistant_model=draft)
     calls.clear()
     with forced(PER_OP):
         slow = greedy(model, ids, mask, new=8)
-        slow_assisted = greedy(model, ids, mask, new=6, assistant_model=draft)
     assert not calls
-    for got, want, what in ((fast, slow, "greedy"), (fast_assisted, slow_assisted, "assisted")):
-        assert torch.equal(got[0], want[0]), f"{case} {what}: tokens"
-        assert torch.isfinite(got[1][torch.isfinite(want[1])]).all()
-        close(got[1], want[1], 2e-2, f"{case} {what}: logits")
+    assert torch.equal(fast[0], slow[0]), f"{case}: tokens"
+    assert torch.isfinite(fast[1][torch.isfinite(slow[1])]).all()
+    close(fast[1], slow[1], 2e-2, f"{case}: logits")
+    g = torch.Generator().manual_seed(1)
+    for prompt, chunk in ((6, 2), (6, 3), (9, 4), (3, 3)):  # past the window (5 or 8) and within it
+        seq = torch.randint(3, model.config.vocab_size, (2, prompt + chunk), generator=g)
+        logits = {}
+        for mode in (ONE_CALL, PER_OP):
+            calls.clear()
+            with forced(mode), torch.no_grad():
+                cache = StaticCache(model.config, 2, 32, torch.bfloat16, torch.device("cpu"))
+                cache = model(input_ids=seq[:, :prompt], past_key_values=cache, use_cache=True).past_key_values
+                logits[mode] = model(input_ids=seq[:, prompt:], past_key_values=cache, use_cache=True).logits.float()
+            assert bool(calls) == (mode == ONE_CALL)
+        close(logits[ONE_CALL], logits[PER_OP], 2e-2, f"{case}: {chunk} tokens a row after {prompt}")
 
 
 @pytest.mark.parametrize("batch,one_call", [(16, True), (17, False)])
