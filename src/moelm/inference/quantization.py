@@ -138,7 +138,8 @@ def quantize(w: torch.Tensor, mode: str, group_size: int = 64) -> tuple[torch.Te
     w = w.float()
     if mode == "int8":
         scale = w.abs().amax(-1) / 127
-        q = torch.round(w / scale.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
+        q = torch.where(scale[..., None] > 0, w / scale[..., None], 0.0)  # rounded against the scale it stores
+        q = torch.round(q).clamp(-127, 127).to(torch.int8)
         return q, scale
     *lead, o, i = w.shape
     g = w.reshape(*lead, o, i // group_size, group_size)

@@ -237,7 +237,9 @@ static inline void row_bf16(const uint16_t *w, const float *scale, int64_t n, in
 }
 static inline void row_i8(const int8_t *w, const float *scale, int64_t n, int64_t g, float *out) {
     (void)g;
-    for (int64_t i = 0; i < n; i += 8) { v8f v = ld_i8(w + i) * scale[0]; memcpy(out + i, &v, 32); }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { v8f v = ld_i8(w + i) * scale[0]; memcpy(out + i, &v, 32); }
+    for (; i < n; i++) out[i] = (float)w[i] * scale[0];  /* dequant_i8's rows of any length: never past the row */
 }
 static inline void row_i4(const uint8_t *w, const float *scale, int64_t n, int64_t g, float *out) {
     for (int64_t s = 0; s < n / g; s++)
